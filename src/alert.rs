@@ -1,0 +1,330 @@
+//! The `Alert` model and the wire formats it arrives in. Pure data: no I/O.
+//!
+//! One alert of an Alertmanager group is one [`Alert`]. The generic format is a minimal JSON
+//! object (or a list of them) for senders other than Alertmanager:
+//!
+//! ```json
+//! {"labels": {"alertname": "DiskSpaceLow", "instance": "db-1"},
+//!  "annotations": {"summary": "..."}, "status": "firing",
+//!  "startsAt": "2026-11-22T12:00:21Z", "fingerprint": "optional", "generatorURL": "optional"}
+//! ```
+//! Only `labels` is required. Without `fingerprint`, Reflex computes Alertmanager's
+//! (FNV-1a 64 over the sorted label set); without `startsAt`, the receipt time is used, so each
+//! post is a new occurrence and only the playbook cooldown keeps it from acting again.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Label or annotation set; sorted so that rendering and fingerprints are stable.
+pub type Labels = BTreeMap<String, String>;
+
+/// Whether an alert is firing or resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertStatus {
+    /// The condition holds.
+    Firing,
+    /// The condition no longer holds.
+    Resolved,
+}
+
+impl AlertStatus {
+    /// The lowercase wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertStatus::Firing => "firing",
+            AlertStatus::Resolved => "resolved",
+        }
+    }
+}
+
+/// One alert, whatever format it arrived in.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Alert {
+    /// Which intake it came through: `alertmanager` or `generic`.
+    pub source: &'static str,
+    /// Firing or resolved.
+    pub status: AlertStatus,
+    /// Identifying labels (untrusted input).
+    pub labels: Labels,
+    /// Annotations (untrusted input).
+    pub annotations: Labels,
+    /// When the alert started, as the sender wrote it; with `fingerprint` it identifies one occurrence.
+    pub starts_at: String,
+    /// When the alert ended (resolved alerts), if known.
+    pub ends_at: Option<String>,
+    /// Stable hash of the label set.
+    pub fingerprint: String,
+    /// Link back to the source of the alert.
+    pub generator_url: Option<String>,
+    /// Alertmanager's group key, for cooldowns per group.
+    pub group_key: Option<String>,
+}
+
+impl Alert {
+    /// The alert's name (`alertname` label), or "" when absent.
+    pub fn name(&self) -> &str {
+        self.labels.get("alertname").map_or("", String::as_str)
+    }
+}
+
+/// Alertmanager webhook payload, version 4. Unknown fields are ignored so that newer
+/// Alertmanager versions keep working.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerPayload {
+    /// Payload version; only "4" is accepted.
+    pub version: String,
+    /// Key of the alert group.
+    pub group_key: String,
+    /// Alerts Alertmanager left out because of `max_alerts`.
+    #[serde(default)]
+    pub truncated_alerts: u64,
+    /// Status of the group.
+    pub status: AlertStatus,
+    /// Receiver name.
+    pub receiver: String,
+    /// The alerts of the group.
+    pub alerts: Vec<AlertmanagerAlert>,
+}
+
+/// One alert inside an Alertmanager payload.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertmanagerAlert {
+    /// Firing or resolved.
+    pub status: AlertStatus,
+    /// Labels.
+    pub labels: Labels,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: Labels,
+    /// Start time.
+    pub starts_at: String,
+    /// End time; `0001-01-01T00:00:00Z` while firing.
+    #[serde(default)]
+    pub ends_at: String,
+    /// Link to the source.
+    #[serde(default, rename = "generatorURL")]
+    pub generator_url: String,
+    /// Fingerprint of the label set.
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+/// The zero time Alertmanager writes as `endsAt` of a firing alert.
+const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+impl AlertmanagerPayload {
+    /// Checks the version and splits the group into alerts.
+    pub fn into_alerts(self) -> Result<Vec<Alert>, String> {
+        if self.version != "4" {
+            return Err(format!(
+                "unsupported Alertmanager payload version {:?} (expected \"4\")",
+                self.version
+            ));
+        }
+        let group_key = self.group_key;
+        self.alerts
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| {
+                validate_labels(&a.labels).map_err(|e| format!("alerts[{i}]: {e}"))?;
+                let fingerprint = if a.fingerprint.is_empty() {
+                    fingerprint(&a.labels)
+                } else {
+                    a.fingerprint
+                };
+                Ok(Alert {
+                    source: "alertmanager",
+                    status: a.status,
+                    labels: a.labels,
+                    annotations: a.annotations,
+                    starts_at: a.starts_at,
+                    ends_at: (!a.ends_at.is_empty() && a.ends_at != ZERO_TIME).then_some(a.ends_at),
+                    fingerprint,
+                    generator_url: (!a.generator_url.is_empty()).then_some(a.generator_url),
+                    group_key: Some(group_key.clone()),
+                })
+            })
+            .collect()
+    }
+}
+
+/// The generic alert format (see the module docs).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GenericAlert {
+    /// Labels; at least one.
+    pub labels: Labels,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: Labels,
+    /// Defaults to firing.
+    pub status: Option<AlertStatus>,
+    /// RFC 3339; defaults to the receipt time.
+    pub starts_at: Option<String>,
+    /// RFC 3339.
+    pub ends_at: Option<String>,
+    /// Link to the source.
+    #[serde(rename = "generatorURL")]
+    pub generator_url: Option<String>,
+    /// Defaults to Alertmanager's fingerprint of the labels.
+    pub fingerprint: Option<String>,
+    /// Optional grouping key for group cooldowns.
+    pub group_key: Option<String>,
+}
+
+impl GenericAlert {
+    /// Validates and converts; `now` is the receipt time (RFC 3339).
+    pub fn into_alert(self, now: &str) -> Result<Alert, String> {
+        validate_labels(&self.labels)?;
+        for (field, value) in [("startsAt", &self.starts_at), ("endsAt", &self.ends_at)] {
+            if let Some(v) = value {
+                humantime::parse_rfc3339_weak(v)
+                    .map_err(|e| format!("{field}: {v:?} is not an RFC 3339 UTC time: {e}"))?;
+            }
+        }
+        Ok(Alert {
+            source: "generic",
+            status: self.status.unwrap_or(AlertStatus::Firing),
+            fingerprint: self
+                .fingerprint
+                .unwrap_or_else(|| fingerprint(&self.labels)),
+            labels: self.labels,
+            annotations: self.annotations,
+            starts_at: self.starts_at.unwrap_or_else(|| now.to_string()),
+            ends_at: self.ends_at,
+            generator_url: self.generator_url,
+            group_key: self.group_key,
+        })
+    }
+}
+
+/// Parses a generic webhook body: one alert object or a list of them.
+pub fn parse_generic(body: &[u8], now: &str) -> Result<Vec<Alert>, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+    let items = match value {
+        serde_json::Value::Array(items) => items,
+        v @ serde_json::Value::Object(_) => vec![v],
+        _ => return Err("expected an alert object or a list of alert objects".into()),
+    };
+    let many = items.len() > 1;
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let at = |e: String| if many { format!("[{i}]: {e}") } else { e };
+            serde_json::from_value::<GenericAlert>(v)
+                .map_err(|e| at(e.to_string()))
+                .and_then(|g| g.into_alert(now).map_err(at))
+        })
+        .collect()
+}
+
+fn validate_labels(labels: &Labels) -> Result<(), String> {
+    if labels.is_empty() {
+        return Err("an alert needs at least one label".into());
+    }
+    match labels.keys().find(|k| !is_label_name(k)) {
+        Some(bad) => Err(format!("invalid label name {bad:?}")),
+        None => Ok(()),
+    }
+}
+
+/// Prometheus label names: `[a-zA-Z_][a-zA-Z0-9_]*`.
+pub fn is_label_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Alertmanager's fingerprint of a label set: FNV-1a 64 over the sorted names and values,
+/// each followed by the separator byte 0xff, as 16 hex digits.
+pub fn fingerprint(labels: &Labels) -> String {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    for (k, v) in labels {
+        for b in k.bytes().chain([0xff]).chain(v.bytes()).chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DISK: &str = include_str!("../tests/fixtures/alertmanager-disk.json");
+
+    #[test]
+    fn splits_alertmanager_group_into_alerts() {
+        let p: AlertmanagerPayload = serde_json::from_str(DISK).unwrap();
+        let alerts = p.into_alerts().unwrap();
+        assert_eq!(alerts.len(), 2);
+        assert_eq!(alerts[0].name(), "DiskSpaceLow");
+        assert_eq!(alerts[0].fingerprint, "339f402cd6bc7eb6");
+        assert_eq!(alerts[0].starts_at, "2026-11-22T12:00:21.820032982Z");
+        assert_eq!(
+            alerts[0].ends_at, None,
+            "the zero endsAt of a firing alert is dropped"
+        );
+        assert_eq!(alerts[1].labels["instance"], "db-2.example.internal:9100");
+        assert_eq!(
+            alerts[1].group_key.as_deref(),
+            Some("{}:{alertname=\"DiskSpaceLow\"}")
+        );
+    }
+
+    #[test]
+    fn fingerprint_matches_alertmanager() {
+        // Alertmanager computed 339f402cd6bc7eb6 for this label set (fixture).
+        let p: AlertmanagerPayload = serde_json::from_str(DISK).unwrap();
+        for a in p.into_alerts().unwrap() {
+            assert_eq!(fingerprint(&a.labels), a.fingerprint);
+        }
+    }
+
+    #[test]
+    fn rejects_other_versions_and_bad_labels() {
+        let v3 = DISK.replace("\"version\": \"4\"", "\"version\": \"3\"");
+        let p: AlertmanagerPayload = serde_json::from_str(&v3).unwrap();
+        assert!(p.into_alerts().unwrap_err().contains("version"));
+        let err = parse_generic(br#"{"labels": {"bad-name": "x"}}"#, "now").unwrap_err();
+        assert!(err.contains("bad-name"), "{err}");
+        assert!(parse_generic(br#"{"labels": {}}"#, "now").is_err());
+    }
+
+    #[test]
+    fn generic_accepts_one_or_many_and_fills_defaults() {
+        let one =
+            parse_generic(br#"{"labels": {"alertname": "X"}}"#, "2026-01-01T00:00:00Z").unwrap();
+        assert_eq!(one[0].status, AlertStatus::Firing);
+        assert_eq!(one[0].starts_at, "2026-01-01T00:00:00Z");
+        assert_eq!(one[0].fingerprint, fingerprint(&one[0].labels));
+        let many = parse_generic(
+            br#"[{"labels": {"alertname": "X"}}, {"labels": {"alertname": "Y"}, "status": "resolved"}]"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(many.len(), 2);
+        assert_eq!(many[1].status, AlertStatus::Resolved);
+    }
+
+    #[test]
+    fn generic_errors_name_the_problem() {
+        let e = parse_generic(br#"{"labels": {"a": "b"}, "colour": 1}"#, "t").unwrap_err();
+        assert!(e.contains("colour"), "{e}");
+        let e = parse_generic(br#"[{"labels": {"a": "b"}}, {"labels": 3}]"#, "t").unwrap_err();
+        assert!(e.starts_with("[1]"), "{e}");
+        let e =
+            parse_generic(br#"{"labels": {"a": "b"}, "startsAt": "yesterday"}"#, "t").unwrap_err();
+        assert!(e.contains("startsAt"), "{e}");
+        assert!(parse_generic(b"42", "t").is_err());
+        assert!(parse_generic(b"{", "t").unwrap_err().contains("malformed"));
+    }
+}

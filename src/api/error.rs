@@ -1,0 +1,87 @@
+//! One error type for every handler: 4xx carry a message for the caller; 5xx are logged once
+//! here and answered generically.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An API error.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed or of the wrong shape.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: the request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the body is over the configured limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 503: cannot record right now; senders should retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Any other status with a message (e.g. a body rejection).
+    #[error("{1}")]
+    Status(StatusCode, String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Status(s, _) => *s,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(status = status.as_u16(), error = %self, "request failed");
+        }
+        let body = json!({ "error": { "status": status.as_u16(), "message": self.to_string() } });
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::Unavailable(format!(
+            "the store is unavailable ({}); retry later",
+            e.metric_label()
+        ))
+    }
+}
+
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(r: axum::extract::rejection::BytesRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(
+                "request body is over the configured limit (intake.max_body_bytes)".into(),
+            )
+        } else {
+            ApiError::Status(r.status(), r.body_text())
+        }
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(r: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::BadRequest(r.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(r: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::BadRequest(r.body_text())
+    }
+}

@@ -1,0 +1,54 @@
+//! The playbooks in force.
+
+use super::AppState;
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+
+/// A playbook as listed by the API.
+#[derive(Debug, Serialize)]
+pub struct PlaybookView {
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// Source file.
+    pub file: String,
+    /// Matchers, in Alertmanager syntax.
+    pub matchers: Vec<String>,
+    /// Statuses acted on.
+    pub statuses: Vec<&'static str>,
+    /// Has a `when` condition.
+    pub has_when: bool,
+    /// Cooldown in seconds.
+    pub cooldown_seconds: u64,
+    /// Records without acting.
+    pub dry_run: bool,
+    /// Steps as `name (action)`.
+    pub steps: Vec<String>,
+}
+
+/// `GET /api/v1/playbooks`
+pub async fn list(State(state): State<AppState>) -> Json<Vec<PlaybookView>> {
+    let set = state.engine.playbooks();
+    Json(
+        set.playbooks
+            .iter()
+            .map(|p| PlaybookView {
+                name: p.name.clone(),
+                description: p.description.clone(),
+                file: p.file.display().to_string(),
+                matchers: p.matchers.iter().map(ToString::to_string).collect(),
+                statuses: p.statuses.iter().map(|s| s.as_str()).collect(),
+                has_when: p.when.is_some(),
+                cooldown_seconds: p.cooldown.as_secs(),
+                dry_run: p.dry_run,
+                steps: p
+                    .steps
+                    .iter()
+                    .map(|s| format!("{} ({})", s.name, s.action.name()))
+                    .collect(),
+            })
+            .collect(),
+    )
+}

@@ -1,0 +1,117 @@
+//! Run history and control: list, detail, cancel.
+
+use super::{ApiError, AppState};
+use crate::engine::CancelResult;
+use crate::store::{RunFilter, RunState, RunView};
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// Default and largest page size.
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 500;
+
+/// Query of `GET /api/v1/runs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only this playbook.
+    pub playbook: Option<String>,
+    /// Only this state.
+    pub state: Option<String>,
+    /// Cursor: runs with an id below this.
+    pub before: Option<i64>,
+    /// Page size (1..=500, default 50).
+    pub limit: Option<u32>,
+}
+
+/// A page of runs.
+#[derive(Debug, Serialize)]
+pub struct RunPage {
+    /// Runs, newest first.
+    pub runs: Vec<RunView>,
+    /// Pass as `before` for the next page; absent on the last page.
+    pub next_before: Option<i64>,
+}
+
+/// `GET /api/v1/runs`
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<RunPage>, ApiError> {
+    let Query(q) = query?;
+    let run_state = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(RunState::parse(s).ok_or_else(|| {
+            let known: Vec<_> = RunState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::BadRequest(format!("unknown state {s:?} (known: {})", known.join(", ")))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let runs = state
+        .store
+        .list_runs(RunFilter {
+            playbook: q.playbook,
+            state: run_state,
+            before: q.before,
+            limit,
+        })
+        .await?;
+    let next_before = (runs.len() == limit as usize)
+        .then(|| runs.last().map(|r| r.id))
+        .flatten();
+    Ok(Json(RunPage { runs, next_before }))
+}
+
+/// `GET /api/v1/runs/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    id: Result<Path<i64>, PathRejection>,
+) -> Result<Json<RunView>, ApiError> {
+    let Path(id) = id?;
+    state
+        .store
+        .get_run(id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no run {id}")))
+}
+
+/// `POST /api/v1/runs/{id}/cancel`
+pub async fn cancel(
+    State(state): State<AppState>,
+    id: Result<Path<i64>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(id) = id?;
+    let result = state.engine.cancel(id).await?;
+    let target = Some(format!("run/{id}"));
+    let (outcome, answer) = match result {
+        CancelResult::NotFound => return Err(ApiError::NotFound(format!("no run {id}"))),
+        CancelResult::Cancelled => ("ok", Ok(json!({ "id": id, "state": "cancelled" }))),
+        CancelResult::Requested => (
+            "ok",
+            Ok(
+                json!({ "id": id, "state": "running", "message": "the run stops before its next step" }),
+            ),
+        ),
+        CancelResult::AlreadyFinished(s) => (
+            "refused",
+            Err(ApiError::Conflict(format!(
+                "run {id} already ended: {}",
+                s.as_str()
+            ))),
+        ),
+    };
+    state
+        .store
+        .audit("anonymous", "run.cancel", target, outcome, None)
+        .await?;
+    answer.map(Json)
+}

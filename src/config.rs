@@ -1,0 +1,170 @@
+//! `reflex.yaml`: the daemon configuration, with embedded defaults for every field.
+//!
+//! Read in two phases like playbooks: serde (unknown keys are errors, with file:line) and then
+//! [`Config::validate`] for the checks serde cannot express.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole daemon configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Directory of playbook files (`*.yaml`, `*.yml`), one playbook a file.
+    pub playbooks_dir: PathBuf,
+    /// Directory for the SQLite database (`reflex.db`).
+    pub data_dir: PathBuf,
+    /// Render and record every step, act on nothing (also `reflex serve --dry-run`).
+    pub dry_run: bool,
+    /// Webhook intake limits.
+    pub intake: IntakeConfig,
+    /// Run execution limits.
+    pub engine: EngineConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9095)),
+            playbooks_dir: PathBuf::from("playbooks"),
+            data_dir: PathBuf::from("data"),
+            dry_run: false,
+            intake: IntakeConfig::default(),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Webhook intake limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IntakeConfig {
+    /// Largest request body accepted, in bytes; larger bodies get 413. Alertmanager groups are
+    /// a few KiB; 1 MiB leaves room for big groups while bounding memory per request.
+    pub max_body_bytes: usize,
+}
+
+impl Default for IntakeConfig {
+    fn default() -> Self {
+        IntakeConfig {
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Run execution limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Runs executing at once; further runs wait in the store, in order.
+    pub max_concurrent_runs: usize,
+    /// Timeout of a step that gives none (e.g. `60s`).
+    #[serde(with = "duration_str")]
+    pub default_step_timeout: Duration,
+    /// How long shutdown waits for running steps to finish before exiting; a step cut off
+    /// is marked `interrupted` at the next start.
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_concurrent_runs: 32,
+            default_step_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Error loading the configuration, with file and line.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line (1 when unknown).
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Config {
+    /// Loads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |line: usize, message: String| ConfigError {
+            file: path.to_path_buf(),
+            line,
+            message,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| err(1, format!("cannot read: {e}")))?;
+        Self::parse(&text).map_err(|(line, message)| err(line, message))
+    }
+
+    /// Parses config text; errors carry a 1-based line.
+    pub fn parse(text: &str) -> Result<Config, (usize, String)> {
+        let cfg: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml::from_str(text)
+                .map_err(|e| (e.location().map_or(1, |l| l.line()), e.to_string()))?
+        };
+        cfg.validate().map_err(|m| (1, m))?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.engine.max_concurrent_runs == 0 {
+            return Err("engine.max_concurrent_runs must be at least 1".into());
+        }
+        if self.intake.max_body_bytes < 1024 {
+            return Err("intake.max_body_bytes must be at least 1024".into());
+        }
+        Ok(())
+    }
+}
+
+/// Serde adapter for durations written as `30s`, `10m`, `1h`.
+pub(crate) mod duration_str {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::time::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_embedded_defaults() {
+        let cfg = Config::parse("").unwrap();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:9095");
+        assert_eq!(cfg.playbooks_dir, PathBuf::from("playbooks"));
+        assert_eq!(cfg.intake.max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_line() {
+        let (line, msg) =
+            Config::parse("listen: 127.0.0.1:1\nengine:\n  workers: 3\n").unwrap_err();
+        assert_eq!(line, 3);
+        assert!(msg.contains("workers"), "{msg}");
+    }
+
+    #[test]
+    fn durations_parse_and_bad_ones_fail() {
+        let cfg = Config::parse("engine:\n  default_step_timeout: 5m\n").unwrap();
+        assert_eq!(cfg.engine.default_step_timeout, Duration::from_secs(300));
+        assert!(Config::parse("engine:\n  shutdown_grace: soon\n").is_err());
+    }
+}

@@ -1,0 +1,102 @@
+//! The only code that acts on the world. Each action name maps to one [`Executor`]; the engine
+//! calls it after the step is recorded as running, with the step's rendered arguments, and
+//! bounds it with the step timeout.
+
+mod log;
+mod script;
+mod wait;
+
+pub use log::LogExecutor;
+pub use script::ScriptExecutor;
+pub use wait::WaitExecutor;
+
+use crate::alert::Alert;
+use crate::playbook::script::Sandbox;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The rendered arguments do not fit the action.
+    #[error("invalid arguments: {0}")]
+    InvalidArgs(String),
+    /// The action ran and failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The action was refused before acting (e.g. a target outside the inventory).
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+impl ExecError {
+    /// Bounded label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ExecError::InvalidArgs(_) => "invalid_args",
+            ExecError::Failed(_) => "failed",
+            ExecError::Refused(_) => "refused",
+        }
+    }
+}
+
+/// What an executor gets for one step.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    /// The run.
+    pub run_id: i64,
+    /// The playbook.
+    pub playbook: String,
+    /// Step name.
+    pub step: String,
+    /// Rendered arguments.
+    pub args: Value,
+    /// The alert that started the run.
+    pub alert: Alert,
+    /// The run's rendered parameters.
+    pub params: Value,
+}
+
+impl StepContext {
+    /// Deserializes the arguments into the action's argument type.
+    pub fn args<T: serde::de::DeserializeOwned>(&self) -> Result<T, ExecError> {
+        crate::playbook::actions::parse(&self.args).map_err(ExecError::InvalidArgs)
+    }
+}
+
+/// One action's implementation.
+#[async_trait::async_trait]
+pub trait Executor: Send + Sync {
+    /// Checks rendered arguments without acting (dry runs use this).
+    fn validate(&self, ctx: &StepContext) -> Result<(), ExecError>;
+    /// Acts. The returned JSON is the step output recorded in the run.
+    async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError>;
+}
+
+/// Executors by action name.
+#[derive(Clone, Default)]
+pub struct Executors {
+    by_action: HashMap<&'static str, Arc<dyn Executor>>,
+}
+
+impl Executors {
+    /// The built-in executors that need no configuration.
+    pub fn builtin(sandbox: Arc<Sandbox>) -> Self {
+        let mut e = Executors::default();
+        e.insert("log", Arc::new(LogExecutor));
+        e.insert("wait", Arc::new(WaitExecutor));
+        e.insert("script", Arc::new(ScriptExecutor::new(sandbox)));
+        e
+    }
+
+    /// Adds or replaces the executor of an action.
+    pub fn insert(&mut self, action: &'static str, executor: Arc<dyn Executor>) {
+        self.by_action.insert(action, executor);
+    }
+
+    /// The executor of an action.
+    pub fn get(&self, action: &str) -> Option<&Arc<dyn Executor>> {
+        self.by_action.get(action)
+    }
+}

@@ -1,0 +1,35 @@
+//! Reflex: an automated remediation daemon.
+//!
+//! # Layout
+//!
+//! ```text
+//! Alertmanager --POST--> api::webhooks --Alert--> engine::intake (match + when + plan)
+//!                                                     |  dedup, cooldown; persisted before 200
+//!                                                     v
+//!                         store (SQLite: alerts, runs, steps, audit)  <-- the run queue
+//!                                                     |
+//!                              engine::dispatcher --claims--> engine::run --> executors (log | script | wait)
+//! operators --> api (runs, playbooks) --> engine / store
+//! ```
+//!
+//! - [`alert`]: the `Alert` model and its wire formats (Alertmanager v4, generic JSON); no I/O.
+//! - [`config`]: `reflex.yaml`, with embedded defaults.
+//! - [`playbook`]: playbook YAML -> compiled, matched and rendered playbooks (matchers, Rhai, templates).
+//! - [`engine`]: turns alerts into persisted runs and executes them, step by step.
+//! - [`executors`]: the only code that acts on the world.
+//! - [`store`]: the only module with SQL.
+//! - [`api`]: the HTTP API (axum).
+//! - [`app`]: wiring and ordered shutdown for `reflex serve`.
+//! - [`cli`]: the offline commands `check` and `simulate`.
+
+pub mod alert;
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod executors;
+pub mod playbook;
+pub mod store;
+pub mod telemetry;
+pub mod time;

@@ -1,0 +1,350 @@
+//! Pure compilation of a playbook file: YAML -> [`PlaybookSpec`] -> [`Playbook`], collecting
+//! every error with its file:line. No network, kube or ssh here, so `reflex check` can run
+//! anywhere.
+
+use super::actions::{Action, ArgKind};
+use super::locate::{Seg, line_of};
+use super::matcher::Matcher;
+use super::script::{Located, Sandbox};
+use super::spec::{PlaybookSpec, StepSpec};
+use super::template::{Quoting, Template};
+use super::{Arg, Diagnostic, Playbook, Step};
+use rhai::AST;
+use std::path::Path;
+
+struct Ctx<'a> {
+    file: &'a Path,
+    src: &'a str,
+    sandbox: &'a Sandbox,
+    diags: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: &[Seg<'_>], message: impl Into<String>) {
+        self.err_at(line_of(self.src, path), message);
+    }
+
+    fn err_at(&mut self, line: usize, message: impl Into<String>) {
+        self.diags.push(Diagnostic {
+            file: self.file.to_path_buf(),
+            line,
+            message: message.into(),
+        });
+    }
+
+    /// The line of a line `inner` (1-based) inside the string value at `path`: a block scalar
+    /// (`key: |`) starts on the next line.
+    fn inner_line(&self, path: &[Seg<'_>], inner: Option<usize>) -> usize {
+        let line = line_of(self.src, path);
+        let text = self.src.lines().nth(line - 1).unwrap_or("");
+        let block = text
+            .trim_end()
+            .rsplit(' ')
+            .next()
+            .is_some_and(|t| t.starts_with('|') || t.starts_with('>'));
+        line + usize::from(block) + inner.unwrap_or(1) - 1
+    }
+
+    fn template(&mut self, path: &[Seg<'_>], src: &str, quoting: Quoting) -> Option<Template> {
+        match Template::compile(self.sandbox, src, quoting) {
+            Ok(t) => Some(t),
+            Err(Located { line, message }) => {
+                let at = self.inner_line(path, line);
+                self.err_at(at, message);
+                None
+            }
+        }
+    }
+
+    fn script(&mut self, path: &[Seg<'_>], src: &str, what: &str) -> Option<AST> {
+        match self.sandbox.compile_script(src) {
+            Ok(ast) => Some(ast),
+            Err(Located { line, message }) => {
+                let at = self.inner_line(path, line);
+                self.err_at(at, format!("{what}: Rhai syntax error: {message}"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &[Seg<'_>], s: &str) -> Option<std::time::Duration> {
+        crate::time::parse_duration(s)
+            .map_err(|e| self.err(path, e))
+            .ok()
+    }
+}
+
+/// Compiles one playbook file's text.
+pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Vec<Diagnostic>> {
+    let spec: PlaybookSpec = serde_yaml::from_str(src).map_err(|e| {
+        vec![Diagnostic {
+            file: file.to_path_buf(),
+            line: e.location().map_or(1, |l| l.line()),
+            message: e.to_string(),
+        }]
+    })?;
+    let mut cx = Ctx {
+        file,
+        src,
+        sandbox,
+        diags: Vec::new(),
+    };
+
+    let valid_name = !spec.name.is_empty()
+        && spec
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid_name {
+        cx.err(
+            &[Seg::Key("name")],
+            format!("name {:?}: use letters, digits, '-', '_' or '.'", spec.name),
+        );
+    }
+    if spec.matchers.is_empty() {
+        cx.err(
+            &[Seg::Key("matchers")],
+            "at least one matcher is required (a playbook must not match every alert)",
+        );
+    }
+    let matchers: Vec<Matcher> = (spec.matchers.iter().enumerate())
+        .filter_map(|(i, m)| {
+            Matcher::parse(m)
+                .map_err(|e| cx.err(&[Seg::Key("matchers"), Seg::Index(i)], e))
+                .ok()
+        })
+        .collect();
+    if spec.statuses.is_empty() {
+        cx.err(
+            &[Seg::Key("statuses")],
+            "statuses: list firing, resolved or both",
+        );
+    }
+    let when = (spec.when.as_deref()).and_then(|w| cx.script(&[Seg::Key("when")], w, "when"));
+
+    let mut params = Vec::new();
+    for (k, v) in &spec.params {
+        let Some(key) = k.as_str().filter(|k| crate::alert::is_label_name(k)) else {
+            cx.err(&[Seg::Key("params")], format!("params: invalid name {k:?}"));
+            continue;
+        };
+        let path = [Seg::Key("params"), Seg::Key(key)];
+        let arg = match v {
+            serde_yaml::Value::String(s) => {
+                cx.template(&path, s, Quoting::Plain).map(Arg::Template)
+            }
+            v @ (serde_yaml::Value::Number(_) | serde_yaml::Value::Bool(_)) => {
+                Some(Arg::Literal(serde_json::to_value(v).unwrap_or_default()))
+            }
+            _ => {
+                cx.err(
+                    &path,
+                    format!("params.{key}: expected a string, number or bool"),
+                );
+                None
+            }
+        };
+        params.extend(arg.map(|a| (key.to_string(), a)));
+    }
+
+    let cooldown = (spec.cooldown.as_deref())
+        .and_then(|c| cx.duration(&[Seg::Key("cooldown")], c))
+        .unwrap_or_default();
+    if spec.steps.is_empty() {
+        cx.err(&[Seg::Key("steps")], "a playbook needs at least one step");
+    }
+    let steps = (spec.steps.iter().enumerate())
+        .filter_map(|(i, s)| compile_step(&mut cx, i, s))
+        .collect();
+
+    if !cx.diags.is_empty() {
+        return Err(cx.diags);
+    }
+    Ok(Playbook {
+        name: spec.name,
+        description: spec.description,
+        file: file.to_path_buf(),
+        matchers,
+        statuses: spec.statuses,
+        when,
+        params,
+        cooldown,
+        cooldown_by: spec.cooldown_by,
+        dry_run: spec.dry_run,
+        steps,
+    })
+}
+
+fn compile_step(cx: &mut Ctx<'_>, i: usize, spec: &StepSpec) -> Option<Step> {
+    let at = |k| [Seg::Key("steps"), Seg::Index(i), Seg::Key(k)];
+    let Some(action) = Action::parse(&spec.action) else {
+        let known: Vec<_> = Action::ALL.iter().map(|a| a.name()).collect();
+        cx.err(
+            &at("action"),
+            format!(
+                "unknown action {:?} (known: {})",
+                spec.action,
+                known.join(", ")
+            ),
+        );
+        return None;
+    };
+    let timeout = spec
+        .timeout
+        .as_deref()
+        .and_then(|t| cx.duration(&at("timeout"), t));
+    let raw = match serde_json::to_value(&spec.with) {
+        Ok(v) => v,
+        Err(e) => {
+            cx.err(&at("with"), format!("with: {e}"));
+            return None;
+        }
+    };
+    if let Err(e) = action.check(&raw) {
+        // serde names the field in backticks; point at it when it is there.
+        let field = e.split('`').nth(1).unwrap_or("");
+        let path = [
+            Seg::Key("steps"),
+            Seg::Index(i),
+            Seg::Key("with"),
+            Seg::Key(field),
+        ];
+        cx.err(&path, format!("{} arguments: {e}", action.name()));
+        return None;
+    }
+    let mut args = Vec::new();
+    let mut script = None;
+    for (key, value) in raw.as_object().into_iter().flatten() {
+        let path = [
+            Seg::Key("steps"),
+            Seg::Index(i),
+            Seg::Key("with"),
+            Seg::Key(key),
+        ];
+        let arg = match action.arg_kind(key) {
+            ArgKind::Verbatim => {
+                if action == Action::Script {
+                    script = cx.script(&path, value.as_str().unwrap_or(""), "script");
+                }
+                Arg::Literal(value.clone())
+            }
+            ArgKind::Template(q) => arg_tree(cx, &path, value, q)?,
+        };
+        args.push((key.clone(), arg));
+    }
+    Some(Step {
+        name: spec
+            .name
+            .clone()
+            .unwrap_or_else(|| action.name().to_string()),
+        action,
+        args: Arg::Map(args),
+        timeout,
+        on_failure: spec.on_failure,
+        script,
+    })
+}
+
+fn arg_tree(cx: &mut Ctx<'_>, path: &[Seg<'_>], v: &serde_json::Value, q: Quoting) -> Option<Arg> {
+    Some(match v {
+        serde_json::Value::String(s) if Template::has_holes(s) => {
+            Arg::Template(cx.template(path, s, q)?)
+        }
+        serde_json::Value::Array(items) => Arg::List(
+            items
+                .iter()
+                .map(|item| arg_tree(cx, path, item, q))
+                .collect::<Option<_>>()?,
+        ),
+        serde_json::Value::Object(map) => Arg::Map(
+            map.iter()
+                .map(|(k, item)| Some((k.clone(), arg_tree(cx, path, item, q)?)))
+                .collect::<Option<_>>()?,
+        ),
+        other => Arg::Literal(other.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(src: &str) -> Vec<String> {
+        compile(Path::new("p.yaml"), src, &Sandbox::new())
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const GOOD: &str = r#"name: disk
+matchers: ['alertname="DiskSpaceLow"']
+params:
+  host: "{{ host(labels.instance) }}"
+steps:
+  - action: log
+    with:
+      message: "low on {{ params.host }}"
+"#;
+
+    #[test]
+    fn a_good_playbook_compiles() {
+        let pb = compile(Path::new("p.yaml"), GOOD, &Sandbox::new()).unwrap();
+        assert_eq!(pb.name, "disk");
+        assert_eq!(pb.steps.len(), 1);
+        assert_eq!(pb.steps[0].name, "log");
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_line() {
+        let src = r#"name: bad
+matchers:
+  - 'alertname="X"'
+  - 'severity=~"("'
+when: "labels.severity == "
+cooldown: forever
+steps:
+  - action: log
+    with:
+      message: "{{ params.( }}"
+  - action: teleport
+  - action: wait
+    with:
+      duration: 3 fortnights
+"#;
+        let errs = errors(src);
+        let lines: Vec<&str> = errs.iter().map(|e| e.split(':').nth(1).unwrap()).collect();
+        assert_eq!(lines, ["4", "5", "6", "10", "11", "14"], "{errs:#?}");
+        assert!(errs[4].contains("unknown action \"teleport\""));
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_come_from_serde_with_lines() {
+        let errs = errors(&GOOD.replace("steps:", "colour: red\nsteps:"));
+        assert!(
+            errs[0].starts_with("p.yaml:5:") && errs[0].contains("colour"),
+            "{errs:?}"
+        );
+        let errs = errors(&GOOD.replace("name: disk", "name: [1, 2]"));
+        assert!(errs[0].starts_with("p.yaml:1:"), "{errs:?}");
+        let errs = errors(&GOOD.replace("message:", "mesage:"));
+        assert!(
+            errs[0].starts_with("p.yaml:8:") && errs[0].contains("mesage"),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn a_script_error_points_inside_the_block() {
+        let src = "name: s\nmatchers: ['a=\"b\"']\nsteps:\n  - action: script\n    with:\n      script: |\n        let x = 1;\n        let = ;\n";
+        let errs = errors(src);
+        assert!(errs[0].starts_with("p.yaml:8:"), "{errs:?}");
+    }
+
+    #[test]
+    fn no_matchers_no_steps_are_refused() {
+        let errs = errors("name: e\nmatchers: []\nsteps: []\n");
+        assert_eq!(errs.len(), 2, "{errs:?}");
+    }
+}

@@ -1,0 +1,90 @@
+//! The playbook file format, as serde reads it. See docs/playbooks.md for the reference.
+//! Unknown keys are errors everywhere: a typo must not silently disable a safety setting.
+
+use crate::alert::AlertStatus;
+use serde::{Deserialize, Serialize};
+
+/// One playbook file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaybookSpec {
+    /// Unique name: letters, digits, `-`, `_`, `.`.
+    pub name: String,
+    /// What the playbook is for.
+    #[serde(default)]
+    pub description: String,
+    /// Alertmanager-syntax matchers, all of which must hold (at least one).
+    pub matchers: Vec<String>,
+    /// Alert statuses the playbook acts on (default: firing only).
+    #[serde(default = "firing_only")]
+    pub statuses: Vec<AlertStatus>,
+    /// Optional Rhai condition over `alert`, `labels`, `annotations`; must return a bool.
+    pub when: Option<String>,
+    /// Parameters computed from the alert, in order (each may use the ones before it).
+    #[serde(default)]
+    pub params: serde_yaml::Mapping,
+    /// No second run for the same alert (or group) within this duration, e.g. `30m`.
+    pub cooldown: Option<String>,
+    /// What the cooldown is kept per.
+    #[serde(default)]
+    pub cooldown_by: CooldownBy,
+    /// Render and record the steps without acting.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The steps, run in order.
+    pub steps: Vec<StepSpec>,
+}
+
+fn firing_only() -> Vec<AlertStatus> {
+    vec![AlertStatus::Firing]
+}
+
+/// The key a cooldown is kept per.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CooldownBy {
+    /// Per alert (its fingerprint).
+    #[default]
+    Fingerprint,
+    /// Per Alertmanager group (group key; the fingerprint when there is none).
+    Group,
+}
+
+/// What a failed step does to its run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// The run stops and fails.
+    #[default]
+    Stop,
+    /// The run goes on with the next step.
+    Continue,
+}
+
+impl OnFailure {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Stop => "stop",
+            OnFailure::Continue => "continue",
+        }
+    }
+}
+
+/// One step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Name shown in the run (default: the action).
+    pub name: Option<String>,
+    /// The action, e.g. `log`, `script`, `wait`.
+    pub action: String,
+    /// The action's arguments; strings may hold `{{ }}` templates.
+    #[serde(default)]
+    pub with: serde_yaml::Mapping,
+    /// Step timeout, e.g. `2m` (default: `engine.default_step_timeout`).
+    pub timeout: Option<String>,
+    /// `stop` (default) or `continue`.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}

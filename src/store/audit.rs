@@ -1,0 +1,68 @@
+//! The append-only audit log: who did what, when, with what outcome.
+
+use super::{Store, StoreError};
+use rusqlite::params;
+use serde::Serialize;
+
+/// One audit row.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    /// Row id.
+    pub id: i64,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Who: a token name, `alertmanager`, `reflex` for the daemon itself.
+    pub actor: String,
+    /// What, e.g. `run.cancel`.
+    pub action: String,
+    /// What it was done to, e.g. `run/12`.
+    pub target: Option<String>,
+    /// `ok`, `refused`, `failed`.
+    pub outcome: String,
+    /// Free text.
+    pub detail: Option<String>,
+}
+
+impl Store {
+    /// Appends an audit row.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: Option<String>,
+        outcome: &str,
+        detail: Option<String>,
+    ) -> Result<(), StoreError> {
+        let (actor, action, outcome) = (actor.to_string(), action.to_string(), outcome.to_string());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO audit (at, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![crate::time::now_ms(), actor, action, target, outcome, detail],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The newest audit rows, newest first.
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT id, at, actor, action, target, outcome, detail FROM audit ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit], |r| {
+                Ok(AuditEntry {
+                    id: r.get(0)?,
+                    at: crate::time::rfc3339(r.get(1)?),
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    outcome: r.get(5)?,
+                    detail: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,687 @@
+//! Alerts, runs and steps: intake (dedup and cooldown decided in the same transaction that
+//! records the alert), the run queue (pending runs are claimed in order), step transitions,
+//! crash recovery and the views the API serves.
+
+use super::{Store, StoreError};
+use crate::alert::{Alert, AlertStatus, Labels};
+use crate::playbook::Plan;
+use crate::time::{now_ms, rfc3339};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Run states. Final: everything but `pending` and `running`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Recorded, waiting for a worker.
+    Pending,
+    /// Executing steps.
+    Running,
+    /// Every step succeeded (or failed with `on_failure: continue`).
+    Succeeded,
+    /// A step failed, or the run could not be planned.
+    Failed,
+    /// An operator cancelled it.
+    Cancelled,
+    /// The daemon stopped while it ran; never resumed silently.
+    Interrupted,
+    /// Not started: a cooldown (or other gate) held it back; `reason` says which.
+    Suppressed,
+}
+
+impl RunState {
+    /// Every state, for parsing.
+    pub const ALL: &'static [RunState] = &[
+        RunState::Pending,
+        RunState::Running,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Cancelled,
+        RunState::Interrupted,
+        RunState::Suppressed,
+    ];
+
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Pending => "pending",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::Interrupted => "interrupted",
+            RunState::Suppressed => "suppressed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<RunState> {
+        Self::ALL.iter().copied().find(|r| r.as_str() == s)
+    }
+}
+
+/// Step states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Not started.
+    Pending,
+    /// Started; its action may be under way.
+    Running,
+    /// Done.
+    Succeeded,
+    /// Failed (error recorded).
+    Failed,
+    /// Never started because the run ended first.
+    Skipped,
+    /// Was running when the daemon stopped; not re-run.
+    Interrupted,
+    /// Rendered and recorded, not executed (dry run).
+    DryRun,
+}
+
+impl StepState {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::Skipped => "skipped",
+            StepState::Interrupted => "interrupted",
+            StepState::DryRun => "dry_run",
+        }
+    }
+}
+
+/// A playbook that matched an alert, as the engine hands it to intake.
+pub struct Candidate {
+    /// Playbook name.
+    pub playbook: String,
+    /// Cooldown in ms (0: none).
+    pub cooldown_ms: i64,
+    /// What the cooldown is kept per (fingerprint or group key).
+    pub cooldown_key: String,
+    /// Record without acting.
+    pub dry_run: bool,
+    /// The rendered plan, or why it could not be rendered.
+    pub plan: Result<Plan, String>,
+}
+
+/// One received alert and the playbooks it matched.
+pub struct IntakeItem {
+    /// The alert.
+    pub alert: Alert,
+    /// Matched playbooks.
+    pub candidates: Vec<Candidate>,
+}
+
+/// What became of one (alert, playbook) pair at intake.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// A new pending run.
+    Created {
+        /// The run.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+    },
+    /// A re-delivery: the run for this occurrence exists already.
+    Deduplicated {
+        /// The existing run.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+    },
+    /// Recorded as suppressed (cooldown).
+    Suppressed {
+        /// The suppressed run record.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+        /// Why.
+        reason: String,
+    },
+    /// Recorded as failed: the plan could not be rendered.
+    Failed {
+        /// The failed run record.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+        /// Why.
+        error: String,
+    },
+}
+
+/// A run claimed by a worker, with everything needed to execute it.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    /// Run id.
+    pub id: i64,
+    /// Playbook name.
+    pub playbook: String,
+    /// Record without acting.
+    pub dry_run: bool,
+    /// Rendered parameters.
+    pub params: Value,
+    /// The alert it is for.
+    pub alert: Alert,
+    /// Its steps, in order.
+    pub steps: Vec<StepRecord>,
+}
+
+/// A stored step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// Position in the run (0-based).
+    pub idx: i64,
+    /// Name.
+    pub name: String,
+    /// Action name.
+    pub action: String,
+    /// Rendered arguments.
+    pub args: Value,
+    /// Timeout in ms, if set.
+    pub timeout_ms: Option<i64>,
+    /// `stop` or `continue`.
+    pub on_failure: String,
+    /// State.
+    pub state: String,
+    /// Started (RFC 3339).
+    pub started_at: Option<String>,
+    /// Finished (RFC 3339).
+    pub finished_at: Option<String>,
+    /// Output (action-specific JSON).
+    pub output: Option<Value>,
+    /// Error.
+    pub error: Option<String>,
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunView {
+    /// Run id.
+    pub id: i64,
+    /// Playbook name.
+    pub playbook: String,
+    /// State.
+    pub state: String,
+    /// Why it was suppressed, if it was.
+    pub reason: Option<String>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Recorded without acting.
+    pub dry_run: bool,
+    /// The alert.
+    pub alert: AlertView,
+    /// Rendered parameters.
+    pub params: Value,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Started.
+    pub started_at: Option<String>,
+    /// Finished.
+    pub finished_at: Option<String>,
+    /// Steps (run detail only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepRecord>>,
+}
+
+/// The alert of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertView {
+    /// Alert row id.
+    pub id: i64,
+    /// Fingerprint.
+    pub fingerprint: String,
+    /// Status when received.
+    pub status: String,
+    /// Start time as sent.
+    pub starts_at: String,
+    /// Labels.
+    pub labels: Labels,
+    /// Annotations.
+    pub annotations: Labels,
+}
+
+/// Filter and page for listing runs (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only this playbook.
+    pub playbook: Option<String>,
+    /// Only this state.
+    pub state: Option<RunState>,
+    /// Only runs with a smaller id (the cursor of the previous page).
+    pub before: Option<i64>,
+    /// Page size.
+    pub limit: u32,
+}
+
+fn json_text(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn parse_json(s: Option<String>) -> Value {
+    s.and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+impl Store {
+    /// Records received alerts and decides, atomically with the write, what each matched
+    /// playbook does: a new run, a dedup, a suppression, or a failed run. Returns the outcomes
+    /// per alert, in order. Nothing is acknowledged to the sender before this commits.
+    pub async fn record_intake(
+        &self,
+        items: Vec<IntakeItem>,
+    ) -> Result<Vec<Vec<Outcome>>, StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let now = now_ms();
+            let mut all = Vec::with_capacity(items.len());
+            for item in items {
+                let alert_id = insert_alert(&tx, &item.alert, now)?;
+                let outcomes = item
+                    .candidates
+                    .into_iter()
+                    .map(|cand| intake_one(&tx, &item.alert, alert_id, cand, now))
+                    .collect::<Result<Vec<_>, _>>()?;
+                all.push(outcomes);
+            }
+            tx.commit()?;
+            Ok(all)
+        })
+        .await
+    }
+
+    /// Claims the oldest pending run: it becomes `running` in the same statement, so no two
+    /// workers can take it.
+    pub async fn claim_next(&self) -> Result<Option<ClaimedRun>, StoreError> {
+        self.write(|c| {
+            let claimed: Option<(i64, String, bool, Option<String>, i64)> = c
+                .prepare_cached(
+                    "UPDATE runs SET state = 'running', started_at = ?1
+                     WHERE id = (SELECT id FROM runs WHERE state = 'pending' ORDER BY id LIMIT 1)
+                     RETURNING id, playbook, dry_run, params, alert_id",
+                )?
+                .query_row([now_ms()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })
+                .optional()?;
+            let Some((id, playbook, dry_run, params, alert_id)) = claimed else {
+                return Ok(None);
+            };
+            let alert = load_alert(c, alert_id)?;
+            let steps = load_steps(c, id)?;
+            Ok(Some(ClaimedRun {
+                id,
+                playbook,
+                dry_run,
+                params: parse_json(params),
+                alert,
+                steps,
+            }))
+        })
+        .await
+    }
+
+    /// Marks a step `running`; written before the action starts.
+    pub async fn step_started(&self, run_id: i64, idx: i64) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.prepare_cached("UPDATE steps SET state = 'running', started_at = ?3 WHERE run_id = ?1 AND idx = ?2")?
+                .execute(params![run_id, idx, now_ms()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records a step's result.
+    pub async fn step_finished(
+        &self,
+        run_id: i64,
+        idx: i64,
+        state: StepState,
+        output: Option<Value>,
+        error: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![run_id, idx, state.as_str(), now_ms(), output.map(|o| json_text(&o)), error])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends a run; steps not started are marked `skipped`.
+    pub async fn run_finished(
+        &self,
+        run_id: i64,
+        state: RunState,
+        error: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            finish_run(&tx, run_id, state, error.as_deref(), now_ms())?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Cancels a run that has not started. Returns the run's state after the call, or `None`
+    /// when there is no such run.
+    pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let state: Option<String> = tx
+                .query_row("SELECT state FROM runs WHERE id = ?1", [run_id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(state) = state.as_deref().and_then(RunState::parse) else {
+                return Ok(None);
+            };
+            if state != RunState::Pending {
+                return Ok(Some(state));
+            }
+            finish_run(
+                &tx,
+                run_id,
+                RunState::Cancelled,
+                Some("cancelled before it started"),
+                now_ms(),
+            )?;
+            tx.commit()?;
+            Ok(Some(RunState::Cancelled))
+        })
+        .await
+    }
+
+    /// After a crash: a step still `running` had started and not finished. It is marked
+    /// `interrupted`, and so is its run; nothing is re-run. Runs that were `running` between
+    /// steps are interrupted too (their next step never started). Pending runs stay pending.
+    /// Returns the ids of the interrupted runs.
+    pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
+        self.write(|c| {
+            let tx = c.transaction()?;
+            let now = now_ms();
+            tx.execute(
+                "UPDATE steps SET state = 'interrupted', finished_at = ?1,
+                   error = 'the daemon stopped while this step was running; it was not re-run'
+                 WHERE state = 'running'",
+                [now],
+            )?;
+            let ids: Vec<i64> = tx
+                .prepare("SELECT id FROM runs WHERE state = 'running' ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for &id in &ids {
+                finish_run(
+                    &tx,
+                    id,
+                    RunState::Interrupted,
+                    Some("the daemon stopped during this run; check the target before re-running"),
+                    now,
+                )?;
+            }
+            tx.commit()?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// Lists runs, newest first.
+    pub async fn list_runs(&self, f: RunFilter) -> Result<Vec<RunView>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{RUN_SELECT} WHERE (?1 IS NULL OR r.playbook = ?1) AND (?2 IS NULL OR r.state = ?2)
+                   AND (?3 IS NULL OR r.id < ?3) ORDER BY r.id DESC LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![f.playbook, f.state.map(RunState::as_str), f.before, f.limit],
+                run_view,
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// One run with its steps.
+    pub async fn get_run(&self, id: i64) -> Result<Option<RunView>, StoreError> {
+        self.read(move |c| {
+            let run = c
+                .prepare_cached(&format!("{RUN_SELECT} WHERE r.id = ?1"))?
+                .query_row([id], run_view)
+                .optional()?;
+            let Some(mut run) = run else { return Ok(None) };
+            run.steps = Some(load_steps(c, id)?);
+            Ok(Some(run))
+        })
+        .await
+    }
+
+    /// Counts of alerts and runs (for tests and load reports).
+    pub async fn counts(&self) -> Result<(i64, i64), StoreError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT (SELECT count(*) FROM alerts), (SELECT count(*) FROM runs)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+        .await
+    }
+}
+
+const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r.dry_run, r.params,
+    r.created_at, r.started_at, r.finished_at, a.id, a.fingerprint, a.status, a.starts_at, a.labels, a.annotations
+  FROM runs r JOIN alerts a ON a.id = r.alert_id";
+
+fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
+    let labels: String = r.get(14)?;
+    let annotations: String = r.get(15)?;
+    Ok(RunView {
+        id: r.get(0)?,
+        playbook: r.get(1)?,
+        state: r.get(2)?,
+        reason: r.get(3)?,
+        error: r.get(4)?,
+        dry_run: r.get(5)?,
+        params: parse_json(r.get(6)?),
+        created_at: rfc3339(r.get(7)?),
+        started_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
+        finished_at: r.get::<_, Option<i64>>(9)?.map(rfc3339),
+        alert: AlertView {
+            id: r.get(10)?,
+            fingerprint: r.get(11)?,
+            status: r.get(12)?,
+            starts_at: r.get(13)?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            annotations: serde_json::from_str(&annotations).unwrap_or_default(),
+        },
+        steps: None,
+    })
+}
+
+fn insert_alert(c: &Connection, a: &Alert, now: i64) -> rusqlite::Result<i64> {
+    c.prepare_cached(
+        "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        now,
+        a.source,
+        a.fingerprint,
+        a.status.as_str(),
+        a.starts_at,
+        a.ends_at,
+        json_text(&a.labels),
+        json_text(&a.annotations),
+        a.generator_url,
+        a.group_key
+    ])?;
+    Ok(c.last_insert_rowid())
+}
+
+fn intake_one(
+    c: &Connection,
+    a: &Alert,
+    alert_id: i64,
+    cand: Candidate,
+    now: i64,
+) -> Result<Outcome, StoreError> {
+    let playbook = cand.playbook;
+    let existing: Option<i64> = c
+        .prepare_cached(
+            "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4",
+        )?
+        .query_row(params![playbook, a.fingerprint, a.starts_at, a.status.as_str()], |r| r.get(0))
+        .optional()?;
+    if let Some(run_id) = existing {
+        return Ok(Outcome::Deduplicated { run_id, playbook });
+    }
+    let last_run: Option<(i64, i64)> = if cand.cooldown_ms > 0 {
+        c.prepare_cached(
+            "SELECT id, created_at FROM runs WHERE playbook = ?1 AND cooldown_key = ?2
+               AND state != 'suppressed' AND created_at > ?3 ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(
+            params![playbook, cand.cooldown_key, now - cand.cooldown_ms],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?
+    } else {
+        None
+    };
+    let (state, reason, error, plan) = match (&cand.plan, last_run) {
+        (_, Some((id, at))) => (
+            RunState::Suppressed,
+            Some(format!(
+                "cooldown: run {id} for the same key started at {}",
+                rfc3339(at)
+            )),
+            None,
+            None,
+        ),
+        (Err(e), None) => (RunState::Failed, None, Some(e.clone()), None),
+        (Ok(plan), None) => (RunState::Pending, None, None, Some(plan)),
+    };
+    c.prepare_cached(
+        "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
+           dry_run, params, created_at, finished_at, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?
+    .execute(params![
+        playbook,
+        alert_id,
+        a.fingerprint,
+        a.starts_at,
+        a.status.as_str(),
+        cand.cooldown_key,
+        state.as_str(),
+        reason,
+        cand.dry_run,
+        plan.map_or_else(|| "{}".to_string(), |p| json_text(&p.params)),
+        now,
+        (state != RunState::Pending).then_some(now),
+        error
+    ])?;
+    let run_id = c.last_insert_rowid();
+    if let Some(plan) = plan {
+        let mut stmt = c.prepare_cached(
+            "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending')",
+        )?;
+        for (idx, s) in plan.steps.iter().enumerate() {
+            stmt.execute(params![
+                run_id,
+                idx as i64,
+                s.name,
+                s.action,
+                json_text(&s.args),
+                s.timeout_ms.map(|t| t as i64),
+                s.on_failure.as_str()
+            ])?;
+        }
+    }
+    Ok(match state {
+        RunState::Suppressed => Outcome::Suppressed {
+            run_id,
+            playbook,
+            reason: reason.unwrap_or_default(),
+        },
+        RunState::Failed => Outcome::Failed {
+            run_id,
+            playbook,
+            error: error.unwrap_or_default(),
+        },
+        _ => Outcome::Created { run_id, playbook },
+    })
+}
+
+fn finish_run(
+    c: &Connection,
+    run_id: i64,
+    state: RunState,
+    error: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error) WHERE id = ?1",
+    )?
+    .execute(params![run_id, state.as_str(), now, error])?;
+    c.prepare_cached("UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'")?
+        .execute([run_id])?;
+    Ok(())
+}
+
+fn load_alert(c: &Connection, id: i64) -> Result<Alert, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT source, status, labels, annotations, starts_at, ends_at, fingerprint, generator_url, group_key
+         FROM alerts WHERE id = ?1",
+    )?
+    .query_row([id], |r| {
+        let source: String = r.get(0)?;
+        let status: String = r.get(1)?;
+        let labels: String = r.get(2)?;
+        let annotations: String = r.get(3)?;
+        Ok(Alert {
+            source: if source == "alertmanager" { "alertmanager" } else { "generic" },
+            status: if status == "resolved" { AlertStatus::Resolved } else { AlertStatus::Firing },
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            annotations: serde_json::from_str(&annotations).unwrap_or_default(),
+            starts_at: r.get(4)?,
+            ends_at: r.get(5)?,
+            fingerprint: r.get(6)?,
+            generator_url: r.get(7)?,
+            group_key: r.get(8)?,
+        })
+    })?)
+}
+
+fn load_steps(c: &Connection, run_id: i64) -> Result<Vec<StepRecord>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error
+         FROM steps WHERE run_id = ?1 ORDER BY idx",
+    )?;
+    let rows = stmt.query_map([run_id], |r| {
+        Ok(StepRecord {
+            idx: r.get(0)?,
+            name: r.get(1)?,
+            action: r.get(2)?,
+            args: parse_json(r.get(3)?),
+            timeout_ms: r.get(4)?,
+            on_failure: r.get(5)?,
+            state: r.get(6)?,
+            started_at: r.get::<_, Option<i64>>(7)?.map(rfc3339),
+            finished_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
+            output: r.get::<_, Option<String>>(9)?.map(|s| parse_json(Some(s))),
+            error: r.get(10)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

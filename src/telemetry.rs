@@ -1,0 +1,21 @@
+//! Tracing setup: human-readable text by default, JSON lines when asked.
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber; `RUST_LOG` overrides the default `info` level.
+pub fn init(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Ignore the error of a second init (tests call into the library more than once).
+    let _ = if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
+}
