@@ -48,13 +48,11 @@ pub async fn run(
     engine.recover().await.context("recovering runs")?;
     let dispatcher = tokio::spawn(engine.clone().dispatch());
 
-    let app = api::router(
-        AppState {
-            engine,
-            store: store.clone(),
-        },
-        cfg.intake.max_body_bytes,
-    );
+    let app = api::router(AppState {
+        engine,
+        store: store.clone(),
+        max_body_bytes: cfg.intake.max_body_bytes,
+    });
     tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
     let stop = token.clone();
     axum::serve(listener, app)

@@ -62,18 +62,6 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-impl From<axum::extract::rejection::BytesRejection> for ApiError {
-    fn from(r: axum::extract::rejection::BytesRejection) -> Self {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge(
-                "request body is over the configured limit (intake.max_body_bytes)".into(),
-            )
-        } else {
-            ApiError::Status(r.status(), r.body_text())
-        }
-    }
-}
-
 impl From<axum::extract::rejection::QueryRejection> for ApiError {
     fn from(r: axum::extract::rejection::QueryRejection) -> Self {
         ApiError::BadRequest(r.body_text())

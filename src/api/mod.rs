@@ -23,10 +23,14 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// The store.
     pub store: Store,
+    /// Largest webhook body accepted (`intake.max_body_bytes`).
+    pub max_body_bytes: usize,
 }
 
 /// The whole API.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState) -> Router {
+    // Webhooks read their bodies themselves (see `webhooks::read_body`); this bounds the rest.
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route(
             "/api/v1/webhooks/alertmanager",

@@ -5,9 +5,10 @@ use super::{ApiError, AppState};
 use crate::alert::{Alert, AlertmanagerPayload, parse_generic};
 use crate::store::Outcome;
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use http_body_util::BodyExt;
 use serde::Serialize;
 
 /// The answer to a webhook.
@@ -22,9 +23,10 @@ pub struct IntakeResponse {
 /// `POST /api/v1/webhooks/alertmanager`
 pub async fn alertmanager(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<IntakeResponse>, ApiError> {
-    let body = body?;
+    let body = read_body(&headers, body, state.max_body_bytes).await?;
     let de = &mut serde_json::Deserializer::from_slice(&body);
     let payload: AlertmanagerPayload = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -54,9 +56,10 @@ pub async fn alertmanager(
 /// `POST /api/v1/webhooks/generic`
 pub async fn generic(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Json<IntakeResponse>, ApiError> {
-    let body = body?;
+    let body = read_body(&headers, body, state.max_body_bytes).await?;
     let now = crate::time::rfc3339(crate::time::now_ms());
     let alerts = parse_generic(&body, &now)
         .map_err(|e| ApiError::BadRequest(format!("invalid alert: {e}")))?;
@@ -70,4 +73,45 @@ async fn record(state: &AppState, alerts: Vec<Alert>) -> Result<Json<IntakeRespo
         alerts: n,
         outcomes,
     }))
+}
+
+/// An oversized body is still read (and dropped) up to this many times the limit, so that the
+/// sender gets the 413 and its message rather than a connection reset mid-upload; beyond
+/// that the connection is closed unread, bounding the work a sender can cause.
+const DRAIN_FACTOR: usize = 8;
+
+/// Reads a body of at most `limit` bytes.
+async fn read_body(headers: &HeaderMap, mut body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::TooLarge(format!(
+            "request body is over the limit of {limit} bytes (intake.max_body_bytes)"
+        ))
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit.saturating_mul(DRAIN_FACTOR)) {
+        return Err(too_large());
+    }
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen > limit.saturating_mul(DRAIN_FACTOR) {
+            return Err(too_large());
+        }
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        return Err(too_large());
+    }
+    Ok(buf.into())
 }

@@ -124,7 +124,7 @@ impl Engine {
     pub async fn cancel(&self, run_id: i64) -> Result<CancelResult, StoreError> {
         Ok(match self.store.cancel_if_pending(run_id).await? {
             None => CancelResult::NotFound,
-            Some(RunState::Cancelled) => CancelResult::Cancelled,
+            Some(RunState::Pending) => CancelResult::Cancelled,
             Some(RunState::Running) => {
                 // The run may be claimed but not yet registered: leave a cancelled token
                 // that the worker picks up when it registers.

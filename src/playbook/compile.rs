@@ -34,7 +34,8 @@ impl Ctx<'_> {
 
     /// The line of a line `inner` (1-based) inside the string value at `path`: a block scalar
     /// (`key: |`) starts on the next line.
-    fn inner_line(&self, path: &[Seg<'_>], inner: Option<usize>) -> usize {
+    /// Parsers report "incomplete" at the end of input; the line is clamped to the value's last.
+    fn inner_line(&self, path: &[Seg<'_>], value: &str, inner: Option<usize>) -> usize {
         let line = line_of(self.src, path);
         let text = self.src.lines().nth(line - 1).unwrap_or("");
         let block = text
@@ -42,14 +43,15 @@ impl Ctx<'_> {
             .rsplit(' ')
             .next()
             .is_some_and(|t| t.starts_with('|') || t.starts_with('>'));
-        line + usize::from(block) + inner.unwrap_or(1) - 1
+        let last = value.trim_end().lines().count().max(1);
+        line + usize::from(block) + inner.unwrap_or(1).clamp(1, last) - 1
     }
 
     fn template(&mut self, path: &[Seg<'_>], src: &str, quoting: Quoting) -> Option<Template> {
         match Template::compile(self.sandbox, src, quoting) {
             Ok(t) => Some(t),
             Err(Located { line, message }) => {
-                let at = self.inner_line(path, line);
+                let at = self.inner_line(path, src, line);
                 self.err_at(at, message);
                 None
             }
@@ -60,7 +62,7 @@ impl Ctx<'_> {
         match self.sandbox.compile_script(src) {
             Ok(ast) => Some(ast),
             Err(Located { line, message }) => {
-                let at = self.inner_line(path, line);
+                let at = self.inner_line(path, src, line);
                 self.err_at(at, format!("{what}: Rhai syntax error: {message}"));
                 None
             }

@@ -42,8 +42,17 @@ impl Matcher {
             })?;
         let value = unquote(raw).map_err(|e| format!("matcher {s:?}: {e}"))?;
         let regex = || {
-            Regex::new(&format!("^(?:{value})$"))
-                .map_err(|e| format!("matcher {s:?}: invalid regex: {e}"))
+            Regex::new(&format!("^(?:{value})$")).map_err(|e| {
+                // The regex crate's message spans lines (a caret diagram); keep the last.
+                let text = e.to_string();
+                let last = text
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ")
+                    .to_string();
+                format!("matcher {s:?}: invalid regex: {last}")
+            })
         };
         let op = match op {
             "=" => Op::Eq,

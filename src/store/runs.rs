@@ -372,8 +372,8 @@ impl Store {
         .await
     }
 
-    /// Cancels a run that has not started. Returns the run's state after the call, or `None`
-    /// when there is no such run.
+    /// Cancels a run that has not started. Returns the run's state before the call, or `None`
+    /// when there is no such run; a `Pending` run is now `Cancelled`.
     pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
         self.write(move |c| {
             let tx = c.transaction()?;

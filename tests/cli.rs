@@ -1,0 +1,137 @@
+//! `reflex check` and `reflex simulate` through the real binary.
+
+mod common;
+
+use common::reflex_cli;
+use std::path::Path;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_reports_each_error_with_file_and_line_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write(
+        "bad-matcher.yaml",
+        "name: a\nmatchers:\n  - 'alertname=\"X\"'\n  - 'severity=~\"(unclosed\"'\nsteps:\n  - action: log\n    with: { message: hi }\n",
+    );
+    write(
+        "unknown-key.yaml",
+        "name: b\nmatchers: ['alertname=\"X\"']\nsteps:\n  - action: log\n    with: { message: hi }\n    retries: 3\n",
+    );
+    write(
+        "rhai-error.yaml",
+        "name: c\nmatchers: ['alertname=\"X\"']\nwhen: |\n  labels.severity ==\nsteps:\n  - action: log\n    with: { message: hi }\n",
+    );
+    write(
+        "wrong-type.yaml",
+        "name: d\nmatchers: ['alertname=\"X\"']\ndry_run: sometimes\nsteps:\n  - action: log\n    with: { message: hi }\n",
+    );
+    let (code, out) = reflex_cli(&["check", dir.path().to_str().unwrap()], repo());
+    assert_eq!(code, 1, "{out}");
+    let d = dir.path().display();
+    for want in [
+        format!("{d}/bad-matcher.yaml:4: "),
+        format!("{d}/unknown-key.yaml:6: "),
+        format!("{d}/rhai-error.yaml:4: "),
+        format!("{d}/wrong-type.yaml:3: "),
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(&want)),
+            "missing {want:?} in:\n{out}"
+        );
+    }
+    assert!(out.contains("invalid regex"), "{out}");
+    assert!(out.contains("retries"), "{out}");
+    assert!(out.contains("Rhai"), "{out}");
+    assert!(out.contains("dry_run") || out.contains("boolean"), "{out}");
+}
+
+#[test]
+fn check_passes_on_the_example_playbooks() {
+    let (code, out) = reflex_cli(&["check", "playbooks"], repo());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("valid"), "{out}");
+}
+
+#[test]
+fn check_reports_config_errors_with_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("reflex.yaml");
+    std::fs::write(
+        &cfg,
+        "listen: 127.0.0.1:9095\nengin:\n  max_concurrent_runs: 2\n",
+    )
+    .unwrap();
+    let (code, out) = reflex_cli(
+        &["check", "--config", cfg.to_str().unwrap(), "playbooks"],
+        repo(),
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("reflex.yaml:2: "), "{out}");
+}
+
+#[test]
+fn simulate_lists_matching_playbooks_and_rendered_steps() {
+    let (code, out) = reflex_cli(
+        &["simulate", "--alert", "examples/alerts/disk-space-low.json"],
+        repo(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.matches("playbook disk-cleanup would run").count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        out.contains("Disk space low on db-1.example.internal (/var)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Disk space low on db-2.example.internal (/var)"),
+        "{out}"
+    );
+
+    let (code, out) = reflex_cli(
+        &[
+            "simulate",
+            "--json",
+            "--alert",
+            "tests/fixtures/alertmanager-highcpu.json",
+        ],
+        repo(),
+    );
+    assert_eq!(code, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report[0]["matches"],
+        serde_json::json!([]),
+        "no example playbook for HighCPUUsage"
+    );
+}
+
+#[test]
+fn simulate_has_no_side_effects() {
+    let dir = tempfile::tempdir().unwrap();
+    let alert = repo().join("examples/alerts/generic-disk.json");
+    let playbooks = repo().join("playbooks");
+    let (code, out) = reflex_cli(
+        &[
+            "simulate",
+            "--alert",
+            alert.to_str().unwrap(),
+            "--playbooks",
+            playbooks.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("web-3.example.internal"), "{out}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "simulate wrote files"
+    );
+}

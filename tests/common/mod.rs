@@ -1,0 +1,341 @@
+//! Test harness: `TestApp` runs the real `reflex` binary on loopback with its own temp dir
+//! (config, playbooks, SQLite data), and drives it over HTTP.
+
+#![allow(dead_code, unreachable_pub)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// The fixtures directory (real Alertmanager payloads).
+pub fn fixture(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The `reflex` binary built for this test run.
+pub fn reflex_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_reflex")
+}
+
+/// A free loopback port (bound, then released for the daemon to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Builder for [`TestApp`].
+#[derive(Default)]
+pub struct TestAppBuilder {
+    playbooks: Vec<(String, String)>,
+    config: String,
+    args: Vec<String>,
+}
+
+impl TestAppBuilder {
+    /// Adds a playbook file.
+    pub fn playbook(mut self, file: &str, yaml: &str) -> Self {
+        self.playbooks.push((file.to_string(), yaml.to_string()));
+        self
+    }
+
+    /// Adds the repository's example playbooks.
+    pub fn example_playbooks(mut self) -> Self {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("playbooks");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            self.playbooks
+                .push((name, std::fs::read_to_string(&path).unwrap()));
+        }
+        self
+    }
+
+    /// Extra config YAML (appended to listen/playbooks_dir/data_dir).
+    pub fn config(mut self, yaml: &str) -> Self {
+        self.config.push_str(yaml);
+        self
+    }
+
+    /// Extra command-line arguments for `reflex serve`.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_string());
+        self
+    }
+
+    /// Writes the files and starts the daemon; returns once `/readyz` answers.
+    pub async fn start(self) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let pb_dir = dir.path().join("playbooks");
+        std::fs::create_dir_all(&pb_dir).unwrap();
+        for (name, yaml) in &self.playbooks {
+            std::fs::write(pb_dir.join(name), yaml).unwrap();
+        }
+        let port = free_port();
+        let config = format!(
+            "listen: 127.0.0.1:{port}\nplaybooks_dir: {}\ndata_dir: {}\n{}",
+            pb_dir.display(),
+            dir.path().join("data").display(),
+            self.config
+        );
+        let config_path = dir.path().join("reflex.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut app = TestApp {
+            base: format!("http://127.0.0.1:{port}"),
+            dir,
+            config_path,
+            args: self.args,
+            child: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        };
+        app.spawn().await;
+        app
+    }
+}
+
+/// A running `reflex serve`.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    /// Temp dir holding config, playbooks and data.
+    pub dir: TempDir,
+    config_path: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl TestApp {
+    /// A builder.
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder::default()
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("reflex.log"))
+            .unwrap();
+        let child = Command::new(reflex_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn reflex");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = self.http.get(format!("{}/readyz", self.base)).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("reflex exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reflex not ready in 20s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("reflex.log")).unwrap_or_default()
+    }
+
+    /// The playbooks directory.
+    pub fn playbooks_dir(&self) -> PathBuf {
+        self.dir.path().join("playbooks")
+    }
+
+    /// The SQLite file.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("data/reflex.db")
+    }
+
+    /// Opens the real SQLite file read-only.
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap()
+    }
+
+    /// `SELECT count(*) FROM table`.
+    pub fn count(&self, table: &str) -> i64 {
+        self.db()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.success();
+            }
+            assert!(Instant::now() < deadline, "reflex did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the daemon again on the same config and data.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn().await;
+    }
+
+    /// POSTs a raw body.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POSTs a body over a fresh connection (for bodies the server may refuse before reading:
+    /// it answers and closes, so a pooled connection must not be reused for it).
+    pub async fn post_fresh(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        let r = client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POSTs an Alertmanager payload.
+    pub async fn post_alertmanager(&self, body: &str) -> (u16, Value) {
+        self.post_raw("/api/v1/webhooks/alertmanager", body.to_string())
+            .await
+    }
+
+    /// GET, returning status and JSON.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// All runs (first page of 500), newest first.
+    pub async fn runs(&self) -> Vec<Value> {
+        let (status, body) = self.get("/api/v1/runs?limit=500").await;
+        assert_eq!(status, 200, "{body}");
+        body["runs"].as_array().unwrap().clone()
+    }
+
+    /// One run with its steps.
+    pub async fn run(&self, id: i64) -> Value {
+        let (status, body) = self.get(&format!("/api/v1/runs/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls `f` until it returns `Some`, for at most `secs` seconds.
+    pub async fn wait_for<T, F, Fut>(&self, secs: u64, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\nlog:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until run `id` is in `state`.
+    pub async fn wait_run_state(&self, id: i64, state: &str) -> Value {
+        self.wait_for(20, &format!("run {id} to be {state}"), || async {
+            let run = self.run(id).await;
+            (run["state"] == state).then_some(run)
+        })
+        .await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `reflex ARGS…` to completion; returns (exit code, stdout).
+pub fn reflex_cli(args: &[&str], cwd: &Path) -> (i32, String) {
+    let out = Command::new(reflex_bin())
+        .args(args)
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// A generic alert body.
+pub fn generic_alert(alertname: &str, instance: &str, starts_at: &str) -> String {
+    serde_json::json!({
+        "labels": {"alertname": alertname, "instance": instance, "severity": "warning", "mountpoint": "/", "fstype": "ext4"},
+        "annotations": {"description": format!("{alertname} on {instance}")},
+        "startsAt": starts_at,
+    })
+    .to_string()
+}

@@ -1,0 +1,225 @@
+//! Intake through the real binary: Alertmanager and generic webhooks become recorded runs,
+//! re-deliveries never start a second run, and bad input changes nothing.
+
+mod common;
+
+use common::{TestApp, fixture, generic_alert};
+use serde_json::Value;
+
+#[tokio::test]
+async fn fixture_webhook_yields_one_run_per_alert_with_rendered_steps() {
+    let app = TestApp::builder().example_playbooks().start().await;
+    let (status, body) = app
+        .post_alertmanager(&fixture("alertmanager-disk.json"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["alerts"], 2);
+
+    let runs = app.runs().await;
+    assert_eq!(runs.len(), 2, "one run per alert: {runs:#?}");
+    let mut hosts = Vec::new();
+    for run in &runs {
+        assert_eq!(run["playbook"], "disk-cleanup");
+        let run = app
+            .wait_run_state(run["id"].as_i64().unwrap(), "succeeded")
+            .await;
+        let steps = run["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 2);
+        assert!(
+            steps.iter().all(|s| s["state"] == "succeeded"),
+            "{steps:#?}"
+        );
+        let message = steps[0]["args"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("Disk space low on db-"),
+            "rendered: {message}"
+        );
+        assert!(!message.contains("{{"), "rendered: {message}");
+        hosts.push(run["params"]["host"].as_str().unwrap().to_string());
+    }
+    hosts.sort();
+    assert_eq!(hosts, ["db-1.example.internal", "db-2.example.internal"]);
+}
+
+#[tokio::test]
+async fn five_deliveries_of_one_payload_start_one_run_per_alert() {
+    let app = TestApp::builder().example_playbooks().start().await;
+    let payload = fixture("alertmanager-disk.json");
+    for i in 0..5 {
+        let (status, body) = app.post_alertmanager(&payload).await;
+        assert_eq!(status, 200, "{body}");
+        let want = if i == 0 { "created" } else { "deduplicated" };
+        assert_eq!(
+            body["outcomes"][0][0]["outcome"], want,
+            "delivery {i}: {body}"
+        );
+    }
+    assert_eq!(app.runs().await.len(), 2);
+    assert_eq!(app.count("runs"), 2);
+    assert_eq!(app.count("alerts"), 10, "every delivery is on the record");
+}
+
+#[tokio::test]
+async fn resolved_alert_starts_nothing_unless_the_playbook_asks_for_it() {
+    const ON_RESOLVE: &str = r#"
+name: on-resolve
+matchers: ['alertname="DiskSpaceLow"']
+statuses: [resolved]
+steps:
+  - action: log
+    with: { message: "{{ labels.instance }} recovered" }
+"#;
+    let app = TestApp::builder()
+        .example_playbooks()
+        .playbook("on-resolve.yaml", ON_RESOLVE)
+        .start()
+        .await;
+    let (status, body) = app
+        .post_alertmanager(&fixture("alertmanager-disk-resolved.json"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let runs = app.runs().await;
+    let resolved: Vec<&Value> = runs
+        .iter()
+        .filter(|r| r["alert"]["status"] == "resolved")
+        .collect();
+    assert_eq!(resolved.len(), 1, "{runs:#?}");
+    assert_eq!(
+        resolved[0]["playbook"], "on-resolve",
+        "disk-cleanup must not act on a resolved alert"
+    );
+    let firing: Vec<&Value> = runs
+        .iter()
+        .filter(|r| r["alert"]["status"] == "firing")
+        .collect();
+    assert!(firing.iter().all(|r| r["playbook"] == "disk-cleanup"));
+}
+
+#[tokio::test]
+async fn bad_bodies_get_4xx_with_a_message_and_change_nothing() {
+    let app = TestApp::builder()
+        .example_playbooks()
+        .config("intake:\n  max_body_bytes: 1048576\n")
+        .start()
+        .await;
+    let wrong_shape = r#"{"version": "4", "groupKey": "g", "status": "firing", "receiver": "r", "alerts": [{"labels": "oops"}]}"#;
+    let big = vec![b' '; 5 * 1024 * 1024];
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "/api/v1/webhooks/alertmanager",
+            b"{\"alerts\": [".to_vec(),
+            400,
+        ),
+        ("/api/v1/webhooks/alertmanager", wrong_shape.into(), 400),
+        ("/api/v1/webhooks/alertmanager", big.clone(), 413),
+        ("/api/v1/webhooks/generic", b"[1, 2]".to_vec(), 400),
+        ("/api/v1/webhooks/generic", big, 413),
+    ];
+    for (path, body, want) in cases {
+        let (status, body) = app.post_fresh(path, body).await;
+        assert_eq!(status, want, "{path}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{path}: no message in {body}");
+    }
+    assert_eq!(app.count("alerts"), 0);
+    assert_eq!(app.count("runs"), 0);
+    // Still serving, and still taking good alerts.
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, 200);
+    let (status, body) = app
+        .post_alertmanager(&fixture("alertmanager-disk.json"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn wrong_shape_message_names_the_field() {
+    let app = TestApp::builder().start().await;
+    let wrong = fixture("alertmanager-disk.json")
+        .replace("\"truncatedAlerts\": 0", "\"truncatedAlerts\": \"zero\"");
+    let (status, body) = app.post_alertmanager(&wrong).await;
+    assert_eq!(status, 400);
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("truncatedAlerts"), "{message}");
+}
+
+#[tokio::test]
+async fn generic_webhook_takes_one_alert_or_a_list() {
+    let app = TestApp::builder().example_playbooks().start().await;
+    let one = generic_alert("DiskSpaceLow", "web-3:9100", "2026-11-22T09:00:00Z");
+    let (status, body) = app.post_raw("/api/v1/webhooks/generic", one).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outcomes"][0][0]["outcome"], "created");
+    let list = format!(
+        "[{}, {}]",
+        generic_alert("DiskSpaceLow", "web-4:9100", "2026-11-22T09:00:00Z"),
+        generic_alert("SomethingElse", "web-4:9100", "2026-11-22T09:00:00Z")
+    );
+    let (status, body) = app.post_raw("/api/v1/webhooks/generic", list).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["alerts"], 2);
+    assert_eq!(
+        body["outcomes"][1],
+        serde_json::json!([]),
+        "no playbook for SomethingElse"
+    );
+    assert_eq!(app.runs().await.len(), 2);
+}
+
+#[tokio::test]
+async fn cooldown_suppresses_a_new_occurrence_and_records_why() {
+    let app = TestApp::builder().example_playbooks().start().await;
+    let first = generic_alert("DiskSpaceLow", "web-5:9100", "2026-11-22T09:00:00Z");
+    let again = generic_alert("DiskSpaceLow", "web-5:9100", "2026-11-22T09:10:00Z");
+    let (_, body) = app.post_raw("/api/v1/webhooks/generic", first).await;
+    assert_eq!(body["outcomes"][0][0]["outcome"], "created", "{body}");
+    let (_, body) = app.post_raw("/api/v1/webhooks/generic", again).await;
+    assert_eq!(body["outcomes"][0][0]["outcome"], "suppressed", "{body}");
+    let run_id = body["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let run = app.run(run_id).await;
+    assert_eq!(run["state"], "suppressed");
+    assert!(
+        run["reason"].as_str().unwrap().starts_with("cooldown"),
+        "{run}"
+    );
+    assert_eq!(
+        run["steps"],
+        serde_json::json!([]),
+        "a suppressed run has nothing to do"
+    );
+}
+
+#[tokio::test]
+async fn runs_list_filters_and_pages() {
+    let app = TestApp::builder().example_playbooks().start().await;
+    for i in 0..5 {
+        let body = generic_alert(
+            "DiskSpaceLow",
+            &format!("h{i}:9100"),
+            "2026-11-22T09:00:00Z",
+        );
+        app.post_raw("/api/v1/webhooks/generic", body).await;
+    }
+    let (_, page) = app.get("/api/v1/runs?limit=2").await;
+    assert_eq!(page["runs"].as_array().unwrap().len(), 2);
+    let next = page["next_before"].as_i64().unwrap();
+    let (_, page2) = app
+        .get(&format!("/api/v1/runs?limit=2&before={next}"))
+        .await;
+    let ids: Vec<i64> = page2["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert!(ids.iter().all(|&id| id < next), "{ids:?}");
+    let (_, none) = app.get("/api/v1/runs?playbook=nope").await;
+    assert_eq!(none["runs"], serde_json::json!([]));
+    let (status, body) = app.get("/api/v1/runs?state=bogus").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = app.get("/api/v1/runs/999").await;
+    assert_eq!(status, 404);
+    let (status, body) = app.get("/api/v1/playbooks").await;
+    assert_eq!(status, 200);
+    assert_eq!(body[0]["name"], "disk-cleanup");
+}
