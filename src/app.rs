@@ -35,7 +35,7 @@ pub async fn run(
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
     let playbooks = load_playbooks(&cfg)?;
     tracing::info!(count = playbooks.playbooks.len(), dir = %cfg.playbooks_dir.display(), "playbooks loaded");
-    let executors = Executors::builtin(playbooks.sandbox.clone());
+    let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
     let token = CancellationToken::new();
     let engine = Engine::new(
         store.clone(),

@@ -20,15 +20,17 @@ async fn fixture_webhook_yields_one_run_per_alert_with_rendered_steps() {
     let mut hosts = Vec::new();
     for run in &runs {
         assert_eq!(run["playbook"], "disk-cleanup");
+        // No SSH inventory in this config: the cleanup step is refused, not attempted.
         let run = app
-            .wait_run_state(run["id"].as_i64().unwrap(), "succeeded")
+            .wait_run_state(run["id"].as_i64().unwrap(), "failed")
             .await;
         let steps = run["steps"].as_array().unwrap();
         assert_eq!(steps.len(), 2);
-        assert!(
-            steps.iter().all(|s| s["state"] == "succeeded"),
-            "{steps:#?}"
-        );
+        assert_eq!(steps[0]["state"], "succeeded");
+        assert_eq!(steps[1]["state"], "failed");
+        let error = steps[1]["error"].as_str().unwrap();
+        assert!(error.contains("not in the SSH inventory"), "{error}");
+        assert_eq!(steps[1]["args"]["path"], "/var");
         let message = steps[0]["args"]["message"].as_str().unwrap();
         assert!(
             message.starts_with("Disk space low on db-"),

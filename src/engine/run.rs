@@ -8,6 +8,9 @@ use serde_json::json;
 use std::time::Duration;
 use tracing::Instrument;
 
+/// How long past its timeout an executor may take to report before the engine gives up on it.
+const EXECUTOR_GRACE: Duration = Duration::from_secs(15);
+
 /// Why a run stopped early.
 struct Stop {
     state: RunState,
@@ -66,7 +69,13 @@ impl Engine {
                     error: format!("the daemon shut down before step {:?}", step.name),
                 });
             }
+            let timeout = step
+                .timeout_ms
+                .map_or(self.config.default_step_timeout, |ms| {
+                    Duration::from_millis(ms as u64)
+                });
             let ctx = StepContext {
+                timeout,
                 run_id: run.id,
                 playbook: run.playbook.clone(),
                 step: step.name.clone(),
@@ -100,16 +109,15 @@ impl Engine {
                     .validate(&ctx)
                     .map(|()| json!({ "would_run": { "action": step.action, "args": step.args } }))
             } else {
-                let timeout = step
-                    .timeout_ms
-                    .map_or(self.config.default_step_timeout, |ms| {
-                        Duration::from_millis(ms as u64)
-                    });
-                match tokio::time::timeout(timeout, executor.execute(&ctx)).await {
+                // Executors enforce the step timeout themselves (remote ones on the remote side,
+                // to kill what they started); this outer bound is only the backstop.
+                match tokio::time::timeout(ctx.timeout + EXECUTOR_GRACE, executor.execute(&ctx))
+                    .await
+                {
                     Ok(r) => r,
                     Err(_) => Err(ExecError::Failed(format!(
-                        "timed out after {}",
-                        humantime::format_duration(timeout)
+                        "timed out after {}; the executor did not stop by itself",
+                        humantime::format_duration(ctx.timeout)
                     ))),
                 }
             };

@@ -4,10 +4,12 @@
 
 mod log;
 mod script;
+pub mod ssh;
 mod wait;
 
 pub use log::LogExecutor;
 pub use script::ScriptExecutor;
+pub use ssh::{DiskCleanupExecutor, SshExecutor, SshRunExecutor};
 pub use wait::WaitExecutor;
 
 use crate::alert::Alert;
@@ -56,6 +58,8 @@ pub struct StepContext {
     pub alert: Alert,
     /// The run's rendered parameters.
     pub params: Value,
+    /// The step's timeout: executors that act remotely enforce it on the remote side too.
+    pub timeout: std::time::Duration,
 }
 
 impl StepContext {
@@ -87,6 +91,20 @@ impl Executors {
         e.insert("log", Arc::new(LogExecutor));
         e.insert("wait", Arc::new(WaitExecutor));
         e.insert("script", Arc::new(ScriptExecutor::new(sandbox)));
+        e
+    }
+
+    /// Every executor, configured from the daemon config.
+    pub fn from_config(cfg: &crate::config::Config, sandbox: Arc<Sandbox>) -> Self {
+        let mut e = Self::builtin(sandbox);
+        let control_dir = cfg
+            .ssh
+            .control_dir
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join("ssh"));
+        let ssh = Arc::new(SshExecutor::new(cfg.ssh.clone(), control_dir));
+        e.insert("ssh.run", Arc::new(SshRunExecutor(ssh.clone())));
+        e.insert("disk_cleanup", Arc::new(DiskCleanupExecutor(ssh)));
         e
     }
 

@@ -20,6 +20,14 @@ impl Executor for WaitExecutor {
 
     async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError> {
         let d = duration(ctx)?;
+        if d > ctx.timeout {
+            tokio::time::sleep(ctx.timeout).await;
+            return Err(ExecError::Failed(format!(
+                "timed out after {} (waiting {})",
+                humantime::format_duration(ctx.timeout),
+                humantime::format_duration(d)
+            )));
+        }
         tokio::time::sleep(d).await;
         Ok(json!({ "waited_ms": d.as_millis() as u64 }))
     }

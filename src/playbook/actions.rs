@@ -16,6 +16,10 @@ pub enum Action {
     Script,
     /// Wait for a duration.
     Wait,
+    /// Run a command on an inventory host over SSH.
+    SshRun,
+    /// Measure a filesystem, run cleanup commands, measure again, report the space reclaimed.
+    DiskCleanup,
 }
 
 /// How a top-level argument is treated at load.
@@ -29,7 +33,13 @@ pub enum ArgKind {
 
 impl Action {
     /// Every action, for docs and error messages.
-    pub const ALL: &'static [Action] = &[Action::Log, Action::Script, Action::Wait];
+    pub const ALL: &'static [Action] = &[
+        Action::Log,
+        Action::Script,
+        Action::Wait,
+        Action::SshRun,
+        Action::DiskCleanup,
+    ];
 
     /// Looks an action up by its playbook name.
     pub fn parse(name: &str) -> Option<Action> {
@@ -42,6 +52,8 @@ impl Action {
             Action::Log => "log",
             Action::Script => "script",
             Action::Wait => "wait",
+            Action::SshRun => "ssh.run",
+            Action::DiskCleanup => "disk_cleanup",
         }
     }
 
@@ -49,6 +61,10 @@ impl Action {
     pub fn arg_kind(self, arg: &str) -> ArgKind {
         match (self, arg) {
             (Action::Script, "script") => ArgKind::Verbatim,
+            // Commands run by a remote shell: every value from the alert becomes one quoted word.
+            (Action::SshRun, "command") | (Action::DiskCleanup, "commands") => {
+                ArgKind::Template(Quoting::Shell)
+            }
             _ => ArgKind::Template(Quoting::Plain),
         }
     }
@@ -57,6 +73,16 @@ impl Action {
     pub fn check(self, args: &serde_json::Value) -> Result<(), String> {
         match self {
             Action::Log => parse::<LogArgs>(args).map(drop),
+            Action::SshRun => parse::<SshRunArgs>(args).map(drop),
+            Action::DiskCleanup => {
+                let a = parse::<DiskCleanupArgs>(args)?;
+                match a.target_percent {
+                    Some(p) if !(0.0..=100.0).contains(&p) => {
+                        Err("`target_percent`: must be between 0 and 100".into())
+                    }
+                    _ => Ok(()),
+                }
+            }
             Action::Script => parse::<ScriptArgs>(args).map(drop),
             Action::Wait => {
                 let w = parse::<WaitArgs>(args)?;
@@ -103,4 +129,35 @@ pub struct ScriptArgs {
 pub struct WaitArgs {
     /// How long, e.g. `30s`.
     pub duration: String,
+}
+
+/// `ssh.run`: run a command on an inventory host.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SshRunArgs {
+    /// Inventory host name or alias (templated; must be in the inventory).
+    pub host: String,
+    /// Shell command; template holes are shell-quoted.
+    pub command: String,
+    /// Exit codes that count as success (default: 0).
+    #[serde(default = "zero")]
+    pub ok_exit_codes: Vec<i32>,
+}
+
+fn zero() -> Vec<i32> {
+    vec![0]
+}
+
+/// `disk_cleanup`: free space on a host's filesystem and report what was reclaimed.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskCleanupArgs {
+    /// Inventory host name or alias.
+    pub host: String,
+    /// A path on the filesystem to measure (e.g. the alert's `mountpoint`).
+    pub path: String,
+    /// Success when usage after cleanup is below this percentage.
+    pub target_percent: Option<f64>,
+    /// Cleanup commands, in order (default: `ssh.cleanup_commands`); holes are shell-quoted.
+    pub commands: Option<Vec<String>>,
 }

@@ -2,6 +2,13 @@
 //! (config, playbooks, SQLite data), and drives it over HTTP.
 
 #![allow(dead_code, unreachable_pub)]
+// Each test binary uses part of this harness.
+
+pub mod sshd;
+
+mod fs;
+#[allow(unused_imports)]
+pub use fs::TestFs;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -194,18 +201,22 @@ impl TestApp {
         child.wait().unwrap();
     }
 
-    /// SIGTERM and wait for exit; returns whether it exited successfully.
+    /// SIGTERM and wait for exit (SIGKILL after 30 s); returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
         let mut child = self.child.take().expect("running");
         let pid = child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Ok(Some(status)) = child.try_wait() {
                 return status.success();
             }
-            assert!(Instant::now() < deadline, "reflex did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -311,9 +322,9 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        // Gracefully first, so the daemon closes its SSH masters; then for sure.
+        if self.child.is_some() && !self.terminate() {
+            eprintln!("reflex exited uncleanly on SIGTERM:\n{}", self.log());
         }
     }
 }

@@ -1,0 +1,458 @@
+//! `ssh.run` and `disk_cleanup`: commands on inventory hosts over the system `ssh` client.
+//!
+//! One master connection per host (OpenSSH multiplexing via the `openssh` crate), opened on
+//! first use, shared by concurrent steps (at most `max_sessions_per_host` at once, below
+//! sshd's `MaxSessions`), closed by ssh itself after `idle_timeout`, and opened again when a
+//! liveness check finds it gone. Host keys are verified, strictly by default.
+//!
+//! Every remote command runs as `timeout -k 5 SECS sh -c '<command>'`: the remote side kills
+//! the whole process group at the step's timeout, so nothing is left running when a step gives
+//! up (closing an SSH channel alone does not stop a remote process that has no terminal).
+
+use super::{ExecError, Executor, StepContext};
+use crate::config::{HostKeyChecking, SshConfig, SshHost};
+use crate::playbook::actions::{DiskCleanupArgs, SshRunArgs};
+use crate::playbook::template::shell_quote;
+use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::Semaphore;
+
+/// Grace after the remote `timeout` for its kill to land and ssh to report it.
+const KILL_AFTER_SECS: u64 = 5;
+
+/// The result of one remote command.
+#[derive(Debug, Clone, Serialize)]
+pub struct CommandOutput {
+    /// The command as the remote shell received it (after quoting).
+    pub command: String,
+    /// Exit code (`None` when ssh itself was killed).
+    pub exit_code: Option<i32>,
+    /// Stdout, at most `output_limit_bytes`, then a truncation marker.
+    pub stdout: String,
+    /// Stderr, likewise.
+    pub stderr: String,
+    /// Whether the command hit the step timeout (and was killed).
+    pub timed_out: bool,
+}
+
+struct HostSlot {
+    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    sessions: Semaphore,
+}
+
+/// The SSH executor; one per daemon, holding the connection pool.
+pub struct SshExecutor {
+    cfg: SshConfig,
+    control_dir: PathBuf,
+    slots: Mutex<HashMap<String, Arc<HostSlot>>>,
+    connects: AtomicU64,
+}
+
+impl SshExecutor {
+    /// `control_dir` holds the masters' sockets; it is created if missing.
+    pub fn new(cfg: SshConfig, control_dir: PathBuf) -> Self {
+        SshExecutor {
+            cfg,
+            control_dir,
+            slots: Mutex::new(HashMap::new()),
+            connects: AtomicU64::new(0),
+        }
+    }
+
+    /// Master connections opened so far (for tests and metrics).
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    /// Resolves a step's target to an inventory host, by name or alias. Anything else is
+    /// refused: an alert cannot point Reflex at an address of its choosing.
+    pub fn resolve(&self, target: &str) -> Result<(&str, &SshHost), ExecError> {
+        self.cfg
+            .hosts
+            .iter()
+            .find(|(name, h)| *name == target || h.aliases.iter().any(|a| a == target))
+            .map(|(n, h)| (n.as_str(), h))
+            .ok_or_else(|| {
+                ExecError::Refused(format!(
+                    "host {target:?} is not in the SSH inventory (ssh.hosts)"
+                ))
+            })
+    }
+
+    fn slot(&self, name: &str) -> Arc<HostSlot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(HostSlot {
+                    session: tokio::sync::Mutex::new(None),
+                    sessions: Semaphore::new(self.cfg.max_sessions_per_host),
+                })
+            })
+            .clone()
+    }
+
+    /// The live master for a host, opening one if there is none or it died.
+    async fn session(
+        &self,
+        name: &str,
+        host: &SshHost,
+        slot: &HostSlot,
+    ) -> Result<Arc<Session>, ExecError> {
+        // One connect at a time per host: concurrent first steps share the one master.
+        let mut guard = slot.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            if s.check().await.is_ok() {
+                return Ok(s.clone());
+            }
+            tracing::info!(host = name, "ssh master connection gone; reconnecting");
+        }
+        let session = Arc::new(self.connect(name, host).await?);
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        *guard = Some(session.clone());
+        Ok(session)
+    }
+
+    async fn connect(&self, name: &str, host: &SshHost) -> Result<Session, ExecError> {
+        std::fs::create_dir_all(&self.control_dir).map_err(|e| {
+            ExecError::Failed(format!(
+                "ssh control dir {}: {e}",
+                self.control_dir.display()
+            ))
+        })?;
+        let mut b = SessionBuilder::default();
+        let checking = host.host_key_checking.unwrap_or(self.cfg.host_key_checking);
+        b.known_hosts_check(match checking {
+            HostKeyChecking::Strict => KnownHosts::Strict,
+            HostKeyChecking::AcceptNew => KnownHosts::Add,
+        })
+        .port(host.port.unwrap_or(self.cfg.port))
+        .connect_timeout(self.cfg.connect_timeout)
+        .server_alive_interval(Duration::from_secs(15))
+        .control_directory(&self.control_dir)
+        .control_persist(ControlPersist::IdleFor(
+            NonZeroUsize::new(self.cfg.idle_timeout.as_secs() as usize)
+                .unwrap_or(NonZeroUsize::MIN),
+        ));
+        if let Some(user) = host.user.as_ref().or(self.cfg.user.as_ref()) {
+            b.user(user.clone());
+        }
+        if let Some(key) = host
+            .identity_file
+            .as_ref()
+            .or(self.cfg.identity_file.as_ref())
+        {
+            b.keyfile(key);
+        }
+        if let Some(kh) = host
+            .known_hosts_file
+            .as_ref()
+            .or(self.cfg.known_hosts_file.as_ref())
+        {
+            b.user_known_hosts_file(kh);
+        }
+        if let Some(cfg) = &self.cfg.config_file {
+            b.config_file(cfg);
+        }
+        if let Some(jump) = &host.jump_host {
+            b.jump_hosts([jump]);
+        }
+        let address = host.address.as_deref().unwrap_or(name);
+        b.connect(address).await.map_err(|e| {
+            let text = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+            if text.contains("Host key verification failed") || text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+                ExecError::Refused(format!(
+                    "ssh to {name} ({address}): host key verification failed: the host's key is unknown or changed (known_hosts checking is {checking:?})"
+                ))
+            } else {
+                ExecError::Failed(format!("ssh to {name} ({address}): cannot connect: {text}"))
+            }
+        })
+    }
+
+    /// Runs one shell command on a host, bounded by `timeout` remotely and locally.
+    pub async fn run(
+        &self,
+        target: &str,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<CommandOutput, ExecError> {
+        let (name, host) = self.resolve(target)?;
+        let slot = self.slot(name);
+        let _permit = slot
+            .sessions
+            .acquire()
+            .await
+            .expect("semaphore is never closed");
+        let session = self.session(name, host, &slot).await?;
+        let secs = timeout.as_secs().max(1);
+        let remote = format!(
+            "timeout -k {KILL_AFTER_SECS} {secs} sh -c {}",
+            shell_quote(command).map_err(ExecError::InvalidArgs)?
+        );
+        let mut child = session
+            .raw_command(&remote)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| {
+                ExecError::Failed(format!("ssh to {name}: cannot start the command: {e}"))
+            })?;
+        let limit = self.cfg.output_limit_bytes;
+        let (stdout, stderr) = (child.stdout().take(), child.stderr().take());
+        let work = async move {
+            let (out, err) = tokio::join!(read_capped(stdout, limit), read_capped(stderr, limit));
+            let status = child.wait().await;
+            (out, err, status)
+        };
+        let local_bound = Duration::from_secs(secs + KILL_AFTER_SECS + 5);
+        let (out, err, status) = tokio::time::timeout(local_bound, work).await.map_err(|_| {
+            ExecError::Failed(format!(
+                "ssh to {name}: no answer {}s after the command's timeout",
+                KILL_AFTER_SECS + 5
+            ))
+        })?;
+        let status = status.map_err(|e| ExecError::Failed(format!("ssh to {name}: {e}")))?;
+        let exit_code = status.code();
+        Ok(CommandOutput {
+            command: command.to_string(),
+            exit_code,
+            stdout: out,
+            stderr: err,
+            // GNU timeout exits 124 on TERM, 137 when it had to KILL.
+            timed_out: matches!(exit_code, Some(124 | 137)),
+        })
+    }
+}
+
+async fn read_capped(r: Option<impl AsyncRead + Unpin>, limit: usize) -> String {
+    let Some(mut r) = r else { return String::new() };
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    let mut chunk = vec![0u8; 16 * 1024];
+    while let Ok(n) = r.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        total += n;
+        let room = limit.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..n.min(room)]);
+    }
+    let mut text = String::from_utf8_lossy(&kept).into_owned();
+    if total > kept.len() {
+        text.push_str(&format!(
+            "\n[output truncated: {} of {total} bytes kept]",
+            kept.len()
+        ));
+    }
+    text
+}
+
+/// `ssh.run` executor.
+pub struct SshRunExecutor(pub Arc<SshExecutor>);
+
+#[async_trait::async_trait]
+impl Executor for SshRunExecutor {
+    fn validate(&self, ctx: &StepContext) -> Result<(), ExecError> {
+        let args: SshRunArgs = ctx.args()?;
+        self.0.resolve(&args.host).map(drop)
+    }
+
+    async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError> {
+        let args: SshRunArgs = ctx.args()?;
+        let out = self.0.run(&args.host, &args.command, ctx.timeout).await?;
+        let value = serde_json::to_value(&out).unwrap_or_default();
+        if out.timed_out {
+            return Err(ExecError::Failed(format!(
+                "timed out after {}s; the remote command was killed",
+                ctx.timeout.as_secs().max(1)
+            )));
+        }
+        match out.exit_code {
+            Some(code) if args.ok_exit_codes.contains(&code) => Ok(value),
+            code => Err(ExecError::Failed(format!(
+                "exit code {}; stderr: {}",
+                code.map_or("none".into(), |c| c.to_string()),
+                out.stderr.trim()
+            ))),
+        }
+    }
+}
+
+/// Usage of one filesystem, from `df -P -B1`.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct DiskUsage {
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Used bytes.
+    pub used_bytes: u64,
+    /// Bytes available to unprivileged users.
+    pub avail_bytes: u64,
+    /// `used / (used + avail)`, as df computes its capacity.
+    pub use_percent: f64,
+}
+
+/// Parses `df -P -B1 PATH` output: the header, then one line whose last five fields are
+/// size, used, available, capacity and mount point (the device name may hold spaces).
+pub fn parse_df(text: &str) -> Result<(DiskUsage, String), String> {
+    let line = text
+        .lines()
+        .nth(1)
+        .ok_or_else(|| format!("unexpected df output: {text:?}"))?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let n = fields.len();
+    if n < 6 {
+        return Err(format!("unexpected df line: {line:?}"));
+    }
+    let num = |s: &str| {
+        s.parse::<u64>()
+            .map_err(|_| format!("unexpected df number {s:?} in {line:?}"))
+    };
+    let (size, used, avail) = (
+        num(fields[n - 5])?,
+        num(fields[n - 4])?,
+        num(fields[n - 3])?,
+    );
+    let use_percent = if used + avail == 0 {
+        0.0
+    } else {
+        100.0 * used as f64 / (used + avail) as f64
+    };
+    Ok((
+        DiskUsage {
+            size_bytes: size,
+            used_bytes: used,
+            avail_bytes: avail,
+            use_percent: (use_percent * 10.0).round() / 10.0,
+        },
+        fields[n - 1].to_string(),
+    ))
+}
+
+/// Bytes as people read them in chat: decimal units, one decimal ("5.1 GB").
+pub fn human_bytes(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes.unsigned_abs() as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    let sign = if bytes < 0 { "-" } else { "" };
+    if unit == 0 {
+        format!("{sign}{v} B")
+    } else {
+        format!("{sign}{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// `disk_cleanup` executor.
+pub struct DiskCleanupExecutor(pub Arc<SshExecutor>);
+
+impl DiskCleanupExecutor {
+    async fn df(
+        &self,
+        host: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(DiskUsage, String), ExecError> {
+        let cmd = format!(
+            "df -P -B1 -- {}",
+            shell_quote(path).map_err(ExecError::InvalidArgs)?
+        );
+        let out = self.0.run(host, &cmd, timeout).await?;
+        if out.exit_code != Some(0) {
+            return Err(ExecError::Failed(format!(
+                "df {path:?} on {host}: {}",
+                out.stderr.trim()
+            )));
+        }
+        parse_df(&out.stdout).map_err(ExecError::Failed)
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for DiskCleanupExecutor {
+    fn validate(&self, ctx: &StepContext) -> Result<(), ExecError> {
+        let args: DiskCleanupArgs = ctx.args()?;
+        self.0.resolve(&args.host).map(drop)
+    }
+
+    async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError> {
+        let args: DiskCleanupArgs = ctx.args()?;
+        let deadline = tokio::time::Instant::now() + ctx.timeout;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let (before, mountpoint) = self.df(&args.host, &args.path, left()).await?;
+        let commands = args
+            .commands
+            .unwrap_or_else(|| self.0.cfg.cleanup_commands.clone());
+        let mut ran = Vec::new();
+        for cmd in &commands {
+            if left().is_zero() {
+                break;
+            }
+            // A failing cleanup command does not stop the others: each frees what it can.
+            ran.push(self.0.run(&args.host, cmd, left()).await?);
+        }
+        let (after, _) = self
+            .df(&args.host, &args.path, left().max(Duration::from_secs(5)))
+            .await?;
+        let reclaimed = after.avail_bytes as i64 - before.avail_bytes as i64;
+        let output = json!({
+            "host": args.host,
+            "path": args.path,
+            "mountpoint": mountpoint,
+            "before": before,
+            "after": after,
+            "reclaimed_bytes": reclaimed,
+            "reclaimed": human_bytes(reclaimed),
+            "commands": ran,
+        });
+        match args.target_percent {
+            Some(target) if after.use_percent >= target => Err(ExecError::Failed(format!(
+                "{} still {:.1}% used after cleanup (target below {target}%); reclaimed {}; output: {output}",
+                mountpoint,
+                after.use_percent,
+                human_bytes(reclaimed)
+            ))),
+            _ => Ok(output),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_df_posix_output() {
+        let text = "Filesystem     1-blocks  Used Available Capacity Mounted on\n/dev/my disk   67108864  1048576 66060288       2% /var/lib\n";
+        let (u, mp) = parse_df(text).unwrap();
+        assert_eq!(
+            (u.size_bytes, u.used_bytes, u.avail_bytes),
+            (67108864, 1048576, 66060288)
+        );
+        assert_eq!(mp, "/var/lib");
+        assert_eq!(u.use_percent, 1.6);
+        assert!(parse_df("Filesystem\n").is_err());
+        assert!(parse_df("h\na b c d e f\n").is_err());
+    }
+
+    #[test]
+    fn human_bytes_reads_like_chat() {
+        assert_eq!(human_bytes(5_100_000_000), "5.1 GB");
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(1_500), "1.5 kB");
+        assert_eq!(human_bytes(-2_000_000), "-2.0 MB");
+    }
+}
