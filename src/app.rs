@@ -37,21 +37,22 @@ pub async fn run(
     tracing::info!(count = playbooks.playbooks.len(), dir = %cfg.playbooks_dir.display(), "playbooks loaded");
     let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
     let token = CancellationToken::new();
-    let engine = Engine::new(
-        store.clone(),
-        playbooks,
-        executors,
-        cfg.engine.clone(),
-        cfg.dry_run,
-        token.clone(),
-    );
+    let engine = Engine::new(store.clone(), playbooks, executors, &cfg, token.clone());
     engine.recover().await.context("recovering runs")?;
     let dispatcher = tokio::spawn(engine.clone().dispatch());
+    let sweeper = tokio::spawn(engine.clone().sweep());
 
+    let auth = api::auth::Auth::from_config(&cfg.auth).map_err(anyhow::Error::msg)?;
+    if !auth.enabled() {
+        tracing::warn!(
+            "no API tokens configured (auth.tokens): the API is open to anyone who can reach it"
+        );
+    }
     let app = api::router(AppState {
         engine,
         store: store.clone(),
         max_body_bytes: cfg.intake.max_body_bytes,
+        auth: std::sync::Arc::new(auth),
     });
     tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
     let stop = token.clone();
@@ -65,6 +66,7 @@ pub async fn run(
         .context("serving HTTP")?;
     token.cancel();
     dispatcher.await.context("engine dispatcher")?;
+    sweeper.await.context("approval sweeper")?;
     tracing::info!(db = %store.path().display(), "stopped");
     Ok(())
 }

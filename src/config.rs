@@ -27,6 +27,97 @@ pub struct Config {
     pub engine: EngineConfig,
     /// SSH executor: defaults and the host inventory (the only hosts Reflex may act on).
     pub ssh: SshConfig,
+    /// Circuit breaker: limits whose crossing engages the global kill switch.
+    pub breaker: BreakerConfig,
+    /// Maintenance windows: matching alerts are recorded as suppressed while one is open.
+    pub maintenance_windows: Vec<MaintenanceWindow>,
+    /// API authentication. With no tokens configured the API is open (a warning is logged).
+    pub auth: AuthConfig,
+}
+
+/// Circuit breaker limits, each counted over `window`. Crossing one engages the global kill
+/// switch with a reason naming the limit; only a person releases it. Zero disables a limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// The sliding window the limits count over.
+    #[serde(with = "duration_str")]
+    pub window: Duration,
+    /// Runs started in the window, all playbooks together.
+    pub max_runs: u32,
+    /// Runs started in the window by any one playbook.
+    pub max_runs_per_playbook: u32,
+    /// Runs that ended `failed` in the window.
+    pub max_failures: u32,
+    /// Distinct targets acted on in the window: a storm across many hosts is more likely a
+    /// misfiring automation than many broken hosts.
+    pub max_targets: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            window: Duration::from_secs(600),
+            max_runs: 100,
+            max_runs_per_playbook: 50,
+            max_failures: 10,
+            max_targets: 50,
+        }
+    }
+}
+
+/// A maintenance window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceWindow {
+    /// Shown in the suppression reason.
+    pub name: String,
+    /// Alertmanager-syntax matchers; all must hold (none: every alert).
+    #[serde(default)]
+    pub matchers: Vec<String>,
+    /// Start, RFC 3339.
+    pub start: String,
+    /// End, RFC 3339.
+    pub end: String,
+}
+
+/// Roles, each allowing what the ones before it allow (`webhook` only posts alerts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Posts alerts to the webhook endpoints, nothing else.
+    Webhook,
+    /// Reads runs, approvals, playbooks, the kill switch and the audit log.
+    Viewer,
+    /// Viewer, plus approve and deny.
+    Approver,
+    /// Approver, plus kill switch, cancel, reload, and posting alerts.
+    Admin,
+}
+
+/// One API token. The token itself is never in the config: give its SHA-256 (hex), or a file
+/// holding it (read and hashed at start).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who: recorded in the audit log and on approvals.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// SHA-256 of the token, hex (`printf %s "$TOKEN" | sha256sum`).
+    pub sha256: Option<String>,
+    /// A file holding the token.
+    pub file: Option<PathBuf>,
+}
+
+/// API authentication.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tokens (bearer, or basic auth with the token name as user and the token as password).
+    pub tokens: Vec<TokenConfig>,
+    /// Whether `/healthz`, `/readyz` and `/metrics` need a token too.
+    pub protect_health: bool,
 }
 
 impl Default for Config {
@@ -39,6 +130,9 @@ impl Default for Config {
             intake: IntakeConfig::default(),
             engine: EngineConfig::default(),
             ssh: SshConfig::default(),
+            breaker: BreakerConfig::default(),
+            maintenance_windows: Vec::new(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -176,6 +270,12 @@ pub struct EngineConfig {
     /// is marked `interrupted` at the next start.
     #[serde(with = "duration_str")]
     pub shutdown_grace: Duration,
+    /// Runs executing at once against one target (a host, a workload).
+    pub max_runs_per_target: u32,
+    /// Longest a run may execute (approval waits aside); a hung step cannot hold its slot
+    /// forever. Playbooks may set their own `deadline`.
+    #[serde(with = "duration_str")]
+    pub run_deadline: Duration,
 }
 
 impl Default for EngineConfig {
@@ -184,6 +284,8 @@ impl Default for EngineConfig {
             max_concurrent_runs: 32,
             default_step_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            max_runs_per_target: 1,
+            run_deadline: Duration::from_secs(3600),
         }
     }
 }
@@ -232,6 +334,37 @@ impl Config {
         }
         if self.intake.max_body_bytes < 1024 {
             return Err("intake.max_body_bytes must be at least 1024".into());
+        }
+        if self.engine.max_runs_per_target == 0 {
+            return Err("engine.max_runs_per_target must be at least 1".into());
+        }
+        for w in &self.maintenance_windows {
+            for t in [&w.start, &w.end] {
+                humantime::parse_rfc3339_weak(t)
+                    .map_err(|e| format!("maintenance window {:?}: {t:?}: {e}", w.name))?;
+            }
+            for m in &w.matchers {
+                crate::playbook::matcher::Matcher::parse(m)
+                    .map_err(|e| format!("maintenance window {:?}: {e}", w.name))?;
+            }
+        }
+        for t in &self.auth.tokens {
+            match (&t.sha256, &t.file) {
+                (Some(h), None) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+                (Some(_), None) => {
+                    return Err(format!(
+                        "auth.tokens {:?}: sha256 must be 64 hex digits",
+                        t.name
+                    ));
+                }
+                (None, Some(_)) => {}
+                _ => {
+                    return Err(format!(
+                        "auth.tokens {:?}: give exactly one of sha256 or file",
+                        t.name
+                    ));
+                }
+            }
         }
         if self.ssh.max_sessions_per_host == 0 {
             return Err("ssh.max_sessions_per_host must be at least 1".into());

@@ -1,7 +1,10 @@
 //! The HTTP API (axum): alert intake and operator control. `router(state)` builds it so that
 //! tests can drive it without a socket.
 
+mod approvals;
+pub mod auth;
 mod error;
+mod killswitch;
 mod playbooks;
 mod runs;
 mod webhooks;
@@ -11,9 +14,12 @@ pub use error::ApiError;
 use crate::engine::Engine;
 use crate::store::Store;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
 /// State shared by all handlers.
@@ -25,27 +31,88 @@ pub struct AppState {
     pub store: Store,
     /// Largest webhook body accepted (`intake.max_body_bytes`).
     pub max_body_bytes: usize,
+    /// Tokens and roles.
+    pub auth: Arc<auth::Auth>,
+}
+
+/// Parses a small JSON control body.
+pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
 }
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     // Webhooks read their bodies themselves (see `webhooks::read_body`); this bounds the rest.
     let max_body_bytes = state.max_body_bytes;
-    Router::new()
+    let layer = |f| from_fn_with_state(state.clone(), f);
+    let intake = Router::new()
         .route(
             "/api/v1/webhooks/alertmanager",
             post(webhooks::alertmanager),
         )
         .route("/api/v1/webhooks/generic", post(webhooks::generic))
+        .route_layer(from_fn_with_state(state.clone(), auth::webhook));
+    let read = Router::new()
         .route("/api/v1/runs", get(runs::list))
         .route("/api/v1/runs/{id}", get(runs::get))
-        .route("/api/v1/runs/{id}/cancel", post(runs::cancel))
+        .route("/api/v1/approvals", get(approvals::list))
+        .route("/api/v1/approvals/{id}", get(approvals::get))
+        .route("/api/v1/killswitch", get(killswitch::get))
         .route("/api/v1/playbooks", get(playbooks::list))
+        .route(
+            "/api/v1/playbooks/{name}/killswitch",
+            get(killswitch::get_playbook),
+        )
+        .route("/api/v1/audit", get(audit))
+        .route_layer(layer(auth::viewer));
+    let approve = Router::new()
+        .route("/api/v1/approvals/{id}/approve", post(approvals::approve))
+        .route("/api/v1/approvals/{id}/deny", post(approvals::deny))
+        .route_layer(from_fn_with_state(state.clone(), auth::approver));
+    let admin = Router::new()
+        .route("/api/v1/runs/{id}/cancel", post(runs::cancel))
+        .route("/api/v1/killswitch", axum::routing::put(killswitch::put))
+        .route(
+            "/api/v1/playbooks/{name}/killswitch",
+            axum::routing::put(killswitch::put_playbook),
+        )
+        .route_layer(from_fn_with_state(state.clone(), auth::admin));
+    let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route_layer(from_fn_with_state(state.clone(), auth::health));
+    Router::new()
+        .merge(intake)
+        .merge(read)
+        .merge(approve)
+        .merge(admin)
+        .merge(health)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// Query of `GET /api/v1/audit`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/audit`: newest first.
+async fn audit(
+    State(state): State<AppState>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<axum::Json<Vec<crate::store::AuditEntry>>, ApiError> {
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 1000".into(),
+        ));
+    }
+    Ok(axum::Json(state.store.audit_log(limit).await?))
 }
 
 /// Ready when the store answers.

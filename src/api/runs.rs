@@ -87,6 +87,7 @@ pub async fn get(
 /// `POST /api/v1/runs/{id}/cancel`
 pub async fn cancel(
     State(state): State<AppState>,
+    axum::Extension(who): axum::Extension<super::auth::Identity>,
     id: Result<Path<i64>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = id?;
@@ -111,7 +112,7 @@ pub async fn cancel(
     };
     state
         .store
-        .audit("anonymous", "run.cancel", target, outcome, None)
+        .audit(&who.name, "run.cancel", target, outcome, None)
         .await?;
     answer.map(Json)
 }

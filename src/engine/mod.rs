@@ -8,11 +8,14 @@
 mod run;
 
 use crate::alert::Alert;
-use crate::config::EngineConfig;
+use crate::config::{Config, EngineConfig};
 use crate::executors::Executors;
 use crate::playbook::PlaybookSet;
+use crate::playbook::matcher::Matcher;
 use crate::playbook::spec::CooldownBy;
-use crate::store::{Candidate, IntakeItem, Outcome, RunState, Store, StoreError};
+use crate::store::{
+    BreakerLimits, Candidate, Decision, IntakeItem, Outcome, RunState, Store, StoreError,
+};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -25,12 +28,25 @@ use tokio_util::task::TaskTracker;
 /// safety net only, since every intake wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
+/// How often pending approvals are checked for expiry.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A maintenance window, compiled.
+struct Window {
+    name: String,
+    matchers: Vec<Matcher>,
+    start_ms: i64,
+    end_ms: i64,
+}
+
 /// The engine: shared by the API and the dispatcher.
 pub struct Engine {
     store: Store,
     playbooks: ArcSwap<PlaybookSet>,
     executors: Executors,
     config: EngineConfig,
+    limits: BreakerLimits,
+    windows: Vec<Window>,
     dry_run: bool,
     wake: Notify,
     /// Cancellation tokens of runs in flight, by run id.
@@ -58,16 +74,43 @@ impl Engine {
         store: Store,
         playbooks: PlaybookSet,
         executors: Executors,
-        config: EngineConfig,
-        dry_run: bool,
+        cfg: &Config,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
+        let ms = |t: &str| {
+            humantime::parse_rfc3339_weak(t)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64)
+        };
+        let windows = (cfg.maintenance_windows.iter())
+            .map(|w| Window {
+                name: w.name.clone(),
+                // Validated with the config.
+                matchers: w
+                    .matchers
+                    .iter()
+                    .filter_map(|m| Matcher::parse(m).ok())
+                    .collect(),
+                start_ms: ms(&w.start),
+                end_ms: ms(&w.end),
+            })
+            .collect();
+        let b = &cfg.breaker;
         Arc::new(Engine {
             store,
             playbooks: ArcSwap::from_pointee(playbooks),
             executors,
-            config,
-            dry_run,
+            config: cfg.engine.clone(),
+            limits: BreakerLimits {
+                window_ms: b.window.as_millis() as i64,
+                max_runs: b.max_runs,
+                max_runs_per_playbook: b.max_runs_per_playbook,
+                max_failures: b.max_failures,
+                max_targets: b.max_targets,
+            },
+            windows,
+            dry_run: cfg.dry_run,
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             shutdown,
@@ -89,9 +132,21 @@ impl Engine {
     /// playbooks. When this returns `Ok`, everything is on disk.
     pub async fn intake(&self, alerts: Vec<Alert>) -> Result<Vec<Vec<Outcome>>, StoreError> {
         let set = self.playbooks();
+        let now = crate::time::now_ms();
         let items = alerts
             .into_iter()
             .map(|alert| {
+                let window = self.windows.iter().find(|w| {
+                    (w.start_ms..w.end_ms).contains(&now)
+                        && w.matchers.iter().all(|m| m.matches(&alert.labels))
+                });
+                let suppress = window.map(|w| {
+                    format!(
+                        "maintenance window {:?} until {}",
+                        w.name,
+                        crate::time::rfc3339(w.end_ms)
+                    )
+                });
                 let candidates = set
                     .evaluate(&alert)
                     .into_iter()
@@ -104,12 +159,18 @@ impl Engine {
                         },
                         dry_run: self.dry_run || m.playbook.dry_run,
                         plan: m.plan,
+                        deadline_ms: m
+                            .playbook
+                            .deadline
+                            .unwrap_or(self.config.run_deadline)
+                            .as_millis() as i64,
+                        suppress: suppress.clone(),
                     })
                     .collect();
                 IntakeItem { alert, candidates }
             })
             .collect();
-        let outcomes = self.store.record_intake(items).await?;
+        let outcomes = self.store.record_intake(items, self.limits).await?;
         if outcomes
             .iter()
             .flatten()
@@ -124,7 +185,7 @@ impl Engine {
     pub async fn cancel(&self, run_id: i64) -> Result<CancelResult, StoreError> {
         Ok(match self.store.cancel_if_pending(run_id).await? {
             None => CancelResult::NotFound,
-            Some(RunState::Pending) => CancelResult::Cancelled,
+            Some(RunState::Pending | RunState::AwaitingApproval) => CancelResult::Cancelled,
             Some(RunState::Running) => {
                 // The run may be claimed but not yet registered: leave a cancelled token
                 // that the worker picks up when it registers.
@@ -134,6 +195,45 @@ impl Engine {
             }
             Some(state) => CancelResult::AlreadyFinished(state),
         })
+    }
+
+    /// An approver's decision; an approval that completes its count puts the run back in the
+    /// queue.
+    pub async fn decide(
+        &self,
+        approval_id: i64,
+        who: String,
+        approve: bool,
+        comment: Option<String>,
+    ) -> Result<Decision, StoreError> {
+        let decision = self
+            .store
+            .decide(approval_id, who, approve, comment)
+            .await?;
+        if decision == Decision::Approved {
+            self.wake.notify_one();
+        }
+        Ok(decision)
+    }
+
+    /// Expires approvals past their time, every [`SWEEP_INTERVAL`], until shutdown. Runs once
+    /// at start too, so that approvals that expired while the daemon was down end at once.
+    pub async fn sweep(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            match self.store.expire_due().await {
+                Ok(runs) => {
+                    for run_id in runs {
+                        tracing::info!(run_id, "approval expired; run ended without acting");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot expire approvals"),
+            }
+        }
     }
 
     /// Marks runs cut off by a crash as interrupted; call once before [`Engine::dispatch`].
@@ -160,7 +260,7 @@ impl Engine {
             if self.shutdown.is_cancelled() {
                 break;
             }
-            match self.store.claim_next().await {
+            match self.store.claim_next(self.config.max_runs_per_target).await {
                 Ok(Some(run)) => {
                     let engine = self.clone();
                     self.tracker.spawn(async move {

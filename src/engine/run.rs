@@ -1,20 +1,52 @@
 //! Executes one claimed run, step by step. Every transition is written to the store before the
-//! next action; cancellation and shutdown are honoured between steps, never inside one.
+//! next action; cancellation, the kill switch, the run deadline and shutdown are honoured
+//! between steps, never inside one. A step behind an approval gate parks the run
+//! (`awaiting_approval`) and frees its worker; an approval puts it back in the queue.
 
 use super::Engine;
 use crate::executors::{ExecError, StepContext};
-use crate::store::{ClaimedRun, RunState, StepState};
-use serde_json::json;
+use crate::store::{ClaimedRun, RunState, StepRecord, StepState, StoreError};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use std::time::Duration;
 use tracing::Instrument;
 
 /// How long past its timeout an executor may take to report before the engine gives up on it.
 const EXECUTOR_GRACE: Duration = Duration::from_secs(15);
 
-/// Why a run stopped early.
-struct Stop {
-    state: RunState,
-    error: String,
+/// Why a run stopped before its last step.
+enum Stop {
+    /// It ended in this state.
+    End { state: RunState, error: String },
+    /// It waits for approval; its state is already `awaiting_approval`.
+    Parked,
+}
+
+fn end(state: RunState, error: impl Into<String>) -> Stop {
+    Stop::End {
+        state,
+        error: error.into(),
+    }
+}
+
+fn record_err(e: StoreError) -> Stop {
+    end(
+        RunState::Failed,
+        format!("cannot record step state, stopped before acting: {e}"),
+    )
+}
+
+/// Exactly what an approval covers: the target and, for each covered step, its action and
+/// rendered arguments. Its hash binds an approval to this and nothing else.
+pub(crate) fn gated_action(target: &str, steps: &[StepRecord]) -> (Value, String) {
+    let steps: Vec<Value> = steps
+        .iter()
+        .map(|s| json!({ "step": s.name, "action": s.action, "args": s.args }))
+        .collect();
+    let action = json!({ "target": target, "steps": steps });
+    // serde_json sorts object keys, so equal actions hash equally.
+    let hash = hex::encode(Sha256::digest(action.to_string().as_bytes()));
+    (action, hash)
 }
 
 impl Engine {
@@ -25,14 +57,25 @@ impl Engine {
             running.entry(run.id).or_default().clone()
         };
         async {
-            tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, "run started");
+            tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, target = %run.target, "run started");
             let (state, error) = match self.steps(&run, &token).await {
                 Ok(()) => (RunState::Succeeded, None),
-                Err(stop) => (stop.state, Some(stop.error)),
+                Err(Stop::Parked) => {
+                    tracing::info!("run waits for approval");
+                    return;
+                }
+                Err(Stop::End { state, error }) => (state, Some(error)),
             };
             match self.store.run_finished(run.id, state, error.clone()).await {
                 Ok(()) => tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished"),
                 Err(e) => tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run"),
+            }
+            if state == RunState::Failed {
+                match self.store.trip_on_failures(self.limits).await {
+                    Ok(Some(reason)) => tracing::error!(%reason, "kill switch engaged by the circuit breaker"),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "cannot check the failure limit"),
+                }
             }
         }
         .instrument(span)
@@ -43,32 +86,99 @@ impl Engine {
             .remove(&run.id);
     }
 
+    /// Between steps: may the run go on?
+    async fn may_continue(
+        &self,
+        run: &ClaimedRun,
+        step: &StepRecord,
+        token: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), Stop> {
+        if token.is_cancelled() {
+            return Err(end(
+                RunState::Cancelled,
+                format!("cancelled by an operator before step {:?}", step.name),
+            ));
+        }
+        if self.shutdown.is_cancelled() {
+            return Err(end(
+                RunState::Interrupted,
+                format!("the daemon shut down before step {:?}", step.name),
+            ));
+        }
+        if let Some(reason) = self
+            .store
+            .kill_reason(&run.playbook)
+            .await
+            .map_err(record_err)?
+        {
+            return Err(end(
+                RunState::Killed,
+                format!("stopped before step {:?}: {reason}", step.name),
+            ));
+        }
+        if let Some(deadline) = run.deadline_ms
+            && crate::time::now_ms() > run.started_ms + deadline
+        {
+            let d = humantime::format_duration(Duration::from_millis(deadline as u64));
+            return Err(end(
+                RunState::Failed,
+                format!("run deadline of {d} passed before step {:?}", step.name),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An approval gate: passes only with an approval of exactly this action.
+    async fn gate(&self, run: &ClaimedRun, i: usize) -> Result<(), Stop> {
+        let step = &run.steps[i];
+        let Some(gate) = &step.approval else {
+            return Ok(());
+        };
+        let covered = if gate.scope == "run" {
+            &run.steps[i..]
+        } else {
+            &run.steps[i..=i]
+        };
+        let (action, hash) = gated_action(&run.target, covered);
+        match self
+            .store
+            .approval_of(run.id, step.idx)
+            .await
+            .map_err(record_err)?
+        {
+            None if run.dry_run => Ok(()),
+            None => {
+                let id = self
+                    .store
+                    .park_for_approval(run.id, step.idx, gate.clone(), action, hash)
+                    .await
+                    .map_err(record_err)?;
+                tracing::info!(approval_id = id, step = %step.name, "approval requested");
+                Err(Stop::Parked)
+            }
+            Some((_, state, approved)) if state == "approved" && approved == hash => Ok(()),
+            Some((id, state, _)) if state == "approved" => Err(end(
+                RunState::Failed,
+                format!(
+                    "approval {id} no longer applies: what step {:?} would do changed after it was approved",
+                    step.name
+                ),
+            )),
+            Some((id, state, _)) => Err(end(RunState::Failed, format!("approval {id} is {state}"))),
+        }
+    }
+
     async fn steps(
         &self,
         run: &ClaimedRun,
         token: &tokio_util::sync::CancellationToken,
     ) -> Result<(), Stop> {
-        let record_err = |e: crate::store::StoreError| Stop {
-            state: RunState::Failed,
-            error: format!("cannot record step state, stopped before acting: {e}"),
-        };
-        for step in run
-            .steps
-            .iter()
-            .filter(|s| s.state == StepState::Pending.as_str())
-        {
-            if token.is_cancelled() {
-                return Err(Stop {
-                    state: RunState::Cancelled,
-                    error: format!("cancelled by an operator before step {:?}", step.name),
-                });
+        for (i, step) in run.steps.iter().enumerate() {
+            if step.state != StepState::Pending.as_str() {
+                continue;
             }
-            if self.shutdown.is_cancelled() {
-                return Err(Stop {
-                    state: RunState::Interrupted,
-                    error: format!("the daemon shut down before step {:?}", step.name),
-                });
-            }
+            self.may_continue(run, step, token).await?;
+            self.gate(run, i).await?;
             let timeout = step
                 .timeout_ms
                 .map_or(self.config.default_step_timeout, |ms| {
@@ -95,10 +205,7 @@ impl Engine {
                     )
                     .await
                     .map_err(record_err)?;
-                return Err(Stop {
-                    state: RunState::Failed,
-                    error,
-                });
+                return Err(end(RunState::Failed, error));
             };
             self.store
                 .step_started(run.id, step.idx)
@@ -107,17 +214,15 @@ impl Engine {
             let result = if run.dry_run {
                 executor
                     .validate(&ctx)
-                    .map(|()| json!({ "would_run": { "action": step.action, "args": step.args } }))
+                    .map(|()| json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } }))
             } else {
                 // Executors enforce the step timeout themselves (remote ones on the remote side,
                 // to kill what they started); this outer bound is only the backstop.
-                match tokio::time::timeout(ctx.timeout + EXECUTOR_GRACE, executor.execute(&ctx))
-                    .await
-                {
+                match tokio::time::timeout(timeout + EXECUTOR_GRACE, executor.execute(&ctx)).await {
                     Ok(r) => r,
                     Err(_) => Err(ExecError::Failed(format!(
                         "timed out after {}; the executor did not stop by itself",
-                        humantime::format_duration(ctx.timeout)
+                        humantime::format_duration(timeout)
                     ))),
                 }
             };
@@ -131,11 +236,33 @@ impl Engine {
                 .step_finished(run.id, step.idx, state, output, error.clone())
                 .await
                 .map_err(record_err)?;
+            let outcome = if error.is_some() {
+                "failed"
+            } else {
+                state.as_str()
+            };
+            let target = Some(format!(
+                "run/{} step/{} target/{}",
+                run.id, step.idx, run.target
+            ));
+            if let Err(e) = self
+                .store
+                .audit(
+                    "reflex",
+                    &format!("step.{}", step.action),
+                    target,
+                    outcome,
+                    error.clone(),
+                )
+                .await
+            {
+                tracing::error!(error = %e, "cannot write the audit row of a step");
+            }
             if let (Some(error), "stop") = (error, step.on_failure.as_str()) {
-                return Err(Stop {
-                    state: RunState::Failed,
-                    error: format!("step {:?} failed: {error}", step.name),
-                });
+                return Err(end(
+                    RunState::Failed,
+                    format!("step {:?} failed: {error}", step.name),
+                ));
             }
         }
         Ok(())

@@ -6,9 +6,9 @@ use super::actions::{Action, ArgKind};
 use super::locate::{Seg, line_of};
 use super::matcher::Matcher;
 use super::script::{Located, Sandbox};
-use super::spec::{PlaybookSpec, StepSpec};
+use super::spec::{ApprovalSpecYaml, PlaybookSpec, StepSpec};
 use super::template::{Quoting, Template};
-use super::{Arg, Diagnostic, Playbook, Step};
+use super::{Arg, Diagnostic, Gate, Playbook, Step};
 use rhai::AST;
 use std::path::Path;
 
@@ -69,12 +69,72 @@ impl Ctx<'_> {
         }
     }
 
+    /// `approval: required` or the map form; `None` when absent or not required.
+    fn gate(
+        &mut self,
+        path: &[Seg<'_>],
+        v: Option<&serde_yaml::Value>,
+        scope: &str,
+    ) -> Option<Gate> {
+        let spec = match v? {
+            serde_yaml::Value::String(s) if s == "required" => ApprovalSpecYaml {
+                required: true,
+                count: 1,
+                expires: None,
+                approvers: Vec::new(),
+            },
+            v @ serde_yaml::Value::Mapping(_) => match serde_yaml::from_value(v.clone()) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    self.err(path, format!("approval: {e}"));
+                    return None;
+                }
+            },
+            _ => {
+                self.err(
+                    path,
+                    "approval: expected `required` or a map with count, expires, approvers",
+                );
+                return None;
+            }
+        };
+        if !spec.required {
+            return None;
+        }
+        if spec.count == 0 {
+            self.err(path, "approval.count must be at least 1");
+        }
+        if !spec.approvers.is_empty() && (spec.approvers.len() as u32) < spec.count {
+            self.err(
+                path,
+                "approval: fewer approvers listed than the count required",
+            );
+        }
+        let expires = match spec.expires.as_deref() {
+            Some(e) => self.duration(path, e)?,
+            None => DEFAULT_APPROVAL_EXPIRY,
+        };
+        Some(Gate {
+            scope: scope.to_string(),
+            count: spec.count,
+            expires_ms: expires.as_millis() as u64,
+            approvers: spec.approvers,
+        })
+    }
+
     fn duration(&mut self, path: &[Seg<'_>], s: &str) -> Option<std::time::Duration> {
         crate::time::parse_duration(s)
             .map_err(|e| self.err(path, e))
             .ok()
     }
 }
+
+/// How long an approval request stays open unless the playbook says otherwise.
+pub const DEFAULT_APPROVAL_EXPIRY: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// The target of a run unless the playbook says otherwise: the host in `instance`, else the
+/// alert itself.
+pub const DEFAULT_TARGET: &str = "{{ labels.instance ?? alert.fingerprint }}";
 
 /// Compiles one playbook file's text.
 pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Vec<Diagnostic>> {
@@ -155,13 +215,17 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
     if spec.steps.is_empty() {
         cx.err(&[Seg::Key("steps")], "a playbook needs at least one step");
     }
+    let approval = cx.gate(&[Seg::Key("approval")], spec.approval.as_ref(), "run");
+    let target_src = spec.target.as_deref().unwrap_or(DEFAULT_TARGET);
+    let target = cx.template(&[Seg::Key("target")], target_src, Quoting::Plain);
+    let deadline = (spec.deadline.as_deref()).and_then(|d| cx.duration(&[Seg::Key("deadline")], d));
     let steps = (spec.steps.iter().enumerate())
         .filter_map(|(i, s)| compile_step(&mut cx, i, s))
         .collect();
 
-    if !cx.diags.is_empty() {
+    let (Some(target), true) = (target, cx.diags.is_empty()) else {
         return Err(cx.diags);
-    }
+    };
     Ok(Playbook {
         name: spec.name,
         description: spec.description,
@@ -173,6 +237,9 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         cooldown,
         cooldown_by: spec.cooldown_by,
         dry_run: spec.dry_run,
+        approval,
+        target,
+        deadline,
         steps,
     })
 }
@@ -244,6 +311,7 @@ fn compile_step(cx: &mut Ctx<'_>, i: usize, spec: &StepSpec) -> Option<Step> {
         timeout,
         on_failure: spec.on_failure,
         script,
+        approval: cx.gate(&at("approval"), spec.approval.as_ref(), "step"),
     })
 }
 

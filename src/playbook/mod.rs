@@ -63,8 +63,27 @@ pub struct Playbook {
     pub cooldown_by: CooldownBy,
     /// Record, do not act.
     pub dry_run: bool,
+    /// Approval covering the whole run, before its first step.
+    pub approval: Option<Gate>,
+    /// What a run acts on (rendered per alert).
+    pub target: Template,
+    /// Longest a run may execute; `None` uses the engine default.
+    pub deadline: Option<Duration>,
     /// Steps, in order.
     pub steps: Vec<Step>,
+}
+
+/// An approval gate.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Gate {
+    /// `run` (the playbook's gate, covering every step) or `step`.
+    pub scope: String,
+    /// Distinct approvers needed.
+    pub count: u32,
+    /// How long the request stays open, in ms.
+    pub expires_ms: u64,
+    /// Token names allowed to approve; empty: anyone with the approver role.
+    pub approvers: Vec<String>,
 }
 
 /// A compiled step.
@@ -82,6 +101,8 @@ pub struct Step {
     pub on_failure: OnFailure,
     /// The compiled script of a `script` step.
     pub script: Option<AST>,
+    /// Approval needed before this step.
+    pub approval: Option<Gate>,
 }
 
 /// An argument value with its templates compiled.
@@ -125,6 +146,8 @@ impl Arg {
 /// What a run of a playbook for one alert will do, fully rendered.
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
+    /// What the run acts on.
+    pub target: String,
     /// Computed parameters.
     pub params: serde_json::Map<String, serde_json::Value>,
     /// Steps with rendered arguments.
@@ -144,6 +167,9 @@ pub struct PlannedStep {
     pub timeout_ms: Option<u64>,
     /// What a failure does.
     pub on_failure: OnFailure,
+    /// Approval needed before this step runs (the playbook's gate sits on the first step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Gate>,
 }
 
 impl Playbook {
@@ -181,16 +207,30 @@ impl Playbook {
                     .args
                     .render(sandbox, scope)
                     .map_err(|e| format!("steps[{i}] ({}): {e}", s.name))?;
+                let run_gate = if i == 0 { self.approval.clone() } else { None };
                 Ok(PlannedStep {
                     name: s.name.clone(),
                     action: s.action.name(),
                     args,
                     timeout_ms: s.timeout.map(|t| t.as_millis() as u64),
                     on_failure: s.on_failure,
+                    approval: run_gate.or_else(|| s.approval.clone()),
                 })
             })
             .collect::<Result<_, String>>()?;
-        Ok(Plan { params, steps })
+        let target = match self
+            .target
+            .render(sandbox, scope)
+            .map_err(|e| format!("target: {e}"))?
+        {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        Ok(Plan {
+            target,
+            params,
+            steps,
+        })
     }
 }
 

@@ -31,8 +31,41 @@ pub struct PlaybookSpec {
     /// Render and record the steps without acting.
     #[serde(default)]
     pub dry_run: bool,
+    /// Approval before the first step, covering the whole run: `required`, or a map with
+    /// `count`, `expires`, `approvers`.
+    pub approval: Option<serde_yaml::Value>,
+    /// What the run acts on, for per-target limits and the circuit breaker (template; default
+    /// the `instance` label, else the alert fingerprint).
+    pub target: Option<String>,
+    /// Longest a run may execute, approvals aside (default `engine.run_deadline`).
+    pub deadline: Option<String>,
     /// The steps, run in order.
     pub steps: Vec<StepSpec>,
+}
+
+/// The map form of `approval`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSpecYaml {
+    /// Whether approval is required (default true).
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Distinct approvers needed (default 1).
+    #[serde(default = "one")]
+    pub count: u32,
+    /// How long the request stays open (default 30m).
+    pub expires: Option<String>,
+    /// Token names allowed to approve (default: anyone with the approver role).
+    #[serde(default)]
+    pub approvers: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn firing_only() -> Vec<AlertStatus> {
@@ -87,4 +120,6 @@ pub struct StepSpec {
     /// `stop` (default) or `continue`.
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Approval before this step: `required`, or a map with `count`, `expires`, `approvers`.
+    pub approval: Option<serde_yaml::Value>,
 }

@@ -1,7 +1,7 @@
 //! The append-only audit log: who did what, when, with what outcome.
 
 use super::{Store, StoreError};
-use rusqlite::params;
+use rusqlite::{Connection, params};
 use serde::Serialize;
 
 /// One audit row.
@@ -23,6 +23,22 @@ pub struct AuditEntry {
     pub detail: Option<String>,
 }
 
+/// Appends an audit row inside a caller's transaction.
+pub(super) fn audit_in(
+    c: &Connection,
+    actor: &str,
+    action: &str,
+    target: Option<&str>,
+    outcome: &str,
+    detail: Option<&str>,
+) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO audit (at, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![crate::time::now_ms(), actor, action, target, outcome, detail])?;
+    Ok(())
+}
+
 impl Store {
     /// Appends an audit row.
     pub async fn audit(
@@ -35,11 +51,14 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (actor, action, outcome) = (actor.to_string(), action.to_string(), outcome.to_string());
         self.write(move |c| {
-            c.execute(
-                "INSERT INTO audit (at, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![crate::time::now_ms(), actor, action, target, outcome, detail],
-            )?;
-            Ok(())
+            Ok(audit_in(
+                c,
+                &actor,
+                &action,
+                target.as_deref(),
+                &outcome,
+                detail.as_deref(),
+            )?)
         })
         .await
     }

@@ -4,11 +4,15 @@
 //! `spawn_blocking`: SQLite allows one writer at a time anyway, and WAL lets the API read
 //! while the engine writes. `synchronous=FULL`: an alert answered with 200 is on disk.
 
+mod approvals;
 mod audit;
 mod runs;
+mod switches;
 
+pub use approvals::*;
 pub use audit::AuditEntry;
 pub use runs::*;
+pub use switches::*;
 
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
@@ -52,7 +56,8 @@ struct Inner {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts the applied ones.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE alerts (
   id INTEGER PRIMARY KEY,
   received_at INTEGER NOT NULL,
@@ -111,7 +116,44 @@ CREATE TABLE audit (
   outcome TEXT NOT NULL,
   detail TEXT
 );
-"#];
+"#,
+    r#"
+ALTER TABLE runs ADD COLUMN target TEXT NOT NULL DEFAULT '';
+ALTER TABLE runs ADD COLUMN deadline_ms INTEGER;
+CREATE INDEX runs_target ON runs(target, state);
+CREATE INDEX runs_fingerprint ON runs(fingerprint, state);
+CREATE INDEX runs_created ON runs(created_at);
+ALTER TABLE steps ADD COLUMN approval TEXT;
+CREATE TABLE approvals (
+  id INTEGER PRIMARY KEY,
+  run_id INTEGER NOT NULL REFERENCES runs(id),
+  step_idx INTEGER NOT NULL,
+  scope TEXT NOT NULL,
+  state TEXT NOT NULL,
+  action TEXT NOT NULL,
+  action_hash TEXT NOT NULL,
+  required INTEGER NOT NULL,
+  allowed TEXT NOT NULL DEFAULT '[]',
+  approvals TEXT NOT NULL DEFAULT '[]',
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL,
+  decided_at INTEGER,
+  decided_by TEXT,
+  comment TEXT,
+  UNIQUE (run_id, step_idx)
+);
+CREATE INDEX approvals_state ON approvals(state, expires_at);
+-- Kill switches: scope 'global' or 'playbook:<name>'.
+CREATE TABLE switches (
+  scope TEXT PRIMARY KEY,
+  engaged INTEGER NOT NULL,
+  reason TEXT,
+  actor TEXT NOT NULL,
+  changed_at INTEGER NOT NULL,
+  until INTEGER
+);
+"#,
+];
 
 impl Store {
     /// Opens (creating if needed) `reflex.db` in `dir` and migrates it.

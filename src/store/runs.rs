@@ -26,8 +26,19 @@ pub enum RunState {
     Cancelled,
     /// The daemon stopped while it ran; never resumed silently.
     Interrupted,
-    /// Not started: a cooldown (or other gate) held it back; `reason` says which.
+    /// Not started: a cooldown, the kill switch, a maintenance window or the circuit
+    /// breaker held it back; `reason` says which.
     Suppressed,
+    /// Waiting for approval of its next step.
+    AwaitingApproval,
+    /// An approver denied it; nothing more ran.
+    Denied,
+    /// Its approval request expired; nothing more ran.
+    Expired,
+    /// The kill switch stopped it before its next step.
+    Killed,
+    /// Its alert resolved while it waited for approval; nothing more ran.
+    Resolved,
 }
 
 impl RunState {
@@ -40,6 +51,11 @@ impl RunState {
         RunState::Cancelled,
         RunState::Interrupted,
         RunState::Suppressed,
+        RunState::AwaitingApproval,
+        RunState::Denied,
+        RunState::Expired,
+        RunState::Killed,
+        RunState::Resolved,
     ];
 
     /// Stored name.
@@ -52,6 +68,11 @@ impl RunState {
             RunState::Cancelled => "cancelled",
             RunState::Interrupted => "interrupted",
             RunState::Suppressed => "suppressed",
+            RunState::AwaitingApproval => "awaiting_approval",
+            RunState::Denied => "denied",
+            RunState::Expired => "expired",
+            RunState::Killed => "killed",
+            RunState::Resolved => "resolved",
         }
     }
 
@@ -108,6 +129,25 @@ pub struct Candidate {
     pub dry_run: bool,
     /// The rendered plan, or why it could not be rendered.
     pub plan: Result<Plan, String>,
+    /// Run deadline in ms.
+    pub deadline_ms: i64,
+    /// Suppressed before any other check (a maintenance window), with the reason.
+    pub suppress: Option<String>,
+}
+
+/// Circuit breaker limits as intake applies them (0: no limit).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BreakerLimits {
+    /// The window, in ms.
+    pub window_ms: i64,
+    /// Runs started in the window.
+    pub max_runs: u32,
+    /// Runs started by one playbook in the window.
+    pub max_runs_per_playbook: u32,
+    /// Failed runs in the window.
+    pub max_failures: u32,
+    /// Distinct targets in the window.
+    pub max_targets: u32,
 }
 
 /// One received alert and the playbooks it matched.
@@ -154,6 +194,15 @@ pub enum Outcome {
         /// Why.
         error: String,
     },
+    /// A run that waited for approval ended because this (resolved) alert arrived.
+    Ended {
+        /// The run ended.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+        /// Its final state.
+        state: RunState,
+    },
 }
 
 /// A run claimed by a worker, with everything needed to execute it.
@@ -169,6 +218,12 @@ pub struct ClaimedRun {
     pub params: Value,
     /// The alert it is for.
     pub alert: Alert,
+    /// What it acts on.
+    pub target: String,
+    /// Deadline in ms after it first started, if any.
+    pub deadline_ms: Option<i64>,
+    /// When it first started (ms).
+    pub started_ms: i64,
     /// Its steps, in order.
     pub steps: Vec<StepRecord>,
 }
@@ -198,6 +253,9 @@ pub struct StepRecord {
     pub output: Option<Value>,
     /// Error.
     pub error: Option<String>,
+    /// Approval gate before this step, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::playbook::Gate>,
 }
 
 /// A run as the API shows it.
@@ -215,6 +273,8 @@ pub struct RunView {
     pub error: Option<String>,
     /// Recorded without acting.
     pub dry_run: bool,
+    /// What it acts on.
+    pub target: String,
     /// The alert.
     pub alert: AlertView,
     /// Rendered parameters.
@@ -276,6 +336,7 @@ impl Store {
     pub async fn record_intake(
         &self,
         items: Vec<IntakeItem>,
+        limits: BreakerLimits,
     ) -> Result<Vec<Vec<Outcome>>, StoreError> {
         self.write(move |c| {
             let tx = c.transaction()?;
@@ -283,11 +344,18 @@ impl Store {
             let mut all = Vec::with_capacity(items.len());
             for item in items {
                 let alert_id = insert_alert(&tx, &item.alert, now)?;
-                let outcomes = item
+                let mut outcomes = item
                     .candidates
                     .into_iter()
-                    .map(|cand| intake_one(&tx, &item.alert, alert_id, cand, now))
+                    .map(|cand| intake_one(&tx, &item.alert, alert_id, cand, limits, now))
                     .collect::<Result<Vec<_>, _>>()?;
+                if item.alert.status == AlertStatus::Resolved {
+                    outcomes.extend(end_awaiting_for_resolved(
+                        &tx,
+                        &item.alert.fingerprint,
+                        now,
+                    )?);
+                }
                 all.push(outcomes);
             }
             tx.commit()?;
@@ -298,19 +366,29 @@ impl Store {
 
     /// Claims the oldest pending run: it becomes `running` in the same statement, so no two
     /// workers can take it.
-    pub async fn claim_next(&self) -> Result<Option<ClaimedRun>, StoreError> {
-        self.write(|c| {
-            let claimed: Option<(i64, String, bool, Option<String>, i64)> = c
+    ///
+    /// A run is skipped (it stays pending, in order) while its target already has
+    /// `max_per_target` runs executing, or while another run of the same playbook for the same
+    /// alert is executing.
+    pub async fn claim_next(&self, max_per_target: u32) -> Result<Option<ClaimedRun>, StoreError> {
+        self.write(move |c| {
+            type Row = (i64, String, bool, Option<String>, i64, String, Option<i64>, i64);
+            let claimed: Option<Row> = c
                 .prepare_cached(
-                    "UPDATE runs SET state = 'running', started_at = ?1
-                     WHERE id = (SELECT id FROM runs WHERE state = 'pending' ORDER BY id LIMIT 1)
-                     RETURNING id, playbook, dry_run, params, alert_id",
+                    "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
+                     WHERE id = (
+                       SELECT r.id FROM runs r WHERE r.state = 'pending'
+                         AND (SELECT count(*) FROM runs t WHERE t.target = r.target AND t.state = 'running') < ?2
+                         AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = r.playbook
+                                           AND o.fingerprint = r.fingerprint AND o.state = 'running')
+                       ORDER BY r.id LIMIT 1)
+                     RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
                 )?
-                .query_row([now_ms()], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                .query_row(params![now_ms(), max_per_target], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
                 })
                 .optional()?;
-            let Some((id, playbook, dry_run, params, alert_id)) = claimed else {
+            let Some((id, playbook, dry_run, params, alert_id, target, deadline_ms, started_ms)) = claimed else {
                 return Ok(None);
             };
             let alert = load_alert(c, alert_id)?;
@@ -321,6 +399,9 @@ impl Store {
                 dry_run,
                 params: parse_json(params),
                 alert,
+                target,
+                deadline_ms,
+                started_ms,
                 steps,
             }))
         })
@@ -372,6 +453,36 @@ impl Store {
         .await
     }
 
+    /// After a failed run: engages the global kill switch when the failures in the window
+    /// reach `breaker.max_failures`. Returns the reason when it did.
+    pub async fn trip_on_failures(&self, l: BreakerLimits) -> Result<Option<String>, StoreError> {
+        if l.max_failures == 0 {
+            return Ok(None);
+        }
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let now = now_ms();
+            let n: u32 = tx.query_row(
+                "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
+                [now - l.window_ms],
+                |r| r.get(0),
+            )?;
+            if n < l.max_failures || super::switches::engaged_reason(&tx, "", now)?.is_some() {
+                return Ok(None);
+            }
+            let window =
+                humantime::format_duration(std::time::Duration::from_millis(l.window_ms as u64));
+            let reason = format!(
+                "circuit breaker: {n} runs failed within {window} (breaker.max_failures = {})",
+                l.max_failures
+            );
+            super::switches::engage_in(&tx, "global", &reason, "circuit-breaker", None, now)?;
+            tx.commit()?;
+            Ok(Some(reason))
+        })
+        .await
+    }
+
     /// Cancels a run that has not started. Returns the run's state before the call, or `None`
     /// when there is no such run; a `Pending` run is now `Cancelled`.
     pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
@@ -385,18 +496,19 @@ impl Store {
             let Some(state) = state.as_deref().and_then(RunState::parse) else {
                 return Ok(None);
             };
-            if state != RunState::Pending {
+            if !matches!(state, RunState::Pending | RunState::AwaitingApproval) {
                 return Ok(Some(state));
             }
+            super::approvals::close_pending(&tx, run_id, "cancelled", now_ms())?;
             finish_run(
                 &tx,
                 run_id,
                 RunState::Cancelled,
-                Some("cancelled before it started"),
+                Some("cancelled by an operator before it acted further"),
                 now_ms(),
             )?;
             tx.commit()?;
-            Ok(Some(RunState::Cancelled))
+            Ok(Some(state))
         })
         .await
     }
@@ -478,7 +590,8 @@ impl Store {
 }
 
 const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r.dry_run, r.params,
-    r.created_at, r.started_at, r.finished_at, a.id, a.fingerprint, a.status, a.starts_at, a.labels, a.annotations
+    r.created_at, r.started_at, r.finished_at, a.id, a.fingerprint, a.status, a.starts_at, a.labels, a.annotations,
+    r.target
   FROM runs r JOIN alerts a ON a.id = r.alert_id";
 
 fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
@@ -491,6 +604,7 @@ fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
         reason: r.get(3)?,
         error: r.get(4)?,
         dry_run: r.get(5)?,
+        target: r.get(16)?,
         params: parse_json(r.get(6)?),
         created_at: rfc3339(r.get(7)?),
         started_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
@@ -532,6 +646,7 @@ fn intake_one(
     a: &Alert,
     alert_id: i64,
     cand: Candidate,
+    limits: BreakerLimits,
     now: i64,
 ) -> Result<Outcome, StoreError> {
     let playbook = cand.playbook;
@@ -544,36 +659,33 @@ fn intake_one(
     if let Some(run_id) = existing {
         return Ok(Outcome::Deduplicated { run_id, playbook });
     }
-    let last_run: Option<(i64, i64)> = if cand.cooldown_ms > 0 {
-        c.prepare_cached(
-            "SELECT id, created_at FROM runs WHERE playbook = ?1 AND cooldown_key = ?2
-               AND state != 'suppressed' AND created_at > ?3 ORDER BY id DESC LIMIT 1",
-        )?
-        .query_row(
-            params![playbook, cand.cooldown_key, now - cand.cooldown_ms],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?
-    } else {
-        None
+    let target = cand
+        .plan
+        .as_ref()
+        .map_or_else(|_| String::new(), |p| p.target.clone());
+    // The gates, in order; the first that holds the run back names the reason.
+    let suppressed = match cand.suppress {
+        Some(reason) => Some(reason),
+        None => super::switches::engaged_reason(c, &playbook, now)?,
     };
-    let (state, reason, error, plan) = match (&cand.plan, last_run) {
-        (_, Some((id, at))) => (
-            RunState::Suppressed,
-            Some(format!(
-                "cooldown: run {id} for the same key started at {}",
-                rfc3339(at)
-            )),
-            None,
-            None,
-        ),
-        (Err(e), None) => (RunState::Failed, None, Some(e.clone()), None),
-        (Ok(plan), None) => (RunState::Pending, None, None, Some(plan)),
+    let suppressed = match suppressed {
+        Some(r) => Some(r),
+        None => cooldown_reason(c, &playbook, &cand.cooldown_key, cand.cooldown_ms, now)?,
+    };
+    let suppressed = match (suppressed, &cand.plan) {
+        (Some(r), _) => Some(r),
+        (None, Ok(_)) => breaker_reason(c, &playbook, &target, limits, now)?,
+        (None, Err(_)) => None,
+    };
+    let (state, reason, error, plan) = match (suppressed, &cand.plan) {
+        (Some(reason), _) => (RunState::Suppressed, Some(reason), None, None),
+        (None, Err(e)) => (RunState::Failed, None, Some(e.clone()), None),
+        (None, Ok(plan)) => (RunState::Pending, None, None, Some(plan)),
     };
     c.prepare_cached(
         "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
-           dry_run, params, created_at, finished_at, error)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+           dry_run, params, created_at, finished_at, error, target, deadline_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?
     .execute(params![
         playbook,
@@ -588,13 +700,15 @@ fn intake_one(
         plan.map_or_else(|| "{}".to_string(), |p| json_text(&p.params)),
         now,
         (state != RunState::Pending).then_some(now),
-        error
+        error,
+        target,
+        cand.deadline_ms
     ])?;
     let run_id = c.last_insert_rowid();
     if let Some(plan) = plan {
         let mut stmt = c.prepare_cached(
-            "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending')",
+            "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)",
         )?;
         for (idx, s) in plan.steps.iter().enumerate() {
             stmt.execute(params![
@@ -604,7 +718,8 @@ fn intake_one(
                 s.action,
                 json_text(&s.args),
                 s.timeout_ms.map(|t| t as i64),
-                s.on_failure.as_str()
+                s.on_failure.as_str(),
+                s.approval.as_ref().map(json_text)
             ])?;
         }
     }
@@ -623,7 +738,127 @@ fn intake_one(
     })
 }
 
-fn finish_run(
+fn cooldown_reason(
+    c: &Connection,
+    playbook: &str,
+    key: &str,
+    cooldown_ms: i64,
+    now: i64,
+) -> rusqlite::Result<Option<String>> {
+    if cooldown_ms <= 0 {
+        return Ok(None);
+    }
+    let last: Option<(i64, i64)> = c
+        .prepare_cached(
+            "SELECT id, created_at FROM runs WHERE playbook = ?1 AND cooldown_key = ?2
+               AND state != 'suppressed' AND created_at > ?3 ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![playbook, key, now - cooldown_ms], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    Ok(last.map(|(id, at)| {
+        format!(
+            "cooldown: run {id} for the same key started at {}",
+            rfc3339(at)
+        )
+    }))
+}
+
+/// Checks the breaker's run and target limits for one more run; when one would be crossed,
+/// engages the global kill switch (in this same transaction) and returns the reason.
+fn breaker_reason(
+    c: &Connection,
+    playbook: &str,
+    target: &str,
+    l: BreakerLimits,
+    now: i64,
+) -> rusqlite::Result<Option<String>> {
+    let since = now - l.window_ms;
+    let window = humantime::format_duration(std::time::Duration::from_millis(l.window_ms as u64));
+    let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<u32> {
+        c.prepare_cached(sql)?.query_row(p, |r| r.get(0))
+    };
+    let mut tripped = None;
+    if l.max_runs > 0 {
+        let n = count(
+            "SELECT count(*) FROM runs WHERE created_at > ?1 AND state != 'suppressed'",
+            &[&since],
+        )?;
+        if n >= l.max_runs {
+            tripped = Some(format!(
+                "circuit breaker: {n} runs started within {window} (breaker.max_runs = {})",
+                l.max_runs
+            ));
+        }
+    }
+    if tripped.is_none() && l.max_runs_per_playbook > 0 {
+        let n = count(
+            "SELECT count(*) FROM runs WHERE created_at > ?1 AND state != 'suppressed' AND playbook = ?2",
+            &[&since, &playbook],
+        )?;
+        if n >= l.max_runs_per_playbook {
+            tripped = Some(format!(
+                "circuit breaker: playbook {playbook} started {n} runs within {window} (breaker.max_runs_per_playbook = {})",
+                l.max_runs_per_playbook
+            ));
+        }
+    }
+    if tripped.is_none() && l.max_targets > 0 {
+        let known = count(
+            "SELECT count(*) FROM runs WHERE created_at > ?1 AND state != 'suppressed' AND target = ?2",
+            &[&since, &target],
+        )?;
+        let n = count(
+            "SELECT count(DISTINCT target) FROM runs WHERE created_at > ?1 AND state != 'suppressed'",
+            &[&since],
+        )?;
+        if known == 0 && n >= l.max_targets {
+            tripped = Some(format!(
+                "circuit breaker: runs against {n} distinct targets within {window} (breaker.max_targets = {})",
+                l.max_targets
+            ));
+        }
+    }
+    if let Some(reason) = &tripped {
+        super::switches::engage_in(c, "global", reason, "circuit-breaker", None, now)?;
+    }
+    Ok(tripped)
+}
+
+/// A resolved alert ends the runs of its firing occurrence that still wait for approval.
+fn end_awaiting_for_resolved(
+    c: &Connection,
+    fingerprint: &str,
+    now: i64,
+) -> rusqlite::Result<Vec<Outcome>> {
+    let waiting: Vec<(i64, String)> = c
+        .prepare_cached(
+            "SELECT id, playbook FROM runs WHERE fingerprint = ?1 AND state = 'awaiting_approval'",
+        )?
+        .query_map([fingerprint], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, _) in &waiting {
+        super::approvals::close_pending(c, *id, "cancelled", now)?;
+        finish_run(
+            c,
+            *id,
+            RunState::Resolved,
+            Some("the alert resolved before approval; nothing was done"),
+            now,
+        )?;
+    }
+    Ok(waiting
+        .into_iter()
+        .map(|(run_id, playbook)| Outcome::Ended {
+            run_id,
+            playbook,
+            state: RunState::Resolved,
+        })
+        .collect())
+}
+
+pub(super) fn finish_run(
     c: &Connection,
     run_id: i64,
     state: RunState,
@@ -665,7 +900,7 @@ fn load_alert(c: &Connection, id: i64) -> Result<Alert, StoreError> {
 
 fn load_steps(c: &Connection, run_id: i64) -> Result<Vec<StepRecord>, StoreError> {
     let mut stmt = c.prepare_cached(
-        "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error
+        "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error, approval
          FROM steps WHERE run_id = ?1 ORDER BY idx",
     )?;
     let rows = stmt.query_map([run_id], |r| {
@@ -681,6 +916,9 @@ fn load_steps(c: &Connection, run_id: i64) -> Result<Vec<StepRecord>, StoreError
             finished_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
             output: r.get::<_, Option<String>>(9)?.map(|s| parse_json(Some(s))),
             error: r.get(10)?,
+            approval: r
+                .get::<_, Option<String>>(11)?
+                .and_then(|s| serde_json::from_str(&s).ok()),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

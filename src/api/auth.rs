@@ -1,0 +1,213 @@
+//! Authentication and roles. Tokens are kept as SHA-256 digests only and compared in constant
+//! time; refused attempts on mutating endpoints are audited.
+//!
+//! With no tokens configured, the API is open and every caller is `anonymous` with the admin
+//! role: convenient on a laptop, and logged as a warning at start.
+
+use super::AppState;
+use crate::config::{AuthConfig, Role};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Token name (`anonymous` when auth is off).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// The configured tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Auth {
+    tokens: Vec<(String, Role, [u8; 32])>,
+    /// Whether health and metrics endpoints need a token.
+    pub protect_health: bool,
+}
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+/// Equality that takes the same time wherever the inputs differ.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Auth {
+    /// Loads tokens (reading token files).
+    pub fn from_config(cfg: &AuthConfig) -> Result<Auth, String> {
+        let mut tokens = Vec::new();
+        for t in &cfg.tokens {
+            let hash = match (&t.sha256, &t.file) {
+                (Some(hex_digest), _) => {
+                    let bytes = hex::decode(hex_digest)
+                        .map_err(|e| format!("auth.tokens {:?}: {e}", t.name))?;
+                    bytes
+                        .try_into()
+                        .map_err(|_| format!("auth.tokens {:?}: sha256 must be 32 bytes", t.name))?
+                }
+                (None, Some(file)) => {
+                    let text = std::fs::read_to_string(file).map_err(|e| {
+                        format!("auth.tokens {:?}: {}: {e}", t.name, file.display())
+                    })?;
+                    digest(text.trim().as_bytes())
+                }
+                (None, None) => return Err(format!("auth.tokens {:?}: no sha256 or file", t.name)),
+            };
+            tokens.push((t.name.clone(), t.role, hash));
+        }
+        Ok(Auth {
+            tokens,
+            protect_health: cfg.protect_health,
+        })
+    }
+
+    /// Whether any token is configured.
+    pub fn enabled(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// Identifies a caller by `Authorization: Bearer TOKEN` or `Basic name:TOKEN`.
+    pub fn identify(&self, headers: &HeaderMap) -> Result<Identity, &'static str> {
+        if !self.enabled() {
+            return Ok(Identity {
+                name: "anonymous".into(),
+                role: Role::Admin,
+            });
+        }
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or("missing Authorization header")?;
+        let (user, secret) = if let Some(token) = value.strip_prefix("Bearer ") {
+            (None, token.trim().to_string())
+        } else if let Some(b64) = value.strip_prefix("Basic ") {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|_| "malformed basic credentials")?;
+            let text = String::from_utf8(raw).map_err(|_| "malformed basic credentials")?;
+            let (u, p) = text.split_once(':').ok_or("malformed basic credentials")?;
+            (Some(u.to_string()), p.to_string())
+        } else {
+            return Err("unsupported Authorization scheme (use Bearer or Basic)");
+        };
+        let presented = digest(secret.as_bytes());
+        // Compare against every token so that timing does not tell which one came close.
+        let mut found = None;
+        for (name, role, hash) in &self.tokens {
+            if ct_eq(hash, &presented) && found.is_none() {
+                found = Some((name, *role));
+            }
+        }
+        match found {
+            Some((name, role)) if user.as_ref().is_none_or(|u| u == name) => Ok(Identity {
+                name: name.clone(),
+                role,
+            }),
+            _ => Err("invalid token"),
+        }
+    }
+}
+
+/// Whether `have` may do what needs `need`. `webhook` tokens only post alerts.
+pub fn allows(have: Role, need: Role) -> bool {
+    match need {
+        Role::Webhook => matches!(have, Role::Webhook | Role::Admin),
+        _ => have != Role::Webhook && have >= need,
+    }
+}
+
+async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Response {
+    let (status, why, who) = match state.auth.identify(req.headers()) {
+        Ok(id) if allows(id.role, need) => {
+            req.extensions_mut().insert(id);
+            return next.run(req).await;
+        }
+        Ok(id) => (
+            StatusCode::FORBIDDEN,
+            format!("the {:?} role cannot do this (needs {need:?})", id.role),
+            id.name,
+        ),
+        Err(why) => (
+            StatusCode::UNAUTHORIZED,
+            why.to_string(),
+            "unauthenticated".to_string(),
+        ),
+    };
+    if req.method() != Method::GET {
+        let action = format!("{} {}", req.method(), req.uri().path());
+        let detail = Some(format!("{}: {why}", status.as_u16()));
+        if let Err(e) = state
+            .store
+            .audit(&who, &action, None, "refused", detail)
+            .await
+        {
+            tracing::error!(error = %e, "cannot audit a refused request");
+        }
+    }
+    let mut resp = super::ApiError::Status(status, why).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+/// Middleware: the webhook role (or admin).
+pub async fn webhook(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    check(s, Role::Webhook, req, next).await
+}
+
+/// Middleware: at least viewer.
+pub async fn viewer(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    check(s, Role::Viewer, req, next).await
+}
+
+/// Middleware: at least approver.
+pub async fn approver(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    check(s, Role::Approver, req, next).await
+}
+
+/// Middleware: admin.
+pub async fn admin(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    check(s, Role::Admin, req, next).await
+}
+
+/// Middleware for health and metrics: open unless `auth.protect_health`.
+pub async fn health(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    if !s.auth.protect_health {
+        return next.run(req).await;
+    }
+    check(s, Role::Viewer, req, next).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_nest_except_webhook() {
+        assert!(allows(Role::Admin, Role::Approver));
+        assert!(allows(Role::Approver, Role::Viewer));
+        assert!(!allows(Role::Viewer, Role::Approver));
+        assert!(allows(Role::Webhook, Role::Webhook));
+        assert!(allows(Role::Admin, Role::Webhook));
+        assert!(!allows(Role::Viewer, Role::Webhook));
+        assert!(!allows(Role::Webhook, Role::Viewer));
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        let (a, b) = (digest(b"x"), digest(b"y"));
+        assert!(ct_eq(&a, &a));
+        assert!(!ct_eq(&a, &b));
+    }
+}

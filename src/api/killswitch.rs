@@ -1,0 +1,164 @@
+//! The kill switch, global and per playbook.
+
+use super::auth::Identity;
+use super::{ApiError, AppState, json_body};
+use crate::store::{GLOBAL, Switch, playbook_scope};
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+
+/// Body of `PUT …/killswitch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBody {
+    /// Engage (true) or release (false).
+    pub engaged: bool,
+    /// Why; required to engage.
+    pub reason: Option<String>,
+    /// Release automatically at this time (RFC 3339).
+    pub until: Option<String>,
+    /// Release automatically after this long (e.g. `2h`).
+    #[serde(rename = "for")]
+    pub for_: Option<String>,
+}
+
+/// The switches in force.
+#[derive(Debug, Serialize)]
+pub struct SwitchState {
+    /// The global switch.
+    pub global: Switch,
+    /// Per-playbook switches that were ever set.
+    pub playbooks: Vec<Switch>,
+}
+
+fn released(scope: &str) -> Switch {
+    Switch {
+        scope: scope.to_string(),
+        engaged: false,
+        reason: None,
+        actor: "-".into(),
+        changed_at: crate::time::rfc3339(0),
+        until: None,
+    }
+}
+
+async fn current(state: &AppState) -> Result<SwitchState, ApiError> {
+    let all = state.store.switches().await?;
+    let (global, playbooks): (Vec<Switch>, Vec<Switch>) =
+        all.into_iter().partition(|s| s.scope == GLOBAL);
+    Ok(SwitchState {
+        global: global
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| released(GLOBAL)),
+        playbooks,
+    })
+}
+
+/// `GET /api/v1/killswitch`
+pub async fn get(State(state): State<AppState>) -> Result<Json<SwitchState>, ApiError> {
+    Ok(Json(current(&state).await?))
+}
+
+/// `PUT /api/v1/killswitch`
+pub async fn put(
+    state: State<AppState>,
+    who: Extension<Identity>,
+    body: Bytes,
+) -> Result<Json<SwitchState>, ApiError> {
+    set(state, who, GLOBAL.to_string(), body).await
+}
+
+/// `GET /api/v1/playbooks/{name}/killswitch`
+pub async fn get_playbook(
+    State(state): State<AppState>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Json<Switch>, ApiError> {
+    let Path(name) = name?;
+    let scope = playbook_scope(&name);
+    let all = state.store.switches().await?;
+    Ok(Json(
+        all.into_iter()
+            .find(|s| s.scope == scope)
+            .unwrap_or_else(|| released(&scope)),
+    ))
+}
+
+/// `PUT /api/v1/playbooks/{name}/killswitch`
+pub async fn put_playbook(
+    state: State<AppState>,
+    who: Extension<Identity>,
+    name: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Json<SwitchState>, ApiError> {
+    let Path(name) = name?;
+    if state.engine.playbooks().get(&name).is_none() {
+        return Err(ApiError::NotFound(format!("no playbook {name:?}")));
+    }
+    set(state, who, playbook_scope(&name), body).await
+}
+
+async fn set(
+    State(state): State<AppState>,
+    Extension(who): Extension<Identity>,
+    scope: String,
+    body: Bytes,
+) -> Result<Json<SwitchState>, ApiError> {
+    let body: SwitchBody = json_body(&body)?;
+    let reason = body.reason.unwrap_or_default().trim().to_string();
+    if body.engaged && reason.is_empty() {
+        return Err(ApiError::BadRequest(
+            "a reason is required to engage the kill switch".into(),
+        ));
+    }
+    let until = match (body.until.as_deref(), body.for_.as_deref()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "give `until` or `for`, not both".into(),
+            ));
+        }
+        (Some(t), None) => {
+            let t = humantime::parse_rfc3339_weak(t)
+                .map_err(|e| ApiError::BadRequest(format!("until: {e}")))?;
+            Some(
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64),
+            )
+        }
+        (None, Some(d)) => Some(
+            crate::time::now_ms()
+                + crate::time::parse_duration(d)
+                    .map_err(ApiError::BadRequest)?
+                    .as_millis() as i64,
+        ),
+        (None, None) => None,
+    };
+    if !body.engaged && until.is_some() {
+        return Err(ApiError::BadRequest(
+            "`until`/`for` only apply when engaging".into(),
+        ));
+    }
+    let reason = if reason.is_empty() {
+        "released".to_string()
+    } else {
+        reason
+    };
+    let killed = state
+        .store
+        .set_switch(
+            scope.clone(),
+            body.engaged,
+            reason.clone(),
+            who.name.clone(),
+            until,
+        )
+        .await?;
+    if body.engaged {
+        tracing::warn!(%scope, actor = %who.name, %reason, runs_ended = killed.len(), "kill switch engaged");
+    } else {
+        tracing::warn!(%scope, actor = %who.name, "kill switch released");
+    }
+    Ok(Json(current(&state).await?))
+}

@@ -1,0 +1,336 @@
+//! Approval requests: what exactly will be done (rendered, hashed), who may approve, until
+//! when, and who did. Decisions and their effect on the run are one transaction.
+
+use super::runs::finish_run;
+use super::{RunState, Store, StoreError};
+use crate::playbook::Gate;
+use crate::time::{now_ms, rfc3339};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One approver's decision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Vote {
+    /// Token name.
+    pub who: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// Their comment.
+    pub comment: Option<String>,
+}
+
+/// An approval request as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalView {
+    /// Approval id.
+    pub id: i64,
+    /// The run waiting on it.
+    pub run_id: i64,
+    /// The run's playbook.
+    pub playbook: String,
+    /// The gated step (0-based).
+    pub step_idx: i64,
+    /// Its name.
+    pub step_name: String,
+    /// `run` (covers every step) or `step`.
+    pub scope: String,
+    /// `pending`, `approved`, `denied`, `expired`, `cancelled`.
+    pub state: String,
+    /// Exactly what will be done: target, then each step's action and rendered arguments.
+    pub action: Value,
+    /// SHA-256 of `action`: the approval applies to this and nothing else.
+    pub action_hash: String,
+    /// Distinct approvals needed.
+    pub required: u32,
+    /// Token names allowed to approve; empty: anyone with the approver role.
+    pub approvers_allowed: Vec<String>,
+    /// Approvals so far.
+    pub approvals: Vec<Vote>,
+    /// Requested (RFC 3339).
+    pub created_at: String,
+    /// Expires (RFC 3339).
+    pub expires_at: String,
+    /// Decided.
+    pub decided_at: Option<String>,
+    /// By whom (the approver completing the count, or the denier).
+    pub decided_by: Option<String>,
+    /// The decider's comment.
+    pub comment: Option<String>,
+}
+
+/// What a decision did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// No such approval.
+    NotFound,
+    /// It is no longer pending (its state).
+    NotPending(String),
+    /// It had expired; it and its run are now `expired`.
+    Expired,
+    /// A kill switch is engaged: nothing can be approved.
+    Killed(String),
+    /// This identity is not among the approvers the playbook names.
+    NotAllowed,
+    /// This identity already approved.
+    AlreadyApproved,
+    /// Approval recorded; more are needed.
+    Recorded {
+        /// Approvals so far.
+        have: u32,
+        /// Needed.
+        need: u32,
+    },
+    /// Fully approved: the run is pending again.
+    Approved,
+    /// Denied: the run is `denied`.
+    Denied,
+}
+
+/// Closes a run's pending approval (the run ended some other way).
+pub(super) fn close_pending(
+    c: &Connection,
+    run_id: i64,
+    state: &str,
+    now: i64,
+) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "UPDATE approvals SET state = ?2, decided_at = ?3 WHERE run_id = ?1 AND state = 'pending'",
+    )?
+    .execute(params![run_id, state, now])?;
+    Ok(())
+}
+
+const SELECT: &str = "SELECT a.id, a.run_id, r.playbook, a.step_idx, s.name, a.scope, a.state, a.action, a.action_hash,
+    a.required, a.allowed, a.approvals, a.created_at, a.expires_at, a.decided_at, a.decided_by, a.comment
+  FROM approvals a JOIN runs r ON r.id = a.run_id JOIN steps s ON s.run_id = a.run_id AND s.idx = a.step_idx";
+
+fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApprovalView> {
+    let text = |i: usize| -> rusqlite::Result<String> { r.get(i) };
+    Ok(ApprovalView {
+        id: r.get(0)?,
+        run_id: r.get(1)?,
+        playbook: r.get(2)?,
+        step_idx: r.get(3)?,
+        step_name: r.get(4)?,
+        scope: r.get(5)?,
+        state: r.get(6)?,
+        action: serde_json::from_str(&text(7)?).unwrap_or(Value::Null),
+        action_hash: r.get(8)?,
+        required: r.get(9)?,
+        approvers_allowed: serde_json::from_str(&text(10)?).unwrap_or_default(),
+        approvals: serde_json::from_str(&text(11)?).unwrap_or_default(),
+        created_at: rfc3339(r.get(12)?),
+        expires_at: rfc3339(r.get(13)?),
+        decided_at: r.get::<_, Option<i64>>(14)?.map(rfc3339),
+        decided_by: r.get(15)?,
+        comment: r.get(16)?,
+    })
+}
+
+fn expire(c: &Connection, id: i64, run_id: i64, now: i64) -> rusqlite::Result<()> {
+    c.prepare_cached("UPDATE approvals SET state = 'expired', decided_at = ?2 WHERE id = ?1")?
+        .execute(params![id, now])?;
+    finish_run(
+        c,
+        run_id,
+        RunState::Expired,
+        Some("the approval request expired; nothing was done"),
+        now,
+    )?;
+    super::audit::audit_in(
+        c,
+        "reflex",
+        "approval.expire",
+        Some(&format!("approval/{id} run/{run_id}")),
+        "ok",
+        None,
+    )
+}
+
+impl Store {
+    /// Requests approval for a run's step and parks the run in `awaiting_approval`, in one
+    /// transaction. Returns the approval id.
+    pub async fn park_for_approval(
+        &self,
+        run_id: i64,
+        step_idx: i64,
+        gate: Gate,
+        action: Value,
+        hash: String,
+    ) -> Result<i64, StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let now = now_ms();
+            tx.prepare_cached(
+                "INSERT INTO approvals (run_id, step_idx, scope, state, action, action_hash, required, allowed, created_at, expires_at)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                run_id,
+                step_idx,
+                gate.scope,
+                action.to_string(),
+                hash,
+                gate.count,
+                serde_json::to_string(&gate.approvers).unwrap_or_else(|_| "[]".into()),
+                now,
+                now + gate.expires_ms as i64
+            ])?;
+            let id = tx.last_insert_rowid();
+            tx.execute("UPDATE runs SET state = 'awaiting_approval' WHERE id = ?1", [run_id])?;
+            tx.commit()?;
+            Ok(id)
+        })
+        .await
+    }
+
+    /// The approval of a run's step: (id, state, action hash).
+    pub async fn approval_of(
+        &self,
+        run_id: i64,
+        step_idx: i64,
+    ) -> Result<Option<(i64, String, String)>, StoreError> {
+        self.read(move |c| {
+            Ok(c.prepare_cached(
+                "SELECT id, state, action_hash FROM approvals WHERE run_id = ?1 AND step_idx = ?2",
+            )?
+            .query_row(params![run_id, step_idx], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?)
+        })
+        .await
+    }
+
+    /// Records an approver's decision (and, when it completes the count or denies, its effect
+    /// on the run), audited in the same transaction.
+    pub async fn decide(
+        &self,
+        id: i64,
+        who: String,
+        approve: bool,
+        comment: Option<String>,
+    ) -> Result<Decision, StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let now = now_ms();
+            let row: Option<(i64, String, i64, u32, String, String, String)> = tx
+                .query_row(
+                    "SELECT a.run_id, a.state, a.expires_at, a.required, a.allowed, a.approvals, r.playbook
+                     FROM approvals a JOIN runs r ON r.id = a.run_id WHERE a.id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+                )
+                .optional()?;
+            let Some((run_id, state, expires_at, required, allowed, votes, playbook)) = row else {
+                return Ok(Decision::NotFound);
+            };
+            let target = format!("approval/{id} run/{run_id}");
+            let action = if approve { "approval.approve" } else { "approval.deny" };
+            let refuse = |tx: &Connection, why: &str| super::audit::audit_in(tx, &who, action, Some(&target), "refused", Some(why));
+            if state != "pending" {
+                refuse(&tx, &format!("approval is {state}"))?;
+                tx.commit()?;
+                return Ok(Decision::NotPending(state));
+            }
+            if now >= expires_at {
+                expire(&tx, id, run_id, now)?;
+                refuse(&tx, "expired")?;
+                tx.commit()?;
+                return Ok(Decision::Expired);
+            }
+            let allowed: Vec<String> = serde_json::from_str(&allowed).unwrap_or_default();
+            if !allowed.is_empty() && !allowed.contains(&who) {
+                refuse(&tx, "not among the playbook's approvers")?;
+                tx.commit()?;
+                return Ok(Decision::NotAllowed);
+            }
+            if !approve {
+                tx.execute(
+                    "UPDATE approvals SET state = 'denied', decided_at = ?2, decided_by = ?3, comment = ?4 WHERE id = ?1",
+                    params![id, now, who, comment],
+                )?;
+                finish_run(&tx, run_id, RunState::Denied, Some(&format!("denied by {who}")), now)?;
+                super::audit::audit_in(&tx, &who, action, Some(&target), "ok", comment.as_deref())?;
+                tx.commit()?;
+                return Ok(Decision::Denied);
+            }
+            if let Some(reason) = super::switches::engaged_reason(&tx, &playbook, now)? {
+                refuse(&tx, &reason)?;
+                tx.commit()?;
+                return Ok(Decision::Killed(reason));
+            }
+            let mut votes: Vec<Vote> = serde_json::from_str(&votes).unwrap_or_default();
+            if votes.iter().any(|v| v.who == who) {
+                refuse(&tx, "already approved by this identity")?;
+                tx.commit()?;
+                return Ok(Decision::AlreadyApproved);
+            }
+            votes.push(Vote { who: who.clone(), at: rfc3339(now), comment: comment.clone() });
+            let have = votes.len() as u32;
+            let text = serde_json::to_string(&votes).unwrap_or_else(|_| "[]".into());
+            let decision = if have >= required {
+                tx.execute(
+                    "UPDATE approvals SET state = 'approved', approvals = ?2, decided_at = ?3, decided_by = ?4, comment = ?5 WHERE id = ?1",
+                    params![id, text, now, who, comment],
+                )?;
+                tx.execute("UPDATE runs SET state = 'pending' WHERE id = ?1 AND state = 'awaiting_approval'", [run_id])?;
+                Decision::Approved
+            } else {
+                tx.execute("UPDATE approvals SET approvals = ?2 WHERE id = ?1", params![id, text])?;
+                Decision::Recorded { have, need: required }
+            };
+            super::audit::audit_in(&tx, &who, action, Some(&target), "ok", comment.as_deref())?;
+            tx.commit()?;
+            Ok(decision)
+        })
+        .await
+    }
+
+    /// Expires every pending approval past its time, with its run. Returns the run ids.
+    pub async fn expire_due(&self) -> Result<Vec<i64>, StoreError> {
+        self.write(|c| {
+            let tx = c.transaction()?;
+            let now = now_ms();
+            let due: Vec<(i64, i64)> = tx
+                .prepare_cached(
+                    "SELECT id, run_id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",
+                )?
+                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for &(id, run_id) in &due {
+                expire(&tx, id, run_id, now)?;
+            }
+            tx.commit()?;
+            Ok(due.into_iter().map(|(_, run)| run).collect())
+        })
+        .await
+    }
+
+    /// Approvals, newest first, optionally in one state.
+    pub async fn list_approvals(
+        &self,
+        state: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<ApprovalView>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{SELECT} WHERE (?1 IS NULL OR a.state = ?1) ORDER BY a.id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![state, limit], view)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// One approval.
+    pub async fn get_approval(&self, id: i64) -> Result<Option<ApprovalView>, StoreError> {
+        self.read(move |c| {
+            Ok(c.prepare_cached(&format!("{SELECT} WHERE a.id = ?1"))?
+                .query_row([id], view)
+                .optional()?)
+        })
+        .await
+    }
+}

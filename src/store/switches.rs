@@ -1,0 +1,158 @@
+//! Kill switches, global and per playbook, persisted so that a restart keeps them engaged.
+//! Engaging one also ends the runs in its scope that wait for approval (`killed`).
+
+use super::{Store, StoreError};
+use crate::time::{now_ms, rfc3339};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// The scope name of the global switch.
+pub const GLOBAL: &str = "global";
+
+/// The scope name of a playbook's switch.
+pub fn playbook_scope(playbook: &str) -> String {
+    format!("playbook:{playbook}")
+}
+
+/// A kill switch as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Switch {
+    /// `global` or `playbook:<name>`.
+    pub scope: String,
+    /// Engaged now (an engagement whose `until` has passed is released).
+    pub engaged: bool,
+    /// Why it was last changed.
+    pub reason: Option<String>,
+    /// Who last changed it (token name, or `circuit-breaker`).
+    pub actor: String,
+    /// When (RFC 3339).
+    pub changed_at: String,
+    /// End of a time-boxed engagement (RFC 3339).
+    pub until: Option<String>,
+}
+
+/// Why new work in `playbook` is held back by a switch, if it is.
+pub(super) fn engaged_reason(
+    c: &Connection,
+    playbook: &str,
+    now: i64,
+) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached(
+        "SELECT scope, actor, reason FROM switches
+         WHERE engaged = 1 AND scope IN ('global', 'playbook:' || ?1) AND (until IS NULL OR until > ?2)
+         ORDER BY scope = 'global' DESC LIMIT 1",
+    )?
+    .query_row(params![playbook, now], |r| {
+        let (scope, actor, reason): (String, String, Option<String>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        Ok(format!("kill switch ({scope}) engaged by {actor}: {}", reason.unwrap_or_default()))
+    })
+    .optional()
+}
+
+/// Engages a switch and ends the runs of its scope that wait for approval; audited.
+pub(super) fn engage_in(
+    c: &Connection,
+    scope: &str,
+    reason: &str,
+    actor: &str,
+    until: Option<i64>,
+    now: i64,
+) -> rusqlite::Result<Vec<i64>> {
+    set_in(c, scope, true, reason, actor, until, now)?;
+    let playbook = scope.strip_prefix("playbook:");
+    let waiting: Vec<i64> = c
+        .prepare_cached("SELECT id FROM runs WHERE state = 'awaiting_approval' AND (?1 IS NULL OR playbook = ?1)")?
+        .query_map([playbook], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for &id in &waiting {
+        super::approvals::close_pending(c, id, "cancelled", now)?;
+        super::runs::finish_run(
+            c,
+            id,
+            super::RunState::Killed,
+            Some(&format!("kill switch engaged by {actor}: {reason}")),
+            now,
+        )?;
+    }
+    Ok(waiting)
+}
+
+fn set_in(
+    c: &Connection,
+    scope: &str,
+    engaged: bool,
+    reason: &str,
+    actor: &str,
+    until: Option<i64>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO switches (scope, engaged, reason, actor, changed_at, until) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (scope) DO UPDATE SET engaged = ?2, reason = ?3, actor = ?4, changed_at = ?5, until = ?6",
+    )?
+    .execute(params![scope, engaged, reason, actor, now, until])?;
+    let action = if engaged {
+        "killswitch.engage"
+    } else {
+        "killswitch.release"
+    };
+    super::audit::audit_in(c, actor, action, Some(scope), "ok", Some(reason))
+}
+
+impl Store {
+    /// Every switch ever set, global first.
+    pub async fn switches(&self) -> Result<Vec<Switch>, StoreError> {
+        self.read(|c| {
+            let now = now_ms();
+            let mut stmt = c.prepare_cached(
+                "SELECT scope, engaged, reason, actor, changed_at, until FROM switches ORDER BY scope != 'global', scope",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let until: Option<i64> = r.get(5)?;
+                let engaged: bool = r.get(1)?;
+                Ok(Switch {
+                    scope: r.get(0)?,
+                    engaged: engaged && until.is_none_or(|u| u > now),
+                    reason: r.get(2)?,
+                    actor: r.get(3)?,
+                    changed_at: rfc3339(r.get(4)?),
+                    until: until.map(rfc3339),
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// Engages (with a reason, optionally until a time) or releases a switch. Returns the ids
+    /// of the runs that were waiting for approval and are now `killed`.
+    pub async fn set_switch(
+        &self,
+        scope: String,
+        engaged: bool,
+        reason: String,
+        actor: String,
+        until: Option<i64>,
+    ) -> Result<Vec<i64>, StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let now = now_ms();
+            let killed = if engaged {
+                engage_in(&tx, &scope, &reason, &actor, until, now)?
+            } else {
+                set_in(&tx, &scope, false, &reason, &actor, None, now)?;
+                Vec::new()
+            };
+            tx.commit()?;
+            Ok(killed)
+        })
+        .await
+    }
+
+    /// Why runs of `playbook` must not act now, if a switch says so.
+    pub async fn kill_reason(&self, playbook: &str) -> Result<Option<String>, StoreError> {
+        let playbook = playbook.to_string();
+        self.read(move |c| Ok(engaged_reason(c, &playbook, now_ms())?))
+            .await
+    }
+}
