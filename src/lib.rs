@@ -21,11 +21,13 @@
 //! - [`api`]: the HTTP API (axum).
 //! - [`app`]: wiring and ordered shutdown for `reflex serve`.
 //! - [`cli`]: the offline commands `check` and `simulate`.
+//! - [`client`]: the operator commands, clients of the API.
 
 pub mod alert;
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod executors;

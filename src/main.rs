@@ -13,6 +13,14 @@ use std::process::ExitCode;
     about = "Automated remediation: alerts in, playbooks run, every action on the record"
 )]
 struct Cli {
+    /// API address for the operator commands.
+    #[arg(
+        long,
+        global = true,
+        env = "REFLEX_SERVER",
+        default_value = "http://127.0.0.1:9095"
+    )]
+    server: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,6 +68,72 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List runs, newest first (token from REFLEX_TOKEN).
+    Runs {
+        /// Only this playbook.
+        #[arg(long)]
+        playbook: Option<String>,
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one run with its steps.
+    Run {
+        /// Run id.
+        id: i64,
+    },
+    /// List approval requests (pending by default).
+    Approvals {
+        /// pending, approved, denied, expired, cancelled, or all.
+        #[arg(long, default_value = "pending")]
+        state: String,
+    },
+    /// Approve a request.
+    Approve {
+        /// Approval id.
+        id: i64,
+        /// Recorded with the decision.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Deny a request; its run ends without acting.
+    Deny {
+        /// Approval id.
+        id: i64,
+        /// Recorded with the decision.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Engage the kill switch: no new run starts, running runs stop before their next step.
+    Kill {
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+        /// Only this playbook.
+        #[arg(long)]
+        playbook: Option<String>,
+        /// Release automatically after this long (e.g. 2h).
+        #[arg(long = "for")]
+        for_: Option<String>,
+    },
+    /// Release the kill switch.
+    Unkill {
+        /// Only this playbook's switch.
+        #[arg(long)]
+        playbook: Option<String>,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show the audit log, newest first.
+    Audit {
+        /// How many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -79,8 +153,139 @@ fn main() -> ExitCode {
     }
 }
 
+fn client_call(
+    server: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let token = std::env::var("REFLEX_TOKEN").ok().filter(|t| !t.is_empty());
+    let client = reflex::client::Client::new(server, token).map_err(anyhow::Error::msg)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(client.call(method, path, body))
+        .map_err(anyhow::Error::msg)
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+fn switch_path(playbook: Option<&str>) -> String {
+    playbook.map_or("/api/v1/killswitch".to_string(), |p| {
+        format!("/api/v1/playbooks/{p}/killswitch")
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    use reqwest::Method;
+    use serde_json::json;
+    let server = cli.server.as_str();
     match cli.command {
+        Command::Runs {
+            playbook,
+            state,
+            limit,
+        } => {
+            let mut q = format!("/api/v1/runs?limit={limit}");
+            for (k, v) in [("playbook", playbook), ("state", state)] {
+                if let Some(v) = v {
+                    q.push_str(&format!("&{k}={v}"));
+                }
+            }
+            print!(
+                "{}",
+                reflex::client::format_runs(&client_call(server, Method::GET, &q, None)?)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { id } => {
+            println!(
+                "{}",
+                pretty(&client_call(
+                    server,
+                    Method::GET,
+                    &format!("/api/v1/runs/{id}"),
+                    None
+                )?)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approvals { state } => {
+            let q = if state == "all" {
+                "/api/v1/approvals".to_string()
+            } else {
+                format!("/api/v1/approvals?state={state}")
+            };
+            print!(
+                "{}",
+                reflex::client::format_approvals(&client_call(server, Method::GET, &q, None)?)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve { id, comment } => {
+            let v = client_call(
+                server,
+                Method::POST,
+                &format!("/api/v1/approvals/{id}/approve"),
+                Some(json!({ "comment": comment })),
+            )?;
+            println!("approval {id}: {}", v["state"].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Deny { id, comment } => {
+            let v = client_call(
+                server,
+                Method::POST,
+                &format!("/api/v1/approvals/{id}/deny"),
+                Some(json!({ "comment": comment })),
+            )?;
+            println!("approval {id}: {}", v["state"].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kill {
+            reason,
+            playbook,
+            for_,
+        } => {
+            let body = json!({ "engaged": true, "reason": reason, "for": for_ });
+            println!(
+                "{}",
+                pretty(&client_call(
+                    server,
+                    Method::PUT,
+                    &switch_path(playbook.as_deref()),
+                    Some(body)
+                )?)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Unkill { playbook, reason } => {
+            let body = json!({ "engaged": false, "reason": reason });
+            println!(
+                "{}",
+                pretty(&client_call(
+                    server,
+                    Method::PUT,
+                    &switch_path(playbook.as_deref()),
+                    Some(body)
+                )?)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { limit } => {
+            println!(
+                "{}",
+                pretty(&client_call(
+                    server,
+                    Method::GET,
+                    &format!("/api/v1/audit?limit={limit}"),
+                    None
+                )?)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve {
             config,
             dry_run,

@@ -145,7 +145,7 @@ async fn set(
     } else {
         reason
     };
-    let killed = state
+    state
         .store
         .set_switch(
             scope.clone(),
@@ -156,7 +156,7 @@ async fn set(
         )
         .await?;
     if body.engaged {
-        tracing::warn!(%scope, actor = %who.name, %reason, runs_ended = killed.len(), "kill switch engaged");
+        tracing::warn!(%scope, actor = %who.name, %reason, "kill switch engaged");
     } else {
         tracing::warn!(%scope, actor = %who.name, "kill switch released");
     }

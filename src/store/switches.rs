@@ -1,5 +1,4 @@
 //! Kill switches, global and per playbook, persisted so that a restart keeps them engaged.
-//! Engaging one also ends the runs in its scope that wait for approval (`killed`).
 
 use super::{Store, StoreError};
 use crate::time::{now_ms, rfc3339};
@@ -49,7 +48,9 @@ pub(super) fn engaged_reason(
     .optional()
 }
 
-/// Engages a switch and ends the runs of its scope that wait for approval; audited.
+/// Engages a switch; audited. Runs waiting for approval keep waiting (nothing can be approved
+/// while it is engaged, and their requests expire as usual); runs in flight stop before their
+/// next step, and queued runs when they would start (see the engine).
 pub(super) fn engage_in(
     c: &Connection,
     scope: &str,
@@ -57,24 +58,8 @@ pub(super) fn engage_in(
     actor: &str,
     until: Option<i64>,
     now: i64,
-) -> rusqlite::Result<Vec<i64>> {
-    set_in(c, scope, true, reason, actor, until, now)?;
-    let playbook = scope.strip_prefix("playbook:");
-    let waiting: Vec<i64> = c
-        .prepare_cached("SELECT id FROM runs WHERE state = 'awaiting_approval' AND (?1 IS NULL OR playbook = ?1)")?
-        .query_map([playbook], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for &id in &waiting {
-        super::approvals::close_pending(c, id, "cancelled", now)?;
-        super::runs::finish_run(
-            c,
-            id,
-            super::RunState::Killed,
-            Some(&format!("kill switch engaged by {actor}: {reason}")),
-            now,
-        )?;
-    }
-    Ok(waiting)
+) -> rusqlite::Result<()> {
+    set_in(c, scope, true, reason, actor, until, now)
 }
 
 fn set_in(
@@ -124,8 +109,7 @@ impl Store {
         .await
     }
 
-    /// Engages (with a reason, optionally until a time) or releases a switch. Returns the ids
-    /// of the runs that were waiting for approval and are now `killed`.
+    /// Engages (with a reason, optionally until a time) or releases a switch.
     pub async fn set_switch(
         &self,
         scope: String,
@@ -133,18 +117,20 @@ impl Store {
         reason: String,
         actor: String,
         until: Option<i64>,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<(), StoreError> {
         self.write(move |c| {
             let tx = c.transaction()?;
-            let now = now_ms();
-            let killed = if engaged {
-                engage_in(&tx, &scope, &reason, &actor, until, now)?
-            } else {
-                set_in(&tx, &scope, false, &reason, &actor, None, now)?;
-                Vec::new()
-            };
+            set_in(
+                &tx,
+                &scope,
+                engaged,
+                &reason,
+                &actor,
+                until.filter(|_| engaged),
+                now_ms(),
+            )?;
             tx.commit()?;
-            Ok(killed)
+            Ok(())
         })
         .await
     }

@@ -258,6 +258,27 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Any request, with an optional bearer token and JSON body.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// POSTs an Alertmanager payload.
     pub async fn post_alertmanager(&self, body: &str) -> (u16, Value) {
         self.post_raw("/api/v1/webhooks/alertmanager", body.to_string())
@@ -349,4 +370,22 @@ pub fn generic_alert(alertname: &str, instance: &str, starts_at: &str) -> String
         "startsAt": starts_at,
     })
     .to_string()
+}
+
+/// SHA-256 hex of a token, as `auth.tokens[].sha256` wants it.
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+/// An `auth:` config section with these (name, role) tokens; each token is `<name>-token`.
+pub fn auth_config(tokens: &[(&str, &str)]) -> String {
+    let mut out = String::from("auth:\n  tokens:\n");
+    for (name, role) in tokens {
+        out.push_str(&format!(
+            "    - {{ name: {name}, role: {role}, sha256: {} }}\n",
+            token_hash(&format!("{name}-token"))
+        ));
+    }
+    out
 }

@@ -1,0 +1,765 @@
+//! The safety semantics through the real binary: approval gates, the kill switch, the circuit
+//! breaker, persistence across restarts, auth and roles, the audit log, and dry runs.
+
+mod common;
+
+use common::{TestApp, auth_config, generic_alert};
+use serde_json::{Value, json};
+
+const TOKENS: &[(&str, &str)] = &[
+    ("admin", "admin"),
+    ("alice", "approver"),
+    ("bob", "approver"),
+    ("carol", "viewer"),
+    ("alertmanager", "webhook"),
+];
+
+const GATED: &str = r#"
+name: gated
+matchers: ['alertname="Risky"']
+steps:
+  - name: look
+    action: log
+    with: { message: "looking at {{ labels.instance }}" }
+  - name: act
+    action: log
+    with: { message: "acting on {{ labels.instance }}" }
+    approval:
+      count: 1
+      expires: 10m
+"#;
+
+const TWO_APPROVERS: &str = r#"
+name: two
+matchers: ['alertname="VeryRisky"']
+approval:
+  count: 2
+  expires: 10m
+steps:
+  - name: act
+    action: log
+    with: { message: "acting on {{ labels.instance }}" }
+"#;
+
+async fn app_with(playbooks: &[(&str, &str)], extra: &str) -> TestApp {
+    let mut b = TestApp::builder()
+        .config(&auth_config(TOKENS))
+        .config(extra);
+    for (f, y) in playbooks {
+        b = b.playbook(f, y);
+    }
+    b.start().await
+}
+
+async fn post_alert(app: &TestApp, body: String) -> Value {
+    let (status, body) = app
+        .call(
+            "POST",
+            "/api/v1/webhooks/generic",
+            Some("alertmanager-token"),
+            Some(serde_json::from_str(&body).unwrap()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body["outcomes"][0][0].clone()
+}
+
+async fn run_as(app: &TestApp, id: i64) -> Value {
+    let (status, run) = app
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{id}"),
+            Some("carol-token"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{run}");
+    run
+}
+
+async fn wait_state(app: &TestApp, id: i64, state: &str) -> Value {
+    app.wait_for(20, &format!("run {id} to be {state}"), || async {
+        let run = run_as(app, id).await;
+        (run["state"] == state).then_some(run)
+    })
+    .await
+}
+
+async fn pending_approval(app: &TestApp, run_id: i64) -> Value {
+    app.wait_for(20, "an approval request", || async {
+        let (_, list) = app
+            .call(
+                "GET",
+                "/api/v1/approvals?state=pending",
+                Some("carol-token"),
+                None,
+            )
+            .await;
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["run_id"] == run_id)
+            .cloned()
+    })
+    .await
+}
+
+async fn decide(app: &TestApp, approval: i64, verb: &str, who: &str) -> (u16, Value) {
+    let token = format!("{who}-token");
+    app.call(
+        "POST",
+        &format!("/api/v1/approvals/{approval}/{verb}"),
+        Some(&token),
+        Some(json!({"comment": format!("{who} says {verb}")})),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_gated_step_waits_and_runs_only_after_approval() {
+    let app = app_with(&[("gated.yaml", GATED)], "").await;
+    let run_id = post_alert(
+        &app,
+        generic_alert("Risky", "web-1", "2026-11-22T10:00:00Z"),
+    )
+    .await["run_id"]
+        .as_i64()
+        .unwrap();
+    let approval = pending_approval(&app, run_id).await;
+    let run = wait_state(&app, run_id, "awaiting_approval").await;
+    assert_eq!(run["steps"][0]["state"], "succeeded");
+    assert_eq!(
+        run["steps"][1]["state"], "pending",
+        "the gated step has not run"
+    );
+    // The request shows exactly what will be done.
+    assert_eq!(approval["action"]["target"], "web-1");
+    assert_eq!(
+        approval["action"]["steps"][0]["args"]["message"],
+        "acting on web-1"
+    );
+    assert_eq!(approval["action_hash"].as_str().unwrap().len(), 64);
+
+    let (status, body) = decide(&app, approval["id"].as_i64().unwrap(), "approve", "alice").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "approved");
+    assert_eq!(body["approvals"][0]["who"], "alice");
+    let run = wait_state(&app, run_id, "succeeded").await;
+    assert_eq!(run["steps"][1]["output"]["message"], "acting on web-1");
+}
+
+#[tokio::test]
+async fn deny_expiry_and_resolution_end_the_run_without_acting() {
+    let app = app_with(
+        &[("gated.yaml", &GATED.replace("expires: 10m", "expires: 3s"))],
+        "",
+    )
+    .await;
+    // Denied.
+    let denied = post_alert(
+        &app,
+        generic_alert("Risky", "h-deny", "2026-11-22T10:00:00Z"),
+    )
+    .await["run_id"]
+        .as_i64()
+        .unwrap();
+    let a = pending_approval(&app, denied).await;
+    let (status, body) = decide(&app, a["id"].as_i64().unwrap(), "deny", "bob").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "denied");
+    let run = wait_state(&app, denied, "denied").await;
+    assert_eq!(run["steps"][1]["state"], "skipped");
+    assert_eq!(run["steps"][1]["output"], Value::Null);
+    let (status, _) = decide(&app, a["id"].as_i64().unwrap(), "approve", "alice").await;
+    assert_eq!(
+        status, 409,
+        "a denied request cannot be approved afterwards"
+    );
+
+    // Expired (3 s).
+    let expired = post_alert(
+        &app,
+        generic_alert("Risky", "h-expire", "2026-11-22T10:00:00Z"),
+    )
+    .await["run_id"]
+        .as_i64()
+        .unwrap();
+    let a = pending_approval(&app, expired).await;
+    let run = wait_state(&app, expired, "expired").await;
+    assert_eq!(run["steps"][1]["state"], "skipped");
+    let (status, body) = decide(&app, a["id"].as_i64().unwrap(), "approve", "alice").await;
+    assert_eq!(status, 409, "{body}");
+
+    // The alert resolves while the run waits.
+    let body = generic_alert("Risky", "h-resolve", "2026-11-22T10:00:00Z");
+    let resolving = post_alert(&app, body.clone()).await["run_id"]
+        .as_i64()
+        .unwrap();
+    pending_approval(&app, resolving).await;
+    let mut resolved: Value = serde_json::from_str(&body).unwrap();
+    resolved["status"] = json!("resolved");
+    let (status, out) = app
+        .call(
+            "POST",
+            "/api/v1/webhooks/generic",
+            Some("alertmanager-token"),
+            Some(resolved),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["outcomes"][0][0]["outcome"], "ended", "{out}");
+    let run = wait_state(&app, resolving, "resolved").await;
+    assert_eq!(run["steps"][1]["state"], "skipped");
+}
+
+#[tokio::test]
+async fn two_approvers_means_two_different_people() {
+    let app = app_with(&[("two.yaml", TWO_APPROVERS)], "").await;
+    let run_id = post_alert(
+        &app,
+        generic_alert("VeryRisky", "db-9", "2026-11-22T10:00:00Z"),
+    )
+    .await["run_id"]
+        .as_i64()
+        .unwrap();
+    let a = pending_approval(&app, run_id).await;
+    assert_eq!(
+        a["scope"], "run",
+        "a playbook-level gate covers the whole run"
+    );
+    let id = a["id"].as_i64().unwrap();
+    let (status, body) = decide(&app, id, "approve", "alice").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "pending", "one approval of two");
+    let (status, body) = decide(&app, id, "approve", "alice").await;
+    assert_eq!(status, 409, "the same person twice is not two: {body}");
+    assert_eq!(run_as(&app, run_id).await["state"], "awaiting_approval");
+    let (status, body) = decide(&app, id, "approve", "carol").await;
+    assert_eq!(status, 403, "a viewer cannot approve: {body}");
+    let (status, body) = decide(&app, id, "approve", "bob").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "approved");
+    wait_state(&app, run_id, "succeeded").await;
+}
+
+#[tokio::test]
+async fn kill_switch_suppresses_stops_and_blocks_approvals_until_released() {
+    const SLOW: &str = r#"
+name: slow
+matchers: ['alertname="Slow"']
+steps:
+  - { name: first, action: wait, with: { duration: 2s } }
+  - { name: second, action: log, with: { message: "must not run while killed" } }
+"#;
+    let app = app_with(&[("slow.yaml", SLOW), ("gated.yaml", GATED)], "").await;
+    // A run between steps, and one waiting for approval.
+    let running =
+        post_alert(&app, generic_alert("Slow", "h1", "2026-11-22T10:00:00Z")).await["run_id"]
+            .as_i64()
+            .unwrap();
+    let gated =
+        post_alert(&app, generic_alert("Risky", "h2", "2026-11-22T10:00:00Z")).await["run_id"]
+            .as_i64()
+            .unwrap();
+    let approval = pending_approval(&app, gated).await;
+    app.wait_for(10, "the slow step to start", || async {
+        (run_as(&app, running).await["steps"][0]["state"] == "running").then_some(())
+    })
+    .await;
+
+    let (status, body) = app
+        .call(
+            "PUT",
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(json!({"engaged": true, "reason": "bad deploy in progress"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["global"]["engaged"], true);
+    assert_eq!(body["global"]["actor"], "admin");
+
+    let run = wait_state(&app, running, "killed").await;
+    assert_eq!(
+        run["steps"][0]["state"], "succeeded",
+        "the step under way finished"
+    );
+    assert_eq!(
+        run["steps"][1]["state"], "skipped",
+        "the next one never started"
+    );
+
+    let out = post_alert(&app, generic_alert("Slow", "h3", "2026-11-22T10:00:00Z")).await;
+    assert_eq!(out["outcome"], "suppressed");
+    assert!(
+        out["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bad deploy in progress"),
+        "{out}"
+    );
+
+    let (status, body) = decide(&app, approval["id"].as_i64().unwrap(), "approve", "alice").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("kill switch"),
+        "{body}"
+    );
+
+    let (status, _) = app
+        .call(
+            "PUT",
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(json!({"engaged": false, "reason": "fixed"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let out = post_alert(&app, generic_alert("Slow", "h4", "2026-11-22T10:00:00Z")).await;
+    assert_eq!(out["outcome"], "created");
+    let (status, body) = decide(&app, approval["id"].as_i64().unwrap(), "approve", "alice").await;
+    assert_eq!(status, 200, "{body}");
+    wait_state(&app, gated, "succeeded").await;
+
+    let (_, audit) = app
+        .call("GET", "/api/v1/audit?limit=1000", Some("carol-token"), None)
+        .await;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        actions.contains(&"killswitch.engage") && actions.contains(&"killswitch.release"),
+        "{actions:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_of_1000_alerts_starts_at_most_20_runs_and_trips_the_breaker() {
+    const ANY: &str = r#"
+name: any-host
+matchers: ['alertname="Storm"']
+steps:
+  - { action: log, with: { message: "fixing {{ labels.instance }}" } }
+"#;
+    let breaker = "breaker:\n  window: 1m\n  max_runs: 20\n  max_runs_per_playbook: 0\n  max_targets: 0\n  max_failures: 0\n";
+    let app = app_with(&[("any.yaml", ANY)], breaker).await;
+    // Ten concurrent posts of 100 distinct alerts each.
+    let mut tasks = tokio::task::JoinSet::new();
+    for batch in 0..10 {
+        let alerts: Vec<Value> = (0..100)
+            .map(|i| {
+                serde_json::from_str(&generic_alert(
+                    "Storm",
+                    &format!("host-{batch}-{i}"),
+                    "2026-11-22T10:00:00Z",
+                ))
+                .unwrap()
+            })
+            .collect();
+        let url = format!("{}/api/v1/webhooks/generic", app.base);
+        tasks.spawn(async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth("alertmanager-token")
+                .json(&alerts)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let db = app.db();
+    let started: i64 = db
+        .query_row(
+            "SELECT count(*) FROM runs WHERE state != 'suppressed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let suppressed: i64 = db
+        .query_row(
+            "SELECT count(*) FROM runs WHERE state = 'suppressed'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(started <= 20, "{started} runs started");
+    assert_eq!(started + suppressed, 1000, "every alert is accounted for");
+    let (_, ks) = app
+        .call("GET", "/api/v1/killswitch", Some("carol-token"), None)
+        .await;
+    assert_eq!(ks["global"]["engaged"], true, "{ks}");
+    assert_eq!(ks["global"]["actor"], "circuit-breaker");
+    assert!(
+        ks["global"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("breaker.max_runs = 20"),
+        "{ks}"
+    );
+}
+
+#[tokio::test]
+async fn pending_approvals_and_the_kill_switch_survive_a_restart() {
+    let mut app = app_with(&[("gated.yaml", GATED)], "").await;
+    let run_id =
+        post_alert(&app, generic_alert("Risky", "h1", "2026-11-22T10:00:00Z")).await["run_id"]
+            .as_i64()
+            .unwrap();
+    let approval = pending_approval(&app, run_id).await;
+    let (status, _) = app
+        .call(
+            "PUT",
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(json!({"engaged": true, "reason": "freeze"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    app.kill9();
+    app.restart().await;
+    let (_, ks) = app
+        .call("GET", "/api/v1/killswitch", Some("carol-token"), None)
+        .await;
+    assert_eq!(ks["global"]["engaged"], true);
+    assert_eq!(ks["global"]["reason"], "freeze");
+    let (_, list) = app
+        .call(
+            "GET",
+            "/api/v1/approvals?state=pending",
+            Some("carol-token"),
+            None,
+        )
+        .await;
+    assert_eq!(list[0]["id"], approval["id"], "{list}");
+    assert_eq!(run_as(&app, run_id).await["state"], "awaiting_approval");
+    // Released, the surviving approval still works.
+    app.call(
+        "PUT",
+        "/api/v1/killswitch",
+        Some("admin-token"),
+        Some(json!({"engaged": false})),
+    )
+    .await;
+    let (status, _) = decide(&app, approval["id"].as_i64().unwrap(), "approve", "bob").await;
+    assert_eq!(status, 200);
+    wait_state(&app, run_id, "succeeded").await;
+}
+
+#[tokio::test]
+async fn endpoints_refuse_missing_bad_and_underprivileged_tokens() {
+    let app = app_with(&[("gated.yaml", GATED)], "").await;
+    let alert: Value =
+        serde_json::from_str(&generic_alert("Risky", "h", "2026-11-22T10:00:00Z")).unwrap();
+    // (method, path, body, a token whose role is too low)
+    let cases: Vec<(&str, &str, Option<Value>, &str)> = vec![
+        (
+            "POST",
+            "/api/v1/webhooks/generic",
+            Some(alert.clone()),
+            "carol-token",
+        ),
+        (
+            "POST",
+            "/api/v1/webhooks/alertmanager",
+            Some(json!({})),
+            "alice-token",
+        ),
+        ("GET", "/api/v1/runs", None, "alertmanager-token"),
+        ("GET", "/api/v1/runs/1", None, "alertmanager-token"),
+        ("GET", "/api/v1/approvals", None, "alertmanager-token"),
+        ("GET", "/api/v1/killswitch", None, "alertmanager-token"),
+        ("GET", "/api/v1/playbooks", None, "alertmanager-token"),
+        ("GET", "/api/v1/audit", None, "alertmanager-token"),
+        (
+            "POST",
+            "/api/v1/approvals/1/approve",
+            Some(json!({})),
+            "carol-token",
+        ),
+        (
+            "POST",
+            "/api/v1/approvals/1/deny",
+            Some(json!({})),
+            "carol-token",
+        ),
+        ("POST", "/api/v1/runs/1/cancel", None, "alice-token"),
+        (
+            "PUT",
+            "/api/v1/killswitch",
+            Some(json!({"engaged": true, "reason": "x"})),
+            "alice-token",
+        ),
+        (
+            "PUT",
+            "/api/v1/playbooks/gated/killswitch",
+            Some(json!({"engaged": true, "reason": "x"})),
+            "carol-token",
+        ),
+    ];
+    let mut mutating = 0;
+    for (method, path, body, low) in &cases {
+        for (token, want) in [(None, 401), (Some("not-a-token"), 401), (Some(*low), 403)] {
+            let (status, resp) = app.call(method, path, token, body.clone()).await;
+            assert_eq!(status, want, "{method} {path} with {token:?}: {resp}");
+            assert!(resp["error"]["message"].is_string(), "{resp}");
+        }
+        if *method != "GET" {
+            mutating += 3;
+        }
+    }
+    assert_eq!(app.count("runs"), 0, "nothing refused changed anything");
+    let refused: i64 = app
+        .db()
+        .query_row(
+            "SELECT count(*) FROM audit WHERE outcome = 'refused'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        refused, mutating,
+        "every refused attempt on a mutating endpoint is audited"
+    );
+    let (status, _) = app.call("GET", "/healthz", None, None).await;
+    assert_eq!(status, 200, "health stays open by default");
+    // Basic auth works for webhooks (Alertmanager's basic_auth).
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/v1/webhooks/generic", app.base))
+        .basic_auth("alertmanager", Some("alertmanager-token"))
+        .json(&alert)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touches_nothing() {
+    let sshd = common::sshd::Sshd::start();
+    let app = TestApp::builder()
+        .example_playbooks()
+        // Every host the example alerts name is in the inventory, so every step validates.
+        .config(&sshd.config_yaml(
+            "db-1",
+            &[
+                "db-1.example.internal",
+                "db-2.example.internal",
+                "web-3.example.internal",
+            ],
+        ))
+        .arg("--dry-run")
+        .start()
+        .await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/alerts");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let path = if text.contains("\"version\"") {
+            "/api/v1/webhooks/alertmanager"
+        } else {
+            "/api/v1/webhooks/generic"
+        };
+        let (status, body) = app.post_raw(path, text).await;
+        assert_eq!(status, 200, "{}: {body}", file.display());
+    }
+    let runs = app.runs().await;
+    let playbooks: std::collections::BTreeSet<String> = runs
+        .iter()
+        .map(|r| r["playbook"].as_str().unwrap().to_string())
+        .collect();
+    let examples: std::collections::BTreeSet<String> =
+        std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("playbooks"))
+            .unwrap()
+            .map(|e| {
+                e.unwrap()
+                    .path()
+                    .file_stem()
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string()
+            })
+            .collect();
+    assert_eq!(
+        playbooks, examples,
+        "every example playbook has an example alert"
+    );
+    for run in &runs {
+        let id = run["id"].as_i64().unwrap();
+        let run = app
+            .wait_for(20, "dry run to finish", || async {
+                let r = app.run(id).await;
+                (r["state"] != "pending" && r["state"] != "running").then_some(r)
+            })
+            .await;
+        assert_eq!(run["dry_run"], true);
+        for step in run["steps"].as_array().unwrap() {
+            assert_eq!(step["state"], "dry_run", "{run:#}");
+            assert_eq!(step["output"]["would_run"]["args"], step["args"]);
+        }
+    }
+    assert_eq!(
+        sshd.accepted_connections(),
+        0,
+        "a dry run connects to nothing"
+    );
+}
+
+#[tokio::test]
+async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
+    let app = app_with(&[("gated.yaml", GATED)], "").await;
+    let run_id =
+        post_alert(&app, generic_alert("Risky", "h1", "2026-11-22T10:00:00Z")).await["run_id"]
+            .as_i64()
+            .unwrap();
+    let approval = pending_approval(&app, run_id).await["id"].as_i64().unwrap();
+    let cli = |args: &[&str], token: &str| {
+        let out = std::process::Command::new(common::reflex_bin())
+            .args(["--server", &app.base])
+            .args(args)
+            .env("REFLEX_TOKEN", token)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, out) = cli(&["approvals"], "carol-token");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("approval {approval} [pending] run {run_id}")),
+        "{out}"
+    );
+    assert!(
+        out.contains("acting on h1"),
+        "the request shows what will be done: {out}"
+    );
+
+    let (code, out) = cli(
+        &["approve", &approval.to_string(), "--comment", "looks right"],
+        "carol-token",
+    );
+    assert_eq!(code, 1, "a viewer cannot approve: {out}");
+    assert!(out.contains("403"), "{out}");
+    let (code, out) = cli(
+        &["approve", &approval.to_string(), "--comment", "looks right"],
+        "alice-token",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("approved"), "{out}");
+    wait_state(&app, run_id, "succeeded").await;
+
+    let (code, out) = cli(&["runs"], "carol-token");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("succeeded") && l.contains("gated") && l.contains("h1")),
+        "{out}"
+    );
+
+    let (code, out) = cli(&["kill", "--reason", "incident 42"], "admin-token");
+    assert_eq!(code, 0, "{out}");
+    let (_, ks) = app
+        .call("GET", "/api/v1/killswitch", Some("carol-token"), None)
+        .await;
+    assert_eq!(ks["global"]["reason"], "incident 42");
+    let (code, out) = cli(&["unkill"], "admin-token");
+    assert_eq!(code, 0, "{out}");
+    let (_, ks) = app
+        .call("GET", "/api/v1/killswitch", Some("carol-token"), None)
+        .await;
+    assert_eq!(ks["global"]["engaged"], false);
+}
+
+#[tokio::test]
+async fn maintenance_windows_and_playbook_switches_suppress_visibly() {
+    let start = humantime::format_rfc3339(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(60),
+    );
+    let end = humantime::format_rfc3339(
+        std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+    );
+    let windows = format!(
+        "maintenance_windows:\n  - name: db upgrade\n    matchers: ['instance=~\"db-.*\"']\n    start: {start}\n    end: {end}\n"
+    );
+    let app = app_with(
+        &[("gated.yaml", GATED), ("two.yaml", TWO_APPROVERS)],
+        &windows,
+    )
+    .await;
+    let out = post_alert(&app, generic_alert("Risky", "db-7", "2026-11-22T10:00:00Z")).await;
+    assert_eq!(out["outcome"], "suppressed");
+    assert!(
+        out["reason"]
+            .as_str()
+            .unwrap()
+            .contains("maintenance window \"db upgrade\""),
+        "{out}"
+    );
+    let out = post_alert(
+        &app,
+        generic_alert("Risky", "web-7", "2026-11-22T10:00:00Z"),
+    )
+    .await;
+    assert_eq!(out["outcome"], "created", "outside the window's matchers");
+
+    // A time-boxed switch on one playbook leaves the others alone.
+    let (status, body) = app
+        .call(
+            "PUT",
+            "/api/v1/playbooks/gated/killswitch",
+            Some("admin-token"),
+            Some(json!({"engaged": true, "reason": "flaky", "for": "1h"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let gated = &body["playbooks"][0];
+    assert_eq!(gated["scope"], "playbook:gated");
+    assert!(gated["until"].is_string());
+    let out = post_alert(
+        &app,
+        generic_alert("Risky", "web-8", "2026-11-22T10:00:00Z"),
+    )
+    .await;
+    assert_eq!(out["outcome"], "suppressed");
+    let out = post_alert(
+        &app,
+        generic_alert("VeryRisky", "web-8", "2026-11-22T10:00:00Z"),
+    )
+    .await;
+    assert_eq!(out["outcome"], "created");
+    let (status, body) = app
+        .call(
+            "PUT",
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(json!({"engaged": true})),
+        )
+        .await;
+    assert_eq!(status, 400, "engaging needs a reason: {body}");
+    let (status, _) = app
+        .call(
+            "PUT",
+            "/api/v1/playbooks/nope/killswitch",
+            Some("admin-token"),
+            Some(json!({"engaged": true, "reason": "x"})),
+        )
+        .await;
+    assert_eq!(status, 404);
+}
