@@ -6,10 +6,12 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::executors::Executors;
+use crate::metrics::Metrics;
 use crate::playbook::PlaybookSet;
 use crate::store::Store;
 use anyhow::Context;
 use std::future::Future;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -37,10 +39,25 @@ pub async fn run(
     tracing::info!(count = playbooks.playbooks.len(), dir = %cfg.playbooks_dir.display(), "playbooks loaded");
     let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
     let token = CancellationToken::new();
-    let engine = Engine::new(store.clone(), playbooks, executors, &cfg, token.clone());
+    let metrics = Arc::new(Metrics::new());
+    let engine = Engine::new(
+        store.clone(),
+        playbooks,
+        executors,
+        &cfg,
+        metrics,
+        token.clone(),
+    );
     engine.recover().await.context("recovering runs")?;
     let dispatcher = tokio::spawn(engine.clone().dispatch());
     let sweeper = tokio::spawn(engine.clone().sweep());
+    tokio::spawn(watch_playbooks(
+        engine.clone(),
+        cfg.playbooks_dir.clone(),
+        token.clone(),
+    ));
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(engine.clone(), token.clone()));
 
     let auth = api::auth::Auth::from_config(&cfg.auth).map_err(anyhow::Error::msg)?;
     if !auth.enabled() {
@@ -90,5 +107,61 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// How often the playbook directory is looked at. Polling (rather than inotify) also sees a
+/// Kubernetes ConfigMap update, which swaps a symlink.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(400);
+
+/// Names, sizes and modification times of the playbook files: what a change changes.
+fn dir_fingerprint(
+    dir: &std::path::Path,
+) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let meta = std::fs::metadata(&path).ok()?;
+            Some((path, meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Reloads playbooks when their files change, once the change has settled for one interval
+/// (an editor's save is often several writes).
+async fn watch_playbooks(engine: Arc<Engine>, dir: std::path::PathBuf, stop: CancellationToken) {
+    let mut seen = dir_fingerprint(&dir);
+    let mut changed: Option<Vec<_>> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            _ = stop.cancelled() => return,
+        }
+        let now = dir_fingerprint(&dir);
+        match changed.take() {
+            Some(prev) if prev == now => {
+                seen = now;
+                let _ = engine.reload("file change");
+            }
+            _ if now != seen => changed = Some(now),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(unix)]
+async fn reload_on_sighup(engine: Arc<Engine>, stop: CancellationToken) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => { let _ = engine.reload("SIGHUP"); }
+            _ = stop.cancelled() => return,
+        }
     }
 }

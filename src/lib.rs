@@ -18,6 +18,7 @@
 //! - [`engine`]: turns alerts into persisted runs and executes them, step by step.
 //! - [`executors`]: the only code that acts on the world.
 //! - [`store`]: the only module with SQL.
+//! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`api`]: the HTTP API (axum).
 //! - [`app`]: wiring and ordered shutdown for `reflex serve`.
 //! - [`cli`]: the offline commands `check` and `simulate`.
@@ -31,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod executors;
+pub mod metrics;
 pub mod playbook;
 pub mod store;
 pub mod telemetry;

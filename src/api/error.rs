@@ -27,6 +27,9 @@ pub enum ApiError {
     /// Any other status with a message (e.g. a body rejection).
     #[error("{1}")]
     Status(StatusCode, String),
+    /// 422: the request was understood but what it asks for is invalid; one detail per error.
+    #[error("{0}")]
+    Invalid(String, Vec<String>),
 }
 
 impl ApiError {
@@ -38,6 +41,7 @@ impl ApiError {
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Status(s, _) => *s,
+            ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 }
@@ -48,7 +52,11 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(status = status.as_u16(), error = %self, "request failed");
         }
-        let body = json!({ "error": { "status": status.as_u16(), "message": self.to_string() } });
+        let mut body =
+            json!({ "error": { "status": status.as_u16(), "message": self.to_string() } });
+        if let ApiError::Invalid(_, details) = &self {
+            body["error"]["details"] = json!(details);
+        }
         (status, Json(body)).into_response()
     }
 }

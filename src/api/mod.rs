@@ -72,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::approver));
     let admin = Router::new()
         .route("/api/v1/runs/{id}/cancel", post(runs::cancel))
+        .route("/api/v1/playbooks/reload", post(playbooks::reload))
         .route("/api/v1/killswitch", axum::routing::put(killswitch::put))
         .route(
             "/api/v1/playbooks/{name}/killswitch",
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
     let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route_layer(from_fn_with_state(state.clone(), auth::health));
     Router::new()
         .merge(intake)
@@ -113,6 +115,31 @@ async fn audit(
         ));
     }
     Ok(axum::Json(state.store.audit_log(limit).await?))
+}
+
+/// `GET /metrics`: gauges that live in the store are read at scrape time.
+async fn metrics(
+    State(state): State<AppState>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    let m = &state.engine.metrics;
+    let pending = state
+        .store
+        .list_approvals(Some("pending".into()), 10_000)
+        .await?
+        .len();
+    m.approvals_pending.set(pending as i64);
+    for s in state.store.switches().await? {
+        m.killswitch_engaged
+            .with_label_values(&[&s.scope])
+            .set(i64::from(s.engaged));
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        m.render(),
+    ))
 }
 
 /// Ready when the store answers.

@@ -41,6 +41,11 @@ pub async fn alertmanager(
         ))
     })?;
     if payload.truncated_alerts > 0 {
+        state
+            .engine
+            .metrics
+            .alerts_truncated
+            .inc_by(payload.truncated_alerts);
         tracing::warn!(
             truncated = payload.truncated_alerts,
             group_key = %payload.group_key,

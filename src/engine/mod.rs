@@ -10,14 +10,16 @@ mod run;
 use crate::alert::Alert;
 use crate::config::{Config, EngineConfig};
 use crate::executors::Executors;
-use crate::playbook::PlaybookSet;
+use crate::metrics::Metrics;
 use crate::playbook::matcher::Matcher;
 use crate::playbook::spec::CooldownBy;
+use crate::playbook::{Diagnostic, PlaybookSet};
 use crate::store::{
     BreakerLimits, Candidate, Decision, IntakeItem, Outcome, RunState, Store, StoreError,
 };
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
@@ -48,6 +50,9 @@ pub struct Engine {
     limits: BreakerLimits,
     windows: Vec<Window>,
     dry_run: bool,
+    playbook_paths: Vec<PathBuf>,
+    /// The metrics the engine updates.
+    pub metrics: Arc<Metrics>,
     wake: Notify,
     /// Cancellation tokens of runs in flight, by run id.
     running: Mutex<HashMap<i64, CancellationToken>>,
@@ -75,8 +80,12 @@ impl Engine {
         playbooks: PlaybookSet,
         executors: Executors,
         cfg: &Config,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
+        metrics
+            .playbooks_loaded
+            .set(playbooks.playbooks.len() as i64);
         let ms = |t: &str| {
             humantime::parse_rfc3339_weak(t)
                 .ok()
@@ -111,6 +120,8 @@ impl Engine {
             },
             windows,
             dry_run: cfg.dry_run,
+            playbook_paths: vec![cfg.playbooks_dir.clone()],
+            metrics,
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             shutdown,
@@ -125,7 +136,30 @@ impl Engine {
 
     /// Replaces the playbooks; runs in flight keep the steps they were planned with.
     pub fn set_playbooks(&self, set: PlaybookSet) {
+        self.metrics
+            .playbooks_loaded
+            .set(set.playbooks.len() as i64);
         self.playbooks.store(Arc::new(set));
+    }
+
+    /// Reloads the playbook directory. A set with any invalid playbook is rejected whole: the
+    /// set in force stays, and the errors are logged, counted and returned.
+    pub fn reload(&self, why: &str) -> Result<usize, Vec<Diagnostic>> {
+        match PlaybookSet::load(&self.playbook_paths) {
+            Ok(set) => {
+                let n = set.playbooks.len();
+                self.set_playbooks(set);
+                tracing::info!(count = n, trigger = why, "playbooks reloaded");
+                Ok(n)
+            }
+            Err(diags) => {
+                self.metrics.reload_errors.inc();
+                for d in &diags {
+                    tracing::error!(trigger = why, error = %d, "playbook reload rejected; the previous set stays in force");
+                }
+                Err(diags)
+            }
+        }
     }
 
     /// Matches, renders and records alerts. Returns the outcome for each alert's matched
@@ -133,7 +167,7 @@ impl Engine {
     pub async fn intake(&self, alerts: Vec<Alert>) -> Result<Vec<Vec<Outcome>>, StoreError> {
         let set = self.playbooks();
         let now = crate::time::now_ms();
-        let items = alerts
+        let items: Vec<IntakeItem> = alerts
             .into_iter()
             .map(|alert| {
                 let window = self.windows.iter().find(|w| {
@@ -170,7 +204,35 @@ impl Engine {
                 IntakeItem { alert, candidates }
             })
             .collect();
+        for IntakeItem { alert, .. } in &items {
+            self.metrics
+                .alerts_received
+                .with_label_values(&[alert.source, alert.status.as_str()])
+                .inc();
+        }
         let outcomes = self.store.record_intake(items, self.limits).await?;
+        for o in outcomes.iter().flatten() {
+            match o {
+                Outcome::Suppressed { playbook, .. } => self
+                    .metrics
+                    .runs
+                    .with_label_values(&[playbook, "suppressed"])
+                    .inc(),
+                Outcome::Failed { playbook, .. } => self
+                    .metrics
+                    .runs
+                    .with_label_values(&[playbook, "failed"])
+                    .inc(),
+                Outcome::Ended {
+                    playbook, state, ..
+                } => self
+                    .metrics
+                    .runs
+                    .with_label_values(&[playbook, state.as_str()])
+                    .inc(),
+                Outcome::Created { .. } | Outcome::Deduplicated { .. } => {}
+            }
+        }
         if outcomes
             .iter()
             .flatten()

@@ -66,6 +66,9 @@ impl Engine {
                 }
                 Err(Stop::End { state, error }) => (state, Some(error)),
             };
+            let elapsed = (crate::time::now_ms() - run.started_ms).max(0) as f64 / 1000.0;
+            self.metrics.runs.with_label_values(&[&run.playbook, state.as_str()]).inc();
+            self.metrics.run_duration.with_label_values(&[&run.playbook]).observe(elapsed);
             match self.store.run_finished(run.id, state, error.clone()).await {
                 Ok(()) => tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished"),
                 Err(e) => tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run"),
@@ -211,6 +214,7 @@ impl Engine {
                 .step_started(run.id, step.idx)
                 .await
                 .map_err(record_err)?;
+            let step_timer = std::time::Instant::now();
             let result = if run.dry_run {
                 executor
                     .validate(&ctx)
@@ -226,6 +230,10 @@ impl Engine {
                     ))),
                 }
             };
+            self.metrics
+                .step_duration
+                .with_label_values(&[&step.action])
+                .observe(step_timer.elapsed().as_secs_f64());
             let (state, output, error) = match result {
                 Ok(out) if run.dry_run => (StepState::DryRun, Some(out), None),
                 Ok(out) => (StepState::Succeeded, Some(out), None),

@@ -194,6 +194,12 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Sends SIGHUP (reload).
+    pub fn sighup(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("running");

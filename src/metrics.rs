@@ -1,0 +1,148 @@
+//! Prometheus metrics, prefixed `reflex_`. Labels are bounded: playbook names, action names,
+//! outcomes, sink names, intake sources; never alert label values or run ids.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric Reflex exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Alerts received, by intake and alert status.
+    pub alerts_received: IntCounterVec,
+    /// Runs by playbook and outcome (final state, or `suppressed` / `failed` at intake).
+    pub runs: IntCounterVec,
+    /// Run durations from first start to end, by playbook.
+    pub run_duration: HistogramVec,
+    /// Step durations by action.
+    pub step_duration: HistogramVec,
+    /// Approval requests waiting for a decision.
+    pub approvals_pending: IntGauge,
+    /// 1 while a kill switch is engaged, by scope (`global`, `playbook:<name>`).
+    pub killswitch_engaged: IntGaugeVec,
+    /// Playbooks in force.
+    pub playbooks_loaded: IntGauge,
+    /// Reloads rejected because the new playbook set was invalid.
+    pub reload_errors: IntCounter,
+    /// Chat or webhook notifications given up on, by sink.
+    pub notify_failures: IntCounterVec,
+    /// Alerts Alertmanager left out of a group (`truncatedAlerts`).
+    pub alerts_truncated: IntCounter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
+            m
+        };
+        let histogram = |name: &str, help: &str, label: &str, buckets: Vec<f64>| {
+            let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
+                .expect("valid metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
+            m
+        };
+        let alerts_received = counter_vec(
+            "reflex_alerts_received_total",
+            "Alerts received.",
+            &["source", "status"],
+        );
+        let runs = counter_vec(
+            "reflex_runs_total",
+            "Runs by playbook and outcome.",
+            &["playbook", "outcome"],
+        );
+        let notify_failures = counter_vec(
+            "reflex_notify_failures_total",
+            "Notifications given up on.",
+            &["sink"],
+        );
+        let run_duration = histogram(
+            "reflex_run_duration_seconds",
+            "Run duration from start to end.",
+            "playbook",
+            vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0],
+        );
+        let step_duration = histogram(
+            "reflex_step_duration_seconds",
+            "Step duration.",
+            "action",
+            vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0],
+        );
+        let approvals_pending =
+            IntGauge::new("reflex_approvals_pending", "Approval requests waiting.").expect("valid");
+        let killswitch_engaged = IntGaugeVec::new(
+            Opts::new(
+                "reflex_killswitch_engaged",
+                "1 while the kill switch is engaged.",
+            ),
+            &["scope"],
+        )
+        .expect("valid");
+        let playbooks_loaded =
+            IntGauge::new("reflex_playbooks_loaded", "Playbooks in force.").expect("valid");
+        let reload_errors = IntCounter::new(
+            "reflex_playbook_reload_errors_total",
+            "Rejected playbook reloads.",
+        )
+        .expect("valid");
+        let alerts_truncated = IntCounter::new(
+            "reflex_alerts_truncated_total",
+            "Alerts Alertmanager left out of groups.",
+        )
+        .expect("valid");
+        let build_info = IntGaugeVec::new(
+            Opts::new("reflex_build_info", "Build information."),
+            &["version"],
+        )
+        .expect("valid");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for m in [
+            Box::new(approvals_pending.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(killswitch_engaged.clone()),
+            Box::new(playbooks_loaded.clone()),
+            Box::new(reload_errors.clone()),
+            Box::new(alerts_truncated.clone()),
+            Box::new(build_info),
+        ] {
+            registry.register(m).expect("unique metric");
+        }
+        killswitch_engaged.with_label_values(&["global"]).set(0);
+        Metrics {
+            registry,
+            alerts_received,
+            runs,
+            run_duration,
+            step_duration,
+            approvals_pending,
+            killswitch_engaged,
+            playbooks_loaded,
+            reload_errors,
+            notify_failures,
+            alerts_truncated,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
