@@ -40,12 +40,15 @@ pub async fn run(
     let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
     let token = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
+    let notifier =
+        crate::notify::Notifier::start(&cfg.notify, metrics.clone()).map_err(anyhow::Error::msg)?;
     let engine = Engine::new(
         store.clone(),
         playbooks,
         executors,
         &cfg,
         metrics,
+        notifier,
         token.clone(),
     );
     engine.recover().await.context("recovering runs")?;

@@ -19,6 +19,7 @@
 //! - [`executors`]: the only code that acts on the world.
 //! - [`store`]: the only module with SQL.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
+//! - [`notify`]: chat and webhook messages about runs; never blocks a run.
 //! - [`api`]: the HTTP API (axum).
 //! - [`app`]: wiring and ordered shutdown for `reflex serve`.
 //! - [`cli`]: the offline commands `check` and `simulate`.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod engine;
 pub mod executors;
 pub mod metrics;
+pub mod notify;
 pub mod playbook;
 pub mod store;
 pub mod telemetry;

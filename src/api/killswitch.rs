@@ -155,6 +155,15 @@ async fn set(
             until,
         )
         .await?;
+    state
+        .engine
+        .notifier
+        .send(crate::notify::Event::KillSwitch {
+            scope: scope.clone(),
+            engaged: body.engaged,
+            actor: who.name.clone(),
+            reason: reason.clone(),
+        });
     if body.engaged {
         tracing::warn!(%scope, actor = %who.name, %reason, "kill switch engaged");
     } else {

@@ -11,6 +11,7 @@ use crate::alert::Alert;
 use crate::config::{Config, EngineConfig};
 use crate::executors::Executors;
 use crate::metrics::Metrics;
+use crate::notify::{Event, Notifier, RunInfo};
 use crate::playbook::matcher::Matcher;
 use crate::playbook::spec::CooldownBy;
 use crate::playbook::{Diagnostic, PlaybookSet};
@@ -53,6 +54,9 @@ pub struct Engine {
     playbook_paths: Vec<PathBuf>,
     /// The metrics the engine updates.
     pub metrics: Arc<Metrics>,
+    /// Where messages about runs go.
+    pub notifier: Notifier,
+    public_url: Option<String>,
     wake: Notify,
     /// Cancellation tokens of runs in flight, by run id.
     running: Mutex<HashMap<i64, CancellationToken>>,
@@ -81,6 +85,7 @@ impl Engine {
         executors: Executors,
         cfg: &Config,
         metrics: Arc<Metrics>,
+        notifier: Notifier,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
         metrics
@@ -122,6 +127,11 @@ impl Engine {
             dry_run: cfg.dry_run,
             playbook_paths: vec![cfg.playbooks_dir.clone()],
             metrics,
+            notifier,
+            public_url: cfg
+                .public_url
+                .clone()
+                .map(|u| u.trim_end_matches('/').to_string()),
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             shutdown,
@@ -211,6 +221,21 @@ impl Engine {
                 .inc();
         }
         let outcomes = self.store.record_intake(items, self.limits).await?;
+        let tripped = outcomes.iter().flatten().find_map(|o| match o {
+            Outcome::Suppressed { reason, .. } if reason.starts_with("circuit breaker") => {
+                Some(reason.clone())
+            }
+            _ => None,
+        });
+        if let Some(reason) = tripped {
+            tracing::error!(%reason, "kill switch engaged by the circuit breaker");
+            self.notifier.send(Event::KillSwitch {
+                scope: crate::store::GLOBAL.into(),
+                engaged: true,
+                actor: "circuit-breaker".into(),
+                reason,
+            });
+        }
         for o in outcomes.iter().flatten() {
             match o {
                 Outcome::Suppressed { playbook, .. } => self
@@ -276,6 +301,24 @@ impl Engine {
             self.wake.notify_one();
         }
         Ok(decision)
+    }
+
+    /// What a message says about a run.
+    pub(crate) fn run_info(&self, id: i64, playbook: &str, target: &str, alert: &Alert) -> RunInfo {
+        RunInfo {
+            id,
+            playbook: playbook.to_string(),
+            target: target.to_string(),
+            title: alert
+                .annotations
+                .get("summary")
+                .cloned()
+                .unwrap_or_else(|| format!("{} on {target}", alert.name())),
+            url: self
+                .public_url
+                .as_ref()
+                .map(|u| format!("{u}/api/v1/runs/{id}")),
+        }
     }
 
     /// Expires approvals past their time, every [`SWEEP_INTERVAL`], until shutdown. Runs once

@@ -5,6 +5,7 @@
 
 use super::Engine;
 use crate::executors::{ExecError, StepContext};
+use crate::notify::Event;
 use crate::store::{ClaimedRun, RunState, StepRecord, StepState, StoreError};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -58,7 +59,16 @@ impl Engine {
         };
         async {
             tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, target = %run.target, "run started");
-            let (state, error) = match self.steps(&run, &token).await {
+            let info = self.run_info(run.id, &run.playbook, &run.target, &run.alert);
+            let fresh = run.steps.iter().all(|s| s.state == StepState::Pending.as_str());
+            if fresh && !run.resumed {
+                self.notifier.send(Event::RunStarted { run: info.clone() });
+            }
+            // Outputs of the steps done so far (a resumed run has some already).
+            let mut outputs: Vec<(String, Value)> = (run.steps.iter())
+                .filter_map(|s| Some((s.name.clone(), s.output.clone()?)))
+                .collect();
+            let (state, error) = match self.steps(&run, &token, &mut outputs).await {
                 Ok(()) => (RunState::Succeeded, None),
                 Err(Stop::Parked) => {
                     tracing::info!("run waits for approval");
@@ -73,6 +83,14 @@ impl Engine {
                 Ok(()) => tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished"),
                 Err(e) => tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run"),
             }
+            let summary = self.report(&run, state, elapsed, &outputs);
+            self.notifier.send(Event::RunFinished {
+                run: info,
+                state: state.as_str().to_string(),
+                duration_seconds: elapsed,
+                summary,
+                error,
+            });
             if state == RunState::Failed {
                 match self.store.trip_on_failures(self.limits).await {
                     Ok(Some(reason)) => tracing::error!(%reason, "kill switch engaged by the circuit breaker"),
@@ -87,6 +105,42 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&run.id);
+    }
+
+    /// The figures a finished run reports: the playbook's `report` template if it has one,
+    /// else the `summary` of each step that gave one ("Cleanup ran. Space reclaimed: 5.1 GB").
+    fn report(
+        &self,
+        run: &ClaimedRun,
+        state: RunState,
+        elapsed: f64,
+        outputs: &[(String, Value)],
+    ) -> String {
+        let set = self.playbooks();
+        if let Some(template) = set.get(&run.playbook).and_then(|p| p.report.as_ref()) {
+            let mut scope = crate::playbook::script::alert_scope(&run.alert);
+            let steps: serde_json::Map<String, Value> = outputs.iter().cloned().collect();
+            let run_map = json!({ "id": run.id, "state": state.as_str(), "duration_seconds": elapsed, "target": run.target });
+            for (name, value) in [
+                ("params", &run.params),
+                ("steps", &Value::Object(steps)),
+                ("run", &run_map),
+            ] {
+                scope.push_constant(name, rhai::serde::to_dynamic(value).unwrap_or_default());
+            }
+            match template.render(&set.sandbox, &mut scope) {
+                Ok(Value::String(s)) => return s,
+                Ok(other) => return other.to_string(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the playbook's report template failed; using the default summary")
+                }
+            }
+        }
+        let parts: Vec<&str> = outputs
+            .iter()
+            .filter_map(|(_, o)| o["summary"].as_str())
+            .collect();
+        parts.join(" ")
     }
 
     /// Between steps: may the run go on?
@@ -157,6 +211,16 @@ impl Engine {
                     .await
                     .map_err(record_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
+                self.notifier.send(Event::ApprovalNeeded {
+                    run: self.run_info(run.id, &run.playbook, &run.target, &run.alert),
+                    approval_id: id,
+                    action: gated_action(&run.target, covered).0,
+                    required: gate.count,
+                    approvers: gate.approvers.clone(),
+                    expires_at: crate::time::rfc3339(
+                        crate::time::now_ms() + gate.expires_ms as i64,
+                    ),
+                });
                 Err(Stop::Parked)
             }
             Some((_, state, approved)) if state == "approved" && approved == hash => Ok(()),
@@ -175,6 +239,7 @@ impl Engine {
         &self,
         run: &ClaimedRun,
         token: &tokio_util::sync::CancellationToken,
+        outputs: &mut Vec<(String, Value)>,
     ) -> Result<(), Stop> {
         for (i, step) in run.steps.iter().enumerate() {
             if step.state != StepState::Pending.as_str() {
@@ -241,7 +306,7 @@ impl Engine {
             };
             tracing::info!(step = %step.name, action = %step.action, state = state.as_str(), error = error.as_deref(), "step finished");
             self.store
-                .step_finished(run.id, step.idx, state, output, error.clone())
+                .step_finished(run.id, step.idx, state, output.clone(), error.clone())
                 .await
                 .map_err(record_err)?;
             let outcome = if error.is_some() {
@@ -265,6 +330,15 @@ impl Engine {
                 .await
             {
                 tracing::error!(error = %e, "cannot write the audit row of a step");
+            }
+            match (&error, output) {
+                (Some(e), _) => self.notifier.send(Event::StepFailed {
+                    run: self.run_info(run.id, &run.playbook, &run.target, &run.alert),
+                    step: step.name.clone(),
+                    error: e.clone(),
+                }),
+                (None, Some(out)) => outputs.push((step.name.clone(), out)),
+                (None, None) => {}
             }
             if let (Some(error), "stop") = (error, step.on_failure.as_str()) {
                 return Err(end(

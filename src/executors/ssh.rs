@@ -416,6 +416,13 @@ impl Executor for DiskCleanupExecutor {
             "after": after,
             "reclaimed_bytes": reclaimed,
             "reclaimed": human_bytes(reclaimed),
+            "summary": format!(
+                "Cleanup ran. Space reclaimed: {} ({} {:.1}% -> {:.1}% used).",
+                human_bytes(reclaimed),
+                mountpoint,
+                before.use_percent,
+                after.use_percent
+            ),
             "commands": ran,
         });
         match args.target_percent {

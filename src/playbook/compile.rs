@@ -219,6 +219,8 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
     let target_src = spec.target.as_deref().unwrap_or(DEFAULT_TARGET);
     let target = cx.template(&[Seg::Key("target")], target_src, Quoting::Plain);
     let deadline = (spec.deadline.as_deref()).and_then(|d| cx.duration(&[Seg::Key("deadline")], d));
+    let report = (spec.report.as_deref())
+        .and_then(|r| cx.template(&[Seg::Key("report")], r, Quoting::Plain));
     let steps = (spec.steps.iter().enumerate())
         .filter_map(|(i, s)| compile_step(&mut cx, i, s))
         .collect();
@@ -240,6 +242,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         approval,
         target,
         deadline,
+        report,
         steps,
     })
 }

@@ -69,6 +69,9 @@ pub struct Playbook {
     pub target: Template,
     /// Longest a run may execute; `None` uses the engine default.
     pub deadline: Option<Duration>,
+    /// The run's message template, rendered when it ends with `steps` (outputs by step
+    /// name) and `run` (`id`, `state`, `duration_seconds`, `target`) in scope.
+    pub report: Option<Template>,
     /// Steps, in order.
     pub steps: Vec<Step>,
 }

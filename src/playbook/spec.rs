@@ -39,6 +39,8 @@ pub struct PlaybookSpec {
     pub target: Option<String>,
     /// Longest a run may execute, approvals aside (default `engine.run_deadline`).
     pub deadline: Option<String>,
+    /// Message sent when a run ends (template; `steps` and `run` in scope too).
+    pub report: Option<String>,
     /// The steps, run in order.
     pub steps: Vec<StepSpec>,
 }

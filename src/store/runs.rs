@@ -224,6 +224,8 @@ pub struct ClaimedRun {
     pub deadline_ms: Option<i64>,
     /// When it first started (ms).
     pub started_ms: i64,
+    /// Claimed again after an approval (it already announced its start).
+    pub resumed: bool,
     /// Its steps, in order.
     pub steps: Vec<StepRecord>,
 }
@@ -393,6 +395,7 @@ impl Store {
             };
             let alert = load_alert(c, alert_id)?;
             let steps = load_steps(c, id)?;
+            let resumed: bool = c.query_row("SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)", [id], |r| r.get(0))?;
             Ok(Some(ClaimedRun {
                 id,
                 playbook,
@@ -402,6 +405,7 @@ impl Store {
                 target,
                 deadline_ms,
                 started_ms,
+                resumed,
                 steps,
             }))
         })

@@ -1,0 +1,375 @@
+//! Tells humans: every run event goes to the chat sinks whose filters match, as a short
+//! factual message. Delivery never blocks a run: the engine hands events to a bounded queue
+//! per sink and moves on; each sink delivers in order (so Slack threads stay in order),
+//! retrying 429 and 5xx answers with backoff and honouring `Retry-After`. A message given up
+//! on is counted (`reflex_notify_failures_total{sink}`) and logged, never lost silently.
+
+mod sinks;
+
+pub use sinks::build_sink;
+
+use crate::config::{NotifyConfig, SinkConfig};
+use crate::metrics::Metrics;
+use backon::{ExponentialBuilder, Retryable};
+use serde::Serialize;
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Events queued per sink before new ones are dropped (and counted).
+const SINK_QUEUE: usize = 1024;
+
+/// What a run (or an operator) did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A run started its first step.
+    RunStarted {
+        /// The run.
+        run: RunInfo,
+    },
+    /// A run waits for approval.
+    ApprovalNeeded {
+        /// The run.
+        run: RunInfo,
+        /// The approval request.
+        approval_id: i64,
+        /// Exactly what will be done.
+        action: Value,
+        /// Distinct approvals needed.
+        required: u32,
+        /// Who may approve (empty: any approver).
+        approvers: Vec<String>,
+        /// When the request expires (RFC 3339).
+        expires_at: String,
+    },
+    /// A step failed.
+    StepFailed {
+        /// The run.
+        run: RunInfo,
+        /// The step.
+        step: String,
+        /// Why.
+        error: String,
+    },
+    /// A run ended.
+    RunFinished {
+        /// The run.
+        run: RunInfo,
+        /// Final state.
+        state: String,
+        /// Seconds from start to end.
+        duration_seconds: f64,
+        /// Figures from the steps ("Cleanup ran. Space reclaimed: 5.1 GB"), or the playbook's
+        /// own report.
+        summary: String,
+        /// Why it failed or stopped, if it did.
+        error: Option<String>,
+    },
+    /// A kill switch changed.
+    #[serde(rename = "killswitch")]
+    KillSwitch {
+        /// `global` or `playbook:<name>`.
+        scope: String,
+        /// Engaged or released.
+        engaged: bool,
+        /// Who.
+        actor: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The run an event is about.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunInfo {
+    /// Run id.
+    pub id: i64,
+    /// Playbook.
+    pub playbook: String,
+    /// What it acts on.
+    pub target: String,
+    /// What fired: the alert's `summary` annotation, else "<alertname> on <target>".
+    pub title: String,
+    /// Link to the run, when `public_url` is configured.
+    pub url: Option<String>,
+}
+
+impl Event {
+    /// The event name used in filters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::RunStarted { .. } => "run_started",
+            Event::ApprovalNeeded { .. } => "approval_needed",
+            Event::StepFailed { .. } => "step_failed",
+            Event::RunFinished { .. } => "run_finished",
+            Event::KillSwitch { .. } => "killswitch",
+        }
+    }
+
+    /// The run it is about.
+    pub fn run(&self) -> Option<&RunInfo> {
+        match self {
+            Event::RunStarted { run }
+            | Event::ApprovalNeeded { run, .. }
+            | Event::StepFailed { run, .. } => Some(run),
+            Event::RunFinished { run, .. } => Some(run),
+            Event::KillSwitch { .. } => None,
+        }
+    }
+
+    /// The message, short and factual like a status-page update.
+    pub fn text(&self) -> String {
+        let link = |run: &RunInfo| {
+            run.url
+                .as_ref()
+                .map(|u| format!(" {u}"))
+                .unwrap_or_default()
+        };
+        match self {
+            Event::RunStarted { run } => format!(
+                "{}. Running playbook {} on {} (run {}).{}",
+                run.title,
+                run.playbook,
+                run.target,
+                run.id,
+                link(run)
+            ),
+            Event::ApprovalNeeded {
+                run,
+                approval_id,
+                action,
+                required,
+                approvers,
+                expires_at,
+            } => {
+                let steps: Vec<String> = action["steps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|s| format!("{} {}", s["action"].as_str().unwrap_or(""), s["args"]))
+                    .collect();
+                let who = if approvers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" by {}", approvers.join(" or "))
+                };
+                format!(
+                    "{}. Approval needed{who} ({required}) for run {} ({}) on {}: {}. Expires {expires_at}. \
+                     Approve: reflex approve {approval_id} (POST /api/v1/approvals/{approval_id}/approve); \
+                     deny: reflex deny {approval_id}.{}",
+                    run.title,
+                    run.id,
+                    run.playbook,
+                    run.target,
+                    steps.join("; "),
+                    link(run)
+                )
+            }
+            Event::StepFailed { run, step, error } => {
+                format!(
+                    "{}. Step {step} of run {} ({}) failed: {error}.{}",
+                    run.title,
+                    run.id,
+                    run.playbook,
+                    link(run)
+                )
+            }
+            Event::RunFinished {
+                run,
+                state,
+                duration_seconds,
+                summary,
+                error,
+            } => {
+                let summary = if summary.is_empty() {
+                    String::new()
+                } else {
+                    format!(" {}", summary.trim_end_matches('.').to_string() + ".")
+                };
+                let why = error.as_ref().map(|e| format!(" {e}.")).unwrap_or_default();
+                format!(
+                    "{}.{summary} Run {} ({}) {state} in {}.{why}{}",
+                    run.title.trim_end_matches('.'),
+                    run.id,
+                    run.playbook,
+                    humantime::format_duration(
+                        Duration::from_secs(duration_seconds.round() as u64)
+                    ),
+                    link(run)
+                )
+            }
+            Event::KillSwitch {
+                scope,
+                engaged,
+                actor,
+                reason,
+            } => {
+                if *engaged {
+                    format!(
+                        "Kill switch ({scope}) engaged by {actor}: {reason}. No automation acts until it is released."
+                    )
+                } else {
+                    format!("Kill switch ({scope}) released by {actor}: {reason}.")
+                }
+            }
+        }
+    }
+}
+
+/// A failed delivery.
+#[derive(Debug, Clone)]
+pub struct DeliveryError {
+    /// Worth trying again (429, 5xx, connection errors).
+    pub retry: bool,
+    /// What the receiver asked for (`Retry-After`).
+    pub retry_after: Option<Duration>,
+    /// What went wrong (never includes URLs or tokens).
+    pub message: String,
+}
+
+/// One chat or webhook destination.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync {
+    /// Delivers one event once (the hub retries).
+    async fn deliver(&self, event: &Event) -> Result<(), DeliveryError>;
+}
+
+struct SinkHandle {
+    cfg: SinkConfig,
+    queue: mpsc::Sender<Event>,
+}
+
+/// Fans events out to the sinks; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Notifier {
+    sinks: Arc<Vec<SinkHandle>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Notifier {
+    /// Starts one delivery task per sink.
+    pub fn start(cfg: &NotifyConfig, metrics: Arc<Metrics>) -> Result<Notifier, String> {
+        let mut sinks = Vec::new();
+        for sc in &cfg.sinks {
+            let sink: Arc<dyn Sink> = build_sink(sc, cfg.timeout)?;
+            let (tx, rx) = mpsc::channel(SINK_QUEUE);
+            tokio::spawn(deliver_loop(
+                sc.name.clone(),
+                sink,
+                rx,
+                cfg.max_attempts,
+                metrics.clone(),
+            ));
+            sinks.push(SinkHandle {
+                cfg: sc.clone(),
+                queue: tx,
+            });
+        }
+        Ok(Notifier {
+            sinks: Arc::new(sinks),
+            metrics: Some(metrics),
+        })
+    }
+
+    /// Queues an event for every sink whose filters match; never waits.
+    pub fn send(&self, event: Event) {
+        for s in self.sinks.iter() {
+            let playbook_ok = match event.run() {
+                Some(run) => s.cfg.playbooks.is_empty() || s.cfg.playbooks.contains(&run.playbook),
+                None => true,
+            };
+            let event_ok =
+                s.cfg.events.is_empty() || s.cfg.events.iter().any(|e| e == event.kind());
+            if !(playbook_ok && event_ok) {
+                continue;
+            }
+            if s.queue.try_send(event.clone()).is_err() {
+                tracing::warn!(sink = %s.cfg.name, event = event.kind(), "notification queue full; message dropped");
+                if let Some(m) = &self.metrics {
+                    m.notify_failures.with_label_values(&[&s.cfg.name]).inc();
+                }
+            }
+        }
+    }
+}
+
+async fn deliver_loop(
+    name: String,
+    sink: Arc<dyn Sink>,
+    mut rx: mpsc::Receiver<Event>,
+    attempts: usize,
+    metrics: Arc<Metrics>,
+) {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(30))
+        .with_max_times(attempts.saturating_sub(1))
+        .with_jitter();
+    while let Some(event) = rx.recv().await {
+        let result = (|| async { sink.deliver(&event).await })
+            .retry(backoff)
+            .when(|e: &DeliveryError| e.retry)
+            // The receiver's Retry-After wins over our own backoff.
+            .adjust(|e: &DeliveryError, d| e.retry_after.or(d))
+            .notify(|e: &DeliveryError, d| {
+                tracing::info!(sink = %name, error = %e.message, retry_in = ?d, "notification failed; retrying");
+            })
+            .await;
+        if let Err(e) = result {
+            metrics.notify_failures.with_label_values(&[&name]).inc();
+            tracing::warn!(sink = %name, event = event.kind(), error = %e.message, "notification given up");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run() -> RunInfo {
+        RunInfo {
+            id: 7,
+            playbook: "disk-cleanup".into(),
+            target: "db-1".into(),
+            title: "Disk space low on db-1".into(),
+            url: Some("https://reflex.example/api/v1/runs/7".into()),
+        }
+    }
+
+    #[test]
+    fn finished_runs_read_like_a_status_update() {
+        let e = Event::RunFinished {
+            run: run(),
+            state: "succeeded".into(),
+            duration_seconds: 4.2,
+            summary: "Cleanup ran. Space reclaimed: 5.1 GB".into(),
+            error: None,
+        };
+        assert_eq!(
+            e.text(),
+            "Disk space low on db-1. Cleanup ran. Space reclaimed: 5.1 GB. Run 7 (disk-cleanup) succeeded in 4s. https://reflex.example/api/v1/runs/7"
+        );
+    }
+
+    #[test]
+    fn approval_messages_say_how_to_answer() {
+        let e = Event::ApprovalNeeded {
+            run: run(),
+            approval_id: 3,
+            action: serde_json::json!({"target": "db-1", "steps": [{"action": "kube.rollback", "args": {"name": "api"}}]}),
+            required: 1,
+            approvers: vec![],
+            expires_at: "2026-11-22T12:30:00.000Z".into(),
+        };
+        let t = e.text();
+        assert!(t.contains("kube.rollback {\"name\":\"api\"}"), "{t}");
+        assert!(
+            t.contains("reflex approve 3")
+                && t.contains("/api/v1/approvals/3/approve")
+                && t.contains("reflex deny 3"),
+            "{t}"
+        );
+    }
+}

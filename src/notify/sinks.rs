@@ -1,0 +1,209 @@
+//! The sinks: Slack (incoming webhook, or bot token with threads), Mattermost (Slack-style
+//! webhook), Microsoft Teams (workflow webhook with an Adaptive Card), and a generic JSON
+//! webhook. Secrets (webhook URLs, tokens) come from the environment or files and never
+//! appear in logs or errors.
+
+use super::{DeliveryError, Event, Sink};
+use crate::config::{SinkConfig, SinkKind};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Threads remembered per Slack bot sink; beyond this the oldest are forgotten (a later
+/// message of such a run starts a new thread).
+const MAX_THREADS: usize = 10_000;
+
+fn secret(
+    name: &str,
+    what: &str,
+    value: &Option<String>,
+    env: &Option<String>,
+    file: &Option<std::path::PathBuf>,
+) -> Result<String, String> {
+    match (value, env, file) {
+        (Some(v), None, None) => Ok(v.clone()),
+        (None, Some(var), None) => std::env::var(var)
+            .map_err(|_| format!("notify sink {name:?}: environment variable {var} is not set")),
+        (None, None, Some(path)) => std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| format!("notify sink {name:?}: {}: {e}", path.display())),
+        _ => Err(format!(
+            "notify sink {name:?}: give exactly one of {what}, {what}_env, {what}_file"
+        )),
+    }
+}
+
+/// Builds a sink from its config (reading its secrets).
+pub fn build_sink(cfg: &SinkConfig, timeout: Duration) -> Result<Arc<dyn Sink>, String> {
+    let http = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(match cfg.kind {
+        SinkKind::SlackBot => Arc::new(SlackBot {
+            http,
+            api_url: cfg
+                .api_url
+                .clone()
+                .unwrap_or_else(|| "https://slack.com/api".into())
+                .trim_end_matches('/')
+                .to_string(),
+            token: secret(&cfg.name, "token", &None, &cfg.token_env, &cfg.token_file)?,
+            channel: cfg
+                .channel
+                .clone()
+                .ok_or_else(|| format!("notify sink {:?}: slack_bot needs a channel", cfg.name))?,
+            threads: Mutex::new(HashMap::new()),
+        }),
+        kind => Arc::new(Webhook {
+            http,
+            kind,
+            url: secret(&cfg.name, "url", &cfg.url, &cfg.url_env, &cfg.url_file)?,
+        }),
+    })
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: Option<&str>,
+    body: &Value,
+) -> Result<Value, DeliveryError> {
+    let mut req = http.post(url).json(body);
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    // reqwest's error text can include the URL, which holds the secret of a webhook: say less.
+    let resp = req.send().await.map_err(|e| DeliveryError {
+        retry: true,
+        retry_after: None,
+        message: if e.is_timeout() {
+            "timed out".into()
+        } else if e.is_connect() {
+            "cannot connect".into()
+        } else {
+            "request failed".into()
+        },
+    })?;
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(300)));
+    if status.is_success() {
+        return Ok(resp.json().await.unwrap_or(Value::Null));
+    }
+    Err(DeliveryError {
+        retry: status.as_u16() == 429 || status.is_server_error(),
+        retry_after,
+        message: format!("HTTP {}", status.as_u16()),
+    })
+}
+
+/// Slack and Mattermost incoming webhooks, Teams workflows, generic JSON webhooks.
+struct Webhook {
+    http: reqwest::Client,
+    kind: SinkKind,
+    url: String,
+}
+
+/// The Teams message: an Adaptive Card with the title and the text.
+fn teams_card(event: &Event) -> Value {
+    let title = match event.run() {
+        Some(run) => format!(
+            "Reflex: {} ({})",
+            run.playbook,
+            event.kind().replace('_', " ")
+        ),
+        None => format!("Reflex: {}", event.kind().replace('_', " ")),
+    };
+    json!({
+        "type": "message",
+        "attachments": [{
+            "contentType": "application/vnd.microsoft.card.adaptive",
+            "contentUrl": null,
+            "content": {
+                "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                "type": "AdaptiveCard",
+                "version": "1.4",
+                "body": [
+                    { "type": "TextBlock", "text": title, "weight": "Bolder", "size": "Medium", "wrap": true },
+                    { "type": "TextBlock", "text": event.text(), "wrap": true }
+                ]
+            }
+        }]
+    })
+}
+
+#[async_trait::async_trait]
+impl Sink for Webhook {
+    async fn deliver(&self, event: &Event) -> Result<(), DeliveryError> {
+        let body = match self.kind {
+            SinkKind::Slack => json!({ "text": event.text() }),
+            SinkKind::Mattermost => json!({ "text": event.text(), "username": "reflex" }),
+            SinkKind::Teams => teams_card(event),
+            SinkKind::Webhook | SinkKind::SlackBot => {
+                let mut v = serde_json::to_value(event).unwrap_or(Value::Null);
+                v["text"] = json!(event.text());
+                v
+            }
+        };
+        post(&self.http, &self.url, None, &body).await.map(drop)
+    }
+}
+
+/// Slack with a bot token: `chat.postMessage`, all messages of a run in one thread.
+struct SlackBot {
+    http: reqwest::Client,
+    api_url: String,
+    token: String,
+    channel: String,
+    threads: Mutex<HashMap<i64, String>>,
+}
+
+#[async_trait::async_trait]
+impl Sink for SlackBot {
+    async fn deliver(&self, event: &Event) -> Result<(), DeliveryError> {
+        let run_id = event.run().map(|r| r.id);
+        let thread = run_id.and_then(|id| {
+            self.threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned()
+        });
+        let mut body = json!({ "channel": self.channel, "text": event.text() });
+        if let Some(ts) = &thread {
+            body["thread_ts"] = json!(ts);
+        }
+        let answer = post(
+            &self.http,
+            &format!("{}/chat.postMessage", self.api_url),
+            Some(&self.token),
+            &body,
+        )
+        .await?;
+        if answer["ok"] != true {
+            let error = answer["error"]
+                .as_str()
+                .unwrap_or("unknown error")
+                .to_string();
+            return Err(DeliveryError {
+                retry: error == "ratelimited",
+                retry_after: None,
+                message: format!("slack: {error}"),
+            });
+        }
+        if let (Some(id), None, Some(ts)) = (run_id, thread, answer["ts"].as_str()) {
+            let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            if threads.len() >= MAX_THREADS {
+                threads.clear();
+            }
+            threads.insert(id, ts.to_string());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,315 @@
+//! Chat and webhook notifications, checked request by request against local receivers.
+
+mod common;
+
+use common::TestApp;
+use common::receiver::Receiver;
+use serde_json::json;
+use std::time::Duration;
+
+const PLAYBOOK: &str = r#"
+name: gated
+matchers: ['alertname="Risky"']
+steps:
+  - name: look
+    action: log
+    with: { message: "looking at {{ labels.instance }}" }
+  - name: act
+    action: log
+    with: { message: "acting on {{ labels.instance }}" }
+    approval: required
+  - name: probe
+    action: script
+    with: { script: 'throw "probe failed"' }
+    on_failure: continue
+"#;
+
+fn alert(instance: &str) -> String {
+    json!({
+        "labels": {"alertname": "Risky", "instance": instance},
+        "annotations": {"summary": format!("Error rate high on {instance}")},
+        "startsAt": "2026-11-22T10:00:00Z"
+    })
+    .to_string()
+}
+
+fn sinks(rx: &Receiver, extra: &str) -> String {
+    format!(
+        "public_url: https://reflex.example.internal\nnotify:\n  max_attempts: 3\n  timeout: 2s\n  sinks:\n\
+         \x20   - {{ name: slack, type: slack, url: \"{b}/slack\" }}\n\
+         \x20   - {{ name: mm, type: mattermost, url: \"{b}/mm\" }}\n\
+         \x20   - {{ name: teams, type: teams, url: \"{b}/teams\" }}\n\
+         \x20   - {{ name: hook, type: webhook, url: \"{b}/hook\" }}\n{extra}",
+        b = rx.base
+    )
+}
+
+async fn approve_first(app: &TestApp) -> i64 {
+    let approval = app
+        .wait_for(10, "an approval", || async {
+            let (_, list) = app.get("/api/v1/approvals?state=pending").await;
+            list[0]["id"].as_i64()
+        })
+        .await;
+    let (status, body) = app
+        .call(
+            "POST",
+            &format!("/api/v1/approvals/{approval}/approve"),
+            None,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    approval
+}
+
+#[tokio::test]
+async fn every_sink_gets_the_exact_payload_for_every_event() {
+    let rx = Receiver::start().await;
+    let app = TestApp::builder()
+        .playbook("gated.yaml", PLAYBOOK)
+        .config(&sinks(&rx, ""))
+        .start()
+        .await;
+    app.post_raw("/api/v1/webhooks/generic", alert("web-1"))
+        .await;
+    let approval = approve_first(&app).await;
+    app.wait_run_state(1, "succeeded").await;
+    app.call(
+        "PUT",
+        "/api/v1/killswitch",
+        None,
+        Some(json!({"engaged": true, "reason": "incident 7"})),
+    )
+    .await;
+    rx_wait(&rx, "/hook", 5).await;
+
+    let link = "https://reflex.example.internal/api/v1/runs/1";
+    let started =
+        format!("Error rate high on web-1. Running playbook gated on web-1 (run 1). {link}");
+    let step_failed = format!(
+        "Error rate high on web-1. Step probe of run 1 (gated) failed: Runtime error: probe failed (line 1, position 1). {link}"
+    );
+    let killswitch = "Kill switch (global) engaged by anonymous: incident 7. No automation acts until it is released.";
+
+    // Slack incoming webhook: {"text": …}, nothing else.
+    let slack = rx.at("/slack");
+    let kinds: Vec<String> = slack
+        .iter()
+        .map(|r| r.body["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(slack.len(), 5, "{kinds:#?}");
+    for r in &slack {
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(
+            r.body.as_object().unwrap().len(),
+            1,
+            "only `text`: {}",
+            r.raw
+        );
+    }
+    assert_eq!(slack[0].body, json!({ "text": started }));
+    let approval_text = slack[1].body["text"].as_str().unwrap();
+    assert!(
+        approval_text.starts_with("Error rate high on web-1. Approval needed (1) for run 1 (gated) on web-1: log {\"message\":\"acting on web-1\"}. Expires "),
+        "{approval_text}"
+    );
+    assert!(approval_text.contains(&format!("Approve: reflex approve {approval} (POST /api/v1/approvals/{approval}/approve); deny: reflex deny {approval}.")), "{approval_text}");
+    assert_eq!(slack[2].body, json!({ "text": step_failed }));
+    let finished = slack[3].body["text"].as_str().unwrap();
+    assert!(
+        finished.starts_with("Error rate high on web-1. Run 1 (gated) succeeded in "),
+        "{finished}"
+    );
+    assert!(finished.ends_with(link), "{finished}");
+    assert_eq!(slack[4].body, json!({ "text": killswitch }));
+
+    // Mattermost: Slack-compatible, with a username.
+    let mm = rx.at("/mm");
+    assert_eq!(mm.len(), 5);
+    assert_eq!(mm[0].body, json!({ "text": started, "username": "reflex" }));
+
+    // Teams: an Adaptive Card in a message attachment.
+    let teams = rx.at("/teams");
+    assert_eq!(teams.len(), 5);
+    assert_eq!(
+        teams[0].body,
+        json!({
+            "type": "message",
+            "attachments": [{
+                "contentType": "application/vnd.microsoft.card.adaptive",
+                "contentUrl": null,
+                "content": {
+                    "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                    "type": "AdaptiveCard",
+                    "version": "1.4",
+                    "body": [
+                        { "type": "TextBlock", "text": "Reflex: gated (run started)", "weight": "Bolder", "size": "Medium", "wrap": true },
+                        { "type": "TextBlock", "text": started, "wrap": true }
+                    ]
+                }
+            }]
+        })
+    );
+
+    // Generic webhook: the structured event plus the text.
+    let hook = rx.at("/hook");
+    let events: Vec<&str> = hook
+        .iter()
+        .map(|r| r.body["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "run_started",
+            "approval_needed",
+            "step_failed",
+            "run_finished",
+            "killswitch"
+        ]
+    );
+    let run = json!({"id": 1, "playbook": "gated", "target": "web-1", "title": "Error rate high on web-1", "url": link});
+    assert_eq!(
+        hook[0].body,
+        json!({ "event": "run_started", "run": run, "text": started })
+    );
+    assert_eq!(hook[1].body["approval_id"], approval);
+    assert_eq!(
+        hook[1].body["action"]["steps"][0]["args"]["message"],
+        "acting on web-1"
+    );
+    assert_eq!(hook[3].body["state"], "succeeded");
+    assert_eq!(
+        hook[4].body,
+        json!({ "event": "killswitch", "scope": "global", "engaged": true, "actor": "anonymous", "reason": "incident 7", "text": killswitch })
+    );
+}
+
+async fn rx_wait(rx: &Receiver, path: &str, n: usize) {
+    for _ in 0..200 {
+        if rx.at(path).len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "receiver got {} requests at {path}, wanted {n}",
+        rx.at(path).len()
+    );
+}
+
+#[tokio::test]
+async fn slack_bot_mode_keeps_a_run_in_one_thread() {
+    let rx = Receiver::start().await;
+    let cfg = format!(
+        "notify:\n  sinks:\n    - {{ name: bot, type: slack_bot, token_env: REFLEX_TEST_SLACK_TOKEN, channel: \"#ops\", api_url: \"{}/api\" }}\n",
+        rx.base
+    );
+    bot_token_is_in_the_environment();
+    let app = TestApp::builder()
+        .playbook("gated.yaml", PLAYBOOK)
+        .config(&cfg)
+        .start()
+        .await;
+    app.post_raw("/api/v1/webhooks/generic", alert("web-2"))
+        .await;
+    approve_first(&app).await;
+    app.wait_run_state(1, "succeeded").await;
+    rx_wait(&rx, "/api/chat.postMessage", 4).await;
+    let msgs = rx.at("/api/chat.postMessage");
+    assert_eq!(
+        msgs[0].header("authorization"),
+        Some("Bearer xoxb-test-token")
+    );
+    assert_eq!(msgs[0].body["channel"], "#ops");
+    assert!(
+        msgs[0].body.get("thread_ts").is_none(),
+        "the first message opens the thread"
+    );
+    for m in &msgs[1..] {
+        assert_eq!(
+            m.body["thread_ts"], "1000.1",
+            "later messages reply in the thread: {}",
+            m.raw
+        );
+    }
+}
+
+/// The daemon reads the bot token from its environment, inherited from this test process
+/// (`.cargo/config.toml` sets it for `cargo test`).
+fn bot_token_is_in_the_environment() {
+    assert_eq!(
+        std::env::var("REFLEX_TEST_SLACK_TOKEN").as_deref(),
+        Ok("xoxb-test-token"),
+        "set by .cargo/config.toml [env]"
+    );
+}
+
+#[tokio::test]
+async fn a_429_is_retried_after_the_time_retry_after_asks_for() {
+    let rx = Receiver::start().await;
+    rx.answer(429, &[("retry-after", "1")], "slow down");
+    let cfg = format!(
+        "notify:\n  sinks:\n    - {{ name: slack, type: slack, url: \"{}/slack\", events: [run_started] }}\n",
+        rx.base
+    );
+    let app = TestApp::builder()
+        .playbook("gated.yaml", PLAYBOOK)
+        .config(&cfg)
+        .start()
+        .await;
+    app.post_raw("/api/v1/webhooks/generic", alert("web-3"))
+        .await;
+    rx_wait(&rx, "/slack", 2).await;
+    let reqs = rx.at("/slack");
+    assert_eq!(reqs[0].body, reqs[1].body, "the same message again");
+    let gap = reqs[1].at - reqs[0].at;
+    assert!(
+        gap >= Duration::from_millis(950),
+        "retried after {gap:?}, before Retry-After"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rx.at("/slack").len(), 2, "delivered once, not again");
+}
+
+#[tokio::test]
+async fn a_receiver_that_is_down_neither_delays_nor_fails_the_run() {
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let cfg = format!(
+        "notify:\n  max_attempts: 2\n  timeout: 1s\n  sinks:\n    - {{ name: down, type: slack, url: \"{dead}/x\" }}\n"
+    );
+    const QUICK: &str = "name: quick\nmatchers: ['alertname=\"Quick\"']\nsteps:\n  - { action: log, with: { message: hi } }\n";
+    let app = TestApp::builder()
+        .playbook("quick.yaml", QUICK)
+        .config(&cfg)
+        .start()
+        .await;
+    let posted = std::time::Instant::now();
+    app.post_raw(
+        "/api/v1/webhooks/generic",
+        common::generic_alert("Quick", "h", "2026-11-22T10:00:00Z"),
+    )
+    .await;
+    app.wait_run_state(1, "succeeded").await;
+    assert!(
+        posted.elapsed() < Duration::from_millis(900),
+        "run took {:?}",
+        posted.elapsed()
+    );
+    app.wait_for(10, "the failures to be counted", || async {
+        let text = reqwest::get(format!("{}/metrics", app.base))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| {
+                l.starts_with("reflex_notify_failures_total{sink=\"down\"}") && !l.ends_with(" 0")
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(app.log().contains("notification given up"), "{}", app.log());
+}
