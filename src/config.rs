@@ -37,6 +37,48 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// Base URL people reach Reflex at, for links to runs in messages.
     pub public_url: Option<String>,
+    /// Prometheus server `verify` steps query.
+    pub prometheus_url: String,
+    /// Credentials `http` steps may name: the secret comes from the environment or a file,
+    /// never from a playbook, and is never logged.
+    pub credentials: BTreeMap<String, Credential>,
+}
+
+/// A credential for `http` steps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// Header to put it in (default `Authorization`).
+    #[serde(default = "authorization")]
+    pub header: String,
+    /// Text before the secret (e.g. `Bearer `).
+    #[serde(default)]
+    pub prefix: String,
+    /// Environment variable holding the secret.
+    pub env: Option<String>,
+    /// File holding the secret.
+    pub file: Option<PathBuf>,
+}
+
+fn authorization() -> String {
+    "Authorization".into()
+}
+
+impl Credential {
+    /// The header value, read now (so a rotated file is picked up).
+    pub fn value(&self) -> Result<String, String> {
+        let secret = match (&self.env, &self.file) {
+            (Some(var), None) => {
+                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
+            }
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+            _ => return Err("a credential needs exactly one of env or file".into()),
+        };
+        Ok(format!("{}{secret}", self.prefix))
+    }
 }
 
 /// Notification sinks.
@@ -219,6 +261,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             notify: NotifyConfig::default(),
             public_url: None,
+            prometheus_url: "http://127.0.0.1:9090".into(),
+            credentials: BTreeMap::new(),
         }
     }
 }

@@ -82,7 +82,9 @@ async fn every_sink_gets_the_exact_payload_for_every_event() {
         Some(json!({"engaged": true, "reason": "incident 7"})),
     )
     .await;
-    rx_wait(&rx, "/hook", 5).await;
+    for path in ["/slack", "/mm", "/teams", "/hook"] {
+        rx_wait(&rx, path, 5).await;
+    }
 
     let link = "https://reflex.example.internal/api/v1/runs/1";
     let started =

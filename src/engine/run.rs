@@ -235,118 +235,169 @@ impl Engine {
         }
     }
 
+    /// Runs the main steps, then, if one failed and stopped the run, its `on_failure` steps.
     async fn steps(
         &self,
         run: &ClaimedRun,
         token: &tokio_util::sync::CancellationToken,
         outputs: &mut Vec<(String, Value)>,
     ) -> Result<(), Stop> {
-        for (i, step) in run.steps.iter().enumerate() {
-            if step.state != StepState::Pending.as_str() {
-                continue;
-            }
-            self.may_continue(run, step, token).await?;
-            self.gate(run, i).await?;
-            let timeout = step
-                .timeout_ms
-                .map_or(self.config.default_step_timeout, |ms| {
-                    Duration::from_millis(ms as u64)
-                });
-            let ctx = StepContext {
-                timeout,
-                run_id: run.id,
-                playbook: run.playbook.clone(),
-                step: step.name.clone(),
-                args: step.args.clone(),
-                alert: run.alert.clone(),
-                params: run.params.clone(),
-            };
-            let Some(executor) = self.executors.get(&step.action) else {
-                let error = format!("no executor for action {:?} is configured", step.action);
-                self.store
-                    .step_finished(
-                        run.id,
-                        step.idx,
-                        StepState::Failed,
-                        None,
-                        Some(error.clone()),
-                    )
-                    .await
-                    .map_err(record_err)?;
-                return Err(end(RunState::Failed, error));
-            };
-            self.store
-                .step_started(run.id, step.idx)
-                .await
-                .map_err(record_err)?;
-            let step_timer = std::time::Instant::now();
-            let result = if run.dry_run {
-                executor
-                    .validate(&ctx)
-                    .map(|()| json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } }))
-            } else {
-                // Executors enforce the step timeout themselves (remote ones on the remote side,
-                // to kill what they started); this outer bound is only the backstop.
-                match tokio::time::timeout(timeout + EXECUTOR_GRACE, executor.execute(&ctx)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(ExecError::Failed(format!(
-                        "timed out after {}; the executor did not stop by itself",
-                        humantime::format_duration(timeout)
-                    ))),
-                }
-            };
-            self.metrics
-                .step_duration
-                .with_label_values(&[&step.action])
-                .observe(step_timer.elapsed().as_secs_f64());
-            let (state, output, error) = match result {
-                Ok(out) if run.dry_run => (StepState::DryRun, Some(out), None),
-                Ok(out) => (StepState::Succeeded, Some(out), None),
-                Err(e) => (StepState::Failed, None, Some(e.to_string())),
-            };
-            tracing::info!(step = %step.name, action = %step.action, state = state.as_str(), error = error.as_deref(), "step finished");
-            self.store
-                .step_finished(run.id, step.idx, state, output.clone(), error.clone())
-                .await
-                .map_err(record_err)?;
-            let outcome = if error.is_some() {
-                "failed"
-            } else {
-                state.as_str()
-            };
-            let target = Some(format!(
-                "run/{} step/{} target/{}",
-                run.id, step.idx, run.target
-            ));
-            if let Err(e) = self
-                .store
-                .audit(
-                    "reflex",
-                    &format!("step.{}", step.action),
-                    target,
-                    outcome,
-                    error.clone(),
+        // A run resumed (after an approval) in its failure phase has its failed step on record.
+        let mut failure = run
+            .steps
+            .iter()
+            .find(|s| {
+                s.phase == "main" && s.state == StepState::Failed.as_str() && s.on_failure == "stop"
+            })
+            .map(|s| {
+                format!(
+                    "step {:?} failed: {}",
+                    s.name,
+                    s.error.as_deref().unwrap_or("")
                 )
-                .await
+            });
+        if failure.is_none() {
+            for (i, step) in run
+                .steps
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.phase == "main")
             {
-                tracing::error!(error = %e, "cannot write the audit row of a step");
-            }
-            match (&error, output) {
-                (Some(e), _) => self.notifier.send(Event::StepFailed {
-                    run: self.run_info(run.id, &run.playbook, &run.target, &run.alert),
-                    step: step.name.clone(),
-                    error: e.clone(),
-                }),
-                (None, Some(out)) => outputs.push((step.name.clone(), out)),
-                (None, None) => {}
-            }
-            if let (Some(error), "stop") = (error, step.on_failure.as_str()) {
-                return Err(end(
-                    RunState::Failed,
-                    format!("step {:?} failed: {error}", step.name),
-                ));
+                if step.state != StepState::Pending.as_str() {
+                    continue;
+                }
+                if let Some(error) = self.step(run, i, token, outputs).await? {
+                    failure = Some(format!("step {:?} failed: {error}", step.name));
+                    self.store
+                        .skip_pending_main(run.id)
+                        .await
+                        .map_err(record_err)?;
+                    break;
+                }
             }
         }
-        Ok(())
+        let Some(failure) = failure else {
+            return Ok(());
+        };
+        // Escalation: every on_failure step runs, whatever the one before it did.
+        for (i, step) in run
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.phase == "on_failure")
+        {
+            if step.state == StepState::Pending.as_str() {
+                self.step(run, i, token, outputs).await?;
+            }
+        }
+        Err(end(RunState::Failed, failure))
+    }
+
+    /// Runs one step: checks, gate, record, act, record. Returns the error of a failed step
+    /// whose `on_failure` is `stop`.
+    async fn step(
+        &self,
+        run: &ClaimedRun,
+        i: usize,
+        token: &tokio_util::sync::CancellationToken,
+        outputs: &mut Vec<(String, Value)>,
+    ) -> Result<Option<String>, Stop> {
+        let step = &run.steps[i];
+        self.may_continue(run, step, token).await?;
+        self.gate(run, i).await?;
+        let timeout = step
+            .timeout_ms
+            .map_or(self.config.default_step_timeout, |ms| {
+                Duration::from_millis(ms as u64)
+            });
+        let ctx = StepContext {
+            timeout,
+            run_id: run.id,
+            playbook: run.playbook.clone(),
+            step: step.name.clone(),
+            args: step.args.clone(),
+            alert: run.alert.clone(),
+            params: run.params.clone(),
+        };
+        let Some(executor) = self.executors.get(&step.action) else {
+            let error = format!("no executor for action {:?} is configured", step.action);
+            self.store
+                .step_finished(
+                    run.id,
+                    step.idx,
+                    StepState::Failed,
+                    None,
+                    Some(error.clone()),
+                )
+                .await
+                .map_err(record_err)?;
+            return Err(end(RunState::Failed, error));
+        };
+        self.store
+            .step_started(run.id, step.idx)
+            .await
+            .map_err(record_err)?;
+        let step_timer = std::time::Instant::now();
+        let result = if run.dry_run {
+            executor
+                .validate(&ctx)
+                .map(|()| json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } }))
+        } else {
+            // Executors enforce the step timeout themselves (remote ones on the remote side,
+            // to kill what they started); this outer bound is only the backstop.
+            match tokio::time::timeout(timeout + EXECUTOR_GRACE, executor.execute(&ctx)).await {
+                Ok(r) => r,
+                Err(_) => Err(ExecError::Failed(format!(
+                    "timed out after {}; the executor did not stop by itself",
+                    humantime::format_duration(timeout)
+                ))),
+            }
+        };
+        self.metrics
+            .step_duration
+            .with_label_values(&[&step.action])
+            .observe(step_timer.elapsed().as_secs_f64());
+        let (state, output, error) = match result {
+            Ok(out) if run.dry_run => (StepState::DryRun, Some(out), None),
+            Ok(out) => (StepState::Succeeded, Some(out), None),
+            Err(e) => (StepState::Failed, None, Some(e.to_string())),
+        };
+        tracing::info!(step = %step.name, action = %step.action, state = state.as_str(), error = error.as_deref(), "step finished");
+        self.store
+            .step_finished(run.id, step.idx, state, output.clone(), error.clone())
+            .await
+            .map_err(record_err)?;
+        let outcome = if error.is_some() {
+            "failed"
+        } else {
+            state.as_str()
+        };
+        let target = Some(format!(
+            "run/{} step/{} target/{}",
+            run.id, step.idx, run.target
+        ));
+        if let Err(e) = self
+            .store
+            .audit(
+                "reflex",
+                &format!("step.{}", step.action),
+                target,
+                outcome,
+                error.clone(),
+            )
+            .await
+        {
+            tracing::error!(error = %e, "cannot write the audit row of a step");
+        }
+        match (&error, output) {
+            (Some(e), _) => self.notifier.send(Event::StepFailed {
+                run: self.run_info(run.id, &run.playbook, &run.target, &run.alert),
+                step: step.name.clone(),
+                error: e.clone(),
+            }),
+            (None, Some(out)) => outputs.push((step.name.clone(), out)),
+            (None, None) => {}
+        }
+        Ok(error.filter(|_| step.on_failure == "stop"))
     }
 }

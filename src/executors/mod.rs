@@ -2,14 +2,18 @@
 //! calls it after the step is recorded as running, with the step's rendered arguments, and
 //! bounds it with the step timeout.
 
+mod http;
 mod log;
 mod script;
 pub mod ssh;
+mod verify;
 mod wait;
 
+pub use http::HttpExecutor;
 pub use log::LogExecutor;
 pub use script::ScriptExecutor;
 pub use ssh::{DiskCleanupExecutor, SshExecutor, SshRunExecutor};
+pub use verify::VerifyExecutor;
 pub use wait::WaitExecutor;
 
 use crate::alert::Alert;
@@ -96,7 +100,7 @@ impl Executors {
 
     /// Every executor, configured from the daemon config.
     pub fn from_config(cfg: &crate::config::Config, sandbox: Arc<Sandbox>) -> Self {
-        let mut e = Self::builtin(sandbox);
+        let mut e = Self::builtin(sandbox.clone());
         let control_dir = cfg
             .ssh
             .control_dir
@@ -105,6 +109,11 @@ impl Executors {
         let ssh = Arc::new(SshExecutor::new(cfg.ssh.clone(), control_dir));
         e.insert("ssh.run", Arc::new(SshRunExecutor(ssh.clone())));
         e.insert("disk_cleanup", Arc::new(DiskCleanupExecutor(ssh)));
+        e.insert("http", Arc::new(HttpExecutor::new(cfg.credentials.clone())));
+        e.insert(
+            "verify",
+            Arc::new(VerifyExecutor::new(&cfg.prometheus_url, sandbox.clone())),
+        );
         e
     }
 

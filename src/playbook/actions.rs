@@ -20,6 +20,10 @@ pub enum Action {
     SshRun,
     /// Measure a filesystem, run cleanup commands, measure again, report the space reclaimed.
     DiskCleanup,
+    /// A generic HTTP request.
+    Http,
+    /// Poll a Prometheus query until a condition holds, or fail at the timeout.
+    Verify,
 }
 
 /// How a top-level argument is treated at load.
@@ -39,6 +43,8 @@ impl Action {
         Action::Wait,
         Action::SshRun,
         Action::DiskCleanup,
+        Action::Http,
+        Action::Verify,
     ];
 
     /// Looks an action up by its playbook name.
@@ -54,6 +60,8 @@ impl Action {
             Action::Wait => "wait",
             Action::SshRun => "ssh.run",
             Action::DiskCleanup => "disk_cleanup",
+            Action::Http => "http",
+            Action::Verify => "verify",
         }
     }
 
@@ -65,6 +73,12 @@ impl Action {
             (Action::SshRun, "command") | (Action::DiskCleanup, "commands") => {
                 ArgKind::Template(Quoting::Shell)
             }
+            // Alert values in a URL are percent-encoded: they cannot change host, path or query.
+            (Action::Http, "url") => ArgKind::Template(Quoting::Url),
+            // Alert values in a PromQL string literal are escaped: they cannot end it.
+            (Action::Verify, "query") => ArgKind::Template(Quoting::PromQl),
+            // Compiled at load and evaluated with `value` in scope.
+            (Action::Verify, "condition") => ArgKind::Verbatim,
             _ => ArgKind::Template(Quoting::Plain),
         }
     }
@@ -74,6 +88,23 @@ impl Action {
         match self {
             Action::Log => parse::<LogArgs>(args).map(drop),
             Action::SshRun => parse::<SshRunArgs>(args).map(drop),
+            Action::Http => {
+                let a = parse::<HttpArgs>(args)?;
+                let literal = !Self::is_template(&a.url);
+                if literal && !a.url.starts_with("http://") && !a.url.starts_with("https://") {
+                    return Err("`url`: must start with http:// or https://".into());
+                }
+                Ok(())
+            }
+            Action::Verify => {
+                let a = parse::<VerifyArgs>(args)?;
+                match a.interval.as_deref() {
+                    Some(i) if !Self::is_template(i) => crate::time::parse_duration(i)
+                        .map(drop)
+                        .map_err(|e| format!("`interval`: {e}")),
+                    _ => Ok(()),
+                }
+            }
             Action::DiskCleanup => {
                 let a = parse::<DiskCleanupArgs>(args)?;
                 match a.target_percent {
@@ -160,4 +191,42 @@ pub struct DiskCleanupArgs {
     pub target_percent: Option<f64>,
     /// Cleanup commands, in order (default: `ssh.cleanup_commands`); holes are shell-quoted.
     pub commands: Option<Vec<String>>,
+}
+
+/// `http`: a generic HTTP request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpArgs {
+    /// Method (default GET).
+    #[serde(default = "get")]
+    pub method: String,
+    /// URL; template holes are percent-encoded.
+    pub url: String,
+    /// Extra headers.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Body: a string is sent as is, anything else as JSON.
+    pub body: Option<serde_json::Value>,
+    /// Statuses that count as success (default: any 2xx).
+    #[serde(default)]
+    pub expect_status: Vec<u16>,
+    /// A credential from `credentials:` in reflex.yaml (never from the playbook).
+    pub credential: Option<String>,
+}
+
+fn get() -> String {
+    "GET".into()
+}
+
+/// `verify`: poll a Prometheus query until `condition` holds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyArgs {
+    /// PromQL; holes inside string literals are escaped.
+    pub query: String,
+    /// Rhai over `value` (the first sample, a number) and `values` (all of them), e.g.
+    /// `value < 0.01`. No samples: it does not hold.
+    pub condition: String,
+    /// Time between polls (default 10s).
+    pub interval: Option<String>,
 }

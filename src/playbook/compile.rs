@@ -222,7 +222,10 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
     let report = (spec.report.as_deref())
         .and_then(|r| cx.template(&[Seg::Key("report")], r, Quoting::Plain));
     let steps = (spec.steps.iter().enumerate())
-        .filter_map(|(i, s)| compile_step(&mut cx, i, s))
+        .filter_map(|(i, s)| compile_step(&mut cx, "steps", i, s))
+        .collect();
+    let on_failure = (spec.on_failure.iter().enumerate())
+        .filter_map(|(i, s)| compile_step(&mut cx, "on_failure", i, s))
         .collect();
 
     let (Some(target), true) = (target, cx.diags.is_empty()) else {
@@ -244,11 +247,12 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         deadline,
         report,
         steps,
+        on_failure,
     })
 }
 
-fn compile_step(cx: &mut Ctx<'_>, i: usize, spec: &StepSpec) -> Option<Step> {
-    let at = |k| [Seg::Key("steps"), Seg::Index(i), Seg::Key(k)];
+fn compile_step(cx: &mut Ctx<'_>, section: &str, i: usize, spec: &StepSpec) -> Option<Step> {
+    let at = |k| [Seg::Key(section), Seg::Index(i), Seg::Key(k)];
     let Some(action) = Action::parse(&spec.action) else {
         let known: Vec<_> = Action::ALL.iter().map(|a| a.name()).collect();
         cx.err(
@@ -276,7 +280,7 @@ fn compile_step(cx: &mut Ctx<'_>, i: usize, spec: &StepSpec) -> Option<Step> {
         // serde names the field in backticks; point at it when it is there.
         let field = e.split('`').nth(1).unwrap_or("");
         let path = [
-            Seg::Key("steps"),
+            Seg::Key(section),
             Seg::Index(i),
             Seg::Key("with"),
             Seg::Key(field),
@@ -288,7 +292,7 @@ fn compile_step(cx: &mut Ctx<'_>, i: usize, spec: &StepSpec) -> Option<Step> {
     let mut script = None;
     for (key, value) in raw.as_object().into_iter().flatten() {
         let path = [
-            Seg::Key("steps"),
+            Seg::Key(section),
             Seg::Index(i),
             Seg::Key("with"),
             Seg::Key(key),
@@ -297,6 +301,9 @@ fn compile_step(cx: &mut Ctx<'_>, i: usize, spec: &StepSpec) -> Option<Step> {
             ArgKind::Verbatim => {
                 if action == Action::Script {
                     script = cx.script(&path, value.as_str().unwrap_or(""), "script");
+                }
+                if action == Action::Verify {
+                    cx.script(&path, value.as_str().unwrap_or(""), "condition");
                 }
                 Arg::Literal(value.clone())
             }

@@ -74,6 +74,8 @@ pub struct Playbook {
     pub report: Option<Template>,
     /// Steps, in order.
     pub steps: Vec<Step>,
+    /// Steps run when the run fails.
+    pub on_failure: Vec<Step>,
 }
 
 /// An approval gate.
@@ -173,6 +175,8 @@ pub struct PlannedStep {
     /// Approval needed before this step runs (the playbook's gate sits on the first step).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<Gate>,
+    /// `main`, or `on_failure` for the steps run when the run fails.
+    pub phase: &'static str,
 }
 
 impl Playbook {
@@ -204,13 +208,28 @@ impl Playbook {
             let as_dynamic = rhai::serde::to_dynamic(&params).map_err(|e| e.to_string())?;
             scope.set_value("params", as_dynamic);
         }
-        let steps = (self.steps.iter().enumerate())
-            .map(|(i, s)| {
+        let main = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ("main", "steps", i, s));
+        let escalation = self
+            .on_failure
+            .iter()
+            .enumerate()
+            .map(|(i, s)| ("on_failure", "on_failure", i, s));
+        let steps = main
+            .chain(escalation)
+            .map(|(phase, section, i, s)| {
                 let args = s
                     .args
                     .render(sandbox, scope)
-                    .map_err(|e| format!("steps[{i}] ({}): {e}", s.name))?;
-                let run_gate = if i == 0 { self.approval.clone() } else { None };
+                    .map_err(|e| format!("{section}[{i}] ({}): {e}", s.name))?;
+                let run_gate = if (phase, i) == ("main", 0) {
+                    self.approval.clone()
+                } else {
+                    None
+                };
                 Ok(PlannedStep {
                     name: s.name.clone(),
                     action: s.action.name(),
@@ -218,6 +237,7 @@ impl Playbook {
                     timeout_ms: s.timeout.map(|t| t.as_millis() as u64),
                     on_failure: s.on_failure,
                     approval: run_gate.or_else(|| s.approval.clone()),
+                    phase,
                 })
             })
             .collect::<Result<_, String>>()?;

@@ -43,6 +43,10 @@ pub struct PlaybookSpec {
     pub report: Option<String>,
     /// The steps, run in order.
     pub steps: Vec<StepSpec>,
+    /// Steps run when a step fails and stops the run (escalate: notify, page, roll back).
+    /// They run in order whatever each one's outcome; the run still ends `failed`.
+    #[serde(default)]
+    pub on_failure: Vec<StepSpec>,
 }
 
 /// The map form of `approval`.

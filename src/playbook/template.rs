@@ -15,6 +15,11 @@ pub enum Quoting {
     Plain,
     /// Each hole becomes one shell-quoted word (commands run over SSH).
     Shell,
+    /// Each hole is percent-encoded (URLs): a value cannot add a path, a query or a host.
+    Url,
+    /// Each hole is escaped for use inside a quoted PromQL string (`"…"`): a value cannot
+    /// end the string and change the query.
+    PromQl,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +104,10 @@ impl Template {
                         Quoting::Shell => out.push_str(
                             &shell_quote(&v).map_err(|e| format!("`{{{{ {src} }}}}`: {e}"))?,
                         ),
+                        Quoting::Url => {
+                            out.extend(percent_encoding::utf8_percent_encode(&v, URL_COMPONENT))
+                        }
+                        Quoting::PromQl => out.push_str(&promql_escape(&v)),
                     }
                 }
             }
@@ -122,6 +131,30 @@ fn eval_hole(
         ));
     }
     Ok(v)
+}
+
+/// Everything but RFC 3986's unreserved characters is percent-encoded.
+const URL_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Escapes a value for the inside of a quoted PromQL string literal.
+pub fn promql_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\'' => out.push_str("\\'"),
+            '`' => out.push_str("\\`"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Quotes a value as exactly one shell word. Always quotes (even "safe" words) so that what is
@@ -188,6 +221,27 @@ mod tests {
         assert_eq!(got, r#"df -P 'a'\''; rm -rf / #'"#);
         let nul = render("echo {{ labels.instance }}", Quoting::Shell, "a\0b").unwrap_err();
         assert!(nul.contains("NUL"), "{nul}");
+    }
+
+    #[test]
+    fn url_and_promql_holes_cannot_escape_their_context() {
+        let got = render(
+            "http://flags.internal/api/{{ labels.instance }}?x=1",
+            Quoting::Url,
+            "a/../b?c=d#e f@evil.com",
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            "http://flags.internal/api/a%2F..%2Fb%3Fc%3Dd%23e%20f%40evil.com?x=1"
+        );
+        let got = render(
+            r#"up{instance="{{ labels.instance }}"}"#,
+            Quoting::PromQl,
+            "x\"} or vector(1) #",
+        )
+        .unwrap();
+        assert_eq!(got, r#"up{instance="x\"} or vector(1) #"}"#);
     }
 
     #[test]

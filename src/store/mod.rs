@@ -153,6 +153,10 @@ CREATE TABLE switches (
   until INTEGER
 );
 "#,
+    r#"
+-- 'main', or 'on_failure' for the steps run when the run fails.
+ALTER TABLE steps ADD COLUMN phase TEXT NOT NULL DEFAULT 'main';
+"#,
 ];
 
 impl Store {

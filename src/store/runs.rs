@@ -258,6 +258,8 @@ pub struct StepRecord {
     /// Approval gate before this step, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<crate::playbook::Gate>,
+    /// `main`, or `on_failure` (run only when the run fails).
+    pub phase: String,
 }
 
 /// A run as the API shows it.
@@ -487,6 +489,16 @@ impl Store {
         .await
     }
 
+    /// Marks the main steps not yet started as `skipped` (a failure stopped the run; its
+    /// `on_failure` steps run next).
+    pub async fn skip_pending_main(&self, run_id: i64) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute("UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending' AND phase = 'main'", [run_id])?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Cancels a run that has not started. Returns the run's state before the call, or `None`
     /// when there is no such run; a `Pending` run is now `Cancelled`.
     pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
@@ -711,8 +723,8 @@ fn intake_one(
     let run_id = c.last_insert_rowid();
     if let Some(plan) = plan {
         let mut stmt = c.prepare_cached(
-            "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8)",
+            "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
         )?;
         for (idx, s) in plan.steps.iter().enumerate() {
             stmt.execute(params![
@@ -723,7 +735,8 @@ fn intake_one(
                 json_text(&s.args),
                 s.timeout_ms.map(|t| t as i64),
                 s.on_failure.as_str(),
-                s.approval.as_ref().map(json_text)
+                s.approval.as_ref().map(json_text),
+                s.phase
             ])?;
         }
     }
@@ -904,7 +917,7 @@ fn load_alert(c: &Connection, id: i64) -> Result<Alert, StoreError> {
 
 fn load_steps(c: &Connection, run_id: i64) -> Result<Vec<StepRecord>, StoreError> {
     let mut stmt = c.prepare_cached(
-        "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error, approval
+        "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error, approval, phase
          FROM steps WHERE run_id = ?1 ORDER BY idx",
     )?;
     let rows = stmt.query_map([run_id], |r| {
@@ -923,6 +936,7 @@ fn load_steps(c: &Connection, run_id: i64) -> Result<Vec<StepRecord>, StoreError
             approval: r
                 .get::<_, Option<String>>(11)?
                 .and_then(|s| serde_json::from_str(&s).ok()),
+            phase: r.get(12)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -1,0 +1,129 @@
+//! `verify` steps against a real Prometheus, `http` steps against a local receiver, and the
+//! playbook's `on_failure` steps.
+
+mod common;
+
+use common::TestApp;
+use common::prometheus::{Prometheus, serve_metrics};
+use common::receiver::Receiver;
+use serde_json::json;
+
+const METRICS: &str = "# TYPE test_error_ratio gauge\ntest_error_ratio{service=\"checkout\"} 0.002\ntest_error_ratio{service=\"search\"} 0.2\n";
+
+const PLAYBOOK: &str = r#"
+name: verify-errors
+matchers: ['alertname="HighErrorRate"']
+steps:
+  - name: check
+    action: verify
+    with:
+      query: 'test_error_ratio{service="{{ labels.service }}"}'
+      condition: "value < 0.01"
+      interval: 1s
+    timeout: 4s
+on_failure:
+  - name: escalate
+    action: log
+    with: { message: "error rate still high on {{ labels.service }}: paging" }
+"#;
+
+fn alert(service: &str) -> String {
+    json!({"labels": {"alertname": "HighErrorRate", "service": service}, "startsAt": "2026-11-22T10:00:00Z"}).to_string()
+}
+
+#[tokio::test]
+async fn verify_passes_when_the_query_holds_and_escalates_when_it_does_not() {
+    let target = serve_metrics(METRICS).await;
+    let prom = Prometheus::start(&target).await;
+    let app = TestApp::builder()
+        .playbook("verify.yaml", PLAYBOOK)
+        .config(&format!("prometheus_url: {}\n", prom.base))
+        .start()
+        .await;
+
+    let (_, ok) = app
+        .post_raw("/api/v1/webhooks/generic", alert("checkout"))
+        .await;
+    let (_, bad) = app
+        .post_raw("/api/v1/webhooks/generic", alert("search"))
+        .await;
+    let ok = ok["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let bad = bad["outcomes"][0][0]["run_id"].as_i64().unwrap();
+
+    let run = app.wait_run_state(ok, "succeeded").await;
+    assert_eq!(run["steps"][0]["output"]["values"], json!([0.002]));
+    assert_eq!(
+        run["steps"][0]["args"]["query"],
+        "test_error_ratio{service=\"checkout\"}"
+    );
+    assert_eq!(run["steps"][1]["phase"], "on_failure");
+    assert_eq!(
+        run["steps"][1]["state"], "skipped",
+        "no escalation when the fix worked"
+    );
+
+    let run = app.wait_run_state(bad, "failed").await;
+    let check = &run["steps"][0];
+    assert_eq!(check["state"], "failed");
+    let error = check["error"].as_str().unwrap();
+    assert!(
+        error.contains("did not hold within 4s") && error.contains("last: value 0.2"),
+        "{error}"
+    );
+    let escalate = &run["steps"][1];
+    assert_eq!(escalate["state"], "succeeded", "{run:#}");
+    assert_eq!(
+        escalate["output"]["message"],
+        "error rate still high on search: paging"
+    );
+}
+
+#[tokio::test]
+async fn http_steps_send_the_exact_request_with_credentials_from_config() {
+    let rx = Receiver::start().await;
+    let playbook = format!(
+        r#"
+name: status-page
+matchers: ['alertname="Outage"']
+steps:
+  - name: post-incident
+    action: http
+    with:
+      method: POST
+      url: "{}/v1/incidents/{{{{ labels.service }}}}?notify=true"
+      headers: {{ X-Source: reflex }}
+      body: {{ title: "{{{{ labels.service }}}} degraded", status: investigating }}
+      expect_status: [200, 201]
+      credential: statuspage
+"#,
+        rx.base
+    );
+    let app = TestApp::builder()
+        .playbook("status.yaml", &playbook)
+        .config("credentials:\n  statuspage: { prefix: 'OAuth ', env: REFLEX_TEST_SLACK_TOKEN }\n")
+        .start()
+        .await;
+    let body = json!({"labels": {"alertname": "Outage", "service": "pay/../admin"}, "startsAt": "2026-11-22T10:00:00Z"});
+    app.post_raw("/api/v1/webhooks/generic", body.to_string())
+        .await;
+    let run = app.wait_run_state(1, "succeeded").await;
+    let reqs = rx.requests();
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(
+        r.path, "/v1/incidents/pay%2F..%2Fadmin?notify=true",
+        "the label cannot change the path"
+    );
+    assert_eq!(r.header("authorization"), Some("OAuth xoxb-test-token"));
+    assert_eq!(r.header("x-source"), Some("reflex"));
+    assert_eq!(
+        r.body,
+        json!({"title": "pay/../admin degraded", "status": "investigating"})
+    );
+    assert_eq!(run["steps"][0]["output"]["status"], 200);
+    assert!(
+        !run.to_string().contains("xoxb-test-token"),
+        "the secret is not in the record"
+    );
+}
