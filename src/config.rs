@@ -42,6 +42,105 @@ pub struct Config {
     /// Credentials `http` steps may name: the secret comes from the environment or a file,
     /// never from a playbook, and is never logged.
     pub credentials: BTreeMap<String, Credential>,
+    /// Kubernetes clusters the kube executor may act on.
+    pub kubernetes: KubeConfig,
+    /// Feature-flag providers `feature_flag.*` steps may name.
+    pub feature_flags: BTreeMap<String, FlagProvider>,
+}
+
+/// Kubernetes clusters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubeConfig {
+    /// Clusters by name. None configured: one cluster `default`, from `KUBECONFIG`,
+    /// `~/.kube/config` or the in-cluster service account, whichever is there.
+    pub clusters: BTreeMap<String, ClusterConfig>,
+    /// The cluster of steps that name none (default: the only one, or `default`).
+    pub default_cluster: Option<String>,
+    /// Retries of a read-modify-write that met a conflict (409) with a concurrent writer.
+    pub max_conflict_retries: u32,
+}
+
+impl Default for KubeConfig {
+    fn default() -> Self {
+        KubeConfig {
+            clusters: BTreeMap::new(),
+            default_cluster: None,
+            max_conflict_retries: 5,
+        }
+    }
+}
+
+/// One cluster.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// kubeconfig file (default: `KUBECONFIG` or `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
+    /// Context in it (default: its current context).
+    pub context: Option<String>,
+    /// Use the pod's service account.
+    pub in_cluster: bool,
+}
+
+/// Feature-flag provider kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlagKind {
+    /// Unleash admin API (environment on/off).
+    Unleash,
+    /// LaunchDarkly REST API (semantic patch turnFlagOff / turnFlagOn).
+    Launchdarkly,
+    /// flagd / OpenFeature flag definitions held as JSON in a ConfigMap key.
+    FlagdConfigmap,
+    /// Any HTTP endpoint.
+    Http,
+}
+
+/// A feature-flag provider. Tokens come from the environment or files, never from playbooks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagProvider {
+    /// Kind.
+    #[serde(rename = "type")]
+    pub kind: FlagKind,
+    /// API base URL (Unleash, LaunchDarkly: default `https://app.launchdarkly.com`), or for
+    /// `http` the URL with `{flag}` and `{action}` (`enable`/`disable`) placeholders.
+    pub url: Option<String>,
+    /// Environment variable holding the API token.
+    pub token_env: Option<String>,
+    /// File holding the API token.
+    pub token_file: Option<PathBuf>,
+    /// Project (Unleash: default `default`; LaunchDarkly: required).
+    pub project: Option<String>,
+    /// Environment (Unleash, LaunchDarkly).
+    pub environment: Option<String>,
+    /// Cluster of the ConfigMap (flagd_configmap).
+    pub cluster: Option<String>,
+    /// Namespace of the ConfigMap.
+    pub namespace: Option<String>,
+    /// ConfigMap name.
+    pub configmap: Option<String>,
+    /// Key in the ConfigMap holding the flagd JSON.
+    pub key: Option<String>,
+    /// Method for `http` (default POST).
+    pub method: Option<String>,
+}
+
+impl FlagProvider {
+    /// The token, read now.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        match (&self.token_env, &self.token_file) {
+            (Some(var), None) => std::env::var(var)
+                .map(Some)
+                .map_err(|_| format!("environment variable {var} is not set")),
+            (None, Some(p)) => std::fs::read_to_string(p)
+                .map(|s| Some(s.trim().to_string()))
+                .map_err(|e| format!("{}: {e}", p.display())),
+            (None, None) => Ok(None),
+            _ => Err("give token_env or token_file, not both".into()),
+        }
+    }
 }
 
 /// A credential for `http` steps.
@@ -263,6 +362,8 @@ impl Default for Config {
             public_url: None,
             prometheus_url: "http://127.0.0.1:9090".into(),
             credentials: BTreeMap::new(),
+            kubernetes: KubeConfig::default(),
+            feature_flags: BTreeMap::new(),
         }
     }
 }

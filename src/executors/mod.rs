@@ -2,7 +2,9 @@
 //! calls it after the step is recorded as running, with the step's rendered arguments, and
 //! bounds it with the step timeout.
 
+mod flags;
 mod http;
+pub mod kube;
 mod log;
 mod script;
 pub mod ssh;
@@ -17,6 +19,7 @@ pub use verify::VerifyExecutor;
 pub use wait::WaitExecutor;
 
 use crate::alert::Alert;
+use crate::playbook::actions::Action;
 use crate::playbook::script::Sandbox;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -113,6 +116,30 @@ impl Executors {
         e.insert(
             "verify",
             Arc::new(VerifyExecutor::new(&cfg.prometheus_url, sandbox.clone())),
+        );
+        let kube = Arc::new(kube::KubeExecutor::new(cfg.kubernetes.clone()));
+        for action in [
+            Action::KubeScale,
+            Action::KubeRollback,
+            Action::KubeRestart,
+            Action::KubeDeletePod,
+            Action::KubeCordon,
+            Action::KubeUncordon,
+            Action::KubePatch,
+        ] {
+            e.insert(
+                action.name(),
+                Arc::new(kube::KubeAction(kube.clone(), action)),
+            );
+        }
+        let flags = Arc::new(flags::FlagExecutor::new(cfg.feature_flags.clone(), kube));
+        e.insert(
+            "feature_flag.disable",
+            Arc::new(flags::FlagAction(flags.clone(), false)),
+        );
+        e.insert(
+            "feature_flag.enable",
+            Arc::new(flags::FlagAction(flags, true)),
         );
         e
     }

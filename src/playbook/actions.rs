@@ -24,6 +24,24 @@ pub enum Action {
     Http,
     /// Poll a Prometheus query until a condition holds, or fail at the timeout.
     Verify,
+    /// Scale a Deployment or StatefulSet through its scale subresource.
+    KubeScale,
+    /// Roll a Deployment back to its previous (or a given) revision.
+    KubeRollback,
+    /// Rollout restart (the `kubectl.kubernetes.io/restartedAt` annotation).
+    KubeRestart,
+    /// Delete a pod.
+    KubeDeletePod,
+    /// Mark a node unschedulable.
+    KubeCordon,
+    /// Mark a node schedulable.
+    KubeUncordon,
+    /// Merge-patch any object.
+    KubePatch,
+    /// Turn a feature flag off.
+    FlagDisable,
+    /// Turn a feature flag on.
+    FlagEnable,
 }
 
 /// How a top-level argument is treated at load.
@@ -45,6 +63,15 @@ impl Action {
         Action::DiskCleanup,
         Action::Http,
         Action::Verify,
+        Action::KubeScale,
+        Action::KubeRollback,
+        Action::KubeRestart,
+        Action::KubeDeletePod,
+        Action::KubeCordon,
+        Action::KubeUncordon,
+        Action::KubePatch,
+        Action::FlagDisable,
+        Action::FlagEnable,
     ];
 
     /// Looks an action up by its playbook name.
@@ -62,6 +89,15 @@ impl Action {
             Action::DiskCleanup => "disk_cleanup",
             Action::Http => "http",
             Action::Verify => "verify",
+            Action::KubeScale => "kube.scale",
+            Action::KubeRollback => "kube.rollback",
+            Action::KubeRestart => "kube.restart",
+            Action::KubeDeletePod => "kube.delete_pod",
+            Action::KubeCordon => "kube.cordon",
+            Action::KubeUncordon => "kube.uncordon",
+            Action::KubePatch => "kube.patch",
+            Action::FlagDisable => "feature_flag.disable",
+            Action::FlagEnable => "feature_flag.enable",
         }
     }
 
@@ -88,6 +124,28 @@ impl Action {
         match self {
             Action::Log => parse::<LogArgs>(args).map(drop),
             Action::SshRun => parse::<SshRunArgs>(args).map(drop),
+            Action::KubeScale => {
+                let a = parse::<KubeScaleArgs>(args)?;
+                let replicas = match &a.replicas {
+                    serde_json::Value::String(s) if Self::is_template(s) => None,
+                    v => Some(Replicas::parse(v)?),
+                };
+                // A relative or computed target has no natural bound: the step must give one.
+                let unbounded = !matches!(replicas, Some(Replicas::Absolute(_)));
+                if unbounded && a.max.is_none() {
+                    return Err("`max`: required when `replicas` is relative (+n/-n), a factor (xN) or templated".into());
+                }
+                match (a.min, a.max) {
+                    (Some(lo), Some(hi)) if lo > hi => Err("`min`: must not exceed max".into()),
+                    _ => Ok(()),
+                }
+            }
+            Action::KubeRollback => parse::<KubeRollbackArgs>(args).map(drop),
+            Action::KubeRestart => parse::<KubeWorkloadArgs>(args).map(drop),
+            Action::KubeDeletePod => parse::<KubePodArgs>(args).map(drop),
+            Action::KubeCordon | Action::KubeUncordon => parse::<KubeNodeArgs>(args).map(drop),
+            Action::KubePatch => parse::<KubePatchArgs>(args).map(drop),
+            Action::FlagDisable | Action::FlagEnable => parse::<FlagArgs>(args).map(drop),
             Action::Http => {
                 let a = parse::<HttpArgs>(args)?;
                 let literal = !Self::is_template(&a.url);
@@ -229,4 +287,201 @@ pub struct VerifyArgs {
     pub condition: String,
     /// Time between polls (default 10s).
     pub interval: Option<String>,
+}
+
+/// A replica count: absolute (`5`), relative (`+2`, `-1`) or a factor (`x2`, `x1.5`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Replicas {
+    /// Exactly this many.
+    Absolute(i32),
+    /// This many more (or fewer).
+    Relative(i32),
+    /// Current times this, rounded up.
+    Factor(f64),
+}
+
+impl Replicas {
+    /// Parses a number or a string form.
+    pub fn parse(v: &serde_json::Value) -> Result<Replicas, String> {
+        let bad =
+            || format!("`replicas`: {v} is not a count (5), a change (+2, -1) or a factor (x2)");
+        match v {
+            serde_json::Value::Number(n) => n
+                .as_i64()
+                .and_then(|n| i32::try_from(n).ok())
+                .map(Replicas::Absolute)
+                .ok_or_else(bad),
+            serde_json::Value::String(s) => {
+                let s = s.trim();
+                if let Some(f) = s.strip_prefix('x').or_else(|| s.strip_prefix('*')) {
+                    f.trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|f| f.is_finite() && *f > 0.0)
+                        .map(Replicas::Factor)
+                        .ok_or_else(bad)
+                } else if s.starts_with('+') || s.starts_with('-') {
+                    s.parse::<i32>().map(Replicas::Relative).map_err(|_| bad())
+                } else {
+                    s.parse::<i32>().map(Replicas::Absolute).map_err(|_| bad())
+                }
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The target for a current count, clamped to `[min, max]` (and never below 0).
+    pub fn target(self, current: i32, min: Option<i32>, max: Option<i32>) -> i32 {
+        let raw = match self {
+            Replicas::Absolute(n) => i64::from(n),
+            Replicas::Relative(d) => i64::from(current) + i64::from(d),
+            Replicas::Factor(f) => (f64::from(current) * f).ceil() as i64,
+        };
+        let lo = i64::from(min.unwrap_or(0).max(0));
+        let hi = max.map_or(i64::from(i32::MAX), i64::from);
+        raw.clamp(lo, hi.max(lo)) as i32
+    }
+}
+
+/// `kube.scale`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeScaleArgs {
+    /// Cluster name (default: the default cluster).
+    pub cluster: Option<String>,
+    /// `Deployment` or `StatefulSet`.
+    pub kind: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// `5`, `+2`, `-1`, `x2`.
+    pub replicas: serde_json::Value,
+    /// Never below this.
+    pub min: Option<i32>,
+    /// Never above this (required unless `replicas` is absolute).
+    pub max: Option<i32>,
+}
+
+/// `kube.rollback`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeRollbackArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// Deployment name.
+    pub name: String,
+    /// Revision to go back to (default: the previous one).
+    pub to_revision: Option<i64>,
+    /// Wait until the rollout is complete (within the step timeout).
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// `kube.restart`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeWorkloadArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// `kube.delete_pod`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubePodArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+}
+
+/// `kube.cordon`, `kube.uncordon`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeNodeArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Node name.
+    pub node: String,
+}
+
+/// `kube.patch`: a JSON merge patch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubePatchArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// e.g. `apps/v1`, `v1`.
+    pub api_version: String,
+    /// e.g. `Deployment`.
+    pub kind: String,
+    /// Namespace (absent: a cluster-scoped object).
+    pub namespace: Option<String>,
+    /// Name.
+    pub name: String,
+    /// The merge patch.
+    pub patch: serde_json::Value,
+}
+
+/// `feature_flag.disable`, `feature_flag.enable`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlagArgs {
+    /// A provider from `feature_flags:` in reflex.yaml.
+    pub provider: String,
+    /// The flag key.
+    pub flag: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn replicas_forms_and_clamping() {
+        let r = |v: serde_json::Value| Replicas::parse(&v).unwrap();
+        assert_eq!(r(json!(5)).target(2, None, None), 5);
+        assert_eq!(r(json!("+2")).target(3, None, Some(10)), 5);
+        assert_eq!(r(json!("-5")).target(3, Some(1), Some(10)), 1);
+        assert_eq!(
+            r(json!("x2")).target(4, None, Some(6)),
+            6,
+            "a factor respects max"
+        );
+        assert_eq!(r(json!("x1.5")).target(3, None, Some(100)), 5, "rounded up");
+        for bad in [
+            json!("lots"),
+            json!("x0"),
+            json!("x-1"),
+            json!(1.5),
+            json!(null),
+        ] {
+            assert!(Replicas::parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn relative_scaling_needs_a_max() {
+        let args = |replicas: serde_json::Value| json!({"kind": "Deployment", "namespace": "a", "name": "b", "replicas": replicas});
+        assert!(Action::KubeScale.check(&args(json!(3))).is_ok());
+        for r in [json!("+2"), json!("x2"), json!("{{ params.n }}")] {
+            let e = Action::KubeScale.check(&args(r.clone())).unwrap_err();
+            assert!(e.contains("max"), "{r}: {e}");
+        }
+        let mut ok = args(json!("x2"));
+        ok["max"] = json!(10);
+        assert!(Action::KubeScale.check(&ok).is_ok());
+    }
 }

@@ -1,0 +1,634 @@
+//! `kube.*`: actions on Kubernetes through kube-rs, each recording the state before and after.
+//!
+//! Names and namespaces come from templates, so from alert labels: they are validated as
+//! Kubernetes names before any request. Read-modify-write actions carry the object's
+//! `resourceVersion`, and a conflict (409) with a concurrent writer is retried from a fresh
+//! read a bounded number of times. Forbidden (403) is reported as such: the fix is the RBAC
+//! role in `deploy/kubernetes/`, not a retry.
+
+use super::{ExecError, Executor, StepContext};
+use crate::config::KubeConfig;
+use crate::playbook::actions::{
+    Action, KubeNodeArgs, KubePatchArgs, KubePodArgs, KubeRollbackArgs, KubeScaleArgs,
+    KubeWorkloadArgs, Replicas,
+};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The annotation the deployment controller keeps the revision in.
+pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+/// The annotation `kubectl rollout restart` sets on the pod template.
+pub const RESTARTED_AT_ANNOTATION: &str = "kubectl.kubernetes.io/restartedAt";
+/// Field manager recorded on Reflex's patches.
+pub const FIELD_MANAGER: &str = "reflex";
+
+/// Kubernetes names (RFC 1123 subdomain): lowercase alphanumerics, `-` and `.`, at most 253,
+/// starting and ending alphanumeric.
+pub fn valid_name(s: &str) -> bool {
+    let ok_ends = s.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && s.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit());
+    !s.is_empty()
+        && s.len() <= 253
+        && ok_ends
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+/// Namespaces (RFC 1123 label): as names, without `.`, at most 63.
+pub fn valid_namespace(s: &str) -> bool {
+    s.len() <= 63 && !s.contains('.') && valid_name(s)
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), ExecError> {
+    if valid_name(s) {
+        Ok(())
+    } else {
+        Err(ExecError::Refused(format!(
+            "{what} {s:?} is not a valid Kubernetes name"
+        )))
+    }
+}
+
+fn check_namespace(s: &str) -> Result<(), ExecError> {
+    if valid_namespace(s) {
+        Ok(())
+    } else {
+        Err(ExecError::Refused(format!(
+            "namespace {s:?} is not a valid Kubernetes namespace"
+        )))
+    }
+}
+
+/// Maps a kube error to a step error, saying what it was about.
+fn api_err(what: &str, e: kube::Error) -> ExecError {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => {
+            ExecError::Refused(format!("{what}: forbidden by RBAC: {}", s.message))
+        }
+        kube::Error::Api(s) if s.code == 404 => ExecError::Failed(format!("{what}: not found")),
+        kube::Error::Api(s) => ExecError::Failed(format!("{what}: {} ({})", s.message, s.code)),
+        other => ExecError::Failed(format!("{what}: {other}")),
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// The kube executor: one client per cluster, made on first use.
+pub struct KubeExecutor {
+    cfg: KubeConfig,
+    clients: tokio::sync::Mutex<HashMap<String, Client>>,
+}
+
+impl KubeExecutor {
+    /// From the `kubernetes:` config.
+    pub fn new(cfg: KubeConfig) -> Self {
+        KubeExecutor {
+            cfg,
+            clients: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cluster_name(&self, cluster: Option<&str>) -> Result<String, ExecError> {
+        let name = cluster
+            .map(str::to_string)
+            .or_else(|| self.cfg.default_cluster.clone())
+            .or_else(|| {
+                (self.cfg.clusters.len() == 1)
+                    .then(|| self.cfg.clusters.keys().next().cloned())
+                    .flatten()
+            })
+            .unwrap_or_else(|| "default".into());
+        if !self.cfg.clusters.is_empty() && !self.cfg.clusters.contains_key(&name) {
+            return Err(ExecError::Refused(format!(
+                "cluster {name:?} is not configured (kubernetes.clusters)"
+            )));
+        }
+        Ok(name)
+    }
+
+    /// The client of a cluster.
+    pub async fn client(&self, cluster: Option<&str>) -> Result<Client, ExecError> {
+        let name = self.cluster_name(cluster)?;
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(&name) {
+            return Ok(c.clone());
+        }
+        let config = match self.cfg.clusters.get(&name) {
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?,
+            Some(c) if c.in_cluster => kube::Config::incluster()
+                .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?,
+            Some(c) => {
+                let options = kube::config::KubeConfigOptions {
+                    context: c.context.clone(),
+                    ..Default::default()
+                };
+                let kubeconfig = match &c.kubeconfig {
+                    Some(path) => kube::config::Kubeconfig::read_from(path),
+                    None => kube::config::Kubeconfig::read(),
+                }
+                .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                    .await
+                    .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?
+            }
+        };
+        let client = Client::try_from(config)
+            .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?;
+        clients.insert(name, client.clone());
+        Ok(client)
+    }
+
+    fn retries(&self) -> u32 {
+        self.cfg.max_conflict_retries
+    }
+
+    async fn scale(&self, a: KubeScaleArgs) -> Result<Value, ExecError> {
+        check_namespace(&a.namespace)?;
+        check_name("name", &a.name)?;
+        let want = Replicas::parse(&a.replicas).map_err(ExecError::InvalidArgs)?;
+        if !matches!(want, Replicas::Absolute(_)) && a.max.is_none() {
+            return Err(ExecError::InvalidArgs(
+                "relative or factor scaling needs `max`".into(),
+            ));
+        }
+        let client = self.client(a.cluster.as_deref()).await?;
+        match a.kind.as_str() {
+            "Deployment" => {
+                scale_in(
+                    Api::<Deployment>::namespaced(client, &a.namespace),
+                    &a,
+                    want,
+                    self.retries(),
+                )
+                .await
+            }
+            "StatefulSet" => {
+                scale_in(
+                    Api::<StatefulSet>::namespaced(client, &a.namespace),
+                    &a,
+                    want,
+                    self.retries(),
+                )
+                .await
+            }
+            other => Err(ExecError::InvalidArgs(format!(
+                "kind {other:?}: kube.scale takes Deployment or StatefulSet"
+            ))),
+        }
+    }
+
+    async fn rollback(&self, a: KubeRollbackArgs, timeout: Duration) -> Result<Value, ExecError> {
+        check_namespace(&a.namespace)?;
+        check_name("name", &a.name)?;
+        let client = self.client(a.cluster.as_deref()).await?;
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &a.namespace);
+        let replicasets: Api<ReplicaSet> = Api::namespaced(client, &a.namespace);
+        let what = format!("deployment {}/{}", a.namespace, a.name);
+        let mut attempt = 0;
+        let (from, to, generation) = loop {
+            let mut d = deployments
+                .get(&a.name)
+                .await
+                .map_err(|e| api_err(&what, e))?;
+            let (from, to, template) = rollback_target(&d, &replicasets, a.to_revision)
+                .await
+                .map_err(|e| match e {
+                    Ok(msg) => ExecError::Failed(format!("{what}: {msg}")),
+                    Err(e) => api_err(&format!("replicasets of {what}"), e),
+                })?;
+            let spec = d
+                .spec
+                .as_mut()
+                .ok_or_else(|| ExecError::Failed(format!("{what} has no spec")))?;
+            spec.template = template;
+            // `replace` carries the resourceVersion we read: a concurrent change is a 409.
+            match deployments
+                .replace(&a.name, &PostParams::default(), &d)
+                .await
+            {
+                Ok(after) => break (from, to, after.metadata.generation.unwrap_or(0)),
+                Err(e) if is_conflict(&e) && attempt < self.retries() => attempt += 1,
+                Err(e) => return Err(api_err(&what, e)),
+            }
+        };
+        let mut out = json!({ "deployment": what, "from_revision": from, "to_revision": to, "conflicts_retried": attempt });
+        if a.wait {
+            let deadline =
+                tokio::time::Instant::now() + timeout.saturating_sub(Duration::from_secs(1));
+            loop {
+                let d = deployments
+                    .get(&a.name)
+                    .await
+                    .map_err(|e| api_err(&what, e))?;
+                if rollout_complete(&d, generation) {
+                    out["rollout"] = json!("complete");
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ExecError::Failed(format!(
+                        "{what}: rolled back to revision {to}, but the rollout did not complete in time"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn restart(&self, a: KubeWorkloadArgs) -> Result<Value, ExecError> {
+        check_namespace(&a.namespace)?;
+        check_name("name", &a.name)?;
+        let client = self.client(a.cluster.as_deref()).await?;
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let patch = json!({ "spec": { "template": { "metadata": { "annotations": { RESTARTED_AT_ANNOTATION: now } } } } });
+        match a.kind.as_str() {
+            "Deployment" => {
+                restart_in(
+                    Api::<Deployment>::namespaced(client, &a.namespace),
+                    &a,
+                    &patch,
+                )
+                .await
+            }
+            "StatefulSet" => {
+                restart_in(
+                    Api::<StatefulSet>::namespaced(client, &a.namespace),
+                    &a,
+                    &patch,
+                )
+                .await
+            }
+            "DaemonSet" => {
+                restart_in(
+                    Api::<DaemonSet>::namespaced(client, &a.namespace),
+                    &a,
+                    &patch,
+                )
+                .await
+            }
+            other => Err(ExecError::InvalidArgs(format!(
+                "kind {other:?}: kube.restart takes Deployment, StatefulSet or DaemonSet"
+            ))),
+        }
+    }
+
+    async fn delete_pod(&self, a: KubePodArgs) -> Result<Value, ExecError> {
+        check_namespace(&a.namespace)?;
+        check_name("pod", &a.name)?;
+        let pods: Api<Pod> =
+            Api::namespaced(self.client(a.cluster.as_deref()).await?, &a.namespace);
+        let what = format!("pod {}/{}", a.namespace, a.name);
+        let before = pods.get(&a.name).await.map_err(|e| api_err(&what, e))?;
+        pods.delete(&a.name, &DeleteParams::default())
+            .await
+            .map_err(|e| api_err(&what, e))?;
+        Ok(json!({
+            "pod": what,
+            "before": {
+                "phase": before.status.as_ref().and_then(|s| s.phase.clone()),
+                "node": before.spec.as_ref().and_then(|s| s.node_name.clone()),
+                "uid": before.metadata.uid,
+            },
+            "after": "deleted",
+        }))
+    }
+
+    async fn cordon(&self, a: KubeNodeArgs, unschedulable: bool) -> Result<Value, ExecError> {
+        check_name("node", &a.node)?;
+        let nodes: Api<Node> = Api::all(self.client(a.cluster.as_deref()).await?);
+        let what = format!("node {}", a.node);
+        let before = nodes.get(&a.node).await.map_err(|e| api_err(&what, e))?;
+        let was = before
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        if was == unschedulable {
+            return Ok(
+                json!({ "node": a.node, "before": { "unschedulable": was }, "after": { "unschedulable": was }, "changed": false }),
+            );
+        }
+        let patch = json!({ "spec": { "unschedulable": unschedulable } });
+        let after = nodes
+            .patch(
+                &a.node,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| api_err(&what, e))?;
+        let now = after
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false);
+        Ok(
+            json!({ "node": a.node, "before": { "unschedulable": was }, "after": { "unschedulable": now }, "changed": true }),
+        )
+    }
+
+    async fn patch(&self, a: KubePatchArgs) -> Result<Value, ExecError> {
+        check_name("name", &a.name)?;
+        if let Some(ns) = &a.namespace {
+            check_namespace(ns)?;
+        }
+        if !a.patch.is_object() {
+            return Err(ExecError::InvalidArgs(
+                "`patch` must be a map (a JSON merge patch)".into(),
+            ));
+        }
+        let (group, version) = match a.api_version.split_once('/') {
+            Some((g, v)) => (g.to_string(), v.to_string()),
+            None => (String::new(), a.api_version.clone()),
+        };
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(&group, &version, &a.kind));
+        let client = self.client(a.cluster.as_deref()).await?;
+        let api: Api<DynamicObject> = match &a.namespace {
+            Some(ns) => Api::namespaced_with(client, ns, &resource),
+            None => Api::all_with(client, &resource),
+        };
+        let what = format!(
+            "{} {}{}",
+            a.kind,
+            a.namespace
+                .as_deref()
+                .map(|n| format!("{n}/"))
+                .unwrap_or_default(),
+            a.name
+        );
+        let before = api.get(&a.name).await.map_err(|e| api_err(&what, e))?;
+        let after = api
+            .patch(
+                &a.name,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Merge(&a.patch),
+            )
+            .await
+            .map_err(|e| api_err(&what, e))?;
+        let (before, after) = (
+            serde_json::to_value(&before).unwrap_or_default(),
+            serde_json::to_value(&after).unwrap_or_default(),
+        );
+        Ok(
+            json!({ "object": what, "before": pick(&before, &a.patch), "after": pick(&after, &a.patch) }),
+        )
+    }
+}
+
+/// The parts of `obj` that `patch` touches: what a merge patch changed, before or after.
+fn pick(obj: &Value, patch: &Value) -> Value {
+    match patch {
+        Value::Object(p) => Value::Object(
+            p.iter()
+                .map(|(k, v)| (k.clone(), pick(obj.get(k).unwrap_or(&Value::Null), v)))
+                .collect(),
+        ),
+        _ => obj.clone(),
+    }
+}
+
+async fn scale_in<K>(
+    api: Api<K>,
+    a: &KubeScaleArgs,
+    want: Replicas,
+    retries: u32,
+) -> Result<Value, ExecError>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    <K as Resource>::DynamicType: Default,
+{
+    let what = format!("{} {}/{}", a.kind, a.namespace, a.name);
+    let mut attempt = 0;
+    loop {
+        let mut scale = api
+            .get_scale(&a.name)
+            .await
+            .map_err(|e| api_err(&what, e))?;
+        let current = scale.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+        let target = want.target(current, a.min, a.max);
+        if target == current {
+            return Ok(
+                json!({ "object": what, "before": { "replicas": current }, "after": { "replicas": current }, "changed": false }),
+            );
+        }
+        scale.spec.get_or_insert_with(Default::default).replicas = Some(target);
+        // The scale carries the resourceVersion we read: a concurrent change is a 409.
+        match api
+            .replace_scale(&a.name, &PostParams::default(), &scale)
+            .await
+        {
+            Ok(after) => {
+                let now = after.spec.and_then(|s| s.replicas).unwrap_or(target);
+                return Ok(json!({
+                    "object": what,
+                    "before": { "replicas": current },
+                    "after": { "replicas": now },
+                    "changed": true,
+                    "conflicts_retried": attempt,
+                }));
+            }
+            Err(e) if is_conflict(&e) && attempt < retries => attempt += 1,
+            Err(e) => return Err(api_err(&what, e)),
+        }
+    }
+}
+
+async fn restart_in<K>(api: Api<K>, a: &KubeWorkloadArgs, patch: &Value) -> Result<Value, ExecError>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + serde::Serialize,
+    <K as Resource>::DynamicType: Default,
+{
+    let what = format!("{} {}/{}", a.kind, a.namespace, a.name);
+    let annotation = |o: &K| -> Value {
+        let v = serde_json::to_value(o).unwrap_or_default();
+        v["spec"]["template"]["metadata"]["annotations"][RESTARTED_AT_ANNOTATION].clone()
+    };
+    let before = api.get(&a.name).await.map_err(|e| api_err(&what, e))?;
+    let after = api
+        .patch(
+            &a.name,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(|e| api_err(&what, e))?;
+    Ok(json!({
+        "object": what,
+        "before": { "restartedAt": annotation(&before), "generation": before.meta().generation },
+        "after": { "restartedAt": annotation(&after), "generation": after.meta().generation },
+    }))
+}
+
+fn revision(meta: &kube::api::ObjectMeta) -> Option<i64> {
+    meta.annotations
+        .as_ref()?
+        .get(REVISION_ANNOTATION)?
+        .parse()
+        .ok()
+}
+
+/// Like `kubectl rollout undo`: the ReplicaSets the Deployment owns, by revision; the target is
+/// the given revision or the newest one before the current. Returns (from, to, template), or
+/// `Err(Ok(reason))` when there is nothing to roll back to.
+async fn rollback_target(
+    d: &Deployment,
+    replicasets: &Api<ReplicaSet>,
+    to_revision: Option<i64>,
+) -> Result<(i64, i64, k8s_openapi::api::core::v1::PodTemplateSpec), Result<String, kube::Error>> {
+    let uid = d.metadata.uid.clone().unwrap_or_default();
+    let selector = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = replicasets
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(Err)?;
+    let mut owned: Vec<(i64, ReplicaSet)> = list
+        .items
+        .into_iter()
+        .filter(|rs| {
+            rs.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.uid == uid && o.controller == Some(true))
+        })
+        .filter_map(|rs| Some((revision(&rs.metadata)?, rs)))
+        .collect();
+    owned.sort_by_key(|(r, _)| *r);
+    let current = revision(&d.metadata)
+        .or_else(|| owned.last().map(|(r, _)| *r))
+        .unwrap_or(0);
+    let target = match to_revision {
+        Some(r) if r == current => {
+            return Err(Ok(format!(
+                "revision {r} is the current one; nothing to roll back"
+            )));
+        }
+        Some(r) => owned.iter().find(|(rev, _)| *rev == r),
+        None => owned.iter().rev().find(|(rev, _)| *rev < current),
+    };
+    let Some((to, rs)) = target else {
+        return Err(Ok(match to_revision {
+            Some(r) => format!("no revision {r} in its history"),
+            None => format!("no revision before the current one ({current}) to roll back to"),
+        }));
+    };
+    let mut template = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.clone())
+        .unwrap_or_default();
+    // As kubectl does: the ReplicaSet's own hash label is not part of the Deployment's template.
+    if let Some(labels) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
+        labels.remove("pod-template-hash");
+    }
+    Ok((current, *to, template))
+}
+
+fn rollout_complete(d: &Deployment, generation: i64) -> bool {
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let Some(s) = &d.status else { return false };
+    s.observed_generation.unwrap_or(0) >= generation
+        && s.updated_replicas.unwrap_or(0) == want
+        && s.available_replicas.unwrap_or(0) == want
+        && s.replicas.unwrap_or(0) == want
+}
+
+/// One `kube.*` action bound to the shared executor.
+pub struct KubeAction(pub Arc<KubeExecutor>, pub Action);
+
+#[async_trait::async_trait]
+impl Executor for KubeAction {
+    fn validate(&self, ctx: &StepContext) -> Result<(), ExecError> {
+        let names: Vec<(&str, String)> = match self.1 {
+            Action::KubeScale => ctx
+                .args::<KubeScaleArgs>()
+                .map(|a| vec![("namespace", a.namespace), ("name", a.name)])?,
+            Action::KubeRollback => ctx
+                .args::<KubeRollbackArgs>()
+                .map(|a| vec![("namespace", a.namespace), ("name", a.name)])?,
+            Action::KubeRestart => ctx
+                .args::<KubeWorkloadArgs>()
+                .map(|a| vec![("namespace", a.namespace), ("name", a.name)])?,
+            Action::KubeDeletePod => ctx
+                .args::<KubePodArgs>()
+                .map(|a| vec![("namespace", a.namespace), ("name", a.name)])?,
+            Action::KubeCordon | Action::KubeUncordon => {
+                ctx.args::<KubeNodeArgs>().map(|a| vec![("name", a.node)])?
+            }
+            Action::KubePatch => ctx.args::<KubePatchArgs>().map(|a| {
+                let mut v = vec![("name", a.name)];
+                v.extend(a.namespace.map(|n| ("namespace", n)));
+                v
+            })?,
+            _ => return Err(ExecError::InvalidArgs("not a kube action".into())),
+        };
+        for (what, value) in names {
+            if what == "namespace" {
+                check_namespace(&value)?
+            } else {
+                check_name(what, &value)?
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError> {
+        match self.1 {
+            Action::KubeScale => self.0.scale(ctx.args()?).await,
+            Action::KubeRollback => self.0.rollback(ctx.args()?, ctx.timeout).await,
+            Action::KubeRestart => self.0.restart(ctx.args()?).await,
+            Action::KubeDeletePod => self.0.delete_pod(ctx.args()?).await,
+            Action::KubeCordon => self.0.cordon(ctx.args()?, true).await,
+            Action::KubeUncordon => self.0.cordon(ctx.args()?, false).await,
+            Action::KubePatch => self.0.patch(ctx.args()?).await,
+            _ => Err(ExecError::InvalidArgs("not a kube action".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubernetes_names_are_checked() {
+        for ok in ["api", "web-1", "a.b.c", "x"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "API",
+            "-a",
+            "a-",
+            "a_b",
+            "a/b",
+            "a;rm",
+            "../x",
+            &"a".repeat(254),
+        ] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+        assert!(!valid_namespace("a.b"));
+        assert!(!valid_namespace(&"a".repeat(64)));
+    }
+}

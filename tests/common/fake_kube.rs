@@ -1,0 +1,594 @@
+//! A stateful fake Kubernetes API server (axum, in-process, loopback) for the kube executor.
+//!
+//! kube-rs talks to it through a real kubeconfig. It serves the REST paths and verbs the
+//! executor uses — GET, LIST with label selectors, POST, PUT, PATCH (JSON merge; strategic
+//! merge is treated as merge, which is what it is for the maps Reflex patches), DELETE, and the
+//! `scale` subresource — keeps `resourceVersion` (409 on a stale one), answers 404, 403 for a
+//! verb the loaded RBAC rules lack, and does what the deployment controller does with
+//! ReplicaSets: one per pod template, owned by the Deployment, numbered by the
+//! `deployment.kubernetes.io/revision` annotation.
+
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// One RBAC rule: (api groups, resources, verbs).
+type Rule = (Vec<String>, Vec<String>, Vec<String>);
+
+#[derive(Default)]
+struct Inner {
+    objects: BTreeMap<String, Value>,
+    rv: u64,
+    uid: u64,
+    rules: Option<Vec<Rule>>,
+    used: BTreeSet<(String, String, String)>,
+    requests: usize,
+    conflicts: u32,
+}
+
+/// A running fake API server.
+#[derive(Clone)]
+pub struct FakeKube {
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// Parses a ClusterRole/Role manifest (multi-document YAML) into rules.
+pub fn rbac_rules(path: &Path) -> Vec<Rule> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut rules = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["kind"] == "ClusterRole" || v["kind"] == "Role" {
+            for r in v["rules"].as_array().into_iter().flatten() {
+                let list = |k: &str| {
+                    r[k].as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|s| s.as_str().unwrap().to_string())
+                        .collect()
+                };
+                rules.push((list("apiGroups"), list("resources"), list("verbs")));
+            }
+        }
+    }
+    rules
+}
+
+/// Every (verb, group, resource) a set of rules allows.
+pub fn allowed(rules: &[Rule]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for (groups, resources, verbs) in rules {
+        for g in groups {
+            for r in resources {
+                for v in verbs {
+                    out.insert((v.clone(), g.clone(), r.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+struct Target {
+    group: String,
+    version: String,
+    plural: String,
+    ns: Option<String>,
+    name: Option<String>,
+    sub: Option<String>,
+}
+
+fn parse_path(path: &str) -> Option<Target> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => (String::new(), v.to_string(), rest),
+        ["apis", g, v, rest @ ..] => (g.to_string(), v.to_string(), rest),
+        _ => return None,
+    };
+    let s = |i: usize| rest.get(i).map(|x| x.to_string());
+    let (ns, plural, name, sub) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        (s(1), s(2)?, s(3), s(4))
+    } else {
+        (None, s(0)?, s(1), s(2))
+    };
+    Some(Target {
+        group,
+        version,
+        plural,
+        ns,
+        name,
+        sub,
+    })
+}
+
+fn key(group: &str, plural: &str, ns: &str, name: &str) -> String {
+    format!("{group}/{plural}/{ns}/{name}")
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code});
+    (StatusCode::from_u16(code).unwrap(), axum::Json(body)).into_response()
+}
+
+fn ok(v: Value) -> Response {
+    (StatusCode::OK, axum::Json(v)).into_response()
+}
+
+/// RFC 7386 JSON merge patch.
+pub fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn kind_of(plural: &str) -> &'static str {
+    match plural {
+        "deployments" => "Deployment",
+        "statefulsets" => "StatefulSet",
+        "daemonsets" => "DaemonSet",
+        "replicasets" => "ReplicaSet",
+        "pods" => "Pod",
+        "nodes" => "Node",
+        "configmaps" => "ConfigMap",
+        _ => "Object",
+    }
+}
+
+fn template_hash(template: &Value) -> String {
+    let mut t = template.clone();
+    if let Some(labels) = t
+        .pointer_mut("/metadata/labels")
+        .and_then(Value::as_object_mut)
+    {
+        labels.remove("pod-template-hash");
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in t.to_string().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}")[..10].to_string()
+}
+
+fn revision(v: &Value) -> i64 {
+    v.pointer("/metadata/annotations/deployment.kubernetes.io~1revision")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Inner {
+    fn bump(&mut self) -> String {
+        self.rv += 1;
+        self.rv.to_string()
+    }
+
+    /// What the deployment controller does after a Deployment changed.
+    fn reconcile_deployment(&mut self, ns: &str, name: &str) {
+        let dkey = key("apps", "deployments", ns, name);
+        let Some(d) = self.objects.get(&dkey).cloned() else {
+            return;
+        };
+        let uid = d["metadata"]["uid"].clone();
+        let template = d["spec"]["template"].clone();
+        let hash = template_hash(&template);
+        let owned: Vec<String> = self
+            .objects
+            .iter()
+            .filter(|(k, v)| {
+                k.starts_with(&format!("apps/replicasets/{ns}/"))
+                    && v["metadata"]["ownerReferences"][0]["uid"] == uid
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let max = owned
+            .iter()
+            .map(|k| revision(&self.objects[k]))
+            .max()
+            .unwrap_or(0);
+        let current = owned
+            .iter()
+            .find(|k| self.objects[*k]["metadata"]["labels"]["pod-template-hash"] == hash.as_str())
+            .cloned();
+        let rev = match &current {
+            Some(k) if revision(&self.objects[k]) == max => max,
+            _ => max + 1,
+        };
+        let rs_key =
+            current.unwrap_or_else(|| key("apps", "replicasets", ns, &format!("{name}-{hash}")));
+        let mut rs_template = template.clone();
+        merge(
+            &mut rs_template,
+            &json!({"metadata": {"labels": {"pod-template-hash": hash}}}),
+        );
+        let replicas = d["spec"]["replicas"].as_i64().unwrap_or(1);
+        let rv = self.bump();
+        self.uid += 1;
+        let rs_uid = self.uid;
+        let rs = self.objects.entry(rs_key.clone()).or_insert_with(|| {
+            json!({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": {
+                    "name": format!("{name}-{hash}"), "namespace": ns, "uid": format!("uid-{rs_uid}"),
+                    "labels": rs_template["metadata"]["labels"].clone(),
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid, "controller": true}],
+                },
+                "spec": {"selector": d["spec"]["selector"].clone(), "template": rs_template},
+            })
+        });
+        merge(
+            rs,
+            &json!({"metadata": {"resourceVersion": rv, "annotations": {"deployment.kubernetes.io/revision": rev.to_string()}}, "spec": {"replicas": replicas}}),
+        );
+        // Old ReplicaSets scale to zero; the Deployment reports the rollout complete.
+        for k in owned.iter().filter(|k| **k != rs_key) {
+            merge(
+                self.objects.get_mut(k).unwrap(),
+                &json!({"spec": {"replicas": 0}}),
+            );
+        }
+        let generation = d["metadata"]["generation"].clone();
+        let d = self.objects.get_mut(&dkey).unwrap();
+        merge(
+            d,
+            &json!({
+                "metadata": {"annotations": {"deployment.kubernetes.io/revision": rev.to_string()}},
+                "status": {"observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas},
+            }),
+        );
+    }
+}
+
+async fn handle(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    method: Method,
+    uri: Uri,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(t) = parse_path(uri.path()) else {
+        return status(404, "NotFound", "no such path");
+    };
+    let mut s = inner.lock().unwrap();
+    s.requests += 1;
+    let verb = match (&method, &t.name) {
+        (&Method::GET, Some(_)) => "get",
+        (&Method::GET, None) => "list",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => return status(405, "MethodNotAllowed", "method not allowed"),
+    };
+    let resource = match &t.sub {
+        Some(sub) => format!("{}/{sub}", t.plural),
+        None => t.plural.clone(),
+    };
+    // Test setup authenticates as the cluster admin; everything else is Reflex's service
+    // account, held to the RBAC rules and recorded.
+    let admin =
+        headers.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer admin-token");
+    if !admin {
+        s.used
+            .insert((verb.to_string(), t.group.clone(), resource.clone()));
+    }
+    if let (false, Some(rules)) = (admin, &s.rules) {
+        let allowed = rules.iter().any(|(g, r, v)| {
+            g.iter().any(|g| g == &t.group || g == "*")
+                && r.iter().any(|r| r == &resource || r == "*")
+                && v.iter().any(|v| v == verb || v == "*")
+        });
+        if !allowed {
+            let msg = format!(
+                "{resource} \"{}\" is forbidden: User \"system:serviceaccount:reflex:reflex\" cannot {verb} resource \"{resource}\" in API group \"{}\"",
+                t.name.clone().unwrap_or_default(),
+                t.group
+            );
+            return status(403, "Forbidden", &msg);
+        }
+    }
+    let ns = t.ns.clone().unwrap_or_default();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let api_version = if t.group.is_empty() {
+        t.version.clone()
+    } else {
+        format!("{}/{}", t.group, t.version)
+    };
+
+    // The scale subresource reads and writes the parent's spec.replicas.
+    if t.sub.as_deref() == Some("scale") {
+        let k = key(&t.group, &t.plural, &ns, t.name.as_deref().unwrap_or(""));
+        let Some(parent) = s.objects.get(&k).cloned() else {
+            return status(404, "NotFound", "not found");
+        };
+        let scale = |p: &Value| {
+            json!({
+                "kind": "Scale", "apiVersion": "autoscaling/v1",
+                "metadata": {"name": p["metadata"]["name"], "namespace": ns, "resourceVersion": p["metadata"]["resourceVersion"], "uid": p["metadata"]["uid"]},
+                "spec": {"replicas": p["spec"]["replicas"].as_i64().unwrap_or(1)},
+                "status": {"replicas": p["status"]["replicas"].as_i64().unwrap_or(0)},
+            })
+        };
+        if method == Method::GET {
+            return ok(scale(&parent));
+        }
+        if s.conflicts > 0 {
+            s.conflicts -= 1;
+            let rv = s.bump();
+            merge(
+                s.objects.get_mut(&k).unwrap(),
+                &json!({"metadata": {"resourceVersion": rv}}),
+            );
+            return status(
+                409,
+                "Conflict",
+                "the object has been modified; please apply your changes to the latest version and try again",
+            );
+        }
+        let sent_rv = body["metadata"]["resourceVersion"]
+            .as_str()
+            .map(str::to_string);
+        if sent_rv
+            .is_some_and(|rv| Some(rv.as_str()) != parent["metadata"]["resourceVersion"].as_str())
+        {
+            return status(
+                409,
+                "Conflict",
+                "the object has been modified; please apply your changes to the latest version and try again",
+            );
+        }
+        let replicas = body["spec"]["replicas"].clone();
+        let rv = s.bump();
+        let p = s.objects.get_mut(&k).unwrap();
+        merge(
+            p,
+            &json!({"metadata": {"resourceVersion": rv}, "spec": {"replicas": replicas}, "status": {"replicas": replicas}}),
+        );
+        let out = scale(p);
+        return ok(out);
+    }
+
+    match (&method, &t.name) {
+        (&Method::GET, None) => {
+            let selector: Vec<(String, String)> = query
+                .get("labelSelector")
+                .map(|s| {
+                    s.split(',')
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let prefix = format!("{}/{}/{}/", t.group, t.plural, ns);
+            let items: Vec<Value> = s
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    k.starts_with(&prefix)
+                        || (t.ns.is_none() && k.starts_with(&format!("{}/{}/", t.group, t.plural)))
+                })
+                .map(|(_, v)| v.clone())
+                .filter(|v| {
+                    selector
+                        .iter()
+                        .all(|(k, want)| v["metadata"]["labels"][k] == want.as_str())
+                })
+                .collect();
+            let rv = s.rv.to_string();
+            ok(
+                json!({"kind": format!("{}List", kind_of(&t.plural)), "apiVersion": api_version, "metadata": {"resourceVersion": rv}, "items": items}),
+            )
+        }
+        (&Method::GET, Some(name)) => match s.objects.get(&key(&t.group, &t.plural, &ns, name)) {
+            Some(v) => ok(v.clone()),
+            None => status(
+                404,
+                "NotFound",
+                &format!("{} \"{name}\" not found", t.plural),
+            ),
+        },
+        (&Method::POST, _) => {
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let k = key(&t.group, &t.plural, &ns, &name);
+            if s.objects.contains_key(&k) {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{} \"{name}\" already exists", t.plural),
+                );
+            }
+            let rv = s.bump();
+            s.uid += 1;
+            let mut obj = body.clone();
+            merge(
+                &mut obj,
+                &json!({"apiVersion": api_version, "kind": kind_of(&t.plural), "metadata": {"uid": format!("uid-{}", s.uid), "resourceVersion": rv, "generation": 1}}),
+            );
+            if t.ns.is_some() {
+                merge(&mut obj, &json!({"metadata": {"namespace": ns}}));
+            }
+            s.objects.insert(k.clone(), obj);
+            if t.plural == "deployments" {
+                s.reconcile_deployment(&ns, &name);
+            }
+            (StatusCode::CREATED, axum::Json(s.objects[&k].clone())).into_response()
+        }
+        (&Method::PUT | &Method::PATCH, Some(name)) => {
+            let k = key(&t.group, &t.plural, &ns, name);
+            let Some(old) = s.objects.get(&k).cloned() else {
+                return status(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{name}\" not found", t.plural),
+                );
+            };
+            if s.conflicts > 0 {
+                // A concurrent writer got there first.
+                s.conflicts -= 1;
+                let rv = s.bump();
+                merge(
+                    s.objects.get_mut(&k).unwrap(),
+                    &json!({"metadata": {"resourceVersion": rv}}),
+                );
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
+            let content_type = headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let mut new = if method == Method::PUT {
+                body.clone()
+            } else if content_type.contains("merge-patch") {
+                let mut n = old.clone();
+                merge(&mut n, &body);
+                n
+            } else {
+                return status(
+                    415,
+                    "UnsupportedMediaType",
+                    &format!("the fake serves merge patches, not {content_type}"),
+                );
+            };
+            let sent_rv = new["metadata"]["resourceVersion"]
+                .as_str()
+                .map(str::to_string);
+            if method == Method::PUT
+                && sent_rv.is_some_and(|rv| {
+                    Some(rv.as_str()) != old["metadata"]["resourceVersion"].as_str()
+                })
+            {
+                return status(
+                    409,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
+            let spec_changed = new["spec"] != old["spec"];
+            let generation =
+                old["metadata"]["generation"].as_i64().unwrap_or(1) + i64::from(spec_changed);
+            let rv = s.bump();
+            merge(
+                &mut new,
+                &json!({"metadata": {"uid": old["metadata"]["uid"], "resourceVersion": rv, "generation": generation}, "status": old["status"]}),
+            );
+            s.objects.insert(k.clone(), new);
+            if t.plural == "deployments" && spec_changed {
+                s.reconcile_deployment(&ns, name);
+            }
+            ok(s.objects[&k].clone())
+        }
+        (&Method::DELETE, Some(name)) => {
+            match s.objects.remove(&key(&t.group, &t.plural, &ns, name)) {
+                Some(_) => ok(
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": {"name": name, "kind": t.plural}}),
+                ),
+                None => status(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{name}\" not found", t.plural),
+                ),
+            }
+        }
+        _ => status(405, "MethodNotAllowed", "method not allowed"),
+    }
+}
+
+impl FakeKube {
+    /// Starts with the RBAC rules of a manifest (None: everything allowed).
+    pub async fn start(rbac: Option<&Path>) -> FakeKube {
+        let inner = Arc::new(Mutex::new(Inner {
+            rules: rbac.map(rbac_rules),
+            ..Default::default()
+        }));
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeKube { base, inner }
+    }
+
+    /// Writes a kubeconfig for Reflex's service account into `dir`; returns its path.
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        self.kubeconfig_as(dir, "kubeconfig", "fake-token")
+    }
+
+    /// Writes a kubeconfig for the cluster admin (test setup, not held to RBAC).
+    pub fn admin_kubeconfig(&self, dir: &Path) -> PathBuf {
+        self.kubeconfig_as(dir, "admin-kubeconfig", "admin-token")
+    }
+
+    fn kubeconfig_as(&self, dir: &Path, file: &str, token: &str) -> PathBuf {
+        let path = dir.join(file);
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: reflex\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: reflex\ncurrent-context: fake\n",
+            self.base
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The next `n` writes answer 409, as if another writer got there first.
+    pub fn inject_conflicts(&self, n: u32) {
+        self.inner.lock().unwrap().conflicts = n;
+    }
+
+    /// From now on, enforce the RBAC rules of this manifest.
+    pub fn enforce(&self, rbac: &Path) {
+        self.inner.lock().unwrap().rules = Some(rbac_rules(rbac));
+    }
+
+    /// Forgets what was used so far (e.g. by test setup).
+    pub fn reset_used(&self) {
+        self.inner.lock().unwrap().used.clear();
+    }
+
+    /// Every (verb, group, resource) requested so far.
+    pub fn used(&self) -> BTreeSet<(String, String, String)> {
+        self.inner.lock().unwrap().used.clone()
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> usize {
+        self.inner.lock().unwrap().requests
+    }
+
+    /// An object as stored (`group/plural/ns/name`).
+    pub fn object(&self, group: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
+        self.inner
+            .lock()
+            .unwrap()
+            .objects
+            .get(&key(group, plural, ns, name))
+            .cloned()
+    }
+}
