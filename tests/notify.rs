@@ -205,7 +205,7 @@ async fn rx_wait(rx: &Receiver, path: &str, n: usize) {
 async fn slack_bot_mode_keeps_a_run_in_one_thread() {
     let rx = Receiver::start().await;
     let cfg = format!(
-        "notify:\n  sinks:\n    - {{ name: bot, type: slack_bot, token_env: REFLEX_TEST_SLACK_TOKEN, channel: \"#ops\", api_url: \"{}/api\" }}\n",
+        "notify:\n  sinks:\n    - {{ name: bot, type: slack_bot, token_env: REFLEX_TEST_TOKEN, channel: \"#ops\", api_url: \"{}/api\" }}\n",
         rx.base
     );
     bot_token_is_in_the_environment();
@@ -242,7 +242,7 @@ async fn slack_bot_mode_keeps_a_run_in_one_thread() {
 /// (`.cargo/config.toml` sets it for `cargo test`).
 fn bot_token_is_in_the_environment() {
     assert_eq!(
-        std::env::var("REFLEX_TEST_SLACK_TOKEN").as_deref(),
+        std::env::var("REFLEX_TEST_TOKEN").as_deref(),
         Ok("xoxb-test-token"),
         "set by .cargo/config.toml [env]"
     );

@@ -549,6 +549,7 @@ async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touc
     let app = TestApp::builder()
         .example_playbooks()
         // Every host the example alerts name is in the inventory, so every step validates.
+        .config("feature_flags:\n  flags: { type: unleash, url: \"http://127.0.0.1:9\", environment: production }\n")
         .config(&sshd.config_yaml(
             "db-1",
             &[

@@ -100,7 +100,7 @@ steps:
     );
     let app = TestApp::builder()
         .playbook("status.yaml", &playbook)
-        .config("credentials:\n  statuspage: { prefix: 'OAuth ', env: REFLEX_TEST_SLACK_TOKEN }\n")
+        .config("credentials:\n  statuspage: { prefix: 'OAuth ', env: REFLEX_TEST_TOKEN }\n")
         .start()
         .await;
     let body = json!({"labels": {"alertname": "Outage", "service": "pay/../admin"}, "startsAt": "2026-11-22T10:00:00Z"});

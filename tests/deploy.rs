@@ -1,0 +1,189 @@
+//! The shipped deploy files are valid: Kubernetes manifests parse into k8s-openapi types with
+//! the properties we promise, the config and playbooks inside them load, and the Prometheus
+//! rules and Alertmanager config pass the projects' own checkers.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, PersistentVolumeClaim, Service, ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        })
+        .collect()
+}
+
+fn typed<T: serde::de::DeserializeOwned>(doc: &Value, file: &Path) -> T {
+    serde_json::from_value(doc.clone())
+        .unwrap_or_else(|e| panic!("{}: {} does not parse: {e}", file.display(), doc["kind"]))
+}
+
+#[test]
+fn kubernetes_manifests_parse_into_k8s_openapi_types() {
+    let dir = repo("deploy/kubernetes");
+    let mut kinds = Vec::new();
+    let mut deployment = None;
+    let mut configmaps = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let file = entry.unwrap().path();
+        if file.file_name().unwrap() == "kustomization.yaml" {
+            continue;
+        }
+        for doc in docs(&file) {
+            let kind = doc["kind"].as_str().unwrap().to_string();
+            match kind.as_str() {
+                "Namespace" => drop(typed::<Namespace>(&doc, &file)),
+                "ServiceAccount" => drop(typed::<ServiceAccount>(&doc, &file)),
+                "ClusterRole" => drop(typed::<ClusterRole>(&doc, &file)),
+                "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&doc, &file)),
+                "ConfigMap" => configmaps.push(typed::<ConfigMap>(&doc, &file)),
+                "Deployment" => deployment = Some(typed::<Deployment>(&doc, &file)),
+                "PersistentVolumeClaim" => drop(typed::<PersistentVolumeClaim>(&doc, &file)),
+                "Service" => drop(typed::<Service>(&doc, &file)),
+                other => panic!("{}: unexpected kind {other}", file.display()),
+            }
+            kinds.push(kind);
+        }
+    }
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "Namespace",
+            "PersistentVolumeClaim",
+            "Service",
+            "ServiceAccount"
+        ]
+    );
+
+    let d = deployment.unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("reflex"));
+    assert_eq!(pod.security_context.unwrap().run_as_non_root, Some(true));
+    let c = &pod.containers[0];
+    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone()
+    };
+    assert_eq!(path(&c.readiness_probe).as_deref(), Some("/readyz"));
+    assert_eq!(path(&c.liveness_probe).as_deref(), Some("/healthz"));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert!(c.resources.as_ref().unwrap().requests.is_some());
+
+    // The config and playbooks shipped in the ConfigMaps load.
+    let tmp = tempfile::tempdir().unwrap();
+    for cm in configmaps {
+        for (name, text) in cm.data.unwrap() {
+            if name == "reflex.yaml" {
+                reflex::config::Config::parse(&text)
+                    .unwrap_or_else(|e| panic!("reflex.yaml in the ConfigMap: {e:?}"));
+            } else {
+                std::fs::write(tmp.path().join(&name), text).unwrap();
+            }
+        }
+    }
+    reflex::playbook::PlaybookSet::load(&[tmp.path().to_path_buf()])
+        .unwrap_or_else(|d| panic!("{d:?}"));
+
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().to_string();
+        if name != "kustomization.yaml" {
+            assert!(
+                kustomization.contains(&name),
+                "kustomization.yaml does not list {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn prometheus_rules_pass_promtool() {
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(repo("deploy/prometheus/reflex-rules.yaml"))
+        .output()
+        .expect("promtool (package prometheus) must be installed");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every metric the rules use is one Reflex exports.
+    let rules = std::fs::read_to_string(repo("deploy/prometheus/reflex-rules.yaml")).unwrap();
+    let metrics = reflex::metrics::Metrics::new();
+    // Labelled series appear once they have a child.
+    metrics.runs.with_label_values(&["p", "failed"]).inc();
+    metrics.notify_failures.with_label_values(&["s"]).inc();
+    let exported = metrics.render();
+    for name in [
+        "reflex_killswitch_engaged",
+        "reflex_runs_total",
+        "reflex_approvals_pending",
+        "reflex_notify_failures_total",
+        "reflex_playbook_reload_errors_total",
+    ] {
+        assert!(rules.contains(name));
+        assert!(
+            exported.contains(&format!("# TYPE {name}")),
+            "{name} is not exported"
+        );
+    }
+}
+
+#[test]
+fn alertmanager_snippet_passes_amtool() {
+    let dir = tempfile::tempdir().unwrap();
+    // amtool checks that the credentials file exists.
+    let cfg = std::fs::read_to_string(repo("deploy/alertmanager/alertmanager.yml"))
+        .unwrap()
+        .replace(
+            "/etc/alertmanager/secrets/reflex-token",
+            &dir.path().join("token").display().to_string(),
+        );
+    std::fs::write(dir.path().join("token"), "t").unwrap();
+    std::fs::write(dir.path().join("alertmanager.yml"), cfg).unwrap();
+    let out = Command::new("amtool")
+        .args(["check-config"])
+        .arg(dir.path().join("alertmanager.yml"))
+        .output()
+        .expect("amtool (package prometheus-alertmanager) must be installed");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_systemd_unit_is_hardened() {
+    let unit = std::fs::read_to_string(repo("deploy/systemd/reflex.service")).unwrap();
+    for line in [
+        "DynamicUser=yes",
+        "StateDirectory=reflex",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "missing {line}");
+    }
+}
