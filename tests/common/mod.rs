@@ -4,6 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 // Each test binary uses part of this harness.
 
+pub mod alertmanager;
 pub mod fake_kube;
 pub mod prometheus;
 pub mod receiver;
