@@ -48,10 +48,9 @@ impl Alertmanager {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = reqwest::get(format!("{}/-/ready", am.base)).await {
-                if r.status().is_success() {
-                    return am;
-                }
+            let ready = reqwest::get(format!("{}/-/ready", am.base)).await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                return am;
             }
             assert!(
                 Instant::now() < deadline,
