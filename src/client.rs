@@ -63,7 +63,7 @@ pub fn format_runs(page: &Value) -> String {
     for r in page["runs"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "{:>6}  {:<18} {:<24} {:<28} {}\n",
-            r["id"],
+            r["id"].as_i64().unwrap_or(0),
             r["state"].as_str().unwrap_or(""),
             r["playbook"].as_str().unwrap_or(""),
             r["target"].as_str().unwrap_or(""),

@@ -323,6 +323,8 @@ async fn error_rate_after_a_deploy_rolls_back_when_approved_and_not_when_denied(
     assert_eq!(status, 200);
     e.state(web, "denied").await;
     assert_eq!(e.image("web").await, "web:2", "denied: nothing changed");
+    let ended = e.chat_event("run_finished", web).await;
+    assert_eq!(ended["state"], "denied", "a denied run is reported too");
 }
 
 #[tokio::test]

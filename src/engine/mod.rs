@@ -248,13 +248,7 @@ impl Engine {
                     .runs
                     .with_label_values(&[playbook, "failed"])
                     .inc(),
-                Outcome::Ended {
-                    playbook, state, ..
-                } => self
-                    .metrics
-                    .runs
-                    .with_label_values(&[playbook, state.as_str()])
-                    .inc(),
+                Outcome::Ended { run_id, state, .. } => self.announce_end(*run_id, *state).await,
                 Outcome::Created { .. } | Outcome::Deduplicated { .. } => {}
             }
         }
@@ -272,7 +266,10 @@ impl Engine {
     pub async fn cancel(&self, run_id: i64) -> Result<CancelResult, StoreError> {
         Ok(match self.store.cancel_if_pending(run_id).await? {
             None => CancelResult::NotFound,
-            Some(RunState::Pending | RunState::AwaitingApproval) => CancelResult::Cancelled,
+            Some(RunState::Pending | RunState::AwaitingApproval) => {
+                self.announce_end(run_id, RunState::Cancelled).await;
+                CancelResult::Cancelled
+            }
             Some(RunState::Running) => {
                 // The run may be claimed but not yet registered: leave a cancelled token
                 // that the worker picks up when it registers.
@@ -297,10 +294,65 @@ impl Engine {
             .store
             .decide(approval_id, who, approve, comment)
             .await?;
-        if decision == Decision::Approved {
-            self.wake.notify_one();
+        match decision {
+            Decision::Approved => self.wake.notify_one(),
+            Decision::Denied | Decision::Expired => {
+                if let Some(a) = self.store.get_approval(approval_id).await? {
+                    let state = if decision == Decision::Denied {
+                        RunState::Denied
+                    } else {
+                        RunState::Expired
+                    };
+                    self.announce_end(a.run_id, state).await;
+                }
+            }
+            _ => {}
         }
         Ok(decision)
+    }
+
+    /// Counts and reports a run that ended without a worker (denied, expired, resolved,
+    /// cancelled while waiting, interrupted by a restart).
+    async fn announce_end(&self, run_id: i64, state: RunState) {
+        let run = match self.store.get_run(run_id).await {
+            Ok(Some(run)) => run,
+            Ok(None) => return,
+            Err(e) => {
+                return tracing::error!(error = %e, run_id, "cannot load the run to report its end");
+            }
+        };
+        self.metrics
+            .runs
+            .with_label_values(&[&run.playbook, state.as_str()])
+            .inc();
+        let ms = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        };
+        let created = ms(&Some(run.created_at.clone()));
+        let duration = match (created, ms(&run.finished_at)) {
+            (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64(),
+            _ => 0.0,
+        };
+        let alert = Alert {
+            source: "generic",
+            status: crate::alert::AlertStatus::Firing,
+            labels: run.alert.labels.clone(),
+            annotations: run.alert.annotations.clone(),
+            starts_at: run.alert.starts_at.clone(),
+            ends_at: None,
+            fingerprint: run.alert.fingerprint.clone(),
+            generator_url: None,
+            group_key: None,
+        };
+        self.notifier.send(Event::RunFinished {
+            run: self.run_info(run.id, &run.playbook, &run.target, &alert),
+            state: state.as_str().to_string(),
+            duration_seconds: duration,
+            summary: String::new(),
+            error: run.error.clone(),
+        });
     }
 
     /// What a message says about a run.
@@ -334,6 +386,7 @@ impl Engine {
                 Ok(runs) => {
                     for run_id in runs {
                         tracing::info!(run_id, "approval expired; run ended without acting");
+                        self.announce_end(run_id, RunState::Expired).await;
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot expire approvals"),
@@ -349,6 +402,7 @@ impl Engine {
                 run_id = id,
                 "run interrupted by a restart; its running step was not re-run"
             );
+            self.announce_end(*id, RunState::Interrupted).await;
         }
         Ok(ids)
     }
