@@ -31,6 +31,9 @@ use tokio_util::task::TaskTracker;
 /// safety net only, since every intake wakes it.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
+/// Runs claimed in one write at most.
+const MAX_CLAIM: usize = 64;
+
 /// How often pending approvals are checked for expiry.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -412,23 +415,37 @@ impl Engine {
     pub async fn dispatch(self: Arc<Self>) {
         let slots = Arc::new(Semaphore::new(self.config.max_concurrent_runs));
         loop {
-            let permit = tokio::select! {
+            let first = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 _ = self.shutdown.cancelled() => break,
             };
             if self.shutdown.is_cancelled() {
                 break;
             }
-            match self.store.claim_next(self.config.max_runs_per_target).await {
-                Ok(Some(run)) => {
-                    let engine = self.clone();
-                    self.tracker.spawn(async move {
-                        engine.execute(run).await;
-                        drop(permit);
-                    });
+            // Claim as many runs as there are free slots, in one write.
+            let mut permits = vec![first];
+            while permits.len() < MAX_CLAIM {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
                 }
-                Ok(None) => {
-                    drop(permit);
+            }
+            let claimed = self
+                .store
+                .claim(self.config.max_runs_per_target, permits.len())
+                .await;
+            match claimed {
+                Ok(runs) if !runs.is_empty() => {
+                    for (run, permit) in runs.into_iter().zip(permits) {
+                        let engine = self.clone();
+                        self.tracker.spawn(async move {
+                            engine.execute(run).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Ok(_) => {
+                    drop(permits);
                     tokio::select! {
                         _ = self.wake.notified() => {}
                         _ = tokio::time::sleep(IDLE_POLL) => {}
@@ -436,7 +453,7 @@ impl Engine {
                     }
                 }
                 Err(e) => {
-                    drop(permit);
+                    drop(permits);
                     tracing::error!(error = %e, "cannot claim runs from the store; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }

@@ -105,6 +105,8 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&run.id);
+        // A run that held its target's slot may have kept others waiting.
+        self.wake.notify_one();
     }
 
     /// The figures a finished run reports: the playbook's `report` template if it has one,

@@ -160,9 +160,8 @@ impl Store {
         hash: String,
     ) -> Result<i64, StoreError> {
         self.write(move |c| {
-            let tx = c.transaction()?;
             let now = now_ms();
-            tx.prepare_cached(
+            c.prepare_cached(
                 "INSERT INTO approvals (run_id, step_idx, scope, state, action, action_hash, required, allowed, created_at, expires_at)
                  VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9)",
             )?
@@ -177,9 +176,8 @@ impl Store {
                 now,
                 now + gate.expires_ms as i64
             ])?;
-            let id = tx.last_insert_rowid();
-            tx.execute("UPDATE runs SET state = 'awaiting_approval' WHERE id = ?1", [run_id])?;
-            tx.commit()?;
+            let id = c.last_insert_rowid();
+            c.execute("UPDATE runs SET state = 'awaiting_approval' WHERE id = ?1", [run_id])?;
             Ok(id)
         })
         .await
@@ -213,9 +211,8 @@ impl Store {
         comment: Option<String>,
     ) -> Result<Decision, StoreError> {
         self.write(move |c| {
-            let tx = c.transaction()?;
             let now = now_ms();
-            let row: Option<(i64, String, i64, u32, String, String, String)> = tx
+            let row: Option<(i64, String, i64, u32, String, String, String)> = c
                 .query_row(
                     "SELECT a.run_id, a.state, a.expires_at, a.required, a.allowed, a.approvals, r.playbook
                      FROM approvals a JOIN runs r ON r.id = a.run_id WHERE a.id = ?1",
@@ -230,59 +227,52 @@ impl Store {
             let action = if approve { "approval.approve" } else { "approval.deny" };
             let refuse = |tx: &Connection, why: &str| super::audit::audit_in(tx, &who, action, Some(&target), "refused", Some(why));
             if state != "pending" {
-                refuse(&tx, &format!("approval is {state}"))?;
-                tx.commit()?;
+                refuse(c, &format!("approval is {state}"))?;
                 return Ok(Decision::NotPending(state));
             }
             if now >= expires_at {
-                expire(&tx, id, run_id, now)?;
-                refuse(&tx, "expired")?;
-                tx.commit()?;
+                expire(c, id, run_id, now)?;
+                refuse(c, "expired")?;
                 return Ok(Decision::Expired);
             }
             let allowed: Vec<String> = serde_json::from_str(&allowed).unwrap_or_default();
             if !allowed.is_empty() && !allowed.contains(&who) {
-                refuse(&tx, "not among the playbook's approvers")?;
-                tx.commit()?;
+                refuse(c, "not among the playbook's approvers")?;
                 return Ok(Decision::NotAllowed);
             }
             if !approve {
-                tx.execute(
+                c.execute(
                     "UPDATE approvals SET state = 'denied', decided_at = ?2, decided_by = ?3, comment = ?4 WHERE id = ?1",
                     params![id, now, who, comment],
                 )?;
-                finish_run(&tx, run_id, RunState::Denied, Some(&format!("denied by {who}")), now)?;
-                super::audit::audit_in(&tx, &who, action, Some(&target), "ok", comment.as_deref())?;
-                tx.commit()?;
+                finish_run(c, run_id, RunState::Denied, Some(&format!("denied by {who}")), now)?;
+                super::audit::audit_in(c, &who, action, Some(&target), "ok", comment.as_deref())?;
                 return Ok(Decision::Denied);
             }
-            if let Some(reason) = super::switches::engaged_reason(&tx, &playbook, now)? {
-                refuse(&tx, &reason)?;
-                tx.commit()?;
+            if let Some(reason) = super::switches::engaged_reason(c, &playbook, now)? {
+                refuse(c, &reason)?;
                 return Ok(Decision::Killed(reason));
             }
             let mut votes: Vec<Vote> = serde_json::from_str(&votes).unwrap_or_default();
             if votes.iter().any(|v| v.who == who) {
-                refuse(&tx, "already approved by this identity")?;
-                tx.commit()?;
+                refuse(c, "already approved by this identity")?;
                 return Ok(Decision::AlreadyApproved);
             }
             votes.push(Vote { who: who.clone(), at: rfc3339(now), comment: comment.clone() });
             let have = votes.len() as u32;
             let text = serde_json::to_string(&votes).unwrap_or_else(|_| "[]".into());
             let decision = if have >= required {
-                tx.execute(
+                c.execute(
                     "UPDATE approvals SET state = 'approved', approvals = ?2, decided_at = ?3, decided_by = ?4, comment = ?5 WHERE id = ?1",
                     params![id, text, now, who, comment],
                 )?;
-                tx.execute("UPDATE runs SET state = 'pending' WHERE id = ?1 AND state = 'awaiting_approval'", [run_id])?;
+                c.execute("UPDATE runs SET state = 'pending' WHERE id = ?1 AND state = 'awaiting_approval'", [run_id])?;
                 Decision::Approved
             } else {
-                tx.execute("UPDATE approvals SET approvals = ?2 WHERE id = ?1", params![id, text])?;
+                c.execute("UPDATE approvals SET approvals = ?2 WHERE id = ?1", params![id, text])?;
                 Decision::Recorded { have, need: required }
             };
-            super::audit::audit_in(&tx, &who, action, Some(&target), "ok", comment.as_deref())?;
-            tx.commit()?;
+            super::audit::audit_in(c, &who, action, Some(&target), "ok", comment.as_deref())?;
             Ok(decision)
         })
         .await
@@ -291,18 +281,16 @@ impl Store {
     /// Expires every pending approval past its time, with its run. Returns the run ids.
     pub async fn expire_due(&self) -> Result<Vec<i64>, StoreError> {
         self.write(|c| {
-            let tx = c.transaction()?;
             let now = now_ms();
-            let due: Vec<(i64, i64)> = tx
+            let due: Vec<(i64, i64)> = c
                 .prepare_cached(
                     "SELECT id, run_id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",
                 )?
                 .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             for &(id, run_id) in &due {
-                expire(&tx, id, run_id, now)?;
+                expire(c, id, run_id, now)?;
             }
-            tx.commit()?;
             Ok(due.into_iter().map(|(_, run)| run).collect())
         })
         .await

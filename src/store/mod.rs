@@ -14,9 +14,10 @@ pub use audit::AuditEntry;
 pub use runs::*;
 pub use switches::*;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,12 @@ pub enum StoreError {
     /// The blocking task died.
     #[error("store task failed: {0}")]
     Join(String),
+    /// The batch this write was part of could not be committed.
+    #[error("commit failed: {0}")]
+    Commit(String),
+    /// The writer has stopped (shutdown).
+    #[error("the store is closed")]
+    Closed,
 }
 
 impl StoreError {
@@ -39,6 +46,8 @@ impl StoreError {
             StoreError::Sqlite(_) => "sqlite",
             StoreError::Io(_) => "io",
             StoreError::Join(_) => "join",
+            StoreError::Commit(_) => "commit",
+            StoreError::Closed => "closed",
         }
     }
 }
@@ -50,9 +59,59 @@ pub struct Store {
 }
 
 struct Inner {
-    write: Mutex<Connection>,
+    jobs: mpsc::Sender<Job>,
     read: Mutex<Connection>,
     path: PathBuf,
+}
+
+/// A write: runs inside its own savepoint of a batch transaction, and returns whether it
+/// succeeded (else its savepoint is rolled back) and how to deliver its result once the batch
+/// has committed (or failed to).
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Deliver) + Send>;
+type Deliver = Box<dyn FnOnce(Option<String>) + Send>;
+
+/// Writes queued for the writer before callers wait (backpressure).
+const WRITE_QUEUE: usize = 4096;
+/// Writes committed together at most: one fsync for all of them.
+const MAX_BATCH: usize = 512;
+
+/// The one writer: group commit. It takes every write that is waiting, runs each in a
+/// savepoint of one transaction, commits once (one fsync), then answers them all. Under load
+/// this turns thousands of small transactions into a few large ones; idle, a write commits
+/// alone at once.
+fn writer(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
+    while let Some(first) = jobs.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut delivers = Vec::with_capacity(batch.len());
+        let committed = (|| -> rusqlite::Result<()> {
+            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for job in batch.drain(..) {
+                let mut sp = tx.savepoint()?;
+                let (ok, deliver) = job(&sp);
+                if ok {
+                    sp.commit()?;
+                } else {
+                    sp.rollback()?;
+                }
+                delivers.push(deliver);
+            }
+            tx.commit()
+        })();
+        let err = committed.err().map(|e| e.to_string());
+        if let Some(e) = &err {
+            tracing::error!(error = %e, writes = delivers.len(), "store batch failed; its writes are reported failed");
+        }
+        // Jobs never reached (an error before them) are dropped: their callers see Closed.
+        for deliver in delivers {
+            deliver(err.clone());
+        }
+    }
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts the applied ones.
@@ -171,9 +230,13 @@ impl Store {
         migrate(&mut write)?;
         let read = Connection::open(&path)?;
         read.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")?;
+        let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("reflex-store-writer".into())
+            .spawn(move || writer(write, rx))?;
         Ok(Store {
             inner: Arc::new(Inner {
-                write: Mutex::new(write),
+                jobs,
                 read: Mutex::new(read),
                 path,
             }),
@@ -185,19 +248,32 @@ impl Store {
         &self.inner.path
     }
 
-    /// Runs `f` on the writer connection, off the async runtime.
+    /// Runs `f` in the writer, inside a transaction shared with other writes (group commit);
+    /// returns once the transaction is committed. An `Err` from `f` undoes what `f` did and
+    /// nothing else.
     pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = inner.write.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Join(e.to_string()))?
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |c| {
+            let result = f(c);
+            let ok = result.is_ok();
+            let deliver: Deliver = Box::new(move |commit_err| {
+                let _ = tx.send(match commit_err {
+                    None => result,
+                    Some(e) => Err(StoreError::Commit(e)),
+                });
+            });
+            (ok, deliver)
+        });
+        self.inner
+            .jobs
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `f` on the reader connection, off the async runtime.

@@ -343,26 +343,20 @@ impl Store {
         limits: BreakerLimits,
     ) -> Result<Vec<Vec<Outcome>>, StoreError> {
         self.write(move |c| {
-            let tx = c.transaction()?;
             let now = now_ms();
             let mut all = Vec::with_capacity(items.len());
             for item in items {
-                let alert_id = insert_alert(&tx, &item.alert, now)?;
+                let alert_id = insert_alert(c, &item.alert, now)?;
                 let mut outcomes = item
                     .candidates
                     .into_iter()
-                    .map(|cand| intake_one(&tx, &item.alert, alert_id, cand, limits, now))
+                    .map(|cand| intake_one(c, &item.alert, alert_id, cand, limits, now))
                     .collect::<Result<Vec<_>, _>>()?;
                 if item.alert.status == AlertStatus::Resolved {
-                    outcomes.extend(end_awaiting_for_resolved(
-                        &tx,
-                        &item.alert.fingerprint,
-                        now,
-                    )?);
+                    outcomes.extend(end_awaiting_for_resolved(c, &item.alert.fingerprint, now)?);
                 }
                 all.push(outcomes);
             }
-            tx.commit()?;
             Ok(all)
         })
         .await
@@ -374,42 +368,22 @@ impl Store {
     /// A run is skipped (it stays pending, in order) while its target already has
     /// `max_per_target` runs executing, or while another run of the same playbook for the same
     /// alert is executing.
-    pub async fn claim_next(&self, max_per_target: u32) -> Result<Option<ClaimedRun>, StoreError> {
+    ///
+    /// Claims up to `limit` runs in one write (one commit), oldest first.
+    pub async fn claim(
+        &self,
+        max_per_target: u32,
+        limit: usize,
+    ) -> Result<Vec<ClaimedRun>, StoreError> {
         self.write(move |c| {
-            type Row = (i64, String, bool, Option<String>, i64, String, Option<i64>, i64);
-            let claimed: Option<Row> = c
-                .prepare_cached(
-                    "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
-                     WHERE id = (
-                       SELECT r.id FROM runs r WHERE r.state = 'pending'
-                         AND (SELECT count(*) FROM runs t WHERE t.target = r.target AND t.state = 'running') < ?2
-                         AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = r.playbook
-                                           AND o.fingerprint = r.fingerprint AND o.state = 'running')
-                       ORDER BY r.id LIMIT 1)
-                     RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
-                )?
-                .query_row(params![now_ms(), max_per_target], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
-                })
-                .optional()?;
-            let Some((id, playbook, dry_run, params, alert_id, target, deadline_ms, started_ms)) = claimed else {
-                return Ok(None);
-            };
-            let alert = load_alert(c, alert_id)?;
-            let steps = load_steps(c, id)?;
-            let resumed: bool = c.query_row("SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)", [id], |r| r.get(0))?;
-            Ok(Some(ClaimedRun {
-                id,
-                playbook,
-                dry_run,
-                params: parse_json(params),
-                alert,
-                target,
-                deadline_ms,
-                started_ms,
-                resumed,
-                steps,
-            }))
+            let mut out = Vec::new();
+            while out.len() < limit {
+                match claim_one(c, max_per_target)? {
+                    Some(run) => out.push(run),
+                    None => break,
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -451,9 +425,7 @@ impl Store {
         error: Option<String>,
     ) -> Result<(), StoreError> {
         self.write(move |c| {
-            let tx = c.transaction()?;
-            finish_run(&tx, run_id, state, error.as_deref(), now_ms())?;
-            tx.commit()?;
+            finish_run(c, run_id, state, error.as_deref(), now_ms())?;
             Ok(())
         })
         .await
@@ -466,14 +438,13 @@ impl Store {
             return Ok(None);
         }
         self.write(move |c| {
-            let tx = c.transaction()?;
             let now = now_ms();
-            let n: u32 = tx.query_row(
+            let n: u32 = c.query_row(
                 "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
                 [now - l.window_ms],
                 |r| r.get(0),
             )?;
-            if n < l.max_failures || super::switches::engaged_reason(&tx, "", now)?.is_some() {
+            if n < l.max_failures || super::switches::engaged_reason(c, "", now)?.is_some() {
                 return Ok(None);
             }
             let window =
@@ -482,8 +453,7 @@ impl Store {
                 "circuit breaker: {n} runs failed within {window} (breaker.max_failures = {})",
                 l.max_failures
             );
-            super::switches::engage_in(&tx, "global", &reason, "circuit-breaker", None, now)?;
-            tx.commit()?;
+            super::switches::engage_in(c, "global", &reason, "circuit-breaker", None, now)?;
             Ok(Some(reason))
         })
         .await
@@ -503,8 +473,7 @@ impl Store {
     /// when there is no such run; a `Pending` run is now `Cancelled`.
     pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
         self.write(move |c| {
-            let tx = c.transaction()?;
-            let state: Option<String> = tx
+            let state: Option<String> = c
                 .query_row("SELECT state FROM runs WHERE id = ?1", [run_id], |r| {
                     r.get(0)
                 })
@@ -515,15 +484,14 @@ impl Store {
             if !matches!(state, RunState::Pending | RunState::AwaitingApproval) {
                 return Ok(Some(state));
             }
-            super::approvals::close_pending(&tx, run_id, "cancelled", now_ms())?;
+            super::approvals::close_pending(c, run_id, "cancelled", now_ms())?;
             finish_run(
-                &tx,
+                c,
                 run_id,
                 RunState::Cancelled,
                 Some("cancelled by an operator before it acted further"),
                 now_ms(),
             )?;
-            tx.commit()?;
             Ok(Some(state))
         })
         .await
@@ -535,28 +503,26 @@ impl Store {
     /// Returns the ids of the interrupted runs.
     pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
         self.write(|c| {
-            let tx = c.transaction()?;
             let now = now_ms();
-            tx.execute(
+            c.execute(
                 "UPDATE steps SET state = 'interrupted', finished_at = ?1,
                    error = 'the daemon stopped while this step was running; it was not re-run'
                  WHERE state = 'running'",
                 [now],
             )?;
-            let ids: Vec<i64> = tx
+            let ids: Vec<i64> = c
                 .prepare("SELECT id FROM runs WHERE state = 'running' ORDER BY id")?
                 .query_map([], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             for &id in &ids {
                 finish_run(
-                    &tx,
+                    c,
                     id,
                     RunState::Interrupted,
                     Some("the daemon stopped during this run; check the target before re-running"),
                     now,
                 )?;
             }
-            tx.commit()?;
             Ok(ids)
         })
         .await
@@ -603,6 +569,58 @@ impl Store {
         })
         .await
     }
+}
+
+/// Claims the oldest claimable pending run (see [`Store::claim`]).
+fn claim_one(c: &Connection, max_per_target: u32) -> Result<Option<ClaimedRun>, StoreError> {
+    type Row = (
+        i64,
+        String,
+        bool,
+        Option<String>,
+        i64,
+        String,
+        Option<i64>,
+        i64,
+    );
+    let claimed: Option<Row> = c
+                .prepare_cached(
+                    "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
+                     WHERE id = (
+                       SELECT r.id FROM runs r WHERE r.state = 'pending'
+                         AND (SELECT count(*) FROM runs t WHERE t.target = r.target AND t.state = 'running') < ?2
+                         AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = r.playbook
+                                           AND o.fingerprint = r.fingerprint AND o.state = 'running')
+                       ORDER BY r.id LIMIT 1)
+                     RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
+                )?
+                .query_row(params![now_ms(), max_per_target], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                })
+                .optional()?;
+    let Some((id, playbook, dry_run, params, alert_id, target, deadline_ms, started_ms)) = claimed
+    else {
+        return Ok(None);
+    };
+    let alert = load_alert(c, alert_id)?;
+    let steps = load_steps(c, id)?;
+    let resumed: bool = c.query_row(
+        "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
+        [id],
+        |r| r.get(0),
+    )?;
+    Ok(Some(ClaimedRun {
+        id,
+        playbook,
+        dry_run,
+        params: parse_json(params),
+        alert,
+        target,
+        deadline_ms,
+        started_ms,
+        resumed,
+        steps,
+    }))
 }
 
 const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r.dry_run, r.params,

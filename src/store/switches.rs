@@ -119,9 +119,8 @@ impl Store {
         until: Option<i64>,
     ) -> Result<(), StoreError> {
         self.write(move |c| {
-            let tx = c.transaction()?;
             set_in(
-                &tx,
+                c,
                 &scope,
                 engaged,
                 &reason,
@@ -129,7 +128,6 @@ impl Store {
                 until.filter(|_| engaged),
                 now_ms(),
             )?;
-            tx.commit()?;
             Ok(())
         })
         .await
