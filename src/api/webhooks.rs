@@ -26,6 +26,7 @@ pub async fn alertmanager(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<IntakeResponse>, ApiError> {
+    let received_us = crate::time::now_us();
     let body = read_body(&headers, body, state.max_body_bytes).await?;
     let de = &mut serde_json::Deserializer::from_slice(&body);
     let payload: AlertmanagerPayload = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -55,7 +56,7 @@ pub async fn alertmanager(
     let alerts = payload
         .into_alerts()
         .map_err(|e| ApiError::BadRequest(format!("invalid Alertmanager payload: {e}")))?;
-    record(&state, alerts).await
+    record(&state, alerts, received_us).await
 }
 
 /// `POST /api/v1/webhooks/generic`
@@ -64,16 +65,21 @@ pub async fn generic(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<IntakeResponse>, ApiError> {
+    let received_us = crate::time::now_us();
     let body = read_body(&headers, body, state.max_body_bytes).await?;
     let now = crate::time::rfc3339(crate::time::now_ms());
     let alerts = parse_generic(&body, &now)
         .map_err(|e| ApiError::BadRequest(format!("invalid alert: {e}")))?;
-    record(&state, alerts).await
+    record(&state, alerts, received_us).await
 }
 
-async fn record(state: &AppState, alerts: Vec<Alert>) -> Result<Json<IntakeResponse>, ApiError> {
+async fn record(
+    state: &AppState,
+    alerts: Vec<Alert>,
+    received_us: i64,
+) -> Result<Json<IntakeResponse>, ApiError> {
     let n = alerts.len();
-    let outcomes = state.engine.intake(alerts).await?;
+    let outcomes = state.engine.intake(alerts, received_us).await?;
     Ok(Json(IntakeResponse {
         alerts: n,
         outcomes,

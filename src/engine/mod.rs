@@ -177,7 +177,12 @@ impl Engine {
 
     /// Matches, renders and records alerts. Returns the outcome for each alert's matched
     /// playbooks. When this returns `Ok`, everything is on disk.
-    pub async fn intake(&self, alerts: Vec<Alert>) -> Result<Vec<Vec<Outcome>>, StoreError> {
+    /// `received_us` is when the webhook arrived.
+    pub async fn intake(
+        &self,
+        alerts: Vec<Alert>,
+        received_us: i64,
+    ) -> Result<Vec<Vec<Outcome>>, StoreError> {
         let set = self.playbooks();
         let now = crate::time::now_ms();
         let items: Vec<IntakeItem> = alerts
@@ -214,7 +219,11 @@ impl Engine {
                         suppress: suppress.clone(),
                     })
                     .collect();
-                IntakeItem { alert, candidates }
+                IntakeItem {
+                    alert,
+                    received_us,
+                    candidates,
+                }
             })
             .collect();
         for IntakeItem { alert, .. } in &items {

@@ -23,6 +23,15 @@ enum Stop {
     Parked,
 }
 
+fn step_ref(run: &ClaimedRun, step: &StepRecord) -> crate::store::StepRef {
+    crate::store::StepRef {
+        run_id: run.id,
+        idx: step.idx,
+        action: step.action.clone(),
+        target: run.target.clone(),
+    }
+}
+
 fn end(state: RunState, error: impl Into<String>) -> Stop {
     Stop::End {
         state,
@@ -325,8 +334,7 @@ impl Engine {
             let error = format!("no executor for action {:?} is configured", step.action);
             self.store
                 .step_finished(
-                    run.id,
-                    step.idx,
+                    step_ref(run, step),
                     StepState::Failed,
                     None,
                     Some(error.clone()),
@@ -366,31 +374,9 @@ impl Engine {
         };
         tracing::info!(step = %step.name, action = %step.action, state = state.as_str(), error = error.as_deref(), "step finished");
         self.store
-            .step_finished(run.id, step.idx, state, output.clone(), error.clone())
+            .step_finished(step_ref(run, step), state, output.clone(), error.clone())
             .await
             .map_err(record_err)?;
-        let outcome = if error.is_some() {
-            "failed"
-        } else {
-            state.as_str()
-        };
-        let target = Some(format!(
-            "run/{} step/{} target/{}",
-            run.id, step.idx, run.target
-        ));
-        if let Err(e) = self
-            .store
-            .audit(
-                "reflex",
-                &format!("step.{}", step.action),
-                target,
-                outcome,
-                error.clone(),
-            )
-            .await
-        {
-            tracing::error!(error = %e, "cannot write the audit row of a step");
-        }
         match (&error, output) {
             (Some(e), _) => self.notifier.send(Event::StepFailed {
                 run: self.run_info(run.id, &run.playbook, &run.target, &run.alert),

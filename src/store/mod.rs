@@ -60,6 +60,11 @@ pub struct Store {
 
 struct Inner {
     jobs: mpsc::Sender<Job>,
+    /// Bumped after every write that may change a kill switch.
+    switch_epoch: std::sync::atomic::AtomicU64,
+    /// The engaged switches as of an epoch.
+    #[allow(clippy::type_complexity)]
+    switch_cache: Mutex<Option<(u64, Vec<(String, String, Option<String>, Option<i64>)>)>>,
     read: Mutex<Connection>,
     path: PathBuf,
 }
@@ -216,6 +221,11 @@ CREATE TABLE switches (
 -- 'main', or 'on_failure' for the steps run when the run fails.
 ALTER TABLE steps ADD COLUMN phase TEXT NOT NULL DEFAULT 'main';
 "#,
+    r#"
+-- Microsecond timestamps: when the webhook arrived, when a step started (latency figures).
+ALTER TABLE alerts ADD COLUMN received_us INTEGER;
+ALTER TABLE steps ADD COLUMN started_us INTEGER;
+"#,
 ];
 
 impl Store {
@@ -237,6 +247,8 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 jobs,
+                switch_epoch: std::sync::atomic::AtomicU64::new(0),
+                switch_cache: Mutex::new(None),
                 read: Mutex::new(read),
                 path,
             }),

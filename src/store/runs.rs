@@ -154,6 +154,8 @@ pub struct BreakerLimits {
 pub struct IntakeItem {
     /// The alert.
     pub alert: Alert,
+    /// When its webhook arrived (µs since the epoch).
+    pub received_us: i64,
     /// Matched playbooks.
     pub candidates: Vec<Candidate>,
 }
@@ -203,6 +205,19 @@ pub enum Outcome {
         /// Its final state.
         state: RunState,
     },
+}
+
+/// Which step of which run, for the record.
+#[derive(Debug, Clone)]
+pub struct StepRef {
+    /// Run id.
+    pub run_id: i64,
+    /// Step index.
+    pub idx: i64,
+    /// Action name.
+    pub action: String,
+    /// The run's target.
+    pub target: String,
 }
 
 /// A run claimed by a worker, with everything needed to execute it.
@@ -342,24 +357,36 @@ impl Store {
         items: Vec<IntakeItem>,
         limits: BreakerLimits,
     ) -> Result<Vec<Vec<Outcome>>, StoreError> {
-        self.write(move |c| {
-            let now = now_ms();
-            let mut all = Vec::with_capacity(items.len());
-            for item in items {
-                let alert_id = insert_alert(c, &item.alert, now)?;
-                let mut outcomes = item
-                    .candidates
-                    .into_iter()
-                    .map(|cand| intake_one(c, &item.alert, alert_id, cand, limits, now))
-                    .collect::<Result<Vec<_>, _>>()?;
-                if item.alert.status == AlertStatus::Resolved {
-                    outcomes.extend(end_awaiting_for_resolved(c, &item.alert.fingerprint, now)?);
+        let outcomes = self
+            .write(move |c| {
+                let now = now_ms();
+                let mut all = Vec::with_capacity(items.len());
+                for item in items {
+                    let alert_id = insert_alert(c, &item.alert, now, item.received_us)?;
+                    let mut outcomes = item
+                        .candidates
+                        .into_iter()
+                        .map(|cand| intake_one(c, &item.alert, alert_id, cand, limits, now))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if item.alert.status == AlertStatus::Resolved {
+                        outcomes.extend(end_awaiting_for_resolved(
+                            c,
+                            &item.alert.fingerprint,
+                            now,
+                        )?);
+                    }
+                    all.push(outcomes);
                 }
-                all.push(outcomes);
-            }
-            Ok(all)
-        })
-        .await
+                Ok(all)
+            })
+            .await?;
+        let tripped = outcomes.iter().flatten().any(
+            |o| matches!(o, Outcome::Suppressed { reason, .. } if reason.starts_with("circuit breaker")),
+        );
+        if tripped {
+            self.switches_changed();
+        }
+        Ok(outcomes)
     }
 
     /// Claims the oldest pending run: it becomes `running` in the same statement, so no two
@@ -391,18 +418,20 @@ impl Store {
     /// Marks a step `running`; written before the action starts.
     pub async fn step_started(&self, run_id: i64, idx: i64) -> Result<(), StoreError> {
         self.write(move |c| {
-            c.prepare_cached("UPDATE steps SET state = 'running', started_at = ?3 WHERE run_id = ?1 AND idx = ?2")?
-                .execute(params![run_id, idx, now_ms()])?;
+            c.prepare_cached("UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4 WHERE run_id = ?1 AND idx = ?2")?
+                .execute(params![run_id, idx, now_ms(), crate::time::now_us()])?;
             Ok(())
         })
         .await
     }
 
     /// Records a step's result.
+    ///
+    /// The executor action goes on the audit log in the same write: `step.<action>` by
+    /// `reflex`, on `run/<id> step/<idx> target/<target>`.
     pub async fn step_finished(
         &self,
-        run_id: i64,
-        idx: i64,
+        step: StepRef,
         state: StepState,
         output: Option<Value>,
         error: Option<String>,
@@ -411,7 +440,10 @@ impl Store {
             c.prepare_cached(
                 "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
             )?
-            .execute(params![run_id, idx, state.as_str(), now_ms(), output.map(|o| json_text(&o)), error])?;
+            .execute(params![step.run_id, step.idx, state.as_str(), now_ms(), output.map(|o| json_text(&o)), error])?;
+            let outcome = if error.is_some() { "failed" } else { state.as_str() };
+            let target = format!("run/{} step/{} target/{}", step.run_id, step.idx, step.target);
+            super::audit::audit_in(c, "reflex", &format!("step.{}", step.action), Some(&target), outcome, error.as_deref())?;
             Ok(())
         })
         .await
@@ -437,26 +469,32 @@ impl Store {
         if l.max_failures == 0 {
             return Ok(None);
         }
-        self.write(move |c| {
-            let now = now_ms();
-            let n: u32 = c.query_row(
-                "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
-                [now - l.window_ms],
-                |r| r.get(0),
-            )?;
-            if n < l.max_failures || super::switches::engaged_reason(c, "", now)?.is_some() {
-                return Ok(None);
-            }
-            let window =
-                humantime::format_duration(std::time::Duration::from_millis(l.window_ms as u64));
-            let reason = format!(
-                "circuit breaker: {n} runs failed within {window} (breaker.max_failures = {})",
-                l.max_failures
-            );
-            super::switches::engage_in(c, "global", &reason, "circuit-breaker", None, now)?;
-            Ok(Some(reason))
-        })
-        .await
+        let tripped = self
+            .write(move |c| {
+                let now = now_ms();
+                let n: u32 = c.query_row(
+                    "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
+                    [now - l.window_ms],
+                    |r| r.get(0),
+                )?;
+                if n < l.max_failures || super::switches::engaged_reason(c, "", now)?.is_some() {
+                    return Ok(None);
+                }
+                let window = humantime::format_duration(std::time::Duration::from_millis(
+                    l.window_ms as u64,
+                ));
+                let reason = format!(
+                    "circuit breaker: {n} runs failed within {window} (breaker.max_failures = {})",
+                    l.max_failures
+                );
+                super::switches::engage_in(c, "global", &reason, "circuit-breaker", None, now)?;
+                Ok(Some(reason))
+            })
+            .await?;
+        if tripped.is_some() {
+            self.switches_changed();
+        }
+        Ok(tripped)
     }
 
     /// Marks the main steps not yet started as `skipped` (a failure stopped the run; its
@@ -655,10 +693,10 @@ fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
     })
 }
 
-fn insert_alert(c: &Connection, a: &Alert, now: i64) -> rusqlite::Result<i64> {
+fn insert_alert(c: &Connection, a: &Alert, now: i64, received_us: i64) -> rusqlite::Result<i64> {
     c.prepare_cached(
-        "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key, received_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         now,
@@ -670,7 +708,8 @@ fn insert_alert(c: &Connection, a: &Alert, now: i64) -> rusqlite::Result<i64> {
         json_text(&a.labels),
         json_text(&a.annotations),
         a.generator_url,
-        a.group_key
+        a.group_key,
+        received_us
     ])?;
     Ok(c.last_insert_rowid())
 }

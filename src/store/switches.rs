@@ -5,6 +5,9 @@ use crate::time::{now_ms, rfc3339};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+/// An engaged switch: scope, actor, reason, until.
+type SwitchRow = (String, String, Option<String>, Option<i64>);
+
 /// The scope name of the global switch.
 pub const GLOBAL: &str = "global";
 
@@ -118,25 +121,82 @@ impl Store {
         actor: String,
         until: Option<i64>,
     ) -> Result<(), StoreError> {
-        self.write(move |c| {
-            set_in(
-                c,
-                &scope,
-                engaged,
-                &reason,
-                &actor,
-                until.filter(|_| engaged),
-                now_ms(),
-            )?;
-            Ok(())
-        })
-        .await
+        let result = self
+            .write(move |c| {
+                set_in(
+                    c,
+                    &scope,
+                    engaged,
+                    &reason,
+                    &actor,
+                    until.filter(|_| engaged),
+                    now_ms(),
+                )?;
+                Ok(())
+            })
+            .await;
+        self.switches_changed();
+        result
     }
 
-    /// Why runs of `playbook` must not act now, if a switch says so.
+    /// Why runs of `playbook` must not act now, if a switch says so. Asked before every
+    /// step, so it answers from a copy of the switches table that every switch change
+    /// invalidates (see [`Store::switches_changed`]).
     pub async fn kill_reason(&self, playbook: &str) -> Result<Option<String>, StoreError> {
-        let playbook = playbook.to_string();
-        self.read(move |c| Ok(engaged_reason(c, &playbook, now_ms())?))
-            .await
+        let epoch = self
+            .inner
+            .switch_epoch
+            .load(std::sync::atomic::Ordering::Acquire);
+        let cached = {
+            let cache = self
+                .inner
+                .switch_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            cache
+                .as_ref()
+                .filter(|(e, _)| *e == epoch)
+                .map(|(_, rows)| rows.clone())
+        };
+        let rows = match cached {
+            Some(rows) => rows,
+            None => {
+                let rows = self
+                    .read(|c| {
+                        let mut stmt = c.prepare_cached(
+                            "SELECT scope, actor, reason, until FROM switches WHERE engaged = 1",
+                        )?;
+                        let rows = stmt
+                            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+                        Ok(rows.collect::<Result<Vec<SwitchRow>, _>>()?)
+                    })
+                    .await?;
+                *self
+                    .inner
+                    .switch_cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some((epoch, rows.clone()));
+                rows
+            }
+        };
+        let now = now_ms();
+        let scope = playbook_scope(playbook);
+        let live = |s: &&SwitchRow| s.3.is_none_or(|u| u > now);
+        let hit = (rows.iter().filter(live).find(|s| s.0 == GLOBAL))
+            .or_else(|| rows.iter().filter(live).find(|s| s.0 == scope));
+        Ok(hit.map(|(scope, actor, reason, _)| {
+            format!(
+                "kill switch ({scope}) engaged by {actor}: {}",
+                reason.as_deref().unwrap_or_default()
+            )
+        }))
+    }
+
+    /// Invalidates the copy of the switches `kill_reason` answers from; call after every
+    /// write that may have changed a switch.
+    pub(super) fn switches_changed(&self) {
+        self.inner
+            .switch_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

@@ -1,0 +1,97 @@
+//! Criterion benchmarks of the intake hot path: parse a webhook, match an alert against 1,000
+//! playbooks, render a step, and one store write of a run. `cargo bench --bench hot_path`.
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use reflex::alert::AlertmanagerPayload;
+use reflex::playbook::PlaybookSet;
+use reflex::store::{BreakerLimits, Candidate, IntakeItem, Store};
+use std::hint::black_box;
+
+const PAYLOAD: &str = include_str!("../tests/fixtures/alertmanager-disk.json");
+
+/// 1,000 playbooks: most keyed by an `alertname` equality, some by regex only.
+fn playbooks(dir: &std::path::Path) -> PlaybookSet {
+    for i in 0..1000 {
+        let matcher = if i % 100 == 99 {
+            format!("alertname=~\"Regex{i}|Other{i}\"")
+        } else {
+            format!("alertname=\"Alert{i}\"")
+        };
+        let yaml = format!(
+            "name: pb-{i}\nmatchers: ['{matcher}', 'severity=~\"warning|critical\"']\nwhen: 'labels.mountpoint != \"/boot\"'\nparams:\n  host: \"{{{{ host(labels.instance) }}}}\"\nsteps:\n  - action: log\n    with: {{ message: \"Disk space low on {{{{ params.host }}}} ({{{{ labels.mountpoint }}}})\" }}\n"
+        );
+        std::fs::write(dir.join(format!("pb-{i}.yaml")), yaml).unwrap();
+    }
+    PlaybookSet::load(&[dir.to_path_buf()]).unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    c.bench_function("parse_alertmanager_payload", |b| {
+        b.iter(|| {
+            let p: AlertmanagerPayload = serde_json::from_str(black_box(PAYLOAD)).unwrap();
+            p.into_alerts().unwrap()
+        })
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let set = playbooks(dir.path());
+    let mut alert = serde_json::from_str::<AlertmanagerPayload>(PAYLOAD)
+        .unwrap()
+        .into_alerts()
+        .unwrap()
+        .remove(0);
+    alert.labels.insert("alertname".into(), "Alert500".into());
+    assert_eq!(set.evaluate(&alert).len(), 1);
+    c.bench_function("match_and_plan_one_alert_against_1000_playbooks", |b| {
+        b.iter(|| set.evaluate(black_box(&alert)))
+    });
+
+    let mut miss = alert.clone();
+    miss.labels.insert("alertname".into(), "NoSuchAlert".into());
+    c.bench_function("match_unmatched_alert_against_1000_playbooks", |b| {
+        b.iter(|| set.evaluate(black_box(&miss)))
+    });
+
+    let pb = set.get("pb-500").unwrap().clone();
+    c.bench_function("render_params_and_steps", |b| {
+        b.iter(|| {
+            let mut scope = reflex::playbook::script::alert_scope(black_box(&alert));
+            pb.plan(&set.sandbox, &mut scope).unwrap()
+        })
+    });
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open(data.path()).unwrap();
+    let plan = set.evaluate(&alert).remove(0).plan.unwrap();
+    let mut n = 0u64;
+    c.bench_function("store_one_alert_and_run", |b| {
+        b.iter(|| {
+            n += 1;
+            let mut a = alert.clone();
+            a.starts_at = format!("2026-01-01T00:00:00.{n:09}Z");
+            let item = IntakeItem {
+                alert: a,
+                received_us: 0,
+                candidates: vec![Candidate {
+                    playbook: "pb-500".into(),
+                    cooldown_ms: 0,
+                    cooldown_key: "k".into(),
+                    dry_run: false,
+                    plan: Ok(plan.clone()),
+                    deadline_ms: 3_600_000,
+                    suppress: None,
+                }],
+            };
+            rt.block_on(store.record_intake(vec![item], BreakerLimits::default()))
+                .unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
