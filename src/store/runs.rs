@@ -357,16 +357,32 @@ impl Store {
         items: Vec<IntakeItem>,
         limits: BreakerLimits,
     ) -> Result<Vec<Vec<Outcome>>, StoreError> {
+        // JSON is written here, on the caller's thread, not in the one writer.
+        let prepared: Vec<(IntakeItem, Json)> = items
+            .into_iter()
+            .map(|item| {
+                let json = Json {
+                    labels: json_text(&item.alert.labels),
+                    annotations: json_text(&item.alert.annotations),
+                    plans: item
+                        .candidates
+                        .iter()
+                        .map(|c| c.plan.as_ref().ok().map(PlanJson::of))
+                        .collect(),
+                };
+                (item, json)
+            })
+            .collect();
         let outcomes = self
             .write(move |c| {
                 let now = now_ms();
-                let mut all = Vec::with_capacity(items.len());
-                for item in items {
-                    let alert_id = insert_alert(c, &item.alert, now, item.received_us)?;
-                    let mut outcomes = item
-                        .candidates
-                        .into_iter()
-                        .map(|cand| intake_one(c, &item.alert, alert_id, cand, limits, now))
+                let mut all = Vec::with_capacity(prepared.len());
+                for (item, json) in prepared {
+                    let alert_id = insert_alert(c, &item.alert, &json, now, item.received_us)?;
+                    let mut outcomes = (item.candidates.into_iter().zip(json.plans))
+                        .map(|(cand, plan)| {
+                            intake_one(c, &item.alert, alert_id, cand, plan, limits, now)
+                        })
                         .collect::<Result<Vec<_>, _>>()?;
                     if item.alert.status == AlertStatus::Resolved {
                         outcomes.extend(end_awaiting_for_resolved(
@@ -402,15 +418,46 @@ impl Store {
         max_per_target: u32,
         limit: usize,
     ) -> Result<Vec<ClaimedRun>, StoreError> {
-        self.write(move |c| {
-            let mut out = Vec::new();
-            while out.len() < limit {
-                match claim_one(c, max_per_target)? {
-                    Some(run) => out.push(run),
-                    None => break,
+        let rows = self
+            .write(move |c| {
+                let mut out = Vec::new();
+                while out.len() < limit {
+                    match claim_one(c, max_per_target)? {
+                        Some(row) => out.push(row),
+                        None => break,
+                    }
                 }
-            }
-            Ok(out)
+                Ok(out)
+            })
+            .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        // What the claimed runs need is read on the read connection, off the one writer.
+        self.read(move |c| {
+            rows.into_iter()
+                .map(
+                    |(id, playbook, dry_run, params, alert_id, target, deadline_ms, started_ms)| {
+                        let resumed: bool = c
+                            .prepare_cached(
+                                "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
+                            )?
+                            .query_row([id], |r| r.get(0))?;
+                        Ok(ClaimedRun {
+                            id,
+                            playbook,
+                            dry_run,
+                            params: parse_json(params),
+                            alert: load_alert(c, alert_id)?,
+                            target,
+                            deadline_ms,
+                            started_ms,
+                            resumed,
+                            steps: load_steps(c, id)?,
+                        })
+                    },
+                )
+                .collect()
         })
         .await
     }
@@ -436,11 +483,12 @@ impl Store {
         output: Option<Value>,
         error: Option<String>,
     ) -> Result<(), StoreError> {
+        let output = output.map(|o| json_text(&o));
         self.write(move |c| {
             c.prepare_cached(
                 "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
             )?
-            .execute(params![step.run_id, step.idx, state.as_str(), now_ms(), output.map(|o| json_text(&o)), error])?;
+            .execute(params![step.run_id, step.idx, state.as_str(), now_ms(), output, error])?;
             let outcome = if error.is_some() { "failed" } else { state.as_str() };
             let target = format!("run/{} step/{} target/{}", step.run_id, step.idx, step.target);
             super::audit::audit_in(c, "reflex", &format!("step.{}", step.action), Some(&target), outcome, error.as_deref())?;
@@ -609,56 +657,34 @@ impl Store {
     }
 }
 
+/// The claimed row of a run; the rest is loaded off the writer.
+type ClaimRow = (
+    i64,
+    String,
+    bool,
+    Option<String>,
+    i64,
+    String,
+    Option<i64>,
+    i64,
+);
+
 /// Claims the oldest claimable pending run (see [`Store::claim`]).
-fn claim_one(c: &Connection, max_per_target: u32) -> Result<Option<ClaimedRun>, StoreError> {
-    type Row = (
-        i64,
-        String,
-        bool,
-        Option<String>,
-        i64,
-        String,
-        Option<i64>,
-        i64,
-    );
-    let claimed: Option<Row> = c
-                .prepare_cached(
-                    "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
-                     WHERE id = (
-                       SELECT r.id FROM runs r WHERE r.state = 'pending'
-                         AND (SELECT count(*) FROM runs t WHERE t.target = r.target AND t.state = 'running') < ?2
-                         AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = r.playbook
-                                           AND o.fingerprint = r.fingerprint AND o.state = 'running')
-                       ORDER BY r.id LIMIT 1)
-                     RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
-                )?
-                .query_row(params![now_ms(), max_per_target], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
-                })
-                .optional()?;
-    let Some((id, playbook, dry_run, params, alert_id, target, deadline_ms, started_ms)) = claimed
-    else {
-        return Ok(None);
-    };
-    let alert = load_alert(c, alert_id)?;
-    let steps = load_steps(c, id)?;
-    let resumed: bool = c.query_row(
-        "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
-        [id],
-        |r| r.get(0),
-    )?;
-    Ok(Some(ClaimedRun {
-        id,
-        playbook,
-        dry_run,
-        params: parse_json(params),
-        alert,
-        target,
-        deadline_ms,
-        started_ms,
-        resumed,
-        steps,
-    }))
+fn claim_one(c: &Connection, max_per_target: u32) -> Result<Option<ClaimRow>, StoreError> {
+    Ok(c.prepare_cached(
+        "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
+         WHERE id = (
+           SELECT r.id FROM runs r WHERE r.state = 'pending'
+             AND (SELECT count(*) FROM runs t WHERE t.target = r.target AND t.state = 'running') < ?2
+             AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = r.playbook
+                               AND o.fingerprint = r.fingerprint AND o.state = 'running')
+           ORDER BY r.id LIMIT 1)
+         RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
+    )?
+    .query_row(params![now_ms(), max_per_target], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+    })
+    .optional()?)
 }
 
 const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r.dry_run, r.params,
@@ -693,7 +719,39 @@ fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
     })
 }
 
-fn insert_alert(c: &Connection, a: &Alert, now: i64, received_us: i64) -> rusqlite::Result<i64> {
+/// An alert's JSON columns, serialized before the write.
+struct Json {
+    labels: String,
+    annotations: String,
+    plans: Vec<Option<PlanJson>>,
+}
+
+/// A plan's JSON columns.
+struct PlanJson {
+    params: String,
+    steps: Vec<(String, Option<String>)>,
+}
+
+impl PlanJson {
+    fn of(p: &Plan) -> PlanJson {
+        PlanJson {
+            params: json_text(&p.params),
+            steps: p
+                .steps
+                .iter()
+                .map(|s| (json_text(&s.args), s.approval.as_ref().map(json_text)))
+                .collect(),
+        }
+    }
+}
+
+fn insert_alert(
+    c: &Connection,
+    a: &Alert,
+    json: &Json,
+    now: i64,
+    received_us: i64,
+) -> rusqlite::Result<i64> {
     c.prepare_cached(
         "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key, received_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -705,8 +763,8 @@ fn insert_alert(c: &Connection, a: &Alert, now: i64, received_us: i64) -> rusqli
         a.status.as_str(),
         a.starts_at,
         a.ends_at,
-        json_text(&a.labels),
-        json_text(&a.annotations),
+        json.labels,
+        json.annotations,
         a.generator_url,
         a.group_key,
         received_us
@@ -719,6 +777,7 @@ fn intake_one(
     a: &Alert,
     alert_id: i64,
     cand: Candidate,
+    json: Option<PlanJson>,
     limits: BreakerLimits,
     now: i64,
 ) -> Result<Outcome, StoreError> {
@@ -766,11 +825,11 @@ fn intake_one(
         a.fingerprint,
         a.starts_at,
         a.status.as_str(),
-        cand.cooldown_key,
+        if cand.cooldown_ms > 0 { cand.cooldown_key.as_str() } else { "" },
         state.as_str(),
         reason,
         cand.dry_run,
-        plan.map_or_else(|| "{}".to_string(), |p| json_text(&p.params)),
+        json.as_ref().filter(|_| plan.is_some()).map_or("{}", |j| j.params.as_str()),
         now,
         (state != RunState::Pending).then_some(now),
         error,
@@ -783,16 +842,17 @@ fn intake_one(
             "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
         )?;
-        for (idx, s) in plan.steps.iter().enumerate() {
+        let step_json = json.map(|j| j.steps).unwrap_or_default();
+        for (idx, (s, (args, approval))) in plan.steps.iter().zip(step_json).enumerate() {
             stmt.execute(params![
                 run_id,
                 idx as i64,
                 s.name,
                 s.action,
-                json_text(&s.args),
+                args,
                 s.timeout_ms.map(|t| t as i64),
                 s.on_failure.as_str(),
-                s.approval.as_ref().map(json_text),
+                approval,
                 s.phase
             ])?;
         }
@@ -824,7 +884,7 @@ fn cooldown_reason(
     }
     let last: Option<(i64, i64)> = c
         .prepare_cached(
-            "SELECT id, created_at FROM runs WHERE playbook = ?1 AND cooldown_key = ?2
+            "SELECT id, created_at FROM runs WHERE playbook = ?1 AND cooldown_key = ?2 AND cooldown_key != ''
                AND state != 'suppressed' AND created_at > ?3 ORDER BY id DESC LIMIT 1",
         )?
         .query_row(params![playbook, key, now - cooldown_ms], |r| {
