@@ -33,7 +33,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Store::open(&cfg.data_dir)
+    let store = Store::open_with(&cfg.data_dir, cfg.store.synchronous)
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
     let playbooks = load_playbooks(&cfg)?;
     tracing::info!(count = playbooks.playbooks.len(), dir = %cfg.playbooks_dir.display(), "playbooks loaded");

@@ -46,6 +46,29 @@ pub struct Config {
     pub kubernetes: KubeConfig,
     /// Feature-flag providers `feature_flag.*` steps may name.
     pub feature_flags: BTreeMap<String, FlagProvider>,
+    /// The SQLite store.
+    pub store: StoreConfig,
+}
+
+/// How hard SQLite works to keep a commit across a power loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Synchronous {
+    /// Every commit is on disk before it is acknowledged (`PRAGMA synchronous=FULL`): an
+    /// alert answered 200 survives a power loss.
+    #[default]
+    Full,
+    /// Commits reach the OS at once and the disk at the next checkpoint (`NORMAL`, WAL): a
+    /// crash of Reflex loses nothing, a power loss may lose the last moments. Faster.
+    Normal,
+}
+
+/// The SQLite store.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `full` (default) or `normal`.
+    pub synchronous: Synchronous,
 }
 
 /// Kubernetes clusters.
@@ -364,6 +387,7 @@ impl Default for Config {
             credentials: BTreeMap::new(),
             kubernetes: KubeConfig::default(),
             feature_flags: BTreeMap::new(),
+            store: StoreConfig::default(),
         }
     }
 }

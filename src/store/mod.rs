@@ -246,12 +246,20 @@ CREATE INDEX runs_cooldown ON runs(playbook, cooldown_key, created_at) WHERE coo
 impl Store {
     /// Opens (creating if needed) `reflex.db` in `dir` and migrates it.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with(dir, crate::config::Synchronous::Full)
+    }
+
+    /// Opens with a durability setting (see [`crate::config::Synchronous`]).
+    pub fn open_with(dir: &Path, sync: crate::config::Synchronous) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("reflex.db");
         let mut write = Connection::open(&path)?;
         write.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000; PRAGMA cache_size=-8192; PRAGMA temp_store=MEMORY;",
         )?;
+        if sync == crate::config::Synchronous::Normal {
+            write.execute_batch("PRAGMA synchronous=NORMAL;")?;
+        }
         migrate(&mut write)?;
         let read = Connection::open(&path)?;
         read.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")?;
