@@ -7,8 +7,7 @@ use common::fake_kube::FakeKube;
 use common::receiver::Receiver;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
-use reflex::alert::{Alert, AlertStatus};
-use reflex::executors::{ExecError, Executors, StepContext};
+use reflex::executors::{ExecError, Executors};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,25 +20,10 @@ fn executors(yaml: &str) -> Executors {
 }
 
 async fn run(ex: &Executors, action: &str, provider: &str, flag: &str) -> Result<Value, ExecError> {
-    let ctx = StepContext {
-        run_id: 1,
-        playbook: "flags".into(),
-        step: "flag".into(),
-        args: json!({"provider": provider, "flag": flag}),
-        alert: Alert {
-            source: "generic",
-            status: AlertStatus::Firing,
-            labels: Default::default(),
-            annotations: Default::default(),
-            starts_at: "t".into(),
-            ends_at: None,
-            fingerprint: "f".into(),
-            generator_url: None,
-            group_key: None,
-        },
-        params: json!({}),
-        timeout: Duration::from_secs(10),
-    };
+    let ctx = common::step_context(
+        json!({"provider": provider, "flag": flag}),
+        Duration::from_secs(10),
+    );
     ex.get(action).unwrap().execute(&ctx).await
 }
 

@@ -14,7 +14,6 @@ use common::fake_kube::{FakeKube, allowed, rbac_rules};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use reflex::alert::{Alert, AlertStatus};
 use reflex::executors::{ExecError, Executors, StepContext};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -156,25 +155,7 @@ fn image(d: &Deployment) -> String {
 }
 
 fn ctx(args: Value) -> StepContext {
-    StepContext {
-        run_id: 1,
-        playbook: "test".into(),
-        step: "step".into(),
-        args,
-        alert: Alert {
-            source: "generic",
-            status: AlertStatus::Firing,
-            labels: Default::default(),
-            annotations: Default::default(),
-            starts_at: "t".into(),
-            ends_at: None,
-            fingerprint: "f".into(),
-            generator_url: None,
-            group_key: None,
-        },
-        params: json!({}),
-        timeout: Duration::from_secs(20),
-    }
+    common::step_context(args, Duration::from_secs(20))
 }
 
 async fn run(ex: &Executors, action: &str, args: Value) -> Result<Value, ExecError> {

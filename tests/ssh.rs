@@ -6,7 +6,7 @@ mod common;
 
 use common::TestFs;
 use common::sshd::Sshd;
-use reflex::alert::{Alert, AlertStatus};
+use reflex::alert::Alert;
 use reflex::executors::{
     DiskCleanupExecutor, ExecError, Executor, SshExecutor, SshRunExecutor, StepContext,
 };
@@ -16,32 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn alert(labels: &[(&str, &str)]) -> Alert {
-    Alert {
-        source: "generic",
-        status: AlertStatus::Firing,
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        annotations: Default::default(),
-        starts_at: "2026-11-22T00:00:00Z".into(),
-        ends_at: None,
-        fingerprint: "f".into(),
-        generator_url: None,
-        group_key: None,
-    }
+    common::test_alert(labels)
 }
 
 fn ctx(args: Value, timeout: Duration) -> StepContext {
-    StepContext {
-        run_id: 1,
-        playbook: "test".into(),
-        step: "step".into(),
-        args,
-        alert: alert(&[("alertname", "Test")]),
-        params: json!({}),
-        timeout,
-    }
+    common::step_context(args, timeout)
 }
 
 fn executor(sshd: &Sshd) -> Arc<SshExecutor> {

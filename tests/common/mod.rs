@@ -399,3 +399,34 @@ pub fn auth_config(tokens: &[(&str, &str)]) -> String {
     }
     out
 }
+
+/// An alert with these labels, for executor-level tests.
+pub fn test_alert(labels: &[(&str, &str)]) -> reflex::alert::Alert {
+    reflex::alert::Alert {
+        source: "generic",
+        status: reflex::alert::AlertStatus::Firing,
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        annotations: Default::default(),
+        starts_at: "2026-11-22T00:00:00Z".into(),
+        ends_at: None,
+        fingerprint: "f".into(),
+        generator_url: None,
+        group_key: None,
+    }
+}
+
+/// What an executor gets for one step, with these rendered arguments.
+pub fn step_context(args: Value, timeout: Duration) -> reflex::executors::StepContext {
+    reflex::executors::StepContext {
+        run_id: 1,
+        playbook: "test".into(),
+        step: "step".into(),
+        args,
+        alert: test_alert(&[("alertname", "Test")]),
+        params: serde_json::json!({}),
+        timeout,
+    }
+}
