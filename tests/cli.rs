@@ -135,3 +135,25 @@ fn simulate_has_no_side_effects() {
         "simulate wrote files"
     );
 }
+
+#[test]
+fn check_refuses_relative_or_factor_scaling_without_a_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let playbook = |replicas: &str, max: &str| {
+        format!(
+            "name: s\nmatchers: ['alertname=\"X\"']\nsteps:\n  - action: kube.scale\n    with:\n      kind: Deployment\n      namespace: shop\n      name: api\n      replicas: \"{replicas}\"\n{max}"
+        )
+    };
+    std::fs::write(dir.path().join("s.yaml"), playbook("x2", "")).unwrap();
+    let (code, out) = reflex_cli(&["check", dir.path().to_str().unwrap()], repo());
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("s.yaml:5:") && out.contains("`max`"), "{out}");
+    std::fs::write(dir.path().join("s.yaml"), playbook("+2", "")).unwrap();
+    assert_eq!(
+        reflex_cli(&["check", dir.path().to_str().unwrap()], repo()).0,
+        1
+    );
+    std::fs::write(dir.path().join("s.yaml"), playbook("x2", "      max: 10\n")).unwrap();
+    let (code, out) = reflex_cli(&["check", dir.path().to_str().unwrap()], repo());
+    assert_eq!(code, 0, "{out}");
+}
