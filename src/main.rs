@@ -168,6 +168,15 @@ fn client_call(
         .map_err(anyhow::Error::msg)
 }
 
+/// `reflex approve` / `reflex deny`.
+fn decide(server: &str, id: i64, verb: &str, comment: Option<String>) -> anyhow::Result<ExitCode> {
+    let path = format!("/api/v1/approvals/{id}/{verb}");
+    let body = serde_json::json!({ "comment": comment });
+    let v = client_call(server, reqwest::Method::POST, &path, Some(body))?;
+    println!("approval {id}: {}", v["state"].as_str().unwrap_or("?"));
+    Ok(ExitCode::SUCCESS)
+}
+
 fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
@@ -224,26 +233,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Approve { id, comment } => {
-            let v = client_call(
-                server,
-                Method::POST,
-                &format!("/api/v1/approvals/{id}/approve"),
-                Some(json!({ "comment": comment })),
-            )?;
-            println!("approval {id}: {}", v["state"].as_str().unwrap_or("?"));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Deny { id, comment } => {
-            let v = client_call(
-                server,
-                Method::POST,
-                &format!("/api/v1/approvals/{id}/deny"),
-                Some(json!({ "comment": comment })),
-            )?;
-            println!("approval {id}: {}", v["state"].as_str().unwrap_or("?"));
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Approve { id, comment } => decide(server, id, "approve", comment),
+        Command::Deny { id, comment } => decide(server, id, "deny", comment),
         Command::Kill {
             reason,
             playbook,
