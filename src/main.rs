@@ -181,10 +181,25 @@ fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
-fn switch_path(playbook: Option<&str>) -> String {
-    playbook.map_or("/api/v1/killswitch".to_string(), |p| {
+/// `reflex kill` / `reflex unkill`: PUT the switch (global, or one playbook's), print the result.
+fn set_switch(
+    server: &str,
+    playbook: Option<&str>,
+    body: serde_json::Value,
+) -> anyhow::Result<ExitCode> {
+    let path = playbook.map_or("/api/v1/killswitch".to_string(), |p| {
         format!("/api/v1/playbooks/{p}/killswitch")
-    })
+    });
+    println!(
+        "{}",
+        pretty(&client_call(
+            server,
+            reqwest::Method::PUT,
+            &path,
+            Some(body)
+        )?)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -241,29 +256,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for_,
         } => {
             let body = json!({ "engaged": true, "reason": reason, "for": for_ });
-            println!(
-                "{}",
-                pretty(&client_call(
-                    server,
-                    Method::PUT,
-                    &switch_path(playbook.as_deref()),
-                    Some(body)
-                )?)
-            );
-            Ok(ExitCode::SUCCESS)
+            set_switch(server, playbook.as_deref(), body)
         }
         Command::Unkill { playbook, reason } => {
             let body = json!({ "engaged": false, "reason": reason });
-            println!(
-                "{}",
-                pretty(&client_call(
-                    server,
-                    Method::PUT,
-                    &switch_path(playbook.as_deref()),
-                    Some(body)
-                )?)
-            );
-            Ok(ExitCode::SUCCESS)
+            set_switch(server, playbook.as_deref(), body)
         }
         Command::Audit { limit } => {
             println!(

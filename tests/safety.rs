@@ -64,6 +64,18 @@ async fn post_alert(app: &TestApp, body: String) -> Value {
     body["outcomes"][0][0].clone()
 }
 
+/// Posts a generic alert that matches a playbook and returns the run it started.
+async fn start_run(app: &TestApp, alertname: &str, instance: &str) -> i64 {
+    let out = post_alert(
+        app,
+        generic_alert(alertname, instance, "2026-11-22T10:00:00Z"),
+    )
+    .await;
+    out["run_id"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no run started: {out}"))
+}
+
 async fn run_as(app: &TestApp, id: i64) -> Value {
     let (status, run) = app
         .call(
@@ -118,13 +130,7 @@ async fn decide(app: &TestApp, approval: i64, verb: &str, who: &str) -> (u16, Va
 #[tokio::test]
 async fn a_gated_step_waits_and_runs_only_after_approval() {
     let app = app_with(&[("gated.yaml", GATED)], "").await;
-    let run_id = post_alert(
-        &app,
-        generic_alert("Risky", "web-1", "2026-11-22T10:00:00Z"),
-    )
-    .await["run_id"]
-        .as_i64()
-        .unwrap();
+    let run_id = start_run(&app, "Risky", "web-1").await;
     let approval = pending_approval(&app, run_id).await;
     let run = wait_state(&app, run_id, "awaiting_approval").await;
     assert_eq!(run["steps"][0]["state"], "succeeded");
@@ -156,13 +162,7 @@ async fn deny_expiry_and_resolution_end_the_run_without_acting() {
     )
     .await;
     // Denied.
-    let denied = post_alert(
-        &app,
-        generic_alert("Risky", "h-deny", "2026-11-22T10:00:00Z"),
-    )
-    .await["run_id"]
-        .as_i64()
-        .unwrap();
+    let denied = start_run(&app, "Risky", "h-deny").await;
     let a = pending_approval(&app, denied).await;
     let (status, body) = decide(&app, a["id"].as_i64().unwrap(), "deny", "bob").await;
     assert_eq!(status, 200, "{body}");
@@ -177,13 +177,7 @@ async fn deny_expiry_and_resolution_end_the_run_without_acting() {
     );
 
     // Expired (3 s).
-    let expired = post_alert(
-        &app,
-        generic_alert("Risky", "h-expire", "2026-11-22T10:00:00Z"),
-    )
-    .await["run_id"]
-        .as_i64()
-        .unwrap();
+    let expired = start_run(&app, "Risky", "h-expire").await;
     let a = pending_approval(&app, expired).await;
     let run = wait_state(&app, expired, "expired").await;
     assert_eq!(run["steps"][1]["state"], "skipped");
@@ -215,13 +209,7 @@ async fn deny_expiry_and_resolution_end_the_run_without_acting() {
 #[tokio::test]
 async fn two_approvers_means_two_different_people() {
     let app = app_with(&[("two.yaml", TWO_APPROVERS)], "").await;
-    let run_id = post_alert(
-        &app,
-        generic_alert("VeryRisky", "db-9", "2026-11-22T10:00:00Z"),
-    )
-    .await["run_id"]
-        .as_i64()
-        .unwrap();
+    let run_id = start_run(&app, "VeryRisky", "db-9").await;
     let a = pending_approval(&app, run_id).await;
     assert_eq!(
         a["scope"], "run",
@@ -253,14 +241,8 @@ steps:
 "#;
     let app = app_with(&[("slow.yaml", SLOW), ("gated.yaml", GATED)], "").await;
     // A run between steps, and one waiting for approval.
-    let running =
-        post_alert(&app, generic_alert("Slow", "h1", "2026-11-22T10:00:00Z")).await["run_id"]
-            .as_i64()
-            .unwrap();
-    let gated =
-        post_alert(&app, generic_alert("Risky", "h2", "2026-11-22T10:00:00Z")).await["run_id"]
-            .as_i64()
-            .unwrap();
+    let running = start_run(&app, "Slow", "h1").await;
+    let gated = start_run(&app, "Risky", "h2").await;
     let approval = pending_approval(&app, gated).await;
     app.wait_for(10, "the slow step to start", || async {
         (run_as(&app, running).await["steps"][0]["state"] == "running").then_some(())
@@ -411,10 +393,7 @@ steps:
 #[tokio::test]
 async fn pending_approvals_and_the_kill_switch_survive_a_restart() {
     let mut app = app_with(&[("gated.yaml", GATED)], "").await;
-    let run_id =
-        post_alert(&app, generic_alert("Risky", "h1", "2026-11-22T10:00:00Z")).await["run_id"]
-            .as_i64()
-            .unwrap();
+    let run_id = start_run(&app, "Risky", "h1").await;
     let approval = pending_approval(&app, run_id).await;
     let (status, _) = app
         .call(
@@ -622,10 +601,7 @@ async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touc
 #[tokio::test]
 async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
     let app = app_with(&[("gated.yaml", GATED)], "").await;
-    let run_id =
-        post_alert(&app, generic_alert("Risky", "h1", "2026-11-22T10:00:00Z")).await["run_id"]
-            .as_i64()
-            .unwrap();
+    let run_id = start_run(&app, "Risky", "h1").await;
     let approval = pending_approval(&app, run_id).await["id"].as_i64().unwrap();
     let cli = |args: &[&str], token: &str| {
         let out = std::process::Command::new(common::reflex_bin())

@@ -117,6 +117,15 @@ fn status(code: u16, reason: &str, message: &str) -> Response {
     (StatusCode::from_u16(code).unwrap(), axum::Json(body)).into_response()
 }
 
+/// 409, as the API server answers a write with a stale resourceVersion.
+fn conflict() -> Response {
+    status(
+        409,
+        "Conflict",
+        "the object has been modified; please apply your changes to the latest version and try again",
+    )
+}
+
 fn ok(v: Value) -> Response {
     (StatusCode::OK, axum::Json(v)).into_response()
 }
@@ -178,6 +187,20 @@ fn revision(v: &Value) -> i64 {
 }
 
 impl Inner {
+    /// Whether an injected conflict applies to this write: as if another writer got there
+    /// first, the object's resourceVersion moves on and the write gets 409.
+    fn injected_conflict(&mut self, key: &str) -> bool {
+        if self.conflicts == 0 {
+            return false;
+        }
+        self.conflicts -= 1;
+        let rv = self.bump();
+        if let Some(obj) = self.objects.get_mut(key) {
+            merge(obj, &json!({"metadata": {"resourceVersion": rv}}));
+        }
+        true
+    }
+
     fn bump(&mut self) -> String {
         self.rv += 1;
         self.rv.to_string()
@@ -333,18 +356,8 @@ async fn handle(
         if method == Method::GET {
             return ok(scale(&parent));
         }
-        if s.conflicts > 0 {
-            s.conflicts -= 1;
-            let rv = s.bump();
-            merge(
-                s.objects.get_mut(&k).unwrap(),
-                &json!({"metadata": {"resourceVersion": rv}}),
-            );
-            return status(
-                409,
-                "Conflict",
-                "the object has been modified; please apply your changes to the latest version and try again",
-            );
+        if s.injected_conflict(&k) {
+            return conflict();
         }
         let sent_rv = body["metadata"]["resourceVersion"]
             .as_str()
@@ -352,11 +365,7 @@ async fn handle(
         if sent_rv
             .is_some_and(|rv| Some(rv.as_str()) != parent["metadata"]["resourceVersion"].as_str())
         {
-            return status(
-                409,
-                "Conflict",
-                "the object has been modified; please apply your changes to the latest version and try again",
-            );
+            return conflict();
         }
         let replicas = body["spec"]["replicas"].clone();
         let rv = s.bump();
@@ -446,19 +455,8 @@ async fn handle(
                     &format!("{} \"{name}\" not found", t.plural),
                 );
             };
-            if s.conflicts > 0 {
-                // A concurrent writer got there first.
-                s.conflicts -= 1;
-                let rv = s.bump();
-                merge(
-                    s.objects.get_mut(&k).unwrap(),
-                    &json!({"metadata": {"resourceVersion": rv}}),
-                );
-                return status(
-                    409,
-                    "Conflict",
-                    "the object has been modified; please apply your changes to the latest version and try again",
-                );
+            if s.injected_conflict(&k) {
+                return conflict();
             }
             let content_type = headers
                 .get("content-type")
@@ -485,11 +483,7 @@ async fn handle(
                     Some(rv.as_str()) != old["metadata"]["resourceVersion"].as_str()
                 })
             {
-                return status(
-                    409,
-                    "Conflict",
-                    "the object has been modified; please apply your changes to the latest version and try again",
-                );
+                return conflict();
             }
             let spec_changed = new["spec"] != old["spec"];
             let generation =

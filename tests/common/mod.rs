@@ -238,8 +238,16 @@ impl TestApp {
 
     /// POSTs a raw body.
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        let r = self
-            .http
+        self.post_with(&self.http, path, body).await
+    }
+
+    async fn post_with(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
+        let r = client
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/json")
             .body(body)
@@ -257,15 +265,7 @@ impl TestApp {
             .pool_max_idle_per_host(0)
             .build()
             .unwrap();
-        let r = client
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
+        self.post_with(&client, path, body).await
     }
 
     /// Any request, with an optional bearer token and JSON body.
