@@ -7,6 +7,7 @@ pub mod compile;
 pub mod locate;
 pub mod matcher;
 pub mod script;
+pub mod shell;
 pub mod spec;
 pub mod template;
 

@@ -2,11 +2,19 @@
 //! script steps all run here, compiled once at load.
 //!
 //! Sandbox: no file, network or module access (module resolution is disabled, `eval` is
-//! disabled), and hard limits on operations, call depth, expression depth and data sizes so
-//! that a script cannot hang a worker or exhaust memory.
+//! disabled), no `sleep`, and hard limits on operations, call depth, expression depth and data
+//! sizes so that a script cannot hang a worker or exhaust memory. String functions that can
+//! grow a string many times over (`replace`) check the size before they allocate, and every
+//! evaluation runs under a wall-clock budget ([`Budget`]).
+//!
+//! Helpers for template holes: `path_segment(x)`, `int(x)`, `one_of(x, [...])`,
+//! `or_default(x, "d")`, and the opt-ins `allow_option(x)`, `allow_empty(x)`, `allow_path(x)`
+//! that lift one check of [`super::template`] for one hole.
 
 use crate::alert::Alert;
-use rhai::{AST, Dynamic, Engine, Scope};
+use rhai::{AST, Dynamic, Engine, EvalAltResult, ImmutableString, Scope};
+use std::cell::Cell;
+use std::time::{Duration, Instant};
 
 /// Operations one evaluation may perform: far above any sane condition or script, far below
 /// what would hold a worker for noticeable time (about 1 ms per 10k operations).
@@ -18,9 +26,92 @@ pub const MAX_STRING_SIZE: usize = 64 * 1024;
 /// Largest array or map a script may build.
 pub const MAX_COLLECTION_SIZE: usize = 10_000;
 
+/// A value for a template hole, with the checks its hole may skip. Only the `allow_*`
+/// functions lift a check: an alert's labels are strings and cannot forge one.
+#[derive(Debug, Clone)]
+pub struct Unchecked {
+    /// The text.
+    pub value: String,
+    /// May start with `-` where an option could stand.
+    pub option: bool,
+    /// May be empty.
+    pub empty: bool,
+    /// May be absolute or hold `..` after a `/`.
+    pub path: bool,
+}
+
+impl Unchecked {
+    /// A value with every check in force.
+    pub fn checked(value: String) -> Self {
+        Unchecked {
+            value,
+            option: false,
+            empty: false,
+            path: false,
+        }
+    }
+
+    /// The value of a hole: an opted-in value as it is, anything else with every check.
+    pub fn from_dynamic(v: Dynamic) -> Self {
+        match v.try_cast_result::<Unchecked>() {
+            Ok(u) => u,
+            Err(v) => Self::checked(v.to_string()),
+        }
+    }
+}
+
+thread_local! {
+    /// When the evaluation on this thread must stop (see [`Budget`]).
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The wall-clock budget of the evaluations on this thread while it lives: one alert's
+/// `when`, parameters and templates together. Past it, evaluation stops with an error and
+/// the alert is recorded as failed to plan.
+pub struct Budget(Option<Instant>);
+
+impl Budget {
+    /// Starts a budget of `limit` on this thread.
+    pub fn start(limit: Duration) -> Budget {
+        Budget(DEADLINE.replace(Some(Instant::now() + limit)))
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        DEADLINE.set(self.0);
+    }
+}
+
+/// How often (in operations) the budget's clock is read: reading it on every operation would
+/// cost more than the operations.
+const BUDGET_CHECK_EVERY: u64 = 1024;
+
 /// A sandboxed Rhai engine.
 pub struct Sandbox {
     engine: Engine,
+}
+
+type Fallible<T> = Result<T, Box<EvalAltResult>>;
+
+fn refuse<T>(message: String) -> Fallible<T> {
+    Err(message.into())
+}
+
+/// `replace`, but the result's size is known before it is built.
+fn bounded_replace(s: &mut ImmutableString, find: &str, with: &str) -> Fallible<()> {
+    if find.is_empty() {
+        return Ok(());
+    }
+    let hits = s.matches(find).count();
+    let grown = s.len() + hits * with.len().saturating_sub(find.len());
+    if grown > MAX_STRING_SIZE {
+        return refuse(format!(
+            "replace would build a string of {grown} bytes (limit {MAX_STRING_SIZE})"
+        ));
+    }
+    *s = s.replace(find, with).into();
+    Ok(())
 }
 
 impl Default for Sandbox {
@@ -42,10 +133,82 @@ impl Sandbox {
             .set_max_map_size(MAX_COLLECTION_SIZE)
             .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
         engine.disable_symbol("eval");
-        engine.on_print(|s| tracing::info!(target: "reflex::script", "{s}"));
-        engine.on_debug(|s, _, _| tracing::debug!(target: "reflex::script", "{s}"));
+        engine.on_print(|s| tracing::info!(target: "reflex::script", text = ?s, "script print"));
+        engine.on_debug(
+            |s, _, _| tracing::debug!(target: "reflex::script", text = ?s, "script debug"),
+        );
+        engine.on_progress(|ops| {
+            if ops % BUDGET_CHECK_EVERY != 0 {
+                return None;
+            }
+            let late = DEADLINE.get().is_some_and(|d| Instant::now() > d);
+            late.then(|| Dynamic::from("time budget exceeded"))
+        });
+        // A script must not hold a worker by sleeping.
+        engine.register_fn("sleep", |_: rhai::INT| -> Fallible<()> {
+            refuse("sleep() is not available in playbooks".into())
+        });
+        engine.register_fn("sleep", |_: rhai::FLOAT| -> Fallible<()> {
+            refuse("sleep() is not available in playbooks".into())
+        });
+        engine.register_fn("replace", bounded_replace);
+        engine.register_fn(
+            "replace",
+            |s: &mut ImmutableString, find: char, with: &str| {
+                bounded_replace(s, find.encode_utf8(&mut [0; 4]), with)
+            },
+        );
         // `host("db-1:9100")` -> "db-1": the usual way from an `instance` label to a host name.
         engine.register_fn("host", |s: &str| -> String { strip_port(s).to_string() });
+        engine.register_type_with_name::<Unchecked>("Unchecked");
+        engine.register_fn("to_string", |u: &mut Unchecked| u.value.clone());
+        engine.register_fn("allow_option", |v: Dynamic| Unchecked {
+            option: true,
+            ..Unchecked::from_dynamic(v)
+        });
+        engine.register_fn("allow_empty", |v: Dynamic| Unchecked {
+            empty: true,
+            ..Unchecked::from_dynamic(v)
+        });
+        engine.register_fn("allow_path", |v: Dynamic| Unchecked {
+            path: true,
+            ..Unchecked::from_dynamic(v)
+        });
+        engine.register_fn("path_segment", |v: Dynamic| -> Fallible<String> {
+            let s = v.to_string();
+            let bad = s.is_empty() || s == "." || s == ".." || s.contains(['/', '\0']);
+            if bad || s.starts_with('-') {
+                return refuse(format!(
+                    "{s:?} is not a single path segment (non-empty, no `/`, not `.` or `..`, \
+                     not starting with `-`)"
+                ));
+            }
+            Ok(s)
+        });
+        engine.register_fn("int", |v: Dynamic| -> Fallible<rhai::INT> {
+            if let Ok(i) = v.as_int() {
+                return Ok(i);
+            }
+            let s = v.to_string();
+            s.trim()
+                .parse::<rhai::INT>()
+                .or_else(|_| refuse(format!("{s:?} is not an integer")))
+        });
+        engine.register_fn(
+            "one_of",
+            |v: Dynamic, allowed: rhai::Array| -> Fallible<String> {
+                let s = v.to_string();
+                if allowed.iter().any(|a| a.to_string() == s) {
+                    Ok(s)
+                } else {
+                    refuse(format!("{s:?} is not one of the allowed values"))
+                }
+            },
+        );
+        engine.register_fn("or_default", |v: Dynamic, default: Dynamic| {
+            let empty = v.is_unit() || v.clone().into_string().is_ok_and(|s| s.is_empty());
+            if empty { default } else { v }
+        });
         Sandbox { engine }
     }
 
@@ -63,7 +226,12 @@ impl Sandbox {
     pub fn eval(&self, scope: &mut Scope<'_>, ast: &AST) -> Result<Dynamic, String> {
         self.engine
             .eval_ast_with_scope::<Dynamic>(scope, ast)
-            .map_err(|e| e.to_string())
+            .map_err(|e| match *e {
+                EvalAltResult::ErrorTerminated(_, pos) => {
+                    format!("time budget exceeded ({pos}); the evaluation was stopped")
+                }
+                e => e.to_string(),
+            })
     }
 }
 
@@ -146,6 +314,64 @@ mod tests {
         assert!(eval("let s = \"x\"; loop { s += s; }").is_err());
         assert!(eval("import \"/etc/passwd\" as p; 1").is_err());
         assert!(eval("eval(\"1\")").is_err());
+    }
+
+    #[test]
+    fn sleep_is_refused_and_replace_is_bounded_before_it_allocates() {
+        let e = eval("sleep(5)").unwrap_err();
+        assert!(e.contains("not available"), "{e}");
+        let e = eval("let s = \"ab\"; s.pad(30000, \"a\"); s.replace(\"a\", s); s").unwrap_err();
+        assert!(e.contains("replace would build"), "{e}");
+        assert_eq!(
+            eval("let s = \"a-b\"; s.replace(\"-\", \"+\"); s")
+                .unwrap()
+                .to_string(),
+            "a+b"
+        );
+        assert_eq!(
+            eval("let s = \"a-b\"; s.replace('-', \"++\"); s")
+                .unwrap()
+                .to_string(),
+            "a++b"
+        );
+    }
+
+    #[test]
+    fn the_budget_stops_a_slow_evaluation() {
+        let sb = Sandbox::new();
+        let ast = sb
+            .compile_script("let x = 0; for i in 0..20000 { x += i; } x")
+            .unwrap();
+        assert!(sb.eval(&mut Scope::new(), &ast).is_ok(), "within budget");
+        let _budget = Budget::start(Duration::ZERO);
+        let e = sb.eval(&mut Scope::new(), &ast).unwrap_err();
+        assert!(e.contains("time budget"), "{e}");
+    }
+
+    #[test]
+    fn helpers_validate_values() {
+        assert_eq!(
+            eval("path_segment(\"cache\")").unwrap().to_string(),
+            "cache"
+        );
+        for bad in ["..", ".", "", "a/b", "-x"] {
+            assert!(eval(&format!("path_segment({bad:?})")).is_err(), "{bad}");
+        }
+        assert_eq!(eval("int(\" 42 \")").unwrap().as_int().unwrap(), 42);
+        assert!(eval("int(\"4; rm\")").is_err());
+        assert_eq!(
+            eval("one_of(\"b\", [\"a\", \"b\"])").unwrap().to_string(),
+            "b"
+        );
+        assert!(eval("one_of(\"c\", [\"a\", \"b\"])").is_err());
+        assert_eq!(
+            eval("or_default(\"\", \"web\")").unwrap().to_string(),
+            "web"
+        );
+        assert_eq!(
+            eval("or_default(\"api\", \"web\")").unwrap().to_string(),
+            "api"
+        );
     }
 
     #[test]

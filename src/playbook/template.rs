@@ -1,31 +1,59 @@
 //! Templated strings: literal text with `{{ expression }}` holes, each hole a Rhai expression
 //! compiled at load and evaluated against the alert at render time.
 //!
-//! Quoting is decided by the context a template is used in, never by the playbook author: in
-//! a shell context every hole's value is shell-quoted into exactly one literal word, so that
-//! alert labels (untrusted input) can never add commands, options or redirections.
+//! Quoting is decided by where a hole stands, found at load like an HTML template engine
+//! tells an attribute from text: in a command ([`super::shell`]) as a bare word, inside the
+//! author's single or double quotes; in a URL's path or query; in a PromQL string literal (a
+//! regex one after `=~`) or as a number. A hole where no quoting is safe (a host in a URL, a
+//! here-document, the command name…) is refused at load with the fix. At render, values that
+//! would start an option, are empty, or climb out of a directory are refused unless the hole
+//! opts in (`allow_option(…)`, `allow_empty(…)`, `allow_path(…)`).
 
-use super::script::{Located, Sandbox, to_json};
+use super::script::{Located, Sandbox, Unchecked, to_json};
+use super::shell::{self, ShellHole};
 use rhai::{AST, Dynamic, Scope};
 
-/// How the values of holes are inserted.
+/// What kind of text a template is, and so how its holes are quoted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quoting {
     /// As text; a template that is a single hole keeps the value's type (number, list, map).
     Plain,
-    /// Each hole becomes one shell-quoted word (commands run over SSH).
+    /// A shell command run over SSH (see [`super::shell`]).
     Shell,
-    /// Each hole is percent-encoded (URLs): a value cannot add a path, a query or a host.
+    /// A URL: holes may stand in the path (one segment each) or the query, never the host.
     Url,
-    /// Each hole is escaped for use inside a quoted PromQL string (`"…"`): a value cannot
-    /// end the string and change the query.
+    /// A PromQL query: holes inside string literals, or numbers.
     PromQl,
+}
+
+/// Where one hole stands, decided at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Context {
+    Plain,
+    Shell(ShellHole),
+    /// In the path: the value is one percent-encoded segment (or part of one).
+    UrlPath,
+    /// In the query or fragment: percent-encoded.
+    UrlQuery,
+    /// Inside a PromQL string literal; `regex` after `=~` or `!~`.
+    PromQlString {
+        regex: bool,
+    },
+    /// Outside any literal: the value must be a number.
+    PromQlNumber,
+}
+
+#[derive(Debug, Clone)]
+struct Hole {
+    src: String,
+    ast: AST,
+    context: Context,
 }
 
 #[derive(Debug, Clone)]
 enum Part {
     Lit(String),
-    Hole { src: String, ast: AST },
+    Hole(Hole),
 }
 
 /// A compiled template.
@@ -44,9 +72,10 @@ impl Template {
         s.contains("{{")
     }
 
-    /// Compiles a template.
+    /// Compiles a template and decides each hole's context.
     pub fn compile(sandbox: &Sandbox, src: &str, quoting: Quoting) -> Result<Template, Located> {
         let mut parts = Vec::new();
+        let mut offsets = Vec::new();
         let mut rest = src;
         let line_of = |offset: usize| src[..offset].matches('\n').count() + 1;
         while let Some(open) = rest.find("{{") {
@@ -70,14 +99,36 @@ impl Template {
                 line: Some(line_of(offset) + e.line.unwrap_or(1) - 1),
                 message: format!("in `{{{{ {expr} }}}}`: {}", e.message),
             })?;
-            parts.push(Part::Hole {
+            offsets.push(offset);
+            parts.push(Part::Hole(Hole {
                 src: expr.to_string(),
                 ast,
-            });
+                context: Context::Plain,
+            }));
             rest = &after[close + 2..];
         }
         if !rest.is_empty() {
             parts.push(Part::Lit(rest.to_string()));
+        }
+        let contexts = match quoting {
+            Quoting::Plain => Ok(vec![Context::Plain; offsets.len()]),
+            Quoting::Shell => shell_contexts(&parts),
+            Quoting::Url => url_contexts(&parts),
+            Quoting::PromQl => promql_contexts(&parts),
+        }
+        .map_err(|(hole, message)| Located {
+            line: Some(
+                hole.and_then(|i| offsets.get(i))
+                    .map_or_else(|| src.trim_end().matches('\n').count() + 1, |&o| line_of(o)),
+            ),
+            message,
+        })?;
+        let holes = parts.iter_mut().filter_map(|p| match p {
+            Part::Hole(h) => Some(h),
+            Part::Lit(_) => None,
+        });
+        for (hole, context) in holes.zip(contexts) {
+            hole.context = context;
         }
         Ok(Template { parts, quoting })
     }
@@ -89,26 +140,21 @@ impl Template {
         sandbox: &Sandbox,
         scope: &mut Scope<'_>,
     ) -> Result<serde_json::Value, String> {
-        if let ([Part::Hole { src, ast }], Quoting::Plain) = (self.parts.as_slice(), self.quoting) {
-            let v = eval_hole(sandbox, scope, src, ast)?;
-            return Ok(to_json(&v));
+        if let ([Part::Hole(h)], Quoting::Plain) = (self.parts.as_slice(), self.quoting) {
+            let v = eval_hole(sandbox, scope, h)?;
+            return Ok(match v.clone().try_cast::<Unchecked>() {
+                Some(u) => serde_json::Value::String(u.value),
+                None => to_json(&v),
+            });
         }
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Lit(s) => out.push_str(s),
-                Part::Hole { src, ast } => {
-                    let v = eval_hole(sandbox, scope, src, ast)?.to_string();
-                    match self.quoting {
-                        Quoting::Plain => out.push_str(&v),
-                        Quoting::Shell => out.push_str(
-                            &shell_quote(&v).map_err(|e| format!("`{{{{ {src} }}}}`: {e}"))?,
-                        ),
-                        Quoting::Url => {
-                            out.extend(percent_encoding::utf8_percent_encode(&v, URL_COMPONENT))
-                        }
-                        Quoting::PromQl => out.push_str(&promql_escape(&v)),
-                    }
+                Part::Hole(h) => {
+                    let v = eval_hole(sandbox, scope, h)?;
+                    write_value(&mut out, v, h.context)
+                        .map_err(|e| format!("`{{{{ {} }}}}`: {e}", h.src))?;
                 }
             }
         }
@@ -116,21 +162,233 @@ impl Template {
     }
 }
 
-fn eval_hole(
-    sandbox: &Sandbox,
-    scope: &mut Scope<'_>,
-    src: &str,
-    ast: &AST,
-) -> Result<Dynamic, String> {
+/// Writes one value in its context, refusing what the context cannot hold safely.
+fn write_value(out: &mut String, v: Dynamic, context: Context) -> Result<(), String> {
+    if context == Context::PromQlNumber {
+        return if v.is_int() || v.is_float() {
+            out.push_str(&v.to_string());
+            Ok(())
+        } else {
+            Err(format!(
+                "a hole outside a PromQL string literal must be a number, got {} (quote it: \
+                 `label=\"{{{{ … }}}}\"`, or convert it: `{{{{ parse_float(…) }}}}`)",
+                v.type_name()
+            ))
+        };
+    }
+    let u = Unchecked::from_dynamic(v);
+    let text = u.value.as_str();
+    if text.contains('\0') {
+        return Err("value contains a NUL byte".into());
+    }
+    let context_name = match context {
+        Context::Shell(_) => "a command",
+        Context::UrlPath => "a URL path",
+        _ => "",
+    };
+    if text.is_empty() && !u.empty && !context_name.is_empty() {
+        return Err(format!(
+            "value is empty, which in {context_name} changes what is acted on; give a default \
+             (`or_default(…, \"x\")`) or opt in with `allow_empty(…)`"
+        ));
+    }
+    match context {
+        Context::Plain => out.push_str(text),
+        Context::Shell(hole) => {
+            if hole.option_position && text.starts_with('-') && !u.option {
+                return Err(format!(
+                    "value {:?} starts with `-` and would be read as an option; put `--` \
+                     before it in the command, or opt in with `allow_option(…)`",
+                    truncate(text, 40)
+                ));
+            }
+            if hole.after_slash && !u.path && !is_relative_path(text) {
+                return Err(format!(
+                    "value {:?} follows a `/` and is absolute or contains `..`: it would leave \
+                     the directory; use `path_segment(…)`, or opt in with `allow_path(…)`",
+                    truncate(text, 40)
+                ));
+            }
+            out.push_str(&shell::quote(text, &hole));
+        }
+        Context::UrlPath => {
+            if (text == "." || text == "..") && !u.path {
+                return Err(format!(
+                    "value {text:?} in a URL path would change the path; use a real name"
+                ));
+            }
+            out.extend(percent_encoding::utf8_percent_encode(text, URL_COMPONENT));
+        }
+        Context::UrlQuery => out.extend(percent_encoding::utf8_percent_encode(text, URL_COMPONENT)),
+        Context::PromQlString { regex } => {
+            if regex {
+                out.push_str(&promql_escape(&regex_quote(text)));
+            } else {
+                out.push_str(&promql_escape(text));
+            }
+        }
+        Context::PromQlNumber => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// A relative path that stays below where it starts: not absolute, no `..` segment.
+fn is_relative_path(s: &str) -> bool {
+    !s.starts_with('/') && !s.split('/').any(|seg| seg == "..")
+}
+
+fn eval_hole(sandbox: &Sandbox, scope: &mut Scope<'_>, h: &Hole) -> Result<Dynamic, String> {
     let v = sandbox
-        .eval(scope, ast)
-        .map_err(|e| format!("`{{{{ {src} }}}}`: {e}"))?;
+        .eval(scope, &h.ast)
+        .map_err(|e| format!("`{{{{ {} }}}}`: {e}", h.src))?;
     if v.is_unit() {
         return Err(format!(
-            "`{{{{ {src} }}}}` evaluated to nothing (a label or parameter missing from the alert?)"
+            "`{{{{ {} }}}}` evaluated to nothing (a label or parameter missing from the alert?)",
+            h.src
         ));
     }
     Ok(v)
+}
+
+/// Hole index and message of a context error.
+type ContextError = (Option<usize>, String);
+
+fn shell_contexts(parts: &[Part]) -> Result<Vec<Context>, ContextError> {
+    let mut lexer = shell::Lexer::new();
+    let mut out = Vec::new();
+    for part in parts {
+        match part {
+            Part::Lit(s) => lexer.text(s),
+            Part::Hole(_) => {
+                let i = out.len();
+                let hole = lexer
+                    .hole()
+                    .map_err(|e| (Some(i), format!("unsafe hole in a command: {e}")))?;
+                out.push(Context::Shell(hole));
+            }
+        }
+    }
+    lexer
+        .finish()
+        .map_err(|e| (None, format!("in the command: {e}")))?;
+    Ok(out)
+}
+
+/// A URL's holes: in the path or the query, never in the scheme or host, where the alert
+/// would choose where Reflex sends the request (and its credentials).
+fn url_contexts(parts: &[Part]) -> Result<Vec<Context>, ContextError> {
+    let mut before = String::new();
+    let mut out = Vec::new();
+    for part in parts {
+        match part {
+            Part::Lit(s) => before.push_str(s),
+            Part::Hole(_) => {
+                let i = out.len();
+                let path_start = before
+                    .find("://")
+                    .and_then(|s| before[s + 3..].find('/').map(|p| s + 3 + p));
+                if path_start.is_none() {
+                    return Err((
+                        Some(i),
+                        "a hole in a URL's scheme or host: the alert would choose where the \
+                         request goes. Write the host out (or use a provider in reflex.yaml); \
+                         holes may stand in the path or query"
+                            .into(),
+                    ));
+                }
+                out.push(if before.contains('?') || before.contains('#') {
+                    Context::UrlQuery
+                } else {
+                    Context::UrlPath
+                });
+                before.push('x');
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A PromQL query's holes: in string literals (escaped; regex-quoted after `=~`/`!~`), or
+/// outside them where only a number may stand. Never in a raw (backquoted) string or comment.
+fn promql_contexts(parts: &[Part]) -> Result<Vec<Context>, ContextError> {
+    #[derive(PartialEq)]
+    enum St {
+        Code,
+        Str { quote: char, regex: bool },
+        Comment,
+    }
+    let mut st = St::Code;
+    let mut escaped = false;
+    // Code since the last string literal, to tell `=~"…"` from `="…"`.
+    let mut code = String::new();
+    let mut out = Vec::new();
+    for part in parts {
+        match part {
+            Part::Lit(s) => {
+                for c in s.chars() {
+                    match &st {
+                        St::Code => match c {
+                            '"' | '\'' | '`' => {
+                                let op = code.trim_end();
+                                st = St::Str {
+                                    quote: c,
+                                    regex: op.ends_with("=~") || op.ends_with("!~"),
+                                };
+                                code.clear();
+                            }
+                            '#' => st = St::Comment,
+                            c => code.push(c),
+                        },
+                        St::Str { quote, .. } => {
+                            if std::mem::take(&mut escaped) {
+                            } else if c == '\\' && *quote != '`' {
+                                escaped = true;
+                            } else if c == *quote {
+                                st = St::Code;
+                            }
+                        }
+                        St::Comment => {
+                            if c == '\n' {
+                                st = St::Code;
+                            }
+                        }
+                    }
+                }
+            }
+            Part::Hole(_) => {
+                let i = out.len();
+                out.push(match st {
+                    St::Code => {
+                        code.push('0');
+                        Context::PromQlNumber
+                    }
+                    St::Str { quote: '`', .. } => {
+                        return Err((
+                            Some(i),
+                            "a hole in a raw (backquoted) PromQL string cannot be escaped: use \
+                             \"…\" around it"
+                                .into(),
+                        ));
+                    }
+                    St::Str { regex, .. } => Context::PromQlString { regex },
+                    St::Comment => {
+                        return Err((Some(i), "a hole in a PromQL comment: remove it".into()));
+                    }
+                });
+            }
+        }
+    }
+    if matches!(st, St::Str { .. }) {
+        return Err((None, "unterminated string literal in the query".into()));
+    }
+    Ok(out)
 }
 
 /// Everything but RFC 3986's unreserved characters is percent-encoded.
@@ -157,9 +415,20 @@ pub fn promql_escape(s: &str) -> String {
     out
 }
 
-/// Quotes a value as exactly one shell word. Always quotes (even "safe" words) so that what is
-/// recorded shows plainly which parts came from the alert. NUL cannot be passed in an argument
-/// at all and is refused.
+/// Makes a value match itself literally as an RE2 regex (Go's `regexp.QuoteMeta`).
+fn regex_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Quotes a value as exactly one shell word. NUL cannot be passed in an argument at all and
+/// is refused.
 pub fn shell_quote(s: &str) -> Result<String, String> {
     if s.contains('\0') {
         return Err("value contains a NUL byte".into());
@@ -196,6 +465,10 @@ mod tests {
         t.render(&sb, &mut alert_scope(&alert(instance)))
     }
 
+    fn render_v(src: &str, q: Quoting, v: &str) -> Result<serde_json::Value, String> {
+        render(src, q, v)
+    }
+
     #[test]
     fn plain_text_and_typed_single_holes() {
         assert_eq!(
@@ -211,20 +484,64 @@ mod tests {
     }
 
     #[test]
-    fn shell_holes_are_one_quoted_word() {
-        let got = render(
-            "df -P {{ labels.instance }}",
-            Quoting::Shell,
-            "a'; rm -rf / #",
-        )
-        .unwrap();
-        assert_eq!(got, r#"df -P 'a'\''; rm -rf / #'"#);
-        let nul = render("echo {{ labels.instance }}", Quoting::Shell, "a\0b").unwrap_err();
+    fn shell_holes_are_quoted_for_the_quotes_they_stand_in() {
+        let v = "a'; rm -rf / #$(id)`id`\"\\";
+        let got = render_v("df -P {{ labels.instance }}", Quoting::Shell, v).unwrap();
+        assert_eq!(got, r#"df -P 'a'\''; rm -rf / #$(id)`id`"\'"#);
+        let got = render_v("grep -c 'x{{ labels.instance }}' f", Quoting::Shell, v).unwrap();
+        assert_eq!(got, r#"grep -c 'xa'\''; rm -rf / #$(id)`id`"\' f"#);
+        let got = render_v("logger \"x {{ labels.instance }}\"", Quoting::Shell, v).unwrap();
+        assert_eq!(got, r#"logger "x a'; rm -rf / #\$(id)\`id\`\"\\""#);
+        let nul = render_v("echo {{ labels.instance }}", Quoting::Shell, "a\0b").unwrap_err();
         assert!(nul.contains("NUL"), "{nul}");
     }
 
     #[test]
-    fn url_and_promql_holes_cannot_escape_their_context() {
+    fn options_empty_values_and_traversal_are_refused_unless_opted_in() {
+        let cmd = "tar -xf x {{ labels.instance }}";
+        let e = render_v(cmd, Quoting::Shell, "--use-compress-program=sh").unwrap_err();
+        assert!(e.contains("option") && e.contains("--"), "{e}");
+        let e = render_v("grep '{{ labels.instance }}' f", Quoting::Shell, "-e x").unwrap_err();
+        assert!(e.contains("option"), "{e}");
+        assert!(render_v("tar -xf x -- {{ labels.instance }}", Quoting::Shell, "-x").is_ok());
+        assert!(render_v("echo x{{ labels.instance }}", Quoting::Shell, "-x").is_ok());
+        let opted = "echo {{ allow_option(labels.instance) }}";
+        assert_eq!(render_v(opted, Quoting::Shell, "-n").unwrap(), "echo '-n'");
+
+        let rm = "rm -rf cache/{{ labels.instance }}";
+        for bad in ["", "/", "../x", "a/../../b", "/etc"] {
+            assert!(render_v(rm, Quoting::Shell, bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            render_v(rm, Quoting::Shell, "a/b").unwrap(),
+            "rm -rf cache/'a/b'"
+        );
+        let defaulted = "rm -rf cache/{{ or_default(labels.instance, \"tmp\") }}";
+        assert_eq!(
+            render_v(defaulted, Quoting::Shell, "").unwrap(),
+            "rm -rf cache/'tmp'"
+        );
+        let seg = "rm -rf cache/{{ path_segment(labels.instance) }}";
+        assert!(render_v(seg, Quoting::Shell, "a/b").is_err());
+        let opted = "ls /srv/{{ allow_path(labels.instance) }}";
+        assert!(render_v(opted, Quoting::Shell, "../x").is_ok());
+        let opted = "echo x{{ allow_empty(labels.instance) }}";
+        assert_eq!(render_v(opted, Quoting::Shell, "").unwrap(), "echo x''");
+    }
+
+    #[test]
+    fn unsafe_shell_shapes_are_refused_at_load_with_the_line() {
+        let sb = Sandbox::new();
+        let e =
+            Template::compile(&sb, "cat <<EOF\n{{ labels.x }}\nEOF\n", Quoting::Shell).unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("here-document"), "{}", e.message);
+        let e = Template::compile(&sb, "{{ labels.cmd }} -f", Quoting::Shell).unwrap_err();
+        assert!(e.message.contains("command name"), "{}", e.message);
+    }
+
+    #[test]
+    fn url_holes_stay_in_the_path_or_query() {
         let got = render(
             "http://flags.internal/api/{{ labels.instance }}?x=1",
             Quoting::Url,
@@ -235,6 +552,24 @@ mod tests {
             got,
             "http://flags.internal/api/a%2F..%2Fb%3Fc%3Dd%23e%20f%40evil.com?x=1"
         );
+        let q = render_v("http://h/s?q={{ labels.instance }}", Quoting::Url, "a&b=c").unwrap();
+        assert_eq!(q, "http://h/s?q=a%26b%3Dc");
+        for dots in ["..", "."] {
+            assert!(render_v("http://h/a/{{ labels.instance }}", Quoting::Url, dots).is_err());
+        }
+        let sb = Sandbox::new();
+        for src in [
+            "http://{{ labels.h }}:8080/",
+            "{{ labels.url }}",
+            "http://a@{{ labels.h }}/",
+        ] {
+            let e = Template::compile(&sb, src, Quoting::Url).unwrap_err();
+            assert!(e.message.contains("host"), "{src}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn promql_holes_are_literals_or_numbers() {
         let got = render(
             r#"up{instance="{{ labels.instance }}"}"#,
             Quoting::PromQl,
@@ -242,6 +577,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, r#"up{instance="x\"} or vector(1) #"}"#);
+        let got = render_v(
+            r#"up{instance=~"{{ labels.instance }}"}"#,
+            Quoting::PromQl,
+            "a.*|b",
+        )
+        .unwrap();
+        assert_eq!(got, r#"up{instance=~"a\\.\\*\\|b"}"#);
+        let e = render_v(
+            "up < {{ labels.instance }}",
+            Quoting::PromQl,
+            "0 or vector(1)",
+        )
+        .unwrap_err();
+        assert!(e.contains("number"), "{e}");
+        assert_eq!(
+            render_v("up < {{ 0.5 * 2 }}", Quoting::PromQl, "x").unwrap(),
+            "up < 1.0"
+        );
+        let sb = Sandbox::new();
+        let e = Template::compile(&sb, "up{a=`{{ labels.x }}`}", Quoting::PromQl).unwrap_err();
+        assert!(e.message.contains("raw"), "{}", e.message);
     }
 
     #[test]

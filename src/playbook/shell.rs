@@ -1,0 +1,662 @@
+//! Where a template hole stands in a shell command, decided at load.
+//!
+//! A small POSIX `sh` lexer walks the command with its holes in place and gives each hole its
+//! context: a bare word, inside the author's single quotes, inside double quotes, and whether
+//! it starts a word (so a value could be an option) or follows a `/` (so a value could climb
+//! out of a directory). Contexts where no quoting is safe (a here-document body, a comment,
+//! backticks, `${…}`, `$((…))`, `$'…'`, the command name itself, or the arguments of a
+//! program that runs its arguments as code) are refused with the fix. The lexer is
+//! conservative: what it does not understand it refuses rather than guesses.
+
+/// How a hole's value is written into the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quote {
+    /// A bare word: the value becomes one single-quoted word.
+    Word,
+    /// Inside the author's `'…'`: each `'` in the value is written as `'\''`.
+    Single,
+    /// Inside the author's `"…"`: `\`, `"`, `$` and backquote are backslash-escaped.
+    Double,
+}
+
+/// A hole's place in a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShellHole {
+    /// Quoting of the value.
+    pub quote: Quote,
+    /// The hole starts a word before any `--`: a value starting with `-` would be an option.
+    pub option_position: bool,
+    /// The hole follows a `/` in its word: the value is part of a path.
+    pub after_slash: bool,
+}
+
+/// Programs that run their arguments as shell or other code: no hole may stand in their
+/// arguments, quoted or not (`bash -c 'x'` runs x).
+const INTERPRETERS: &[&str] = &[
+    "eval", "source", ".", "sh", "bash", "dash", "zsh", "ksh", "ash", "busybox", "su", "ssh",
+];
+
+/// Programs that run the command that follows their options (`sudo systemctl …`): the
+/// command position moves past them.
+const PREFIXES: &[&str] = &[
+    "sudo", "doas", "env", "nohup", "nice", "ionice", "timeout", "exec", "command", "xargs",
+    "time", "stdbuf", "setsid", "chrt", "taskset",
+];
+
+/// Words after which the next word is a command again.
+const KEYWORDS: &[&str] = &[
+    "if", "then", "else", "elif", "do", "while", "until", "!", "{",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InQuote {
+    None,
+    Single,
+    Double,
+    /// `$'…'`: bash's escapes make any quoting of ours unsound.
+    Ansi,
+}
+
+/// A command, or the inside of `$(…)`.
+#[derive(Debug)]
+struct Normal {
+    quote: InQuote,
+    /// Literal text of the word being read (quotes removed); `None` between words.
+    word: Option<String>,
+    /// Whether a hole stands in the current word.
+    word_has_hole: bool,
+    /// The command name of the current simple command, once read.
+    command: Option<String>,
+    /// After a prefix (`sudo`, `env`, …): its options are skipped before the command.
+    after_prefix: bool,
+    /// A `--` word was seen in this simple command: later words are not options.
+    end_of_options: bool,
+    /// The next word is the target of a redirection (`> file`), not an argument.
+    redirect_target: bool,
+    /// The next word is a here-document delimiter (`<<EOF`), `true` for `<<-`.
+    heredoc_delim_next: Option<bool>,
+    /// Here-documents whose bodies start at the next newline: (delimiter, strip tabs).
+    heredocs: Vec<(String, bool)>,
+    /// Inside a comment, until the newline.
+    comment: bool,
+    /// Inside `$(…)` (a `)` ends it) rather than the top level.
+    subst: bool,
+    /// Open `(` inside this frame, so that `)` of a subshell does not end a `$(`.
+    parens: usize,
+}
+
+impl Normal {
+    fn new(subst: bool) -> Self {
+        Normal {
+            quote: InQuote::None,
+            word: None,
+            word_has_hole: false,
+            command: None,
+            after_prefix: false,
+            end_of_options: false,
+            redirect_target: false,
+            heredoc_delim_next: None,
+            heredocs: Vec::new(),
+            comment: false,
+            subst,
+            parens: 0,
+        }
+    }
+
+    fn push_char(&mut self, c: char) {
+        self.word.get_or_insert_with(String::new).push(c);
+    }
+
+    /// A word ended: update the simple command it belongs to.
+    fn end_word(&mut self) {
+        let Some(word) = self.word.take() else {
+            return;
+        };
+        let had_hole = std::mem::take(&mut self.word_has_hole);
+        if let Some(strip) = self.heredoc_delim_next.take() {
+            self.heredocs.push((word, strip));
+            return;
+        }
+        if std::mem::take(&mut self.redirect_target) {
+            return;
+        }
+        if self.command.is_none() {
+            if is_assignment(&word) || KEYWORDS.contains(&word.as_str()) {
+                return;
+            }
+            if self.after_prefix
+                && (word.starts_with('-')
+                    || word.contains('=')
+                    || word.starts_with(|c: char| c.is_ascii_digit()))
+            {
+                return;
+            }
+            let name = basename(&word).to_string();
+            if PREFIXES.contains(&name.as_str()) && !had_hole {
+                self.after_prefix = true;
+                return;
+            }
+            self.command = Some(name);
+            return;
+        }
+        if word == "--" {
+            self.end_of_options = true;
+        }
+    }
+
+    /// A command separator (`;`, `&`, `|`, newline, `(`): a new simple command starts.
+    fn end_command(&mut self) {
+        self.end_word();
+        self.command = None;
+        self.after_prefix = false;
+        self.end_of_options = false;
+        self.redirect_target = false;
+    }
+}
+
+fn is_assignment(word: &str) -> bool {
+    match word.split_once('=') {
+        Some((name, _)) => crate::alert::is_label_name(name),
+        None => false,
+    }
+}
+
+fn basename(word: &str) -> &str {
+    word.rsplit('/').next().unwrap_or(word)
+}
+
+#[derive(Debug)]
+enum Frame {
+    Normal(Normal),
+    /// `` `…` ``.
+    Backtick,
+    /// `${…}`, with its open braces.
+    Brace(usize),
+    /// `$((…))`, with its open parentheses.
+    Arith(usize),
+}
+
+/// Here-document body being read.
+#[derive(Debug)]
+struct Body {
+    delim: String,
+    strip_tabs: bool,
+    line: String,
+}
+
+/// The lexer; feed it the template's literal text and holes in order.
+#[derive(Debug)]
+pub struct Lexer {
+    frames: Vec<Frame>,
+    body: Option<Body>,
+    /// A backslash escapes the next character.
+    escaped: bool,
+    /// The previous literal character (for two-character operators).
+    prev: Option<char>,
+}
+
+impl Default for Lexer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Lexer {
+    /// A lexer at the start of a command.
+    pub fn new() -> Self {
+        Lexer {
+            frames: vec![Frame::Normal(Normal::new(false))],
+            body: None,
+            escaped: false,
+            prev: None,
+        }
+    }
+
+    fn top(&mut self) -> &mut Frame {
+        self.frames
+            .last_mut()
+            .expect("the outer frame is never popped")
+    }
+
+    /// Feeds literal text.
+    pub fn text(&mut self, s: &str) {
+        for c in s.chars() {
+            let escaped = self.escaped;
+            self.char(c);
+            // An escaped character starts no operator (`\$(` is not a substitution).
+            self.prev = (!escaped).then_some(c);
+        }
+    }
+
+    fn char(&mut self, c: char) {
+        if let Some(body) = &mut self.body {
+            if c == '\n' {
+                let line = std::mem::take(&mut body.line);
+                let line = if body.strip_tabs {
+                    line.trim_start_matches('\t')
+                } else {
+                    &line
+                };
+                if line == body.delim {
+                    self.body = None;
+                    self.next_heredoc();
+                }
+            } else {
+                body.line.push(c);
+            }
+            return;
+        }
+        if std::mem::take(&mut self.escaped) {
+            if let Frame::Normal(n) = self.top() {
+                // `\<newline>` joins lines; anything else is that character, literally.
+                if c != '\n' {
+                    n.push_char(c);
+                }
+            }
+            return;
+        }
+        let prev = self.prev;
+        match self.top() {
+            Frame::Backtick => match c {
+                '\\' => self.escaped = true,
+                '`' => {
+                    self.frames.pop();
+                }
+                _ => {}
+            },
+            Frame::Brace(_) | Frame::Arith(_) => self.counted_char(c),
+            Frame::Normal(_) => self.normal_char(c, prev),
+        }
+    }
+
+    /// Inside `${…}` or `$((…))`: only the nesting matters (holes are refused there).
+    fn counted_char(&mut self, c: char) {
+        let (depth, open, close) = match self.top() {
+            Frame::Brace(d) => (d, '{', '}'),
+            Frame::Arith(d) => (d, '(', ')'),
+            _ => return,
+        };
+        if c == open {
+            *depth += 1;
+        } else if c == close {
+            *depth -= 1;
+            if *depth == 0 {
+                self.frames.pop();
+                if let Frame::Normal(outer) = self.top() {
+                    outer.push_char(close);
+                }
+            }
+        }
+    }
+
+    fn normal_char(&mut self, c: char, prev: Option<char>) {
+        let Frame::Normal(n) = self.top() else {
+            return;
+        };
+        if n.comment {
+            if c == '\n' {
+                n.comment = false;
+                self.newline();
+            }
+            return;
+        }
+        match n.quote {
+            InQuote::Single => {
+                if c == '\'' {
+                    n.quote = InQuote::None;
+                } else {
+                    n.push_char(c);
+                }
+                return;
+            }
+            InQuote::Ansi => {
+                match c {
+                    '\\' => self.escaped = true,
+                    '\'' => n.quote = InQuote::None,
+                    _ => n.push_char(c),
+                }
+                return;
+            }
+            InQuote::Double => {
+                match c {
+                    '"' => n.quote = InQuote::None,
+                    '\\' => self.escaped = true,
+                    '`' => self.frames.push(Frame::Backtick),
+                    '(' if prev == Some('$') => self.frames.push(Frame::Normal(Normal::new(true))),
+                    '{' if prev == Some('$') => self.frames.push(Frame::Brace(1)),
+                    _ => n.push_char(c),
+                }
+                return;
+            }
+            InQuote::None => {}
+        }
+        match c {
+            '\'' if prev == Some('$') && n.word.as_deref().is_some_and(|w| w.ends_with('$')) => {
+                n.quote = InQuote::Ansi;
+            }
+            '\'' => {
+                n.word.get_or_insert_with(String::new);
+                n.quote = InQuote::Single;
+            }
+            '"' => {
+                n.word.get_or_insert_with(String::new);
+                n.quote = InQuote::Double;
+            }
+            '\\' => self.escaped = true,
+            '`' => {
+                n.push_char('`');
+                self.frames.push(Frame::Backtick);
+            }
+            '#' if n.word.is_none() => n.comment = true,
+            '(' if prev == Some('$') => self.frames.push(Frame::Normal(Normal::new(true))),
+            '{' if prev == Some('$') => self.frames.push(Frame::Brace(1)),
+            '(' => {
+                n.parens += 1;
+                n.end_command();
+            }
+            ')' if n.subst && n.parens == 0 => {
+                n.end_word();
+                self.frames.pop();
+                if let Frame::Normal(outer) = self.top() {
+                    outer.push_char(')');
+                }
+            }
+            ')' => {
+                n.parens = n.parens.saturating_sub(1);
+                n.end_command();
+            }
+            // `2>&1`, `>|`: part of a redirection, not a separator.
+            '&' | '|' if matches!(prev, Some('<' | '>')) => {}
+            ';' | '&' | '|' => n.end_command(),
+            '\n' => {
+                n.end_command();
+                self.newline();
+            }
+            '<' | '>' => {
+                n.end_word();
+                if c == '<' && n.heredoc_delim_next.is_some() {
+                    // `<<<`: a here-string; its word is data on stdin.
+                    n.heredoc_delim_next = None;
+                    n.redirect_target = true;
+                } else if c == '<' && prev == Some('<') {
+                    n.redirect_target = false;
+                    n.heredoc_delim_next = Some(false);
+                } else {
+                    n.redirect_target = true;
+                }
+            }
+            '-' if prev == Some('<') && n.heredoc_delim_next.is_some() && n.word.is_none() => {
+                n.heredoc_delim_next = Some(true);
+            }
+            c if c.is_whitespace() => n.end_word(),
+            c => n.push_char(c),
+        }
+        // `$((`: the `$(` frame the previous character opened is arithmetic.
+        if c == '(' && prev == Some('(') && self.opened_arithmetic() {
+            self.frames.pop();
+            self.frames.push(Frame::Arith(2));
+        }
+    }
+
+    /// Whether the top frame is a `$(` opened by the character before a `(`: `$((`.
+    fn opened_arithmetic(&self) -> bool {
+        matches!(self.frames.last(), Some(Frame::Normal(inner))
+            if inner.subst && inner.parens == 1 && inner.word.is_none())
+    }
+
+    fn newline(&mut self) {
+        self.next_heredoc();
+    }
+
+    fn next_heredoc(&mut self) {
+        if let Some(Frame::Normal(n)) = self.frames.last_mut()
+            && !n.heredocs.is_empty()
+        {
+            let (delim, strip_tabs) = n.heredocs.remove(0);
+            self.body = Some(Body {
+                delim,
+                strip_tabs,
+                line: String::new(),
+            });
+        }
+    }
+
+    /// A hole here: its context, or why no quoting makes it safe (with the fix).
+    pub fn hole(&mut self) -> Result<ShellHole, String> {
+        if self.body.is_some() {
+            return Err(
+                "a hole in a here-document body: a value could end the document and \
+                 run what follows. Pass the value as an argument instead, e.g. \
+                 `printf '%s\\n' {{ … }} | command`"
+                    .into(),
+            );
+        }
+        if self.escaped {
+            return Err("a hole right after a backslash: remove the backslash".into());
+        }
+        let frame = self.top();
+        let n = match frame {
+            Frame::Backtick => {
+                return Err(
+                    "a hole inside backquotes: write the substitution as `$(…)` instead".into(),
+                );
+            }
+            Frame::Brace(_) => {
+                return Err(
+                    "a hole inside `${…}`: assign the value to a variable first \
+                     (`v={{ … }}; … ${v…}`)"
+                        .into(),
+                );
+            }
+            Frame::Arith(_) => {
+                return Err(
+                    "a hole inside `$((…))` would be evaluated as arithmetic code: \
+                     compute the number in the template instead (`{{ int(labels.x) + 1 }}`)"
+                        .into(),
+                );
+            }
+            Frame::Normal(n) => n,
+        };
+        if n.comment {
+            return Err(
+                "a hole in a shell comment: a newline in the value would end the comment. \
+                 Remove the hole from the comment"
+                    .into(),
+            );
+        }
+        if n.heredoc_delim_next.is_some() {
+            return Err("a hole as a here-document delimiter: spell the delimiter out".into());
+        }
+        let quote = match n.quote {
+            InQuote::None => Quote::Word,
+            InQuote::Single => Quote::Single,
+            InQuote::Double => Quote::Double,
+            InQuote::Ansi => {
+                return Err("a hole inside `$'…'`: use '…' or \"…\" around it instead".into());
+            }
+        };
+        let word = n.word.clone().unwrap_or_default();
+        let starts_word = word.is_empty() && !n.word_has_hole;
+        if n.command.is_none()
+            && !n.redirect_target
+            && !is_assignment(&word)
+            && !(n.after_prefix && (word.starts_with('-') || word.contains('=')))
+        {
+            return Err(
+                "a hole as the command name: the alert would choose the command to \
+                 run. Spell the command out and pass the value as an argument"
+                    .into(),
+            );
+        }
+        if let Some(cmd) = n.command.as_deref().filter(|c| INTERPRETERS.contains(c)) {
+            return Err(format!(
+                "a hole in the arguments of `{cmd}`, which runs them as code: a value from the \
+                 alert would become a command. Call the commands directly with the value as an \
+                 argument"
+            ));
+        }
+        let hole = ShellHole {
+            quote,
+            option_position: starts_word && !n.end_of_options && !n.redirect_target,
+            after_slash: word.ends_with('/'),
+        };
+        n.word.get_or_insert_with(String::new);
+        n.word_has_hole = true;
+        self.prev = None;
+        Ok(hole)
+    }
+
+    /// The command is complete: quotes and substitutions must be closed.
+    pub fn finish(mut self) -> Result<(), String> {
+        if self.body.is_some() {
+            self.char('\n');
+            if let Some(b) = &self.body {
+                return Err(format!(
+                    "here-document is not closed (no line `{}`)",
+                    b.delim
+                ));
+            }
+        }
+        match self.frames.as_slice() {
+            [Frame::Normal(n)] => match n.quote {
+                InQuote::None => Ok(()),
+                InQuote::Single | InQuote::Ansi => Err("unterminated `'` quote".into()),
+                InQuote::Double => Err("unterminated `\"` quote".into()),
+            },
+            [.., Frame::Backtick] => Err("unterminated backquote".into()),
+            _ => Err("unterminated `$(`, `${` or `$((`".into()),
+        }
+    }
+}
+
+/// Writes a value into a command in its context.
+pub fn quote(value: &str, hole: &ShellHole) -> String {
+    match hole.quote {
+        Quote::Word => format!("'{}'", value.replace('\'', r"'\''")),
+        Quote::Single => value.replace('\'', r"'\''"),
+        Quote::Double => {
+            let mut out = String::with_capacity(value.len() + 2);
+            for c in value.chars() {
+                if matches!(c, '\\' | '"' | '$' | '`') {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lexes `src` where `@` stands for a hole; the contexts of its holes, or the first error.
+    fn holes(src: &str) -> Result<Vec<ShellHole>, String> {
+        let mut lx = Lexer::new();
+        let mut out = Vec::new();
+        let mut parts = src.split('@').peekable();
+        while let Some(text) = parts.next() {
+            lx.text(text);
+            if parts.peek().is_some() {
+                out.push(lx.hole()?);
+            }
+        }
+        lx.finish()?;
+        Ok(out)
+    }
+
+    fn one(src: &str) -> ShellHole {
+        let h = holes(src).unwrap_or_else(|e| panic!("{src}: {e}"));
+        assert_eq!(h.len(), 1, "{src}");
+        h[0]
+    }
+
+    #[test]
+    fn quoting_follows_the_authors_quotes() {
+        assert_eq!(one("df -P @").quote, Quote::Word);
+        assert_eq!(one("grep -c '@' f").quote, Quote::Single);
+        assert_eq!(one("logger \"x @ y\"").quote, Quote::Double);
+        assert_eq!(one("echo \"$(printf %s @)\"").quote, Quote::Word);
+        assert_eq!(one("echo \"a $(echo \"b @\")\"").quote, Quote::Double);
+        assert_eq!(one("X=@ ls").quote, Quote::Word);
+    }
+
+    #[test]
+    fn options_and_paths_are_known() {
+        assert!(one("ls @").option_position);
+        assert!(one("ls '@'").option_position);
+        assert!(!one("ls -- @").option_position);
+        assert!(!one("ls x@").option_position);
+        assert!(one("rm -rf cache/@").after_slash);
+        assert!(one("rm -rf \"cache/@\"").after_slash);
+        assert!(!one("ls @").after_slash);
+        let two = holes("echo @ -- @").unwrap();
+        assert!(two[0].option_position && !two[1].option_position);
+        assert!(one("ls; ls @").option_position, "`--` is per command");
+        assert!(!one("echo > @").option_position, "a redirection target");
+    }
+
+    #[test]
+    fn unsafe_contexts_are_refused_with_a_fix() {
+        for (src, needle) in [
+            ("cat <<EOF\n@\nEOF\n", "here-document"),
+            ("cat <<-'EOF'\n\tx @\n\tEOF\n", "here-document"),
+            ("ls # @", "comment"),
+            ("echo `ls @`", "backquotes"),
+            ("echo ${X:-@}", "${"),
+            ("echo $((@ + 1))", "arithmetic"),
+            ("echo $'@'", "$'"),
+            ("@ --force", "command name"),
+            ("X=1 @", "command name"),
+            ("ls | @", "command name"),
+            ("sudo @", "command name"),
+            ("if @; then ls; fi", "command name"),
+            ("bash -c '@'", "`bash`"),
+            ("eval \"echo @\"", "`eval`"),
+            ("sudo sh -c @", "`sh`"),
+            ("ssh host @", "`ssh`"),
+        ] {
+            let e = holes(src).expect_err(src);
+            assert!(e.contains(needle), "{src}: {e}");
+        }
+    }
+
+    #[test]
+    fn heredocs_end_and_commands_go_on() {
+        assert_eq!(one("cat <<EOF\nx\nEOF\necho @").quote, Quote::Word);
+        assert_eq!(one("cat <<< @").quote, Quote::Word);
+        assert!(holes("cat <<EOF\nx\n").is_err(), "unclosed here-document");
+    }
+
+    #[test]
+    fn prefixes_move_the_command_position() {
+        assert_eq!(one("sudo systemctl restart @").quote, Quote::Word);
+        assert_eq!(one("timeout 5 env A=1 ls @").quote, Quote::Word);
+        assert_eq!(one("cd /tmp && rm -f @").quote, Quote::Word);
+        assert_eq!(one("( ls @ )").quote, Quote::Word);
+        assert_eq!(one("echo $(ls) @").quote, Quote::Word);
+    }
+
+    #[test]
+    fn unterminated_quotes_are_errors() {
+        assert!(holes("echo 'x").is_err());
+        assert!(holes("echo \"x").is_err());
+        assert!(holes("echo $(ls").is_err());
+    }
+
+    #[test]
+    fn values_are_written_for_their_context() {
+        let h = |quote| ShellHole {
+            quote,
+            option_position: false,
+            after_slash: false,
+        };
+        assert_eq!(quote("a'b", &h(Quote::Word)), r"'a'\''b'");
+        assert_eq!(quote("a'b", &h(Quote::Single)), r"a'\''b");
+        assert_eq!(
+            quote(r#"$(x)`y`"\"#, &h(Quote::Double)),
+            r#"\$(x)\`y\`\"\\"#
+        );
+    }
+}
