@@ -29,6 +29,11 @@ use tokio::sync::Semaphore;
 /// Grace after the remote `timeout` for its kill to land and ssh to report it.
 const KILL_AFTER_SECS: u64 = 5;
 
+/// Further attempts to start a command that did not start (nothing ran remotely yet).
+const START_RETRIES: u32 = 2;
+/// Pause before such an attempt, times the attempt number.
+const START_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 /// The result of one remote command.
 #[derive(Debug, Clone, Serialize)]
 pub struct CommandOutput {
@@ -193,22 +198,39 @@ impl SshExecutor {
             .acquire()
             .await
             .expect("semaphore is never closed");
-        let session = self.session(name, host, &slot).await?;
         let secs = timeout.as_secs().max(1);
         let remote = format!(
             "timeout -k {KILL_AFTER_SECS} {secs} sh -c {}",
             shell_quote(command).map_err(ExecError::InvalidArgs)?
         );
-        let mut child = session
-            .raw_command(&remote)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .await
-            .map_err(|e| {
-                ExecError::Failed(format!("ssh to {name}: cannot start the command: {e}"))
-            })?;
+        // Starting a command can fail before anything reaches the remote side (the master's
+        // control socket refused a connection under load, or the master just died): nothing
+        // ran, so it is safe to try again, through a fresh master if the old one is gone.
+        let mut session = self.session(name, host, &slot).await?;
+        let mut attempt = 0;
+        let mut child = loop {
+            let started = session
+                .raw_command(&remote)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .await;
+            match started {
+                Ok(child) => break child,
+                Err(e) if attempt < START_RETRIES => {
+                    attempt += 1;
+                    tracing::info!(host = name, error = %e, attempt, "ssh: command did not start; retrying");
+                    tokio::time::sleep(START_RETRY_PAUSE * attempt).await;
+                    session = self.session(name, host, &slot).await?;
+                }
+                Err(e) => {
+                    return Err(ExecError::Failed(format!(
+                        "ssh to {name}: cannot start the command: {e}"
+                    )));
+                }
+            }
+        };
         let limit = self.cfg.output_limit_bytes;
         let (stdout, stderr) = (child.stdout().take(), child.stderr().take());
         let work = async move {

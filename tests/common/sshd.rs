@@ -60,7 +60,10 @@ impl Sshd {
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\n\
              StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nMaxStartups 100\nMaxSessions 10\n\
-             LogLevel VERBOSE\nPrintMotd no\n",
+             LogLevel VERBOSE\nPrintMotd no\n\
+             # bash sources ~/.bashrc for commands run by sshd only in a top-level shell: on a\n\
+             # machine whose root .bashrc runs `pyenv init` that costs ~100 ms per command.\n\
+             SetEnv SHLVL=1\n",
             hk = p("host_key").display(),
             pid = p("sshd.pid").display(),
             ak = p("authorized_keys").display(),
