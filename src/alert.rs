@@ -8,11 +8,18 @@
 //!  "annotations": {"summary": "..."}, "status": "firing",
 //!  "startsAt": "2026-11-22T12:00:21Z", "fingerprint": "optional", "generatorURL": "optional"}
 //! ```
-//! Only `labels` is required. Without `fingerprint`, Reflex computes Alertmanager's
-//! (FNV-1a 64 over the sorted label set); without `startsAt`, the receipt time is used, so each
-//! post is a new occurrence and only the playbook cooldown keeps it from acting again.
+//! Only `labels` is required. The fingerprint is always computed from the labels, as
+//! Alertmanager computes it (FNV-1a 64 over the sorted label set), never taken from the sender:
+//! a sender-chosen fingerprint could end or join another alert's runs. A generic alert may
+//! still carry `fingerprint`, which must then equal the computed one. Without `startsAt`, the
+//! receipt time is used, so each post is a new occurrence and only the playbook cooldown keeps
+//! it from acting again.
+//!
+//! Bodies are parsed strictly: trailing bytes after the JSON document, a key given twice and
+//! oversized label sets are refused, so that what is recorded is exactly what was sent.
 
-use serde::{Deserialize, Serialize};
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
 /// Label or annotation set; sorted so that rendering and fingerprints are stable.
@@ -95,9 +102,10 @@ pub struct AlertmanagerAlert {
     /// Firing or resolved.
     pub status: AlertStatus,
     /// Labels.
+    #[serde(deserialize_with = "unique_map")]
     pub labels: Labels,
     /// Annotations.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_map")]
     pub annotations: Labels,
     /// Start time.
     pub starts_at: String,
@@ -107,9 +115,40 @@ pub struct AlertmanagerAlert {
     /// Link to the source.
     #[serde(default, rename = "generatorURL")]
     pub generator_url: String,
-    /// Fingerprint of the label set.
+    /// Fingerprint of the label set (ignored: Reflex computes it from the labels).
     #[serde(default)]
     pub fingerprint: String,
+}
+
+/// Most labels an alert may carry.
+pub const MAX_LABELS: usize = 128;
+/// Longest label value, in bytes: far above real label values, far below what could make
+/// template or script work on it expensive.
+pub const MAX_LABEL_VALUE_BYTES: usize = 16 * 1024;
+/// Longest annotation value, in bytes (the Rhai sandbox's string limit).
+pub const MAX_ANNOTATION_VALUE_BYTES: usize = crate::playbook::script::MAX_STRING_SIZE;
+
+/// A JSON object of strings in which every key appears once (serde's maps keep the last of
+/// duplicated keys silently; a second `instance` must not override the first unseen).
+fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    struct Unique;
+    impl<'de> Visitor<'de> for Unique {
+        type Value = Labels;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of string values")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Labels, A::Error> {
+            let mut out = Labels::new();
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique)
 }
 
 /// The zero time Alertmanager writes as `endsAt` of a firing alert.
@@ -129,12 +168,9 @@ impl AlertmanagerPayload {
             .into_iter()
             .enumerate()
             .map(|(i, a)| {
-                validate_labels(&a.labels).map_err(|e| format!("alerts[{i}]: {e}"))?;
-                let fingerprint = if a.fingerprint.is_empty() {
-                    fingerprint(&a.labels)
-                } else {
-                    a.fingerprint
-                };
+                validate_labels(&a.labels, &a.annotations)
+                    .map_err(|e| format!("alerts[{i}]: {e}"))?;
+                let fingerprint = fingerprint(&a.labels);
                 Ok(Alert {
                     source: "alertmanager",
                     status: a.status,
@@ -156,9 +192,10 @@ impl AlertmanagerPayload {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GenericAlert {
     /// Labels; at least one.
+    #[serde(deserialize_with = "unique_map")]
     pub labels: Labels,
     /// Annotations.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_map")]
     pub annotations: Labels,
     /// Defaults to firing.
     pub status: Option<AlertStatus>,
@@ -169,7 +206,7 @@ pub struct GenericAlert {
     /// Link to the source.
     #[serde(rename = "generatorURL")]
     pub generator_url: Option<String>,
-    /// Defaults to Alertmanager's fingerprint of the labels.
+    /// Optional; if given, it must equal Alertmanager's fingerprint of the labels.
     pub fingerprint: Option<String>,
     /// Optional grouping key for group cooldowns.
     pub group_key: Option<String>,
@@ -178,7 +215,14 @@ pub struct GenericAlert {
 impl GenericAlert {
     /// Validates and converts; `now` is the receipt time (RFC 3339).
     pub fn into_alert(self, now: &str) -> Result<Alert, String> {
-        validate_labels(&self.labels)?;
+        validate_labels(&self.labels, &self.annotations)?;
+        let computed = fingerprint(&self.labels);
+        if let Some(sent) = self.fingerprint.as_deref().filter(|f| *f != computed) {
+            return Err(format!(
+                "fingerprint {sent:?} is not the fingerprint of these labels ({computed}); \
+                 omit it and Reflex computes it"
+            ));
+        }
         for (field, value) in [("startsAt", &self.starts_at), ("endsAt", &self.ends_at)] {
             if let Some(v) = value {
                 humantime::parse_rfc3339_weak(v)
@@ -188,9 +232,7 @@ impl GenericAlert {
         Ok(Alert {
             source: "generic",
             status: self.status.unwrap_or(AlertStatus::Firing),
-            fingerprint: self
-                .fingerprint
-                .unwrap_or_else(|| fingerprint(&self.labels)),
+            fingerprint: computed,
             labels: self.labels,
             annotations: self.annotations,
             starts_at: self.starts_at.unwrap_or_else(|| now.to_string()),
@@ -201,36 +243,82 @@ impl GenericAlert {
     }
 }
 
+/// One generic alert or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    Many(Vec<GenericAlert>),
+    One(Box<GenericAlert>),
+}
+
+/// Parses a complete JSON document of type `T`: nothing but white space may follow it. Errors
+/// name where in the document they are.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            format!("malformed JSON: {inner}")
+        } else if path == "." || path == "?" {
+            inner.to_string()
+        } else {
+            format!("at {path}: {inner}")
+        }
+    })?;
+    de.end()
+        .map_err(|e| format!("malformed JSON: {e} (after the end of the document)"))?;
+    Ok(value)
+}
+
 /// Parses a generic webhook body: one alert object or a list of them.
 pub fn parse_generic(body: &[u8], now: &str) -> Result<Vec<Alert>, String> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
-    let items = match value {
-        serde_json::Value::Array(items) => items,
-        v @ serde_json::Value::Object(_) => vec![v],
-        _ => return Err("expected an alert object or a list of alert objects".into()),
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let items = match first {
+        Some(b'[') => parse_json::<Vec<GenericAlert>>(body)?,
+        Some(b'{') => vec![parse_json::<GenericAlert>(body)?],
+        _ => {
+            // Let the parser say what is wrong with it.
+            parse_json::<OneOrMany>(body).and(Err(
+                "expected an alert object or a list of alert objects".to_string(),
+            ))?
+        }
     };
-    let many = items.len() > 1;
+    let many = matches!(first, Some(b'['));
     items
         .into_iter()
         .enumerate()
-        .map(|(i, v)| {
-            let at = |e: String| if many { format!("[{i}]: {e}") } else { e };
-            serde_json::from_value::<GenericAlert>(v)
-                .map_err(|e| at(e.to_string()))
-                .and_then(|g| g.into_alert(now).map_err(at))
+        .map(|(i, g)| {
+            g.into_alert(now)
+                .map_err(|e| if many { format!("[{i}]: {e}") } else { e })
         })
         .collect()
 }
 
-fn validate_labels(labels: &Labels) -> Result<(), String> {
+fn validate_labels(labels: &Labels, annotations: &Labels) -> Result<(), String> {
     if labels.is_empty() {
         return Err("an alert needs at least one label".into());
     }
-    match labels.keys().find(|k| !is_label_name(k)) {
-        Some(bad) => Err(format!("invalid label name {bad:?}")),
-        None => Ok(()),
+    if labels.len() > MAX_LABELS || annotations.len() > MAX_LABELS {
+        return Err(format!(
+            "more than {MAX_LABELS} labels or annotations in one alert"
+        ));
     }
+    if let Some(bad) = labels.keys().find(|k| !is_label_name(k)) {
+        return Err(format!("invalid label name {bad:?}"));
+    }
+    for (set, map, max) in [
+        ("label", labels, MAX_LABEL_VALUE_BYTES),
+        ("annotation", annotations, MAX_ANNOTATION_VALUE_BYTES),
+    ] {
+        if let Some((k, v)) = map.iter().find(|(_, v)| v.len() > max) {
+            return Err(format!(
+                "{set} {k:?} is {} bytes long (at most {max})",
+                v.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Prometheus label names: `[a-zA-Z_][a-zA-Z0-9_]*`.
@@ -316,11 +404,54 @@ mod tests {
     }
 
     #[test]
+    fn duplicate_keys_trailing_bytes_and_foreign_fingerprints_are_refused() {
+        let e = parse_generic(br#"{"labels": {"a": "b"}, "labels": {"a": "c"}}"#, "t").unwrap_err();
+        assert!(e.contains("duplicate field `labels`"), "{e}");
+        let e = parse_generic(br#"{"labels": {"a": "b", "a": "c"}}"#, "t").unwrap_err();
+        assert!(e.contains("duplicate key \"a\""), "{e}");
+        let e = parse_generic(br#"{"labels": {"a": "b"}} {"x": 1}"#, "t").unwrap_err();
+        assert!(e.contains("trailing"), "{e}");
+        let e = parse_generic(
+            br#"{"labels": {"a": "b"}, "fingerprint": "0000000000000001"}"#,
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.contains("not the fingerprint"), "{e}");
+        let long = format!(
+            r#"{{"labels": {{"a": "{}"}}}}"#,
+            "x".repeat(MAX_LABEL_VALUE_BYTES + 1)
+        );
+        assert!(
+            parse_generic(long.as_bytes(), "t")
+                .unwrap_err()
+                .contains("at most")
+        );
+
+        let forged = DISK.replace("339f402cd6bc7eb6", "0123456789abcdef");
+        let alerts = parse_json::<AlertmanagerPayload>(forged.as_bytes())
+            .unwrap()
+            .into_alerts()
+            .unwrap();
+        assert_eq!(
+            alerts[0].fingerprint, "339f402cd6bc7eb6",
+            "computed, not taken"
+        );
+        let dup = DISK.replacen("\"labels\": {", "\"labels\": {\"instance\": \"evil\",", 1);
+        let e = parse_json::<AlertmanagerPayload>(dup.as_bytes()).unwrap_err();
+        assert!(
+            e.contains("duplicate key \"instance\"") && e.contains("alerts[0]"),
+            "{e}"
+        );
+        let e = parse_json::<AlertmanagerPayload>(format!("{DISK}x").as_bytes()).unwrap_err();
+        assert!(e.contains("trailing"), "{e}");
+    }
+
+    #[test]
     fn generic_errors_name_the_problem() {
         let e = parse_generic(br#"{"labels": {"a": "b"}, "colour": 1}"#, "t").unwrap_err();
         assert!(e.contains("colour"), "{e}");
         let e = parse_generic(br#"[{"labels": {"a": "b"}}, {"labels": 3}]"#, "t").unwrap_err();
-        assert!(e.starts_with("[1]"), "{e}");
+        assert!(e.starts_with("at [1].labels"), "{e}");
         let e =
             parse_generic(br#"{"labels": {"a": "b"}, "startsAt": "yesterday"}"#, "t").unwrap_err();
         assert!(e.contains("startsAt"), "{e}");

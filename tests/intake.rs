@@ -116,6 +116,29 @@ async fn bad_bodies_get_4xx_with_a_message_and_change_nothing() {
         ("/api/v1/webhooks/alertmanager", big.clone(), 413),
         ("/api/v1/webhooks/generic", b"[1, 2]".to_vec(), 400),
         ("/api/v1/webhooks/generic", big, 413),
+        // A second document after the first, and keys given twice, are refused whole.
+        (
+            "/api/v1/webhooks/alertmanager",
+            format!("{} {{}}", fixture("alertmanager-disk.json")).into_bytes(),
+            400,
+        ),
+        (
+            "/api/v1/webhooks/generic",
+            br#"{"labels": {"alertname": "DiskSpaceLow"}, "labels": {"alertname": "X"}}"#.to_vec(),
+            400,
+        ),
+        (
+            "/api/v1/webhooks/alertmanager",
+            fixture("alertmanager-disk.json")
+                .replacen("\"labels\": {", "\"labels\": {\"instance\": \"db-9\",", 1)
+                .into_bytes(),
+            400,
+        ),
+        (
+            "/api/v1/webhooks/generic",
+            format!(r#"{{"labels": {{"alertname": "{}"}}}}"#, "x".repeat(20_000)).into_bytes(),
+            400,
+        ),
     ];
     for (path, body, want) in cases {
         let (status, body) = app.post_fresh(path, body).await;

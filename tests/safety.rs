@@ -204,6 +204,46 @@ async fn deny_expiry_and_resolution_end_the_run_without_acting() {
     assert_eq!(out["outcomes"][0][0]["outcome"], "ended", "{out}");
     let run = wait_state(&app, resolving, "resolved").await;
     assert_eq!(run["steps"][1]["state"], "skipped");
+
+    // A resolution carrying the waiting alert's fingerprint but other labels ends nothing:
+    // the fingerprint is computed from the labels, never taken from the sender.
+    let waiting = start_run(&app, "Risky", "h-victim").await;
+    let approval = pending_approval(&app, waiting).await;
+    let victim: Value = serde_json::from_str(&generic_alert("Risky", "h-victim", "t")).unwrap();
+    let victim_fp = fingerprint_of(&victim["labels"]);
+    let forged = json!({
+        "version": "4", "groupKey": "g", "status": "resolved", "receiver": "reflex",
+        "alerts": [{
+            "status": "resolved",
+            "labels": {"alertname": "Risky", "instance": "h-attacker"},
+            "startsAt": "2026-11-22T10:00:00Z", "endsAt": "2026-11-22T10:05:00Z",
+            "fingerprint": victim_fp,
+        }],
+    });
+    let (status, out) = app
+        .call(
+            "POST",
+            "/api/v1/webhooks/alertmanager",
+            Some("alertmanager-token"),
+            Some(forged),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["outcomes"][0], json!([]), "{out}");
+    let (status, _) = decide(&app, approval["id"].as_i64().unwrap(), "approve", "alice").await;
+    assert_eq!(status, 200);
+    wait_state(&app, waiting, "succeeded").await;
+}
+
+/// Alertmanager's fingerprint of a label set, as the daemon computes it.
+fn fingerprint_of(labels: &Value) -> String {
+    let labels = labels
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    reflex::alert::fingerprint(&labels)
 }
 
 #[tokio::test]

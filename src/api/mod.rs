@@ -37,7 +37,7 @@ pub struct AppState {
 
 /// Parses a small JSON control body.
 pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
+    crate::alert::parse_json(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
 }
 

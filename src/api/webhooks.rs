@@ -2,7 +2,7 @@
 //! only once it is recorded; a store failure answers 503 so that Alertmanager retries.
 
 use super::{ApiError, AppState};
-use crate::alert::{Alert, AlertmanagerPayload, parse_generic};
+use crate::alert::{Alert, AlertmanagerPayload, parse_generic, parse_json};
 use crate::store::Outcome;
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -28,19 +28,8 @@ pub async fn alertmanager(
 ) -> Result<Json<IntakeResponse>, ApiError> {
     let received_us = crate::time::now_us();
     let body = read_body(&headers, body, state.max_body_bytes).await?;
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let payload: AlertmanagerPayload = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let at = if path == "." || path == "?" {
-            String::new()
-        } else {
-            format!("at {path}: ")
-        };
-        ApiError::BadRequest(format!(
-            "invalid Alertmanager payload: {at}{}",
-            e.into_inner()
-        ))
-    })?;
+    let payload: AlertmanagerPayload = parse_json(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid Alertmanager payload: {e}")))?;
     if payload.truncated_alerts > 0 {
         state
             .engine
