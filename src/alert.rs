@@ -243,14 +243,6 @@ impl GenericAlert {
     }
 }
 
-/// One generic alert or a list of them.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    Many(Vec<GenericAlert>),
-    One(Box<GenericAlert>),
-}
-
 /// Parses a complete JSON document of type `T`: nothing but white space may follow it. Errors
 /// name where in the document they are.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
@@ -279,7 +271,7 @@ pub fn parse_generic(body: &[u8], now: &str) -> Result<Vec<Alert>, String> {
         Some(b'{') => vec![parse_json::<GenericAlert>(body)?],
         _ => {
             // Let the parser say what is wrong with it.
-            parse_json::<OneOrMany>(body).and(Err(
+            parse_json::<serde::de::IgnoredAny>(body).and(Err(
                 "expected an alert object or a list of alert objects".to_string(),
             ))?
         }

@@ -76,14 +76,12 @@ pub async fn run(
     });
     tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
     let stop = token.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing requests, stopping runs between steps");
-            stop.cancel();
-        })
-        .await
-        .context("serving HTTP")?;
+    api::server::serve(listener, app, &cfg.server, async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing requests, stopping runs between steps");
+        stop.cancel();
+    })
+    .await;
     token.cancel();
     dispatcher.await.context("engine dispatcher")?;
     sweeper.await.context("approval sweeper")?;

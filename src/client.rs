@@ -32,12 +32,17 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, String> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
-        if let Some(b) = body {
-            req = req.json(&b);
+        // Mutating calls are JSON even when they carry nothing (the API refuses others).
+        match body {
+            Some(b) => req = req.json(&b),
+            None if method != Method::GET => req = req.json(&serde_json::json!({})),
+            None => {}
         }
         let resp = req
             .send()

@@ -15,6 +15,8 @@ use std::time::Duration;
 pub struct Config {
     /// Address the HTTP API listens on.
     pub listen: SocketAddr,
+    /// Limits on HTTP clients: timeouts, open connections, shutdown deadline.
+    pub server: crate::api::server::ServerConfig,
     /// Directory of playbook files (`*.yaml`, `*.yml`), one playbook a file.
     pub playbooks_dir: PathBuf,
     /// Directory for the SQLite database (`reflex.db`).
@@ -366,12 +368,16 @@ pub struct AuthConfig {
     pub tokens: Vec<TokenConfig>,
     /// Whether `/healthz`, `/readyz` and `/metrics` need a token too.
     pub protect_health: bool,
+    /// Serve an API without tokens on an address other than loopback. Without tokens every
+    /// caller is an admin, so this must be said explicitly.
+    pub open: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 9095)),
+            server: crate::api::server::ServerConfig::default(),
             playbooks_dir: PathBuf::from("playbooks"),
             data_dir: PathBuf::from("data"),
             dry_run: false,
@@ -592,6 +598,17 @@ impl Config {
         }
         if self.engine.max_runs_per_target == 0 {
             return Err("engine.max_runs_per_target must be at least 1".into());
+        }
+        if self.server.max_connections == 0 {
+            return Err("server.max_connections must be at least 1".into());
+        }
+        if self.auth.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.auth.open {
+            return Err(format!(
+                "listen: {} is reachable from other machines, and with no auth.tokens every \
+                 caller would be an admin: add tokens (auth.tokens), listen on 127.0.0.1, or set \
+                 `auth.open: true` to serve an open API on purpose",
+                self.listen
+            ));
         }
         for w in &self.maintenance_windows {
             for t in [&w.start, &w.end] {

@@ -183,6 +183,7 @@ fn the_systemd_unit_is_hardened() {
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "LimitNOFILE=16384",
     ] {
         assert!(unit.lines().any(|l| l == line), "missing {line}");
     }

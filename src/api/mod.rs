@@ -7,6 +7,7 @@ mod error;
 mod killswitch;
 mod playbooks;
 mod runs;
+pub mod server;
 mod webhooks;
 
 pub use error::ApiError;
@@ -92,7 +93,64 @@ pub fn router(state: AppState) -> Router {
         .merge(health)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(same_origin_json))
         .with_state(state)
+}
+
+/// Mutating requests must be JSON and must not come from another site's page.
+///
+/// A browser sends a cross-site form or `text/plain` POST without asking first (a "simple"
+/// request), with the user's network position and cookies; requiring
+/// `Content-Type: application/json` forces a CORS preflight, which Reflex never answers, and a
+/// foreign `Origin` (or `Sec-Fetch-Site: cross-site`) is refused outright.
+async fn same_origin_json(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{Method, header};
+    use axum::response::IntoResponse;
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    let headers = req.headers();
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    let cross_site = text("sec-fetch-site").is_some_and(|s| s == "cross-site" || s == "same-site");
+    let foreign_origin = match (text(header::ORIGIN.as_str()), text(header::HOST.as_str())) {
+        (Some(origin), Some(host)) => {
+            let authority = origin.split_once("://").map_or("", |(_, a)| a);
+            origin == "null" || !authority.eq_ignore_ascii_case(host)
+        }
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if cross_site || foreign_origin {
+        return ApiError::Status(
+            StatusCode::FORBIDDEN,
+            "cross-origin request refused: Reflex's API takes mutating calls from its own \
+             origin or from non-browser clients only"
+                .into(),
+        )
+        .into_response();
+    }
+    let json = text(header::CONTENT_TYPE.as_str())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| {
+            let essence = essence.trim().to_ascii_lowercase();
+            essence == "application/json" || essence.ends_with("+json")
+        });
+    if !json {
+        return ApiError::Status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send Content-Type: application/json (with a JSON body, `{}` when there is nothing to say)"
+                .into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Query of `GET /api/v1/audit`.

@@ -1,0 +1,182 @@
+//! The HTTP server: accepts connections and serves the router with every read bounded.
+//!
+//! `axum::serve` sets no timeouts, so one slow or idle client holds a connection (and a file
+//! descriptor) for as long as it likes. Here every connection has a deadline for each
+//! request's headers (which also ends idle keep-alive connections), every request a deadline
+//! for its body and handling, the number of open connections is capped with a clear 503
+//! beyond it, and shutdown waits for open requests only until a deadline.
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode};
+use axum::response::IntoResponse;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+/// `server:` in reflex.yaml: limits on HTTP clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Longest a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open.
+    #[serde(with = "crate::config::duration_str")]
+    pub header_timeout: Duration,
+    /// Longest a request may take from its headers to its answer, body upload included.
+    #[serde(with = "crate::config::duration_str")]
+    pub request_timeout: Duration,
+    /// Open connections at most; more are answered 503 and closed. Keep it well below the
+    /// process's file descriptor limit (`LimitNOFILE` in the systemd unit).
+    pub max_connections: usize,
+    /// On shutdown, how long requests in progress may take to finish.
+    #[serde(with = "crate::config::duration_str")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How long the refusal of a connection over the cap may take to write.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long to back off after `accept` failed (out of file descriptors, say) so the loop does
+/// not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets requests in progress
+/// finish for at most `shutdown_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    cfg: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let service = bounded(router, cfg.request_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream, cfg.max_connections));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let stop = stop.clone();
+        let header_timeout = cfg.header_timeout;
+        connections.spawn(async move {
+            let _slot = slot;
+            let hyper_service = hyper::service::service_fn(move |req| service.clone().oneshot(req));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true);
+            let conn = builder.serve_connection(TokioIo::new(stream), hyper_service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    connections.close();
+    if tokio::time::timeout(cfg.shutdown_timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = connections.len(),
+            "shutdown: requests still open after server.shutdown_timeout; closing them"
+        );
+    }
+}
+
+/// The router with a deadline on each request.
+fn bounded(
+    router: Router,
+    limit: Duration,
+) -> impl tower::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response<Body>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let router = router.clone();
+        async move {
+            let req = req.map(Body::new);
+            match tokio::time::timeout(limit, router.oneshot(req)).await {
+                Ok(resp) => resp,
+                Err(_) => Ok(timed_out(limit)),
+            }
+        }
+    })
+}
+
+fn timed_out(limit: Duration) -> Response<Body> {
+    let message = format!(
+        "request not complete within {}s (server.request_timeout)",
+        limit.as_secs_f64()
+    );
+    let mut resp = super::ApiError::Status(StatusCode::REQUEST_TIMEOUT, message).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+/// Answers a connection over the cap with a 503 in Reflex's error format, and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream, max: usize) {
+    let body = serde_json::json!({"error": {
+        "status": 503,
+        "message": format!("too many open connections (server.max_connections = {max}); retry later"),
+    }})
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write).await;
+}
