@@ -84,6 +84,13 @@ pub struct KubeConfig {
     pub default_cluster: Option<String>,
     /// Retries of a read-modify-write that met a conflict (409) with a concurrent writer.
     pub max_conflict_retries: u32,
+    /// Namespaces steps may act in, on clusters that do not list their own: names, or
+    /// prefixes ending in `*` (`team-*`). Empty: any namespace but the protected ones.
+    pub allowed_namespaces: Vec<String>,
+    /// Namespaces no step acts in unless a cluster's or the global `allowed_namespaces` names
+    /// them exactly (a `*` pattern does not): the control plane's, and Reflex's own (the pod's
+    /// namespace is added when running in a cluster).
+    pub protected_namespaces: Vec<String>,
 }
 
 impl Default for KubeConfig {
@@ -92,6 +99,10 @@ impl Default for KubeConfig {
             clusters: BTreeMap::new(),
             default_cluster: None,
             max_conflict_retries: 5,
+            allowed_namespaces: Vec::new(),
+            protected_namespaces: ["kube-system", "kube-public", "kube-node-lease", "reflex"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 }
@@ -106,6 +117,8 @@ pub struct ClusterConfig {
     pub context: Option<String>,
     /// Use the pod's service account.
     pub in_cluster: bool,
+    /// Namespaces steps may act in on this cluster (overrides `kubernetes.allowed_namespaces`).
+    pub allowed_namespaces: Option<Vec<String>>,
 }
 
 /// Feature-flag provider kinds.

@@ -6,7 +6,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolumeClaim, Service, ServiceAccount,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +29,45 @@ fn typed<T: serde::de::DeserializeOwned>(doc: &Value, file: &Path) -> T {
         .unwrap_or_else(|e| panic!("{}: {} does not parse: {e}", file.display(), doc["kind"]))
 }
 
+const NAMESPACED_RBAC: &str = "rbac-namespaced.yaml";
+
+#[test]
+fn the_namespaced_rbac_grants_the_cluster_roles_namespaced_rules_through_a_role_binding() {
+    let rules = |file: &str, name: &str| -> Vec<Value> {
+        let path = repo(&format!("deploy/kubernetes/{file}"));
+        let doc = docs(&path)
+            .into_iter()
+            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
+            .unwrap();
+        typed::<ClusterRole>(&doc, &path);
+        doc["rules"].as_array().unwrap().clone()
+    };
+    let is_nodes = |r: &Value| r["resources"] == serde_json::json!(["nodes"]);
+    let cluster_wide = rules("rbac.yaml", "reflex");
+    let (nodes, namespaced): (Vec<Value>, Vec<Value>) =
+        cluster_wide.into_iter().partition(is_nodes);
+    assert_eq!(rules(NAMESPACED_RBAC, "reflex-namespaced"), namespaced);
+    assert_eq!(rules(NAMESPACED_RBAC, "reflex-nodes"), nodes);
+    let path = repo(&format!("deploy/kubernetes/{NAMESPACED_RBAC}"));
+    let binding = docs(&path)
+        .into_iter()
+        .find(|d| d["kind"] == "RoleBinding")
+        .unwrap();
+    let binding: RoleBinding = typed(&binding, &path);
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(binding.role_ref.name, "reflex-namespaced");
+    assert!(
+        binding.metadata.namespace.is_some(),
+        "bound in one namespace"
+    );
+    assert!(
+        !docs(&path)
+            .iter()
+            .any(|d| d["kind"] == "ClusterRoleBinding"),
+        "nothing bound cluster-wide"
+    );
+}
+
 #[test]
 fn kubernetes_manifests_parse_into_k8s_openapi_types() {
     let dir = repo("deploy/kubernetes");
@@ -37,7 +76,10 @@ fn kubernetes_manifests_parse_into_k8s_openapi_types() {
     let mut configmaps = Vec::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let file = entry.unwrap().path();
-        if file.file_name().unwrap() == "kustomization.yaml" {
+        // The namespaced RBAC is an alternative to rbac.yaml, checked on its own below.
+        if ["kustomization.yaml", NAMESPACED_RBAC]
+            .contains(&file.file_name().unwrap().to_str().unwrap())
+        {
             continue;
         }
         for doc in docs(&file) {
@@ -105,7 +147,7 @@ fn kubernetes_manifests_parse_into_k8s_openapi_types() {
     let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().to_string();
-        if name != "kustomization.yaml" {
+        if name != "kustomization.yaml" && name != NAMESPACED_RBAC {
             assert!(
                 kustomization.contains(&name),
                 "kustomization.yaml does not list {name}"

@@ -576,3 +576,87 @@ async fn the_rbac_role_grants_exactly_what_the_executor_uses() {
         "deploy/kubernetes/rbac.yaml must grant exactly what the executor uses"
     );
 }
+
+#[tokio::test]
+async fn alerts_naming_namespaces_outside_the_allowed_ones_change_nothing() {
+    // Needs the fake's request count and its namespaces (skipped on a real cluster).
+    if std::env::var("REFLEX_TEST_KUBECONFIG").is_ok() {
+        eprintln!("skipped: needs the fake API server's request count");
+        return;
+    }
+    let c = cluster().await;
+    c.deployment("checkout", "checkout:1", 4).await;
+    let narrow = r#"
+name: narrow
+matchers: ['alertname="Narrow"']
+namespaces: ["team-*"]
+steps:
+  - action: kube.restart
+    with: { kind: Deployment, namespace: "{{ labels.namespace }}", name: "{{ labels.deployment }}" }
+"#;
+    let app = common::TestApp::builder()
+        .example_playbooks()
+        .playbook("narrow.yaml", narrow)
+        .config(&format!(
+            "kubernetes:\n  clusters:\n    prod: {{ kubeconfig: {}, allowed_namespaces: [shop] }}\n",
+            c.kubeconfig.display()
+        ))
+        .start()
+        .await;
+    let fake = c.fake.as_ref().unwrap();
+    let before = fake.requests();
+    let mut refused = Vec::new();
+    for (ns, name) in [
+        ("kube-system", "coredns"),
+        ("reflex", "reflex"),
+        ("kube-public", "x"),
+        ("default", "web"),
+        ("other", "web"),
+        ("shop-evil", "web"),
+    ] {
+        let alert =
+            json!({"labels": {"alertname": "HighLatency", "namespace": ns, "deployment": name}});
+        let (status, out) = app
+            .post_raw("/api/v1/webhooks/generic", alert.to_string())
+            .await;
+        assert_eq!(status, 200, "{out}");
+        refused.push((ns, out["outcomes"][0][0]["run_id"].as_i64().unwrap()));
+    }
+    for (ns, id) in refused {
+        let run = app.wait_run_state(id, "failed").await;
+        let error = run["steps"][0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("protected") || error.contains("allowed namespaces"),
+            "{ns}: {error}"
+        );
+    }
+    assert_eq!(fake.requests(), before, "no request reached the API server");
+
+    // The playbook's own list narrows further: `shop` is allowed by the cluster, not by it.
+    let alert =
+        json!({"labels": {"alertname": "Narrow", "namespace": "shop", "deployment": "checkout"}});
+    let (_, out) = app
+        .post_raw("/api/v1/webhooks/generic", alert.to_string())
+        .await;
+    assert_eq!(out["outcomes"][0][0]["outcome"], "failed", "{out}");
+    assert!(
+        out["outcomes"][0][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not one this playbook may act in"),
+        "{out}"
+    );
+    assert_eq!(fake.requests(), before);
+
+    // The allowed namespace still works.
+    let alert = json!({"labels": {"alertname": "HighLatency", "namespace": "shop", "deployment": "checkout"}});
+    let (_, out) = app
+        .post_raw("/api/v1/webhooks/generic", alert.to_string())
+        .await;
+    let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    app.wait_run_state(id, "succeeded").await;
+    assert_eq!(
+        c.get_deployment("checkout").await.spec.unwrap().replicas,
+        Some(6)
+    );
+}

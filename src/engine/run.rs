@@ -348,10 +348,14 @@ impl Engine {
             .await
             .map_err(record_err)?;
         let step_timer = std::time::Instant::now();
-        let result = if run.dry_run {
-            executor
-                .validate(&ctx)
-                .map(|()| json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } }))
+        // Every step is validated (inventory, cluster, namespace scope, names) before any
+        // request is made; a dry run stops there.
+        let result = if let Err(e) = executor.validate(&ctx) {
+            Err(e)
+        } else if run.dry_run {
+            Ok(
+                json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } }),
+            )
         } else {
             // Executors enforce the step timeout themselves (remote ones on the remote side,
             // to kill what they started); this outer bound is only the backstop.

@@ -12,6 +12,7 @@ use crate::playbook::actions::{
     Action, KubeNodeArgs, KubePatchArgs, KubePodArgs, KubeRollbackArgs, KubeScaleArgs,
     KubeWorkloadArgs, Replicas,
 };
+use crate::playbook::namespace_matches;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -148,6 +149,34 @@ impl KubeExecutor {
             .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?;
         clients.insert(name, client.clone());
         Ok(client)
+    }
+
+    /// Whether steps may act in `namespace` on `cluster`: checked before any request.
+    pub fn check_scope(&self, cluster: Option<&str>, namespace: &str) -> Result<(), ExecError> {
+        let name = self.cluster_name(cluster)?;
+        let allowed = (self.cfg.clusters.get(&name))
+            .and_then(|c| c.allowed_namespaces.as_ref())
+            .unwrap_or(&self.cfg.allowed_namespaces);
+        let exact = allowed.iter().any(|a| a == namespace);
+        if !exact && self.protected(namespace) {
+            return Err(ExecError::Refused(format!(
+                "namespace {namespace:?} is protected (kubernetes.protected_namespaces: the \
+                 control plane's and Reflex's own); name it in allowed_namespaces to act there"
+            )));
+        }
+        if !allowed.is_empty() && !allowed.iter().any(|a| namespace_matches(a, namespace)) {
+            return Err(ExecError::Refused(format!(
+                "namespace {namespace:?} is not in the allowed namespaces of cluster {name:?} \
+                 ({})",
+                allowed.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    fn protected(&self, namespace: &str) -> bool {
+        self.cfg.protected_namespaces.iter().any(|p| p == namespace)
+            || own_namespace().is_some_and(|own| own == namespace)
     }
 
     fn retries(&self) -> u32 {
@@ -553,41 +582,50 @@ fn rollout_complete(d: &Deployment, generation: i64) -> bool {
         && s.replicas.unwrap_or(0) == want
 }
 
+/// The namespace Reflex itself runs in, when it runs in a cluster.
+fn own_namespace() -> Option<&'static str> {
+    static OWN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    OWN.get_or_init(|| {
+        std::env::var("POD_NAMESPACE").ok().or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+    })
+    .as_deref()
+}
+
 /// One `kube.*` action bound to the shared executor.
 pub struct KubeAction(pub Arc<KubeExecutor>, pub Action);
 
 #[async_trait::async_trait]
 impl Executor for KubeAction {
     fn validate(&self, ctx: &StepContext) -> Result<(), ExecError> {
-        let names: Vec<(&str, String)> = match self.1 {
+        let (cluster, namespace, name) = match self.1 {
             Action::KubeScale => ctx
                 .args::<KubeScaleArgs>()
-                .map(|a| vec![("namespace", a.namespace), ("name", a.name)])?,
+                .map(|a| (a.cluster, Some(a.namespace), a.name))?,
             Action::KubeRollback => ctx
                 .args::<KubeRollbackArgs>()
-                .map(|a| vec![("namespace", a.namespace), ("name", a.name)])?,
+                .map(|a| (a.cluster, Some(a.namespace), a.name))?,
             Action::KubeRestart => ctx
                 .args::<KubeWorkloadArgs>()
-                .map(|a| vec![("namespace", a.namespace), ("name", a.name)])?,
+                .map(|a| (a.cluster, Some(a.namespace), a.name))?,
             Action::KubeDeletePod => ctx
                 .args::<KubePodArgs>()
-                .map(|a| vec![("namespace", a.namespace), ("name", a.name)])?,
-            Action::KubeCordon | Action::KubeUncordon => {
-                ctx.args::<KubeNodeArgs>().map(|a| vec![("name", a.node)])?
-            }
-            Action::KubePatch => ctx.args::<KubePatchArgs>().map(|a| {
-                let mut v = vec![("name", a.name)];
-                v.extend(a.namespace.map(|n| ("namespace", n)));
-                v
-            })?,
+                .map(|a| (a.cluster, Some(a.namespace), a.name))?,
+            Action::KubeCordon | Action::KubeUncordon => ctx
+                .args::<KubeNodeArgs>()
+                .map(|a| (a.cluster, None, a.node))?,
+            Action::KubePatch => ctx
+                .args::<KubePatchArgs>()
+                .map(|a| (a.cluster, a.namespace, a.name))?,
             _ => return Err(ExecError::InvalidArgs("not a kube action".into())),
         };
-        for (what, value) in names {
-            if what == "namespace" {
-                check_namespace(&value)?
-            } else {
-                check_name(what, &value)?
-            }
+        check_name("name", &name)?;
+        if let Some(ns) = namespace {
+            check_namespace(&ns)?;
+            self.0.check_scope(cluster.as_deref(), &ns)?;
         }
         Ok(())
     }

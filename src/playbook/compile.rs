@@ -243,6 +243,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         cooldown_by: spec.cooldown_by,
         dry_run: spec.dry_run,
         approval,
+        namespaces: spec.namespaces,
         target,
         deadline,
         report,

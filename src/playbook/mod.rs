@@ -66,6 +66,8 @@ pub struct Playbook {
     pub dry_run: bool,
     /// Approval covering the whole run, before its first step.
     pub approval: Option<Gate>,
+    /// Kubernetes namespaces the steps may act in; empty: what the cluster allows.
+    pub namespaces: Vec<String>,
     /// What a run acts on (rendered per alert).
     pub target: Template,
     /// Longest a run may execute; `None` uses the engine default.
@@ -219,7 +221,7 @@ impl Playbook {
             .iter()
             .enumerate()
             .map(|(i, s)| ("on_failure", "on_failure", i, s));
-        let steps = main
+        let steps: Vec<PlannedStep> = main
             .chain(escalation)
             .map(|(phase, section, i, s)| {
                 let args = s
@@ -242,6 +244,23 @@ impl Playbook {
                 })
             })
             .collect::<Result<_, String>>()?;
+        if !self.namespaces.is_empty() {
+            let outside = steps
+                .iter()
+                .enumerate()
+                .find_map(|(i, s): (usize, &PlannedStep)| {
+                    let ns = s.args.get("namespace")?.as_str()?;
+                    let allowed = self.namespaces.iter().any(|p| namespace_matches(p, ns));
+                    (s.action.starts_with("kube.") && !allowed).then(|| (i, ns.to_string()))
+                });
+            if let Some((i, ns)) = outside {
+                return Err(format!(
+                    "steps[{i}]: namespace {ns:?} is not one this playbook may act in \
+                     (namespaces: {})",
+                    self.namespaces.join(", ")
+                ));
+            }
+        }
         let target = match self
             .target
             .render(sandbox, scope)
@@ -255,6 +274,14 @@ impl Playbook {
             params,
             steps,
         })
+    }
+}
+
+/// `pattern` is a Kubernetes namespace name, or a prefix followed by `*`.
+pub fn namespace_matches(pattern: &str, namespace: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => namespace.starts_with(prefix),
+        None => pattern == namespace,
     }
 }
 

@@ -34,6 +34,11 @@ pub struct PlaybookSpec {
     /// Approval before the first step, covering the whole run: `required`, or a map with
     /// `count`, `expires`, `approvers`.
     pub approval: Option<serde_yaml::Value>,
+    /// Kubernetes namespaces this playbook's steps may act in (names, or prefixes ending in
+    /// `*`), narrowing what the cluster allows; a step rendered for any other is refused
+    /// before the run starts.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
     /// What the run acts on, for per-target limits and the circuit breaker (template; default
     /// the `instance` label, else the alert fingerprint).
     pub target: Option<String>,
