@@ -315,3 +315,51 @@ async fn a_receiver_that_is_down_neither_delays_nor_fails_the_run() {
     .await;
     assert!(app.log().contains("notification given up"), "{}", app.log());
 }
+
+#[tokio::test]
+async fn alert_text_reaches_chat_as_text_never_as_mentions_or_links() {
+    let rx = Receiver::start().await;
+    let app = TestApp::builder()
+        .playbook("gated.yaml", PLAYBOOK)
+        .config(&sinks(&rx, ""))
+        .start()
+        .await;
+    let hostile = "<!channel> @here <https://evil.example|Approve now> [login](https://evil.example)\nRun 1 (gated) succeeded";
+    let alert = json!({
+        "labels": {"alertname": "Risky", "instance": "web-1"},
+        "annotations": {"summary": hostile},
+        "startsAt": "2026-11-22T10:00:00Z"
+    });
+    let (status, body) = app
+        .post_raw("/api/v1/webhooks/generic", alert.to_string())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for path in ["/slack", "/mm", "/teams", "/hook"] {
+        rx_wait(&rx, path, 2).await;
+    }
+    for r in rx.at("/slack") {
+        let text = r.body["text"].as_str().unwrap();
+        assert!(!text.contains('<') && !text.contains('\n'), "{text}");
+        assert!(
+            text.starts_with("&lt;!channel&gt; @here &lt;https://evil.example|Approve now&gt;"),
+            "{text}"
+        );
+    }
+    for r in rx.at("/mm") {
+        let text = r.body["text"].as_str().unwrap();
+        assert!(!text.contains("@here") && !text.contains('\n'), "{text}");
+        assert!(text.contains("\\[login\\](https://evil.example)"), "{text}");
+    }
+    for r in rx.at("/teams") {
+        let text = r.body["attachments"][0]["content"]["body"][1]["text"]
+            .as_str()
+            .unwrap();
+        assert!(
+            text.contains("\\[login\\]") && !text.contains('\n'),
+            "{text}"
+        );
+    }
+    // The generic webhook carries the data as sent, for its receiver to handle.
+    let hook = rx.at("/hook");
+    assert_eq!(hook[0].body["run"]["title"], hostile);
+}

@@ -119,8 +119,16 @@ impl Event {
         }
     }
 
-    /// The message, short and factual like a status-page update.
+    /// The message as plain text (logs, the generic webhook's `text`).
     pub fn text(&self) -> String {
+        self.text_for(Markup::Plain)
+    }
+
+    /// The message, short and factual like a status-page update, with every value that came
+    /// from an alert, a step or an operator escaped for `markup`: a label cannot mention
+    /// `@channel`, forge a link or start a line of its own.
+    pub fn text_for(&self, markup: Markup) -> String {
+        let e = |s: &str| markup.escape(s);
         let link = |run: &RunInfo| {
             run.url
                 .as_ref()
@@ -130,9 +138,9 @@ impl Event {
         match self {
             Event::RunStarted { run } => format!(
                 "{}. Running playbook {} on {} (run {}).{}",
-                run.title,
-                run.playbook,
-                run.target,
+                e(&run.title),
+                e(&run.playbook),
+                e(&run.target),
                 run.id,
                 link(run)
             ),
@@ -148,31 +156,36 @@ impl Event {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|s| format!("{} {}", s["action"].as_str().unwrap_or(""), s["args"]))
+                    .map(|s| {
+                        let what = format!("{} {}", s["action"].as_str().unwrap_or(""), s["args"]);
+                        e(&what)
+                    })
                     .collect();
                 let who = if approvers.is_empty() {
                     String::new()
                 } else {
-                    format!(" by {}", approvers.join(" or "))
+                    format!(" by {}", e(&approvers.join(" or ")))
                 };
                 format!(
                     "{}. Approval needed{who} ({required}) for run {} ({}) on {}: {}. Expires {expires_at}. \
                      Approve: reflex approve {approval_id} (POST /api/v1/approvals/{approval_id}/approve); \
                      deny: reflex deny {approval_id}.{}",
-                    run.title,
+                    e(&run.title),
                     run.id,
-                    run.playbook,
-                    run.target,
+                    e(&run.playbook),
+                    e(&run.target),
                     steps.join("; "),
                     link(run)
                 )
             }
             Event::StepFailed { run, step, error } => {
                 format!(
-                    "{}. Step {step} of run {} ({}) failed: {error}.{}",
-                    run.title,
+                    "{}. Step {} of run {} ({}) failed: {}.{}",
+                    e(&run.title),
+                    e(step),
                     run.id,
-                    run.playbook,
+                    e(&run.playbook),
+                    e(error),
                     link(run)
                 )
             }
@@ -186,14 +199,17 @@ impl Event {
                 let summary = if summary.is_empty() {
                     String::new()
                 } else {
-                    format!(" {}", summary.trim_end_matches('.').to_string() + ".")
+                    format!(" {}.", e(summary.trim_end_matches('.')))
                 };
-                let why = error.as_ref().map(|e| format!(" {e}.")).unwrap_or_default();
+                let why = error
+                    .as_ref()
+                    .map(|x| format!(" {}.", e(x)))
+                    .unwrap_or_default();
                 format!(
                     "{}.{summary} Run {} ({}) {state} in {}.{why}{}",
-                    run.title.trim_end_matches('.'),
+                    e(run.title.trim_end_matches('.')),
                     run.id,
-                    run.playbook,
+                    e(&run.playbook),
                     humantime::format_duration(
                         Duration::from_secs(duration_seconds.round() as u64)
                     ),
@@ -206,6 +222,7 @@ impl Event {
                 actor,
                 reason,
             } => {
+                let (scope, actor, reason) = (e(scope), e(actor), e(reason));
                 if *engaged {
                     format!(
                         "Kill switch ({scope}) engaged by {actor}: {reason}. No automation acts until it is released."
@@ -215,6 +232,48 @@ impl Event {
                 }
             }
         }
+    }
+}
+
+/// The markup a message is written in, and so how values are escaped in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Markup {
+    /// As is (structured receivers escape for themselves).
+    Plain,
+    /// Slack's mrkdwn: `<…>` makes links and `<!channel>` mentions, so `&`, `<`, `>` are
+    /// written as entities.
+    Slack,
+    /// Markdown (Mattermost, Teams cards): markup characters are backslash-escaped and
+    /// `@mentions` broken with a zero-width space.
+    Markdown,
+}
+
+impl Markup {
+    /// Escapes one value. In every chat markup a line break becomes a space, so that a value
+    /// cannot add a line that reads like Reflex's own.
+    pub fn escape(self, s: &str) -> String {
+        if self == Markup::Plain {
+            return s.to_string();
+        }
+        let mut out = String::with_capacity(s.len() + 8);
+        for c in s.chars() {
+            match (self, c) {
+                (_, '\n' | '\r' | '\u{2028}' | '\u{2029}') => out.push(' '),
+                (Markup::Slack, '&') => out.push_str("&amp;"),
+                (Markup::Slack, '<') => out.push_str("&lt;"),
+                (Markup::Slack, '>') => out.push_str("&gt;"),
+                (Markup::Markdown, '@') => out.push_str("@\u{200b}"),
+                (
+                    Markup::Markdown,
+                    '\\' | '`' | '*' | '_' | '~' | '[' | ']' | '<' | '>' | '|' | '#',
+                ) => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                _ => out.push(c),
+            }
+        }
+        out
     }
 }
 
@@ -351,6 +410,27 @@ mod tests {
             e.text(),
             "Disk space low on db-1. Cleanup ran. Space reclaimed: 5.1 GB. Run 7 (disk-cleanup) succeeded in 4s. https://reflex.example/api/v1/runs/7"
         );
+    }
+
+    #[test]
+    fn alert_values_are_escaped_for_each_chat() {
+        let mut r = run();
+        r.title = "<!channel> @here [click](https://evil) *now*\nRun 9 succeeded".into();
+        let e = Event::RunStarted { run: r };
+        let slack = e.text_for(Markup::Slack);
+        assert!(
+            slack.starts_with("&lt;!channel&gt; @here [click](https://evil) *now* Run 9"),
+            "{slack}"
+        );
+        let md = e.text_for(Markup::Markdown);
+        assert!(
+            md.starts_with(
+                "\\<!channel\\> @\u{200b}here \\[click\\](https://evil) \\*now\\* Run 9"
+            ),
+            "{md}"
+        );
+        assert!(!md.contains('\n') && !slack.contains('\n'));
+        assert!(e.text().contains("<!channel>"), "plain text is as sent");
     }
 
     #[test]

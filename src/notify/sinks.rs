@@ -3,7 +3,7 @@
 //! webhook. Secrets (webhook URLs, tokens) come from the environment or files and never
 //! appear in logs or errors.
 
-use super::{DeliveryError, Event, Sink};
+use super::{DeliveryError, Event, Markup, Sink};
 use crate::config::{SinkConfig, SinkKind};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -131,7 +131,7 @@ fn teams_card(event: &Event) -> Value {
                 "version": "1.4",
                 "body": [
                     { "type": "TextBlock", "text": title, "weight": "Bolder", "size": "Medium", "wrap": true },
-                    { "type": "TextBlock", "text": event.text(), "wrap": true }
+                    { "type": "TextBlock", "text": event.text_for(Markup::Markdown), "wrap": true }
                 ]
             }
         }]
@@ -142,8 +142,10 @@ fn teams_card(event: &Event) -> Value {
 impl Sink for Webhook {
     async fn deliver(&self, event: &Event) -> Result<(), DeliveryError> {
         let body = match self.kind {
-            SinkKind::Slack => json!({ "text": event.text() }),
-            SinkKind::Mattermost => json!({ "text": event.text(), "username": "reflex" }),
+            SinkKind::Slack => json!({ "text": event.text_for(Markup::Slack) }),
+            SinkKind::Mattermost => {
+                json!({ "text": event.text_for(Markup::Markdown), "username": "reflex" })
+            }
             SinkKind::Teams => teams_card(event),
             SinkKind::Webhook | SinkKind::SlackBot => {
                 let mut v = serde_json::to_value(event).unwrap_or(Value::Null);
@@ -175,7 +177,7 @@ impl Sink for SlackBot {
                 .get(&id)
                 .cloned()
         });
-        let mut body = json!({ "channel": self.channel, "text": event.text() });
+        let mut body = json!({ "channel": self.channel, "text": event.text_for(Markup::Slack) });
         if let Some(ts) = &thread {
             body["thread_ts"] = json!(ts);
         }
