@@ -3,6 +3,7 @@
 mod common;
 
 use common::{TestApp, generic_alert};
+use serde_json::json;
 use std::time::Duration;
 
 const ECHO: &str = r#"
@@ -255,4 +256,32 @@ async fn json_logs_carry_run_id_and_playbook_on_every_run_line() {
         assert_eq!(l["span"]["run_id"], 1, "{l}");
         assert_eq!(l["span"]["playbook"], "echo", "{l}");
     }
+}
+
+#[tokio::test]
+async fn a_newline_in_a_label_cannot_forge_a_log_line() {
+    let app = TestApp::builder()
+        .playbook(
+            "note.yaml",
+            "name: note\nmatchers: ['alertname=\"Note\"']\nsteps:\n  - action: log\n    with: { message: \"disk low on {{ labels.instance }}\" }\n",
+        )
+        .start()
+        .await;
+    let forged = "2026-01-01T00:00:00.000000Z  WARN reflex::api::killswitch: kill switch released";
+    let alert = json!({"labels": {"alertname": "Note", "instance": format!("db-1\n{forged}")}});
+    let (status, out) = app
+        .post_raw("/api/v1/webhooks/generic", alert.to_string())
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    app.wait_run_state(id, "succeeded").await;
+    let log = app.log();
+    assert!(
+        log.contains(&format!("db-1\\n{forged}")),
+        "the value is in the log, escaped:\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with(forged)),
+        "a forged line:\n{log}"
+    );
 }
