@@ -20,6 +20,7 @@
 //! - [`store`]: the only module with SQL.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`notify`]: chat and webhook messages about runs; never blocks a run.
+//! - [`redact`]: keeps configured secrets out of records, logs and chat.
 //! - [`api`]: the HTTP API (axum).
 //! - [`app`]: wiring and ordered shutdown for `reflex serve`.
 //! - [`cli`]: the offline commands `check` and `simulate`.
@@ -36,6 +37,7 @@ pub mod executors;
 pub mod metrics;
 pub mod notify;
 pub mod playbook;
+pub mod redact;
 pub mod store;
 pub mod telemetry;
 pub mod time;

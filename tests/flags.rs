@@ -163,3 +163,28 @@ async fn flagd_flags_in_a_configmap_are_set_disabled() {
         .unwrap();
     assert_eq!(out["changed"], false);
 }
+
+#[tokio::test]
+async fn a_flag_key_of_dots_from_an_alert_reaches_no_provider_url() {
+    let rx = Receiver::start().await;
+    let app = common::TestApp::builder()
+        .example_playbooks()
+        .config(&format!(
+            "feature_flags:\n  flags: {{ type: unleash, url: \"{}\", token_env: REFLEX_TEST_TOKEN, environment: production }}\n",
+            rx.base
+        ))
+        .start()
+        .await;
+    for (i, key) in ["..", ".", "..."].iter().enumerate() {
+        let alert =
+            json!({"labels": {"alertname": "FeatureFailing", "flag": key, "i": i.to_string()}});
+        let (_, out) = app
+            .post_raw("/api/v1/webhooks/generic", alert.to_string())
+            .await;
+        let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+        let run = app.wait_run_state(id, "failed").await;
+        let error = run["steps"][0]["error"].as_str().unwrap();
+        assert!(error.contains("not a valid flag key"), "{key}: {error}");
+    }
+    assert!(rx.requests().is_empty(), "{:?}", rx.requests());
+}

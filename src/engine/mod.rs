@@ -60,6 +60,8 @@ pub struct Engine {
     /// Where messages about runs go.
     pub notifier: Notifier,
     public_url: Option<String>,
+    /// Removes configured secrets from step results before they are recorded.
+    redactor: crate::redact::Redactor,
     wake: Notify,
     /// Cancellation tokens of runs in flight, by run id.
     running: Mutex<HashMap<i64, CancellationToken>>,
@@ -135,6 +137,7 @@ impl Engine {
                 .public_url
                 .clone()
                 .map(|u| u.trim_end_matches('/').to_string()),
+            redactor: crate::redact::Redactor::from_config(cfg),
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
             shutdown,

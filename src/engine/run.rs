@@ -371,10 +371,20 @@ impl Engine {
             .step_duration
             .with_label_values(&[&step.action])
             .observe(step_timer.elapsed().as_secs_f64());
+        // Nothing recorded, logged or sent carries a configured secret (an upstream may echo
+        // one back in its answer).
         let (state, output, error) = match result {
             Ok(out) if run.dry_run => (StepState::DryRun, Some(out), None),
-            Ok(out) => (StepState::Succeeded, Some(out), None),
-            Err(e) => (StepState::Failed, None, Some(e.to_string())),
+            Ok(out) => (
+                StepState::Succeeded,
+                Some(self.redactor.redact_json(out)),
+                None,
+            ),
+            Err(e) => (
+                StepState::Failed,
+                None,
+                Some(self.redactor.redact(&e.to_string())),
+            ),
         };
         tracing::info!(step = %step.name, action = %step.action, state = state.as_str(), error = error.as_deref(), "step finished");
         self.store

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 /// Flag keys: what the providers accept in a URL path without escaping.
 fn valid_flag(s: &str) -> bool {
-    !s.is_empty()
+    // `.` and `..` would be path segments of their own: another URL path at the provider.
+    !s.chars().all(|c| c == '.')
         && s.len() <= 256
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -33,7 +34,7 @@ impl FlagExecutor {
         FlagExecutor {
             providers,
             kube,
-            http: reqwest::Client::new(),
+            http: super::upstream_client(None),
         }
     }
 

@@ -20,7 +20,7 @@ impl HttpExecutor {
     /// With the credentials steps may name.
     pub fn new(credentials: BTreeMap<String, Credential>) -> Self {
         HttpExecutor {
-            http: reqwest::Client::new(),
+            http: super::upstream_client(None),
             credentials,
         }
     }

@@ -154,3 +154,35 @@ impl Executors {
         self.by_action.get(action)
     }
 }
+
+/// Redirects followed at most.
+const MAX_REDIRECTS: usize = 5;
+
+/// How long connecting to an HTTP upstream may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTP client of every executor and sink that talks to an upstream: redirects are
+/// followed only to the same origin (scheme, host, port), since requests carry credentials
+/// (an `Authorization` header, a token in a custom header, a secret URL) that another origin
+/// must never receive. Connecting is bounded; `timeout` bounds each request as a whole (body
+/// included), or callers bound each request themselves.
+pub fn upstream_client(timeout: Option<std::time::Duration>) -> reqwest::Client {
+    let policy = reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first();
+        let same_origin = first.is_some_and(|f| f.origin() == attempt.url().origin());
+        if !same_origin {
+            attempt.stop()
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    });
+    let mut builder = reqwest::Client::builder()
+        .redirect(policy)
+        .connect_timeout(CONNECT_TIMEOUT);
+    if let Some(t) = timeout {
+        builder = builder.timeout(t);
+    }
+    builder.build().unwrap_or_default()
+}

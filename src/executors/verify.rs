@@ -24,7 +24,7 @@ impl VerifyExecutor {
     /// Against the Prometheus server at `base`.
     pub fn new(base: &str, sandbox: Arc<Sandbox>) -> Self {
         VerifyExecutor {
-            http: reqwest::Client::new(),
+            http: super::upstream_client(None),
             base: base.trim_end_matches('/').to_string(),
             sandbox,
         }

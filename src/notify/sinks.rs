@@ -36,10 +36,7 @@ fn secret(
 
 /// Builds a sink from its config (reading its secrets).
 pub fn build_sink(cfg: &SinkConfig, timeout: Duration) -> Result<Arc<dyn Sink>, String> {
-    let http = reqwest::Client::builder()
-        .timeout(timeout)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let http = crate::executors::upstream_client(Some(timeout));
     Ok(match cfg.kind {
         SinkKind::SlackBot => Arc::new(SlackBot {
             http,

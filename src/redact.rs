@@ -1,0 +1,151 @@
+//! Keeps configured secrets out of everything Reflex records or sends.
+//!
+//! Secrets live in reflex.yaml's environment variables and files (credentials, flag provider
+//! tokens, chat webhook URLs and tokens), never in playbooks; but an upstream can echo one
+//! back (a server that reflects request headers in its error page), and step errors and
+//! outputs are stored, served by the API, logged and sent to chat. Every step result passes
+//! through [`Redactor::redact_json`] before it is recorded, so a secret's value appears in none
+//! of those places.
+
+use crate::config::Config;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What replaces a secret.
+pub const REDACTED: &str = "[redacted]";
+
+/// Shorter values are not treated as secrets: redacting every "abc" would garble records
+/// while protecting nothing.
+const MIN_SECRET_LEN: usize = 6;
+
+/// Secrets are read again after this long, so that a rotated file is covered too.
+const REFRESH: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+enum Source {
+    Value(String),
+    Env(String),
+    File(PathBuf),
+}
+
+impl Source {
+    fn read(&self) -> Option<String> {
+        match self {
+            Source::Value(v) => Some(v.clone()),
+            Source::Env(var) => std::env::var(var).ok(),
+            Source::File(path) => std::fs::read_to_string(path).ok(),
+        }
+        .map(|s| s.trim().to_string())
+    }
+}
+
+/// The configured secrets, and how to remove them from text.
+#[derive(Debug, Default)]
+pub struct Redactor {
+    sources: Vec<Source>,
+    cache: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
+}
+
+impl Redactor {
+    /// Every secret the config names.
+    pub fn from_config(cfg: &Config) -> Redactor {
+        let mut sources = Vec::new();
+        let mut add = |value: &Option<String>, env: &Option<String>, file: &Option<PathBuf>| {
+            sources.extend(value.clone().map(Source::Value));
+            sources.extend(env.clone().map(Source::Env));
+            sources.extend(file.clone().map(Source::File));
+        };
+        for c in cfg.credentials.values() {
+            add(&None, &c.env, &c.file);
+        }
+        for p in cfg.feature_flags.values() {
+            add(&None, &p.token_env, &p.token_file);
+        }
+        for s in &cfg.notify.sinks {
+            add(&s.url, &s.url_env, &s.url_file);
+            add(&None, &s.token_env, &s.token_file);
+        }
+        Redactor {
+            sources,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn secrets(&self) -> Arc<Vec<String>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, secrets)) = cache.as_ref()
+            && at.elapsed() < REFRESH
+        {
+            return secrets.clone();
+        }
+        let mut secrets: Vec<String> = self
+            .sources
+            .iter()
+            .filter_map(Source::read)
+            .filter(|s| s.len() >= MIN_SECRET_LEN)
+            .flat_map(|s| {
+                let encoded =
+                    percent_encoding::utf8_percent_encode(&s, percent_encoding::NON_ALPHANUMERIC)
+                        .to_string();
+                [s, encoded]
+            })
+            .collect();
+        // Longest first, so that a secret containing another is removed whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        let secrets = Arc::new(secrets);
+        *cache = Some((Instant::now(), secrets.clone()));
+        secrets
+    }
+
+    /// The text with every secret replaced by [`REDACTED`].
+    pub fn redact(&self, text: &str) -> String {
+        let secrets = self.secrets();
+        let mut out = text.to_string();
+        for s in secrets.iter() {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+
+    /// Every string in a JSON value, redacted.
+    pub fn redact_json(&self, value: Value) -> Value {
+        if self.secrets().is_empty() {
+            return value;
+        }
+        match value {
+            Value::String(s) => Value::String(self.redact(&s)),
+            Value::Array(items) => items.into_iter().map(|v| self.redact_json(v)).collect(),
+            Value::Object(map) => map
+                .into_iter()
+                .map(|(k, v)| (self.redact(&k), self.redact_json(v)))
+                .collect(),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_from_the_config_are_removed_from_text_and_json() {
+        let cfg = Config::parse(
+            "notify:\n  sinks:\n    - { name: s, type: slack, url: \"https://hooks.example/T0/B0/abcdefgh\" }\n",
+        )
+        .unwrap();
+        let r = Redactor::from_config(&cfg);
+        assert_eq!(
+            r.redact("posting to https://hooks.example/T0/B0/abcdefgh failed"),
+            "posting to [redacted] failed"
+        );
+        let v = r.redact_json(serde_json::json!({"echo": ["https%3A%2F%2Fhooks%2Eexample%2FT0%2FB0%2Fabcdefgh"], "n": 1}));
+        assert_eq!(v, serde_json::json!({"echo": ["[redacted]"], "n": 1}));
+        assert_eq!(r.redact("nothing secret"), "nothing secret");
+    }
+}
