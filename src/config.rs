@@ -550,6 +550,10 @@ pub struct EngineConfig {
     /// forever. Playbooks may set their own `deadline`.
     #[serde(with = "duration_str")]
     pub run_deadline: Duration,
+    /// Wall-clock budget of one alert's Rhai work (every matching playbook's `when`,
+    /// parameters and templates); past it the alert is recorded as failed to plan.
+    #[serde(with = "duration_str")]
+    pub plan_budget: Duration,
 }
 
 impl Default for EngineConfig {
@@ -560,6 +564,7 @@ impl Default for EngineConfig {
             shutdown_grace: Duration::from_secs(10),
             max_runs_per_target: 1,
             run_deadline: Duration::from_secs(3600),
+            plan_budget: Duration::from_millis(250),
         }
     }
 }

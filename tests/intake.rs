@@ -248,3 +248,89 @@ async fn runs_list_filters_and_pages() {
     assert_eq!(status, 200);
     assert_eq!(body[0]["name"], "disk-cleanup");
 }
+
+/// A `when` that loops over a label: expensive by the alert's choosing.
+const LOOPY: &str = r#"
+name: loopy
+matchers: ['alertname="Loopy"']
+when: |
+  let n = 0;
+  for i in 0..1000000 { n += labels.x.len(); }
+  n > 0
+steps:
+  - action: log
+    with: { message: "never" }
+"#;
+
+#[tokio::test]
+async fn heavy_payloads_are_planned_off_the_workers_within_a_budget_per_alert() {
+    let app = TestApp::builder()
+        .playbook("loopy.yaml", LOOPY)
+        .config("engine:\n  plan_budget: 20ms\n")
+        .start()
+        .await;
+    let payload: Vec<serde_json::Value> = (0..150)
+        .map(|i| serde_json::json!({"labels": {"alertname": "Loopy", "x": "abc", "i": i.to_string()}}))
+        .collect();
+    let body = serde_json::Value::from(payload).to_string();
+    let posts: Vec<_> = (0..2)
+        .map(|_| {
+            let url = format!("{}/api/v1/webhooks/generic", app.base);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let r = reqwest::Client::new()
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                (
+                    r.status().as_u16(),
+                    r.json::<serde_json::Value>().await.unwrap(),
+                )
+            })
+        })
+        .collect();
+    // While both payloads are being planned, the server answers.
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert!(
+        posts.iter().any(|p| !p.is_finished()),
+        "the payloads were done before /healthz answered: the test proves nothing"
+    );
+    for p in posts {
+        let (status, out) = p.await.unwrap();
+        assert_eq!(status, 200, "{out}");
+        for o in out["outcomes"].as_array().unwrap() {
+            assert_eq!(o[0]["outcome"], "failed", "{o}");
+            let error = o[0]["error"].as_str().unwrap();
+            assert!(error.contains("time budget exceeded"), "{error}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_label_cannot_grow_a_string_past_the_sandbox_limit() {
+    let app = TestApp::builder()
+        .playbook(
+            "grow.yaml",
+            "name: grow\nmatchers: ['alertname=\"Grow\"']\nwhen: 'let s = labels.x; s.replace(\"a\", labels.x); s.len() > 0'\nsteps:\n  - action: log\n    with: { message: x }\n",
+        )
+        .start()
+        .await;
+    let before = app.peak_rss();
+    let x = "a".repeat(reflex::alert::MAX_LABEL_VALUE_BYTES);
+    let (status, out) = app
+        .post_raw(
+            "/api/v1/webhooks/generic",
+            serde_json::json!({"labels": {"alertname": "Grow", "x": x}}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let error = out["outcomes"][0][0]["error"].as_str().unwrap();
+    assert!(error.contains("replace would build"), "{error}");
+    // Unbounded, this replace would have built a 256 MiB string.
+    let grown = app.peak_rss().saturating_sub(before);
+    assert!(grown < 32 << 20, "peak RSS grew by {grown} bytes");
+}

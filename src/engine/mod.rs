@@ -187,10 +187,25 @@ impl Engine {
         received_us: i64,
     ) -> Result<Vec<Vec<Outcome>>, StoreError> {
         let set = self.playbooks();
+        let budget = self.config.plan_budget;
+        // Matching and planning run Rhai, which can take up to its budget per alert: off the
+        // async workers, so that a large or hostile payload never stalls other requests.
+        let evaluated = tokio::task::spawn_blocking(move || {
+            alerts
+                .into_iter()
+                .map(|alert| {
+                    let _budget = crate::playbook::script::Budget::start(budget);
+                    let matched = set.evaluate(&alert);
+                    (alert, matched)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         let now = crate::time::now_ms();
-        let items: Vec<IntakeItem> = alerts
+        let items: Vec<IntakeItem> = evaluated
             .into_iter()
-            .map(|alert| {
+            .map(|(alert, matched)| {
                 let window = self.windows.iter().find(|w| {
                     (w.start_ms..w.end_ms).contains(&now)
                         && w.matchers.iter().all(|m| m.matches(&alert.labels))
@@ -202,8 +217,7 @@ impl Engine {
                         crate::time::rfc3339(w.end_ms)
                     )
                 });
-                let candidates = set
-                    .evaluate(&alert)
+                let candidates = matched
                     .into_iter()
                     .map(|m| Candidate {
                         playbook: m.playbook.name.clone(),
