@@ -318,9 +318,25 @@ fn reflex_check_refuses_unsafe_command_shapes_with_line_and_fix() {
         ("echo `ls {{ labels.x }}`", "$(…)", 8),
         ("ls # {{ labels.x }}", "comment", 8),
     ];
-    for (i, (command, needle, line)) in cases.iter().enumerate() {
+    let ssh = |command: &str| format!("  - action: ssh.run\n    with:\n      host: h\n      command: |\n        {command}\n");
+    let mut cases: Vec<(String, &str, usize)> = cases
+        .iter()
+        .map(|(c, needle, line)| (ssh(c), *needle, *line))
+        .collect();
+    cases.push((
+        "  - action: http\n    with:\n      url: \"http://{{ labels.host }}:8080/x\"\n".into(),
+        "host",
+        6,
+    ));
+    cases.push((
+        "  - action: verify\n    with:\n      condition: \"value > 0\"\n      query: 'up{instance=`{{ labels.i }}`}'\n".into(),
+        "raw",
+        7,
+    ));
+    for (i, (step, needle, line)) in cases.iter().enumerate() {
+        let command = step;
         let yaml = format!(
-            "name: p{i}\nmatchers: ['alertname=\"X\"']\nsteps:\n  - action: ssh.run\n    with:\n      host: h\n      command: |\n        {command}\n"
+            "name: p{i}\nmatchers: ['alertname=\"X\"']\nsteps:\n{step}"
         );
         let file = dir.path().join(format!("p{i}.yaml"));
         std::fs::write(&file, yaml).unwrap();
