@@ -318,7 +318,11 @@ fn reflex_check_refuses_unsafe_command_shapes_with_line_and_fix() {
         ("echo `ls {{ labels.x }}`", "$(…)", 8),
         ("ls # {{ labels.x }}", "comment", 8),
     ];
-    let ssh = |command: &str| format!("  - action: ssh.run\n    with:\n      host: h\n      command: |\n        {command}\n");
+    let ssh = |command: &str| {
+        format!(
+            "  - action: ssh.run\n    with:\n      host: h\n      command: |\n        {command}\n"
+        )
+    };
     let mut cases: Vec<(String, &str, usize)> = cases
         .iter()
         .map(|(c, needle, line)| (ssh(c), *needle, *line))
@@ -335,9 +339,7 @@ fn reflex_check_refuses_unsafe_command_shapes_with_line_and_fix() {
     ));
     for (i, (step, needle, line)) in cases.iter().enumerate() {
         let command = step;
-        let yaml = format!(
-            "name: p{i}\nmatchers: ['alertname=\"X\"']\nsteps:\n{step}"
-        );
+        let yaml = format!("name: p{i}\nmatchers: ['alertname=\"X\"']\nsteps:\n{step}");
         let file = dir.path().join(format!("p{i}.yaml"));
         std::fs::write(&file, yaml).unwrap();
         let (code, out) = common::reflex_cli(&["check", file.to_str().unwrap()], dir.path());
