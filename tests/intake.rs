@@ -334,3 +334,23 @@ async fn a_label_cannot_grow_a_string_past_the_sandbox_limit() {
     let grown = app.peak_rss().saturating_sub(before);
     assert!(grown < 32 << 20, "peak RSS grew by {grown} bytes");
 }
+
+#[tokio::test]
+async fn a_playbook_cannot_sleep_in_the_sandbox() {
+    let app = TestApp::builder()
+        .playbook(
+            "nap.yaml",
+            "name: nap\nmatchers: ['alertname=\"Nap\"']\nwhen: 'sleep(30); true'\nsteps:\n  - action: log\n    with: { message: x }\n",
+        )
+        .start()
+        .await;
+    let (status, out) = app
+        .post_raw(
+            "/api/v1/webhooks/generic",
+            serde_json::json!({"labels": {"alertname": "Nap"}}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let error = out["outcomes"][0][0]["error"].as_str().unwrap();
+    assert!(error.contains("sleep() is not available"), "{error}");
+}
