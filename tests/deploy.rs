@@ -217,6 +217,51 @@ fn alertmanager_snippet_passes_amtool() {
 }
 
 #[test]
+fn the_alertmanager_route_sends_every_example_alert_to_reflex_and_to_people() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string(repo("deploy/alertmanager/alertmanager.yml"))
+        .unwrap()
+        .replace("/etc/alertmanager/secrets/reflex-token", "/dev/null");
+    let cfg_path = dir.path().join("alertmanager.yml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let mut tested = 0;
+    for entry in std::fs::read_dir(repo("examples/alerts")).unwrap() {
+        let file = entry.unwrap().path();
+        let payload: Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        // Alertmanager payloads carry `alerts`; a generic alert is one object or a list.
+        let alerts = match (&payload["alerts"], &payload) {
+            (Value::Array(a), _) => a.clone(),
+            (_, Value::Array(a)) => a.clone(),
+            (_, one) => vec![one.clone()],
+        };
+        for alert in alerts {
+            let labels: Vec<String> = alert["labels"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap()))
+                .collect();
+            let out = Command::new("amtool")
+                .args(["config", "routes", "test", "--config.file"])
+                .arg(&cfg_path)
+                .args(&labels)
+                .output()
+                .expect("amtool (package prometheus-alertmanager) must be installed");
+            let receivers = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            assert_eq!(
+                receivers,
+                "reflex,default",
+                "{}: {labels:?}",
+                file.display()
+            );
+            tested += 1;
+        }
+    }
+    assert!(tested >= 5, "only {tested} example alerts");
+}
+
+#[test]
 fn the_systemd_unit_is_hardened() {
     let unit = std::fs::read_to_string(repo("deploy/systemd/reflex.service")).unwrap();
     for line in [

@@ -163,3 +163,37 @@ steps:
         .unwrap();
     assert_eq!(actions, 2, "each cancel attempt on a run is audited");
 }
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_data_dir_exits_naming_the_first() {
+    let app = TestApp::builder()
+        .playbook("slow.yaml", SLOW)
+        .config("engine:\n  shutdown_grace: 1s\n")
+        .start()
+        .await;
+    let id = start_slow_run(&app).await;
+    // Same data dir, another port.
+    let config = std::fs::read_to_string(app.config_path()).unwrap();
+    let port = common::free_port();
+    let second = app.dir.path().join("second.yaml");
+    let listen = config.lines().next().unwrap();
+    std::fs::write(
+        &second,
+        config.replacen(listen, &format!("listen: 127.0.0.1:{port}"), 1),
+    )
+    .unwrap();
+    let (code, out) = common::reflex_cli(
+        &["serve", "--config", second.to_str().unwrap()],
+        app.dir.path(),
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("in use by another reflex process")
+            && out.contains(&format!("pid {}", app.pid())),
+        "{out}"
+    );
+    // The first daemon's run goes on untouched.
+    let run = app.run(id).await;
+    assert_eq!(run["state"], "running", "{run:#}");
+    assert_eq!(run["steps"][1]["state"], "running");
+}

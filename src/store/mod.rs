@@ -37,6 +37,18 @@ pub enum StoreError {
     /// The writer has stopped (shutdown).
     #[error("the store is closed")]
     Closed,
+    /// Another process holds the data directory.
+    #[error(
+        "data directory {dir} is in use by another reflex process{}; one daemon per data \
+         directory (replicas share PostgreSQL, never an SQLite file)",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The holder's pid, as it wrote it.
+        holder: Option<u32>,
+    },
 }
 
 impl StoreError {
@@ -48,6 +60,7 @@ impl StoreError {
             StoreError::Join(_) => "join",
             StoreError::Commit(_) => "commit",
             StoreError::Closed => "closed",
+            StoreError::Locked { .. } => "locked",
         }
     }
 }
@@ -67,6 +80,37 @@ struct Inner {
     switch_cache: Mutex<Option<(u64, Vec<(String, String, Option<String>, Option<i64>)>)>>,
     read: Mutex<Connection>,
     path: PathBuf,
+    /// The exclusive lock on the data directory, held while the store is open.
+    _lock: std::fs::File,
+}
+
+/// Takes the data directory's lock (`reflex.lock`, an advisory `flock` the kernel releases
+/// when the process dies, however it dies) and writes this process's pid into it.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::io::{Read, Seek, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("reflex.lock"))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(StoreError::Locked {
+                dir: dir.to_path_buf(),
+                holder: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    file.flush()?;
+    Ok(file)
 }
 
 /// A write: runs inside its own savepoint of a batch transaction, and returns whether it
@@ -252,6 +296,7 @@ impl Store {
     /// Opens with a durability setting (see [`crate::config::Synchronous`]).
     pub fn open_with(dir: &Path, sync: crate::config::Synchronous) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
         let path = dir.join("reflex.db");
         let mut write = Connection::open(&path)?;
         write.execute_batch(
@@ -274,6 +319,7 @@ impl Store {
                 switch_cache: Mutex::new(None),
                 read: Mutex::new(read),
                 path,
+                _lock: lock,
             }),
         })
     }

@@ -172,6 +172,11 @@ impl TestApp {
         std::fs::read_to_string(self.dir.path().join("reflex.log")).unwrap_or_default()
     }
 
+    /// The config file.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
     /// The playbooks directory.
     pub fn playbooks_dir(&self) -> PathBuf {
         self.dir.path().join("playbooks")
