@@ -565,8 +565,13 @@ async fn endpoints_refuse_missing_bad_and_underprivileged_tokens() {
 #[tokio::test]
 async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touches_nothing() {
     let sshd = common::sshd::Sshd::start();
+    let chat = common::receiver::Receiver::start().await;
     let app = TestApp::builder()
         .example_playbooks()
+        .config(&format!(
+            "notify:\n  sinks:\n    - {{ name: chat, type: slack, url: \"{}/chat\" }}\n",
+            chat.base
+        ))
         // Every host the example alerts name is in the inventory, so every step validates.
         .config("feature_flags:\n  flags: { type: unleash, url: \"http://127.0.0.1:9\", environment: production }\n")
         .config(&sshd.config_yaml(
@@ -626,16 +631,62 @@ async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touc
             })
             .await;
         assert_eq!(run["dry_run"], true);
+        assert_eq!(run["state"], "dry_run", "never `succeeded`: {run:#}");
         for step in run["steps"].as_array().unwrap() {
             assert_eq!(step["state"], "dry_run", "{run:#}");
             assert_eq!(step["output"]["would_run"]["args"], step["args"]);
         }
+        if run["playbook"] == "rollback" {
+            // The approval gate shows what it would have waited for, and waits for nobody.
+            assert_eq!(
+                run["steps"][0]["output"]["would_wait_for"]["approvals"], 1,
+                "{run:#}"
+            );
+        }
     }
+    let (_, approvals) = app.get("/api/v1/approvals").await;
+    assert_eq!(
+        approvals,
+        serde_json::json!([]),
+        "no approval was requested"
+    );
     assert_eq!(
         sshd.accepted_connections(),
         0,
         "a dry run connects to nothing"
     );
+    // Every message says dry run, and none claims success.
+    let messages = app
+        .wait_for(20, "two messages per run", || async {
+            let m = chat.at("/chat");
+            (m.len() >= 2 * runs.len()).then_some(m)
+        })
+        .await;
+    for m in &messages {
+        let text = m.body["text"].as_str().unwrap();
+        assert!(text.starts_with("Dry run: "), "{text}");
+        assert!(!text.contains("succeeded"), "{text}");
+    }
+    assert!(
+        messages.iter().any(|m| {
+            let text = m.body["text"].as_str().unwrap();
+            text.contains("kube.rollback") && text.contains("would wait for 1 approval first")
+        }),
+        "the rollback's gate is shown"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", app.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dry: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("reflex_runs_total{") && l.contains("outcome=\"dry_run\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(dry as usize, runs.len(), "{metrics}");
+    assert!(!metrics.contains("outcome=\"succeeded\""), "{metrics}");
 }
 
 #[tokio::test]
@@ -779,4 +830,80 @@ async fn maintenance_windows_and_playbook_switches_suppress_visibly() {
         )
         .await;
     assert_eq!(status, 404);
+}
+
+const QUEUED: &str = r#"
+name: queued
+matchers: ['alertname="Queued"']
+target: "one-target"
+steps:
+  - name: first
+    action: wait
+    with: { duration: 2s }
+  - name: second
+    action: log
+    with: { message: "acting on {{ labels.instance }}" }
+"#;
+
+#[tokio::test]
+async fn a_resolution_ends_queued_runs_and_stops_running_ones_before_their_next_step() {
+    let patient = QUEUED
+        .replace("name: queued", "name: patient\non_resolve: continue")
+        .replace("Queued", "Patient")
+        .replace("one-target", "other-target");
+    let app = app_with(&[("queued.yaml", QUEUED), ("patient.yaml", &patient)], "").await;
+    let running = start_run(&app, "Queued", "a").await;
+    let queued = start_run(&app, "Queued", "b").await;
+    let patient_run = start_run(&app, "Patient", "c").await;
+    for id in [running, patient_run] {
+        app.wait_for(20, "step `first` to run", || async {
+            (run_as(&app, id).await["steps"][0]["state"] == "running").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        run_as(&app, queued).await["state"],
+        "pending",
+        "behind `a` on the same target"
+    );
+
+    let resolve = |alertname: &str, instance: &str| {
+        let mut a: Value =
+            serde_json::from_str(&generic_alert(alertname, instance, "2026-11-22T10:00:00Z"))
+                .unwrap();
+        a["status"] = json!("resolved");
+        a
+    };
+    for (name, instance) in [("Queued", "b"), ("Queued", "a"), ("Patient", "c")] {
+        let (status, out) = app
+            .call(
+                "POST",
+                "/api/v1/webhooks/generic",
+                Some("alertmanager-token"),
+                Some(resolve(name, instance)),
+            )
+            .await;
+        assert_eq!(status, 200, "{out}");
+    }
+    // The queued run never starts.
+    let run = wait_state(&app, queued, "resolved").await;
+    assert!(
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "skipped"),
+        "{run:#}"
+    );
+    // The running one finishes its step and stops before the next.
+    let run = wait_state(&app, running, "resolved").await;
+    assert_eq!(run["steps"][0]["state"], "succeeded");
+    assert_eq!(run["steps"][1]["state"], "skipped", "{run:#}");
+    assert!(
+        run["error"].as_str().unwrap().contains("resolved"),
+        "{run:#}"
+    );
+    // `on_resolve: continue` goes to the end.
+    let run = wait_state(&app, patient_run, "succeeded").await;
+    assert_eq!(run["steps"][1]["state"], "succeeded");
 }

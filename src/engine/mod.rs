@@ -376,7 +376,7 @@ impl Engine {
             group_key: None,
         };
         self.notifier.send(Event::RunFinished {
-            run: self.run_info(run.id, &run.playbook, &run.target, &alert),
+            run: self.run_info(run.id, &run.playbook, &run.target, &alert, run.dry_run),
             state: state.as_str().to_string(),
             duration_seconds: duration,
             summary: String::new(),
@@ -385,9 +385,17 @@ impl Engine {
     }
 
     /// What a message says about a run.
-    pub(crate) fn run_info(&self, id: i64, playbook: &str, target: &str, alert: &Alert) -> RunInfo {
+    pub(crate) fn run_info(
+        &self,
+        id: i64,
+        playbook: &str,
+        target: &str,
+        alert: &Alert,
+        dry_run: bool,
+    ) -> RunInfo {
         RunInfo {
             id,
+            dry_run,
             playbook: playbook.to_string(),
             target: target.to_string(),
             title: alert

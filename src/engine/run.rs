@@ -59,6 +59,24 @@ pub(crate) fn gated_action(target: &str, steps: &[StepRecord]) -> (Value, String
     (action, hash)
 }
 
+/// What a dry run would have done, step by step, with the gates it would have waited at.
+fn dry_run_summary(outputs: &[(String, Value)]) -> String {
+    let steps: Vec<String> = outputs
+        .iter()
+        .filter_map(|(_, o)| {
+            let w = o.get("would_run")?;
+            let mut line = format!("{} {}", w["action"].as_str().unwrap_or(""), w["args"]);
+            if let Some(gate) = o.get("would_wait_for") {
+                let n = gate["approvals"].as_u64().unwrap_or(1);
+                let s = if n == 1 { "" } else { "s" };
+                line = format!("{line} (would wait for {n} approval{s} first)");
+            }
+            Some(line)
+        })
+        .collect();
+    format!("Nothing was done. Would have run: {}", steps.join("; "))
+}
+
 impl Engine {
     pub(super) async fn execute(&self, run: ClaimedRun) {
         let span = tracing::info_span!("run", run_id = run.id, playbook = %run.playbook);
@@ -68,7 +86,7 @@ impl Engine {
         };
         async {
             tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, target = %run.target, "run started");
-            let info = self.run_info(run.id, &run.playbook, &run.target, &run.alert);
+            let info = self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run);
             let fresh = run.steps.iter().all(|s| s.state == StepState::Pending.as_str());
             if fresh && !run.resumed {
                 self.notifier.send(Event::RunStarted { run: info.clone() });
@@ -78,6 +96,7 @@ impl Engine {
                 .filter_map(|s| Some((s.name.clone(), s.output.clone()?)))
                 .collect();
             let (state, error) = match self.steps(&run, &token, &mut outputs).await {
+                Ok(()) if run.dry_run => (RunState::DryRun, None),
                 Ok(()) => (RunState::Succeeded, None),
                 Err(Stop::Parked) => {
                     tracing::info!("run waits for approval");
@@ -102,7 +121,15 @@ impl Engine {
             });
             if state == RunState::Failed {
                 match self.store.trip_on_failures(self.limits).await {
-                    Ok(Some(reason)) => tracing::error!(%reason, "kill switch engaged by the circuit breaker"),
+                    Ok(Some(reason)) => {
+                        tracing::error!(%reason, "kill switch engaged by the circuit breaker");
+                        self.notifier.send(Event::KillSwitch {
+                            scope: crate::store::GLOBAL.into(),
+                            engaged: true,
+                            actor: "circuit-breaker".into(),
+                            reason,
+                        });
+                    }
                     Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "cannot check the failure limit"),
                 }
@@ -127,6 +154,9 @@ impl Engine {
         elapsed: f64,
         outputs: &[(String, Value)],
     ) -> String {
+        if run.dry_run {
+            return dry_run_summary(outputs);
+        }
         let set = self.playbooks();
         if let Some(template) = set.get(&run.playbook).and_then(|p| p.report.as_ref()) {
             let mut scope = crate::playbook::script::alert_scope(&run.alert);
@@ -184,6 +214,22 @@ impl Engine {
                 format!("stopped before step {:?}: {reason}", step.name),
             ));
         }
+        let stops_on_resolve = self
+            .playbooks()
+            .get(&run.playbook)
+            .is_none_or(|p| p.on_resolve == crate::playbook::spec::OnResolve::Stop);
+        if stops_on_resolve
+            && self
+                .store
+                .resolved_while_running(run.id)
+                .await
+                .map_err(record_err)?
+        {
+            return Err(end(
+                RunState::Resolved,
+                format!("the alert resolved; stopped before step {:?}", step.name),
+            ));
+        }
         if let Some(deadline) = run.deadline_ms
             && crate::time::now_ms() > run.started_ms + deadline
         {
@@ -214,6 +260,7 @@ impl Engine {
             .await
             .map_err(record_err)?
         {
+            // A dry run waits for nobody; the step's record says what it would have waited for.
             None if run.dry_run => Ok(()),
             None => {
                 let id = self
@@ -223,7 +270,7 @@ impl Engine {
                     .map_err(record_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
                 self.notifier.send(Event::ApprovalNeeded {
-                    run: self.run_info(run.id, &run.playbook, &run.target, &run.alert),
+                    run: self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run),
                     approval_id: id,
                     action: gated_action(&run.target, covered).0,
                     required: gate.count,
@@ -353,9 +400,16 @@ impl Engine {
         let result = if let Err(e) = executor.validate(&ctx) {
             Err(e)
         } else if run.dry_run {
-            Ok(
-                json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } }),
-            )
+            let mut would = json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } });
+            if let Some(gate) = &step.approval {
+                would["would_wait_for"] = json!({
+                    "approvals": gate.count,
+                    "approvers": gate.approvers,
+                    "scope": gate.scope,
+                    "expires_in": humantime::format_duration(Duration::from_millis(gate.expires_ms)).to_string(),
+                });
+            }
+            Ok(would)
         } else {
             // Executors enforce the step timeout themselves (remote ones on the remote side,
             // to kill what they started); this outer bound is only the backstop.
@@ -393,7 +447,7 @@ impl Engine {
             .map_err(record_err)?;
         match (&error, output) {
             (Some(e), _) => self.notifier.send(Event::StepFailed {
-                run: self.run_info(run.id, &run.playbook, &run.target, &run.alert),
+                run: self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run),
                 step: step.name.clone(),
                 error: e.clone(),
             }),

@@ -86,6 +86,8 @@ pub enum Event {
 pub struct RunInfo {
     /// Run id.
     pub id: i64,
+    /// A dry run: every message about it says so.
+    pub dry_run: bool,
     /// Playbook.
     pub playbook: String,
     /// What it acts on.
@@ -128,6 +130,14 @@ impl Event {
     /// from an alert, a step or an operator escaped for `markup`: a label cannot mention
     /// `@channel`, forge a link or start a line of its own.
     pub fn text_for(&self, markup: Markup) -> String {
+        let text = self.text_inner(markup);
+        match self.run() {
+            Some(run) if run.dry_run => format!("Dry run: {text}"),
+            _ => text,
+        }
+    }
+
+    fn text_inner(&self, markup: Markup) -> String {
         let e = |s: &str| markup.escape(s);
         let link = |run: &RunInfo| {
             run.url
@@ -205,14 +215,16 @@ impl Event {
                     .as_ref()
                     .map(|x| format!(" {}.", e(x)))
                     .unwrap_or_default();
+                let state = match state.as_str() {
+                    "dry_run" => "finished as a dry run",
+                    other => other,
+                };
                 format!(
                     "{}.{summary} Run {} ({}) {state} in {}.{why}{}",
                     e(run.title.trim_end_matches('.')),
                     run.id,
                     e(&run.playbook),
-                    humantime::format_duration(
-                        Duration::from_secs(duration_seconds.round() as u64)
-                    ),
+                    human_duration(*duration_seconds),
                     link(run)
                 )
             }
@@ -232,6 +244,15 @@ impl Event {
                 }
             }
         }
+    }
+}
+
+/// A duration as people read it in a message: `350ms`, `4s`, `2m 5s`.
+pub fn human_duration(seconds: f64) -> String {
+    if seconds < 1.0 {
+        format!("{}ms", (seconds * 1000.0).round() as u64)
+    } else {
+        humantime::format_duration(Duration::from_secs(seconds.round() as u64)).to_string()
     }
 }
 
@@ -390,6 +411,7 @@ mod tests {
     fn run() -> RunInfo {
         RunInfo {
             id: 7,
+            dry_run: false,
             playbook: "disk-cleanup".into(),
             target: "db-1".into(),
             title: "Disk space low on db-1".into(),

@@ -246,6 +246,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         namespaces: spec.namespaces,
         target,
         deadline,
+        on_resolve: spec.on_resolve,
         report,
         steps,
         on_failure,

@@ -72,6 +72,8 @@ pub struct Playbook {
     pub target: Template,
     /// Longest a run may execute; `None` uses the engine default.
     pub deadline: Option<Duration>,
+    /// What a run does when its alert resolves while it executes.
+    pub on_resolve: spec::OnResolve,
     /// The run's message template, rendered when it ends with `steps` (outputs by step
     /// name) and `run` (`id`, `state`, `duration_seconds`, `target`) in scope.
     pub report: Option<Template>,

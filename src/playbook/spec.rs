@@ -44,6 +44,10 @@ pub struct PlaybookSpec {
     pub target: Option<String>,
     /// Longest a run may execute, approvals aside (default `engine.run_deadline`).
     pub deadline: Option<String>,
+    /// What a run does when its alert resolves while it executes: `stop` before its next step
+    /// (default), or `continue` to the end. Runs not yet started always end.
+    #[serde(default)]
+    pub on_resolve: OnResolve,
     /// Message sent when a run ends (template; `steps` and `run` in scope too).
     pub report: Option<String>,
     /// The steps, run in order.
@@ -92,6 +96,17 @@ pub enum CooldownBy {
     Fingerprint,
     /// Per Alertmanager group (group key; the fingerprint when there is none).
     Group,
+}
+
+/// What a run does when its alert resolves while it executes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnResolve {
+    /// Stop before the next step; the run ends `resolved`.
+    #[default]
+    Stop,
+    /// Finish the remaining steps (a cleanup that must not be left half done).
+    Continue,
 }
 
 /// What a failed step does to its run.

@@ -285,6 +285,13 @@ CREATE INDEX runs_waiting ON runs(fingerprint) WHERE state = 'awaiting_approval'
 DROP INDEX runs_cooldown;
 CREATE INDEX runs_cooldown ON runs(playbook, cooldown_key, created_at) WHERE cooldown_key != '';
 "#,
+    r#"
+-- When the run's alert resolved while the run was executing: it stops before its next step
+-- (unless its playbook says `on_resolve: continue`).
+ALTER TABLE runs ADD COLUMN resolved_at INTEGER;
+-- A resolution ends the pending runs of its alert: found by fingerprint among the few pending.
+CREATE INDEX runs_pending_alert ON runs(fingerprint) WHERE state = 'pending';
+"#,
 ];
 
 impl Store {

@@ -37,8 +37,12 @@ pub enum RunState {
     Expired,
     /// The kill switch stopped it before its next step.
     Killed,
-    /// Its alert resolved while it waited for approval; nothing more ran.
+    /// Its alert resolved before it finished (waiting in the queue, for approval, or between
+    /// steps); nothing more ran.
     Resolved,
+    /// A dry run that went through every step: each was rendered, validated and recorded,
+    /// and nothing was done.
+    DryRun,
 }
 
 impl RunState {
@@ -56,6 +60,7 @@ impl RunState {
         RunState::Expired,
         RunState::Killed,
         RunState::Resolved,
+        RunState::DryRun,
     ];
 
     /// Stored name.
@@ -73,6 +78,7 @@ impl RunState {
             RunState::Expired => "expired",
             RunState::Killed => "killed",
             RunState::Resolved => "resolved",
+            RunState::DryRun => "dry_run",
         }
     }
 
@@ -385,11 +391,7 @@ impl Store {
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     if item.alert.status == AlertStatus::Resolved {
-                        outcomes.extend(end_awaiting_for_resolved(
-                            c,
-                            &item.alert.fingerprint,
-                            now,
-                        )?);
+                        outcomes.extend(end_for_resolved(c, &item.alert.fingerprint, now)?);
                     }
                     all.push(outcomes);
                 }
@@ -458,6 +460,19 @@ impl Store {
                     },
                 )
                 .collect()
+        })
+        .await
+    }
+
+    /// Whether the run's alert resolved while it was executing.
+    pub async fn resolved_while_running(&self, run_id: i64) -> Result<bool, StoreError> {
+        self.read(move |c| {
+            Ok(
+                c.prepare_cached("SELECT resolved_at IS NOT NULL FROM runs WHERE id = ?1")?
+                    .query_row([run_id], |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(false),
+            )
         })
         .await
     }
@@ -960,31 +975,33 @@ fn breaker_reason(
     Ok(tripped)
 }
 
-/// A resolved alert ends the runs of its firing occurrence that still wait for approval.
-fn end_awaiting_for_resolved(
-    c: &Connection,
-    fingerprint: &str,
-    now: i64,
-) -> rusqlite::Result<Vec<Outcome>> {
-    let waiting: Vec<(i64, String)> = c
+/// A resolved alert ends the runs of its alert that have not started or wait for approval,
+/// and marks those executing so that they stop before their next step.
+fn end_for_resolved(c: &Connection, fingerprint: &str, now: i64) -> rusqlite::Result<Vec<Outcome>> {
+    let waiting: Vec<(i64, String, String)> = c
         .prepare_cached(
-            "SELECT id, playbook FROM runs WHERE fingerprint = ?1 AND state = 'awaiting_approval'",
+            "SELECT id, playbook, state FROM runs WHERE fingerprint = ?1 AND state = 'awaiting_approval'
+             UNION ALL
+             SELECT id, playbook, state FROM runs WHERE fingerprint = ?1 AND state = 'pending'",
         )?
-        .query_map([fingerprint], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map([fingerprint], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
-    for (id, _) in &waiting {
+    for (id, _, state) in &waiting {
+        let why = if state == "pending" {
+            "the alert resolved before the run started; nothing was done"
+        } else {
+            "the alert resolved before approval; nothing was done"
+        };
         super::approvals::close_pending(c, *id, "cancelled", now)?;
-        finish_run(
-            c,
-            *id,
-            RunState::Resolved,
-            Some("the alert resolved before approval; nothing was done"),
-            now,
-        )?;
+        finish_run(c, *id, RunState::Resolved, Some(why), now)?;
     }
+    c.prepare_cached(
+        "UPDATE runs SET resolved_at = ?2 WHERE fingerprint = ?1 AND state = 'running' AND resolved_at IS NULL",
+    )?
+    .execute(params![fingerprint, now])?;
     Ok(waiting
         .into_iter()
-        .map(|(run_id, playbook)| Outcome::Ended {
+        .map(|(run_id, playbook, _)| Outcome::Ended {
             run_id,
             playbook,
             state: RunState::Resolved,
