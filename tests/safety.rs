@@ -907,3 +907,145 @@ async fn a_resolution_ends_queued_runs_and_stops_running_ones_before_their_next_
     let run = wait_state(&app, patient_run, "succeeded").await;
     assert_eq!(run["steps"][1]["state"], "succeeded");
 }
+
+/// Posts alerts from `alerts` until one is suppressed by the breaker; returns the reason.
+async fn post_until_tripped(app: &TestApp, alerts: Vec<String>) -> String {
+    for body in alerts {
+        let out = post_alert(app, body).await;
+        if out["outcome"] == "suppressed" {
+            return out["reason"].as_str().unwrap().to_string();
+        }
+    }
+    panic!("the breaker never tripped");
+}
+
+#[tokio::test]
+async fn every_breaker_limit_trips_the_kill_switch_and_tells_chat_with_its_numbers() {
+    const FAILING: &str = r#"
+name: failing
+matchers: ['alertname="Failing"']
+steps:
+  - action: script
+    with: { script: 'throw "broken"' }
+"#;
+    const OK: &str = r#"
+name: ok
+matchers: ['alertname=~"Ok|Other"']
+steps:
+  - action: log
+    with: { message: "fine" }
+"#;
+    let cases = [
+        ("max_runs", "max_runs: 3"),
+        ("max_runs_per_playbook", "max_runs_per_playbook: 3"),
+        ("max_targets", "max_targets: 3"),
+        ("max_failures", "max_failures: 2"),
+    ];
+    for (limit, setting) in cases {
+        let chat = common::receiver::Receiver::start().await;
+        let high = "  max_runs: 1000\n  max_runs_per_playbook: 1000\n  max_targets: 1000\n  max_failures: 1000\n"
+            .replace(&format!("  {}: 1000\n", setting.split(':').next().unwrap()), &format!("  {setting}\n"));
+        let app = app_with(
+            &[("failing.yaml", FAILING), ("ok.yaml", OK)],
+            &format!(
+                "breaker:\n  window: 10m\n{high}notify:\n  sinks:\n    - {{ name: chat, type: webhook, url: \"{}/chat\", events: [killswitch] }}\n",
+                chat.base
+            ),
+        )
+        .await;
+        let reason = if limit == "max_failures" {
+            for i in 0..2 {
+                let id = start_run(&app, "Failing", &format!("f{i}")).await;
+                wait_state(&app, id, "failed").await;
+            }
+            app.wait_for(20, "the failure limit to engage the switch", || async {
+                let (_, s) = app
+                    .call("GET", "/api/v1/killswitch", Some("carol-token"), None)
+                    .await;
+                (s["global"]["engaged"] == true)
+                    .then(|| s["global"]["reason"].as_str().unwrap().to_string())
+            })
+            .await
+        } else {
+            // Same target for max_runs / per playbook; distinct ones for max_targets.
+            let alerts = (0..6)
+                .map(|i| {
+                    let instance = if limit == "max_targets" {
+                        format!("t{i}")
+                    } else {
+                        "t".into()
+                    };
+                    let name = if limit == "max_runs" && i % 2 == 1 {
+                        "Other"
+                    } else {
+                        "Ok"
+                    };
+                    generic_alert(name, &instance, &format!("2026-11-22T10:00:0{i}Z"))
+                })
+                .collect();
+            post_until_tripped(&app, alerts).await
+        };
+        assert!(
+            reason.contains(&format!("breaker.{limit}")) && reason.contains("10m"),
+            "{limit}: {reason}"
+        );
+        let (_, switch) = app
+            .call("GET", "/api/v1/killswitch", Some("carol-token"), None)
+            .await;
+        assert_eq!(switch["global"]["engaged"], true, "{limit}");
+        assert_eq!(switch["global"]["actor"], "circuit-breaker", "{limit}");
+        let message = app
+            .wait_for(10, "the breaker's chat message", || async {
+                chat.at("/chat")
+                    .first()
+                    .map(|m| m.body["text"].as_str().unwrap().to_string())
+            })
+            .await;
+        assert!(
+            message.contains("engaged by circuit-breaker")
+                && message.contains(&format!("breaker.{limit}")),
+            "{limit}: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn runs_on_one_target_wait_for_each_other_and_a_free_target_does_not() {
+    let app = app_with(
+        &[(
+            "queued.yaml",
+            &QUEUED.replace(
+                "target: \"one-target\"",
+                "target: \"{{ labels.instance }}\"",
+            ),
+        )],
+        "engine:\n  max_runs_per_target: 1\n",
+    )
+    .await;
+    let first = start_run(&app, "Queued", "busy").await;
+    let second = post_alert(
+        &app,
+        generic_alert("Queued", "busy", "2026-11-22T10:00:01Z"),
+    )
+    .await["run_id"]
+        .as_i64()
+        .unwrap();
+    let other = start_run(&app, "Queued", "free").await;
+    // The free target's run starts while the busy one's second run still waits.
+    app.wait_for(20, "the free target's run to start", || async {
+        (run_as(&app, other).await["state"] == "running").then_some(())
+    })
+    .await;
+    assert_eq!(run_as(&app, first).await["state"], "running");
+    assert_eq!(
+        run_as(&app, second).await["state"],
+        "pending",
+        "one run at a time on `busy`"
+    );
+    let a = wait_state(&app, first, "succeeded").await;
+    let b = wait_state(&app, second, "succeeded").await;
+    assert!(
+        b["started_at"].as_str().unwrap() >= a["finished_at"].as_str().unwrap(),
+        "the second run started only after the first finished: {a:#} {b:#}"
+    );
+}
