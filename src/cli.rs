@@ -4,7 +4,8 @@
 use crate::alert::{Alert, AlertmanagerPayload, parse_generic};
 use crate::config::Config;
 use crate::playbook::{Diagnostic, Matched, PlaybookSet};
-use serde_json::json;
+use serde::Serialize;
+use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
 /// `reflex check`: validates the config (if any) and the playbooks; prints each error as
@@ -72,44 +73,180 @@ pub fn read_alerts(path: &Path) -> Result<Vec<Alert>, String> {
     }
 }
 
-/// `reflex simulate`: which playbooks match each alert, and the exact steps, rendered.
+/// What `simulate` found for one playbook an alert matched.
+#[derive(Debug, Serialize)]
+struct Simulated {
+    playbook: String,
+    dry_run: bool,
+    /// The playbook's cooldown, e.g. "30m per alert".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cooldown: Option<String>,
+    /// What would hold the run back now: a maintenance window, a kill switch, a cooldown.
+    holds: Vec<String>,
+    /// Why it cannot be planned at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    params: serde_json::Map<String, Value>,
+    steps: Vec<SimulatedStep>,
+}
+
+#[derive(Debug, Serialize)]
+struct SimulatedStep {
+    name: String,
+    action: &'static str,
+    /// `main`, or `on_failure` (run only when a main step fails).
+    phase: &'static str,
+    on_failure: &'static str,
+    args: Value,
+    /// The approval it would wait for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    approval: Option<Value>,
+    /// Why its executor would refuse it (host not in the inventory, cluster not configured…).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused: Option<String>,
+}
+
+impl Simulated {
+    fn ok(&self) -> bool {
+        self.error.is_none() && self.steps.iter().all(|s| s.refused.is_none())
+    }
+}
+
+/// `reflex simulate`: which playbooks match each alert, the exact steps, rendered, whether
+/// each executor would accept its step under `cfg`, the gates it would wait at, and what would
+/// hold it back now (maintenance windows; kill switches and cooldowns in the data directory's
+/// store, read without writing). Returns false when anything cannot be planned or would be
+/// refused.
 pub fn simulate(
+    cfg: &Config,
     set: &PlaybookSet,
     alerts: &[Alert],
     as_json: bool,
     out: &mut impl std::io::Write,
-) -> std::io::Result<()> {
-    let results: Vec<(&Alert, Vec<Matched>)> =
-        alerts.iter().map(|a| (a, set.evaluate(a))).collect();
+) -> std::io::Result<bool> {
+    let executors = crate::executors::Executors::from_config(cfg, set.sandbox.clone());
+    let windows = crate::engine::maintenance::Windows::new(&cfg.maintenance_windows);
+    let snapshot = crate::store::Snapshot::open(&cfg.data_dir).ok().flatten();
+    let now = crate::time::now_ms();
+    let results: Vec<(&Alert, Vec<Simulated>)> = alerts
+        .iter()
+        .map(|alert| {
+            let sims = set
+                .evaluate(alert)
+                .into_iter()
+                .map(|m| simulate_one(cfg, &executors, &windows, snapshot.as_ref(), now, alert, m))
+                .collect();
+            (alert, sims)
+        })
+        .collect();
+    let ok = results.iter().flat_map(|(_, s)| s).all(Simulated::ok);
     if as_json {
         let report: Vec<_> = results
             .iter()
-            .map(|(alert, matches)| {
-                let matches: Vec<_> = matches
-                    .iter()
-                    .map(|m| match &m.plan {
-                        Ok(plan) => json!({ "playbook": m.playbook.name, "dry_run": m.playbook.dry_run, "plan": plan }),
-                        Err(e) => json!({ "playbook": m.playbook.name, "error": e }),
-                    })
-                    .collect();
-                json!({ "alert": alert, "matches": matches })
-            })
+            .map(|(alert, sims)| json!({ "alert": alert, "matches": sims }))
             .collect();
-        return writeln!(
+        writeln!(
             out,
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
+        )?;
+        return Ok(ok);
     }
-    for (alert, matches) in &results {
-        print_alert(alert, matches, out)?;
+    for (alert, sims) in &results {
+        print_alert(alert, sims, out)?;
     }
-    Ok(())
+    if !ok {
+        writeln!(
+            out,
+            "some steps cannot be planned or would be refused (exit 1)"
+        )?;
+    }
+    Ok(ok)
+}
+
+fn simulate_one(
+    cfg: &Config,
+    executors: &crate::executors::Executors,
+    windows: &crate::engine::maintenance::Windows,
+    snapshot: Option<&crate::store::Snapshot>,
+    now: i64,
+    alert: &Alert,
+    m: Matched,
+) -> Simulated {
+    let pb = &m.playbook;
+    let per = match pb.cooldown_by {
+        crate::playbook::spec::CooldownBy::Fingerprint => "per alert",
+        crate::playbook::spec::CooldownBy::Group => "per alert group",
+    };
+    let cooldown = (!pb.cooldown.is_zero())
+        .then(|| format!("{} {per}", humantime::format_duration(pb.cooldown)));
+    let mut holds: Vec<String> = windows.hold(alert, now).into_iter().collect();
+    if let Some(snap) = snapshot {
+        holds.extend(snap.kill_reason(&pb.name).ok().flatten());
+        let key = match (pb.cooldown_by, &alert.group_key) {
+            (crate::playbook::spec::CooldownBy::Group, Some(g)) => g.clone(),
+            _ => alert.fingerprint.clone(),
+        };
+        let ms = pb.cooldown.as_millis() as i64;
+        holds.extend(snap.cooldown_reason(&pb.name, &key, ms).ok().flatten());
+    }
+    let mut sim = Simulated {
+        playbook: pb.name.clone(),
+        dry_run: pb.dry_run || cfg.dry_run,
+        cooldown,
+        holds,
+        error: None,
+        params: Default::default(),
+        steps: Vec::new(),
+    };
+    let plan = match m.plan {
+        Ok(plan) => plan,
+        Err(e) => {
+            sim.error = Some(e);
+            return sim;
+        }
+    };
+    sim.params = plan.params.clone();
+    for s in plan.steps {
+        let ctx = crate::executors::StepContext {
+            run_id: 0,
+            playbook: pb.name.clone(),
+            step: s.name.clone(),
+            args: s.args.clone(),
+            alert: alert.clone(),
+            params: Value::Object(plan.params.clone()),
+            timeout: std::time::Duration::from_secs(60),
+        };
+        let refused = match executors.get(s.action) {
+            None => Some(format!("no executor for action {:?}", s.action)),
+            Some(ex) => ex.validate(&ctx).err().map(|e| match e {
+                crate::executors::ExecError::Refused(why) => why,
+                other => other.to_string(),
+            }),
+        };
+        sim.steps.push(SimulatedStep {
+            name: s.name,
+            action: s.action,
+            phase: s.phase,
+            on_failure: s.on_failure.as_str(),
+            args: s.args,
+            approval: s.approval.map(|g| {
+                json!({
+                    "approvals": g.count,
+                    "approvers": g.approvers,
+                    "scope": g.scope,
+                    "expires_in": humantime::format_duration(std::time::Duration::from_millis(g.expires_ms)).to_string(),
+                })
+            }),
+            refused,
+        });
+    }
+    sim
 }
 
 fn print_alert(
     alert: &Alert,
-    matches: &[Matched],
+    sims: &[Simulated],
     out: &mut impl std::io::Write,
 ) -> std::io::Result<()> {
     let labels: Vec<String> = alert
@@ -125,40 +262,75 @@ fn print_alert(
         alert.fingerprint
     )?;
     writeln!(out, "  labels: {{{}}}", labels.join(", "))?;
-    if matches.is_empty() {
+    if sims.is_empty() {
         writeln!(out, "  no playbook matches")?;
     }
-    for m in matches {
-        let name = &m.playbook.name;
-        let plan = match &m.plan {
-            Ok(plan) => plan,
-            Err(e) => {
-                writeln!(
-                    out,
-                    "  playbook {name}: matches, but cannot be planned: {e}"
-                )?;
-                continue;
-            }
-        };
-        let dry = if m.playbook.dry_run { " (dry run)" } else { "" };
-        writeln!(out, "  playbook {name}{dry} would run:")?;
-        for (k, v) in &plan.params {
+    for sim in sims {
+        let name = &sim.playbook;
+        if let Some(e) = &sim.error {
+            writeln!(
+                out,
+                "  playbook {name}: matches, but CANNOT BE PLANNED: {e}"
+            )?;
+            continue;
+        }
+        let dry = if sim.dry_run { ", as a dry run" } else { "" };
+        let cooldown = sim
+            .cooldown
+            .as_ref()
+            .map(|c| format!(", cooldown {c}"))
+            .unwrap_or_default();
+        writeln!(out, "  playbook {name} matches{dry}{cooldown}:")?;
+        for h in &sim.holds {
+            writeln!(out, "    HELD NOW: {h}")?;
+        }
+        for (k, v) in &sim.params {
             writeln!(out, "    param {k} = {v}")?;
         }
-        for (i, s) in plan.steps.iter().enumerate() {
+        let mut escalation_header = false;
+        for (i, s) in sim.steps.iter().enumerate() {
+            if s.phase == "on_failure" && !escalation_header {
+                writeln!(out, "    if a step fails, then:")?;
+                escalation_header = true;
+            }
             writeln!(
                 out,
                 "    {}. {} [{}] on_failure={}",
                 i + 1,
                 s.name,
                 s.action,
-                s.on_failure.as_str()
+                s.on_failure
             )?;
+            if let Some(g) = &s.approval {
+                let who = match g["approvers"].as_array() {
+                    Some(a) if !a.is_empty() => {
+                        let names: Vec<&str> = a.iter().filter_map(Value::as_str).collect();
+                        format!("by {}", names.join(" or "))
+                    }
+                    _ => "by any approver".to_string(),
+                };
+                writeln!(
+                    out,
+                    "         waits for {} approval(s) {who}, expiring after {}",
+                    g["approvals"],
+                    g["expires_in"].as_str().unwrap_or("")
+                )?;
+            }
             for (k, v) in s.args.as_object().into_iter().flatten() {
                 let shown = v.as_str().map_or_else(|| v.to_string(), str::to_string);
                 writeln!(out, "         {k}: {shown}")?;
             }
+            if let Some(why) = &s.refused {
+                writeln!(out, "         WOULD BE REFUSED: {why}")?;
+            }
         }
+        let refused = sim.steps.iter().filter(|s| s.refused.is_some()).count();
+        let verdict = match (refused, sim.holds.is_empty()) {
+            (0, true) => "would run".to_string(),
+            (0, false) => "would run once nothing holds it".to_string(),
+            (n, _) => format!("would NOT run as planned: {n} step(s) would be refused"),
+        };
+        writeln!(out, "    => {verdict}")?;
     }
     Ok(())
 }

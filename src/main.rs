@@ -306,14 +306,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let cfg = load_config(config.as_ref())?;
-            let dir = playbooks.unwrap_or(cfg.playbooks_dir);
+            let dir = playbooks.unwrap_or_else(|| cfg.playbooks_dir.clone());
             let set = reflex::playbook::PlaybookSet::load(&[dir]).map_err(|d| {
                 let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
                 anyhow::anyhow!("invalid playbooks:\n{}", lines.join("\n"))
             })?;
             let alerts = reflex::cli::read_alerts(&alert).map_err(anyhow::Error::msg)?;
-            reflex::cli::simulate(&set, &alerts, json, &mut std::io::stdout())?;
-            Ok(ExitCode::SUCCESS)
+            let ok = reflex::cli::simulate(&cfg, &set, &alerts, json, &mut std::io::stdout())?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
     }
 }

@@ -75,16 +75,34 @@ fn check_reports_config_errors_with_line() {
 
 #[test]
 fn simulate_lists_matching_playbooks_and_rendered_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("reflex.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "playbooks_dir: {}\ndata_dir: {}\nssh:\n  hosts:\n    db-1: {{ aliases: [db-1.example.internal] }}\n    db-2: {{ aliases: [db-2.example.internal] }}\n",
+            repo().join("playbooks").display(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
     let (code, out) = reflex_cli(
-        &["simulate", "--alert", "examples/alerts/disk-space-low.json"],
+        &[
+            "simulate",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--alert",
+            "examples/alerts/disk-space-low.json",
+        ],
         repo(),
     );
     assert_eq!(code, 0, "{out}");
     assert_eq!(
-        out.matches("playbook disk-cleanup would run").count(),
+        out.matches("playbook disk-cleanup matches").count(),
         2,
         "{out}"
     );
+    assert_eq!(out.matches("=> would run\n").count(), 2, "{out}");
     assert!(
         out.contains("Disk space low on db-1.example.internal (/var)"),
         "{out}"
@@ -127,8 +145,9 @@ fn simulate_has_no_side_effects() {
         ],
         dir.path(),
     );
-    assert_eq!(code, 0, "{out}");
+    assert_eq!(code, 1, "web-3 is not in the (empty) inventory: {out}");
     assert!(out.contains("web-3.example.internal"), "{out}");
+    assert!(out.contains("WOULD BE REFUSED"), "{out}");
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
         0,
@@ -156,4 +175,136 @@ fn check_refuses_relative_or_factor_scaling_without_a_max() {
     std::fs::write(dir.path().join("s.yaml"), playbook("x2", "      max: 10\n")).unwrap();
     let (code, out) = reflex_cli(&["check", dir.path().to_str().unwrap()], repo());
     assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn simulate_shows_refusals_gates_escalation_and_unplannable_alerts_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let pb = dir.path().join("playbooks");
+    std::fs::create_dir_all(&pb).unwrap();
+    std::fs::write(
+        pb.join("escalate.yaml"),
+        r#"
+name: escalate
+matchers: ['alertname="DiskSpaceLow"']
+steps:
+  - name: clean
+    action: ssh.run
+    with: { host: "{{ host(labels.instance) }}", command: "df -P -- {{ labels.mountpoint }}" }
+    approval: { count: 2, approvers: [alice, bob], expires: 10m }
+on_failure:
+  - name: page
+    action: log
+    with: { message: "cleanup failed on {{ labels.instance }}" }
+"#,
+    )
+    .unwrap();
+    let alert = repo().join("examples/alerts/disk-space-low.json");
+    let run = |extra: &str, alert: &Path| {
+        let cfg = dir.path().join("reflex.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "playbooks_dir: {}\ndata_dir: {}\n{extra}",
+                pb.display(),
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        reflex_cli(
+            &[
+                "simulate",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--alert",
+                alert.to_str().unwrap(),
+            ],
+            dir.path(),
+        )
+    };
+    // No inventory: refused, and said so.
+    let (code, out) = run("", &alert);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(
+            "WOULD BE REFUSED: host \"db-1.example.internal\" is not in the SSH inventory"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("waits for 2 approval(s) by alice or bob, expiring after 10m"),
+        "{out}"
+    );
+    let escalation = out
+        .find("if a step fails, then:")
+        .expect("escalation section");
+    assert!(out[escalation..].contains("page [log]"), "{out}");
+    assert!(out.find("1. clean").unwrap() < escalation, "{out}");
+
+    // With the hosts in the inventory it would run; a maintenance window holds it now.
+    let inventory = "ssh:\n  hosts:\n    db-1: { aliases: [db-1.example.internal] }\n    db-2: { aliases: [db-2.example.internal] }\n";
+    let (code, out) = run(inventory, &alert);
+    assert_eq!(code, 0, "{out}");
+    let window = "maintenance_windows:\n  - { name: patching, matchers: ['alertname=\"DiskSpaceLow\"'], start: 2020-01-01T00:00:00Z, end: 2099-01-01T00:00:00Z }\n";
+    let (code, out) = run(&format!("{inventory}{window}"), &alert);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("HELD NOW: maintenance window \"patching\""),
+        "{out}"
+    );
+
+    // An alert a playbook matches but cannot plan (no `mountpoint`) fails the simulation.
+    let bare = dir.path().join("bare.json");
+    std::fs::write(
+        &bare,
+        r#"{"labels": {"alertname": "DiskSpaceLow", "instance": "db-1.example.internal:9100"}}"#,
+    )
+    .unwrap();
+    let (code, out) = run(inventory, &bare);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("CANNOT BE PLANNED"), "{out}");
+}
+
+#[tokio::test]
+async fn simulate_sees_the_daemons_kill_switch_and_cooldowns() {
+    let app = common::TestApp::builder()
+        .example_playbooks()
+        .config("ssh:\n  hosts:\n    db-1: { aliases: [db-1.example.internal] }\n    db-2: { aliases: [db-2.example.internal] }\n")
+        .start()
+        .await;
+    let (status, _) = app
+        .post_alertmanager(&common::fixture("alertmanager-disk.json"))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = app
+        .call(
+            "PUT",
+            "/api/v1/killswitch",
+            None,
+            Some(serde_json::json!({"engaged": true, "reason": "incident 9"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // While the daemon runs: simulate reads its store without writing to it.
+    let alert = repo().join("tests/fixtures/alertmanager-disk.json");
+    let cfg = app.config_path().to_str().unwrap().to_string();
+    let (code, out) = reflex_cli(
+        &[
+            "simulate",
+            "--config",
+            &cfg,
+            "--alert",
+            alert.to_str().unwrap(),
+        ],
+        repo(),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("HELD NOW: kill switch (global) engaged by anonymous: incident 9"),
+        "{out}"
+    );
+    assert!(
+        out.contains("HELD NOW: cooldown: run 1 for the same key"),
+        "{out}"
+    );
 }

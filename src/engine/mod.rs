@@ -5,6 +5,7 @@
 //! The store is the run queue: the dispatcher claims pending runs in order, at most
 //! `max_concurrent_runs` at once, so a crash or a restart loses nothing.
 
+pub mod maintenance;
 mod run;
 
 use crate::alert::Alert;
@@ -12,7 +13,6 @@ use crate::config::{Config, EngineConfig};
 use crate::executors::Executors;
 use crate::metrics::Metrics;
 use crate::notify::{Event, Notifier, RunInfo};
-use crate::playbook::matcher::Matcher;
 use crate::playbook::spec::CooldownBy;
 use crate::playbook::{Diagnostic, PlaybookSet};
 use crate::store::{
@@ -37,14 +37,6 @@ const MAX_CLAIM: usize = 64;
 /// How often pending approvals are checked for expiry.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A maintenance window, compiled.
-struct Window {
-    name: String,
-    matchers: Vec<Matcher>,
-    start_ms: i64,
-    end_ms: i64,
-}
-
 /// The engine: shared by the API and the dispatcher.
 pub struct Engine {
     store: Store,
@@ -52,7 +44,7 @@ pub struct Engine {
     executors: Executors,
     config: EngineConfig,
     limits: BreakerLimits,
-    windows: Vec<Window>,
+    windows: maintenance::Windows,
     dry_run: bool,
     playbook_paths: Vec<PathBuf>,
     /// The metrics the engine updates.
@@ -96,25 +88,7 @@ impl Engine {
         metrics
             .playbooks_loaded
             .set(playbooks.playbooks.len() as i64);
-        let ms = |t: &str| {
-            humantime::parse_rfc3339_weak(t)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as i64)
-        };
-        let windows = (cfg.maintenance_windows.iter())
-            .map(|w| Window {
-                name: w.name.clone(),
-                // Validated with the config.
-                matchers: w
-                    .matchers
-                    .iter()
-                    .filter_map(|m| Matcher::parse(m).ok())
-                    .collect(),
-                start_ms: ms(&w.start),
-                end_ms: ms(&w.end),
-            })
-            .collect();
+        let windows = maintenance::Windows::new(&cfg.maintenance_windows);
         let b = &cfg.breaker;
         Arc::new(Engine {
             store,
@@ -206,17 +180,7 @@ impl Engine {
         let items: Vec<IntakeItem> = evaluated
             .into_iter()
             .map(|(alert, matched)| {
-                let window = self.windows.iter().find(|w| {
-                    (w.start_ms..w.end_ms).contains(&now)
-                        && w.matchers.iter().all(|m| m.matches(&alert.labels))
-                });
-                let suppress = window.map(|w| {
-                    format!(
-                        "maintenance window {:?} until {}",
-                        w.name,
-                        crate::time::rfc3339(w.end_ms)
-                    )
-                });
+                let suppress = self.windows.hold(&alert, now);
                 let candidates = matched
                     .into_iter()
                     .map(|m| Candidate {

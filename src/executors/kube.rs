@@ -151,6 +151,29 @@ impl KubeExecutor {
         Ok(client)
     }
 
+    /// Whether a cluster of that name can be reached at all, known without a request: a
+    /// configured one, or (with none configured) a kubeconfig or in-cluster service account.
+    fn check_cluster(&self, cluster: Option<&str>) -> Result<(), ExecError> {
+        let name = self.cluster_name(cluster)?;
+        if !self.cfg.clusters.is_empty() {
+            return Ok(());
+        }
+        static INFERABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let inferable = *INFERABLE.get_or_init(|| {
+            std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+                || kube::config::Kubeconfig::read().is_ok()
+        });
+        if inferable {
+            Ok(())
+        } else {
+            Err(ExecError::Refused(format!(
+                "no Kubernetes cluster is configured for {name:?}: kubernetes.clusters is empty \
+                 and there is no kubeconfig (KUBECONFIG, ~/.kube/config) or in-cluster service \
+                 account"
+            )))
+        }
+    }
+
     /// Whether steps may act in `namespace` on `cluster`: checked before any request.
     pub fn check_scope(&self, cluster: Option<&str>, namespace: &str) -> Result<(), ExecError> {
         let name = self.cluster_name(cluster)?;
@@ -623,6 +646,7 @@ impl Executor for KubeAction {
             _ => return Err(ExecError::InvalidArgs("not a kube action".into())),
         };
         check_name("name", &name)?;
+        self.0.check_cluster(cluster.as_deref())?;
         if let Some(ns) = namespace {
             check_namespace(&ns)?;
             self.0.check_scope(cluster.as_deref(), &ns)?;

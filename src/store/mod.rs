@@ -7,11 +7,13 @@
 mod approvals;
 mod audit;
 mod runs;
+mod snapshot;
 mod switches;
 
 pub use approvals::*;
 pub use audit::AuditEntry;
 pub use runs::*;
+pub use snapshot::Snapshot;
 pub use switches::*;
 
 use rusqlite::{Connection, TransactionBehavior};

@@ -887,7 +887,7 @@ fn intake_one(
     })
 }
 
-fn cooldown_reason(
+pub(super) fn cooldown_reason(
     c: &Connection,
     playbook: &str,
     key: &str,
