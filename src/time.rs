@@ -24,7 +24,44 @@ pub fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// Units a duration may use: months and years are ambiguous (and `M` for months is one
+/// shift-key away from `m` for minutes), so they are refused.
+const UNITS: &[&str] = &[
+    "ms", "msec", "s", "sec", "secs", "second", "seconds", "m", "min", "mins", "minute", "minutes",
+    "h", "hr", "hrs", "hour", "hours", "d", "day", "days", "w", "week", "weeks",
+];
+
 /// Parses a human duration such as `30s`, `10m` or `1h 30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    for unit in s
+        .split(|c: char| c.is_ascii_digit() || c.is_whitespace())
+        .filter(|u| !u.is_empty())
+    {
+        if !UNITS.contains(&unit) {
+            let hint = match unit {
+                "M" | "month" | "months" => " (months are not a unit here; `m` is minutes)",
+                "y" | "year" | "years" => " (years are not a unit here)",
+                _ => "",
+            };
+            return Err(format!(
+                "invalid duration {s:?}: unknown unit `{unit}`{hint}; use ms, s, m, h, d or w"
+            ));
+        }
+    }
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_the_documented_units_only() {
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        let e = parse_duration("20M").unwrap_err();
+        assert!(e.contains("months") && e.contains("`m` is minutes"), "{e}");
+        assert!(parse_duration("2y").is_err());
+        assert!(parse_duration("3 fortnights").is_err());
+    }
 }

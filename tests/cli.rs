@@ -308,3 +308,95 @@ async fn simulate_sees_the_daemons_kill_switch_and_cooldowns() {
         "{out}"
     );
 }
+
+#[test]
+fn check_catches_typos_non_conditions_and_names_the_config_lacks_with_suggestions() {
+    let dir = tempfile::tempdir().unwrap();
+    let pb = dir.path().join("playbooks");
+    std::fs::create_dir_all(&pb).unwrap();
+    let write = |name: &str, text: &str| std::fs::write(pb.join(name), text).unwrap();
+    write(
+        "typos.yaml",
+        r#"name: typos
+matchers: ['alertname="X"']
+params:
+  host: "{{ hots(labels.instance) }}"
+steps:
+  - action: log
+    with: { message: "on {{ param.host }}" }
+"#,
+    );
+    write(
+        "when.yaml",
+        "name: when\nmatchers: ['alertname=\"X\"', 'severity=\"critical\"']\nwhen: labels.severity\ncooldown: 20M\nsteps:\n  - action: log\n    with: { message: hi }\n",
+    );
+    write(
+        "verify.yaml",
+        "name: verify\nmatchers: ['alertname=\"X\"']\nsteps:\n  - action: verify\n    with:\n      query: up\n      condition: value = 1\n",
+    );
+    write(
+        "names.yaml",
+        r#"name: names
+matchers: ['alertname="X"']
+approval: { count: 1, approvers: [alcie] }
+steps:
+  - action: feature_flag.disable
+    with: { provider: flagz, flag: checkout }
+  - action: http
+    with: { url: "https://status.example/x", credential: pagr }
+"#,
+    );
+    let cfg = dir.path().join("reflex.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "playbooks_dir: {}\nfeature_flags:\n  flags: {{ type: unleash, url: \"http://u\", environment: prod }}\n\
+             credentials:\n  pager: {{ env: PAGER_TOKEN }}\n\
+             auth:\n  tokens:\n    - {{ name: alice, role: approver, sha256: {} }}\n",
+            pb.display(),
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let (code, out) = reflex_cli(&["check", "--config", cfg.to_str().unwrap()], dir.path());
+    assert_eq!(code, 1, "{out}");
+    let d = pb.display();
+    for (at, needle) in [
+        (
+            format!("{d}/typos.yaml:4:"),
+            "unknown function `hots`; did you mean `host`?",
+        ),
+        (format!("{d}/typos.yaml:7:"), "unknown variable `param`"),
+        (
+            format!("{d}/when.yaml:3:"),
+            "when must give true or false, but gives a string",
+        ),
+        (format!("{d}/when.yaml:4:"), "`m` is minutes"),
+        (format!("{d}/verify.yaml:7:"), "(to compare, write `==`)"),
+        (
+            format!("{d}/names.yaml:3:"),
+            "approver \"alcie\" is not a token with the approver or admin role in auth.tokens; did you mean \"alice\"?",
+        ),
+        (
+            format!("{d}/names.yaml:6:"),
+            "feature-flag provider (feature_flags) \"flagz\" is not in the config; did you mean \"flags\"?",
+        ),
+        (
+            format!("{d}/names.yaml:8:"),
+            "credential (credentials) \"pagr\" is not in the config; did you mean \"pager\"?",
+        ),
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&at) && l.contains(needle)),
+            "missing {at} {needle:?} in:\n{out}"
+        );
+    }
+    assert!(out.contains("did you mean `params`?"), "{out}");
+    // Without --config the cross-checks are not made (names may come from another config).
+    let (_, out) = reflex_cli(
+        &["check", pb.join("names.yaml").to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(!out.contains("flagz"), "{out}");
+}

@@ -28,7 +28,7 @@ impl Executor for ScriptExecutor {
     fn validate(&self, ctx: &StepContext) -> Result<(), ExecError> {
         let args: ScriptArgs = ctx.args()?;
         self.sandbox
-            .compile_script(&args.script)
+            .compile_script(&args.script, crate::playbook::script::names::PLANNED)
             .map(drop)
             .map_err(|e| ExecError::InvalidArgs(e.message))
     }
@@ -40,7 +40,7 @@ impl Executor for ScriptExecutor {
         // CPU-bound (up to MAX_OPERATIONS): keep it off the async workers.
         tokio::task::spawn_blocking(move || {
             let ast = sandbox
-                .compile_script(&args.script)
+                .compile_script(&args.script, crate::playbook::script::names::PLANNED)
                 .map_err(|e| ExecError::InvalidArgs(e.message))?;
             let mut scope = alert_scope(&alert);
             let params =

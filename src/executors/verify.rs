@@ -92,7 +92,7 @@ impl Executor for VerifyExecutor {
     fn validate(&self, ctx: &StepContext) -> Result<(), ExecError> {
         let args: VerifyArgs = ctx.args()?;
         self.sandbox
-            .compile_script(&args.condition)
+            .compile_expr(&args.condition, crate::playbook::script::names::CONDITION)
             .map(drop)
             .map_err(|e| ExecError::InvalidArgs(e.message))
     }
@@ -101,7 +101,7 @@ impl Executor for VerifyExecutor {
         let args: VerifyArgs = ctx.args()?;
         let condition = self
             .sandbox
-            .compile_script(&args.condition)
+            .compile_expr(&args.condition, crate::playbook::script::names::CONDITION)
             .map_err(|e| ExecError::InvalidArgs(e.message))?;
         let interval = match &args.interval {
             Some(i) => crate::time::parse_duration(i).map_err(ExecError::InvalidArgs)?,

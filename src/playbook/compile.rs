@@ -5,7 +5,7 @@
 use super::actions::{Action, ArgKind};
 use super::locate::{Seg, line_of};
 use super::matcher::Matcher;
-use super::script::{Located, Sandbox};
+use super::script::{Located, Sandbox, names};
 use super::spec::{ApprovalSpecYaml, PlaybookSpec, StepSpec};
 use super::template::{Quoting, Template};
 use super::{Arg, Diagnostic, Gate, Playbook, Step};
@@ -48,7 +48,17 @@ impl Ctx<'_> {
     }
 
     fn template(&mut self, path: &[Seg<'_>], src: &str, quoting: Quoting) -> Option<Template> {
-        match Template::compile(self.sandbox, src, quoting) {
+        self.template_with(path, src, quoting, names::PLANNED)
+    }
+
+    fn template_with(
+        &mut self,
+        path: &[Seg<'_>],
+        src: &str,
+        quoting: Quoting,
+        names: &[&str],
+    ) -> Option<Template> {
+        match Template::compile_with(self.sandbox, src, quoting, names) {
             Ok(t) => Some(t),
             Err(Located { line, message }) => {
                 let at = self.inner_line(path, src, line);
@@ -58,8 +68,21 @@ impl Ctx<'_> {
         }
     }
 
-    fn script(&mut self, path: &[Seg<'_>], src: &str, what: &str) -> Option<AST> {
-        match self.sandbox.compile_script(src) {
+    /// Compiles Rhai code: statements when `statements`, else one expression.
+    fn script(
+        &mut self,
+        path: &[Seg<'_>],
+        src: &str,
+        what: &str,
+        names: &[&str],
+        statements: bool,
+    ) -> Option<AST> {
+        let compiled = if statements {
+            self.sandbox.compile_script(src, names)
+        } else {
+            self.sandbox.compile_expr(src, names)
+        };
+        match compiled {
             Ok(ast) => Some(ast),
             Err(Located { line, message }) => {
                 let at = self.inner_line(path, src, line);
@@ -182,7 +205,11 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
             "statuses: list firing, resolved or both",
         );
     }
-    let when = (spec.when.as_deref()).and_then(|w| cx.script(&[Seg::Key("when")], w, "when"));
+    let when = (spec.when.as_deref())
+        .and_then(|w| cx.script(&[Seg::Key("when")], w, "when", names::ALERT, true));
+    if let Some(ast) = &when {
+        check_when_is_a_condition(&mut cx, ast, &matchers);
+    }
 
     let mut params = Vec::new();
     for (k, v) in &spec.params {
@@ -220,7 +247,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
     let target = cx.template(&[Seg::Key("target")], target_src, Quoting::Plain);
     let deadline = (spec.deadline.as_deref()).and_then(|d| cx.duration(&[Seg::Key("deadline")], d));
     let report = (spec.report.as_deref())
-        .and_then(|r| cx.template(&[Seg::Key("report")], r, Quoting::Plain));
+        .and_then(|r| cx.template_with(&[Seg::Key("report")], r, Quoting::Plain, names::REPORT));
     let steps = (spec.steps.iter().enumerate())
         .filter_map(|(i, s)| compile_step(&mut cx, "steps", i, s))
         .collect();
@@ -251,6 +278,45 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         steps,
         on_failure,
     })
+}
+
+/// `when` must give true or false. Evaluated once against an alert with the labels the
+/// matchers name exactly, it shows the common mistakes (`when: labels.severity`, a string; a
+/// last statement that gives nothing); errors there are left to real alerts, whose labels may
+/// differ.
+fn check_when_is_a_condition(cx: &mut Ctx<'_>, ast: &AST, matchers: &[Matcher]) {
+    let labels = matchers
+        .iter()
+        .filter_map(|m| Some((m.name.clone(), m.equality()?.to_string())))
+        .collect();
+    let sample = crate::alert::Alert {
+        source: "generic",
+        status: crate::alert::AlertStatus::Firing,
+        fingerprint: crate::alert::fingerprint(&labels),
+        labels,
+        annotations: Default::default(),
+        starts_at: String::new(),
+        ends_at: None,
+        generator_url: None,
+        group_key: None,
+    };
+    let _budget = super::script::Budget::start(std::time::Duration::from_millis(100));
+    let mut scope = super::script::alert_scope(&sample);
+    if let Ok(v) = cx.sandbox.eval(&mut scope, ast)
+        && !v.is_bool()
+    {
+        let got = if v.is_unit() {
+            "nothing".to_string()
+        } else {
+            format!("a {}", v.type_name())
+        };
+        cx.err(
+            &[Seg::Key("when")],
+            format!(
+                "when must give true or false, but gives {got} (compare it: `labels.x == \"y\"`)"
+            ),
+        );
+    }
 }
 
 fn compile_step(cx: &mut Ctx<'_>, section: &str, i: usize, spec: &StepSpec) -> Option<Step> {
@@ -302,10 +368,12 @@ fn compile_step(cx: &mut Ctx<'_>, section: &str, i: usize, spec: &StepSpec) -> O
         let arg = match action.arg_kind(key) {
             ArgKind::Verbatim => {
                 if action == Action::Script {
-                    script = cx.script(&path, value.as_str().unwrap_or(""), "script");
+                    let src = value.as_str().unwrap_or("");
+                    script = cx.script(&path, src, "script", names::PLANNED, true);
                 }
                 if action == Action::Verify {
-                    cx.script(&path, value.as_str().unwrap_or(""), "condition");
+                    let src = value.as_str().unwrap_or("");
+                    cx.script(&path, src, "condition", names::CONDITION, false);
                 }
                 Arg::Literal(value.clone())
             }

@@ -360,6 +360,15 @@ impl PlaybookSet {
     /// Loads playbooks from files and directories (`*.yaml`, `*.yml`), collecting every error.
     pub fn load(paths: &[PathBuf]) -> Result<Self, Vec<Diagnostic>> {
         let sandbox = Arc::new(Sandbox::new());
+        let (playbooks, diags) = Self::compile_files(paths, &sandbox);
+        if !diags.is_empty() {
+            return Err(diags);
+        }
+        Self::new(playbooks, sandbox)
+    }
+
+    /// Compiles every playbook file: the ones that compile, and the errors of the others.
+    pub fn compile_files(paths: &[PathBuf], sandbox: &Sandbox) -> (Vec<Playbook>, Vec<Diagnostic>) {
         let mut playbooks = Vec::new();
         let mut diags = Vec::new();
         for file in playbook_files(paths, &mut diags) {
@@ -374,15 +383,12 @@ impl PlaybookSet {
                     continue;
                 }
             };
-            match compile::compile(&file, &src, &sandbox) {
+            match compile::compile(&file, &src, sandbox) {
                 Ok(p) => playbooks.push(p),
                 Err(d) => diags.extend(d),
             }
         }
-        if !diags.is_empty() {
-            return Err(diags);
-        }
-        Self::new(playbooks, sandbox)
+        (playbooks, diags)
     }
 
     /// A playbook by name.

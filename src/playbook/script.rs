@@ -87,9 +87,37 @@ impl Drop for Budget {
 /// cost more than the operations.
 const BUDGET_CHECK_EVERY: u64 = 1024;
 
+/// The names an expression may use, by where it stands: a reference to any other is an
+/// error at load (Rhai's strict variables), with the closest name suggested.
+pub mod names {
+    /// `when`: the alert.
+    pub const ALERT: &[&str] = &["alert", "labels", "annotations"];
+    /// Parameters, step arguments, targets and script steps: the alert and `params`.
+    pub const PLANNED: &[&str] = &["alert", "labels", "annotations", "params"];
+    /// A playbook's `report`: also `steps` (outputs by step name) and `run`.
+    pub const REPORT: &[&str] = &["alert", "labels", "annotations", "params", "steps", "run"];
+    /// A `verify` condition: the query's first sample and all of them.
+    pub const CONDITION: &[&str] = &["value", "values"];
+}
+
+/// Functions the evaluator provides itself, not as registered functions.
+const INTRINSICS: &[&str] = &[
+    "print",
+    "debug",
+    "type_of",
+    "is_def_var",
+    "is_def_fn",
+    "Fn",
+    "call",
+    "curry",
+    "is_shared",
+];
+
 /// A sandboxed Rhai engine.
 pub struct Sandbox {
     engine: Engine,
+    /// Every function a script may call, by name (for the check at load).
+    functions: std::collections::HashSet<String>,
 }
 
 type Fallible<T> = Result<T, Box<EvalAltResult>>;
@@ -131,7 +159,8 @@ impl Sandbox {
             .set_max_string_size(MAX_STRING_SIZE)
             .set_max_array_size(MAX_COLLECTION_SIZE)
             .set_max_map_size(MAX_COLLECTION_SIZE)
-            .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+            .set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new())
+            .set_strict_variables(true);
         engine.disable_symbol("eval");
         engine.on_print(|s| tracing::info!(target: "reflex::script", text = ?s, "script print"));
         engine.on_debug(
@@ -209,17 +238,73 @@ impl Sandbox {
             let empty = v.is_unit() || v.clone().into_string().is_ok_and(|s| s.is_empty());
             if empty { default } else { v }
         });
-        Sandbox { engine }
+        let functions = engine
+            .gen_fn_signatures(true)
+            .iter()
+            .filter_map(|sig| sig.split('(').next())
+            .map(|name| name.rsplit("::").next().unwrap_or(name).to_string())
+            .chain(INTRINSICS.iter().map(|s| s.to_string()))
+            .collect();
+        Sandbox { engine, functions }
     }
 
-    /// Compiles a single expression (template holes, `when`, params).
-    pub fn compile_expr(&self, src: &str) -> Result<AST, Located> {
-        self.engine.compile_expression(src).map_err(Located::from)
+    /// Compiles a single expression (template holes, params, conditions) that may use `names`.
+    pub fn compile_expr(&self, src: &str, names: &[&str]) -> Result<AST, Located> {
+        let ast = self
+            .engine
+            .compile_expression_with_scope(&scope_of(names), src)
+            .map_err(|e| Located::from_parse(e, names))?;
+        self.check_calls(&ast)?;
+        Ok(ast)
     }
 
-    /// Compiles a script (statements allowed).
-    pub fn compile_script(&self, src: &str) -> Result<AST, Located> {
-        self.engine.compile(src).map_err(Located::from)
+    /// Compiles a script (statements allowed) that may use `names`.
+    pub fn compile_script(&self, src: &str, names: &[&str]) -> Result<AST, Located> {
+        let ast = self
+            .engine
+            .compile_with_scope(&scope_of(names), src)
+            .map_err(|e| Located::from_parse(e, names))?;
+        self.check_calls(&ast)?;
+        Ok(ast)
+    }
+
+    /// Every function the AST calls exists (a typo is an error at load, not at 3 AM).
+    fn check_calls(&self, ast: &AST) -> Result<(), Located> {
+        let own: Vec<String> = ast.iter_functions().map(|f| f.name.to_string()).collect();
+        let mut unknown = None;
+        ast.walk(&mut |path: &[rhai::ASTNode]| {
+            let call = match path.last() {
+                Some(rhai::ASTNode::Expr(
+                    rhai::Expr::FnCall(call, pos) | rhai::Expr::MethodCall(call, pos),
+                ))
+                | Some(rhai::ASTNode::Stmt(rhai::Stmt::FnCall(call, pos))) => Some((call, pos)),
+                _ => None,
+            };
+            if let Some((call, pos)) = call {
+                let name = call.name.as_str();
+                let known = call.op_token.is_some()
+                    || call.is_qualified()
+                    || self.functions.contains(name)
+                    || own.iter().any(|f| f == name);
+                if !known {
+                    unknown = Some((name.to_string(), *pos));
+                    return false;
+                }
+            }
+            true
+        });
+        match unknown {
+            None => Ok(()),
+            Some((name, pos)) => {
+                let hint = did_you_mean(&name, self.functions.iter().map(String::as_str))
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                Err(Located {
+                    line: pos.line(),
+                    message: format!("unknown function `{name}`{hint}"),
+                })
+            }
+        }
     }
 
     /// Evaluates a compiled AST in a scope.
@@ -244,13 +329,74 @@ pub struct Located {
     pub message: String,
 }
 
-impl From<rhai::ParseError> for Located {
-    fn from(e: rhai::ParseError) -> Self {
+impl Located {
+    fn from_parse(e: rhai::ParseError, names: &[&str]) -> Self {
+        let message = match &*e.0 {
+            rhai::ParseErrorType::VariableUndefined(name) => {
+                let hint = did_you_mean(name, names.iter().copied())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                format!(
+                    "unknown variable `{name}` (here: {}){hint}",
+                    names.join(", ")
+                )
+            }
+            other => {
+                let text = other.to_string();
+                if text.contains("'='") {
+                    format!("{text} (to compare, write `==`)")
+                } else {
+                    text
+                }
+            }
+        };
         Located {
             line: e.1.line(),
-            message: e.0.to_string(),
+            message,
         }
     }
+}
+
+fn scope_of(names: &[&str]) -> Scope<'static> {
+    let mut scope = Scope::new();
+    for n in names {
+        scope.push_constant(*n, Dynamic::UNIT);
+    }
+    scope
+}
+
+/// The known name closest to `name`, if one is close enough to be a typo of it.
+pub fn did_you_mean<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    known
+        .map(|k| (edit_distance(name, k), k))
+        .filter(|(d, k)| *d <= (k.len().max(name.len()) / 3).max(1))
+        .min_by_key(|(d, k)| (*d, k.len()))
+        .map(|(_, k)| k)
+}
+
+/// Edit distance between two strings, by characters, where swapping two neighbours is one
+/// edit (optimal string alignment): `hots` is one edit from `host`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 /// `db-1.example:9100` -> `db-1.example`; `[::1]:9100` -> `::1`; no port: unchanged.
@@ -290,7 +436,7 @@ mod tests {
 
     fn eval(src: &str) -> Result<Dynamic, String> {
         let sb = Sandbox::new();
-        let ast = sb.compile_script(src).map_err(|e| e.message)?;
+        let ast = sb.compile_script(src, &[]).map_err(|e| e.message)?;
         sb.eval(&mut Scope::new(), &ast)
     }
 
@@ -340,7 +486,7 @@ mod tests {
     fn the_budget_stops_a_slow_evaluation() {
         let sb = Sandbox::new();
         let ast = sb
-            .compile_script("let x = 0; for i in 0..20000 { x += i; } x")
+            .compile_script("let x = 0; for i in 0..20000 { x += i; } x", &[])
             .unwrap();
         assert!(sb.eval(&mut Scope::new(), &ast).is_ok(), "within budget");
         let _budget = Budget::start(Duration::ZERO);
@@ -372,6 +518,36 @@ mod tests {
             eval("or_default(\"api\", \"web\")").unwrap().to_string(),
             "api"
         );
+    }
+
+    #[test]
+    fn unknown_variables_and_functions_are_load_errors_with_a_suggestion() {
+        let sb = Sandbox::new();
+        let e = sb.compile_expr("param.host", names::PLANNED).unwrap_err();
+        assert!(
+            e.message.contains("unknown variable `param`")
+                && e.message.contains("did you mean `params`"),
+            "{}",
+            e.message
+        );
+        let e = sb
+            .compile_expr("hots(labels.instance)", names::PLANNED)
+            .unwrap_err();
+        assert!(
+            e.message.contains("unknown function `hots`")
+                && e.message.contains("did you mean `host`"),
+            "{}",
+            e.message
+        );
+        let e = sb
+            .compile_script("let n = 1;\nlabels.x.lenght()", names::ALERT)
+            .unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(
+            sb.compile_script("fn f(x) { x + 1 } let y = f(1); y.to_string().len()", &[])
+                .is_ok()
+        );
+        assert!(sb.compile_expr("value = 1", names::CONDITION).is_err());
     }
 
     #[test]

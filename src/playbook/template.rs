@@ -72,8 +72,19 @@ impl Template {
         s.contains("{{")
     }
 
-    /// Compiles a template and decides each hole's context.
+    /// Compiles a template whose holes see the alert and `params`, and decides each hole's
+    /// context.
     pub fn compile(sandbox: &Sandbox, src: &str, quoting: Quoting) -> Result<Template, Located> {
+        Self::compile_with(sandbox, src, quoting, super::script::names::PLANNED)
+    }
+
+    /// Compiles a template whose holes may use `names`.
+    pub fn compile_with(
+        sandbox: &Sandbox,
+        src: &str,
+        quoting: Quoting,
+        names: &[&str],
+    ) -> Result<Template, Located> {
         let mut parts = Vec::new();
         let mut offsets = Vec::new();
         let mut rest = src;
@@ -95,7 +106,7 @@ impl Template {
                     message: "empty `{{ }}` in template".into(),
                 });
             }
-            let ast = sandbox.compile_expr(expr).map_err(|e| Located {
+            let ast = sandbox.compile_expr(expr, names).map_err(|e| Located {
                 line: Some(line_of(offset) + e.line.unwrap_or(1) - 1),
                 message: format!("in `{{{{ {expr} }}}}`: {}", e.message),
             })?;
