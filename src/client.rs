@@ -51,11 +51,16 @@ impl Client {
         let status = resp.status();
         let value: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            Ok(value)
-        } else {
-            let msg = value["error"]["message"].as_str().unwrap_or("no message");
-            Err(format!("{} {msg}", status.as_u16()))
+            return Ok(value);
         }
+        let msg = value["error"]["message"].as_str().unwrap_or("no message");
+        let hint = match (status.as_u16(), &self.token) {
+            (401, None) => "; set REFLEX_TOKEN to an API token",
+            (401, Some(_)) => "; the token in REFLEX_TOKEN was not accepted",
+            (403, _) => "; the token in REFLEX_TOKEN lacks the role for this",
+            _ => "",
+        };
+        Err(format!("{} {msg}{hint}", status.as_u16()))
     }
 }
 

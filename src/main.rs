@@ -13,16 +13,16 @@ use std::process::ExitCode;
     about = "Automated remediation: alerts in, playbooks run, every action on the record"
 )]
 struct Cli {
-    /// API address for the operator commands.
-    #[arg(
-        long,
-        global = true,
-        env = "REFLEX_SERVER",
-        default_value = "http://127.0.0.1:9095"
-    )]
-    server: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where the operator commands find the API.
+#[derive(clap::Args)]
+struct Api {
+    /// API address.
+    #[arg(long, env = "REFLEX_SERVER", default_value = "http://127.0.0.1:9095")]
+    server: String,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -38,6 +38,9 @@ enum Command {
         /// Config file (reflex.yaml).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Address to listen on (overrides the config's `listen`).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
         /// Render and record every step; act on nothing.
         #[arg(long)]
         dry_run: bool,
@@ -70,6 +73,8 @@ enum Command {
     },
     /// List runs, newest first (token from REFLEX_TOKEN).
     Runs {
+        #[command(flatten)]
+        api: Api,
         /// Only this playbook.
         #[arg(long)]
         playbook: Option<String>,
@@ -82,17 +87,23 @@ enum Command {
     },
     /// Show one run with its steps.
     Run {
+        #[command(flatten)]
+        api: Api,
         /// Run id.
         id: i64,
     },
     /// List approval requests (pending by default).
     Approvals {
+        #[command(flatten)]
+        api: Api,
         /// pending, approved, denied, expired, cancelled, or all.
         #[arg(long, default_value = "pending")]
         state: String,
     },
     /// Approve a request.
     Approve {
+        #[command(flatten)]
+        api: Api,
         /// Approval id.
         id: i64,
         /// Recorded with the decision.
@@ -101,6 +112,8 @@ enum Command {
     },
     /// Deny a request; its run ends without acting.
     Deny {
+        #[command(flatten)]
+        api: Api,
         /// Approval id.
         id: i64,
         /// Recorded with the decision.
@@ -109,6 +122,8 @@ enum Command {
     },
     /// Engage the kill switch: no new run starts, running runs stop before their next step.
     Kill {
+        #[command(flatten)]
+        api: Api,
         /// Why (required).
         #[arg(long)]
         reason: String,
@@ -121,6 +136,8 @@ enum Command {
     },
     /// Release the kill switch.
     Unkill {
+        #[command(flatten)]
+        api: Api,
         /// Only this playbook's switch.
         #[arg(long)]
         playbook: Option<String>,
@@ -130,6 +147,8 @@ enum Command {
     },
     /// Show the audit log, newest first.
     Audit {
+        #[command(flatten)]
+        api: Api,
         /// How many rows.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -205,13 +224,14 @@ fn set_switch(
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     use reqwest::Method;
     use serde_json::json;
-    let server = cli.server.as_str();
     match cli.command {
         Command::Runs {
+            api,
             playbook,
             state,
             limit,
         } => {
+            let server = &api.server;
             let mut q = format!("/api/v1/runs?limit={limit}");
             for (k, v) in [("playbook", playbook), ("state", state)] {
                 if let Some(v) = v {
@@ -224,7 +244,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { id } => {
+        Command::Run { api, id } => {
+            let server = &api.server;
             println!(
                 "{}",
                 pretty(&client_call(
@@ -236,7 +257,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Approvals { state } => {
+        Command::Approvals { api, state } => {
+            let server = &api.server;
             let q = if state == "all" {
                 "/api/v1/approvals".to_string()
             } else {
@@ -248,21 +270,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Approve { id, comment } => decide(server, id, "approve", comment),
-        Command::Deny { id, comment } => decide(server, id, "deny", comment),
+        Command::Approve { api, id, comment } => decide(&api.server, id, "approve", comment),
+        Command::Deny { api, id, comment } => decide(&api.server, id, "deny", comment),
         Command::Kill {
+            api,
             reason,
             playbook,
             for_,
         } => {
             let body = json!({ "engaged": true, "reason": reason, "for": for_ });
-            set_switch(server, playbook.as_deref(), body)
+            set_switch(&api.server, playbook.as_deref(), body)
         }
-        Command::Unkill { playbook, reason } => {
+        Command::Unkill {
+            api,
+            playbook,
+            reason,
+        } => {
             let body = json!({ "engaged": false, "reason": reason });
-            set_switch(server, playbook.as_deref(), body)
+            set_switch(&api.server, playbook.as_deref(), body)
         }
-        Command::Audit { limit } => {
+        Command::Audit { api, limit } => {
+            let server = &api.server;
             println!(
                 "{}",
                 pretty(&client_call(
@@ -276,12 +304,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve {
             config,
+            listen,
             dry_run,
             log_format,
         } => {
             reflex::telemetry::init(matches!(log_format, LogFormat::Json));
             let mut cfg = load_config(config.as_ref())?;
             cfg.dry_run |= dry_run;
+            if let Some(addr) = listen {
+                cfg.listen = addr;
+                cfg.validate().map_err(anyhow::Error::msg)?;
+            }
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async {
                 let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -400,3 +400,50 @@ steps:
     );
     assert!(!out.contains("flagz"), "{out}");
 }
+
+#[tokio::test]
+async fn serve_listens_where_told_and_a_never_changed_switch_has_no_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut child = std::process::Command::new(common::reflex_bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut switch = None;
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(format!("{base}/api/v1/killswitch")).await {
+            switch = Some(r.json::<serde_json::Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let switch = switch.expect("reflex serve --listen answered");
+    assert_eq!(switch["global"]["engaged"], false);
+    assert_eq!(
+        switch["global"]["changed_at"],
+        serde_json::Value::Null,
+        "{switch}"
+    );
+    assert_eq!(
+        switch["global"]["actor"],
+        serde_json::Value::Null,
+        "{switch}"
+    );
+}
+
+#[test]
+fn server_options_show_only_on_the_commands_that_use_them() {
+    for cmd in ["serve", "check", "simulate"] {
+        let (_, out) = reflex_cli(&[cmd, "--help"], repo());
+        assert!(!out.contains("--server"), "{cmd}: {out}");
+    }
+    for cmd in ["runs", "approve", "kill", "audit"] {
+        let (_, out) = reflex_cli(&[cmd, "--help"], repo());
+        assert!(out.contains("--server"), "{cmd}: {out}");
+    }
+}

@@ -660,3 +660,43 @@ steps:
         Some(6)
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_cluster_is_named_with_its_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{ server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true }}\n\
+             users:\n- name: u\n  user: {{ token: t }}\ncontexts:\n- name: x\n  context: {{ cluster: c, user: u }}\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    let app = common::TestApp::builder()
+        .example_playbooks()
+        .config(&format!(
+            "kubernetes:\n  clusters:\n    prod: {{ kubeconfig: {} }}\n",
+            kubeconfig.display()
+        ))
+        .start()
+        .await;
+    let alert = json!({"labels": {"alertname": "HighLatency", "namespace": "shop", "deployment": "checkout"}});
+    let (_, out) = app
+        .post_raw("/api/v1/webhooks/generic", alert.to_string())
+        .await;
+    let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let run = app.wait_run_state(id, "failed").await;
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!(
+            "cannot reach Kubernetes cluster \"prod\" at https://127.0.0.1:{port}/"
+        )),
+        "{error}"
+    );
+    assert!(
+        error.to_lowercase().contains("connection refused") || error.contains("Connect"),
+        "{error}"
+    );
+}

@@ -363,3 +363,104 @@ async fn alert_text_reaches_chat_as_text_never_as_mentions_or_links() {
     let hook = rx.at("/hook");
     assert_eq!(hook[0].body["run"]["title"], hostile);
 }
+
+#[tokio::test]
+async fn messages_say_each_thing_once_in_the_playbooks_words_when_it_has_them() {
+    let rx = Receiver::start().await;
+    let reported = r#"
+name: reported
+matchers: ['alertname="Reported"']
+report: "Cleaned {{ labels.instance }} ({{ run.state }}, {{ run.duration }})."
+steps:
+  - action: log
+    with: { message: "cleaning" }
+"#;
+    let broken = r#"
+name: broken
+matchers: ['alertname="Broken"']
+steps:
+  - name: probe
+    action: script
+    with: { script: 'throw "disk unreadable"' }
+  - action: log
+    with: { message: "never" }
+"#;
+    let app = TestApp::builder()
+        .playbook("reported.yaml", reported)
+        .playbook("broken.yaml", broken)
+        .config(&format!(
+            "notify:\n  sinks:\n    - {{ name: hook, type: webhook, url: \"{}/hook\" }}\n",
+            rx.base
+        ))
+        .start()
+        .await;
+    let post = |name: &str, summary: &str| {
+        json!({"labels": {"alertname": name, "instance": "web-1"}, "annotations": {"summary": summary}})
+            .to_string()
+    };
+    let (_, out) = app
+        .post_raw("/api/v1/webhooks/generic", post("Reported", "Disk low."))
+        .await;
+    let reported_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    app.wait_run_state(reported_id, "succeeded").await;
+    let (_, out) = app
+        .post_raw(
+            "/api/v1/webhooks/generic",
+            post("Broken", "Disk low on web-1."),
+        )
+        .await;
+    let broken_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    app.wait_run_state(broken_id, "failed").await;
+    rx_wait(&rx, "/hook", 4).await;
+
+    let texts = |id: i64| -> Vec<(String, String)> {
+        rx.at("/hook")
+            .iter()
+            .filter(|r| r.body["run"]["id"] == id)
+            .map(|r| {
+                (
+                    r.body["event"].as_str().unwrap().to_string(),
+                    r.body["text"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    // The playbook's report is the message, not wrapped in the default one.
+    let reported = texts(reported_id);
+    let finished = &reported
+        .iter()
+        .find(|(e, _)| e == "run_finished")
+        .unwrap()
+        .1;
+    assert!(
+        finished.starts_with("Cleaned web-1 (succeeded, "),
+        "{finished}"
+    );
+    assert!(
+        finished.ends_with("ms).") || finished.ends_with("s)."),
+        "{finished}"
+    );
+    assert!(!finished.contains("Run "), "{finished}");
+    assert_eq!(
+        reported[0].1,
+        format!("Disk low. Running playbook reported on web-1 (run {reported_id}).")
+    );
+
+    // A failed run: started, then one end message that names the step and the error once.
+    let broken = texts(broken_id);
+    let events: Vec<&str> = broken.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(events, ["run_started", "run_finished"], "{broken:#?}");
+    let all: String = broken.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(all.matches("disk unreadable").count(), 1, "{all}");
+    assert!(!all.contains(".."), "{all}");
+    let end = &broken[1].1;
+    let duration = end
+        .split(" failed in ")
+        .nth(1)
+        .and_then(|d| d.split('.').next())
+        .unwrap();
+    assert!(
+        duration.ends_with("ms") && duration[..duration.len() - 2].parse::<u64>().is_ok(),
+        "{end}"
+    );
+}

@@ -572,8 +572,10 @@ async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touc
             "notify:\n  sinks:\n    - {{ name: chat, type: slack, url: \"{}/chat\" }}\n",
             chat.base
         ))
-        // Every host the example alerts name is in the inventory, so every step validates.
+        // Every host the example alerts name is in the inventory, and a cluster is configured
+        // (never contacted), so every step validates.
         .config("feature_flags:\n  flags: { type: unleash, url: \"http://127.0.0.1:9\", environment: production }\n")
+        .config("kubernetes:\n  clusters:\n    prod: { kubeconfig: /nonexistent/kubeconfig }\n")
         .config(&sshd.config_yaml(
             "db-1",
             &[
@@ -696,8 +698,8 @@ async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
     let approval = pending_approval(&app, run_id).await["id"].as_i64().unwrap();
     let cli = |args: &[&str], token: &str| {
         let out = std::process::Command::new(common::reflex_bin())
-            .args(["--server", &app.base])
             .args(args)
+            .env("REFLEX_SERVER", &app.base)
             .env("REFLEX_TOKEN", token)
             .output()
             .unwrap();
@@ -708,6 +710,13 @@ async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
         );
         (out.status.code().unwrap_or(-1), text)
     };
+    // Without a token the error says how to give one.
+    let (code, out) = cli(&["approvals"], "");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("401") && out.contains("set REFLEX_TOKEN"),
+        "{out}"
+    );
     let (code, out) = cli(&["approvals"], "carol-token");
     assert_eq!(code, 0, "{out}");
     assert!(

@@ -127,3 +127,37 @@ steps:
         "the secret is not in the record"
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_prometheus_is_reported_as_a_failed_query_not_a_false_condition() {
+    let port = common::free_port();
+    let app = common::TestApp::builder()
+        .playbook(
+            "check.yaml",
+            "name: check\nmatchers: ['alertname=\"Check\"']\nsteps:\n  - action: verify\n    with: { query: up, condition: \"value > 0\", interval: 200ms }\n    timeout: 1s\n",
+        )
+        .config(&format!("prometheus_url: http://127.0.0.1:{port}\n"))
+        .start()
+        .await;
+    let (_, out) = app
+        .post_raw(
+            "/api/v1/webhooks/generic",
+            r#"{"labels": {"alertname": "Check"}}"#,
+        )
+        .await;
+    let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let run = app.wait_run_state(id, "failed").await;
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(error.starts_with("the query `up` failed"), "{error}");
+    assert!(
+        error.contains(&format!(
+            "cannot reach Prometheus at http://127.0.0.1:{port}"
+        )),
+        "{error}"
+    );
+    assert!(
+        error.to_lowercase().contains("connection refused"),
+        "{error}"
+    );
+    assert!(!error.contains("did not hold"), "{error}");
+}

@@ -38,8 +38,8 @@ fn released(scope: &str) -> Switch {
         scope: scope.to_string(),
         engaged: false,
         reason: None,
-        actor: "-".into(),
-        changed_at: crate::time::rfc3339(0),
+        actor: None,
+        changed_at: None,
         until: None,
     }
 }

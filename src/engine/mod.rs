@@ -344,6 +344,7 @@ impl Engine {
             state: state.as_str().to_string(),
             duration_seconds: duration,
             summary: String::new(),
+            report: None,
             error: run.error.clone(),
         });
     }

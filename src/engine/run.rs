@@ -59,6 +59,14 @@ pub(crate) fn gated_action(target: &str, steps: &[StepRecord]) -> (Value, String
     (action, hash)
 }
 
+/// What a finished run says.
+enum Report {
+    /// Figures from the steps, for the default message.
+    Figures(String),
+    /// The playbook's own `report`, which replaces the default message.
+    Playbook(String),
+}
+
 /// What a dry run would have done, step by step, with the gates it would have waited at.
 fn dry_run_summary(outputs: &[(String, Value)]) -> String {
     let steps: Vec<String> = outputs
@@ -111,12 +119,16 @@ impl Engine {
                 Ok(()) => tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished"),
                 Err(e) => tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run"),
             }
-            let summary = self.report(&run, state, elapsed, &outputs);
+            let (summary, report) = match self.report(&run, state, elapsed, &outputs) {
+                Report::Figures(s) => (s, None),
+                Report::Playbook(r) => (String::new(), Some(r)),
+            };
             self.notifier.send(Event::RunFinished {
                 run: info,
                 state: state.as_str().to_string(),
                 duration_seconds: elapsed,
                 summary,
+                report,
                 error,
             });
             if state == RunState::Failed {
@@ -153,15 +165,21 @@ impl Engine {
         state: RunState,
         elapsed: f64,
         outputs: &[(String, Value)],
-    ) -> String {
+    ) -> Report {
         if run.dry_run {
-            return dry_run_summary(outputs);
+            return Report::Figures(dry_run_summary(outputs));
         }
         let set = self.playbooks();
         if let Some(template) = set.get(&run.playbook).and_then(|p| p.report.as_ref()) {
             let mut scope = crate::playbook::script::alert_scope(&run.alert);
             let steps: serde_json::Map<String, Value> = outputs.iter().cloned().collect();
-            let run_map = json!({ "id": run.id, "state": state.as_str(), "duration_seconds": elapsed, "target": run.target });
+            let run_map = json!({
+                "id": run.id,
+                "state": state.as_str(),
+                "duration_seconds": elapsed,
+                "duration": crate::notify::human_duration(elapsed),
+                "target": run.target,
+            });
             for (name, value) in [
                 ("params", &run.params),
                 ("steps", &Value::Object(steps)),
@@ -170,8 +188,8 @@ impl Engine {
                 scope.push_constant(name, rhai::serde::to_dynamic(value).unwrap_or_default());
             }
             match template.render(&set.sandbox, &mut scope) {
-                Ok(Value::String(s)) => return s,
-                Ok(other) => return other.to_string(),
+                Ok(Value::String(s)) => return Report::Playbook(s),
+                Ok(other) => return Report::Playbook(other.to_string()),
                 Err(e) => {
                     tracing::warn!(error = %e, "the playbook's report template failed; using the default summary")
                 }
@@ -181,7 +199,7 @@ impl Engine {
             .iter()
             .filter_map(|(_, o)| o["summary"].as_str())
             .collect();
-        parts.join(" ")
+        Report::Figures(parts.join(" "))
     }
 
     /// Between steps: may the run go on?
@@ -445,7 +463,11 @@ impl Engine {
             .step_finished(step_ref(run, step), state, output.clone(), error.clone())
             .await
             .map_err(record_err)?;
+        // A failure that ends the run is told once, by the run's end; a step the run goes on
+        // after (or an escalation step) is told on its own.
+        let ends_run = step.phase == "main" && step.on_failure == "stop";
         match (&error, output) {
+            (Some(_), _) if ends_run => {}
             (Some(e), _) => self.notifier.send(Event::StepFailed {
                 run: self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run),
                 step: step.name.clone(),

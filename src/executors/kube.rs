@@ -76,7 +76,10 @@ fn api_err(what: &str, e: kube::Error) -> ExecError {
         }
         kube::Error::Api(s) if s.code == 404 => ExecError::Failed(format!("{what}: not found")),
         kube::Error::Api(s) => ExecError::Failed(format!("{what}: {} ({})", s.message, s.code)),
-        other => ExecError::Failed(format!("{what}: {other}")),
+        e @ (kube::Error::HyperError(_) | kube::Error::Service(_)) => {
+            ExecError::Unreachable(format!("{what}: {}", super::error_chain(&e)))
+        }
+        other => ExecError::Failed(format!("{what}: {}", super::error_chain(&other))),
     }
 }
 
@@ -88,6 +91,8 @@ fn is_conflict(e: &kube::Error) -> bool {
 pub struct KubeExecutor {
     cfg: KubeConfig,
     clients: tokio::sync::Mutex<HashMap<String, Client>>,
+    /// The API server URL of each cluster a client was made for, for error messages.
+    urls: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl KubeExecutor {
@@ -96,6 +101,7 @@ impl KubeExecutor {
         KubeExecutor {
             cfg,
             clients: tokio::sync::Mutex::new(HashMap::new()),
+            urls: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -145,6 +151,10 @@ impl KubeExecutor {
                     .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?
             }
         };
+        self.urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), config.cluster_url.to_string());
         let client = Client::try_from(config)
             .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?;
         clients.insert(name, client.clone());
@@ -655,6 +665,30 @@ impl Executor for KubeAction {
     }
 
     async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError> {
+        let result = self.act(ctx).await;
+        // Name the cluster and its URL when it could not be reached.
+        result.map_err(|e| match e {
+            ExecError::Unreachable(why) => {
+                let cluster = (ctx.args.get("cluster").and_then(Value::as_str)).map(str::to_string);
+                let name = self
+                    .0
+                    .cluster_name(cluster.as_deref())
+                    .unwrap_or_else(|_| "?".into());
+                let url = (self.0.urls.lock().unwrap_or_else(|p| p.into_inner()))
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or_default();
+                ExecError::Unreachable(format!(
+                    "cannot reach Kubernetes cluster {name:?} at {url}: {why}"
+                ))
+            }
+            other => other,
+        })
+    }
+}
+
+impl KubeAction {
+    async fn act(&self, ctx: &StepContext) -> Result<Value, ExecError> {
         match self.1 {
             Action::KubeScale => self.0.scale(ctx.args()?).await,
             Action::KubeRollback => self.0.rollback(ctx.args()?, ctx.timeout).await,

@@ -37,6 +37,9 @@ pub enum ExecError {
     /// The action was refused before acting (e.g. a target outside the inventory).
     #[error("refused: {0}")]
     Refused(String),
+    /// The target (an API server, a host) could not be reached; nothing was done there.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl ExecError {
@@ -46,6 +49,7 @@ impl ExecError {
             ExecError::InvalidArgs(_) => "invalid_args",
             ExecError::Failed(_) => "failed",
             ExecError::Refused(_) => "refused",
+            ExecError::Unreachable(_) => "unreachable",
         }
     }
 }
@@ -185,4 +189,20 @@ pub fn upstream_client(timeout: Option<std::time::Duration>) -> reqwest::Client 
         builder = builder.timeout(t);
     }
     builder.build().unwrap_or_default()
+}
+
+/// An error and its causes, one after the other (`error sending request: connection refused`):
+/// HTTP clients often put the useful part in a cause.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }

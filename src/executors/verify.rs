@@ -39,7 +39,13 @@ impl VerifyExecutor {
             .timeout(Duration::from_secs(10))
             .send()
             .await
-            .map_err(|e| format!("prometheus: {}", e.without_url()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot reach Prometheus at {} (prometheus_url): {}",
+                    self.base,
+                    super::error_chain(&e.without_url())
+                )
+            })?;
         let status = resp.status();
         let body: Value = resp.json().await.map_err(|e| format!("prometheus: {e}"))?;
         if body["status"] != "success" {
@@ -111,6 +117,7 @@ impl Executor for VerifyExecutor {
         let mut polls = 0;
         loop {
             polls += 1;
+            let mut failed = false;
             let last = match self.query(&args.query).await {
                 Ok(values) => {
                     if self
@@ -127,9 +134,20 @@ impl Executor for VerifyExecutor {
                         format!("value {}", values[0])
                     }
                 }
-                Err(e) => e,
+                Err(e) => {
+                    failed = true;
+                    e
+                }
             };
             let now = tokio::time::Instant::now();
+            if now >= deadline && failed {
+                // The condition was never evaluated: say why, not that it did not hold.
+                return Err(ExecError::Failed(format!(
+                    "the query `{}` failed ({polls} polls within {}): {last}",
+                    args.query,
+                    humantime::format_duration(ctx.timeout),
+                )));
+            }
             if now >= deadline {
                 return Err(ExecError::Failed(format!(
                     "`{}` did not hold within {} for `{}` (last: {last}, {polls} polls)",

@@ -61,9 +61,11 @@ pub enum Event {
         state: String,
         /// Seconds from start to end.
         duration_seconds: f64,
-        /// Figures from the steps ("Cleanup ran. Space reclaimed: 5.1 GB"), or the playbook's
-        /// own report.
+        /// Figures from the steps ("Cleanup ran. Space reclaimed: 5.1 GB").
         summary: String,
+        /// The playbook's own `report`: when set, it is the message.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        report: Option<String>,
         /// Why it failed or stopped, if it did.
         error: Option<String>,
     },
@@ -148,7 +150,7 @@ impl Event {
         match self {
             Event::RunStarted { run } => format!(
                 "{}. Running playbook {} on {} (run {}).{}",
-                e(&run.title),
+                e(run.title.trim_end_matches('.')),
                 e(&run.playbook),
                 e(&run.target),
                 run.id,
@@ -180,7 +182,7 @@ impl Event {
                     "{}. Approval needed{who} ({required}) for run {} ({}) on {}: {}. Expires {expires_at}. \
                      Approve: reflex approve {approval_id} (POST /api/v1/approvals/{approval_id}/approve); \
                      deny: reflex deny {approval_id}.{}",
-                    e(&run.title),
+                    e(run.title.trim_end_matches('.')),
                     run.id,
                     e(&run.playbook),
                     e(&run.target),
@@ -191,20 +193,26 @@ impl Event {
             Event::StepFailed { run, step, error } => {
                 format!(
                     "{}. Step {} of run {} ({}) failed: {}.{}",
-                    e(&run.title),
+                    e(run.title.trim_end_matches('.')),
                     e(step),
                     run.id,
                     e(&run.playbook),
-                    e(error),
+                    e(error.trim_end_matches('.')),
                     link(run)
                 )
             }
+            Event::RunFinished {
+                report: Some(report),
+                run,
+                ..
+            } => format!("{}{}", e(report.trim_end()), link(run)),
             Event::RunFinished {
                 run,
                 state,
                 duration_seconds,
                 summary,
                 error,
+                report: None,
             } => {
                 let summary = if summary.is_empty() {
                     String::new()
@@ -213,7 +221,7 @@ impl Event {
                 };
                 let why = error
                     .as_ref()
-                    .map(|x| format!(" {}.", e(x)))
+                    .map(|x| format!(" {}.", e(x.trim_end_matches('.'))))
                     .unwrap_or_default();
                 let state = match state.as_str() {
                     "dry_run" => "finished as a dry run",
@@ -234,7 +242,7 @@ impl Event {
                 actor,
                 reason,
             } => {
-                let (scope, actor, reason) = (e(scope), e(actor), e(reason));
+                let (scope, actor, reason) = (e(scope), e(actor), e(reason.trim_end_matches('.')));
                 if *engaged {
                     format!(
                         "Kill switch ({scope}) engaged by {actor}: {reason}. No automation acts until it is released."
@@ -426,6 +434,7 @@ mod tests {
             state: "succeeded".into(),
             duration_seconds: 4.2,
             summary: "Cleanup ran. Space reclaimed: 5.1 GB".into(),
+            report: None,
             error: None,
         };
         assert_eq!(

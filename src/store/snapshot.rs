@@ -2,10 +2,10 @@
 //! engaged and which cooldowns are running. It takes no lock and writes nothing, so it can
 //! look while the daemon runs (SQLite's WAL lets readers in beside the one writer).
 
+use super::StoreError;
 use super::runs::cooldown_reason;
-use super::{GLOBAL, StoreError, playbook_scope};
 use crate::time::now_ms;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
 
 /// A read-only connection to `reflex.db`.
@@ -27,22 +27,11 @@ impl Snapshot {
 
     /// Why a run of `playbook` would be held back by a kill switch now, if it would.
     pub fn kill_reason(&self, playbook: &str) -> Result<Option<String>, StoreError> {
-        Ok(self
-            .conn
-            .prepare_cached(
-                "SELECT scope, actor, reason FROM switches
-                 WHERE engaged = 1 AND (until IS NULL OR until > ?1) AND scope IN (?2, ?3)
-                 ORDER BY scope = ?2 DESC LIMIT 1",
-            )?
-            .query_row(params![now_ms(), GLOBAL, playbook_scope(playbook)], |r| {
-                let (scope, actor, reason): (String, String, Option<String>) =
-                    (r.get(0)?, r.get(1)?, r.get(2)?);
-                Ok(format!(
-                    "kill switch ({scope}) engaged by {actor}: {}",
-                    reason.unwrap_or_default()
-                ))
-            })
-            .optional()?)
+        Ok(super::switches::engaged_reason(
+            &self.conn,
+            playbook,
+            now_ms(),
+        )?)
     }
 
     /// Why a run of `playbook` for `key` would be held back by its cooldown now, if it would.

@@ -25,10 +25,10 @@ pub struct Switch {
     pub engaged: bool,
     /// Why it was last changed.
     pub reason: Option<String>,
-    /// Who last changed it (token name, or `circuit-breaker`).
-    pub actor: String,
-    /// When (RFC 3339).
-    pub changed_at: String,
+    /// Who last changed it (token name, or `circuit-breaker`); none if it never changed.
+    pub actor: Option<String>,
+    /// When (RFC 3339); none if it never changed.
+    pub changed_at: Option<String>,
     /// End of a time-boxed engagement (RFC 3339).
     pub until: Option<String>,
 }
@@ -103,7 +103,7 @@ impl Store {
                     engaged: engaged && until.is_none_or(|u| u > now),
                     reason: r.get(2)?,
                     actor: r.get(3)?,
-                    changed_at: rfc3339(r.get(4)?),
+                    changed_at: Some(rfc3339(r.get(4)?)),
                     until: until.map(rfc3339),
                 })
             })?;
