@@ -178,10 +178,7 @@ async fn a_flag_key_of_dots_from_an_alert_reaches_no_provider_url() {
     for (i, key) in ["..", ".", "..."].iter().enumerate() {
         let alert =
             json!({"labels": {"alertname": "FeatureFailing", "flag": key, "i": i.to_string()}});
-        let (_, out) = app
-            .post_raw("/api/v1/webhooks/generic", alert.to_string())
-            .await;
-        let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+        let id = app.start_run_for(&alert).await;
         let run = app.wait_run_state(id, "failed").await;
         let error = run["steps"][0]["error"].as_str().unwrap();
         assert!(error.contains("not a valid flag key"), "{key}: {error}");

@@ -650,10 +650,7 @@ steps:
 
     // The allowed namespace still works.
     let alert = json!({"labels": {"alertname": "HighLatency", "namespace": "shop", "deployment": "checkout"}});
-    let (_, out) = app
-        .post_raw("/api/v1/webhooks/generic", alert.to_string())
-        .await;
-    let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let id = app.start_run_for(&alert).await;
     app.wait_run_state(id, "succeeded").await;
     assert_eq!(
         c.get_deployment("checkout").await.spec.unwrap().replicas,
@@ -683,10 +680,7 @@ async fn an_unreachable_cluster_is_named_with_its_url() {
         .start()
         .await;
     let alert = json!({"labels": {"alertname": "HighLatency", "namespace": "shop", "deployment": "checkout"}});
-    let (_, out) = app
-        .post_raw("/api/v1/webhooks/generic", alert.to_string())
-        .await;
-    let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let id = app.start_run_for(&alert).await;
     let run = app.wait_run_state(id, "failed").await;
     let error = run["steps"][0]["error"].as_str().unwrap();
     assert!(

@@ -221,13 +221,7 @@ impl Engine {
             _ => None,
         });
         if let Some(reason) = tripped {
-            tracing::error!(%reason, "kill switch engaged by the circuit breaker");
-            self.notifier.send(Event::KillSwitch {
-                scope: crate::store::GLOBAL.into(),
-                engaged: true,
-                actor: "circuit-breaker".into(),
-                reason,
-            });
+            self.announce_breaker(reason);
         }
         for o in outcomes.iter().flatten() {
             match o {
@@ -253,6 +247,17 @@ impl Engine {
             self.wake.notify_one();
         }
         Ok(outcomes)
+    }
+
+    /// Tells the log and chat that the circuit breaker engaged the global kill switch.
+    fn announce_breaker(&self, reason: String) {
+        tracing::error!(%reason, "kill switch engaged by the circuit breaker");
+        self.notifier.send(Event::KillSwitch {
+            scope: crate::store::GLOBAL.into(),
+            engaged: true,
+            actor: "circuit-breaker".into(),
+            reason,
+        });
     }
 
     /// Cancels a run: at once if it has not started, before its next step if it is running.

@@ -133,15 +133,7 @@ impl Engine {
             });
             if state == RunState::Failed {
                 match self.store.trip_on_failures(self.limits).await {
-                    Ok(Some(reason)) => {
-                        tracing::error!(%reason, "kill switch engaged by the circuit breaker");
-                        self.notifier.send(Event::KillSwitch {
-                            scope: crate::store::GLOBAL.into(),
-                            engaged: true,
-                            actor: "circuit-breaker".into(),
-                            reason,
-                        });
-                    }
+                    Ok(Some(reason)) => self.announce_breaker(reason),
                     Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "cannot check the failure limit"),
                 }

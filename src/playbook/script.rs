@@ -357,10 +357,13 @@ impl Located {
     }
 }
 
+/// The names an expression may use, for the compiler. Variables, not constants: Rhai's
+/// optimizer folds constants of the compile-time scope into the code (`value < 0.01` would
+/// become `() < 0.01`).
 fn scope_of(names: &[&str]) -> Scope<'static> {
     let mut scope = Scope::new();
     for n in names {
-        scope.push_constant(*n, Dynamic::UNIT);
+        scope.push(*n, Dynamic::UNIT);
     }
     scope
 }
@@ -548,6 +551,11 @@ mod tests {
                 .is_ok()
         );
         assert!(sb.compile_expr("value = 1", names::CONDITION).is_err());
+        // The names are not folded in as constants at compile time.
+        let ast = sb.compile_expr("value < 0.01", names::CONDITION).unwrap();
+        let mut scope = Scope::new();
+        scope.push_constant("value", 0.002_f64);
+        assert!(sb.eval(&mut scope, &ast).unwrap().as_bool().unwrap());
     }
 
     #[test]

@@ -314,6 +314,17 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POSTs one generic alert that starts a run; the run's id.
+    pub async fn start_run_for(&self, alert: &Value) -> i64 {
+        let (status, out) = self
+            .post_raw("/api/v1/webhooks/generic", alert.to_string())
+            .await;
+        assert_eq!(status, 200, "{out}");
+        out["outcomes"][0][0]["run_id"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no run started: {out}"))
+    }
+
     /// POSTs an Alertmanager payload.
     pub async fn post_alertmanager(&self, body: &str) -> (u16, Value) {
         self.post_raw("/api/v1/webhooks/alertmanager", body.to_string())
