@@ -16,7 +16,7 @@ use crate::notify::{Event, Notifier, RunInfo};
 use crate::playbook::spec::CooldownBy;
 use crate::playbook::{Diagnostic, PlaybookSet};
 use crate::store::{
-    BreakerLimits, Candidate, Decision, IntakeItem, Outcome, RunState, Store, StoreError,
+    BreakerLimits, Candidate, Decision, Hold, IntakeItem, Outcome, RunState, Store, StoreError,
 };
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -215,9 +215,11 @@ impl Engine {
         }
         let outcomes = self.store.record_intake(items, self.limits).await?;
         let tripped = outcomes.iter().flatten().find_map(|o| match o {
-            Outcome::Suppressed { reason, .. } if reason.starts_with("circuit breaker") => {
-                Some(reason.clone())
-            }
+            Outcome::Suppressed {
+                cause: Hold::Breaker,
+                reason,
+                ..
+            } => Some(reason.clone()),
             _ => None,
         });
         if let Some(reason) = tripped {

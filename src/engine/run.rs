@@ -133,7 +133,7 @@ impl Engine {
             });
             if state == RunState::Failed {
                 match self.store.trip_on_failures(self.limits).await {
-                    Ok(Some(reason)) => self.announce_breaker(reason),
+                    Ok(Some(trip)) => self.announce_breaker(trip.to_string()),
                     Ok(None) => {}
                     Err(e) => tracing::error!(error = %e, "cannot check the failure limit"),
                 }

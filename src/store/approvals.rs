@@ -1,7 +1,7 @@
 //! Approval requests: what exactly will be done (rendered, hashed), who may approve, until
 //! when, and who did. Decisions and their effect on the run are one transaction.
 
-use super::runs::finish_run;
+use super::lifecycle::finish_run;
 use super::{RunState, Store, StoreError};
 use crate::playbook::Gate;
 use crate::time::{now_ms, rfc3339};

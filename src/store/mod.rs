@@ -6,15 +6,26 @@
 
 mod approvals;
 mod audit;
-mod runs;
+mod breaker;
+mod cooldown;
+mod intake;
+mod lifecycle;
+mod queue;
+mod resolution;
 mod snapshot;
+mod states;
 mod switches;
+mod views;
 
 pub use approvals::*;
 pub use audit::AuditEntry;
-pub use runs::*;
+pub use breaker::{BreakerLimits, Limit, Trip};
+pub use intake::{Candidate, Hold, IntakeItem, Outcome};
+pub use queue::{ClaimedRun, StepRecord, StepRef};
 pub use snapshot::Snapshot;
+pub use states::{RunState, StepState};
 pub use switches::*;
+pub use views::{AlertView, RunFilter, RunView};
 
 use rusqlite::{Connection, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -397,4 +408,14 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.commit()?;
     }
     Ok(())
+}
+
+/// JSON text of a value, for a column.
+pub(super) fn json_text(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+pub(super) fn parse_json(s: Option<String>) -> serde_json::Value {
+    s.and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null)
 }

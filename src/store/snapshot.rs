@@ -3,7 +3,7 @@
 //! look while the daemon runs (SQLite's WAL lets readers in beside the one writer).
 
 use super::StoreError;
-use super::runs::cooldown_reason;
+use super::cooldown::cooldown_reason;
 use crate::time::now_ms;
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;

@@ -1,0 +1,194 @@
+//! The circuit breaker: limits on runs, runs per playbook, distinct targets and failures in a
+//! window, whose crossing engages the global kill switch in the same transaction.
+
+use super::*;
+use crate::time::now_ms;
+use rusqlite::Connection;
+
+/// Circuit breaker limits as intake applies them (0: no limit).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BreakerLimits {
+    /// The window, in ms.
+    pub window_ms: i64,
+    /// Runs started in the window.
+    pub max_runs: u32,
+    /// Runs started by one playbook in the window.
+    pub max_runs_per_playbook: u32,
+    /// Failed runs in the window.
+    pub max_failures: u32,
+    /// Distinct targets in the window.
+    pub max_targets: u32,
+}
+
+/// One of the breaker's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// `breaker.max_runs`: runs started in the window.
+    Runs,
+    /// `breaker.max_runs_per_playbook`: runs one playbook started in the window.
+    RunsPerPlaybook,
+    /// `breaker.max_targets`: distinct targets acted on in the window.
+    Targets,
+    /// `breaker.max_failures`: runs that failed in the window.
+    Failures,
+}
+
+impl Limit {
+    /// The config key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Limit::Runs => "max_runs",
+            Limit::RunsPerPlaybook => "max_runs_per_playbook",
+            Limit::Targets => "max_targets",
+            Limit::Failures => "max_failures",
+        }
+    }
+}
+
+/// A crossed limit: the breaker engaged the global kill switch with this as its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trip {
+    /// Which limit.
+    pub limit: Limit,
+    /// The count that crossed it.
+    pub count: u32,
+    /// The limit's value.
+    pub max: u32,
+    /// The window, in ms.
+    pub window_ms: i64,
+    /// The playbook, for the per-playbook limit.
+    pub playbook: Option<String>,
+}
+
+impl std::fmt::Display for Trip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.count;
+        let what = match (self.limit, &self.playbook) {
+            (Limit::Runs, _) => format!("{n} runs started"),
+            (Limit::RunsPerPlaybook, p) => {
+                format!("playbook {} started {n} runs", p.as_deref().unwrap_or("?"))
+            }
+            (Limit::Targets, _) => format!("runs against {n} distinct targets"),
+            (Limit::Failures, _) => format!("{n} runs failed"),
+        };
+        let window = humantime::format_duration(std::time::Duration::from_millis(
+            self.window_ms.max(0) as u64,
+        ));
+        write!(
+            f,
+            "circuit breaker: {what} within {window} (breaker.{} = {})",
+            self.limit.key(),
+            self.max
+        )
+    }
+}
+
+/// Checks the limits on starting one more run (runs, runs per playbook, targets), in that
+/// order; when one would be crossed, engages the global kill switch in this same transaction
+/// and returns the trip.
+pub(super) fn breaker_trip(
+    c: &Connection,
+    playbook: &str,
+    target: &str,
+    l: BreakerLimits,
+    now: i64,
+) -> rusqlite::Result<Option<Trip>> {
+    let since = now - l.window_ms;
+    let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<u32> {
+        c.prepare_cached(sql)?.query_row(p, |r| r.get(0))
+    };
+    let live = "created_at > ?1 AND state != 'suppressed'";
+    let table = [
+        (Limit::Runs, l.max_runs),
+        (Limit::RunsPerPlaybook, l.max_runs_per_playbook),
+        (Limit::Targets, l.max_targets),
+    ];
+    for (limit, max) in table {
+        if max == 0 {
+            continue;
+        }
+        let n = match limit {
+            Limit::Runs => count(
+                &format!("SELECT count(*) FROM runs WHERE {live}"),
+                &[&since],
+            )?,
+            Limit::RunsPerPlaybook => count(
+                &format!("SELECT count(*) FROM runs WHERE {live} AND playbook = ?2"),
+                &[&since, &playbook],
+            )?,
+            Limit::Targets => {
+                // A target already acted on in the window adds none.
+                let sql = format!("SELECT count(*) FROM runs WHERE {live} AND target = ?2");
+                if count(&sql, &[&since, &target])? > 0 {
+                    continue;
+                }
+                let sql = format!("SELECT count(DISTINCT target) FROM runs WHERE {live}");
+                count(&sql, &[&since])?
+            }
+            Limit::Failures => continue,
+        };
+        if n >= max {
+            let trip = Trip {
+                limit,
+                count: n,
+                max,
+                window_ms: l.window_ms,
+                playbook: (limit == Limit::RunsPerPlaybook).then(|| playbook.to_string()),
+            };
+            super::switches::engage_in(
+                c,
+                "global",
+                &trip.to_string(),
+                "circuit-breaker",
+                None,
+                now,
+            )?;
+            return Ok(Some(trip));
+        }
+    }
+    Ok(None)
+}
+
+impl Store {
+    /// After a failed run: engages the global kill switch when the failures in the window
+    /// reach `breaker.max_failures`. Returns the trip when it did.
+    pub async fn trip_on_failures(&self, l: BreakerLimits) -> Result<Option<Trip>, StoreError> {
+        if l.max_failures == 0 {
+            return Ok(None);
+        }
+        let tripped = self
+            .write(move |c| {
+                let now = now_ms();
+                let n: u32 = c.query_row(
+                    "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
+                    [now - l.window_ms],
+                    |r| r.get(0),
+                )?;
+                if n < l.max_failures || super::switches::engaged_reason(c, "", now)?.is_some() {
+                    return Ok(None);
+                }
+                let trip = Trip {
+                    limit: Limit::Failures,
+                    count: n,
+                    max: l.max_failures,
+                    window_ms: l.window_ms,
+                    playbook: None,
+                };
+                super::switches::engage_in(
+                    c,
+                    "global",
+                    &trip.to_string(),
+                    "circuit-breaker",
+                    None,
+                    now,
+                )?;
+                Ok(Some(trip))
+            })
+            .await?;
+        if tripped.is_some() {
+            self.switches_changed();
+        }
+        Ok(tripped)
+    }
+}

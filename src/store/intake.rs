@@ -1,0 +1,320 @@
+//! Intake: received alerts are recorded and, in the same transaction, each matched playbook's
+//! fate is decided: a new run, a re-delivery (dedup: the unique index on playbook, fingerprint,
+//! startsAt and status), a suppression (maintenance, kill switch, cooldown, breaker) or a run
+//! that could not be planned. Nothing is acknowledged to the sender before this commits.
+
+use super::breaker::breaker_trip;
+use super::cooldown::cooldown_reason;
+use super::resolution::end_for_resolved;
+use super::*;
+use crate::alert::{Alert, AlertStatus};
+use crate::playbook::Plan;
+use crate::time::now_ms;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+/// What held a run back at intake, checked in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hold {
+    /// A maintenance window matched the alert.
+    Maintenance,
+    /// A kill switch (global or the playbook's) is engaged.
+    KillSwitch,
+    /// The playbook ran for the same key within its cooldown.
+    Cooldown,
+    /// One more run would cross a breaker limit; the breaker engaged the kill switch.
+    Breaker,
+}
+
+/// A playbook that matched an alert, as the engine hands it to intake.
+pub struct Candidate {
+    /// Playbook name.
+    pub playbook: String,
+    /// Cooldown in ms (0: none).
+    pub cooldown_ms: i64,
+    /// What the cooldown is kept per (fingerprint or group key).
+    pub cooldown_key: String,
+    /// Record without acting.
+    pub dry_run: bool,
+    /// The rendered plan, or why it could not be rendered.
+    pub plan: Result<Plan, String>,
+    /// Run deadline in ms.
+    pub deadline_ms: i64,
+    /// Suppressed before any other check (a maintenance window), with the reason.
+    pub suppress: Option<String>,
+}
+
+/// One received alert and the playbooks it matched.
+pub struct IntakeItem {
+    /// The alert.
+    pub alert: Alert,
+    /// When its webhook arrived (µs since the epoch).
+    pub received_us: i64,
+    /// Matched playbooks.
+    pub candidates: Vec<Candidate>,
+}
+
+/// What became of one (alert, playbook) pair at intake.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// A new pending run.
+    Created {
+        /// The run.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+    },
+    /// A re-delivery: the run for this occurrence exists already.
+    Deduplicated {
+        /// The existing run.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+    },
+    /// Recorded as suppressed: something held it back.
+    Suppressed {
+        /// The suppressed run record.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+        /// What held it back.
+        cause: Hold,
+        /// Why.
+        reason: String,
+    },
+    /// Recorded as failed: the plan could not be rendered.
+    Failed {
+        /// The failed run record.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+        /// Why.
+        error: String,
+    },
+    /// A run that waited for approval ended because this (resolved) alert arrived.
+    Ended {
+        /// The run ended.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+        /// Its final state.
+        state: RunState,
+    },
+}
+
+/// An alert's JSON columns, serialized before the write.
+struct Json {
+    labels: String,
+    annotations: String,
+    plans: Vec<Option<PlanJson>>,
+}
+
+/// A plan's JSON columns.
+struct PlanJson {
+    params: String,
+    steps: Vec<(String, Option<String>)>,
+}
+
+impl PlanJson {
+    fn of(p: &Plan) -> PlanJson {
+        PlanJson {
+            params: json_text(&p.params),
+            steps: p
+                .steps
+                .iter()
+                .map(|s| (json_text(&s.args), s.approval.as_ref().map(json_text)))
+                .collect(),
+        }
+    }
+}
+
+fn insert_alert(
+    c: &Connection,
+    a: &Alert,
+    json: &Json,
+    now: i64,
+    received_us: i64,
+) -> rusqlite::Result<i64> {
+    c.prepare_cached(
+        "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key, received_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        now,
+        a.source,
+        a.fingerprint,
+        a.status.as_str(),
+        a.starts_at,
+        a.ends_at,
+        json.labels,
+        json.annotations,
+        a.generator_url,
+        a.group_key,
+        received_us
+    ])?;
+    Ok(c.last_insert_rowid())
+}
+
+fn intake_one(
+    c: &Connection,
+    a: &Alert,
+    alert_id: i64,
+    cand: Candidate,
+    json: Option<PlanJson>,
+    limits: BreakerLimits,
+    now: i64,
+) -> Result<Outcome, StoreError> {
+    let playbook = cand.playbook;
+    let existing: Option<i64> = c
+        .prepare_cached(
+            "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4",
+        )?
+        .query_row(params![playbook, a.fingerprint, a.starts_at, a.status.as_str()], |r| r.get(0))
+        .optional()?;
+    if let Some(run_id) = existing {
+        return Ok(Outcome::Deduplicated { run_id, playbook });
+    }
+    let target = cand
+        .plan
+        .as_ref()
+        .map_or_else(|_| String::new(), |p| p.target.clone());
+    // The holds, in order; the first that holds the run back names the cause and reason.
+    let mut suppressed = cand.suppress.map(|r| (Hold::Maintenance, r));
+    if suppressed.is_none() {
+        suppressed =
+            super::switches::engaged_reason(c, &playbook, now)?.map(|r| (Hold::KillSwitch, r));
+    }
+    if suppressed.is_none() {
+        suppressed = cooldown_reason(c, &playbook, &cand.cooldown_key, cand.cooldown_ms, now)?
+            .map(|r| (Hold::Cooldown, r));
+    }
+    if suppressed.is_none() && cand.plan.is_ok() {
+        suppressed = breaker_trip(c, &playbook, &target, limits, now)?
+            .map(|t| (Hold::Breaker, t.to_string()));
+    }
+    let cause = suppressed.as_ref().map(|(h, _)| *h);
+    let (state, reason, error, plan) = match (suppressed, &cand.plan) {
+        (Some((_, reason)), _) => (RunState::Suppressed, Some(reason), None, None),
+        (None, Err(e)) => (RunState::Failed, None, Some(e.clone()), None),
+        (None, Ok(plan)) => (RunState::Pending, None, None, Some(plan)),
+    };
+    c.prepare_cached(
+        "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
+           dry_run, params, created_at, finished_at, error, target, deadline_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+    )?
+    .execute(params![
+        playbook,
+        alert_id,
+        a.fingerprint,
+        a.starts_at,
+        a.status.as_str(),
+        if cand.cooldown_ms > 0 { cand.cooldown_key.as_str() } else { "" },
+        state.as_str(),
+        reason,
+        cand.dry_run,
+        json.as_ref().filter(|_| plan.is_some()).map_or("{}", |j| j.params.as_str()),
+        now,
+        (state != RunState::Pending).then_some(now),
+        error,
+        target,
+        cand.deadline_ms
+    ])?;
+    let run_id = c.last_insert_rowid();
+    if let Some(plan) = plan {
+        let mut stmt = c.prepare_cached(
+            "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
+        )?;
+        let step_json = json.map(|j| j.steps).unwrap_or_default();
+        for (idx, (s, (args, approval))) in plan.steps.iter().zip(step_json).enumerate() {
+            stmt.execute(params![
+                run_id,
+                idx as i64,
+                s.name,
+                s.action,
+                args,
+                s.timeout_ms.map(|t| t as i64),
+                s.on_failure.as_str(),
+                approval,
+                s.phase
+            ])?;
+        }
+    }
+    Ok(match state {
+        RunState::Suppressed => Outcome::Suppressed {
+            run_id,
+            playbook,
+            cause: cause.unwrap_or(Hold::KillSwitch),
+            reason: reason.unwrap_or_default(),
+        },
+        RunState::Failed => Outcome::Failed {
+            run_id,
+            playbook,
+            error: error.unwrap_or_default(),
+        },
+        _ => Outcome::Created { run_id, playbook },
+    })
+}
+
+impl Store {
+    /// Records received alerts and decides, atomically with the write, what each matched
+    /// playbook does: a new run, a dedup, a suppression, or a failed run. Returns the outcomes
+    /// per alert, in order. Nothing is acknowledged to the sender before this commits.
+    pub async fn record_intake(
+        &self,
+        items: Vec<IntakeItem>,
+        limits: BreakerLimits,
+    ) -> Result<Vec<Vec<Outcome>>, StoreError> {
+        // JSON is written here, on the caller's thread, not in the one writer.
+        let prepared: Vec<(IntakeItem, Json)> = items
+            .into_iter()
+            .map(|item| {
+                let json = Json {
+                    labels: json_text(&item.alert.labels),
+                    annotations: json_text(&item.alert.annotations),
+                    plans: item
+                        .candidates
+                        .iter()
+                        .map(|c| c.plan.as_ref().ok().map(PlanJson::of))
+                        .collect(),
+                };
+                (item, json)
+            })
+            .collect();
+        let outcomes = self
+            .write(move |c| {
+                let now = now_ms();
+                let mut all = Vec::with_capacity(prepared.len());
+                for (item, json) in prepared {
+                    let alert_id = insert_alert(c, &item.alert, &json, now, item.received_us)?;
+                    let mut outcomes = (item.candidates.into_iter().zip(json.plans))
+                        .map(|(cand, plan)| {
+                            intake_one(c, &item.alert, alert_id, cand, plan, limits, now)
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if item.alert.status == AlertStatus::Resolved {
+                        outcomes.extend(end_for_resolved(c, &item.alert.fingerprint, now)?);
+                    }
+                    all.push(outcomes);
+                }
+                Ok(all)
+            })
+            .await?;
+        let tripped = outcomes.iter().flatten().any(|o| {
+            matches!(
+                o,
+                Outcome::Suppressed {
+                    cause: Hold::Breaker,
+                    ..
+                }
+            )
+        });
+        if tripped {
+            self.switches_changed();
+        }
+        Ok(outcomes)
+    }
+}

@@ -1,0 +1,324 @@
+//! The run queue: pending runs are claimed in order, and every step transition is written
+//! before the next action; cancellation and crash recovery.
+
+use super::lifecycle::finish_run;
+use super::*;
+use crate::alert::{Alert, AlertStatus};
+use crate::time::{now_ms, rfc3339};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Which step of which run, for the record.
+#[derive(Debug, Clone)]
+pub struct StepRef {
+    /// Run id.
+    pub run_id: i64,
+    /// Step index.
+    pub idx: i64,
+    /// Action name.
+    pub action: String,
+    /// The run's target.
+    pub target: String,
+}
+
+/// A run claimed by a worker, with everything needed to execute it.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    /// Run id.
+    pub id: i64,
+    /// Playbook name.
+    pub playbook: String,
+    /// Record without acting.
+    pub dry_run: bool,
+    /// Rendered parameters.
+    pub params: Value,
+    /// The alert it is for.
+    pub alert: Alert,
+    /// What it acts on.
+    pub target: String,
+    /// Deadline in ms after it first started, if any.
+    pub deadline_ms: Option<i64>,
+    /// When it first started (ms).
+    pub started_ms: i64,
+    /// Claimed again after an approval (it already announced its start).
+    pub resumed: bool,
+    /// Its steps, in order.
+    pub steps: Vec<StepRecord>,
+}
+
+/// A stored step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// Position in the run (0-based).
+    pub idx: i64,
+    /// Name.
+    pub name: String,
+    /// Action name.
+    pub action: String,
+    /// Rendered arguments.
+    pub args: Value,
+    /// Timeout in ms, if set.
+    pub timeout_ms: Option<i64>,
+    /// `stop` or `continue`.
+    pub on_failure: String,
+    /// State.
+    pub state: String,
+    /// Started (RFC 3339).
+    pub started_at: Option<String>,
+    /// Finished (RFC 3339).
+    pub finished_at: Option<String>,
+    /// Output (action-specific JSON).
+    pub output: Option<Value>,
+    /// Error.
+    pub error: Option<String>,
+    /// Approval gate before this step, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::playbook::Gate>,
+    /// `main`, or `on_failure` (run only when the run fails).
+    pub phase: String,
+}
+
+/// The claimed row of a run; the rest is loaded off the writer.
+type ClaimRow = (
+    i64,
+    String,
+    bool,
+    Option<String>,
+    i64,
+    String,
+    Option<i64>,
+    i64,
+);
+
+/// Claims the oldest claimable pending run (see [`Store::claim`]).
+fn claim_one(c: &Connection, max_per_target: u32) -> Result<Option<ClaimRow>, StoreError> {
+    Ok(c.prepare_cached(
+        "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
+         WHERE id = (
+           SELECT r.id FROM runs r WHERE r.state = 'pending'
+             AND (SELECT count(*) FROM runs t WHERE t.target = r.target AND t.state = 'running') < ?2
+             AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = r.playbook
+                               AND o.fingerprint = r.fingerprint AND o.state = 'running')
+           ORDER BY r.id LIMIT 1)
+         RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
+    )?
+    .query_row(params![now_ms(), max_per_target], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+    })
+    .optional()?)
+}
+
+pub(super) fn load_alert(c: &Connection, id: i64) -> Result<Alert, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT source, status, labels, annotations, starts_at, ends_at, fingerprint, generator_url, group_key
+         FROM alerts WHERE id = ?1",
+    )?
+    .query_row([id], |r| {
+        let source: String = r.get(0)?;
+        let status: String = r.get(1)?;
+        let labels: String = r.get(2)?;
+        let annotations: String = r.get(3)?;
+        Ok(Alert {
+            source: if source == "alertmanager" { "alertmanager" } else { "generic" },
+            status: if status == "resolved" { AlertStatus::Resolved } else { AlertStatus::Firing },
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            annotations: serde_json::from_str(&annotations).unwrap_or_default(),
+            starts_at: r.get(4)?,
+            ends_at: r.get(5)?,
+            fingerprint: r.get(6)?,
+            generator_url: r.get(7)?,
+            group_key: r.get(8)?,
+        })
+    })?)
+}
+
+pub(super) fn load_steps(c: &Connection, run_id: i64) -> Result<Vec<StepRecord>, StoreError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error, approval, phase
+         FROM steps WHERE run_id = ?1 ORDER BY idx",
+    )?;
+    let rows = stmt.query_map([run_id], |r| {
+        Ok(StepRecord {
+            idx: r.get(0)?,
+            name: r.get(1)?,
+            action: r.get(2)?,
+            args: parse_json(r.get(3)?),
+            timeout_ms: r.get(4)?,
+            on_failure: r.get(5)?,
+            state: r.get(6)?,
+            started_at: r.get::<_, Option<i64>>(7)?.map(rfc3339),
+            finished_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
+            output: r.get::<_, Option<String>>(9)?.map(|s| parse_json(Some(s))),
+            error: r.get(10)?,
+            approval: r
+                .get::<_, Option<String>>(11)?
+                .and_then(|s| serde_json::from_str(&s).ok()),
+            phase: r.get(12)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+impl Store {
+    /// Claims the oldest pending run: it becomes `running` in the same statement, so no two
+    /// workers can take it.
+    ///
+    /// A run is skipped (it stays pending, in order) while its target already has
+    /// `max_per_target` runs executing, or while another run of the same playbook for the same
+    /// alert is executing.
+    ///
+    /// Claims up to `limit` runs in one write (one commit), oldest first.
+    pub async fn claim(
+        &self,
+        max_per_target: u32,
+        limit: usize,
+    ) -> Result<Vec<ClaimedRun>, StoreError> {
+        let rows = self
+            .write(move |c| {
+                let mut out = Vec::new();
+                while out.len() < limit {
+                    match claim_one(c, max_per_target)? {
+                        Some(row) => out.push(row),
+                        None => break,
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        // What the claimed runs need is read on the read connection, off the one writer.
+        self.read(move |c| {
+            rows.into_iter()
+                .map(
+                    |(id, playbook, dry_run, params, alert_id, target, deadline_ms, started_ms)| {
+                        let resumed: bool = c
+                            .prepare_cached(
+                                "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
+                            )?
+                            .query_row([id], |r| r.get(0))?;
+                        Ok(ClaimedRun {
+                            id,
+                            playbook,
+                            dry_run,
+                            params: parse_json(params),
+                            alert: load_alert(c, alert_id)?,
+                            target,
+                            deadline_ms,
+                            started_ms,
+                            resumed,
+                            steps: load_steps(c, id)?,
+                        })
+                    },
+                )
+                .collect()
+        })
+        .await
+    }
+
+    /// Marks a step `running`; written before the action starts.
+    pub async fn step_started(&self, run_id: i64, idx: i64) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.prepare_cached("UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4 WHERE run_id = ?1 AND idx = ?2")?
+                .execute(params![run_id, idx, now_ms(), crate::time::now_us()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records a step's result.
+    ///
+    /// The executor action goes on the audit log in the same write: `step.<action>` by
+    /// `reflex`, on `run/<id> step/<idx> target/<target>`.
+    pub async fn step_finished(
+        &self,
+        step: StepRef,
+        state: StepState,
+        output: Option<Value>,
+        error: Option<String>,
+    ) -> Result<(), StoreError> {
+        let output = output.map(|o| json_text(&o));
+        self.write(move |c| {
+            c.prepare_cached(
+                "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![step.run_id, step.idx, state.as_str(), now_ms(), output, error])?;
+            let outcome = if error.is_some() { "failed" } else { state.as_str() };
+            let target = format!("run/{} step/{} target/{}", step.run_id, step.idx, step.target);
+            super::audit::audit_in(c, "reflex", &format!("step.{}", step.action), Some(&target), outcome, error.as_deref())?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Marks the main steps not yet started as `skipped` (a failure stopped the run; its
+    /// `on_failure` steps run next).
+    pub async fn skip_pending_main(&self, run_id: i64) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute("UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending' AND phase = 'main'", [run_id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Cancels a run that has not started. Returns the run's state before the call, or `None`
+    /// when there is no such run; a `Pending` run is now `Cancelled`.
+    pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
+        self.write(move |c| {
+            let state: Option<String> = c
+                .query_row("SELECT state FROM runs WHERE id = ?1", [run_id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let Some(state) = state.as_deref().and_then(RunState::parse) else {
+                return Ok(None);
+            };
+            if !matches!(state, RunState::Pending | RunState::AwaitingApproval) {
+                return Ok(Some(state));
+            }
+            super::approvals::close_pending(c, run_id, "cancelled", now_ms())?;
+            finish_run(
+                c,
+                run_id,
+                RunState::Cancelled,
+                Some("cancelled by an operator before it acted further"),
+                now_ms(),
+            )?;
+            Ok(Some(state))
+        })
+        .await
+    }
+
+    /// After a crash: a step still `running` had started and not finished. It is marked
+    /// `interrupted`, and so is its run; nothing is re-run. Runs that were `running` between
+    /// steps are interrupted too (their next step never started). Pending runs stay pending.
+    /// Returns the ids of the interrupted runs.
+    pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
+        self.write(|c| {
+            let now = now_ms();
+            c.execute(
+                "UPDATE steps SET state = 'interrupted', finished_at = ?1,
+                   error = 'the daemon stopped while this step was running; it was not re-run'
+                 WHERE state = 'running'",
+                [now],
+            )?;
+            let ids: Vec<i64> = c
+                .prepare("SELECT id FROM runs WHERE state = 'running' ORDER BY id")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for &id in &ids {
+                finish_run(
+                    c,
+                    id,
+                    RunState::Interrupted,
+                    Some("the daemon stopped during this run; check the target before re-running"),
+                    now,
+                )?;
+            }
+            Ok(ids)
+        })
+        .await
+    }
+}

@@ -1,0 +1,147 @@
+//! Read views of runs for the API and the CLI.
+
+use super::queue::load_steps;
+use super::*;
+use crate::alert::Labels;
+use crate::time::rfc3339;
+use rusqlite::{OptionalExtension, Row, params};
+use serde::Serialize;
+use serde_json::Value;
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunView {
+    /// Run id.
+    pub id: i64,
+    /// Playbook name.
+    pub playbook: String,
+    /// State.
+    pub state: String,
+    /// Why it was suppressed, if it was.
+    pub reason: Option<String>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Recorded without acting.
+    pub dry_run: bool,
+    /// What it acts on.
+    pub target: String,
+    /// The alert.
+    pub alert: AlertView,
+    /// Rendered parameters.
+    pub params: Value,
+    /// Created (RFC 3339).
+    pub created_at: String,
+    /// Started.
+    pub started_at: Option<String>,
+    /// Finished.
+    pub finished_at: Option<String>,
+    /// Steps (run detail only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepRecord>>,
+}
+
+/// The alert of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertView {
+    /// Alert row id.
+    pub id: i64,
+    /// Fingerprint.
+    pub fingerprint: String,
+    /// Status when received.
+    pub status: String,
+    /// Start time as sent.
+    pub starts_at: String,
+    /// Labels.
+    pub labels: Labels,
+    /// Annotations.
+    pub annotations: Labels,
+}
+
+/// Filter and page for listing runs (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only this playbook.
+    pub playbook: Option<String>,
+    /// Only this state.
+    pub state: Option<RunState>,
+    /// Only runs with a smaller id (the cursor of the previous page).
+    pub before: Option<i64>,
+    /// Page size.
+    pub limit: u32,
+}
+
+const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r.dry_run, r.params,
+    r.created_at, r.started_at, r.finished_at, a.id, a.fingerprint, a.status, a.starts_at, a.labels, a.annotations,
+    r.target
+  FROM runs r JOIN alerts a ON a.id = r.alert_id";
+
+fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
+    let labels: String = r.get(14)?;
+    let annotations: String = r.get(15)?;
+    Ok(RunView {
+        id: r.get(0)?,
+        playbook: r.get(1)?,
+        state: r.get(2)?,
+        reason: r.get(3)?,
+        error: r.get(4)?,
+        dry_run: r.get(5)?,
+        target: r.get(16)?,
+        params: parse_json(r.get(6)?),
+        created_at: rfc3339(r.get(7)?),
+        started_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
+        finished_at: r.get::<_, Option<i64>>(9)?.map(rfc3339),
+        alert: AlertView {
+            id: r.get(10)?,
+            fingerprint: r.get(11)?,
+            status: r.get(12)?,
+            starts_at: r.get(13)?,
+            labels: serde_json::from_str(&labels).unwrap_or_default(),
+            annotations: serde_json::from_str(&annotations).unwrap_or_default(),
+        },
+        steps: None,
+    })
+}
+
+impl Store {
+    /// Lists runs, newest first.
+    pub async fn list_runs(&self, f: RunFilter) -> Result<Vec<RunView>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{RUN_SELECT} WHERE (?1 IS NULL OR r.playbook = ?1) AND (?2 IS NULL OR r.state = ?2)
+                   AND (?3 IS NULL OR r.id < ?3) ORDER BY r.id DESC LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![f.playbook, f.state.map(RunState::as_str), f.before, f.limit],
+                run_view,
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
+    /// One run with its steps.
+    pub async fn get_run(&self, id: i64) -> Result<Option<RunView>, StoreError> {
+        self.read(move |c| {
+            let run = c
+                .prepare_cached(&format!("{RUN_SELECT} WHERE r.id = ?1"))?
+                .query_row([id], run_view)
+                .optional()?;
+            let Some(mut run) = run else { return Ok(None) };
+            run.steps = Some(load_steps(c, id)?);
+            Ok(Some(run))
+        })
+        .await
+    }
+
+    /// Counts of alerts and runs (for tests and load reports).
+    pub async fn counts(&self) -> Result<(i64, i64), StoreError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT (SELECT count(*) FROM alerts), (SELECT count(*) FROM runs)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+        .await
+    }
+}
