@@ -1,9 +1,7 @@
 //! The safety semantics through the real binary: approval gates, the kill switch, the circuit
 //! breaker, persistence across restarts, auth and roles, the audit log, and dry runs.
 
-mod common;
-
-use common::{TestApp, auth_config, generic_alert};
+use crate::common::{TestApp, auth_config, generic_alert};
 use serde_json::{Value, json};
 
 const TOKENS: &[(&str, &str)] = &[
@@ -564,8 +562,8 @@ async fn endpoints_refuse_missing_bad_and_underprivileged_tokens() {
 
 #[tokio::test]
 async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touches_nothing() {
-    let sshd = common::sshd::Sshd::start();
-    let chat = common::receiver::Receiver::start().await;
+    let sshd = crate::common::sshd::Sshd::start();
+    let chat = crate::common::receiver::Receiver::start().await;
     let app = TestApp::builder()
         .example_playbooks()
         .config(&format!(
@@ -697,7 +695,7 @@ async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
     let run_id = start_run(&app, "Risky", "h1").await;
     let approval = pending_approval(&app, run_id).await["id"].as_i64().unwrap();
     let cli = |args: &[&str], token: &str| {
-        let out = std::process::Command::new(common::reflex_bin())
+        let out = std::process::Command::new(crate::common::reflex_bin())
             .args(args)
             .env("REFLEX_SERVER", &app.base)
             .env("REFLEX_TOKEN", token)
@@ -951,7 +949,7 @@ steps:
         ("max_failures", "max_failures: 2"),
     ];
     for (limit, setting) in cases {
-        let chat = common::receiver::Receiver::start().await;
+        let chat = crate::common::receiver::Receiver::start().await;
         let high = "  max_runs: 1000\n  max_runs_per_playbook: 1000\n  max_targets: 1000\n  max_failures: 1000\n"
             .replace(&format!("  {}: 1000\n", setting.split(':').next().unwrap()), &format!("  {setting}\n"));
         let app = app_with(

@@ -2,10 +2,8 @@
 //! DiskSpaceLow alert posted to the webhook cleans a real filesystem over SSH on a real sshd
 //! and the run records the bytes reclaimed.
 
-mod common;
-
-use common::sshd::Sshd;
-use common::{TestApp, TestFs};
+use crate::common::sshd::Sshd;
+use crate::common::{TestApp, TestFs};
 
 #[tokio::test]
 async fn disk_space_low_alert_runs_cleanup_over_ssh_and_records_bytes_reclaimed() {
@@ -23,7 +21,7 @@ async fn disk_space_low_alert_runs_cleanup_over_ssh_and_records_bytes_reclaimed(
         .start()
         .await;
 
-    let payload = common::fixture("alertmanager-disk.json").replace(
+    let payload = crate::common::fixture("alertmanager-disk.json").replace(
         "\"mountpoint\": \"/var\"",
         &format!("\"mountpoint\": {path:?}"),
     );

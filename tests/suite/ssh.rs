@@ -2,10 +2,8 @@
 //! kill the remote process, bounded output, host key checking, the inventory, shell quoting
 //! of hostile alert values, connection reuse, and `disk_cleanup` on a real filesystem.
 
-mod common;
-
-use common::TestFs;
-use common::sshd::Sshd;
+use crate::common::TestFs;
+use crate::common::sshd::Sshd;
 use reflex::alert::Alert;
 use reflex::executors::{
     DiskCleanupExecutor, ExecError, Executor, SshExecutor, SshRunExecutor, StepContext,
@@ -16,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn alert(labels: &[(&str, &str)]) -> Alert {
-    common::test_alert(labels)
+    crate::common::test_alert(labels)
 }
 
 fn ctx(args: Value, timeout: Duration) -> StepContext {
-    common::step_context(args, timeout)
+    crate::common::step_context(args, timeout)
 }
 
 fn executor(sshd: &Sshd) -> Arc<SshExecutor> {

@@ -1,9 +1,7 @@
 //! Intake through the real binary: Alertmanager and generic webhooks become recorded runs,
 //! re-deliveries never start a second run, and bad input changes nothing.
 
-mod common;
-
-use common::{TestApp, fixture, generic_alert};
+use crate::common::{TestApp, fixture, generic_alert};
 use serde_json::Value;
 
 #[tokio::test]

@@ -1,8 +1,6 @@
 //! Nothing lost across a crash, nothing run twice: kill -9 mid-run, SIGTERM, cancel.
 
-mod common;
-
-use common::{TestApp, generic_alert};
+use crate::common::{TestApp, generic_alert};
 
 const SLOW: &str = r#"
 name: slow
@@ -174,7 +172,7 @@ async fn a_second_daemon_on_the_same_data_dir_exits_naming_the_first() {
     let id = start_slow_run(&app).await;
     // Same data dir, another port.
     let config = std::fs::read_to_string(app.config_path()).unwrap();
-    let port = common::free_port();
+    let port = crate::common::free_port();
     let second = app.dir.path().join("second.yaml");
     let listen = config.lines().next().unwrap();
     std::fs::write(
@@ -182,7 +180,7 @@ async fn a_second_daemon_on_the_same_data_dir_exits_naming_the_first() {
         config.replacen(listen, &format!("listen: 127.0.0.1:{port}"), 1),
     )
     .unwrap();
-    let (code, out) = common::reflex_cli(
+    let (code, out) = crate::common::reflex_cli(
         &["serve", "--config", second.to_str().unwrap()],
         app.dir.path(),
     );

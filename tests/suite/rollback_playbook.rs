@@ -2,10 +2,8 @@
 //! alert after a deploy asks for approval, and once approved rolls the Deployment back in the
 //! fake Kubernetes API server, recording the revisions in the run.
 
-mod common;
-
-use common::TestApp;
-use common::fake_kube::FakeKube;
+use crate::common::TestApp;
+use crate::common::fake_kube::FakeKube;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;

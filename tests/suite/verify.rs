@@ -1,11 +1,9 @@
 //! `verify` steps against a real Prometheus, `http` steps against a local receiver, and the
 //! playbook's `on_failure` steps.
 
-mod common;
-
-use common::TestApp;
-use common::prometheus::{Prometheus, serve_metrics};
-use common::receiver::Receiver;
+use crate::common::TestApp;
+use crate::common::prometheus::{Prometheus, serve_metrics};
+use crate::common::receiver::Receiver;
 use serde_json::json;
 
 const METRICS: &str = "# TYPE test_error_ratio gauge\ntest_error_ratio{service=\"checkout\"} 0.002\ntest_error_ratio{service=\"search\"} 0.2\n";
@@ -130,8 +128,8 @@ steps:
 
 #[tokio::test]
 async fn an_unreachable_prometheus_is_reported_as_a_failed_query_not_a_false_condition() {
-    let port = common::free_port();
-    let app = common::TestApp::builder()
+    let port = crate::common::free_port();
+    let app = crate::common::TestApp::builder()
         .playbook(
             "check.yaml",
             "name: check\nmatchers: ['alertname=\"Check\"']\nsteps:\n  - action: verify\n    with: { query: up, condition: \"value > 0\", interval: 200ms }\n    timeout: 1s\n",

@@ -1,8 +1,6 @@
 //! Metrics, structured logs and live reload through the real binary.
 
-mod common;
-
-use common::{TestApp, generic_alert};
+use crate::common::{TestApp, generic_alert};
 use serde_json::json;
 use std::time::Duration;
 
@@ -35,7 +33,7 @@ async fn metrics_count_a_scripted_sequence_exactly_and_parse_as_prometheus_text(
         serde_json::from_str(&generic_alert("Echo", "b", "2026-11-22T10:00:00Z")).unwrap();
     resolved["status"] = "resolved".into();
     post(resolved.to_string()).await; // resolved: nothing
-    app.post_alertmanager(&common::fixture("alertmanager-highcpu.json"))
+    app.post_alertmanager(&crate::common::fixture("alertmanager-highcpu.json"))
         .await;
     app.wait_run_state(1, "succeeded").await;
 

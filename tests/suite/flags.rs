@@ -1,10 +1,8 @@
 //! Feature-flag providers, each checked against a local receiver for the exact request its
 //! real API documents (or, for flagd, against the fake Kubernetes API server).
 
-mod common;
-
-use common::fake_kube::FakeKube;
-use common::receiver::Receiver;
+use crate::common::fake_kube::FakeKube;
+use crate::common::receiver::Receiver;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, PostParams};
 use reflex::executors::{ExecError, Executors};
@@ -20,7 +18,7 @@ fn executors(yaml: &str) -> Executors {
 }
 
 async fn run(ex: &Executors, action: &str, provider: &str, flag: &str) -> Result<Value, ExecError> {
-    let ctx = common::step_context(
+    let ctx = crate::common::step_context(
         json!({"provider": provider, "flag": flag}),
         Duration::from_secs(10),
     );
@@ -167,7 +165,7 @@ async fn flagd_flags_in_a_configmap_are_set_disabled() {
 #[tokio::test]
 async fn a_flag_key_of_dots_from_an_alert_reaches_no_provider_url() {
     let rx = Receiver::start().await;
-    let app = common::TestApp::builder()
+    let app = crate::common::TestApp::builder()
         .example_playbooks()
         .config(&format!(
             "feature_flags:\n  flags: {{ type: unleash, url: \"{}\", token_env: REFLEX_TEST_TOKEN, environment: production }}\n",

@@ -1,9 +1,7 @@
 //! Chat and webhook notifications, checked request by request against local receivers.
 
-mod common;
-
-use common::TestApp;
-use common::receiver::Receiver;
+use crate::common::TestApp;
+use crate::common::receiver::Receiver;
 use serde_json::json;
 use std::time::Duration;
 
@@ -277,7 +275,7 @@ async fn a_429_is_retried_after_the_time_retry_after_asks_for() {
 
 #[tokio::test]
 async fn a_receiver_that_is_down_neither_delays_nor_fails_the_run() {
-    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let dead = format!("http://127.0.0.1:{}", crate::common::free_port());
     let cfg = format!(
         "notify:\n  max_attempts: 2\n  timeout: 1s\n  sinks:\n    - {{ name: down, type: slack, url: \"{dead}/x\" }}\n"
     );
@@ -290,7 +288,7 @@ async fn a_receiver_that_is_down_neither_delays_nor_fails_the_run() {
     let posted = std::time::Instant::now();
     app.post_raw(
         "/api/v1/webhooks/generic",
-        common::generic_alert("Quick", "h", "2026-11-22T10:00:00Z"),
+        crate::common::generic_alert("Quick", "h", "2026-11-22T10:00:00Z"),
     )
     .await;
     app.wait_run_state(1, "succeeded").await;

@@ -5,10 +5,8 @@
 //! refused before anything was sent, for the reason its shape predicts; no marker file that a
 //! value tries to create ever exists.
 
-mod common;
-
-use common::TestApp;
-use common::sshd::Sshd;
+use crate::common::TestApp;
+use crate::common::sshd::Sshd;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 
@@ -342,7 +340,7 @@ fn reflex_check_refuses_unsafe_command_shapes_with_line_and_fix() {
         let yaml = format!("name: p{i}\nmatchers: ['alertname=\"X\"']\nsteps:\n{step}");
         let file = dir.path().join(format!("p{i}.yaml"));
         std::fs::write(&file, yaml).unwrap();
-        let (code, out) = common::reflex_cli(&["check", file.to_str().unwrap()], dir.path());
+        let (code, out) = crate::common::reflex_cli(&["check", file.to_str().unwrap()], dir.path());
         assert_ne!(code, 0, "{command}: {out}");
         assert!(
             out.contains(&format!("p{i}.yaml:{line}:")) && out.contains(needle),

@@ -2,15 +2,13 @@
 //! kubeconfig and kube-rs. The same tests run against a real cluster (kind, k3d, …):
 //!
 //! ```sh
-//! REFLEX_TEST_KUBECONFIG=~/.kube/config REFLEX_TEST_NAMESPACE=reflex-test cargo test --test kube
+//! REFLEX_TEST_KUBECONFIG=~/.kube/config REFLEX_TEST_NAMESPACE=reflex-test cargo test --test suite kube::
 //! ```
 //!
 //! The namespace must exist; tests that need the fake's internals (RBAC enforcement, injected
 //! conflicts, request counts) say so and skip there.
 
-mod common;
-
-use common::fake_kube::{FakeKube, allowed, rbac_rules};
+use crate::common::fake_kube::{FakeKube, allowed, rbac_rules};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -155,7 +153,7 @@ fn image(d: &Deployment) -> String {
 }
 
 fn ctx(args: Value) -> StepContext {
-    common::step_context(args, Duration::from_secs(20))
+    crate::common::step_context(args, Duration::from_secs(20))
 }
 
 async fn run(ex: &Executors, action: &str, args: Value) -> Result<Value, ExecError> {
@@ -594,7 +592,7 @@ steps:
   - action: kube.restart
     with: { kind: Deployment, namespace: "{{ labels.namespace }}", name: "{{ labels.deployment }}" }
 "#;
-    let app = common::TestApp::builder()
+    let app = crate::common::TestApp::builder()
         .example_playbooks()
         .playbook("narrow.yaml", narrow)
         .config(&format!(
@@ -661,7 +659,7 @@ steps:
 #[tokio::test]
 async fn an_unreachable_cluster_is_named_with_its_url() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
+    let port = crate::common::free_port();
     let kubeconfig = dir.path().join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -671,7 +669,7 @@ async fn an_unreachable_cluster_is_named_with_its_url() {
         ),
     )
     .unwrap();
-    let app = common::TestApp::builder()
+    let app = crate::common::TestApp::builder()
         .example_playbooks()
         .config(&format!(
             "kubernetes:\n  clusters:\n    prod: {{ kubeconfig: {} }}\n",

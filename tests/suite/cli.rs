@@ -1,8 +1,6 @@
 //! `reflex check` and `reflex simulate` through the real binary.
 
-mod common;
-
-use common::reflex_cli;
+use crate::common::reflex_cli;
 use std::path::Path;
 
 fn repo() -> &'static Path {
@@ -267,13 +265,13 @@ on_failure:
 
 #[tokio::test]
 async fn simulate_sees_the_daemons_kill_switch_and_cooldowns() {
-    let app = common::TestApp::builder()
+    let app = crate::common::TestApp::builder()
         .example_playbooks()
         .config("ssh:\n  hosts:\n    db-1: { aliases: [db-1.example.internal] }\n    db-2: { aliases: [db-2.example.internal] }\n")
         .start()
         .await;
     let (status, _) = app
-        .post_alertmanager(&common::fixture("alertmanager-disk.json"))
+        .post_alertmanager(&crate::common::fixture("alertmanager-disk.json"))
         .await;
     assert_eq!(status, 200);
     let (status, _) = app
@@ -404,8 +402,8 @@ steps:
 #[tokio::test]
 async fn serve_listens_where_told_and_a_never_changed_switch_has_no_date() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    let mut child = std::process::Command::new(common::reflex_bin())
+    let port = crate::common::free_port();
+    let mut child = std::process::Command::new(crate::common::reflex_bin())
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .current_dir(dir.path())
         .stderr(std::process::Stdio::null())

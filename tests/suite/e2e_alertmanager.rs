@@ -2,13 +2,11 @@
 //! four example playbooks against a real sshd, the fake Kubernetes API server and a local
 //! flag service, and reports to a local chat receiver.
 
-mod common;
-
-use common::alertmanager::Alertmanager;
-use common::fake_kube::FakeKube;
-use common::receiver::Receiver;
-use common::sshd::Sshd;
-use common::{TestApp, TestFs, auth_config};
+use crate::common::alertmanager::Alertmanager;
+use crate::common::fake_kube::FakeKube;
+use crate::common::receiver::Receiver;
+use crate::common::sshd::Sshd;
+use crate::common::{TestApp, TestFs, auth_config};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};

@@ -2,10 +2,8 @@
 //! credential back leaves no trace of it in the run record, the API, the log or chat, and a
 //! redirect to another origin is not followed with the credential.
 
-mod common;
-
-use common::TestApp;
-use common::receiver::Receiver;
+use crate::common::TestApp;
+use crate::common::receiver::Receiver;
 use serde_json::json;
 
 const PLAYBOOK: &str = r#"

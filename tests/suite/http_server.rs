@@ -3,9 +3,7 @@
 //! connections over the cap get a clear 503; SIGTERM exits by its deadline with slow clients
 //! open; cross-site and non-JSON mutations and an open API on a public address are refused.
 
-mod common;
-
-use common::TestApp;
+use crate::common::TestApp;
 use serde_json::Value;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -204,7 +202,7 @@ async fn cross_site_and_non_json_mutations_are_refused_and_change_nothing() {
 #[test]
 fn an_open_api_on_a_public_address_needs_auth_open() {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
+    let port = crate::common::free_port();
     let write = |extra: &str| {
         let cfg = dir.path().join("reflex.yaml");
         std::fs::write(
@@ -220,7 +218,8 @@ fn an_open_api_on_a_public_address_needs_auth_open() {
     };
     std::fs::create_dir_all(dir.path().join("pb")).unwrap();
     let cfg = write("");
-    let (code, out) = common::reflex_cli(&["serve", "--config", cfg.to_str().unwrap()], dir.path());
+    let (code, out) =
+        crate::common::reflex_cli(&["serve", "--config", cfg.to_str().unwrap()], dir.path());
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("auth.open"), "{out}");
     assert!(
@@ -228,6 +227,7 @@ fn an_open_api_on_a_public_address_needs_auth_open() {
         "nothing started"
     );
     let cfg = write("auth:\n  open: true\n");
-    let (code, out) = common::reflex_cli(&["check", "--config", cfg.to_str().unwrap()], dir.path());
+    let (code, out) =
+        crate::common::reflex_cli(&["check", "--config", cfg.to_str().unwrap()], dir.path());
     assert_eq!(code, 0, "an explicit open API is a valid config: {out}");
 }

@@ -1,0 +1,25 @@
+//! The black-box test suite, one binary (the harness in `common` is compiled once): the real
+//! `reflex` binary against real components (sshd, Alertmanager, Prometheus, SQLite), local
+//! HTTP receivers for SaaS sinks, and an in-process fake Kubernetes API server.
+//!
+//! One module per behaviour; run one with `cargo test --test suite kube::`.
+
+mod common;
+
+mod cli;
+mod deploy;
+mod disk_cleanup_playbook;
+mod e2e_alertmanager;
+mod flags;
+mod http_server;
+mod injection;
+mod intake;
+mod kube;
+mod notify;
+mod observability;
+mod recovery;
+mod rollback_playbook;
+mod safety;
+mod secrets;
+mod ssh;
+mod verify;
