@@ -185,8 +185,8 @@ struct Simulated {
 struct SimulatedStep {
     name: String,
     action: &'static str,
-    /// `main`, or `on_failure` (run only when a main step fails).
-    phase: &'static str,
+    /// Main step, or one run only when a main step fails.
+    phase: crate::playbook::spec::Phase,
     on_failure: &'static str,
     args: Value,
     /// The approval it would wait for.
@@ -380,7 +380,7 @@ fn print_alert(
         }
         let mut escalation_header = false;
         for (i, s) in sim.steps.iter().enumerate() {
-            if s.phase == "on_failure" && !escalation_header {
+            if s.phase == crate::playbook::spec::Phase::OnFailure && !escalation_header {
                 writeln!(out, "    if a step fails, then:")?;
                 escalation_header = true;
             }

@@ -2,7 +2,7 @@
 
 use super::auth::Identity;
 use super::{ApiError, AppState, json_body};
-use crate::store::{ApprovalView, Decision};
+use crate::store::{ApprovalState, ApprovalView, Decision};
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -27,29 +27,26 @@ pub struct DecisionBody {
     pub comment: Option<String>,
 }
 
-const STATES: &[&str] = &["pending", "approved", "denied", "expired", "cancelled"];
-
 /// `GET /api/v1/approvals`
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Vec<ApprovalView>>, ApiError> {
     let Query(q) = query?;
-    if let Some(s) = &q.state
-        && !STATES.contains(&s.as_str())
-    {
-        return Err(ApiError::BadRequest(format!(
-            "unknown state {s:?} (known: {})",
-            STATES.join(", ")
-        )));
-    }
+    let wanted = match q.state.as_deref() {
+        None => None,
+        Some(s) => Some(ApprovalState::parse(s).ok_or_else(|| {
+            let known: Vec<&str> = ApprovalState::ALL.iter().map(|a| a.as_str()).collect();
+            ApiError::BadRequest(format!("unknown state {s:?} (known: {})", known.join(", ")))
+        })?),
+    };
     let limit = q.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::BadRequest(
             "limit must be between 1 and 500".into(),
         ));
     }
-    Ok(Json(state.store.list_approvals(q.state, limit).await?))
+    Ok(Json(state.store.list_approvals(wanted, limit).await?))
 }
 
 /// `GET /api/v1/approvals/{id}`

@@ -182,7 +182,7 @@ async fn metrics(
     let m = &state.engine.metrics;
     let pending = state
         .store
-        .list_approvals(Some("pending".into()), 10_000)
+        .list_approvals(Some(crate::store::ApprovalState::Pending), 10_000)
         .await?
         .len();
     m.approvals_pending.set(pending as i64);

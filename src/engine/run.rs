@@ -6,7 +6,8 @@
 use super::Engine;
 use crate::executors::{ExecError, StepContext};
 use crate::notify::Event;
-use crate::store::{ClaimedRun, RunState, StepRecord, StepState, StoreError};
+use crate::playbook::spec::{GateScope, OnFailure, Phase};
+use crate::store::{ApprovalState, ClaimedRun, RunState, StepRecord, StepState, StoreError};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -95,7 +96,7 @@ impl Engine {
         async {
             tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, target = %run.target, "run started");
             let info = self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run);
-            let fresh = run.steps.iter().all(|s| s.state == StepState::Pending.as_str());
+            let fresh = run.steps.iter().all(|s| s.state == StepState::Pending);
             if fresh && !run.resumed {
                 self.notifier.send(Event::RunStarted { run: info.clone() });
             }
@@ -258,7 +259,7 @@ impl Engine {
         let Some(gate) = &step.approval else {
             return Ok(());
         };
-        let covered = if gate.scope == "run" {
+        let covered = if gate.scope == GateScope::Run {
             &run.steps[i..]
         } else {
             &run.steps[i..=i]
@@ -291,8 +292,8 @@ impl Engine {
                 });
                 Err(Stop::Parked)
             }
-            Some((_, state, approved)) if state == "approved" && approved == hash => Ok(()),
-            Some((id, state, _)) if state == "approved" => Err(end(
+            Some((_, ApprovalState::Approved, approved)) if approved == hash => Ok(()),
+            Some((id, ApprovalState::Approved, _)) => Err(end(
                 RunState::Failed,
                 format!(
                     "approval {id} no longer applies: what step {:?} would do changed after it was approved",
@@ -315,7 +316,9 @@ impl Engine {
             .steps
             .iter()
             .find(|s| {
-                s.phase == "main" && s.state == StepState::Failed.as_str() && s.on_failure == "stop"
+                s.phase == Phase::Main
+                    && s.state == StepState::Failed
+                    && s.on_failure == OnFailure::Stop
             })
             .map(|s| {
                 format!(
@@ -329,9 +332,9 @@ impl Engine {
                 .steps
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.phase == "main")
+                .filter(|(_, s)| s.phase == Phase::Main)
             {
-                if step.state != StepState::Pending.as_str() {
+                if step.state != StepState::Pending {
                     continue;
                 }
                 if let Some(error) = self.step(run, i, token, outputs).await? {
@@ -352,9 +355,9 @@ impl Engine {
             .steps
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.phase == "on_failure")
+            .filter(|(_, s)| s.phase == Phase::OnFailure)
         {
-            if step.state == StepState::Pending.as_str() {
+            if step.state == StepState::Pending {
                 self.step(run, i, token, outputs).await?;
             }
         }
@@ -457,7 +460,7 @@ impl Engine {
             .map_err(record_err)?;
         // A failure that ends the run is told once, by the run's end; a step the run goes on
         // after (or an escalation step) is told on its own.
-        let ends_run = step.phase == "main" && step.on_failure == "stop";
+        let ends_run = step.phase == Phase::Main && step.on_failure == OnFailure::Stop;
         match (&error, output) {
             (Some(_), _) if ends_run => {}
             (Some(e), _) => self.notifier.send(Event::StepFailed {
@@ -468,6 +471,6 @@ impl Engine {
             (None, Some(out)) => outputs.push((step.name.clone(), out)),
             (None, None) => {}
         }
-        Ok(error.filter(|_| step.on_failure == "stop"))
+        Ok(error.filter(|_| step.on_failure == OnFailure::Stop))
     }
 }

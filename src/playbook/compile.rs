@@ -6,7 +6,7 @@ use super::actions::{Action, ArgKind};
 use super::locate::{Seg, line_of};
 use super::matcher::Matcher;
 use super::script::{Located, Sandbox, names};
-use super::spec::{ApprovalSpecYaml, PlaybookSpec, StepSpec};
+use super::spec::{ApprovalSpecYaml, GateScope, PlaybookSpec, StepSpec};
 use super::template::{Quoting, Template};
 use super::{Arg, Diagnostic, Gate, Playbook, Step};
 use rhai::AST;
@@ -97,7 +97,7 @@ impl Ctx<'_> {
         &mut self,
         path: &[Seg<'_>],
         v: Option<&serde_yaml::Value>,
-        scope: &str,
+        scope: GateScope,
     ) -> Option<Gate> {
         let spec = match v? {
             serde_yaml::Value::String(s) if s == "required" => ApprovalSpecYaml {
@@ -138,7 +138,7 @@ impl Ctx<'_> {
             None => DEFAULT_APPROVAL_EXPIRY,
         };
         Some(Gate {
-            scope: scope.to_string(),
+            scope,
             count: spec.count,
             expires_ms: expires.as_millis() as u64,
             approvers: spec.approvers,
@@ -242,7 +242,11 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
     if spec.steps.is_empty() {
         cx.err(&[Seg::Key("steps")], "a playbook needs at least one step");
     }
-    let approval = cx.gate(&[Seg::Key("approval")], spec.approval.as_ref(), "run");
+    let approval = cx.gate(
+        &[Seg::Key("approval")],
+        spec.approval.as_ref(),
+        GateScope::Run,
+    );
     let target_src = spec.target.as_deref().unwrap_or(DEFAULT_TARGET);
     let target = cx.template(&[Seg::Key("target")], target_src, Quoting::Plain);
     let deadline = (spec.deadline.as_deref()).and_then(|d| cx.duration(&[Seg::Key("deadline")], d));
@@ -391,7 +395,7 @@ fn compile_step(cx: &mut Ctx<'_>, section: &str, i: usize, spec: &StepSpec) -> O
         timeout,
         on_failure: spec.on_failure,
         script,
-        approval: cx.gate(&at("approval"), spec.approval.as_ref(), "step"),
+        approval: cx.gate(&at("approval"), spec.approval.as_ref(), GateScope::Step),
     })
 }
 

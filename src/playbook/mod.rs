@@ -86,8 +86,8 @@ pub struct Playbook {
 /// An approval gate.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Gate {
-    /// `run` (the playbook's gate, covering every step) or `step`.
-    pub scope: String,
+    /// The playbook's gate (covering every step) or one step's.
+    pub scope: spec::GateScope,
     /// Distinct approvers needed.
     pub count: u32,
     /// How long the request stays open, in ms.
@@ -180,8 +180,8 @@ pub struct PlannedStep {
     /// Approval needed before this step runs (the playbook's gate sits on the first step).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<Gate>,
-    /// `main`, or `on_failure` for the steps run when the run fails.
-    pub phase: &'static str,
+    /// Main step, or one run when the run fails.
+    pub phase: spec::Phase,
 }
 
 impl Playbook {
@@ -217,12 +217,12 @@ impl Playbook {
             .steps
             .iter()
             .enumerate()
-            .map(|(i, s)| ("main", "steps", i, s));
+            .map(|(i, s)| (spec::Phase::Main, "steps", i, s));
         let escalation = self
             .on_failure
             .iter()
             .enumerate()
-            .map(|(i, s)| ("on_failure", "on_failure", i, s));
+            .map(|(i, s)| (spec::Phase::OnFailure, "on_failure", i, s));
         let steps: Vec<PlannedStep> = main
             .chain(escalation)
             .map(|(phase, section, i, s)| {
@@ -230,7 +230,7 @@ impl Playbook {
                     .args
                     .render(sandbox, scope)
                     .map_err(|e| format!("{section}[{i}] ({}): {e}", s.name))?;
-                let run_gate = if (phase, i) == ("main", 0) {
+                let run_gate = if (phase, i) == (spec::Phase::Main, 0) {
                     self.approval.clone()
                 } else {
                     None

@@ -98,6 +98,46 @@ pub enum CooldownBy {
     Group,
 }
 
+/// Which part of a run a step belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// The playbook's `steps`.
+    Main,
+    /// The playbook's `on_failure` steps, run when a main step fails and stops the run.
+    OnFailure,
+}
+
+impl Phase {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Main => "main",
+            Phase::OnFailure => "on_failure",
+        }
+    }
+}
+
+/// What an approval gate covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateScope {
+    /// The playbook's gate: before the first step, covering every step.
+    Run,
+    /// One step's gate.
+    Step,
+}
+
+impl GateScope {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GateScope::Run => "run",
+            GateScope::Step => "step",
+        }
+    }
+}
+
 /// What a run does when its alert resolves while it executes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]

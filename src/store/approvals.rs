@@ -2,7 +2,7 @@
 //! when, and who did. Decisions and their effect on the run are one transaction.
 
 use super::lifecycle::finish_run;
-use super::{RunState, Store, StoreError};
+use super::{ApprovalState, RunState, Store, StoreError};
 use crate::playbook::Gate;
 use crate::time::{now_ms, rfc3339};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -33,10 +33,10 @@ pub struct ApprovalView {
     pub step_idx: i64,
     /// Its name.
     pub step_name: String,
-    /// `run` (covers every step) or `step`.
-    pub scope: String,
-    /// `pending`, `approved`, `denied`, `expired`, `cancelled`.
-    pub state: String,
+    /// The playbook's gate (covers every step) or one step's.
+    pub scope: crate::playbook::spec::GateScope,
+    /// Where it stands.
+    pub state: ApprovalState,
     /// Exactly what will be done: target, then each step's action and rendered arguments.
     pub action: Value,
     /// SHA-256 of `action`: the approval applies to this and nothing else.
@@ -65,7 +65,7 @@ pub enum Decision {
     /// No such approval.
     NotFound,
     /// It is no longer pending (its state).
-    NotPending(String),
+    NotPending(ApprovalState),
     /// It had expired; it and its run are now `expired`.
     Expired,
     /// A kill switch is engaged: nothing can be approved.
@@ -91,7 +91,7 @@ pub enum Decision {
 pub(super) fn close_pending(
     c: &Connection,
     run_id: i64,
-    state: &str,
+    state: ApprovalState,
     now: i64,
 ) -> rusqlite::Result<()> {
     c.prepare_cached(
@@ -188,7 +188,7 @@ impl Store {
         &self,
         run_id: i64,
         step_idx: i64,
-    ) -> Result<Option<(i64, String, String)>, StoreError> {
+    ) -> Result<Option<(i64, ApprovalState, String)>, StoreError> {
         self.read(move |c| {
             Ok(c.prepare_cached(
                 "SELECT id, state, action_hash FROM approvals WHERE run_id = ?1 AND step_idx = ?2",
@@ -212,7 +212,7 @@ impl Store {
     ) -> Result<Decision, StoreError> {
         self.write(move |c| {
             let now = now_ms();
-            let row: Option<(i64, String, i64, u32, String, String, String)> = c
+            let row: Option<(i64, ApprovalState, i64, u32, String, String, String)> = c
                 .query_row(
                     "SELECT a.run_id, a.state, a.expires_at, a.required, a.allowed, a.approvals, r.playbook
                      FROM approvals a JOIN runs r ON r.id = a.run_id WHERE a.id = ?1",
@@ -226,7 +226,7 @@ impl Store {
             let target = format!("approval/{id} run/{run_id}");
             let action = if approve { "approval.approve" } else { "approval.deny" };
             let refuse = |tx: &Connection, why: &str| super::audit::audit_in(tx, &who, action, Some(&target), "refused", Some(why));
-            if state != "pending" {
+            if state != ApprovalState::Pending {
                 refuse(c, &format!("approval is {state}"))?;
                 return Ok(Decision::NotPending(state));
             }
@@ -299,7 +299,7 @@ impl Store {
     /// Approvals, newest first, optionally in one state.
     pub async fn list_approvals(
         &self,
-        state: Option<String>,
+        state: Option<ApprovalState>,
         limit: u32,
     ) -> Result<Vec<ApprovalView>, StoreError> {
         self.read(move |c| {

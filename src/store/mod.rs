@@ -23,7 +23,7 @@ pub use breaker::{BreakerLimits, Limit, Trip};
 pub use intake::{Candidate, Hold, IntakeItem, Outcome};
 pub use queue::{ClaimedRun, StepRecord, StepRef};
 pub use snapshot::Snapshot;
-pub use states::{RunState, StepState};
+pub use states::{ApprovalState, RunState, StepState};
 pub use switches::*;
 pub use views::{AlertView, RunFilter, RunView};
 

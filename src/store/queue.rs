@@ -60,10 +60,10 @@ pub struct StepRecord {
     pub args: Value,
     /// Timeout in ms, if set.
     pub timeout_ms: Option<i64>,
-    /// `stop` or `continue`.
-    pub on_failure: String,
+    /// What its failure does to the run.
+    pub on_failure: crate::playbook::spec::OnFailure,
     /// State.
-    pub state: String,
+    pub state: StepState,
     /// Started (RFC 3339).
     pub started_at: Option<String>,
     /// Finished (RFC 3339).
@@ -75,21 +75,22 @@ pub struct StepRecord {
     /// Approval gate before this step, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<crate::playbook::Gate>,
-    /// `main`, or `on_failure` (run only when the run fails).
-    pub phase: String,
+    /// Main step, or one run only when the run fails.
+    pub phase: crate::playbook::spec::Phase,
 }
 
 /// The claimed row of a run; the rest is loaded off the writer.
-type ClaimRow = (
-    i64,
-    String,
-    bool,
-    Option<String>,
-    i64,
-    String,
-    Option<i64>,
-    i64,
-);
+/// What the claiming statement returns of a run; the rest is read off the writer.
+struct ClaimRow {
+    id: i64,
+    playbook: String,
+    dry_run: bool,
+    params: Option<String>,
+    alert_id: i64,
+    target: String,
+    deadline_ms: Option<i64>,
+    started_ms: i64,
+}
 
 /// Claims the oldest claimable pending run (see [`Store::claim`]).
 fn claim_one(c: &Connection, max_per_target: u32) -> Result<Option<ClaimRow>, StoreError> {
@@ -104,7 +105,16 @@ fn claim_one(c: &Connection, max_per_target: u32) -> Result<Option<ClaimRow>, St
          RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
     )?
     .query_row(params![now_ms(), max_per_target], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+        Ok(ClaimRow {
+            id: r.get(0)?,
+            playbook: r.get(1)?,
+            dry_run: r.get(2)?,
+            params: r.get(3)?,
+            alert_id: r.get(4)?,
+            target: r.get(5)?,
+            deadline_ms: r.get(6)?,
+            started_ms: r.get(7)?,
+        })
     })
     .optional()?)
 }
@@ -192,27 +202,25 @@ impl Store {
         // What the claimed runs need is read on the read connection, off the one writer.
         self.read(move |c| {
             rows.into_iter()
-                .map(
-                    |(id, playbook, dry_run, params, alert_id, target, deadline_ms, started_ms)| {
-                        let resumed: bool = c
-                            .prepare_cached(
-                                "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
-                            )?
-                            .query_row([id], |r| r.get(0))?;
-                        Ok(ClaimedRun {
-                            id,
-                            playbook,
-                            dry_run,
-                            params: parse_json(params),
-                            alert: load_alert(c, alert_id)?,
-                            target,
-                            deadline_ms,
-                            started_ms,
-                            resumed,
-                            steps: load_steps(c, id)?,
-                        })
-                    },
-                )
+                .map(|row| {
+                    let resumed: bool = c
+                        .prepare_cached(
+                            "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
+                        )?
+                        .query_row([row.id], |r| r.get(0))?;
+                    Ok(ClaimedRun {
+                        id: row.id,
+                        playbook: row.playbook,
+                        dry_run: row.dry_run,
+                        params: parse_json(row.params),
+                        alert: load_alert(c, row.alert_id)?,
+                        target: row.target,
+                        deadline_ms: row.deadline_ms,
+                        started_ms: row.started_ms,
+                        resumed,
+                        steps: load_steps(c, row.id)?,
+                    })
+                })
                 .collect()
         })
         .await
@@ -278,7 +286,7 @@ impl Store {
             if !matches!(state, RunState::Pending | RunState::AwaitingApproval) {
                 return Ok(Some(state));
             }
-            super::approvals::close_pending(c, run_id, "cancelled", now_ms())?;
+            super::approvals::close_pending(c, run_id, ApprovalState::Cancelled, now_ms())?;
             finish_run(
                 c,
                 run_id,

@@ -26,7 +26,7 @@ pub(super) fn end_for_resolved(
         } else {
             "the alert resolved before approval; nothing was done"
         };
-        super::approvals::close_pending(c, *id, "cancelled", now)?;
+        super::approvals::close_pending(c, *id, ApprovalState::Cancelled, now)?;
         finish_run(c, *id, RunState::Resolved, Some(why), now)?;
     }
     c.prepare_cached(

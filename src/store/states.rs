@@ -1,5 +1,8 @@
-//! The vocabulary of runs and steps: their states, as stored and as the API shows them.
+//! The vocabulary of runs and steps: their states, phases and failure modes, as stored and as
+//! the API shows them. Each is an enum stored as its name; nothing compares them as text.
 
+use crate::playbook::spec::{GateScope, OnFailure, Phase};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::Serialize;
 
 /// Run states. Final: everything but `pending` and `running`.
@@ -113,4 +116,88 @@ impl StepState {
             StepState::DryRun => "dry_run",
         }
     }
+}
+
+/// Approval request states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalState {
+    /// Waiting for approvers.
+    Pending,
+    /// Approved by as many distinct approvers as it needs.
+    Approved,
+    /// Denied; its run ended without acting.
+    Denied,
+    /// Nobody decided in time; its run ended without acting.
+    Expired,
+    /// Its run ended some other way (resolved, cancelled, killed).
+    Cancelled,
+}
+
+impl ApprovalState {
+    /// Every state.
+    pub const ALL: &'static [ApprovalState] = &[
+        ApprovalState::Pending,
+        ApprovalState::Approved,
+        ApprovalState::Denied,
+        ApprovalState::Expired,
+        ApprovalState::Cancelled,
+    ];
+
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalState::Pending => "pending",
+            ApprovalState::Approved => "approved",
+            ApprovalState::Denied => "denied",
+            ApprovalState::Expired => "expired",
+            ApprovalState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<ApprovalState> {
+        Self::ALL.iter().copied().find(|a| a.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ApprovalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Each word of a stored vocabulary.
+macro_rules! stored_as_names {
+    ($($ty:ty => [$($variant:ident),+ $(,)?]),+ $(,)?) => {$(
+        impl ToSql for $ty {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.as_str()))
+            }
+        }
+
+        impl FromSql for $ty {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                let text = value.as_str()?;
+                [$(<$ty>::$variant),+]
+                    .into_iter()
+                    .find(|w| w.as_str() == text)
+                    .ok_or_else(|| {
+                        FromSqlError::Other(
+                            format!("unknown {} {text:?}", stringify!($ty)).into(),
+                        )
+                    })
+            }
+        }
+    )+};
+}
+
+stored_as_names! {
+    RunState => [Pending, Running, Succeeded, Failed, Cancelled, Interrupted, Suppressed,
+                 AwaitingApproval, Denied, Expired, Killed, Resolved, DryRun],
+    StepState => [Pending, Running, Succeeded, Failed, Skipped, Interrupted, DryRun],
+    OnFailure => [Stop, Continue],
+    Phase => [Main, OnFailure],
+    GateScope => [Run, Step],
+    ApprovalState => [Pending, Approved, Denied, Expired, Cancelled],
 }
