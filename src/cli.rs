@@ -184,7 +184,7 @@ struct Simulated {
 #[derive(Debug, Serialize)]
 struct SimulatedStep {
     name: String,
-    action: &'static str,
+    action: crate::playbook::actions::Action,
     /// Main step, or one run only when a main step fails.
     phase: crate::playbook::spec::Phase,
     on_failure: &'static str,

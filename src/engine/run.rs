@@ -28,7 +28,7 @@ fn step_ref(run: &ClaimedRun, step: &StepRecord) -> crate::store::StepRef {
     crate::store::StepRef {
         run_id: run.id,
         idx: step.idx,
-        action: step.action.clone(),
+        action: step.action,
         target: run.target.clone(),
     }
 }
@@ -390,7 +390,7 @@ impl Engine {
             alert: run.alert.clone(),
             params: run.params.clone(),
         };
-        let Some(executor) = self.executors.get(&step.action) else {
+        let Some(executor) = self.executors.get(step.action) else {
             let error = format!("no executor for action {:?} is configured", step.action);
             self.store
                 .step_finished(
@@ -436,7 +436,7 @@ impl Engine {
         };
         self.metrics
             .step_duration
-            .with_label_values(&[&step.action])
+            .with_label_values(&[step.action.name()])
             .observe(step_timer.elapsed().as_secs_f64());
         // Nothing recorded, logged or sent carries a configured secret (an upstream may echo
         // one back in its answer).

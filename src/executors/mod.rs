@@ -89,19 +89,19 @@ pub trait Executor: Send + Sync {
     async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError>;
 }
 
-/// Executors by action name.
+/// Executors by action.
 #[derive(Clone, Default)]
 pub struct Executors {
-    by_action: HashMap<&'static str, Arc<dyn Executor>>,
+    by_action: HashMap<Action, Arc<dyn Executor>>,
 }
 
 impl Executors {
     /// The built-in executors that need no configuration.
     pub fn builtin(sandbox: Arc<Sandbox>) -> Self {
         let mut e = Executors::default();
-        e.insert("log", Arc::new(LogExecutor));
-        e.insert("wait", Arc::new(WaitExecutor));
-        e.insert("script", Arc::new(ScriptExecutor::new(sandbox)));
+        e.insert(Action::Log, Arc::new(LogExecutor));
+        e.insert(Action::Wait, Arc::new(WaitExecutor));
+        e.insert(Action::Script, Arc::new(ScriptExecutor::new(sandbox)));
         e
     }
 
@@ -114,11 +114,14 @@ impl Executors {
             .clone()
             .unwrap_or_else(|| cfg.data_dir.join("ssh"));
         let ssh = Arc::new(SshExecutor::new(cfg.ssh.clone(), control_dir));
-        e.insert("ssh.run", Arc::new(SshRunExecutor(ssh.clone())));
-        e.insert("disk_cleanup", Arc::new(DiskCleanupExecutor(ssh)));
-        e.insert("http", Arc::new(HttpExecutor::new(cfg.credentials.clone())));
+        e.insert(Action::SshRun, Arc::new(SshRunExecutor(ssh.clone())));
+        e.insert(Action::DiskCleanup, Arc::new(DiskCleanupExecutor(ssh)));
         e.insert(
-            "verify",
+            Action::Http,
+            Arc::new(HttpExecutor::new(cfg.credentials.clone())),
+        );
+        e.insert(
+            Action::Verify,
             Arc::new(VerifyExecutor::new(&cfg.prometheus_url, sandbox.clone())),
         );
         let kube = Arc::new(kube::KubeExecutor::new(cfg.kubernetes.clone()));
@@ -131,31 +134,25 @@ impl Executors {
             Action::KubeUncordon,
             Action::KubePatch,
         ] {
-            e.insert(
-                action.name(),
-                Arc::new(kube::KubeAction(kube.clone(), action)),
-            );
+            e.insert(action, Arc::new(kube::KubeAction(kube.clone(), action)));
         }
         let flags = Arc::new(flags::FlagExecutor::new(cfg.feature_flags.clone(), kube));
         e.insert(
-            "feature_flag.disable",
+            Action::FlagDisable,
             Arc::new(flags::FlagAction(flags.clone(), false)),
         );
-        e.insert(
-            "feature_flag.enable",
-            Arc::new(flags::FlagAction(flags, true)),
-        );
+        e.insert(Action::FlagEnable, Arc::new(flags::FlagAction(flags, true)));
         e
     }
 
     /// Adds or replaces the executor of an action.
-    pub fn insert(&mut self, action: &'static str, executor: Arc<dyn Executor>) {
+    pub fn insert(&mut self, action: Action, executor: Arc<dyn Executor>) {
         self.by_action.insert(action, executor);
     }
 
     /// The executor of an action.
-    pub fn get(&self, action: &str) -> Option<&Arc<dyn Executor>> {
-        self.by_action.get(action)
+    pub fn get(&self, action: Action) -> Option<&Arc<dyn Executor>> {
+        self.by_action.get(&action)
     }
 }
 
@@ -205,4 +202,18 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cause = c.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_action_has_an_executor() {
+        let ex =
+            Executors::from_config(&crate::config::Config::default(), Arc::new(Sandbox::new()));
+        for action in Action::ALL {
+            assert!(ex.get(*action).is_some(), "no executor for {action}");
+        }
+    }
 }

@@ -44,6 +44,18 @@ pub enum Action {
     FlagEnable,
 }
 
+impl serde::Serialize for Action {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How a top-level argument is treated at load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArgKind {
@@ -99,6 +111,11 @@ impl Action {
             Action::FlagDisable => "feature_flag.disable",
             Action::FlagEnable => "feature_flag.enable",
         }
+    }
+
+    /// Whether it acts on a Kubernetes cluster.
+    pub fn is_kube(self) -> bool {
+        self.name().starts_with("kube.")
     }
 
     /// How argument `arg` is treated.

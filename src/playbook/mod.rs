@@ -169,8 +169,8 @@ pub struct Plan {
 pub struct PlannedStep {
     /// Name.
     pub name: String,
-    /// Action name.
-    pub action: &'static str,
+    /// The action.
+    pub action: Action,
     /// Rendered arguments.
     pub args: serde_json::Value,
     /// Timeout in ms, if the step sets one.
@@ -237,7 +237,7 @@ impl Playbook {
                 };
                 Ok(PlannedStep {
                     name: s.name.clone(),
-                    action: s.action.name(),
+                    action: s.action,
                     args,
                     timeout_ms: s.timeout.map(|t| t.as_millis() as u64),
                     on_failure: s.on_failure,
@@ -253,7 +253,7 @@ impl Playbook {
                 .find_map(|(i, s): (usize, &PlannedStep)| {
                     let ns = s.args.get("namespace")?.as_str()?;
                     let allowed = self.namespaces.iter().any(|p| namespace_matches(p, ns));
-                    (s.action.starts_with("kube.") && !allowed).then(|| (i, ns.to_string()))
+                    (s.action.is_kube() && !allowed).then(|| (i, ns.to_string()))
                 });
             if let Some((i, ns)) = outside {
                 return Err(format!(

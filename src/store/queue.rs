@@ -16,8 +16,8 @@ pub struct StepRef {
     pub run_id: i64,
     /// Step index.
     pub idx: i64,
-    /// Action name.
-    pub action: String,
+    /// The action.
+    pub action: crate::playbook::actions::Action,
     /// The run's target.
     pub target: String,
 }
@@ -54,8 +54,8 @@ pub struct StepRecord {
     pub idx: i64,
     /// Name.
     pub name: String,
-    /// Action name.
-    pub action: String,
+    /// The action.
+    pub action: crate::playbook::actions::Action,
     /// Rendered arguments.
     pub args: Value,
     /// Timeout in ms, if set.

@@ -167,6 +167,20 @@ impl std::fmt::Display for ApprovalState {
     }
 }
 
+impl ToSql for crate::playbook::actions::Action {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.name()))
+    }
+}
+
+impl FromSql for crate::playbook::actions::Action {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        let text = value.as_str()?;
+        Self::parse(text)
+            .ok_or_else(|| FromSqlError::Other(format!("unknown action {text:?}").into()))
+    }
+}
+
 /// Each word of a stored vocabulary.
 macro_rules! stored_as_names {
     ($($ty:ty => [$($variant:ident),+ $(,)?]),+ $(,)?) => {$(

@@ -22,6 +22,7 @@ async fn run(ex: &Executors, action: &str, provider: &str, flag: &str) -> Result
         json!({"provider": provider, "flag": flag}),
         Duration::from_secs(10),
     );
+    let action = reflex::playbook::actions::Action::parse(action).unwrap();
     ex.get(action).unwrap().execute(&ctx).await
 }
 

@@ -157,6 +157,7 @@ fn ctx(args: Value) -> StepContext {
 }
 
 async fn run(ex: &Executors, action: &str, args: Value) -> Result<Value, ExecError> {
+    let action = reflex::playbook::actions::Action::parse(action).expect("a known action");
     ex.get(action)
         .unwrap_or_else(|| panic!("no executor {action}"))
         .execute(&ctx(args))
