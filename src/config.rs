@@ -165,19 +165,59 @@ pub struct FlagProvider {
     pub method: Option<String>,
 }
 
+/// Where a secret comes from: written in the config, an environment variable, or a file. A
+/// file is read each time it is needed, so a rotated file is picked up; surrounding white
+/// space is trimmed. Config sections name it with the fields `x`, `x_env` and `x_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    /// Written in the config (discouraged for anything secret).
+    Value(String),
+    /// An environment variable.
+    Env(String),
+    /// A file.
+    File(PathBuf),
+}
+
+impl SecretRef {
+    /// From a section's `what`, `what_env` and `what_file` fields: at most one may be given.
+    pub fn from_fields(
+        what: &str,
+        value: &Option<String>,
+        env: &Option<String>,
+        file: &Option<PathBuf>,
+    ) -> Result<Option<SecretRef>, String> {
+        match (value, env, file) {
+            (None, None, None) => Ok(None),
+            (Some(v), None, None) => Ok(Some(SecretRef::Value(v.clone()))),
+            (None, Some(var), None) => Ok(Some(SecretRef::Env(var.clone()))),
+            (None, None, Some(path)) => Ok(Some(SecretRef::File(path.clone()))),
+            _ => Err(format!("give only one of {what}, {what}_env, {what}_file")),
+        }
+    }
+
+    /// The secret, read now.
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            SecretRef::Value(v) => Ok(v.clone()),
+            SecretRef::Env(var) => std::env::var(var)
+                .map(|s| s.trim().to_string())
+                .map_err(|_| format!("environment variable {var} is not set")),
+            SecretRef::File(path) => std::fs::read_to_string(path)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("{}: {e}", path.display())),
+        }
+    }
+}
+
 impl FlagProvider {
+    /// Where the token comes from, if the provider has one.
+    pub fn token_ref(&self) -> Result<Option<SecretRef>, String> {
+        SecretRef::from_fields("token", &None, &self.token_env, &self.token_file)
+    }
+
     /// The token, read now.
     pub fn token(&self) -> Result<Option<String>, String> {
-        match (&self.token_env, &self.token_file) {
-            (Some(var), None) => std::env::var(var)
-                .map(Some)
-                .map_err(|_| format!("environment variable {var} is not set")),
-            (None, Some(p)) => std::fs::read_to_string(p)
-                .map(|s| Some(s.trim().to_string()))
-                .map_err(|e| format!("{}: {e}", p.display())),
-            (None, None) => Ok(None),
-            _ => Err("give token_env or token_file, not both".into()),
-        }
+        self.token_ref()?.map(|r| r.read()).transpose()
     }
 }
 
@@ -202,19 +242,18 @@ fn authorization() -> String {
 }
 
 impl Credential {
+    /// Where the secret comes from.
+    pub fn secret_ref(&self) -> Result<SecretRef, String> {
+        match (&self.env, &self.file) {
+            (Some(var), None) => Ok(SecretRef::Env(var.clone())),
+            (None, Some(path)) => Ok(SecretRef::File(path.clone())),
+            _ => Err("a credential needs exactly one of env or file".into()),
+        }
+    }
+
     /// The header value, read now (so a rotated file is picked up).
     pub fn value(&self) -> Result<String, String> {
-        let secret = match (&self.env, &self.file) {
-            (Some(var), None) => {
-                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
-            }
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?
-                .trim()
-                .to_string(),
-            _ => return Err("a credential needs exactly one of env or file".into()),
-        };
-        Ok(format!("{}{secret}", self.prefix))
+        Ok(format!("{}{}", self.prefix, self.secret_ref()?.read()?))
     }
 }
 

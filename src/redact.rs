@@ -7,9 +7,8 @@
 //! through [`Redactor::redact_json`] before it is recorded, so a secret's value appears in none
 //! of those places.
 
-use crate::config::Config;
+use crate::config::{Config, SecretRef};
 use serde_json::Value;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,28 +22,10 @@ const MIN_SECRET_LEN: usize = 6;
 /// Secrets are read again after this long, so that a rotated file is covered too.
 const REFRESH: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone)]
-enum Source {
-    Value(String),
-    Env(String),
-    File(PathBuf),
-}
-
-impl Source {
-    fn read(&self) -> Option<String> {
-        match self {
-            Source::Value(v) => Some(v.clone()),
-            Source::Env(var) => std::env::var(var).ok(),
-            Source::File(path) => std::fs::read_to_string(path).ok(),
-        }
-        .map(|s| s.trim().to_string())
-    }
-}
-
 /// The configured secrets, and how to remove them from text.
 #[derive(Debug, Default)]
 pub struct Redactor {
-    sources: Vec<Source>,
+    sources: Vec<SecretRef>,
     cache: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
 }
 
@@ -52,20 +33,26 @@ impl Redactor {
     /// Every secret the config names.
     pub fn from_config(cfg: &Config) -> Redactor {
         let mut sources = Vec::new();
-        let mut add = |value: &Option<String>, env: &Option<String>, file: &Option<PathBuf>| {
-            sources.extend(value.clone().map(Source::Value));
-            sources.extend(env.clone().map(Source::Env));
-            sources.extend(file.clone().map(Source::File));
-        };
+        let mut add = |r: Result<Option<SecretRef>, String>| sources.extend(r.ok().flatten());
         for c in cfg.credentials.values() {
-            add(&None, &c.env, &c.file);
+            add(c.secret_ref().map(Some));
         }
         for p in cfg.feature_flags.values() {
-            add(&None, &p.token_env, &p.token_file);
+            add(p.token_ref());
         }
         for s in &cfg.notify.sinks {
-            add(&s.url, &s.url_env, &s.url_file);
-            add(&None, &s.token_env, &s.token_file);
+            add(SecretRef::from_fields(
+                "url",
+                &s.url,
+                &s.url_env,
+                &s.url_file,
+            ));
+            add(SecretRef::from_fields(
+                "token",
+                &None,
+                &s.token_env,
+                &s.token_file,
+            ));
         }
         Redactor {
             sources,
@@ -83,7 +70,7 @@ impl Redactor {
         let mut secrets: Vec<String> = self
             .sources
             .iter()
-            .filter_map(Source::read)
+            .filter_map(|r| r.read().ok())
             .filter(|s| s.len() >= MIN_SECRET_LEN)
             .flat_map(|s| {
                 let encoded =

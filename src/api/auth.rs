@@ -53,10 +53,10 @@ impl Auth {
                         .map_err(|_| format!("auth.tokens {:?}: sha256 must be 32 bytes", t.name))?
                 }
                 (None, Some(file)) => {
-                    let text = std::fs::read_to_string(file).map_err(|e| {
-                        format!("auth.tokens {:?}: {}: {e}", t.name, file.display())
-                    })?;
-                    digest(text.trim().as_bytes())
+                    let token = crate::config::SecretRef::File(file.clone())
+                        .read()
+                        .map_err(|e| format!("auth.tokens {:?}: {e}", t.name))?;
+                    digest(token.as_bytes())
                 }
                 (None, None) => return Err(format!("auth.tokens {:?}: no sha256 or file", t.name)),
             };

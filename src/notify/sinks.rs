@@ -21,17 +21,10 @@ fn secret(
     env: &Option<String>,
     file: &Option<std::path::PathBuf>,
 ) -> Result<String, String> {
-    match (value, env, file) {
-        (Some(v), None, None) => Ok(v.clone()),
-        (None, Some(var), None) => std::env::var(var)
-            .map_err(|_| format!("notify sink {name:?}: environment variable {var} is not set")),
-        (None, None, Some(path)) => std::fs::read_to_string(path)
-            .map(|s| s.trim().to_string())
-            .map_err(|e| format!("notify sink {name:?}: {}: {e}", path.display())),
-        _ => Err(format!(
-            "notify sink {name:?}: give exactly one of {what}, {what}_env, {what}_file"
-        )),
-    }
+    crate::config::SecretRef::from_fields(what, value, env, file)
+        .and_then(|r| r.ok_or_else(|| format!("give one of {what}, {what}_env, {what}_file")))
+        .and_then(|r| r.read())
+        .map_err(|e| format!("notify sink {name:?}: {e}"))
 }
 
 /// Builds a sink from its config (reading its secrets).
