@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Loads the playbooks a config names; a missing default directory is an empty set.
 pub fn load_playbooks(cfg: &Config) -> anyhow::Result<PlaybookSet> {
@@ -39,9 +40,11 @@ pub async fn run(
     tracing::info!(count = playbooks.playbooks.len(), dir = %cfg.playbooks_dir.display(), "playbooks loaded");
     let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
     let token = CancellationToken::new();
+    // Every task the daemon starts, so that shutdown can wait for them (within a deadline).
+    let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
-    let notifier =
-        crate::notify::Notifier::start(&cfg.notify, metrics.clone()).map_err(anyhow::Error::msg)?;
+    let notifier = crate::notify::Notifier::start(&cfg.notify, metrics.clone(), &tasks)
+        .map_err(anyhow::Error::msg)?;
     let engine = Engine::new(
         store.clone(),
         playbooks,
@@ -52,15 +55,15 @@ pub async fn run(
         token.clone(),
     );
     engine.recover().await.context("recovering runs")?;
-    let dispatcher = tokio::spawn(engine.clone().dispatch());
-    let sweeper = tokio::spawn(engine.clone().sweep());
-    tokio::spawn(watch_playbooks(
+    let dispatcher = tasks.spawn(engine.clone().dispatch());
+    let sweeper = tasks.spawn(engine.clone().sweep());
+    tasks.spawn(watch_playbooks(
         engine.clone(),
         cfg.playbooks_dir.clone(),
         token.clone(),
     ));
     #[cfg(unix)]
-    tokio::spawn(reload_on_sighup(engine.clone(), token.clone()));
+    tasks.spawn(reload_on_sighup(engine.clone(), token.clone()));
 
     let auth = api::auth::Auth::from_config(&cfg.auth).map_err(anyhow::Error::msg)?;
     if !auth.enabled() {
@@ -85,9 +88,25 @@ pub async fn run(
     token.cancel();
     dispatcher.await.context("engine dispatcher")?;
     sweeper.await.context("approval sweeper")?;
+    // The engine (and so the notifier's queues) is gone with the router: the chat sinks send
+    // what they still hold, then end.
+    tasks.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tasks.len(),
+            "shutdown: tasks still running after the deadline; leaving them"
+        );
+    }
     tracing::info!(db = %store.path().display(), "stopped");
     Ok(())
 }
+
+/// How long shutdown waits for the remaining tasks (chat messages still queued) once the
+/// engine has stopped: well inside systemd's `TimeoutStopSec`.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

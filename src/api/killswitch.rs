@@ -146,28 +146,8 @@ async fn set(
         reason
     };
     state
-        .store
-        .set_switch(
-            scope.clone(),
-            body.engaged,
-            reason.clone(),
-            who.name.clone(),
-            until,
-        )
-        .await?;
-    state
         .engine
-        .notifier
-        .send(crate::notify::Event::KillSwitch {
-            scope: scope.clone(),
-            engaged: body.engaged,
-            actor: who.name.clone(),
-            reason: reason.clone(),
-        });
-    if body.engaged {
-        tracing::warn!(%scope, actor = %who.name, %reason, "kill switch engaged");
-    } else {
-        tracing::warn!(%scope, actor = %who.name, "kill switch released");
-    }
+        .set_switch(scope, body.engaged, reason, who.name.clone(), until)
+        .await?;
     Ok(Json(current(&state).await?))
 }

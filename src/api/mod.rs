@@ -179,24 +179,13 @@ async fn audit(
 async fn metrics(
     State(state): State<AppState>,
 ) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
-    let m = &state.engine.metrics;
-    let pending = state
-        .store
-        .list_approvals(Some(crate::store::ApprovalState::Pending), 10_000)
-        .await?
-        .len();
-    m.approvals_pending.set(pending as i64);
-    for s in state.store.switches().await? {
-        m.killswitch_engaged
-            .with_label_values(&[&s.scope])
-            .set(i64::from(s.engaged));
-    }
+    let text = state.engine.render_metrics().await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        m.render(),
+        text,
     ))
 }
 

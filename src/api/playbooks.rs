@@ -59,16 +59,7 @@ pub async fn reload(
     State(state): State<AppState>,
     axum::Extension(who): axum::Extension<super::auth::Identity>,
 ) -> Result<Json<serde_json::Value>, super::ApiError> {
-    let result = state.engine.reload("api");
-    let (outcome, detail) = match &result {
-        Ok(n) => ("ok", format!("{n} playbooks")),
-        Err(d) => ("failed", format!("{} errors", d.len())),
-    };
-    state
-        .store
-        .audit(&who.name, "playbooks.reload", None, outcome, Some(detail))
-        .await?;
-    match result {
+    match state.engine.reload_by(&who.name).await? {
         Ok(n) => Ok(Json(serde_json::json!({ "loaded": n }))),
         Err(diags) => Err(super::ApiError::Invalid(
             "the new playbook set is invalid; the previous set stays in force".into(),

@@ -91,28 +91,15 @@ pub async fn cancel(
     id: Result<Path<i64>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Path(id) = id?;
-    let result = state.engine.cancel(id).await?;
-    let target = Some(format!("run/{id}"));
-    let (outcome, answer) = match result {
-        CancelResult::NotFound => return Err(ApiError::NotFound(format!("no run {id}"))),
-        CancelResult::Cancelled => ("ok", Ok(json!({ "id": id, "state": "cancelled" }))),
-        CancelResult::Requested => (
-            "ok",
-            Ok(
-                json!({ "id": id, "state": "running", "message": "the run stops before its next step" }),
-            ),
-        ),
-        CancelResult::AlreadyFinished(s) => (
-            "refused",
-            Err(ApiError::Conflict(format!(
-                "run {id} already ended: {}",
-                s.as_str()
-            ))),
-        ),
-    };
-    state
-        .store
-        .audit(&who.name, "run.cancel", target, outcome, None)
-        .await?;
-    answer.map(Json)
+    match state.engine.cancel_by(id, &who.name).await? {
+        CancelResult::NotFound => Err(ApiError::NotFound(format!("no run {id}"))),
+        CancelResult::Cancelled => Ok(Json(json!({ "id": id, "state": "cancelled" }))),
+        CancelResult::Requested => Ok(Json(
+            json!({ "id": id, "state": "running", "message": "the run stops before its next step" }),
+        )),
+        CancelResult::AlreadyFinished(s) => Err(ApiError::Conflict(format!(
+            "run {id} already ended: {}",
+            s.as_str()
+        ))),
+    }
 }

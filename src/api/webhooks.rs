@@ -31,11 +31,7 @@ pub async fn alertmanager(
     let payload: AlertmanagerPayload = parse_json(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid Alertmanager payload: {e}")))?;
     if payload.truncated_alerts > 0 {
-        state
-            .engine
-            .metrics
-            .alerts_truncated
-            .inc_by(payload.truncated_alerts);
+        state.engine.note_truncated(payload.truncated_alerts);
         tracing::warn!(
             truncated = payload.truncated_alerts,
             group_key = %payload.group_key,

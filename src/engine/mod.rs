@@ -47,10 +47,8 @@ pub struct Engine {
     windows: maintenance::Windows,
     dry_run: bool,
     playbook_paths: Vec<PathBuf>,
-    /// The metrics the engine updates.
-    pub metrics: Arc<Metrics>,
-    /// Where messages about runs go.
-    pub notifier: Notifier,
+    metrics: Arc<Metrics>,
+    notifier: Notifier,
     public_url: Option<String>,
     /// Removes configured secrets from step results before they are recorded.
     redactor: crate::redact::Redactor,
@@ -249,6 +247,89 @@ impl Engine {
             self.wake.notify_one();
         }
         Ok(outcomes)
+    }
+
+    /// An operator engages or releases a kill switch (`scope` global or a playbook's): recorded
+    /// (with its audit row, in one transaction), logged and told in chat.
+    pub async fn set_switch(
+        &self,
+        scope: String,
+        engaged: bool,
+        reason: String,
+        actor: String,
+        until: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.store
+            .set_switch(scope.clone(), engaged, reason.clone(), actor.clone(), until)
+            .await?;
+        if engaged {
+            tracing::warn!(%scope, %actor, %reason, "kill switch engaged");
+        } else {
+            tracing::warn!(%scope, %actor, "kill switch released");
+        }
+        self.notifier.send(Event::KillSwitch {
+            scope,
+            engaged,
+            actor,
+            reason,
+        });
+        Ok(())
+    }
+
+    /// An operator cancels a run: at once if it has not started, before its next step if it
+    /// is running; the request is audited whatever its result.
+    pub async fn cancel_by(&self, run_id: i64, who: &str) -> Result<CancelResult, StoreError> {
+        let result = self.cancel(run_id).await?;
+        let outcome = match result {
+            CancelResult::NotFound => return Ok(result),
+            CancelResult::Cancelled | CancelResult::Requested => "ok",
+            CancelResult::AlreadyFinished(_) => "refused",
+        };
+        self.store
+            .audit(
+                who,
+                "run.cancel",
+                Some(format!("run/{run_id}")),
+                outcome,
+                None,
+            )
+            .await?;
+        Ok(result)
+    }
+
+    /// An operator reloads the playbooks: as [`Engine::reload`], audited.
+    pub async fn reload_by(&self, who: &str) -> Result<Result<usize, Vec<Diagnostic>>, StoreError> {
+        let result = self.reload("api");
+        let (outcome, detail) = match &result {
+            Ok(n) => ("ok", format!("{n} playbooks")),
+            Err(d) => ("failed", format!("{} errors", d.len())),
+        };
+        self.store
+            .audit(who, "playbooks.reload", None, outcome, Some(detail))
+            .await?;
+        Ok(result)
+    }
+
+    /// Counts alerts Alertmanager left out of a group (`max_alerts`).
+    pub fn note_truncated(&self, n: u64) {
+        self.metrics.alerts_truncated.inc_by(n);
+    }
+
+    /// The metrics in Prometheus text format, with the gauges that live in the store read now.
+    pub async fn render_metrics(&self) -> Result<String, StoreError> {
+        let pending = self
+            .store
+            .list_approvals(Some(crate::store::ApprovalState::Pending), 10_000)
+            .await?
+            .len();
+        self.metrics.approvals_pending.set(pending as i64);
+        for s in self.store.switches().await? {
+            self.metrics
+                .killswitch_engaged
+                .with_label_values(&[&s.scope])
+                .set(i64::from(s.engaged));
+        }
+        Ok(self.metrics.render())
     }
 
     /// Tells the log and chat that the circuit breaker engaged the global kill switch.

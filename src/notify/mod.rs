@@ -337,13 +337,18 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Starts one delivery task per sink.
-    pub fn start(cfg: &NotifyConfig, metrics: Arc<Metrics>) -> Result<Notifier, String> {
+    /// Starts one delivery task per sink, on `tasks`: each ends once every `Notifier` clone is
+    /// dropped and its queue is empty.
+    pub fn start(
+        cfg: &NotifyConfig,
+        metrics: Arc<Metrics>,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Result<Notifier, String> {
         let mut sinks = Vec::new();
         for sc in &cfg.sinks {
             let sink: Arc<dyn Sink> = build_sink(sc, cfg.timeout)?;
             let (tx, rx) = mpsc::channel(SINK_QUEUE);
-            tokio::spawn(deliver_loop(
+            tasks.spawn(deliver_loop(
                 sc.name.clone(),
                 sink,
                 rx,
