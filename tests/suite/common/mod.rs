@@ -42,6 +42,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The addresses in a daemon log's `listening` lines, oldest first (text or JSON lines).
+fn listening_addrs(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|line| {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                return (v["message"] == "listening")
+                    .then(|| v["addr"].as_str().map(String::from))?;
+            }
+            let rest = line.split(" listening addr=").nth(1)?;
+            rest.split_whitespace().next().map(String::from)
+        })
+        .collect()
+}
+
 /// Builder for [`TestApp`].
 #[derive(Default)]
 pub struct TestAppBuilder {
@@ -89,9 +103,9 @@ impl TestAppBuilder {
         for (name, yaml) in &self.playbooks {
             std::fs::write(pb_dir.join(name), yaml).unwrap();
         }
-        let port = free_port();
+        // Port 0: the daemon binds a free port itself and logs it (no race with other tests).
         let config = format!(
-            "listen: 127.0.0.1:{port}\nplaybooks_dir: {}\ndata_dir: {}\n{}",
+            "listen: 127.0.0.1:0\nplaybooks_dir: {}\ndata_dir: {}\n{}",
             pb_dir.display(),
             dir.path().join("data").display(),
             self.config
@@ -99,7 +113,7 @@ impl TestAppBuilder {
         let config_path = dir.path().join("reflex.yaml");
         std::fs::write(&config_path, config).unwrap();
         let mut app = TestApp {
-            base: format!("http://127.0.0.1:{port}"),
+            base: String::new(),
             dir,
             config_path,
             args: self.args,
@@ -150,6 +164,23 @@ impl TestApp {
             .expect("spawn reflex");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Each start appends to the log: the newest `listening` line has this start's port.
+        let seen = listening_addrs(&self.log()).len();
+        loop {
+            let log = self.log();
+            if let Some(addr) = listening_addrs(&log).get(seen) {
+                self.base = format!("http://{addr}");
+                break;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("reflex exited early ({status}):\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reflex did not listen in 20s:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         loop {
             let ready = self.http.get(format!("{}/readyz", self.base)).send().await;
             if ready.is_ok_and(|r| r.status().is_success()) {
