@@ -10,6 +10,9 @@ mod runs;
 pub mod server;
 mod webhooks;
 
+#[cfg(test)]
+mod tests;
+
 pub use error::ApiError;
 
 use crate::engine::Engine;

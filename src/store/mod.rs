@@ -419,3 +419,6 @@ pub(super) fn parse_json(s: Option<String>) -> serde_json::Value {
     s.and_then(|s| serde_json::from_str(&s).ok())
         .unwrap_or(serde_json::Value::Null)
 }
+
+#[cfg(test)]
+mod tests;

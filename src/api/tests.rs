@@ -1,0 +1,345 @@
+//! The router in process (`oneshot`, no socket, no daemon) over a real SQLite store in a temp
+//! dir: the role matrix, bad input that changes nothing, and paging. Fast enough to be
+//! exhaustive; the black-box suite keeps the paths that need a process.
+
+use super::{AppState, router};
+use crate::engine::Engine;
+use crate::executors::Executors;
+use crate::metrics::Metrics;
+use crate::notify::Notifier;
+use crate::playbook::PlaybookSet;
+use crate::store::Store;
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sha2::Digest;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const PLAYBOOK: &str = r#"
+name: note
+matchers: ['alertname="Note"']
+steps:
+  - action: log
+    with: { message: "noted {{ labels.instance }}" }
+"#;
+
+const ROLES: &[&str] = &["webhook", "viewer", "approver", "admin"];
+
+/// A router and its store, with one token per role (`<role>-token`) and one playbook.
+struct TestApi {
+    router: Router,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApi {
+    fn new() -> TestApi {
+        let dir = tempfile::tempdir().unwrap();
+        let pb = dir.path().join("playbooks");
+        std::fs::create_dir_all(&pb).unwrap();
+        std::fs::write(pb.join("note.yaml"), PLAYBOOK).unwrap();
+        let tokens: String = ROLES
+            .iter()
+            .map(|r| {
+                let hash = hex::encode(sha2::Sha256::digest(format!("{r}-token")));
+                format!("    - {{ name: {r}, role: {r}, sha256: {hash} }}\n")
+            })
+            .collect();
+        let cfg = crate::config::Config::parse(&format!(
+            "playbooks_dir: {}\ndata_dir: {}\nauth:\n  tokens:\n{tokens}",
+            pb.display(),
+            dir.path().join("data").display()
+        ))
+        .unwrap();
+        let store = Store::open(&cfg.data_dir).unwrap();
+        let playbooks = PlaybookSet::load(&[pb]).unwrap();
+        let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
+        let engine = Engine::new(
+            store.clone(),
+            playbooks,
+            executors,
+            &cfg,
+            Arc::new(Metrics::new()),
+            Notifier::default(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let state = AppState {
+            engine,
+            store: store.clone(),
+            max_body_bytes: cfg.intake.max_body_bytes,
+            auth: Arc::new(super::auth::Auth::from_config(&cfg.auth).unwrap()),
+        };
+        TestApi {
+            router: router(state),
+            store,
+            _dir: dir,
+        }
+    }
+
+    /// One request; the status and the JSON answer (null when not JSON).
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method.clone()).uri(path);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        if method != Method::GET {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Body::from(body.unwrap_or("{}").to_string()))
+            .unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn runs(&self) -> usize {
+        self.store
+            .list_runs(crate::store::RunFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+fn alert(instance: &str) -> String {
+    json!({"labels": {"alertname": "Note", "instance": instance}, "startsAt": "2026-11-23T00:00:00Z"})
+        .to_string()
+}
+
+#[tokio::test]
+async fn every_route_answers_each_role_as_the_role_table_says() {
+    let api = TestApi::new();
+    // (method, path, body, the lowest role allowed; webhook-only routes say "webhook").
+    let routes: &[(Method, &str, Option<String>, &str)] = &[
+        (
+            Method::POST,
+            "/api/v1/webhooks/generic",
+            Some(alert("a")),
+            "webhook",
+        ),
+        (Method::GET, "/api/v1/runs", None, "viewer"),
+        (Method::GET, "/api/v1/approvals", None, "viewer"),
+        (Method::GET, "/api/v1/killswitch", None, "viewer"),
+        (Method::GET, "/api/v1/playbooks", None, "viewer"),
+        (Method::GET, "/api/v1/audit", None, "viewer"),
+        (
+            Method::POST,
+            "/api/v1/approvals/999/approve",
+            None,
+            "approver",
+        ),
+        (Method::POST, "/api/v1/approvals/999/deny", None, "approver"),
+        (Method::POST, "/api/v1/runs/999/cancel", None, "admin"),
+        (Method::POST, "/api/v1/playbooks/reload", None, "admin"),
+    ];
+    let rank = |r: &str| ROLES.iter().position(|x| *x == r);
+    for (method, path, body, need) in routes {
+        for who in ["none", "bad", "webhook", "viewer", "approver", "admin"] {
+            let token = match who {
+                "none" => None,
+                "bad" => Some("not-a-token".to_string()),
+                role => Some(format!("{role}-token")),
+            };
+            let allowed = match (*need, who) {
+                (_, "none" | "bad") => false,
+                ("webhook", w) => w == "webhook" || w == "admin",
+                (_, "webhook") => false,
+                (n, w) => rank(w) >= rank(n),
+            };
+            let (status, answer) = api
+                .call(method.clone(), path, token.as_deref(), body.as_deref())
+                .await;
+            let expected_refusal = if token.is_some() && who != "bad" {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            if allowed {
+                assert!(
+                    status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                    "{method} {path} as {who}: {status} {answer}"
+                );
+            } else {
+                assert_eq!(
+                    status, expected_refusal,
+                    "{method} {path} as {who}: {answer}"
+                );
+                assert!(answer["error"]["message"].is_string(), "{answer}");
+            }
+        }
+    }
+    // Refused mutating calls are on the record.
+    let (_, audit) = api
+        .call(
+            Method::GET,
+            "/api/v1/audit?limit=1000",
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    let refused = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["outcome"] == "refused")
+        .count();
+    assert!(refused >= 20, "{refused} refused calls audited");
+}
+
+#[tokio::test]
+async fn bad_bodies_get_400_with_a_message_and_record_nothing() {
+    let api = TestApi::new();
+    let bad = [
+        "{",
+        "[1, 2]",
+        r#"{"labels": "x"}"#,
+        r#"{"labels": {"alertname": "Note"}, "colour": 1}"#,
+        r#"{"labels": {"alertname": "Note"}} trailing"#,
+        r#"{"labels": {"alertname": "Note", "alertname": "Other"}}"#,
+        r#"{"labels": {}}"#,
+        r#"{"labels": {"bad-name": "x"}}"#,
+        r#"{"labels": {"alertname": "Note"}, "startsAt": "yesterday"}"#,
+    ];
+    for body in bad {
+        let (status, answer) = api
+            .call(
+                Method::POST,
+                "/api/v1/webhooks/generic",
+                Some("webhook-token"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(r#"{"engaged": "yes"}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(r#"{"engaged": true}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "engaging needs a reason");
+    assert_eq!(api.runs().await, 0);
+    let (_, switch) = api
+        .call(
+            Method::GET,
+            "/api/v1/killswitch",
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    assert_eq!(switch["global"]["engaged"], false);
+}
+
+#[tokio::test]
+async fn runs_page_newest_first_with_a_cursor() {
+    let api = TestApi::new();
+    for i in 0..7 {
+        let (status, _) = api
+            .call(
+                Method::POST,
+                "/api/v1/webhooks/generic",
+                Some("webhook-token"),
+                Some(&alert(&format!("h{i}"))),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/runs?limit=3".to_string();
+    loop {
+        let (status, page) = api
+            .call(Method::GET, &path, Some("viewer-token"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let ids: Vec<i64> = page["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_i64().unwrap())
+            .collect();
+        assert!(ids.len() <= 3);
+        seen.extend(ids);
+        match page["next_before"].as_i64() {
+            Some(before) => path = format!("/api/v1/runs?limit=3&before={before}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, vec![7, 6, 5, 4, 3, 2, 1]);
+    for bad in [
+        "/api/v1/runs?limit=0",
+        "/api/v1/runs?limit=501",
+        "/api/v1/runs?state=bogus",
+        "/api/v1/runs?colour=red",
+    ] {
+        let (status, _) = api.call(Method::GET, bad, Some("viewer-token"), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn cross_site_and_non_json_mutations_are_refused_before_auth() {
+    let api = TestApi::new();
+    let req = |content_type: &str, origin: Option<&str>| {
+        let mut r = Request::builder()
+            .method(Method::PUT)
+            .uri("/api/v1/killswitch")
+            .header(header::AUTHORIZATION, "Bearer admin-token")
+            .header(header::HOST, "reflex.internal:9095")
+            .header(header::CONTENT_TYPE, content_type);
+        if let Some(o) = origin {
+            r = r.header(header::ORIGIN, o);
+        }
+        r.body(Body::from(r#"{"engaged": true, "reason": "x"}"#))
+            .unwrap()
+    };
+    for (ct, origin, want) in [
+        ("text/plain", None, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+        (
+            "application/json",
+            Some("https://evil.example"),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "application/json",
+            Some("http://reflex.internal:9095"),
+            StatusCode::OK,
+        ),
+    ] {
+        let resp = api.router.clone().oneshot(req(ct, origin)).await.unwrap();
+        assert_eq!(resp.status(), want, "{ct} {origin:?}");
+    }
+}

@@ -1,0 +1,230 @@
+//! The store's decisions, on a real SQLite file in a temp dir: the order of the holds at
+//! intake, each breaker limit, and a cooldown that survives a reopen.
+
+use super::*;
+use crate::alert::{Alert, AlertStatus};
+use crate::playbook::actions::Action;
+use crate::playbook::spec::{OnFailure, Phase};
+use crate::playbook::{Plan, PlannedStep};
+
+fn alert(instance: &str) -> Alert {
+    let labels: crate::alert::Labels = [("alertname", "X"), ("instance", instance)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Alert {
+        source: "generic",
+        status: AlertStatus::Firing,
+        fingerprint: crate::alert::fingerprint(&labels),
+        labels,
+        annotations: Default::default(),
+        starts_at: format!("2026-11-23T00:00:00Z-{instance}"),
+        ends_at: None,
+        generator_url: None,
+        group_key: None,
+    }
+}
+
+fn candidate(playbook: &str, target: &str, cooldown_ms: i64, key: &str) -> Candidate {
+    Candidate {
+        playbook: playbook.into(),
+        cooldown_ms,
+        cooldown_key: key.into(),
+        dry_run: false,
+        plan: Ok(Plan {
+            target: target.into(),
+            params: Default::default(),
+            steps: vec![PlannedStep {
+                name: "log".into(),
+                action: Action::Log,
+                args: serde_json::json!({"message": "m"}),
+                timeout_ms: None,
+                on_failure: OnFailure::Stop,
+                approval: None,
+                phase: Phase::Main,
+            }],
+        }),
+        deadline_ms: 60_000,
+        suppress: None,
+    }
+}
+
+async fn intake(store: &Store, instance: &str, cand: Candidate, limits: BreakerLimits) -> Outcome {
+    let item = IntakeItem {
+        alert: alert(instance),
+        received_us: 0,
+        candidates: vec![cand],
+    };
+    store
+        .record_intake(vec![item], limits)
+        .await
+        .unwrap()
+        .remove(0)
+        .remove(0)
+}
+
+fn cause(o: &Outcome) -> Option<Hold> {
+    match o {
+        Outcome::Suppressed { cause, .. } => Some(*cause),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn holds_apply_in_order_maintenance_kill_switch_cooldown_breaker() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let none = BreakerLimits::default();
+    // A first run starts the cooldown.
+    let first = intake(&store, "a", candidate("p", "t", 3_600_000, "k"), none).await;
+    assert!(matches!(first, Outcome::Created { .. }), "{first:?}");
+    store
+        .set_switch("global".into(), true, "why".into(), "op".into(), None)
+        .await
+        .unwrap();
+    let breaker = BreakerLimits {
+        window_ms: 3_600_000,
+        max_runs: 1,
+        ..Default::default()
+    };
+    let mut held = candidate("p", "t", 3_600_000, "k");
+    held.suppress = Some("maintenance window \"w\"".into());
+    let o = intake(&store, "b", held, breaker).await;
+    assert_eq!(
+        cause(&o),
+        Some(Hold::Maintenance),
+        "the window comes first: {o:?}"
+    );
+    let o = intake(&store, "c", candidate("p", "t", 3_600_000, "k"), breaker).await;
+    assert_eq!(cause(&o), Some(Hold::KillSwitch), "{o:?}");
+    store
+        .set_switch("global".into(), false, "released".into(), "op".into(), None)
+        .await
+        .unwrap();
+    let o = intake(&store, "d", candidate("p", "t", 3_600_000, "k"), breaker).await;
+    assert_eq!(cause(&o), Some(Hold::Cooldown), "{o:?}");
+    let o = intake(&store, "e", candidate("p", "t", 0, "k"), breaker).await;
+    assert_eq!(cause(&o), Some(Hold::Breaker), "{o:?}");
+    assert!(
+        store.kill_reason("p").await.unwrap().is_some(),
+        "the breaker engaged the switch"
+    );
+}
+
+#[tokio::test]
+async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip() {
+    for (limit, limits) in [
+        (
+            Limit::Runs,
+            BreakerLimits {
+                window_ms: 600_000,
+                max_runs: 3,
+                ..Default::default()
+            },
+        ),
+        (
+            Limit::RunsPerPlaybook,
+            BreakerLimits {
+                window_ms: 600_000,
+                max_runs_per_playbook: 3,
+                ..Default::default()
+            },
+        ),
+        (
+            Limit::Targets,
+            BreakerLimits {
+                window_ms: 600_000,
+                max_targets: 3,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut outcomes = Vec::new();
+        for i in 0..4 {
+            let target = if limit == Limit::Targets {
+                format!("t{i}")
+            } else {
+                "t".into()
+            };
+            outcomes.push(
+                intake(
+                    &store,
+                    &format!("h{i}"),
+                    candidate("p", &target, 0, ""),
+                    limits,
+                )
+                .await,
+            );
+        }
+        let created = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Created { .. }))
+            .count();
+        assert_eq!(created, 3, "{limit:?}: {outcomes:?}");
+        assert_eq!(cause(&outcomes[3]), Some(Hold::Breaker), "{limit:?}");
+        let Outcome::Suppressed { reason, .. } = &outcomes[3] else {
+            unreachable!()
+        };
+        assert!(
+            reason.contains(&format!("breaker.{} = 3", limit.key())),
+            "{reason}"
+        );
+    }
+    // Failures: counted when runs end failed; the second one trips, and only once.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let limits = BreakerLimits {
+        window_ms: 600_000,
+        max_failures: 2,
+        ..Default::default()
+    };
+    for i in 0..2 {
+        let Outcome::Created { run_id, .. } =
+            intake(&store, &format!("f{i}"), candidate("p", "t", 0, ""), limits).await
+        else {
+            panic!("not created")
+        };
+        store
+            .run_finished(run_id, RunState::Failed, Some("x".into()))
+            .await
+            .unwrap();
+        let trip = store.trip_on_failures(limits).await.unwrap();
+        assert_eq!(trip.is_some(), i == 1, "failure {}: {trip:?}", i + 1);
+        if let Some(trip) = trip {
+            assert_eq!((trip.limit, trip.count, trip.max), (Limit::Failures, 2, 2));
+        }
+    }
+    let reason = store.kill_reason("p").await.unwrap().expect("engaged");
+    assert!(reason.contains("breaker.max_failures = 2"), "{reason}");
+    assert!(
+        store.trip_on_failures(limits).await.unwrap().is_none(),
+        "not tripped again"
+    );
+}
+
+#[tokio::test]
+async fn a_cooldown_holds_across_a_reopen_of_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        let o = intake(
+            &store,
+            "a",
+            candidate("p", "t", 3_600_000, "key"),
+            BreakerLimits::default(),
+        )
+        .await;
+        assert!(matches!(o, Outcome::Created { .. }));
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let o = intake(
+        &store,
+        "b",
+        candidate("p", "t", 3_600_000, "key"),
+        BreakerLimits::default(),
+    )
+    .await;
+    assert_eq!(cause(&o), Some(Hold::Cooldown), "{o:?}");
+}
