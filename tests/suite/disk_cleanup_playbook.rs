@@ -38,6 +38,7 @@ async fn disk_space_low_alert_runs_cleanup_over_ssh_and_records_bytes_reclaimed(
     if fs.mounted {
         assert_eq!(reclaimed as u64, written, "{cleanup:#}");
     } else {
+        eprintln!("skipped (no tmpfs, not root?): the exact bytes reclaimed; checked loosely");
         assert!(reclaimed as f64 > written as f64 * 0.5, "{cleanup:#}");
     }
     assert!(cleanup["output"]["before"]["used_bytes"].as_u64().unwrap() >= written);

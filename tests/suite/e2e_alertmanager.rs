@@ -193,6 +193,8 @@ async fn disk_space_low_is_cleaned_over_ssh_and_reported_with_the_space_reclaime
         .unwrap();
     if e.fs.mounted {
         assert_eq!(reclaimed, written);
+    } else {
+        eprintln!("skipped (no tmpfs, not root?): the exact bytes reclaimed");
     }
     let msg = e.chat_event("run_finished", id).await;
     let text = msg["text"].as_str().unwrap();
