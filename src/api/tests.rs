@@ -37,6 +37,11 @@ struct TestApi {
 
 impl TestApi {
     fn new() -> TestApi {
+        Self::with("", "")
+    }
+
+    /// With extra config, and extra token lines (under `auth.tokens`).
+    fn with(extra: &str, extra_tokens: &str) -> TestApi {
         let dir = tempfile::tempdir().unwrap();
         let pb = dir.path().join("playbooks");
         std::fs::create_dir_all(&pb).unwrap();
@@ -49,7 +54,7 @@ impl TestApi {
             })
             .collect();
         let cfg = crate::config::Config::parse(&format!(
-            "playbooks_dir: {}\ndata_dir: {}\nauth:\n  tokens:\n{tokens}",
+            "playbooks_dir: {}\ndata_dir: {}\nauth:\n  tokens:\n{tokens}{extra_tokens}{extra}",
             pb.display(),
             dir.path().join("data").display()
         ))
@@ -341,5 +346,81 @@ async fn cross_site_and_non_json_mutations_are_refused_before_auth() {
     ] {
         let resp = api.router.clone().oneshot(req(ct, origin)).await.unwrap();
         assert_eq!(resp.status(), want, "{ct} {origin:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_time_boxed_kill_switch_releases_itself() {
+    let api = TestApi::new();
+    let until = std::time::SystemTime::now() + std::time::Duration::from_millis(300);
+    let body = json!({"engaged": true, "reason": "deploy", "until": humantime::format_rfc3339_millis(until).to_string()});
+    let (status, answer) = api
+        .call(
+            Method::PUT,
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(&body.to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["global"]["engaged"], true);
+    let (_, held) = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks/generic",
+            Some("webhook-token"),
+            Some(&alert("a")),
+        )
+        .await;
+    assert_eq!(held["outcomes"][0][0]["outcome"], "suppressed", "{held}");
+    // Wait for the clock to pass `until`, then the switch is released by itself.
+    while std::time::SystemTime::now() <= until {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (_, switch) = api
+        .call(
+            Method::GET,
+            "/api/v1/killswitch",
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    assert_eq!(switch["global"]["engaged"], false, "{switch}");
+    let (_, ran) = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks/generic",
+            Some("webhook-token"),
+            Some(&alert("b")),
+        )
+        .await;
+    assert_eq!(ran["outcomes"][0][0]["outcome"], "created", "{ran}");
+}
+
+#[tokio::test]
+async fn a_token_from_a_file_works_and_protect_health_guards_the_health_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ops.token");
+    std::fs::write(&file, "from-a-file\n").unwrap();
+    let api = TestApi::with(
+        "  protect_health: true\n",
+        &format!(
+            "    - {{ name: ops, role: viewer, file: {} }}\n",
+            file.display()
+        ),
+    );
+    let (status, _) = api
+        .call(Method::GET, "/api/v1/runs", Some("from-a-file"), None)
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the file's token, trailing newline trimmed"
+    );
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (status, _) = api.call(Method::GET, path, None, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        let (status, _) = api.call(Method::GET, path, Some("from-a-file"), None).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
     }
 }

@@ -1056,3 +1056,122 @@ async fn runs_on_one_target_wait_for_each_other_and_a_free_target_does_not() {
         "the second run started only after the first finished: {a:#} {b:#}"
     );
 }
+
+const NOTE: &str = r#"
+name: note
+matchers: ['alertname="Note"']
+steps:
+  - action: log
+    with: { message: "noted {{ labels.instance }}" }
+"#;
+
+#[tokio::test]
+async fn playbook_settings_dry_run_cooldown_by_group_and_named_approvers_hold() {
+    let rehearsal = NOTE
+        .replace("name: note", "name: rehearsal\ndry_run: true")
+        .replace("Note", "Rehearse");
+    let grouped = "name: grouped\nmatchers: ['alertname=\"DiskSpaceLow\"']\ncooldown: 1h\ncooldown_by: group\nsteps:\n  - action: log\n    with: { message: x }\n";
+    let named = GATED
+        .replace("name: gated", "name: named")
+        .replace("Risky", "Named")
+        .replace("expires: 10m", "expires: 10m\n      approvers: [alice]");
+    let app = app_with(
+        &[
+            ("note.yaml", NOTE),
+            ("rehearsal.yaml", &rehearsal),
+            ("grouped.yaml", grouped),
+            ("named.yaml", &named),
+        ],
+        "",
+    )
+    .await;
+    // Per-playbook dry run: only that playbook's runs act on nothing.
+    let real = start_run(&app, "Note", "h1").await;
+    let dry = start_run(&app, "Rehearse", "h1").await;
+    wait_state(&app, real, "succeeded").await;
+    let run = wait_state(&app, dry, "dry_run").await;
+    assert_eq!(run["dry_run"], true);
+
+    // Cooldown per Alertmanager group: the group's second alert is held back.
+    let (status, out) = app
+        .call(
+            "POST",
+            "/api/v1/webhooks/alertmanager",
+            Some("alertmanager-token"),
+            Some(serde_json::from_str(&crate::common::fixture("alertmanager-disk.json")).unwrap()),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["outcomes"][0][0]["outcome"], "created", "{out}");
+    assert_eq!(out["outcomes"][1][0]["outcome"], "suppressed", "{out}");
+    assert!(
+        out["outcomes"][1][0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("cooldown"),
+        "{out}"
+    );
+
+    // Named approvers: another approver is refused, the named one is not.
+    let id = start_run(&app, "Named", "h1").await;
+    let approval = pending_approval(&app, id).await["id"].as_i64().unwrap();
+    let (status, body) = decide(&app, approval, "approve", "bob").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = decide(&app, approval, "approve", "alice").await;
+    assert_eq!(status, 200, "{body}");
+    wait_state(&app, id, "succeeded").await;
+}
+
+#[tokio::test]
+async fn sinks_hear_only_their_playbooks_and_synchronous_normal_keeps_the_record() {
+    let chat = crate::common::receiver::Receiver::start().await;
+    let other = NOTE
+        .replace("name: note", "name: other")
+        .replace("Note", "Other");
+    let mut app = app_with(
+        &[("note.yaml", NOTE), ("other.yaml", &other)],
+        &format!(
+            "store:\n  synchronous: normal\nnotify:\n  sinks:\n    - {{ name: chat, type: webhook, url: \"{}/chat\", playbooks: [note] }}\n",
+            chat.base
+        ),
+    )
+    .await;
+    let other_run = start_run(&app, "Other", "h1").await;
+    wait_state(&app, other_run, "succeeded").await;
+    let note_run = start_run(&app, "Note", "h1").await;
+    wait_state(&app, note_run, "succeeded").await;
+    let messages = app
+        .wait_for(10, "the note run's two messages", || async {
+            let m = chat.at("/chat");
+            (m.len() >= 2).then_some(m)
+        })
+        .await;
+    assert!(
+        messages.iter().all(|m| m.body["run"]["playbook"] == "note"),
+        "{messages:#?}"
+    );
+    // With `synchronous: normal` a clean restart keeps every record.
+    assert!(app.terminate());
+    app.restart().await;
+    assert_eq!(run_as(&app, note_run).await["state"], "succeeded");
+    assert_eq!(run_as(&app, other_run).await["state"], "succeeded");
+}
+
+#[tokio::test]
+async fn an_approval_that_expires_while_the_daemon_is_down_ends_its_run_at_the_next_start() {
+    let mut app = app_with(
+        &[("gated.yaml", &GATED.replace("expires: 10m", "expires: 1s"))],
+        "",
+    )
+    .await;
+    let id = start_run(&app, "Risky", "h-down").await;
+    let approval = pending_approval(&app, id).await;
+    let expires = humantime::parse_rfc3339_weak(approval["expires_at"].as_str().unwrap()).unwrap();
+    assert!(app.terminate());
+    while std::time::SystemTime::now() <= expires {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    app.restart().await;
+    let run = wait_state(&app, id, "expired").await;
+    assert_eq!(run["steps"][1]["state"], "skipped");
+}
