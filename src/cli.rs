@@ -30,11 +30,11 @@ pub fn check(
     for c in &configs {
         match Config::load(c) {
             Ok(loaded) => cfg = loaded,
-            Err(e) => diags.push(Diagnostic {
+            Err(errors) => diags.extend(errors.into_iter().map(|e| Diagnostic {
                 file: e.file,
                 line: e.line,
                 message: e.message,
-            }),
+            })),
         }
     }
     if playbook_paths.is_empty() {

@@ -621,91 +621,141 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Loads and validates a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let err = |line: usize, message: String| ConfigError {
+    /// Loads and validates a config file: every problem, each with its line.
+    pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let err = |(line, message): (usize, String)| ConfigError {
             file: path.to_path_buf(),
             line,
             message,
         };
-        let text =
-            std::fs::read_to_string(path).map_err(|e| err(1, format!("cannot read: {e}")))?;
-        Self::parse(&text).map_err(|(line, message)| err(line, message))
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![err((1, format!("cannot read: {e}")))])?;
+        Self::parse(&text).map_err(|errors| errors.into_iter().map(err).collect())
     }
 
-    /// Parses config text; errors carry a 1-based line.
-    pub fn parse(text: &str) -> Result<Config, (usize, String)> {
+    /// Parses config text: the config, or every problem with its 1-based line. (The YAML
+    /// reader stops at its first error; the checks after it report all they find.)
+    pub fn parse(text: &str) -> Result<Config, Vec<(usize, String)>> {
         let cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
             serde_yaml::from_str(text)
-                .map_err(|e| (e.location().map_or(1, |l| l.line()), e.to_string()))?
+                .map_err(|e| vec![(e.location().map_or(1, |l| l.line()), e.to_string())])?
         };
-        cfg.validate().map_err(|m| (1, m))?;
-        Ok(cfg)
+        let problems = cfg.problems();
+        if problems.is_empty() {
+            return Ok(cfg);
+        }
+        Err(problems
+            .into_iter()
+            .map(|(path, message)| {
+                let segs: Vec<crate::playbook::locate::Seg<'_>> =
+                    path.iter().map(Key::seg).collect();
+                (crate::playbook::locate::line_of(text, &segs), message)
+            })
+            .collect())
     }
 
-    /// Checks what serde cannot.
+    /// Checks what serde cannot; the first problem, if any (see [`Config::parse`] for all).
     pub fn validate(&self) -> Result<(), String> {
-        if self.engine.max_concurrent_runs == 0 {
-            return Err("engine.max_concurrent_runs must be at least 1".into());
+        match self.problems().into_iter().next() {
+            Some((path, message)) => Err(format!("{}: {message}", Key::dotted(&path))),
+            None => Ok(()),
         }
-        if self.intake.max_body_bytes < 1024 {
-            return Err("intake.max_body_bytes must be at least 1024".into());
-        }
-        if self.engine.max_runs_per_target == 0 {
-            return Err("engine.max_runs_per_target must be at least 1".into());
-        }
-        if self.server.max_connections == 0 {
-            return Err("server.max_connections must be at least 1".into());
+    }
+
+    /// Every problem serde cannot see, each with the YAML path it is at.
+    fn problems(&self) -> Vec<(Vec<Key>, String)> {
+        let mut out: Vec<(Vec<Key>, String)> = Vec::new();
+        let mut at = |path: &[Key], message: String| out.push((path.to_vec(), message));
+        let k = |s: &str| Key::Name(s.to_string());
+        for (path, value, min) in [
+            (
+                ["engine", "max_concurrent_runs"],
+                self.engine.max_concurrent_runs,
+                1,
+            ),
+            (
+                ["intake", "max_body_bytes"],
+                self.intake.max_body_bytes,
+                1024,
+            ),
+            (
+                ["engine", "max_runs_per_target"],
+                self.engine.max_runs_per_target as usize,
+                1,
+            ),
+            (
+                ["server", "max_connections"],
+                self.server.max_connections,
+                1,
+            ),
+            (
+                ["ssh", "max_sessions_per_host"],
+                self.ssh.max_sessions_per_host,
+                1,
+            ),
+        ] {
+            if value < min {
+                at(&[k(path[0]), k(path[1])], format!("must be at least {min}"));
+            }
         }
         if self.auth.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.auth.open {
-            return Err(format!(
-                "listen: {} is reachable from other machines, and with no auth.tokens every \
-                 caller would be an admin: add tokens (auth.tokens), listen on 127.0.0.1, or set \
-                 `auth.open: true` to serve an open API on purpose",
-                self.listen
-            ));
+            at(
+                &[k("listen")],
+                format!(
+                    "{} is reachable from other machines, and with no auth.tokens every caller \
+                     would be an admin: add tokens (auth.tokens), listen on 127.0.0.1, or set \
+                     `auth.open: true` to serve an open API on purpose",
+                    self.listen
+                ),
+            );
         }
-        for w in &self.maintenance_windows {
-            for t in [&w.start, &w.end] {
-                humantime::parse_rfc3339_weak(t)
-                    .map_err(|e| format!("maintenance window {:?}: {t:?}: {e}", w.name))?;
+        for (i, w) in self.maintenance_windows.iter().enumerate() {
+            let here = |key: &str| vec![k("maintenance_windows"), Key::Index(i), k(key)];
+            for (key, t) in [("start", &w.start), ("end", &w.end)] {
+                if let Err(e) = humantime::parse_rfc3339_weak(t) {
+                    at(
+                        &here(key),
+                        format!("maintenance window {:?}: {t:?}: {e}", w.name),
+                    );
+                }
             }
             for m in &w.matchers {
-                crate::playbook::matcher::Matcher::parse(m)
-                    .map_err(|e| format!("maintenance window {:?}: {e}", w.name))?;
+                if let Err(e) = crate::playbook::matcher::Matcher::parse(m) {
+                    at(
+                        &here("matchers"),
+                        format!("maintenance window {:?}: {e}", w.name),
+                    );
+                }
             }
         }
-        for t in &self.auth.tokens {
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            let here = [k("auth"), k("tokens"), Key::Index(i)];
             match (&t.sha256, &t.file) {
                 (Some(h), None) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {}
-                (Some(_), None) => {
-                    return Err(format!(
-                        "auth.tokens {:?}: sha256 must be 64 hex digits",
-                        t.name
-                    ));
-                }
+                (Some(_), None) => at(
+                    &here,
+                    format!("token {:?}: sha256 must be 64 hex digits", t.name),
+                ),
                 (None, Some(_)) => {}
-                _ => {
-                    return Err(format!(
-                        "auth.tokens {:?}: give exactly one of sha256 or file",
-                        t.name
-                    ));
-                }
+                _ => at(
+                    &here,
+                    format!("token {:?}: give exactly one of sha256 or file", t.name),
+                ),
             }
         }
-        for s in &self.notify.sinks {
+        for (i, s) in self.notify.sinks.iter().enumerate() {
             if let Some(bad) = s.events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
-                return Err(format!(
-                    "notify sink {:?}: unknown event {bad:?} (known: {})",
-                    s.name,
-                    EVENTS.join(", ")
-                ));
+                at(
+                    &[k("notify"), k("sinks"), Key::Index(i), k("events")],
+                    format!(
+                        "sink {:?}: unknown event {bad:?} (known: {})",
+                        s.name,
+                        EVENTS.join(", ")
+                    ),
+                );
             }
-        }
-        if self.ssh.max_sessions_per_host == 0 {
-            return Err("ssh.max_sessions_per_host must be at least 1".into());
         }
         let mut names = std::collections::HashMap::new();
         for (name, host) in &self.ssh.hosts {
@@ -713,13 +763,40 @@ impl Config {
                 if let Some(other) = names.insert(alias.as_str(), name.as_str())
                     && other != name
                 {
-                    return Err(format!(
-                        "ssh.hosts: {alias:?} names both {other:?} and {name:?}"
-                    ));
+                    at(
+                        &[k("ssh"), k("hosts"), k(name)],
+                        format!("{alias:?} names both {other:?} and {name:?}"),
+                    );
                 }
             }
         }
-        Ok(())
+        out
+    }
+}
+
+/// One step of a YAML path into the config, for error lines.
+#[derive(Debug, Clone)]
+enum Key {
+    Name(String),
+    Index(usize),
+}
+
+impl Key {
+    fn seg(&self) -> crate::playbook::locate::Seg<'_> {
+        match self {
+            Key::Name(n) => crate::playbook::locate::Seg::Key(n),
+            Key::Index(i) => crate::playbook::locate::Seg::Index(*i),
+        }
+    }
+
+    fn dotted(path: &[Key]) -> String {
+        path.iter()
+            .map(|k| match k {
+                Key::Name(n) => n.clone(),
+                Key::Index(i) => i.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(".")
     }
 }
 
@@ -748,10 +825,30 @@ mod tests {
 
     #[test]
     fn unknown_key_is_an_error_with_its_line() {
-        let (line, msg) =
-            Config::parse("listen: 127.0.0.1:1\nengine:\n  workers: 3\n").unwrap_err();
-        assert_eq!(line, 3);
+        let errors = Config::parse("listen: 127.0.0.1:1\nengine:\n  workers: 3\n").unwrap_err();
+        let (line, msg) = &errors[0];
+        assert_eq!(*line, 3);
         assert!(msg.contains("workers"), "{msg}");
+    }
+
+    #[test]
+    fn every_check_reports_at_once_each_at_its_line() {
+        let text = "listen: 0.0.0.0:9095\nengine:\n  max_concurrent_runs: 0\nmaintenance_windows:\n  - name: w\n    matchers: ['a=~\"(\"']\n    start: soon\n    end: 2026-01-01T00:00:00Z\nauth:\n  tokens:\n    - { name: a, role: admin, sha256: abc }\nnotify:\n  sinks:\n    - name: s\n      type: slack\n      url: http://x\n      events: [run_ended]\n";
+        let errors = Config::parse(text).unwrap_err();
+        let found: Vec<(usize, &str)> = errors.iter().map(|(l, m)| (*l, m.as_str())).collect();
+        for (line, needle) in [
+            (3, "at least 1"),
+            (7, "\"soon\""),
+            (6, "maintenance window"),
+            (11, "64 hex digits"),
+            (17, "unknown event \"run_ended\""),
+        ] {
+            assert!(
+                found.iter().any(|(l, m)| *l == line && m.contains(needle)),
+                "no {needle:?} at line {line} in {found:#?}"
+            );
+        }
+        assert_eq!(errors.len(), 5, "{found:#?}");
     }
 
     #[test]

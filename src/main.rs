@@ -157,7 +157,10 @@ enum Command {
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     match path {
-        Some(p) => Ok(Config::load(p)?),
+        Some(p) => Config::load(p).map_err(|errors| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("invalid config:\n{}", lines.join("\n"))
+        }),
         None => Ok(Config::default()),
     }
 }
