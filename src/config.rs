@@ -9,6 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::api::auth_config::{AuthConfig, Role, TokenConfig};
+pub use crate::executors::ssh::config::{HostKeyChecking, SshConfig, SshHost};
+pub use crate::notify::config::{EVENTS, NotifyConfig, SinkConfig, SinkKind};
+
 /// The whole daemon configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -257,86 +261,6 @@ impl Credential {
     }
 }
 
-/// Notification sinks.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NotifyConfig {
-    /// Where messages go.
-    pub sinks: Vec<SinkConfig>,
-    /// Attempts per message (429 and 5xx are retried with backoff, honouring Retry-After).
-    pub max_attempts: usize,
-    /// Timeout of one attempt.
-    #[serde(with = "duration_str")]
-    pub timeout: Duration,
-}
-
-impl Default for NotifyConfig {
-    fn default() -> Self {
-        NotifyConfig {
-            sinks: Vec::new(),
-            max_attempts: 5,
-            timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Kinds of sinks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SinkKind {
-    /// Slack incoming webhook.
-    Slack,
-    /// Slack bot token (`chat.postMessage`): one thread per run.
-    SlackBot,
-    /// Mattermost incoming webhook (Slack-compatible).
-    Mattermost,
-    /// Microsoft Teams workflow webhook (Adaptive Card).
-    Teams,
-    /// Any HTTP endpoint: the event as JSON, with `text`.
-    Webhook,
-}
-
-/// Event names sinks can filter on.
-pub const EVENTS: &[&str] = &[
-    "run_started",
-    "approval_needed",
-    "step_failed",
-    "run_finished",
-    "killswitch",
-];
-
-/// One sink.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SinkConfig {
-    /// Name, for metrics and logs.
-    pub name: String,
-    /// Kind.
-    #[serde(rename = "type")]
-    pub kind: SinkKind,
-    /// Webhook URL (a secret: prefer `url_env` or `url_file`).
-    pub url: Option<String>,
-    /// Environment variable holding the webhook URL.
-    pub url_env: Option<String>,
-    /// File holding the webhook URL.
-    pub url_file: Option<PathBuf>,
-    /// Environment variable holding the Slack bot token.
-    pub token_env: Option<String>,
-    /// File holding the Slack bot token.
-    pub token_file: Option<PathBuf>,
-    /// Slack channel (bot mode).
-    pub channel: Option<String>,
-    /// Slack API base (bot mode; default `https://slack.com/api`).
-    pub api_url: Option<String>,
-    /// Only these playbooks (default: all).
-    #[serde(default)]
-    pub playbooks: Vec<String>,
-    /// Only these events (default: all): run_started, approval_needed, step_failed,
-    /// run_finished, killswitch.
-    #[serde(default)]
-    pub events: Vec<String>,
-}
-
 /// Circuit breaker limits, each counted over `window`. Crossing one engages the global kill
 /// switch with a reason naming the limit; only a person releases it. Zero disables a limit.
 #[derive(Debug, Clone, Deserialize)]
@@ -383,48 +307,6 @@ pub struct MaintenanceWindow {
     pub end: String,
 }
 
-/// Roles, each allowing what the ones before it allow (`webhook` only posts alerts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Posts alerts to the webhook endpoints, nothing else.
-    Webhook,
-    /// Reads runs, approvals, playbooks, the kill switch and the audit log.
-    Viewer,
-    /// Viewer, plus approve and deny.
-    Approver,
-    /// Approver, plus kill switch, cancel, reload, and posting alerts.
-    Admin,
-}
-
-/// One API token. The token itself is never in the config: give its SHA-256 (hex), or a file
-/// holding it (read and hashed at start).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenConfig {
-    /// Who: recorded in the audit log and on approvals.
-    pub name: String,
-    /// What it may do.
-    pub role: Role,
-    /// SHA-256 of the token, hex (`printf %s "$TOKEN" | sha256sum`).
-    pub sha256: Option<String>,
-    /// A file holding the token.
-    pub file: Option<PathBuf>,
-}
-
-/// API authentication.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// Tokens (bearer, or basic auth with the token name as user and the token as password).
-    pub tokens: Vec<TokenConfig>,
-    /// Whether `/healthz`, `/readyz` and `/metrics` need a token too.
-    pub protect_health: bool,
-    /// Serve an API without tokens on an address other than loopback. Without tokens every
-    /// caller is an admin, so this must be said explicitly.
-    pub open: bool,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -448,109 +330,6 @@ impl Default for Config {
             store: StoreConfig::default(),
         }
     }
-}
-
-/// Host key checking policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HostKeyChecking {
-    /// Unknown or changed host keys fail the step (`StrictHostKeyChecking=yes`).
-    #[default]
-    Strict,
-    /// Unknown keys are learned on first contact; changed keys still fail.
-    AcceptNew,
-}
-
-/// SSH executor settings. Per-host settings override these defaults.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SshConfig {
-    /// Login user (default: the ssh client's default, the daemon's user).
-    pub user: Option<String>,
-    /// Port.
-    pub port: u16,
-    /// Private key; when set, only this key is offered.
-    pub identity_file: Option<PathBuf>,
-    /// known_hosts file to verify host keys against (default: the ssh client's).
-    pub known_hosts_file: Option<PathBuf>,
-    /// `strict` (default) or `accept-new`.
-    pub host_key_checking: HostKeyChecking,
-    /// ssh client config file (`-F`); `/dev/null` ignores `~/.ssh/config`.
-    pub config_file: Option<PathBuf>,
-    /// Directory for the master connections' control sockets (default: `<data_dir>/ssh`).
-    /// Unix socket paths are limited to about 100 bytes: keep it short.
-    pub control_dir: Option<PathBuf>,
-    /// TCP connect timeout.
-    #[serde(with = "duration_str")]
-    pub connect_timeout: Duration,
-    /// A master connection unused this long is closed; the next step opens a new one.
-    #[serde(with = "duration_str")]
-    pub idle_timeout: Duration,
-    /// Commands at once over one host's master connection. sshd refuses sessions beyond its
-    /// `MaxSessions` (10 by default), so this stays below it; further steps wait their turn.
-    pub max_sessions_per_host: usize,
-    /// Bytes of stdout and of stderr kept per command; the rest is counted and dropped.
-    pub output_limit_bytes: usize,
-    /// Cleanup commands of `disk_cleanup` steps that give none.
-    pub cleanup_commands: Vec<String>,
-    /// The inventory: host name -> settings. A step's target must be one of these names or
-    /// one of their aliases.
-    pub hosts: BTreeMap<String, SshHost>,
-}
-
-impl Default for SshConfig {
-    fn default() -> Self {
-        SshConfig {
-            user: None,
-            port: 22,
-            identity_file: None,
-            known_hosts_file: None,
-            host_key_checking: HostKeyChecking::Strict,
-            config_file: None,
-            control_dir: None,
-            connect_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(300),
-            max_sessions_per_host: 8,
-            output_limit_bytes: 64 * 1024,
-            cleanup_commands: default_cleanup_commands(),
-            hosts: BTreeMap::new(),
-        }
-    }
-}
-
-/// What an SRE runs first on a full disk, each step only where its tool exists. Run as the
-/// SSH user: prefix with `sudo -n` in `ssh.cleanup_commands` where root is needed.
-pub fn default_cleanup_commands() -> Vec<String> {
-    [
-        "if command -v journalctl >/dev/null 2>&1; then journalctl --vacuum-time=7d; fi",
-        "if command -v apt-get >/dev/null 2>&1; then apt-get clean; elif command -v dnf >/dev/null 2>&1; then dnf clean all; elif command -v yum >/dev/null 2>&1; then yum clean all; fi",
-        "if command -v docker >/dev/null 2>&1; then docker system prune --force --filter until=72h; fi",
-        "find /tmp /var/tmp -xdev -type f -mtime +7 -delete 2>/dev/null; true",
-    ]
-    .map(String::from)
-    .to_vec()
-}
-
-/// One host of the SSH inventory.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SshHost {
-    /// Address to connect to (default: the host's name).
-    pub address: Option<String>,
-    /// Port (default: `ssh.port`).
-    pub port: Option<u16>,
-    /// Login user (default: `ssh.user`).
-    pub user: Option<String>,
-    /// Private key (default: `ssh.identity_file`).
-    pub identity_file: Option<PathBuf>,
-    /// known_hosts file (default: `ssh.known_hosts_file`).
-    pub known_hosts_file: Option<PathBuf>,
-    /// Host key policy (default: `ssh.host_key_checking`).
-    pub host_key_checking: Option<HostKeyChecking>,
-    /// Jump host (`ssh -J`), e.g. `bastion.example.internal`.
-    pub jump_host: Option<String>,
-    /// Other names alerts use for this host (e.g. the FQDN in an `instance` label).
-    pub aliases: Vec<String>,
 }
 
 /// Webhook intake limits.

@@ -3,6 +3,7 @@
 
 mod approvals;
 pub mod auth;
+pub mod auth_config;
 mod error;
 mod killswitch;
 mod playbooks;

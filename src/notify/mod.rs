@@ -4,6 +4,7 @@
 //! retrying 429 and 5xx answers with backoff and honouring `Retry-After`. A message given up
 //! on is counted (`reflex_notify_failures_total{sink}`) and logged, never lost silently.
 
+pub mod config;
 mod sinks;
 
 pub use sinks::build_sink;

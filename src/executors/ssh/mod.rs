@@ -10,6 +10,8 @@
 //! the whole process group at the step's timeout, so nothing is left running when a step gives
 //! up (closing an SSH channel alone does not stop a remote process that has no terminal).
 
+pub mod config;
+
 use super::{ExecError, Executor, StepContext};
 use crate::config::{HostKeyChecking, SshConfig, SshHost};
 use crate::playbook::actions::{DiskCleanupArgs, SshRunArgs};

@@ -1,0 +1,86 @@
+//! `notify:` in reflex.yaml: the chat and webhook sinks and how they deliver.
+
+use crate::config::duration_str;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Notification sinks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Where messages go.
+    pub sinks: Vec<SinkConfig>,
+    /// Attempts per message (429 and 5xx are retried with backoff, honouring Retry-After).
+    pub max_attempts: usize,
+    /// Timeout of one attempt.
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            sinks: Vec::new(),
+            max_attempts: 5,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Kinds of sinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// Slack incoming webhook.
+    Slack,
+    /// Slack bot token (`chat.postMessage`): one thread per run.
+    SlackBot,
+    /// Mattermost incoming webhook (Slack-compatible).
+    Mattermost,
+    /// Microsoft Teams workflow webhook (Adaptive Card).
+    Teams,
+    /// Any HTTP endpoint: the event as JSON, with `text`.
+    Webhook,
+}
+
+/// Event names sinks can filter on.
+pub const EVENTS: &[&str] = &[
+    "run_started",
+    "approval_needed",
+    "step_failed",
+    "run_finished",
+    "killswitch",
+];
+
+/// One sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Name, for metrics and logs.
+    pub name: String,
+    /// Kind.
+    #[serde(rename = "type")]
+    pub kind: SinkKind,
+    /// Webhook URL (a secret: prefer `url_env` or `url_file`).
+    pub url: Option<String>,
+    /// Environment variable holding the webhook URL.
+    pub url_env: Option<String>,
+    /// File holding the webhook URL.
+    pub url_file: Option<PathBuf>,
+    /// Environment variable holding the Slack bot token.
+    pub token_env: Option<String>,
+    /// File holding the Slack bot token.
+    pub token_file: Option<PathBuf>,
+    /// Slack channel (bot mode).
+    pub channel: Option<String>,
+    /// Slack API base (bot mode; default `https://slack.com/api`).
+    pub api_url: Option<String>,
+    /// Only these playbooks (default: all).
+    #[serde(default)]
+    pub playbooks: Vec<String>,
+    /// Only these events (default: all): run_started, approval_needed, step_failed,
+    /// run_finished, killswitch.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
