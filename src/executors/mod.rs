@@ -125,15 +125,7 @@ impl Executors {
             Arc::new(VerifyExecutor::new(&cfg.prometheus_url, sandbox.clone())),
         );
         let kube = Arc::new(kube::KubeExecutor::new(cfg.kubernetes.clone()));
-        for action in [
-            Action::KubeScale,
-            Action::KubeRollback,
-            Action::KubeRestart,
-            Action::KubeDeletePod,
-            Action::KubeCordon,
-            Action::KubeUncordon,
-            Action::KubePatch,
-        ] {
+        for &action in Action::ALL.iter().filter(|a| a.is_kube()) {
             e.insert(action, Arc::new(kube::KubeAction(kube.clone(), action)));
         }
         let flags = Arc::new(flags::FlagExecutor::new(cfg.feature_flags.clone(), kube));

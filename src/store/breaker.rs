@@ -136,18 +136,16 @@ pub(super) fn breaker_trip(
                 window_ms: l.window_ms,
                 playbook: (limit == Limit::RunsPerPlaybook).then(|| playbook.to_string()),
             };
-            super::switches::engage_in(
-                c,
-                "global",
-                &trip.to_string(),
-                "circuit-breaker",
-                None,
-                now,
-            )?;
+            engage(c, &trip, now)?;
             return Ok(Some(trip));
         }
     }
     Ok(None)
+}
+
+/// Engages the global kill switch for a trip, in the caller's transaction.
+fn engage(c: &Connection, trip: &Trip, now: i64) -> rusqlite::Result<()> {
+    super::switches::engage_in(c, "global", &trip.to_string(), "circuit-breaker", None, now)
 }
 
 impl Store {
@@ -175,14 +173,7 @@ impl Store {
                     window_ms: l.window_ms,
                     playbook: None,
                 };
-                super::switches::engage_in(
-                    c,
-                    "global",
-                    &trip.to_string(),
-                    "circuit-breaker",
-                    None,
-                    now,
-                )?;
+                engage(c, &trip, now)?;
                 Ok(Some(trip))
             })
             .await?;
