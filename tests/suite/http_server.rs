@@ -43,42 +43,38 @@ async fn slow_headers_bodies_chunks_and_idle_connections_are_cut_off() {
         .start()
         .await;
 
-    let mut slow_headers = connect(&app).await;
-    slow_headers
-        .write_all(b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    read_until_closed(&mut slow_headers, "headers never finished").await;
-
-    let mut slow_body = connect(&app).await;
-    slow_body
-        .write_all(
+    // Four clients at once, each cut off by its own limit.
+    let send = |bytes: &'static [u8]| {
+        let app = &app;
+        async move {
+            let mut s = connect(app).await;
+            s.write_all(bytes).await.unwrap();
+            s
+        }
+    };
+    let (mut slow_headers, mut slow_body, mut slow_chunks, mut idle) = tokio::join!(
+        send(b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: x\r\n"),
+        send(
             b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
-              content-length: 100\r\n\r\n{\"labels\":",
-        )
-        .await
-        .unwrap();
-    let answer = read_until_closed(&mut slow_body, "body never finished").await;
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains("server.request_timeout"), "{answer}");
-
-    let mut slow_chunks = connect(&app).await;
-    slow_chunks
-        .write_all(
+              content-length: 100\r\n\r\n{\"labels\":"
+        ),
+        send(
             b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
-              transfer-encoding: chunked\r\n\r\n5\r\n{\"lab\r\n",
-        )
-        .await
-        .unwrap();
-    let answer = read_until_closed(&mut slow_chunks, "chunked body never finished").await;
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-
-    let mut idle = connect(&app).await;
-    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_until_closed(&mut idle, "idle keep-alive connection").await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+              transfer-encoding: chunked\r\n\r\n5\r\n{\"lab\r\n"
+        ),
+        send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+    );
+    let (headers, body, chunks, idle) = tokio::join!(
+        read_until_closed(&mut slow_headers, "headers never finished"),
+        read_until_closed(&mut slow_body, "body never finished"),
+        read_until_closed(&mut slow_chunks, "chunked body never finished"),
+        read_until_closed(&mut idle, "idle keep-alive connection"),
+    );
+    assert!(!headers.starts_with("HTTP/1.1 200"), "{headers}");
+    assert!(body.starts_with("HTTP/1.1 408"), "{body}");
+    assert!(body.contains("server.request_timeout"), "{body}");
+    assert!(chunks.starts_with("HTTP/1.1 408"), "{chunks}");
+    assert!(idle.starts_with("HTTP/1.1 200"), "{idle}");
 
     assert_eq!(app.count("alerts"), 0, "nothing half-sent was recorded");
     let (status, _) = app.get("/healthz").await;

@@ -215,7 +215,7 @@ async fn hostile_values_through_eight_command_shapes_run_nothing_the_author_did_
     assert!(values.len() >= 500, "corpus has {} values", values.len());
 
     let mut builder = TestApp::builder().config(&format!(
-        "{}  max_sessions_per_host: 8\nengine:\n  max_concurrent_runs: 16\n  max_runs_per_target: 100\n\
+        "{}  max_sessions_per_host: 8\nstore:\n  synchronous: normal\nengine:\n  max_concurrent_runs: 16\n  max_runs_per_target: 100\n\
          breaker:\n  max_runs: 100000\n  max_runs_per_playbook: 100000\n  max_targets: 100000\n  max_failures: 100000\n",
         sshd.config_yaml("testhost", &[])
     ));

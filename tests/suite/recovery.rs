@@ -37,7 +37,12 @@ async fn start_slow_run(app: &TestApp) -> i64 {
 
 #[tokio::test]
 async fn kill_9_mid_step_marks_the_run_interrupted_and_never_reruns_it() {
-    let mut app = TestApp::builder().playbook("slow.yaml", SLOW).start().await;
+    // A short shutdown grace: the test's end does not wait out the 60 s step.
+    let mut app = TestApp::builder()
+        .playbook("slow.yaml", SLOW)
+        .config("engine:\n  shutdown_grace: 1s\n")
+        .start()
+        .await;
     let id = start_slow_run(&app).await;
     let before = app.run(id).await;
     app.kill9();
@@ -86,7 +91,7 @@ async fn pending_runs_survive_a_crash_and_run_after_restart() {
     // One run at a time: the second alert's run waits, pending, behind the slow one.
     let mut app = TestApp::builder()
         .playbook("slow.yaml", SLOW)
-        .config("engine:\n  max_concurrent_runs: 1\n")
+        .config("engine:\n  max_concurrent_runs: 1\n  shutdown_grace: 1s\n")
         .start()
         .await;
     let first = start_slow_run(&app).await;
