@@ -128,7 +128,7 @@ async fn set(
             )
         }
         (None, Some(d)) => Some(
-            crate::time::now_ms()
+            state.store.now_ms()
                 + crate::time::parse_duration(d)
                     .map_err(ApiError::BadRequest)?
                     .as_millis() as i64,

@@ -26,12 +26,24 @@ steps:
     with: { message: "noted {{ labels.instance }}" }
 "#;
 
+const GATED: &str = r#"
+name: gated
+matchers: ['alertname="Gated"']
+approval: { count: 1, expires: 30m }
+steps:
+  - action: log
+    with: { message: "acting on {{ labels.instance }}" }
+"#;
+
 const ROLES: &[&str] = &["webhook", "viewer", "approver", "admin"];
 
 /// A router and its store, with one token per role (`<role>-token`) and one playbook.
 struct TestApi {
     router: Router,
     store: Store,
+    /// The store's clock, moved by hand.
+    clock: Arc<crate::time::ManualClock>,
+    engine: Arc<Engine>,
     _dir: tempfile::TempDir,
 }
 
@@ -46,6 +58,7 @@ impl TestApi {
         let pb = dir.path().join("playbooks");
         std::fs::create_dir_all(&pb).unwrap();
         std::fs::write(pb.join("note.yaml"), PLAYBOOK).unwrap();
+        std::fs::write(pb.join("gated.yaml"), GATED).unwrap();
         let tokens: String = ROLES
             .iter()
             .map(|r| {
@@ -59,7 +72,9 @@ impl TestApi {
             dir.path().join("data").display()
         ))
         .unwrap();
-        let store = Store::open(&cfg.data_dir).unwrap();
+        let clock = Arc::new(crate::time::ManualClock::new());
+        let store =
+            Store::open_with_clock(&cfg.data_dir, cfg.store.synchronous, clock.clone()).unwrap();
         let playbooks = PlaybookSet::load(&[pb]).unwrap();
         let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
         let engine = Engine::new(
@@ -72,7 +87,7 @@ impl TestApi {
             tokio_util::sync::CancellationToken::new(),
         );
         let state = AppState {
-            engine,
+            engine: engine.clone(),
             store: store.clone(),
             max_body_bytes: cfg.intake.max_body_bytes,
             auth: Arc::new(super::auth::Auth::from_config(&cfg.auth).unwrap()),
@@ -80,6 +95,8 @@ impl TestApi {
         TestApi {
             router: router(state),
             store,
+            clock,
+            engine,
             _dir: dir,
         }
     }
@@ -352,8 +369,7 @@ async fn cross_site_and_non_json_mutations_are_refused_before_auth() {
 #[tokio::test]
 async fn a_time_boxed_kill_switch_releases_itself() {
     let api = TestApi::new();
-    let until = std::time::SystemTime::now() + std::time::Duration::from_millis(300);
-    let body = json!({"engaged": true, "reason": "deploy", "until": humantime::format_rfc3339_millis(until).to_string()});
+    let body = json!({"engaged": true, "reason": "deploy", "for": "2h"});
     let (status, answer) = api
         .call(
             Method::PUT,
@@ -373,10 +389,18 @@ async fn a_time_boxed_kill_switch_releases_itself() {
         )
         .await;
     assert_eq!(held["outcomes"][0][0]["outcome"], "suppressed", "{held}");
-    // Wait for the clock to pass `until`, then the switch is released by itself.
-    while std::time::SystemTime::now() <= until {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    api.clock.advance(std::time::Duration::from_secs(3600));
+    let (_, switch) = api
+        .call(
+            Method::GET,
+            "/api/v1/killswitch",
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    assert_eq!(switch["global"]["engaged"], true, "an hour in: {switch}");
+    // Past the two hours, the switch is released by itself.
+    api.clock.advance(std::time::Duration::from_secs(3601));
     let (_, switch) = api
         .call(
             Method::GET,
@@ -423,4 +447,54 @@ async fn a_token_from_a_file_works_and_protect_health_guards_the_health_routes()
         let (status, _) = api.call(Method::GET, path, Some("from-a-file"), None).await;
         assert_eq!(status, StatusCode::OK, "{path}");
     }
+}
+
+#[tokio::test]
+async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
+    let api = TestApi::new();
+    tokio::spawn(api.engine.clone().dispatch());
+    let body = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
+    let (_, out) = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks/generic",
+            Some("webhook-token"),
+            Some(&body),
+        )
+        .await;
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    // The run parks for approval (the dispatcher works in the background).
+    let mut pending = Value::Null;
+    for _ in 0..500 {
+        let (_, list) = api
+            .call(
+                Method::GET,
+                "/api/v1/approvals?state=pending",
+                Some("viewer-token"),
+                None,
+            )
+            .await;
+        if list.as_array().is_some_and(|l| !l.is_empty()) {
+            pending = list;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(pending[0]["run_id"], run_id, "{pending}");
+    assert!(
+        api.store.expire_due().await.unwrap().is_empty(),
+        "not yet due"
+    );
+    api.clock.advance(std::time::Duration::from_secs(31 * 60));
+    assert_eq!(api.store.expire_due().await.unwrap(), vec![run_id]);
+    let (_, run) = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/runs/{run_id}"),
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    assert_eq!(run["state"], "expired", "{run}");
+    assert_eq!(run["steps"][0]["state"], "skipped", "{run}");
 }

@@ -52,7 +52,7 @@ pub async fn generic(
 ) -> Result<Json<IntakeResponse>, ApiError> {
     let received_us = crate::time::now_us();
     let body = read_body(&headers, body, state.max_body_bytes).await?;
-    let now = crate::time::rfc3339(crate::time::now_ms());
+    let now = crate::time::rfc3339(state.store.now_ms());
     let alerts = parse_generic(&body, &now)
         .map_err(|e| ApiError::BadRequest(format!("invalid alert: {e}")))?;
     record(&state, alerts, received_us).await

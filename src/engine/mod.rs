@@ -174,7 +174,7 @@ impl Engine {
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
-        let now = crate::time::now_ms();
+        let now = self.store.now_ms();
         let items: Vec<IntakeItem> = evaluated
             .into_iter()
             .map(|(alert, matched)| {

@@ -113,7 +113,7 @@ impl Engine {
                 }
                 Err(Stop::End { state, error }) => (state, Some(error)),
             };
-            let elapsed = (crate::time::now_ms() - run.started_ms).max(0) as f64 / 1000.0;
+            let elapsed = (self.store.now_ms() - run.started_ms).max(0) as f64 / 1000.0;
             self.metrics.runs.with_label_values(&[&run.playbook, state.as_str()]).inc();
             self.metrics.run_duration.with_label_values(&[&run.playbook]).observe(elapsed);
             match self.store.run_finished(run.id, state, error.clone()).await {
@@ -242,7 +242,7 @@ impl Engine {
             ));
         }
         if let Some(deadline) = run.deadline_ms
-            && crate::time::now_ms() > run.started_ms + deadline
+            && self.store.now_ms() > run.started_ms + deadline
         {
             let d = humantime::format_duration(Duration::from_millis(deadline as u64));
             return Err(end(
@@ -286,9 +286,7 @@ impl Engine {
                     action: gated_action(&run.target, covered).0,
                     required: gate.count,
                     approvers: gate.approvers.clone(),
-                    expires_at: crate::time::rfc3339(
-                        crate::time::now_ms() + gate.expires_ms as i64,
-                    ),
+                    expires_at: crate::time::rfc3339(self.store.now_ms() + gate.expires_ms as i64),
                 });
                 Err(Stop::Parked)
             }

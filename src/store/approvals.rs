@@ -4,7 +4,7 @@
 use super::lifecycle::finish_run;
 use super::{ApprovalState, RunState, Store, StoreError};
 use crate::playbook::Gate;
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -159,8 +159,8 @@ impl Store {
         action: Value,
         hash: String,
     ) -> Result<i64, StoreError> {
+        let now = self.now_ms();
         self.write(move |c| {
-            let now = now_ms();
             c.prepare_cached(
                 "INSERT INTO approvals (run_id, step_idx, scope, state, action, action_hash, required, allowed, created_at, expires_at)
                  VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -210,8 +210,8 @@ impl Store {
         approve: bool,
         comment: Option<String>,
     ) -> Result<Decision, StoreError> {
+        let now = self.now_ms();
         self.write(move |c| {
-            let now = now_ms();
             let row: Option<(i64, ApprovalState, i64, u32, String, String, String)> = c
                 .query_row(
                     "SELECT a.run_id, a.state, a.expires_at, a.required, a.allowed, a.approvals, r.playbook
@@ -280,8 +280,8 @@ impl Store {
 
     /// Expires every pending approval past its time, with its run. Returns the run ids.
     pub async fn expire_due(&self) -> Result<Vec<i64>, StoreError> {
-        self.write(|c| {
-            let now = now_ms();
+        let now = self.now_ms();
+        self.write(move |c| {
             let due: Vec<(i64, i64)> = c
                 .prepare_cached(
                     "SELECT id, run_id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",

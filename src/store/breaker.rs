@@ -2,7 +2,6 @@
 //! window, whose crossing engages the global kill switch in the same transaction.
 
 use super::*;
-use crate::time::now_ms;
 use rusqlite::Connection;
 
 /// Circuit breaker limits as intake applies them (0: no limit).
@@ -152,12 +151,12 @@ impl Store {
     /// After a failed run: engages the global kill switch when the failures in the window
     /// reach `breaker.max_failures`. Returns the trip when it did.
     pub async fn trip_on_failures(&self, l: BreakerLimits) -> Result<Option<Trip>, StoreError> {
+        let now = self.now_ms();
         if l.max_failures == 0 {
             return Ok(None);
         }
         let tripped = self
             .write(move |c| {
-                let now = now_ms();
                 let n: u32 = c.query_row(
                     "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
                     [now - l.window_ms],

@@ -9,7 +9,6 @@ use super::resolution::end_for_resolved;
 use super::*;
 use crate::alert::{Alert, AlertStatus};
 use crate::playbook::Plan;
-use crate::time::now_ms;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
@@ -268,6 +267,7 @@ impl Store {
         items: Vec<IntakeItem>,
         limits: BreakerLimits,
     ) -> Result<Vec<Vec<Outcome>>, StoreError> {
+        let now = self.now_ms();
         // JSON is written here, on the caller's thread, not in the one writer.
         let prepared: Vec<(IntakeItem, Json)> = items
             .into_iter()
@@ -286,7 +286,6 @@ impl Store {
             .collect();
         let outcomes = self
             .write(move |c| {
-                let now = now_ms();
                 let mut all = Vec::with_capacity(prepared.len());
                 for (item, json) in prepared {
                     let alert_id = insert_alert(c, &item.alert, &json, now, item.received_us)?;

@@ -1,7 +1,6 @@
 //! How runs end: the final state and error, and the steps that never ran marked skipped.
 
 use super::*;
-use crate::time::now_ms;
 use rusqlite::{Connection, params};
 
 pub(super) fn finish_run(
@@ -28,8 +27,9 @@ impl Store {
         state: RunState,
         error: Option<String>,
     ) -> Result<(), StoreError> {
+        let now = self.now_ms();
         self.write(move |c| {
-            finish_run(c, run_id, state, error.as_deref(), now_ms())?;
+            finish_run(c, run_id, state, error.as_deref(), now)?;
             Ok(())
         })
         .await

@@ -95,6 +95,8 @@ struct Inner {
     path: PathBuf,
     /// The exclusive lock on the data directory, held while the store is open.
     _lock: std::fs::File,
+    /// What "now" is for every decision the store makes.
+    clock: Arc<dyn crate::time::Clock>,
 }
 
 /// Takes the data directory's lock (`reflex.lock`, an advisory `flock` the kernel releases
@@ -315,6 +317,15 @@ impl Store {
 
     /// Opens with a durability setting (see [`crate::config::Synchronous`]).
     pub fn open_with(dir: &Path, sync: crate::config::Synchronous) -> Result<Store, StoreError> {
+        Self::open_with_clock(dir, sync, Arc::new(crate::time::SystemClock))
+    }
+
+    /// Opens with a clock of the caller's (tests move it by hand).
+    pub fn open_with_clock(
+        dir: &Path,
+        sync: crate::config::Synchronous,
+        clock: Arc<dyn crate::time::Clock>,
+    ) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)?;
         let lock = lock_dir(dir)?;
         let path = dir.join("reflex.db");
@@ -340,8 +351,14 @@ impl Store {
                 read: Mutex::new(read),
                 path,
                 _lock: lock,
+                clock,
             }),
         })
+    }
+
+    /// Milliseconds since the epoch, by the store's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
     }
 
     /// The database file.

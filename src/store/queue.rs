@@ -4,7 +4,7 @@
 use super::lifecycle::finish_run;
 use super::*;
 use crate::alert::{Alert, AlertStatus};
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value;
@@ -93,7 +93,11 @@ struct ClaimRow {
 }
 
 /// Claims the oldest claimable pending run (see [`Store::claim`]).
-fn claim_one(c: &Connection, max_per_target: u32) -> Result<Option<ClaimRow>, StoreError> {
+fn claim_one(
+    c: &Connection,
+    max_per_target: u32,
+    now: i64,
+) -> Result<Option<ClaimRow>, StoreError> {
     Ok(c.prepare_cached(
         "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
          WHERE id = (
@@ -104,7 +108,7 @@ fn claim_one(c: &Connection, max_per_target: u32) -> Result<Option<ClaimRow>, St
            ORDER BY r.id LIMIT 1)
          RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
     )?
-    .query_row(params![now_ms(), max_per_target], |r| {
+    .query_row(params![now, max_per_target], |r| {
         Ok(ClaimRow {
             id: r.get(0)?,
             playbook: r.get(1)?,
@@ -184,11 +188,12 @@ impl Store {
         max_per_target: u32,
         limit: usize,
     ) -> Result<Vec<ClaimedRun>, StoreError> {
+        let now = self.now_ms();
         let rows = self
             .write(move |c| {
                 let mut out = Vec::new();
                 while out.len() < limit {
-                    match claim_one(c, max_per_target)? {
+                    match claim_one(c, max_per_target, now)? {
                         Some(row) => out.push(row),
                         None => break,
                     }
@@ -228,9 +233,10 @@ impl Store {
 
     /// Marks a step `running`; written before the action starts.
     pub async fn step_started(&self, run_id: i64, idx: i64) -> Result<(), StoreError> {
+        let now = self.now_ms();
         self.write(move |c| {
             c.prepare_cached("UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4 WHERE run_id = ?1 AND idx = ?2")?
-                .execute(params![run_id, idx, now_ms(), crate::time::now_us()])?;
+                .execute(params![run_id, idx, now, crate::time::now_us()])?;
             Ok(())
         })
         .await
@@ -247,12 +253,13 @@ impl Store {
         output: Option<Value>,
         error: Option<String>,
     ) -> Result<(), StoreError> {
+        let now = self.now_ms();
         let output = output.map(|o| json_text(&o));
         self.write(move |c| {
             c.prepare_cached(
                 "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
             )?
-            .execute(params![step.run_id, step.idx, state.as_str(), now_ms(), output, error])?;
+            .execute(params![step.run_id, step.idx, state.as_str(), now, output, error])?;
             let outcome = if error.is_some() { "failed" } else { state.as_str() };
             let target = format!("run/{} step/{} target/{}", step.run_id, step.idx, step.target);
             super::audit::audit_in(c, "reflex", &format!("step.{}", step.action), Some(&target), outcome, error.as_deref())?;
@@ -274,6 +281,7 @@ impl Store {
     /// Cancels a run that has not started. Returns the run's state before the call, or `None`
     /// when there is no such run; a `Pending` run is now `Cancelled`.
     pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
+        let now = self.now_ms();
         self.write(move |c| {
             let state: Option<String> = c
                 .query_row("SELECT state FROM runs WHERE id = ?1", [run_id], |r| {
@@ -286,13 +294,13 @@ impl Store {
             if !matches!(state, RunState::Pending | RunState::AwaitingApproval) {
                 return Ok(Some(state));
             }
-            super::approvals::close_pending(c, run_id, ApprovalState::Cancelled, now_ms())?;
+            super::approvals::close_pending(c, run_id, ApprovalState::Cancelled, now)?;
             finish_run(
                 c,
                 run_id,
                 RunState::Cancelled,
                 Some("cancelled by an operator before it acted further"),
-                now_ms(),
+                now,
             )?;
             Ok(Some(state))
         })
@@ -304,8 +312,8 @@ impl Store {
     /// steps are interrupted too (their next step never started). Pending runs stay pending.
     /// Returns the ids of the interrupted runs.
     pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
-        self.write(|c| {
-            let now = now_ms();
+        let now = self.now_ms();
+        self.write(move |c| {
             c.execute(
                 "UPDATE steps SET state = 'interrupted', finished_at = ?1,
                    error = 'the daemon stopped while this step was running; it was not re-run'

@@ -1,7 +1,7 @@
 //! Kill switches, global and per playbook, persisted so that a restart keeps them engaged.
 
 use super::{Store, StoreError};
-use crate::time::{now_ms, rfc3339};
+use crate::time::rfc3339;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
@@ -90,8 +90,8 @@ fn set_in(
 impl Store {
     /// Every switch ever set, global first.
     pub async fn switches(&self) -> Result<Vec<Switch>, StoreError> {
-        self.read(|c| {
-            let now = now_ms();
+        let now = self.now_ms();
+        self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT scope, engaged, reason, actor, changed_at, until FROM switches ORDER BY scope != 'global', scope",
             )?;
@@ -121,6 +121,7 @@ impl Store {
         actor: String,
         until: Option<i64>,
     ) -> Result<(), StoreError> {
+        let now = self.now_ms();
         let result = self
             .write(move |c| {
                 set_in(
@@ -130,7 +131,7 @@ impl Store {
                     &reason,
                     &actor,
                     until.filter(|_| engaged),
-                    now_ms(),
+                    now,
                 )?;
                 Ok(())
             })
@@ -143,6 +144,7 @@ impl Store {
     /// step, so it answers from a copy of the switches table that every switch change
     /// invalidates (see [`Store::switches_changed`]).
     pub async fn kill_reason(&self, playbook: &str) -> Result<Option<String>, StoreError> {
+        let now = self.now_ms();
         let epoch = self
             .inner
             .switch_epoch
@@ -179,7 +181,6 @@ impl Store {
                 rows
             }
         };
-        let now = now_ms();
         let scope = playbook_scope(playbook);
         let live = |s: &&SwitchRow| s.3.is_none_or(|u| u > now);
         let hit = (rows.iter().filter(live).find(|s| s.0 == GLOBAL))

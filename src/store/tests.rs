@@ -228,3 +228,25 @@ async fn a_cooldown_holds_across_a_reopen_of_the_store() {
     .await;
     assert_eq!(cause(&o), Some(Hold::Cooldown), "{o:?}");
 }
+
+#[tokio::test]
+async fn a_cooldown_ends_when_its_time_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = std::sync::Arc::new(crate::time::ManualClock::new());
+    let store = Store::open_with_clock(dir.path(), crate::config::Synchronous::Full, clock.clone())
+        .unwrap();
+    let hour = 3_600_000;
+    let none = BreakerLimits::default();
+    let o = intake(&store, "a", candidate("p", "t", hour, "k"), none).await;
+    assert!(matches!(o, Outcome::Created { .. }), "{o:?}");
+    clock.advance(std::time::Duration::from_secs(3599));
+    let o = intake(&store, "b", candidate("p", "t", hour, "k"), none).await;
+    assert_eq!(
+        cause(&o),
+        Some(Hold::Cooldown),
+        "a second before the end: {o:?}"
+    );
+    clock.advance(std::time::Duration::from_secs(2));
+    let o = intake(&store, "c", candidate("p", "t", hour, "k"), none).await;
+    assert!(matches!(o, Outcome::Created { .. }), "after it: {o:?}");
+}
