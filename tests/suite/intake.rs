@@ -267,14 +267,17 @@ async fn heavy_payloads_are_planned_off_the_workers_within_a_budget_per_alert() 
         .config("engine:\n  plan_budget: 20ms\n")
         .start()
         .await;
-    let payload: Vec<serde_json::Value> = (0..150)
-        .map(|i| serde_json::json!({"labels": {"alertname": "Loopy", "x": "abc", "i": i.to_string()}}))
-        .collect();
-    let body = serde_json::Value::from(payload).to_string();
+    // Two payloads of distinct alerts (the same alerts twice would be re-deliveries).
+    let payload = |p: usize| {
+        let alerts: Vec<serde_json::Value> = (0..150)
+            .map(|i| serde_json::json!({"labels": {"alertname": "Loopy", "x": "abc", "i": format!("{p}-{i}")}}))
+            .collect();
+        serde_json::Value::from(alerts).to_string()
+    };
     let posts: Vec<_> = (0..2)
-        .map(|_| {
+        .map(|p| {
             let url = format!("{}/api/v1/webhooks/generic", app.base);
-            let body = body.clone();
+            let body = payload(p);
             tokio::spawn(async move {
                 let r = reqwest::Client::new()
                     .post(url)
