@@ -40,6 +40,8 @@ const ROLES: &[&str] = &["webhook", "viewer", "approver", "admin"];
 /// A router and its store, with one token per role (`<role>-token`) and one playbook.
 struct TestApi {
     router: Router,
+    /// The SQLite file, for tests that tamper with it.
+    db: std::path::PathBuf,
     store: Store,
     /// The store's clock, moved by hand.
     clock: Arc<crate::time::ManualClock>,
@@ -94,6 +96,7 @@ impl TestApi {
         };
         TestApi {
             router: router(state),
+            db: cfg.data_dir.join("reflex.db"),
             store,
             clock,
             engine,
@@ -497,4 +500,72 @@ async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
         .await;
     assert_eq!(run["state"], "expired", "{run}");
     assert_eq!(run["steps"][0]["state"], "skipped", "{run}");
+}
+
+/// Waits (bounded) until the run is in `state`.
+async fn wait_state(api: &TestApi, run_id: i64, state: &str) -> Value {
+    let path = format!("/api/v1/runs/{run_id}");
+    for _ in 0..500 {
+        let (_, run) = api
+            .call(Method::GET, &path, Some("viewer-token"), None)
+            .await;
+        if run["state"] == state {
+            return run;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("run {run_id} never reached {state}");
+}
+
+#[tokio::test]
+async fn an_approval_covers_exactly_what_was_shown_and_nothing_changed_after() {
+    let api = TestApi::new();
+    tokio::spawn(api.engine.clone().dispatch());
+    let body = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
+    let (_, out) = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks/generic",
+            Some("webhook-token"),
+            Some(&body),
+        )
+        .await;
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    wait_state(&api, run_id, "awaiting_approval").await;
+    // What the step would do changes after the request was made (here, behind the daemon's
+    // back in its own database).
+    let db = rusqlite::Connection::open(&api.db).unwrap();
+    db.execute(
+        "UPDATE steps SET args = '{\"message\":\"something else\"}' WHERE run_id = ?1",
+        [run_id],
+    )
+    .unwrap();
+    let (_, approvals) = api
+        .call(
+            Method::GET,
+            "/api/v1/approvals?state=pending",
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    let id = approvals[0]["id"].as_i64().unwrap();
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/approvals/{id}/approve"),
+            Some("approver-token"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let run = wait_state(&api, run_id, "failed").await;
+    assert!(
+        run["error"].as_str().unwrap().contains("no longer applies"),
+        "{run}"
+    );
+    assert_eq!(
+        run["steps"][0]["output"],
+        Value::Null,
+        "nothing acted: {run}"
+    );
 }
