@@ -293,7 +293,7 @@ fn simulate_one(
     let plan = match m.plan {
         Ok(plan) => plan,
         Err(e) => {
-            sim.error = Some(e);
+            sim.error = Some(e.to_string());
             return sim;
         }
     };

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub notify_failures: IntCounterVec,
     /// Alerts Alertmanager left out of a group (`truncatedAlerts`).
     pub alerts_truncated: IntCounter,
+    /// Alerts a playbook matched but could not be planned, by playbook and reason.
+    pub plan_failures: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -65,6 +67,11 @@ impl Metrics {
             "reflex_runs_total",
             "Runs by playbook and outcome.",
             &["playbook", "outcome"],
+        );
+        let plan_failures = counter_vec(
+            "reflex_plan_failures_total",
+            "Matched alerts that could not be planned, by playbook and reason.",
+            &["playbook", "reason"],
         );
         let notify_failures = counter_vec(
             "reflex_notify_failures_total",
@@ -135,6 +142,7 @@ impl Metrics {
             playbooks_loaded,
             reload_errors,
             notify_failures,
+            plan_failures,
             alerts_truncated,
         }
     }

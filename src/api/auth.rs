@@ -22,6 +22,45 @@ pub struct Identity {
     pub role: Role,
 }
 
+/// Why a caller was not identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthFailure {
+    /// No `Authorization` header.
+    #[error("missing Authorization header")]
+    Missing,
+    /// Basic credentials that do not decode.
+    #[error("malformed basic credentials")]
+    Malformed,
+    /// Neither Bearer nor Basic.
+    #[error("unsupported Authorization scheme (use Bearer or Basic)")]
+    Scheme,
+    /// No configured token matches.
+    #[error("invalid token")]
+    Invalid,
+}
+
+impl AuthFailure {
+    /// Bounded label for metrics and the audit log.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::Scheme => "scheme",
+            AuthFailure::Invalid => "invalid",
+        }
+    }
+}
+
+/// A token in the config that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("auth.tokens {name:?}: {why}")]
+pub struct TokenError {
+    /// The token's name.
+    pub name: String,
+    /// What is wrong.
+    pub why: String,
+}
+
 /// The configured tokens.
 #[derive(Debug, Clone, Default)]
 pub struct Auth {
@@ -41,24 +80,27 @@ fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl Auth {
     /// Loads tokens (reading token files).
-    pub fn from_config(cfg: &AuthConfig) -> Result<Auth, String> {
+    pub fn from_config(cfg: &AuthConfig) -> Result<Auth, TokenError> {
         let mut tokens = Vec::new();
         for t in &cfg.tokens {
+            let err = |why: String| TokenError {
+                name: t.name.clone(),
+                why,
+            };
             let hash = match (&t.sha256, &t.file) {
                 (Some(hex_digest), _) => {
-                    let bytes = hex::decode(hex_digest)
-                        .map_err(|e| format!("auth.tokens {:?}: {e}", t.name))?;
+                    let bytes = hex::decode(hex_digest).map_err(|e| err(e.to_string()))?;
                     bytes
                         .try_into()
-                        .map_err(|_| format!("auth.tokens {:?}: sha256 must be 32 bytes", t.name))?
+                        .map_err(|_| err("sha256 must be 32 bytes".into()))?
                 }
                 (None, Some(file)) => {
                     let token = crate::config::SecretRef::File(file.clone())
                         .read()
-                        .map_err(|e| format!("auth.tokens {:?}: {e}", t.name))?;
+                        .map_err(err)?;
                     digest(token.as_bytes())
                 }
-                (None, None) => return Err(format!("auth.tokens {:?}: no sha256 or file", t.name)),
+                (None, None) => return Err(err("no sha256 or file".into())),
             };
             tokens.push((t.name.clone(), t.role, hash));
         }
@@ -74,7 +116,7 @@ impl Auth {
     }
 
     /// Identifies a caller by `Authorization: Bearer TOKEN` or `Basic name:TOKEN`.
-    pub fn identify(&self, headers: &HeaderMap) -> Result<Identity, &'static str> {
+    pub fn identify(&self, headers: &HeaderMap) -> Result<Identity, AuthFailure> {
         if !self.enabled() {
             return Ok(Identity {
                 name: "anonymous".into(),
@@ -84,18 +126,18 @@ impl Auth {
         let value = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .ok_or("missing Authorization header")?;
+            .ok_or(AuthFailure::Missing)?;
         let (user, secret) = if let Some(token) = value.strip_prefix("Bearer ") {
             (None, token.trim().to_string())
         } else if let Some(b64) = value.strip_prefix("Basic ") {
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
-                .map_err(|_| "malformed basic credentials")?;
-            let text = String::from_utf8(raw).map_err(|_| "malformed basic credentials")?;
-            let (u, p) = text.split_once(':').ok_or("malformed basic credentials")?;
+                .map_err(|_| AuthFailure::Malformed)?;
+            let text = String::from_utf8(raw).map_err(|_| AuthFailure::Malformed)?;
+            let (u, p) = text.split_once(':').ok_or(AuthFailure::Malformed)?;
             (Some(u.to_string()), p.to_string())
         } else {
-            return Err("unsupported Authorization scheme (use Bearer or Basic)");
+            return Err(AuthFailure::Scheme);
         };
         let presented = digest(secret.as_bytes());
         // Compare against every token so that timing does not tell which one came close.
@@ -110,7 +152,7 @@ impl Auth {
                 name: name.clone(),
                 role,
             }),
-            _ => Err("invalid token"),
+            _ => Err(AuthFailure::Invalid),
         }
     }
 }

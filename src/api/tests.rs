@@ -569,3 +569,36 @@ async fn an_approval_covers_exactly_what_was_shown_and_nothing_changed_after() {
         "nothing acted: {run}"
     );
 }
+
+#[tokio::test]
+async fn a_plan_failure_is_counted_by_its_reason() {
+    let api = TestApi::new();
+    let body = json!({"labels": {"alertname": "Note"}}).to_string();
+    let (_, out) = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks/generic",
+            Some("webhook-token"),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(out["outcomes"][0][0]["outcome"], "failed", "{out}");
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.router.clone().oneshot(req).await.unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains("reflex_plan_failures_total{playbook=\"note\",reason=\"missing_value\"} 1"),
+        "{text}"
+    );
+}

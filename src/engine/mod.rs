@@ -189,7 +189,13 @@ impl Engine {
                             _ => alert.fingerprint.clone(),
                         },
                         dry_run: self.dry_run || m.playbook.dry_run,
-                        plan: m.plan,
+                        plan: m.plan.map_err(|e| {
+                            self.metrics
+                                .plan_failures
+                                .with_label_values(&[&m.playbook.name, e.metric_label()])
+                                .inc();
+                            e.to_string()
+                        }),
                         deadline_ms: m
                             .playbook
                             .deadline

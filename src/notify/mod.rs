@@ -7,7 +7,7 @@
 pub mod config;
 mod sinks;
 
-pub use sinks::build_sink;
+pub use sinks::{SinkError, build_sink};
 
 use crate::config::{NotifyConfig, SinkConfig};
 use crate::metrics::Metrics;
@@ -344,7 +344,7 @@ impl Notifier {
         cfg: &NotifyConfig,
         metrics: Arc<Metrics>,
         tasks: &tokio_util::task::TaskTracker,
-    ) -> Result<Notifier, String> {
+    ) -> Result<Notifier, SinkError> {
         let mut sinks = Vec::new();
         for sc in &cfg.sinks {
             let sink: Arc<dyn Sink> = build_sink(sc, cfg.timeout)?;

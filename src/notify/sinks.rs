@@ -14,21 +14,34 @@ use std::time::Duration;
 /// message of such a run starts a new thread).
 const MAX_THREADS: usize = 10_000;
 
+/// A sink that cannot be built from its config.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("notify sink {sink:?}: {why}")]
+pub struct SinkError {
+    /// The sink's name.
+    pub sink: String,
+    /// What is wrong.
+    pub why: String,
+}
+
 fn secret(
     name: &str,
     what: &str,
     value: &Option<String>,
     env: &Option<String>,
     file: &Option<std::path::PathBuf>,
-) -> Result<String, String> {
+) -> Result<String, SinkError> {
     crate::config::SecretRef::from_fields(what, value, env, file)
         .and_then(|r| r.ok_or_else(|| format!("give one of {what}, {what}_env, {what}_file")))
         .and_then(|r| r.read())
-        .map_err(|e| format!("notify sink {name:?}: {e}"))
+        .map_err(|why| SinkError {
+            sink: name.to_string(),
+            why,
+        })
 }
 
 /// Builds a sink from its config (reading its secrets).
-pub fn build_sink(cfg: &SinkConfig, timeout: Duration) -> Result<Arc<dyn Sink>, String> {
+pub fn build_sink(cfg: &SinkConfig, timeout: Duration) -> Result<Arc<dyn Sink>, SinkError> {
     let http = crate::executors::upstream_client(Some(timeout));
     Ok(match cfg.kind {
         SinkKind::SlackBot => Arc::new(SlackBot {
@@ -40,10 +53,10 @@ pub fn build_sink(cfg: &SinkConfig, timeout: Duration) -> Result<Arc<dyn Sink>, 
                 .trim_end_matches('/')
                 .to_string(),
             token: secret(&cfg.name, "token", &None, &cfg.token_env, &cfg.token_file)?,
-            channel: cfg
-                .channel
-                .clone()
-                .ok_or_else(|| format!("notify sink {:?}: slack_bot needs a channel", cfg.name))?,
+            channel: cfg.channel.clone().ok_or_else(|| SinkError {
+                sink: cfg.name.clone(),
+                why: "slack_bot needs a channel".into(),
+            })?,
             threads: Mutex::new(HashMap::new()),
         }),
         kind => Arc::new(Webhook {

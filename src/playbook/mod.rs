@@ -4,6 +4,7 @@
 
 pub mod actions;
 pub mod compile;
+pub mod error;
 pub mod locate;
 pub mod matcher;
 pub mod script;
@@ -13,6 +14,7 @@ pub mod template;
 
 use crate::alert::{Alert, AlertStatus};
 use actions::Action;
+use error::PlanError;
 use matcher::Matcher;
 use rhai::{AST, Dynamic, Scope};
 use script::Sandbox;
@@ -133,7 +135,7 @@ impl Arg {
         &self,
         sandbox: &Sandbox,
         scope: &mut Scope<'_>,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, PlanError> {
         Ok(match self {
             Arg::Literal(v) => v.clone(),
             Arg::Template(t) => t.render(sandbox, scope)?,
@@ -144,7 +146,7 @@ impl Arg {
             Arg::Map(entries) => {
                 let mut map = serde_json::Map::new();
                 for (k, a) in entries {
-                    let v = a.render(sandbox, scope).map_err(|e| format!("{k}: {e}"))?;
+                    let v = a.render(sandbox, scope).map_err(|e| e.at(k))?;
                     map.insert(k.clone(), v);
                 }
                 serde_json::Value::Object(map)
@@ -192,25 +194,28 @@ impl Playbook {
     }
 
     /// Evaluates `when` (true when there is none).
-    pub fn when_holds(&self, sandbox: &Sandbox, scope: &mut Scope<'_>) -> Result<bool, String> {
+    pub fn when_holds(&self, sandbox: &Sandbox, scope: &mut Scope<'_>) -> Result<bool, PlanError> {
         let Some(ast) = &self.when else {
             return Ok(true);
         };
-        let v = sandbox.eval(scope, ast).map_err(|e| format!("when: {e}"))?;
+        let v = sandbox
+            .eval(scope, ast)
+            .map_err(|e| PlanError::Script(format!("when: {e}")))?;
         v.as_bool()
-            .map_err(|t| format!("when: expected a bool, got {t}"))
+            .map_err(|t| PlanError::Script(format!("when: expected a bool, got {t}")))
     }
 
     /// Renders parameters and steps for an alert. `scope` is [`script::alert_scope`].
-    pub fn plan(&self, sandbox: &Sandbox, scope: &mut Scope<'_>) -> Result<Plan, String> {
+    pub fn plan(&self, sandbox: &Sandbox, scope: &mut Scope<'_>) -> Result<Plan, PlanError> {
         let mut params = serde_json::Map::new();
         scope.push("params", Dynamic::from_map(rhai::Map::new()));
         for (name, arg) in &self.params {
             let v = arg
                 .render(sandbox, scope)
-                .map_err(|e| format!("params.{name}: {e}"))?;
+                .map_err(|e| e.at(format!("params.{name}")))?;
             params.insert(name.clone(), v);
-            let as_dynamic = rhai::serde::to_dynamic(&params).map_err(|e| e.to_string())?;
+            let as_dynamic =
+                rhai::serde::to_dynamic(&params).map_err(|e| PlanError::Script(e.to_string()))?;
             scope.set_value("params", as_dynamic);
         }
         let main = self
@@ -229,7 +234,7 @@ impl Playbook {
                 let args = s
                     .args
                     .render(sandbox, scope)
-                    .map_err(|e| format!("{section}[{i}] ({}): {e}", s.name))?;
+                    .map_err(|e| e.at(format!("{section}[{i}] ({})", s.name)))?;
                 let run_gate = if (phase, i) == (spec::Phase::Main, 0) {
                     self.approval.clone()
                 } else {
@@ -245,7 +250,7 @@ impl Playbook {
                     phase,
                 })
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, PlanError>>()?;
         if !self.namespaces.is_empty() {
             let outside = steps
                 .iter()
@@ -256,17 +261,17 @@ impl Playbook {
                     (s.action.is_kube() && !allowed).then(|| (i, ns.to_string()))
                 });
             if let Some((i, ns)) = outside {
-                return Err(format!(
+                return Err(PlanError::Namespace(format!(
                     "steps[{i}]: namespace {ns:?} is not one this playbook may act in \
                      (namespaces: {})",
                     self.namespaces.join(", ")
-                ));
+                )));
             }
         }
         let target = match self
             .target
             .render(sandbox, scope)
-            .map_err(|e| format!("target: {e}"))?
+            .map_err(|e| e.at("target"))?
         {
             serde_json::Value::String(s) => s,
             other => other.to_string(),
@@ -292,7 +297,7 @@ pub struct Matched {
     /// The playbook.
     pub playbook: Arc<Playbook>,
     /// The plan, or the error that stops the run before it starts.
-    pub plan: Result<Plan, String>,
+    pub plan: Result<Plan, PlanError>,
 }
 
 /// The playbooks in force, indexed for matching.

@@ -9,6 +9,7 @@
 //! would start an option, are empty, or climb out of a directory are refused unless the hole
 //! opts in (`allow_option(…)`, `allow_empty(…)`, `allow_path(…)`).
 
+use super::error::PlanError;
 use super::script::{Located, Sandbox, Unchecked, to_json};
 use super::shell::{self, ShellHole};
 use rhai::{AST, Dynamic, Scope};
@@ -150,7 +151,7 @@ impl Template {
         &self,
         sandbox: &Sandbox,
         scope: &mut Scope<'_>,
-    ) -> Result<serde_json::Value, String> {
+    ) -> Result<serde_json::Value, PlanError> {
         if let ([Part::Hole(h)], Quoting::Plain) = (self.parts.as_slice(), self.quoting) {
             let v = eval_hole(sandbox, scope, h)?;
             return Ok(match v.clone().try_cast::<Unchecked>() {
@@ -165,7 +166,7 @@ impl Template {
                 Part::Hole(h) => {
                     let v = eval_hole(sandbox, scope, h)?;
                     write_value(&mut out, v, h.context)
-                        .map_err(|e| format!("`{{{{ {} }}}}`: {e}", h.src))?;
+                        .map_err(|e| PlanError::Refused(format!("`{{{{ {} }}}}`: {e}", h.src)))?;
                 }
             }
         }
@@ -255,15 +256,15 @@ fn is_relative_path(s: &str) -> bool {
     !s.starts_with('/') && !s.split('/').any(|seg| seg == "..")
 }
 
-fn eval_hole(sandbox: &Sandbox, scope: &mut Scope<'_>, h: &Hole) -> Result<Dynamic, String> {
+fn eval_hole(sandbox: &Sandbox, scope: &mut Scope<'_>, h: &Hole) -> Result<Dynamic, PlanError> {
     let v = sandbox
         .eval(scope, &h.ast)
-        .map_err(|e| format!("`{{{{ {} }}}}`: {e}", h.src))?;
+        .map_err(|e| PlanError::Script(format!("`{{{{ {} }}}}`: {e}", h.src)))?;
     if v.is_unit() {
-        return Err(format!(
+        return Err(PlanError::Missing(format!(
             "`{{{{ {} }}}}` evaluated to nothing (a label or parameter missing from the alert?)",
             h.src
-        ));
+        )));
     }
     Ok(v)
 }
@@ -474,6 +475,7 @@ mod tests {
         let sb = Sandbox::new();
         let t = Template::compile(&sb, src, q).map_err(|e| e.message)?;
         t.render(&sb, &mut alert_scope(&alert(instance)))
+            .map_err(|e| e.to_string())
     }
 
     fn render_v(src: &str, q: Quoting, v: &str) -> Result<serde_json::Value, String> {
