@@ -355,3 +355,50 @@ async fn a_playbook_cannot_sleep_in_the_sandbox() {
     let error = out["outcomes"][0][0]["error"].as_str().unwrap();
     assert!(error.contains("sleep() is not available"), "{error}");
 }
+
+#[tokio::test]
+async fn a_full_disk_answers_503_so_the_sender_retries_and_loses_nothing_accepted() {
+    let fs = crate::common::TestFs::sized("768k");
+    if !fs.mounted {
+        return eprintln!("skipped (no tmpfs, not root?): a store that cannot write");
+    }
+    let app = TestApp::builder()
+        .data_dir(fs.dir.path())
+        .playbook(
+            "note.yaml",
+            "name: note\nmatchers: ['alertname=\"Note\"']\nsteps:\n  - action: log\n    with: { message: x }\n",
+        )
+        .start()
+        .await;
+    let big = "x".repeat(60_000);
+    let mut accepted = 0;
+    let mut refusal = None;
+    for i in 0..100 {
+        let alert = serde_json::json!({
+            "labels": {"alertname": "Note", "i": i.to_string()},
+            "annotations": {"description": big},
+            "startsAt": "2026-11-23T00:00:00Z",
+        });
+        let (status, body) = app
+            .post_raw("/api/v1/webhooks/generic", alert.to_string())
+            .await;
+        match status {
+            200 => accepted += 1,
+            _ => {
+                refusal = Some((status, body));
+                break;
+            }
+        }
+    }
+    let (status, body) = refusal.expect("the tmpfs never filled");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("retry"),
+        "{body}"
+    );
+    assert!(accepted > 0);
+    // Every alert answered 200 is on record.
+    assert_eq!(app.count("alerts"), accepted, "accepted alerts lost");
+    let (status, _) = app.get("/healthz").await;
+    assert_eq!(status, 200, "the daemon still serves");
+}

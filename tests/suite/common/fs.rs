@@ -12,9 +12,14 @@ pub struct TestFs {
 impl TestFs {
     /// Mounts a 64 MiB tmpfs on a temp dir, or falls back to the plain dir.
     pub fn new() -> TestFs {
+        Self::sized("64m")
+    }
+
+    /// A tmpfs of this size (`512k`, `64m`), or the plain dir.
+    pub fn sized(size: &str) -> TestFs {
         let dir = tempfile::Builder::new().prefix("rx-fs").tempdir().unwrap();
         let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir.path())
             .stderr(std::process::Stdio::null())
             .status()

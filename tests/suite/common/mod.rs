@@ -59,6 +59,7 @@ fn listening_addrs(log: &str) -> Vec<String> {
 /// Builder for [`TestApp`].
 #[derive(Default)]
 pub struct TestAppBuilder {
+    data_dir: Option<PathBuf>,
     playbooks: Vec<(String, String)>,
     config: String,
     args: Vec<String>,
@@ -89,6 +90,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Keeps the store in this directory (default: in the app's temp dir).
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
     /// Extra command-line arguments for `reflex serve`.
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_string());
@@ -103,17 +110,23 @@ impl TestAppBuilder {
         for (name, yaml) in &self.playbooks {
             std::fs::write(pb_dir.join(name), yaml).unwrap();
         }
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         // Port 0: the daemon binds a free port itself and logs it (no race with other tests).
         let config = format!(
             "listen: 127.0.0.1:0\nplaybooks_dir: {}\ndata_dir: {}\n{}",
             pb_dir.display(),
-            dir.path().join("data").display(),
+            data_dir.display(),
             self.config
         );
         let config_path = dir.path().join("reflex.yaml");
         std::fs::write(&config_path, config).unwrap();
+        let data = data_dir.clone();
         let mut app = TestApp {
             base: String::new(),
+            data,
             dir,
             config_path,
             args: self.args,
@@ -132,8 +145,10 @@ impl TestAppBuilder {
 pub struct TestApp {
     /// `http://127.0.0.1:PORT`
     pub base: String,
-    /// Temp dir holding config, playbooks and data.
+    /// Temp dir holding config, playbooks and (by default) data.
     pub dir: TempDir,
+    /// The data directory.
+    data: PathBuf,
     config_path: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
@@ -215,7 +230,7 @@ impl TestApp {
 
     /// The SQLite file.
     pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("data/reflex.db")
+        self.data.join("reflex.db")
     }
 
     /// Opens the real SQLite file read-only.
