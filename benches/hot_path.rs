@@ -85,6 +85,9 @@ fn bench(c: &mut Criterion) {
                     plan: Ok(plan.clone()),
                     deadline_ms: 3_600_000,
                     suppress: None,
+                    // Each iteration is a new occurrence of one alert: measure a new run, not
+                    // a join of the queued one.
+                    coalesce: false,
                 }],
             };
             rt.block_on(store.record_intake(vec![item], BreakerLimits::default()))

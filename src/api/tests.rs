@@ -602,3 +602,44 @@ async fn a_plan_failure_is_counted_by_its_reason() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_new_occurrence_while_a_run_waits_in_the_queue_is_answered_coalesced() {
+    let api = TestApi::new();
+    let post = |starts_at: &str| {
+        json!({"labels": {"alertname": "Note", "instance": "h1"}, "startsAt": starts_at})
+            .to_string()
+    };
+    let (_, first) = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks/generic",
+            Some("webhook-token"),
+            Some(&post("2026-11-23T00:00:00Z")),
+        )
+        .await;
+    let (_, second) = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks/generic",
+            Some("webhook-token"),
+            Some(&post("2026-11-23T00:05:00Z")),
+        )
+        .await;
+    assert_eq!(first["outcomes"][0][0]["outcome"], "created", "{first}");
+    assert_eq!(second["outcomes"][0][0]["outcome"], "coalesced", "{second}");
+    assert_eq!(
+        second["outcomes"][0][0]["run_id"],
+        first["outcomes"][0][0]["run_id"]
+    );
+    let (_, runs) = api
+        .call(Method::GET, "/api/v1/runs", Some("viewer-token"), None)
+        .await;
+    let states: Vec<&str> = runs["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["coalesced", "pending"], "{runs}");
+}

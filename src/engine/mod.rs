@@ -202,6 +202,7 @@ impl Engine {
                             .unwrap_or(self.config.run_deadline)
                             .as_millis() as i64,
                         suppress: suppress.clone(),
+                        coalesce: m.playbook.coalesce,
                     })
                     .collect();
                 IntakeItem {
@@ -240,6 +241,11 @@ impl Engine {
                     .metrics
                     .runs
                     .with_label_values(&[playbook, "failed"])
+                    .inc(),
+                Outcome::Coalesced { playbook, .. } => self
+                    .metrics
+                    .runs
+                    .with_label_values(&[playbook, "coalesced"])
                     .inc(),
                 Outcome::Ended { run_id, state, .. } => self.announce_end(*run_id, *state).await,
                 Outcome::Created { .. } | Outcome::Deduplicated { .. } => {}

@@ -272,6 +272,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         params,
         cooldown,
         cooldown_by: spec.cooldown_by,
+        coalesce: spec.coalesce,
         dry_run: spec.dry_run,
         approval,
         namespaces: spec.namespaces,

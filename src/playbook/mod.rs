@@ -64,6 +64,8 @@ pub struct Playbook {
     pub cooldown: Duration,
     /// What the cooldown is kept per.
     pub cooldown_by: CooldownBy,
+    /// A new occurrence joins a queued run instead of queuing a second one.
+    pub coalesce: bool,
     /// Record, do not act.
     pub dry_run: bool,
     /// Approval covering the whole run, before its first step.

@@ -28,6 +28,10 @@ pub struct PlaybookSpec {
     /// What the cooldown is kept per.
     #[serde(default)]
     pub cooldown_by: CooldownBy,
+    /// A new occurrence of the alert joins a queued run of this playbook for it instead of
+    /// queuing a second one (default true).
+    #[serde(default = "yes")]
+    pub coalesce: bool,
     /// Render and record the steps without acting.
     #[serde(default)]
     pub dry_run: bool,

@@ -42,6 +42,9 @@ pub struct Candidate {
     pub deadline_ms: i64,
     /// Suppressed before any other check (a maintenance window), with the reason.
     pub suppress: Option<String>,
+    /// A new occurrence joins a queued run of the same playbook and alert (see
+    /// [`super::coalesce`]).
+    pub coalesce: bool,
 }
 
 /// One received alert and the playbooks it matched.
@@ -61,6 +64,14 @@ pub enum Outcome {
     /// A new pending run.
     Created {
         /// The run.
+        run_id: i64,
+        /// Its playbook.
+        playbook: String,
+    },
+    /// A new occurrence joined a queued run of the same playbook and alert (which now uses
+    /// this occurrence's data).
+    Coalesced {
+        /// The queued run it joined.
         run_id: i64,
         /// Its playbook.
         playbook: String,
@@ -179,22 +190,41 @@ fn intake_one(
         .plan
         .as_ref()
         .map_or_else(|_| String::new(), |p| p.target.clone());
+    let joined = match (&cand.plan, &json) {
+        (Ok(plan), Some(j)) if cand.coalesce => {
+            let pending = super::coalesce::pending_run(c, &playbook, &a.fingerprint)?;
+            if let Some(run_id) = pending {
+                super::coalesce::refresh(c, run_id, alert_id, plan, &j.params, j.steps.clone())?;
+            }
+            pending
+        }
+        _ => None,
+    };
     // The holds, in order; the first that holds the run back names the cause and reason.
     let mut suppressed = cand.suppress.map(|r| (Hold::Maintenance, r));
-    if suppressed.is_none() {
+    if joined.is_some() {
+        suppressed = None;
+    }
+    if suppressed.is_none() && joined.is_none() {
         suppressed =
             super::switches::engaged_reason(c, &playbook, now)?.map(|r| (Hold::KillSwitch, r));
     }
-    if suppressed.is_none() {
+    if suppressed.is_none() && joined.is_none() {
         suppressed = cooldown_reason(c, &playbook, &cand.cooldown_key, cand.cooldown_ms, now)?
             .map(|r| (Hold::Cooldown, r));
     }
-    if suppressed.is_none() && cand.plan.is_ok() {
+    if suppressed.is_none() && joined.is_none() && cand.plan.is_ok() {
         suppressed = breaker_trip(c, &playbook, &target, limits, now)?
             .map(|t| (Hold::Breaker, t.to_string()));
     }
     let cause = suppressed.as_ref().map(|(h, _)| *h);
     let (state, reason, error, plan) = match (suppressed, &cand.plan) {
+        _ if joined.is_some() => (
+            RunState::Coalesced,
+            joined.map(|id| format!("coalesced into run {id}")),
+            None,
+            None,
+        ),
         (Some((_, reason)), _) => (RunState::Suppressed, Some(reason), None, None),
         (None, Err(e)) => (RunState::Failed, None, Some(e.clone()), None),
         (None, Ok(plan)) => (RunState::Pending, None, None, Some(plan)),
@@ -223,24 +253,13 @@ fn intake_one(
     ])?;
     let run_id = c.last_insert_rowid();
     if let Some(plan) = plan {
-        let mut stmt = c.prepare_cached(
-            "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
-        )?;
-        let step_json = json.map(|j| j.steps).unwrap_or_default();
-        for (idx, (s, (args, approval))) in plan.steps.iter().zip(step_json).enumerate() {
-            stmt.execute(params![
-                run_id,
-                idx as i64,
-                s.name,
-                s.action,
-                args,
-                s.timeout_ms.map(|t| t as i64),
-                s.on_failure.as_str(),
-                approval,
-                s.phase
-            ])?;
-        }
+        insert_steps(c, run_id, plan, json.map(|j| j.steps).unwrap_or_default())?;
+    }
+    if let Some(joined) = joined {
+        return Ok(Outcome::Coalesced {
+            run_id: joined,
+            playbook,
+        });
     }
     Ok(match state {
         RunState::Suppressed => Outcome::Suppressed {
@@ -256,6 +275,33 @@ fn intake_one(
         },
         _ => Outcome::Created { run_id, playbook },
     })
+}
+
+/// A run's steps, as planned (all pending).
+pub(super) fn insert_steps(
+    c: &Connection,
+    run_id: i64,
+    plan: &Plan,
+    steps_json: Vec<(String, Option<String>)>,
+) -> rusqlite::Result<()> {
+    let mut stmt = c.prepare_cached(
+        "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
+    )?;
+    for (idx, (s, (args, approval))) in plan.steps.iter().zip(steps_json).enumerate() {
+        stmt.execute(params![
+            run_id,
+            idx as i64,
+            s.name,
+            s.action,
+            args,
+            s.timeout_ms.map(|t| t as i64),
+            s.on_failure.as_str(),
+            approval,
+            s.phase
+        ])?;
+    }
+    Ok(())
 }
 
 impl Store {

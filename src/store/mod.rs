@@ -7,6 +7,7 @@
 mod approvals;
 mod audit;
 mod breaker;
+mod coalesce;
 mod cooldown;
 mod intake;
 mod lifecycle;

@@ -38,6 +38,9 @@ pub enum RunState {
     /// A dry run that went through every step: each was rendered, validated and recorded,
     /// and nothing was done.
     DryRun,
+    /// A new occurrence that joined a queued run of the same playbook and alert (`reason`
+    /// names it); it never runs itself.
+    Coalesced,
 }
 
 impl RunState {
@@ -56,6 +59,7 @@ impl RunState {
         RunState::Killed,
         RunState::Resolved,
         RunState::DryRun,
+        RunState::Coalesced,
     ];
 
     /// Stored name.
@@ -74,6 +78,7 @@ impl RunState {
             RunState::Killed => "killed",
             RunState::Resolved => "resolved",
             RunState::DryRun => "dry_run",
+            RunState::Coalesced => "coalesced",
         }
     }
 
@@ -208,7 +213,7 @@ macro_rules! stored_as_names {
 
 stored_as_names! {
     RunState => [Pending, Running, Succeeded, Failed, Cancelled, Interrupted, Suppressed,
-                 AwaitingApproval, Denied, Expired, Killed, Resolved, DryRun],
+                 AwaitingApproval, Denied, Expired, Killed, Resolved, DryRun, Coalesced],
     StepState => [Pending, Running, Succeeded, Failed, Skipped, Interrupted, DryRun],
     OnFailure => [Stop, Continue],
     Phase => [Main, OnFailure],

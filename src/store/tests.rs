@@ -46,6 +46,7 @@ fn candidate(playbook: &str, target: &str, cooldown_ms: i64, key: &str) -> Candi
         }),
         deadline_ms: 60_000,
         suppress: None,
+        coalesce: false,
     }
 }
 
@@ -249,4 +250,68 @@ async fn a_cooldown_ends_when_its_time_has_passed() {
     clock.advance(std::time::Duration::from_secs(2));
     let o = intake(&store, "c", candidate("p", "t", hour, "k"), none).await;
     assert!(matches!(o, Outcome::Created { .. }), "after it: {o:?}");
+}
+
+#[tokio::test]
+async fn a_new_occurrence_joins_a_queued_run_and_takes_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let none = BreakerLimits::default();
+    let occurrence = |starts_at: &str, target: &str| {
+        let mut a = alert("h1");
+        a.starts_at = starts_at.into();
+        let mut c = candidate("p", target, 0, "");
+        c.coalesce = true;
+        (a, c)
+    };
+    let record = |(alert, cand): (Alert, Candidate)| {
+        let store = store.clone();
+        async move {
+            let item = IntakeItem {
+                alert,
+                received_us: 0,
+                candidates: vec![cand],
+            };
+            store
+                .record_intake(vec![item], none)
+                .await
+                .unwrap()
+                .remove(0)
+                .remove(0)
+        }
+    };
+    let Outcome::Created { run_id, .. } = record(occurrence("t1", "first")).await else {
+        panic!("first occurrence not created")
+    };
+    let joined = record(occurrence("t2", "second")).await;
+    assert!(
+        matches!(joined, Outcome::Coalesced { run_id: r, .. } if r == run_id),
+        "{joined:?}"
+    );
+    let run = store.get_run(run_id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.state.as_str(), run.target.as_str()),
+        ("pending", "second"),
+        "the newest data"
+    );
+    assert_eq!(run.alert.starts_at, "t2");
+    // Re-deliveries of either occurrence are deduplicated, not queued.
+    for again in ["t1", "t2"] {
+        let o = record(occurrence(again, "x")).await;
+        assert!(matches!(o, Outcome::Deduplicated { .. }), "{again}: {o:?}");
+    }
+    let pending = store
+        .list_runs(RunFilter {
+            state: Some(RunState::Pending),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1, "one queued run");
+    // A playbook that opts out queues a second run.
+    let (a, mut c) = occurrence("t3", "third");
+    c.coalesce = false;
+    let o = record((a, c)).await;
+    assert!(matches!(o, Outcome::Created { .. }), "{o:?}");
 }

@@ -1,0 +1,42 @@
+//! Coalescing: while a run of a playbook for an alert (same playbook and fingerprint) is
+//! queued and has not started, a new occurrence of the alert joins it instead of queuing a
+//! second run. The pending run takes the newest alert, parameters, target and steps; the new
+//! occurrence is recorded as `coalesced` (so its re-deliveries are deduplicated like any
+//! other). Dedup decides first (the same occurrence again), then coalescing (a new one while a
+//! run waits), then the holds (maintenance, kill switch, cooldown, breaker). A playbook opts
+//! out with `coalesce: false`.
+
+use super::intake::insert_steps;
+use crate::playbook::Plan;
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// The queued, never-started run a new occurrence would join, if there is one.
+pub(super) fn pending_run(
+    c: &Connection,
+    playbook: &str,
+    fingerprint: &str,
+) -> rusqlite::Result<Option<i64>> {
+    // A run put back in the queue after an approval has started: it is not joined.
+    c.prepare_cached(
+        "SELECT id FROM runs WHERE fingerprint = ?1 AND state = 'pending' AND playbook = ?2
+           AND started_at IS NULL ORDER BY id LIMIT 1",
+    )?
+    .query_row(params![fingerprint, playbook], |r| r.get(0))
+    .optional()
+}
+
+/// Gives the pending run the newest alert's data: its alert, parameters, target and steps.
+pub(super) fn refresh(
+    c: &Connection,
+    run_id: i64,
+    alert_id: i64,
+    plan: &Plan,
+    params_json: &str,
+    steps_json: Vec<(String, Option<String>)>,
+) -> rusqlite::Result<()> {
+    c.prepare_cached("UPDATE runs SET alert_id = ?2, params = ?3, target = ?4 WHERE id = ?1")?
+        .execute(params![run_id, alert_id, params_json, plan.target])?;
+    c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?
+        .execute([run_id])?;
+    insert_steps(c, run_id, plan, steps_json)
+}
