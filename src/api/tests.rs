@@ -131,6 +131,24 @@ impl TestApi {
         )
     }
 
+    /// Starts the dispatcher, posts an alert for the gated playbook and waits until its run
+    /// parks for approval; the run's id.
+    async fn start_gated(&self) -> i64 {
+        tokio::spawn(self.engine.clone().dispatch());
+        let body = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
+        let (_, out) = self
+            .call(
+                Method::POST,
+                "/api/v1/webhooks/generic",
+                Some("webhook-token"),
+                Some(&body),
+            )
+            .await;
+        let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+        wait_state(self, run_id, "awaiting_approval").await;
+        run_id
+    }
+
     async fn runs(&self) -> usize {
         self.store
             .list_runs(crate::store::RunFilter {
@@ -455,35 +473,7 @@ async fn a_token_from_a_file_works_and_protect_health_guards_the_health_routes()
 #[tokio::test]
 async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
     let api = TestApi::new();
-    tokio::spawn(api.engine.clone().dispatch());
-    let body = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
-    let (_, out) = api
-        .call(
-            Method::POST,
-            "/api/v1/webhooks/generic",
-            Some("webhook-token"),
-            Some(&body),
-        )
-        .await;
-    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
-    // The run parks for approval (the dispatcher works in the background).
-    let mut pending = Value::Null;
-    for _ in 0..500 {
-        let (_, list) = api
-            .call(
-                Method::GET,
-                "/api/v1/approvals?state=pending",
-                Some("viewer-token"),
-                None,
-            )
-            .await;
-        if list.as_array().is_some_and(|l| !l.is_empty()) {
-            pending = list;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(pending[0]["run_id"], run_id, "{pending}");
+    let run_id = api.start_gated().await;
     assert!(
         api.store.expire_due().await.unwrap().is_empty(),
         "not yet due"
@@ -520,18 +510,7 @@ async fn wait_state(api: &TestApi, run_id: i64, state: &str) -> Value {
 #[tokio::test]
 async fn an_approval_covers_exactly_what_was_shown_and_nothing_changed_after() {
     let api = TestApi::new();
-    tokio::spawn(api.engine.clone().dispatch());
-    let body = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
-    let (_, out) = api
-        .call(
-            Method::POST,
-            "/api/v1/webhooks/generic",
-            Some("webhook-token"),
-            Some(&body),
-        )
-        .await;
-    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
-    wait_state(&api, run_id, "awaiting_approval").await;
+    let run_id = api.start_gated().await;
     // What the step would do changes after the request was made (here, behind the daemon's
     // back in its own database).
     let db = rusqlite::Connection::open(&api.db).unwrap();
