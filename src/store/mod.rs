@@ -308,6 +308,43 @@ ALTER TABLE runs ADD COLUMN resolved_at INTEGER;
 -- A resolution ends the pending runs of its alert: found by fingerprint among the few pending.
 CREATE INDEX runs_pending_alert ON runs(fingerprint) WHERE state = 'pending';
 "#,
+    r#"
+-- The queue by target: how many runs of each target wait and run, kept by triggers on every
+-- change of a run's state or target, so that a claim looks at the targets with work and room
+-- (and each one's oldest pending run) instead of walking the pending runs: its cost does not
+-- grow with a backlog on one target. Rows of targets with nothing live are removed.
+CREATE TABLE target_load (
+  target TEXT PRIMARY KEY,
+  pending INTEGER NOT NULL DEFAULT 0,
+  running INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+INSERT INTO target_load (target, pending, running)
+  SELECT target, sum(state = 'pending'), sum(state = 'running') FROM runs
+  WHERE state IN ('pending', 'running') GROUP BY target;
+CREATE INDEX runs_pending_target ON runs(target, id) WHERE state = 'pending';
+CREATE TRIGGER target_load_insert AFTER INSERT ON runs
+  WHEN NEW.state IN ('pending', 'running')
+BEGIN
+  INSERT INTO target_load (target, pending, running)
+    VALUES (NEW.target, NEW.state = 'pending', NEW.state = 'running')
+    ON CONFLICT (target) DO UPDATE SET pending = pending + (NEW.state = 'pending'),
+                                       running = running + (NEW.state = 'running');
+END;
+CREATE TRIGGER target_load_update AFTER UPDATE OF state, target ON runs
+  WHEN (OLD.state != NEW.state OR OLD.target != NEW.target)
+   AND (OLD.state IN ('pending', 'running') OR NEW.state IN ('pending', 'running'))
+BEGIN
+  UPDATE target_load SET pending = pending - (OLD.state = 'pending'),
+                         running = running - (OLD.state = 'running')
+    WHERE target = OLD.target;
+  INSERT INTO target_load (target, pending, running)
+    SELECT NEW.target, NEW.state = 'pending', NEW.state = 'running'
+    WHERE NEW.state IN ('pending', 'running')
+    ON CONFLICT (target) DO UPDATE SET pending = pending + (NEW.state = 'pending'),
+                                       running = running + (NEW.state = 'running');
+  DELETE FROM target_load WHERE target = OLD.target AND pending <= 0 AND running <= 0;
+END;
+"#,
 ];
 
 impl Store {

@@ -99,13 +99,21 @@ fn claim_one(
     now: i64,
 ) -> Result<Option<ClaimRow>, StoreError> {
     Ok(c.prepare_cached(
+        // The oldest head among the targets with pending runs and room (`target_load`, kept by
+        // triggers): per claim, one index probe per such target, whatever their backlogs. A
+        // head whose playbook already runs for the same alert waits (and so its target).
         "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
          WHERE id = (
-           SELECT r.id FROM runs r WHERE r.state = 'pending'
-             AND (SELECT count(*) FROM runs t WHERE t.target = r.target AND t.state = 'running') < ?2
-             AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = r.playbook
-                               AND o.fingerprint = r.fingerprint AND o.state = 'running')
-           ORDER BY r.id LIMIT 1)
+           SELECT h.head FROM (
+             SELECT (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = l.target
+                     ORDER BY p.id LIMIT 1) AS head
+             FROM target_load l WHERE l.pending > 0 AND l.running < ?2
+           ) h
+           WHERE h.head IS NOT NULL AND NOT EXISTS (
+             SELECT 1 FROM runs r JOIN runs o ON o.playbook = r.playbook
+               AND o.fingerprint = r.fingerprint AND o.state = 'running'
+             WHERE r.id = h.head)
+           ORDER BY h.head LIMIT 1)
          RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
     )?
     .query_row(params![now, max_per_target], |r| {

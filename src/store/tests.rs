@@ -315,3 +315,81 @@ async fn a_new_occurrence_joins_a_queued_run_and_takes_its_data() {
     let o = record((a, c)).await;
     assert!(matches!(o, Outcome::Created { .. }), "{o:?}");
 }
+
+/// A target's pending and running counts.
+type Load = Vec<(String, i64, i64)>;
+
+/// `target_load` as the triggers keep it, and as it should be from the runs themselves.
+fn target_load(store: &Store) -> (Load, Load) {
+    let c = rusqlite::Connection::open(store.path()).unwrap();
+    let rows = |sql: &str| {
+        let mut stmt = c.prepare(sql).unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    };
+    (
+        rows("SELECT target, pending, running FROM target_load ORDER BY target"),
+        rows(
+            "SELECT target, sum(state = 'pending'), sum(state = 'running') FROM runs
+             WHERE state IN ('pending', 'running') GROUP BY target ORDER BY target",
+        ),
+    )
+}
+
+#[tokio::test]
+async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let none = BreakerLimits::default();
+    for i in 0..50 {
+        intake(
+            &store,
+            &format!("busy-{i}"),
+            candidate("p", "busy", 0, ""),
+            none,
+        )
+        .await;
+    }
+    let Outcome::Created { run_id: free, .. } =
+        intake(&store, "free-0", candidate("p", "free", 0, ""), none).await
+    else {
+        panic!("not created")
+    };
+    let first = store.claim(1, 10).await.unwrap();
+    let claimed: Vec<(i64, String)> = first.iter().map(|r| (r.id, r.target.clone())).collect();
+    assert_eq!(claimed.len(), 2, "one per target: {claimed:?}");
+    assert_eq!(claimed[0], (1, "busy".to_string()), "the oldest first");
+    assert_eq!(
+        claimed[1],
+        (free, "free".to_string()),
+        "the free target is not held back"
+    );
+    let (kept, counted) = target_load(&store);
+    assert_eq!(kept, counted);
+    assert_eq!(kept, vec![("busy".into(), 49, 1), ("free".into(), 0, 1)]);
+    // Nothing more while both targets are busy; the next busy run once its slot frees.
+    assert!(store.claim(1, 10).await.unwrap().is_empty());
+    store
+        .run_finished(1, RunState::Succeeded, None)
+        .await
+        .unwrap();
+    store
+        .run_finished(free, RunState::Succeeded, None)
+        .await
+        .unwrap();
+    let next = store.claim(1, 10).await.unwrap();
+    assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), vec![2]);
+    let (kept, counted) = target_load(&store);
+    assert_eq!(kept, counted, "kept consistent through claims and ends");
+    assert_eq!(
+        kept,
+        vec![("busy".into(), 48, 1)],
+        "a target with nothing live is removed"
+    );
+    // Cancelling a queued run keeps the counts right too.
+    store.cancel_if_pending(3).await.unwrap();
+    let (kept, counted) = target_load(&store);
+    assert_eq!(kept, counted);
+}
