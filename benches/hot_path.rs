@@ -94,6 +94,66 @@ fn bench(c: &mut Criterion) {
                 .unwrap()
         })
     });
+
+    // The queue: one claim (and the end of the claimed run) with a backlog of 100 or 20,000
+    // runs waiting behind a busy target (`max_runs_per_target: 1`). The claim takes a free
+    // target's run each time; its cost must not grow with the backlog.
+    for backlog in [100usize, 20_000] {
+        let data = tempfile::tempdir().unwrap();
+        let store = Store::open_with(data.path(), reflex::config::Synchronous::Normal).unwrap();
+        let record = |target: &str, n: usize| {
+            // One alert per target: a playbook runs one at a time per alert.
+            let mut a = alert.clone();
+            a.labels.insert("instance".into(), target.to_string());
+            a.fingerprint = reflex::alert::fingerprint(&a.labels);
+            a.starts_at = format!("2026-01-01T00:00:00.{n:09}Z");
+            let mut p = plan.clone();
+            p.target = target.to_string();
+            IntakeItem {
+                alert: a,
+                received_us: 0,
+                candidates: vec![Candidate {
+                    playbook: "pb-500".into(),
+                    cooldown_ms: 0,
+                    cooldown_key: String::new(),
+                    dry_run: false,
+                    plan: Ok(p),
+                    deadline_ms: 3_600_000,
+                    suppress: None,
+                    coalesce: false,
+                }],
+            }
+        };
+        let items: Vec<IntakeItem> = (0..backlog).map(|i| record("busy", i)).collect();
+        rt.block_on(store.record_intake(items, BreakerLimits::default()))
+            .unwrap();
+        // The busy target's head runs; the rest of its backlog waits.
+        assert_eq!(rt.block_on(store.claim(1, 1)).unwrap().len(), 1);
+        let mut n = backlog;
+        c.bench_function(
+            &format!("claim_with_{backlog}_queued_behind_a_busy_target"),
+            |b| {
+                b.iter(|| {
+                    n += 1;
+                    rt.block_on(async {
+                        store
+                            .record_intake(
+                                vec![record(&format!("free-{n}"), n)],
+                                BreakerLimits::default(),
+                            )
+                            .await
+                            .unwrap();
+                        let claimed = store.claim(1, 1).await.unwrap();
+                        assert_eq!(claimed.len(), 1, "the free target's run");
+                        store
+                            .run_finished(claimed[0].id, reflex::store::RunState::Succeeded, None)
+                            .await
+                            .unwrap();
+                    })
+                })
+            },
+        );
+    }
 }
 
 criterion_group!(benches, bench);
