@@ -89,30 +89,41 @@ impl Redactor {
 
     /// The text with every secret replaced by [`REDACTED`].
     pub fn redact(&self, text: &str) -> String {
-        let secrets = self.secrets();
-        let mut out = text.to_string();
-        for s in secrets.iter() {
-            if out.contains(s.as_str()) {
-                out = out.replace(s.as_str(), REDACTED);
-            }
-        }
-        out
+        redact_with(&self.secrets(), text)
     }
 
-    /// Every string in a JSON value, redacted.
+    /// Every string in a JSON value, redacted (the secrets are read once for the whole value).
     pub fn redact_json(&self, value: Value) -> Value {
-        if self.secrets().is_empty() {
+        let secrets = self.secrets();
+        if secrets.is_empty() {
             return value;
         }
-        match value {
-            Value::String(s) => Value::String(self.redact(&s)),
-            Value::Array(items) => items.into_iter().map(|v| self.redact_json(v)).collect(),
-            Value::Object(map) => map
-                .into_iter()
-                .map(|(k, v)| (self.redact(&k), self.redact_json(v)))
-                .collect(),
-            other => other,
+        redact_value(&secrets, value)
+    }
+}
+
+fn redact_with(secrets: &[String], text: &str) -> String {
+    let mut out = text.to_string();
+    for s in secrets {
+        if out.contains(s.as_str()) {
+            out = out.replace(s.as_str(), REDACTED);
         }
+    }
+    out
+}
+
+fn redact_value(secrets: &[String], value: Value) -> Value {
+    match value {
+        Value::String(s) => Value::String(redact_with(secrets, &s)),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| redact_value(secrets, v))
+            .collect(),
+        Value::Object(map) => map
+            .into_iter()
+            .map(|(k, v)| (redact_with(secrets, &k), redact_value(secrets, v)))
+            .collect(),
+        other => other,
     }
 }
 
