@@ -136,17 +136,25 @@ impl TestApi {
     async fn start_gated(&self) -> i64 {
         tokio::spawn(self.engine.clone().dispatch());
         let body = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
-        let (_, out) = self
-            .call(
-                Method::POST,
-                "/api/v1/webhooks/generic",
-                Some("webhook-token"),
-                Some(&body),
-            )
-            .await;
+        let out = self.post_alert(&body).await;
         let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
         wait_state(self, run_id, "awaiting_approval").await;
         run_id
+    }
+
+    /// Posts a generic alert body as the webhook; the answer.
+    async fn post_alert(&self, body: &str) -> Value {
+        let path = "/api/v1/webhooks/generic";
+        self.call(Method::POST, path, Some("webhook-token"), Some(body))
+            .await
+            .1
+    }
+
+    /// Reads a path as a viewer; the answer.
+    async fn view(&self, path: &str) -> Value {
+        self.call(Method::GET, path, Some("viewer-token"), None)
+            .await
+            .1
     }
 
     async fn runs(&self) -> usize {
@@ -229,14 +237,7 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
         }
     }
     // Refused mutating calls are on the record.
-    let (_, audit) = api
-        .call(
-            Method::GET,
-            "/api/v1/audit?limit=1000",
-            Some("viewer-token"),
-            None,
-        )
-        .await;
+    let audit = api.view("/api/v1/audit?limit=1000").await;
     let refused = audit
         .as_array()
         .unwrap()
@@ -296,14 +297,7 @@ async fn bad_bodies_get_400_with_a_message_and_record_nothing() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "engaging needs a reason");
     assert_eq!(api.runs().await, 0);
-    let (_, switch) = api
-        .call(
-            Method::GET,
-            "/api/v1/killswitch",
-            Some("viewer-token"),
-            None,
-        )
-        .await;
+    let switch = api.view("/api/v1/killswitch").await;
     assert_eq!(switch["global"]["engaged"], false);
 }
 
@@ -401,44 +395,16 @@ async fn a_time_boxed_kill_switch_releases_itself() {
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(answer["global"]["engaged"], true);
-    let (_, held) = api
-        .call(
-            Method::POST,
-            "/api/v1/webhooks/generic",
-            Some("webhook-token"),
-            Some(&alert("a")),
-        )
-        .await;
+    let held = api.post_alert(&alert("a")).await;
     assert_eq!(held["outcomes"][0][0]["outcome"], "suppressed", "{held}");
     api.clock.advance(std::time::Duration::from_secs(3600));
-    let (_, switch) = api
-        .call(
-            Method::GET,
-            "/api/v1/killswitch",
-            Some("viewer-token"),
-            None,
-        )
-        .await;
+    let switch = api.view("/api/v1/killswitch").await;
     assert_eq!(switch["global"]["engaged"], true, "an hour in: {switch}");
     // Past the two hours, the switch is released by itself.
     api.clock.advance(std::time::Duration::from_secs(3601));
-    let (_, switch) = api
-        .call(
-            Method::GET,
-            "/api/v1/killswitch",
-            Some("viewer-token"),
-            None,
-        )
-        .await;
+    let switch = api.view("/api/v1/killswitch").await;
     assert_eq!(switch["global"]["engaged"], false, "{switch}");
-    let (_, ran) = api
-        .call(
-            Method::POST,
-            "/api/v1/webhooks/generic",
-            Some("webhook-token"),
-            Some(&alert("b")),
-        )
-        .await;
+    let ran = api.post_alert(&alert("b")).await;
     assert_eq!(ran["outcomes"][0][0]["outcome"], "created", "{ran}");
 }
 
@@ -480,14 +446,7 @@ async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
     );
     api.clock.advance(std::time::Duration::from_secs(31 * 60));
     assert_eq!(api.store.expire_due().await.unwrap(), vec![run_id]);
-    let (_, run) = api
-        .call(
-            Method::GET,
-            &format!("/api/v1/runs/{run_id}"),
-            Some("viewer-token"),
-            None,
-        )
-        .await;
+    let run = api.view(&format!("/api/v1/runs/{run_id}")).await;
     assert_eq!(run["state"], "expired", "{run}");
     assert_eq!(run["steps"][0]["state"], "skipped", "{run}");
 }
@@ -496,9 +455,7 @@ async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
 async fn wait_state(api: &TestApi, run_id: i64, state: &str) -> Value {
     let path = format!("/api/v1/runs/{run_id}");
     for _ in 0..500 {
-        let (_, run) = api
-            .call(Method::GET, &path, Some("viewer-token"), None)
-            .await;
+        let run = api.view(&path).await;
         if run["state"] == state {
             return run;
         }
@@ -519,14 +476,7 @@ async fn an_approval_covers_exactly_what_was_shown_and_nothing_changed_after() {
         [run_id],
     )
     .unwrap();
-    let (_, approvals) = api
-        .call(
-            Method::GET,
-            "/api/v1/approvals?state=pending",
-            Some("viewer-token"),
-            None,
-        )
-        .await;
+    let approvals = api.view("/api/v1/approvals?state=pending").await;
     let id = approvals[0]["id"].as_i64().unwrap();
     let (status, _) = api
         .call(
@@ -553,14 +503,7 @@ async fn an_approval_covers_exactly_what_was_shown_and_nothing_changed_after() {
 async fn a_plan_failure_is_counted_by_its_reason() {
     let api = TestApi::new();
     let body = json!({"labels": {"alertname": "Note"}}).to_string();
-    let (_, out) = api
-        .call(
-            Method::POST,
-            "/api/v1/webhooks/generic",
-            Some("webhook-token"),
-            Some(&body),
-        )
-        .await;
+    let out = api.post_alert(&body).await;
     assert_eq!(out["outcomes"][0][0]["outcome"], "failed", "{out}");
     let req = Request::builder()
         .uri("/metrics")
@@ -589,31 +532,15 @@ async fn a_new_occurrence_while_a_run_waits_in_the_queue_is_answered_coalesced()
         json!({"labels": {"alertname": "Note", "instance": "h1"}, "startsAt": starts_at})
             .to_string()
     };
-    let (_, first) = api
-        .call(
-            Method::POST,
-            "/api/v1/webhooks/generic",
-            Some("webhook-token"),
-            Some(&post("2026-11-23T00:00:00Z")),
-        )
-        .await;
-    let (_, second) = api
-        .call(
-            Method::POST,
-            "/api/v1/webhooks/generic",
-            Some("webhook-token"),
-            Some(&post("2026-11-23T00:05:00Z")),
-        )
-        .await;
+    let first = api.post_alert(&post("2026-11-23T00:00:00Z")).await;
+    let second = api.post_alert(&post("2026-11-23T00:05:00Z")).await;
     assert_eq!(first["outcomes"][0][0]["outcome"], "created", "{first}");
     assert_eq!(second["outcomes"][0][0]["outcome"], "coalesced", "{second}");
     assert_eq!(
         second["outcomes"][0][0]["run_id"],
         first["outcomes"][0][0]["run_id"]
     );
-    let (_, runs) = api
-        .call(Method::GET, "/api/v1/runs", Some("viewer-token"), None)
-        .await;
+    let runs = api.view("/api/v1/runs").await;
     let states: Vec<&str> = runs["runs"]
         .as_array()
         .unwrap()
