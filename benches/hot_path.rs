@@ -146,7 +146,13 @@ fn bench(c: &mut Criterion) {
                         let claimed = store.claim(1, 1).await.unwrap();
                         assert_eq!(claimed.len(), 1, "the free target's run");
                         store
-                            .run_finished(claimed[0].id, reflex::store::RunState::Succeeded, None)
+                            .run_finished(
+                                claimed[0].id,
+                                reflex::store::RunState::Succeeded,
+                                None,
+                                None,
+                                BreakerLimits::default(),
+                            )
                             .await
                             .unwrap();
                     })

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub alerts_truncated: IntCounter,
     /// Alerts a playbook matched but could not be planned, by playbook and reason.
     pub plan_failures: IntCounterVec,
+    /// Writes committed to the store.
+    pub store_writes: IntCounter,
+    /// Store transactions committed (a commit holds a batch of writes; one fsync each).
+    pub store_commits: IntCounter,
 }
 
 impl Default for Metrics {
@@ -112,6 +116,16 @@ impl Metrics {
             "Alerts Alertmanager left out of groups.",
         )
         .expect("valid");
+        let store_writes = IntCounter::new(
+            "reflex_store_writes_total",
+            "Writes committed to the store.",
+        )
+        .expect("valid");
+        let store_commits = IntCounter::new(
+            "reflex_store_commits_total",
+            "Store transactions committed; each holds a batch of writes.",
+        )
+        .expect("valid");
         let build_info = IntGaugeVec::new(
             Opts::new("reflex_build_info", "Build information."),
             &["version"],
@@ -126,6 +140,8 @@ impl Metrics {
             Box::new(playbooks_loaded.clone()),
             Box::new(reload_errors.clone()),
             Box::new(alerts_truncated.clone()),
+            Box::new(store_writes.clone()),
+            Box::new(store_commits.clone()),
             Box::new(build_info),
         ] {
             registry.register(m).expect("unique metric");
@@ -144,6 +160,8 @@ impl Metrics {
             notify_failures,
             plan_failures,
             alerts_truncated,
+            store_writes,
+            store_commits,
         }
     }
 

@@ -527,9 +527,10 @@ async fn a_plan_failure_is_counted_by_its_reason() {
 
 #[tokio::test]
 async fn a_new_occurrence_while_a_run_waits_in_the_queue_is_answered_coalesced() {
+    // A gated run is not started at intake, and no dispatcher runs here: it stays queued.
     let api = TestApi::new();
     let post = |starts_at: &str| {
-        json!({"labels": {"alertname": "Note", "instance": "h1"}, "startsAt": starts_at})
+        json!({"labels": {"alertname": "Gated", "instance": "h1"}, "startsAt": starts_at})
             .to_string()
     };
     let first = api.post_alert(&post("2026-11-23T00:00:00Z")).await;
@@ -548,4 +549,47 @@ async fn a_new_occurrence_while_a_run_waits_in_the_queue_is_answered_coalesced()
         .map(|r| r["state"].as_str().unwrap())
         .collect();
     assert_eq!(states, ["coalesced", "pending"], "{runs}");
+}
+
+#[tokio::test]
+async fn a_new_run_on_a_free_target_starts_in_the_intake_commit() {
+    // No dispatcher runs here: only intake can have started it.
+    let api = TestApi::new();
+    let before = api.store.write_counts().writes;
+    let out = api.post_alert(&alert("h1")).await;
+    assert_eq!(out["outcomes"][0][0]["outcome"], "created", "{out}");
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let run = wait_state(&api, run_id, "succeeded").await;
+    assert_eq!(run["steps"][0]["state"], "succeeded", "{run}");
+    // One write from the webhook to the first step running, one for its result and the
+    // run's end (it was five: intake, claim, step start, step result, run end).
+    let writes = api.store.write_counts().writes - before;
+    assert_eq!(writes, 2, "writes for a one-step run");
+    let audit = api.view("/api/v1/audit").await;
+    let steps: Vec<&Value> = (audit.as_array().unwrap().iter())
+        .filter(|e| e["action"] == "step.log")
+        .collect();
+    assert_eq!(steps.len(), 1, "the step is on the audit log once: {audit}");
+}
+
+#[tokio::test]
+async fn a_new_run_queued_behind_an_older_one_on_its_target_is_not_started_at_intake() {
+    let api = TestApi::new();
+    // The gated run waits in the queue of h1 (no dispatcher here to park it).
+    let gated = api
+        .post_alert(&json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string())
+        .await;
+    let gated = gated["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let behind = api.post_alert(&alert("h1")).await;
+    let behind = behind["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let elsewhere = api.post_alert(&alert("h2")).await;
+    let elsewhere = elsewhere["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    wait_state(&api, elsewhere, "succeeded").await;
+    for id in [gated, behind] {
+        let run = api.view(&format!("/api/v1/runs/{id}")).await;
+        assert_eq!(run["state"], "pending", "run {id} keeps its place: {run}");
+    }
+    // The dispatcher takes them in order.
+    tokio::spawn(api.engine.clone().dispatch());
+    wait_state(&api, gated, "awaiting_approval").await;
 }

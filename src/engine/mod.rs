@@ -16,7 +16,8 @@ use crate::notify::{Event, Notifier, RunInfo};
 use crate::playbook::spec::CooldownBy;
 use crate::playbook::{Diagnostic, PlaybookSet};
 use crate::store::{
-    BreakerLimits, Candidate, Decision, Hold, IntakeItem, Outcome, RunState, Store, StoreError,
+    BreakerLimits, Candidate, ClaimedRun, Decision, Hold, IntakeItem, Outcome, Recorded, RunState,
+    StartNow, Store, StoreError,
 };
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -53,6 +54,9 @@ pub struct Engine {
     /// Removes configured secrets from step results before they are recorded.
     redactor: crate::redact::Redactor,
     wake: Notify,
+    /// Worker slots (`max_concurrent_runs`), taken by the dispatcher's claims and by intake
+    /// when it starts a run in its own transaction.
+    slots: Arc<Semaphore>,
     /// Cancellation tokens of runs in flight, by run id.
     running: Mutex<HashMap<i64, CancellationToken>>,
     shutdown: CancellationToken,
@@ -111,6 +115,7 @@ impl Engine {
                 .map(|u| u.trim_end_matches('/').to_string()),
             redactor: crate::redact::Redactor::from_config(cfg),
             wake: Notify::new(),
+            slots: Arc::new(Semaphore::new(cfg.engine.max_concurrent_runs)),
             running: Mutex::new(HashMap::new()),
             shutdown,
             tracker: TaskTracker::new(),
@@ -154,7 +159,7 @@ impl Engine {
     /// playbooks. When this returns `Ok`, everything is on disk.
     /// `received_us` is when the webhook arrived.
     pub async fn intake(
-        &self,
+        self: &Arc<Self>,
         alerts: Vec<Alert>,
         received_us: i64,
     ) -> Result<Vec<Vec<Outcome>>, StoreError> {
@@ -218,7 +223,35 @@ impl Engine {
                 .with_label_values(&[alert.source, alert.status.as_str()])
                 .inc();
         }
-        let outcomes = self.store.record_intake(items, self.limits).await?;
+        // Slots for the runs intake may start in its own transaction (one commit from the
+        // webhook to the first step); those it does not use go back at once.
+        let startable = (items.iter())
+            .flat_map(|i| &i.candidates)
+            .filter(|c| {
+                c.plan
+                    .as_ref()
+                    .is_ok_and(|p| p.steps.first().is_some_and(|s| s.approval.is_none()))
+            })
+            .count();
+        let mut permits = Vec::new();
+        while permits.len() < startable && !self.shutdown.is_cancelled() {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let start = StartNow {
+            slots: permits.len(),
+            max_per_target: self.config.max_runs_per_target,
+        };
+        let Recorded { outcomes, started } = self
+            .store
+            .record_and_start(items, self.limits, start)
+            .await?;
+        let started_n = started.len();
+        for (run, permit) in started.into_iter().zip(permits) {
+            self.spawn_run(run, permit);
+        }
         let tripped = outcomes.iter().flatten().find_map(|o| match o {
             Outcome::Suppressed {
                 cause: Hold::Breaker,
@@ -251,11 +284,11 @@ impl Engine {
                 Outcome::Created { .. } | Outcome::Deduplicated { .. } => {}
             }
         }
-        if outcomes
-            .iter()
-            .flatten()
-            .any(|o| matches!(o, Outcome::Created { .. }))
-        {
+        // New runs that intake did not start wait for the dispatcher.
+        let created = (outcomes.iter().flatten())
+            .filter(|o| matches!(o, Outcome::Created { .. }))
+            .count();
+        if created > started_n {
             self.wake.notify_one();
         }
         Ok(outcomes)
@@ -335,6 +368,13 @@ impl Engine {
             .await?
             .len();
         self.metrics.approvals_pending.set(pending as i64);
+        let counts = self.store.write_counts();
+        for (counter, n) in [
+            (&self.metrics.store_writes, counts.writes),
+            (&self.metrics.store_commits, counts.commits),
+        ] {
+            counter.inc_by(n.saturating_sub(counter.get()));
+        }
         for s in self.store.switches().await? {
             self.metrics
                 .killswitch_engaged
@@ -496,6 +536,15 @@ impl Engine {
         }
     }
 
+    /// Executes a claimed run on its own task, holding its worker slot until it ends.
+    fn spawn_run(self: &Arc<Self>, run: ClaimedRun, permit: tokio::sync::OwnedSemaphorePermit) {
+        let engine = self.clone();
+        self.tracker.spawn(async move {
+            engine.execute(run).await;
+            drop(permit);
+        });
+    }
+
     /// Marks runs cut off by a crash as interrupted; call once before [`Engine::dispatch`].
     pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
         let ids = self.store.recover().await?;
@@ -512,7 +561,7 @@ impl Engine {
     /// The dispatcher: claims pending runs, oldest first, within the concurrency limit, until
     /// shutdown. Then waits up to `shutdown_grace` for runs in flight to reach a step boundary.
     pub async fn dispatch(self: Arc<Self>) {
-        let slots = Arc::new(Semaphore::new(self.config.max_concurrent_runs));
+        let slots = self.slots.clone();
         loop {
             let first = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
@@ -536,11 +585,7 @@ impl Engine {
             match claimed {
                 Ok(runs) if !runs.is_empty() => {
                     for (run, permit) in runs.into_iter().zip(permits) {
-                        let engine = self.clone();
-                        self.tracker.spawn(async move {
-                            engine.execute(run).await;
-                            drop(permit);
-                        });
+                        self.spawn_run(run, permit);
                     }
                 }
                 Ok(_) => {

@@ -7,7 +7,9 @@ use super::Engine;
 use crate::executors::{ExecError, StepContext};
 use crate::notify::Event;
 use crate::playbook::spec::{GateScope, OnFailure, Phase};
-use crate::store::{ApprovalState, ClaimedRun, RunState, StepRecord, StepState, StoreError};
+use crate::store::{
+    ApprovalState, ClaimedRun, RunState, StepRecord, StepResult, StepState, StoreError,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::time::Duration;
@@ -47,6 +49,11 @@ fn record_err(e: StoreError) -> Stop {
     )
 }
 
+/// Whether step `i` is the first step of a run that intake started in its own transaction.
+fn started_at_intake(run: &ClaimedRun, i: usize) -> bool {
+    run.first_step_started && i == 0 && run.steps[0].state == StepState::Running
+}
+
 /// Exactly what an approval covers: the target and, for each covered step, its action and
 /// rendered arguments. Its hash binds an approval to this and nothing else.
 pub(crate) fn gated_action(target: &str, steps: &[StepRecord]) -> (Value, String) {
@@ -58,6 +65,16 @@ pub(crate) fn gated_action(target: &str, steps: &[StepRecord]) -> (Value, String
     // serde_json sorts object keys, so equal actions hash equally.
     let hash = hex::encode(Sha256::digest(action.to_string().as_bytes()));
     (action, hash)
+}
+
+/// What a run has done so far.
+#[derive(Default)]
+struct Progress {
+    /// Outputs of the steps that succeeded, by step name.
+    outputs: Vec<(String, Value)>,
+    /// The last step's result, not yet written: it goes with the run's end in one write, and
+    /// the message about it (a failure the run went on after) is sent after that write.
+    last: Option<(StepResult, Option<Event>)>,
 }
 
 /// What a finished run says.
@@ -96,15 +113,19 @@ impl Engine {
         async {
             tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, target = %run.target, "run started");
             let info = self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run);
-            let fresh = run.steps.iter().all(|s| s.state == StepState::Pending);
+            let fresh = run.first_step_started
+                || run.steps.iter().all(|s| s.state == StepState::Pending);
             if fresh && !run.resumed {
                 self.notifier.send(Event::RunStarted { run: info.clone() });
             }
             // Outputs of the steps done so far (a resumed run has some already).
-            let mut outputs: Vec<(String, Value)> = (run.steps.iter())
-                .filter_map(|s| Some((s.name.clone(), s.output.clone()?)))
-                .collect();
-            let (state, error) = match self.steps(&run, &token, &mut outputs).await {
+            let mut progress = Progress {
+                outputs: (run.steps.iter())
+                    .filter_map(|s| Some((s.name.clone(), s.output.clone()?)))
+                    .collect(),
+                last: None,
+            };
+            let (state, error) = match self.steps(&run, &token, &mut progress).await {
                 Ok(()) if run.dry_run => (RunState::DryRun, None),
                 Ok(()) => (RunState::Succeeded, None),
                 Err(Stop::Parked) => {
@@ -116,11 +137,22 @@ impl Engine {
             let elapsed = (self.store.now_ms() - run.started_ms).max(0) as f64 / 1000.0;
             self.metrics.runs.with_label_values(&[&run.playbook, state.as_str()]).inc();
             self.metrics.run_duration.with_label_values(&[&run.playbook]).observe(elapsed);
-            match self.store.run_finished(run.id, state, error.clone()).await {
-                Ok(()) => tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished"),
-                Err(e) => tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run"),
+            let (last, last_event) = progress.last.take().unzip();
+            // The last step's result, its audit row and the run's end: one write.
+            let tripped = match self.store.run_finished(run.id, state, error.clone(), last, self.limits).await {
+                Ok(tripped) => {
+                    tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished");
+                    tripped
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run");
+                    None
+                }
+            };
+            if let Some(event) = last_event.flatten() {
+                self.notifier.send(event);
             }
-            let (summary, report) = match self.report(&run, state, elapsed, &outputs) {
+            let (summary, report) = match self.report(&run, state, elapsed, &progress.outputs) {
                 Report::Figures(s) => (s, None),
                 Report::Playbook(r) => (String::new(), Some(r)),
             };
@@ -132,12 +164,8 @@ impl Engine {
                 report,
                 error,
             });
-            if state == RunState::Failed {
-                match self.store.trip_on_failures(self.limits).await {
-                    Ok(Some(trip)) => self.announce_breaker(trip.to_string()),
-                    Ok(None) => {}
-                    Err(e) => tracing::error!(error = %e, "cannot check the failure limit"),
-                }
+            if let Some(trip) = tripped {
+                self.announce_breaker(trip.to_string());
             }
         }
         .instrument(span)
@@ -307,7 +335,7 @@ impl Engine {
         &self,
         run: &ClaimedRun,
         token: &tokio_util::sync::CancellationToken,
-        outputs: &mut Vec<(String, Value)>,
+        progress: &mut Progress,
     ) -> Result<(), Stop> {
         // A run resumed (after an approval) in its failure phase has its failed step on record.
         let mut failure = run
@@ -332,15 +360,19 @@ impl Engine {
                 .enumerate()
                 .filter(|(_, s)| s.phase == Phase::Main)
             {
-                if step.state != StepState::Pending {
+                if step.state != StepState::Pending && !started_at_intake(run, i) {
                     continue;
                 }
-                if let Some(error) = self.step(run, i, token, outputs).await? {
+                if let Some(error) = self.step(run, i, token, progress).await? {
                     failure = Some(format!("step {:?} failed: {error}", step.name));
-                    self.store
-                        .skip_pending_main(run.id)
-                        .await
-                        .map_err(record_err)?;
+                    let main_left = (run.steps[i + 1..].iter())
+                        .any(|s| s.phase == Phase::Main && s.state == StepState::Pending);
+                    if main_left {
+                        self.store
+                            .skip_pending_main(run.id)
+                            .await
+                            .map_err(record_err)?;
+                    }
                     break;
                 }
             }
@@ -356,7 +388,7 @@ impl Engine {
             .filter(|(_, s)| s.phase == Phase::OnFailure)
         {
             if step.state == StepState::Pending {
-                self.step(run, i, token, outputs).await?;
+                self.step(run, i, token, progress).await?;
             }
         }
         Err(end(RunState::Failed, failure))
@@ -369,11 +401,16 @@ impl Engine {
         run: &ClaimedRun,
         i: usize,
         token: &tokio_util::sync::CancellationToken,
-        outputs: &mut Vec<(String, Value)>,
+        progress: &mut Progress,
     ) -> Result<Option<String>, Stop> {
         let step = &run.steps[i];
-        self.may_continue(run, step, token).await?;
-        self.gate(run, i).await?;
+        // A first step started at intake was checked and marked `running` in that
+        // transaction.
+        let started = started_at_intake(run, i);
+        if !started {
+            self.may_continue(run, step, token).await?;
+            self.gate(run, i).await?;
+        }
         let timeout = step
             .timeout_ms
             .map_or(self.config.default_step_timeout, |ms| {
@@ -391,20 +428,22 @@ impl Engine {
         let Some(executor) = self.executors.get(step.action) else {
             let error = format!("no executor for action {:?} is configured", step.action);
             self.store
-                .step_finished(
-                    step_ref(run, step),
-                    StepState::Failed,
-                    None,
-                    Some(error.clone()),
-                )
+                .step_finished(StepResult {
+                    step: step_ref(run, step),
+                    state: StepState::Failed,
+                    output: None,
+                    error: Some(error.clone()),
+                })
                 .await
                 .map_err(record_err)?;
             return Err(end(RunState::Failed, error));
         };
-        self.store
-            .step_started(run.id, step.idx)
-            .await
-            .map_err(record_err)?;
+        if !started {
+            self.store
+                .step_started(run.id, step.idx)
+                .await
+                .map_err(record_err)?;
+        }
         let step_timer = std::time::Instant::now();
         // Every step is validated (inventory, cluster, namespace scope, names) before any
         // request is made; a dry run stops there.
@@ -452,22 +491,38 @@ impl Engine {
             ),
         };
         tracing::info!(step = %step.name, action = %step.action, state = state.as_str(), error = error.as_deref(), "step finished");
-        self.store
-            .step_finished(step_ref(run, step), state, output.clone(), error.clone())
-            .await
-            .map_err(record_err)?;
+        let result = StepResult {
+            step: step_ref(run, step),
+            state,
+            output: output.clone(),
+            error: error.clone(),
+        };
         // A failure that ends the run is told once, by the run's end; a step the run goes on
         // after (or an escalation step) is told on its own.
         let ends_run = step.phase == Phase::Main && step.on_failure == OnFailure::Stop;
-        match (&error, output) {
-            (Some(_), _) if ends_run => {}
-            (Some(e), _) => self.notifier.send(Event::StepFailed {
+        let event = match &error {
+            Some(e) if !ends_run => Some(Event::StepFailed {
                 run: self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run),
                 step: step.name.clone(),
                 error: e.clone(),
             }),
-            (None, Some(out)) => outputs.push((step.name.clone(), out)),
-            (None, None) => {}
+            _ => None,
+        };
+        if let Some(out) = output.filter(|_| error.is_none()) {
+            progress.outputs.push((step.name.clone(), out));
+        }
+        // The last step's result is written with the run's end, in one write; any other is
+        // written before the next step is looked at.
+        let last = run.steps[i + 1..]
+            .iter()
+            .all(|s| s.state != StepState::Pending);
+        if last {
+            progress.last = Some((result, event));
+        } else {
+            self.store.step_finished(result).await.map_err(record_err)?;
+            if let Some(event) = event {
+                self.notifier.send(event);
+            }
         }
         Ok(error.filter(|_| step.on_failure == OnFailure::Stop))
     }

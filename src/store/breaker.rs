@@ -147,38 +147,29 @@ fn engage(c: &Connection, trip: &Trip, now: i64) -> rusqlite::Result<()> {
     super::switches::engage_in(c, "global", &trip.to_string(), "circuit-breaker", None, now)
 }
 
-impl Store {
-    /// After a failed run: engages the global kill switch when the failures in the window
-    /// reach `breaker.max_failures`. Returns the trip when it did.
-    pub async fn trip_on_failures(&self, l: BreakerLimits) -> Result<Option<Trip>, StoreError> {
-        let now = self.now_ms();
-        if l.max_failures == 0 {
-            return Ok(None);
-        }
-        let tripped = self
-            .write(move |c| {
-                let n: u32 = c.query_row(
-                    "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
-                    [now - l.window_ms],
-                    |r| r.get(0),
-                )?;
-                if n < l.max_failures || super::switches::engaged_reason(c, "", now)?.is_some() {
-                    return Ok(None);
-                }
-                let trip = Trip {
-                    limit: Limit::Failures,
-                    count: n,
-                    max: l.max_failures,
-                    window_ms: l.window_ms,
-                    playbook: None,
-                };
-                engage(c, &trip, now)?;
-                Ok(Some(trip))
-            })
-            .await?;
-        if tripped.is_some() {
-            self.switches_changed();
-        }
-        Ok(tripped)
+/// After a failed run, in its transaction: engages the global kill switch when the failures
+/// in the window reach `max_failures` (and it is not engaged already).
+pub(super) fn failures_trip(
+    c: &Connection,
+    l: BreakerLimits,
+    now: i64,
+) -> Result<Option<Trip>, StoreError> {
+    if l.max_failures == 0 {
+        return Ok(None);
     }
+    let n: u32 = c
+        .prepare_cached("SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1")?
+        .query_row([now - l.window_ms], |r| r.get(0))?;
+    if n < l.max_failures || super::switches::engaged_reason(c, "", now)?.is_some() {
+        return Ok(None);
+    }
+    let trip = Trip {
+        limit: Limit::Failures,
+        count: n,
+        max: l.max_failures,
+        window_ms: l.window_ms,
+        playbook: None,
+    };
+    engage(c, &trip, now)?;
+    Ok(Some(trip))
 }

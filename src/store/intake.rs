@@ -47,6 +47,24 @@ pub struct Candidate {
     pub coalesce: bool,
 }
 
+/// How many new runs intake may start in its own transaction (the one-commit path): runs
+/// with no gate on their first step, on a target with room, with nothing older queued for it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartNow {
+    /// Worker slots the caller holds for them (0: start none; the dispatcher claims them).
+    pub slots: usize,
+    /// `engine.max_runs_per_target`.
+    pub max_per_target: u32,
+}
+
+/// What intake recorded: the outcomes per alert, and the runs it started.
+pub struct Recorded {
+    /// Outcomes per alert, in order.
+    pub outcomes: Vec<Vec<Outcome>>,
+    /// Runs claimed in the intake transaction, their first step already marked `running`.
+    pub started: Vec<ClaimedRun>,
+}
+
 /// One received alert and the playbooks it matched.
 pub struct IntakeItem {
     /// The alert.
@@ -167,6 +185,7 @@ fn insert_alert(
     Ok(c.last_insert_rowid())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn intake_one(
     c: &Connection,
     a: &Alert,
@@ -175,6 +194,7 @@ fn intake_one(
     json: Option<PlanJson>,
     limits: BreakerLimits,
     now: i64,
+    start: &mut Starter,
 ) -> Result<Outcome, StoreError> {
     let playbook = cand.playbook;
     let existing: Option<i64> = c
@@ -254,6 +274,16 @@ fn intake_one(
     let run_id = c.last_insert_rowid();
     if let Some(plan) = plan {
         insert_steps(c, run_id, plan, json.map(|j| j.steps).unwrap_or_default())?;
+        start.try_start(
+            c,
+            run_id,
+            &playbook,
+            a,
+            plan,
+            cand.dry_run,
+            cand.deadline_ms,
+            now,
+        )?;
     }
     if let Some(joined) = joined {
         return Ok(Outcome::Coalesced {
@@ -275,6 +305,101 @@ fn intake_one(
         },
         _ => Outcome::Created { run_id, playbook },
     })
+}
+
+/// Starts new runs inside the intake transaction while it has slots.
+pub(super) struct Starter {
+    left: usize,
+    max_per_target: u32,
+    started: Vec<ClaimedRun>,
+}
+
+impl Starter {
+    /// Claims the run just inserted and marks its first step `running`, when it has no gate
+    /// there, its target has room and nothing older waits for it, and no run of its playbook
+    /// for the same alert is executing: the same rules as [`Store::claim`], for one run.
+    #[allow(clippy::too_many_arguments)]
+    fn try_start(
+        &mut self,
+        c: &Connection,
+        run_id: i64,
+        playbook: &str,
+        alert: &Alert,
+        plan: &Plan,
+        dry_run: bool,
+        deadline_ms: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let ungated = plan
+            .steps
+            .first()
+            .is_some_and(|s| s.approval.is_none() && s.phase == crate::playbook::spec::Phase::Main);
+        if self.left == 0 || !ungated {
+            return Ok(());
+        }
+        let free: bool = c
+            .prepare_cached(
+                "SELECT l.running < ?2
+                   AND (SELECT min(p.id) FROM runs p WHERE p.state = 'pending' AND p.target = ?1) = ?3
+                   AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?4 AND o.fingerprint = ?5
+                                   AND o.state = 'running')
+                 FROM target_load l WHERE l.target = ?1",
+            )?
+            .query_row(
+                params![plan.target, self.max_per_target, run_id, playbook, alert.fingerprint],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if !free {
+            return Ok(());
+        }
+        c.prepare_cached("UPDATE runs SET state = 'running', started_at = ?2 WHERE id = ?1")?
+            .execute(params![run_id, now])?;
+        c.prepare_cached(
+            "UPDATE steps SET state = 'running', started_at = ?2, started_us = ?3 WHERE run_id = ?1 AND idx = 0",
+        )?
+        .execute(params![run_id, now, crate::time::now_us()])?;
+        self.left -= 1;
+        let steps = plan
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(idx, s)| StepRecord {
+                idx: idx as i64,
+                name: s.name.clone(),
+                action: s.action,
+                args: s.args.clone(),
+                timeout_ms: s.timeout_ms.map(|t| t as i64),
+                on_failure: s.on_failure,
+                state: if idx == 0 {
+                    StepState::Running
+                } else {
+                    StepState::Pending
+                },
+                started_at: (idx == 0).then(|| crate::time::rfc3339(now)),
+                finished_at: None,
+                output: None,
+                error: None,
+                approval: s.approval.clone(),
+                phase: s.phase,
+            })
+            .collect();
+        self.started.push(ClaimedRun {
+            id: run_id,
+            playbook: playbook.to_string(),
+            dry_run,
+            params: serde_json::Value::Object(plan.params.clone()),
+            alert: alert.clone(),
+            target: plan.target.clone(),
+            deadline_ms: Some(deadline_ms),
+            started_ms: now,
+            resumed: false,
+            first_step_started: true,
+            steps,
+        });
+        Ok(())
+    }
 }
 
 /// A run's steps, as planned (all pending).
@@ -313,6 +438,22 @@ impl Store {
         items: Vec<IntakeItem>,
         limits: BreakerLimits,
     ) -> Result<Vec<Vec<Outcome>>, StoreError> {
+        Ok(self
+            .record_and_start(items, limits, StartNow::default())
+            .await?
+            .outcomes)
+    }
+
+    /// As [`Store::record_intake`], and in the same transaction claims up to `start.slots` of
+    /// the new runs and marks their first step `running` (one commit from the webhook to the
+    /// first step). The caller executes the started runs, skipping their first step's checks:
+    /// they were made in this transaction.
+    pub async fn record_and_start(
+        &self,
+        items: Vec<IntakeItem>,
+        limits: BreakerLimits,
+        start: StartNow,
+    ) -> Result<Recorded, StoreError> {
         let now = self.now_ms();
         // JSON is written here, on the caller's thread, not in the one writer.
         let prepared: Vec<(IntakeItem, Json)> = items
@@ -330,14 +471,28 @@ impl Store {
                 (item, json)
             })
             .collect();
-        let outcomes = self
+        let (outcomes, started) = self
             .write(move |c| {
+                let mut starter = Starter {
+                    left: start.slots,
+                    max_per_target: start.max_per_target,
+                    started: Vec::new(),
+                };
                 let mut all = Vec::with_capacity(prepared.len());
                 for (item, json) in prepared {
                     let alert_id = insert_alert(c, &item.alert, &json, now, item.received_us)?;
                     let mut outcomes = (item.candidates.into_iter().zip(json.plans))
                         .map(|(cand, plan)| {
-                            intake_one(c, &item.alert, alert_id, cand, plan, limits, now)
+                            intake_one(
+                                c,
+                                &item.alert,
+                                alert_id,
+                                cand,
+                                plan,
+                                limits,
+                                now,
+                                &mut starter,
+                            )
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     if item.alert.status == AlertStatus::Resolved {
@@ -345,7 +500,7 @@ impl Store {
                     }
                     all.push(outcomes);
                 }
-                Ok(all)
+                Ok((all, starter.started))
             })
             .await?;
         let tripped = outcomes.iter().flatten().any(|o| {
@@ -360,6 +515,6 @@ impl Store {
         if tripped {
             self.switches_changed();
         }
-        Ok(outcomes)
+        Ok(Recorded { outcomes, started })
     }
 }

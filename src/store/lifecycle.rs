@@ -20,18 +20,33 @@ pub(super) fn finish_run(
 }
 
 impl Store {
-    /// Ends a run; steps not started are marked `skipped`.
+    /// Ends a run, in one write: the last step's result and its audit row when given, the
+    /// run's state (steps not started are marked `skipped`) and, for a failed run, the
+    /// breaker's failure limit, which may engage the global kill switch (returned).
     pub async fn run_finished(
         &self,
         run_id: i64,
         state: RunState,
         error: Option<String>,
-    ) -> Result<(), StoreError> {
+        last_step: Option<StepResult>,
+        limits: BreakerLimits,
+    ) -> Result<Option<Trip>, StoreError> {
         let now = self.now_ms();
-        self.write(move |c| {
-            finish_run(c, run_id, state, error.as_deref(), now)?;
-            Ok(())
-        })
-        .await
+        let tripped = self
+            .write(move |c| {
+                if let Some(step) = &last_step {
+                    super::queue::record_step(c, step, now)?;
+                }
+                finish_run(c, run_id, state, error.as_deref(), now)?;
+                if state == RunState::Failed {
+                    return super::breaker::failures_trip(c, limits, now);
+                }
+                Ok(None)
+            })
+            .await?;
+        if tripped.is_some() {
+            self.switches_changed();
+        }
+        Ok(tripped)
     }
 }

@@ -21,8 +21,8 @@ mod views;
 pub use approvals::*;
 pub use audit::AuditEntry;
 pub use breaker::{BreakerLimits, Limit, Trip};
-pub use intake::{Candidate, Hold, IntakeItem, Outcome};
-pub use queue::{ClaimedRun, StepRecord, StepRef};
+pub use intake::{Candidate, Hold, IntakeItem, Outcome, Recorded, StartNow};
+pub use queue::{ClaimedRun, StepRecord, StepRef, StepResult};
 pub use snapshot::Snapshot;
 pub use states::{ApprovalState, RunState, StepState};
 pub use switches::*;
@@ -85,8 +85,25 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// Writes and commits since the store opened (a commit holds a batch of writes).
+#[derive(Debug, Default)]
+struct Counts {
+    writes: std::sync::atomic::AtomicU64,
+    commits: std::sync::atomic::AtomicU64,
+}
+
+/// Writes and commits since the store opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteCounts {
+    /// Writes ([`Store::write`] calls) committed.
+    pub writes: u64,
+    /// Transactions committed (each one fsync with `synchronous: full`).
+    pub commits: u64,
+}
+
 struct Inner {
     jobs: mpsc::Sender<Job>,
+    counts: Arc<Counts>,
     /// Bumped after every write that may change a kill switch.
     switch_epoch: std::sync::atomic::AtomicU64,
     /// The engaged switches as of an epoch.
@@ -144,7 +161,7 @@ const MAX_BATCH: usize = 512;
 /// savepoint of one transaction, commits once (one fsync), then answers them all. Under load
 /// this turns thousands of small transactions into a few large ones; idle, a write commits
 /// alone at once.
-fn writer(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
+fn writer(mut conn: Connection, mut jobs: mpsc::Receiver<Job>, counts: Arc<Counts>) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -169,6 +186,11 @@ fn writer(mut conn: Connection, mut jobs: mpsc::Receiver<Job>) {
             tx.commit()
         })();
         let err = committed.err().map(|e| e.to_string());
+        if err.is_none() {
+            use std::sync::atomic::Ordering::Relaxed;
+            counts.writes.fetch_add(delivers.len() as u64, Relaxed);
+            counts.commits.fetch_add(1, Relaxed);
+        }
         if let Some(e) = &err {
             tracing::error!(error = %e, writes = delivers.len(), "store batch failed; its writes are reported failed");
         }
@@ -378,12 +400,15 @@ impl Store {
         let read = Connection::open(&path)?;
         read.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")?;
         let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+        let counts = Arc::new(Counts::default());
+        let writer_counts = counts.clone();
         std::thread::Builder::new()
             .name("reflex-store-writer".into())
-            .spawn(move || writer(write, rx))?;
+            .spawn(move || writer(write, rx, writer_counts))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 jobs,
+                counts,
                 switch_epoch: std::sync::atomic::AtomicU64::new(0),
                 switch_cache: Mutex::new(None),
                 read: Mutex::new(read),
@@ -397,6 +422,15 @@ impl Store {
     /// Milliseconds since the epoch, by the store's clock.
     pub fn now_ms(&self) -> i64 {
         self.inner.clock.now_ms()
+    }
+
+    /// Writes and commits since the store opened.
+    pub fn write_counts(&self) -> WriteCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriteCounts {
+            writes: self.inner.counts.writes.load(Relaxed),
+            commits: self.inner.counts.commits.load(Relaxed),
+        }
     }
 
     /// The database file.

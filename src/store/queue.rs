@@ -22,6 +22,45 @@ pub struct StepRef {
     pub target: String,
 }
 
+/// A step's result, as it is recorded.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    /// Which step.
+    pub step: StepRef,
+    /// Its final state.
+    pub state: StepState,
+    /// Its output (redacted).
+    pub output: Option<Value>,
+    /// Its error (redacted).
+    pub error: Option<String>,
+}
+
+/// Writes a step's result and puts the executor action on the audit log: `step.<action>` by
+/// `reflex`, on `run/<id> step/<idx> target/<target>`.
+pub(super) fn record_step(c: &Connection, r: &StepResult, now: i64) -> Result<(), StoreError> {
+    let output = r.output.as_ref().map(json_text);
+    let s = &r.step;
+    c.prepare_cached(
+        "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
+    )?
+    .execute(params![s.run_id, s.idx, r.state.as_str(), now, output, r.error])?;
+    let outcome = if r.error.is_some() {
+        "failed"
+    } else {
+        r.state.as_str()
+    };
+    let target = format!("run/{} step/{} target/{}", s.run_id, s.idx, s.target);
+    super::audit::audit_in(
+        c,
+        "reflex",
+        &format!("step.{}", s.action),
+        Some(&target),
+        outcome,
+        r.error.as_deref(),
+    )?;
+    Ok(())
+}
+
 /// A run claimed by a worker, with everything needed to execute it.
 #[derive(Debug, Clone)]
 pub struct ClaimedRun {
@@ -43,6 +82,9 @@ pub struct ClaimedRun {
     pub started_ms: i64,
     /// Claimed again after an approval (it already announced its start).
     pub resumed: bool,
+    /// Claimed at intake, with its first step already marked `running` in that transaction
+    /// (its checks were made there).
+    pub first_step_started: bool,
     /// Its steps, in order.
     pub steps: Vec<StepRecord>,
 }
@@ -231,6 +273,7 @@ impl Store {
                         deadline_ms: row.deadline_ms,
                         started_ms: row.started_ms,
                         resumed,
+                        first_step_started: false,
                         steps: load_steps(c, row.id)?,
                     })
                 })
@@ -250,30 +293,10 @@ impl Store {
         .await
     }
 
-    /// Records a step's result.
-    ///
-    /// The executor action goes on the audit log in the same write: `step.<action>` by
-    /// `reflex`, on `run/<id> step/<idx> target/<target>`.
-    pub async fn step_finished(
-        &self,
-        step: StepRef,
-        state: StepState,
-        output: Option<Value>,
-        error: Option<String>,
-    ) -> Result<(), StoreError> {
+    /// Records a step's result, with its audit row, in one write.
+    pub async fn step_finished(&self, result: StepResult) -> Result<(), StoreError> {
         let now = self.now_ms();
-        let output = output.map(|o| json_text(&o));
-        self.write(move |c| {
-            c.prepare_cached(
-                "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
-            )?
-            .execute(params![step.run_id, step.idx, state.as_str(), now, output, error])?;
-            let outcome = if error.is_some() { "failed" } else { state.as_str() };
-            let target = format!("run/{} step/{} target/{}", step.run_id, step.idx, step.target);
-            super::audit::audit_in(c, "reflex", &format!("step.{}", step.action), Some(&target), outcome, error.as_deref())?;
-            Ok(())
-        })
-        .await
+        self.write(move |c| record_step(c, &result, now)).await
     }
 
     /// Marks the main steps not yet started as `skipped` (a failure stopped the run; its

@@ -187,11 +187,10 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip() {
         else {
             panic!("not created")
         };
-        store
-            .run_finished(run_id, RunState::Failed, Some("x".into()))
+        let trip = store
+            .run_finished(run_id, RunState::Failed, Some("x".into()), None, limits)
             .await
             .unwrap();
-        let trip = store.trip_on_failures(limits).await.unwrap();
         assert_eq!(trip.is_some(), i == 1, "failure {}: {trip:?}", i + 1);
         if let Some(trip) = trip {
             assert_eq!((trip.limit, trip.count, trip.max), (Limit::Failures, 2, 2));
@@ -199,10 +198,17 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip() {
     }
     let reason = store.kill_reason("p").await.unwrap().expect("engaged");
     assert!(reason.contains("breaker.max_failures = 2"), "{reason}");
-    assert!(
-        store.trip_on_failures(limits).await.unwrap().is_none(),
-        "not tripped again"
-    );
+    let Outcome::Suppressed { cause, .. } =
+        intake(&store, "f3", candidate("p", "t", 0, ""), limits).await
+    else {
+        panic!("the engaged switch holds the next run")
+    };
+    assert_eq!(cause, Hold::KillSwitch);
+    let third = store
+        .run_finished(2, RunState::Failed, Some("x".into()), None, limits)
+        .await
+        .unwrap();
+    assert!(third.is_none(), "not tripped again while engaged");
 }
 
 #[tokio::test]
@@ -372,11 +378,17 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one() {
     // Nothing more while both targets are busy; the next busy run once its slot frees.
     assert!(store.claim(1, 10).await.unwrap().is_empty());
     store
-        .run_finished(1, RunState::Succeeded, None)
+        .run_finished(1, RunState::Succeeded, None, None, BreakerLimits::default())
         .await
         .unwrap();
     store
-        .run_finished(free, RunState::Succeeded, None)
+        .run_finished(
+            free,
+            RunState::Succeeded,
+            None,
+            None,
+            BreakerLimits::default(),
+        )
         .await
         .unwrap();
     let next = store.claim(1, 10).await.unwrap();
