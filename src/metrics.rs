@@ -31,8 +31,12 @@ pub struct Metrics {
     pub alerts_truncated: IntCounter,
     /// Alerts a playbook matched but could not be planned, by playbook and reason.
     pub plan_failures: IntCounterVec,
+    /// From a webhook's arrival to the first step of a run it created starting.
+    pub alert_to_first_step: prometheus::Histogram,
     /// Writes committed to the store.
     pub store_writes: IntCounter,
+    /// Writes waiting for the store's writer.
+    pub store_write_queue: IntGauge,
     /// Store transactions committed (a commit holds a batch of writes; one fsync each).
     pub store_commits: IntCounter,
 }
@@ -116,9 +120,24 @@ impl Metrics {
             "Alerts Alertmanager left out of groups.",
         )
         .expect("valid");
+        let alert_to_first_step = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "reflex_alert_to_first_step_seconds",
+                "From a webhook's arrival to the first step of the run it created starting.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0,
+            ]),
+        )
+        .expect("valid");
         let store_writes = IntCounter::new(
             "reflex_store_writes_total",
             "Writes committed to the store.",
+        )
+        .expect("valid");
+        let store_write_queue = IntGauge::new(
+            "reflex_store_write_queue",
+            "Writes waiting for the store's writer.",
         )
         .expect("valid");
         let store_commits = IntCounter::new(
@@ -140,8 +159,10 @@ impl Metrics {
             Box::new(playbooks_loaded.clone()),
             Box::new(reload_errors.clone()),
             Box::new(alerts_truncated.clone()),
+            Box::new(alert_to_first_step.clone()),
             Box::new(store_writes.clone()),
             Box::new(store_commits.clone()),
+            Box::new(store_write_queue.clone()),
             Box::new(build_info),
         ] {
             registry.register(m).expect("unique metric");
@@ -160,7 +181,9 @@ impl Metrics {
             notify_failures,
             plan_failures,
             alerts_truncated,
+            alert_to_first_step,
             store_writes,
+            store_write_queue,
             store_commits,
         }
     }

@@ -593,3 +593,47 @@ async fn a_new_run_queued_behind_an_older_one_on_its_target_is_not_started_at_in
     tokio::spawn(api.engine.clone().dispatch());
     wait_state(&api, gated, "awaiting_approval").await;
 }
+
+#[tokio::test]
+async fn a_run_started_at_intake_is_executed_even_if_the_sender_hangs_up() {
+    let api = TestApi::new();
+    // The writer is held inside an earlier write, so the webhook's write waits in the queue.
+    let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let store = api.store.clone();
+    let blocker = tokio::spawn(async move {
+        store
+            .write(move |_| {
+                let _ = entered_tx.send(());
+                let _ = held.recv();
+                Ok(())
+            })
+            .await
+    });
+    entered.await.unwrap();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/webhooks/generic")
+        .header(header::AUTHORIZATION, "Bearer webhook-token")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(alert("h1")))
+        .unwrap();
+    let request = tokio::spawn(api.router.clone().oneshot(req));
+    while api.store.queued_writes() == 0 {
+        tokio::task::yield_now().await;
+    }
+    // The sender hangs up: the server drops its request while the write is queued.
+    request.abort();
+    assert!(request.await.unwrap_err().is_cancelled());
+    release.send(()).unwrap();
+    blocker.await.unwrap().unwrap();
+    // The write commits (the alert was accepted) and its run, started in that write, runs.
+    for _ in 0..500 {
+        let runs = api.view("/api/v1/runs").await;
+        if runs["runs"][0]["state"] == "succeeded" {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the run never ended: {}", api.view("/api/v1/runs").await);
+}

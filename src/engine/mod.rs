@@ -217,6 +217,19 @@ impl Engine {
                 }
             })
             .collect();
+        // From the write on, the work goes on even if the sender hangs up (its request is
+        // then dropped): the runs that intake starts must be executed, and the endings it
+        // decides told.
+        tokio::spawn(self.clone().record(items))
+            .await
+            .map_err(|e| StoreError::Join(e.to_string()))?
+    }
+
+    /// Records what intake decided, starts the runs it could, and tells what ended.
+    async fn record(
+        self: Arc<Self>,
+        items: Vec<IntakeItem>,
+    ) -> Result<Vec<Vec<Outcome>>, StoreError> {
         for IntakeItem { alert, .. } in &items {
             self.metrics
                 .alerts_received
@@ -368,6 +381,7 @@ impl Engine {
             .await?
             .len();
         self.metrics.approvals_pending.set(pending as i64);
+        (self.metrics.store_write_queue).set(self.store.queued_writes() as i64);
         let counts = self.store.write_counts();
         for (counter, n) in [
             (&self.metrics.store_writes, counts.writes),

@@ -445,6 +445,11 @@ impl Engine {
                 .map_err(record_err)?;
         }
         let step_timer = std::time::Instant::now();
+        let first = i == 0 && !run.resumed && run.received_us > 0;
+        if first && step.phase == Phase::Main {
+            let since = (crate::time::now_us() - run.received_us).max(0) as f64 / 1e6;
+            self.metrics.alert_to_first_step.observe(since);
+        }
         // Every step is validated (inventory, cluster, namespace scope, names) before any
         // request is made; a dry run stops there.
         let result = if let Err(e) = executor.validate(&ctx) {

@@ -310,6 +310,8 @@ fn intake_one(
 /// Starts new runs inside the intake transaction while it has slots.
 pub(super) struct Starter {
     left: usize,
+    /// When the webhook of the alert at hand arrived.
+    received_us: i64,
     max_per_target: u32,
     started: Vec<ClaimedRun>,
 }
@@ -397,6 +399,7 @@ impl Starter {
             resumed: false,
             first_step_started: true,
             steps,
+            received_us: self.received_us,
         });
         Ok(())
     }
@@ -475,11 +478,13 @@ impl Store {
             .write(move |c| {
                 let mut starter = Starter {
                     left: start.slots,
+                    received_us: 0,
                     max_per_target: start.max_per_target,
                     started: Vec::new(),
                 };
                 let mut all = Vec::with_capacity(prepared.len());
                 for (item, json) in prepared {
+                    starter.received_us = item.received_us;
                     let alert_id = insert_alert(c, &item.alert, &json, now, item.received_us)?;
                     let mut outcomes = (item.candidates.into_iter().zip(json.plans))
                         .map(|(cand, plan)| {

@@ -424,6 +424,11 @@ impl Store {
         self.inner.clock.now_ms()
     }
 
+    /// Writes waiting for the writer (not yet taken into a batch).
+    pub fn queued_writes(&self) -> usize {
+        self.inner.jobs.max_capacity() - self.inner.jobs.capacity()
+    }
+
     /// Writes and commits since the store opened.
     pub fn write_counts(&self) -> WriteCounts {
         use std::sync::atomic::Ordering::Relaxed;

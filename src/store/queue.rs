@@ -87,6 +87,8 @@ pub struct ClaimedRun {
     pub first_step_started: bool,
     /// Its steps, in order.
     pub steps: Vec<StepRecord>,
+    /// When its alert's webhook arrived (µs since the epoch; 0 when not known).
+    pub received_us: i64,
 }
 
 /// A stored step.
@@ -173,9 +175,11 @@ fn claim_one(
     .optional()?)
 }
 
-pub(super) fn load_alert(c: &Connection, id: i64) -> Result<Alert, StoreError> {
+/// An alert, and when its webhook arrived (µs).
+pub(super) fn load_alert(c: &Connection, id: i64) -> Result<(Alert, i64), StoreError> {
     Ok(c.prepare_cached(
-        "SELECT source, status, labels, annotations, starts_at, ends_at, fingerprint, generator_url, group_key
+        "SELECT source, status, labels, annotations, starts_at, ends_at, fingerprint, generator_url, group_key,
+           coalesce(received_us, 0)
          FROM alerts WHERE id = ?1",
     )?
     .query_row([id], |r| {
@@ -183,7 +187,7 @@ pub(super) fn load_alert(c: &Connection, id: i64) -> Result<Alert, StoreError> {
         let status: String = r.get(1)?;
         let labels: String = r.get(2)?;
         let annotations: String = r.get(3)?;
-        Ok(Alert {
+        let alert = Alert {
             source: if source == "alertmanager" { "alertmanager" } else { "generic" },
             status: if status == "resolved" { AlertStatus::Resolved } else { AlertStatus::Firing },
             labels: serde_json::from_str(&labels).unwrap_or_default(),
@@ -193,7 +197,8 @@ pub(super) fn load_alert(c: &Connection, id: i64) -> Result<Alert, StoreError> {
             fingerprint: r.get(6)?,
             generator_url: r.get(7)?,
             group_key: r.get(8)?,
-        })
+        };
+        Ok((alert, r.get(9)?))
     })?)
 }
 
@@ -263,18 +268,20 @@ impl Store {
                             "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
                         )?
                         .query_row([row.id], |r| r.get(0))?;
+                    let (alert, received_us) = load_alert(c, row.alert_id)?;
                     Ok(ClaimedRun {
                         id: row.id,
                         playbook: row.playbook,
                         dry_run: row.dry_run,
                         params: parse_json(row.params),
-                        alert: load_alert(c, row.alert_id)?,
+                        alert,
                         target: row.target,
                         deadline_ms: row.deadline_ms,
                         started_ms: row.started_ms,
                         resumed,
                         first_step_started: false,
                         steps: load_steps(c, row.id)?,
+                        received_us,
                     })
                 })
                 .collect()
