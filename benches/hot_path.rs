@@ -88,6 +88,7 @@ fn bench(c: &mut Criterion) {
                     // Each iteration is a new occurrence of one alert: measure a new run, not
                     // a join of the queued one.
                     coalesce: false,
+                    manual: None,
                 }],
             };
             rt.block_on(store.record_intake(vec![item], BreakerLimits::default()))
@@ -121,6 +122,7 @@ fn bench(c: &mut Criterion) {
                     deadline_ms: 3_600_000,
                     suppress: None,
                     coalesce: false,
+                    manual: None,
                 }],
             }
         };

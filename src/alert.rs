@@ -287,7 +287,7 @@ pub fn parse_generic(body: &[u8], now: &str) -> Result<Vec<Alert>, String> {
         .collect()
 }
 
-fn validate_labels(labels: &Labels, annotations: &Labels) -> Result<(), String> {
+pub(crate) fn validate_labels(labels: &Labels, annotations: &Labels) -> Result<(), String> {
     if labels.is_empty() {
         return Err("an alert needs at least one label".into());
     }

@@ -145,6 +145,47 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Run a playbook now, without an alert (operator role); gates and the kill switch apply.
+    Trigger {
+        #[command(flatten)]
+        api: Api,
+        /// Playbook name.
+        playbook: String,
+        /// A label its templates see, `key=value` (repeatable).
+        #[arg(short = 'l', long = "label", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+        /// An annotation, `key=value` (repeatable).
+        #[arg(short = 'a', long = "annotation", value_parser = key_value)]
+        annotations: Vec<(String, String)>,
+    },
+    /// Run again a failed, interrupted, expired or killed run, from the step that did not
+    /// succeed (operator role); rendered against the playbook in force and gated again.
+    Retry {
+        #[command(flatten)]
+        api: Api,
+        /// Run id.
+        id: i64,
+        /// Repeat every step.
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// Cancel a run: at once if it has not started, else before its next step.
+    Cancel {
+        #[command(flatten)]
+        api: Api,
+        /// Run id.
+        id: i64,
+    },
+    /// List the playbooks in force.
+    Playbooks {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Reload the playbooks from disk (an invalid set is refused whole).
+    Reload {
+        #[command(flatten)]
+        api: Api,
+    },
     /// Show the audit log, newest first.
     Audit {
         #[command(flatten)]
@@ -197,6 +238,26 @@ fn decide(server: &str, id: i64, verb: &str, comment: Option<String>) -> anyhow:
     let v = client_call(server, reqwest::Method::POST, &path, Some(body))?;
     println!("approval {id}: {}", v["state"].as_str().unwrap_or("?"));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `key=value`, for `-l` and `-a`.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+/// What a trigger or a retry recorded, in a line.
+fn print_outcome(v: &serde_json::Value) {
+    let run = v["run_id"]
+        .as_i64()
+        .map_or(String::new(), |id| format!("run {id}"));
+    let why = ["reason", "error"]
+        .iter()
+        .find_map(|k| v[k].as_str())
+        .map_or(String::new(), |r| format!(": {r}"));
+    println!("{run} {}{why}", v["outcome"].as_str().unwrap_or("?"));
 }
 
 fn pretty(v: &serde_json::Value) -> String {
@@ -291,6 +352,50 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let body = json!({ "engaged": false, "reason": reason });
             set_switch(&api.server, playbook.as_deref(), body)
+        }
+        Command::Trigger {
+            api,
+            playbook,
+            labels,
+            annotations,
+        } => {
+            let map = |kv: Vec<(String, String)>| {
+                kv.into_iter()
+                    .collect::<std::collections::BTreeMap<String, String>>()
+            };
+            let body = json!({ "labels": map(labels), "annotations": map(annotations) });
+            let path = format!("/api/v1/playbooks/{playbook}/runs");
+            print_outcome(&client_call(&api.server, Method::POST, &path, Some(body))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Retry {
+            api,
+            id,
+            from_start,
+        } => {
+            let path = format!("/api/v1/runs/{id}/retry");
+            let body = json!({ "from_start": from_start });
+            print_outcome(&client_call(&api.server, Method::POST, &path, Some(body))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { api, id } => {
+            let path = format!("/api/v1/runs/{id}/cancel");
+            let v = client_call(&api.server, Method::POST, &path, None)?;
+            let note = v["message"]
+                .as_str()
+                .map_or(String::new(), |m| format!(" ({m})"));
+            println!("run {id}: {}{note}", v["state"].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Playbooks { api } => {
+            let v = client_call(&api.server, Method::GET, "/api/v1/playbooks", None)?;
+            println!("{}", pretty(&v));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { api } => {
+            let v = client_call(&api.server, Method::POST, "/api/v1/playbooks/reload", None)?;
+            println!("{}", pretty(&v));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Audit { api, limit } => {
             let server = &api.server;

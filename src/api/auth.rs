@@ -219,6 +219,11 @@ pub async fn approver(State(s): State<AppState>, req: Request, next: Next) -> Re
 }
 
 /// Middleware: admin.
+pub async fn operator(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    check(s, Role::Operator, req, next).await
+}
+
+/// Admin role required.
 pub async fn admin(State(s): State<AppState>, req: Request, next: Next) -> Response {
     check(s, Role::Admin, req, next).await
 }

@@ -13,7 +13,9 @@ pub enum Role {
     Viewer,
     /// Viewer, plus approve and deny.
     Approver,
-    /// Approver, plus kill switch, cancel, reload, and posting alerts.
+    /// Approver, plus trigger a playbook, retry and cancel runs.
+    Operator,
+    /// Operator, plus kill switch, reload, and posting alerts.
     Admin,
 }
 

@@ -81,3 +81,14 @@ impl From<axum::extract::rejection::PathRejection> for ApiError {
         ApiError::BadRequest(r.body_text())
     }
 }
+
+impl From<crate::engine::manual::ManualError> for ApiError {
+    fn from(e: crate::engine::manual::ManualError) -> Self {
+        use crate::engine::manual::ManualError as M;
+        match e {
+            M::NoPlaybook(_) | M::NoRun(_) => ApiError::NotFound(e.to_string()),
+            M::NotRetryable { .. } | M::StepGone(_) => ApiError::Conflict(e.to_string()),
+            M::Store(e) => e.into(),
+        }
+    }
+}

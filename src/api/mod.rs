@@ -75,8 +75,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/approvals/{id}/approve", post(approvals::approve))
         .route("/api/v1/approvals/{id}/deny", post(approvals::deny))
         .route_layer(from_fn_with_state(state.clone(), auth::approver));
-    let admin = Router::new()
+    let operate = Router::new()
         .route("/api/v1/runs/{id}/cancel", post(runs::cancel))
+        .route("/api/v1/runs/{id}/retry", post(runs::retry))
+        .route("/api/v1/playbooks/{name}/runs", post(playbooks::trigger))
+        .route_layer(from_fn_with_state(state.clone(), auth::operator));
+    let admin = Router::new()
         .route("/api/v1/playbooks/reload", post(playbooks::reload))
         .route("/api/v1/killswitch", axum::routing::put(killswitch::put))
         .route(
@@ -93,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .merge(intake)
         .merge(read)
         .merge(approve)
+        .merge(operate)
         .merge(admin)
         .merge(health)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })

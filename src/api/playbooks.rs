@@ -1,6 +1,6 @@
 //! The playbooks in force.
 
-use super::AppState;
+use super::{ApiError, AppState};
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
@@ -66,4 +66,32 @@ pub async fn reload(
             diags.iter().map(ToString::to_string).collect(),
         )),
     }
+}
+
+/// The body of a manual trigger.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerBody {
+    /// The labels the playbook's templates see.
+    #[serde(default)]
+    labels: crate::alert::Labels,
+    /// Its annotations.
+    #[serde(default)]
+    annotations: crate::alert::Labels,
+}
+
+/// `POST /api/v1/playbooks/{name}/runs`: runs a playbook for an operator, without an alert.
+pub async fn trigger(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::Extension(who): axum::Extension<super::auth::Identity>,
+    name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<crate::store::Outcome>, ApiError> {
+    let axum::extract::Path(name) = name?;
+    let body: TriggerBody = super::json_body(&body)?;
+    crate::alert::validate_labels(&body.labels, &body.annotations).map_err(ApiError::BadRequest)?;
+    let outcome = (state.engine)
+        .trigger(&name, body.labels, body.annotations, &who.name)
+        .await?;
+    Ok(axum::Json(outcome))
 }

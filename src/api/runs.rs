@@ -1,4 +1,4 @@
-//! Run history and control: list, detail, cancel.
+//! Run history and control: list, detail, cancel, retry.
 
 use super::{ApiError, AppState};
 use crate::engine::CancelResult;
@@ -102,4 +102,33 @@ pub async fn cancel(
             s.as_str()
         ))),
     }
+}
+
+/// The body of a retry (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryBody {
+    /// Repeat every step, not only from the one that did not succeed.
+    #[serde(default)]
+    from_start: bool,
+}
+
+/// `POST /api/v1/runs/{id}/retry`: a new run from a failed, interrupted, expired or killed one.
+pub async fn retry(
+    State(state): State<AppState>,
+    axum::Extension(who): axum::Extension<super::auth::Identity>,
+    id: Result<Path<i64>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::store::Outcome>, ApiError> {
+    let Path(id) = id?;
+    let body: RetryBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RetryBody::default()
+    } else {
+        super::json_body(&body)?
+    };
+    let retry = crate::engine::manual::Retry {
+        run_id: id,
+        from_start: body.from_start,
+    };
+    Ok(Json(state.engine.retry(retry, &who.name).await?))
 }

@@ -35,7 +35,19 @@ steps:
     with: { message: "acting on {{ labels.instance }}" }
 "#;
 
-const ROLES: &[&str] = &["webhook", "viewer", "approver", "admin"];
+const FLAKY: &str = r#"
+name: flaky
+matchers: ['alertname="Flaky"']
+steps:
+  - name: first
+    action: log
+    with: { message: "first on {{ labels.instance }}" }
+  - name: probe
+    action: script
+    with: { script: 'throw "probe failed"' }
+"#;
+
+const ROLES: &[&str] = &["webhook", "viewer", "approver", "operator", "admin"];
 
 /// A router and its store, with one token per role (`<role>-token`) and one playbook.
 struct TestApi {
@@ -61,6 +73,7 @@ impl TestApi {
         std::fs::create_dir_all(&pb).unwrap();
         std::fs::write(pb.join("note.yaml"), PLAYBOOK).unwrap();
         std::fs::write(pb.join("gated.yaml"), GATED).unwrap();
+        std::fs::write(pb.join("flaky.yaml"), FLAKY).unwrap();
         let tokens: String = ROLES
             .iter()
             .map(|r| {
@@ -197,12 +210,21 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
             "approver",
         ),
         (Method::POST, "/api/v1/approvals/999/deny", None, "approver"),
-        (Method::POST, "/api/v1/runs/999/cancel", None, "admin"),
+        (Method::POST, "/api/v1/runs/999/cancel", None, "operator"),
+        (Method::POST, "/api/v1/runs/999/retry", None, "operator"),
+        (
+            Method::POST,
+            "/api/v1/playbooks/nope/runs",
+            Some("{}".into()),
+            "operator",
+        ),
         (Method::POST, "/api/v1/playbooks/reload", None, "admin"),
     ];
     let rank = |r: &str| ROLES.iter().position(|x| *x == r);
     for (method, path, body, need) in routes {
-        for who in ["none", "bad", "webhook", "viewer", "approver", "admin"] {
+        for who in [
+            "none", "bad", "webhook", "viewer", "approver", "operator", "admin",
+        ] {
             let token = match who {
                 "none" => None,
                 "bad" => Some("not-a-token".to_string()),
@@ -636,4 +658,187 @@ async fn a_run_started_at_intake_is_executed_even_if_the_sender_hangs_up() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     panic!("the run never ended: {}", api.view("/api/v1/runs").await);
+}
+
+#[tokio::test]
+async fn an_operator_triggers_a_playbook_without_an_alert_and_the_run_says_who() {
+    let api = TestApi::new();
+    let body = r#"{"labels": {"instance": "h9"}, "annotations": {"summary": "by hand"}}"#;
+    for role in ["viewer", "approver"] {
+        let token = format!("{role}-token");
+        let (status, _) = (api.call(
+            Method::POST,
+            "/api/v1/playbooks/note/runs",
+            Some(&token),
+            Some(body),
+        ))
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{role}");
+    }
+    let (status, out) = (api.call(
+        Method::POST,
+        "/api/v1/playbooks/nope/runs",
+        Some("operator-token"),
+        Some(body),
+    ))
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{out}");
+    let (status, out) = (api.call(
+        Method::POST,
+        "/api/v1/playbooks/note/runs",
+        Some("operator-token"),
+        Some(body),
+    ))
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["outcome"], "created", "{out}");
+    let run = wait_state(&api, out["run_id"].as_i64().unwrap(), "succeeded").await;
+    assert_eq!(run["triggered_by"], "operator", "{run}");
+    assert_eq!(run["steps"][0]["args"]["message"], "noted h9", "{run}");
+    // A second trigger with the same labels is a new run, not a re-delivery.
+    let (_, again) = (api.call(
+        Method::POST,
+        "/api/v1/playbooks/note/runs",
+        Some("operator-token"),
+        Some(body),
+    ))
+    .await;
+    assert_eq!(again["outcome"], "created", "{again}");
+    assert_ne!(again["run_id"], out["run_id"]);
+    let audit = api.view("/api/v1/audit").await;
+    assert!(
+        (audit.as_array().unwrap().iter())
+            .any(|e| e["action"] == "run.trigger" && e["actor"] == "operator"),
+        "{audit}"
+    );
+}
+
+#[tokio::test]
+async fn a_triggered_run_is_held_by_the_kill_switch_and_bad_labels_change_nothing() {
+    let api = TestApi::new();
+    let engage = r#"{"engaged": true, "reason": "incident review"}"#;
+    let (status, _) = api
+        .call(
+            Method::PUT,
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(engage),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let body = r#"{"labels": {"instance": "h9"}}"#;
+    let (_, out) = (api.call(
+        Method::POST,
+        "/api/v1/playbooks/note/runs",
+        Some("operator-token"),
+        Some(body),
+    ))
+    .await;
+    assert_eq!(out["outcome"], "suppressed", "{out}");
+    assert_eq!(out["cause"], "kill_switch", "{out}");
+    let before = api.runs().await;
+    for bad in [
+        r#"{"labels": {"a": 1}}"#,
+        r#"{"labels": {}, "extra": true}"#,
+        "[]",
+    ] {
+        let (status, out) = (api.call(
+            Method::POST,
+            "/api/v1/playbooks/note/runs",
+            Some("operator-token"),
+            Some(bad),
+        ))
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {out}");
+    }
+    assert_eq!(api.runs().await, before, "nothing recorded");
+}
+
+#[tokio::test]
+async fn a_failed_run_is_retried_from_the_step_that_did_not_succeed_against_the_playbook_in_force()
+{
+    let api = TestApi::new();
+    let out = api
+        .post_alert(&json!({"labels": {"alertname": "Flaky", "instance": "h1"}}).to_string())
+        .await;
+    let failed = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    tokio::spawn(api.engine.clone().dispatch());
+    let run = wait_state(&api, failed, "failed").await;
+    assert_eq!(run["steps"][0]["state"], "succeeded", "{run}");
+    // Not retryable: a run that succeeded; no such run.
+    let ok = api.post_alert(&alert("h2")).await["outcomes"][0][0]["run_id"]
+        .as_i64()
+        .unwrap();
+    wait_state(&api, ok, "succeeded").await;
+    let (status, out) = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/runs/{ok}/retry"),
+            Some("operator-token"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{out}");
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/api/v1/runs/999/retry",
+            Some("operator-token"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The operator fixes the probe; the retry renders against the playbook in force.
+    let dir = api.db.parent().unwrap().parent().unwrap().join("playbooks");
+    std::fs::write(
+        dir.join("flaky.yaml"),
+        FLAKY.replace(r#"throw "probe failed""#, r#""fixed""#),
+    )
+    .unwrap();
+    api.engine.reload("test").unwrap();
+    let path = format!("/api/v1/runs/{failed}/retry");
+    let (status, out) = api
+        .call(Method::POST, &path, Some("operator-token"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let retry = wait_state(&api, out["run_id"].as_i64().unwrap(), "succeeded").await;
+    let names: Vec<&str> = (retry["steps"].as_array().unwrap().iter())
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["probe"], "from the step that failed: {retry}");
+    assert_eq!(retry["retry_of"], failed, "{retry}");
+    assert_eq!(retry["triggered_by"], "operator", "{retry}");
+    assert_eq!(
+        retry["alert"]["fingerprint"], run["alert"]["fingerprint"],
+        "the same alert"
+    );
+    let (_, out) = (api.call(
+        Method::POST,
+        &path,
+        Some("operator-token"),
+        Some(r#"{"from_start": true}"#),
+    ))
+    .await;
+    let again = wait_state(&api, out["run_id"].as_i64().unwrap(), "succeeded").await;
+    assert_eq!(
+        again["steps"].as_array().unwrap().len(),
+        2,
+        "from the start: {again}"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_of_an_expired_gated_run_is_gated_again() {
+    let api = TestApi::new();
+    let run_id = api.start_gated().await;
+    api.clock.advance(std::time::Duration::from_secs(31 * 60));
+    api.store.expire_due().await.unwrap();
+    wait_state(&api, run_id, "expired").await;
+    let path = format!("/api/v1/runs/{run_id}/retry");
+    let (status, out) = api
+        .call(Method::POST, &path, Some("operator-token"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let retry = wait_state(&api, out["run_id"].as_i64().unwrap(), "awaiting_approval").await;
+    assert_eq!(retry["retry_of"], run_id, "{retry}");
 }

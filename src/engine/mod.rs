@@ -6,6 +6,7 @@
 //! `max_concurrent_runs` at once, so a crash or a restart loses nothing.
 
 pub mod maintenance;
+pub mod manual;
 mod run;
 
 use crate::alert::Alert;
@@ -208,6 +209,7 @@ impl Engine {
                             .as_millis() as i64,
                         suppress: suppress.clone(),
                         coalesce: m.playbook.coalesce,
+                        manual: None,
                     })
                     .collect();
                 IntakeItem {

@@ -45,6 +45,17 @@ pub struct Candidate {
     /// A new occurrence joins a queued run of the same playbook and alert (see
     /// [`super::coalesce`]).
     pub coalesce: bool,
+    /// An operator asked for this run (a manual trigger or a retry), not an alert.
+    pub manual: Option<Manual>,
+}
+
+/// Who asked for a run without an alert, and what it repeats.
+#[derive(Debug, Clone)]
+pub struct Manual {
+    /// The operator's identity.
+    pub by: String,
+    /// The run a retry repeats.
+    pub retry_of: Option<i64>,
 }
 
 /// How many new runs intake may start in its own transaction (the one-commit path): runs
@@ -251,8 +262,8 @@ fn intake_one(
     };
     c.prepare_cached(
         "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
-           dry_run, params, created_at, finished_at, error, target, deadline_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?
     .execute(params![
         playbook,
@@ -269,7 +280,9 @@ fn intake_one(
         (state != RunState::Pending).then_some(now),
         error,
         target,
-        cand.deadline_ms
+        cand.deadline_ms,
+        cand.manual.as_ref().map(|m| m.by.as_str()),
+        cand.manual.as_ref().and_then(|m| m.retry_of)
     ])?;
     let run_id = c.last_insert_rowid();
     if let Some(plan) = plan {

@@ -21,7 +21,7 @@ mod views;
 pub use approvals::*;
 pub use audit::AuditEntry;
 pub use breaker::{BreakerLimits, Limit, Trip};
-pub use intake::{Candidate, Hold, IntakeItem, Outcome, Recorded, StartNow};
+pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
 pub use queue::{ClaimedRun, StepRecord, StepRef, StepResult};
 pub use snapshot::Snapshot;
 pub use states::{ApprovalState, RunState, StepState};
@@ -366,6 +366,12 @@ BEGIN
                                        running = running + (NEW.state = 'running');
   DELETE FROM target_load WHERE target = OLD.target AND pending <= 0 AND running <= 0;
 END;
+"#,
+    // 8: runs an operator asked for (manual triggers and retries) say who, and which run a
+    // retry repeats.
+    r#"
+ALTER TABLE runs ADD COLUMN triggered_by TEXT;
+ALTER TABLE runs ADD COLUMN retry_of INTEGER;
 "#,
 ];
 

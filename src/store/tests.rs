@@ -47,6 +47,7 @@ fn candidate(playbook: &str, target: &str, cooldown_ms: i64, key: &str) -> Candi
         deadline_ms: 60_000,
         suppress: None,
         coalesce: false,
+        manual: None,
     }
 }
 

@@ -35,6 +35,12 @@ pub struct RunView {
     pub started_at: Option<String>,
     /// Finished.
     pub finished_at: Option<String>,
+    /// The operator who asked for it (a manual trigger or a retry); none for an alert's run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub triggered_by: Option<String>,
+    /// The run it retries.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<i64>,
     /// Steps (run detail only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepRecord>>,
@@ -72,7 +78,7 @@ pub struct RunFilter {
 
 const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r.dry_run, r.params,
     r.created_at, r.started_at, r.finished_at, a.id, a.fingerprint, a.status, a.starts_at, a.labels, a.annotations,
-    r.target
+    r.target, r.triggered_by, r.retry_of
   FROM runs r JOIN alerts a ON a.id = r.alert_id";
 
 fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
@@ -98,6 +104,8 @@ fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
             labels: serde_json::from_str(&labels).unwrap_or_default(),
             annotations: serde_json::from_str(&annotations).unwrap_or_default(),
         },
+        triggered_by: r.get(17)?,
+        retry_of: r.get(18)?,
         steps: None,
     })
 }

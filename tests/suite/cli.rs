@@ -445,3 +445,52 @@ fn server_options_show_only_on_the_commands_that_use_them() {
         assert!(out.contains("--server"), "{cmd}: {out}");
     }
 }
+
+#[tokio::test]
+async fn trigger_and_retry_from_the_cli_start_runs_that_say_who_asked() {
+    let app = crate::common::TestApp::builder()
+        .playbook(
+            "flaky.yaml",
+            "name: flaky\nmatchers: ['alertname=\"Flaky\"']\nsteps:\n  - name: first\n    action: log\n    with: { message: \"on {{ labels.instance }}\" }\n  - name: probe\n    action: script\n    with: { script: 'throw \"probe failed\"' }\n",
+        )
+        .start()
+        .await;
+    let server = app.base.clone();
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--server", &server]);
+        reflex_cli(&all, repo())
+    };
+    let (code, out) = cli(&[
+        "trigger",
+        "flaky",
+        "-l",
+        "instance=h1",
+        "-a",
+        "summary=by hand",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let id: i64 = (out.split_whitespace().nth(1).and_then(|w| w.parse().ok()))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(out.trim_end().ends_with("created"), "{out}");
+    let run = app.wait_run_state(id, "failed").await;
+    assert_eq!(run["steps"][0]["args"]["message"], "on h1", "{run}");
+    assert!(run["triggered_by"].is_string(), "{run}");
+    let (code, out) = cli(&["retry", &id.to_string()]);
+    assert_eq!(code, 0, "{out}");
+    let retry: i64 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let again = app.wait_run_state(retry, "failed").await;
+    assert_eq!(again["retry_of"], id, "{again}");
+    assert_eq!(
+        again["steps"].as_array().unwrap().len(),
+        1,
+        "from the failed step: {again}"
+    );
+    // A run that cannot be retried: a clear error and a non-zero exit.
+    let (code, out) = cli(&["retry", "999"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("no run 999"), "{out}");
+    let (code, out) = cli(&["trigger", "flaky", "-l", "novalue"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("not key=value"), "{out}");
+}

@@ -1,0 +1,219 @@
+//! Runs an operator asks for: a playbook triggered without an alert, and the retry of a run
+//! that did not succeed. Both go through intake like an alert's run (the kill switch, the
+//! maintenance windows, the breaker and the approval gates apply), record who asked, and are
+//! rendered against the playbook in force.
+
+use super::Engine;
+use crate::alert::{Alert, AlertStatus, Labels};
+use crate::playbook::Playbook;
+use crate::playbook::spec::Phase;
+use crate::store::{Candidate, IntakeItem, Manual, Outcome, RunState, StepState, StoreError};
+use std::sync::Arc;
+
+/// Why an operator's run was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum ManualError {
+    /// No playbook of that name is in force.
+    #[error("no playbook named {0:?} is loaded")]
+    NoPlaybook(String),
+    /// No run of that id.
+    #[error("no run {0}")]
+    NoRun(i64),
+    /// The run cannot be retried in its state.
+    #[error(
+        "run {id} is {state}; only failed, interrupted, expired and killed runs can be retried"
+    )]
+    NotRetryable {
+        /// The run.
+        id: i64,
+        /// Its state.
+        state: String,
+    },
+    /// The step to resume from is not in the playbook in force.
+    #[error(
+        "step {0:?} is no longer in the playbook; retry from the start (`--from-start`, or \
+         `\"from_start\": true`)"
+    )]
+    StepGone(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A retry: which run, and from where.
+pub struct Retry {
+    /// The run to repeat.
+    pub run_id: i64,
+    /// From the first step, rather than from the step that did not succeed.
+    pub from_start: bool,
+}
+
+/// The states a run can be retried from.
+const RETRYABLE: [RunState; 4] = [
+    RunState::Failed,
+    RunState::Interrupted,
+    RunState::Expired,
+    RunState::Killed,
+];
+
+impl Engine {
+    /// Runs playbook `name` for labels and annotations an operator gave, without an alert.
+    /// Its matchers and `when` are not consulted (the operator chose it); its templates are.
+    pub async fn trigger(
+        self: &Arc<Self>,
+        name: &str,
+        labels: Labels,
+        annotations: Labels,
+        who: &str,
+    ) -> Result<Outcome, ManualError> {
+        let set = self.playbooks();
+        let pb = set
+            .get(name)
+            .ok_or_else(|| ManualError::NoPlaybook(name.to_string()))?
+            .clone();
+        let fingerprint = crate::alert::fingerprint(&labels);
+        let alert = self.manual_alert(labels, annotations, fingerprint);
+        let manual = Manual {
+            by: who.to_string(),
+            retry_of: None,
+        };
+        let outcome = self.record_manual(pb, alert, manual, None).await?;
+        self.store
+            .audit(
+                who,
+                "run.trigger",
+                Some(format!("playbook/{name}")),
+                "ok",
+                None,
+            )
+            .await?;
+        Ok(outcome)
+    }
+
+    /// Makes a new run from a run that failed, was interrupted, expired or was killed: from the
+    /// step that did not succeed (or from the start), rendered again against the playbook in
+    /// force for the same alert data, and gated again.
+    pub async fn retry(self: &Arc<Self>, r: Retry, who: &str) -> Result<Outcome, ManualError> {
+        let run = (self.store.get_run(r.run_id).await?).ok_or(ManualError::NoRun(r.run_id))?;
+        if !RETRYABLE.iter().any(|s| s.as_str() == run.state) {
+            return Err(ManualError::NotRetryable {
+                id: run.id,
+                state: run.state,
+            });
+        }
+        let set = self.playbooks();
+        let pb = set
+            .get(&run.playbook)
+            .ok_or_else(|| ManualError::NoPlaybook(run.playbook.clone()))?
+            .clone();
+        // The first main step that did not succeed, by name.
+        let resume = (!r.from_start)
+            .then(|| {
+                run.steps.iter().flatten().find(|s| {
+                    s.phase == Phase::Main
+                        && !matches!(s.state, StepState::Succeeded | StepState::DryRun)
+                })
+            })
+            .flatten()
+            .map(|s| s.name.clone());
+        let alert = self.manual_alert(
+            run.alert.labels.clone(),
+            run.alert.annotations.clone(),
+            run.alert.fingerprint.clone(),
+        );
+        let manual = Manual {
+            by: who.to_string(),
+            retry_of: Some(run.id),
+        };
+        let outcome = self.record_manual(pb, alert, manual, resume).await?;
+        let detail = if r.from_start {
+            "from the start"
+        } else {
+            "from the step that did not succeed"
+        };
+        self.store
+            .audit(
+                who,
+                "run.retry",
+                Some(format!("run/{}", run.id)),
+                "ok",
+                Some(detail.to_string()),
+            )
+            .await?;
+        Ok(outcome)
+    }
+
+    /// An alert standing for an operator's request: the labels given, received now (so that
+    /// dedup never takes it for an earlier one).
+    fn manual_alert(&self, labels: Labels, annotations: Labels, fingerprint: String) -> Alert {
+        Alert {
+            source: "manual",
+            status: AlertStatus::Firing,
+            labels,
+            annotations,
+            starts_at: format!("manual-{}", crate::time::now_us()),
+            ends_at: None,
+            fingerprint,
+            generator_url: None,
+            group_key: None,
+        }
+    }
+
+    /// Plans `pb` for `alert` (from step `resume` on, when given) and records it through
+    /// intake, without cooldown or coalescing.
+    async fn record_manual(
+        self: &Arc<Self>,
+        pb: Arc<Playbook>,
+        alert: Alert,
+        manual: Manual,
+        resume: Option<String>,
+    ) -> Result<Outcome, ManualError> {
+        let set = self.playbooks();
+        let budget = self.config.plan_budget;
+        let (alert, pb, plan) = tokio::task::spawn_blocking(move || {
+            let _budget = crate::playbook::script::Budget::start(budget);
+            let mut scope = crate::playbook::script::alert_scope(&alert);
+            let plan = pb.plan(&set.sandbox, &mut scope);
+            (alert, pb, plan)
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?;
+        let plan = match (plan, resume) {
+            (Ok(mut plan), Some(step)) => {
+                let k = (plan.steps.iter())
+                    .position(|s| s.phase == Phase::Main && s.name == step)
+                    .ok_or(ManualError::StepGone(step))?;
+                // A gate over the whole run stays in front of what runs.
+                let run_gate = (plan.steps[..k].iter())
+                    .filter_map(|s| s.approval.clone())
+                    .find(|g| g.scope == crate::playbook::spec::GateScope::Run);
+                plan.steps.drain(..k);
+                if plan.steps[0].approval.is_none() {
+                    plan.steps[0].approval = run_gate;
+                }
+                Ok(plan)
+            }
+            (plan, _) => plan.map_err(|e| e.to_string()),
+        };
+        let now = self.store.now_ms();
+        let item = IntakeItem {
+            received_us: crate::time::now_us(),
+            candidates: vec![Candidate {
+                playbook: pb.name.clone(),
+                cooldown_ms: 0,
+                cooldown_key: alert.fingerprint.clone(),
+                dry_run: self.dry_run || pb.dry_run,
+                plan,
+                deadline_ms: pb.deadline.unwrap_or(self.config.run_deadline).as_millis() as i64,
+                suppress: self.windows.hold(&alert, now),
+                coalesce: false,
+                manual: Some(manual),
+            }],
+            alert,
+        };
+        let mut outcomes = tokio::spawn(self.clone().record(vec![item]))
+            .await
+            .map_err(|e| StoreError::Join(e.to_string()))??;
+        Ok(outcomes.remove(0).remove(0))
+    }
+}
