@@ -4,6 +4,39 @@ use reqwest::Method;
 use serde_json::Value;
 use std::time::Duration;
 
+/// Why an operator command failed; each kind has its own exit code (README, "Exit codes").
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached (exit 3).
+    #[error("{0}")]
+    Unreachable(String),
+    /// 401 or 403 (exit 4).
+    #[error("{0}")]
+    Auth(String),
+    /// 404 (exit 5).
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: the request conflicts with the run's or approval's state (exit 6).
+    #[error("{0}")]
+    Conflict(String),
+    /// Any other refusal or failure (exit 1).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ClientError {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Other(_) => 1,
+            ClientError::Unreachable(_) => 3,
+            ClientError::Auth(_) => 4,
+            ClientError::NotFound(_) => 5,
+            ClientError::Conflict(_) => 6,
+        }
+    }
+}
+
 /// An API client.
 pub struct Client {
     base: String,
@@ -12,12 +45,13 @@ pub struct Client {
 }
 
 impl Client {
-    /// `base` like `http://127.0.0.1:9095`; `token` from `REFLEX_TOKEN`.
-    pub fn new(base: &str, token: Option<String>) -> Result<Client, String> {
+    /// `base` like `http://127.0.0.1:9095`; `token` from `REFLEX_TOKEN` or `--token-file`.
+    pub fn new(base: &str, token: Option<String>) -> Result<Client, ClientError> {
         let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ClientError::Other(e.to_string()))?;
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token,
@@ -31,7 +65,7 @@ impl Client {
         method: Method,
         path: &str,
         body: Option<Value>,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, ClientError> {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.base));
@@ -44,10 +78,13 @@ impl Client {
             None if method != Method::GET => req = req.json(&serde_json::json!({})),
             None => {}
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach {}: {e}", self.base))?;
+        let resp = req.send().await.map_err(|e| {
+            let cause = std::error::Error::source(&e).map_or(e.to_string(), |c| c.to_string());
+            ClientError::Unreachable(format!(
+                "cannot reach {}: {cause}; is `reflex serve` running there? (--server or REFLEX_SERVER)",
+                self.base
+            ))
+        })?;
         let status = resp.status();
         let value: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_success() {
@@ -55,12 +92,18 @@ impl Client {
         }
         let msg = value["error"]["message"].as_str().unwrap_or("no message");
         let hint = match (status.as_u16(), &self.token) {
-            (401, None) => "; set REFLEX_TOKEN to an API token",
-            (401, Some(_)) => "; the token in REFLEX_TOKEN was not accepted",
-            (403, _) => "; the token in REFLEX_TOKEN lacks the role for this",
+            (401, None) => "; set REFLEX_TOKEN (or --token-file) to an API token",
+            (401, Some(_)) => "; the token (REFLEX_TOKEN or --token-file) was not accepted",
+            (403, _) => "; the token (REFLEX_TOKEN or --token-file) lacks the role for this",
             _ => "",
         };
-        Err(format!("{} {msg}{hint}", status.as_u16()))
+        let text = format!("{} {msg}{hint}", status.as_u16());
+        Err(match status.as_u16() {
+            401 | 403 => ClientError::Auth(text),
+            404 => ClientError::NotFound(text),
+            409 => ClientError::Conflict(text),
+            _ => ClientError::Other(text),
+        })
     }
 }
 
@@ -104,4 +147,110 @@ pub fn format_approvals(list: &Value) -> String {
         out.push_str("no approvals\n");
     }
     out
+}
+
+/// A run and its steps, one line each.
+pub fn format_run(r: &Value) -> String {
+    let mut out = format!(
+        "run {} [{}] playbook {} target {}\n  created {}",
+        r["id"],
+        r["state"].as_str().unwrap_or(""),
+        r["playbook"].as_str().unwrap_or(""),
+        r["target"].as_str().unwrap_or(""),
+        r["created_at"].as_str().unwrap_or(""),
+    );
+    if let Some(f) = r["finished_at"].as_str() {
+        out.push_str(&format!(", finished {f}"));
+    }
+    for (key, label) in [
+        ("triggered_by", "triggered by"),
+        ("retry_of", "retry of run"),
+    ] {
+        if !r[key].is_null() {
+            out.push_str(&format!(
+                ", {label} {}",
+                r[key].to_string().trim_matches('"')
+            ));
+        }
+    }
+    out.push('\n');
+    for (key, label) in [("reason", "reason"), ("error", "error")] {
+        if let Some(t) = r[key].as_str() {
+            out.push_str(&format!("  {label}: {t}\n"));
+        }
+    }
+    for s in r["steps"].as_array().into_iter().flatten() {
+        out.push_str(&format_step(s));
+    }
+    out
+}
+
+/// One step: index, state, name, action, and its error or summary.
+pub fn format_step(s: &Value) -> String {
+    let detail = s["error"]
+        .as_str()
+        .map(|e| format!(": {e}"))
+        .or_else(|| s["output"]["summary"].as_str().map(|m| format!(": {m}")))
+        .unwrap_or_default();
+    format!(
+        "  {:>2}. {:<12} {} ({}){detail}\n",
+        s["idx"].as_i64().unwrap_or(0) + 1,
+        s["state"].as_str().unwrap_or(""),
+        s["name"].as_str().unwrap_or(""),
+        s["action"].as_str().unwrap_or(""),
+    )
+}
+
+/// One line per playbook: name, file, matchers.
+pub fn format_playbooks(list: &Value) -> String {
+    let mut out = format!("{:<28} {:<36} {}\n", "NAME", "FILE", "MATCHERS");
+    for p in list.as_array().into_iter().flatten() {
+        let matchers: Vec<&str> = (p["matchers"].as_array().into_iter().flatten())
+            .filter_map(Value::as_str)
+            .collect();
+        out.push_str(&format!(
+            "{:<28} {:<36} {}\n",
+            p["name"].as_str().unwrap_or(""),
+            p["file"].as_str().unwrap_or(""),
+            matchers.join(", ")
+        ));
+    }
+    out
+}
+
+/// One line per audit entry: time, actor, action, target, outcome.
+pub fn format_audit(list: &Value) -> String {
+    let mut out = format!(
+        "{:<25} {:<16} {:<22} {:<34} {}\n",
+        "AT", "ACTOR", "ACTION", "TARGET", "OUTCOME"
+    );
+    for a in list.as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<25} {:<16} {:<22} {:<34} {}\n",
+            a["at"].as_str().unwrap_or(""),
+            a["actor"].as_str().unwrap_or(""),
+            a["action"].as_str().unwrap_or(""),
+            a["target"].as_str().unwrap_or(""),
+            a["outcome"].as_str().unwrap_or("")
+        ));
+    }
+    out
+}
+
+/// What a trigger or a retry recorded: `run 12 created`, with the reason when held back.
+pub fn format_outcome(v: &Value) -> String {
+    let why = ["reason", "error"]
+        .iter()
+        .find_map(|k| v[k].as_str())
+        .map_or(String::new(), |r| format!(": {r}"));
+    format!(
+        "run {} {}{why}\n",
+        v["run_id"],
+        v["outcome"].as_str().unwrap_or("?")
+    )
+}
+
+/// Whether a run's state is final.
+pub fn is_final(state: &str) -> bool {
+    !matches!(state, "pending" | "running" | "awaiting_approval")
 }

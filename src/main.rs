@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use reflex::client;
 use reflex::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,45 @@ struct Api {
     /// API address.
     #[arg(long, env = "REFLEX_SERVER", default_value = "http://127.0.0.1:9095")]
     server: String,
+    /// A file holding the API token (else REFLEX_TOKEN).
+    #[arg(long, env = "REFLEX_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Output: a table (default on a terminal) or JSON (default otherwise).
+    #[arg(short = 'o', long, value_enum)]
+    output: Option<Output>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+impl Api {
+    /// JSON unless asked for a table or writing to a terminal.
+    fn json(&self) -> bool {
+        use std::io::IsTerminal;
+        match self.output {
+            Some(o) => o == Output::Json,
+            None => !std::io::stdout().is_terminal(),
+        }
+    }
+
+    /// Prints `v` as JSON, or as `table` renders it.
+    fn print(&self, v: &serde_json::Value, table: impl Fn(&serde_json::Value) -> String) {
+        if self.json() {
+            println!("{}", pretty(v));
+        } else {
+            print!("{}", table(v));
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -91,6 +131,9 @@ enum Command {
         api: Api,
         /// Run id.
         id: i64,
+        /// Print steps as they change until the run ends.
+        #[arg(long)]
+        follow: bool,
     },
     /// List approval requests (pending by default).
     Approvals {
@@ -186,6 +229,11 @@ enum Command {
         #[command(flatten)]
         api: Api,
     },
+    /// Print a shell completion script: `source <(reflex completions bash)`.
+    Completions {
+        /// bash, zsh or fish.
+        shell: Shell,
+    },
     /// Show the audit log, newest first.
     Audit {
         #[command(flatten)]
@@ -211,32 +259,45 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<reflex::client::ClientError>() {
+                Some(c) => ExitCode::from(c.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
 
 fn client_call(
-    server: &str,
+    api: &Api,
     method: reqwest::Method,
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
-    let token = std::env::var("REFLEX_TOKEN").ok().filter(|t| !t.is_empty());
-    let client = reflex::client::Client::new(server, token).map_err(anyhow::Error::msg)?;
+    let token = match &api.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("REFLEX_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty());
+    let client = reflex::client::Client::new(&api.server, token)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(client.call(method, path, body))
-        .map_err(anyhow::Error::msg)
+    Ok(rt.block_on(client.call(method, path, body))?)
 }
 
 /// `reflex approve` / `reflex deny`.
-fn decide(server: &str, id: i64, verb: &str, comment: Option<String>) -> anyhow::Result<ExitCode> {
+fn decide(api: &Api, id: i64, verb: &str, comment: Option<String>) -> anyhow::Result<ExitCode> {
     let path = format!("/api/v1/approvals/{id}/{verb}");
     let body = serde_json::json!({ "comment": comment });
-    let v = client_call(server, reqwest::Method::POST, &path, Some(body))?;
-    println!("approval {id}: {}", v["state"].as_str().unwrap_or("?"));
+    let v = client_call(api, reqwest::Method::POST, &path, Some(body))?;
+    api.print(&v, |v| {
+        format!("approval {id}: {}\n", v["state"].as_str().unwrap_or("?"))
+    });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -248,25 +309,49 @@ fn key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// What a trigger or a retry recorded, in a line.
-fn print_outcome(v: &serde_json::Value) {
-    let run = v["run_id"]
-        .as_i64()
-        .map_or(String::new(), |id| format!("run {id}"));
-    let why = ["reason", "error"]
-        .iter()
-        .find_map(|k| v[k].as_str())
-        .map_or(String::new(), |r| format!(": {r}"));
-    println!("{run} {}{why}", v["outcome"].as_str().unwrap_or("?"));
-}
-
 fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
+/// `reflex run ID --follow`: prints the run, then each step as it changes, until the run
+/// ends (polling every half second). Exits 0 when it succeeded, 1 otherwise.
+fn follow_run(api: &Api, path: &str, mut run: serde_json::Value) -> anyhow::Result<ExitCode> {
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let mut state = String::new();
+    loop {
+        let steps = run["steps"].as_array().cloned().unwrap_or_default();
+        for (i, s) in steps.iter().enumerate() {
+            let key = serde_json::json!([s["state"], s["error"]]);
+            if seen.get(i) != Some(&key) {
+                if api.json() {
+                    println!("{s}");
+                } else {
+                    print!("{}", client::format_step(s));
+                }
+                seen.resize(steps.len().max(seen.len()), serde_json::Value::Null);
+                seen[i] = key;
+            }
+        }
+        let now = run["state"].as_str().unwrap_or("").to_string();
+        if now != state && !api.json() {
+            println!("run {} {now}", run["id"]);
+        }
+        state = now;
+        if client::is_final(&state) {
+            return Ok(if state == "succeeded" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        run = client_call(api, reqwest::Method::GET, path, None)?;
+    }
+}
+
 /// `reflex kill` / `reflex unkill`: PUT the switch (global, or one playbook's), print the result.
 fn set_switch(
-    server: &str,
+    server: &Api,
     playbook: Option<&str>,
     body: serde_json::Value,
 ) -> anyhow::Result<ExitCode> {
@@ -295,47 +380,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             state,
             limit,
         } => {
-            let server = &api.server;
             let mut q = format!("/api/v1/runs?limit={limit}");
             for (k, v) in [("playbook", playbook), ("state", state)] {
                 if let Some(v) = v {
                     q.push_str(&format!("&{k}={v}"));
                 }
             }
-            print!(
-                "{}",
-                reflex::client::format_runs(&client_call(server, Method::GET, &q, None)?)
+            api.print(
+                &client_call(&api, Method::GET, &q, None)?,
+                client::format_runs,
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { api, id } => {
-            let server = &api.server;
-            println!(
-                "{}",
-                pretty(&client_call(
-                    server,
-                    Method::GET,
-                    &format!("/api/v1/runs/{id}"),
-                    None
-                )?)
-            );
-            Ok(ExitCode::SUCCESS)
+        Command::Run { api, id, follow } => {
+            let path = format!("/api/v1/runs/{id}");
+            let run = client_call(&api, Method::GET, &path, None)?;
+            if !follow {
+                api.print(&run, client::format_run);
+                return Ok(ExitCode::SUCCESS);
+            }
+            follow_run(&api, &path, run)
         }
         Command::Approvals { api, state } => {
-            let server = &api.server;
             let q = if state == "all" {
                 "/api/v1/approvals".to_string()
             } else {
                 format!("/api/v1/approvals?state={state}")
             };
-            print!(
-                "{}",
-                reflex::client::format_approvals(&client_call(server, Method::GET, &q, None)?)
+            api.print(
+                &client_call(&api, Method::GET, &q, None)?,
+                client::format_approvals,
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Approve { api, id, comment } => decide(&api.server, id, "approve", comment),
-        Command::Deny { api, id, comment } => decide(&api.server, id, "deny", comment),
+        Command::Approve { api, id, comment } => decide(&api, id, "approve", comment),
+        Command::Deny { api, id, comment } => decide(&api, id, "deny", comment),
         Command::Kill {
             api,
             reason,
@@ -343,7 +422,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for_,
         } => {
             let body = json!({ "engaged": true, "reason": reason, "for": for_ });
-            set_switch(&api.server, playbook.as_deref(), body)
+            set_switch(&api, playbook.as_deref(), body)
         }
         Command::Unkill {
             api,
@@ -351,7 +430,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reason,
         } => {
             let body = json!({ "engaged": false, "reason": reason });
-            set_switch(&api.server, playbook.as_deref(), body)
+            set_switch(&api, playbook.as_deref(), body)
         }
         Command::Trigger {
             api,
@@ -365,7 +444,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let body = json!({ "labels": map(labels), "annotations": map(annotations) });
             let path = format!("/api/v1/playbooks/{playbook}/runs");
-            print_outcome(&client_call(&api.server, Method::POST, &path, Some(body))?);
+            api.print(
+                &client_call(&api, Method::POST, &path, Some(body))?,
+                client::format_outcome,
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Retry {
@@ -375,38 +457,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let path = format!("/api/v1/runs/{id}/retry");
             let body = json!({ "from_start": from_start });
-            print_outcome(&client_call(&api.server, Method::POST, &path, Some(body))?);
+            api.print(
+                &client_call(&api, Method::POST, &path, Some(body))?,
+                client::format_outcome,
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Cancel { api, id } => {
             let path = format!("/api/v1/runs/{id}/cancel");
-            let v = client_call(&api.server, Method::POST, &path, None)?;
-            let note = v["message"]
-                .as_str()
-                .map_or(String::new(), |m| format!(" ({m})"));
-            println!("run {id}: {}{note}", v["state"].as_str().unwrap_or("?"));
+            let v = client_call(&api, Method::POST, &path, None)?;
+            api.print(&v, |v| {
+                let note = v["message"]
+                    .as_str()
+                    .map_or(String::new(), |m| format!(" ({m})"));
+                format!("run {id}: {}{note}\n", v["state"].as_str().unwrap_or("?"))
+            });
             Ok(ExitCode::SUCCESS)
         }
         Command::Playbooks { api } => {
-            let v = client_call(&api.server, Method::GET, "/api/v1/playbooks", None)?;
-            println!("{}", pretty(&v));
+            let v = client_call(&api, Method::GET, "/api/v1/playbooks", None)?;
+            api.print(&v, client::format_playbooks);
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload { api } => {
-            let v = client_call(&api.server, Method::POST, "/api/v1/playbooks/reload", None)?;
+            let v = client_call(&api, Method::POST, "/api/v1/playbooks/reload", None)?;
             println!("{}", pretty(&v));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "reflex", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit { api, limit } => {
-            let server = &api.server;
-            println!(
-                "{}",
-                pretty(&client_call(
-                    server,
-                    Method::GET,
-                    &format!("/api/v1/audit?limit={limit}"),
-                    None
-                )?)
+            let path = format!("/api/v1/audit?limit={limit}");
+            api.print(
+                &client_call(&api, Method::GET, &path, None)?,
+                client::format_audit,
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -42,6 +42,12 @@ pub struct AppState {
 
 /// Parses a small JSON control body.
 pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // Every control body is an object (serde would also fill a struct from an array).
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::BadRequest(
+            "invalid request body: expected a JSON object".into(),
+        ));
+    }
     crate::alert::parse_json(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
 }

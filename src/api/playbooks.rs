@@ -88,7 +88,11 @@ pub async fn trigger(
     body: axum::body::Bytes,
 ) -> Result<axum::Json<crate::store::Outcome>, ApiError> {
     let axum::extract::Path(name) = name?;
-    let body: TriggerBody = super::json_body(&body)?;
+    let mut body: TriggerBody = super::json_body(&body)?;
+    // Chat and the console name a run by its alert's name: without one, the playbook's.
+    body.labels
+        .entry("alertname".into())
+        .or_insert_with(|| name.clone());
     crate::alert::validate_labels(&body.labels, &body.annotations).map_err(ApiError::BadRequest)?;
     let outcome = (state.engine)
         .trigger(&name, body.labels, body.annotations, &who.name)

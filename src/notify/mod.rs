@@ -224,12 +224,19 @@ impl Event {
                     .as_ref()
                     .map(|x| format!(" {}.", e(x.trim_end_matches('.'))))
                     .unwrap_or_default();
+                // Runs that can be retried say how.
+                let retry = match state.as_str() {
+                    "failed" | "interrupted" | "expired" | "killed" => {
+                        format!(" To run it again: reflex retry {}.", run.id)
+                    }
+                    _ => String::new(),
+                };
                 let state = match state.as_str() {
                     "dry_run" => "finished as a dry run",
                     other => other,
                 };
                 format!(
-                    "{}.{summary} Run {} ({}) {state} in {}.{why}{}",
+                    "{}.{summary} Run {} ({}) {state} in {}.{why}{retry}{}",
                     e(run.title.trim_end_matches('.')),
                     run.id,
                     e(&run.playbook),

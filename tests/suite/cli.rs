@@ -458,7 +458,7 @@ async fn trigger_and_retry_from_the_cli_start_runs_that_say_who_asked() {
     let server = app.base.clone();
     let cli = |args: &[&str]| {
         let mut all = args.to_vec();
-        all.extend(["--server", &server]);
+        all.extend(["--server", &server, "-o", "table"]);
         reflex_cli(&all, repo())
     };
     let (code, out) = cli(&[
@@ -488,9 +488,81 @@ async fn trigger_and_retry_from_the_cli_start_runs_that_say_who_asked() {
     );
     // A run that cannot be retried: a clear error and a non-zero exit.
     let (code, out) = cli(&["retry", "999"]);
-    assert_ne!(code, 0, "{out}");
+    assert_eq!(code, 5, "not found: {out}");
     assert!(out.contains("no run 999"), "{out}");
+    let done = app
+        .start_run_for(&serde_json::json!({"labels": {"alertname": "Flaky"}}))
+        .await;
+    app.wait_run_state(done, "failed").await;
+    let (code, out) = cli(&["cancel", &done.to_string()]);
+    assert_eq!(code, 6, "conflict: {out}");
     let (code, out) = cli(&["trigger", "flaky", "-l", "novalue"]);
     assert_ne!(code, 0);
     assert!(out.contains("not key=value"), "{out}");
+}
+
+#[tokio::test]
+async fn operator_commands_speak_json_when_piped_follow_a_run_and_exit_by_cause() {
+    let app = crate::common::TestApp::builder()
+        .playbook(
+            "slow.yaml",
+            "name: slow\nmatchers: ['alertname=\"Slow\"']\nsteps:\n  - name: pause\n    action: wait\n    with: { duration: 300ms }\n  - name: note\n    action: log\n    with: { message: done }\n",
+        )
+        .config(&crate::common::auth_config(&[("ops", "operator")]))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "ops-token\n").unwrap();
+    let server = app.base.clone();
+    let tf = token_file.to_str().unwrap().to_string();
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--server", &server, "--token-file", &tf]);
+        reflex_cli(&all, repo())
+    };
+    // Piped, a read command prints JSON.
+    let (code, out) = cli(&["trigger", "slow"]);
+    assert_eq!(code, 0, "{out}");
+    let outcome: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let id = outcome["run_id"].as_i64().unwrap();
+    // --follow prints each step as it changes and exits 0 once the run succeeded.
+    let (code, out) = cli(&["run", &id.to_string(), "--follow", "-o", "table"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("succeeded    pause (wait)"), "{out}");
+    assert!(out.contains("succeeded    note (log)"), "{out}");
+    assert!(
+        out.trim_end().ends_with(&format!("run {id} succeeded")),
+        "{out}"
+    );
+    let (code, out) = cli(&["playbooks"]);
+    assert_eq!(code, 0);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "slow");
+    // The causes of failure, by exit code.
+    let (code, out) = reflex_cli(&["runs", "--server", &server], repo());
+    assert_eq!(code, 4, "no token: {out}");
+    assert!(out.contains("REFLEX_TOKEN"), "{out}");
+    let port = crate::common::free_port();
+    let (code, out) = reflex_cli(
+        &["runs", "--server", &format!("http://127.0.0.1:{port}")],
+        repo(),
+    );
+    assert_eq!(code, 3, "unreachable: {out}");
+    assert!(
+        out.contains("cannot reach") && out.contains("reflex serve"),
+        "{out}"
+    );
+    let (code, out) = cli(&["run", "424242"]);
+    assert_eq!(code, 5, "{out}");
+    // Completions for each shell name the commands.
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out) = reflex_cli(&["completions", shell], repo());
+        assert_eq!(code, 0, "{shell}");
+        assert!(
+            out.contains("retry") && out.contains("trigger"),
+            "{shell}: {out}"
+        );
+    }
 }

@@ -466,4 +466,10 @@ steps:
         duration.ends_with("ms") && duration[..duration.len() - 2].parse::<u64>().is_ok(),
         "{end}"
     );
+    // A failed run says how to run it again; a successful one does not.
+    assert!(
+        end.contains(&format!("To run it again: reflex retry {broken_id}.")),
+        "{end}"
+    );
+    assert!(!finished.contains("retry"), "{finished}");
 }

@@ -697,6 +697,7 @@ async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
     let cli = |args: &[&str], token: &str| {
         let out = std::process::Command::new(crate::common::reflex_bin())
             .args(args)
+            .args(["-o", "table"])
             .env("REFLEX_SERVER", &app.base)
             .env("REFLEX_TOKEN", token)
             .output()
@@ -710,7 +711,7 @@ async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
     };
     // Without a token the error says how to give one.
     let (code, out) = cli(&["approvals"], "");
-    assert_ne!(code, 0, "{out}");
+    assert_eq!(code, 4, "{out}");
     assert!(
         out.contains("401") && out.contains("set REFLEX_TOKEN"),
         "{out}"
@@ -730,7 +731,7 @@ async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
         &["approve", &approval.to_string(), "--comment", "looks right"],
         "carol-token",
     );
-    assert_eq!(code, 1, "a viewer cannot approve: {out}");
+    assert_eq!(code, 4, "a viewer cannot approve (exit 4, auth): {out}");
     assert!(out.contains("403"), "{out}");
     let (code, out) = cli(
         &["approve", &approval.to_string(), "--comment", "looks right"],
