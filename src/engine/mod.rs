@@ -267,6 +267,10 @@ impl Engine {
         for (run, permit) in started.into_iter().zip(permits) {
             self.spawn_run(run, permit);
         }
+        if started_n > 0 {
+            // The started runs take their first step before the answer is written.
+            tokio::task::yield_now().await;
+        }
         let tripped = outcomes.iter().flatten().find_map(|o| match o {
             Outcome::Suppressed {
                 cause: Hold::Breaker,
