@@ -1,6 +1,7 @@
 //! Approval requests: list, show, approve, deny.
 
 use super::auth::Identity;
+use super::error::ErrorBody;
 use super::{ApiError, AppState, json_body};
 use crate::store::{ApprovalState, ApprovalView, Decision};
 use axum::body::Bytes;
@@ -20,7 +21,7 @@ pub struct ListQuery {
 }
 
 /// Body of approve and deny.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionBody {
     /// Recorded with the decision.
@@ -28,6 +29,15 @@ pub struct DecisionBody {
 }
 
 /// `GET /api/v1/approvals`
+#[utoipa::path(
+    get,
+    path = "/api/v1/approvals",
+    tag = "viewer",
+    description = "Approval requests. Role: viewer.",
+    params(("state" = Option<String>, Query, description = "pending, approved, denied, expired, cancelled"), ("limit" = Option<u32>, Query, description = "At most this many")),
+    responses((status = 200, description = "Approvals", body = Vec<crate::store::ApprovalView>), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -50,6 +60,15 @@ pub async fn list(
 }
 
 /// `GET /api/v1/approvals/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/v1/approvals/{id}",
+    tag = "viewer",
+    description = "One approval request. Role: viewer.",
+    params(("id" = i64, Path, description = "Approval id")),
+    responses((status = 200, description = "The approval", body = crate::store::ApprovalView), (status = 404, description = "Not found", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
 pub async fn get(
     State(state): State<AppState>,
     id: Result<Path<i64>, PathRejection>,
@@ -64,6 +83,16 @@ pub async fn get(
 }
 
 /// `POST /api/v1/approvals/{id}/approve`
+#[utoipa::path(
+    post,
+    path = "/api/v1/approvals/{id}/approve",
+    tag = "approver",
+    description = "Approves exactly the action shown. Role: approver.",
+    params(("id" = i64, Path, description = "Approval id")),
+    request_body = DecisionBody,
+    responses((status = 200, description = "The approval after the decision", body = crate::store::ApprovalView), (status = 404, description = "Not found", body = ErrorBody), (status = 409, description = "Conflicts with the current state", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["approver"]))
+)]
 pub async fn approve(
     state: State<AppState>,
     who: Extension<Identity>,
@@ -74,6 +103,16 @@ pub async fn approve(
 }
 
 /// `POST /api/v1/approvals/{id}/deny`
+#[utoipa::path(
+    post,
+    path = "/api/v1/approvals/{id}/deny",
+    tag = "approver",
+    description = "Denies; the run ends without acting. Role: approver.",
+    params(("id" = i64, Path, description = "Approval id")),
+    request_body = DecisionBody,
+    responses((status = 200, description = "The approval after the decision", body = crate::store::ApprovalView), (status = 404, description = "Not found", body = ErrorBody), (status = 409, description = "Conflicts with the current state", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["approver"]))
+)]
 pub async fn deny(
     state: State<AppState>,
     who: Extension<Identity>,

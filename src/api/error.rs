@@ -32,6 +32,24 @@ pub enum ApiError {
     Invalid(String, Vec<String>),
 }
 
+/// How every error is answered: `{"error": {"status": 404, "message": "…"}}`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// An error's status and message.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong, and what to do about it.
+    pub message: String,
+    /// One line per problem (422 only).
+    pub details: Option<Vec<String>>,
+}
+
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {

@@ -1,6 +1,7 @@
 //! The kill switch, global and per playbook.
 
 use super::auth::Identity;
+use super::error::ErrorBody;
 use super::{ApiError, AppState, json_body};
 use crate::store::{GLOBAL, Switch, playbook_scope};
 use axum::body::Bytes;
@@ -10,7 +11,7 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
 /// Body of `PUT …/killswitch`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchBody {
     /// Engage (true) or release (false).
@@ -25,7 +26,7 @@ pub struct SwitchBody {
 }
 
 /// The switches in force.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SwitchState {
     /// The global switch.
     pub global: Switch,
@@ -58,11 +59,28 @@ async fn current(state: &AppState) -> Result<SwitchState, ApiError> {
 }
 
 /// `GET /api/v1/killswitch`
+#[utoipa::path(
+    get,
+    path = "/api/v1/killswitch",
+    tag = "viewer",
+    description = "The kill switches. Role: viewer.",
+    responses((status = 200, description = "Global and per-playbook switches", body = SwitchState), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
 pub async fn get(State(state): State<AppState>) -> Result<Json<SwitchState>, ApiError> {
     Ok(Json(current(&state).await?))
 }
 
 /// `PUT /api/v1/killswitch`
+#[utoipa::path(
+    put,
+    path = "/api/v1/killswitch",
+    tag = "admin",
+    description = "Engages or releases the global kill switch. Role: admin.",
+    request_body = SwitchBody,
+    responses((status = 200, description = "The switches after the change", body = SwitchState), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn put(
     state: State<AppState>,
     who: Extension<Identity>,
@@ -72,6 +90,15 @@ pub async fn put(
 }
 
 /// `GET /api/v1/playbooks/{name}/killswitch`
+#[utoipa::path(
+    get,
+    path = "/api/v1/playbooks/{name}/killswitch",
+    tag = "viewer",
+    description = "One playbook's kill switch. Role: viewer.",
+    params(("name" = String, Path, description = "Playbook name")),
+    responses((status = 200, description = "The switch", body = crate::store::Switch), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
 pub async fn get_playbook(
     State(state): State<AppState>,
     name: Result<Path<String>, PathRejection>,
@@ -87,6 +114,16 @@ pub async fn get_playbook(
 }
 
 /// `PUT /api/v1/playbooks/{name}/killswitch`
+#[utoipa::path(
+    put,
+    path = "/api/v1/playbooks/{name}/killswitch",
+    tag = "admin",
+    description = "Engages or releases one playbook's kill switch. Role: admin.",
+    params(("name" = String, Path, description = "Playbook name")),
+    request_body = SwitchBody,
+    responses((status = 200, description = "The switches after the change", body = SwitchState), (status = 404, description = "Not found", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn put_playbook(
     state: State<AppState>,
     who: Extension<Identity>,

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod auth_config;
 mod error;
 mod killswitch;
+pub mod openapi;
 mod playbooks;
 mod runs;
 pub mod server;
@@ -15,6 +16,7 @@ mod webhooks;
 mod tests;
 
 pub use error::ApiError;
+use error::ErrorBody;
 
 use crate::engine::Engine;
 use crate::store::Store;
@@ -95,7 +97,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route_layer(from_fn_with_state(state.clone(), auth::admin));
     let health = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        .route("/api/v1/openapi.json", get(openapi::document))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route_layer(from_fn_with_state(state.clone(), auth::health));
@@ -176,6 +179,15 @@ struct AuditQuery {
 }
 
 /// `GET /api/v1/audit`: newest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/audit",
+    tag = "viewer",
+    description = "The audit log, newest first. Role: viewer.",
+    params(("limit" = Option<u32>, Query, description = "1-1000, default 100")),
+    responses((status = 200, description = "Audit rows", body = Vec<crate::store::AuditEntry>), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
 async fn audit(
     State(state): State<AppState>,
     q: Result<Query<AuditQuery>, QueryRejection>,
@@ -191,6 +203,14 @@ async fn audit(
 }
 
 /// `GET /metrics`: gauges that live in the store are read at scrape time.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "health",
+    description = "Prometheus metrics, text format. Role: none (unless auth.protect_health).",
+    responses((status = 200, description = "Metrics", body = String, content_type = "text/plain"), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(())
+)]
 async fn metrics(
     State(state): State<AppState>,
 ) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
@@ -204,7 +224,28 @@ async fn metrics(
     ))
 }
 
+/// Alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    description = "Alive. Role: none (unless auth.protect_health).",
+    responses((status = 200, description = "Alive", body = String)),
+    security(())
+)]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
 /// Ready when the store answers.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    description = "Ready when the store answers. Role: none (unless auth.protect_health).",
+    responses((status = 200, description = "Ready", body = String), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(())
+)]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready"),

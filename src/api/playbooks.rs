@@ -1,12 +1,13 @@
 //! The playbooks in force.
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
 
 /// A playbook as listed by the API.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PlaybookView {
     /// Name.
     pub name: String,
@@ -17,6 +18,7 @@ pub struct PlaybookView {
     /// Matchers, in Alertmanager syntax.
     pub matchers: Vec<String>,
     /// Statuses acted on.
+    #[schema(value_type = Vec<String>)]
     pub statuses: Vec<&'static str>,
     /// Has a `when` condition.
     pub has_when: bool,
@@ -29,6 +31,14 @@ pub struct PlaybookView {
 }
 
 /// `GET /api/v1/playbooks`
+#[utoipa::path(
+    get,
+    path = "/api/v1/playbooks",
+    tag = "viewer",
+    description = "The playbooks in force. Role: viewer.",
+    responses((status = 200, description = "Playbooks", body = Vec<PlaybookView>), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
 pub async fn list(State(state): State<AppState>) -> Json<Vec<PlaybookView>> {
     let set = state.engine.playbooks();
     Json(
@@ -55,6 +65,14 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<PlaybookView>> {
 
 /// `POST /api/v1/playbooks/reload`: 200 with the count, or 422 with every error (the set in
 /// force stays).
+#[utoipa::path(
+    post,
+    path = "/api/v1/playbooks/reload",
+    tag = "admin",
+    description = "Reloads the playbook directory; an invalid set is refused whole. Role: admin.",
+    responses((status = 200, description = "How many were loaded", body = Object), (status = 422, description = "The new set is invalid; the previous one stays", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["admin"]))
+)]
 pub async fn reload(
     State(state): State<AppState>,
     axum::Extension(who): axum::Extension<super::auth::Identity>,
@@ -69,18 +87,28 @@ pub async fn reload(
 }
 
 /// The body of a manual trigger.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TriggerBody {
+pub struct TriggerBody {
     /// The labels the playbook's templates see.
     #[serde(default)]
-    labels: crate::alert::Labels,
+    pub labels: crate::alert::Labels,
     /// Its annotations.
     #[serde(default)]
-    annotations: crate::alert::Labels,
+    pub annotations: crate::alert::Labels,
 }
 
 /// `POST /api/v1/playbooks/{name}/runs`: runs a playbook for an operator, without an alert.
+#[utoipa::path(
+    post,
+    path = "/api/v1/playbooks/{name}/runs",
+    tag = "operator",
+    description = "Runs a playbook without an alert; gates and the kill switch apply. Role: operator.",
+    params(("name" = String, Path, description = "Playbook name")),
+    request_body = TriggerBody,
+    responses((status = 200, description = "What intake recorded", body = crate::store::Outcome), (status = 404, description = "Not found", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["operator"]))
+)]
 pub async fn trigger(
     axum::extract::State(state): axum::extract::State<AppState>,
     axum::Extension(who): axum::Extension<super::auth::Identity>,

@@ -1,5 +1,6 @@
 //! Run history and control: list, detail, cancel, retry.
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::engine::CancelResult;
 use crate::store::{RunFilter, RunState, RunView};
@@ -28,7 +29,7 @@ pub struct ListQuery {
 }
 
 /// A page of runs.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RunPage {
     /// Runs, newest first.
     pub runs: Vec<RunView>,
@@ -37,6 +38,15 @@ pub struct RunPage {
 }
 
 /// `GET /api/v1/runs`
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs",
+    tag = "viewer",
+    description = "Runs, newest first; `next_before` pages. Role: viewer.",
+    params(("playbook" = Option<String>, Query, description = "Only this playbook"), ("state" = Option<String>, Query, description = "Only this state"), ("before" = Option<i64>, Query, description = "Runs with a smaller id"), ("limit" = Option<u32>, Query, description = "Page size, 1-500")),
+    responses((status = 200, description = "A page of runs", body = RunPage), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -71,6 +81,15 @@ pub async fn list(
 }
 
 /// `GET /api/v1/runs/{id}`
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}",
+    tag = "viewer",
+    description = "One run with its steps. Role: viewer.",
+    params(("id" = i64, Path, description = "Run id")),
+    responses((status = 200, description = "The run", body = crate::store::RunView), (status = 404, description = "Not found", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
 pub async fn get(
     State(state): State<AppState>,
     id: Result<Path<i64>, PathRejection>,
@@ -85,6 +104,15 @@ pub async fn get(
 }
 
 /// `POST /api/v1/runs/{id}/cancel`
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/{id}/cancel",
+    tag = "operator",
+    description = "Cancels a run: at once if it has not started, else before its next step. Role: operator.",
+    params(("id" = i64, Path, description = "Run id")),
+    responses((status = 200, description = "Cancelled, or the run stops before its next step", body = Object), (status = 404, description = "Not found", body = ErrorBody), (status = 409, description = "Conflicts with the current state", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["operator"]))
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     axum::Extension(who): axum::Extension<super::auth::Identity>,
@@ -105,15 +133,25 @@ pub async fn cancel(
 }
 
 /// The body of a retry (optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RetryBody {
+pub struct RetryBody {
     /// Repeat every step, not only from the one that did not succeed.
     #[serde(default)]
-    from_start: bool,
+    pub from_start: bool,
 }
 
 /// `POST /api/v1/runs/{id}/retry`: a new run from a failed, interrupted, expired or killed one.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/{id}/retry",
+    tag = "operator",
+    description = "A new run from a failed, interrupted, expired or killed one. Role: operator.",
+    params(("id" = i64, Path, description = "Run id")),
+    request_body = Option<RetryBody>,
+    responses((status = 200, description = "What intake recorded", body = crate::store::Outcome), (status = 404, description = "Not found", body = ErrorBody), (status = 409, description = "Conflicts with the current state", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["operator"]))
+)]
 pub async fn retry(
     State(state): State<AppState>,
     axum::Extension(who): axum::Extension<super::auth::Identity>,

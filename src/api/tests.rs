@@ -695,6 +695,8 @@ async fn an_operator_triggers_a_playbook_without_an_alert_and_the_run_says_who()
     let run = wait_state(&api, out["run_id"].as_i64().unwrap(), "succeeded").await;
     assert_eq!(run["triggered_by"], "operator", "{run}");
     assert_eq!(run["steps"][0]["args"]["message"], "noted h9", "{run}");
+    let starts = run["alert"]["starts_at"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(starts).is_ok(), "{starts}");
     // A second trigger with the same labels is a new run, not a re-delivery.
     let (_, again) = (api.call(
         Method::POST,
@@ -841,4 +843,91 @@ async fn a_retry_of_an_expired_gated_run_is_gated_again() {
     assert_eq!(status, StatusCode::OK, "{out}");
     let retry = wait_state(&api, out["run_id"].as_i64().unwrap(), "awaiting_approval").await;
     assert_eq!(retry["retry_of"], run_id, "{retry}");
+}
+
+/// Every `.route("PATH", METHOD(…))` in the router's source, as (METHOD, PATH).
+fn routes_in_source() -> Vec<(String, String)> {
+    let src = include_str!("mod.rs");
+    let mut out = Vec::new();
+    for chunk in src.split(".route(").skip(1) {
+        let path = chunk.split('"').nth(1).unwrap().to_string();
+        let rest = chunk.split_once(',').unwrap().1.trim_start();
+        let method = rest.trim_start_matches("axum::routing::");
+        let method = method.split('(').next().unwrap().trim().to_string();
+        out.push((method, path));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_route_with_the_role_it_enforces() {
+    let api = TestApi::new();
+    let (status, doc) = api
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{doc}");
+    let routes = routes_in_source();
+    assert!(routes.len() >= 20, "{routes:?}");
+    for (method, path) in &routes {
+        let op = &doc["paths"][path][method];
+        assert!(op.is_object(), "{method} {path} is not in the document");
+        assert!(
+            op["responses"]["200"].is_object(),
+            "{method} {path}: no 200"
+        );
+        let security = op["security"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{method} {path}: no security"));
+        let Some(role) = security[0]["bearer"][0].as_str() else {
+            continue; // open (health) endpoints
+        };
+        // The documented role is the one enforced: it passes, the role below it does not.
+        let concrete = path.replace("{id}", "999").replace("{name}", "nope");
+        let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let body = (m != Method::GET).then_some("{}");
+        let token = format!("{role}-token");
+        let (got, answer) = api.call(m.clone(), &concrete, Some(&token), body).await;
+        assert!(
+            got != StatusCode::UNAUTHORIZED && got != StatusCode::FORBIDDEN,
+            "{method} {path} documented for {role} but refused it: {answer}"
+        );
+        let below = match role {
+            "webhook" => "viewer",
+            "viewer" => "webhook",
+            other => ROLES[ROLES.iter().position(|r| *r == other).unwrap() - 1],
+        };
+        let (got, _) = api
+            .call(m, &concrete, Some(&format!("{below}-token")), body)
+            .await;
+        assert_eq!(
+            got,
+            StatusCode::FORBIDDEN,
+            "{method} {path}: {below} must be refused"
+        );
+    }
+    // Every operation is routed, and every reference resolves.
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            assert!(
+                routes.contains(&(method.clone(), path.clone())),
+                "{method} {path} is documented but not routed"
+            );
+        }
+    }
+    let text = doc.to_string();
+    for r in text.split("\"$ref\":\"").skip(1) {
+        let target = r.split('"').next().unwrap();
+        let name = target
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("{target}"));
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "{target} does not resolve"
+        );
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
 }

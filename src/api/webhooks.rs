@@ -1,6 +1,7 @@
 //! Alert intake: Alertmanager webhook v4 and the generic alert JSON. An alert is answered 200
 //! only once it is recorded; a store failure answers 503 so that Alertmanager retries.
 
+use super::error::ErrorBody;
 use super::{ApiError, AppState};
 use crate::alert::{Alert, AlertmanagerPayload, parse_generic, parse_json};
 use crate::store::Outcome;
@@ -12,7 +13,7 @@ use http_body_util::BodyExt;
 use serde::Serialize;
 
 /// The answer to a webhook.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IntakeResponse {
     /// Alerts recorded.
     pub alerts: usize,
@@ -21,6 +22,15 @@ pub struct IntakeResponse {
 }
 
 /// `POST /api/v1/webhooks/alertmanager`
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhooks/alertmanager",
+    tag = "webhook",
+    description = "Alertmanager webhook payload, version 4. Role: webhook.",
+    request_body = Object,
+    responses((status = 200, description = "Recorded", body = IntakeResponse), (status = 413, description = "Body over intake.max_body_bytes", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["webhook"]))
+)]
 pub async fn alertmanager(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -45,6 +55,15 @@ pub async fn alertmanager(
 }
 
 /// `POST /api/v1/webhooks/generic`
+#[utoipa::path(
+    post,
+    path = "/api/v1/webhooks/generic",
+    tag = "webhook",
+    description = "One generic alert object, or a list. Role: webhook.",
+    request_body = Object,
+    responses((status = 200, description = "Recorded", body = IntakeResponse), (status = 413, description = "Body over intake.max_body_bytes", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["webhook"]))
+)]
 pub async fn generic(
     State(state): State<AppState>,
     headers: HeaderMap,

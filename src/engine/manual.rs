@@ -151,7 +151,8 @@ impl Engine {
             status: AlertStatus::Firing,
             labels,
             annotations,
-            starts_at: format!("manual-{}", crate::time::now_us()),
+            // To the microsecond: two requests are two occurrences, never a re-delivery.
+            starts_at: humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
             ends_at: None,
             fingerprint,
             generator_url: None,

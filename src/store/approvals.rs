@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// One approver's decision.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Vote {
     /// Token name.
     pub who: String,
@@ -21,7 +21,7 @@ pub struct Vote {
 }
 
 /// An approval request as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ApprovalView {
     /// Approval id.
     pub id: i64,
@@ -33,11 +33,14 @@ pub struct ApprovalView {
     pub step_idx: i64,
     /// Its name.
     pub step_name: String,
-    /// The playbook's gate (covers every step) or one step's.
+    /// The playbook's gate (covers every step) or one step's: `run` or `step`.
+    #[schema(value_type = String)]
     pub scope: crate::playbook::spec::GateScope,
-    /// Where it stands.
+    /// Where it stands: pending, approved, denied, expired, cancelled.
+    #[schema(value_type = String)]
     pub state: ApprovalState,
     /// Exactly what will be done: target, then each step's action and rendered arguments.
+    #[schema(value_type = Object)]
     pub action: Value,
     /// SHA-256 of `action`: the approval applies to this and nothing else.
     pub action_hash: String,

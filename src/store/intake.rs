@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 /// What held a run back at intake, checked in this order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Hold {
     /// A maintenance window matched the alert.
@@ -87,7 +87,7 @@ pub struct IntakeItem {
 }
 
 /// What became of one (alert, playbook) pair at intake.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// A new pending run.
@@ -139,6 +139,7 @@ pub enum Outcome {
         /// Its playbook.
         playbook: String,
         /// Its final state.
+        #[schema(value_type = String)]
         state: RunState,
     },
 }

@@ -92,34 +92,41 @@ pub struct ClaimedRun {
 }
 
 /// A stored step.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StepRecord {
     /// Position in the run (0-based).
     pub idx: i64,
     /// Name.
     pub name: String,
-    /// The action.
+    /// The action, e.g. `ssh.run`.
+    #[schema(value_type = String)]
     pub action: crate::playbook::actions::Action,
     /// Rendered arguments.
+    #[schema(value_type = Object)]
     pub args: Value,
     /// Timeout in ms, if set.
     pub timeout_ms: Option<i64>,
-    /// What its failure does to the run.
+    /// What its failure does to the run: `stop` or `continue`.
+    #[schema(value_type = String)]
     pub on_failure: crate::playbook::spec::OnFailure,
     /// State.
+    #[schema(value_type = String)]
     pub state: StepState,
     /// Started (RFC 3339).
     pub started_at: Option<String>,
     /// Finished (RFC 3339).
     pub finished_at: Option<String>,
     /// Output (action-specific JSON).
+    #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
     /// Error.
     pub error: Option<String>,
     /// Approval gate before this step, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub approval: Option<crate::playbook::Gate>,
-    /// Main step, or one run only when the run fails.
+    /// `main`, or `on_failure` (run only when the run fails).
+    #[schema(value_type = String)]
     pub phase: crate::playbook::spec::Phase,
 }
 

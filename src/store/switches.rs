@@ -17,7 +17,7 @@ pub fn playbook_scope(playbook: &str) -> String {
 }
 
 /// A kill switch as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Switch {
     /// `global` or `playbook:<name>`.
     pub scope: String,

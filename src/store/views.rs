@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// A run as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RunView {
     /// Run id.
     pub id: i64,
@@ -28,6 +28,7 @@ pub struct RunView {
     /// The alert.
     pub alert: AlertView,
     /// Rendered parameters.
+    #[schema(value_type = Object)]
     pub params: Value,
     /// Created (RFC 3339).
     pub created_at: String,
@@ -47,7 +48,7 @@ pub struct RunView {
 }
 
 /// The alert of a run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AlertView {
     /// Alert row id.
     pub id: i64,
