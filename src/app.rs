@@ -71,11 +71,17 @@ pub async fn run(
             "no API tokens configured (auth.tokens): the API is open to anyone who can reach it"
         );
     }
+    let slack = (cfg.notify.slack_app.as_ref())
+        .map(api::chat::Slack::from_config)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("notify.slack_app: {e}"))?
+        .map(std::sync::Arc::new);
     let app = api::router(AppState {
         engine,
         store: store.clone(),
         max_body_bytes: cfg.intake.max_body_bytes,
         auth: std::sync::Arc::new(auth),
+        slack,
     });
     tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
     let stop = token.clone();

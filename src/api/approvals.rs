@@ -140,37 +140,8 @@ async fn decide(
         .engine
         .decide(id, who.name.clone(), approve, body.comment)
         .await?;
-    match decision {
-        Decision::NotFound => return Err(ApiError::NotFound(format!("no approval {id}"))),
-        Decision::NotPending(s) => {
-            return Err(ApiError::Conflict(format!("approval {id} is already {s}")));
-        }
-        Decision::Expired => {
-            return Err(ApiError::Conflict(format!(
-                "approval {id} has expired; its run ended without acting"
-            )));
-        }
-        Decision::Killed(reason) => {
-            return Err(ApiError::Conflict(format!(
-                "nothing can be approved now: {reason}"
-            )));
-        }
-        Decision::NotAllowed => {
-            return Err(ApiError::Status(
-                axum::http::StatusCode::FORBIDDEN,
-                format!(
-                    "{} is not among the approvers this playbook names",
-                    who.name
-                ),
-            ));
-        }
-        Decision::AlreadyApproved => {
-            return Err(ApiError::Conflict(format!(
-                "{} has already approved; another approver is needed",
-                who.name
-            )));
-        }
-        Decision::Recorded { .. } | Decision::Approved | Decision::Denied => {}
+    if let Some(e) = refusal(id, &who.name, decision) {
+        return Err(e);
     }
     state
         .store
@@ -178,4 +149,26 @@ async fn decide(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))
+}
+
+/// Why a decision was not recorded, as the API answers it; `None` when it was.
+pub(super) fn refusal(id: i64, who: &str, decision: Decision) -> Option<ApiError> {
+    Some(match decision {
+        Decision::NotFound => ApiError::NotFound(format!("no approval {id}")),
+        Decision::NotPending(s) => ApiError::Conflict(format!("approval {id} is already {s}")),
+        Decision::Expired => ApiError::Conflict(format!(
+            "approval {id} has expired; its run ended without acting"
+        )),
+        Decision::Killed(reason) => {
+            ApiError::Conflict(format!("nothing can be approved now: {reason}"))
+        }
+        Decision::NotAllowed => ApiError::Status(
+            axum::http::StatusCode::FORBIDDEN,
+            format!("{who} is not among the approvers this playbook names"),
+        ),
+        Decision::AlreadyApproved => ApiError::Conflict(format!(
+            "{who} has already approved; another approver is needed"
+        )),
+        Decision::Recorded { .. } | Decision::Approved | Decision::Denied => return None,
+    })
 }

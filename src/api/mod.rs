@@ -4,6 +4,7 @@
 mod approvals;
 pub mod auth;
 pub mod auth_config;
+pub mod chat;
 mod error;
 mod killswitch;
 pub mod openapi;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Tokens and roles.
     pub auth: Arc<auth::Auth>,
+    /// Slack's signed approval callbacks, when `notify.slack_app` is configured.
+    pub slack: Option<Arc<chat::Slack>>,
 }
 
 /// Parses a small JSON control body.
@@ -96,6 +99,11 @@ pub fn router(state: AppState) -> Router {
             axum::routing::put(killswitch::put_playbook),
         )
         .route_layer(from_fn_with_state(state.clone(), auth::admin));
+    // Authenticated by Slack's signature, not by a token.
+    let chat = Router::new().route(
+        "/api/v1/chat/slack/interactions",
+        post(chat::slack_interactions),
+    );
     let health = Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/openapi.json", get(openapi::document))
@@ -109,6 +117,7 @@ pub fn router(state: AppState) -> Router {
         .merge(operate)
         .merge(admin)
         .merge(health)
+        .merge(chat)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(same_origin_json))
@@ -127,7 +136,10 @@ async fn same_origin_json(
 ) -> axum::response::Response {
     use axum::http::{Method, header};
     use axum::response::IntoResponse;
-    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+    // Safe methods, and Slack's signed callbacks (form-encoded, from Slack's servers).
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        || req.uri().path() == "/api/v1/chat/slack/interactions"
+    {
         return next.run(req).await;
     }
     let headers = req.headers();

@@ -36,6 +36,7 @@ use utoipa::{Modify, OpenApi};
         super::metrics,
         super::healthz,
         super::readyz,
+        super::chat::slack_interactions,
         document,
     ),
     components(schemas(ErrorBody, ErrorDetail)),

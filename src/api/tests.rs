@@ -106,6 +106,8 @@ impl TestApi {
             store: store.clone(),
             max_body_bytes: cfg.intake.max_body_bytes,
             auth: Arc::new(super::auth::Auth::from_config(&cfg.auth).unwrap()),
+            slack: (cfg.notify.slack_app.as_ref())
+                .map(|a| Arc::new(super::chat::Slack::from_config(a).unwrap())),
         };
         TestApi {
             router: router(state),
@@ -929,5 +931,186 @@ async fn the_openapi_document_covers_every_route_with_the_role_it_enforces() {
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
+    );
+}
+
+/// A local stand-in for Slack's `response_url`: the JSON bodies posted to it.
+async fn response_url_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let got: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let seen = got.clone();
+    let app = Router::new().route(
+        "/hook",
+        axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().unwrap().push(v);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/"), got)
+}
+
+/// An API with a Slack app (secret `s3cret`, user U1 deciding as alice) and a gated run
+/// waiting; its approval's id and action hash, and the response_url receiver.
+async fn slack_api() -> (
+    TestApi,
+    i64,
+    String,
+    String,
+    Arc<std::sync::Mutex<Vec<Value>>>,
+    tempfile::TempDir,
+) {
+    let (base, got) = response_url_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("slack-secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let api = TestApi::with(
+        &format!(
+            "notify:\n  slack_app:\n    signing_secret_file: {}\n    users: {{ U1: alice }}\n    response_url_prefix: {base}\n",
+            secret.display()
+        ),
+        "",
+    );
+    let run_id = api.start_gated().await;
+    let approval = api.view("/api/v1/approvals?state=pending").await[0].clone();
+    assert_eq!(approval["run_id"], run_id);
+    let id = approval["id"].as_i64().unwrap();
+    let hash = approval["action_hash"].as_str().unwrap().to_string();
+    (api, id, hash, base, got, dir)
+}
+
+/// A Slack interactivity request as Slack builds it: form-encoded `payload`, signed with
+/// `secret` at `ts`.
+fn slack_request(secret: &str, ts: i64, payload: &Value) -> Request<Body> {
+    use hmac::{KeyInit, Mac};
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", &payload.to_string())
+        .finish();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("v0:{ts}:{body}").as_bytes());
+    let signature = format!("v0={}", hex::encode(mac.finalize().into_bytes()));
+    Request::builder()
+        .method(Method::POST)
+        .uri("/api/v1/chat/slack/interactions")
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .header("x-slack-signature", signature)
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn click(user: &str, action: &str, value: &str, response_url: &str) -> Value {
+    json!({
+        "type": "block_actions",
+        "user": {"id": user},
+        "actions": [{"action_id": action, "value": value}],
+        "response_url": response_url,
+        "message": {"text": "Approval needed"},
+    })
+}
+
+async fn send(api: &TestApi, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = api.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn a_slack_approve_button_decides_as_the_mapped_user_and_updates_the_message() {
+    let (api, id, hash, base, got, _dir) = slack_api().await;
+    let now = api.store.now_ms() / 1000;
+    let payload = click(
+        "U1",
+        "approve",
+        &format!("{id}:{hash}"),
+        &format!("{base}hook"),
+    );
+    let (status, out) = send(&api, slack_request("s3cret", now, &payload)).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let approval = api.view(&format!("/api/v1/approvals/{id}")).await;
+    assert_eq!(approval["state"], "approved", "{approval}");
+    assert_eq!(approval["decided_by"], "alice", "{approval}");
+    wait_state(&api, approval["run_id"].as_i64().unwrap(), "succeeded").await;
+    let updates = got.lock().unwrap().clone();
+    assert_eq!(
+        updates,
+        vec![
+            json!({"replace_original": true, "text": format!("Approval needed\nApproved by alice (approval {id}).")})
+        ]
+    );
+    // The same signed request again is a replay.
+    let (status, out) = send(&api, slack_request("s3cret", now, &payload)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{out}");
+    assert!(
+        out["error"]["message"].as_str().unwrap().contains("replay"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn forged_expired_unmapped_and_stale_slack_clicks_decide_nothing() {
+    let (api, id, hash, base, got, _dir) = slack_api().await;
+    let now = api.store.now_ms() / 1000;
+    let url = format!("{base}hook");
+    let value = format!("{id}:{hash}");
+    let cases = [
+        (
+            "forged",
+            slack_request("not-the-secret", now, &click("U1", "approve", &value, &url)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "expired",
+            slack_request("s3cret", now - 301, &click("U1", "approve", &value, &url)),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "unmapped",
+            slack_request("s3cret", now, &click("U9", "approve", &value, &url)),
+            StatusCode::FORBIDDEN,
+        ),
+        (
+            "other action",
+            slack_request(
+                "s3cret",
+                now + 1,
+                &click("U1", "approve", &format!("{id}:beef"), &url),
+            ),
+            StatusCode::CONFLICT,
+        ),
+    ];
+    for (what, req, want) in cases {
+        let (status, out) = send(&api, req).await;
+        assert_eq!(status, want, "{what}: {out}");
+        let approval = api.view(&format!("/api/v1/approvals/{id}")).await;
+        assert_eq!(approval["state"], "pending", "{what} changed nothing");
+    }
+    // An unsigned request is refused too.
+    let mut req = slack_request("s3cret", now + 2, &click("U1", "approve", &value, &url));
+    req.headers_mut().remove("x-slack-signature");
+    assert_eq!(send(&api, req).await.0, StatusCode::UNAUTHORIZED);
+    assert!(got.lock().unwrap().is_empty(), "no message was updated");
+    // Deny, from a mapped user: the run ends without acting.
+    let (status, out) = send(
+        &api,
+        slack_request("s3cret", now + 3, &click("U1", "deny", &value, &url)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let approval = api.view(&format!("/api/v1/approvals/{id}")).await;
+    wait_state(&api, approval["run_id"].as_i64().unwrap(), "denied").await;
+    assert!(
+        got.lock().unwrap()[0]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("Denied by alice (approval {id})."))
     );
 }

@@ -304,7 +304,7 @@ impl Engine {
             None => {
                 let id = self
                     .store
-                    .park_for_approval(run.id, step.idx, gate.clone(), action, hash)
+                    .park_for_approval(run.id, step.idx, gate.clone(), action, hash.clone())
                     .await
                     .map_err(record_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
@@ -312,6 +312,7 @@ impl Engine {
                     run: self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run),
                     approval_id: id,
                     action: gated_action(&run.target, covered).0,
+                    action_hash: hash,
                     required: gate.count,
                     approvers: gate.approvers.clone(),
                     expires_at: crate::time::rfc3339(self.store.now_ms() + gate.expires_ms as i64),

@@ -16,11 +16,36 @@ pub struct NotifyConfig {
     /// Timeout of one attempt.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
+    /// Approve and Deny buttons in Slack approval messages, answered at
+    /// `/api/v1/chat/slack/interactions`.
+    pub slack_app: Option<SlackApp>,
+}
+
+/// A Slack app whose interactivity requests come to Reflex.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackApp {
+    /// Environment variable holding the app's signing secret.
+    pub signing_secret_env: Option<String>,
+    /// File holding the app's signing secret.
+    pub signing_secret_file: Option<PathBuf>,
+    /// Slack user id -> the approver identity (token name) it decides as. Users not listed
+    /// cannot decide from Slack.
+    #[serde(default)]
+    pub users: std::collections::BTreeMap<String, String>,
+    /// Where Slack's `response_url` may point (the message is updated there).
+    #[serde(default = "slack_hooks")]
+    pub response_url_prefix: String,
+}
+
+fn slack_hooks() -> String {
+    "https://hooks.slack.com/".into()
 }
 
 impl Default for NotifyConfig {
     fn default() -> Self {
         NotifyConfig {
+            slack_app: None,
             sinks: Vec::new(),
             max_attempts: 5,
             timeout: Duration::from_secs(10),

@@ -38,6 +38,8 @@ pub enum Event {
         approval_id: i64,
         /// Exactly what will be done.
         action: Value,
+        /// Its hash: a decision applies to this action only.
+        action_hash: String,
         /// Distinct approvals needed.
         required: u32,
         /// Who may approve (empty: any approver).
@@ -164,6 +166,7 @@ impl Event {
                 required,
                 approvers,
                 expires_at,
+                ..
             } => {
                 let steps: Vec<String> = action["steps"]
                     .as_array()
@@ -354,7 +357,7 @@ impl Notifier {
     ) -> Result<Notifier, SinkError> {
         let mut sinks = Vec::new();
         for sc in &cfg.sinks {
-            let sink: Arc<dyn Sink> = build_sink(sc, cfg.timeout)?;
+            let sink: Arc<dyn Sink> = build_sink(sc, cfg.timeout, cfg.slack_app.is_some())?;
             let (tx, rx) = mpsc::channel(SINK_QUEUE);
             tasks.spawn(deliver_loop(
                 sc.name.clone(),
@@ -483,6 +486,7 @@ mod tests {
             run: run(),
             approval_id: 3,
             action: serde_json::json!({"target": "db-1", "steps": [{"action": "kube.rollback", "args": {"name": "api"}}]}),
+            action_hash: "ab12".into(),
             required: 1,
             approvers: vec![],
             expires_at: "2026-11-22T12:30:00.000Z".into(),

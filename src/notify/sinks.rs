@@ -41,7 +41,11 @@ fn secret(
 }
 
 /// Builds a sink from its config (reading its secrets).
-pub fn build_sink(cfg: &SinkConfig, timeout: Duration) -> Result<Arc<dyn Sink>, SinkError> {
+pub fn build_sink(
+    cfg: &SinkConfig,
+    timeout: Duration,
+    buttons: bool,
+) -> Result<Arc<dyn Sink>, SinkError> {
     let http = crate::executors::upstream_client(Some(timeout));
     Ok(match cfg.kind {
         SinkKind::SlackBot => Arc::new(SlackBot {
@@ -58,10 +62,12 @@ pub fn build_sink(cfg: &SinkConfig, timeout: Duration) -> Result<Arc<dyn Sink>, 
                 why: "slack_bot needs a channel".into(),
             })?,
             threads: Mutex::new(HashMap::new()),
+            buttons,
         }),
         kind => Arc::new(Webhook {
             http,
             kind,
+            buttons,
             url: secret(&cfg.name, "url", &cfg.url, &cfg.url_env, &cfg.url_file)?,
         }),
     })
@@ -110,6 +116,8 @@ async fn post(
 struct Webhook {
     http: reqwest::Client,
     kind: SinkKind,
+    /// Approval messages carry Approve and Deny buttons (Slack, with `notify.slack_app`).
+    buttons: bool,
     url: String,
 }
 
@@ -145,7 +153,11 @@ fn teams_card(event: &Event) -> Value {
 impl Sink for Webhook {
     async fn deliver(&self, event: &Event) -> Result<(), DeliveryError> {
         let body = match self.kind {
-            SinkKind::Slack => json!({ "text": event.text_for(Markup::Slack) }),
+            SinkKind::Slack => with_buttons(
+                json!({ "text": event.text_for(Markup::Slack) }),
+                event,
+                self.buttons,
+            ),
             SinkKind::Mattermost => {
                 json!({ "text": event.text_for(Markup::Markdown), "username": "reflex" })
             }
@@ -167,6 +179,35 @@ struct SlackBot {
     token: String,
     channel: String,
     threads: Mutex<HashMap<i64, String>>,
+    buttons: bool,
+}
+
+/// An approval message with Approve and Deny buttons (Block Kit). Each button's value names
+/// the approval and the hash of the action the message shows, so that a click decides on
+/// exactly that.
+fn with_buttons(mut body: Value, event: &Event, buttons: bool) -> Value {
+    let Event::ApprovalNeeded {
+        approval_id,
+        action_hash,
+        ..
+    } = event
+    else {
+        return body;
+    };
+    if !buttons {
+        return body;
+    }
+    let value = format!("{approval_id}:{action_hash}");
+    body["blocks"] = json!([
+        { "type": "section", "text": { "type": "mrkdwn", "text": body["text"] } },
+        { "type": "actions", "block_id": "reflex_approval", "elements": [
+            { "type": "button", "action_id": "approve", "style": "primary",
+              "text": { "type": "plain_text", "text": "Approve" }, "value": value },
+            { "type": "button", "action_id": "deny", "style": "danger",
+              "text": { "type": "plain_text", "text": "Deny" }, "value": value },
+        ]},
+    ]);
+    body
 }
 
 #[async_trait::async_trait]
@@ -180,7 +221,11 @@ impl Sink for SlackBot {
                 .get(&id)
                 .cloned()
         });
-        let mut body = json!({ "channel": self.channel, "text": event.text_for(Markup::Slack) });
+        let mut body = with_buttons(
+            json!({ "channel": self.channel, "text": event.text_for(Markup::Slack) }),
+            event,
+            self.buttons,
+        );
         if let Some(ts) = &thread {
             body["thread_ts"] = json!(ts);
         }
@@ -210,5 +255,41 @@ impl Sink for SlackBot {
             threads.insert(id, ts.to_string());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn approval() -> Event {
+        Event::ApprovalNeeded {
+            run: crate::notify::RunInfo {
+                id: 7,
+                dry_run: false,
+                playbook: "rollback".into(),
+                target: "api".into(),
+                title: "Errors on api".into(),
+                url: None,
+            },
+            approval_id: 3,
+            action: json!({"target": "api", "steps": []}),
+            action_hash: "ab12".into(),
+            required: 1,
+            approvers: vec![],
+            expires_at: "2026-11-23T12:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn approval_messages_carry_buttons_for_exactly_the_action_shown_only_when_configured() {
+        let body = with_buttons(json!({"text": "Approve?"}), &approval(), true);
+        let buttons = &body["blocks"][1]["elements"];
+        assert_eq!(buttons[0]["action_id"], "approve");
+        assert_eq!(buttons[1]["action_id"], "deny");
+        assert_eq!(buttons[0]["value"], "3:ab12");
+        assert_eq!(body["blocks"][0]["text"]["text"], "Approve?");
+        let plain = with_buttons(json!({"text": "Approve?"}), &approval(), false);
+        assert_eq!(plain, json!({"text": "Approve?"}));
     }
 }

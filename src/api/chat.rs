@@ -1,0 +1,168 @@
+//! Approval buttons answered from Slack: `POST /api/v1/chat/slack/interactions`.
+//!
+//! Slack signs each request with the app's signing secret: `X-Slack-Signature` is
+//! `v0=` and the hex HMAC-SHA256 of `v0:{X-Slack-Request-Timestamp}:{body}`. A request is
+//! taken only when that signature verifies (compared in constant time), its timestamp is
+//! within five minutes, and it was not seen before (a replay within the window is refused).
+//! The Slack user must be mapped to an approver identity in `notify.slack_app.users`; the
+//! decision is then exactly the API's (approvers, distinct approvals, expiry, kill switch), on
+//! the action the message showed (the button carries its hash). The message is then updated
+//! in place through Slack's `response_url`, saying who decided.
+
+use super::{ApiError, AppState};
+use crate::config::SecretRef;
+use crate::notify::config::SlackApp;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{KeyInit, Mac};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// How old a signed request may be.
+const WINDOW_SECS: i64 = 300;
+
+/// What verifying and answering Slack's requests needs.
+pub struct Slack {
+    secret: Vec<u8>,
+    users: std::collections::BTreeMap<String, String>,
+    response_url_prefix: String,
+    /// Signatures seen within the window (replay protection), with their timestamps.
+    seen: Mutex<HashMap<String, i64>>,
+    http: reqwest::Client,
+}
+
+impl Slack {
+    /// From `notify.slack_app`, reading the signing secret now.
+    pub fn from_config(app: &SlackApp) -> Result<Slack, String> {
+        let secret = SecretRef::from_fields(
+            "signing_secret",
+            &None,
+            &app.signing_secret_env,
+            &app.signing_secret_file,
+        )?
+        .ok_or("notify.slack_app needs signing_secret_env or signing_secret_file")?
+        .read()?;
+        Ok(Slack {
+            secret: secret.into_bytes(),
+            users: app.users.clone(),
+            response_url_prefix: app.response_url_prefix.clone(),
+            seen: Mutex::new(HashMap::new()),
+            http: crate::executors::upstream_client(Some(std::time::Duration::from_secs(10))),
+        })
+    }
+
+    /// Checks the signature, the timestamp and that the request is new.
+    fn verify(&self, headers: &HeaderMap, body: &[u8], now_s: i64) -> Result<(), ApiError> {
+        let unauthorized = |why: &str| ApiError::Status(StatusCode::UNAUTHORIZED, why.into());
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        let ts = header("x-slack-request-timestamp")
+            .and_then(|t| t.parse::<i64>().ok())
+            .ok_or_else(|| unauthorized("no X-Slack-Request-Timestamp"))?;
+        if (now_s - ts).abs() > WINDOW_SECS {
+            return Err(unauthorized("the request is older than five minutes"));
+        }
+        let signature = header("x-slack-signature")
+            .and_then(|s| s.strip_prefix("v0="))
+            .and_then(|s| hex::decode(s).ok())
+            .ok_or_else(|| unauthorized("no valid X-Slack-Signature"))?;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.secret)
+            .map_err(|_| unauthorized("bad signing secret"))?;
+        mac.update(format!("v0:{ts}:").as_bytes());
+        mac.update(body);
+        mac.verify_slice(&signature)
+            .map_err(|_| unauthorized("the signature does not verify"))?;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, t| (now_s - *t).abs() <= WINDOW_SECS);
+        if seen.insert(hex::encode(&signature), ts).is_some() {
+            return Err(unauthorized("this request was already received (replay)"));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /api/v1/chat/slack/interactions`
+#[utoipa::path(
+    post,
+    path = "/api/v1/chat/slack/interactions",
+    tag = "chat",
+    description = "Slack's interactivity callback (Approve and Deny buttons), form-encoded \
+                   `payload`. Authenticated by Slack's request signature, not a token; the Slack \
+                   user decides as the identity `notify.slack_app.users` maps it to.",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "Decided", body = Object),
+        (status = 401, description = "Bad, old or replayed signature", body = super::error::ErrorBody),
+        (status = 403, description = "The Slack user is not mapped, or not an approver here", body = super::error::ErrorBody),
+        (status = 404, description = "No such approval, or Slack is not configured", body = super::error::ErrorBody),
+        (status = 409, description = "Already decided, expired, or another action than shown", body = super::error::ErrorBody)
+    ),
+    security(())
+)]
+pub async fn slack_interactions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let Some(slack) = state.slack.as_deref() else {
+        return Err(ApiError::NotFound(
+            "Slack interactivity is not configured (notify.slack_app)".into(),
+        ));
+    };
+    slack.verify(&headers, &body, state.store.now_ms() / 1000)?;
+    let payload = form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "payload")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| ApiError::BadRequest("no payload field".into()))?;
+    let payload: Value = serde_json::from_str(&payload)
+        .map_err(|e| ApiError::BadRequest(format!("invalid payload: {e}")))?;
+    let action = &payload["actions"][0];
+    let approve = match action["action_id"].as_str() {
+        Some("approve") => true,
+        Some("deny") => false,
+        other => return Err(ApiError::BadRequest(format!("unknown action {other:?}"))),
+    };
+    let (id, hash) = (action["value"].as_str())
+        .and_then(|v| v.split_once(':'))
+        .and_then(|(id, hash)| Some((id.parse::<i64>().ok()?, hash.to_string())))
+        .ok_or_else(|| ApiError::BadRequest("the button carries no approval".into()))?;
+    let user = payload["user"]["id"].as_str().unwrap_or_default();
+    let who = slack.users.get(user).cloned().ok_or_else(|| {
+        ApiError::Status(
+            StatusCode::FORBIDDEN,
+            format!("Slack user {user} is not mapped to an approver (notify.slack_app.users)"),
+        )
+    })?;
+    let approval = (state.store.get_approval(id).await?)
+        .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))?;
+    if approval.action_hash != hash {
+        return Err(ApiError::Conflict(format!(
+            "approval {id} covers another action than the message showed; nothing was decided"
+        )));
+    }
+    let decision = (state.engine)
+        .decide(id, who.clone(), approve, Some("from Slack".into()))
+        .await?;
+    if let Some(e) = super::approvals::refusal(id, &who, decision) {
+        return Err(e);
+    }
+    let verb = if approve { "Approved" } else { "Denied" };
+    // The message, updated in place: what it asked, then who decided.
+    if let Some(url) = payload["response_url"].as_str()
+        && url.starts_with(&slack.response_url_prefix)
+    {
+        let original = payload["message"]["text"].as_str().unwrap_or_default();
+        let text = format!(
+            "{original}\n{verb} by {} (approval {id}).",
+            crate::notify::Markup::Slack.escape(&who)
+        );
+        let update = json!({ "replace_original": true, "text": text });
+        if let Err(e) = slack.http.post(url).json(&update).send().await {
+            tracing::warn!(error = %e, "cannot update the Slack message");
+        }
+    }
+    Ok(axum::Json(
+        json!({ "approval": id, "decision": verb.to_lowercase(), "by": who }),
+    ))
+}
