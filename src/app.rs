@@ -76,12 +76,18 @@ pub async fn run(
         .transpose()
         .map_err(|e| anyhow::anyhow!("notify.slack_app: {e}"))?
         .map(std::sync::Arc::new);
+    let mattermost = (cfg.notify.mattermost_app.as_ref())
+        .map(api::chat::Mattermost::from_config)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("notify.mattermost_app: {e}"))?
+        .map(std::sync::Arc::new);
     let app = api::router(AppState {
         engine,
         store: store.clone(),
         max_body_bytes: cfg.intake.max_body_bytes,
         auth: std::sync::Arc::new(auth),
         slack,
+        mattermost,
     });
     tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
     let stop = token.clone();

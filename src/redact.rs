@@ -54,6 +54,22 @@ impl Redactor {
                 &s.token_file,
             ));
         }
+        if let Some(app) = &cfg.notify.slack_app {
+            add(SecretRef::from_fields(
+                "signing_secret",
+                &None,
+                &app.signing_secret_env,
+                &app.signing_secret_file,
+            ));
+        }
+        if let Some(app) = &cfg.notify.mattermost_app {
+            add(SecretRef::from_fields(
+                "secret",
+                &None,
+                &app.secret_env,
+                &app.secret_file,
+            ));
+        }
         Redactor {
             sources,
             cache: Mutex::new(None),

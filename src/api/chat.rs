@@ -1,4 +1,5 @@
-//! Approval buttons answered from Slack: `POST /api/v1/chat/slack/interactions`.
+//! Approval buttons answered from chat: Slack (`POST /api/v1/chat/slack/interactions`) and
+//! Mattermost (`POST /api/v1/chat/mattermost/actions`).
 //!
 //! Slack signs each request with the app's signing secret: `X-Slack-Signature` is
 //! `v0=` and the hex HMAC-SHA256 of `v0:{X-Slack-Request-Timestamp}:{body}`. A request is
@@ -134,20 +135,7 @@ pub async fn slack_interactions(
             format!("Slack user {user} is not mapped to an approver (notify.slack_app.users)"),
         )
     })?;
-    let approval = (state.store.get_approval(id).await?)
-        .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))?;
-    if approval.action_hash != hash {
-        return Err(ApiError::Conflict(format!(
-            "approval {id} covers another action than the message showed; nothing was decided"
-        )));
-    }
-    let decision = (state.engine)
-        .decide(id, who.clone(), approve, Some("from Slack".into()))
-        .await?;
-    if let Some(e) = super::approvals::refusal(id, &who, decision) {
-        return Err(e);
-    }
-    let verb = if approve { "Approved" } else { "Denied" };
+    let verb = decide(&state, id, &hash, &who, approve, "from Slack").await?;
     // The message, updated in place: what it asked, then who decided.
     if let Some(url) = payload["response_url"].as_str()
         && url.starts_with(&slack.response_url_prefix)
@@ -165,4 +153,116 @@ pub async fn slack_interactions(
     Ok(axum::Json(
         json!({ "approval": id, "decision": verb.to_lowercase(), "by": who }),
     ))
+}
+
+/// A decision from a chat button: on the action the message showed (`hash`), as `who`,
+/// exactly as the API decides. Returns "Approved" or "Denied".
+async fn decide(
+    state: &AppState,
+    id: i64,
+    hash: &str,
+    who: &str,
+    approve: bool,
+    from: &str,
+) -> Result<&'static str, ApiError> {
+    let approval = (state.store.get_approval(id).await?)
+        .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))?;
+    if approval.action_hash != hash {
+        return Err(ApiError::Conflict(format!(
+            "approval {id} covers another action than the message showed; nothing was decided"
+        )));
+    }
+    let decision = (state.engine)
+        .decide(id, who.to_string(), approve, Some(from.to_string()))
+        .await?;
+    if let Some(e) = super::approvals::refusal(id, who, decision) {
+        return Err(e);
+    }
+    Ok(if approve { "Approved" } else { "Denied" })
+}
+
+/// What answering Mattermost's button calls needs.
+pub struct Mattermost {
+    secret: String,
+    users: std::collections::BTreeMap<String, String>,
+}
+
+impl Mattermost {
+    /// From `notify.mattermost_app`, reading the shared secret now.
+    pub fn from_config(app: &crate::notify::config::MattermostApp) -> Result<Mattermost, String> {
+        let secret = SecretRef::from_fields("secret", &None, &app.secret_env, &app.secret_file)?
+            .ok_or("notify.mattermost_app needs secret_env or secret_file")?
+            .read()?;
+        Ok(Mattermost {
+            secret,
+            users: app.users.clone(),
+        })
+    }
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /api/v1/chat/mattermost/actions`
+#[utoipa::path(
+    post,
+    path = "/api/v1/chat/mattermost/actions",
+    tag = "chat",
+    description = "Mattermost's interactive message action (Approve and Deny buttons). \
+                   Authenticated by the shared secret the button carries, not a token; the \
+                   Mattermost user decides as the identity `notify.mattermost_app.users` maps it to.",
+    request_body = Object,
+    responses(
+        (status = 200, description = "Decided; the post is updated", body = Object),
+        (status = 401, description = "Missing or wrong secret", body = super::error::ErrorBody),
+        (status = 403, description = "The user is not mapped, or not an approver here", body = super::error::ErrorBody),
+        (status = 404, description = "No such approval, or Mattermost is not configured", body = super::error::ErrorBody),
+        (status = 409, description = "Already decided, expired, or another action than shown", body = super::error::ErrorBody)
+    ),
+    security(())
+)]
+pub async fn mattermost_actions(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<axum::Json<Value>, ApiError> {
+    let Some(mm) = state.mattermost.as_deref() else {
+        return Err(ApiError::NotFound(
+            "Mattermost actions are not configured (notify.mattermost_app)".into(),
+        ));
+    };
+    let call: Value = super::json_body(&body)?;
+    let context = &call["context"];
+    let given = context["secret"].as_str().unwrap_or_default();
+    if !constant_time_eq(given.as_bytes(), mm.secret.as_bytes()) {
+        return Err(ApiError::Status(
+            StatusCode::UNAUTHORIZED,
+            "the action does not carry the shared secret".into(),
+        ));
+    }
+    let approve = match context["action"].as_str() {
+        Some("approve") => true,
+        Some("deny") => false,
+        other => return Err(ApiError::BadRequest(format!("unknown action {other:?}"))),
+    };
+    let (Some(id), Some(hash)) = (context["approval"].as_i64(), context["hash"].as_str()) else {
+        return Err(ApiError::BadRequest(
+            "the button carries no approval".into(),
+        ));
+    };
+    let user = call["user_id"].as_str().unwrap_or_default();
+    let who = mm.users.get(user).cloned().ok_or_else(|| {
+        ApiError::Status(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Mattermost user {user} is not mapped to an approver (notify.mattermost_app.users)"
+            ),
+        )
+    })?;
+    let verb = decide(&state, id, hash, &who, approve, "from Mattermost").await?;
+    let by = crate::notify::Markup::Markdown.escape(&who);
+    Ok(axum::Json(json!({
+        "update": { "message": format!("{verb} by {by} (approval {id}).") },
+    })))
 }

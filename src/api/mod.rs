@@ -43,6 +43,8 @@ pub struct AppState {
     pub auth: Arc<auth::Auth>,
     /// Slack's signed approval callbacks, when `notify.slack_app` is configured.
     pub slack: Option<Arc<chat::Slack>>,
+    /// Mattermost's approval actions, when `notify.mattermost_app` is configured.
+    pub mattermost: Option<Arc<chat::Mattermost>>,
 }
 
 /// Parses a small JSON control body.
@@ -100,10 +102,15 @@ pub fn router(state: AppState) -> Router {
         )
         .route_layer(from_fn_with_state(state.clone(), auth::admin));
     // Authenticated by Slack's signature, not by a token.
-    let chat = Router::new().route(
-        "/api/v1/chat/slack/interactions",
-        post(chat::slack_interactions),
-    );
+    let chat = Router::new()
+        .route(
+            "/api/v1/chat/slack/interactions",
+            post(chat::slack_interactions),
+        )
+        .route(
+            "/api/v1/chat/mattermost/actions",
+            post(chat::mattermost_actions),
+        );
     let health = Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/openapi.json", get(openapi::document))

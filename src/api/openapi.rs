@@ -37,6 +37,7 @@ use utoipa::{Modify, OpenApi};
         super::healthz,
         super::readyz,
         super::chat::slack_interactions,
+        super::chat::mattermost_actions,
         document,
     ),
     components(schemas(ErrorBody, ErrorDetail)),

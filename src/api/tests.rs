@@ -108,6 +108,8 @@ impl TestApi {
             auth: Arc::new(super::auth::Auth::from_config(&cfg.auth).unwrap()),
             slack: (cfg.notify.slack_app.as_ref())
                 .map(|a| Arc::new(super::chat::Slack::from_config(a).unwrap())),
+            mattermost: (cfg.notify.mattermost_app.as_ref())
+                .map(|a| Arc::new(super::chat::Mattermost::from_config(a).unwrap())),
         };
         TestApi {
             router: router(state),
@@ -1112,5 +1114,66 @@ async fn forged_expired_unmapped_and_stale_slack_clicks_decide_nothing() {
             .as_str()
             .unwrap()
             .ends_with(&format!("Denied by alice (approval {id})."))
+    );
+}
+
+#[tokio::test]
+async fn mattermost_buttons_decide_with_the_shared_secret_as_the_mapped_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("mm-secret");
+    std::fs::write(&secret, "mm-s3cret").unwrap();
+    let api = TestApi::with(
+        &format!(
+            "notify:\n  mattermost_app:\n    callback_url: http://reflex.invalid/api/v1/chat/mattermost/actions\n    secret_file: {}\n    users: {{ mm1: alice }}\n",
+            secret.display()
+        ),
+        "",
+    );
+    let run_id = api.start_gated().await;
+    let approval = api.view("/api/v1/approvals?state=pending").await[0].clone();
+    let id = approval["id"].as_i64().unwrap();
+    let hash = approval["action_hash"].as_str().unwrap();
+    let call = |user: &str, secret: &str, hash: &str| {
+        json!({"user_id": user, "context": {"action": "approve", "approval": id, "hash": hash, "secret": secret}})
+            .to_string()
+    };
+    let path = "/api/v1/chat/mattermost/actions";
+    for (what, body, want) in [
+        ("wrong secret", call("mm1", "guess", hash), StatusCode::UNAUTHORIZED),
+        ("no secret", json!({"user_id": "mm1", "context": {"action": "approve", "approval": id, "hash": hash}}).to_string(), StatusCode::UNAUTHORIZED),
+        ("unmapped", call("mm9", "mm-s3cret", hash), StatusCode::FORBIDDEN),
+        ("other action", call("mm1", "mm-s3cret", "beef"), StatusCode::CONFLICT),
+    ] {
+        let (status, out) = api.call(Method::POST, path, None, Some(&body)).await;
+        assert_eq!(status, want, "{what}: {out}");
+        let a = api.view(&format!("/api/v1/approvals/{id}")).await;
+        assert_eq!(a["state"], "pending", "{what} changed nothing");
+    }
+    let (status, out) = api
+        .call(
+            Method::POST,
+            path,
+            None,
+            Some(&call("mm1", "mm-s3cret", hash)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(
+        out["update"]["message"],
+        format!("Approved by alice (approval {id}).")
+    );
+    wait_state(&api, run_id, "succeeded").await;
+    let (status, _) = api
+        .call(
+            Method::POST,
+            path,
+            None,
+            Some(&call("mm1", "mm-s3cret", hash)),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a second click decides nothing"
     );
 }

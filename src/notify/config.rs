@@ -19,6 +19,25 @@ pub struct NotifyConfig {
     /// Approve and Deny buttons in Slack approval messages, answered at
     /// `/api/v1/chat/slack/interactions`.
     pub slack_app: Option<SlackApp>,
+    /// Approve and Deny buttons in Mattermost approval messages, answered at
+    /// `/api/v1/chat/mattermost/actions`.
+    pub mattermost_app: Option<MattermostApp>,
+}
+
+/// Mattermost interactive message buttons.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MattermostApp {
+    /// The URL Mattermost calls, as it reaches Reflex
+    /// (`https://reflex.example.internal/api/v1/chat/mattermost/actions`).
+    pub callback_url: String,
+    /// Environment variable holding the shared secret the buttons carry back.
+    pub secret_env: Option<String>,
+    /// File holding the shared secret.
+    pub secret_file: Option<PathBuf>,
+    /// Mattermost user id -> the approver identity (token name) it decides as.
+    #[serde(default)]
+    pub users: std::collections::BTreeMap<String, String>,
 }
 
 /// A Slack app whose interactivity requests come to Reflex.
@@ -46,6 +65,7 @@ impl Default for NotifyConfig {
     fn default() -> Self {
         NotifyConfig {
             slack_app: None,
+            mattermost_app: None,
             sinks: Vec::new(),
             max_attempts: 5,
             timeout: Duration::from_secs(10),

@@ -355,9 +355,32 @@ impl Notifier {
         metrics: Arc<Metrics>,
         tasks: &tokio_util::task::TaskTracker,
     ) -> Result<Notifier, SinkError> {
+        let mattermost = match &cfg.mattermost_app {
+            Some(app) => Some(sinks::MattermostButtons {
+                url: app.callback_url.clone(),
+                secret: crate::config::SecretRef::from_fields(
+                    "secret",
+                    &None,
+                    &app.secret_env,
+                    &app.secret_file,
+                )
+                .and_then(|r| r.ok_or_else(|| "give secret_env or secret_file".into()))
+                .and_then(|r| r.read())
+                .map_err(|why| SinkError {
+                    sink: "mattermost_app".into(),
+                    why,
+                })?,
+            }),
+            None => None,
+        };
         let mut sinks = Vec::new();
         for sc in &cfg.sinks {
-            let sink: Arc<dyn Sink> = build_sink(sc, cfg.timeout, cfg.slack_app.is_some())?;
+            let sink: Arc<dyn Sink> = build_sink(
+                sc,
+                cfg.timeout,
+                cfg.slack_app.is_some(),
+                mattermost.as_ref(),
+            )?;
             let (tx, rx) = mpsc::channel(SINK_QUEUE);
             tasks.spawn(deliver_loop(
                 sc.name.clone(),

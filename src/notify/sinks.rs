@@ -45,6 +45,7 @@ pub fn build_sink(
     cfg: &SinkConfig,
     timeout: Duration,
     buttons: bool,
+    mattermost: Option<&MattermostButtons>,
 ) -> Result<Arc<dyn Sink>, SinkError> {
     let http = crate::executors::upstream_client(Some(timeout));
     Ok(match cfg.kind {
@@ -68,6 +69,7 @@ pub fn build_sink(
             http,
             kind,
             buttons,
+            mattermost: mattermost.cloned(),
             url: secret(&cfg.name, "url", &cfg.url, &cfg.url_env, &cfg.url_file)?,
         }),
     })
@@ -118,6 +120,8 @@ struct Webhook {
     kind: SinkKind,
     /// Approval messages carry Approve and Deny buttons (Slack, with `notify.slack_app`).
     buttons: bool,
+    /// Mattermost approval buttons (with `notify.mattermost_app`).
+    mattermost: Option<MattermostButtons>,
     url: String,
 }
 
@@ -158,9 +162,11 @@ impl Sink for Webhook {
                 event,
                 self.buttons,
             ),
-            SinkKind::Mattermost => {
-                json!({ "text": event.text_for(Markup::Markdown), "username": "reflex" })
-            }
+            SinkKind::Mattermost => mattermost_buttons(
+                json!({ "text": event.text_for(Markup::Markdown), "username": "reflex" }),
+                event,
+                self.mattermost.as_ref(),
+            ),
             SinkKind::Teams => teams_card(event),
             SinkKind::Webhook | SinkKind::SlackBot => {
                 let mut v = serde_json::to_value(event).unwrap_or(Value::Null);
@@ -180,6 +186,42 @@ struct SlackBot {
     channel: String,
     threads: Mutex<HashMap<i64, String>>,
     buttons: bool,
+}
+
+/// Where Mattermost buttons call back, and the secret they carry.
+#[derive(Debug, Clone)]
+pub struct MattermostButtons {
+    /// `notify.mattermost_app.callback_url`.
+    pub url: String,
+    /// The shared secret.
+    pub secret: String,
+}
+
+/// A Mattermost approval message with Approve and Deny buttons (interactive message
+/// actions): each carries the approval, the hash of the action shown, and the shared secret.
+fn mattermost_buttons(mut body: Value, event: &Event, app: Option<&MattermostButtons>) -> Value {
+    let (
+        Event::ApprovalNeeded {
+            approval_id,
+            action_hash,
+            ..
+        },
+        Some(app),
+    ) = (event, app)
+    else {
+        return body;
+    };
+    let button = |id: &str, name: &str| {
+        json!({ "id": id, "name": name, "integration": { "url": app.url, "context": {
+            "action": id, "approval": approval_id, "hash": action_hash, "secret": app.secret,
+        }}})
+    };
+    body["attachments"] = json!([{
+        "text": body["text"],
+        "actions": [button("approve", "Approve"), button("deny", "Deny")],
+    }]);
+    body["text"] = json!("");
+    body
 }
 
 /// An approval message with Approve and Deny buttons (Block Kit). Each button's value names
@@ -291,5 +333,23 @@ mod tests {
         assert_eq!(body["blocks"][0]["text"]["text"], "Approve?");
         let plain = with_buttons(json!({"text": "Approve?"}), &approval(), false);
         assert_eq!(plain, json!({"text": "Approve?"}));
+    }
+
+    #[test]
+    fn mattermost_approval_messages_carry_actions_with_the_approval_hash_and_secret() {
+        let app = MattermostButtons {
+            url: "https://reflex.example/api/v1/chat/mattermost/actions".into(),
+            secret: "s".into(),
+        };
+        let body = mattermost_buttons(json!({"text": "Approve?"}), &approval(), Some(&app));
+        let actions = &body["attachments"][0]["actions"];
+        assert_eq!(body["attachments"][0]["text"], "Approve?");
+        assert_eq!(actions[0]["integration"]["url"], app.url);
+        assert_eq!(
+            actions[1]["integration"]["context"],
+            json!({"action": "deny", "approval": 3, "hash": "ab12", "secret": "s"})
+        );
+        let plain = mattermost_buttons(json!({"text": "x"}), &approval(), None);
+        assert_eq!(plain, json!({"text": "x"}));
     }
 }
