@@ -936,6 +936,21 @@ async fn the_openapi_document_covers_every_route_with_the_role_it_enforces() {
     );
 }
 
+/// An API configured with `section` (its `SECRET` replaced by a file holding `secret`) and a
+/// gated run waiting: the run, its approval's id and action hash, and the secret's directory.
+async fn chat_api(section: &str, secret: &str) -> (TestApi, i64, i64, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("secret");
+    std::fs::write(&path, secret).unwrap();
+    let api = TestApi::with(&section.replace("SECRET", &path.display().to_string()), "");
+    let run_id = api.start_gated().await;
+    let approval = api.view("/api/v1/approvals?state=pending").await[0].clone();
+    assert_eq!(approval["run_id"], run_id);
+    let id = approval["id"].as_i64().unwrap();
+    let hash = approval["action_hash"].as_str().unwrap().to_string();
+    (api, run_id, id, hash, dir)
+}
+
 /// A local stand-in for Slack's `response_url`: the JSON bodies posted to it.
 async fn response_url_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
     let got: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
@@ -967,21 +982,10 @@ async fn slack_api() -> (
     tempfile::TempDir,
 ) {
     let (base, got) = response_url_receiver().await;
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("slack-secret");
-    std::fs::write(&secret, "s3cret\n").unwrap();
-    let api = TestApi::with(
-        &format!(
-            "notify:\n  slack_app:\n    signing_secret_file: {}\n    users: {{ U1: alice }}\n    response_url_prefix: {base}\n",
-            secret.display()
-        ),
-        "",
+    let section = format!(
+        "notify:\n  slack_app:\n    signing_secret_file: SECRET\n    users: {{ U1: alice }}\n    response_url_prefix: {base}\n"
     );
-    let run_id = api.start_gated().await;
-    let approval = api.view("/api/v1/approvals?state=pending").await[0].clone();
-    assert_eq!(approval["run_id"], run_id);
-    let id = approval["id"].as_i64().unwrap();
-    let hash = approval["action_hash"].as_str().unwrap().to_string();
+    let (api, _, id, hash, dir) = chat_api(&section, "s3cret").await;
     (api, id, hash, base, got, dir)
 }
 
@@ -1119,20 +1123,9 @@ async fn forged_expired_unmapped_and_stale_slack_clicks_decide_nothing() {
 
 #[tokio::test]
 async fn mattermost_buttons_decide_with_the_shared_secret_as_the_mapped_user() {
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("mm-secret");
-    std::fs::write(&secret, "mm-s3cret").unwrap();
-    let api = TestApi::with(
-        &format!(
-            "notify:\n  mattermost_app:\n    callback_url: http://reflex.invalid/api/v1/chat/mattermost/actions\n    secret_file: {}\n    users: {{ mm1: alice }}\n",
-            secret.display()
-        ),
-        "",
-    );
-    let run_id = api.start_gated().await;
-    let approval = api.view("/api/v1/approvals?state=pending").await[0].clone();
-    let id = approval["id"].as_i64().unwrap();
-    let hash = approval["action_hash"].as_str().unwrap();
+    let section = "notify:\n  mattermost_app:\n    callback_url: http://reflex.invalid/api/v1/chat/mattermost/actions\n    secret_file: SECRET\n    users: { mm1: alice }\n";
+    let (api, run_id, id, hash, _dir) = chat_api(section, "mm-s3cret").await;
+    let hash = hash.as_str();
     let call = |user: &str, secret: &str, hash: &str| {
         json!({"user_id": user, "context": {"action": "approve", "approval": id, "hash": hash, "secret": secret}})
             .to_string()
