@@ -1170,3 +1170,24 @@ async fn mattermost_buttons_decide_with_the_shared_secret_as_the_mapped_user() {
         "a second click decides nothing"
     );
 }
+
+#[tokio::test]
+async fn each_step_boundary_is_one_write() {
+    // Two steps, the second failing: the intake with the first step's start, the first
+    // step's result with the second's start, and the second's result with the run's end.
+    let api = TestApi::new();
+    let before = api.store.write_counts().writes;
+    let out = api
+        .post_alert(&json!({"labels": {"alertname": "Flaky", "instance": "h1"}}).to_string())
+        .await;
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let run = wait_state(&api, run_id, "failed").await;
+    assert_eq!(run["steps"][0]["state"], "succeeded", "{run}");
+    assert_eq!(run["steps"][1]["state"], "failed", "{run}");
+    assert_eq!(api.store.write_counts().writes - before, 3);
+    let audit = api.view("/api/v1/audit").await;
+    let steps = (audit.as_array().unwrap().iter())
+        .filter(|e| e["action"].as_str().unwrap().starts_with("step."))
+        .count();
+    assert_eq!(steps, 2, "each step on the audit log once: {audit}");
+}

@@ -72,9 +72,11 @@ pub(crate) fn gated_action(target: &str, steps: &[StepRecord]) -> (Value, String
 struct Progress {
     /// Outputs of the steps that succeeded, by step name.
     outputs: Vec<(String, Value)>,
-    /// The last step's result, not yet written: it goes with the run's end in one write, and
-    /// the message about it (a failure the run went on after) is sent after that write.
-    last: Option<(StepResult, Option<Event>)>,
+    /// The previous step's result, not yet written: it goes with the run's next write (the
+    /// next step's start, a park for approval, or the run's end), so that it is on disk before
+    /// anything else is done; the message about it (a failure the run went on after) is sent
+    /// after that write.
+    unwritten: Option<(StepResult, Option<Event>)>,
 }
 
 /// What a finished run says.
@@ -123,7 +125,7 @@ impl Engine {
                 outputs: (run.steps.iter())
                     .filter_map(|s| Some((s.name.clone(), s.output.clone()?)))
                     .collect(),
-                last: None,
+                unwritten: None,
             };
             let (state, error) = match self.steps(&run, &token, &mut progress).await {
                 Ok(()) if run.dry_run => (RunState::DryRun, None),
@@ -137,7 +139,7 @@ impl Engine {
             let elapsed = (self.store.now_ms() - run.started_ms).max(0) as f64 / 1000.0;
             self.metrics.runs.with_label_values(&[&run.playbook, state.as_str()]).inc();
             self.metrics.run_duration.with_label_values(&[&run.playbook]).observe(elapsed);
-            let (last, last_event) = progress.last.take().unzip();
+            let (last, last_event) = progress.unwritten.take().unzip();
             // The last step's result, its audit row and the run's end: one write.
             let tripped = match self.store.run_finished(run.id, state, error.clone(), last, self.limits).await {
                 Ok(tripped) => {
@@ -369,6 +371,7 @@ impl Engine {
                     let main_left = (run.steps[i + 1..].iter())
                         .any(|s| s.phase == Phase::Main && s.state == StepState::Pending);
                     if main_left {
+                        self.flush(progress).await?;
                         self.store
                             .skip_pending_main(run.id)
                             .await
@@ -410,6 +413,10 @@ impl Engine {
         let started = started_at_intake(run, i);
         if !started {
             self.may_continue(run, step, token).await?;
+            if step.approval.is_some() {
+                // A gate may park the run: what came before is written first.
+                self.flush(progress).await?;
+            }
             self.gate(run, i).await?;
         }
         let timeout = step
@@ -428,6 +435,7 @@ impl Engine {
         };
         let Some(executor) = self.executors.get(step.action) else {
             let error = format!("no executor for action {:?} is configured", step.action);
+            self.flush(progress).await?;
             self.store
                 .step_finished(StepResult {
                     step: step_ref(run, step),
@@ -440,10 +448,15 @@ impl Engine {
             return Err(end(RunState::Failed, error));
         };
         if !started {
+            // The previous step's result and this step's start: one write.
+            let (previous, event) = progress.unwritten.take().unzip();
             self.store
-                .step_started(run.id, step.idx)
+                .step_started_after(run.id, step.idx, previous)
                 .await
                 .map_err(record_err)?;
+            if let Some(event) = event.flatten() {
+                self.notifier.send(event);
+            }
         }
         let step_timer = std::time::Instant::now();
         let first = i == 0 && !run.resumed && run.received_us > 0;
@@ -517,19 +530,20 @@ impl Engine {
         if let Some(out) = output.filter(|_| error.is_none()) {
             progress.outputs.push((step.name.clone(), out));
         }
-        // The last step's result is written with the run's end, in one write; any other is
-        // written before the next step is looked at.
-        let last = run.steps[i + 1..]
-            .iter()
-            .all(|s| s.state != StepState::Pending);
-        if last {
-            progress.last = Some((result, event));
-        } else {
+        // Written with the run's next write: the next step's start or the run's end.
+        progress.unwritten = Some((result, event));
+        Ok(error.filter(|_| step.on_failure == OnFailure::Stop))
+    }
+
+    /// Writes the previous step's result now (before a park, a skip or a refusal), then
+    /// sends its message.
+    async fn flush(&self, progress: &mut Progress) -> Result<(), Stop> {
+        if let Some((result, event)) = progress.unwritten.take() {
             self.store.step_finished(result).await.map_err(record_err)?;
             if let Some(event) = event {
                 self.notifier.send(event);
             }
         }
-        Ok(error.filter(|_| step.on_failure == OnFailure::Stop))
+        Ok(())
     }
 }

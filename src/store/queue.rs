@@ -296,10 +296,19 @@ impl Store {
         .await
     }
 
-    /// Marks a step `running`; written before the action starts.
-    pub async fn step_started(&self, run_id: i64, idx: i64) -> Result<(), StoreError> {
+    /// Marks a step `running`, written before its action starts, with the previous step's
+    /// result (and its audit row) in the same write.
+    pub async fn step_started_after(
+        &self,
+        run_id: i64,
+        idx: i64,
+        previous: Option<StepResult>,
+    ) -> Result<(), StoreError> {
         let now = self.now_ms();
         self.write(move |c| {
+            if let Some(previous) = &previous {
+                record_step(c, previous, now)?;
+            }
             c.prepare_cached("UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4 WHERE run_id = ?1 AND idx = ?2")?
                 .execute(params![run_id, idx, now, crate::time::now_us()])?;
             Ok(())
