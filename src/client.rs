@@ -250,6 +250,33 @@ pub fn format_outcome(v: &Value) -> String {
     )
 }
 
+/// One line per kill switch: scope, state, who, why, until.
+pub fn format_switches(v: &Value) -> String {
+    let mut out = String::new();
+    for s in std::iter::once(&v["global"]).chain(v["playbooks"].as_array().into_iter().flatten()) {
+        let state = if s["engaged"] == true {
+            "ENGAGED"
+        } else {
+            "released"
+        };
+        out.push_str(&format!(
+            "{:<28} {state}",
+            s["scope"].as_str().unwrap_or("")
+        ));
+        if let Some(actor) = s["actor"].as_str() {
+            out.push_str(&format!(" by {actor}"));
+        }
+        if let Some(reason) = s["reason"].as_str() {
+            out.push_str(&format!(": {reason}"));
+        }
+        if let Some(until) = s["until"].as_str() {
+            out.push_str(&format!(" (until {until})"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Whether a run's state is final.
 pub fn is_final(state: &str) -> bool {
     !matches!(state, "pending" | "running" | "awaiting_approval")

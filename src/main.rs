@@ -351,22 +351,15 @@ fn follow_run(api: &Api, path: &str, mut run: serde_json::Value) -> anyhow::Resu
 
 /// `reflex kill` / `reflex unkill`: PUT the switch (global, or one playbook's), print the result.
 fn set_switch(
-    server: &Api,
+    api: &Api,
     playbook: Option<&str>,
     body: serde_json::Value,
 ) -> anyhow::Result<ExitCode> {
     let path = playbook.map_or("/api/v1/killswitch".to_string(), |p| {
         format!("/api/v1/playbooks/{p}/killswitch")
     });
-    println!(
-        "{}",
-        pretty(&client_call(
-            server,
-            reqwest::Method::PUT,
-            &path,
-            Some(body)
-        )?)
-    );
+    let v = client_call(api, reqwest::Method::PUT, &path, Some(body))?;
+    api.print(&v, client::format_switches);
     Ok(ExitCode::SUCCESS)
 }
 

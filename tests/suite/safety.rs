@@ -751,6 +751,10 @@ async fn the_operator_cli_lists_approves_and_pulls_the_kill_switch() {
 
     let (code, out) = cli(&["kill", "--reason", "incident 42"], "admin-token");
     assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("global") && out.contains("ENGAGED by admin: incident 42"),
+        "{out}"
+    );
     let (_, ks) = app
         .call("GET", "/api/v1/killswitch", Some("carol-token"), None)
         .await;
