@@ -15,7 +15,7 @@ use crate::executors::Executors;
 use crate::metrics::Metrics;
 use crate::notify::{Event, Notifier, RunInfo};
 use crate::playbook::spec::CooldownBy;
-use crate::playbook::{Diagnostic, PlaybookSet};
+use crate::playbook::{Diagnostic, Plan, PlaybookSet};
 use crate::store::{
     BreakerLimits, Candidate, ClaimedRun, Decision, Hold, IntakeItem, Outcome, Recorded, RunState,
     StartNow, Store, StoreError,
@@ -242,11 +242,7 @@ impl Engine {
         // webhook to the first step); those it does not use go back at once.
         let startable = (items.iter())
             .flat_map(|i| &i.candidates)
-            .filter(|c| {
-                c.plan
-                    .as_ref()
-                    .is_ok_and(|p| p.steps.first().is_some_and(|s| s.approval.is_none()))
-            })
+            .filter(|c| c.plan.as_ref().is_ok_and(Plan::starts_ungated))
             .count();
         let mut permits = Vec::new();
         while permits.len() < startable && !self.shutdown.is_cancelled() {

@@ -168,6 +168,13 @@ pub struct Plan {
     pub steps: Vec<PlannedStep>,
 }
 
+impl Plan {
+    /// Whether its first step can start without an approval (intake may start it at once).
+    pub fn starts_ungated(&self) -> bool {
+        (self.steps.first()).is_some_and(|s| s.approval.is_none() && s.phase == spec::Phase::Main)
+    }
+}
+
 /// One rendered step.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedStep {

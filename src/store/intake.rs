@@ -346,11 +346,7 @@ impl Starter {
         deadline_ms: i64,
         now: i64,
     ) -> Result<(), StoreError> {
-        let ungated = plan
-            .steps
-            .first()
-            .is_some_and(|s| s.approval.is_none() && s.phase == crate::playbook::spec::Phase::Main);
-        if self.left == 0 || !ungated {
+        if self.left == 0 || !plan.starts_ungated() {
             return Ok(());
         }
         let free: bool = c
