@@ -1191,3 +1191,43 @@ async fn each_step_boundary_is_one_write() {
         .count();
     assert_eq!(steps, 2, "each step on the audit log once: {audit}");
 }
+
+#[tokio::test]
+async fn a_late_resolution_of_an_earlier_occurrence_leaves_a_newer_one_alone() {
+    // Gated runs wait in the queue here (no dispatcher).
+    let api = TestApi::new();
+    let post = |status: &str, starts_at: &str| {
+        json!({"labels": {"alertname": "Gated", "instance": "h1"}, "status": status, "startsAt": starts_at})
+            .to_string()
+    };
+    let first = api
+        .post_alert(&post("firing", "2026-11-23T00:00:00Z"))
+        .await;
+    let run = first["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    // A newer occurrence joins the queued run, which now acts for it.
+    let newer = api
+        .post_alert(&post("firing", "2026-11-23T01:00:00Z"))
+        .await;
+    assert_eq!(newer["outcomes"][0][0]["outcome"], "coalesced", "{newer}");
+    // The first occurrence's resolution, delivered late, does not end it.
+    let late = api
+        .post_alert(&post("resolved", "2026-11-23T00:00:00Z"))
+        .await;
+    assert!(
+        (late["outcomes"][0].as_array().unwrap().iter()).all(|o| o["outcome"] != "ended"),
+        "{late}"
+    );
+    let state = api.view(&format!("/api/v1/runs/{run}")).await["state"].clone();
+    assert_eq!(state, "pending");
+    // The newer occurrence's resolution does.
+    let resolved = api
+        .post_alert(&post("resolved", "2026-11-23T01:00:00Z"))
+        .await;
+    assert!(
+        (resolved["outcomes"][0].as_array().unwrap().iter())
+            .any(|o| o["outcome"] == "ended" && o["run_id"] == run),
+        "{resolved}"
+    );
+    let state = api.view(&format!("/api/v1/runs/{run}")).await["state"].clone();
+    assert_eq!(state, "resolved");
+}

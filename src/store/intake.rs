@@ -511,7 +511,12 @@ impl Store {
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     if item.alert.status == AlertStatus::Resolved {
-                        outcomes.extend(end_for_resolved(c, &item.alert.fingerprint, now)?);
+                        outcomes.extend(end_for_resolved(
+                            c,
+                            &item.alert.fingerprint,
+                            &item.alert.starts_at,
+                            now,
+                        )?);
                     }
                     all.push(outcomes);
                 }

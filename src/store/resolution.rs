@@ -1,25 +1,53 @@
 //! Resolution: a resolved alert ends its runs that have not started or wait for approval, and
-//! marks those executing so that they stop before their next step.
+//! marks those executing so that they stop before their next step. Only runs of the
+//! occurrence that resolved, or of earlier ones, are touched: a late (re-delivered)
+//! resolution of an earlier occurrence leaves a newer occurrence's runs alone.
 
 use super::lifecycle::finish_run;
 use super::*;
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// A resolved alert ends the runs of its alert that have not started or wait for approval,
-/// and marks those executing so that they stop before their next step.
+/// Whether a run of the occurrence that started at `run_starts` belongs to the resolution of
+/// the occurrence that started at `resolved_starts`: the same occurrence or an earlier one.
+/// Times that do not parse (an offset other than `Z`, say) are taken to match, as before.
+fn covered(run_starts: &str, resolved_starts: &str) -> bool {
+    match (
+        humantime::parse_rfc3339_weak(run_starts),
+        humantime::parse_rfc3339_weak(resolved_starts),
+    ) {
+        (Ok(run), Ok(resolved)) => run <= resolved,
+        _ => true,
+    }
+}
+
+/// A resolved alert ends the runs of its occurrence (or earlier ones) that have not started or
+/// wait for approval, and marks those executing so that they stop before their next step.
 pub(super) fn end_for_resolved(
     c: &Connection,
     fingerprint: &str,
+    resolved_starts: &str,
     now: i64,
 ) -> rusqlite::Result<Vec<Outcome>> {
-    let waiting: Vec<(i64, String, String)> = c
+    let live: Vec<(i64, String, String, String)> = c
         .prepare_cached(
-            "SELECT id, playbook, state FROM runs WHERE fingerprint = ?1 AND state = 'awaiting_approval'
+            // The occurrence a run acts for is its alert's (a coalesced run takes the newest).
+            "SELECT r.id, r.playbook, r.state, a.starts_at FROM runs r JOIN alerts a ON a.id = r.alert_id
+               WHERE r.fingerprint = ?1 AND r.state = 'awaiting_approval'
              UNION ALL
-             SELECT id, playbook, state FROM runs WHERE fingerprint = ?1 AND state = 'pending'",
+             SELECT r.id, r.playbook, r.state, a.starts_at FROM runs r JOIN alerts a ON a.id = r.alert_id
+               WHERE r.fingerprint = ?1 AND r.state = 'pending'
+             UNION ALL
+             SELECT r.id, r.playbook, r.state, a.starts_at FROM runs r JOIN alerts a ON a.id = r.alert_id
+               WHERE r.fingerprint = ?1 AND r.state = 'running' AND r.resolved_at IS NULL",
         )?
-        .query_map([fingerprint], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map([fingerprint], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
         .collect::<Result<_, _>>()?;
+    let (running, waiting): (Vec<_>, Vec<_>) = (live.into_iter())
+        .filter(|(_, _, _, starts)| covered(starts, resolved_starts))
+        .map(|(id, playbook, state, _)| (id, playbook, state))
+        .partition(|(_, _, state)| state == "running");
     for (id, _, state) in &waiting {
         let why = if state == "pending" {
             "the alert resolved before the run started; nothing was done"
@@ -29,10 +57,10 @@ pub(super) fn end_for_resolved(
         super::approvals::close_pending(c, *id, ApprovalState::Cancelled, now)?;
         finish_run(c, *id, RunState::Resolved, Some(why), now)?;
     }
-    c.prepare_cached(
-        "UPDATE runs SET resolved_at = ?2 WHERE fingerprint = ?1 AND state = 'running' AND resolved_at IS NULL",
-    )?
-    .execute(params![fingerprint, now])?;
+    for (id, _, _) in &running {
+        c.prepare_cached("UPDATE runs SET resolved_at = ?2 WHERE id = ?1")?
+            .execute(params![id, now])?;
+    }
     Ok(waiting
         .into_iter()
         .map(|(run_id, playbook, _)| Outcome::Ended {
