@@ -55,20 +55,10 @@ impl Redactor {
             ));
         }
         if let Some(app) = &cfg.notify.slack_app {
-            add(SecretRef::from_fields(
-                "signing_secret",
-                &None,
-                &app.signing_secret_env,
-                &app.signing_secret_file,
-            ));
+            add(app.secret_ref().map(Some));
         }
         if let Some(app) = &cfg.notify.mattermost_app {
-            add(SecretRef::from_fields(
-                "secret",
-                &None,
-                &app.secret_env,
-                &app.secret_file,
-            ));
+            add(app.secret_ref().map(Some));
         }
         Redactor {
             sources,

@@ -11,7 +11,6 @@
 //! in place through Slack's `response_url`, saying who decided.
 
 use super::{ApiError, AppState};
-use crate::config::SecretRef;
 use crate::notify::config::SlackApp;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -37,14 +36,7 @@ pub struct Slack {
 impl Slack {
     /// From `notify.slack_app`, reading the signing secret now.
     pub fn from_config(app: &SlackApp) -> Result<Slack, String> {
-        let secret = SecretRef::from_fields(
-            "signing_secret",
-            &None,
-            &app.signing_secret_env,
-            &app.signing_secret_file,
-        )?
-        .ok_or("notify.slack_app needs signing_secret_env or signing_secret_file")?
-        .read()?;
+        let secret = app.secret_ref()?.read()?;
         Ok(Slack {
             secret: secret.into_bytes(),
             users: app.users.clone(),
@@ -190,9 +182,7 @@ pub struct Mattermost {
 impl Mattermost {
     /// From `notify.mattermost_app`, reading the shared secret now.
     pub fn from_config(app: &crate::notify::config::MattermostApp) -> Result<Mattermost, String> {
-        let secret = SecretRef::from_fields("secret", &None, &app.secret_env, &app.secret_file)?
-            .ok_or("notify.mattermost_app needs secret_env or secret_file")?
-            .read()?;
+        let secret = app.secret_ref()?.read()?;
         Ok(Mattermost {
             secret,
             users: app.users.clone(),

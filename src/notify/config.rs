@@ -1,6 +1,6 @@
 //! `notify:` in reflex.yaml: the chat and webhook sinks and how they deliver.
 
-use crate::config::duration_str;
+use crate::config::{SecretRef, duration_str};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,6 +55,27 @@ pub struct SlackApp {
     /// Where Slack's `response_url` may point (the message is updated there).
     #[serde(default = "slack_hooks")]
     pub response_url_prefix: String,
+}
+
+impl SlackApp {
+    /// Where the signing secret comes from.
+    pub fn secret_ref(&self) -> Result<SecretRef, String> {
+        SecretRef::from_fields(
+            "signing_secret",
+            &None,
+            &self.signing_secret_env,
+            &self.signing_secret_file,
+        )?
+        .ok_or_else(|| "notify.slack_app needs signing_secret_env or signing_secret_file".into())
+    }
+}
+
+impl MattermostApp {
+    /// Where the shared secret comes from.
+    pub fn secret_ref(&self) -> Result<SecretRef, String> {
+        SecretRef::from_fields("secret", &None, &self.secret_env, &self.secret_file)?
+            .ok_or_else(|| "notify.mattermost_app needs secret_env or secret_file".into())
+    }
 }
 
 fn slack_hooks() -> String {

@@ -358,18 +358,12 @@ impl Notifier {
         let mattermost = match &cfg.mattermost_app {
             Some(app) => Some(sinks::MattermostButtons {
                 url: app.callback_url.clone(),
-                secret: crate::config::SecretRef::from_fields(
-                    "secret",
-                    &None,
-                    &app.secret_env,
-                    &app.secret_file,
-                )
-                .and_then(|r| r.ok_or_else(|| "give secret_env or secret_file".into()))
-                .and_then(|r| r.read())
-                .map_err(|why| SinkError {
-                    sink: "mattermost_app".into(),
-                    why,
-                })?,
+                secret: (app.secret_ref())
+                    .and_then(|r| r.read())
+                    .map_err(|why| SinkError {
+                        sink: "mattermost_app".into(),
+                        why,
+                    })?,
             }),
             None => None,
         };
