@@ -194,22 +194,18 @@ impl Engine {
                 }
                 Ok(plan)
             }
-            (plan, _) => plan.map_err(|e| e.to_string()),
+            (plan, _) => plan,
         };
         let now = self.store.now_ms();
+        let candidate = Candidate {
+            cooldown_ms: 0,
+            coalesce: false,
+            manual: Some(manual),
+            ..self.candidate(&pb, &alert, plan, self.windows.hold(&alert, now))
+        };
         let item = IntakeItem {
             received_us: crate::time::now_us(),
-            candidates: vec![Candidate {
-                playbook: pb.name.clone(),
-                cooldown_ms: 0,
-                cooldown_key: alert.fingerprint.clone(),
-                dry_run: self.dry_run || pb.dry_run,
-                plan,
-                deadline_ms: pb.deadline.unwrap_or(self.config.run_deadline).as_millis() as i64,
-                suppress: self.windows.hold(&alert, now),
-                coalesce: false,
-                manual: Some(manual),
-            }],
+            candidates: vec![candidate],
             alert,
         };
         let mut outcomes = tokio::spawn(self.clone().record(vec![item]))

@@ -14,8 +14,9 @@ use crate::config::{Config, EngineConfig};
 use crate::executors::Executors;
 use crate::metrics::Metrics;
 use crate::notify::{Event, Notifier, RunInfo};
+use crate::playbook::error::PlanError;
 use crate::playbook::spec::CooldownBy;
-use crate::playbook::{Diagnostic, Plan, PlaybookSet};
+use crate::playbook::{Diagnostic, Plan, Playbook, PlaybookSet};
 use crate::store::{
     BreakerLimits, Candidate, ClaimedRun, Decision, Hold, IntakeItem, Outcome, Recorded, RunState,
     StartNow, Store, StoreError,
@@ -187,30 +188,7 @@ impl Engine {
                 let suppress = self.windows.hold(&alert, now);
                 let candidates = matched
                     .into_iter()
-                    .map(|m| Candidate {
-                        playbook: m.playbook.name.clone(),
-                        cooldown_ms: m.playbook.cooldown.as_millis() as i64,
-                        cooldown_key: match (m.playbook.cooldown_by, &alert.group_key) {
-                            (CooldownBy::Group, Some(g)) => g.clone(),
-                            _ => alert.fingerprint.clone(),
-                        },
-                        dry_run: self.dry_run || m.playbook.dry_run,
-                        plan: m.plan.map_err(|e| {
-                            self.metrics
-                                .plan_failures
-                                .with_label_values(&[&m.playbook.name, e.metric_label()])
-                                .inc();
-                            e.to_string()
-                        }),
-                        deadline_ms: m
-                            .playbook
-                            .deadline
-                            .unwrap_or(self.config.run_deadline)
-                            .as_millis() as i64,
-                        suppress: suppress.clone(),
-                        coalesce: m.playbook.coalesce,
-                        manual: None,
-                    })
+                    .map(|m| self.candidate(&m.playbook, &alert, m.plan, suppress.clone()))
                     .collect();
                 IntakeItem {
                     alert,
@@ -307,6 +285,36 @@ impl Engine {
             self.wake.notify_one();
         }
         Ok(outcomes)
+    }
+
+    /// What intake is handed for `pb` matched by `alert`; a plan that failed is counted by
+    /// its reason.
+    fn candidate(
+        &self,
+        pb: &Playbook,
+        alert: &Alert,
+        plan: Result<Plan, PlanError>,
+        suppress: Option<String>,
+    ) -> Candidate {
+        Candidate {
+            playbook: pb.name.clone(),
+            cooldown_ms: pb.cooldown.as_millis() as i64,
+            cooldown_key: match (pb.cooldown_by, &alert.group_key) {
+                (CooldownBy::Group, Some(g)) => g.clone(),
+                _ => alert.fingerprint.clone(),
+            },
+            dry_run: self.dry_run || pb.dry_run,
+            plan: plan.map_err(|e| {
+                (self.metrics.plan_failures)
+                    .with_label_values(&[&pb.name, e.metric_label()])
+                    .inc();
+                e.to_string()
+            }),
+            deadline_ms: pb.deadline.unwrap_or(self.config.run_deadline).as_millis() as i64,
+            suppress,
+            coalesce: pb.coalesce,
+            manual: None,
+        }
     }
 
     /// An operator engages or releases a kill switch (`scope` global or a playbook's): recorded
