@@ -167,6 +167,13 @@ impl TestApi {
             .1
     }
 
+    /// Triggers `playbook` as the holder of `token`; the status and the answer.
+    async fn trigger(&self, playbook: &str, token: &str, body: &str) -> (StatusCode, Value) {
+        let path = format!("/api/v1/playbooks/{playbook}/runs");
+        self.call(Method::POST, &path, Some(token), Some(body))
+            .await
+    }
+
     /// Reads a path as a viewer; the answer.
     async fn view(&self, path: &str) -> Value {
         self.call(Method::GET, path, Some("viewer-token"), None)
@@ -670,30 +677,12 @@ async fn an_operator_triggers_a_playbook_without_an_alert_and_the_run_says_who()
     let body = r#"{"labels": {"instance": "h9"}, "annotations": {"summary": "by hand"}}"#;
     for role in ["viewer", "approver"] {
         let token = format!("{role}-token");
-        let (status, _) = (api.call(
-            Method::POST,
-            "/api/v1/playbooks/note/runs",
-            Some(&token),
-            Some(body),
-        ))
-        .await;
+        let (status, _) = api.trigger("note", &token, body).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{role}");
     }
-    let (status, out) = (api.call(
-        Method::POST,
-        "/api/v1/playbooks/nope/runs",
-        Some("operator-token"),
-        Some(body),
-    ))
-    .await;
+    let (status, out) = api.trigger("nope", "operator-token", body).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{out}");
-    let (status, out) = (api.call(
-        Method::POST,
-        "/api/v1/playbooks/note/runs",
-        Some("operator-token"),
-        Some(body),
-    ))
-    .await;
+    let (status, out) = api.trigger("note", "operator-token", body).await;
     assert_eq!(status, StatusCode::OK, "{out}");
     assert_eq!(out["outcome"], "created", "{out}");
     let run = wait_state(&api, out["run_id"].as_i64().unwrap(), "succeeded").await;
@@ -702,13 +691,7 @@ async fn an_operator_triggers_a_playbook_without_an_alert_and_the_run_says_who()
     let starts = run["alert"]["starts_at"].as_str().unwrap();
     assert!(humantime::parse_rfc3339(starts).is_ok(), "{starts}");
     // A second trigger with the same labels is a new run, not a re-delivery.
-    let (_, again) = (api.call(
-        Method::POST,
-        "/api/v1/playbooks/note/runs",
-        Some("operator-token"),
-        Some(body),
-    ))
-    .await;
+    let (_, again) = api.trigger("note", "operator-token", body).await;
     assert_eq!(again["outcome"], "created", "{again}");
     assert_ne!(again["run_id"], out["run_id"]);
     let audit = api.view("/api/v1/audit").await;
@@ -733,13 +716,7 @@ async fn a_triggered_run_is_held_by_the_kill_switch_and_bad_labels_change_nothin
         .await;
     assert_eq!(status, StatusCode::OK);
     let body = r#"{"labels": {"instance": "h9"}}"#;
-    let (_, out) = (api.call(
-        Method::POST,
-        "/api/v1/playbooks/note/runs",
-        Some("operator-token"),
-        Some(body),
-    ))
-    .await;
+    let (_, out) = api.trigger("note", "operator-token", body).await;
     assert_eq!(out["outcome"], "suppressed", "{out}");
     assert_eq!(out["cause"], "kill_switch", "{out}");
     let before = api.runs().await;
@@ -748,13 +725,7 @@ async fn a_triggered_run_is_held_by_the_kill_switch_and_bad_labels_change_nothin
         r#"{"labels": {}, "extra": true}"#,
         "[]",
     ] {
-        let (status, out) = (api.call(
-            Method::POST,
-            "/api/v1/playbooks/note/runs",
-            Some("operator-token"),
-            Some(bad),
-        ))
-        .await;
+        let (status, out) = api.trigger("note", "operator-token", bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {out}");
     }
     assert_eq!(api.runs().await, before, "nothing recorded");
