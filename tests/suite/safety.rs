@@ -979,14 +979,11 @@ steps:
             })
             .await
         } else {
-            // Same target for max_runs / per playbook; distinct ones for max_targets.
+            // Distinct alerts (distinct targets): occurrences of one alert would coalesce
+            // into a queued run and count once, depending on how fast the runs end.
             let alerts = (0..6)
                 .map(|i| {
-                    let instance = if limit == "max_targets" {
-                        format!("t{i}")
-                    } else {
-                        "t".into()
-                    };
+                    let instance = format!("t{i}");
                     let name = if limit == "max_runs" && i % 2 == 1 {
                         "Other"
                     } else {
