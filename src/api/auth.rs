@@ -139,7 +139,21 @@ impl Auth {
         } else {
             return Err(AuthFailure::Scheme);
         };
-        let presented = digest(secret.as_bytes());
+        match self.identify_token(&secret) {
+            Ok(id) if user.as_ref().is_none_or(|u| *u == id.name) => Ok(id),
+            _ => Err(AuthFailure::Invalid),
+        }
+    }
+
+    /// Identifies a caller by the token alone (the console's login form).
+    pub fn identify_token(&self, secret: &str) -> Result<Identity, AuthFailure> {
+        if !self.enabled() {
+            return Ok(Identity {
+                name: "anonymous".into(),
+                role: Role::Admin,
+            });
+        }
+        let presented = digest(secret.trim().as_bytes());
         // Compare against every token so that timing does not tell which one came close.
         let mut found = None;
         for (name, role, hash) in &self.tokens {
@@ -147,13 +161,24 @@ impl Auth {
                 found = Some((name, *role));
             }
         }
-        match found {
-            Some((name, role)) if user.as_ref().is_none_or(|u| u == name) => Ok(Identity {
+        found
+            .map(|(name, role)| Identity {
                 name: name.clone(),
                 role,
-            }),
-            _ => Err(AuthFailure::Invalid),
+            })
+            .ok_or(AuthFailure::Invalid)
+    }
+
+    /// The role the token named `name` has now; `None` once it is gone from the config (a
+    /// console session of a removed token ends with it).
+    pub fn role_of(&self, name: &str) -> Option<Role> {
+        if !self.enabled() {
+            return (name == "anonymous").then_some(Role::Admin);
         }
+        self.tokens
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map(|(_, role, _)| *role)
     }
 }
 

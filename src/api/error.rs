@@ -51,7 +51,8 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    /// The HTTP status it is answered with.
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,

@@ -45,7 +45,7 @@ fn released(scope: &str) -> Switch {
     }
 }
 
-async fn current(state: &AppState) -> Result<SwitchState, ApiError> {
+pub(crate) async fn current(state: &AppState) -> Result<SwitchState, ApiError> {
     let all = state.store.switches().await?;
     let (global, playbooks): (Vec<Switch>, Vec<Switch>) =
         all.into_iter().partition(|s| s.scope == GLOBAL);
@@ -143,7 +143,18 @@ async fn set(
     scope: String,
     body: Bytes,
 ) -> Result<Json<SwitchState>, ApiError> {
-    let body: SwitchBody = json_body(&body)?;
+    apply(&state, &who.name, scope, json_body(&body)?).await?;
+    Ok(Json(current(&state).await?))
+}
+
+/// Engages or releases the switch of `scope` as `body` asks (shared by the API and the
+/// console).
+pub(crate) async fn apply(
+    state: &AppState,
+    who: &str,
+    scope: String,
+    body: SwitchBody,
+) -> Result<(), ApiError> {
     let reason = body.reason.unwrap_or_default().trim().to_string();
     if body.engaged && reason.is_empty() {
         return Err(ApiError::BadRequest(
@@ -184,7 +195,7 @@ async fn set(
     };
     state
         .engine
-        .set_switch(scope, body.engaged, reason, who.name.clone(), until)
+        .set_switch(scope, body.engaged, reason, who.to_string(), until)
         .await?;
-    Ok(Json(current(&state).await?))
+    Ok(())
 }

@@ -5,6 +5,7 @@ mod approvals;
 pub mod auth;
 pub mod auth_config;
 pub mod chat;
+pub mod console;
 mod error;
 mod killswitch;
 pub mod openapi;
@@ -125,13 +126,15 @@ pub fn router(state: AppState) -> Router {
         .merge(admin)
         .merge(health)
         .merge(chat)
+        .merge(console::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(same_origin_json))
         .with_state(state)
 }
 
-/// Mutating requests must be JSON and must not come from another site's page.
+/// Mutating requests must not come from another site's page, and outside the console they must
+/// be JSON.
 ///
 /// A browser sends a cross-site form or `text/plain` POST without asking first (a "simple"
 /// request), with the user's network position and cookies; requiring
@@ -173,6 +176,11 @@ async fn same_origin_json(
         )
         .into_response();
     }
+    // The console's forms are form-encoded: each carries its session's CSRF token, checked
+    // by the console before anything else.
+    if req.uri().path().starts_with("/ui/") {
+        return next.run(req).await;
+    }
     let json = text(header::CONTENT_TYPE.as_str())
         .and_then(|v| v.split(';').next())
         .is_some_and(|essence| {
@@ -194,6 +202,7 @@ async fn same_origin_json(
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AuditQuery {
+    before: Option<i64>,
     limit: Option<u32>,
 }
 
@@ -203,7 +212,7 @@ struct AuditQuery {
     path = "/api/v1/audit",
     tag = "viewer",
     description = "The audit log, newest first. Role: viewer.",
-    params(("limit" = Option<u32>, Query, description = "1-1000, default 100")),
+    params(("before" = Option<i64>, Query, description = "Rows with a smaller id"), ("limit" = Option<u32>, Query, description = "1-1000, default 100")),
     responses((status = 200, description = "Audit rows", body = Vec<crate::store::AuditEntry>), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
     security(("bearer" = ["viewer"]))
 )]
@@ -218,7 +227,7 @@ async fn audit(
             "limit must be between 1 and 1000".into(),
         ));
     }
-    Ok(axum::Json(state.store.audit_log(limit).await?))
+    Ok(axum::Json(state.store.audit_log(q.before, limit).await?))
 }
 
 /// `GET /metrics`: gauges that live in the store are read at scrape time.

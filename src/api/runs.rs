@@ -22,6 +22,8 @@ pub struct ListQuery {
     pub playbook: Option<String>,
     /// Only this state.
     pub state: Option<String>,
+    /// Only this target.
+    pub target: Option<String>,
     /// Cursor: runs with an id below this.
     pub before: Option<i64>,
     /// Page size (1..=500, default 50).
@@ -43,7 +45,7 @@ pub struct RunPage {
     path = "/api/v1/runs",
     tag = "viewer",
     description = "Runs, newest first; `next_before` pages. Role: viewer.",
-    params(("playbook" = Option<String>, Query, description = "Only this playbook"), ("state" = Option<String>, Query, description = "Only this state"), ("before" = Option<i64>, Query, description = "Runs with a smaller id"), ("limit" = Option<u32>, Query, description = "Page size, 1-500")),
+    params(("playbook" = Option<String>, Query, description = "Only this playbook"), ("state" = Option<String>, Query, description = "Only this state"), ("target" = Option<String>, Query, description = "Only this target"), ("before" = Option<i64>, Query, description = "Runs with a smaller id"), ("limit" = Option<u32>, Query, description = "Page size, 1-500")),
     responses((status = 200, description = "A page of runs", body = RunPage), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
     security(("bearer" = ["viewer"]))
 )]
@@ -70,6 +72,7 @@ pub async fn list(
         .list_runs(RunFilter {
             playbook: q.playbook,
             state: run_state,
+            target: q.target,
             before: q.before,
             limit,
         })

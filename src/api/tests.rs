@@ -50,19 +50,19 @@ steps:
 const ROLES: &[&str] = &["webhook", "viewer", "approver", "operator", "admin"];
 
 /// A router and its store, with one token per role (`<role>-token`) and one playbook.
-struct TestApi {
-    router: Router,
+pub(super) struct TestApi {
+    pub(super) router: Router,
     /// The SQLite file, for tests that tamper with it.
-    db: std::path::PathBuf,
-    store: Store,
+    pub(super) db: std::path::PathBuf,
+    pub(super) store: Store,
     /// The store's clock, moved by hand.
     clock: Arc<crate::time::ManualClock>,
-    engine: Arc<Engine>,
+    pub(super) engine: Arc<Engine>,
     _dir: tempfile::TempDir,
 }
 
 impl TestApi {
-    fn new() -> TestApi {
+    pub(super) fn new() -> TestApi {
         Self::with("", "")
     }
 
@@ -122,7 +122,7 @@ impl TestApi {
     }
 
     /// One request; the status and the JSON answer (null when not JSON).
-    async fn call(
+    pub(super) async fn call(
         &self,
         method: Method,
         path: &str,
@@ -150,7 +150,7 @@ impl TestApi {
 
     /// Starts the dispatcher, posts an alert for the gated playbook and waits until its run
     /// parks for approval; the run's id.
-    async fn start_gated(&self) -> i64 {
+    pub(super) async fn start_gated(&self) -> i64 {
         tokio::spawn(self.engine.clone().dispatch());
         let body = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
         let out = self.post_alert(&body).await;
@@ -160,7 +160,7 @@ impl TestApi {
     }
 
     /// Posts a generic alert body as the webhook; the answer.
-    async fn post_alert(&self, body: &str) -> Value {
+    pub(super) async fn post_alert(&self, body: &str) -> Value {
         let path = "/api/v1/webhooks/generic";
         self.call(Method::POST, path, Some("webhook-token"), Some(body))
             .await
@@ -485,7 +485,7 @@ async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
 }
 
 /// Waits (bounded) until the run is in `state`.
-async fn wait_state(api: &TestApi, run_id: i64, state: &str) -> Value {
+pub(super) async fn wait_state(api: &TestApi, run_id: i64, state: &str) -> Value {
     let path = format!("/api/v1/runs/{run_id}");
     for _ in 0..500 {
         let run = api.view(&path).await;

@@ -61,8 +61,21 @@ pub struct Engine {
     slots: Arc<Semaphore>,
     /// Cancellation tokens of runs in flight, by run id.
     running: Mutex<HashMap<i64, CancellationToken>>,
+    /// The last rejected reload, until a reload succeeds (shown by the console).
+    reload_failure: Mutex<Option<ReloadFailure>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// A reload that was refused: when, and every error (`file:line: message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadFailure {
+    /// When (ms since the epoch).
+    pub at_ms: i64,
+    /// What triggered it (`SIGHUP`, `api`, …).
+    pub trigger: String,
+    /// The errors.
+    pub errors: Vec<String>,
 }
 
 /// The result of a cancel request.
@@ -119,9 +132,23 @@ impl Engine {
             wake: Notify::new(),
             slots: Arc::new(Semaphore::new(cfg.engine.max_concurrent_runs)),
             running: Mutex::new(HashMap::new()),
+            reload_failure: Mutex::new(None),
             shutdown,
             tracker: TaskTracker::new(),
         })
+    }
+
+    /// Where operators reach this daemon (`public_url`), without a trailing slash.
+    pub fn public_url(&self) -> Option<&str> {
+        self.public_url.as_deref()
+    }
+
+    /// The last refused reload, unless a reload succeeded since.
+    pub fn reload_failure(&self) -> Option<ReloadFailure> {
+        self.reload_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The playbooks in force.
@@ -144,6 +171,10 @@ impl Engine {
             Ok(set) => {
                 let n = set.playbooks.len();
                 self.set_playbooks(set);
+                *self
+                    .reload_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
                 tracing::info!(count = n, trigger = why, "playbooks reloaded");
                 Ok(n)
             }
@@ -152,6 +183,14 @@ impl Engine {
                 for d in &diags {
                     tracing::error!(trigger = why, error = %d, "playbook reload rejected; the previous set stays in force");
                 }
+                *self
+                    .reload_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(ReloadFailure {
+                    at_ms: self.store.now_ms(),
+                    trigger: why.to_string(),
+                    errors: diags.iter().map(ToString::to_string).collect(),
+                });
                 Err(diags)
             }
         }
@@ -535,7 +574,7 @@ impl Engine {
             url: self
                 .public_url
                 .as_ref()
-                .map(|u| format!("{u}/api/v1/runs/{id}")),
+                .map(|u| format!("{u}/ui/runs/{id}")),
         }
     }
 

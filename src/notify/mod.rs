@@ -456,7 +456,7 @@ mod tests {
             playbook: "disk-cleanup".into(),
             target: "db-1".into(),
             title: "Disk space low on db-1".into(),
-            url: Some("https://reflex.example/api/v1/runs/7".into()),
+            url: Some("https://reflex.example/ui/runs/7".into()),
         }
     }
 
@@ -472,7 +472,7 @@ mod tests {
         };
         assert_eq!(
             e.text(),
-            "Disk space low on db-1. Cleanup ran. Space reclaimed: 5.1 GB. Run 7 (disk-cleanup) succeeded in 4s. https://reflex.example/api/v1/runs/7"
+            "Disk space low on db-1. Cleanup ran. Space reclaimed: 5.1 GB. Run 7 (disk-cleanup) succeeded in 4s. https://reflex.example/ui/runs/7"
         );
     }
 

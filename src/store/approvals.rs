@@ -315,6 +315,17 @@ impl Store {
         .await
     }
 
+    /// The approvals of one run, oldest first.
+    pub async fn run_approvals(&self, run_id: i64) -> Result<Vec<ApprovalView>, StoreError> {
+        self.read(move |c| {
+            let mut stmt =
+                c.prepare_cached(&format!("{SELECT} WHERE a.run_id = ?1 ORDER BY a.id"))?;
+            let rows = stmt.query_map([run_id], view)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .await
+    }
+
     /// One approval.
     pub async fn get_approval(&self, id: i64) -> Result<Option<ApprovalView>, StoreError> {
         self.read(move |c| {

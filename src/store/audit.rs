@@ -63,13 +63,18 @@ impl Store {
         .await
     }
 
-    /// The newest audit rows, newest first.
-    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+    /// The newest audit rows, newest first; `before` pages (rows with a smaller id).
+    pub async fn audit_log(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare(
-                "SELECT id, at, actor, action, target, outcome, detail FROM audit ORDER BY id DESC LIMIT ?1",
+            let mut stmt = c.prepare_cached(
+                "SELECT id, at, actor, action, target, outcome, detail FROM audit
+                 WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
             )?;
-            let rows = stmt.query_map([limit], |r| {
+            let rows = stmt.query_map(params![before, limit], |r| {
                 Ok(AuditEntry {
                     id: r.get(0)?,
                     at: crate::time::rfc3339(r.get(1)?),

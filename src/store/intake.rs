@@ -144,6 +144,20 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The run it recorded, joined or ended.
+    pub fn run_id(&self) -> i64 {
+        match self {
+            Outcome::Created { run_id, .. }
+            | Outcome::Coalesced { run_id, .. }
+            | Outcome::Deduplicated { run_id, .. }
+            | Outcome::Suppressed { run_id, .. }
+            | Outcome::Failed { run_id, .. }
+            | Outcome::Ended { run_id, .. } => *run_id,
+        }
+    }
+}
+
 /// An alert's JSON columns, serialized before the write.
 struct Json {
     labels: String,

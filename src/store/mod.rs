@@ -13,6 +13,7 @@ mod intake;
 mod lifecycle;
 mod queue;
 mod resolution;
+mod sessions;
 mod snapshot;
 mod states;
 mod switches;
@@ -23,6 +24,7 @@ pub use audit::AuditEntry;
 pub use breaker::{BreakerLimits, Limit, Trip};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
 pub use queue::{ClaimedRun, StepRecord, StepRef, StepResult};
+pub use sessions::Session;
 pub use snapshot::Snapshot;
 pub use states::{ApprovalState, RunState, StepState};
 pub use switches::*;
@@ -372,6 +374,18 @@ END;
     r#"
 ALTER TABLE runs ADD COLUMN triggered_by TEXT;
 ALTER TABLE runs ADD COLUMN retry_of INTEGER;
+"#,
+    // 9: console sessions. Only a digest of the cookie is kept; the role is looked up from the
+    // tokens in force on every request, so removing a token ends its sessions.
+    r#"
+CREATE TABLE sessions (
+  id_hash BLOB PRIMARY KEY,
+  name TEXT NOT NULL,
+  csrf TEXT NOT NULL,
+  created_at INTEGER NOT NULL,
+  expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX runs_target ON runs(target, id);
 "#,
 ];
 

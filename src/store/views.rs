@@ -71,6 +71,8 @@ pub struct RunFilter {
     pub playbook: Option<String>,
     /// Only this state.
     pub state: Option<RunState>,
+    /// Only this target.
+    pub target: Option<String>,
     /// Only runs with a smaller id (the cursor of the previous page).
     pub before: Option<i64>,
     /// Page size.
@@ -117,10 +119,17 @@ impl Store {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "{RUN_SELECT} WHERE (?1 IS NULL OR r.playbook = ?1) AND (?2 IS NULL OR r.state = ?2)
-                   AND (?3 IS NULL OR r.id < ?3) ORDER BY r.id DESC LIMIT ?4"
+                   AND (?3 IS NULL OR r.id < ?3) AND (?5 IS NULL OR r.target = ?5)
+                 ORDER BY r.id DESC LIMIT ?4"
             ))?;
             let rows = stmt.query_map(
-                params![f.playbook, f.state.map(RunState::as_str), f.before, f.limit],
+                params![
+                    f.playbook,
+                    f.state.map(RunState::as_str),
+                    f.before,
+                    f.limit,
+                    f.target
+                ],
                 run_view,
             )?;
             Ok(rows.collect::<Result<_, _>>()?)

@@ -7,6 +7,7 @@
 mod common;
 
 mod cli;
+mod console;
 mod deploy;
 mod disk_cleanup_playbook;
 mod e2e_alertmanager;

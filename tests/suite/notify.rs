@@ -84,7 +84,7 @@ async fn every_sink_gets_the_exact_payload_for_every_event() {
         rx_wait(&rx, path, 5).await;
     }
 
-    let link = "https://reflex.example.internal/api/v1/runs/1";
+    let link = "https://reflex.example.internal/ui/runs/1";
     let started =
         format!("Error rate high on web-1. Running playbook gated on web-1 (run 1). {link}");
     let step_failed = format!(

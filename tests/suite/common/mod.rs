@@ -5,6 +5,7 @@
 // Each test binary uses part of this harness.
 
 pub mod alertmanager;
+pub mod browser;
 pub mod fake_kube;
 pub mod prometheus;
 pub mod receiver;
