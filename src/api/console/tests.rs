@@ -547,3 +547,90 @@ async fn the_run_page_streams_its_changes_until_the_run_ends() {
         .unwrap();
     assert!(rest.is_none());
 }
+
+#[tokio::test]
+async fn a_refused_reload_is_shown_with_its_errors_until_one_succeeds() {
+    let api = TestApi::new();
+    let dir = api.db.parent().unwrap().parent().unwrap().join("playbooks");
+    std::fs::write(dir.join("broken.yaml"), "name: broken\nsteps: nope\n").unwrap();
+    let mut b = Browser::new(&api);
+    b.login("admin").await;
+    let csrf = b.get("/ui/playbooks").await.csrf();
+    let answer = b.post("/ui/playbooks/reload", &[("csrf", &csrf)]).await;
+    assert_eq!(answer.status, StatusCode::SEE_OTHER);
+    let page = b.get("/ui/playbooks").await;
+    assert!(page.body.contains("id=\"reload-error\""), "{}", page.body);
+    assert!(
+        page.body.contains("broken.yaml:"),
+        "file:line: {}",
+        page.body
+    );
+    // The set in force stays and is listed.
+    assert!(page.body.contains("<strong>gated</strong>"));
+    std::fs::remove_file(dir.join("broken.yaml")).unwrap();
+    b.post("/ui/playbooks/reload", &[("csrf", &csrf)]).await;
+    assert!(
+        !b.get("/ui/playbooks")
+            .await
+            .body
+            .contains("id=\"reload-error\"")
+    );
+    // An operator may not reload.
+    let mut op = Browser::new(&api);
+    op.login("operator").await;
+    let csrf = op.get("/ui/playbooks").await.csrf();
+    let refused = op.post("/ui/playbooks/reload", &[("csrf", &csrf)]).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn an_operator_retries_a_failed_run_from_its_page() {
+    let api = TestApi::new();
+    tokio::spawn(api.engine.clone().dispatch());
+    let body = json!({"labels": {"alertname": "Flaky", "instance": "h1"}});
+    let out = api.post_alert(&body.to_string()).await;
+    let failed = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    wait_state(&api, failed, "failed").await;
+    // An approver sees the failure but no retry button, and cannot post one.
+    let mut approver = Browser::new(&api);
+    approver.login("approver").await;
+    let page = approver.get(&format!("/ui/runs/{failed}")).await;
+    assert!(page.body.contains("probe failed"), "{}", page.body);
+    assert!(!page.body.contains("id=\"retry\""));
+    let csrf = page.csrf();
+    let path = format!("/ui/runs/{failed}/retry");
+    assert_eq!(
+        approver.post(&path, &[("csrf", &csrf)]).await.status,
+        StatusCode::FORBIDDEN
+    );
+    // An operator retries from the start and lands on the new run.
+    let mut op = Browser::new(&api);
+    op.login("operator").await;
+    let page = op.get(&format!("/ui/runs/{failed}")).await;
+    assert!(page.body.contains("id=\"retry\""));
+    let csrf = page.csrf();
+    let answer = op
+        .post(&path, &[("csrf", &csrf), ("from_start", "1")])
+        .await;
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
+    let new_id: i64 = answer
+        .location()
+        .strip_prefix("/ui/runs/")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let retry = wait_state(&api, new_id, "failed").await;
+    assert_eq!(retry["retry_of"], failed);
+    assert_eq!(retry["triggered_by"], "operator");
+    assert_eq!(
+        retry["steps"].as_array().unwrap().len(),
+        2,
+        "from the start: {retry}"
+    );
+    // A run that has ended cannot be cancelled: a clear 409 page.
+    let ended = op
+        .post(&format!("/ui/runs/{new_id}/cancel"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(ended.status, StatusCode::CONFLICT, "{}", ended.body);
+    assert!(ended.body.contains("already ended"), "{}", ended.body);
+}
