@@ -38,5 +38,5 @@ pub(super) fn refresh(
         .execute(params![run_id, alert_id, params_json, plan.target])?;
     c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?
         .execute([run_id])?;
-    insert_steps(c, run_id, plan, steps_json)
+    insert_steps(c, run_id, plan, steps_json, None)
 }

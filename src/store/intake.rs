@@ -275,10 +275,17 @@ fn intake_one(
         (None, Err(e)) => (RunState::Failed, None, Some(e.clone()), None),
         (None, Ok(plan)) => (RunState::Pending, None, None, Some(plan)),
     };
+    // A run that can start now is recorded running, its first step with it: the same commit,
+    // and no second write of either row.
+    let start_now = match plan {
+        Some(plan) => start.can_start(c, &playbook, &a.fingerprint, plan)?,
+        None => false,
+    };
+    let state = if start_now { RunState::Running } else { state };
     c.prepare_cached(
         "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
-           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
     )?
     .execute(params![
         playbook,
@@ -292,26 +299,22 @@ fn intake_one(
         cand.dry_run,
         json.as_ref().filter(|_| plan.is_some()).map_or("{}", |j| j.params.as_str()),
         now,
-        (state != RunState::Pending).then_some(now),
+        (!matches!(state, RunState::Pending | RunState::Running)).then_some(now),
         error,
         target,
         cand.deadline_ms,
         cand.manual.as_ref().map(|m| m.by.as_str()),
-        cand.manual.as_ref().and_then(|m| m.retry_of)
+        cand.manual.as_ref().and_then(|m| m.retry_of),
+        start_now.then_some(now)
     ])?;
     let run_id = c.last_insert_rowid();
     if let Some(plan) = plan {
-        insert_steps(c, run_id, plan, json.map(|j| j.steps).unwrap_or_default())?;
-        start.try_start(
-            c,
-            run_id,
-            &playbook,
-            a,
-            plan,
-            cand.dry_run,
-            cand.deadline_ms,
-            now,
-        )?;
+        let steps = json.map(|j| j.steps).unwrap_or_default();
+        let first = start_now.then(|| (now, crate::time::now_us()));
+        insert_steps(c, run_id, plan, steps, first)?;
+        if start_now {
+            start.started(run_id, &playbook, a, plan, cand.dry_run, cand.deadline_ms, now);
+        }
     }
     if let Some(joined) = joined {
         return Ok(Outcome::Coalesced {
@@ -345,13 +348,38 @@ pub(super) struct Starter {
 }
 
 impl Starter {
-    /// Claims the run just inserted and marks its first step `running`, when it has no gate
-    /// there, its target has room and nothing older waits for it, and no run of its playbook
-    /// for the same alert is executing: the same rules as [`Store::claim`], for one run.
-    #[allow(clippy::too_many_arguments)]
-    fn try_start(
-        &mut self,
+    /// Whether a new run of `playbook` for this alert can start in this transaction: a slot is
+    /// left, its first step has no gate, its target has room, no run waits for that target
+    /// (it would be older), and no run of the playbook is executing for the same alert. The
+    /// same rules as [`Store::claim`], for one run.
+    fn can_start(
+        &self,
         c: &Connection,
+        playbook: &str,
+        fingerprint: &str,
+        plan: &Plan,
+    ) -> Result<bool, StoreError> {
+        if self.left == 0 || !plan.starts_ungated() {
+            return Ok(false);
+        }
+        Ok(c
+            .prepare_cached(
+                "SELECT coalesce((SELECT running FROM target_load WHERE target = ?1), 0) < ?2
+                   AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.state = 'pending' AND p.target = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?3 AND o.fingerprint = ?4
+                                   AND o.state = 'running')",
+            )?
+            .query_row(
+                params![plan.target, self.max_per_target, playbook, fingerprint],
+                |r| r.get(0),
+            )?)
+    }
+
+    /// Takes a slot for a run recorded running with its first step, and keeps what its task
+    /// needs.
+    #[allow(clippy::too_many_arguments)]
+    fn started(
+        &mut self,
         run_id: i64,
         playbook: &str,
         alert: &Alert,
@@ -359,33 +387,7 @@ impl Starter {
         dry_run: bool,
         deadline_ms: i64,
         now: i64,
-    ) -> Result<(), StoreError> {
-        if self.left == 0 || !plan.starts_ungated() {
-            return Ok(());
-        }
-        let free: bool = c
-            .prepare_cached(
-                "SELECT l.running < ?2
-                   AND (SELECT min(p.id) FROM runs p WHERE p.state = 'pending' AND p.target = ?1) = ?3
-                   AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?4 AND o.fingerprint = ?5
-                                   AND o.state = 'running')
-                 FROM target_load l WHERE l.target = ?1",
-            )?
-            .query_row(
-                params![plan.target, self.max_per_target, run_id, playbook, alert.fingerprint],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(false);
-        if !free {
-            return Ok(());
-        }
-        c.prepare_cached("UPDATE runs SET state = 'running', started_at = ?2 WHERE id = ?1")?
-            .execute(params![run_id, now])?;
-        c.prepare_cached(
-            "UPDATE steps SET state = 'running', started_at = ?2, started_us = ?3 WHERE run_id = ?1 AND idx = 0",
-        )?
-        .execute(params![run_id, now, crate::time::now_us()])?;
+    ) {
         self.left -= 1;
         let steps = plan
             .steps
@@ -425,22 +427,25 @@ impl Starter {
             steps,
             received_us: self.received_us,
         });
-        Ok(())
     }
 }
 
-/// A run's steps, as planned (all pending).
+/// A run's steps, as planned: all pending, or the first one running since `first` (ms and
+/// µs since the epoch).
 pub(super) fn insert_steps(
     c: &Connection,
     run_id: i64,
     plan: &Plan,
     steps_json: Vec<(String, Option<String>)>,
+    first: Option<(i64, i64)>,
 ) -> rusqlite::Result<()> {
     let mut stmt = c.prepare_cached(
-        "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9)",
+        "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase,
+           started_at, started_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
     for (idx, (s, (args, approval))) in plan.steps.iter().zip(steps_json).enumerate() {
+        let running = first.filter(|_| idx == 0);
         stmt.execute(params![
             run_id,
             idx as i64,
@@ -449,8 +454,11 @@ pub(super) fn insert_steps(
             args,
             s.timeout_ms.map(|t| t as i64),
             s.on_failure.as_str(),
+            if running.is_some() { "running" } else { "pending" },
             approval,
-            s.phase
+            s.phase,
+            running.map(|(ms, _)| ms),
+            running.map(|(_, us)| us)
         ])?;
     }
     Ok(())
