@@ -313,7 +313,15 @@ fn intake_one(
         let first = start_now.then(|| (now, crate::time::now_us()));
         insert_steps(c, run_id, plan, steps, first)?;
         if start_now {
-            start.started(run_id, &playbook, a, plan, cand.dry_run, cand.deadline_ms, now);
+            start.started(
+                run_id,
+                &playbook,
+                a,
+                plan,
+                cand.dry_run,
+                cand.deadline_ms,
+                now,
+            );
         }
     }
     if let Some(joined) = joined {
@@ -362,17 +370,16 @@ impl Starter {
         if self.left == 0 || !plan.starts_ungated() {
             return Ok(false);
         }
-        Ok(c
-            .prepare_cached(
-                "SELECT coalesce((SELECT running FROM target_load WHERE target = ?1), 0) < ?2
+        Ok(c.prepare_cached(
+            "SELECT coalesce((SELECT running FROM target_load WHERE target = ?1), 0) < ?2
                    AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.state = 'pending' AND p.target = ?1)
                    AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?3 AND o.fingerprint = ?4
                                    AND o.state = 'running')",
-            )?
-            .query_row(
-                params![plan.target, self.max_per_target, playbook, fingerprint],
-                |r| r.get(0),
-            )?)
+        )?
+        .query_row(
+            params![plan.target, self.max_per_target, playbook, fingerprint],
+            |r| r.get(0),
+        )?)
     }
 
     /// Takes a slot for a run recorded running with its first step, and keeps what its task
@@ -454,7 +461,11 @@ pub(super) fn insert_steps(
             args,
             s.timeout_ms.map(|t| t as i64),
             s.on_failure.as_str(),
-            if running.is_some() { "running" } else { "pending" },
+            if running.is_some() {
+                "running"
+            } else {
+                "pending"
+            },
             approval,
             s.phase,
             running.map(|(ms, _)| ms),

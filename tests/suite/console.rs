@@ -314,3 +314,81 @@ async fn an_operator_approves_watches_and_throws_the_kill_switch_in_a_real_brows
     b.screenshot("11-viewer-approvals").await;
     assert_eq!(approval_state(&app, approval3).await, "pending");
 }
+
+/// Logs in over plain HTTP as a browser would; the session cookie (`name=value`).
+async fn http_login(app: &TestApp, token: &str) -> String {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let page = http
+        .get(format!("{}/ui/login", app.base))
+        .send()
+        .await
+        .unwrap();
+    let cookie = |r: &reqwest::Response, name: &str| {
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with(&format!("{name}=")))
+            .map(|v| v.split(';').next().unwrap().to_string())
+    };
+    let login_cookie = cookie(&page, "reflex_login").unwrap();
+    let html = page.text().await.unwrap();
+    let at = html.find("name=\"csrf\" value=\"").unwrap() + 19;
+    let csrf = html[at..].split('"').next().unwrap();
+    let resp = http
+        .post(format!("{}/ui/login", app.base))
+        .header("cookie", login_cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}&csrf={csrf}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    cookie(&resp, "reflex_session").expect("a session cookie")
+}
+
+/// The status of a console page fetched with `cookie`.
+async fn page_status(app: &TestApp, cookie: &str) -> u16 {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let resp = http
+        .get(format!("{}/ui/runs", app.base))
+        .header("cookie", cookie);
+    resp.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn sessions_survive_a_restart_and_end_with_their_token() {
+    let mut app = app().await;
+    let alice = http_login(&app, "alice-token").await;
+    let root = http_login(&app, "root-token").await;
+    assert_eq!(page_status(&app, &alice).await, 200);
+    // alice's token leaves the config; the daemon restarts.
+    let config = std::fs::read_to_string(app.config_path()).unwrap();
+    let without: String = config
+        .lines()
+        .filter(|l| !l.contains("name: alice"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(config, without);
+    std::fs::write(app.config_path(), without).unwrap();
+    assert!(app.terminate(), "a clean stop");
+    app.restart().await;
+    assert_eq!(
+        page_status(&app, &root).await,
+        200,
+        "root's session is kept"
+    );
+    assert_eq!(
+        page_status(&app, &alice).await,
+        303,
+        "alice's session ended with her token"
+    );
+}
