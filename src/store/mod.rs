@@ -163,7 +163,13 @@ const MAX_BATCH: usize = 512;
 /// savepoint of one transaction, commits once (one fsync), then answers them all. Under load
 /// this turns thousands of small transactions into a few large ones; idle, a write commits
 /// alone at once.
-fn writer(mut conn: Connection, mut jobs: mpsc::Receiver<Job>, counts: Arc<Counts>) {
+fn writer(
+    mut conn: Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    counts: Arc<Counts>,
+    _checkpointer: std::sync::mpsc::Sender<()>,
+    rewind: Arc<std::sync::atomic::AtomicBool>,
+) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -199,6 +205,46 @@ fn writer(mut conn: Connection, mut jobs: mpsc::Receiver<Job>, counts: Arc<Count
         // Jobs never reached (an error before them) are dropped: their callers see Closed.
         for deliver in delivers {
             deliver(err.clone());
+        }
+        if rewind.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            let restarted = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+            if let Err(e) = restarted {
+                tracing::warn!(error = %e, "WAL restart failed; the next one retries");
+            }
+        }
+    }
+}
+
+/// How often the checkpointer copies the WAL's committed pages into the database file.
+const CHECKPOINT_EVERY: std::time::Duration =
+    std::time::Duration::from_millis(if cfg!(test) { 10 } else { 100 });
+/// WAL frames (pages) past which the writer rewinds the WAL: a sustained load never leaves a
+/// moment for a passive checkpoint to finish, and the file would grow without bound.
+const WAL_RESTART_FRAMES: i64 = if cfg!(test) { 64 } else { 8192 };
+
+/// Checkpoints the WAL on its own connection, so that the writer does not copy pages back
+/// itself (it has `wal_autocheckpoint` off). Passive checkpoints run alongside the writer;
+/// past [`WAL_RESTART_FRAMES`] it asks the writer (`rewind`) to finish the copy between two
+/// batches and rewind the log, which is cheap by then. Ends when the writer does (its sender
+/// drops).
+fn checkpointer(
+    conn: Connection,
+    writer_gone: std::sync::mpsc::Receiver<()>,
+    rewind: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let run = |mode: &str| -> rusqlite::Result<(i64, i64)> {
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((r.get(1)?, r.get(2)?))
+        })
+    };
+    while let Err(RecvTimeoutError::Timeout) = writer_gone.recv_timeout(CHECKPOINT_EVERY) {
+        match run("PASSIVE") {
+            Ok((log, _)) if log > WAL_RESTART_FRAMES => {
+                rewind.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retrying"),
         }
     }
 }
@@ -417,14 +463,24 @@ impl Store {
             write.execute_batch("PRAGMA synchronous=NORMAL;")?;
         }
         migrate(&mut write)?;
+        // Checkpoints happen on their own thread (see `checkpointer`).
+        write.execute_batch("PRAGMA wal_autocheckpoint=0;")?;
+        let checkpoints = Connection::open(&path)?;
+        checkpoints.execute_batch("PRAGMA busy_timeout=5000;")?;
         let read = Connection::open(&path)?;
         read.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")?;
         let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
         let counts = Arc::new(Counts::default());
         let writer_counts = counts.clone();
+        let (writer_alive, writer_gone) = std::sync::mpsc::channel();
+        let rewind = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asked = rewind.clone();
+        std::thread::Builder::new()
+            .name("reflex-store-ckpt".into())
+            .spawn(move || checkpointer(checkpoints, writer_gone, asked))?;
         std::thread::Builder::new()
             .name("reflex-store-writer".into())
-            .spawn(move || writer(write, rx, writer_counts))?;
+            .spawn(move || writer(write, rx, writer_counts, writer_alive, rewind))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 jobs,

@@ -406,3 +406,73 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one() {
     let (kept, counted) = target_load(&store);
     assert_eq!(kept, counted);
 }
+
+/// Writes `n` rows of 8 KiB, each in its own commit, into a scratch table.
+async fn write_blobs(store: &Store, n: usize) {
+    store
+        .write(|c| Ok(c.execute_batch("CREATE TABLE IF NOT EXISTS scratch (b BLOB)")?))
+        .await
+        .unwrap();
+    for _ in 0..n {
+        store
+            .write(|c| {
+                c.execute("INSERT INTO scratch (b) VALUES (zeroblob(8192))", [])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_wal_is_checkpointed_off_the_writer_and_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let wal = dir.path().join("reflex.db-wal");
+    // 16 MiB of pages through the WAL: without rewinds it would hold them all.
+    write_blobs(&store, 2000).await;
+    let size = std::fs::metadata(&wal).unwrap().len();
+    assert!(size < 4 << 20, "the WAL grew to {size} bytes");
+    // The pages reached the database file itself: it alone (without its WAL) has the rows.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let copy = tempfile::tempdir().unwrap();
+    loop {
+        std::fs::copy(dir.path().join("reflex.db"), copy.path().join("reflex.db")).unwrap();
+        let c = rusqlite::Connection::open(copy.path().join("reflex.db")).unwrap();
+        let rows: Option<i64> = c
+            .query_row("SELECT count(*) FROM scratch", [], |r| r.get(0))
+            .ok();
+        if rows.is_some_and(|n| n > 1000) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was checkpointed: {rows:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_clean_stop_leaves_the_database_file_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    write_blobs(&store, 10).await;
+    drop(store);
+    // The last connection to close (the checkpointer's, once the writer has gone) copies the
+    // WAL back and removes it.
+    let wal = dir.path().join("reflex.db-wal");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while wal.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the WAL was never emptied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let c = rusqlite::Connection::open(dir.path().join("reflex.db")).unwrap();
+    let rows: i64 = c
+        .query_row("SELECT count(*) FROM scratch", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 10);
+}

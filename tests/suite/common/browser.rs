@@ -44,35 +44,50 @@ impl Browser {
             .prefix("rx-chrome")
             .tempdir()
             .unwrap();
-        let port = super::free_port();
-        let log = std::fs::File::create(dir.path().join("chromedriver.log")).unwrap();
-        // Its own process group, so that the browsers it starts go with it.
-        let child = Command::new(driver)
-            .process_group(0)
-            .arg(format!("--port={port}"))
-            .env("TZ", BROWSER_TZ)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn chromedriver");
-        let url = format!("http://127.0.0.1:{port}");
+        let log_path = dir.path().join("chromedriver.log");
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let status = http.get(format!("{url}/status")).send().await;
-            if status.is_ok_and(|r| r.status().is_success()) {
-                break;
+        // A free port can be taken by another test before chromedriver binds it: then it
+        // exits, and the next attempt takes another port.
+        let mut attempt = 0;
+        let (child, url) = loop {
+            attempt += 1;
+            let port = super::free_port();
+            let log = std::fs::File::create(&log_path).unwrap();
+            // Its own process group, so that the browsers it starts go with it.
+            let mut child = Command::new(&driver)
+                .process_group(0)
+                .arg(format!("--port={port}"))
+                .env("TZ", BROWSER_TZ)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn chromedriver");
+            let url = format!("http://127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let up = loop {
+                let status = http.get(format!("{url}/status")).send().await;
+                if status.is_ok_and(|r| r.status().is_success()) {
+                    break true;
+                }
+                if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            if up {
+                break (child, url);
             }
             assert!(
-                Instant::now() < deadline,
-                "chromedriver did not answer in 20s: {}",
-                std::fs::read_to_string(dir.path().join("chromedriver.log")).unwrap_or_default()
+                attempt < 3,
+                "chromedriver did not come up in 3 attempts: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        };
         let profile = dir.path().join("profile");
         let caps = serde_json::json!({
             "browserName": "chrome",
