@@ -169,15 +169,22 @@ impl Auth {
             .ok_or(AuthFailure::Invalid)
     }
 
-    /// The role the token named `name` has now; `None` once it is gone from the config (a
-    /// console session of a removed token ends with it).
-    pub fn role_of(&self, name: &str) -> Option<Role> {
+    /// What ties a console session to the token it logged in with: SHA-256 of the token's
+    /// digest (never the token, nor the digest the config holds).
+    pub fn binding(secret: &str) -> [u8; 32] {
+        digest(&digest(secret.trim().as_bytes()))
+    }
+
+    /// The role now of the token named `name` whose [`Auth::binding`] is `binding`; `None`
+    /// once that token is gone from the config or has another secret (its console sessions
+    /// end with it).
+    pub fn role_of(&self, name: &str, binding: &[u8; 32]) -> Option<Role> {
         if !self.enabled() {
             return (name == "anonymous").then_some(Role::Admin);
         }
         self.tokens
             .iter()
-            .find(|(n, _, _)| n == name)
+            .find(|(n, _, hash)| n == name && ct_eq(&digest(hash), binding))
             .map(|(_, role, _)| *role)
     }
 }

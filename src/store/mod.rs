@@ -421,12 +421,14 @@ END;
 ALTER TABLE runs ADD COLUMN triggered_by TEXT;
 ALTER TABLE runs ADD COLUMN retry_of INTEGER;
 "#,
-    // 9: console sessions. Only a digest of the cookie is kept; the role is looked up from the
-    // tokens in force on every request, so removing a token ends its sessions.
+    // 9: console sessions. Only a digest of the cookie is kept, and a digest of the token's
+    // digest; the role is looked up from the tokens in force on every request, so removing a
+    // token, or changing its secret, ends its sessions.
     r#"
 CREATE TABLE sessions (
   id_hash BLOB PRIMARY KEY,
   name TEXT NOT NULL,
+  token BLOB NOT NULL,
   csrf TEXT NOT NULL,
   created_at INTEGER NOT NULL,
   expires_at INTEGER NOT NULL

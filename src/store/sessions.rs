@@ -9,6 +9,8 @@ use rusqlite::{OptionalExtension, params};
 pub struct Session {
     /// The token name it logged in with (`anonymous` when auth is off).
     pub name: String,
+    /// Which token that was ([`crate::api::auth::Auth::binding`]).
+    pub token: [u8; 32],
     /// The token every form of this session carries.
     pub csrf: String,
     /// When it ends (ms since the epoch).
@@ -28,9 +30,9 @@ impl Store {
             c.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
                 .execute([now])?;
             c.prepare_cached(
-                "INSERT INTO sessions (id_hash, name, csrf, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO sessions (id_hash, name, token, csrf, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![&id_hash[..], session.name, session.csrf, now, session.expires_at])?;
+            .execute(params![&id_hash[..], session.name, &session.token[..], session.csrf, now, session.expires_at])?;
             super::audit::audit_in(c, &session.name, "console login", None, "ok", None)?;
             Ok(())
         })
@@ -42,13 +44,14 @@ impl Store {
         let now = self.now_ms();
         self.read(move |c| {
             Ok(c.prepare_cached(
-                "SELECT name, csrf, expires_at FROM sessions WHERE id_hash = ?1 AND expires_at > ?2",
+                "SELECT name, token, csrf, expires_at FROM sessions WHERE id_hash = ?1 AND expires_at > ?2",
             )?
             .query_row(params![&id_hash[..], now], |r| {
                 Ok(Session {
                     name: r.get(0)?,
-                    csrf: r.get(1)?,
-                    expires_at: r.get(2)?,
+                    token: r.get(1)?,
+                    csrf: r.get(2)?,
+                    expires_at: r.get(3)?,
                 })
             })
             .optional()?)

@@ -2,7 +2,7 @@
 //! daemon. Screenshots of every page land in `target/console-screenshots/`.
 
 use crate::common::browser::{BROWSER_TZ, Browser};
-use crate::common::{TestApp, auth_config};
+use crate::common::{TestApp, auth_config, token_hash};
 use fantoccini::Locator;
 use serde_json::{Value, json};
 
@@ -365,20 +365,24 @@ async fn page_status(app: &TestApp, cookie: &str) -> u16 {
 }
 
 #[tokio::test]
-async fn sessions_survive_a_restart_and_end_with_their_token() {
+async fn sessions_survive_a_restart_and_end_with_their_token_or_its_secret() {
     let mut app = app().await;
     let alice = http_login(&app, "alice-token").await;
     let root = http_login(&app, "root-token").await;
+    let vera = http_login(&app, "vera-token").await;
     assert_eq!(page_status(&app, &alice).await, 200);
-    // alice's token leaves the config; the daemon restarts.
+    // alice's token leaves the config, vera's gets a new secret; the daemon restarts.
     let config = std::fs::read_to_string(app.config_path()).unwrap();
-    let without: String = config
+    let changed: String = config
         .lines()
         .filter(|l| !l.contains("name: alice"))
-        .map(|l| format!("{l}\n"))
+        .map(|l| {
+            let l = l.replace(&token_hash("vera-token"), &token_hash("vera-new-token"));
+            format!("{l}\n")
+        })
         .collect();
-    assert_ne!(config, without);
-    std::fs::write(app.config_path(), without).unwrap();
+    assert!(!changed.contains("alice") && changed.contains(&token_hash("vera-new-token")));
+    std::fs::write(app.config_path(), changed).unwrap();
     assert!(app.terminate(), "a clean stop");
     app.restart().await;
     assert_eq!(
@@ -391,4 +395,8 @@ async fn sessions_survive_a_restart_and_end_with_their_token() {
         303,
         "alice's session ended with her token"
     );
+    let old = page_status(&app, &vera).await;
+    assert_eq!(old, 303, "vera's session ended with her old secret");
+    let vera = http_login(&app, "vera-new-token").await;
+    assert_eq!(page_status(&app, &vera).await, 200);
 }

@@ -186,9 +186,9 @@ impl FromRequestParts<AppState> for Viewer {
         let Some(found) = found else {
             return Err(to_login());
         };
-        // The role in force now: a token removed from the config ends its sessions, and a
-        // webhook token never had one.
-        match state.auth.role_of(&found.name) {
+        // The role in force now: a token removed from the config, or given another secret,
+        // ends its sessions; a webhook token never had one.
+        match state.auth.role_of(&found.name, &found.token) {
             Some(role) if role != Role::Webhook => Ok(Viewer {
                 identity: Identity {
                     name: found.name,

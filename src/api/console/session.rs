@@ -171,6 +171,7 @@ pub async fn login(
     let id = random_token()?;
     let session = Session {
         name: identity.name,
+        token: crate::api::auth::Auth::binding(&form.token),
         csrf: random_token()?,
         expires_at: state.store.now_ms() + SESSION_TTL_MS,
     };
