@@ -34,7 +34,7 @@ pub struct SwitchState {
     pub playbooks: Vec<Switch>,
 }
 
-fn released(scope: &str) -> Switch {
+pub(crate) fn released(scope: &str) -> Switch {
     Switch {
         scope: scope.to_string(),
         engaged: false,

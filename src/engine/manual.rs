@@ -49,7 +49,7 @@ pub struct Retry {
 }
 
 /// The states a run can be retried from.
-const RETRYABLE: [RunState; 4] = [
+pub(crate) const RETRYABLE: [RunState; 4] = [
     RunState::Failed,
     RunState::Interrupted,
     RunState::Expired,

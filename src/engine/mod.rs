@@ -424,12 +424,8 @@ impl Engine {
 
     /// The metrics in Prometheus text format, with the gauges that live in the store read now.
     pub async fn render_metrics(&self) -> Result<String, StoreError> {
-        let pending = self
-            .store
-            .list_approvals(Some(crate::store::ApprovalState::Pending), 10_000)
-            .await?
-            .len();
-        self.metrics.approvals_pending.set(pending as i64);
+        let pending = self.store.pending_approvals().await?;
+        self.metrics.approvals_pending.set(pending);
         (self.metrics.store_write_queue).set(self.store.queued_writes() as i64);
         let counts = self.store.write_counts();
         for (counter, n) in [

@@ -315,6 +315,17 @@ impl Store {
         .await
     }
 
+    /// How many approval requests are pending.
+    pub async fn pending_approvals(&self) -> Result<i64, StoreError> {
+        self.read(|c| {
+            Ok(
+                c.prepare_cached("SELECT count(*) FROM approvals WHERE state = 'pending'")?
+                    .query_row([], |r| r.get(0))?,
+            )
+        })
+        .await
+    }
+
     /// The approvals of one run, oldest first.
     pub async fn run_approvals(&self, run_id: i64) -> Result<Vec<ApprovalView>, StoreError> {
         self.read(move |c| {

@@ -315,13 +315,18 @@ async fn an_operator_approves_watches_and_throws_the_kill_switch_in_a_real_brows
     assert_eq!(approval_state(&app, approval3).await, "pending");
 }
 
-/// Logs in over plain HTTP as a browser would; the session cookie (`name=value`).
-async fn http_login(app: &TestApp, token: &str) -> String {
-    let http = reqwest::Client::builder()
+/// An HTTP client that shows redirects instead of following them.
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(std::time::Duration::from_secs(10))
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// Logs in over plain HTTP as a browser would; the session cookie (`name=value`).
+async fn http_login(app: &TestApp, token: &str) -> String {
+    let http = no_redirects();
     let page = http
         .get(format!("{}/ui/login", app.base))
         .send()
@@ -353,11 +358,7 @@ async fn http_login(app: &TestApp, token: &str) -> String {
 
 /// The status of a console page fetched with `cookie`.
 async fn page_status(app: &TestApp, cookie: &str) -> u16 {
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let resp = http
         .get(format!("{}/ui/runs", app.base))
         .header("cookie", cookie);

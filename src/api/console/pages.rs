@@ -41,7 +41,7 @@ pub struct Chrome {
     /// The global kill switch, when engaged: who and why.
     pub killed: Option<String>,
     /// Pending approvals (shown in the navigation).
-    pub pending: usize,
+    pub pending: i64,
 }
 
 async fn chrome(state: &AppState, viewer: &Viewer, tab: &'static str) -> Result<Chrome, Page> {
@@ -51,11 +51,7 @@ async fn chrome(state: &AppState, viewer: &Viewer, tab: &'static str) -> Result<
         .await?
         .into_iter()
         .find(|s| s.scope == GLOBAL && s.engaged);
-    let pending = state
-        .store
-        .list_approvals(Some(ApprovalState::Pending), 500)
-        .await?
-        .len();
+    let pending = state.store.pending_approvals().await?;
     Ok(Chrome {
         tab,
         who: viewer.identity.name.clone(),
@@ -255,10 +251,7 @@ impl From<&StepRecord> for StepRow {
             idx: s.idx + 1,
             name: s.name.clone(),
             action: s.action.to_string(),
-            state: serde_json::to_value(s.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            state: s.state.as_str().to_string(),
             started_at: s.started_at.clone(),
             took: span(s.started_at.as_deref(), s.finished_at.as_deref()),
             args: pretty(&s.args),
@@ -308,10 +301,7 @@ impl From<ApprovalView> for ApprovalCard {
             run_id: a.run_id,
             playbook: a.playbook,
             step_name: a.step_name,
-            scope: serde_json::to_value(a.scope)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            scope: a.scope.as_str().to_string(),
             state: a.state.as_str().to_string(),
             target: a.action["target"].as_str().unwrap_or_default().to_string(),
             steps,
@@ -374,10 +364,7 @@ async fn live_part(state: &AppState, viewer: &Viewer, run: &RunView) -> Result<S
         .into_iter()
         .map(ApprovalCard::from)
         .partition(|a| a.state == "pending");
-    let retryable = matches!(
-        run.state.as_str(),
-        "failed" | "interrupted" | "expired" | "killed"
-    );
+    let retryable = (crate::engine::manual::RETRYABLE.iter()).any(|s| s.as_str() == run.state);
     RunLive {
         id: run.id,
         state: run.state.clone(),
@@ -631,14 +618,7 @@ pub struct SwitchRow {
 
 impl SwitchRow {
     fn new(name: String, s: Option<Switch>) -> SwitchRow {
-        let s = s.unwrap_or(Switch {
-            scope: String::new(),
-            engaged: false,
-            reason: None,
-            actor: None,
-            changed_at: None,
-            until: None,
-        });
+        let s = s.unwrap_or_else(|| killswitch::released(&name));
         SwitchRow {
             name,
             engaged: s.engaged,
