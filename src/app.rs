@@ -34,8 +34,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Store::open_with(&cfg.data_dir, cfg.store.synchronous)
-        .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
+    let store = Store::open_config(&cfg)
+        .await
+        .with_context(|| match &cfg.store.url {
+            Some(_) => "opening the PostgreSQL store (store.url)".to_string(),
+            None => format!("opening the store in {}", cfg.data_dir.display()),
+        })?;
+    tracing::info!(store = %store.describe(), "store open");
     let playbooks = load_playbooks(&cfg)?;
     tracing::info!(count = playbooks.playbooks.len(), dir = %cfg.playbooks_dir.display(), "playbooks loaded");
     let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
@@ -112,7 +117,7 @@ pub async fn run(
             "shutdown: tasks still running after the deadline; leaving them"
         );
     }
-    tracing::info!(db = %store.path().display(), "stopped");
+    tracing::info!(store = %store.describe(), "stopped");
     Ok(())
 }
 

@@ -69,12 +69,54 @@ pub enum Synchronous {
     Normal,
 }
 
-/// The SQLite store.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The store: SQLite in the data directory (default), or a PostgreSQL database that several
+/// replicas share (`url`).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `full` (default) or `normal`.
+    /// SQLite: `full` (default) or `normal`.
     pub synchronous: Synchronous,
+    /// PostgreSQL: `postgres://user@host:5432/dbname` (or `host=... user=...`). Absent: SQLite.
+    /// Keep the password out of it: `password_env` or `password_file`.
+    pub url: Option<String>,
+    /// The environment variable holding the PostgreSQL password.
+    pub password_env: Option<String>,
+    /// The file holding the PostgreSQL password (a mounted secret).
+    pub password_file: Option<PathBuf>,
+    /// Connections to PostgreSQL at most (one of them is the writer's).
+    pub pool_size: u32,
+    /// Connecting to PostgreSQL gives up after this.
+    #[serde(deserialize_with = "duration_str::deserialize")]
+    pub connect_timeout: Duration,
+    /// A statement running longer than this is cancelled by the server (every read has an
+    /// end).
+    #[serde(deserialize_with = "duration_str::deserialize")]
+    pub statement_timeout: Duration,
+    /// This replica's name in the shared database (leases, who claimed what). Default: the
+    /// host name and the process id.
+    pub replica: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            synchronous: Synchronous::Full,
+            url: None,
+            password_env: None,
+            password_file: None,
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            replica: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Where the PostgreSQL password comes from, if anywhere.
+    pub fn password_ref(&self) -> Result<Option<SecretRef>, String> {
+        SecretRef::from_fields("password", &None, &self.password_env, &self.password_file)
+    }
 }
 
 /// Kubernetes clusters.
@@ -489,6 +531,30 @@ impl Config {
                     self.listen
                 ),
             );
+        }
+        if let Some(url) = &self.store.url {
+            match url.parse::<postgres::Config>() {
+                Ok(pg) if pg.get_password().is_some() => at(
+                    &[k("store"), k("url")],
+                    "keep the password out of the URL: use store.password_env or \
+                     store.password_file"
+                        .into(),
+                ),
+                Ok(_) => {}
+                Err(e) => at(
+                    &[k("store"), k("url")],
+                    format!("not a PostgreSQL URL: {e}"),
+                ),
+            }
+            if self.store.pool_size < 2 {
+                at(
+                    &[k("store"), k("pool_size")],
+                    "must be at least 2 (the writer holds one connection)".into(),
+                );
+            }
+        }
+        if let Err(e) = self.store.password_ref() {
+            at(&[k("store")], e);
         }
         for (i, w) in self.maintenance_windows.iter().enumerate() {
             let here = |key: &str| vec![k("maintenance_windows"), Key::Index(i), k(key)];

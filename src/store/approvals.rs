@@ -1,11 +1,11 @@
 //! Approval requests: what exactly will be done (rendered, hashed), who may approve, until
 //! when, and who did. Decisions and their effect on the run are one transaction.
 
+use super::db::Row;
 use super::lifecycle::finish_run;
-use super::{ApprovalState, RunState, Store, StoreError};
+use super::{ApprovalState, Db, RunState, Store, StoreError};
 use crate::playbook::Gate;
 use crate::time::rfc3339;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -92,15 +92,15 @@ pub enum Decision {
 
 /// Closes a run's pending approval (the run ended some other way).
 pub(super) fn close_pending(
-    c: &Connection,
+    c: &Db,
     run_id: i64,
     state: ApprovalState,
     now: i64,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(
+) -> Result<(), StoreError> {
+    c.exec(
         "UPDATE approvals SET state = ?2, decided_at = ?3 WHERE run_id = ?1 AND state = 'pending'",
-    )?
-    .execute(params![run_id, state, now])?;
+        &[&run_id, &state, &now],
+    )?;
     Ok(())
 }
 
@@ -108,8 +108,8 @@ const SELECT: &str = "SELECT a.id, a.run_id, r.playbook, a.step_idx, s.name, a.s
     a.required, a.allowed, a.approvals, a.created_at, a.expires_at, a.decided_at, a.decided_by, a.comment
   FROM approvals a JOIN runs r ON r.id = a.run_id JOIN steps s ON s.run_id = a.run_id AND s.idx = a.step_idx";
 
-fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApprovalView> {
-    let text = |i: usize| -> rusqlite::Result<String> { r.get(i) };
+fn view(r: &Row) -> Result<ApprovalView, StoreError> {
+    let text = |i: usize| -> Result<String, StoreError> { r.get(i) };
     Ok(ApprovalView {
         id: r.get(0)?,
         run_id: r.get(1)?,
@@ -120,20 +120,22 @@ fn view(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApprovalView> {
         state: r.get(6)?,
         action: serde_json::from_str(&text(7)?).unwrap_or(Value::Null),
         action_hash: r.get(8)?,
-        required: r.get(9)?,
+        required: u32::try_from(r.get::<i64>(9)?).unwrap_or(u32::MAX),
         approvers_allowed: serde_json::from_str(&text(10)?).unwrap_or_default(),
         approvals: serde_json::from_str(&text(11)?).unwrap_or_default(),
         created_at: rfc3339(r.get(12)?),
         expires_at: rfc3339(r.get(13)?),
-        decided_at: r.get::<_, Option<i64>>(14)?.map(rfc3339),
+        decided_at: r.get::<Option<i64>>(14)?.map(rfc3339),
         decided_by: r.get(15)?,
         comment: r.get(16)?,
     })
 }
 
-fn expire(c: &Connection, id: i64, run_id: i64, now: i64) -> rusqlite::Result<()> {
-    c.prepare_cached("UPDATE approvals SET state = 'expired', decided_at = ?2 WHERE id = ?1")?
-        .execute(params![id, now])?;
+fn expire(c: &Db, id: i64, run_id: i64, now: i64) -> Result<(), StoreError> {
+    c.exec(
+        "UPDATE approvals SET state = 'expired', decided_at = ?2 WHERE id = ?1",
+        &[&id, &now],
+    )?;
     finish_run(
         c,
         run_id,
@@ -164,23 +166,26 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let now = self.now_ms();
         self.write(move |c| {
-            c.prepare_cached(
+            let id: i64 = c.one(
                 "INSERT INTO approvals (run_id, step_idx, scope, state, action, action_hash, required, allowed, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
-                run_id,
-                step_idx,
-                gate.scope,
-                action.to_string(),
-                hash,
-                gate.count,
-                serde_json::to_string(&gate.approvers).unwrap_or_else(|_| "[]".into()),
-                now,
-                now + gate.expires_ms as i64
-            ])?;
-            let id = c.last_insert_rowid();
-            c.execute("UPDATE runs SET state = 'awaiting_approval' WHERE id = ?1", [run_id])?;
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
+                &[
+                    &run_id,
+                    &step_idx,
+                    &gate.scope,
+                    &action.to_string(),
+                    &hash,
+                    &i64::from(gate.count),
+                    &serde_json::to_string(&gate.approvers).unwrap_or_else(|_| "[]".into()),
+                    &now,
+                    &(now + gate.expires_ms as i64),
+                ],
+                |r| r.get(0),
+            )?;
+            c.exec(
+                "UPDATE runs SET state = 'awaiting_approval' WHERE id = ?1",
+                &[&run_id],
+            )?;
             Ok(id)
         })
         .await
@@ -193,13 +198,11 @@ impl Store {
         step_idx: i64,
     ) -> Result<Option<(i64, ApprovalState, String)>, StoreError> {
         self.read(move |c| {
-            Ok(c.prepare_cached(
+            c.row(
                 "SELECT id, state, action_hash FROM approvals WHERE run_id = ?1 AND step_idx = ?2",
-            )?
-            .query_row(params![run_id, step_idx], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?)
+                &[&run_id, &step_idx],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
         })
         .await
     }
@@ -215,20 +218,26 @@ impl Store {
     ) -> Result<Decision, StoreError> {
         let now = self.now_ms();
         self.write(move |c| {
-            let row: Option<(i64, ApprovalState, i64, u32, String, String, String)> = c
-                .query_row(
+            // Replicas decide one at a time on PostgreSQL: the row is locked until the commit,
+            // so two approvals at once both count.
+            let row: Option<(i64, ApprovalState, i64, i64, String, String, String)> = c.row(
+                if c.is_pg() {
                     "SELECT a.run_id, a.state, a.expires_at, a.required, a.allowed, a.approvals, r.playbook
-                     FROM approvals a JOIN runs r ON r.id = a.run_id WHERE a.id = ?1",
-                    [id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
-                )
-                .optional()?;
+                     FROM approvals a JOIN runs r ON r.id = a.run_id WHERE a.id = ?1 FOR UPDATE OF a"
+                } else {
+                    "SELECT a.run_id, a.state, a.expires_at, a.required, a.allowed, a.approvals, r.playbook
+                     FROM approvals a JOIN runs r ON r.id = a.run_id WHERE a.id = ?1"
+                },
+                &[&id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+            )?;
             let Some((run_id, state, expires_at, required, allowed, votes, playbook)) = row else {
                 return Ok(Decision::NotFound);
             };
+            let required = u32::try_from(required).unwrap_or(u32::MAX);
             let target = format!("approval/{id} run/{run_id}");
             let action = if approve { "approval.approve" } else { "approval.deny" };
-            let refuse = |tx: &Connection, why: &str| super::audit::audit_in(tx, &who, action, Some(&target), "refused", Some(why));
+            let refuse = |tx: &Db, why: &str| super::audit::audit_in(tx, &who, action, Some(&target), "refused", Some(why));
             if state != ApprovalState::Pending {
                 refuse(c, &format!("approval is {state}"))?;
                 return Ok(Decision::NotPending(state));
@@ -244,9 +253,9 @@ impl Store {
                 return Ok(Decision::NotAllowed);
             }
             if !approve {
-                c.execute(
+                c.exec(
                     "UPDATE approvals SET state = 'denied', decided_at = ?2, decided_by = ?3, comment = ?4 WHERE id = ?1",
-                    params![id, now, who, comment],
+                    &[&id, &now, &who, &comment],
                 )?;
                 finish_run(c, run_id, RunState::Denied, Some(&format!("denied by {who}")), now)?;
                 super::audit::audit_in(c, &who, action, Some(&target), "ok", comment.as_deref())?;
@@ -265,14 +274,17 @@ impl Store {
             let have = votes.len() as u32;
             let text = serde_json::to_string(&votes).unwrap_or_else(|_| "[]".into());
             let decision = if have >= required {
-                c.execute(
+                c.exec(
                     "UPDATE approvals SET state = 'approved', approvals = ?2, decided_at = ?3, decided_by = ?4, comment = ?5 WHERE id = ?1",
-                    params![id, text, now, who, comment],
+                    &[&id, &text, &now, &who, &comment],
                 )?;
-                c.execute("UPDATE runs SET state = 'pending' WHERE id = ?1 AND state = 'awaiting_approval'", [run_id])?;
+                c.exec(
+                    "UPDATE runs SET state = 'pending' WHERE id = ?1 AND state = 'awaiting_approval'",
+                    &[&run_id],
+                )?;
                 Decision::Approved
             } else {
-                c.execute("UPDATE approvals SET approvals = ?2 WHERE id = ?1", params![id, text])?;
+                c.exec("UPDATE approvals SET approvals = ?2 WHERE id = ?1", &[&id, &text])?;
                 Decision::Recorded { have, need: required }
             };
             super::audit::audit_in(c, &who, action, Some(&target), "ok", comment.as_deref())?;
@@ -285,12 +297,16 @@ impl Store {
     pub async fn expire_due(&self) -> Result<Vec<i64>, StoreError> {
         let now = self.now_ms();
         self.write(move |c| {
-            let due: Vec<(i64, i64)> = c
-                .prepare_cached(
-                    "SELECT id, run_id FROM approvals WHERE state = 'pending' AND expires_at <= ?1",
-                )?
-                .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
+            let due: Vec<(i64, i64)> = c.rows(
+                if c.is_pg() {
+                    // Another replica's sweeper waits, then finds them expired.
+                    "SELECT id, run_id FROM approvals WHERE state = 'pending' AND expires_at <= ?1 FOR UPDATE"
+                } else {
+                    "SELECT id, run_id FROM approvals WHERE state = 'pending' AND expires_at <= ?1"
+                },
+                &[&now],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
             for &(id, run_id) in &due {
                 expire(c, id, run_id, now)?;
             }
@@ -306,11 +322,11 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<ApprovalView>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "{SELECT} WHERE (?1 IS NULL OR a.state = ?1) ORDER BY a.id DESC LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![state, limit], view)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            c.rows(
+                &format!("{SELECT} WHERE (?1 IS NULL OR a.state = ?1) ORDER BY a.id DESC LIMIT ?2"),
+                &[&state, &i64::from(limit)],
+                view,
+            )
         })
         .await
     }
@@ -318,9 +334,10 @@ impl Store {
     /// How many approval requests are pending.
     pub async fn pending_approvals(&self) -> Result<i64, StoreError> {
         self.read(|c| {
-            Ok(
-                c.prepare_cached("SELECT count(*) FROM approvals WHERE state = 'pending'")?
-                    .query_row([], |r| r.get(0))?,
+            c.one(
+                "SELECT count(*) FROM approvals WHERE state = 'pending'",
+                &[],
+                |r| r.get(0),
             )
         })
         .await
@@ -329,21 +346,18 @@ impl Store {
     /// The approvals of one run, oldest first.
     pub async fn run_approvals(&self, run_id: i64) -> Result<Vec<ApprovalView>, StoreError> {
         self.read(move |c| {
-            let mut stmt =
-                c.prepare_cached(&format!("{SELECT} WHERE a.run_id = ?1 ORDER BY a.id"))?;
-            let rows = stmt.query_map([run_id], view)?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            c.rows(
+                &format!("{SELECT} WHERE a.run_id = ?1 ORDER BY a.id"),
+                &[&run_id],
+                view,
+            )
         })
         .await
     }
 
     /// One approval.
     pub async fn get_approval(&self, id: i64) -> Result<Option<ApprovalView>, StoreError> {
-        self.read(move |c| {
-            Ok(c.prepare_cached(&format!("{SELECT} WHERE a.id = ?1"))?
-                .query_row([id], view)
-                .optional()?)
-        })
-        .await
+        self.read(move |c| c.row(&format!("{SELECT} WHERE a.id = ?1"), &[&id], view))
+            .await
     }
 }

@@ -1,7 +1,7 @@
 //! The append-only audit log: who did what, when, with what outcome.
 
+use super::Db;
 use super::{Store, StoreError};
-use rusqlite::{Connection, params};
 use serde::Serialize;
 
 /// One audit row.
@@ -25,17 +25,17 @@ pub struct AuditEntry {
 
 /// Appends an audit row inside a caller's transaction.
 pub(super) fn audit_in(
-    c: &Connection,
+    c: &Db,
     actor: &str,
     action: &str,
     target: Option<&str>,
     outcome: &str,
     detail: Option<&str>,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(
+) -> Result<(), StoreError> {
+    c.exec(
         "INSERT INTO audit (at, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![crate::time::now_ms(), actor, action, target, outcome, detail])?;
+        &[&crate::time::now_ms(), &actor, &action, &target, &outcome, &detail],
+    )?;
     Ok(())
 }
 
@@ -51,14 +51,14 @@ impl Store {
     ) -> Result<(), StoreError> {
         let (actor, action, outcome) = (actor.to_string(), action.to_string(), outcome.to_string());
         self.write(move |c| {
-            Ok(audit_in(
+            audit_in(
                 c,
                 &actor,
                 &action,
                 target.as_deref(),
                 &outcome,
                 detail.as_deref(),
-            )?)
+            )
         })
         .await
     }
@@ -70,22 +70,22 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
+            c.rows(
                 "SELECT id, at, actor, action, target, outcome, detail FROM audit
                  WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![before, limit], |r| {
-                Ok(AuditEntry {
-                    id: r.get(0)?,
-                    at: crate::time::rfc3339(r.get(1)?),
-                    actor: r.get(2)?,
-                    action: r.get(3)?,
-                    target: r.get(4)?,
-                    outcome: r.get(5)?,
-                    detail: r.get(6)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+                &[&before, &i64::from(limit)],
+                |r| {
+                    Ok(AuditEntry {
+                        id: r.get(0)?,
+                        at: crate::time::rfc3339(r.get(1)?),
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        target: r.get(4)?,
+                        outcome: r.get(5)?,
+                        detail: r.get(6)?,
+                    })
+                },
+            )
         })
         .await
     }

@@ -1,8 +1,8 @@
 //! The circuit breaker: limits on runs, runs per playbook, distinct targets and failures in a
 //! window, whose crossing engages the global kill switch in the same transaction.
 
+use super::db::Param;
 use super::*;
-use rusqlite::Connection;
 
 /// Circuit breaker limits as intake applies them (0: no limit).
 #[derive(Debug, Clone, Copy, Default)]
@@ -87,15 +87,16 @@ impl std::fmt::Display for Trip {
 /// order; when one would be crossed, engages the global kill switch in this same transaction
 /// and returns the trip.
 pub(super) fn breaker_trip(
-    c: &Connection,
+    c: &Db,
     playbook: &str,
     target: &str,
     l: BreakerLimits,
     now: i64,
-) -> rusqlite::Result<Option<Trip>> {
+) -> Result<Option<Trip>, StoreError> {
     let since = now - l.window_ms;
-    let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> rusqlite::Result<u32> {
-        c.prepare_cached(sql)?.query_row(p, |r| r.get(0))
+    let count = |sql: &str, p: &[&dyn Param]| -> Result<u32, StoreError> {
+        let n: i64 = c.one(sql, p, |r| r.get(0))?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     };
     let live = "created_at > ?1 AND state != 'suppressed'";
     let table = [
@@ -143,23 +144,26 @@ pub(super) fn breaker_trip(
 }
 
 /// Engages the global kill switch for a trip, in the caller's transaction.
-fn engage(c: &Connection, trip: &Trip, now: i64) -> rusqlite::Result<()> {
+fn engage(c: &Db, trip: &Trip, now: i64) -> Result<(), StoreError> {
     super::switches::engage_in(c, "global", &trip.to_string(), "circuit-breaker", None, now)
 }
 
 /// After a failed run, in its transaction: engages the global kill switch when the failures
 /// in the window reach `max_failures` (and it is not engaged already).
 pub(super) fn failures_trip(
-    c: &Connection,
+    c: &Db,
     l: BreakerLimits,
     now: i64,
 ) -> Result<Option<Trip>, StoreError> {
     if l.max_failures == 0 {
         return Ok(None);
     }
-    let n: u32 = c
-        .prepare_cached("SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1")?
-        .query_row([now - l.window_ms], |r| r.get(0))?;
+    let n: i64 = c.one(
+        "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
+        &[&(now - l.window_ms)],
+        |r| r.get(0),
+    )?;
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
     if n < l.max_failures || super::switches::engaged_reason(c, "", now)?.is_some() {
         return Ok(None);
     }

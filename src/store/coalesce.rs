@@ -7,36 +7,37 @@
 //! out with `coalesce: false`.
 
 use super::intake::insert_steps;
+use super::{Db, StoreError};
 use crate::playbook::Plan;
-use rusqlite::{Connection, OptionalExtension, params};
 
 /// The queued, never-started run a new occurrence would join, if there is one.
 pub(super) fn pending_run(
-    c: &Connection,
+    c: &Db,
     playbook: &str,
     fingerprint: &str,
-) -> rusqlite::Result<Option<i64>> {
+) -> Result<Option<i64>, StoreError> {
     // A run put back in the queue after an approval has started: it is not joined.
-    c.prepare_cached(
+    c.row(
         "SELECT id FROM runs WHERE fingerprint = ?1 AND state = 'pending' AND playbook = ?2
            AND started_at IS NULL ORDER BY id LIMIT 1",
-    )?
-    .query_row(params![fingerprint, playbook], |r| r.get(0))
-    .optional()
+        &[&fingerprint, &playbook],
+        |r| r.get(0),
+    )
 }
 
 /// Gives the pending run the newest alert's data: its alert, parameters, target and steps.
 pub(super) fn refresh(
-    c: &Connection,
+    c: &Db,
     run_id: i64,
     alert_id: i64,
     plan: &Plan,
     params_json: &str,
     steps_json: Vec<(String, Option<String>)>,
-) -> rusqlite::Result<()> {
-    c.prepare_cached("UPDATE runs SET alert_id = ?2, params = ?3, target = ?4 WHERE id = ?1")?
-        .execute(params![run_id, alert_id, params_json, plan.target])?;
-    c.prepare_cached("DELETE FROM steps WHERE run_id = ?1")?
-        .execute([run_id])?;
+) -> Result<(), StoreError> {
+    c.exec(
+        "UPDATE runs SET alert_id = ?2, params = ?3, target = ?4 WHERE id = ?1",
+        &[&run_id, &alert_id, &params_json, &plan.target],
+    )?;
+    c.exec("DELETE FROM steps WHERE run_id = ?1", &[&run_id])?;
     insert_steps(c, run_id, plan, steps_json, None)
 }

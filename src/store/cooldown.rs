@@ -1,28 +1,25 @@
 //! The cooldown: no second run of a playbook for the same key (alert fingerprint or group)
 //! within its cooldown; suppressed runs do not count.
 
+use super::{Db, StoreError};
 use crate::time::rfc3339;
-use rusqlite::{Connection, OptionalExtension, params};
 
 pub(super) fn cooldown_reason(
-    c: &Connection,
+    c: &Db,
     playbook: &str,
     key: &str,
     cooldown_ms: i64,
     now: i64,
-) -> rusqlite::Result<Option<String>> {
+) -> Result<Option<String>, StoreError> {
     if cooldown_ms <= 0 {
         return Ok(None);
     }
-    let last: Option<(i64, i64)> = c
-        .prepare_cached(
-            "SELECT id, created_at FROM runs WHERE playbook = ?1 AND cooldown_key = ?2 AND cooldown_key != ''
-               AND state != 'suppressed' AND created_at > ?3 ORDER BY id DESC LIMIT 1",
-        )?
-        .query_row(params![playbook, key, now - cooldown_ms], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()?;
+    let last: Option<(i64, i64)> = c.row(
+        "SELECT id, created_at FROM runs WHERE playbook = ?1 AND cooldown_key = ?2 AND cooldown_key != ''
+           AND state != 'suppressed' AND created_at > ?3 ORDER BY id DESC LIMIT 1",
+        &[&playbook, &key, &(now - cooldown_ms)],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     Ok(last.map(|(id, at)| {
         format!(
             "cooldown: run {id} for the same key started at {}",

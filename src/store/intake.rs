@@ -9,7 +9,6 @@ use super::resolution::end_for_resolved;
 use super::*;
 use crate::alert::{Alert, AlertStatus};
 use crate::playbook::Plan;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 /// What held a run back at intake, checked in this order.
@@ -185,35 +184,35 @@ impl PlanJson {
 }
 
 fn insert_alert(
-    c: &Connection,
+    c: &Db,
     a: &Alert,
     json: &Json,
     now: i64,
     received_us: i64,
-) -> rusqlite::Result<i64> {
-    c.prepare_cached(
+) -> Result<i64, StoreError> {
+    c.one(
         "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key, received_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?
-    .execute(params![
-        now,
-        a.source,
-        a.fingerprint,
-        a.status.as_str(),
-        a.starts_at,
-        a.ends_at,
-        json.labels,
-        json.annotations,
-        a.generator_url,
-        a.group_key,
-        received_us
-    ])?;
-    Ok(c.last_insert_rowid())
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
+        &[
+            &now,
+            &a.source,
+            &a.fingerprint,
+            &a.status.as_str(),
+            &a.starts_at,
+            &a.ends_at,
+            &json.labels,
+            &json.annotations,
+            &a.generator_url,
+            &a.group_key,
+            &received_us,
+        ],
+        |r| r.get(0),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
 fn intake_one(
-    c: &Connection,
+    c: &Db,
     a: &Alert,
     alert_id: i64,
     cand: Candidate,
@@ -223,12 +222,16 @@ fn intake_one(
     start: &mut Starter,
 ) -> Result<Outcome, StoreError> {
     let playbook = cand.playbook;
-    let existing: Option<i64> = c
-        .prepare_cached(
-            "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4",
-        )?
-        .query_row(params![playbook, a.fingerprint, a.starts_at, a.status.as_str()], |r| r.get(0))
-        .optional()?;
+    if c.is_pg() {
+        // Replicas decide about one playbook one at a time (until this batch commits), so
+        // that coalescing, the cooldown and the breaker see each other's runs.
+        c.one(
+            "SELECT pg_advisory_xact_lock(hashtextextended('reflex.playbook:' || ?1, 0))::text",
+            &[&playbook],
+            |_| Ok(()),
+        )?;
+    }
+    let existing = existing_run(c, &playbook, a)?;
     if let Some(run_id) = existing {
         return Ok(Outcome::Deduplicated { run_id, playbook });
     }
@@ -282,32 +285,41 @@ fn intake_one(
         None => false,
     };
     let state = if start_now { RunState::Running } else { state };
-    c.prepare_cached(
+    // The unique index decides dedup: on PostgreSQL another replica may have recorded the
+    // same occurrence since the check above.
+    let inserted: Option<i64> = c.row(
         "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
-           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
-    )?
-    .execute(params![
-        playbook,
-        alert_id,
-        a.fingerprint,
-        a.starts_at,
-        a.status.as_str(),
-        if cand.cooldown_ms > 0 { cand.cooldown_key.as_str() } else { "" },
-        state.as_str(),
-        reason,
-        cand.dry_run,
-        json.as_ref().filter(|_| plan.is_some()).map_or("{}", |j| j.params.as_str()),
-        now,
-        (!matches!(state, RunState::Pending | RunState::Running)).then_some(now),
-        error,
-        target,
-        cand.deadline_ms,
-        cand.manual.as_ref().map(|m| m.by.as_str()),
-        cand.manual.as_ref().and_then(|m| m.retry_of),
-        start_now.then_some(now)
-    ])?;
-    let run_id = c.last_insert_rowid();
+           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at,
+           owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+         ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING RETURNING id",
+        &[
+            &playbook,
+            &alert_id,
+            &a.fingerprint,
+            &a.starts_at,
+            &a.status.as_str(),
+            &if cand.cooldown_ms > 0 { cand.cooldown_key.as_str() } else { "" },
+            &state.as_str(),
+            &reason,
+            &cand.dry_run,
+            &json.as_ref().filter(|_| plan.is_some()).map_or("{}", |j| j.params.as_str()),
+            &now,
+            &(!matches!(state, RunState::Pending | RunState::Running)).then_some(now),
+            &error,
+            &target,
+            &cand.deadline_ms,
+            &cand.manual.as_ref().map(|m| m.by.as_str()),
+            &cand.manual.as_ref().and_then(|m| m.retry_of),
+            &start_now.then_some(now),
+            &start_now.then_some(start.owner.as_str()),
+        ],
+        |r| r.get(0),
+    )?;
+    let Some(run_id) = inserted else {
+        let run_id = existing_run(c, &playbook, a)?.ok_or(StoreError::NoRow)?;
+        return Ok(Outcome::Deduplicated { run_id, playbook });
+    };
     if let Some(plan) = plan {
         let steps = json.map(|j| j.steps).unwrap_or_default();
         let first = start_now.then(|| (now, crate::time::now_us()));
@@ -346,9 +358,20 @@ fn intake_one(
     })
 }
 
+/// The run recorded for this occurrence of the alert by this playbook, if any.
+fn existing_run(c: &Db, playbook: &str, a: &Alert) -> Result<Option<i64>, StoreError> {
+    c.row(
+        "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4",
+        &[&playbook, &a.fingerprint, &a.starts_at, &a.status.as_str()],
+        |r| r.get(0),
+    )
+}
+
 /// Starts new runs inside the intake transaction while it has slots.
 pub(super) struct Starter {
     left: usize,
+    /// This replica: the runs it starts are its own.
+    owner: String,
     /// When the webhook of the alert at hand arrived.
     received_us: i64,
     max_per_target: u32,
@@ -362,7 +385,7 @@ impl Starter {
     /// same rules as [`Store::claim`], for one run.
     fn can_start(
         &self,
-        c: &Connection,
+        c: &Db,
         playbook: &str,
         fingerprint: &str,
         plan: &Plan,
@@ -370,16 +393,24 @@ impl Starter {
         if self.left == 0 || !plan.starts_ungated() {
             return Ok(false);
         }
-        Ok(c.prepare_cached(
+        // On PostgreSQL, decided under the target's lock; a target another replica is
+        // deciding on gets a pending run, claimed later.
+        if c.is_pg() && !super::queue::try_lock_target(c, &plan.target)? {
+            return Ok(false);
+        }
+        c.one(
             "SELECT coalesce((SELECT running FROM target_load WHERE target = ?1), 0) < ?2
                    AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.state = 'pending' AND p.target = ?1)
                    AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?3 AND o.fingerprint = ?4
                                    AND o.state = 'running')",
-        )?
-        .query_row(
-            params![plan.target, self.max_per_target, playbook, fingerprint],
+            &[
+                &plan.target,
+                &i64::from(self.max_per_target),
+                &playbook,
+                &fingerprint,
+            ],
             |r| r.get(0),
-        )?)
+        )
     }
 
     /// Takes a slot for a run recorded running with its first step, and keeps what its task
@@ -440,37 +471,33 @@ impl Starter {
 /// A run's steps, as planned: all pending, or the first one running since `first` (ms and
 /// µs since the epoch).
 pub(super) fn insert_steps(
-    c: &Connection,
+    c: &Db,
     run_id: i64,
     plan: &Plan,
     steps_json: Vec<(String, Option<String>)>,
     first: Option<(i64, i64)>,
-) -> rusqlite::Result<()> {
-    let mut stmt = c.prepare_cached(
-        "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase,
-           started_at, started_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )?;
+) -> Result<(), StoreError> {
     for (idx, (s, (args, approval))) in plan.steps.iter().zip(steps_json).enumerate() {
         let running = first.filter(|_| idx == 0);
-        stmt.execute(params![
-            run_id,
-            idx as i64,
-            s.name,
-            s.action,
-            args,
-            s.timeout_ms.map(|t| t as i64),
-            s.on_failure.as_str(),
-            if running.is_some() {
-                "running"
-            } else {
-                "pending"
-            },
-            approval,
-            s.phase,
-            running.map(|(ms, _)| ms),
-            running.map(|(_, us)| us)
-        ])?;
+        c.exec(
+            "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase,
+               started_at, started_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            &[
+                &run_id,
+                &(idx as i64),
+                &s.name,
+                &s.action,
+                &args,
+                &s.timeout_ms.map(|t| t as i64),
+                &s.on_failure.as_str(),
+                &if running.is_some() { "running" } else { "pending" },
+                &approval,
+                &s.phase,
+                &running.map(|(ms, _)| ms),
+                &running.map(|(_, us)| us),
+            ],
+        )?;
     }
     Ok(())
 }
@@ -501,6 +528,7 @@ impl Store {
         start: StartNow,
     ) -> Result<Recorded, StoreError> {
         let now = self.now_ms();
+        let owner = self.inner.replica.clone();
         // JSON is written here, on the caller's thread, not in the one writer.
         let prepared: Vec<(IntakeItem, Json)> = items
             .into_iter()
@@ -521,6 +549,7 @@ impl Store {
             .write(move |c| {
                 let mut starter = Starter {
                     left: start.slots,
+                    owner,
                     received_us: 0,
                     max_per_target: start.max_per_target,
                     started: Vec::new(),

@@ -1,21 +1,22 @@
 //! How runs end: the final state and error, and the steps that never ran marked skipped.
 
 use super::*;
-use rusqlite::{Connection, params};
 
 pub(super) fn finish_run(
-    c: &Connection,
+    c: &Db,
     run_id: i64,
     state: RunState,
     error: Option<&str>,
     now: i64,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(
+) -> Result<(), StoreError> {
+    c.exec(
         "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error) WHERE id = ?1",
-    )?
-    .execute(params![run_id, state.as_str(), now, error])?;
-    c.prepare_cached("UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'")?
-        .execute([run_id])?;
+        &[&run_id, &state.as_str(), &now, &error],
+    )?;
+    c.exec(
+        "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'",
+        &[&run_id],
+    )?;
     Ok(())
 }
 

@@ -1,16 +1,21 @@
-//! The only module with SQL. One SQLite file (`reflex.db`) in WAL mode, migrated at start.
+//! The only module with SQL. Two backends behind one interface ([`db::Db`]): by default one
+//! SQLite file (`reflex.db`) in WAL mode; for several replicas, a shared PostgreSQL database
+//! (`store.url`, see [`pg`]). Both are migrated at start.
 //!
-//! One connection writes and one reads, each behind a mutex and used from
-//! `spawn_blocking`: SQLite allows one writer at a time anyway, and WAL lets the API read
-//! while the engine writes. `synchronous=FULL`: an alert answered with 200 is on disk.
+//! One connection writes (the writer thread, with group commit) and reads go to another (a
+//! pool of them on PostgreSQL), used from `spawn_blocking`: SQLite allows one writer at a time
+//! anyway, and WAL lets the API read while the engine writes. `synchronous=FULL`: an alert
+//! answered with 200 is on disk.
 
 mod approvals;
 mod audit;
 mod breaker;
 mod coalesce;
 mod cooldown;
+pub mod db;
 mod intake;
 mod lifecycle;
+pub mod pg;
 mod queue;
 mod resolution;
 mod sessions;
@@ -30,6 +35,7 @@ pub use states::{ApprovalState, RunState, StepState};
 pub use switches::*;
 pub use views::{AlertView, RunFilter, RunView};
 
+pub use db::Db;
 use rusqlite::{Connection, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -41,6 +47,18 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (or could not be reached).
+    #[error("postgres: {0}")]
+    Postgres(#[from] postgres::Error),
+    /// No PostgreSQL connection could be had in time.
+    #[error("postgres connection pool: {0}")]
+    Pool(#[from] r2d2::Error),
+    /// The store's configuration is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// A query that must return a row returned none.
+    #[error("no row where one was expected")]
+    NoRow,
     /// Creating the data directory or similar failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -72,6 +90,10 @@ impl StoreError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             StoreError::Sqlite(_) => "sqlite",
+            StoreError::Postgres(_) => "postgres",
+            StoreError::Pool(_) => "pool",
+            StoreError::NoRow => "no_row",
+            StoreError::Config(_) => "config",
             StoreError::Io(_) => "io",
             StoreError::Join(_) => "join",
             StoreError::Commit(_) => "commit",
@@ -111,12 +133,24 @@ struct Inner {
     /// The engaged switches as of an epoch.
     #[allow(clippy::type_complexity)]
     switch_cache: Mutex<Option<(u64, Vec<(String, String, Option<String>, Option<i64>)>)>>,
-    read: Mutex<Connection>,
-    path: PathBuf,
-    /// The exclusive lock on the data directory, held while the store is open.
-    _lock: std::fs::File,
+    backend: Backend,
+    /// This process's name in the records (who claimed a run); on PostgreSQL, its lease.
+    replica: String,
     /// What "now" is for every decision the store makes.
     clock: Arc<dyn crate::time::Clock>,
+}
+
+/// Where the rows are: what reads go to (writes go to the writer thread).
+enum Backend {
+    /// `reflex.db` in the data directory.
+    Sqlite {
+        read: Mutex<Connection>,
+        path: PathBuf,
+        /// The exclusive lock on the data directory, held while the store is open.
+        _lock: std::fs::File,
+    },
+    /// A shared PostgreSQL database.
+    Postgres(pg::Pool),
 }
 
 /// Takes the data directory's lock (`reflex.lock`, an advisory `flock` the kernel releases
@@ -151,7 +185,7 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
 /// A write: runs inside its own savepoint of a batch transaction, and returns whether it
 /// succeeded (else its savepoint is rolled back) and how to deliver its result once the batch
 /// has committed (or failed to).
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Deliver) + Send>;
+type Job = Box<dyn FnOnce(&Db) -> (bool, Deliver) + Send>;
 type Deliver = Box<dyn FnOnce(Option<String>) + Send>;
 
 /// Writes queued for the writer before callers wait (backpressure).
@@ -159,17 +193,34 @@ const WRITE_QUEUE: usize = 4096;
 /// Writes committed together at most: one fsync for all of them.
 const MAX_BATCH: usize = 512;
 
+/// A backend's side of the writer: commits a batch of writes in one transaction.
+trait Committer {
+    /// Runs every job (see [`run_jobs`]) in one transaction and commits it.
+    fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String>;
+    /// Housekeeping once a batch's callers have their answers.
+    fn after(&mut self) {}
+}
+
+/// Runs each job of a batch in its own savepoint of the transaction `db` is in.
+fn run_jobs(db: &Db, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), StoreError> {
+    for job in batch.drain(..) {
+        // Prepared once and cached: a savepoint per write costs two cheap statements.
+        db.exec("SAVEPOINT job", &[])?;
+        let (ok, deliver) = job(db);
+        if !ok {
+            db.exec("ROLLBACK TO SAVEPOINT job", &[])?;
+        }
+        db.exec("RELEASE SAVEPOINT job", &[])?;
+        delivers.push(deliver);
+    }
+    Ok(())
+}
+
 /// The one writer: group commit. It takes every write that is waiting, runs each in a
 /// savepoint of one transaction, commits once (one fsync), then answers them all. Under load
 /// this turns thousands of small transactions into a few large ones; idle, a write commits
 /// alone at once.
-fn writer(
-    mut conn: Connection,
-    mut jobs: mpsc::Receiver<Job>,
-    counts: Arc<Counts>,
-    _checkpointer: std::sync::mpsc::Sender<()>,
-    rewind: Arc<std::sync::atomic::AtomicBool>,
-) {
+fn writer(mut jobs: mpsc::Receiver<Job>, counts: Arc<Counts>, mut backend: impl Committer) {
     while let Some(first) = jobs.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -179,21 +230,7 @@ fn writer(
             }
         }
         let mut delivers = Vec::with_capacity(batch.len());
-        let committed = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for job in batch.drain(..) {
-                // Prepared once and cached: a savepoint per write costs two cheap statements.
-                tx.prepare_cached("SAVEPOINT job")?.execute([])?;
-                let (ok, deliver) = job(&tx);
-                if !ok {
-                    tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
-                }
-                tx.prepare_cached("RELEASE job")?.execute([])?;
-                delivers.push(deliver);
-            }
-            tx.commit()
-        })();
-        let err = committed.err().map(|e| e.to_string());
+        let err = backend.commit(&mut batch, &mut delivers).err();
         if err.is_none() {
             use std::sync::atomic::Ordering::Relaxed;
             counts.writes.fetch_add(delivers.len() as u64, Relaxed);
@@ -203,11 +240,38 @@ fn writer(
             tracing::error!(error = %e, writes = delivers.len(), "store batch failed; its writes are reported failed");
         }
         // Jobs never reached (an error before them) are dropped: their callers see Closed.
+        drop(batch);
         for deliver in delivers {
             deliver(err.clone());
         }
-        if rewind.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            let restarted = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+        backend.after();
+    }
+}
+
+/// SQLite's side of the writer.
+struct LiteCommitter {
+    conn: Connection,
+    /// Set by the checkpointer: rewind the WAL after this batch.
+    rewind: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped with the writer: the checkpointer ends.
+    _checkpointer: std::sync::mpsc::Sender<()>,
+}
+
+impl Committer for LiteCommitter {
+    fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String> {
+        let tx = (self.conn)
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| e.to_string())?;
+        run_jobs(&Db::Lite(&tx), batch, delivers).map_err(|e| e.to_string())?;
+        tx.commit().map_err(|e| e.to_string())
+    }
+
+    fn after(&mut self) {
+        if self
+            .rewind
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            let restarted = (self.conn).query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
             if let Err(e) = restarted {
                 tracing::warn!(error = %e, "WAL restart failed; the next one retries");
             }
@@ -435,6 +499,10 @@ CREATE TABLE sessions (
 ) WITHOUT ROWID;
 CREATE INDEX runs_target ON runs(target, id);
 "#,
+    // 10: which process claimed a run (on PostgreSQL, whose lease covers it).
+    r#"
+ALTER TABLE runs ADD COLUMN owner TEXT;
+"#,
 ];
 
 impl Store {
@@ -471,30 +539,87 @@ impl Store {
         checkpoints.execute_batch("PRAGMA busy_timeout=5000;")?;
         let read = Connection::open(&path)?;
         read.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")?;
-        let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
-        let counts = Arc::new(Counts::default());
-        let writer_counts = counts.clone();
         let (writer_alive, writer_gone) = std::sync::mpsc::channel();
         let rewind = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let asked = rewind.clone();
         std::thread::Builder::new()
             .name("reflex-store-ckpt".into())
             .spawn(move || checkpointer(checkpoints, writer_gone, asked))?;
+        let committer = LiteCommitter {
+            conn: write,
+            rewind,
+            _checkpointer: writer_alive,
+        };
+        let backend = Backend::Sqlite {
+            read: Mutex::new(read),
+            path,
+            _lock: lock,
+        };
+        Self::start(committer, backend, pg::default_replica(), clock)
+    }
+
+    /// Starts the writer thread on a backend.
+    fn start(
+        committer: impl Committer + Send + 'static,
+        backend: Backend,
+        replica: String,
+        clock: Arc<dyn crate::time::Clock>,
+    ) -> Result<Store, StoreError> {
+        let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+        let counts = Arc::new(Counts::default());
+        let writer_counts = counts.clone();
         std::thread::Builder::new()
             .name("reflex-store-writer".into())
-            .spawn(move || writer(write, rx, writer_counts, writer_alive, rewind))?;
+            .spawn(move || writer(rx, writer_counts, committer))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 jobs,
                 counts,
                 switch_epoch: std::sync::atomic::AtomicU64::new(0),
                 switch_cache: Mutex::new(None),
-                read: Mutex::new(read),
-                path,
-                _lock: lock,
+                backend,
+                replica,
                 clock,
             }),
         })
+    }
+
+    /// Opens the store the configuration names: PostgreSQL when `store.url` is set, else
+    /// SQLite in the data directory.
+    pub async fn open_config(cfg: &crate::config::Config) -> Result<Store, StoreError> {
+        match &cfg.store.url {
+            Some(_) => {
+                let settings = pg::Settings::from_config(&cfg.store)?;
+                let clock: Arc<dyn crate::time::Clock> = Arc::new(crate::time::SystemClock);
+                tokio::task::spawn_blocking(move || Self::open_pg(settings, clock))
+                    .await
+                    .map_err(|e| StoreError::Join(e.to_string()))?
+            }
+            None => Self::open_with(&cfg.data_dir, cfg.store.synchronous),
+        }
+    }
+
+    /// Connects to PostgreSQL and migrates it (blocking: call it off the async runtime).
+    pub fn open_pg(
+        settings: pg::Settings,
+        clock: Arc<dyn crate::time::Clock>,
+    ) -> Result<Store, StoreError> {
+        let pool = pg::connect(&settings)?;
+        let committer = pg::PgCommitter::new(pool.clone());
+        Self::start(committer, Backend::Postgres(pool), settings.replica, clock)
+    }
+
+    /// Where the store is, for the log: the SQLite file, or the PostgreSQL server.
+    pub fn describe(&self) -> String {
+        match &self.inner.backend {
+            Backend::Sqlite { path, .. } => path.display().to_string(),
+            Backend::Postgres(pool) => pool.describe(),
+        }
+    }
+
+    /// Whether the store is PostgreSQL (shared by replicas).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.inner.backend, Backend::Postgres(_))
     }
 
     /// Milliseconds since the epoch, by the store's clock.
@@ -516,9 +641,12 @@ impl Store {
         }
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
+    /// The SQLite file (`None` on PostgreSQL).
+    pub fn path(&self) -> Option<&Path> {
+        match &self.inner.backend {
+            Backend::Sqlite { path, .. } => Some(path),
+            Backend::Postgres(_) => None,
+        }
     }
 
     /// Runs `f` in the writer, inside a transaction shared with other writes (group commit);
@@ -527,7 +655,7 @@ impl Store {
     pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |c| {
@@ -549,16 +677,22 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Runs `f` on the reader connection, off the async runtime.
+    /// Runs `f` on a reader connection, off the async runtime.
     pub async fn read<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = inner.read.lock().unwrap_or_else(|p| p.into_inner());
-            f(&conn)
+        tokio::task::spawn_blocking(move || match &inner.backend {
+            Backend::Sqlite { read, .. } => {
+                let conn = read.lock().unwrap_or_else(|p| p.into_inner());
+                f(&Db::Lite(&conn))
+            }
+            Backend::Postgres(pool) => {
+                let mut conn = pool.get()?;
+                f(&Db::Pg(std::cell::RefCell::new(&mut *conn)))
+            }
         })
         .await
         .map_err(|e| StoreError::Join(e.to_string()))?
@@ -566,8 +700,7 @@ impl Store {
 
     /// Whether the database answers (for `/readyz`).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.read(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
-            .await
+        self.read(|c| c.one("SELECT 1", &[], |_| Ok(()))).await
     }
 }
 

@@ -5,7 +5,6 @@ use super::lifecycle::finish_run;
 use super::*;
 use crate::alert::{Alert, AlertStatus};
 use crate::time::rfc3339;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -37,13 +36,13 @@ pub struct StepResult {
 
 /// Writes a step's result and puts the executor action on the audit log: `step.<action>` by
 /// `reflex`, on `run/<id> step/<idx> target/<target>`.
-pub(super) fn record_step(c: &Connection, r: &StepResult, now: i64) -> Result<(), StoreError> {
+pub(super) fn record_step(c: &Db, r: &StepResult, now: i64) -> Result<(), StoreError> {
     let output = r.output.as_ref().map(json_text);
     let s = &r.step;
-    c.prepare_cached(
+    c.exec(
         "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
-    )?
-    .execute(params![s.run_id, s.idx, r.state.as_str(), now, output, r.error])?;
+        &[&s.run_id, &s.idx, &r.state.as_str(), &now, &output, &r.error],
+    )?;
     let outcome = if r.error.is_some() {
         "failed"
     } else {
@@ -143,13 +142,42 @@ struct ClaimRow {
     started_ms: i64,
 }
 
+fn claim_row(r: &super::db::Row) -> Result<ClaimRow, StoreError> {
+    Ok(ClaimRow {
+        id: r.get(0)?,
+        playbook: r.get(1)?,
+        dry_run: r.get(2)?,
+        params: r.get(3)?,
+        alert_id: r.get(4)?,
+        target: r.get(5)?,
+        deadline_ms: r.get(6)?,
+        started_ms: r.get(7)?,
+    })
+}
+
+/// The advisory lock a replica holds on a target while it decides whether a run may start on
+/// it (PostgreSQL): the per-target limit holds across replicas. Never waited for: a target
+/// another replica is deciding on is skipped, so no two batches wait on each other.
+pub(super) fn try_lock_target(c: &Db, target: &str) -> Result<bool, StoreError> {
+    c.one(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))",
+        &[&target],
+        |r| r.get(0),
+    )
+}
+
 /// Claims the oldest claimable pending run (see [`Store::claim`]).
 fn claim_one(
-    c: &Connection,
+    c: &Db,
     max_per_target: u32,
     now: i64,
+    owner: &str,
 ) -> Result<Option<ClaimRow>, StoreError> {
-    Ok(c.prepare_cached(
+    let max = i64::from(max_per_target);
+    if c.is_pg() {
+        return claim_one_pg(c, max, now, owner);
+    }
+    c.row(
         // The oldest head among the targets with pending runs and room (`target_load`, kept by
         // triggers): per claim, one index probe per such target, whatever their backlogs. A
         // head whose playbook already runs for the same alert waits (and so its target).
@@ -166,30 +194,60 @@ fn claim_one(
              WHERE r.id = h.head)
            ORDER BY h.head LIMIT 1)
          RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
-    )?
-    .query_row(params![now, max_per_target], |r| {
-        Ok(ClaimRow {
-            id: r.get(0)?,
-            playbook: r.get(1)?,
-            dry_run: r.get(2)?,
-            params: r.get(3)?,
-            alert_id: r.get(4)?,
-            target: r.get(5)?,
-            deadline_ms: r.get(6)?,
-            started_ms: r.get(7)?,
-        })
-    })
-    .optional()?)
+        &[&now, &max],
+        claim_row,
+    )
+}
+
+/// On PostgreSQL several replicas claim at once: the candidate heads are found as on SQLite,
+/// then each is taken only under its target's lock, deciding again on what is committed.
+/// `SKIP LOCKED` is in effect by the lock being tried, not waited for.
+fn claim_one_pg(c: &Db, max: i64, now: i64, owner: &str) -> Result<Option<ClaimRow>, StoreError> {
+    let heads: Vec<String> = c.rows(
+        "SELECT h.target FROM (
+           SELECT l.target, (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = l.target
+                             ORDER BY p.id LIMIT 1) AS head
+           FROM target_load l WHERE l.pending > 0 AND l.running < ?1
+         ) h
+         WHERE h.head IS NOT NULL AND NOT EXISTS (
+           SELECT 1 FROM runs r JOIN runs o ON o.playbook = r.playbook
+             AND o.fingerprint = r.fingerprint AND o.state = 'running'
+           WHERE r.id = h.head)
+         ORDER BY h.head LIMIT 16",
+        &[&max],
+        |r| r.get(0),
+    )?;
+    for target in heads {
+        if !try_lock_target(c, &target)? {
+            continue;
+        }
+        let claimed = c.row(
+            "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1), owner = ?4
+             WHERE id = (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = ?3
+                         ORDER BY p.id LIMIT 1)
+               AND state = 'pending'
+               AND coalesce((SELECT l.running FROM target_load l WHERE l.target = ?3), 0) < ?2
+               AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = runs.playbook
+                               AND o.fingerprint = runs.fingerprint AND o.state = 'running')
+             RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
+            &[&now, &max, &target, &owner],
+            claim_row,
+        )?;
+        if claimed.is_some() {
+            return Ok(claimed);
+        }
+    }
+    Ok(None)
 }
 
 /// An alert, and when its webhook arrived (µs).
-pub(super) fn load_alert(c: &Connection, id: i64) -> Result<(Alert, i64), StoreError> {
-    Ok(c.prepare_cached(
+pub(super) fn load_alert(c: &Db, id: i64) -> Result<(Alert, i64), StoreError> {
+    c.one(
         "SELECT source, status, labels, annotations, starts_at, ends_at, fingerprint, generator_url, group_key,
            coalesce(received_us, 0)
          FROM alerts WHERE id = ?1",
-    )?
-    .query_row([id], |r| {
+        &[&id],
+        |r| {
         let source: String = r.get(0)?;
         let status: String = r.get(1)?;
         let labels: String = r.get(2)?;
@@ -206,15 +264,16 @@ pub(super) fn load_alert(c: &Connection, id: i64) -> Result<(Alert, i64), StoreE
             group_key: r.get(8)?,
         };
         Ok((alert, r.get(9)?))
-    })?)
+        },
+    )
 }
 
-pub(super) fn load_steps(c: &Connection, run_id: i64) -> Result<Vec<StepRecord>, StoreError> {
-    let mut stmt = c.prepare_cached(
+pub(super) fn load_steps(c: &Db, run_id: i64) -> Result<Vec<StepRecord>, StoreError> {
+    c.rows(
         "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error, approval, phase
          FROM steps WHERE run_id = ?1 ORDER BY idx",
-    )?;
-    let rows = stmt.query_map([run_id], |r| {
+        &[&run_id],
+        |r| {
         Ok(StepRecord {
             idx: r.get(0)?,
             name: r.get(1)?,
@@ -223,17 +282,17 @@ pub(super) fn load_steps(c: &Connection, run_id: i64) -> Result<Vec<StepRecord>,
             timeout_ms: r.get(4)?,
             on_failure: r.get(5)?,
             state: r.get(6)?,
-            started_at: r.get::<_, Option<i64>>(7)?.map(rfc3339),
-            finished_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
-            output: r.get::<_, Option<String>>(9)?.map(|s| parse_json(Some(s))),
+            started_at: r.get::<Option<i64>>(7)?.map(rfc3339),
+            finished_at: r.get::<Option<i64>>(8)?.map(rfc3339),
+            output: r.get::<Option<String>>(9)?.map(|s| parse_json(Some(s))),
             error: r.get(10)?,
             approval: r
-                .get::<_, Option<String>>(11)?
+                .get::<Option<String>>(11)?
                 .and_then(|s| serde_json::from_str(&s).ok()),
             phase: r.get(12)?,
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+        },
+    )
 }
 
 impl Store {
@@ -251,11 +310,12 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<ClaimedRun>, StoreError> {
         let now = self.now_ms();
+        let owner = self.inner.replica.clone();
         let rows = self
             .write(move |c| {
                 let mut out = Vec::new();
                 while out.len() < limit {
-                    match claim_one(c, max_per_target, now)? {
+                    match claim_one(c, max_per_target, now, &owner)? {
                         Some(row) => out.push(row),
                         None => break,
                     }
@@ -270,11 +330,11 @@ impl Store {
         self.read(move |c| {
             rows.into_iter()
                 .map(|row| {
-                    let resumed: bool = c
-                        .prepare_cached(
-                            "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
-                        )?
-                        .query_row([row.id], |r| r.get(0))?;
+                    let resumed: bool = c.one(
+                        "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
+                        &[&row.id],
+                        |r| r.get(0),
+                    )?;
                     let (alert, received_us) = load_alert(c, row.alert_id)?;
                     Ok(ClaimedRun {
                         id: row.id,
@@ -309,8 +369,10 @@ impl Store {
             if let Some(previous) = &previous {
                 record_step(c, previous, now)?;
             }
-            c.prepare_cached("UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4 WHERE run_id = ?1 AND idx = ?2")?
-                .execute(params![run_id, idx, now, crate::time::now_us()])?;
+            c.exec(
+                "UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4 WHERE run_id = ?1 AND idx = ?2",
+                &[&run_id, &idx, &now, &crate::time::now_us()],
+            )?;
             Ok(())
         })
         .await
@@ -326,7 +388,10 @@ impl Store {
     /// `on_failure` steps run next).
     pub async fn skip_pending_main(&self, run_id: i64) -> Result<(), StoreError> {
         self.write(move |c| {
-            c.execute("UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending' AND phase = 'main'", [run_id])?;
+            c.exec(
+                "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending' AND phase = 'main'",
+                &[&run_id],
+            )?;
             Ok(())
         })
         .await
@@ -337,11 +402,15 @@ impl Store {
     pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
         let now = self.now_ms();
         self.write(move |c| {
-            let state: Option<String> = c
-                .query_row("SELECT state FROM runs WHERE id = ?1", [run_id], |r| {
-                    r.get(0)
-                })
-                .optional()?;
+            let state: Option<String> = c.row(
+                if c.is_pg() {
+                    "SELECT state FROM runs WHERE id = ?1 FOR UPDATE"
+                } else {
+                    "SELECT state FROM runs WHERE id = ?1"
+                },
+                &[&run_id],
+                |r| r.get(0),
+            )?;
             let Some(state) = state.as_deref().and_then(RunState::parse) else {
                 return Ok(None);
             };
@@ -365,30 +434,43 @@ impl Store {
     /// `interrupted`, and so is its run; nothing is re-run. Runs that were `running` between
     /// steps are interrupted too (their next step never started). Pending runs stay pending.
     /// Returns the ids of the interrupted runs.
+    ///
+    /// On PostgreSQL only this replica's runs are looked at (none, for a new process): the
+    /// runs of a replica that died are taken over when its lease expires.
     pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
         let now = self.now_ms();
-        self.write(move |c| {
-            c.execute(
-                "UPDATE steps SET state = 'interrupted', finished_at = ?1,
-                   error = 'the daemon stopped while this step was running; it was not re-run'
-                 WHERE state = 'running'",
-                [now],
-            )?;
-            let ids: Vec<i64> = c
-                .prepare("SELECT id FROM runs WHERE state = 'running' ORDER BY id")?
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for &id in &ids {
-                finish_run(
-                    c,
-                    id,
-                    RunState::Interrupted,
-                    Some("the daemon stopped during this run; check the target before re-running"),
-                    now,
-                )?;
-            }
-            Ok(ids)
-        })
-        .await
+        let owner = self.is_shared().then(|| self.inner.replica.clone());
+        self.write(move |c| interrupt_running(c, owner.as_deref(), now))
+            .await
     }
+}
+
+/// Marks the running steps of the running runs (of `owner`, or every one) `interrupted`, and
+/// their runs. Returns the runs' ids.
+pub(super) fn interrupt_running(
+    c: &Db,
+    owner: Option<&str>,
+    now: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let ids: Vec<i64> = c.rows(
+        "SELECT id FROM runs WHERE state = 'running' AND (?1 IS NULL OR owner = ?1) ORDER BY id",
+        &[&owner],
+        |r| r.get(0),
+    )?;
+    for &id in &ids {
+        c.exec(
+            "UPDATE steps SET state = 'interrupted', finished_at = ?2,
+               error = 'the daemon stopped while this step was running; it was not re-run'
+             WHERE run_id = ?1 AND state = 'running'",
+            &[&id, &now],
+        )?;
+        finish_run(
+            c,
+            id,
+            RunState::Interrupted,
+            Some("the daemon stopped during this run; check the target before re-running"),
+            now,
+        )?;
+    }
+    Ok(ids)
 }

@@ -5,7 +5,6 @@
 
 use super::lifecycle::finish_run;
 use super::*;
-use rusqlite::{Connection, OptionalExtension, params};
 
 /// Whether a run of the occurrence that started at `run_starts` belongs to the resolution of
 /// the occurrence that started at `resolved_starts`: the same occurrence or an earlier one.
@@ -23,13 +22,12 @@ fn covered(run_starts: &str, resolved_starts: &str) -> bool {
 /// A resolved alert ends the runs of its occurrence (or earlier ones) that have not started or
 /// wait for approval, and marks those executing so that they stop before their next step.
 pub(super) fn end_for_resolved(
-    c: &Connection,
+    c: &Db,
     fingerprint: &str,
     resolved_starts: &str,
     now: i64,
-) -> rusqlite::Result<Vec<Outcome>> {
-    let live: Vec<(i64, String, String, String)> = c
-        .prepare_cached(
+) -> Result<Vec<Outcome>, StoreError> {
+    let live: Vec<(i64, String, String, String)> = c.rows(
             // The occurrence a run acts for is its alert's (a coalesced run takes the newest).
             "SELECT r.id, r.playbook, r.state, a.starts_at FROM runs r JOIN alerts a ON a.id = r.alert_id
                WHERE r.fingerprint = ?1 AND r.state = 'awaiting_approval'
@@ -39,11 +37,9 @@ pub(super) fn end_for_resolved(
              UNION ALL
              SELECT r.id, r.playbook, r.state, a.starts_at FROM runs r JOIN alerts a ON a.id = r.alert_id
                WHERE r.fingerprint = ?1 AND r.state = 'running' AND r.resolved_at IS NULL",
-        )?
-        .query_map([fingerprint], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-        })?
-        .collect::<Result<_, _>>()?;
+        &[&fingerprint],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
     let (running, waiting): (Vec<_>, Vec<_>) = (live.into_iter())
         .filter(|(_, _, _, starts)| covered(starts, resolved_starts))
         .map(|(id, playbook, state, _)| (id, playbook, state))
@@ -58,8 +54,10 @@ pub(super) fn end_for_resolved(
         finish_run(c, *id, RunState::Resolved, Some(why), now)?;
     }
     for (id, _, _) in &running {
-        c.prepare_cached("UPDATE runs SET resolved_at = ?2 WHERE id = ?1")?
-            .execute(params![id, now])?;
+        c.exec(
+            "UPDATE runs SET resolved_at = ?2 WHERE id = ?1",
+            &[id, &now],
+        )?;
     }
     Ok(waiting
         .into_iter()
@@ -75,12 +73,12 @@ impl Store {
     /// Whether the run's alert resolved while it was executing.
     pub async fn resolved_while_running(&self, run_id: i64) -> Result<bool, StoreError> {
         self.read(move |c| {
-            Ok(
-                c.prepare_cached("SELECT resolved_at IS NOT NULL FROM runs WHERE id = ?1")?
-                    .query_row([run_id], |r| r.get(0))
-                    .optional()?
-                    .unwrap_or(false),
-            )
+            Ok(c.row(
+                "SELECT resolved_at IS NOT NULL FROM runs WHERE id = ?1",
+                &[&run_id],
+                |r| r.get(0),
+            )?
+            .unwrap_or(false))
         })
         .await
     }

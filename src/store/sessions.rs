@@ -2,7 +2,6 @@
 //! in as, its CSRF token and its expiry. The cookie itself is never stored.
 
 use super::{Store, StoreError};
-use rusqlite::{OptionalExtension, params};
 
 /// A live console session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,12 +26,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = self.now_ms();
         self.write(move |c| {
-            c.prepare_cached("DELETE FROM sessions WHERE expires_at <= ?1")?
-                .execute([now])?;
-            c.prepare_cached(
+            c.exec("DELETE FROM sessions WHERE expires_at <= ?1", &[&now])?;
+            c.exec(
                 "INSERT INTO sessions (id_hash, name, token, csrf, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![&id_hash[..], session.name, &session.token[..], session.csrf, now, session.expires_at])?;
+                &[&&id_hash[..], &session.name, &&session.token[..], &session.csrf, &now, &session.expires_at],
+            )?;
             super::audit::audit_in(c, &session.name, "console login", None, "ok", None)?;
             Ok(())
         })
@@ -43,18 +41,19 @@ impl Store {
     pub async fn session(&self, id_hash: [u8; 32]) -> Result<Option<Session>, StoreError> {
         let now = self.now_ms();
         self.read(move |c| {
-            Ok(c.prepare_cached(
+            c.row(
                 "SELECT name, token, csrf, expires_at FROM sessions WHERE id_hash = ?1 AND expires_at > ?2",
-            )?
-            .query_row(params![&id_hash[..], now], |r| {
-                Ok(Session {
-                    name: r.get(0)?,
-                    token: r.get(1)?,
-                    csrf: r.get(2)?,
-                    expires_at: r.get(3)?,
-                })
-            })
-            .optional()?)
+                &[&&id_hash[..], &now],
+                |r| {
+                    let token: Vec<u8> = r.get(1)?;
+                    Ok(Session {
+                        name: r.get(0)?,
+                        token: token.try_into().map_err(|_| StoreError::NoRow)?,
+                        csrf: r.get(2)?,
+                        expires_at: r.get(3)?,
+                    })
+                },
+            )
         })
         .await
     }
@@ -62,8 +61,7 @@ impl Store {
     /// Ends a session (logout); audited.
     pub async fn end_session(&self, id_hash: [u8; 32], name: String) -> Result<(), StoreError> {
         self.write(move |c| {
-            c.prepare_cached("DELETE FROM sessions WHERE id_hash = ?1")?
-                .execute([&id_hash[..]])?;
+            c.exec("DELETE FROM sessions WHERE id_hash = ?1", &[&&id_hash[..]])?;
             super::audit::audit_in(c, &name, "console logout", None, "ok", None)?;
             Ok(())
         })

@@ -2,8 +2,8 @@
 //! engaged and which cooldowns are running. It takes no lock and writes nothing, so it can
 //! look while the daemon runs (SQLite's WAL lets readers in beside the one writer).
 
-use super::StoreError;
 use super::cooldown::cooldown_reason;
+use super::{Db, StoreError};
 use crate::time::now_ms;
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
@@ -27,11 +27,7 @@ impl Snapshot {
 
     /// Why a run of `playbook` would be held back by a kill switch now, if it would.
     pub fn kill_reason(&self, playbook: &str) -> Result<Option<String>, StoreError> {
-        Ok(super::switches::engaged_reason(
-            &self.conn,
-            playbook,
-            now_ms(),
-        )?)
+        super::switches::engaged_reason(&Db::Lite(&self.conn), playbook, now_ms())
     }
 
     /// Why a run of `playbook` for `key` would be held back by its cooldown now, if it would.
@@ -41,12 +37,6 @@ impl Snapshot {
         key: &str,
         cooldown_ms: i64,
     ) -> Result<Option<String>, StoreError> {
-        Ok(cooldown_reason(
-            &self.conn,
-            playbook,
-            key,
-            cooldown_ms,
-            now_ms(),
-        )?)
+        cooldown_reason(&Db::Lite(&self.conn), playbook, key, cooldown_ms, now_ms())
     }
 }

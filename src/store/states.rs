@@ -172,6 +172,43 @@ impl std::fmt::Display for ApprovalState {
     }
 }
 
+/// A stored word as PostgreSQL `TEXT`: written with `$name`, read with `$parse`.
+macro_rules! pg_text {
+    ($ty:ty, $name:expr, $parse:expr) => {
+        impl postgres::types::ToSql for $ty {
+            fn to_sql(
+                &self,
+                ty: &postgres::types::Type,
+                out: &mut bytes::BytesMut,
+            ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                let name: fn(&$ty) -> &'static str = $name;
+                <&str as postgres::types::ToSql>::to_sql(&name(self), ty, out)
+            }
+
+            fn accepts(ty: &postgres::types::Type) -> bool {
+                <&str as postgres::types::ToSql>::accepts(ty)
+            }
+
+            postgres::types::to_sql_checked!();
+        }
+
+        impl<'a> postgres::types::FromSql<'a> for $ty {
+            fn from_sql(
+                ty: &postgres::types::Type,
+                raw: &'a [u8],
+            ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                let text = <&str as postgres::types::FromSql>::from_sql(ty, raw)?;
+                let parse: fn(&str) -> Option<$ty> = $parse;
+                parse(text).ok_or_else(|| format!("unknown {} {text:?}", stringify!($ty)).into())
+            }
+
+            fn accepts(ty: &postgres::types::Type) -> bool {
+                <&str as postgres::types::FromSql>::accepts(ty)
+            }
+        }
+    };
+}
+
 impl ToSql for crate::playbook::actions::Action {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(ToSqlOutput::from(self.name()))
@@ -185,6 +222,10 @@ impl FromSql for crate::playbook::actions::Action {
             .ok_or_else(|| FromSqlError::Other(format!("unknown action {text:?}").into()))
     }
 }
+
+pg_text!(crate::playbook::actions::Action, |a| a.name(), |text| {
+    Self::parse(text)
+});
 
 /// Each word of a stored vocabulary.
 macro_rules! stored_as_names {
@@ -208,6 +249,10 @@ macro_rules! stored_as_names {
                     })
             }
         }
+
+        pg_text!($ty, |w| w.as_str(), |text| [$(<$ty>::$variant),+]
+            .into_iter()
+            .find(|w| w.as_str() == text));
     )+};
 }
 

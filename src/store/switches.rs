@@ -1,8 +1,7 @@
 //! Kill switches, global and per playbook, persisted so that a restart keeps them engaged.
 
-use super::{Store, StoreError};
+use super::{Db, Store, StoreError};
 use crate::time::rfc3339;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 /// An engaged switch: scope, actor, reason, until.
@@ -35,50 +34,54 @@ pub struct Switch {
 
 /// Why new work in `playbook` is held back by a switch, if it is.
 pub(super) fn engaged_reason(
-    c: &Connection,
+    c: &Db,
     playbook: &str,
     now: i64,
-) -> rusqlite::Result<Option<String>> {
-    c.prepare_cached(
+) -> Result<Option<String>, StoreError> {
+    c.row(
         "SELECT scope, actor, reason FROM switches
-         WHERE engaged = 1 AND scope IN ('global', 'playbook:' || ?1) AND (until IS NULL OR until > ?2)
+         WHERE engaged AND scope IN ('global', 'playbook:' || ?1) AND (until IS NULL OR until > ?2)
          ORDER BY scope = 'global' DESC LIMIT 1",
-    )?
-    .query_row(params![playbook, now], |r| {
-        let (scope, actor, reason): (String, String, Option<String>) = (r.get(0)?, r.get(1)?, r.get(2)?);
-        Ok(format!("kill switch ({scope}) engaged by {actor}: {}", reason.unwrap_or_default()))
-    })
-    .optional()
+        &[&playbook, &now],
+        |r| {
+            let (scope, actor, reason): (String, String, Option<String>) =
+                (r.get(0)?, r.get(1)?, r.get(2)?);
+            Ok(format!(
+                "kill switch ({scope}) engaged by {actor}: {}",
+                reason.unwrap_or_default()
+            ))
+        },
+    )
 }
 
 /// Engages a switch; audited. Runs waiting for approval keep waiting (nothing can be approved
 /// while it is engaged, and their requests expire as usual); runs in flight stop before their
 /// next step, and queued runs when they would start (see the engine).
 pub(super) fn engage_in(
-    c: &Connection,
+    c: &Db,
     scope: &str,
     reason: &str,
     actor: &str,
     until: Option<i64>,
     now: i64,
-) -> rusqlite::Result<()> {
+) -> Result<(), StoreError> {
     set_in(c, scope, true, reason, actor, until, now)
 }
 
 fn set_in(
-    c: &Connection,
+    c: &Db,
     scope: &str,
     engaged: bool,
     reason: &str,
     actor: &str,
     until: Option<i64>,
     now: i64,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(
+) -> Result<(), StoreError> {
+    c.exec(
         "INSERT INTO switches (scope, engaged, reason, actor, changed_at, until) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (scope) DO UPDATE SET engaged = ?2, reason = ?3, actor = ?4, changed_at = ?5, until = ?6",
-    )?
-    .execute(params![scope, engaged, reason, actor, now, until])?;
+        &[&scope, &engaged, &reason, &actor, &now, &until],
+    )?;
     let action = if engaged {
         "killswitch.engage"
     } else {
@@ -92,10 +95,10 @@ impl Store {
     pub async fn switches(&self) -> Result<Vec<Switch>, StoreError> {
         let now = self.now_ms();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
+            c.rows(
                 "SELECT scope, engaged, reason, actor, changed_at, until FROM switches ORDER BY scope != 'global', scope",
-            )?;
-            let rows = stmt.query_map([], |r| {
+                &[],
+                |r| {
                 let until: Option<i64> = r.get(5)?;
                 let engaged: bool = r.get(1)?;
                 Ok(Switch {
@@ -106,8 +109,8 @@ impl Store {
                     changed_at: Some(rfc3339(r.get(4)?)),
                     until: until.map(rfc3339),
                 })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+                },
+            )
         })
         .await
     }
@@ -165,12 +168,11 @@ impl Store {
             None => {
                 let rows = self
                     .read(|c| {
-                        let mut stmt = c.prepare_cached(
-                            "SELECT scope, actor, reason, until FROM switches WHERE engaged = 1",
-                        )?;
-                        let rows = stmt
-                            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-                        Ok(rows.collect::<Result<Vec<SwitchRow>, _>>()?)
+                        c.rows(
+                            "SELECT scope, actor, reason, until FROM switches WHERE engaged",
+                            &[],
+                            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                        )
                     })
                     .await?;
                 *self

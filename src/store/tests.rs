@@ -327,22 +327,21 @@ async fn a_new_occurrence_joins_a_queued_run_and_takes_its_data() {
 type Load = Vec<(String, i64, i64)>;
 
 /// `target_load` as the triggers keep it, and as it should be from the runs themselves.
-fn target_load(store: &Store) -> (Load, Load) {
-    let c = rusqlite::Connection::open(store.path()).unwrap();
-    let rows = |sql: &str| {
-        let mut stmt = c.prepare(sql).unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap()
-    };
-    (
-        rows("SELECT target, pending, running FROM target_load ORDER BY target"),
-        rows(
-            "SELECT target, sum(state = 'pending'), sum(state = 'running') FROM runs
-             WHERE state IN ('pending', 'running') GROUP BY target ORDER BY target",
-        ),
-    )
+async fn target_load(store: &Store) -> (Load, Load) {
+    store
+        .read(|c| {
+            let rows = |sql: &str| c.rows(sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)));
+            Ok((
+                rows("SELECT target, pending, running FROM target_load ORDER BY target")?,
+                rows(
+                    "SELECT target, count(*) FILTER (WHERE state = 'pending'),
+                       count(*) FILTER (WHERE state = 'running') FROM runs
+                     WHERE state IN ('pending', 'running') GROUP BY target ORDER BY target",
+                )?,
+            ))
+        })
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -373,7 +372,7 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one() {
         (free, "free".to_string()),
         "the free target is not held back"
     );
-    let (kept, counted) = target_load(&store);
+    let (kept, counted) = target_load(&store).await;
     assert_eq!(kept, counted);
     assert_eq!(kept, vec![("busy".into(), 49, 1), ("free".into(), 0, 1)]);
     // Nothing more while both targets are busy; the next busy run once its slot frees.
@@ -394,7 +393,7 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one() {
         .unwrap();
     let next = store.claim(1, 10).await.unwrap();
     assert_eq!(next.iter().map(|r| r.id).collect::<Vec<_>>(), vec![2]);
-    let (kept, counted) = target_load(&store);
+    let (kept, counted) = target_load(&store).await;
     assert_eq!(kept, counted, "kept consistent through claims and ends");
     assert_eq!(
         kept,
@@ -403,20 +402,23 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one() {
     );
     // Cancelling a queued run keeps the counts right too.
     store.cancel_if_pending(3).await.unwrap();
-    let (kept, counted) = target_load(&store);
+    let (kept, counted) = target_load(&store).await;
     assert_eq!(kept, counted);
 }
 
 /// Writes `n` rows of 8 KiB, each in its own commit, into a scratch table.
 async fn write_blobs(store: &Store, n: usize) {
     store
-        .write(|c| Ok(c.execute_batch("CREATE TABLE IF NOT EXISTS scratch (b BLOB)")?))
+        .write(|c| {
+            c.exec("CREATE TABLE IF NOT EXISTS scratch (b BLOB)", &[])
+                .map(drop)
+        })
         .await
         .unwrap();
     for _ in 0..n {
         store
             .write(|c| {
-                c.execute("INSERT INTO scratch (b) VALUES (zeroblob(8192))", [])?;
+                c.exec("INSERT INTO scratch (b) VALUES (zeroblob(8192))", &[])?;
                 Ok(())
             })
             .await

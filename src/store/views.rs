@@ -1,10 +1,10 @@
 //! Read views of runs for the API and the CLI.
 
+use super::db::Row;
 use super::queue::load_steps;
 use super::*;
 use crate::alert::Labels;
 use crate::time::rfc3339;
-use rusqlite::{OptionalExtension, Row, params};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -84,7 +84,7 @@ const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r
     r.target, r.triggered_by, r.retry_of
   FROM runs r JOIN alerts a ON a.id = r.alert_id";
 
-fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
+fn run_view(r: &Row) -> Result<RunView, StoreError> {
     let labels: String = r.get(14)?;
     let annotations: String = r.get(15)?;
     Ok(RunView {
@@ -97,8 +97,8 @@ fn run_view(r: &Row<'_>) -> rusqlite::Result<RunView> {
         target: r.get(16)?,
         params: parse_json(r.get(6)?),
         created_at: rfc3339(r.get(7)?),
-        started_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
-        finished_at: r.get::<_, Option<i64>>(9)?.map(rfc3339),
+        started_at: r.get::<Option<i64>>(8)?.map(rfc3339),
+        finished_at: r.get::<Option<i64>>(9)?.map(rfc3339),
         alert: AlertView {
             id: r.get(10)?,
             fingerprint: r.get(11)?,
@@ -117,22 +117,21 @@ impl Store {
     /// Lists runs, newest first.
     pub async fn list_runs(&self, f: RunFilter) -> Result<Vec<RunView>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "{RUN_SELECT} WHERE (?1 IS NULL OR r.playbook = ?1) AND (?2 IS NULL OR r.state = ?2)
-                   AND (?3 IS NULL OR r.id < ?3) AND (?5 IS NULL OR r.target = ?5)
-                 ORDER BY r.id DESC LIMIT ?4"
-            ))?;
-            let rows = stmt.query_map(
-                params![
-                    f.playbook,
-                    f.state.map(RunState::as_str),
-                    f.before,
-                    f.limit,
-                    f.target
+            c.rows(
+                &format!(
+                    "{RUN_SELECT} WHERE (?1 IS NULL OR r.playbook = ?1) AND (?2 IS NULL OR r.state = ?2)
+                       AND (?3 IS NULL OR r.id < ?3) AND (?5 IS NULL OR r.target = ?5)
+                     ORDER BY r.id DESC LIMIT ?4"
+                ),
+                &[
+                    &f.playbook,
+                    &f.state.map(RunState::as_str),
+                    &f.before,
+                    &i64::from(f.limit),
+                    &f.target,
                 ],
                 run_view,
-            )?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            )
         })
         .await
     }
@@ -140,10 +139,7 @@ impl Store {
     /// One run with its steps.
     pub async fn get_run(&self, id: i64) -> Result<Option<RunView>, StoreError> {
         self.read(move |c| {
-            let run = c
-                .prepare_cached(&format!("{RUN_SELECT} WHERE r.id = ?1"))?
-                .query_row([id], run_view)
-                .optional()?;
+            let run = c.row(&format!("{RUN_SELECT} WHERE r.id = ?1"), &[&id], run_view)?;
             let Some(mut run) = run else { return Ok(None) };
             run.steps = Some(load_steps(c, id)?);
             Ok(Some(run))
@@ -154,11 +150,11 @@ impl Store {
     /// Counts of alerts and runs (for tests and load reports).
     pub async fn counts(&self) -> Result<(i64, i64), StoreError> {
         self.read(|c| {
-            Ok(c.query_row(
+            c.one(
                 "SELECT (SELECT count(*) FROM alerts), (SELECT count(*) FROM runs)",
-                [],
+                &[],
                 |r| Ok((r.get(0)?, r.get(1)?)),
-            )?)
+            )
         })
         .await
     }

@@ -1,0 +1,368 @@
+//! The PostgreSQL backend: several replicas share one database. The store's SQL is the same
+//! as on SQLite (see [`super::db`]); what differs is here: connecting (a pool of blocking
+//! clients from the `postgres` crate, each with its prepared statements), the schema, and
+//! migrations applied under an advisory lock so that replicas starting together migrate once.
+
+use super::db::{Db, PgConn};
+use super::{Committer, Deliver, Job, StoreError, run_jobs};
+use std::cell::RefCell;
+use std::time::Duration;
+
+/// How to reach the database, from `store:` in the config.
+#[derive(Clone)]
+pub struct Settings {
+    /// The connection settings (URL plus password).
+    pub config: postgres::Config,
+    /// Connections at most.
+    pub pool_size: u32,
+    /// Giving up on a connection after this.
+    pub connect_timeout: Duration,
+    /// This replica's name.
+    pub replica: String,
+}
+
+impl Settings {
+    /// From the config's `store:` section; reads the password now.
+    pub fn from_config(store: &crate::config::StoreConfig) -> Result<Settings, StoreError> {
+        let url = store
+            .url
+            .as_deref()
+            .ok_or_else(|| StoreError::Config("store.url is not set".into()))?;
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Config(format!("store.url: {e}")))?;
+        if let Some(password) = store.password_ref().map_err(StoreError::Config)? {
+            config.password(password.read().map_err(StoreError::Config)?);
+        }
+        config
+            .connect_timeout(store.connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .tcp_user_timeout(store.statement_timeout + Duration::from_secs(5))
+            .application_name("reflex")
+            .options(&format!(
+                "-c statement_timeout={} -c lock_timeout={}",
+                store.statement_timeout.as_millis(),
+                store.statement_timeout.as_millis()
+            ));
+        Ok(Settings {
+            config,
+            pool_size: store.pool_size,
+            connect_timeout: store.connect_timeout,
+            replica: store.replica.clone().unwrap_or_else(default_replica),
+        })
+    }
+
+    /// Settings for a server on loopback (tests).
+    pub fn local(host: &str, port: u16, user: &str, dbname: &str) -> Settings {
+        let mut config = postgres::Config::new();
+        config
+            .host(host)
+            .port(port)
+            .user(user)
+            .dbname(dbname)
+            .connect_timeout(Duration::from_secs(5))
+            .options("-c statement_timeout=30000 -c lock_timeout=30000");
+        Settings {
+            config,
+            pool_size: 4,
+            connect_timeout: Duration::from_secs(5),
+            replica: default_replica(),
+        }
+    }
+}
+
+/// The host name and pid: unique among live replicas, and readable in the records.
+pub(super) fn default_replica() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "reflex".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Opens connections for the pool.
+pub(super) struct Manager {
+    config: postgres::Config,
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PgConn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<PgConn, postgres::Error> {
+        Ok(PgConn::new(self.config.connect(postgres::NoTls)?))
+    }
+
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
+        conn.client.simple_query("").map(|_| ())
+    }
+
+    fn has_broken(&self, conn: &mut PgConn) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+/// The connections of one replica; cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    pool: r2d2::Pool<Manager>,
+    describe: String,
+}
+
+impl Pool {
+    /// A connection, waiting at most the connect timeout for one.
+    pub(super) fn get(&self) -> Result<r2d2::PooledConnection<Manager>, StoreError> {
+        Ok(self.pool.get()?)
+    }
+
+    /// `host:port/dbname`, for the log (never the password).
+    pub fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+/// Connects (the first connection is made now, so a wrong URL fails the start) and applies
+/// the migrations.
+pub(super) fn connect(settings: &Settings) -> Result<Pool, StoreError> {
+    let c = &settings.config;
+    let host = match c.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    let describe = format!(
+        "postgres://{}@{host}:{port}/{}",
+        c.get_user().unwrap_or(""),
+        c.get_dbname().unwrap_or("")
+    );
+    let pool = r2d2::Pool::builder()
+        .max_size(settings.pool_size.max(2))
+        .min_idle(Some(1))
+        .connection_timeout(settings.connect_timeout)
+        // Broken connections are found by `has_broken` when they come back; checking each
+        // one out with a round trip would cost every read one.
+        .test_on_check_out(false)
+        .error_handler(Box::new(LogErrors))
+        .build(Manager { config: c.clone() })?;
+    let mut conn = pool.get()?;
+    migrate(&mut conn)?;
+    drop(conn);
+    Ok(Pool { pool, describe })
+}
+
+/// Logs the pool's connection failures (they would be silent otherwise).
+#[derive(Debug)]
+struct LogErrors;
+
+impl r2d2::HandleError<postgres::Error> for LogErrors {
+    fn handle_error(&self, error: postgres::Error) {
+        tracing::warn!(error = %error, "postgres connection failed");
+    }
+}
+
+/// The writer's side on PostgreSQL: each batch is one transaction on a pooled connection.
+pub(super) struct PgCommitter {
+    pool: Pool,
+}
+
+impl PgCommitter {
+    pub(super) fn new(pool: Pool) -> PgCommitter {
+        PgCommitter { pool }
+    }
+}
+
+impl Committer for PgCommitter {
+    fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String> {
+        let mut conn = self.pool.get().map_err(|e| e.to_string())?;
+        let db = Db::Pg(RefCell::new(&mut *conn));
+        let done = (|| {
+            db.exec("BEGIN", &[])?;
+            run_jobs(&db, batch, delivers)?;
+            db.exec("COMMIT", &[])?;
+            Ok::<_, StoreError>(())
+        })();
+        if let Err(e) = done {
+            // A broken connection is dropped by the pool; a live one is left clean.
+            let _ = db.exec("ROLLBACK", &[]);
+            return Err(e.to_string());
+        }
+        Ok(())
+    }
+}
+
+/// The advisory lock key replicas take to migrate one at a time.
+const MIGRATION_LOCK: i64 = 0x7265_666c_6578; // "reflex"
+
+/// Applies the migrations not yet applied, each in its own transaction, under a lock.
+fn migrate(conn: &mut PgConn) -> Result<(), StoreError> {
+    let client = &mut conn.client;
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS reflex_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+    )?;
+    let applied: i64 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM reflex_schema", &[])?
+        .get(0);
+    if applied > MIGRATIONS.len() as i64 {
+        return Err(StoreError::Config(format!(
+            "the database's schema is version {applied}, newer than this reflex knows ({}): \
+             run the newer reflex, or a database of this version",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        tx.batch_execute(sql)?;
+        tx.execute(
+            "INSERT INTO reflex_schema (version) VALUES ($1)",
+            &[&(i as i64 + 1)],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The schema, as SQLite's migrations leave it (`super::MIGRATIONS`), in PostgreSQL's types:
+/// `BIGINT` for every integer, `BOOLEAN` for flags, `BYTEA` for digests.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE alerts (
+  id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+  received_at BIGINT NOT NULL,
+  source TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  status TEXT NOT NULL,
+  starts_at TEXT NOT NULL,
+  ends_at TEXT,
+  labels TEXT NOT NULL,
+  annotations TEXT NOT NULL,
+  generator_url TEXT,
+  group_key TEXT,
+  received_us BIGINT
+);
+CREATE TABLE runs (
+  id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+  playbook TEXT NOT NULL,
+  alert_id BIGINT NOT NULL REFERENCES alerts(id),
+  fingerprint TEXT NOT NULL,
+  starts_at TEXT NOT NULL,
+  alert_status TEXT NOT NULL,
+  cooldown_key TEXT NOT NULL,
+  state TEXT NOT NULL,
+  reason TEXT,
+  dry_run BOOLEAN NOT NULL DEFAULT false,
+  params TEXT NOT NULL DEFAULT '{}',
+  created_at BIGINT NOT NULL,
+  started_at BIGINT,
+  finished_at BIGINT,
+  error TEXT,
+  target TEXT NOT NULL DEFAULT '',
+  deadline_ms BIGINT,
+  resolved_at BIGINT,
+  triggered_by TEXT,
+  retry_of BIGINT,
+  owner TEXT
+);
+CREATE UNIQUE INDEX runs_dedup ON runs(playbook, fingerprint, starts_at, alert_status);
+CREATE INDEX runs_created ON runs(created_at);
+CREATE INDEX runs_pending ON runs(id) WHERE state = 'pending';
+CREATE INDEX runs_running ON runs(target) WHERE state = 'running';
+CREATE INDEX runs_running_alert ON runs(fingerprint, playbook) WHERE state = 'running';
+CREATE INDEX runs_waiting ON runs(fingerprint) WHERE state = 'awaiting_approval';
+CREATE INDEX runs_cooldown ON runs(playbook, cooldown_key, created_at) WHERE cooldown_key != '';
+CREATE INDEX runs_pending_alert ON runs(fingerprint) WHERE state = 'pending';
+CREATE INDEX runs_pending_target ON runs(target, id) WHERE state = 'pending';
+CREATE INDEX runs_target ON runs(target, id);
+CREATE TABLE steps (
+  run_id BIGINT NOT NULL REFERENCES runs(id),
+  idx BIGINT NOT NULL,
+  name TEXT NOT NULL,
+  action TEXT NOT NULL,
+  args TEXT NOT NULL,
+  timeout_ms BIGINT,
+  on_failure TEXT NOT NULL,
+  state TEXT NOT NULL,
+  started_at BIGINT,
+  finished_at BIGINT,
+  output TEXT,
+  error TEXT,
+  approval TEXT,
+  phase TEXT NOT NULL DEFAULT 'main',
+  started_us BIGINT,
+  PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE audit (
+  id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+  at BIGINT NOT NULL,
+  actor TEXT NOT NULL,
+  action TEXT NOT NULL,
+  target TEXT,
+  outcome TEXT NOT NULL,
+  detail TEXT
+);
+CREATE TABLE approvals (
+  id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+  run_id BIGINT NOT NULL REFERENCES runs(id),
+  step_idx BIGINT NOT NULL,
+  scope TEXT NOT NULL,
+  state TEXT NOT NULL,
+  action TEXT NOT NULL,
+  action_hash TEXT NOT NULL,
+  required BIGINT NOT NULL,
+  allowed TEXT NOT NULL DEFAULT '[]',
+  approvals TEXT NOT NULL DEFAULT '[]',
+  created_at BIGINT NOT NULL,
+  expires_at BIGINT NOT NULL,
+  decided_at BIGINT,
+  decided_by TEXT,
+  comment TEXT,
+  UNIQUE (run_id, step_idx)
+);
+CREATE INDEX approvals_state ON approvals(state, expires_at);
+CREATE TABLE switches (
+  scope TEXT PRIMARY KEY,
+  engaged BOOLEAN NOT NULL,
+  reason TEXT,
+  actor TEXT NOT NULL,
+  changed_at BIGINT NOT NULL,
+  until BIGINT
+);
+CREATE TABLE sessions (
+  id_hash BYTEA PRIMARY KEY,
+  name TEXT NOT NULL,
+  token BYTEA NOT NULL,
+  csrf TEXT NOT NULL,
+  created_at BIGINT NOT NULL,
+  expires_at BIGINT NOT NULL
+);
+-- The queue by target, kept by a trigger as on SQLite (see its migration 7).
+CREATE TABLE target_load (
+  target TEXT PRIMARY KEY,
+  pending BIGINT NOT NULL DEFAULT 0,
+  running BIGINT NOT NULL DEFAULT 0
+);
+CREATE FUNCTION target_load_track() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'UPDATE' THEN
+    UPDATE target_load SET pending = pending - (OLD.state = 'pending')::int,
+                           running = running - (OLD.state = 'running')::int
+      WHERE target = OLD.target;
+  END IF;
+  IF NEW.state IN ('pending', 'running') THEN
+    INSERT INTO target_load AS l (target, pending, running)
+      VALUES (NEW.target, (NEW.state = 'pending')::int, (NEW.state = 'running')::int)
+      ON CONFLICT (target) DO UPDATE SET pending = l.pending + excluded.pending,
+                                         running = l.running + excluded.running;
+  END IF;
+  IF TG_OP = 'UPDATE' THEN
+    DELETE FROM target_load WHERE target = OLD.target AND pending <= 0 AND running <= 0;
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER target_load_insert AFTER INSERT ON runs FOR EACH ROW
+  WHEN (NEW.state IN ('pending', 'running')) EXECUTE FUNCTION target_load_track();
+CREATE TRIGGER target_load_update AFTER UPDATE OF state, target ON runs FOR EACH ROW
+  WHEN ((OLD.state != NEW.state OR OLD.target != NEW.target)
+        AND (OLD.state IN ('pending', 'running') OR NEW.state IN ('pending', 'running')))
+  EXECUTE FUNCTION target_load_track();
+"#];
