@@ -40,4 +40,6 @@ pub mod playbook;
 pub mod redact;
 pub mod store;
 pub mod telemetry;
+#[doc(hidden)]
+pub mod testkit;
 pub mod time;

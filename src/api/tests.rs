@@ -59,15 +59,18 @@ pub(super) struct TestApi {
     clock: Arc<crate::time::ManualClock>,
     pub(super) engine: Arc<Engine>,
     _dir: tempfile::TempDir,
+    _db: crate::store::tests::TestDb,
 }
 
 impl TestApi {
-    pub(super) fn new() -> TestApi {
-        Self::with("", "")
+    pub(super) async fn new() -> TestApi {
+        Self::with("", "").await
     }
 
     /// With extra config, and extra token lines (under `auth.tokens`).
-    fn with(extra: &str, extra_tokens: &str) -> TestApi {
+    /// The store is SQLite, or PostgreSQL when `REFLEX_TEST_STORE=postgres` (scripts/test runs
+    /// these tests both ways).
+    async fn with(extra: &str, extra_tokens: &str) -> TestApi {
         let dir = tempfile::tempdir().unwrap();
         let pb = dir.path().join("playbooks");
         std::fs::create_dir_all(&pb).unwrap();
@@ -88,8 +91,12 @@ impl TestApi {
         ))
         .unwrap();
         let clock = Arc::new(crate::time::ManualClock::new());
-        let store =
-            Store::open_with_clock(&cfg.data_dir, cfg.store.synchronous, clock.clone()).unwrap();
+        let test_db = if std::env::var("REFLEX_TEST_STORE").as_deref() == Ok("postgres") {
+            crate::store::tests::TestDb::postgres()
+        } else {
+            crate::store::tests::TestDb::Sqlite(tempfile::tempdir().unwrap())
+        };
+        let store = test_db.open_with_clock(clock.clone()).await;
         let playbooks = PlaybookSet::load(&[pb]).unwrap();
         let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
         let engine = Engine::new(
@@ -118,6 +125,7 @@ impl TestApi {
             clock,
             engine,
             _dir: dir,
+            _db: test_db,
         }
     }
 
@@ -200,7 +208,7 @@ fn alert(instance: &str) -> String {
 
 #[tokio::test]
 async fn every_route_answers_each_role_as_the_role_table_says() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     // (method, path, body, the lowest role allowed; webhook-only routes say "webhook").
     let routes: &[(Method, &str, Option<String>, &str)] = &[
         (
@@ -282,7 +290,7 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
 
 #[tokio::test]
 async fn bad_bodies_get_400_with_a_message_and_record_nothing() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let bad = [
         "{",
         "[1, 2]",
@@ -336,7 +344,7 @@ async fn bad_bodies_get_400_with_a_message_and_record_nothing() {
 
 #[tokio::test]
 async fn runs_page_newest_first_with_a_cursor() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     for i in 0..7 {
         let (status, _) = api
             .call(
@@ -382,7 +390,7 @@ async fn runs_page_newest_first_with_a_cursor() {
 
 #[tokio::test]
 async fn cross_site_and_non_json_mutations_are_refused_before_auth() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let req = |content_type: &str, origin: Option<&str>| {
         let mut r = Request::builder()
             .method(Method::PUT)
@@ -416,7 +424,7 @@ async fn cross_site_and_non_json_mutations_are_refused_before_auth() {
 
 #[tokio::test]
 async fn a_time_boxed_kill_switch_releases_itself() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let body = json!({"engaged": true, "reason": "deploy", "for": "2h"});
     let (status, answer) = api
         .call(
@@ -452,7 +460,8 @@ async fn a_token_from_a_file_works_and_protect_health_guards_the_health_routes()
             "    - {{ name: ops, role: viewer, file: {} }}\n",
             file.display()
         ),
-    );
+    )
+    .await;
     let (status, _) = api
         .call(Method::GET, "/api/v1/runs", Some("from-a-file"), None)
         .await;
@@ -471,7 +480,7 @@ async fn a_token_from_a_file_works_and_protect_health_guards_the_health_routes()
 
 #[tokio::test]
 async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let run_id = api.start_gated().await;
     assert!(
         api.store.expire_due().await.unwrap().is_empty(),
@@ -499,16 +508,19 @@ pub(super) async fn wait_state(api: &TestApi, run_id: i64, state: &str) -> Value
 
 #[tokio::test]
 async fn an_approval_covers_exactly_what_was_shown_and_nothing_changed_after() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let run_id = api.start_gated().await;
     // What the step would do changes after the request was made (here, behind the daemon's
     // back in its own database).
-    let db = rusqlite::Connection::open(&api.db).unwrap();
-    db.execute(
-        "UPDATE steps SET args = '{\"message\":\"something else\"}' WHERE run_id = ?1",
-        [run_id],
-    )
-    .unwrap();
+    api.store
+        .write(move |c| {
+            c.exec(
+                "UPDATE steps SET args = '{\"message\":\"something else\"}' WHERE run_id = ?1",
+                &[&run_id],
+            )
+        })
+        .await
+        .unwrap();
     let approvals = api.view("/api/v1/approvals?state=pending").await;
     let id = approvals[0]["id"].as_i64().unwrap();
     let (status, _) = api
@@ -534,7 +546,7 @@ async fn an_approval_covers_exactly_what_was_shown_and_nothing_changed_after() {
 
 #[tokio::test]
 async fn a_plan_failure_is_counted_by_its_reason() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let body = json!({"labels": {"alertname": "Note"}}).to_string();
     let out = api.post_alert(&body).await;
     assert_eq!(out["outcomes"][0][0]["outcome"], "failed", "{out}");
@@ -561,7 +573,7 @@ async fn a_plan_failure_is_counted_by_its_reason() {
 #[tokio::test]
 async fn a_new_occurrence_while_a_run_waits_in_the_queue_is_answered_coalesced() {
     // A gated run is not started at intake, and no dispatcher runs here: it stays queued.
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let post = |starts_at: &str| {
         json!({"labels": {"alertname": "Gated", "instance": "h1"}, "startsAt": starts_at})
             .to_string()
@@ -587,7 +599,7 @@ async fn a_new_occurrence_while_a_run_waits_in_the_queue_is_answered_coalesced()
 #[tokio::test]
 async fn a_new_run_on_a_free_target_starts_in_the_intake_commit() {
     // No dispatcher runs here: only intake can have started it.
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let before = api.store.write_counts().writes;
     let out = api.post_alert(&alert("h1")).await;
     assert_eq!(out["outcomes"][0][0]["outcome"], "created", "{out}");
@@ -607,7 +619,7 @@ async fn a_new_run_on_a_free_target_starts_in_the_intake_commit() {
 
 #[tokio::test]
 async fn a_new_run_queued_behind_an_older_one_on_its_target_is_not_started_at_intake() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     // The gated run waits in the queue of h1 (no dispatcher here to park it).
     let gated = api
         .post_alert(&json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string())
@@ -629,7 +641,7 @@ async fn a_new_run_queued_behind_an_older_one_on_its_target_is_not_started_at_in
 
 #[tokio::test]
 async fn a_run_started_at_intake_is_executed_even_if_the_sender_hangs_up() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     // The writer is held inside an earlier write, so the webhook's write waits in the queue.
     let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
     let (release, held) = std::sync::mpsc::channel::<()>();
@@ -673,7 +685,7 @@ async fn a_run_started_at_intake_is_executed_even_if_the_sender_hangs_up() {
 
 #[tokio::test]
 async fn an_operator_triggers_a_playbook_without_an_alert_and_the_run_says_who() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let body = r#"{"labels": {"instance": "h9"}, "annotations": {"summary": "by hand"}}"#;
     for role in ["viewer", "approver"] {
         let token = format!("{role}-token");
@@ -704,7 +716,7 @@ async fn an_operator_triggers_a_playbook_without_an_alert_and_the_run_says_who()
 
 #[tokio::test]
 async fn a_triggered_run_is_held_by_the_kill_switch_and_bad_labels_change_nothing() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let engage = r#"{"engaged": true, "reason": "incident review"}"#;
     let (status, _) = api
         .call(
@@ -734,7 +746,7 @@ async fn a_triggered_run_is_held_by_the_kill_switch_and_bad_labels_change_nothin
 #[tokio::test]
 async fn a_failed_run_is_retried_from_the_step_that_did_not_succeed_against_the_playbook_in_force()
 {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let out = api
         .post_alert(&json!({"labels": {"alertname": "Flaky", "instance": "h1"}}).to_string())
         .await;
@@ -806,7 +818,7 @@ async fn a_failed_run_is_retried_from_the_step_that_did_not_succeed_against_the_
 
 #[tokio::test]
 async fn a_retry_of_an_expired_gated_run_is_gated_again() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let run_id = api.start_gated().await;
     api.clock.advance(std::time::Duration::from_secs(31 * 60));
     api.store.expire_due().await.unwrap();
@@ -836,7 +848,7 @@ fn routes_in_source() -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn the_openapi_document_covers_every_route_with_the_role_it_enforces() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let (status, doc) = api
         .call(Method::GET, "/api/v1/openapi.json", None, None)
         .await;
@@ -913,7 +925,7 @@ async fn chat_api(section: &str, secret: &str) -> (TestApi, i64, i64, String, te
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("secret");
     std::fs::write(&path, secret).unwrap();
-    let api = TestApi::with(&section.replace("SECRET", &path.display().to_string()), "");
+    let api = TestApi::with(&section.replace("SECRET", &path.display().to_string()), "").await;
     let run_id = api.start_gated().await;
     let approval = api.view("/api/v1/approvals?state=pending").await[0].clone();
     assert_eq!(approval["run_id"], run_id);
@@ -1146,7 +1158,7 @@ async fn mattermost_buttons_decide_with_the_shared_secret_as_the_mapped_user() {
 async fn each_step_boundary_is_one_write() {
     // Two steps, the second failing: the intake with the first step's start, the first
     // step's result with the second's start, and the second's result with the run's end.
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let before = api.store.write_counts().writes;
     let out = api
         .post_alert(&json!({"labels": {"alertname": "Flaky", "instance": "h1"}}).to_string())
@@ -1166,7 +1178,7 @@ async fn each_step_boundary_is_one_write() {
 #[tokio::test]
 async fn a_late_resolution_of_an_earlier_occurrence_leaves_a_newer_one_alone() {
     // Gated runs wait in the queue here (no dispatcher).
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let post = |status: &str, starts_at: &str| {
         json!({"labels": {"alertname": "Gated", "instance": "h1"}, "status": status, "startsAt": starts_at})
             .to_string()

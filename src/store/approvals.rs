@@ -323,7 +323,7 @@ impl Store {
     ) -> Result<Vec<ApprovalView>, StoreError> {
         self.read(move |c| {
             c.rows(
-                &format!("{SELECT} WHERE (?1 IS NULL OR a.state = ?1) ORDER BY a.id DESC LIMIT ?2"),
+                &format!("{SELECT} WHERE (a.state = ?1 OR ?1 IS NULL) ORDER BY a.id DESC LIMIT ?2"),
                 &[&state, &i64::from(limit)],
                 view,
             )

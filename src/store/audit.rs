@@ -72,7 +72,7 @@ impl Store {
         self.read(move |c| {
             c.rows(
                 "SELECT id, at, actor, action, target, outcome, detail FROM audit
-                 WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+                 WHERE (id < ?1 OR ?1 IS NULL) ORDER BY id DESC LIMIT ?2",
                 &[&before, &i64::from(limit)],
                 |r| {
                     Ok(AuditEntry {

@@ -36,25 +36,46 @@ impl Row<'_> {
 
 /// A PostgreSQL connection and the statements prepared on it (each once per connection).
 pub struct PgConn {
-    pub(super) client: postgres::Client,
+    /// `None` only while it is dropped.
+    client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
 }
 
 impl PgConn {
     pub(super) fn new(client: postgres::Client) -> PgConn {
         PgConn {
-            client,
+            client: Some(client),
             statements: HashMap::new(),
         }
+    }
+
+    pub(super) fn client(&mut self) -> &mut postgres::Client {
+        self.client
+            .as_mut()
+            .expect("a connection has its client until dropped")
     }
 
     fn prepare(&mut self, sql: &str) -> Result<postgres::Statement, StoreError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let statement = self.client.prepare(&dollar_params(sql))?;
+        let statement = self.client().prepare(&dollar_params(sql))?;
         self.statements.insert(sql.to_string(), statement.clone());
         Ok(statement)
+    }
+}
+
+impl Drop for PgConn {
+    /// The blocking client says goodbye to the server on drop, which must not happen on an
+    /// async runtime's thread: there it goes to a thread of its own.
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let _ = std::thread::Builder::new()
+                .name("reflex-pg-close".into())
+                .spawn(move || drop(client));
+        }
     }
 }
 
@@ -101,7 +122,7 @@ impl Db<'_> {
             Db::Pg(c) => {
                 let mut c = c.borrow_mut();
                 let statement = c.prepare(sql)?;
-                Ok(c.client.execute(&statement, &pg_params(params))?)
+                Ok(c.client().execute(&statement, &pg_params(params))?)
             }
         }
     }
@@ -125,7 +146,7 @@ impl Db<'_> {
             Db::Pg(c) => {
                 let mut c = c.borrow_mut();
                 let statement = c.prepare(sql)?;
-                match c.client.query_opt(&statement, &pg_params(params))? {
+                match c.client().query_opt(&statement, &pg_params(params))? {
                     Some(r) => Ok(Some(f(&Row::Pg(&r))?)),
                     None => Ok(None),
                 }
@@ -162,7 +183,7 @@ impl Db<'_> {
             Db::Pg(c) => {
                 let mut c = c.borrow_mut();
                 let statement = c.prepare(sql)?;
-                for r in c.client.query(&statement, &pg_params(params))? {
+                for r in c.client().query(&statement, &pg_params(params))? {
                     out.push(f(&Row::Pg(&r))?);
                 }
             }

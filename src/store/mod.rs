@@ -590,23 +590,25 @@ impl Store {
         match &cfg.store.url {
             Some(_) => {
                 let settings = pg::Settings::from_config(&cfg.store)?;
-                let clock: Arc<dyn crate::time::Clock> = Arc::new(crate::time::SystemClock);
-                tokio::task::spawn_blocking(move || Self::open_pg(settings, clock))
-                    .await
-                    .map_err(|e| StoreError::Join(e.to_string()))?
+                Self::open_pg(settings, Arc::new(crate::time::SystemClock)).await
             }
             None => Self::open_with(&cfg.data_dir, cfg.store.synchronous),
         }
     }
 
-    /// Connects to PostgreSQL and migrates it (blocking: call it off the async runtime).
-    pub fn open_pg(
+    /// Connects to PostgreSQL and migrates it.
+    pub async fn open_pg(
         settings: pg::Settings,
         clock: Arc<dyn crate::time::Clock>,
     ) -> Result<Store, StoreError> {
-        let pool = pg::connect(&settings)?;
-        let committer = pg::PgCommitter::new(pool.clone());
-        Self::start(committer, Backend::Postgres(pool), settings.replica, clock)
+        // The blocking client connects off the async runtime.
+        tokio::task::spawn_blocking(move || {
+            let pool = pg::connect(&settings)?;
+            let committer = pg::PgCommitter::new(pool.clone());
+            Self::start(committer, Backend::Postgres(pool), settings.replica, clock)
+        })
+        .await
+        .map_err(|e| StoreError::Join(e.to_string()))?
     }
 
     /// Where the store is, for the log: the SQLite file, or the PostgreSQL server.
@@ -726,4 +728,4 @@ pub(super) fn parse_json(s: Option<String>) -> serde_json::Value {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

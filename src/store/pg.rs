@@ -94,11 +94,11 @@ impl r2d2::ManageConnection for Manager {
     }
 
     fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
-        conn.client.simple_query("").map(|_| ())
+        conn.client().simple_query("").map(|_| ())
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.client.is_closed()
+        conn.client().is_closed()
     }
 }
 
@@ -196,7 +196,7 @@ const MIGRATION_LOCK: i64 = 0x7265_666c_6578; // "reflex"
 
 /// Applies the migrations not yet applied, each in its own transaction, under a lock.
 fn migrate(conn: &mut PgConn) -> Result<(), StoreError> {
-    let client = &mut conn.client;
+    let client = conn.client();
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
     tx.batch_execute(

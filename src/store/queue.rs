@@ -453,7 +453,7 @@ pub(super) fn interrupt_running(
     now: i64,
 ) -> Result<Vec<i64>, StoreError> {
     let ids: Vec<i64> = c.rows(
-        "SELECT id FROM runs WHERE state = 'running' AND (?1 IS NULL OR owner = ?1) ORDER BY id",
+        "SELECT id FROM runs WHERE state = 'running' AND (owner = ?1 OR ?1 IS NULL) ORDER BY id",
         &[&owner],
         |r| r.get(0),
     )?;

@@ -1,11 +1,85 @@
-//! The store's decisions, on a real SQLite file in a temp dir: the order of the holds at
-//! intake, each breaker limit, and a cooldown that survives a reopen.
+//! The store's decisions, on both backends: a real SQLite file in a temp dir, and a fresh
+//! database on a real PostgreSQL server (see [`crate::testkit`]). The order of the holds at
+//! intake, each breaker limit, a cooldown that survives a reopen, coalescing, the queue; and
+//! what two replicas sharing one database must never do.
 
 use super::*;
 use crate::alert::{Alert, AlertStatus};
 use crate::playbook::actions::Action;
 use crate::playbook::spec::{OnFailure, Phase};
 use crate::playbook::{Plan, PlannedStep};
+
+/// Where a test's store lives: a temp dir (SQLite), or a fresh database on the PostgreSQL
+/// server this test process shares.
+pub(crate) enum TestDb {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl TestDb {
+    pub(crate) fn sqlite() -> TestDb {
+        TestDb::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    pub(crate) fn postgres() -> TestDb {
+        TestDb::Postgres(crate::testkit::PgServer::shared().fresh())
+    }
+
+    /// A new, empty one of the same backend.
+    pub(crate) fn fresh(&self) -> TestDb {
+        match self {
+            TestDb::Sqlite(_) => TestDb::sqlite(),
+            TestDb::Postgres(_) => TestDb::postgres(),
+        }
+    }
+
+    pub(crate) async fn open(&self) -> Store {
+        self.open_with_clock(std::sync::Arc::new(crate::time::SystemClock))
+            .await
+    }
+
+    pub(crate) async fn open_with_clock(
+        &self,
+        clock: std::sync::Arc<dyn crate::time::Clock>,
+    ) -> Store {
+        match self {
+            TestDb::Sqlite(dir) => {
+                Store::open_with_clock(dir.path(), crate::config::Synchronous::Full, clock).unwrap()
+            }
+            TestDb::Postgres(name) => {
+                let mut settings = crate::testkit::PgServer::shared().settings(name);
+                settings.replica = format!(
+                    "replica-{}",
+                    NEXT_REPLICA.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                Store::open_pg(settings, clock).await.unwrap()
+            }
+        }
+    }
+}
+
+static NEXT_REPLICA: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Each test, once per backend: `name::sqlite` and `name::postgres`.
+macro_rules! on_both_backends {
+    ($(async fn $name:ident($db:ident: TestDb) $body:block)+) => {$(
+        mod $name {
+            use super::*;
+
+            async fn run($db: TestDb) $body
+
+            #[tokio::test]
+            async fn sqlite() {
+                run(TestDb::sqlite()).await
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                run(TestDb::postgres()).await
+            }
+        }
+    )+};
+}
 
 fn alert(instance: &str) -> Alert {
     let labels: crate::alert::Labels = [("alertname", "X"), ("instance", instance)]
@@ -72,10 +146,9 @@ fn cause(o: &Outcome) -> Option<Hold> {
     }
 }
 
-#[tokio::test]
-async fn holds_apply_in_order_maintenance_kill_switch_cooldown_breaker() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+on_both_backends! {
+async fn holds_apply_in_order_maintenance_kill_switch_cooldown_breaker(db: TestDb) {
+    let store = db.open().await;
     let none = BreakerLimits::default();
     // A first run starts the cooldown.
     let first = intake(&store, "a", candidate("p", "t", 3_600_000, "k"), none).await;
@@ -113,8 +186,7 @@ async fn holds_apply_in_order_maintenance_kill_switch_cooldown_breaker() {
     );
 }
 
-#[tokio::test]
-async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip() {
+async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip(db: TestDb) {
     for (limit, limits) in [
         (
             Limit::Runs,
@@ -141,8 +213,7 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip() {
             },
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = db.fresh().open().await;
         let mut outcomes = Vec::new();
         for i in 0..4 {
             let target = if limit == Limit::Targets {
@@ -175,8 +246,7 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip() {
         );
     }
     // Failures: counted when runs end failed; the second one trips, and only once.
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = db.open().await;
     let limits = BreakerLimits {
         window_ms: 600_000,
         max_failures: 2,
@@ -212,11 +282,9 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip() {
     assert!(third.is_none(), "not tripped again while engaged");
 }
 
-#[tokio::test]
-async fn a_cooldown_holds_across_a_reopen_of_the_store() {
-    let dir = tempfile::tempdir().unwrap();
+async fn a_cooldown_holds_across_a_reopen_of_the_store(db: TestDb) {
     {
-        let store = Store::open(dir.path()).unwrap();
+        let store = db.open().await;
         let o = intake(
             &store,
             "a",
@@ -226,7 +294,7 @@ async fn a_cooldown_holds_across_a_reopen_of_the_store() {
         .await;
         assert!(matches!(o, Outcome::Created { .. }));
     }
-    let store = Store::open(dir.path()).unwrap();
+    let store = db.open().await;
     let o = intake(
         &store,
         "b",
@@ -237,12 +305,9 @@ async fn a_cooldown_holds_across_a_reopen_of_the_store() {
     assert_eq!(cause(&o), Some(Hold::Cooldown), "{o:?}");
 }
 
-#[tokio::test]
-async fn a_cooldown_ends_when_its_time_has_passed() {
-    let dir = tempfile::tempdir().unwrap();
+async fn a_cooldown_ends_when_its_time_has_passed(db: TestDb) {
     let clock = std::sync::Arc::new(crate::time::ManualClock::new());
-    let store = Store::open_with_clock(dir.path(), crate::config::Synchronous::Full, clock.clone())
-        .unwrap();
+    let store = db.open_with_clock(clock.clone()).await;
     let hour = 3_600_000;
     let none = BreakerLimits::default();
     let o = intake(&store, "a", candidate("p", "t", hour, "k"), none).await;
@@ -259,10 +324,8 @@ async fn a_cooldown_ends_when_its_time_has_passed() {
     assert!(matches!(o, Outcome::Created { .. }), "after it: {o:?}");
 }
 
-#[tokio::test]
-async fn a_new_occurrence_joins_a_queued_run_and_takes_its_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+async fn a_new_occurrence_joins_a_queued_run_and_takes_its_data(db: TestDb) {
+    let store = db.open().await;
     let none = BreakerLimits::default();
     let occurrence = |starts_at: &str, target: &str| {
         let mut a = alert("h1");
@@ -323,6 +386,8 @@ async fn a_new_occurrence_joins_a_queued_run_and_takes_its_data() {
     assert!(matches!(o, Outcome::Created { .. }), "{o:?}");
 }
 
+}
+
 /// A target's pending and running counts.
 type Load = Vec<(String, i64, i64)>;
 
@@ -344,10 +409,9 @@ async fn target_load(store: &Store) -> (Load, Load) {
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+on_both_backends! {
+async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one(db: TestDb) {
+    let store = db.open().await;
     let none = BreakerLimits::default();
     for i in 0..50 {
         intake(
@@ -404,6 +468,8 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one() {
     store.cancel_if_pending(3).await.unwrap();
     let (kept, counted) = target_load(&store).await;
     assert_eq!(kept, counted);
+}
+
 }
 
 /// Writes `n` rows of 8 KiB, each in its own commit, into a scratch table.

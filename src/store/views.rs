@@ -119,8 +119,8 @@ impl Store {
         self.read(move |c| {
             c.rows(
                 &format!(
-                    "{RUN_SELECT} WHERE (?1 IS NULL OR r.playbook = ?1) AND (?2 IS NULL OR r.state = ?2)
-                       AND (?3 IS NULL OR r.id < ?3) AND (?5 IS NULL OR r.target = ?5)
+                    "{RUN_SELECT} WHERE (r.playbook = ?1 OR ?1 IS NULL) AND (r.state = ?2 OR ?2 IS NULL)
+                       AND (r.id < ?3 OR ?3 IS NULL) AND (r.target = ?5 OR ?5 IS NULL)
                      ORDER BY r.id DESC LIMIT ?4"
                 ),
                 &[

@@ -125,7 +125,7 @@ async fn approval_of(api: &TestApi, run_id: i64) -> crate::store::ApprovalView {
 
 #[tokio::test]
 async fn login_gives_a_strict_http_only_session_cookie_and_the_tokens_role() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let mut b = Browser::new(&api);
     let answer = b.login("approver").await;
     assert_eq!(answer.location(), "/ui/approvals");
@@ -146,9 +146,10 @@ async fn login_gives_a_strict_http_only_session_cookie_and_the_tokens_role() {
         .find(|(k, _)| k == "reflex_session")
         .unwrap()
         .1;
-    let db = rusqlite::Connection::open(&api.db).unwrap();
-    let stored: Vec<u8> = db
-        .query_row("SELECT id_hash FROM sessions", [], |r| r.get(0))
+    let stored: Vec<u8> = api
+        .store
+        .read(|c| c.one("SELECT id_hash FROM sessions", &[], |r| r.get(0)))
+        .await
         .unwrap();
     assert_ne!(stored, cookie.as_bytes());
     assert_eq!(stored, super::session::digest(cookie).to_vec());
@@ -168,7 +169,7 @@ async fn login_gives_a_strict_http_only_session_cookie_and_the_tokens_role() {
 
 #[tokio::test]
 async fn a_page_without_a_session_sends_to_the_login_and_back() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let mut b = Browser::new(&api);
     let answer = b.get("/ui/runs?state=failed").await;
     assert_eq!(answer.status, StatusCode::SEE_OTHER);
@@ -184,7 +185,7 @@ async fn a_page_without_a_session_sends_to_the_login_and_back() {
 
 #[tokio::test]
 async fn a_bad_login_gets_no_session() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let mut b = Browser::new(&api);
     // A wrong token: 401, the form again.
     let page = b.get("/ui/login").await;
@@ -208,24 +209,25 @@ async fn a_bad_login_gets_no_session() {
         .await;
     assert_eq!(hook.status, StatusCode::FORBIDDEN);
     assert!(!b.cookies.iter().any(|(k, _)| k == "reflex_session"));
-    let db = rusqlite::Connection::open(&api.db).unwrap();
-    let sessions: i64 = db
-        .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+    let (sessions, refused): (i64, i64) = api
+        .store
+        .read(|c| {
+            c.one(
+                "SELECT (SELECT count(*) FROM sessions),
+                   (SELECT count(*) FROM audit WHERE action = 'console login' AND outcome = 'refused')",
+                &[],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
         .unwrap();
     assert_eq!(sessions, 0);
-    let refused: i64 = db
-        .query_row(
-            "SELECT count(*) FROM audit WHERE action = 'console login' AND outcome = 'refused'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
     assert_eq!(refused, 3);
 }
 
 #[tokio::test]
 async fn a_form_without_the_session_csrf_token_changes_nothing() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let run_id = api.start_gated().await;
     let approval = approval_of(&api, run_id).await;
     let mut b = Browser::new(&api);
@@ -264,7 +266,7 @@ async fn a_form_without_the_session_csrf_token_changes_nothing() {
 
 #[tokio::test]
 async fn a_viewer_sees_no_buttons_and_cannot_post() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let run_id = api.start_gated().await;
     let approval = approval_of(&api, run_id).await;
     let mut b = Browser::new(&api);
@@ -302,7 +304,7 @@ async fn a_viewer_sees_no_buttons_and_cannot_post() {
 
 #[tokio::test]
 async fn an_approver_approves_in_the_console_and_the_run_goes_on() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let run_id = api.start_gated().await;
     let approval = approval_of(&api, run_id).await;
     let mut b = Browser::new(&api);
@@ -338,7 +340,7 @@ async fn an_approver_approves_in_the_console_and_the_run_goes_on() {
 
 #[tokio::test]
 async fn alert_text_is_escaped_on_every_page() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let evil = "<script>alert(1)</script>\"'&";
     let body = json!({"labels": {"alertname": "Note", "instance": evil}, "annotations": {"summary": evil}});
     let out = api.post_alert(&body.to_string()).await;
@@ -370,7 +372,7 @@ async fn alert_text_is_escaped_on_every_page() {
 
 #[tokio::test]
 async fn the_kill_switch_is_engaged_and_released_from_the_console() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let mut b = Browser::new(&api);
     b.login("admin").await;
     let page = b.get("/ui/killswitch").await;
@@ -447,7 +449,7 @@ async fn the_kill_switch_is_engaged_and_released_from_the_console() {
 
 #[tokio::test]
 async fn logout_ends_the_session() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let mut b = Browser::new(&api);
     b.login("viewer").await;
     let old = b.cookies.clone();
@@ -462,7 +464,7 @@ async fn logout_ends_the_session() {
 
 #[tokio::test]
 async fn runs_are_filtered_and_paged() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     for i in 0..55 {
         let host = if i % 5 == 0 { "special" } else { "plain" };
         let body = json!({"labels": {"alertname": "Note", "instance": format!("{host}-{i}")}});
@@ -498,7 +500,7 @@ async fn runs_are_filtered_and_paged() {
 
 #[tokio::test]
 async fn the_run_page_streams_its_changes_until_the_run_ends() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let run_id = api.start_gated().await;
     let approval = approval_of(&api, run_id).await;
     let mut b = Browser::new(&api);
@@ -550,7 +552,7 @@ async fn the_run_page_streams_its_changes_until_the_run_ends() {
 
 #[tokio::test]
 async fn a_refused_reload_is_shown_with_its_errors_until_one_succeeds() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     let dir = api.db.parent().unwrap().parent().unwrap().join("playbooks");
     std::fs::write(dir.join("broken.yaml"), "name: broken\nsteps: nope\n").unwrap();
     let mut b = Browser::new(&api);
@@ -585,7 +587,7 @@ async fn a_refused_reload_is_shown_with_its_errors_until_one_succeeds() {
 
 #[tokio::test]
 async fn an_operator_retries_a_failed_run_from_its_page() {
-    let api = TestApi::new();
+    let api = TestApi::new().await;
     tokio::spawn(api.engine.clone().dispatch());
     let body = json!({"labels": {"alertname": "Flaky", "instance": "h1"}});
     let out = api.post_alert(&body.to_string()).await;

@@ -1,0 +1,251 @@
+//! Test support, not used by the daemon: a real PostgreSQL server (Debian's `postgresql`) on
+//! loopback, in a temp dir, run as an unprivileged user (`postgres` when the tests run as
+//! root: PostgreSQL refuses to run as root). The unit tests, the suite and the load script
+//! start it the way they start sshd.
+//!
+//! A watchdog stops the server and removes its directory when the process that started it
+//! ends, however it ends: a test binary's statics are never dropped.
+
+use crate::store::pg::Settings;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A running PostgreSQL server.
+pub struct PgServer {
+    dir: PathBuf,
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    bin: PathBuf,
+    /// Run its commands as this user (`None`: as ourselves).
+    user: Option<String>,
+    options: String,
+}
+
+/// The superuser the server is created with (trust authentication on loopback only).
+pub const SUPERUSER: &str = "reflex";
+
+/// The directory of Debian's PostgreSQL binaries (the newest installed), or the `PATH`'s.
+fn bin_dir() -> Result<PathBuf, String> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("pg_ctl").exists())
+        .collect();
+    versions.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    if let Some(dir) = versions.pop() {
+        return Ok(dir);
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v pg_ctl"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let path = String::from_utf8_lossy(&found.stdout).trim().to_string();
+    match Path::new(&path).parent() {
+        Some(dir) if !path.is_empty() => Ok(dir.to_path_buf()),
+        _ => Err("PostgreSQL not found: install Debian's postgresql (scripts/test does)".into()),
+    }
+}
+
+fn output(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(54329)
+}
+
+impl PgServer {
+    /// Creates a cluster in a new temp dir and starts it. `durable`: `fsync` on, as in
+    /// production (for measurements); off, the tests' default, it is faster and loses
+    /// nothing a test looks at (the server is never power-cut).
+    pub fn start(durable: bool) -> Result<PgServer, String> {
+        let bin = bin_dir()?;
+        let root = output(Command::new("id").arg("-u"))? == "0";
+        let user = root.then(|| "postgres".to_string());
+        let dir = std::env::temp_dir().join(format!(
+            "rx-pg-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        if let Some(user) = &user {
+            let uid: u32 = output(Command::new("id").args(["-u", user]))?
+                .parse()
+                .map_err(|_| format!("no user {user}"))?;
+            let gid: u32 = output(Command::new("id").args(["-g", user]))?
+                .parse()
+                .map_err(|_| format!("no group for {user}"))?;
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+        }
+        let port = free_port();
+        let fsync = if durable { "on" } else { "off" };
+        let options = format!(
+            "-h 127.0.0.1 -p {port} -k {sock} -c fsync={fsync} -c full_page_writes={fsync} \
+             -c max_connections=200 -c shared_buffers=64MB",
+            sock = dir.display()
+        );
+        let server = PgServer {
+            dir,
+            port,
+            bin,
+            user,
+            options,
+        };
+        output(
+            server
+                .command("initdb")
+                .args([
+                    "-A",
+                    "trust",
+                    "-U",
+                    SUPERUSER,
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "-D",
+                ])
+                .arg(server.data()),
+        )?;
+        server.watch()?;
+        server.resume()?;
+        Ok(server)
+    }
+
+    /// The server shared by this process's tests (started once; each test takes its own
+    /// database from it, see [`PgServer::fresh`]).
+    pub fn shared() -> &'static PgServer {
+        static SHARED: OnceLock<PgServer> = OnceLock::new();
+        SHARED.get_or_init(|| PgServer::start(false).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// One of the server's programs, run as its user.
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        let mut cmd = match &self.user {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        };
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Stops the server and removes its directory once this process has ended.
+    fn watch(&self) -> Result<(), String> {
+        let script = format!(
+            "while [ -e /proc/{pid} ]; do sleep 0.5; done; \
+             '{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            pg_ctl = self.bin.join("pg_ctl").display(),
+            data = self.data().display(),
+            dir = self.dir.display(),
+        );
+        let mut cmd = match &self.user {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--", "sh", "-c", &script]);
+                c
+            }
+            None => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &script]);
+                c
+            }
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(drop)
+            .map_err(|e| format!("watchdog: {e}"))
+    }
+
+    /// Starts the (stopped) server and waits until it accepts connections.
+    pub fn resume(&self) -> Result<(), String> {
+        output(
+            self.command("pg_ctl")
+                .args(["start", "-w", "-t", "60", "-D"])
+                .arg(self.data())
+                .arg("-l")
+                .arg(self.dir.join("log"))
+                .args(["-o", &self.options]),
+        )
+        .map(drop)
+    }
+
+    /// Stops the server (fast shutdown: connections are cut, nothing committed is lost).
+    pub fn stop(&self) -> Result<(), String> {
+        output(
+            self.command("pg_ctl")
+                .args(["stop", "-w", "-t", "60", "-m", "fast", "-D"])
+                .arg(self.data()),
+        )
+        .map(drop)
+    }
+
+    /// Settings for a database on this server.
+    pub fn settings(&self, dbname: &str) -> Settings {
+        Settings::local("127.0.0.1", self.port, SUPERUSER, dbname)
+    }
+
+    /// `postgres://` URL of a database on this server (for a daemon's config).
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{dbname}", self.port)
+    }
+
+    /// Creates a new, empty database; returns its name.
+    pub fn fresh(&self) -> String {
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let config = self.settings("postgres").config;
+        let sql = format!("CREATE DATABASE {name}");
+        // On a thread of its own: the blocking client must not run inside an async runtime.
+        std::thread::spawn(move || {
+            let mut admin = (config.connect(postgres::NoTls))
+                .unwrap_or_else(|e| panic!("connecting to the test server: {e}"));
+            admin
+                .batch_execute(&sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        })
+        .join()
+        .expect("creating a test database");
+        name
+    }
+
+    /// The server's log, for a failing test's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
