@@ -62,6 +62,7 @@ pub async fn run(
     engine.recover().await.context("recovering runs")?;
     let dispatcher = tasks.spawn(engine.clone().dispatch());
     let sweeper = tasks.spawn(engine.clone().sweep());
+    let lease = tasks.spawn(engine.clone().keep_lease());
     tasks.spawn(watch_playbooks(
         engine.clone(),
         cfg.playbooks_dir.clone(),
@@ -105,6 +106,7 @@ pub async fn run(
     token.cancel();
     dispatcher.await.context("engine dispatcher")?;
     sweeper.await.context("approval sweeper")?;
+    lease.await.context("lease keeper")?;
     // The engine (and so the notifier's queues) is gone with the router: the chat sinks send
     // what they still hold, then end.
     tasks.close();

@@ -605,7 +605,9 @@ impl Engine {
     }
 
     /// Marks runs cut off by a crash as interrupted; call once before [`Engine::dispatch`].
+    /// On PostgreSQL, takes this replica's lease first.
     pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
+        self.store.renew_lease().await?;
         let ids = self.store.recover().await?;
         for id in &ids {
             tracing::warn!(
@@ -615,6 +617,55 @@ impl Engine {
             self.announce_end(*id, RunState::Interrupted).await;
         }
         Ok(ids)
+    }
+
+    /// Keeps this replica's lease (PostgreSQL) until shutdown: renews it every
+    /// [`crate::store::LEASE_RENEW`], and takes over the work of replicas whose lease expired,
+    /// announcing each run that ends interrupted. Nothing to do on SQLite.
+    pub async fn keep_lease(self: Arc<Self>) {
+        if !self.store.is_shared() {
+            return;
+        }
+        let mut tick = tokio::time::interval(crate::store::LEASE_RENEW);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            match self.store.renew_lease().await {
+                Ok(true) => {}
+                Ok(false) => tracing::error!(
+                    replica = self.store.replica(),
+                    "this replica's lease had expired and its runs were taken over; it claims again from now"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot renew the lease; claiming nothing until it is renewed");
+                    continue;
+                }
+            }
+            let taken = match self.store.take_over_expired().await {
+                Ok(taken) => taken,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot take over expired replicas; retrying");
+                    continue;
+                }
+            };
+            for t in taken {
+                tracing::warn!(
+                    replica = %t.replica,
+                    interrupted = ?t.interrupted,
+                    requeued = ?t.requeued,
+                    "a replica's lease expired: its running steps are interrupted, its unstarted runs requeued"
+                );
+                for id in t.interrupted {
+                    self.announce_end(id, RunState::Interrupted).await;
+                }
+                if !t.requeued.is_empty() {
+                    self.wake.notify_one();
+                }
+            }
+        }
     }
 
     /// The dispatcher: claims pending runs, oldest first, within the concurrency limit, until
@@ -649,9 +700,17 @@ impl Engine {
                 }
                 Ok(_) => {
                     drop(permits);
+                    // Replicas wake each other (`NOTIFY`); should one be lost, they look
+                    // again sooner than a lone process does.
+                    let idle = if self.store.is_shared() {
+                        Duration::from_secs(1)
+                    } else {
+                        IDLE_POLL
+                    };
                     tokio::select! {
                         _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = self.store.woken() => {}
+                        _ = tokio::time::sleep(idle) => {}
                         _ = self.shutdown.cancelled() => break,
                     }
                 }

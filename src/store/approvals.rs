@@ -282,6 +282,8 @@ impl Store {
                     "UPDATE runs SET state = 'pending' WHERE id = ?1 AND state = 'awaiting_approval'",
                     &[&run_id],
                 )?;
+                // Any replica may execute it now.
+                c.wake();
                 Decision::Approved
             } else {
                 c.exec("UPDATE approvals SET approvals = ?2 WHERE id = ?1", &[&id, &text])?;

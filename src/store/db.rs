@@ -39,6 +39,8 @@ pub struct PgConn {
     /// `None` only while it is dropped.
     client: Option<postgres::Client>,
     statements: HashMap<String, postgres::Statement>,
+    /// A write in this transaction made work for other replicas (see [`Db::wake`]).
+    pub(super) wake: bool,
 }
 
 impl PgConn {
@@ -46,6 +48,7 @@ impl PgConn {
         PgConn {
             client: Some(client),
             statements: HashMap::new(),
+            wake: false,
         }
     }
 
@@ -111,6 +114,15 @@ impl Db<'_> {
     /// Whether this is PostgreSQL (for the few statements that differ).
     pub fn is_pg(&self) -> bool {
         matches!(self, Db::Pg(_))
+    }
+
+    /// Says that this write gives other replicas something to do: a run to claim, room on a
+    /// target, a kill switch changed. On PostgreSQL they are notified when it commits; on
+    /// SQLite there are none.
+    pub fn wake(&self) {
+        if let Db::Pg(c) = self {
+            c.borrow_mut().wake = true;
+        }
     }
 
     /// Runs a statement; returns the rows it changed.

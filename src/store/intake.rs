@@ -316,6 +316,9 @@ fn intake_one(
         ],
         |r| r.get(0),
     )?;
+    if state == RunState::Pending {
+        c.wake();
+    }
     let Some(run_id) = inserted else {
         let run_id = existing_run(c, &playbook, a)?.ok_or(StoreError::NoRow)?;
         return Ok(Outcome::Deduplicated { run_id, playbook });
@@ -529,6 +532,12 @@ impl Store {
     ) -> Result<Recorded, StoreError> {
         let now = self.now_ms();
         let owner = self.inner.replica.clone();
+        // A replica without a good lease starts nothing: it may have been taken over.
+        let start = if self.may_claim() {
+            start
+        } else {
+            StartNow::default()
+        };
         // JSON is written here, on the caller's thread, not in the one writer.
         let prepared: Vec<(IntakeItem, Json)> = items
             .into_iter()

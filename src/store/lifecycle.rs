@@ -10,13 +10,17 @@ pub(super) fn finish_run(
     now: i64,
 ) -> Result<(), StoreError> {
     c.exec(
-        "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error) WHERE id = ?1",
+        // A final state is never overwritten (a replica that lost its lease, say, cannot end
+        // a run another one already marked interrupted). An end frees room on the target.
+        "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error)
+         WHERE id = ?1 AND state IN ('pending', 'running', 'awaiting_approval')",
         &[&run_id, &state.as_str(), &now, &error],
     )?;
     c.exec(
         "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'",
         &[&run_id],
     )?;
+    c.wake();
     Ok(())
 }
 

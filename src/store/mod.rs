@@ -14,6 +14,7 @@ mod coalesce;
 mod cooldown;
 pub mod db;
 mod intake;
+mod lease;
 mod lifecycle;
 pub mod pg;
 mod queue;
@@ -28,6 +29,7 @@ pub use approvals::*;
 pub use audit::AuditEntry;
 pub use breaker::{BreakerLimits, Limit, Trip};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
+pub use lease::{LEASE_EXPIRY, LEASE_RENEW, Takeover};
 pub use queue::{ClaimedRun, StepRecord, StepRef, StepResult};
 pub use sessions::Session;
 pub use snapshot::Snapshot;
@@ -53,6 +55,9 @@ pub enum StoreError {
     /// No PostgreSQL connection could be had in time.
     #[error("postgres connection pool: {0}")]
     Pool(#[from] r2d2::Error),
+    /// The run is no longer this process's to execute (its lease was taken over, or it ended).
+    #[error("run {0} is no longer running on this replica; it acts no further")]
+    LostRun(i64),
     /// The store's configuration is unusable.
     #[error("{0}")]
     Config(String),
@@ -94,6 +99,7 @@ impl StoreError {
             StoreError::Pool(_) => "pool",
             StoreError::NoRow => "no_row",
             StoreError::Config(_) => "config",
+            StoreError::LostRun(_) => "lost_run",
             StoreError::Io(_) => "io",
             StoreError::Join(_) => "join",
             StoreError::Commit(_) => "commit",
@@ -130,10 +136,20 @@ struct Inner {
     counts: Arc<Counts>,
     /// Bumped after every write that may change a kill switch.
     switch_epoch: std::sync::atomic::AtomicU64,
-    /// The engaged switches as of an epoch.
+    /// The engaged switches as of an epoch, and when they were read.
     #[allow(clippy::type_complexity)]
-    switch_cache: Mutex<Option<(u64, Vec<(String, String, Option<String>, Option<i64>)>)>>,
+    switch_cache: Mutex<
+        Option<(
+            u64,
+            std::time::Instant,
+            Vec<(String, String, Option<String>, Option<i64>)>,
+        )>,
+    >,
     backend: Backend,
+    /// This replica's lease (PostgreSQL).
+    lease: lease::LeaseClock,
+    /// Woken when another replica made work (PostgreSQL's `NOTIFY`).
+    woken: tokio::sync::Notify,
     /// This process's name in the records (who claimed a run); on PostgreSQL, its lease.
     replica: String,
     /// What "now" is for every decision the store makes.
@@ -578,6 +594,8 @@ impl Store {
                 switch_epoch: std::sync::atomic::AtomicU64::new(0),
                 switch_cache: Mutex::new(None),
                 backend,
+                lease: lease::LeaseClock::default(),
+                woken: tokio::sync::Notify::new(),
                 replica,
                 clock,
             }),
@@ -605,7 +623,19 @@ impl Store {
         tokio::task::spawn_blocking(move || {
             let pool = pg::connect(&settings)?;
             let committer = pg::PgCommitter::new(pool.clone());
-            Self::start(committer, Backend::Postgres(pool), settings.replica, clock)
+            let store = Self::start(committer, Backend::Postgres(pool), settings.replica, clock)?;
+            let inner = Arc::downgrade(&store.inner);
+            pg::listen(settings.config, move |woke| {
+                let Some(inner) = inner.upgrade() else {
+                    return false;
+                };
+                if woke {
+                    (inner.switch_epoch).fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    inner.woken.notify_one();
+                }
+                true
+            })?;
+            Ok(store)
         })
         .await
         .map_err(|e| StoreError::Join(e.to_string()))?
@@ -617,6 +647,17 @@ impl Store {
             Backend::Sqlite { path, .. } => path.display().to_string(),
             Backend::Postgres(pool) => pool.describe(),
         }
+    }
+
+    /// Resolves when another replica has made work (a run to claim, room on a target); never
+    /// on SQLite. A wake-up that comes while nobody waits is kept for the next waiter.
+    pub async fn woken(&self) {
+        self.inner.woken.notified().await
+    }
+
+    /// This process's name in the records (and its lease on PostgreSQL).
+    pub fn replica(&self) -> &str {
+        &self.inner.replica
     }
 
     /// Whether the store is PostgreSQL (shared by replicas).

@@ -181,7 +181,7 @@ fn claim_one(
         // The oldest head among the targets with pending runs and room (`target_load`, kept by
         // triggers): per claim, one index probe per such target, whatever their backlogs. A
         // head whose playbook already runs for the same alert waits (and so its target).
-        "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1)
+        "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1), owner = ?3
          WHERE id = (
            SELECT h.head FROM (
              SELECT (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = l.target
@@ -194,7 +194,7 @@ fn claim_one(
              WHERE r.id = h.head)
            ORDER BY h.head LIMIT 1)
          RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
-        &[&now, &max],
+        &[&now, &max, &owner],
         claim_row,
     )
 }
@@ -309,6 +309,9 @@ impl Store {
         max_per_target: u32,
         limit: usize,
     ) -> Result<Vec<ClaimedRun>, StoreError> {
+        if !self.may_claim() {
+            return Ok(Vec::new());
+        }
         let now = self.now_ms();
         let owner = self.inner.replica.clone();
         let rows = self
@@ -365,14 +368,22 @@ impl Store {
         previous: Option<StepResult>,
     ) -> Result<(), StoreError> {
         let now = self.now_ms();
+        let owner = self.inner.replica.clone();
         self.write(move |c| {
             if let Some(previous) = &previous {
                 record_step(c, previous, now)?;
             }
-            c.exec(
-                "UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4 WHERE run_id = ?1 AND idx = ?2",
-                &[&run_id, &idx, &now, &crate::time::now_us()],
+            // Only while the run is still this replica's: one whose lease was taken over
+            // finds its run interrupted, and acts no further.
+            let started = c.exec(
+                "UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4
+                 WHERE run_id = ?1 AND idx = ?2
+                   AND EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND state = 'running' AND owner = ?5)",
+                &[&run_id, &idx, &now, &crate::time::now_us(), &owner],
             )?;
+            if started == 0 {
+                return Err(StoreError::LostRun(run_id));
+            }
             Ok(())
         })
         .await
@@ -440,17 +451,27 @@ impl Store {
     pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
         let now = self.now_ms();
         let owner = self.is_shared().then(|| self.inner.replica.clone());
-        self.write(move |c| interrupt_running(c, owner.as_deref(), now))
-            .await
+        self.write(move |c| {
+            interrupt_running(
+                c,
+                owner.as_deref(),
+                now,
+                "the daemon stopped while this step was running; it was not re-run",
+                "the daemon stopped during this run; check the target before re-running",
+            )
+        })
+        .await
     }
 }
 
 /// Marks the running steps of the running runs (of `owner`, or every one) `interrupted`, and
-/// their runs. Returns the runs' ids.
+/// their runs, each with why. Returns the runs' ids.
 pub(super) fn interrupt_running(
     c: &Db,
     owner: Option<&str>,
     now: i64,
+    step_error: &str,
+    run_error: &str,
 ) -> Result<Vec<i64>, StoreError> {
     let ids: Vec<i64> = c.rows(
         "SELECT id FROM runs WHERE state = 'running' AND (owner = ?1 OR ?1 IS NULL) ORDER BY id",
@@ -459,18 +480,11 @@ pub(super) fn interrupt_running(
     )?;
     for &id in &ids {
         c.exec(
-            "UPDATE steps SET state = 'interrupted', finished_at = ?2,
-               error = 'the daemon stopped while this step was running; it was not re-run'
+            "UPDATE steps SET state = 'interrupted', finished_at = ?2, error = ?3
              WHERE run_id = ?1 AND state = 'running'",
-            &[&id, &now],
+            &[&id, &now, &step_error],
         )?;
-        finish_run(
-            c,
-            id,
-            RunState::Interrupted,
-            Some("the daemon stopped during this run; check the target before re-running"),
-            now,
-        )?;
+        finish_run(c, id, RunState::Interrupted, Some(run_error), now)?;
     }
     Ok(ids)
 }

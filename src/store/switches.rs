@@ -7,6 +7,10 @@ use serde::Serialize;
 /// An engaged switch: scope, actor, reason, until.
 type SwitchRow = (String, String, Option<String>, Option<i64>);
 
+/// How long a replica on PostgreSQL answers from its copy of the switches at most, should a
+/// change's `NOTIFY` not reach it: a switch engaged on one replica holds on all within this.
+const SHARED_SWITCH_TTL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The scope name of the global switch.
 pub const GLOBAL: &str = "global";
 
@@ -82,6 +86,7 @@ fn set_in(
          ON CONFLICT (scope) DO UPDATE SET engaged = ?2, reason = ?3, actor = ?4, changed_at = ?5, until = ?6",
         &[&scope, &engaged, &reason, &actor, &now, &until],
     )?;
+    c.wake();
     let action = if engaged {
         "killswitch.engage"
     } else {
@@ -158,10 +163,14 @@ impl Store {
                 .switch_cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
+            // On PostgreSQL another replica may change a switch: its `NOTIFY` bumps the epoch,
+            // and a copy older than `SHARED_SWITCH_TTL` is read again in case it was lost.
+            let fresh =
+                |at: &std::time::Instant| !self.is_shared() || at.elapsed() < SHARED_SWITCH_TTL;
             cache
                 .as_ref()
-                .filter(|(e, _)| *e == epoch)
-                .map(|(_, rows)| rows.clone())
+                .filter(|(e, at, _)| *e == epoch && fresh(at))
+                .map(|(_, _, rows)| rows.clone())
         };
         let rows = match cached {
             Some(rows) => rows,
@@ -179,7 +188,8 @@ impl Store {
                     .inner
                     .switch_cache
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some((epoch, rows.clone()));
+                    .unwrap_or_else(|p| p.into_inner()) =
+                    Some((epoch, std::time::Instant::now(), rows.clone()));
                 rows
             }
         };

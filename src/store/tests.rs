@@ -52,7 +52,9 @@ impl TestDb {
                     "replica-{}",
                     NEXT_REPLICA.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 );
-                Store::open_pg(settings, clock).await.unwrap()
+                let store = Store::open_pg(settings, clock).await.unwrap();
+                store.renew_lease().await.unwrap();
+                store
             }
         }
     }
@@ -543,4 +545,268 @@ async fn a_clean_stop_leaves_the_database_file_complete() {
         .query_row("SELECT count(*) FROM scratch", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 10);
+}
+
+/// Two or three replicas on one PostgreSQL database, each its own [`Store`] (its own pool,
+/// writer, listener and lease), as separate processes would be.
+mod replicas {
+    use super::*;
+    use std::collections::HashSet;
+
+    async fn replicas(n: usize) -> (TestDb, Vec<Store>) {
+        let db = TestDb::postgres();
+        let mut stores = Vec::new();
+        for _ in 0..n {
+            stores.push(db.open().await);
+        }
+        (db, stores)
+    }
+
+    /// Runs executing on `target` now.
+    async fn running_on(store: &Store, target: &str) -> i64 {
+        let target = target.to_string();
+        store
+            .read(move |c| {
+                c.one(
+                    "SELECT count(*) FROM runs WHERE state = 'running' AND target = ?1",
+                    &[&target],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn two_replicas_claim_each_run_once_and_keep_the_per_target_limit() {
+        let (_db, stores) = replicas(2).await;
+        let none = BreakerLimits::default();
+        let total = 120;
+        for i in 0..total {
+            let target = format!("t{}", i % 6);
+            let o = intake(
+                &stores[i % 2],
+                &format!("h{i}"),
+                candidate("p", &target, 0, ""),
+                none,
+            )
+            .await;
+            assert!(matches!(o, Outcome::Created { .. }), "{o:?}");
+        }
+        let claimed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for store in stores.clone() {
+            let claimed = claimed.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut idle = 0;
+                while idle < 20 {
+                    let runs = store.claim(1, 4).await.unwrap();
+                    if runs.is_empty() {
+                        idle += 1;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    idle = 0;
+                    for run in runs {
+                        let now = running_on(&store, &run.target).await;
+                        assert!(now <= 1, "target {} runs {now} at once", run.target);
+                        claimed.lock().unwrap().push(run.id);
+                        store
+                            .run_finished(run.id, RunState::Succeeded, None, None, none)
+                            .await
+                            .unwrap();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let claimed = claimed.lock().unwrap().clone();
+        let distinct: HashSet<i64> = claimed.iter().copied().collect();
+        assert_eq!(distinct.len(), claimed.len(), "a run claimed twice");
+        assert_eq!(distinct.len(), total, "every run claimed");
+        let (kept, counted) = target_load(&stores[0]).await;
+        assert_eq!(kept, counted);
+        assert!(kept.is_empty(), "nothing live is left: {kept:?}");
+    }
+
+    #[tokio::test]
+    async fn the_same_occurrence_on_two_replicas_at_once_is_one_run() {
+        let (_db, stores) = replicas(2).await;
+        for round in 0..20 {
+            let instance = format!("same-{round}");
+            let none = BreakerLimits::default();
+            let (a, b) = tokio::join!(
+                intake(&stores[0], &instance, candidate("p", "t", 0, ""), none),
+                intake(&stores[1], &instance, candidate("p", "t", 0, ""), none),
+            );
+            let created = [&a, &b]
+                .iter()
+                .filter(|o| matches!(o, Outcome::Created { .. }))
+                .count();
+            assert_eq!(created, 1, "{a:?} {b:?}");
+            assert_eq!(a.run_id(), b.run_id(), "both name the one run");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cooldown_holds_across_replicas() {
+        let (_db, stores) = replicas(2).await;
+        let none = BreakerLimits::default();
+        let hour = 3_600_000;
+        let (a, b) = tokio::join!(
+            intake(&stores[0], "a", candidate("p", "t", hour, "key"), none),
+            intake(&stores[1], "b", candidate("p", "t", hour, "key"), none),
+        );
+        let held = [&a, &b]
+            .iter()
+            .filter(|o| cause(o) == Some(Hold::Cooldown))
+            .count();
+        assert_eq!(
+            held, 1,
+            "one runs, the other is in its cooldown: {a:?} {b:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kill_switch_engaged_on_one_replica_holds_on_the_others() {
+        let (_db, stores) = replicas(3).await;
+        for s in &stores {
+            assert_eq!(s.kill_reason("p").await.unwrap(), None);
+        }
+        stores[0]
+            .set_switch("global".into(), true, "stop".into(), "op".into(), None)
+            .await
+            .unwrap();
+        // Each replica answers from its copy of the switches; the change reaches them by
+        // NOTIFY, or by the copy's age at the latest.
+        for s in &stores[1..] {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while s.kill_reason("p").await.unwrap().is_none() {
+                assert!(std::time::Instant::now() < deadline, "never saw the switch");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn two_approvals_at_once_on_two_replicas_both_count() {
+        let (_db, stores) = replicas(2).await;
+        let none = BreakerLimits::default();
+        let Outcome::Created { run_id, .. } =
+            intake(&stores[0], "g", candidate("p", "t", 0, ""), none).await
+        else {
+            panic!("not created")
+        };
+        let claimed = stores[1].claim(1, 1).await.unwrap();
+        assert_eq!(claimed[0].id, run_id);
+        let gate = crate::playbook::Gate {
+            scope: crate::playbook::spec::GateScope::Run,
+            count: 2,
+            expires_ms: 3_600_000,
+            approvers: Vec::new(),
+        };
+        let id = stores[1]
+            .park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into())
+            .await
+            .unwrap();
+        let (a, b) = tokio::join!(
+            stores[0].decide(id, "ann".into(), true, None),
+            stores[1].decide(id, "bob".into(), true, None),
+        );
+        let decisions = [a.unwrap(), b.unwrap()];
+        assert!(
+            decisions.contains(&Decision::Approved)
+                && decisions.contains(&Decision::Recorded { have: 1, need: 2 }),
+            "{decisions:?}"
+        );
+        // Approved on either, claimed by whichever replica comes first.
+        let again = stores[0].claim(1, 1).await.unwrap();
+        assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), vec![run_id]);
+        assert!(again[0].resumed);
+    }
+
+    /// Makes `replica`'s lease expire now, as if it had stopped renewing ten seconds ago.
+    async fn expire_lease(store: &Store, replica: &str) {
+        let replica = replica.to_string();
+        store
+            .write(move |c| {
+                c.exec(
+                    "UPDATE replicas SET expires_at = expires_at - 60000 WHERE name = ?1",
+                    &[&replica],
+                )
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_lease_expires_is_taken_over_and_acts_no_further() {
+        let (_db, stores) = replicas(2).await;
+        let (lost, alive) = (&stores[0], &stores[1]);
+        let none = BreakerLimits::default();
+        for i in 0..2 {
+            intake(
+                lost,
+                &format!("r{i}"),
+                candidate("p", &format!("t{i}"), 0, ""),
+                none,
+            )
+            .await;
+        }
+        let runs = lost.claim(1, 2).await.unwrap();
+        assert_eq!(runs.len(), 2);
+        let (started, unstarted) = (runs[0].id, runs[1].id);
+        lost.step_started_after(started, 0, None).await.unwrap();
+        // Its lease is good: nothing to take over.
+        assert!(alive.take_over_expired().await.unwrap().is_empty());
+        expire_lease(alive, lost.replica()).await;
+        let taken = alive.take_over_expired().await.unwrap();
+        assert_eq!(
+            taken,
+            vec![Takeover {
+                replica: lost.replica().to_string(),
+                interrupted: vec![started],
+                requeued: vec![unstarted],
+            }]
+        );
+        let run = alive.get_run(started).await.unwrap().unwrap();
+        assert_eq!(run.state, "interrupted");
+        let steps = run.steps.unwrap();
+        assert_eq!(steps[0].state, StepState::Interrupted);
+        // The requeued run is executed by the replica that is alive, once.
+        let again = alive.claim(1, 2).await.unwrap();
+        assert_eq!(
+            again.iter().map(|r| r.id).collect::<Vec<_>>(),
+            vec![unstarted]
+        );
+        // The lost replica, back, cannot start the next step of a run it no longer holds,
+        // nor end it any other way than it ended.
+        let refused = lost.step_started_after(started, 1, None).await;
+        assert!(
+            matches!(refused, Err(StoreError::LostRun(id)) if id == started),
+            "{refused:?}"
+        );
+        lost.run_finished(started, RunState::Succeeded, None, None, none)
+            .await
+            .unwrap();
+        assert_eq!(
+            alive.get_run(started).await.unwrap().unwrap().state,
+            "interrupted"
+        );
+        // Nor the run the other replica now executes.
+        let refused = lost.step_started_after(unstarted, 0, None).await;
+        assert!(
+            matches!(refused, Err(StoreError::LostRun(_))),
+            "{refused:?}"
+        );
+        alive.step_started_after(unstarted, 0, None).await.unwrap();
+        // The audit log says what happened.
+        let audit = alive.audit_log(None, 10).await.unwrap();
+        assert!(
+            audit.iter().any(|a| a.action == "replica.takeover"),
+            "{audit:?}"
+        );
+    }
 }

@@ -1,0 +1,164 @@
+//! Replica leases (PostgreSQL): each replica holds a row it renews every [`LEASE_RENEW`]; a
+//! row not renewed for [`LEASE_EXPIRY`] (by the database's clock) belongs to a replica that is
+//! gone. Any other replica then takes over what it held, in one transaction: its running
+//! steps and the runs they belong to are marked `interrupted` (never re-run, as after a
+//! crash), and its runs claimed but not yet started go back to the queue.
+//!
+//! A replica claims and starts runs only while its own lease is good by its own clock, with a
+//! margin ([`LEASE_TRUSTED`]): one cut off from the database stops claiming before the others
+//! may take its runs over. On SQLite there is one process and no lease.
+
+use super::*;
+use std::time::{Duration, Instant};
+
+/// How often a replica renews its lease.
+pub const LEASE_RENEW: Duration = Duration::from_secs(2);
+/// How long a lease lasts without renewal.
+pub const LEASE_EXPIRY: Duration = Duration::from_secs(10);
+/// How long after a renewal a replica trusts its own lease (less than the expiry: the others
+/// judge by the database's clock, and the renewal took some time).
+pub const LEASE_TRUSTED: Duration = Duration::from_secs(7);
+
+/// The database's clock in ms.
+const DB_NOW: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// What a takeover did to one replica's work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    /// The replica whose lease expired.
+    pub replica: String,
+    /// Its runs that were executing a step (or between steps): now `interrupted`.
+    pub interrupted: Vec<i64>,
+    /// Its runs claimed but not started: pending again.
+    pub requeued: Vec<i64>,
+}
+
+/// When this replica's lease was last renewed (process-local).
+#[derive(Debug, Default)]
+pub(super) struct LeaseClock {
+    renewed: std::sync::Mutex<Option<Instant>>,
+}
+
+impl LeaseClock {
+    fn renewed_now(&self, at: Instant) {
+        *self.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    fn good(&self) -> bool {
+        let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
+        renewed.is_some_and(|at| at.elapsed() < LEASE_TRUSTED)
+    }
+}
+
+impl Store {
+    /// Whether this replica may claim and start runs: always on SQLite; on PostgreSQL while
+    /// its lease is good.
+    pub fn may_claim(&self) -> bool {
+        !self.is_shared() || self.inner.lease.good()
+    }
+
+    /// Renews this replica's lease (PostgreSQL; a no-op on SQLite). Returns `false` when the
+    /// lease had expired and was taken over: the replica had been cut off.
+    pub async fn renew_lease(&self) -> Result<bool, StoreError> {
+        if !self.is_shared() {
+            return Ok(true);
+        }
+        let me = self.inner.replica.clone();
+        let expiry = LEASE_EXPIRY.as_millis() as i64;
+        let asked = Instant::now();
+        // Not through the writer: a renewal must not wait behind a batch of writes.
+        let kept = self
+            .read(move |c| {
+                c.one(
+                    &format!(
+                        "WITH old AS (SELECT expires_at FROM replicas WHERE name = ?1)
+                         INSERT INTO replicas (name, started_at, renewed_at, expires_at)
+                           VALUES (?1, {DB_NOW}, {DB_NOW}, {DB_NOW} + ?2)
+                         ON CONFLICT (name) DO UPDATE SET renewed_at = excluded.renewed_at,
+                           expires_at = excluded.expires_at
+                         RETURNING (SELECT count(*) FROM old) > 0"
+                    ),
+                    &[&me, &expiry],
+                    |r| r.get::<bool>(0),
+                )
+            })
+            .await?;
+        let first = self.inner.lease.renewed_never();
+        self.inner.lease.renewed_now(asked);
+        Ok(kept || first)
+    }
+
+    /// Takes over the work of every replica whose lease has expired (PostgreSQL; nothing on
+    /// SQLite). Replicas doing this at once each take different ones.
+    pub async fn take_over_expired(&self) -> Result<Vec<Takeover>, StoreError> {
+        if !self.is_shared() {
+            return Ok(Vec::new());
+        }
+        let now = self.now_ms();
+        let taken = self
+            .write(move |c| {
+                let gone: Vec<String> = c.rows(
+                    &format!(
+                        "SELECT name FROM replicas WHERE expires_at < {DB_NOW}
+                         ORDER BY name FOR UPDATE SKIP LOCKED"
+                    ),
+                    &[],
+                    |r| r.get(0),
+                )?;
+                let mut out = Vec::new();
+                for replica in gone {
+                    let requeued = requeue_unstarted(c, &replica)?;
+                    let interrupted = super::queue::interrupt_running(
+                        c,
+                        Some(&replica),
+                        now,
+                        "the replica running this step stopped renewing its lease; it was not re-run",
+                        "the replica running it was lost; check the target before re-running",
+                    )?;
+                    c.exec("DELETE FROM replicas WHERE name = ?1", &[&replica])?;
+                    super::audit::audit_in(
+                        c,
+                        "reflex",
+                        "replica.takeover",
+                        Some(&format!("replica/{replica}")),
+                        "ok",
+                        Some(&format!(
+                            "lease expired; interrupted runs {interrupted:?}, requeued runs {requeued:?}"
+                        )),
+                    )?;
+                    out.push(Takeover {
+                        replica,
+                        interrupted,
+                        requeued,
+                    });
+                }
+                if out.iter().any(|t| !t.requeued.is_empty()) {
+                    c.wake();
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(taken)
+    }
+}
+
+impl LeaseClock {
+    fn renewed_never(&self) -> bool {
+        self.renewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+}
+
+/// A replica's runs that were claimed and had not started a step: back to the queue.
+fn requeue_unstarted(c: &Db, owner: &str) -> Result<Vec<i64>, StoreError> {
+    c.rows(
+        "UPDATE runs SET state = 'pending', owner = NULL
+         WHERE state = 'running' AND owner = ?1
+           AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.run_id = runs.id AND s.state != 'pending')
+         RETURNING id",
+        &[&owner],
+        |r| r.get(0),
+    )
+}
