@@ -83,7 +83,8 @@ pub struct StoreConfig {
     pub password_env: Option<String>,
     /// The file holding the PostgreSQL password (a mounted secret).
     pub password_file: Option<PathBuf>,
-    /// Connections to PostgreSQL at most (one of them is the writer's).
+    /// PostgreSQL connections for reads at most (the writer and the listener have one each
+    /// besides).
     pub pool_size: u32,
     /// Connecting to PostgreSQL gives up after this.
     #[serde(deserialize_with = "duration_str::deserialize")]
@@ -546,11 +547,8 @@ impl Config {
                     format!("not a PostgreSQL URL: {e}"),
                 ),
             }
-            if self.store.pool_size < 2 {
-                at(
-                    &[k("store"), k("pool_size")],
-                    "must be at least 2 (the writer holds one connection)".into(),
-                );
+            if self.store.pool_size < 1 {
+                at(&[k("store"), k("pool_size")], "must be at least 1".into());
             }
         }
         if let Err(e) = self.store.password_ref() {

@@ -140,8 +140,25 @@ impl Engine {
             self.metrics.runs.with_label_values(&[&run.playbook, state.as_str()]).inc();
             self.metrics.run_duration.with_label_values(&[&run.playbook]).observe(elapsed);
             let (last, last_event) = progress.unwritten.take().unzip();
-            // The last step's result, its audit row and the run's end: one write.
-            let tripped = match self.store.run_finished(run.id, state, error.clone(), last, self.limits).await {
+            // The last step's result, its audit row and the run's end: one write. Retried while
+            // the database is away (a PostgreSQL restart, a failover): the end of a run that
+            // acted must reach the record.
+            let write = || {
+                self.store
+                    .run_finished(run.id, state, error.clone(), last.clone(), self.limits)
+            };
+            let backoff = backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_max_times(40)
+                .with_jitter();
+            let written = backon::Retryable::retry(write, backoff)
+                .when(StoreError::is_transient)
+                .notify(|e: &StoreError, d| {
+                    tracing::warn!(error = %e, retry_in = ?d, "cannot record the end of the run yet; retrying");
+                })
+                .await;
+            let tripped = match written {
                 Ok(tripped) => {
                     tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished");
                     tripped

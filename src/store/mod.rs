@@ -91,6 +91,25 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether trying again later may succeed: the database could not be reached or the
+    /// transaction could not commit (not: a query or the data is wrong).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            // Connection lost, the server shutting down or restarting (classes 08 and 57),
+            // or a deadlock or serialization failure (40).
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || e.code().is_none_or(|c| {
+                        ["08", "57", "40"]
+                            .iter()
+                            .any(|class| c.code().starts_with(class))
+                    })
+            }
+            StoreError::Pool(_) | StoreError::Commit(_) => true,
+            _ => false,
+        }
+    }
+
     /// Bounded label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -255,7 +274,8 @@ fn writer(mut jobs: mpsc::Receiver<Job>, counts: Arc<Counts>, mut backend: impl 
         if let Some(e) = &err {
             tracing::error!(error = %e, writes = delivers.len(), "store batch failed; its writes are reported failed");
         }
-        // Jobs never reached (an error before them) are dropped: their callers see Closed.
+        // Jobs never reached (an error before them) are dropped: their callers see the batch
+        // failed.
         drop(batch);
         for deliver in delivers {
             deliver(err.clone());
@@ -622,7 +642,7 @@ impl Store {
         // The blocking client connects off the async runtime.
         tokio::task::spawn_blocking(move || {
             let pool = pg::connect(&settings)?;
-            let committer = pg::PgCommitter::new(pool.clone());
+            let committer = pg::PgCommitter::new(settings.config.clone());
             let store = Self::start(committer, Backend::Postgres(pool), settings.replica, clock)?;
             let inner = Arc::downgrade(&store.inner);
             pg::listen(settings.config, move |woke| {
@@ -717,7 +737,12 @@ impl Store {
             .send(job)
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        // No answer: the writer is gone (shutdown), or its batch failed before this write ran
+        // (the database went away at `BEGIN`, say).
+        rx.await.map_err(|_| match self.inner.jobs.is_closed() {
+            true => StoreError::Closed,
+            false => StoreError::Commit("the batch failed before this write ran".into()),
+        })?
     }
 
     /// Runs `f` on a reader connection, off the async runtime.

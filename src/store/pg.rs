@@ -137,7 +137,7 @@ pub(super) fn connect(settings: &Settings) -> Result<Pool, StoreError> {
         c.get_dbname().unwrap_or("")
     );
     let pool = r2d2::Pool::builder()
-        .max_size(settings.pool_size.max(2))
+        .max_size(settings.pool_size.max(1))
         .min_idle(Some(1))
         .connection_timeout(settings.connect_timeout)
         // Broken connections are found by `has_broken` when they come back; checking each
@@ -161,21 +161,29 @@ impl r2d2::HandleError<postgres::Error> for LogErrors {
     }
 }
 
-/// The writer's side on PostgreSQL: each batch is one transaction on a pooled connection.
+/// The writer's side on PostgreSQL: each batch is one transaction on the writer's own
+/// connection, made again when it is lost. While the server is down each batch fails at once
+/// (a refused connection), so that webhooks answer 503 without waiting.
 pub(super) struct PgCommitter {
-    pool: Pool,
+    config: postgres::Config,
+    conn: Option<PgConn>,
 }
 
 impl PgCommitter {
-    pub(super) fn new(pool: Pool) -> PgCommitter {
-        PgCommitter { pool }
+    pub(super) fn new(config: postgres::Config) -> PgCommitter {
+        PgCommitter { config, conn: None }
     }
 }
 
 impl Committer for PgCommitter {
     fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String> {
-        let mut conn = self.pool.get().map_err(|e| e.to_string())?;
-        let db = Db::Pg(RefCell::new(&mut *conn));
+        if self.conn.as_mut().is_none_or(|c| c.client().is_closed()) {
+            self.conn = None;
+            let client = (self.config.connect(postgres::NoTls)).map_err(|e| e.to_string())?;
+            self.conn = Some(PgConn::new(client));
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let db = Db::Pg(RefCell::new(conn));
         if let Db::Pg(c) = &db {
             c.borrow_mut().wake = false;
         }

@@ -131,6 +131,7 @@ pub struct StepRecord {
 
 /// The claimed row of a run; the rest is loaded off the writer.
 /// What the claiming statement returns of a run; the rest is read off the writer.
+#[derive(Clone)]
 struct ClaimRow {
     id: i64,
     playbook: String,
@@ -329,34 +330,24 @@ impl Store {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        // What the claimed runs need is read on the read connection, off the one writer.
-        self.read(move |c| {
-            rows.into_iter()
-                .map(|row| {
-                    let resumed: bool = c.one(
-                        "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
-                        &[&row.id],
-                        |r| r.get(0),
-                    )?;
-                    let (alert, received_us) = load_alert(c, row.alert_id)?;
-                    Ok(ClaimedRun {
-                        id: row.id,
-                        playbook: row.playbook,
-                        dry_run: row.dry_run,
-                        params: parse_json(row.params),
-                        alert,
-                        target: row.target,
-                        deadline_ms: row.deadline_ms,
-                        started_ms: row.started_ms,
-                        resumed,
-                        first_step_started: false,
-                        steps: load_steps(c, row.id)?,
-                        received_us,
-                    })
-                })
-                .collect()
-        })
-        .await
+        // What the claimed runs need is read on the read connection, off the one writer. The
+        // runs are claimed now: this is retried while the database is away (a restart), since
+        // a claimed run that is never loaded would wait for nobody.
+        let load = || {
+            let rows = rows.clone();
+            self.read(move |c| load_claimed(c, rows))
+        };
+        let backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_delay(std::time::Duration::from_secs(5))
+            .with_max_times(40)
+            .with_jitter();
+        backon::Retryable::retry(load, backoff)
+            .when(StoreError::is_transient)
+            .notify(|e: &StoreError, d| {
+                tracing::warn!(error = %e, retry_in = ?d, "cannot load claimed runs yet; retrying");
+            })
+            .await
     }
 
     /// Marks a step `running`, written before its action starts, with the previous step's
@@ -487,4 +478,32 @@ pub(super) fn interrupt_running(
         finish_run(c, id, RunState::Interrupted, Some(run_error), now)?;
     }
     Ok(ids)
+}
+
+/// Everything a claimed run needs to execute.
+fn load_claimed(c: &Db, rows: Vec<ClaimRow>) -> Result<Vec<ClaimedRun>, StoreError> {
+    rows.into_iter()
+        .map(|row| {
+            let resumed: bool = c.one(
+                "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
+                &[&row.id],
+                |r| r.get(0),
+            )?;
+            let (alert, received_us) = load_alert(c, row.alert_id)?;
+            Ok(ClaimedRun {
+                id: row.id,
+                playbook: row.playbook,
+                dry_run: row.dry_run,
+                params: parse_json(row.params),
+                alert,
+                target: row.target,
+                deadline_ms: row.deadline_ms,
+                started_ms: row.started_ms,
+                resumed,
+                first_step_started: false,
+                steps: load_steps(c, row.id)?,
+                received_us,
+            })
+        })
+        .collect()
 }

@@ -12,6 +12,7 @@ mod deploy;
 mod disk_cleanup_playbook;
 mod e2e_alertmanager;
 mod flags;
+mod ha;
 mod http_server;
 mod injection;
 mod intake;

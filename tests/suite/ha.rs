@@ -1,0 +1,287 @@
+//! Several replicas of the real binary on one real PostgreSQL (Debian's, started on loopback
+//! by `reflex::testkit`): webhooks spread round-robin across them, every action counted by a
+//! local receiver the steps call. Nothing is recorded twice, nothing acts twice, a replica
+//! killed with SIGKILL is taken over, and a database restart loses nothing accepted.
+
+use crate::common::TestApp;
+use crate::common::receiver::Receiver;
+use reflex::testkit::PgServer;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// One step that acts (a POST to the receiver, once per run, named by the alert), then one
+/// that waits a moment, so that a kill finds runs between their action and their end.
+const PLAYBOOK: &str = r#"
+name: act
+matchers: ['alertname="Act"']
+cooldown: 0s
+steps:
+  - name: act
+    action: http
+    with: { method: POST, url: "RECEIVER/act/{{ labels.instance }}" }
+  - name: settle
+    action: wait
+    with: { duration: 20ms }
+"#;
+
+/// A cluster: the database, the receiver, the replicas.
+struct Cluster {
+    pg: PgServer,
+    db: String,
+    receiver: Receiver,
+    replicas: Vec<TestApp>,
+    /// One client, its connections kept (a client per post costs more than the post).
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        let pg = PgServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+        let db = pg.fresh();
+        let receiver = Receiver::start().await;
+        let mut replicas = Vec::new();
+        for i in 0..n {
+            replicas.push(
+                TestApp::builder()
+                    .playbook("act.yaml", &PLAYBOOK.replace("RECEIVER", &receiver.base))
+                    .config(&format!(
+                        "store:\n  url: {}\n  replica: replica-{i}\n\
+                         engine:\n  max_concurrent_runs: 64\n  max_runs_per_target: 1\n\
+                         breaker:\n  max_runs: 0\n  max_runs_per_playbook: 0\n  max_failures: 0\n  max_targets: 0\n",
+                        pg.url(&db)
+                    ))
+                    .start()
+                    .await,
+            );
+        }
+        Cluster {
+            pg,
+            db,
+            receiver,
+            replicas,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Rows of a query on the shared database (first column as i64, second as text).
+    async fn query(&self, sql: &str) -> Vec<(i64, String)> {
+        let config = self.pg.settings(&self.db).config;
+        let sql = sql.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut c = config.connect(postgres::NoTls).unwrap();
+            c.query(sql.as_str(), &[])
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Runs by state.
+    async fn states(&self) -> HashMap<String, i64> {
+        self.query("SELECT count(*), state FROM runs GROUP BY state")
+            .await
+            .into_iter()
+            .map(|(n, s)| (s, n))
+            .collect()
+    }
+
+    /// How many times each instance was acted on.
+    fn actions(&self) -> HashMap<String, usize> {
+        let mut seen = HashMap::new();
+        for r in self.receiver.requests() {
+            if let Some(instance) = r.path.strip_prefix("/act/") {
+                *seen.entry(instance.to_string()).or_insert(0) += 1;
+            }
+        }
+        seen
+    }
+
+    /// Waits until no run is pending or running (all ended), for at most `secs`.
+    async fn settle(&self, secs: u64) -> HashMap<String, i64> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let states = self.states().await;
+            let live = ["pending", "running"]
+                .iter()
+                .map(|s| states.get(*s).copied().unwrap_or(0))
+                .sum::<i64>();
+            if live == 0 {
+                return states;
+            }
+            if Instant::now() > deadline {
+                let stuck = self
+                    .query("SELECT id, coalesce(owner, '') FROM runs WHERE state IN ('pending', 'running')")
+                    .await;
+                let warnings: String = (self.replicas.iter())
+                    .flat_map(|r| r.log().lines().map(String::from).collect::<Vec<_>>())
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .take(60)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!("runs still live after {secs}s: {states:?}: {stuck:?}\n{warnings}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn alert(i: usize) -> String {
+    json!({"labels": {"alertname": "Act", "instance": format!("h{i}")}}).to_string()
+}
+
+/// Posts alerts `range` round-robin over the replicas whose index `up` allows, 16 at a time;
+/// a refused or failed post goes to the next replica, as Alertmanager's retry through a
+/// Service would. Returns the answers' outcomes, by alert.
+async fn post_all(
+    cluster: &Cluster,
+    range: std::ops::Range<usize>,
+    up: &(dyn Fn(usize) -> bool + Sync),
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    let ids: Vec<usize> = range.collect();
+    for chunk in ids.chunks(16) {
+        let posts = chunk.iter().map(|&i| async move {
+            let mut r = i;
+            loop {
+                let n = cluster.replicas.len();
+                if up(r % n) {
+                    let app = &cluster.replicas[r % n];
+                    if let Ok((200, body)) = try_post(&cluster.http, app, &alert(i)).await {
+                        return body["outcomes"][0][0].clone();
+                    }
+                }
+                r += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        out.extend(futures_util::future::join_all(posts).await);
+    }
+    out
+}
+
+/// A webhook post that may fail (a replica being killed, the database down).
+async fn try_post(
+    http: &reqwest::Client,
+    app: &TestApp,
+    body: &str,
+) -> Result<(u16, Value), reqwest::Error> {
+    let r = http
+        .post(format!("{}/api/v1/webhooks/generic", app.base))
+        .header("content-type", "application/json")
+        .timeout(Duration::from_secs(10))
+        .body(body.to_string())
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    Ok((status, r.json().await.unwrap_or(Value::Null)))
+}
+
+#[tokio::test]
+async fn three_replicas_record_and_act_on_each_alert_exactly_once() {
+    let cluster = Cluster::start(3).await;
+    let n = 5000;
+    let outcomes = post_all(&cluster, 0..n, &|_| true).await;
+    let created = outcomes
+        .iter()
+        .filter(|o| o["outcome"] == "created")
+        .count();
+    assert_eq!(created, n, "every alert made one run");
+    let states = cluster.settle(120).await;
+    assert_eq!(states.get("succeeded"), Some(&(n as i64)), "{states:?}");
+    let alerts = cluster.query("SELECT count(*), '' FROM alerts").await;
+    assert_eq!(alerts[0].0, n as i64, "every alert recorded once");
+    let actions = cluster.actions();
+    assert_eq!(actions.len(), n, "every alert acted on");
+    let twice: Vec<_> = actions.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "acted more than once: {twice:?}");
+    // The work was spread: every replica claimed or started runs.
+    let owners = cluster
+        .query("SELECT count(*), owner FROM runs GROUP BY owner ORDER BY owner")
+        .await;
+    assert_eq!(owners.len(), 3, "{owners:?}");
+}
+
+#[tokio::test]
+async fn a_replica_killed_mid_load_is_taken_over_and_nothing_acts_twice() {
+    let mut cluster = Cluster::start(3).await;
+    let (before, after) = (1500, 1500);
+    post_all(&cluster, 0..before, &|_| true).await;
+    cluster.replicas[2].kill9();
+    let killed_at = Instant::now();
+    post_all(&cluster, before..before + after, &|r| r != 2).await;
+    let states = cluster.settle(120).await;
+    let total = (before + after) as i64;
+    let ended: i64 = states.values().sum();
+    assert_eq!(ended, total, "every accepted alert has its run: {states:?}");
+    let succeeded = states.get("succeeded").copied().unwrap_or(0);
+    let interrupted = states.get("interrupted").copied().unwrap_or(0);
+    assert_eq!(
+        succeeded + interrupted,
+        total,
+        "runs end succeeded, or interrupted on the killed replica: {states:?}"
+    );
+    // Interrupted runs are the killed replica's only, taken over within the lease expiry.
+    let takeover = cluster
+        .query("SELECT count(*), owner FROM runs WHERE state = 'interrupted' GROUP BY owner")
+        .await;
+    assert!(
+        takeover.iter().all(|(_, owner)| owner == "replica-2"),
+        "{takeover:?}"
+    );
+    let log = format!("{}{}", cluster.replicas[0].log(), cluster.replicas[1].log());
+    if interrupted > 0 {
+        assert!(log.contains("lease expired"), "a survivor took it over");
+    }
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(120),
+        "taken over while the test waited"
+    );
+    let actions = cluster.actions();
+    let twice: Vec<_> = actions.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "acted more than once: {twice:?}");
+    // Every succeeded run acted once; an interrupted one at most once.
+    assert!(
+        actions.len() as i64 >= succeeded,
+        "{} < {succeeded}",
+        actions.len()
+    );
+    assert!(actions.len() as i64 <= total);
+}
+
+#[tokio::test]
+async fn a_database_restart_answers_503_meanwhile_and_loses_nothing_accepted() {
+    let cluster = Cluster::start(2).await;
+    let accepted = post_all(&cluster, 0..300, &|_| true).await.len();
+    cluster.pg.stop().unwrap();
+    // While it is down: not ready, and webhooks answer 503 so that the sender retries.
+    let (ready, _) = cluster.replicas[0].get("/readyz").await;
+    assert_eq!(ready, 503);
+    let (status, body) = try_post(&cluster.http, &cluster.replicas[1], &alert(100_000))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    cluster.pg.resume().unwrap();
+    // Back without a restart of the daemons.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for app in &cluster.replicas {
+        while app.get("/readyz").await.0 != 200 {
+            assert!(Instant::now() < deadline, "not ready again:\n{}", app.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let more = post_all(&cluster, 300..600, &|_| true).await.len();
+    let states = cluster.settle(120).await;
+    let ended: i64 = states.values().sum();
+    assert_eq!(ended, (accepted + more) as i64, "{states:?}");
+    let actions = cluster.actions();
+    let twice: Vec<_> = actions.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "acted more than once: {twice:?}");
+    assert!(
+        !actions.contains_key("h100000"),
+        "the alert answered 503 was not recorded"
+    );
+}
