@@ -34,7 +34,7 @@ const NAMESPACED_RBAC: &str = "rbac-namespaced.yaml";
 #[test]
 fn the_namespaced_rbac_grants_the_cluster_roles_namespaced_rules_through_a_role_binding() {
     let rules = |file: &str, name: &str| -> Vec<Value> {
-        let path = repo(&format!("deploy/kubernetes/{file}"));
+        let path = repo(&format!("deploy/kubernetes/base/{file}"));
         let doc = docs(&path)
             .into_iter()
             .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
@@ -48,7 +48,7 @@ fn the_namespaced_rbac_grants_the_cluster_roles_namespaced_rules_through_a_role_
         cluster_wide.into_iter().partition(is_nodes);
     assert_eq!(rules(NAMESPACED_RBAC, "reflex-namespaced"), namespaced);
     assert_eq!(rules(NAMESPACED_RBAC, "reflex-nodes"), nodes);
-    let path = repo(&format!("deploy/kubernetes/{NAMESPACED_RBAC}"));
+    let path = repo(&format!("deploy/kubernetes/base/{NAMESPACED_RBAC}"));
     let binding = docs(&path)
         .into_iter()
         .find(|d| d["kind"] == "RoleBinding")
@@ -70,7 +70,7 @@ fn the_namespaced_rbac_grants_the_cluster_roles_namespaced_rules_through_a_role_
 
 #[test]
 fn kubernetes_manifests_parse_into_k8s_openapi_types() {
-    let dir = repo("deploy/kubernetes");
+    let dir = repo("deploy/kubernetes/base");
     let mut kinds = Vec::new();
     let mut deployment = None;
     let mut configmaps = Vec::new();
@@ -273,5 +273,87 @@ fn the_systemd_unit_is_hardened() {
         "LimitNOFILE=16384",
     ] {
         assert!(unit.lines().any(|l| l == line), "missing {line}");
+    }
+}
+
+#[test]
+fn the_ha_overlay_runs_three_spread_replicas_on_postgresql_with_a_disruption_budget() {
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let dir = repo("deploy/kubernetes/ha");
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    for needed in ["../base", "pdb.yaml", "deployment.yaml", "configmap.yaml"] {
+        assert!(
+            kustomization.contains(needed),
+            "ha/kustomization.yaml: {needed}"
+        );
+    }
+    assert!(
+        kustomization.contains("kind: PersistentVolumeClaim")
+            && kustomization.contains("$patch: delete"),
+        "no SQLite volume under three replicas"
+    );
+    let file = dir.join("deployment.yaml");
+    let d: Deployment = typed(&docs(&file)[0], &file);
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let strategy = spec.strategy.unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    let pod = spec.template.spec.unwrap();
+    let anti = pod.affinity.unwrap().pod_anti_affinity.unwrap();
+    let term = &anti
+        .preferred_during_scheduling_ignored_during_execution
+        .unwrap()[0];
+    assert_eq!(
+        term.pod_affinity_term.topology_key,
+        "kubernetes.io/hostname"
+    );
+    let volumes = pod.volumes.unwrap();
+    let secret = volumes.iter().find(|v| v.name == "postgres").unwrap();
+    assert_eq!(
+        secret.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("reflex-postgres")
+    );
+    let mount = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "postgres")
+        .unwrap()
+        .mount_path
+        .clone();
+
+    let file = dir.join("pdb.yaml");
+    let pdb: PodDisruptionBudget = typed(&docs(&file)[0], &file);
+    let pdb = pdb.spec.unwrap();
+    assert_eq!(
+        pdb.min_available,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(2))
+    );
+
+    // The config loads, names PostgreSQL, and reads the password from the mounted secret.
+    let file = dir.join("configmap.yaml");
+    let cm: ConfigMap = typed(&docs(&file)[0], &file);
+    let text = cm.data.unwrap().remove("reflex.yaml").unwrap();
+    let cfg = reflex::config::Config::parse(&text).unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(cfg.store.url.as_deref().unwrap().starts_with("postgres://"));
+    let password = cfg.store.password_file.unwrap();
+    assert!(
+        password.starts_with(&mount),
+        "{} not under {mount}",
+        password.display()
+    );
+
+    // Rendered whole when kubectl is at hand: three replicas, no volume claim.
+    if let Ok(out) = Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(&dir)
+        .output()
+        && out.status.success()
+    {
+        let rendered = String::from_utf8_lossy(&out.stdout);
+        assert!(rendered.contains("replicas: 3"), "{rendered}");
+        assert!(!rendered.contains("PersistentVolumeClaim"), "{rendered}");
+        assert!(rendered.contains("kind: PodDisruptionBudget"), "{rendered}");
     }
 }

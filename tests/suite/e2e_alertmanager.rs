@@ -25,7 +25,8 @@ async fn env(repeat: &str, am_token: &str) -> Env {
     let sshd = Sshd::start();
     let fs = TestFs::new();
     let chat = Receiver::start().await;
-    let rbac = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/rbac.yaml");
+    let rbac =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/rbac.yaml");
     let fake = FakeKube::start(Some(&rbac)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = format!(

@@ -116,7 +116,7 @@ async fn provider_errors_unknown_providers_and_hostile_keys_fail_clearly() {
 #[tokio::test]
 async fn flagd_flags_in_a_configmap_are_set_disabled() {
     let fake = FakeKube::start(Some(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/rbac.yaml"),
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/rbac.yaml"),
     ))
     .await;
     let dir = tempfile::tempdir().unwrap();

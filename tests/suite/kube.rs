@@ -29,7 +29,7 @@ struct Cluster {
 }
 
 fn rbac_manifest() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/rbac.yaml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/rbac.yaml")
 }
 
 async fn cluster_with(rbac: Option<&Path>) -> Cluster {
@@ -572,7 +572,7 @@ async fn the_rbac_role_grants_exactly_what_the_executor_uses() {
     assert_eq!(
         fake.used(),
         role,
-        "deploy/kubernetes/rbac.yaml must grant exactly what the executor uses"
+        "deploy/kubernetes/base/rbac.yaml must grant exactly what the executor uses"
     );
 }
 

@@ -34,7 +34,8 @@ fn image(d: &Deployment) -> String {
 
 #[tokio::test]
 async fn an_approved_rollback_restores_the_previous_pod_template() {
-    let rbac = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/rbac.yaml");
+    let rbac =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/rbac.yaml");
     let fake = FakeKube::start(Some(&rbac)).await;
     let dir = tempfile::tempdir().unwrap();
     let api: Api<Deployment> = Api::namespaced(admin(&fake, dir.path()).await, "shop");
