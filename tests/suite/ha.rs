@@ -37,6 +37,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
+        Self::start_with(n, PLAYBOOK).await
+    }
+
+    async fn start_with(n: usize, playbook: &str) -> Cluster {
         let pg = PgServer::start(false).unwrap_or_else(|e| panic!("{e}"));
         let db = pg.fresh();
         let receiver = Receiver::start().await;
@@ -44,7 +48,7 @@ impl Cluster {
         for i in 0..n {
             replicas.push(
                 TestApp::builder()
-                    .playbook("act.yaml", &PLAYBOOK.replace("RECEIVER", &receiver.base))
+                    .playbook("act.yaml", &playbook.replace("RECEIVER", &receiver.base))
                     .config(&format!(
                         "store:\n  url: {}\n  replica: replica-{i}\n\
                          engine:\n  max_concurrent_runs: 64\n  max_runs_per_target: 1\n\
@@ -284,4 +288,78 @@ async fn a_database_restart_answers_503_meanwhile_and_loses_nothing_accepted() {
         !actions.contains_key("h100000"),
         "the alert answered 503 was not recorded"
     );
+}
+
+/// A gated run whose second action comes after a pause.
+const GATED: &str = r#"
+name: gated
+matchers: ['alertname="Gated"']
+approval: { count: 1, expires: 30m }
+steps:
+  - name: first
+    action: http
+    with: { method: POST, url: "RECEIVER/first/{{ labels.instance }}" }
+  - name: pause
+    action: wait
+    with: { duration: 2s }
+  - name: second
+    action: http
+    with: { method: POST, url: "RECEIVER/second/{{ labels.instance }}" }
+"#;
+
+#[tokio::test]
+async fn an_approval_on_one_replica_and_a_kill_switch_on_another_hold_for_the_one_executing() {
+    let cluster = Cluster::start_with(2, GATED).await;
+    let (a, b) = (&cluster.replicas[0], &cluster.replicas[1]);
+    let (status, out) = b
+        .post_raw(
+            "/api/v1/webhooks/generic",
+            json!({"labels": {"alertname": "Gated", "instance": "g1"}}).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    // Parked by B (it took the webhook); approved on A.
+    let approval = a
+        .wait_for(20, "the approval request", || async {
+            let (_, list) = a.get("/api/v1/approvals?state=pending").await;
+            list.as_array()?.first().cloned()
+        })
+        .await;
+    assert_eq!(approval["run_id"], run_id);
+    let (status, body) = a
+        .call(
+            "POST",
+            &format!("/api/v1/approvals/{}/approve", approval["id"]),
+            None,
+            Some(json!({"comment": "go"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Whichever replica claims it acts once, then pauses; the switch is engaged on the other.
+    a.wait_for(20, "the first action", || async {
+        (!cluster.receiver.at("/first/g1").is_empty()).then_some(())
+    })
+    .await;
+    let owner = cluster
+        .query(&format!("SELECT id, owner FROM runs WHERE id = {run_id}"))
+        .await[0]
+        .1
+        .clone();
+    let other = if owner == "replica-0" { b } else { a };
+    let (status, body) = other
+        .call(
+            "PUT",
+            "/api/v1/killswitch",
+            None,
+            Some(json!({"engaged": true, "reason": "stop everything"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let run = a.wait_run_state(run_id, "killed").await;
+    assert!(
+        cluster.receiver.at("/second/g1").is_empty(),
+        "the step after the switch never ran: {run}"
+    );
+    assert_eq!(cluster.receiver.at("/first/g1").len(), 1);
 }
