@@ -1,7 +1,9 @@
 -- wrk body script: POSTs Alertmanager v4 webhooks (~1 KB, one alert each).
 -- MODE=distinct (default): every request is a new alert (unique instance and startsAt).
 -- MODE=same: every request re-delivers one alert (the dedup path).
+-- PREFIX: prepended to every alert's id, so that several wrk processes send distinct alerts.
 local mode = os.getenv("MODE") or "distinct"
+local prefix = os.getenv("PREFIX") or ""
 local counter = 0
 local next_id = 0
 
@@ -22,7 +24,7 @@ request = function()
     id = "0"
   else
     counter = counter + 1
-    id = string.format("%d-%d", thread_id or 0, counter)
+    id = string.format("%s%d-%d", prefix, thread_id or 0, counter)
   end
   return wrk.format(nil, "/api/v1/webhooks/alertmanager", nil, string.format(template, id, id, id))
 end
