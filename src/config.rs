@@ -96,6 +96,11 @@ pub struct StoreConfig {
     /// This replica's name in the shared database (leases, who claimed what). Default: the
     /// host name and the process id.
     pub replica: Option<String>,
+    /// PEM file of the certificate authorities PostgreSQL's certificate is checked against
+    /// (default: the system's). TLS is used as the URL's `sslmode` says: `disable`, `prefer`
+    /// (the default: when the server offers it) or `require`; the certificate and the host
+    /// name are always verified when it is used.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -109,6 +114,7 @@ impl Default for StoreConfig {
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
             replica: None,
+            tls_ca_file: None,
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct PgServer {
     /// Run its commands as this user (`None`: as ourselves).
     user: Option<String>,
     options: String,
+    /// With TLS only: the certificate authority that signed its certificate (PEM).
+    pub ca: Option<PathBuf>,
 }
 
 /// The superuser the server is created with (trust authentication on loopback only).
@@ -79,6 +81,12 @@ impl PgServer {
     /// production (for measurements); off, the tests' default, it is faster and loses
     /// nothing a test looks at (the server is never power-cut).
     pub fn start(durable: bool) -> Result<PgServer, String> {
+        Self::start_with(durable, false)
+    }
+
+    /// As [`PgServer::start`]; with `tls`, it accepts TLS connections only, with a certificate
+    /// for 127.0.0.1 signed by a throwaway authority ([`PgServer::ca`]).
+    pub fn start_with(durable: bool, tls: bool) -> Result<PgServer, String> {
         let bin = bin_dir()?;
         let root = output(Command::new("id").arg("-u"))? == "0";
         let user = root.then(|| "postgres".to_string());
@@ -99,17 +107,24 @@ impl PgServer {
         }
         let port = free_port();
         let fsync = if durable { "on" } else { "off" };
-        let options = format!(
+        let mut options = format!(
             "-h 127.0.0.1 -p {port} -k {sock} -c fsync={fsync} -c full_page_writes={fsync} \
              -c max_connections=200 -c shared_buffers=64MB",
             sock = dir.display()
         );
-        let server = PgServer {
+        if tls {
+            options += &format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.crt -c ssl_key_file={d}/server.key",
+                d = dir.display()
+            );
+        }
+        let mut server = PgServer {
             dir,
             port,
             bin,
             user,
             options,
+            ca: None,
         };
         output(
             server
@@ -126,9 +141,70 @@ impl PgServer {
                 ])
                 .arg(server.data()),
         )?;
+        if tls {
+            server.ca = Some(server.certificates()?);
+        }
         server.watch()?;
         server.resume()?;
         Ok(server)
+    }
+
+    /// A throwaway authority and a server certificate for 127.0.0.1 (Debian's `openssl`,
+    /// which `postgresql` depends on), and a `pg_hba.conf` that refuses connections without
+    /// TLS. Returns the authority's certificate.
+    fn certificates(&self) -> Result<PathBuf, String> {
+        let d = &self.dir;
+        let ca = certificate_authority(d, "ca")?;
+        let openssl = |args: &[&str]| output(Command::new("openssl").args(args).current_dir(d));
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])?;
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .map_err(|e| e.to_string())?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ])?;
+        if let Some(user) = &self.user {
+            output(
+                Command::new("chown")
+                    .arg(user)
+                    .arg(d.join("server.key"))
+                    .arg(d.join("server.crt")),
+            )?;
+        }
+        output(Command::new("chmod").arg("600").arg(d.join("server.key")))?;
+        std::fs::write(
+            self.data().join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(ca)
     }
 
     /// The server shared by this process's tests (started once; each test takes its own
@@ -227,7 +303,13 @@ impl PgServer {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let config = self.settings("postgres").config;
+        // Over the server's Unix socket: it is there with or without TLS.
+        let mut config = postgres::Config::new();
+        config
+            .host_path(&self.dir)
+            .port(self.port)
+            .user(SUPERUSER)
+            .dbname("postgres");
         let sql = format!("CREATE DATABASE {name}");
         // On a thread of its own: the blocking client must not run inside an async runtime.
         std::thread::spawn(move || {
@@ -249,3 +331,20 @@ impl PgServer {
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A self-signed certificate authority `name.crt` (and its key) in `dir`; its certificate.
+pub fn certificate_authority(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    output(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            ])
+            .arg(format!("/CN=reflex-test-{name}"))
+            .arg("-keyout")
+            .arg(format!("{name}.key"))
+            .arg("-out")
+            .arg(format!("{name}.crt"))
+            .current_dir(dir),
+    )?;
+    Ok(dir.join(format!("{name}.crt")))
+}

@@ -50,7 +50,7 @@ pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL failed (or could not be reached).
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", pg::describe(.0))]
     Postgres(#[from] postgres::Error),
     /// No PostgreSQL connection could be had in time.
     #[error("postgres connection pool: {0}")]
@@ -642,10 +642,10 @@ impl Store {
         // The blocking client connects off the async runtime.
         tokio::task::spawn_blocking(move || {
             let pool = pg::connect(&settings)?;
-            let committer = pg::PgCommitter::new(settings.config.clone());
+            let committer = pg::PgCommitter::new(&settings);
             let store = Self::start(committer, Backend::Postgres(pool), settings.replica, clock)?;
             let inner = Arc::downgrade(&store.inner);
-            pg::listen(settings.config, move |woke| {
+            pg::listen(settings.config, settings.connector, move |woke| {
                 let Some(inner) = inner.upgrade() else {
                     return false;
                 };

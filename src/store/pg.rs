@@ -8,11 +8,76 @@ use super::{Committer, Deliver, Job, StoreError, run_jobs};
 use std::cell::RefCell;
 use std::time::Duration;
 
+/// How connections are made: in the clear, or with TLS verified by rustls.
+#[derive(Clone)]
+pub enum Connector {
+    /// `sslmode=disable`.
+    Plain,
+    /// TLS when the server offers it (`prefer`) or always (`require`).
+    Tls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Connector {
+    /// For a URL's `sslmode`, with the certificate authorities in `ca_file` (PEM) or the
+    /// system's.
+    pub fn new(
+        mode: postgres::config::SslMode,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<Connector, StoreError> {
+        if mode == postgres::config::SslMode::Disable {
+            return Ok(Connector::Plain);
+        }
+        let bad = |what: String| StoreError::Config(format!("store TLS: {what}"));
+        let mut roots = rustls::RootCertStore::empty();
+        match ca_file {
+            Some(path) => {
+                use rustls::pki_types::{CertificateDer, pem::PemObject};
+                for cert in CertificateDer::pem_file_iter(path)
+                    .map_err(|e| bad(format!("{}: {e}", path.display())))?
+                {
+                    let cert = cert.map_err(|e| bad(format!("{}: {e}", path.display())))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| bad(format!("{}: {e}", path.display())))?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(found.certs);
+            }
+        }
+        if roots.is_empty() {
+            return Err(bad(
+                "no certificate authority to verify the server with".into()
+            ));
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Connector::Tls(
+            tokio_postgres_rustls::MakeRustlsConnect::new(config),
+        ))
+    }
+
+    /// A new connection.
+    pub fn connect(&self, config: &postgres::Config) -> Result<postgres::Client, postgres::Error> {
+        match self {
+            Connector::Plain => config.connect(postgres::NoTls),
+            Connector::Tls(tls) => config.connect(tls.clone()),
+        }
+    }
+}
+
 /// How to reach the database, from `store:` in the config.
 #[derive(Clone)]
 pub struct Settings {
     /// The connection settings (URL plus password).
     pub config: postgres::Config,
+    /// Plain or TLS.
+    pub connector: Connector,
     /// Connections at most.
     pub pool_size: u32,
     /// Giving up on a connection after this.
@@ -45,8 +110,10 @@ impl Settings {
                 store.statement_timeout.as_millis(),
                 store.statement_timeout.as_millis()
             ));
+        let connector = Connector::new(config.get_ssl_mode(), store.tls_ca_file.as_deref())?;
         Ok(Settings {
             config,
+            connector,
             pool_size: store.pool_size,
             connect_timeout: store.connect_timeout,
             replica: store.replica.clone().unwrap_or_else(default_replica),
@@ -65,6 +132,7 @@ impl Settings {
             .options("-c statement_timeout=30000 -c lock_timeout=30000");
         Settings {
             config,
+            connector: Connector::Plain,
             pool_size: 4,
             connect_timeout: Duration::from_secs(5),
             replica: default_replica(),
@@ -80,9 +148,25 @@ pub(super) fn default_replica() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// What went wrong, in full: the server's message and code, or the cause under the client's
+/// short text ("db error", "error connecting to server").
+pub fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
+    }
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    text
+}
+
 /// Opens connections for the pool.
 pub(super) struct Manager {
     config: postgres::Config,
+    connector: Connector,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -90,7 +174,7 @@ impl r2d2::ManageConnection for Manager {
     type Error = postgres::Error;
 
     fn connect(&self) -> Result<PgConn, postgres::Error> {
-        Ok(PgConn::new(self.config.connect(postgres::NoTls)?))
+        Ok(PgConn::new(self.connector.connect(&self.config)?))
     }
 
     fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
@@ -144,10 +228,14 @@ pub(super) fn connect(settings: &Settings) -> Result<Pool, StoreError> {
         // one out with a round trip would cost every read one.
         .test_on_check_out(false)
         .error_handler(Box::new(LogErrors))
-        .build(Manager { config: c.clone() })?;
-    let mut conn = pool.get()?;
-    migrate(&mut conn)?;
-    drop(conn);
+        .build_unchecked(Manager {
+            config: c.clone(),
+            connector: settings.connector.clone(),
+        });
+    // The first connection directly: a wrong address, password or certificate fails the
+    // start at once, with the server's own words.
+    let mut first = PgConn::new(settings.connector.connect(c)?);
+    migrate(&mut first)?;
     Ok(Pool { pool, describe })
 }
 
@@ -157,7 +245,7 @@ struct LogErrors;
 
 impl r2d2::HandleError<postgres::Error> for LogErrors {
     fn handle_error(&self, error: postgres::Error) {
-        tracing::warn!(error = %error, "postgres connection failed");
+        tracing::warn!(error = %describe(&error), "postgres connection failed");
     }
 }
 
@@ -166,12 +254,17 @@ impl r2d2::HandleError<postgres::Error> for LogErrors {
 /// (a refused connection), so that webhooks answer 503 without waiting.
 pub(super) struct PgCommitter {
     config: postgres::Config,
+    connector: Connector,
     conn: Option<PgConn>,
 }
 
 impl PgCommitter {
-    pub(super) fn new(config: postgres::Config) -> PgCommitter {
-        PgCommitter { config, conn: None }
+    pub(super) fn new(settings: &Settings) -> PgCommitter {
+        PgCommitter {
+            config: settings.config.clone(),
+            connector: settings.connector.clone(),
+            conn: None,
+        }
     }
 }
 
@@ -179,7 +272,7 @@ impl Committer for PgCommitter {
     fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String> {
         if self.conn.as_mut().is_none_or(|c| c.client().is_closed()) {
             self.conn = None;
-            let client = (self.config.connect(postgres::NoTls)).map_err(|e| e.to_string())?;
+            let client = (self.connector.connect(&self.config)).map_err(|e| e.to_string())?;
             self.conn = Some(PgConn::new(client));
         }
         let conn = self.conn.as_mut().expect("connected above");
@@ -214,13 +307,14 @@ impl Committer for PgCommitter {
 /// `on_wake(false)` every second otherwise. Ends when `on_wake` returns `false`.
 pub(super) fn listen(
     config: postgres::Config,
+    connector: Connector,
     mut on_wake: impl FnMut(bool) -> bool + Send + 'static,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("reflex-pg-listen".into())
         .spawn(move || {
             loop {
-                let connected = config.connect(postgres::NoTls).and_then(|mut client| {
+                let connected = connector.connect(&config).and_then(|mut client| {
                     client.batch_execute("LISTEN reflex_wake")?;
                     Ok(client)
                 });

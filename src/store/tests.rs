@@ -810,3 +810,74 @@ mod replicas {
         );
     }
 }
+
+/// TLS to PostgreSQL: verified against the configured authority, refused otherwise.
+mod tls {
+    use super::*;
+    use crate::store::pg::{Connector, Settings};
+    use postgres::config::SslMode;
+
+    async fn open(settings: Settings) -> Result<Store, StoreError> {
+        Store::open_pg(settings, std::sync::Arc::new(crate::time::SystemClock)).await
+    }
+
+    #[tokio::test]
+    async fn a_tls_only_server_is_reached_with_its_authority_and_refused_without() {
+        let server = crate::testkit::PgServer::start_with(false, true).unwrap();
+        let db = server.fresh();
+        let ca = server.ca.clone().unwrap();
+        let settings = |connector: Connector| {
+            let mut s = server.settings(&db);
+            s.connector = connector;
+            s
+        };
+
+        let good = Connector::new(SslMode::Require, Some(&ca)).unwrap();
+        let store = open(settings(good)).await.unwrap();
+        store
+            .audit("op", "tls.check", None, "ok", None)
+            .await
+            .unwrap();
+        let log = store.audit_log(None, 1).await.unwrap();
+        assert_eq!(log[0].action, "tls.check");
+
+        // In the clear: the server refuses it.
+        let plain = open(settings(Connector::Plain))
+            .await
+            .err()
+            .expect("refused");
+        assert!(plain.to_string().contains("pg_hba.conf"), "{plain}");
+
+        // Another authority: the certificate is not trusted.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = crate::testkit::certificate_authority(other_dir.path(), "other").unwrap();
+        let wrong = Connector::new(SslMode::Require, Some(&other)).unwrap();
+        let err = open(settings(wrong)).await.err().expect("untrusted");
+        let chain = format!("{err:?}");
+        assert!(
+            chain.contains("UnknownIssuer") || chain.contains("certificate"),
+            "{chain}"
+        );
+    }
+
+    #[test]
+    fn a_missing_or_empty_authority_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = Connector::new(SslMode::Require, Some(&dir.path().join("none.pem")))
+            .err()
+            .expect("missing file");
+        assert!(missing.to_string().contains("none.pem"), "{missing}");
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        let empty = Connector::new(SslMode::Require, Some(&dir.path().join("empty.pem")))
+            .err()
+            .expect("empty file");
+        assert!(
+            empty.to_string().contains("no certificate authority"),
+            "{empty}"
+        );
+        assert!(matches!(
+            Connector::new(SslMode::Disable, None),
+            Ok(Connector::Plain)
+        ));
+    }
+}
