@@ -6,7 +6,7 @@
 //! Alertmanager --POST--> api::webhooks --Alert--> engine::intake (match + when + plan)
 //!                                                     |  dedup, cooldown; persisted before 200
 //!                                                     v
-//!                         store (SQLite: alerts, runs, steps, audit)  <-- the run queue
+//!                 store (SQLite, or PostgreSQL shared by replicas)  <-- the run queue
 //!                                                     |
 //!                              engine::dispatcher --claims--> engine::run --> executors (log | script | wait)
 //! operators --> api (runs, playbooks) --> engine / store
@@ -17,7 +17,7 @@
 //! - [`playbook`]: playbook YAML -> compiled, matched and rendered playbooks (matchers, Rhai, templates).
 //! - [`engine`]: turns alerts into persisted runs and executes them, step by step.
 //! - [`executors`]: the only code that acts on the world.
-//! - [`store`]: the only module with SQL.
+//! - [`store`]: the only module with SQL; one interface over SQLite and PostgreSQL.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`notify`]: chat and webhook messages about runs; never blocks a run.
 //! - [`redact`]: keeps configured secrets out of records, logs and chat.
