@@ -48,8 +48,9 @@ pub async fn run(
     // Every task the daemon starts, so that shutdown can wait for them (within a deadline).
     let tasks = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
-    let notifier = crate::notify::Notifier::start(&cfg.notify, metrics.clone(), &tasks)
-        .map_err(anyhow::Error::msg)?;
+    let notifier =
+        crate::notify::Notifier::start(&cfg.notify, metrics.clone(), &tasks, Some(&store))
+            .map_err(anyhow::Error::msg)?;
     let engine = Engine::new(
         store.clone(),
         playbooks,

@@ -354,6 +354,7 @@ impl Notifier {
         cfg: &NotifyConfig,
         metrics: Arc<Metrics>,
         tasks: &tokio_util::task::TaskTracker,
+        store: Option<&crate::store::Store>,
     ) -> Result<Notifier, SinkError> {
         let mattermost = match &cfg.mattermost_app {
             Some(app) => Some(sinks::MattermostButtons {
@@ -374,6 +375,7 @@ impl Notifier {
                 cfg.timeout,
                 cfg.slack_app.is_some(),
                 mattermost.as_ref(),
+                store,
             )?;
             let (tx, rx) = mpsc::channel(SINK_QUEUE);
             tasks.spawn(deliver_loop(

@@ -46,6 +46,7 @@ pub fn build_sink(
     timeout: Duration,
     buttons: bool,
     mattermost: Option<&MattermostButtons>,
+    store: Option<&crate::store::Store>,
 ) -> Result<Arc<dyn Sink>, SinkError> {
     let http = crate::executors::upstream_client(Some(timeout));
     Ok(match cfg.kind {
@@ -63,6 +64,8 @@ pub fn build_sink(
                 why: "slack_bot needs a channel".into(),
             })?,
             threads: Mutex::new(HashMap::new()),
+            shared: store.cloned(),
+            name: cfg.name.clone(),
             buttons,
         }),
         kind => Arc::new(Webhook {
@@ -185,7 +188,52 @@ struct SlackBot {
     token: String,
     channel: String,
     threads: Mutex<HashMap<i64, String>>,
+    /// Where threads are recorded for every replica (and the next start); `None` in tests
+    /// without a store.
+    shared: Option<crate::store::Store>,
+    /// The sink's name (threads are kept per sink).
+    name: String,
     buttons: bool,
+}
+
+impl SlackBot {
+    /// The thread of a run's messages: known here, or recorded by another replica.
+    async fn thread(&self, run_id: i64) -> Option<String> {
+        let known = (self.threads.lock().unwrap_or_else(|p| p.into_inner()))
+            .get(&run_id)
+            .cloned();
+        if known.is_some() {
+            return known;
+        }
+        let shared = self.shared.as_ref()?;
+        match shared.chat_thread(&self.name, run_id).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, run_id, "cannot read the run's chat thread; posting outside it");
+                None
+            }
+        }
+    }
+
+    /// Keeps the thread a run's first message started (the one recorded first, when another
+    /// replica started one too).
+    async fn keep_thread(&self, run_id: i64, ts: &str) {
+        let ts = match &self.shared {
+            Some(store) => match store.set_chat_thread(&self.name, run_id, ts).await {
+                Ok(in_force) => in_force,
+                Err(e) => {
+                    tracing::warn!(error = %e, run_id, "cannot record the run's chat thread");
+                    ts.to_string()
+                }
+            },
+            None => ts.to_string(),
+        };
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if threads.len() >= MAX_THREADS {
+            threads.clear();
+        }
+        threads.insert(run_id, ts);
+    }
 }
 
 /// Where Mattermost buttons call back, and the secret they carry.
@@ -256,13 +304,10 @@ fn with_buttons(mut body: Value, event: &Event, buttons: bool) -> Value {
 impl Sink for SlackBot {
     async fn deliver(&self, event: &Event) -> Result<(), DeliveryError> {
         let run_id = event.run().map(|r| r.id);
-        let thread = run_id.and_then(|id| {
-            self.threads
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .cloned()
-        });
+        let thread = match run_id {
+            Some(id) => self.thread(id).await,
+            None => None,
+        };
         let mut body = with_buttons(
             json!({ "channel": self.channel, "text": event.text_for(Markup::Slack) }),
             event,
@@ -290,11 +335,7 @@ impl Sink for SlackBot {
             });
         }
         if let (Some(id), None, Some(ts)) = (run_id, thread, answer["ts"].as_str()) {
-            let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-            if threads.len() >= MAX_THREADS {
-                threads.clear();
-            }
-            threads.insert(id, ts.to_string());
+            self.keep_thread(id, ts).await;
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ mod sessions;
 mod snapshot;
 mod states;
 mod switches;
+mod threads;
 mod views;
 
 pub use approvals::*;
@@ -538,6 +539,15 @@ CREATE INDEX runs_target ON runs(target, id);
     // 10: which process claimed a run (on PostgreSQL, whose lease covers it).
     r#"
 ALTER TABLE runs ADD COLUMN owner TEXT;
+"#,
+    // 11: the chat thread each sink keeps a run's messages in.
+    r#"
+CREATE TABLE chat_threads (
+  sink TEXT NOT NULL,
+  run_id INTEGER NOT NULL,
+  thread TEXT NOT NULL,
+  PRIMARY KEY (sink, run_id)
+) WITHOUT ROWID;
 "#,
 ];
 

@@ -547,4 +547,13 @@ CREATE TABLE replicas (
 );
 CREATE INDEX runs_owner ON runs(owner) WHERE state = 'running';
 "#,
+    // 3: the chat thread each sink keeps a run's messages in (shared by the replicas).
+    r#"
+CREATE TABLE chat_threads (
+  sink TEXT NOT NULL,
+  run_id BIGINT NOT NULL,
+  thread TEXT NOT NULL,
+  PRIMARY KEY (sink, run_id)
+);
+"#,
 ];

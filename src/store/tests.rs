@@ -881,3 +881,21 @@ mod tls {
         ));
     }
 }
+
+on_both_backends! {
+    async fn a_chat_thread_recorded_first_is_the_one_every_replica_uses(db: TestDb) {
+        let a = db.open().await;
+        assert_eq!(a.chat_thread("bot", 7).await.unwrap(), None);
+        assert_eq!(a.set_chat_thread("bot", 7, "1000.1").await.unwrap(), "1000.1");
+        // Another replica (or, on SQLite, the daemon restarted) finds it, and cannot replace it.
+        if matches!(db, TestDb::Sqlite(_)) {
+            drop(a);
+        }
+        let b = db.open().await;
+        assert_eq!(b.chat_thread("bot", 7).await.unwrap().as_deref(), Some("1000.1"));
+        assert_eq!(b.set_chat_thread("bot", 7, "2000.2").await.unwrap(), "1000.1");
+        // Per sink and per run.
+        assert_eq!(b.chat_thread("other", 7).await.unwrap(), None);
+        assert_eq!(b.chat_thread("bot", 8).await.unwrap(), None);
+    }
+}

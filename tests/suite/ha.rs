@@ -37,10 +37,12 @@ struct Cluster {
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
-        Self::start_with(n, PLAYBOOK).await
+        Self::start_with(n, PLAYBOOK, "").await
     }
 
-    async fn start_with(n: usize, playbook: &str) -> Cluster {
+    /// With a playbook of the test's, and extra config for every replica (`RECEIVER` in
+    /// either becomes the receiver's address).
+    async fn start_with(n: usize, playbook: &str, extra: &str) -> Cluster {
         let pg = PgServer::start(false).unwrap_or_else(|e| panic!("{e}"));
         let db = pg.fresh();
         let receiver = Receiver::start().await;
@@ -52,8 +54,9 @@ impl Cluster {
                     .config(&format!(
                         "store:\n  url: {}\n  replica: replica-{i}\n\
                          engine:\n  max_concurrent_runs: 64\n  max_runs_per_target: 1\n\
-                         breaker:\n  max_runs: 0\n  max_runs_per_playbook: 0\n  max_failures: 0\n  max_targets: 0\n",
-                        pg.url(&db)
+                         breaker:\n  max_runs: 0\n  max_runs_per_playbook: 0\n  max_failures: 0\n  max_targets: 0\n{}",
+                        pg.url(&db),
+                        extra.replace("RECEIVER", &receiver.base)
                     ))
                     .start()
                     .await,
@@ -309,7 +312,10 @@ steps:
 
 #[tokio::test]
 async fn an_approval_on_one_replica_and_a_kill_switch_on_another_hold_for_the_one_executing() {
-    let cluster = Cluster::start_with(2, GATED).await;
+    // Both replicas post to one Slack channel, keeping each run in one thread.
+    let slack = "notify:\n  sinks:\n    - { name: bot, type: slack_bot, token_env: REFLEX_TEST_TOKEN, \
+                 channel: \"#ops\", api_url: \"RECEIVER/api\" }\n";
+    let cluster = Cluster::start_with(2, GATED, slack).await;
     let (a, b) = (&cluster.replicas[0], &cluster.replicas[1]);
     let (status, out) = b
         .post_raw(
@@ -362,4 +368,31 @@ async fn an_approval_on_one_replica_and_a_kill_switch_on_another_hold_for_the_on
         "the step after the switch never ran: {run}"
     );
     assert_eq!(cluster.receiver.at("/first/g1").len(), 1);
+    // The run's messages, from both replicas, are one thread: the first opens it.
+    let messages: Vec<Value> = (cluster.receiver.at("/api/chat.postMessage").into_iter())
+        .map(|m| m.body)
+        .filter(|b| {
+            b["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("run 1") || t.contains("Run 1"))
+        })
+        .collect();
+    assert!(
+        messages.len() >= 3,
+        "started, approval, killed: {messages:?}"
+    );
+    assert!(messages[0].get("thread_ts").is_none(), "{messages:?}");
+    let thread = &messages[1]["thread_ts"];
+    assert!(thread.is_string(), "{messages:?}");
+    assert!(
+        messages[1..].iter().all(|m| &m["thread_ts"] == thread),
+        "{messages:?}"
+    );
+    assert!(
+        messages.last().unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .contains("killed"),
+        "{messages:?}"
+    );
 }
