@@ -205,8 +205,8 @@ impl Simulated {
 
 /// `reflex simulate`: which playbooks match each alert, the exact steps, rendered, whether
 /// each executor would accept its step under `cfg`, the gates it would wait at, and what would
-/// hold it back now (maintenance windows; kill switches and cooldowns in the data directory's
-/// store, read without writing). Returns false when anything cannot be planned or would be
+/// hold it back now (maintenance windows; kill switches and cooldowns in the config's store,
+/// read without writing). Returns false when anything cannot be planned or would be
 /// refused.
 pub fn simulate(
     cfg: &Config,
@@ -217,7 +217,7 @@ pub fn simulate(
 ) -> std::io::Result<bool> {
     let executors = crate::executors::Executors::from_config(cfg, set.sandbox.clone());
     let windows = crate::engine::maintenance::Windows::new(&cfg.maintenance_windows);
-    let snapshot = crate::store::Snapshot::open(&cfg.data_dir).ok().flatten();
+    let snapshot = crate::store::Snapshot::open_config(cfg).ok().flatten();
     let now = crate::time::now_ms();
     let results: Vec<(&Alert, Vec<Simulated>)> = alerts
         .iter()

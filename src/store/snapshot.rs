@@ -1,6 +1,7 @@
 //! A read-only look at a daemon's store, for `reflex simulate`: which kill switches are
 //! engaged and which cooldowns are running. It takes no lock and writes nothing, so it can
-//! look while the daemon runs (SQLite's WAL lets readers in beside the one writer).
+//! look while the daemon runs (SQLite's WAL lets readers in beside the one writer; on
+//! PostgreSQL, a read-only session).
 
 use super::cooldown::cooldown_reason;
 use super::{Db, StoreError};
@@ -8,9 +9,14 @@ use crate::time::now_ms;
 use rusqlite::{Connection, OpenFlags};
 use std::path::Path;
 
-/// A read-only connection to `reflex.db`.
+/// A read-only connection to the store.
 pub struct Snapshot {
-    conn: Connection,
+    conn: Conn,
+}
+
+enum Conn {
+    Lite(Connection),
+    Pg(std::cell::RefCell<super::db::PgConn>),
 }
 
 impl Snapshot {
@@ -22,12 +28,38 @@ impl Snapshot {
         }
         let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         conn.execute_batch("PRAGMA busy_timeout=5000;")?;
-        Ok(Some(Snapshot { conn }))
+        Ok(Some(Snapshot {
+            conn: Conn::Lite(conn),
+        }))
+    }
+
+    /// The store the config names: its PostgreSQL database (`store.url`, in a read-only
+    /// session), or `reflex.db` in its data directory. Blocking: not for an async runtime.
+    pub fn open_config(cfg: &crate::config::Config) -> Result<Option<Snapshot>, StoreError> {
+        if cfg.store.url.is_none() {
+            return Self::open(&cfg.data_dir);
+        }
+        let settings = super::pg::Settings::from_config(&cfg.store)?;
+        let mut client = settings.connector.connect(&settings.config)?;
+        client.batch_execute("SET default_transaction_read_only = on")?;
+        Ok(Some(Snapshot {
+            conn: Conn::Pg(std::cell::RefCell::new(super::db::PgConn::new(client))),
+        }))
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&Db) -> R) -> R {
+        match &self.conn {
+            Conn::Lite(c) => f(&Db::Lite(c)),
+            Conn::Pg(c) => {
+                let mut conn = c.borrow_mut();
+                f(&Db::Pg(std::cell::RefCell::new(&mut conn)))
+            }
+        }
     }
 
     /// Why a run of `playbook` would be held back by a kill switch now, if it would.
     pub fn kill_reason(&self, playbook: &str) -> Result<Option<String>, StoreError> {
-        super::switches::engaged_reason(&Db::Lite(&self.conn), playbook, now_ms())
+        self.with(|c| super::switches::engaged_reason(c, playbook, now_ms()))
     }
 
     /// Why a run of `playbook` for `key` would be held back by its cooldown now, if it would.
@@ -37,6 +69,6 @@ impl Snapshot {
         key: &str,
         cooldown_ms: i64,
     ) -> Result<Option<String>, StoreError> {
-        cooldown_reason(&Db::Lite(&self.conn), playbook, key, cooldown_ms, now_ms())
+        self.with(|c| cooldown_reason(c, playbook, key, cooldown_ms, now_ms()))
     }
 }

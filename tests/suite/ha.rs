@@ -136,7 +136,7 @@ impl Cluster {
     }
 }
 
-fn alert(i: usize) -> String {
+fn alert_body(i: usize) -> String {
     json!({"labels": {"alertname": "Act", "instance": format!("h{i}")}}).to_string()
 }
 
@@ -157,7 +157,7 @@ async fn post_all(
                 let n = cluster.replicas.len();
                 if up(r % n) {
                     let app = &cluster.replicas[r % n];
-                    if let Ok((200, body)) = try_post(&cluster.http, app, &alert(i)).await {
+                    if let Ok((200, body)) = try_post(&cluster.http, app, &alert_body(i)).await {
                         return body["outcomes"][0][0].clone();
                     }
                 }
@@ -267,7 +267,7 @@ async fn a_database_restart_answers_503_meanwhile_and_loses_nothing_accepted() {
     // While it is down: not ready, and webhooks answer 503 so that the sender retries.
     let (ready, _) = cluster.replicas[0].get("/readyz").await;
     assert_eq!(ready, 503);
-    let (status, body) = try_post(&cluster.http, &cluster.replicas[1], &alert(100_000))
+    let (status, body) = try_post(&cluster.http, &cluster.replicas[1], &alert_body(100_000))
         .await
         .unwrap();
     assert_eq!(status, 503, "{body}");
@@ -394,5 +394,36 @@ async fn an_approval_on_one_replica_and_a_kill_switch_on_another_hold_for_the_on
             .unwrap()
             .contains("killed"),
         "{messages:?}"
+    );
+}
+
+#[tokio::test]
+async fn simulate_reads_the_kill_switch_from_the_shared_database() {
+    let cluster = Cluster::start(1).await;
+    let app = &cluster.replicas[0];
+    let (status, body) = app
+        .call(
+            "PUT",
+            "/api/v1/killswitch",
+            None,
+            Some(json!({"engaged": true, "reason": "incident 9"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let alert = app.dir.path().join("alert.json");
+    std::fs::write(&alert, alert_body(1)).unwrap();
+    let (code, out) = crate::common::reflex_cli(
+        &[
+            "simulate",
+            "--config",
+            app.config_path().to_str().unwrap(),
+            "--alert",
+            alert.to_str().unwrap(),
+        ],
+        app.dir.path(),
+    );
+    assert!(
+        out.contains("HELD NOW: kill switch (global) engaged by anonymous: incident 9"),
+        "{code}: {out}"
     );
 }
