@@ -16,7 +16,7 @@ pub struct Snapshot {
 
 enum Conn {
     Lite(Connection),
-    Pg(std::cell::RefCell<super::db::PgConn>),
+    Pg(Box<std::cell::RefCell<super::db::PgConn>>),
 }
 
 impl Snapshot {
@@ -43,7 +43,9 @@ impl Snapshot {
         let mut client = settings.connector.connect(&settings.config)?;
         client.batch_execute("SET default_transaction_read_only = on")?;
         Ok(Some(Snapshot {
-            conn: Conn::Pg(std::cell::RefCell::new(super::db::PgConn::new(client))),
+            conn: Conn::Pg(Box::new(std::cell::RefCell::new(super::db::PgConn::new(
+                client,
+            )))),
         }))
     }
 
