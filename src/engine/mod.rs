@@ -37,6 +37,10 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Runs claimed in one write at most.
 const MAX_CLAIM: usize = 64;
 
+/// Every this many lease renewals (2 s each), a replica on PostgreSQL looks for runs it holds
+/// in the database but does not execute.
+const ORPHAN_EVERY: u64 = 15;
+
 /// How often pending approvals are checked for expiry.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -628,10 +632,16 @@ impl Engine {
         }
         let mut tick = tokio::time::interval(crate::store::LEASE_RENEW);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        // Runs the database says this replica executes but its engine does not, as of the
+        // previous look: one seen so twice in a row was lost track of.
+        let mut unclaimed: Vec<i64> = Vec::new();
+        for round in 0u64.. {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.shutdown.cancelled() => return,
+            }
+            if round % ORPHAN_EVERY == ORPHAN_EVERY - 1 {
+                unclaimed = self.release_orphans(unclaimed).await;
             }
             match self.store.renew_lease().await {
                 Ok(true) => {}
@@ -666,6 +676,48 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Compares the runs the database says this replica executes with the runs it does;
+    /// releases those missing now and at the previous look (`seen`). Returns those missing now.
+    async fn release_orphans(&self, seen: Vec<i64>) -> Vec<i64> {
+        let owned = match self.store.owned_running().await {
+            Ok(owned) => owned,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list this replica's runs");
+                return seen;
+            }
+        };
+        let missing: Vec<i64> = {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            owned
+                .into_iter()
+                .filter(|id| !running.contains_key(id))
+                .collect()
+        };
+        let lost: Vec<i64> = missing
+            .iter()
+            .copied()
+            .filter(|id| seen.contains(id))
+            .collect();
+        if lost.is_empty() {
+            return missing;
+        }
+        match self.store.release_orphans(lost).await {
+            Ok(t) => {
+                tracing::warn!(
+                    interrupted = ?t.interrupted,
+                    requeued = ?t.requeued,
+                    "runs this replica had lost track of: released"
+                );
+                for id in t.interrupted {
+                    self.announce_end(id, RunState::Interrupted).await;
+                }
+                self.wake.notify_one();
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot release runs this replica lost track of"),
+        }
+        Vec::new()
     }
 
     /// The dispatcher: claims pending runs, oldest first, within the concurrency limit, until

@@ -142,6 +142,75 @@ impl Store {
     }
 }
 
+impl Store {
+    /// This replica's runs that the database says are running (the engine compares them
+    /// with the runs it executes, to find any it lost track of).
+    pub async fn owned_running(&self) -> Result<Vec<i64>, StoreError> {
+        let me = self.inner.replica.clone();
+        self.read(move |c| {
+            c.rows(
+                "SELECT id FROM runs WHERE state = 'running' AND owner = ?1 ORDER BY id",
+                &[&me],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    /// Ends this replica's hold on runs its engine does not execute (their claim or start
+    /// committed while the answer was lost with the connection): each goes back to the queue
+    /// if no step of it started, else ends `interrupted`, as in a takeover.
+    pub async fn release_orphans(&self, ids: Vec<i64>) -> Result<Takeover, StoreError> {
+        let me = self.inner.replica.clone();
+        let now = self.now_ms();
+        self.write(move |c| {
+            let mut out = Takeover {
+                replica: me.clone(),
+                interrupted: Vec::new(),
+                requeued: Vec::new(),
+            };
+            for id in ids {
+                let requeued = c.exec(
+                    "UPDATE runs SET state = 'pending', owner = NULL
+                     WHERE id = ?1 AND state = 'running' AND owner = ?2
+                       AND NOT EXISTS (SELECT 1 FROM steps s WHERE s.run_id = ?1 AND s.state != 'pending')",
+                    &[&id, &me],
+                )?;
+                if requeued > 0 {
+                    out.requeued.push(id);
+                    continue;
+                }
+                let owned: bool = c.one(
+                    "SELECT EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND state = 'running' AND owner = ?2)",
+                    &[&id, &me],
+                    |r| r.get(0),
+                )?;
+                if owned {
+                    c.exec(
+                        "UPDATE steps SET state = 'interrupted', finished_at = ?2,
+                           error = 'this replica lost track of the run; the step was not re-run'
+                         WHERE run_id = ?1 AND state = 'running'",
+                        &[&id, &now],
+                    )?;
+                    super::lifecycle::finish_run(
+                        c,
+                        id,
+                        RunState::Interrupted,
+                        Some("the replica running it lost track of it; check the target before re-running"),
+                        now,
+                    )?;
+                    out.interrupted.push(id);
+                }
+            }
+            if !out.requeued.is_empty() {
+                c.wake();
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
 impl LeaseClock {
     fn renewed_never(&self) -> bool {
         self.renewed

@@ -899,3 +899,31 @@ on_both_backends! {
         assert_eq!(b.chat_thread("bot", 8).await.unwrap(), None);
     }
 }
+
+on_both_backends! {
+    async fn runs_a_replica_lost_track_of_are_requeued_or_interrupted(db: TestDb) {
+        let store = db.open().await;
+        let none = BreakerLimits::default();
+        for i in 0..3 {
+            intake(&store, &format!("o{i}"), candidate("p", &format!("t{i}"), 0, ""), none).await;
+        }
+        let runs = store.claim(1, 3).await.unwrap();
+        let ids: Vec<i64> = runs.iter().map(|r| r.id).collect();
+        store.step_started_after(ids[0], 0, None).await.unwrap();
+        assert_eq!(store.owned_running().await.unwrap(), ids);
+        // The engine executes the third; it lost track of the first two.
+        let t = store.release_orphans(ids[..2].to_vec()).await.unwrap();
+        assert_eq!((t.interrupted, t.requeued), (vec![ids[0]], vec![ids[1]]));
+        assert_eq!(store.owned_running().await.unwrap(), vec![ids[2]]);
+        assert_eq!(
+            store.get_run(ids[0]).await.unwrap().unwrap().state,
+            "interrupted"
+        );
+        // The requeued one is claimed again, once.
+        let again = store.claim(1, 3).await.unwrap();
+        assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[1]]);
+        // A run no longer this replica's is left alone.
+        let t = store.release_orphans(vec![ids[0]]).await.unwrap();
+        assert!(t.interrupted.is_empty() && t.requeued.is_empty());
+    }
+}
