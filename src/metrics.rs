@@ -39,6 +39,10 @@ pub struct Metrics {
     pub store_write_queue: IntGauge,
     /// Store transactions committed (a commit holds a batch of writes; one fsync each).
     pub store_commits: IntCounter,
+    /// 1 while this replica holds a good lease (PostgreSQL; always 1 on SQLite).
+    pub lease_held: IntGauge,
+    /// Replicas whose work this one took over after their lease expired.
+    pub takeovers: IntCounter,
 }
 
 impl Default for Metrics {
@@ -145,6 +149,17 @@ impl Metrics {
             "Store transactions committed; each holds a batch of writes.",
         )
         .expect("valid");
+        let lease_held = IntGauge::new(
+            "reflex_lease_held",
+            "1 while this replica holds its lease on the shared store (always 1 on SQLite).",
+        )
+        .expect("valid");
+        lease_held.set(1);
+        let takeovers = IntCounter::new(
+            "reflex_replica_takeovers_total",
+            "Replicas whose work this one took over after their lease expired.",
+        )
+        .expect("valid");
         let build_info = IntGaugeVec::new(
             Opts::new("reflex_build_info", "Build information."),
             &["version"],
@@ -163,6 +178,8 @@ impl Metrics {
             Box::new(store_writes.clone()),
             Box::new(store_commits.clone()),
             Box::new(store_write_queue.clone()),
+            Box::new(lease_held.clone()),
+            Box::new(takeovers.clone()),
             Box::new(build_info),
         ] {
             registry.register(m).expect("unique metric");
@@ -185,6 +202,8 @@ impl Metrics {
             store_writes,
             store_write_queue,
             store_commits,
+            lease_held,
+            takeovers,
         }
     }
 

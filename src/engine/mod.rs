@@ -643,7 +643,11 @@ impl Engine {
             if round % ORPHAN_EVERY == ORPHAN_EVERY - 1 {
                 unclaimed = self.release_orphans(unclaimed).await;
             }
-            match self.store.renew_lease().await {
+            let renewed = self.store.renew_lease().await;
+            self.metrics
+                .lease_held
+                .set(i64::from(self.store.may_claim()));
+            match renewed {
                 Ok(true) => {}
                 Ok(false) => tracing::error!(
                     replica = self.store.replica(),
@@ -662,6 +666,7 @@ impl Engine {
                 }
             };
             for t in taken {
+                self.metrics.takeovers.inc();
                 tracing::warn!(
                     replica = %t.replica,
                     interrupted = ?t.interrupted,
