@@ -330,6 +330,19 @@ impl PgServer {
     }
 }
 
+impl Drop for PgServer {
+    /// Stops the server at once and removes its directory (the watchdog does the same for
+    /// the shared server when the process ends).
+    fn drop(&mut self) {
+        let _ = output(
+            self.command("pg_ctl")
+                .args(["stop", "-w", "-m", "immediate", "-D"])
+                .arg(self.data()),
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A self-signed certificate authority `name.crt` (and its key) in `dir`; its certificate.

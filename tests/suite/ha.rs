@@ -25,14 +25,15 @@ steps:
     with: { duration: 20ms }
 "#;
 
-/// A cluster: the database, the receiver, the replicas.
+/// A cluster: the replicas, the receiver, the database (dropped in that order: the
+/// replicas stop before their database does).
 struct Cluster {
-    pg: PgServer,
-    db: String,
-    receiver: Receiver,
     replicas: Vec<TestApp>,
+    receiver: Receiver,
     /// One client, its connections kept (a client per post costs more than the post).
     http: reqwest::Client,
+    pg: PgServer,
+    db: String,
 }
 
 impl Cluster {
