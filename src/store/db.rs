@@ -125,6 +125,14 @@ impl Db<'_> {
         }
     }
 
+    /// Runs statements without parameters, separated by `;`, in one round trip.
+    pub fn batch(&self, sql: &str) -> Result<(), StoreError> {
+        match self {
+            Db::Lite(c) => Ok(c.execute_batch(sql)?),
+            Db::Pg(c) => Ok(c.borrow_mut().client().batch_execute(sql)?),
+        }
+    }
+
     /// Runs a statement; returns the rows it changed.
     pub fn exec(&self, sql: &str, params: &[&dyn Param]) -> Result<u64, StoreError> {
         match self {

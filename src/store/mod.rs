@@ -239,14 +239,23 @@ trait Committer {
 
 /// Runs each job of a batch in its own savepoint of the transaction `db` is in.
 fn run_jobs(db: &Db, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), StoreError> {
-    for job in batch.drain(..) {
-        // Prepared once and cached: a savepoint per write costs two cheap statements.
-        db.exec("SAVEPOINT job", &[])?;
+    let n = batch.len();
+    for (i, job) in batch.drain(..).enumerate() {
+        // Prepared once and cached: a savepoint per write costs two cheap statements. On
+        // PostgreSQL each is a round trip, so one write's release and the next one's
+        // savepoint go together.
+        if i == 0 || !db.is_pg() {
+            db.exec("SAVEPOINT job", &[])?;
+        }
         let (ok, deliver) = job(db);
         if !ok {
             db.exec("ROLLBACK TO SAVEPOINT job", &[])?;
         }
-        db.exec("RELEASE SAVEPOINT job", &[])?;
+        if db.is_pg() && i + 1 < n {
+            db.batch("RELEASE SAVEPOINT job; SAVEPOINT job")?;
+        } else {
+            db.exec("RELEASE SAVEPOINT job", &[])?;
+        }
         delivers.push(deliver);
     }
     Ok(())

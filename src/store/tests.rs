@@ -927,3 +927,54 @@ on_both_backends! {
         assert!(t.interrupted.is_empty() && t.requeued.is_empty());
     }
 }
+
+on_both_backends! {
+    async fn a_failed_write_undoes_itself_and_nothing_else_in_its_batch(db: TestDb) {
+        let store = db.open().await;
+        // The writer is held inside a first write while two more queue up behind it, so
+        // that they are committed in one batch.
+        let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let s = store.clone();
+        let blocker = tokio::spawn(async move {
+            s.write(move |_| {
+                let _ = entered_tx.send(());
+                let _ = held.recv();
+                Ok(())
+            })
+            .await
+        });
+        entered.await.unwrap();
+        let s = store.clone();
+        let bad = tokio::spawn(async move {
+            s.write(|c| {
+                c.exec(
+                    "INSERT INTO audit (at, actor, action, outcome) VALUES (1, 'a', 'bad', 'ok')",
+                    &[],
+                )?;
+                c.exec("SELECT no_such_column FROM audit", &[])?;
+                Ok(())
+            })
+            .await
+        });
+        let s = store.clone();
+        let good = tokio::spawn(async move { s.audit("b", "good", None, "ok", None).await });
+        while store.queued_writes() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let before = store.write_counts().commits;
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        assert!(bad.await.unwrap().is_err());
+        good.await.unwrap().unwrap();
+        let actions: Vec<String> = (store.audit_log(None, 10).await.unwrap().into_iter())
+            .map(|a| a.action)
+            .collect();
+        assert_eq!(actions, vec!["good"]);
+        assert_eq!(
+            store.write_counts().commits - before,
+            2,
+            "the held write's batch, then one batch for both"
+        );
+    }
+}
