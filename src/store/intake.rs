@@ -224,10 +224,17 @@ fn intake_one(
     let playbook = cand.playbook;
     if c.is_pg() {
         // Replicas decide about one playbook one at a time (until this batch commits), so
-        // that coalescing, the cooldown and the breaker see each other's runs.
+        // that coalescing, the cooldown and the breaker see each other's runs. The breaker's
+        // limits on all runs and on distinct targets span playbooks: while one is set, all
+        // intake decisions take turns.
+        let scope = if limits.max_runs > 0 || limits.max_targets > 0 {
+            String::from("reflex.intake")
+        } else {
+            format!("reflex.playbook:{playbook}")
+        };
         c.one(
-            "SELECT pg_advisory_xact_lock(hashtextextended('reflex.playbook:' || ?1, 0))::text",
-            &[&playbook],
+            "SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))::text",
+            &[&scope],
             |_| Ok(()),
         )?;
     }

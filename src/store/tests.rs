@@ -670,6 +670,34 @@ mod replicas {
     }
 
     #[tokio::test]
+    async fn the_breaker_counts_every_replicas_runs_across_playbooks() {
+        let (_db, stores) = replicas(2).await;
+        let limits = BreakerLimits {
+            window_ms: 600_000,
+            max_runs: 4,
+            ..Default::default()
+        };
+        let intakes = (0..8).map(|i| {
+            let store = stores[i % 2].clone();
+            async move {
+                intake(
+                    &store,
+                    &format!("b{i}"),
+                    candidate(&format!("p{i}"), &format!("t{i}"), 0, ""),
+                    limits,
+                )
+                .await
+            }
+        });
+        let outcomes = futures_util::future::join_all(intakes).await;
+        let created = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Created { .. }))
+            .count();
+        assert_eq!(created, 4, "{outcomes:?}");
+    }
+
+    #[tokio::test]
     async fn a_kill_switch_engaged_on_one_replica_holds_on_the_others() {
         let (_db, stores) = replicas(3).await;
         for s in &stores {
