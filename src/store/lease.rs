@@ -44,6 +44,13 @@ impl LeaseClock {
         *self.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
     }
 
+    fn renewed_never(&self) -> bool {
+        self.renewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
     fn good(&self) -> bool {
         let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
         renewed.is_some_and(|at| at.elapsed() < LEASE_TRUSTED)
@@ -208,15 +215,6 @@ impl Store {
             Ok(out)
         })
         .await
-    }
-}
-
-impl LeaseClock {
-    fn renewed_never(&self) -> bool {
-        self.renewed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
     }
 }
 

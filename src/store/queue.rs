@@ -167,6 +167,21 @@ pub(super) fn try_lock_target(c: &Db, target: &str) -> Result<bool, StoreError> 
     )
 }
 
+/// The runs that may start, oldest first, one per target: the head of each target with
+/// pending runs and room (`target_load`, kept by triggers; per claim, one index probe per
+/// such target, whatever their backlogs). A head whose playbook already runs for the same
+/// alert waits (and so its target). `?1` is the per-target limit.
+const HEADS: &str = "SELECT h.head, h.target FROM (
+    SELECT l.target, (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = l.target
+                      ORDER BY p.id LIMIT 1) AS head
+    FROM target_load l WHERE l.pending > 0 AND l.running < ?1
+  ) h
+  WHERE h.head IS NOT NULL AND NOT EXISTS (
+    SELECT 1 FROM runs r JOIN runs o ON o.playbook = r.playbook
+      AND o.fingerprint = r.fingerprint AND o.state = 'running'
+    WHERE r.id = h.head)
+  ORDER BY h.head";
+
 /// Claims the oldest claimable pending run (see [`Store::claim`]).
 fn claim_one(
     c: &Db,
@@ -174,50 +189,27 @@ fn claim_one(
     now: i64,
     owner: &str,
 ) -> Result<Option<ClaimRow>, StoreError> {
+    static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?2), owner = ?3
+             WHERE id = (SELECT head FROM ({HEADS} LIMIT 1))
+             RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at"
+        )
+    });
     let max = i64::from(max_per_target);
     if c.is_pg() {
         return claim_one_pg(c, max, now, owner);
     }
-    c.row(
-        // The oldest head among the targets with pending runs and room (`target_load`, kept by
-        // triggers): per claim, one index probe per such target, whatever their backlogs. A
-        // head whose playbook already runs for the same alert waits (and so its target).
-        "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1), owner = ?3
-         WHERE id = (
-           SELECT h.head FROM (
-             SELECT (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = l.target
-                     ORDER BY p.id LIMIT 1) AS head
-             FROM target_load l WHERE l.pending > 0 AND l.running < ?2
-           ) h
-           WHERE h.head IS NOT NULL AND NOT EXISTS (
-             SELECT 1 FROM runs r JOIN runs o ON o.playbook = r.playbook
-               AND o.fingerprint = r.fingerprint AND o.state = 'running'
-             WHERE r.id = h.head)
-           ORDER BY h.head LIMIT 1)
-         RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
-        &[&now, &max, &owner],
-        claim_row,
-    )
+    c.row(&CLAIM, &[&max, &now, &owner], claim_row)
 }
 
 /// On PostgreSQL several replicas claim at once: the candidate heads are found as on SQLite,
 /// then each is taken only under its target's lock, deciding again on what is committed.
 /// `SKIP LOCKED` is in effect by the lock being tried, not waited for.
 fn claim_one_pg(c: &Db, max: i64, now: i64, owner: &str) -> Result<Option<ClaimRow>, StoreError> {
-    let heads: Vec<String> = c.rows(
-        "SELECT h.target FROM (
-           SELECT l.target, (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = l.target
-                             ORDER BY p.id LIMIT 1) AS head
-           FROM target_load l WHERE l.pending > 0 AND l.running < ?1
-         ) h
-         WHERE h.head IS NOT NULL AND NOT EXISTS (
-           SELECT 1 FROM runs r JOIN runs o ON o.playbook = r.playbook
-             AND o.fingerprint = r.fingerprint AND o.state = 'running'
-           WHERE r.id = h.head)
-         ORDER BY h.head LIMIT 16",
-        &[&max],
-        |r| r.get(0),
-    )?;
+    static CANDIDATES: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("{HEADS} LIMIT 16"));
+    let heads: Vec<String> = c.rows(&CANDIDATES, &[&max], |r| r.get(1))?;
     for target in heads {
         if !try_lock_target(c, &target)? {
             continue;
