@@ -136,9 +136,9 @@ impl Db<'_> {
     /// Runs a statement; returns the rows it changed.
     pub fn exec(&self, sql: &str, params: &[&dyn Param]) -> Result<u64, StoreError> {
         match self {
-            Db::Lite(c) => Ok(c
-                .prepare_cached(sql)?
-                .execute(rusqlite::params_from_iter(params))? as u64),
+            Db::Lite(c) => {
+                Ok(lite_statement(c, sql)?.execute(rusqlite::params_from_iter(params))? as u64)
+            }
             Db::Pg(c) => {
                 let mut c = c.borrow_mut();
                 let statement = c.prepare(sql)?;
@@ -156,7 +156,7 @@ impl Db<'_> {
     ) -> Result<Option<T>, StoreError> {
         match self {
             Db::Lite(c) => {
-                let mut statement = c.prepare_cached(sql)?;
+                let mut statement = lite_statement(c, sql)?;
                 let mut rows = statement.query(rusqlite::params_from_iter(params))?;
                 match rows.next()? {
                     Some(r) => Ok(Some(f(&Row::Lite(r))?)),
@@ -194,7 +194,7 @@ impl Db<'_> {
         let mut out = Vec::new();
         match self {
             Db::Lite(c) => {
-                let mut statement = c.prepare_cached(sql)?;
+                let mut statement = lite_statement(c, sql)?;
                 let mut rows = statement.query(rusqlite::params_from_iter(params))?;
                 while let Some(r) = rows.next()? {
                     out.push(f(&Row::Lite(r))?);
@@ -210,6 +210,27 @@ impl Db<'_> {
         }
         Ok(out)
     }
+}
+
+/// A statement from the connection's cache (prepared once per connection).
+fn lite_statement<'c>(
+    c: &'c rusqlite::Connection,
+    sql: &str,
+) -> rusqlite::Result<rusqlite::CachedStatement<'c>> {
+    #[cfg(test)]
+    RAN.with_borrow_mut(|ran| {
+        if !ran.contains(sql) {
+            ran.insert(sql.to_string());
+        }
+    });
+    c.prepare_cached(sql)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The SQLite statements this thread ran: on a store's writer thread, those of its one
+    /// connection (a test asks the connection how often each was compiled).
+    pub(super) static RAN: RefCell<std::collections::HashSet<String>> = RefCell::default();
 }
 
 fn pg_params<'a>(params: &'a [&'a dyn Param]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
