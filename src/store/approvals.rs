@@ -166,9 +166,9 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let now = self.now_ms();
         self.write(move |c| {
-            let id: i64 = c.one(
+            let id = c.insert(
                 "INSERT INTO approvals (run_id, step_idx, scope, state, action, action_hash, required, allowed, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9) RETURNING id",
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9)",
                 &[
                     &run_id,
                     &step_idx,
@@ -180,8 +180,8 @@ impl Store {
                     &now,
                     &(now + gate.expires_ms as i64),
                 ],
-                |r| r.get(0),
-            )?;
+            )?
+            .ok_or(StoreError::NoRow)?;
             c.exec(
                 "UPDATE runs SET state = 'awaiting_approval' WHERE id = ?1",
                 &[&run_id],

@@ -14,9 +14,10 @@ pub(super) fn cooldown_reason(
     if cooldown_ms <= 0 {
         return Ok(None);
     }
+    // The latest in the index's order (by id, SQLite would sort on every alert).
     let last: Option<(i64, i64)> = c.row(
         "SELECT id, created_at FROM runs WHERE playbook = ?1 AND cooldown_key = ?2 AND cooldown_key != ''
-           AND state != 'suppressed' AND created_at > ?3 ORDER BY id DESC LIMIT 1",
+           AND state != 'suppressed' AND created_at > ?3 ORDER BY created_at DESC LIMIT 1",
         &[&playbook, &key, &(now - cooldown_ms)],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;

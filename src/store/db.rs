@@ -147,6 +147,20 @@ impl Db<'_> {
         }
     }
 
+    /// Runs an `INSERT` into a table keyed by `id`; returns the new row's id, or `None` when it
+    /// inserted nothing (`ON CONFLICT DO NOTHING`). On SQLite the id comes from the connection:
+    /// `RETURNING` would stage the row in a temporary table on every insert.
+    pub fn insert(&self, sql: &str, params: &[&dyn Param]) -> Result<Option<i64>, StoreError> {
+        match self {
+            Db::Lite(c) => {
+                let inserted =
+                    lite_statement(c, sql)?.execute(rusqlite::params_from_iter(params))?;
+                Ok((inserted > 0).then(|| c.last_insert_rowid()))
+            }
+            Db::Pg(_) => self.row(&format!("{sql} RETURNING id"), params, |r| r.get(0)),
+        }
+    }
+
     /// The first row of a query, if any, through `f`.
     pub fn row<T>(
         &self,

@@ -190,9 +190,9 @@ fn insert_alert(
     now: i64,
     received_us: i64,
 ) -> Result<i64, StoreError> {
-    c.one(
+    c.insert(
         "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key, received_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) RETURNING id",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         &[
             &now,
             &a.source,
@@ -206,8 +206,8 @@ fn insert_alert(
             &a.group_key,
             &received_us,
         ],
-        |r| r.get(0),
-    )
+    )?
+    .ok_or(StoreError::NoRow)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -294,12 +294,12 @@ fn intake_one(
     let state = if start_now { RunState::Running } else { state };
     // The unique index decides dedup: on PostgreSQL another replica may have recorded the
     // same occurrence since the check above.
-    let inserted: Option<i64> = c.row(
+    let inserted = c.insert(
         "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
            dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at,
            owner)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
-         ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING RETURNING id",
+         ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING",
         &[
             &playbook,
             &alert_id,
@@ -321,7 +321,6 @@ fn intake_one(
             &start_now.then_some(now),
             &start_now.then_some(start.owner.as_str()),
         ],
-        |r| r.get(0),
     )?;
     if state == RunState::Pending {
         c.wake();

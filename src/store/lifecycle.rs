@@ -12,8 +12,9 @@ pub(super) fn finish_run(
     c.exec(
         // A final state is never overwritten (a replica that lost its lease, say, cannot end
         // a run another one already marked interrupted). An end frees room on the target.
+        // (Three values after `IN` would cost SQLite a temporary table on every end.)
         "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error)
-         WHERE id = ?1 AND state IN ('pending', 'running', 'awaiting_approval')",
+         WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')",
         &[&run_id, &state.as_str(), &now, &error],
     )?;
     c.exec(

@@ -36,26 +36,36 @@ pub struct Switch {
     pub until: Option<String>,
 }
 
-/// Why new work in `playbook` is held back by a switch, if it is.
+/// Why new work in `playbook` is held back by a switch, if it is; the global switch names
+/// the cause when both are engaged.
 pub(super) fn engaged_reason(
     c: &Db,
     playbook: &str,
     now: i64,
 ) -> Result<Option<String>, StoreError> {
-    c.row(
+    // Two lookups by key: `scope IN (...)` or an `ORDER BY` would cost SQLite a temporary
+    // table on every alert.
+    let engaged = c.rows(
         "SELECT scope, actor, reason FROM switches
-         WHERE engaged AND scope IN ('global', 'playbook:' || ?1) AND (until IS NULL OR until > ?2)
-         ORDER BY scope = 'global' DESC LIMIT 1",
+         WHERE scope = 'global' AND engaged AND (until IS NULL OR until > ?2)
+         UNION ALL
+         SELECT scope, actor, reason FROM switches
+         WHERE scope = 'playbook:' || ?1 AND engaged AND (until IS NULL OR until > ?2)",
         &[&playbook, &now],
         |r| {
-            let (scope, actor, reason): (String, String, Option<String>) =
-                (r.get(0)?, r.get(1)?, r.get(2)?);
-            Ok(format!(
+            let row: (String, String, Option<String>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            Ok(row)
+        },
+    )?;
+    Ok(engaged
+        .into_iter()
+        .min_by_key(|(scope, ..)| scope != "global")
+        .map(|(scope, actor, reason)| {
+            format!(
                 "kill switch ({scope}) engaged by {actor}: {}",
                 reason.unwrap_or_default()
-            ))
-        },
-    )
+            )
+        }))
 }
 
 /// Engages a switch; audited. Runs waiting for approval keep waiting (nothing can be approved
