@@ -63,23 +63,37 @@ impl Unchecked {
 thread_local! {
     /// When the evaluation on this thread must stop (see [`Budget`]).
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Whether an evaluation on this thread was stopped by the deadline.
+    static TRIPPED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The wall-clock budget of the evaluations on this thread while it lives: one alert's
 /// `when`, parameters and templates together. Past it, evaluation stops with an error and
 /// the alert is recorded as failed to plan.
-pub struct Budget(Option<Instant>);
+pub struct Budget {
+    outer: Option<Instant>,
+    outer_tripped: bool,
+}
 
 impl Budget {
     /// Starts a budget of `limit` on this thread.
     pub fn start(limit: Duration) -> Budget {
-        Budget(DEADLINE.replace(Some(Instant::now() + limit)))
+        Budget {
+            outer: DEADLINE.replace(Some(Instant::now() + limit)),
+            outer_tripped: TRIPPED.replace(false),
+        }
+    }
+
+    /// Whether an evaluation under this budget ran out of it (and failed for that reason).
+    pub fn tripped(&self) -> bool {
+        TRIPPED.get()
     }
 }
 
 impl Drop for Budget {
     fn drop(&mut self) {
-        DEADLINE.set(self.0);
+        DEADLINE.set(self.outer);
+        TRIPPED.set(self.outer_tripped);
     }
 }
 
@@ -171,6 +185,9 @@ impl Sandbox {
                 return None;
             }
             let late = DEADLINE.get().is_some_and(|d| Instant::now() > d);
+            if late {
+                TRIPPED.set(true);
+            }
             late.then(|| Dynamic::from("time budget exceeded"))
         });
         // A script must not hold a worker by sleeping.
@@ -491,10 +508,16 @@ mod tests {
         let ast = sb
             .compile_script("let x = 0; for i in 0..20000 { x += i; } x", &[])
             .unwrap();
+        let ample = Budget::start(Duration::from_secs(60));
         assert!(sb.eval(&mut Scope::new(), &ast).is_ok(), "within budget");
-        let _budget = Budget::start(Duration::ZERO);
-        let e = sb.eval(&mut Scope::new(), &ast).unwrap_err();
-        assert!(e.contains("time budget"), "{e}");
+        assert!(!ample.tripped());
+        {
+            let none = Budget::start(Duration::ZERO);
+            let e = sb.eval(&mut Scope::new(), &ast).unwrap_err();
+            assert!(e.contains("time budget"), "{e}");
+            assert!(none.tripped(), "the budget says it stopped the evaluation");
+        }
+        assert!(!ample.tripped(), "an inner budget's trip is its own");
     }
 
     #[test]
