@@ -22,7 +22,7 @@ fn playbooks(dir: &std::path::Path) -> PlaybookSet {
         );
         std::fs::write(dir.join(format!("pb-{i}.yaml")), yaml).unwrap();
     }
-    PlaybookSet::load(&[dir.to_path_buf()]).unwrap()
+    PlaybookSet::load(&[dir.to_path_buf()], &Default::default()).unwrap()
 }
 
 fn bench(c: &mut Criterion) {

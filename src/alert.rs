@@ -130,7 +130,7 @@ pub const MAX_ANNOTATION_VALUE_BYTES: usize = crate::playbook::script::MAX_STRIN
 
 /// A JSON object of strings in which every key appears once (serde's maps keep the last of
 /// duplicated keys silently; a second `instance` must not override the first unseen).
-fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+pub(crate) fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
     struct Unique;
     impl<'de> Visitor<'de> for Unique {
         type Value = Labels;

@@ -22,10 +22,12 @@ pub fn load_playbooks(cfg: &Config) -> anyhow::Result<PlaybookSet> {
         tracing::warn!(dir = %cfg.playbooks_dir.display(), "playbook directory does not exist; no playbooks loaded");
         return Ok(PlaybookSet::empty());
     }
-    PlaybookSet::load(std::slice::from_ref(&cfg.playbooks_dir)).map_err(|diags| {
-        let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("invalid playbooks:\n{}", lines.join("\n"))
-    })
+    PlaybookSet::load(std::slice::from_ref(&cfg.playbooks_dir), &cfg.references()).map_err(
+        |diags| {
+            let lines: Vec<String> = diags.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("invalid playbooks:\n{}", lines.join("\n"))
+        },
+    )
 }
 
 /// Runs the daemon on `listener` until `shutdown` completes.
@@ -88,14 +90,18 @@ pub async fn run(
         .transpose()
         .map_err(|e| anyhow::anyhow!("notify.mattermost_app: {e}"))?
         .map(std::sync::Arc::new);
-    let app = api::router(AppState {
+    let state = AppState {
         engine,
         store: store.clone(),
         max_body_bytes: cfg.intake.max_body_bytes,
         auth: std::sync::Arc::new(auth),
         slack,
         mattermost,
-    });
+        refusals: Default::default(),
+        allowed_hosts: cfg.allowed_hosts().into(),
+    };
+    tasks.spawn(flush_refusals(state.clone(), token.clone()));
+    let app = api::router(state);
     tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
     let stop = token.clone();
     api::server::serve(listener, app, &cfg.server, async move {
@@ -147,6 +153,18 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// Writes the counts of refused requests whose window has closed, so that a source that
+/// stopped is counted too.
+async fn flush_refusals(state: AppState, stop: CancellationToken) {
+    let every = std::time::Duration::from_millis(api::refusals::WINDOW_MS as u64);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => api::refusals::flush(&state, false).await,
+            _ = stop.cancelled() => return api::refusals::flush(&state, true).await,
+        }
     }
 }
 

@@ -27,25 +27,42 @@ pub fn check(
         }
     }
     let mut cfg = Config::default();
+    let mut config_failed = false;
+    let diagnostic = |e: crate::config::ConfigError| Diagnostic {
+        file: e.file,
+        line: e.line,
+        message: e.message,
+    };
     for c in &configs {
-        match Config::load(c) {
-            Ok(loaded) => cfg = loaded,
-            Err(errors) => diags.extend(errors.into_iter().map(|e| Diagnostic {
-                file: e.file,
-                line: e.line,
-                message: e.message,
-            })),
+        match Config::load_parts(c) {
+            Ok((loaded, problems)) => {
+                cfg = loaded;
+                diags.extend(problems.into_iter().map(diagnostic));
+            }
+            Err(errors) => {
+                config_failed = true;
+                diags.extend(errors.into_iter().map(diagnostic));
+            }
         }
     }
     if playbook_paths.is_empty() {
-        playbook_paths.push(cfg.playbooks_dir.clone());
+        if config_failed {
+            // Which directory the config names is not known: say nothing of it.
+        } else if cfg.playbooks_dir.exists() {
+            playbook_paths.push(cfg.playbooks_dir.clone());
+        } else {
+            // As `serve` does: no directory is an empty set.
+            writeln!(
+                out,
+                "warning: playbook directory {} does not exist; no playbooks loaded",
+                cfg.playbooks_dir.display()
+            )?;
+        }
     }
     let sandbox = std::sync::Arc::new(crate::playbook::script::Sandbox::new());
     let (playbooks, errors) = PlaybookSet::compile_files(&playbook_paths, &sandbox);
     diags.extend(errors);
-    if !configs.is_empty() {
-        diags.extend(cross_check(&cfg, &playbooks));
-    }
+    diags.extend(cfg.references().check(&playbooks));
     let count = playbooks.len();
     if diags.is_empty()
         && let Err(d) = PlaybookSet::new(playbooks, sandbox)
@@ -61,92 +78,6 @@ pub fn check(
         writeln!(out, "{} error(s)", diags.len())?;
     }
     Ok(diags.is_empty())
-}
-
-/// What playbooks name that the config must define: flag providers, `http` credentials and
-/// approvers (token names with the approver or admin role). Checked with `--config` only.
-fn cross_check(cfg: &Config, playbooks: &[crate::playbook::Playbook]) -> Vec<Diagnostic> {
-    use crate::playbook::actions::Action;
-    use crate::playbook::locate::{Seg, line_of};
-    use crate::playbook::{Arg, Gate};
-    let approvers: Vec<&str> = (cfg.auth.tokens.iter())
-        .filter(|t| t.role >= crate::config::Role::Approver)
-        .map(|t| t.name.as_str())
-        .collect();
-    let mut diags = Vec::new();
-    for pb in playbooks {
-        let src = std::fs::read_to_string(&pb.file).unwrap_or_default();
-        let mut report = |path: &[Seg<'_>], message: String| {
-            diags.push(Diagnostic {
-                file: pb.file.clone(),
-                line: line_of(&src, path),
-                message,
-            })
-        };
-        let gate_errors = |gate: &Option<Gate>| -> Vec<String> {
-            (gate.iter().flat_map(|g| &g.approvers))
-                .filter(|who| !approvers.contains(&who.as_str()))
-                .map(|who| {
-                    let hint = suggestion(who, approvers.iter().copied());
-                    format!("approver {who:?} is not a token with the approver or admin role in auth.tokens{hint}")
-                })
-                .collect()
-        };
-        for e in gate_errors(&pb.approval) {
-            report(&[Seg::Key("approval")], e);
-        }
-        for (section, steps) in [("steps", &pb.steps), ("on_failure", &pb.on_failure)] {
-            for (i, step) in steps.iter().enumerate() {
-                let at = |key| {
-                    [
-                        Seg::Key(section),
-                        Seg::Index(i),
-                        Seg::Key("with"),
-                        Seg::Key(key),
-                    ]
-                };
-                for e in gate_errors(&step.approval) {
-                    report(&[Seg::Key(section), Seg::Index(i), Seg::Key("approval")], e);
-                }
-                let literal = |key: &str| match &step.args {
-                    Arg::Map(entries) => entries.iter().find_map(|(k, v)| match v {
-                        Arg::Literal(serde_json::Value::String(s)) if k == key => Some(s.clone()),
-                        _ => None,
-                    }),
-                    _ => None,
-                };
-                let (key, name, known, what): (&str, _, Vec<&str>, &str) = match step.action {
-                    Action::FlagDisable | Action::FlagEnable => (
-                        "provider",
-                        literal("provider"),
-                        cfg.feature_flags.keys().map(String::as_str).collect(),
-                        "feature-flag provider (feature_flags)",
-                    ),
-                    Action::Http => (
-                        "credential",
-                        literal("credential"),
-                        cfg.credentials.keys().map(String::as_str).collect(),
-                        "credential (credentials)",
-                    ),
-                    _ => continue,
-                };
-                if let Some(name) = name.filter(|n| !known.contains(&n.as_str())) {
-                    let hint = suggestion(&name, known.iter().copied());
-                    report(
-                        &at(key),
-                        format!("{what} {name:?} is not in the config{hint}"),
-                    );
-                }
-            }
-        }
-    }
-    diags
-}
-
-fn suggestion<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> String {
-    crate::playbook::script::did_you_mean(name, known)
-        .map(|s| format!("; did you mean {s:?}?"))
-        .unwrap_or_default()
 }
 
 /// Reads an alert file: an Alertmanager webhook payload, or generic alert JSON.

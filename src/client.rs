@@ -97,7 +97,11 @@ impl Client {
             (403, _) => "; the token (REFLEX_TOKEN or --token-file) lacks the role for this",
             _ => "",
         };
-        let text = format!("{} {msg}{hint}", status.as_u16());
+        let mut text = format!("{} {msg}{hint}", status.as_u16());
+        // Every problem the server listed (a rejected reload: each error with file:line).
+        for d in value["error"]["details"].as_array().into_iter().flatten() {
+            text.push_str(&format!("\n  {}", d.as_str().unwrap_or_default()));
+        }
         Err(match status.as_u16() {
             401 | 403 => ClientError::Auth(text),
             404 => ClientError::NotFound(text),

@@ -13,6 +13,9 @@ pub use crate::api::auth_config::{AuthConfig, Role, TokenConfig};
 pub use crate::executors::ssh::config::{HostKeyChecking, SshConfig, SshHost};
 pub use crate::notify::config::{EVENTS, NotifyConfig, SinkConfig, SinkKind};
 
+/// SHA-256 of the empty string: the digest of a token that is no secret.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
 /// The whole daemon configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +57,9 @@ pub struct Config {
     pub feature_flags: BTreeMap<String, FlagProvider>,
     /// The SQLite store.
     pub store: StoreConfig,
+    /// The file this was loaded from; `None` on the embedded defaults.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// How hard SQLite works to keep a commit across a power loss.
@@ -97,9 +103,11 @@ pub struct StoreConfig {
     /// host name and the process id.
     pub replica: Option<String>,
     /// PEM file of the certificate authorities PostgreSQL's certificate is checked against
-    /// (default: the system's). TLS is used as the URL's `sslmode` says: `disable`, `prefer`
-    /// (the default: when the server offers it) or `require`; the certificate and the host
-    /// name are always verified when it is used.
+    /// (default: the system's). TLS is used as the URL's `sslmode` says: `verify-full` (the
+    /// default for a server not on loopback), `require` and `verify-ca` (as strict),
+    /// `prefer` (the default on loopback; refused for any other host, where it could be
+    /// downgraded) or `disable` (written explicitly); the certificate and the host name are
+    /// always verified when TLS is used.
     pub tls_ca_file: Option<PathBuf>,
 }
 
@@ -248,17 +256,32 @@ impl SecretRef {
         }
     }
 
-    /// The secret, read now.
+    /// The secret, read now. An empty (or white-space only) secret is an error: an empty
+    /// token would let anyone in with an empty password, an empty signing key would let
+    /// anyone sign.
     pub fn read(&self) -> Result<String, String> {
-        match self {
-            SecretRef::Value(v) => Ok(v.clone()),
-            SecretRef::Env(var) => std::env::var(var)
-                .map(|s| s.trim().to_string())
-                .map_err(|_| format!("environment variable {var} is not set")),
-            SecretRef::File(path) => std::fs::read_to_string(path)
-                .map(|s| s.trim().to_string())
-                .map_err(|e| format!("{}: {e}", path.display())),
+        let (secret, source) = match self {
+            SecretRef::Value(v) => (
+                v.trim().to_string(),
+                "the value written in the config".into(),
+            ),
+            SecretRef::Env(var) => (
+                std::env::var(var)
+                    .map(|s| s.trim().to_string())
+                    .map_err(|_| format!("environment variable {var} is not set"))?,
+                format!("environment variable {var}"),
+            ),
+            SecretRef::File(path) => (
+                std::fs::read_to_string(path)
+                    .map(|s| s.trim().to_string())
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+                format!("file {}", path.display()),
+            ),
+        };
+        if secret.is_empty() {
+            return Err(format!("{source} is empty: a secret must not be empty"));
         }
+        Ok(secret)
     }
 }
 
@@ -377,6 +400,7 @@ impl Default for Config {
             kubernetes: KubeConfig::default(),
             feature_flags: BTreeMap::new(),
             store: StoreConfig::default(),
+            source: None,
         }
     }
 }
@@ -451,6 +475,17 @@ pub struct ConfigError {
 impl Config {
     /// Loads and validates a config file: every problem, each with its line.
     pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let (cfg, problems) = Self::load_parts(path)?;
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Loads a config file: the config, with what it names outside itself that is not there
+    /// (secrets, kubeconfigs); or, when it cannot be read at all, its errors.
+    pub fn load_parts(path: &Path) -> Result<(Config, Vec<ConfigError>), Vec<ConfigError>> {
         let err = |(line, message): (usize, String)| ConfigError {
             file: path.to_path_buf(),
             line,
@@ -458,7 +493,140 @@ impl Config {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| vec![err((1, format!("cannot read: {e}")))])?;
-        Self::parse(&text).map_err(|errors| errors.into_iter().map(err).collect())
+        let mut cfg =
+            Self::parse(&text).map_err(|errors| errors.into_iter().map(err).collect::<Vec<_>>())?;
+        cfg.source = Some(path.to_path_buf());
+        let problems = (cfg.environment_problems().into_iter())
+            .map(|(at, message)| err((Key::line(&text, &at), message)))
+            .collect();
+        Ok((cfg, problems))
+    }
+
+    /// What the config names outside itself that is not there: every secret (read now: an
+    /// unset variable, a missing file or an empty secret is an error naming the setting) and
+    /// every kubeconfig. `serve` and `check --config` both load through here, so what one
+    /// refuses the other refuses with the same words.
+    fn environment_problems(&self) -> Vec<(Vec<Key>, String)> {
+        let mut out = Vec::new();
+        for (at, secret) in self.secrets() {
+            if let Err(e) = secret.and_then(|s| s.read()) {
+                out.push((at.clone(), format!("{}: {e}", Key::dotted(&at))));
+            }
+        }
+        for (name, c) in &self.kubernetes.clusters {
+            let Some(path) = &c.kubeconfig else { continue };
+            let at = vec![
+                Key::Name("kubernetes".into()),
+                Key::Name("clusters".into()),
+                Key::Name(name.clone()),
+                Key::Name("kubeconfig".into()),
+            ];
+            match kube::config::Kubeconfig::read_from(path) {
+                Err(_) if !path.exists() => out.push((
+                    at,
+                    format!(
+                        "cluster {name:?}: kubeconfig {} does not exist",
+                        path.display()
+                    ),
+                )),
+                Err(e) => out.push((
+                    at,
+                    format!("cluster {name:?}: kubeconfig {}: {e}", path.display()),
+                )),
+                Ok(kc) => {
+                    if let Some(ctx) = &c.context
+                        && !kc.contexts.iter().any(|n| &n.name == ctx)
+                    {
+                        out.push((
+                            at,
+                            format!(
+                                "cluster {name:?}: context {ctx:?} is not in {}",
+                                path.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Host names (lowercase, without a port) requests may carry in `Host` (see
+    /// `server.allowed_hosts`).
+    pub fn allowed_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+            .map(String::from)
+            .to_vec();
+        let listen = match self.listen.ip() {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            ip => ip.to_string(),
+        };
+        hosts.push(listen);
+        if let Some(host) = (self.public_url.as_deref())
+            .and_then(|u| u.split_once("://"))
+            .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
+        {
+            hosts.push(host_of(host));
+        }
+        hosts.extend(self.server.allowed_hosts.iter().map(|h| host_of(h)));
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    /// The names playbooks may refer to; checked only when a config file defines them.
+    pub fn references(&self) -> crate::playbook::references::References {
+        crate::playbook::references::References {
+            checked: self.source.is_some(),
+            approvers: (!self.auth.tokens.is_empty()).then(|| {
+                (self.auth.tokens.iter())
+                    .filter(|t| crate::api::auth::allows(t.role, Role::Approver))
+                    .map(|t| t.name.clone())
+                    .collect()
+            }),
+            providers: self.feature_flags.keys().cloned().collect(),
+            credentials: self.credentials.keys().cloned().collect(),
+        }
+    }
+
+    /// Every secret the config names, with the path of its setting.
+    fn secrets(&self) -> Vec<(Vec<Key>, Result<SecretRef, String>)> {
+        let k = |s: &str| Key::Name(s.to_string());
+        let mut out: Vec<(Vec<Key>, Result<SecretRef, String>)> = Vec::new();
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            if let Some(file) = &t.file {
+                let at = vec![k("auth"), k("tokens"), Key::Index(i), k("file")];
+                out.push((at, Ok(SecretRef::File(file.clone()))));
+            }
+        }
+        if let Some(app) = &self.notify.slack_app {
+            out.push((vec![k("notify"), k("slack_app")], app.secret_ref()));
+        }
+        if let Some(app) = &self.notify.mattermost_app {
+            out.push((vec![k("notify"), k("mattermost_app")], app.secret_ref()));
+        }
+        for (i, s) in self.notify.sinks.iter().enumerate() {
+            let at = vec![k("notify"), k("sinks"), Key::Index(i)];
+            out.push(match s.kind {
+                SinkKind::SlackBot => (
+                    at,
+                    s.secret_ref("token", &None, &s.token_env, &s.token_file),
+                ),
+                _ => (at, s.secret_ref("url", &s.url, &s.url_env, &s.url_file)),
+            });
+        }
+        for (name, c) in &self.credentials {
+            out.push((vec![k("credentials"), k(name)], c.secret_ref()));
+        }
+        for (name, p) in &self.feature_flags {
+            if let Some(r) = p.token_ref().transpose() {
+                out.push((vec![k("feature_flags"), k(name)], r));
+            }
+        }
+        if let Some(r) = self.store.password_ref().transpose() {
+            out.push((vec![k("store")], r));
+        }
+        out
     }
 
     /// Parses config text: the config, or every problem with its 1-based line. (The YAML
@@ -476,11 +644,7 @@ impl Config {
         }
         Err(problems
             .into_iter()
-            .map(|(path, message)| {
-                let segs: Vec<crate::playbook::locate::Seg<'_>> =
-                    path.iter().map(Key::seg).collect();
-                (crate::playbook::locate::line_of(text, &segs), message)
-            })
+            .map(|(path, message)| (Key::line(text, &path), message))
             .collect())
     }
 
@@ -540,7 +704,7 @@ impl Config {
             );
         }
         if let Some(url) = &self.store.url {
-            match url.parse::<postgres::Config>() {
+            match crate::store::pg::parse_url(url) {
                 Ok(pg) if pg.get_password().is_some() => at(
                     &[k("store"), k("url")],
                     "keep the password out of the URL: use store.password_env or \
@@ -582,6 +746,14 @@ impl Config {
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let here = [k("auth"), k("tokens"), Key::Index(i)];
             match (&t.sha256, &t.file) {
+                (Some(h), None) if h.eq_ignore_ascii_case(EMPTY_SHA256) => at(
+                    &here,
+                    format!(
+                        "token {:?}: sha256 is the digest of an empty token; a token must not \
+                         be empty",
+                        t.name
+                    ),
+                ),
                 (Some(h), None) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {}
                 (Some(_), None) => at(
                     &here,
@@ -623,6 +795,17 @@ impl Config {
     }
 }
 
+/// The host of a `Host` header value (or an authority): lowercase, without the port.
+pub fn host_of(authority: &str) -> String {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let host = if authority.starts_with('[') {
+        authority.split_inclusive(']').next().unwrap_or(authority)
+    } else {
+        authority.split(':').next().unwrap_or(authority)
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// One step of a YAML path into the config, for error lines.
 #[derive(Debug, Clone)]
 enum Key {
@@ -636,6 +819,12 @@ impl Key {
             Key::Name(n) => crate::playbook::locate::Seg::Key(n),
             Key::Index(i) => crate::playbook::locate::Seg::Index(*i),
         }
+    }
+
+    /// The 1-based line of `path` in `text`.
+    fn line(text: &str, path: &[Key]) -> usize {
+        let segs: Vec<crate::playbook::locate::Seg<'_>> = path.iter().map(Key::seg).collect();
+        crate::playbook::locate::line_of(text, &segs)
     }
 
     fn dotted(path: &[Key]) -> String {
@@ -698,6 +887,144 @@ mod tests {
             );
         }
         assert_eq!(errors.len(), 5, "{found:#?}");
+    }
+
+    /// Loads `text` as a config file in a temp dir whose `EMPTY` is an empty file and
+    /// `BLANK` a file of white space.
+    fn load_with_files(text: &str) -> Result<Config, Vec<ConfigError>> {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        let blank = dir.path().join("blank");
+        std::fs::write(&empty, "").unwrap();
+        std::fs::write(&blank, " \n\t\n").unwrap();
+        let path = dir.path().join("reflex.yaml");
+        let text = text
+            .replace("EMPTY", &empty.display().to_string())
+            .replace("BLANK", &blank.display().to_string())
+            .replace("DIR", &dir.path().display().to_string());
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn an_empty_secret_is_refused_naming_its_setting() {
+        // SAFETY of the test: the variable is unique to it.
+        let cases = [
+            (
+                "auth:\n  tokens:\n    - { name: a, role: admin, file: EMPTY }\n",
+                3,
+                "auth.tokens.0.file",
+            ),
+            (
+                "auth:\n  tokens:\n    - { name: a, role: admin, file: BLANK }\n",
+                3,
+                "auth.tokens.0.file",
+            ),
+            (
+                "auth:\n  tokens:\n    - { name: a, role: admin, file: DIR/none }\n",
+                3,
+                "auth.tokens.0.file",
+            ),
+            (
+                "auth:\n  tokens:\n    - { name: a, role: admin, sha256: E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855 }\n",
+                3,
+                "empty token",
+            ),
+            (
+                "notify:\n  slack_app:\n    signing_secret_file: EMPTY\n",
+                2,
+                "notify.slack_app",
+            ),
+            (
+                "notify:\n  mattermost_app:\n    callback_url: http://x/\n    secret_file: BLANK\n",
+                2,
+                "notify.mattermost_app",
+            ),
+            (
+                "notify:\n  sinks:\n    - { name: s, type: slack, url_env: REFLEX_TEST_UNSET_VARIABLE }\n",
+                3,
+                "notify.sinks.0",
+            ),
+            (
+                "notify:\n  sinks:\n    - { name: s, type: slack_bot, channel: c, token_file: EMPTY }\n",
+                3,
+                "notify.sinks.0",
+            ),
+            (
+                "credentials:\n  statuspage:\n    file: EMPTY\n",
+                2,
+                "credentials.statuspage",
+            ),
+            (
+                "feature_flags:\n  flags:\n    type: unleash\n    url: http://x/\n    token_file: EMPTY\n",
+                2,
+                "feature_flags.flags",
+            ),
+            (
+                "store:\n  url: postgres://reflex@127.0.0.1/reflex\n  password_file: BLANK\n",
+                1,
+                "store",
+            ),
+            (
+                "kubernetes:\n  clusters:\n    prod:\n      kubeconfig: DIR/missing\n",
+                4,
+                "kubeconfig",
+            ),
+        ];
+        for (text, line, needle) in cases {
+            let errors = load_with_files(text).expect_err(text);
+            assert_eq!(errors.len(), 1, "{text}: {errors:?}");
+            let e = &errors[0];
+            assert!(e.message.contains(needle), "{text}: {e}");
+            assert_eq!(e.line, line, "{text}: {e}");
+        }
+        // A secret that is there loads.
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let ok = format!(
+            "auth:\n  tokens:\n    - {{ name: a, role: admin, file: {} }}\n",
+            token.display()
+        );
+        load_with_files(&ok).unwrap();
+    }
+
+    #[test]
+    fn postgres_sslmode_never_sends_a_password_in_the_clear_off_loopback() {
+        use postgres::config::SslMode;
+        let mode = |url: &str| crate::store::pg::parse_url(url).map(|c| c.get_ssl_mode());
+        assert_eq!(
+            mode("postgres://r@db.internal/reflex"),
+            Ok(SslMode::Require)
+        );
+        assert_eq!(mode("host=db.internal user=r"), Ok(SslMode::Require));
+        assert_eq!(mode("postgres://r@127.0.0.1/reflex"), Ok(SslMode::Prefer));
+        assert_eq!(mode("postgres://r@localhost/reflex"), Ok(SslMode::Prefer));
+        for m in ["require", "verify-ca", "verify-full"] {
+            assert_eq!(
+                mode(&format!("postgres://r@db.internal/reflex?sslmode={m}")),
+                Ok(SslMode::Require),
+                "{m}"
+            );
+            assert_eq!(
+                mode(&format!("host=db.internal sslmode={m}")),
+                Ok(SslMode::Require)
+            );
+        }
+        assert_eq!(
+            mode("postgres://r@db.internal/reflex?application_name=x&sslmode=disable"),
+            Ok(SslMode::Disable)
+        );
+        let e = mode("postgres://r@db.internal/reflex?sslmode=prefer").unwrap_err();
+        assert!(e.contains("downgraded"), "{e}");
+        assert_eq!(
+            mode("postgres://r@[::1]/reflex?sslmode=prefer"),
+            Ok(SslMode::Prefer)
+        );
+        assert!(mode("postgres://r@db/reflex?sslmode=sometimes").is_err());
+        let errors = Config::parse("store:\n  url: postgres://r@db.internal/x?sslmode=prefer\n")
+            .unwrap_err();
+        assert_eq!(errors[0].0, 2, "{errors:?}");
     }
 
     #[test]

@@ -176,6 +176,10 @@ enum Command {
         /// Release automatically after this long (e.g. 2h).
         #[arg(long = "for")]
         for_: Option<String>,
+        /// Replace the reason (and end) of a switch that is engaged already; without it,
+        /// engaging an engaged switch changes nothing and exits 6.
+        #[arg(long)]
+        replace: bool,
     },
     /// Release the kill switch.
     Unkill {
@@ -301,6 +305,17 @@ fn decide(api: &Api, id: i64, verb: &str, comment: Option<String>) -> anyhow::Re
     Ok(ExitCode::SUCCESS)
 }
 
+/// The exit code of `trigger` and `retry`: 0 when a run was created (or joined a queued
+/// one), 6 when something held it back (a kill switch, a cooldown: the state refused it), 1
+/// when it could not be planned.
+fn outcome_exit(v: &serde_json::Value) -> ExitCode {
+    match v["outcome"].as_str() {
+        Some("suppressed") => ExitCode::from(6),
+        Some("failed") => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
+}
+
 /// `key=value`, for `-l` and `-a`.
 fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -413,8 +428,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reason,
             playbook,
             for_,
+            replace,
         } => {
-            let body = json!({ "engaged": true, "reason": reason, "for": for_ });
+            let body =
+                json!({ "engaged": true, "reason": reason, "for": for_, "replace": replace });
             set_switch(&api, playbook.as_deref(), body)
         }
         Command::Unkill {
@@ -437,11 +454,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let body = json!({ "labels": map(labels), "annotations": map(annotations) });
             let path = format!("/api/v1/playbooks/{playbook}/runs");
-            api.print(
-                &client_call(&api, Method::POST, &path, Some(body))?,
-                client::format_outcome,
-            );
-            Ok(ExitCode::SUCCESS)
+            let v = client_call(&api, Method::POST, &path, Some(body))?;
+            api.print(&v, client::format_outcome);
+            Ok(outcome_exit(&v))
         }
         Command::Retry {
             api,
@@ -450,11 +465,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let path = format!("/api/v1/runs/{id}/retry");
             let body = json!({ "from_start": from_start });
-            api.print(
-                &client_call(&api, Method::POST, &path, Some(body))?,
-                client::format_outcome,
-            );
-            Ok(ExitCode::SUCCESS)
+            let v = client_call(&api, Method::POST, &path, Some(body))?;
+            api.print(&v, client::format_outcome);
+            Ok(outcome_exit(&v))
         }
         Command::Cancel { api, id } => {
             let path = format!("/api/v1/runs/{id}/cancel");
@@ -533,10 +546,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let cfg = load_config(config.as_ref())?;
             let dir = playbooks.unwrap_or_else(|| cfg.playbooks_dir.clone());
-            let set = reflex::playbook::PlaybookSet::load(&[dir]).map_err(|d| {
-                let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
-                anyhow::anyhow!("invalid playbooks:\n{}", lines.join("\n"))
-            })?;
+            let set =
+                reflex::playbook::PlaybookSet::load(&[dir], &cfg.references()).map_err(|d| {
+                    let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
+                    anyhow::anyhow!("invalid playbooks:\n{}", lines.join("\n"))
+                })?;
             let alerts = reflex::cli::read_alerts(&alert).map_err(anyhow::Error::msg)?;
             let ok = reflex::cli::simulate(&cfg, &set, &alerts, json, &mut std::io::stdout())?;
             Ok(if ok {

@@ -43,6 +43,9 @@ pub struct Metrics {
     pub lease_held: IntGauge,
     /// Replicas whose work this one took over after their lease expired.
     pub takeovers: IntCounter,
+    /// HTTP requests refused, by reason (`unauthenticated`, `forbidden`, `cross_origin`,
+    /// `chat`, `throttled`, `host`).
+    pub http_refused: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -84,6 +87,11 @@ impl Metrics {
             "reflex_plan_failures_total",
             "Matched alerts that could not be planned, by playbook and reason.",
             &["playbook", "reason"],
+        );
+        let http_refused = counter_vec(
+            "reflex_http_refused_total",
+            "HTTP requests refused, by reason.",
+            &["reason"],
         );
         let notify_failures = counter_vec(
             "reflex_notify_failures_total",
@@ -204,6 +212,7 @@ impl Metrics {
             store_commits,
             lease_held,
             takeovers,
+            http_refused,
         }
     }
 

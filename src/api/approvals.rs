@@ -136,6 +136,7 @@ async fn decide(
     } else {
         json_body(&body)?
     };
+    check_comment(body.comment.as_deref())?;
     let decision = state
         .engine
         .decide(id, who.name.clone(), approve, body.comment)
@@ -149,6 +150,18 @@ async fn decide(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))
+}
+
+/// A comment longer than [`super::MAX_TEXT_BYTES`] is refused (nothing is decided).
+pub(super) fn check_comment(comment: Option<&str>) -> Result<(), ApiError> {
+    match comment {
+        Some(c) if c.len() > super::MAX_TEXT_BYTES => Err(ApiError::BadRequest(format!(
+            "the comment is {} bytes; at most {} are kept",
+            c.len(),
+            super::MAX_TEXT_BYTES
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Why a decision was not recorded, as the API answers it; `None` when it was.

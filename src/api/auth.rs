@@ -5,6 +5,7 @@
 //! role: convenient on a laptop, and logged as a warning at start.
 
 use super::AppState;
+use super::refusals::Reason;
 use crate::config::{AuthConfig, Role};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -153,6 +154,9 @@ impl Auth {
                 role: Role::Admin,
             });
         }
+        if secret.trim().is_empty() {
+            return Err(AuthFailure::Invalid);
+        }
         let presented = digest(secret.trim().as_bytes());
         // Compare against every token so that timing does not tell which one came close.
         let mut found = None;
@@ -167,6 +171,17 @@ impl Auth {
                 role,
             })
             .ok_or(AuthFailure::Invalid)
+    }
+
+    /// The role of the token named `name` now, as `reflex approve` with that token would
+    /// have it (in open mode, every caller is an admin); `None` for a name no token has.
+    pub fn role_by_name(&self, name: &str) -> Option<Role> {
+        if !self.enabled() {
+            return Some(Role::Admin);
+        }
+        (self.tokens.iter())
+            .find(|(n, _, _)| n == name)
+            .map(|(_, role, _)| *role)
     }
 
     /// What ties a console session to the token it logged in with: SHA-256 of the token's
@@ -198,7 +213,7 @@ pub fn allows(have: Role, need: Role) -> bool {
 }
 
 async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Response {
-    let (status, why, who) = match state.auth.identify(req.headers()) {
+    let (status, why, who, reason) = match state.auth.identify(req.headers()) {
         Ok(id) if allows(id.role, need) => {
             req.extensions_mut().insert(id);
             return next.run(req).await;
@@ -207,23 +222,20 @@ async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Res
             StatusCode::FORBIDDEN,
             format!("the {:?} role cannot do this (needs {need:?})", id.role),
             id.name,
+            Reason::Forbidden,
         ),
         Err(why) => (
             StatusCode::UNAUTHORIZED,
             why.to_string(),
             "unauthenticated".to_string(),
+            Reason::Unauthenticated,
         ),
     };
     if req.method() != Method::GET {
         let action = format!("{} {}", req.method(), req.uri().path());
-        let detail = Some(format!("{}: {why}", status.as_u16()));
-        if let Err(e) = state
-            .store
-            .audit(&who, &action, None, "refused", detail)
-            .await
-        {
-            tracing::error!(error = %e, "cannot audit a refused request");
-        }
+        let detail = format!("{}: {why}", status.as_u16());
+        let source = super::peer(req.extensions());
+        super::refusals::record(&state, source, &who, &action, reason, &detail).await;
     }
     let mut resp = super::ApiError::Status(status, why).into_response();
     if status == StatusCode::UNAUTHORIZED {

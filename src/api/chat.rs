@@ -5,12 +5,16 @@
 //! `v0=` and the hex HMAC-SHA256 of `v0:{X-Slack-Request-Timestamp}:{body}`. A request is
 //! taken only when that signature verifies (compared in constant time), its timestamp is
 //! within five minutes, and it was not seen before (a replay within the window is refused).
-//! The Slack user must be mapped to an approver identity in `notify.slack_app.users`; the
-//! decision is then exactly the API's (approvers, distinct approvals, expiry, kill switch), on
-//! the action the message showed (the button carries its hash). The message is then updated
-//! in place through Slack's `response_url`, saying who decided.
+//! The Slack user must be mapped to a token name in `notify.slack_app.users`; the decision is
+//! then exactly the one `reflex approve` with that token would get, under the config in force
+//! at the click (the token's role, the playbook's approvers, distinct approvals, expiry, the
+//! kill switch), on the action the message showed (the button carries its hash). The message
+//! is then updated in place through Slack's `response_url`, saying who decided; a refusal is
+//! answered to the one who clicked only, counted and audited (bounded, as every refusal).
 
+use super::auth::allows;
 use super::{ApiError, AppState};
+use crate::config::Role;
 use crate::notify::config::SlackApp;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -121,21 +125,40 @@ pub async fn slack_interactions(
         .and_then(|(id, hash)| Some((id.parse::<i64>().ok()?, hash.to_string())))
         .ok_or_else(|| ApiError::BadRequest("the button carries no approval".into()))?;
     let user = payload["user"]["id"].as_str().unwrap_or_default();
-    let who = slack.users.get(user).cloned().ok_or_else(|| {
-        ApiError::Status(
+    let response_url = (payload["response_url"].as_str())
+        .filter(|url| url.starts_with(&slack.response_url_prefix));
+    let decided = match slack.users.get(user) {
+        Some(who) => decide(&state, id, &hash, who, approve, "from Slack").await,
+        None => Err(ApiError::Status(
             StatusCode::FORBIDDEN,
             format!("Slack user {user} is not mapped to an approver (notify.slack_app.users)"),
-        )
-    })?;
-    let verb = decide(&state, id, &hash, &who, approve, "from Slack").await?;
+        )),
+    };
+    let who = slack.users.get(user).map_or("", String::as_str);
+    let verb = match decided {
+        Ok(verb) => verb,
+        Err(e) => {
+            refused(&state, &format!("slack:{user}"), who, id, &e).await;
+            // Answered in chat to the one who clicked only; the message stays as it was.
+            if let Some(url) = response_url {
+                let text = format!(
+                    "Not decided: {}",
+                    crate::notify::Markup::Slack.escape(&e.to_string())
+                );
+                let answer = json!({ "response_type": "ephemeral", "replace_original": false, "text": text });
+                if let Err(e) = slack.http.post(url).json(&answer).send().await {
+                    tracing::warn!(error = %e, "cannot answer in Slack");
+                }
+            }
+            return Err(e);
+        }
+    };
     // The message, updated in place: what it asked, then who decided.
-    if let Some(url) = payload["response_url"].as_str()
-        && url.starts_with(&slack.response_url_prefix)
-    {
+    if let Some(url) = response_url {
         let original = payload["message"]["text"].as_str().unwrap_or_default();
         let text = format!(
             "{original}\n{verb} by {} (approval {id}).",
-            crate::notify::Markup::Slack.escape(&who)
+            crate::notify::Markup::Slack.escape(who)
         );
         let update = json!({ "replace_original": true, "text": text });
         if let Err(e) = slack.http.post(url).json(&update).send().await {
@@ -145,6 +168,26 @@ pub async fn slack_interactions(
     Ok(axum::Json(
         json!({ "approval": id, "decision": verb.to_lowercase(), "by": who }),
     ))
+}
+
+/// Counts and audits (bounded) a chat click that decided nothing.
+async fn refused(state: &AppState, chat_user: &str, who: &str, id: i64, e: &ApiError) {
+    let actor = if who.is_empty() {
+        chat_user.to_string()
+    } else {
+        format!("{who} ({chat_user})")
+    };
+    let why = format!("approval {id}: {}: {e}", e.status().as_u16());
+    let action = "chat decision";
+    super::refusals::record(
+        state,
+        None,
+        &actor,
+        action,
+        super::refusals::Reason::Chat,
+        &why,
+    )
+    .await;
 }
 
 /// A decision from a chat button: on the action the message showed (`hash`), as `who`,
@@ -157,6 +200,26 @@ async fn decide(
     approve: bool,
     from: &str,
 ) -> Result<&'static str, ApiError> {
+    // The name decides exactly as `reflex approve` with its token would, under the config in
+    // force at the click: a viewer, a webhook token or a name no token has decides nothing.
+    match state.auth.role_by_name(who) {
+        Some(role) if allows(role, Role::Approver) => {}
+        Some(role) => {
+            return Err(ApiError::Status(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{who} has the {} role; deciding needs the approver role",
+                    super::console::role_name(role)
+                ),
+            ));
+        }
+        None => {
+            return Err(ApiError::Status(
+                StatusCode::FORBIDDEN,
+                format!("{who} is not the name of a token in auth.tokens; nothing was decided"),
+            ));
+        }
+    }
     let approval = (state.store.get_approval(id).await?)
         .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))?;
     if approval.action_hash != hash {
@@ -205,11 +268,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
                    Mattermost user decides as the identity `notify.mattermost_app.users` maps it to.",
     request_body = Object,
     responses(
-        (status = 200, description = "Decided; the post is updated", body = Object),
+        (status = 200, description = "Decided (the post is updated), or refused (`refused`, with the status the API would give, and `ephemeral_text` for the one who clicked)", body = Object),
         (status = 401, description = "Missing or wrong secret", body = super::error::ErrorBody),
-        (status = 403, description = "The user is not mapped, or not an approver here", body = super::error::ErrorBody),
-        (status = 404, description = "No such approval, or Mattermost is not configured", body = super::error::ErrorBody),
-        (status = 409, description = "Already decided, expired, or another action than shown", body = super::error::ErrorBody)
+        (status = 404, description = "Mattermost is not configured", body = super::error::ErrorBody)
     ),
     security(())
 )]
@@ -242,17 +303,32 @@ pub async fn mattermost_actions(
         ));
     };
     let user = call["user_id"].as_str().unwrap_or_default();
-    let who = mm.users.get(user).cloned().ok_or_else(|| {
-        ApiError::Status(
+    let decided = match mm.users.get(user) {
+        Some(who) => decide(&state, id, hash, who, approve, "from Mattermost").await,
+        None => Err(ApiError::Status(
             StatusCode::FORBIDDEN,
             format!(
                 "Mattermost user {user} is not mapped to an approver (notify.mattermost_app.users)"
             ),
-        )
-    })?;
-    let verb = decide(&state, id, hash, &who, approve, "from Mattermost").await?;
-    let by = crate::notify::Markup::Markdown.escape(&who);
-    Ok(axum::Json(json!({
-        "update": { "message": format!("{verb} by {by} (approval {id}).") },
-    })))
+        )),
+    };
+    let who = mm.users.get(user).map_or("", String::as_str);
+    match decided {
+        Ok(verb) => {
+            let by = crate::notify::Markup::Markdown.escape(who);
+            Ok(axum::Json(json!({
+                "update": { "message": format!("{verb} by {by} (approval {id}).") },
+            })))
+        }
+        Err(e) => {
+            refused(&state, &format!("mattermost:{user}"), who, id, &e).await;
+            // Mattermost shows `ephemeral_text` to the one who clicked, and only on a 200; the
+            // post stays as it was. `refused` carries the status the API would have given.
+            let text = crate::notify::Markup::Markdown.escape(&e.to_string());
+            Ok(axum::Json(json!({
+                "ephemeral_text": format!("Not decided: {text}"),
+                "refused": { "status": e.status().as_u16(), "message": e.to_string() },
+            })))
+        }
+    }
 }

@@ -23,6 +23,8 @@ pub struct SwitchBody {
     /// Release automatically after this long (e.g. `2h`).
     #[serde(rename = "for")]
     pub for_: Option<String>,
+    /// Engage a switch that is engaged already, replacing its reason and end (otherwise 409).
+    pub replace: Option<bool>,
 }
 
 /// The switches in force.
@@ -78,7 +80,7 @@ pub async fn get(State(state): State<AppState>) -> Result<Json<SwitchState>, Api
     tag = "admin",
     description = "Engages or releases the global kill switch. Role: admin.",
     request_body = SwitchBody,
-    responses((status = 200, description = "The switches after the change", body = SwitchState), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    responses((status = 200, description = "The switches after the change", body = SwitchState), (status = 409, description = "Engaged already (send replace)", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
     security(("bearer" = ["admin"]))
 )]
 pub async fn put(
@@ -156,6 +158,13 @@ pub(crate) async fn apply(
     body: SwitchBody,
 ) -> Result<(), ApiError> {
     let reason = body.reason.unwrap_or_default().trim().to_string();
+    if reason.len() > super::MAX_TEXT_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "the reason is {} bytes; at most {} are kept",
+            reason.len(),
+            super::MAX_TEXT_BYTES
+        )));
+    }
     if body.engaged && reason.is_empty() {
         return Err(ApiError::BadRequest(
             "a reason is required to engage the kill switch".into(),
@@ -193,9 +202,15 @@ pub(crate) async fn apply(
     } else {
         reason
     };
-    state
-        .engine
-        .set_switch(scope, body.engaged, reason, who.to_string(), until)
-        .await?;
+    let replace = body.replace.unwrap_or(false);
+    if let Some(held) = (state.engine)
+        .set_switch(scope, body.engaged, reason, who.to_string(), until, replace)
+        .await?
+    {
+        return Err(ApiError::Conflict(format!(
+            "{held}; nothing was changed (send \"replace\": true, or `reflex kill --replace`, \
+             to replace its reason)"
+        )));
+    }
     Ok(())
 }

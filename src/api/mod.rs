@@ -10,6 +10,7 @@ mod error;
 mod killswitch;
 pub mod openapi;
 mod playbooks;
+pub mod refusals;
 mod runs;
 pub mod server;
 mod webhooks;
@@ -46,7 +47,23 @@ pub struct AppState {
     pub slack: Option<Arc<chat::Slack>>,
     /// Mattermost's approval actions, when `notify.mattermost_app` is configured.
     pub mattermost: Option<Arc<chat::Mattermost>>,
+    /// Refused requests in the current window, by source (the audit log stays bounded).
+    pub refusals: Arc<refusals::Refusals>,
+    /// Host names requests may carry (`Config::allowed_hosts`).
+    pub allowed_hosts: Arc<[String]>,
 }
+
+/// The address a request came from, when the server knows it (not in `oneshot` tests).
+pub(crate) fn peer(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+/// Longest free text a caller may leave on the record (a kill switch's reason, an approval's
+/// comment): enough for an incident reference and a paragraph, bounded so that the audit log
+/// and chat stay readable.
+pub(crate) const MAX_TEXT_BYTES: usize = 4096;
 
 /// Parses a small JSON control body.
 pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -129,8 +146,54 @@ pub fn router(state: AppState) -> Router {
         .merge(console::router())
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn(same_origin_json))
+        .layer(from_fn_with_state(state.clone(), same_origin_json))
+        .layer(from_fn_with_state(state.clone(), allowed_host))
         .with_state(state)
+}
+
+/// A request naming another host than Reflex's is answered 421 on the console always, and
+/// everywhere when the API is open: a site whose name an attacker rebinds to Reflex's address
+/// (DNS rebinding) is same-origin to the browser, but its `Host` header still names that site.
+async fn allowed_host(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let console = req.uri().path() == "/" || req.uri().path().starts_with("/ui");
+    if !console && state.auth.enabled() {
+        return next.run(req).await;
+    }
+    let host = req
+        .headers()
+        .get(axum::http::header::HOST)
+        .map(|h| h.to_str().map(crate::config::host_of));
+    match host {
+        // No Host header (HTTP/1.0, a client on the socket): no browser is involved.
+        None => next.run(req).await,
+        Some(Ok(h)) if state.allowed_hosts.contains(&h) => next.run(req).await,
+        Some(h) => {
+            let shown = refusals::truncate(&h.unwrap_or_default(), 100);
+            let why = format!(
+                "Host {shown:?} is not one Reflex answers to; add it to server.allowed_hosts \
+                 if clients reach Reflex by that name"
+            );
+            let action = format!("{} {}", req.method(), req.uri().path());
+            if req.method() != axum::http::Method::GET {
+                let source = peer(req.extensions());
+                refusals::record(
+                    &state,
+                    source,
+                    "unauthenticated",
+                    &action,
+                    refusals::Reason::Host,
+                    &why,
+                )
+                .await;
+            }
+            ApiError::Status(StatusCode::MISDIRECTED_REQUEST, why).into_response()
+        }
+    }
 }
 
 /// Mutating requests must not come from another site's page, and outside the console they must
@@ -141,6 +204,7 @@ pub fn router(state: AppState) -> Router {
 /// `Content-Type: application/json` forces a CORS preflight, which Reflex never answers, and a
 /// foreign `Origin` (or `Sec-Fetch-Site: cross-site`) is refused outright.
 async fn same_origin_json(
+    State(state): State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -168,13 +232,20 @@ async fn same_origin_json(
         (None, _) => false,
     };
     if cross_site || foreign_origin {
-        return ApiError::Status(
-            StatusCode::FORBIDDEN,
-            "cross-origin request refused: Reflex's API takes mutating calls from its own \
-             origin or from non-browser clients only"
-                .into(),
+        let why = "cross-origin request refused: Reflex's API takes mutating calls from its own \
+                   origin or from non-browser clients only";
+        let action = format!("{} {}", req.method(), req.uri().path());
+        let source = peer(req.extensions());
+        refusals::record(
+            &state,
+            source,
+            "unauthenticated",
+            &action,
+            refusals::Reason::CrossOrigin,
+            why,
         )
-        .into_response();
+        .await;
+        return ApiError::Status(StatusCode::FORBIDDEN, why.into()).into_response();
     }
     // The console's forms are form-encoded: each carries its session's CSRF token, checked
     // by the console before anything else.

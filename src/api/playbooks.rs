@@ -90,11 +90,11 @@ pub async fn reload(
 #[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerBody {
-    /// The labels the playbook's templates see.
-    #[serde(default)]
+    /// The labels the playbook's templates see (each key once, as in webhooks).
+    #[serde(default, deserialize_with = "crate::alert::unique_map")]
     pub labels: crate::alert::Labels,
-    /// Its annotations.
-    #[serde(default)]
+    /// Its annotations (each key once).
+    #[serde(default, deserialize_with = "crate::alert::unique_map")]
     pub annotations: crate::alert::Labels,
 }
 

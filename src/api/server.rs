@@ -39,6 +39,11 @@ pub struct ServerConfig {
     /// On shutdown, how long requests in progress may take to finish.
     #[serde(with = "crate::config::duration_str")]
     pub shutdown_timeout: Duration,
+    /// Host names (or addresses) clients may reach Reflex by, besides the ones always allowed:
+    /// the listen address, `localhost`, `127.0.0.1`, `[::1]` and the host of `public_url`.
+    /// Another `Host` gets 421 on the console, and everywhere when the API is open (no
+    /// tokens): a page on another site that rebinds its name to Reflex's address cannot act.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +53,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             max_connections: 1024,
             shutdown_timeout: Duration::from_secs(10),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -73,7 +79,7 @@ pub async fn serve(
     let service = bounded(router, cfg.request_timeout);
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -94,7 +100,13 @@ pub async fn serve(
         let header_timeout = cfg.header_timeout;
         connections.spawn(async move {
             let _slot = slot;
-            let hyper_service = hyper::service::service_fn(move |req| service.clone().oneshot(req));
+            // Handlers that count refusals per source find the peer here.
+            let hyper_service =
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    service.clone().oneshot(req)
+                });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())

@@ -58,6 +58,8 @@ pub(super) struct TestApi {
     /// The store's clock, moved by hand.
     clock: Arc<crate::time::ManualClock>,
     pub(super) engine: Arc<Engine>,
+    /// What the router was built from.
+    pub(super) state: AppState,
     _dir: tempfile::TempDir,
     _db: crate::store::tests::TestDb,
 }
@@ -71,6 +73,15 @@ impl TestApi {
     /// The store is SQLite, or PostgreSQL when `REFLEX_TEST_STORE=postgres` (scripts/test runs
     /// these tests both ways).
     async fn with(extra: &str, extra_tokens: &str) -> TestApi {
+        Self::build(extra, Some(extra_tokens)).await
+    }
+
+    /// With no tokens at all: the open API of a laptop.
+    async fn open(extra: &str) -> TestApi {
+        Self::build(extra, None).await
+    }
+
+    async fn build(extra: &str, extra_tokens: Option<&str>) -> TestApi {
         let dir = tempfile::tempdir().unwrap();
         let pb = dir.path().join("playbooks");
         std::fs::create_dir_all(&pb).unwrap();
@@ -84,8 +95,12 @@ impl TestApi {
                 format!("    - {{ name: {r}, role: {r}, sha256: {hash} }}\n")
             })
             .collect();
+        let auth = match extra_tokens {
+            Some(more) => format!("auth:\n  tokens:\n{tokens}{more}"),
+            None => String::new(),
+        };
         let cfg = crate::config::Config::parse(&format!(
-            "playbooks_dir: {}\ndata_dir: {}\nauth:\n  tokens:\n{tokens}{extra_tokens}{extra}",
+            "playbooks_dir: {}\ndata_dir: {}\n{auth}{extra}",
             pb.display(),
             dir.path().join("data").display()
         ))
@@ -97,7 +112,7 @@ impl TestApi {
             crate::store::tests::TestDb::Sqlite(tempfile::tempdir().unwrap())
         };
         let store = test_db.open_with_clock(clock.clone()).await;
-        let playbooks = PlaybookSet::load(&[pb]).unwrap();
+        let playbooks = PlaybookSet::load(&[pb], &Default::default()).unwrap();
         let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
         let engine = Engine::new(
             store.clone(),
@@ -117,9 +132,12 @@ impl TestApi {
                 .map(|a| Arc::new(super::chat::Slack::from_config(a).unwrap())),
             mattermost: (cfg.notify.mattermost_app.as_ref())
                 .map(|a| Arc::new(super::chat::Mattermost::from_config(a).unwrap())),
+            refusals: Default::default(),
+            allowed_hosts: cfg.allowed_hosts().into(),
         };
         TestApi {
-            router: router(state),
+            router: router(state.clone()),
+            state,
             db: cfg.data_dir.join("reflex.db"),
             store,
             clock,
@@ -127,6 +145,15 @@ impl TestApi {
             _dir: dir,
             _db: test_db,
         }
+    }
+
+    /// Refused requests counted in `reflex_http_refused_total` under these reasons.
+    pub(super) fn refused_count(&self, reasons: &[&str]) -> u64 {
+        let refused = &self.engine.metrics().http_refused;
+        reasons
+            .iter()
+            .map(|r| refused.with_label_values(&[r]).get())
+            .sum()
     }
 
     /// One request; the status and the JSON answer (null when not JSON).
@@ -277,15 +304,68 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
             }
         }
     }
-    // Refused mutating calls are on the record.
-    let audit = api.view("/api/v1/audit?limit=1000").await;
-    let refused = audit
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["outcome"] == "refused")
-        .count();
-    assert!(refused >= 20, "{refused} refused calls audited");
+    // Refused mutating calls are on the record, collapsed: all came from one source (the
+    // in-process caller) within one window, so one row, then one row with the count.
+    let refused_rows = |audit: &Value| -> Vec<Value> {
+        (audit.as_array().unwrap().iter())
+            .filter(|a| a["outcome"] == "refused")
+            .cloned()
+            .collect()
+    };
+    let rows = refused_rows(&api.view("/api/v1/audit?limit=1000").await);
+    assert_eq!(rows.len(), 1, "{rows:#?}");
+    let counted = api.refused_count(&["unauthenticated", "forbidden"]);
+    assert!(counted >= 20, "{counted} refusals counted");
+    api.clock.advance(std::time::Duration::from_millis(
+        super::refusals::WINDOW_MS as u64,
+    ));
+    super::refusals::flush(&api.state, false).await;
+    let rows = refused_rows(&api.view("/api/v1/audit?limit=1000").await);
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    let summary = rows[0]["detail"].as_str().unwrap();
+    assert!(
+        summary.starts_with(&format!(
+            "{} more refused requests from unknown",
+            counted - 1
+        )),
+        "{summary}"
+    );
+}
+
+#[tokio::test]
+async fn refused_requests_with_huge_paths_cannot_fill_the_audit_log() {
+    let api = TestApi::new().await;
+    let rows = || async {
+        let n: i64 = (api.store)
+            .read(|c| c.one("SELECT count(*) FROM audit", &[], |r| r.get(0)))
+            .await
+            .unwrap();
+        n
+    };
+    let before = rows().await;
+    let long = format!("/api/v1/playbooks/{}/runs", "a".repeat(60_000));
+    for method in [Method::POST, Method::HEAD, Method::OPTIONS, Method::PUT] {
+        for _ in 0..50 {
+            let (status, _) = api.call(method.clone(), &long, None, Some("{}")).await;
+            assert!(status.is_client_error(), "{method}: {status}");
+        }
+        let (status, _) = api
+            .call(method.clone(), "/api/v1/killswitch", None, Some("{}"))
+            .await;
+        assert!(status.is_client_error(), "{method}: {status}");
+    }
+    assert!(rows().await - before <= 1, "one row for the window");
+    let bytes: i64 = (api.store)
+        .read(|c| {
+            c.one(
+                "SELECT coalesce(sum(length(action) + length(coalesce(detail, ''))), 0) FROM audit",
+                &[],
+                |r| r.get(0),
+            )
+        })
+        .await
+        .unwrap();
+    assert!(bytes < 2_000, "{bytes} bytes of audit");
 }
 
 #[tokio::test]
@@ -954,7 +1034,8 @@ async fn response_url_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) 
     (format!("http://{addr}/"), got)
 }
 
-/// An API with a Slack app (secret `s3cret`, user U1 deciding as alice) and a gated run
+/// An API with a Slack app (secret `s3cret`; user U1 deciding as the approver token, U2 as
+/// the viewer, U3 as the webhook token, U4 as a name no token has) and a gated run
 /// waiting; its approval's id and action hash, and the response_url receiver.
 async fn slack_api() -> (
     TestApi,
@@ -966,7 +1047,7 @@ async fn slack_api() -> (
 ) {
     let (base, got) = response_url_receiver().await;
     let section = format!(
-        "notify:\n  slack_app:\n    signing_secret_file: SECRET\n    users: {{ U1: alice }}\n    response_url_prefix: {base}\n"
+        "notify:\n  slack_app:\n    signing_secret_file: SECRET\n    users: {{ U1: approver, U2: viewer, U3: webhook, U4: nobody }}\n    response_url_prefix: {base}\n"
     );
     let (api, _, id, hash, dir) = chat_api(&section, "s3cret").await;
     (api, id, hash, base, got, dir)
@@ -1026,13 +1107,13 @@ async fn a_slack_approve_button_decides_as_the_mapped_user_and_updates_the_messa
     assert_eq!(status, StatusCode::OK, "{out}");
     let approval = api.view(&format!("/api/v1/approvals/{id}")).await;
     assert_eq!(approval["state"], "approved", "{approval}");
-    assert_eq!(approval["decided_by"], "alice", "{approval}");
+    assert_eq!(approval["decided_by"], "approver", "{approval}");
     wait_state(&api, approval["run_id"].as_i64().unwrap(), "succeeded").await;
     let updates = got.lock().unwrap().clone();
     assert_eq!(
         updates,
         vec![
-            json!({"replace_original": true, "text": format!("Approval needed\nApproved by alice (approval {id}).")})
+            json!({"replace_original": true, "text": format!("Approval needed\nApproved by approver (approval {id}).")})
         ]
     );
     // The same signed request again is a replay.
@@ -1086,7 +1167,19 @@ async fn forged_expired_unmapped_and_stale_slack_clicks_decide_nothing() {
     let mut req = slack_request("s3cret", now + 2, &click("U1", "approve", &value, &url));
     req.headers_mut().remove("x-slack-signature");
     assert_eq!(send(&api, req).await.0, StatusCode::UNAUTHORIZED);
-    assert!(got.lock().unwrap().is_empty(), "no message was updated");
+    // The message itself was never updated; the signed refusals were answered to the one who
+    // clicked (the unmapped user, the other action).
+    let answers = got.lock().unwrap().clone();
+    assert_eq!(answers.len(), 2, "{answers:#?}");
+    for a in &answers {
+        assert_eq!(a["response_type"], "ephemeral", "{a}");
+        assert_eq!(a["replace_original"], false, "{a}");
+        assert!(
+            a["text"].as_str().unwrap().starts_with("Not decided: "),
+            "{a}"
+        );
+    }
+    got.lock().unwrap().clear();
     // Deny, from a mapped user: the run ends without acting.
     let (status, out) = send(
         &api,
@@ -1100,13 +1193,54 @@ async fn forged_expired_unmapped_and_stale_slack_clicks_decide_nothing() {
         got.lock().unwrap()[0]["text"]
             .as_str()
             .unwrap()
-            .ends_with(&format!("Denied by alice (approval {id})."))
+            .ends_with(&format!("Denied by approver (approval {id})."))
     );
 }
 
 #[tokio::test]
+async fn a_slack_user_mapped_to_a_viewer_a_webhook_token_or_no_token_decides_nothing() {
+    let (api, id, hash, base, got, _dir) = slack_api().await;
+    let now = api.store.now_ms() / 1000;
+    let (url, value) = (format!("{base}hook"), format!("{id}:{hash}"));
+    for (i, (user, needle)) in [
+        ("U2", "viewer has the viewer role"),
+        ("U3", "webhook has the webhook role"),
+        ("U4", "nobody is not the name of a token"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for action in ["approve", "deny"] {
+            let ts = now + (i as i64) * 2 + i64::from(action == "deny");
+            let req = slack_request("s3cret", ts, &click(user, action, &value, &url));
+            let (status, out) = send(&api, req).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{user} {action}: {out}");
+            let message = out["error"]["message"].as_str().unwrap();
+            assert!(message.contains(needle), "{user}: {message}");
+            let approval = api.view(&format!("/api/v1/approvals/{id}")).await;
+            assert_eq!(
+                approval["state"], "pending",
+                "{user} {action} changed nothing"
+            );
+        }
+    }
+    // Each refusal was answered in Slack to the one who clicked, and audited.
+    assert_eq!(got.lock().unwrap().len(), 6);
+    let audit = api.view("/api/v1/audit?limit=100").await;
+    let row = (audit.as_array().unwrap().iter())
+        .find(|a| a["action"] == "chat decision")
+        .expect("a chat refusal on the record");
+    assert_eq!(row["outcome"], "refused", "{row}");
+    assert_eq!(row["actor"], "viewer (slack:U2)", "{row}");
+    assert_eq!(api.refused_count(&["chat"]), 6);
+    // The approver's click still decides.
+    let req = slack_request("s3cret", now + 10, &click("U1", "approve", &value, &url));
+    assert_eq!(send(&api, req).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn mattermost_buttons_decide_with_the_shared_secret_as_the_mapped_user() {
-    let section = "notify:\n  mattermost_app:\n    callback_url: http://reflex.invalid/api/v1/chat/mattermost/actions\n    secret_file: SECRET\n    users: { mm1: alice }\n";
+    let section = "notify:\n  mattermost_app:\n    callback_url: http://reflex.invalid/api/v1/chat/mattermost/actions\n    secret_file: SECRET\n    users: { mm1: approver, mm2: viewer }\n";
     let (api, run_id, id, hash, _dir) = chat_api(section, "mm-s3cret").await;
     let hash = hash.as_str();
     let call = |user: &str, secret: &str, hash: &str| {
@@ -1117,11 +1251,30 @@ async fn mattermost_buttons_decide_with_the_shared_secret_as_the_mapped_user() {
     for (what, body, want) in [
         ("wrong secret", call("mm1", "guess", hash), StatusCode::UNAUTHORIZED),
         ("no secret", json!({"user_id": "mm1", "context": {"action": "approve", "approval": id, "hash": hash}}).to_string(), StatusCode::UNAUTHORIZED),
-        ("unmapped", call("mm9", "mm-s3cret", hash), StatusCode::FORBIDDEN),
-        ("other action", call("mm1", "mm-s3cret", "beef"), StatusCode::CONFLICT),
     ] {
         let (status, out) = api.call(Method::POST, path, None, Some(&body)).await;
         assert_eq!(status, want, "{what}: {out}");
+        let a = api.view(&format!("/api/v1/approvals/{id}")).await;
+        assert_eq!(a["state"], "pending", "{what} changed nothing");
+    }
+    // With the secret, a refusal is answered to the one who clicked (Mattermost shows
+    // `ephemeral_text` on a 200 only), with the status the API would have given.
+    for (what, body, want) in [
+        ("unmapped", call("mm9", "mm-s3cret", hash), 403),
+        ("a viewer", call("mm2", "mm-s3cret", hash), 403),
+        ("other action", call("mm1", "mm-s3cret", "beef"), 409),
+    ] {
+        let (status, out) = api.call(Method::POST, path, None, Some(&body)).await;
+        assert_eq!(status, StatusCode::OK, "{what}: {out}");
+        assert_eq!(out["refused"]["status"], want, "{what}: {out}");
+        assert!(
+            out["ephemeral_text"]
+                .as_str()
+                .unwrap()
+                .starts_with("Not decided: "),
+            "{what}: {out}"
+        );
+        assert!(out.get("update").is_none(), "{what}: the post stays: {out}");
         let a = api.view(&format!("/api/v1/approvals/{id}")).await;
         assert_eq!(a["state"], "pending", "{what} changed nothing");
     }
@@ -1136,10 +1289,10 @@ async fn mattermost_buttons_decide_with_the_shared_secret_as_the_mapped_user() {
     assert_eq!(status, StatusCode::OK, "{out}");
     assert_eq!(
         out["update"]["message"],
-        format!("Approved by alice (approval {id}).")
+        format!("Approved by approver (approval {id}).")
     );
     wait_state(&api, run_id, "succeeded").await;
-    let (status, _) = api
+    let (status, out) = api
         .call(
             Method::POST,
             path,
@@ -1147,10 +1300,10 @@ async fn mattermost_buttons_decide_with_the_shared_secret_as_the_mapped_user() {
             Some(&call("mm1", "mm-s3cret", hash)),
         )
         .await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(
-        status,
-        StatusCode::CONFLICT,
-        "a second click decides nothing"
+        out["refused"]["status"], 409,
+        "a second click decides nothing: {out}"
     );
 }
 
@@ -1213,4 +1366,181 @@ async fn a_late_resolution_of_an_earlier_occurrence_leaves_a_newer_one_alone() {
     );
     let state = api.view(&format!("/api/v1/runs/{run}")).await["state"].clone();
     assert_eq!(state, "resolved");
+}
+
+#[tokio::test]
+async fn in_open_mode_a_foreign_host_cannot_act_dns_rebinding() {
+    let api = TestApi::open("server:\n  allowed_hosts: [reflex.example.internal]\n").await;
+    let put = |host: &str| {
+        Request::builder()
+            .method(Method::PUT)
+            .uri("/api/v1/killswitch")
+            .header(header::HOST, host)
+            .header(header::ORIGIN, format!("http://{host}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"engaged": true, "reason": "rebound"}"#))
+            .unwrap()
+    };
+    for host in [
+        "evil.example",
+        "evil.example:9095",
+        "127.0.0.1.evil.example",
+        "[::2]",
+    ] {
+        let (status, out) = send(&api, put(host)).await;
+        assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "{host}: {out}");
+        assert!(
+            out["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("server.allowed_hosts"),
+            "{out}"
+        );
+    }
+    assert!(
+        api.store
+            .switches()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| !s.engaged)
+    );
+    let (status, out) = send(&api, get_with_host("/api/v1/runs", "evil.example")).await;
+    assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "reads too: {out}");
+    // The names Reflex is reached by act as before.
+    for host in [
+        "127.0.0.1:9095",
+        "localhost:9095",
+        "[::1]:9095",
+        "Reflex.Example.Internal",
+    ] {
+        let (status, out) = send(&api, get_with_host("/api/v1/runs", host)).await;
+        assert_eq!(status, StatusCode::OK, "{host}: {out}");
+    }
+    let (status, out) = send(&api, put("localhost:9095")).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+}
+
+#[tokio::test]
+async fn with_tokens_the_api_takes_any_host_but_the_console_does_not() {
+    let api = TestApi::new().await;
+    let mut req = get_with_host("/api/v1/runs", "reflex-behind-a-proxy.example");
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        "Bearer viewer-token".parse().unwrap(),
+    );
+    assert_eq!(send(&api, req).await.0, StatusCode::OK);
+    let resp = api
+        .router
+        .clone()
+        .oneshot(get_with_host("/ui/login", "evil.example"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+}
+
+fn get_with_host(path: &str, host: &str) -> Request<Body> {
+    Request::builder()
+        .uri(path)
+        .header(header::HOST, host)
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn engaging_an_engaged_switch_keeps_its_reason_unless_replace_is_said() {
+    let api = TestApi::new().await;
+    let put = |body: Value| {
+        let api = &api;
+        async move {
+            api.call(
+                Method::PUT,
+                "/api/v1/killswitch",
+                Some("admin-token"),
+                Some(&body.to_string()),
+            )
+            .await
+        }
+    };
+    let (status, _) =
+        put(json!({"engaged": true, "reason": "INC-4711: bad deploy, hands off", "for": "2h"}))
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, out) = put(json!({"engaged": true, "reason": "x"})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{out}");
+    let message = out["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("already engaged by admin until ")
+            && message.contains("INC-4711: bad deploy, hands off")
+            && message.contains("replace"),
+        "{message}"
+    );
+    let global = api.view("/api/v1/killswitch").await["global"].clone();
+    assert_eq!(global["reason"], "INC-4711: bad deploy, hands off");
+    assert!(global["until"].is_string(), "{global}");
+    let (status, out) = put(json!({"engaged": true, "reason": "INC-4712", "replace": true})).await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["global"]["reason"], "INC-4712");
+    assert!(out["global"]["until"].is_null(), "{out}");
+}
+
+#[tokio::test]
+async fn long_reasons_and_comments_and_duplicate_trigger_labels_are_400_and_change_nothing() {
+    let api = TestApi::new().await;
+    let long = "x".repeat(crate::api::MAX_TEXT_BYTES + 1);
+    let (status, out) = api
+        .call(
+            Method::PUT,
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(&json!({"engaged": true, "reason": long}).to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
+    assert!(
+        api.store
+            .switches()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| !s.engaged)
+    );
+    let run_id = api.start_gated().await;
+    let approval = api.view("/api/v1/approvals?state=pending").await[0]["id"].clone();
+    let (status, out) = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/approvals/{approval}/approve"),
+            Some("approver-token"),
+            Some(&json!({"comment": long}).to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
+    let run = api.view(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(run["state"], "awaiting_approval", "{run}");
+    let runs_before = api.view("/api/v1/runs").await["runs"]
+        .as_array()
+        .unwrap()
+        .len();
+    let (status, out) = api
+        .call(
+            Method::POST,
+            "/api/v1/playbooks/note/runs",
+            Some("operator-token"),
+            Some(r#"{"labels": {"instance": "h1", "instance": "h2"}}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key \"instance\""),
+        "{out}"
+    );
+    let runs_after = api.view("/api/v1/runs").await["runs"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(runs_before, runs_after);
 }

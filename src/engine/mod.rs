@@ -55,6 +55,8 @@ pub struct Engine {
     windows: maintenance::Windows,
     dry_run: bool,
     playbook_paths: Vec<PathBuf>,
+    /// What the config defines that playbooks may name (checked at every reload).
+    references: crate::playbook::references::References,
     metrics: Arc<Metrics>,
     notifier: Notifier,
     public_url: Option<String>,
@@ -127,6 +129,7 @@ impl Engine {
             windows,
             dry_run: cfg.dry_run,
             playbook_paths: vec![cfg.playbooks_dir.clone()],
+            references: cfg.references(),
             metrics,
             notifier,
             public_url: cfg
@@ -156,6 +159,11 @@ impl Engine {
             .clone()
     }
 
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The playbooks in force.
     pub fn playbooks(&self) -> Arc<PlaybookSet> {
         self.playbooks.load_full()
@@ -172,7 +180,7 @@ impl Engine {
     /// Reloads the playbook directory. A set with any invalid playbook is rejected whole: the
     /// set in force stays, and the errors are logged, counted and returned.
     pub fn reload(&self, why: &str) -> Result<usize, Vec<Diagnostic>> {
-        match PlaybookSet::load(&self.playbook_paths) {
+        match PlaybookSet::load(&self.playbook_paths, &self.references) {
             Ok(set) => {
                 let n = set.playbooks.len();
                 self.set_playbooks(set);
@@ -364,6 +372,8 @@ impl Engine {
 
     /// An operator engages or releases a kill switch (`scope` global or a playbook's): recorded
     /// (with its audit row, in one transaction), logged and told in chat.
+    /// An engagement of a switch engaged already changes nothing unless `replace`: the
+    /// answer is then `Some` of who holds it and why.
     pub async fn set_switch(
         &self,
         scope: String,
@@ -371,10 +381,21 @@ impl Engine {
         reason: String,
         actor: String,
         until: Option<i64>,
-    ) -> Result<(), StoreError> {
-        self.store
-            .set_switch(scope.clone(), engaged, reason.clone(), actor.clone(), until)
+        replace: bool,
+    ) -> Result<Option<String>, StoreError> {
+        let held = (self.store)
+            .change_switch(
+                scope.clone(),
+                engaged,
+                reason.clone(),
+                actor.clone(),
+                until,
+                replace,
+            )
             .await?;
+        if held.is_some() {
+            return Ok(held);
+        }
         if engaged {
             tracing::warn!(%scope, %actor, %reason, "kill switch engaged");
         } else {
@@ -385,8 +406,9 @@ impl Engine {
             engaged,
             actor,
             reason,
+            until: until.filter(|_| engaged).map(crate::time::rfc3339),
         });
-        Ok(())
+        Ok(None)
     }
 
     /// An operator cancels a run: at once if it has not started, before its next step if it
@@ -457,6 +479,7 @@ impl Engine {
             engaged: true,
             actor: "circuit-breaker".into(),
             reason,
+            until: None,
         });
     }
 
@@ -836,7 +859,7 @@ mod tests {
             "name: p\nmatchers: ['alertname=\"A\"']\nwhen: |\n  {when}\nsteps:\n  - action: log\n    with: {{ message: m }}\n"
         );
         std::fs::write(dir.path().join("p.yaml"), playbook).unwrap();
-        PlaybookSet::load(&[dir.path().to_path_buf()]).unwrap()
+        PlaybookSet::load(&[dir.path().to_path_buf()], &Default::default()).unwrap()
     }
 
     fn alerts(n: usize) -> Vec<Alert> {

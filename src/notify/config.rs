@@ -78,6 +78,21 @@ impl MattermostApp {
     }
 }
 
+impl SinkConfig {
+    /// Where one of the sink's secrets (`url` or `token`) comes from: exactly one of `what`,
+    /// `what_env`, `what_file`.
+    pub fn secret_ref(
+        &self,
+        what: &str,
+        value: &Option<String>,
+        env: &Option<String>,
+        file: &Option<PathBuf>,
+    ) -> Result<SecretRef, String> {
+        SecretRef::from_fields(what, value, env, file)?
+            .ok_or_else(|| format!("give one of {what}, {what}_env, {what}_file"))
+    }
+}
+
 fn slack_hooks() -> String {
     "https://hooks.slack.com/".into()
 }

@@ -83,6 +83,8 @@ pub enum Event {
         actor: String,
         /// Why.
         reason: String,
+        /// When an engagement ends by itself (RFC 3339); none: until released.
+        until: Option<String>,
     },
 }
 
@@ -227,11 +229,16 @@ impl Event {
                     .as_ref()
                     .map(|x| format!(" {}.", e(x.trim_end_matches('.'))))
                     .unwrap_or_default();
-                // Runs that can be retried say how.
+                // Runs that can be retried say how; a killed run's retry would be held by
+                // the same switch until it is released.
                 let retry = match state.as_str() {
-                    "failed" | "interrupted" | "expired" | "killed" => {
+                    "failed" | "interrupted" | "expired" => {
                         format!(" To run it again: reflex retry {}.", run.id)
                     }
+                    "killed" => format!(
+                        " To run it again once the kill switch is released: reflex retry {}.",
+                        run.id
+                    ),
                     _ => String::new(),
                 };
                 let state = match state.as_str() {
@@ -252,12 +259,20 @@ impl Event {
                 engaged,
                 actor,
                 reason,
+                until,
             } => {
+                // What it holds: all automation, or one playbook's.
+                let held = match scope.strip_prefix("playbook:") {
+                    Some(name) => format!("Playbook {} does not act", e(name)),
+                    None => "No automation acts".to_string(),
+                };
                 let (scope, actor, reason) = (e(scope), e(actor), e(reason.trim_end_matches('.')));
                 if *engaged {
-                    format!(
-                        "Kill switch ({scope}) engaged by {actor}: {reason}. No automation acts until it is released."
-                    )
+                    let end = match until {
+                        Some(t) => format!("until {} (or until it is released)", e(t)),
+                        None => "until it is released".to_string(),
+                    };
+                    format!("Kill switch ({scope}) engaged by {actor}: {reason}. {held} {end}.")
                 } else {
                     format!("Kill switch ({scope}) released by {actor}: {reason}.")
                 }
@@ -299,6 +314,7 @@ impl Markup {
         for c in s.chars() {
             match (self, c) {
                 (_, '\n' | '\r' | '\u{2028}' | '\u{2029}') => out.push(' '),
+                (_, c) if is_bidi_control(c) => out.push_str(&bidi_visible(c)),
                 (Markup::Slack, '&') => out.push_str("&amp;"),
                 (Markup::Slack, '<') => out.push_str("&lt;"),
                 (Markup::Slack, '>') => out.push_str("&gt;"),
@@ -315,6 +331,40 @@ impl Markup {
         }
         out
     }
+}
+
+/// Whether `c` reorders the text around it (the Unicode bidirectional controls): in a label it
+/// can make `rm` read as `mr`, or a hostname read as another ("Trojan Source").
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
+}
+
+/// A bidirectional control shown as what it is (`<U+202E>`) instead of acting.
+fn bidi_visible(c: char) -> String {
+    format!("<U+{:04X}>", u32::from(c))
+}
+
+/// `text` with every bidirectional control shown instead of acting. For text whose markup is
+/// already escaped (a rendered console page: its templates hold no such characters, so each
+/// one came from data).
+pub fn neutralize_bidi(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(is_bidi_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| {
+                if is_bidi_control(c) {
+                    format!("&lt;U+{:04X}&gt;", u32::from(c))
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+    )
 }
 
 /// A failed delivery.
@@ -497,6 +547,50 @@ mod tests {
         );
         assert!(!md.contains('\n') && !slack.contains('\n'));
         assert!(e.text().contains("<!channel>"), "plain text is as sent");
+    }
+
+    #[test]
+    fn bidi_controls_are_shown_not_obeyed_in_chat() {
+        let mut r = run();
+        r.title = "disk low on \u{202E}1-bd\u{2066}x".into();
+        let e = Event::RunStarted { run: r };
+        for m in [Markup::Slack, Markup::Markdown] {
+            let t = e.text_for(m);
+            assert!(!t.chars().any(is_bidi_control), "{t}");
+            assert!(t.contains("U+202E") && t.contains("U+2066"), "{t}");
+        }
+        assert_eq!(neutralize_bidi("a\u{200F}b"), "a&lt;U+200F&gt;b");
+        assert!(matches!(
+            neutralize_bidi("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn kill_switch_messages_name_their_scope_and_end() {
+        let e = Event::KillSwitch {
+            scope: "playbook:rollback".into(),
+            engaged: true,
+            actor: "alice".into(),
+            reason: "INC-4711: bad deploy, hands off".into(),
+            until: Some("2026-12-05T01:00:00.000Z".into()),
+        };
+        assert_eq!(
+            e.text(),
+            "Kill switch (playbook:rollback) engaged by alice: INC-4711: bad deploy, hands off. Playbook rollback does not act until 2026-12-05T01:00:00.000Z (or until it is released)."
+        );
+        let global = Event::KillSwitch {
+            scope: "global".into(),
+            engaged: true,
+            actor: "alice".into(),
+            reason: "x".into(),
+            until: None,
+        };
+        assert!(
+            global
+                .text()
+                .ends_with("No automation acts until it is released.")
+        );
     }
 
     #[test]

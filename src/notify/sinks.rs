@@ -25,17 +25,16 @@ pub struct SinkError {
 }
 
 fn secret(
-    name: &str,
+    cfg: &SinkConfig,
     what: &str,
     value: &Option<String>,
     env: &Option<String>,
     file: &Option<std::path::PathBuf>,
 ) -> Result<String, SinkError> {
-    crate::config::SecretRef::from_fields(what, value, env, file)
-        .and_then(|r| r.ok_or_else(|| format!("give one of {what}, {what}_env, {what}_file")))
+    cfg.secret_ref(what, value, env, file)
         .and_then(|r| r.read())
         .map_err(|why| SinkError {
-            sink: name.to_string(),
+            sink: cfg.name.clone(),
             why,
         })
 }
@@ -58,7 +57,7 @@ pub fn build_sink(
                 .unwrap_or_else(|| "https://slack.com/api".into())
                 .trim_end_matches('/')
                 .to_string(),
-            token: secret(&cfg.name, "token", &None, &cfg.token_env, &cfg.token_file)?,
+            token: secret(cfg, "token", &None, &cfg.token_env, &cfg.token_file)?,
             channel: cfg.channel.clone().ok_or_else(|| SinkError {
                 sink: cfg.name.clone(),
                 why: "slack_bot needs a channel".into(),
@@ -73,7 +72,7 @@ pub fn build_sink(
             kind,
             buttons,
             mattermost: mattermost.cloned(),
-            url: secret(&cfg.name, "url", &cfg.url, &cfg.url_env, &cfg.url_file)?,
+            url: secret(cfg, "url", &cfg.url, &cfg.url_env, &cfg.url_file)?,
         }),
     })
 }

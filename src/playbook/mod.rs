@@ -7,6 +7,7 @@ pub mod compile;
 pub mod error;
 pub mod locate;
 pub mod matcher;
+pub mod references;
 pub mod script;
 pub mod shell;
 pub mod spec;
@@ -371,10 +372,12 @@ impl PlaybookSet {
         Self::new(Vec::new(), Arc::new(Sandbox::new())).unwrap_or_else(|_| unreachable!())
     }
 
-    /// Loads playbooks from files and directories (`*.yaml`, `*.yml`), collecting every error.
-    pub fn load(paths: &[PathBuf]) -> Result<Self, Vec<Diagnostic>> {
+    /// Loads playbooks from files and directories (`*.yaml`, `*.yml`), collecting every error,
+    /// including names the config does not define (`refs`).
+    pub fn load(paths: &[PathBuf], refs: &references::References) -> Result<Self, Vec<Diagnostic>> {
         let sandbox = Arc::new(Sandbox::new());
-        let (playbooks, diags) = Self::compile_files(paths, &sandbox);
+        let (playbooks, mut diags) = Self::compile_files(paths, &sandbox);
+        diags.extend(refs.check(&playbooks));
         if !diags.is_empty() {
             return Err(diags);
         }

@@ -93,7 +93,7 @@ pub(super) fn breaker_trip(
     l: BreakerLimits,
     now: i64,
 ) -> Result<Option<Trip>, StoreError> {
-    let since = now - l.window_ms;
+    let since = window_start(c, l, now)?;
     let count = |sql: &str, p: &[&dyn Param]| -> Result<u32, StoreError> {
         let n: i64 = c.one(sql, p, |r| r.get(0))?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
@@ -143,6 +143,21 @@ pub(super) fn breaker_trip(
     Ok(None)
 }
 
+/// Where the breaker's window starts: `window` ago, or when a person last released the global
+/// switch if that was later. A release starts a new window, so the runs and failures that
+/// tripped the breaker do not trip it again at the next failure.
+fn window_start(c: &Db, l: BreakerLimits, now: i64) -> Result<i64, StoreError> {
+    let released: Option<i64> = c
+        .rows(
+            "SELECT changed_at FROM switches WHERE scope = 'global' AND NOT engaged",
+            &[],
+            |r| r.get(0),
+        )?
+        .into_iter()
+        .next();
+    Ok(released.map_or(now - l.window_ms, |t| t.max(now - l.window_ms)))
+}
+
 /// Engages the global kill switch for a trip, in the caller's transaction.
 fn engage(c: &Db, trip: &Trip, now: i64) -> Result<(), StoreError> {
     super::switches::engage_in(c, "global", &trip.to_string(), "circuit-breaker", None, now)
@@ -160,7 +175,7 @@ pub(super) fn failures_trip(
     }
     let n: i64 = c.one(
         "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
-        &[&(now - l.window_ms)],
+        &[&window_start(c, l, now)?],
         |r| r.get(0),
     )?;
     let n = u32::try_from(n).unwrap_or(u32::MAX);

@@ -71,6 +71,82 @@ impl Connector {
     }
 }
 
+/// `store.url` read, with its `sslmode` resolved so that a password never crosses the network
+/// in the clear unless the URL says `sslmode=disable`:
+/// - no `sslmode`: `prefer` for a server on loopback (or a Unix socket), else `verify-full`;
+/// - `require`, `verify-ca` and `verify-full`: TLS always, the certificate and the host name
+///   verified (rustls verifies both in every mode, so `verify-ca` is as strict as `verify-full`);
+/// - `prefer` to a host that is not on loopback is refused: whoever answers could decline TLS
+///   and read the password;
+/// - `disable`: no TLS.
+pub fn parse_url(url: &str) -> Result<postgres::Config, String> {
+    use postgres::config::SslMode;
+    let mut mode = None;
+    let rest = if let Some((base, query)) = url.split_once('?') {
+        let kept: Vec<&str> = (query.split('&'))
+            .filter(|kv| match kv.strip_prefix("sslmode=") {
+                Some(m) => {
+                    mode = Some(m.to_string());
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        }
+    } else if url.contains("://") {
+        url.to_string()
+    } else {
+        let kept: Vec<&str> = (url.split_whitespace())
+            .filter(|kv| match kv.strip_prefix("sslmode=") {
+                Some(m) => {
+                    mode = Some(m.trim_matches('\'').to_string());
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        kept.join(" ")
+    };
+    let mut config: postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
+    let loopback = config.get_hosts().iter().all(|h| match h {
+        postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        postgres::config::Host::Unix(_) => true,
+    });
+    let ssl = match mode.as_deref() {
+        None if loopback => SslMode::Prefer,
+        None => SslMode::Require,
+        Some("disable") => SslMode::Disable,
+        Some("prefer") if loopback => SslMode::Prefer,
+        Some("prefer") => {
+            return Err(
+                "sslmode=prefer to a host that is not on loopback can be downgraded to \
+                        no TLS by whoever answers, and the password would go in the clear: use \
+                        sslmode=verify-full (the default), or write sslmode=disable on purpose"
+                    .into(),
+            );
+        }
+        Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
+        Some(other) => {
+            return Err(format!(
+                "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+            ));
+        }
+    };
+    config.ssl_mode(ssl);
+    Ok(config)
+}
+
 /// How to reach the database, from `store:` in the config.
 #[derive(Clone)]
 pub struct Settings {
@@ -93,9 +169,8 @@ impl Settings {
             .url
             .as_deref()
             .ok_or_else(|| StoreError::Config("store.url is not set".into()))?;
-        let mut config: postgres::Config = url
-            .parse()
-            .map_err(|e| StoreError::Config(format!("store.url: {e}")))?;
+        let mut config =
+            parse_url(url).map_err(|e| StoreError::Config(format!("store.url: {e}")))?;
         if let Some(password) = store.password_ref().map_err(StoreError::Config)? {
             config.password(password.read().map_err(StoreError::Config)?);
         }

@@ -139,9 +139,43 @@ impl Store {
         actor: String,
         until: Option<i64>,
     ) -> Result<(), StoreError> {
+        self.change_switch(scope, engaged, reason, actor, until, true)
+            .await
+            .map(|_| ())
+    }
+
+    /// Engages or releases a switch; an engagement of a switch that is engaged already changes
+    /// nothing unless `replace`, and answers who engaged it and why (`Some`), in the same
+    /// transaction as the change, so that two operators cannot silently overwrite each
+    /// other's reason.
+    pub async fn change_switch(
+        &self,
+        scope: String,
+        engaged: bool,
+        reason: String,
+        actor: String,
+        until: Option<i64>,
+        replace: bool,
+    ) -> Result<Option<String>, StoreError> {
         let now = self.now_ms();
         let result = self
             .write(move |c| {
+                if engaged && !replace {
+                    let current: Vec<(String, Option<String>, Option<i64>)> = c.rows(
+                        "SELECT actor, reason, until FROM switches
+                         WHERE scope = ?1 AND engaged AND (until IS NULL OR until > ?2)",
+                        &[&scope, &now],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )?;
+                    if let Some((actor, reason, until)) = current.into_iter().next() {
+                        let until =
+                            until.map_or(String::new(), |t| format!(" until {}", rfc3339(t)));
+                        return Ok(Some(format!(
+                            "the {scope} kill switch is already engaged by {actor}{until}: {}",
+                            reason.unwrap_or_default()
+                        )));
+                    }
+                }
                 set_in(
                     c,
                     &scope,
@@ -151,7 +185,7 @@ impl Store {
                     until.filter(|_| engaged),
                     now,
                 )?;
-                Ok(())
+                Ok(None)
             })
             .await;
         self.switches_changed();

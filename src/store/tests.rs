@@ -180,7 +180,10 @@ async fn holds_apply_in_order_maintenance_kill_switch_cooldown_breaker(db: TestD
         .unwrap();
     let o = intake(&store, "d", candidate("p", "t", 3_600_000, "k"), breaker).await;
     assert_eq!(cause(&o), Some(Hold::Cooldown), "{o:?}");
+    // The release started a new window: the run before it does not count.
     let o = intake(&store, "e", candidate("p", "t", 0, "k"), breaker).await;
+    assert!(matches!(o, Outcome::Created { .. }), "{o:?}");
+    let o = intake(&store, "f", candidate("p", "t", 0, "k"), breaker).await;
     assert_eq!(cause(&o), Some(Hold::Breaker), "{o:?}");
     assert!(
         store.kill_reason("p").await.unwrap().is_some(),

@@ -78,7 +78,7 @@ fn simulate_lists_matching_playbooks_and_rendered_steps() {
     std::fs::write(
         &cfg,
         format!(
-            "playbooks_dir: {}\ndata_dir: {}\nssh:\n  hosts:\n    db-1: {{ aliases: [db-1.example.internal] }}\n    db-2: {{ aliases: [db-2.example.internal] }}\n",
+            "playbooks_dir: {}\ndata_dir: {}\nssh:\n  hosts:\n    db-1: {{ aliases: [db-1.example.internal] }}\n    db-2: {{ aliases: [db-2.example.internal] }}\nfeature_flags:\n  flags: {{ type: unleash, url: \"http://127.0.0.1:9\", environment: production }}\n",
             repo().join("playbooks").display(),
             dir.path().join("data").display()
         ),
@@ -203,7 +203,7 @@ on_failure:
         std::fs::write(
             &cfg,
             format!(
-                "playbooks_dir: {}\ndata_dir: {}\n{extra}",
+                "playbooks_dir: {}\ndata_dir: {}\nfeature_flags:\n  flags: {{ type: unleash, url: \"http://127.0.0.1:9\", environment: production }}\n{extra}",
                 pb.display(),
                 dir.path().join("data").display()
             ),
@@ -508,12 +508,14 @@ async fn operator_commands_speak_json_when_piped_follow_a_run_and_exit_by_cause(
             "slow.yaml",
             "name: slow\nmatchers: ['alertname=\"Slow\"']\nsteps:\n  - name: pause\n    action: wait\n    with: { duration: 300ms }\n  - name: note\n    action: log\n    with: { message: done }\n",
         )
-        .config(&crate::common::auth_config(&[("ops", "operator")]))
+        .config(&crate::common::auth_config(&[("ops", "operator"), ("boss", "admin")]))
         .start()
         .await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "ops-token\n").unwrap();
+    let admin_file = dir.path().join("admin-token");
+    std::fs::write(&admin_file, "boss-token\n").unwrap();
     let server = app.base.clone();
     let tf = token_file.to_str().unwrap().to_string();
     let cli = |args: &[&str]| {
@@ -556,6 +558,38 @@ async fn operator_commands_speak_json_when_piped_follow_a_run_and_exit_by_cause(
     );
     let (code, out) = cli(&["run", "424242"]);
     assert_eq!(code, 5, "{out}");
+    // As an admin: a kill switch engaged twice keeps its first reason unless --replace.
+    let af = admin_file.to_str().unwrap().to_string();
+    let admin = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--server", &server, "--token-file", &af]);
+        reflex_cli(&all, repo())
+    };
+    let (code, out) = admin(&["kill", "--reason", "INC-4711: bad deploy", "--for", "2h"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = admin(&["kill", "--reason", "x"]);
+    assert_eq!(code, 6, "{out}");
+    assert!(out.contains("already engaged by boss"), "{out}");
+    let (code, out) = admin(&["kill", "--reason", "INC-4712", "--replace", "-o", "table"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("INC-4712"), "{out}");
+    // Under the switch, a trigger is held: it did not happen, so the exit code says so.
+    let (code, out) = cli(&["trigger", "slow"]);
+    assert_eq!(code, 6, "suppressed: {out}");
+    let (code, out) = cli(&["retry", &id.to_string()]);
+    assert_ne!(code, 0, "a succeeded run is not retried: {out}");
+    let (code, _) = admin(&["unkill"]);
+    assert_eq!(code, 0);
+    // A rejected reload prints every error with its file and line.
+    std::fs::write(
+        app.playbooks_dir().join("broken.yaml"),
+        "name: broken\nmatchers: ['alertname=\"B\"']\nsteps:\n  - action: nope\n",
+    )
+    .unwrap();
+    let (code, out) = admin(&["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("broken.yaml:4: "), "{out}");
+    std::fs::remove_file(app.playbooks_dir().join("broken.yaml")).unwrap();
     // Completions for each shell name the commands.
     for shell in ["bash", "zsh", "fish"] {
         let (code, out) = reflex_cli(&["completions", shell], repo());
@@ -565,4 +599,101 @@ async fn operator_commands_speak_json_when_piped_follow_a_run_and_exit_by_cause(
             "{shell}: {out}"
         );
     }
+}
+
+/// Runs `reflex ARGS` and waits at most `secs` for it to exit (a daemon that starts when it
+/// should not is killed, and the test fails on its exit code).
+fn reflex_exits(args: &[&str], cwd: &Path, secs: u64) -> (i32, String) {
+    let mut child = std::process::Command::new(crate::common::reflex_bin())
+        .args(args)
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn check_and_serve_refuse_the_same_config_with_the_same_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let pb = dir.path().join("playbooks");
+    std::fs::create_dir_all(&pb).unwrap();
+    std::fs::write(dir.path().join("empty.token"), "\n").unwrap();
+    let cfg = dir.path().join("reflex.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:0\nplaybooks_dir: {}\ndata_dir: {}\nauth:\n  tokens:\n    - {{ name: ops, role: admin, file: {} }}\n\
+             notify:\n  sinks:\n    - {{ name: chat, type: slack, url_env: REFLEX_TEST_UNSET_URL }}\n\
+             kubernetes:\n  clusters:\n    prod: {{ kubeconfig: {} }}\n",
+            pb.display(),
+            dir.path().join("data").display(),
+            dir.path().join("empty.token").display(),
+            dir.path().join("missing-kubeconfig").display(),
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let (code, checked) = reflex_exits(&["check", "--config", c], dir.path(), 20);
+    assert_eq!(code, 1, "{checked}");
+    let errors: Vec<&str> = checked.lines().filter(|l| l.starts_with(c)).collect();
+    assert_eq!(errors.len(), 3, "{checked}");
+    for needle in [
+        ":6: auth.tokens.0.file: file ",
+        ":9: notify.sinks.0: environment variable REFLEX_TEST_UNSET_URL is not set",
+        ":12: cluster \"prod\": kubeconfig ",
+    ] {
+        assert!(
+            errors.iter().any(|l| l.contains(needle)),
+            "{needle}: {checked}"
+        );
+    }
+    assert!(
+        !checked.contains("playbooks:1"),
+        "no spurious error: {checked}"
+    );
+    let (code, served) = reflex_exits(&["serve", "--config", c], dir.path(), 20);
+    assert_eq!(code, 1, "{served}");
+    for line in &errors {
+        assert!(served.contains(line), "serve says {line:?} too: {served}");
+    }
+    // A playbook naming what the config lacks: refused by both, in the same words.
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:0\nplaybooks_dir: {}\ndata_dir: {}\n",
+            pb.display(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        pb.join("flag.yaml"),
+        "name: flag\nmatchers: ['alertname=\"X\"']\nsteps:\n  - action: feature_flag.disable\n    with: { provider: flagz, flag: checkout }\n",
+    )
+    .unwrap();
+    let (code, checked) = reflex_exits(&["check", "--config", c], dir.path(), 20);
+    assert_eq!(code, 1, "{checked}");
+    let line = checked.lines().next().unwrap();
+    assert!(
+        line.ends_with(
+            "flag.yaml:5: feature-flag provider (feature_flags) \"flagz\" is not in the config"
+        ),
+        "{checked}"
+    );
+    let (code, served) = reflex_exits(&["serve", "--config", c], dir.path(), 20);
+    assert_eq!(code, 1, "{served}");
+    assert!(served.contains(line), "{served}");
+    // Without a config file (the embedded defaults) neither checks names: the examples load.
+    let (code, checked) = reflex_exits(&["check", pb.to_str().unwrap()], dir.path(), 20);
+    assert_eq!(code, 0, "{checked}");
 }

@@ -141,7 +141,7 @@ fn kubernetes_manifests_parse_into_k8s_openapi_types() {
             }
         }
     }
-    reflex::playbook::PlaybookSet::load(&[tmp.path().to_path_buf()])
+    reflex::playbook::PlaybookSet::load(&[tmp.path().to_path_buf()], &Default::default())
         .unwrap_or_else(|d| panic!("{d:?}"));
 
     let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();

@@ -53,16 +53,16 @@ async fn slow_headers_bodies_chunks_and_idle_connections_are_cut_off() {
         }
     };
     let (mut slow_headers, mut slow_body, mut slow_chunks, mut idle) = tokio::join!(
-        send(b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: x\r\n"),
+        send(b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: 127.0.0.1\r\n"),
         send(
-            b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+            b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n\
               content-length: 100\r\n\r\n{\"labels\":"
         ),
         send(
-            b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+            b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n\
               transfer-encoding: chunked\r\n\r\n5\r\n{\"lab\r\n"
         ),
-        send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+        send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
     );
     let (headers, body, chunks, idle) = tokio::join!(
         read_until_closed(&mut slow_headers, "headers never finished"),
@@ -129,7 +129,7 @@ async fn sigterm_exits_by_the_shutdown_deadline_with_slow_uploads_open() {
     for _ in 0..50 {
         let mut s = connect(&app).await;
         s.write_all(
-            b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n\
+            b"POST /api/v1/webhooks/generic HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n\
               content-length: 1000\r\n\r\n[",
         )
         .await

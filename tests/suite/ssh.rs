@@ -238,7 +238,7 @@ steps:
     );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("inject.yaml"), yaml).unwrap();
-    let set = PlaybookSet::load(&[dir.path().to_path_buf()]).unwrap();
+    let set = PlaybookSet::load(&[dir.path().to_path_buf()], &Default::default()).unwrap();
 
     for payload in hostile_values(&marker.display().to_string()) {
         let a = alert(&[("alertname", "Inject"), ("payload", &payload)]);

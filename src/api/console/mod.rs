@@ -10,6 +10,7 @@ mod pages;
 mod session;
 
 use super::auth::{Identity, allows};
+use super::refusals::Reason;
 use super::{ApiError, AppState};
 use crate::config::Role;
 use askama::Template;
@@ -126,7 +127,7 @@ impl Viewer {
             role_name(self.identity.role),
             role_name(need)
         );
-        refuse(state, &self.identity.name, action, &why).await;
+        refuse(state, &self.identity.name, action, &why, Reason::Forbidden).await;
         Err(Page::error(StatusCode::FORBIDDEN, why))
     }
 
@@ -136,19 +137,22 @@ impl Viewer {
             return Ok(());
         }
         let why = "the form's CSRF token is missing or wrong; reload the page and try again";
-        refuse(state, &self.identity.name, action, why).await;
+        refuse(state, &self.identity.name, action, why, Reason::CrossOrigin).await;
         Err(Page::error(StatusCode::FORBIDDEN, why.to_string()))
     }
 }
 
-async fn refuse(state: &AppState, who: &str, action: &str, why: &str) {
-    let detail = Some(format!("403: {why}"));
-    if let Err(e) = (state.store)
-        .audit(who, &format!("console {action}"), None, "refused", detail)
-        .await
-    {
-        tracing::error!(error = %e, "cannot audit a refused console request");
-    }
+async fn refuse(state: &AppState, who: &str, action: &str, why: &str, reason: Reason) {
+    let detail = format!("403: {why}");
+    super::refusals::record(
+        state,
+        None,
+        who,
+        &format!("console {action}"),
+        reason,
+        &detail,
+    )
+    .await;
 }
 
 /// The name a role is configured by.
@@ -215,25 +219,44 @@ struct ErrorPage<'a> {
     status: u16,
     reason: &'a str,
     message: &'a str,
+    /// Where the refused form was (a run's page), to go back to.
+    back: Option<&'a str>,
+    /// What the person had written in the refused form, so that it is not lost.
+    kept: Option<&'a str>,
 }
 
 impl Page {
     fn render(t: &impl Template) -> Page {
         Page {
             status: StatusCode::OK,
-            body: t.render().map_err(|e| e.to_string()),
+            body: (t.render())
+                .map(|html| crate::notify::neutralize_bidi(&html).into_owned())
+                .map_err(|e| e.to_string()),
         }
     }
 
     fn error(status: StatusCode, message: String) -> Page {
+        Self::refused_form(status, message, None, None)
+    }
+
+    /// An error page for a refused form: the reason, a way back, and what was written.
+    fn refused_form(
+        status: StatusCode,
+        message: String,
+        back: Option<&str>,
+        kept: Option<&str>,
+    ) -> Page {
         Page {
             status,
             body: Ok(ErrorPage {
                 status: status.as_u16(),
                 reason: status.canonical_reason().unwrap_or(""),
                 message: &message,
+                back,
+                kept,
             }
             .render()
+            .map(|html| crate::notify::neutralize_bidi(&html).into_owned())
             .unwrap_or(message.clone())),
         }
     }

@@ -280,6 +280,18 @@ pub struct ApprovalCard {
     decided_by: Option<String>,
     decided_at: Option<String>,
     comment: Option<String>,
+    /// Why it cannot be approved now (a kill switch), for a pending one.
+    held: Option<String>,
+}
+
+impl ApprovalCard {
+    /// Fills in why a pending request cannot be approved now.
+    async fn with_hold(mut self, state: &AppState) -> Result<ApprovalCard, Page> {
+        if self.state == "pending" {
+            self.held = state.store.kill_reason(&self.playbook).await?;
+        }
+        Ok(self)
+    }
 }
 
 impl From<ApprovalView> for ApprovalCard {
@@ -318,6 +330,7 @@ impl From<ApprovalView> for ApprovalCard {
             decided_by: a.decided_by,
             decided_at: a.decided_at,
             comment: a.comment,
+            held: None,
         }
     }
 }
@@ -360,10 +373,12 @@ struct RunPage {
 }
 
 async fn live_part(state: &AppState, viewer: &Viewer, run: &RunView) -> Result<String, Page> {
-    let (pending, decided): (Vec<_>, Vec<_>) = (state.store.run_approvals(run.id).await?)
-        .into_iter()
-        .map(ApprovalCard::from)
-        .partition(|a| a.state == "pending");
+    let mut cards = Vec::new();
+    for a in state.store.run_approvals(run.id).await? {
+        cards.push(ApprovalCard::from(a).with_hold(state).await?);
+    }
+    let (pending, decided): (Vec<_>, Vec<_>) =
+        cards.into_iter().partition(|a| a.state == "pending");
     let retryable = (crate::engine::manual::RETRYABLE.iter()).any(|s| s.as_str() == run.state);
     RunLive {
         id: run.id,
@@ -382,6 +397,7 @@ async fn live_part(state: &AppState, viewer: &Viewer, run: &RunView) -> Result<S
         can_retry: viewer.may(Role::Operator) && retryable,
     }
     .render()
+    .map(|html| crate::notify::neutralize_bidi(&html).into_owned())
     .map_err(|e| Page::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
@@ -546,7 +562,7 @@ pub async fn approvals(State(state): State<AppState>, viewer: Viewer) -> Result<
     let mut decided = Vec::new();
     for a in state.store.list_approvals(None, 100).await? {
         if a.state == ApprovalState::Pending {
-            pending.push(ApprovalCard::from(a));
+            pending.push(ApprovalCard::from(a).with_hold(&state).await?);
         } else if decided.len() < 20 {
             decided.push(ApprovalCard::from(a));
         }
@@ -591,16 +607,27 @@ pub async fn decide(
         }
     };
     let comment = Some(form.comment.trim().to_string()).filter(|c| !c.is_empty());
+    let run_id = state.store.get_approval(id).await?.map(|a| a.run_id);
+    // A refusal is a page with the reason, the way back and the comment as written.
+    let refused = |e: ApiError| {
+        let back = run_id.map(|r| format!("/ui/runs/{r}"));
+        Page::refused_form(
+            e.status(),
+            e.to_string(),
+            back.as_deref(),
+            comment.as_deref(),
+        )
+    };
+    crate::api::approvals::check_comment(comment.as_deref()).map_err(refused)?;
     let who = viewer.identity.name.clone();
     let decision = state
         .engine
-        .decide(id, who.clone(), approve, comment)
+        .decide(id, who.clone(), approve, comment.clone())
         .await?;
     if let Some(e) = crate::api::approvals::refusal(id, &who, decision) {
-        return Err(e.into());
+        return Err(refused(e));
     }
-    let run_id = state.store.get_approval(id).await?.map_or(0, |a| a.run_id);
-    Ok(Redirect::to(&format!("/ui/runs/{run_id}")).into_response())
+    Ok(Redirect::to(&format!("/ui/runs/{}", run_id.unwrap_or(0))).into_response())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -715,6 +742,7 @@ pub async fn set_switch(
         reason: Some(form.reason),
         until: None,
         for_: Some(form.for_.trim().to_string()).filter(|f| !f.is_empty()),
+        replace: None,
     };
     killswitch::apply(&state, &viewer.identity.name, scope, body).await?;
     Ok(Redirect::to("/ui/killswitch").into_response())

@@ -2,6 +2,7 @@
 
 use super::{LOGIN_COOKIE, Page, SESSION_COOKIE, Viewer};
 use crate::api::AppState;
+use crate::api::refusals::Reason;
 use crate::config::Role;
 use crate::store::Session;
 use askama::Template;
@@ -138,6 +139,7 @@ pub async fn login(
             "unauthenticated",
             "login",
             "login form without its cookie",
+            Reason::CrossOrigin,
         )
         .await;
         return login_form(
@@ -150,7 +152,14 @@ pub async fn login(
     let identity = match state.auth.identify_token(&form.token) {
         Ok(id) if id.role != Role::Webhook => id,
         Ok(id) => {
-            super::refuse(&state, &id.name, "login", "webhook tokens cannot log in").await;
+            super::refuse(
+                &state,
+                &id.name,
+                "login",
+                "webhook tokens cannot log in",
+                Reason::Forbidden,
+            )
+            .await;
             return login_form(
                 &state,
                 StatusCode::FORBIDDEN,
@@ -159,7 +168,14 @@ pub async fn login(
             );
         }
         Err(why) => {
-            super::refuse(&state, "unauthenticated", "login", &why.to_string()).await;
+            super::refuse(
+                &state,
+                "unauthenticated",
+                "login",
+                &why.to_string(),
+                Reason::Unauthenticated,
+            )
+            .await;
             return login_form(
                 &state,
                 StatusCode::UNAUTHORIZED,

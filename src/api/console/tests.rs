@@ -222,7 +222,12 @@ async fn a_bad_login_gets_no_session() {
         .await
         .unwrap();
     assert_eq!(sessions, 0);
-    assert_eq!(refused, 3);
+    // One source in one window: one row now, the count when the window closes.
+    assert_eq!(refused, 1);
+    assert_eq!(
+        api.refused_count(&["unauthenticated", "cross_origin", "forbidden"]),
+        3
+    );
 }
 
 #[tokio::test]
@@ -255,7 +260,7 @@ async fn a_form_without_the_session_csrf_token_changes_nothing() {
         .method(Method::POST)
         .uri(&path)
         .header(header::ORIGIN, "https://evil.example")
-        .header(header::HOST, "reflex.local")
+        .header(header::HOST, "127.0.0.1:9095")
         .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
         .body(Body::from("decision=approve"))
         .unwrap();
@@ -635,4 +640,89 @@ async fn an_operator_retries_a_failed_run_from_its_page() {
         .await;
     assert_eq!(ended.status, StatusCode::CONFLICT, "{}", ended.body);
     assert!(ended.body.contains("already ended"), "{}", ended.body);
+}
+
+#[tokio::test]
+async fn under_a_kill_switch_approve_is_disabled_with_the_reason_and_a_refusal_keeps_the_comment() {
+    let api = TestApi::new().await;
+    let run_id = api.start_gated().await;
+    let approval = approval_of(&api, run_id).await;
+    api.store
+        .set_switch(
+            "global".into(),
+            true,
+            "INC-4711: bad deploy".into(),
+            "op".into(),
+            None,
+        )
+        .await
+        .unwrap();
+    let mut b = Browser::new(&api);
+    b.login("admin").await;
+    let page = b.get("/ui/approvals").await;
+    assert!(
+        page.body.contains(
+            "Approve is disabled: kill switch (global) engaged by op: INC-4711: bad deploy"
+        ),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains("class=\"primary approve\" disabled"),
+        "{}",
+        page.body
+    );
+    let csrf = page.csrf();
+    let answer = b
+        .post(
+            &format!("/ui/approvals/{}/decide", approval.id),
+            &[
+                ("csrf", &csrf),
+                ("decision", "approve"),
+                ("comment", "checked the graph"),
+            ],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::CONFLICT);
+    assert!(answer.body.contains("INC-4711"), "{}", answer.body);
+    assert!(
+        answer.body.contains("checked the graph"),
+        "the comment is kept: {}",
+        answer.body
+    );
+    assert!(
+        answer.body.contains(&format!("href=\"/ui/runs/{run_id}\"")),
+        "a way back: {}",
+        answer.body
+    );
+    assert_eq!(approval_of(&api, run_id).await.state.as_str(), "pending");
+}
+
+#[tokio::test]
+async fn bidi_controls_from_an_alert_are_shown_not_obeyed_on_the_console() {
+    let api = TestApi::new().await;
+    let out = api
+        .post_alert(
+            &serde_json::json!({"labels": {"alertname": "Gated", "instance": "db-\u{202E}1tsoh"}})
+                .to_string(),
+        )
+        .await;
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let mut b = Browser::new(&api);
+    b.login("viewer").await;
+    for path in [
+        format!("/ui/runs/{run_id}"),
+        "/ui/runs".to_string(),
+        "/ui/approvals".to_string(),
+    ] {
+        let page = b.get(&path).await;
+        assert_eq!(page.status, StatusCode::OK, "{path}");
+        assert!(!page.body.contains('\u{202E}'), "{path}: {}", page.body);
+    }
+    let page = b.get(&format!("/ui/runs/{run_id}")).await;
+    assert!(
+        page.body.contains("db-&lt;U+202E&gt;1tsoh"),
+        "{}",
+        page.body
+    );
 }

@@ -116,8 +116,20 @@ impl TestAppBuilder {
             .clone()
             .unwrap_or_else(|| dir.path().join("data"));
         // Port 0: the daemon binds a free port itself and logs it (no race with other tests).
+        // The example feature-flag playbook names the provider `flags`, which a config must
+        // define (serve refuses playbooks naming what the config lacks): tests that do not
+        // define it get one that nothing answers.
+        let names_flags = self
+            .playbooks
+            .iter()
+            .any(|(_, y)| y.contains("provider: flags"));
+        let flags = if names_flags && !self.config.contains("feature_flags:") {
+            "feature_flags:\n  flags: { type: http, url: \"http://127.0.0.1:9/{flag}/{action}\" }\n"
+        } else {
+            ""
+        };
         let config = format!(
-            "listen: 127.0.0.1:0\nplaybooks_dir: {}\ndata_dir: {}\n{}",
+            "listen: 127.0.0.1:0\nplaybooks_dir: {}\ndata_dir: {}\n{}{flags}",
             pb_dir.display(),
             data_dir.display(),
             self.config
@@ -378,6 +390,15 @@ impl TestApp {
             .await
     }
 
+    /// GET, returning status and the body as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = (self.http.get(format!("{}{path}", self.base)))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    }
+
     /// GET, returning status and JSON.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let r = self
@@ -512,4 +533,22 @@ pub fn step_context(args: Value, timeout: Duration) -> reflex::executors::StepCo
         params: serde_json::json!({}),
         timeout,
     }
+}
+
+/// A kubeconfig (written once per test process) for a cluster nothing answers at: a config
+/// that names a cluster loads, and nothing is ever reached.
+pub fn unreachable_kubeconfig() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("reflex-kubeconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: none\n  cluster:\n    server: https://127.0.0.1:9\nusers:\n- name: none\n  user:\n    token: none\ncontexts:\n- name: none\n  context:\n    cluster: none\n    user: none\ncurrent-context: none\n",
+        )
+        .unwrap();
+        path
+    })
+    .clone()
 }
