@@ -72,7 +72,7 @@ impl TestApi {
     /// With extra config, and extra token lines (under `auth.tokens`).
     /// The store is SQLite, or PostgreSQL when `REFLEX_TEST_STORE=postgres` (scripts/test runs
     /// these tests both ways).
-    async fn with(extra: &str, extra_tokens: &str) -> TestApi {
+    pub(super) async fn with(extra: &str, extra_tokens: &str) -> TestApi {
         Self::build(extra, Some(extra_tokens)).await
     }
 

@@ -51,6 +51,13 @@ pub fn router() -> Router<AppState> {
         .route("/ui/audit", get(pages::audit))
         .route("/ui/static/console.css", get(stylesheet))
         .route("/ui/static/console.js", get(script))
+        // A console path that is no page: an HTML 404 with the console's headers, not the API's JSON.
+        .route(
+            "/ui/{*rest}",
+            axum::routing::any(|| async {
+                Page::error(StatusCode::NOT_FOUND, "no such console page".into())
+            }),
+        )
         .layer(axum::middleware::from_fn(headers))
 }
 
@@ -178,7 +185,8 @@ impl FromRequestParts<AppState> for Viewer {
             let next: String = form_urlencoded::byte_serialize(next.as_bytes()).collect();
             Redirect::to(&format!("/ui/login?next={next}")).into_response()
         };
-        let Some(cookie) = session::cookie(&parts.headers, SESSION_COOKIE) else {
+        let name = session::cookie_name(state, SESSION_COOKIE);
+        let Some(cookie) = session::cookie(&parts.headers, &name) else {
             return Err(to_login());
         };
         let id_hash = session::digest(cookie);

@@ -53,16 +53,28 @@ fn random_token() -> Result<String, Page> {
 
 /// A `Set-Cookie` value: `HttpOnly`, `SameSite=Strict`, `Secure` behind HTTPS.
 fn set_cookie(state: &AppState, name: &str, value: &str, path: &str, max_age_s: i64) -> String {
-    let secure = if state
-        .engine
-        .public_url()
-        .is_some_and(|u| u.starts_with("https://"))
-    {
-        "; Secure"
+    if https(state) {
+        // `__Host-`: the browser takes it only if Secure, for this host alone and Path=/, so
+        // neither a sibling subdomain nor plain HTTP can plant or shadow it.
+        let name = cookie_name(state, name);
+        format!("{name}={value}; Path=/; Max-Age={max_age_s}; HttpOnly; SameSite=Strict; Secure")
     } else {
-        ""
-    };
-    format!("{name}={value}; Path={path}; Max-Age={max_age_s}; HttpOnly; SameSite=Strict{secure}")
+        format!("{name}={value}; Path={path}; Max-Age={max_age_s}; HttpOnly; SameSite=Strict")
+    }
+}
+
+/// Whether people reach Reflex over HTTPS (`public_url`).
+fn https(state: &AppState) -> bool {
+    (state.engine.public_url()).is_some_and(|u| u.starts_with("https://"))
+}
+
+/// A cookie's name as set and read: with the `__Host-` prefix under HTTPS.
+pub(super) fn cookie_name(state: &AppState, name: &str) -> String {
+    if https(state) {
+        format!("__Host-{name}")
+    } else {
+        name.to_string()
+    }
 }
 
 /// Where to go after login: a console path, never another site.
@@ -71,6 +83,17 @@ fn safe_next(next: Option<&str>) -> &str {
         Some(n) if n.starts_with("/ui/") && !n.starts_with("//") && !n.contains('\\') => n,
         _ => "/ui/runs",
     }
+}
+
+/// A `next` with control characters (CR, LF: a header split) is bad input: 400.
+fn check_next(next: Option<&str>) -> Result<(), Page> {
+    if next.is_some_and(|n| n.chars().any(char::is_control)) {
+        return Err(Page::error(
+            StatusCode::BAD_REQUEST,
+            "next must be a console path without control characters".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Template)]
@@ -112,6 +135,7 @@ pub async fn login_page(
     q: Result<Query<LoginQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Page> {
     let next = q.ok().and_then(|Query(q)| q.next);
+    check_next(next.as_deref())?;
     login_form(&state, StatusCode::OK, next.as_deref().unwrap_or(""), None)
 }
 
@@ -131,8 +155,9 @@ pub async fn login(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, Page> {
+    check_next(form.next.as_deref())?;
     let next = safe_next(form.next.as_deref()).to_string();
-    let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or("");
+    let expected = cookie(&headers, &cookie_name(&state, LOGIN_COOKIE)).unwrap_or("");
     if !same_secret(&form.csrf, expected) {
         super::refuse(
             &state,

@@ -726,3 +726,74 @@ async fn bidi_controls_from_an_alert_are_shown_not_obeyed_on_the_console() {
         page.body
     );
 }
+
+#[tokio::test]
+async fn console_404s_are_pages_with_the_security_headers_and_crlf_in_next_is_400() {
+    let api = TestApi::new().await;
+    let resp = api
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .uri("/ui/nope/deeper")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let h = resp.headers();
+    assert!(
+        h[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(h.contains_key(header::CONTENT_SECURITY_POLICY));
+    assert_eq!(h[header::X_FRAME_OPTIONS], "DENY");
+    let mut b = Browser::new(&api);
+    let page = b
+        .get("/ui/login?next=/ui/runs%0d%0aSet-Cookie:%20x=1")
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+    let page = b.get("/ui/login").await;
+    let csrf = page.csrf();
+    let answer = b
+        .post(
+            "/ui/login",
+            &[
+                ("token", "admin-token"),
+                ("csrf", &csrf),
+                ("next", "/ui/runs\r\nX: y"),
+            ],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert!(!b.cookies.iter().any(|(k, _)| k == "reflex_session"));
+}
+
+#[tokio::test]
+async fn under_https_the_session_cookie_has_the_host_prefix() {
+    let api = TestApi::with("public_url: https://reflex.example.internal\n", "").await;
+    let mut b = Browser::new(&api);
+    let page = b.get("/ui/login").await;
+    let csrf = page.csrf();
+    let answer = b
+        .post("/ui/login", &[("token", "admin-token"), ("csrf", &csrf)])
+        .await;
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
+    let set: Vec<String> = (answer.headers.get_all(header::SET_COOKIE).iter())
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    let session = set
+        .iter()
+        .find(|c| c.starts_with("__Host-reflex_session="))
+        .unwrap_or_else(|| panic!("{set:?}"));
+    assert!(
+        session.contains("; Path=/;") && session.contains("; Secure"),
+        "{session}"
+    );
+    // The session it names works.
+    let runs = b.get("/ui/runs").await;
+    assert_eq!(runs.status, StatusCode::OK);
+}
