@@ -182,7 +182,7 @@ async fn every_sink_gets_the_exact_payload_for_every_event() {
     assert_eq!(hook[3].body["state"], "succeeded");
     assert_eq!(
         hook[4].body,
-        json!({ "event": "killswitch", "scope": "global", "engaged": true, "actor": "anonymous", "reason": "incident 7", "text": killswitch })
+        json!({ "event": "killswitch", "scope": "global", "engaged": true, "actor": "anonymous", "reason": "incident 7", "until": null, "text": killswitch })
     );
 }
 
