@@ -99,6 +99,7 @@ pub async fn run(
         mattermost,
         refusals: Default::default(),
         allowed_hosts: cfg.allowed_hosts().into(),
+        throttle: Default::default(),
     };
     tasks.spawn(flush_refusals(state.clone(), token.clone()));
     let app = api::router(state);

@@ -212,8 +212,53 @@ pub fn allows(have: Role, need: Role) -> bool {
     }
 }
 
+/// 429 with `Retry-After`, for a source or name that failed too often (see `throttle`).
+pub(super) async fn throttled(
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+    action: &str,
+    wait_s: u64,
+) -> Response {
+    let why = format!("too many failed attempts; try again in {wait_s} s");
+    super::refusals::record(
+        state,
+        source,
+        "unauthenticated",
+        action,
+        Reason::Throttled,
+        &why,
+    )
+    .await;
+    let mut resp = super::ApiError::Status(StatusCode::TOO_MANY_REQUESTS, why).into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&wait_s.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
 async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Response {
-    let (status, why, who, reason) = match state.auth.identify(req.headers()) {
+    let source = super::peer(req.extensions());
+    let keys = (state.auth.enabled())
+        .then(|| {
+            super::throttle::keys(
+                source,
+                super::throttle::basic_user(req.headers()).as_deref(),
+            )
+        })
+        .unwrap_or_default();
+    let now = state.store.now_ms();
+    if let Some(wait) = state.throttle.blocked(&keys, now) {
+        let action = format!("{} {}", req.method(), req.uri().path());
+        return throttled(&state, source, &action, wait).await;
+    }
+    let identified = state.auth.identify(req.headers());
+    if matches!(
+        identified,
+        Err(AuthFailure::Invalid | AuthFailure::Malformed)
+    ) {
+        state.throttle.failed(&keys, now);
+    }
+    let (status, why, who, reason) = match identified {
         Ok(id) if allows(id.role, need) => {
             req.extensions_mut().insert(id);
             return next.run(req).await;
@@ -234,7 +279,6 @@ async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Res
     if req.method() != Method::GET {
         let action = format!("{} {}", req.method(), req.uri().path());
         let detail = format!("{}: {why}", status.as_u16());
-        let source = super::peer(req.extensions());
         super::refusals::record(&state, source, &who, &action, reason, &detail).await;
     }
     let mut resp = super::ApiError::Status(status, why).into_response();

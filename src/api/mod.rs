@@ -13,6 +13,7 @@ mod playbooks;
 pub mod refusals;
 mod runs;
 pub mod server;
+pub mod throttle;
 mod webhooks;
 
 #[cfg(test)]
@@ -51,6 +52,8 @@ pub struct AppState {
     pub refusals: Arc<refusals::Refusals>,
     /// Host names requests may carry (`Config::allowed_hosts`).
     pub allowed_hosts: Arc<[String]>,
+    /// Failed token attempts, per source and name.
+    pub throttle: Arc<throttle::Throttle>,
 }
 
 /// The address a request came from, when the server knows it (not in `oneshot` tests).

@@ -134,6 +134,7 @@ impl TestApi {
                 .map(|a| Arc::new(super::chat::Mattermost::from_config(a).unwrap())),
             refusals: Default::default(),
             allowed_hosts: cfg.allowed_hosts().into(),
+            throttle: Default::default(),
         };
         TestApi {
             router: router(state.clone()),
@@ -1543,4 +1544,51 @@ async fn long_reasons_and_comments_and_duplicate_trigger_labels_are_400_and_chan
         .unwrap()
         .len();
     assert_eq!(runs_before, runs_after);
+}
+
+#[tokio::test]
+async fn failed_token_attempts_are_throttled_per_source_with_retry_after() {
+    let api = TestApi::new().await;
+    let from = |ip: &str, token: &str| {
+        let mut req = Request::builder()
+            .uri("/api/v1/runs")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        let peer: std::net::SocketAddr = format!("{ip}:40000").parse().unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        req
+    };
+    for i in 0..super::throttle::MAX_FAILURES {
+        let (status, _) = send(&api, from("192.0.2.9", &format!("guess-{i}"))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // Held now, even with the right token: a guess that would succeed is not even compared.
+    let resp = api
+        .router
+        .clone()
+        .oneshot(from("192.0.2.9", "viewer-token"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = resp.headers()[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(api.refused_count(&["throttled"]), 1);
+    // Another source is not held; the window's end frees this one.
+    assert_eq!(
+        send(&api, from("192.0.2.10", "viewer-token")).await.0,
+        StatusCode::OK
+    );
+    api.clock.advance(std::time::Duration::from_millis(
+        super::throttle::WINDOW_MS as u64,
+    ));
+    assert_eq!(
+        send(&api, from("192.0.2.9", "viewer-token")).await.0,
+        StatusCode::OK
+    );
 }

@@ -153,8 +153,15 @@ pub struct LoginForm {
 pub async fn login(
     State(state): State<AppState>,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     Form(form): Form<LoginForm>,
 ) -> Result<Response, Page> {
+    let source = crate::api::peer(&extensions);
+    let keys = crate::api::throttle::keys(source, None);
+    let now = state.store.now_ms();
+    if let Some(wait) = state.throttle.blocked(&keys, now) {
+        return Ok(crate::api::auth::throttled(&state, source, "console login", wait).await);
+    }
     check_next(form.next.as_deref())?;
     let next = safe_next(form.next.as_deref()).to_string();
     let expected = cookie(&headers, &cookie_name(&state, LOGIN_COOKIE)).unwrap_or("");
@@ -193,6 +200,7 @@ pub async fn login(
             );
         }
         Err(why) => {
+            state.throttle.failed(&keys, now);
             super::refuse(
                 &state,
                 "unauthenticated",
