@@ -238,14 +238,13 @@ pub(super) async fn throttled(
 
 async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Response {
     let source = super::peer(req.extensions());
-    let keys = (state.auth.enabled())
-        .then(|| {
-            super::throttle::keys(
-                source,
-                super::throttle::basic_user(req.headers()).as_deref(),
-            )
-        })
-        .unwrap_or_default();
+    // In open mode every caller is identified: there is nothing to guess.
+    let keys = if state.auth.enabled() {
+        let user = super::throttle::basic_user(req.headers());
+        super::throttle::keys(source, user.as_deref())
+    } else {
+        Vec::new()
+    };
     let now = state.store.now_ms();
     if let Some(wait) = state.throttle.blocked(&keys, now) {
         let action = format!("{} {}", req.method(), req.uri().path());

@@ -58,6 +58,39 @@ impl Default for ServerConfig {
     }
 }
 
+/// File descriptors Reflex needs besides its clients' connections: the store, SSH control
+/// sockets, outgoing HTTP, the log, the playbook watcher.
+pub const RESERVED_FDS: u64 = 128;
+
+/// Raises the open-file limit to its hard limit, and returns how many client connections fit
+/// under it: `max_connections`, or fewer (with a warning) when the limit is lower than it plus
+/// [`RESERVED_FDS`]. Without this, the usual soft limit of 1,024 runs out before the 503 for
+/// one connection too many can even be sent.
+pub fn fit_connections(max_connections: usize) -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.maximum != limit.current {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit to its hard limit");
+        }
+    }
+    let Some(soft) = getrlimit(Resource::Nofile).current else {
+        return max_connections;
+    };
+    if max_connections as u64 + RESERVED_FDS <= soft {
+        return max_connections;
+    }
+    let fit = soft.saturating_sub(RESERVED_FDS).max(1) as usize;
+    tracing::warn!(
+        open_file_limit = soft,
+        configured = max_connections,
+        serving = fit,
+        "server.max_connections does not fit under the open-file limit; serving fewer (raise LimitNOFILE or ulimit -n)"
+    );
+    fit
+}
+
 /// How long the refusal of a connection over the cap may take to write.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -73,7 +106,8 @@ pub async fn serve(
     cfg: &ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let max_connections = fit_connections(cfg.max_connections);
+    let slots = Arc::new(Semaphore::new(max_connections));
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let service = bounded(router, cfg.request_timeout);
@@ -91,7 +125,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream, cfg.max_connections));
+            tokio::spawn(refuse(stream, max_connections));
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -191,4 +225,19 @@ async fn refuse(mut stream: tokio::net::TcpStream, max: usize) {
         stream.shutdown().await
     };
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_file_limit_is_raised_and_connections_fit_under_it() {
+        use rustix::process::{Resource, getrlimit};
+        let fit = super::fit_connections(usize::MAX / 2);
+        let limit = getrlimit(Resource::Nofile);
+        assert_eq!(limit.current, limit.maximum, "raised to the hard limit");
+        if let Some(soft) = limit.current {
+            assert!(fit as u64 + super::RESERVED_FDS <= soft.max(super::RESERVED_FDS + 1));
+        }
+        assert_eq!(super::fit_connections(16), 16, "a cap that fits is kept");
+    }
 }
