@@ -100,6 +100,9 @@ pub async fn run(
         refusals: Default::default(),
         allowed_hosts: cfg.allowed_hosts().into(),
         throttle: Default::default(),
+        streams: Arc::new(api::console::streams::Streams::new(
+            cfg.server.max_connections,
+        )),
     };
     tasks.spawn(flush_refusals(state.clone(), token.clone()));
     let app = api::router(state);

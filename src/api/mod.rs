@@ -54,6 +54,8 @@ pub struct AppState {
     pub allowed_hosts: Arc<[String]>,
     /// Failed token attempts, per source and name.
     pub throttle: Arc<throttle::Throttle>,
+    /// The console's live streams, bounded apart from requests.
+    pub streams: Arc<console::streams::Streams>,
 }
 
 /// The address a request came from, when the server knows it (not in `oneshot` tests).

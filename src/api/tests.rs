@@ -135,6 +135,9 @@ impl TestApi {
             refusals: Default::default(),
             allowed_hosts: cfg.allowed_hosts().into(),
             throttle: Default::default(),
+            streams: Arc::new(super::console::streams::Streams::new(
+                cfg.server.max_connections,
+            )),
         };
         TestApi {
             router: router(state.clone()),

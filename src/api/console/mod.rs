@@ -8,6 +8,7 @@
 
 mod pages;
 mod session;
+pub mod streams;
 
 use super::auth::{Identity, allows};
 use super::refusals::Reason;
@@ -115,7 +116,7 @@ pub struct Viewer {
     /// The session's CSRF token.
     pub csrf: String,
     /// Digest of the session cookie.
-    id_hash: [u8; 32],
+    pub(crate) id_hash: [u8; 32],
 }
 
 impl Viewer {

@@ -28,6 +28,9 @@ const LIVE_POLL: Duration = Duration::from_millis(300);
 /// A live run page's stream ends after this long (the browser reconnects).
 const LIVE_MAX: Duration = Duration::from_secs(3600);
 
+/// A live stream looks at its session every this many polls (about a second).
+const SESSION_CHECK_EVERY: u32 = 3;
+
 /// What every page shows around its content.
 pub struct Chrome {
     /// The page (for the navigation).
@@ -448,12 +451,17 @@ pub async fn run_events(
     Path(id): Path<i64>,
 ) -> Result<Response, Page> {
     load_run(&state, id).await?;
+    let slot = (state.streams)
+        .open(viewer.id_hash)
+        .map_err(|why| Page::error(StatusCode::TOO_MANY_REQUESTS, why))?;
     struct Watch {
         state: AppState,
         viewer: Viewer,
         last: String,
         done: bool,
         until: tokio::time::Instant,
+        polls: u32,
+        _slot: super::streams::StreamSlot,
     }
     let watch = Watch {
         state,
@@ -461,6 +469,8 @@ pub async fn run_events(
         last: String::new(),
         done: false,
         until: tokio::time::Instant::now() + LIVE_MAX,
+        polls: 0,
+        _slot: slot,
     };
     let stream = futures_util::stream::unfold(watch, move |mut w| async move {
         if w.done {
@@ -468,6 +478,14 @@ pub async fn run_events(
         }
         loop {
             if tokio::time::Instant::now() > w.until {
+                return None;
+            }
+            // The stream lives only as long as its session: a logout or an expiry ends it
+            // within a second.
+            w.polls += 1;
+            if w.polls % SESSION_CHECK_EVERY == 1
+                && !matches!(w.state.store.session(w.viewer.id_hash).await, Ok(Some(_)))
+            {
                 return None;
             }
             let run = match w.state.store.get_run(id).await {

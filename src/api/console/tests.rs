@@ -797,3 +797,58 @@ async fn under_https_the_session_cookie_has_the_host_prefix() {
     let runs = b.get("/ui/runs").await;
     assert_eq!(runs.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn live_streams_are_capped_per_session_and_end_at_logout() {
+    let api = TestApi::new().await;
+    let run_id = api.start_gated().await;
+    let mut b = Browser::new(&api);
+    b.login("viewer").await;
+    let jar: Vec<String> = b.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let open = || {
+        let req = Request::builder()
+            .uri(format!("/ui/runs/{run_id}/events"))
+            .header(header::COOKIE, jar.join("; "))
+            .body(Body::empty())
+            .unwrap();
+        api.router.clone().oneshot(req)
+    };
+    let mut streams = Vec::new();
+    for _ in 0..super::streams::MAX_PER_SESSION {
+        let resp = open().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        streams.push(resp.into_body());
+    }
+    let over = open().await.unwrap();
+    assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Logging out ends every stream of the session, within a second or so.
+    let csrf = b.get("/ui/runs").await.csrf();
+    b.post("/ui/logout", &[("csrf", &csrf)]).await;
+    for mut body in streams {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, body.frame()).await {
+                Ok(None) => break,
+                Ok(Some(_)) => continue,
+                Err(_) => panic!("a stream outlived its session"),
+            }
+        }
+    }
+    // Their places were given back: another session may open one.
+    let mut other = Browser::new(&api);
+    other.login("viewer").await;
+    let jar: Vec<String> = other
+        .cookies
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let req = Request::builder()
+        .uri(format!("/ui/runs/{run_id}/events"))
+        .header(header::COOKIE, jar.join("; "))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(
+        api.router.clone().oneshot(req).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
