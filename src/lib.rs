@@ -21,6 +21,7 @@
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`notify`]: chat and webhook messages about runs; never blocks a run.
 //! - [`redact`]: keeps configured secrets out of records, logs and chat.
+//! - [`text`]: text from outside, bounded before it is kept or shown.
 //! - [`api`]: the HTTP API (axum).
 //! - [`app`]: wiring and ordered shutdown for `reflex serve`.
 //! - [`cli`]: the offline commands `check` and `simulate`.
@@ -42,4 +43,5 @@ pub mod store;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod testkit;
+pub mod text;
 pub mod time;

@@ -520,6 +520,11 @@ impl Engine {
                 Some(self.redactor.redact_json(out)),
                 None,
             ),
+            Err(ExecError::FailedWith(e, out)) => (
+                StepState::Failed,
+                Some(self.redactor.redact_json(out)),
+                Some(self.redactor.redact(&e)),
+            ),
             Err(e) => (
                 StepState::Failed,
                 None,

@@ -34,6 +34,10 @@ pub enum ExecError {
     /// The action ran and failed.
     #[error("{0}")]
     Failed(String),
+    /// The action ran and failed, and what it gave back is worth keeping (a command's exit
+    /// code and capped stderr): recorded as the step's output.
+    #[error("{0}")]
+    FailedWith(String, Value),
     /// The action was refused before acting (e.g. a target outside the inventory).
     #[error("refused: {0}")]
     Refused(String),
@@ -47,7 +51,7 @@ impl ExecError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             ExecError::InvalidArgs(_) => "invalid_args",
-            ExecError::Failed(_) => "failed",
+            ExecError::Failed(_) | ExecError::FailedWith(..) => "failed",
             ExecError::Refused(_) => "refused",
             ExecError::Unreachable(_) => "unreachable",
         }

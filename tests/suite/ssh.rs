@@ -45,14 +45,29 @@ async fn runs_a_command_and_records_output_and_exit_code() {
     assert_eq!(out.stderr, "oops\n");
 
     let run = SshRunExecutor(ex.clone());
+    // As a login shell that cannot start does: a warning first, the cause last.
     let err = run
         .execute(&ctx(
-            json!({"host": "testhost", "command": "exit 3"}),
+            json!({"host": "testhost", "command": "echo 'Could not chdir to home directory /nonexistent' >&2; echo 'This account is currently not available.' >&2; exit 1"}),
             Duration::from_secs(10),
         ))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("exit code 3"), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "exit code 1: This account is currently not available."
+    );
+    let reflex::executors::ExecError::FailedWith(_, kept) = err else {
+        panic!("the output is kept: {err:?}");
+    };
+    assert_eq!(kept["exit_code"], 1, "{kept}");
+    assert!(
+        kept["stderr"]
+            .as_str()
+            .unwrap()
+            .starts_with("Could not chdir"),
+        "{kept}"
+    );
     let ok = run
         .execute(&ctx(
             json!({"host": "db-1.example.internal", "command": "exit 3", "ok_exit_codes": [0, 3]}),

@@ -298,19 +298,36 @@ impl Executor for SshRunExecutor {
         let out = self.0.run(&args.host, &args.command, ctx.timeout).await?;
         let value = serde_json::to_value(&out).unwrap_or_default();
         if out.timed_out {
-            return Err(ExecError::Failed(format!(
-                "timed out after {}s; the remote command was killed",
-                ctx.timeout.as_secs().max(1)
-            )));
+            return Err(ExecError::FailedWith(
+                format!(
+                    "timed out after {}s; the remote command was killed",
+                    ctx.timeout.as_secs().max(1)
+                ),
+                value,
+            ));
         }
         match out.exit_code {
             Some(code) if args.ok_exit_codes.contains(&code) => Ok(value),
-            code => Err(ExecError::Failed(format!(
-                "exit code {}; stderr: {}",
-                code.map_or("none".into(), |c| c.to_string()),
-                out.stderr.trim()
-            ))),
+            code => Err(ExecError::FailedWith(failure(code, &out.stderr), value)),
         }
+    }
+}
+
+/// A failed command's error: its exit code (or that it had none: killed by a signal, the
+/// connection lost) and the line of stderr that says why. The last line is the one that
+/// does: a login shell's warnings come first ("Could not chdir to home directory"), the
+/// cause last ("This account is currently not available.").
+pub fn failure(exit_code: Option<i32>, stderr: &str) -> String {
+    let code = exit_code.map_or(
+        "no exit code (killed, or the connection was lost)".into(),
+        |c| format!("exit code {c}"),
+    );
+    let why = (stderr.lines().rev())
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("[output truncated"));
+    match why {
+        Some(line) => format!("{code}: {}", crate::text::truncate(line, 300)),
+        None => format!("{code}, nothing on stderr"),
     }
 }
 
@@ -464,6 +481,27 @@ impl Executor for DiskCleanupExecutor {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_failure_names_the_last_stderr_line_and_its_exit_code() {
+        assert_eq!(
+            super::failure(
+                Some(1),
+                "Could not chdir to home directory\nThis account is currently not available.\n\n"
+            ),
+            "exit code 1: This account is currently not available."
+        );
+        assert_eq!(
+            super::failure(Some(2), ""),
+            "exit code 2, nothing on stderr"
+        );
+        assert!(super::failure(None, "x").starts_with("no exit code"));
+        assert!(
+            super::failure(Some(1), "cause\n\n[output truncated: 10 of 20 bytes kept]")
+                .ends_with(": cause")
+        );
+    }
+
     use super::*;
 
     #[test]
