@@ -17,12 +17,12 @@ async fn main() {
     let cfg = reflex::config::Config::parse(&yaml).expect("config");
     let dir = tempfile::tempdir().expect("tempdir");
     let ex = SshExecutor::new(cfg.ssh, dir.path().join("ctl"));
-    ex.run("h", "true", Duration::from_secs(10))
+    ex.run("h", "true", Duration::from_secs(10), None)
         .await
         .expect("warm-up");
     let t = Instant::now();
     for _ in 0..n {
-        ex.run("h", "true", Duration::from_secs(10))
+        ex.run("h", "true", Duration::from_secs(10), None)
             .await
             .expect("step");
     }

@@ -238,6 +238,7 @@ fn simulate_one(
             alert: alert.clone(),
             params: Value::Object(plan.params.clone()),
             timeout: std::time::Duration::from_secs(60),
+            cancel: Default::default(),
         };
         let refused = match executors.get(s.action) {
             None => Some(format!("no executor for action {:?}", s.action)),

@@ -283,5 +283,8 @@ pub fn format_switches(v: &Value) -> String {
 
 /// Whether a run's state is final.
 pub fn is_final(state: &str) -> bool {
-    !matches!(state, "pending" | "running" | "awaiting_approval")
+    !matches!(
+        state,
+        "pending" | "running" | "cancelling" | "awaiting_approval"
+    )
 }

@@ -67,7 +67,7 @@ pub async fn list(
             "limit must be between 1 and {MAX_LIMIT}"
         )));
     }
-    let runs = state
+    let mut runs = state
         .store
         .list_runs(RunFilter {
             playbook: q.playbook,
@@ -77,6 +77,9 @@ pub async fn list(
             limit,
         })
         .await?;
+    for run in &mut runs {
+        state.engine.show_cancelling(run);
+    }
     let next_before = (runs.len() == limit as usize)
         .then(|| runs.last().map(|r| r.id))
         .flatten();
@@ -98,12 +101,10 @@ pub async fn get(
     id: Result<Path<i64>, PathRejection>,
 ) -> Result<Json<RunView>, ApiError> {
     let Path(id) = id?;
-    state
-        .store
-        .get_run(id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no run {id}")))
+    let mut run = (state.store.get_run(id).await?)
+        .ok_or_else(|| ApiError::NotFound(format!("no run {id}")))?;
+    state.engine.show_cancelling(&mut run);
+    Ok(Json(run))
 }
 
 /// `POST /api/v1/runs/{id}/cancel`
@@ -111,7 +112,7 @@ pub async fn get(
     post,
     path = "/api/v1/runs/{id}/cancel",
     tag = "operator",
-    description = "Cancels a run: at once if it has not started, else before its next step. Role: operator.",
+    description = "Cancels a run: at once if it has not started; a running run stops its step under way (an SSH command's remote processes, an HTTP request, a wait or a poll) and shows `cancelling` until it has. Role: operator.",
     params(("id" = i64, Path, description = "Run id")),
     responses((status = 200, description = "Cancelled, or the run stops before its next step", body = Object), (status = 404, description = "Not found", body = ErrorBody), (status = 409, description = "Conflicts with the current state", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
     security(("bearer" = ["operator"]))
@@ -126,7 +127,7 @@ pub async fn cancel(
         CancelResult::NotFound => Err(ApiError::NotFound(format!("no run {id}"))),
         CancelResult::Cancelled => Ok(Json(json!({ "id": id, "state": "cancelled" }))),
         CancelResult::Requested => Ok(Json(
-            json!({ "id": id, "state": "running", "message": "the run stops before its next step" }),
+            json!({ "id": id, "state": "cancelling", "message": "the step under way is being stopped; the run ends cancelled" }),
         )),
         CancelResult::AlreadyFinished(s) => Err(ApiError::Conflict(format!(
             "run {id} already ended: {}",

@@ -1595,3 +1595,54 @@ async fn failed_token_attempts_are_throttled_per_source_with_retry_after() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn a_cancel_stops_the_step_under_way_and_the_run_shows_cancelling_until_then() {
+    let api = TestApi::new().await;
+    let dir = api.db.parent().unwrap().parent().unwrap().join("playbooks");
+    std::fs::write(
+        dir.join("slow.yaml"),
+        "name: slow\nmatchers: ['alertname=\"Slow\"']\nsteps:\n  - name: pause\n    action: wait\n    with: { duration: 40s }\n  - name: after\n    action: log\n    with: { message: never }\n",
+    )
+    .unwrap();
+    let (status, out) = api
+        .call(
+            Method::POST,
+            "/api/v1/playbooks/reload",
+            Some("admin-token"),
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    tokio::spawn(api.engine.clone().dispatch());
+    let out = api
+        .post_alert(&json!({"labels": {"alertname": "Slow", "instance": "h1"}}).to_string())
+        .await;
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    wait_state(&api, run_id, "running").await;
+    let asked = std::time::Instant::now();
+    let (status, out) = api
+        .call(
+            Method::POST,
+            &format!("/api/v1/runs/{run_id}/cancel"),
+            Some("operator-token"),
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["state"], "cancelling", "{out}");
+    let run = wait_state(&api, run_id, "cancelled").await;
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(10),
+        "stopped within seconds, not after 40 s"
+    );
+    assert_eq!(run["steps"][0]["state"], "cancelled", "{run}");
+    assert_eq!(run["steps"][1]["state"], "skipped", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("during step \"pause\""),
+        "{run}"
+    );
+}

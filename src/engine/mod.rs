@@ -483,7 +483,21 @@ impl Engine {
         });
     }
 
-    /// Cancels a run: at once if it has not started, before its next step if it is running.
+    /// A running run whose cancel was asked on this replica shows as `cancelling` until its
+    /// step under way has stopped.
+    pub fn show_cancelling(&self, run: &mut crate::store::RunView) {
+        if run.state == RunState::Running.as_str() {
+            let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running
+                .get(&run.id)
+                .is_some_and(CancellationToken::is_cancelled)
+            {
+                run.state = "cancelling".into();
+            }
+        }
+    }
+
+    /// Cancels a run: at once if it has not started; a running one stops its step under way.
     pub async fn cancel(&self, run_id: i64) -> Result<CancelResult, StoreError> {
         Ok(match self.store.cancel_if_pending(run_id).await? {
             None => CancelResult::NotFound,

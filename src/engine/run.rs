@@ -18,6 +18,10 @@ use tracing::Instrument;
 /// How long past its timeout an executor may take to report before the engine gives up on it.
 const EXECUTOR_GRACE: Duration = Duration::from_secs(15);
 
+/// How long a cancelled step's executor may take to stop what it started (an SSH command's
+/// remote process group: TERM, then KILL two seconds later).
+const CANCEL_GRACE: Duration = Duration::from_secs(8);
+
 /// Why a run stopped before its last step.
 enum Stop {
     /// It ended in this state.
@@ -449,6 +453,7 @@ impl Engine {
             args: step.args.clone(),
             alert: run.alert.clone(),
             params: run.params.clone(),
+            cancel: token.clone(),
         };
         let Some(executor) = self.executors.get(step.action) else {
             let error = format!("no executor for action {:?} is configured", step.action);
@@ -499,12 +504,29 @@ impl Engine {
         } else {
             // Executors enforce the step timeout themselves (remote ones on the remote side,
             // to kill what they started); this outer bound is only the backstop.
-            match tokio::time::timeout(timeout + EXECUTOR_GRACE, executor.execute(&ctx)).await {
-                Ok(r) => r,
-                Err(_) => Err(ExecError::Failed(format!(
-                    "timed out after {}; the executor did not stop by itself",
-                    humantime::format_duration(timeout)
-                ))),
+            let bounded = async {
+                match tokio::time::timeout(timeout + EXECUTOR_GRACE, executor.execute(&ctx)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(ExecError::Failed(format!(
+                        "timed out after {}; the executor did not stop by itself",
+                        humantime::format_duration(timeout)
+                    ))),
+                }
+            };
+            tokio::pin!(bounded);
+            // A cancel stops the step under way: an executor that stops what it started
+            // remotely gets a moment to do so; any other is dropped at once.
+            tokio::select! {
+                r = &mut bounded => r,
+                () = token.cancelled() => {
+                    if executor.stops_on_cancel() {
+                        tokio::time::timeout(CANCEL_GRACE, &mut bounded)
+                            .await
+                            .unwrap_or(Err(ExecError::Cancelled))
+                    } else {
+                        Err(ExecError::Cancelled)
+                    }
+                }
             }
         };
         self.metrics
@@ -519,6 +541,11 @@ impl Engine {
                 StepState::Succeeded,
                 Some(self.redactor.redact_json(out)),
                 None,
+            ),
+            Err(ExecError::Cancelled) => (
+                StepState::Cancelled,
+                None,
+                Some(ExecError::Cancelled.to_string()),
             ),
             Err(ExecError::FailedWith(e, out)) => (
                 StepState::Failed,
@@ -542,7 +569,7 @@ impl Engine {
         // after (or an escalation step) is told on its own.
         let ends_run = step.phase == Phase::Main && step.on_failure == OnFailure::Stop;
         let event = match &error {
-            Some(e) if !ends_run => Some(Event::StepFailed {
+            Some(e) if !ends_run && state != StepState::Cancelled => Some(Event::StepFailed {
                 run: self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run),
                 step: step.name.clone(),
                 error: e.clone(),
@@ -554,6 +581,13 @@ impl Engine {
         }
         // Written with the run's next write: the next step's start or the run's end.
         progress.unwritten = Some((result, event));
+        if state == StepState::Cancelled {
+            // No further step, and no escalation: the operator asked for the run to stop.
+            return Err(end(
+                RunState::Cancelled,
+                format!("cancelled by an operator during step {:?}", step.name),
+            ));
+        }
         Ok(error.filter(|_| step.on_failure == OnFailure::Stop))
     }
 

@@ -44,6 +44,10 @@ pub enum ExecError {
     /// The target (an API server, a host) could not be reached; nothing was done there.
     #[error("{0}")]
     Unreachable(String),
+    /// An operator cancelled the run while the step was under way; what it had started was
+    /// stopped.
+    #[error("cancelled by an operator while under way")]
+    Cancelled,
 }
 
 impl ExecError {
@@ -54,6 +58,7 @@ impl ExecError {
             ExecError::Failed(_) | ExecError::FailedWith(..) => "failed",
             ExecError::Refused(_) => "refused",
             ExecError::Unreachable(_) => "unreachable",
+            ExecError::Cancelled => "cancelled",
         }
     }
 }
@@ -75,6 +80,8 @@ pub struct StepContext {
     pub params: Value,
     /// The step's timeout: executors that act remotely enforce it on the remote side too.
     pub timeout: std::time::Duration,
+    /// Fires when an operator cancels the run (see [`Executor::stops_on_cancel`]).
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 impl StepContext {
@@ -91,6 +98,13 @@ pub trait Executor: Send + Sync {
     fn validate(&self, ctx: &StepContext) -> Result<(), ExecError>;
     /// Acts. The returned JSON is the step output recorded in the run.
     async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError>;
+    /// Whether `execute` watches `ctx.cancel` itself, to stop what it started elsewhere (a
+    /// remote process) before answering [`ExecError::Cancelled`]. The engine waits a little
+    /// for such an executor; any other is dropped at once (an HTTP request, a wait, a poll
+    /// end with their future).
+    fn stops_on_cancel(&self) -> bool {
+        false
+    }
 }
 
 /// Executors by action.

@@ -106,6 +106,8 @@ pub enum StepState {
     Interrupted,
     /// Rendered and recorded, not executed (dry run).
     DryRun,
+    /// Stopped while under way: an operator cancelled the run.
+    Cancelled,
 }
 
 impl StepState {
@@ -119,6 +121,7 @@ impl StepState {
             StepState::Skipped => "skipped",
             StepState::Interrupted => "interrupted",
             StepState::DryRun => "dry_run",
+            StepState::Cancelled => "cancelled",
         }
     }
 }
@@ -259,7 +262,7 @@ macro_rules! stored_as_names {
 stored_as_names! {
     RunState => [Pending, Running, Succeeded, Failed, Cancelled, Interrupted, Suppressed,
                  AwaitingApproval, Denied, Expired, Killed, Resolved, DryRun, Coalesced],
-    StepState => [Pending, Running, Succeeded, Failed, Skipped, Interrupted, DryRun],
+    StepState => [Pending, Running, Succeeded, Failed, Skipped, Interrupted, DryRun, Cancelled],
     OnFailure => [Stop, Continue],
     Phase => [Main, OnFailure],
     GateScope => [Run, Step],

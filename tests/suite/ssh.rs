@@ -37,6 +37,7 @@ async fn runs_a_command_and_records_output_and_exit_code() {
             "testhost",
             "echo hello; echo oops >&2; exit 3",
             Duration::from_secs(10),
+            None,
         )
         .await
         .unwrap();
@@ -126,6 +127,7 @@ async fn output_is_bounded_with_a_marker() {
             "testhost",
             "head -c 1000000 /dev/zero | tr '\\0' a",
             Duration::from_secs(10),
+            None,
         )
         .await
         .unwrap();
@@ -151,7 +153,7 @@ async fn unknown_host_key_is_refused_under_strict_checking() {
     cfg.known_hosts_file = Some(empty.clone());
     let ex = SshExecutor::new(cfg.clone(), sshd.path("ctl"));
     let err = ex
-        .run("testhost", "true", Duration::from_secs(10))
+        .run("testhost", "true", Duration::from_secs(10), None)
         .await
         .unwrap_err();
     assert!(matches!(err, ExecError::Refused(_)), "{err:?}");
@@ -164,7 +166,7 @@ async fn unknown_host_key_is_refused_under_strict_checking() {
     // A changed key is refused too.
     std::fs::write(&empty, format!("[127.0.0.1]:{} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n", sshd.port)).unwrap();
     let err = SshExecutor::new(cfg.clone(), sshd.path("ctl"))
-        .run("testhost", "true", Duration::from_secs(10))
+        .run("testhost", "true", Duration::from_secs(10), None)
         .await
         .unwrap_err();
     assert!(matches!(err, ExecError::Refused(_)), "{err:?}");
@@ -173,7 +175,7 @@ async fn unknown_host_key_is_refused_under_strict_checking() {
     std::fs::write(&empty, "").unwrap();
     cfg.host_key_checking = reflex::config::HostKeyChecking::AcceptNew;
     let out = SshExecutor::new(cfg, sshd.path("ctl"))
-        .run("testhost", "echo ok", Duration::from_secs(10))
+        .run("testhost", "echo ok", Duration::from_secs(10), None)
         .await
         .unwrap();
     assert_eq!(out.stdout, "ok\n");
@@ -334,7 +336,7 @@ async fn a_master_that_dies_between_steps_is_replaced() {
     let sshd = Sshd::start();
     let ex = executor(&sshd);
     assert_eq!(
-        ex.run("testhost", "echo 1", Duration::from_secs(10))
+        ex.run("testhost", "echo 1", Duration::from_secs(10), None)
             .await
             .unwrap()
             .stdout,
@@ -357,7 +359,7 @@ async fn a_master_that_dies_between_steps_is_replaced() {
     .await;
     assert!(master_gone, "the master did not exit");
     assert_eq!(
-        ex.run("testhost", "echo 2", Duration::from_secs(10))
+        ex.run("testhost", "echo 2", Duration::from_secs(10), None)
             .await
             .unwrap()
             .stdout,
@@ -433,4 +435,52 @@ async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cond()
+}
+
+#[tokio::test]
+async fn a_cancel_kills_the_remote_process_group_within_seconds() {
+    let sshd = Sshd::start();
+    let ex = executor(&sshd);
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("finished");
+    // A unique sleep, and a child of the command's shell, so the whole group must die.
+    let command = format!("sleep 41.37 & sleep 41.37; touch {}", marker.display());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let running = {
+        let (ex, cancel) = (ex.clone(), cancel.clone());
+        tokio::spawn(async move {
+            ex.run(
+                "testhost",
+                &command,
+                Duration::from_secs(120),
+                Some(&cancel),
+            )
+            .await
+        })
+    };
+    let alive = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", "sleep 41.37"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), alive).await,
+        "the command started"
+    );
+    let asked = std::time::Instant::now();
+    cancel.cancel();
+    let answer = tokio::time::timeout(Duration::from_secs(15), running)
+        .await
+        .expect("the executor answers within seconds")
+        .unwrap();
+    assert!(matches!(answer, Err(ExecError::Cancelled)), "{answer:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive()).await,
+        "no process of the command is left"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(15));
+    assert!(!marker.exists(), "the rest of the command never ran");
 }

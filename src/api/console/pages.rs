@@ -73,7 +73,10 @@ async fn chrome(state: &AppState, viewer: &Viewer, tab: &'static str) -> Result<
 
 /// Whether a run can still change.
 fn is_live(state: &str) -> bool {
-    matches!(state, "pending" | "running" | "awaiting_approval")
+    matches!(
+        state,
+        "pending" | "running" | "cancelling" | "awaiting_approval"
+    )
 }
 
 /// How long from `start` to `end` (RFC 3339), e.g. `850 ms`, `4.2 s`, `3m 5s`.
@@ -405,11 +408,10 @@ async fn live_part(state: &AppState, viewer: &Viewer, run: &RunView) -> Result<S
 }
 
 async fn load_run(state: &AppState, id: i64) -> Result<RunView, Page> {
-    state
-        .store
-        .get_run(id)
-        .await?
-        .ok_or_else(|| Page::error(StatusCode::NOT_FOUND, format!("There is no run {id}.")))
+    let mut run = (state.store.get_run(id).await?)
+        .ok_or_else(|| Page::error(StatusCode::NOT_FOUND, format!("There is no run {id}.")))?;
+    state.engine.show_cancelling(&mut run);
+    Ok(run)
 }
 
 /// `GET /ui/runs/{id}`
@@ -489,7 +491,10 @@ pub async fn run_events(
                 return None;
             }
             let run = match w.state.store.get_run(id).await {
-                Ok(Some(run)) => run,
+                Ok(Some(mut run)) => {
+                    w.state.engine.show_cancelling(&mut run);
+                    run
+                }
                 _ => return None,
             };
             let Ok(html) = live_part(&w.state, &w.viewer, &run).await else {

@@ -186,12 +186,15 @@ impl SshExecutor {
         })
     }
 
-    /// Runs one shell command on a host, bounded by `timeout` remotely and locally.
+    /// Runs one shell command on a host, bounded by `timeout` remotely and locally. When
+    /// `cancel` fires first, the command's remote process group is killed and the answer is
+    /// [`ExecError::Cancelled`].
     pub async fn run(
         &self,
         target: &str,
         command: &str,
         timeout: Duration,
+        cancel: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<CommandOutput, ExecError> {
         let (name, host) = self.resolve(target)?;
         let slot = self.slot(name);
@@ -201,8 +204,10 @@ impl SshExecutor {
             .await
             .expect("semaphore is never closed");
         let secs = timeout.as_secs().max(1);
+        // The login shell says its pid, then becomes `timeout`, which leads its own process
+        // group: that pid names the group a cancel kills.
         let remote = format!(
-            "timeout -k {KILL_AFTER_SECS} {secs} sh -c {}",
+            "echo {PGID_MARK}$$ >&2; exec timeout -k {KILL_AFTER_SECS} {secs} sh -c {}",
             shell_quote(command).map_err(ExecError::InvalidArgs)?
         );
         // Starting a command can fail before anything reaches the remote side (the master's
@@ -235,13 +240,27 @@ impl SshExecutor {
         };
         let limit = self.cfg.output_limit_bytes;
         let (stdout, stderr) = (child.stdout().take(), child.stderr().take());
+        let (pgid_tx, pgid_rx) = tokio::sync::watch::channel(None::<u32>);
         let work = async move {
-            let (out, err) = tokio::join!(read_capped(stdout, limit), read_capped(stderr, limit));
+            let (out, err) = tokio::join!(
+                read_capped(stdout, limit),
+                read_stderr(stderr, limit, pgid_tx)
+            );
             let status = child.wait().await;
             (out, err, status)
         };
         let local_bound = Duration::from_secs(secs + KILL_AFTER_SECS + 5);
-        let (out, err, status) = tokio::time::timeout(local_bound, work).await.map_err(|_| {
+        let never = tokio_util::sync::CancellationToken::new();
+        let cancel = cancel.unwrap_or(&never);
+        let finished = tokio::select! {
+            r = tokio::time::timeout(local_bound, work) => r,
+            () = cancel.cancelled() => {
+                let pgid = *pgid_rx.borrow();
+                self.kill_group(name, &session, pgid).await;
+                return Err(ExecError::Cancelled);
+            }
+        };
+        let (out, err, status) = finished.map_err(|_| {
             ExecError::Failed(format!(
                 "ssh to {name}: no answer {}s after the command's timeout",
                 KILL_AFTER_SECS + 5
@@ -258,6 +277,72 @@ impl SshExecutor {
             timed_out: matches!(exit_code, Some(124 | 137)),
         })
     }
+}
+
+impl SshExecutor {
+    /// Kills a cancelled command's remote process group: TERM, then KILL two seconds on.
+    async fn kill_group(&self, name: &str, session: &Session, pgid: Option<u32>) {
+        let Some(pgid) = pgid else {
+            // The command had not started (the marker comes first): nothing to kill.
+            return;
+        };
+        let kill = format!(
+            "kill -TERM -- -{pgid} 2>/dev/null; sleep 2; kill -KILL -- -{pgid} 2>/dev/null; true"
+        );
+        let killed = tokio::time::timeout(
+            Duration::from_secs(10),
+            session.raw_command(&kill).stdin(Stdio::null()).output(),
+        )
+        .await;
+        match killed {
+            Ok(Ok(_)) => tracing::info!(
+                host = name,
+                pgid,
+                "ssh: cancelled; remote process group killed"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(host = name, pgid, error = %e, "ssh: cannot kill a cancelled command; its timeout still ends it")
+            }
+            Err(_) => tracing::warn!(
+                host = name,
+                pgid,
+                "ssh: no answer killing a cancelled command; its timeout still ends it"
+            ),
+        }
+    }
+}
+
+/// The line the remote shell writes first to stderr: this text, then its pid.
+const PGID_MARK: &str = "reflex-pgid:";
+
+/// Reads stderr as [`read_capped`] does, taking out the pid marker line (and sending the pid
+/// as soon as it is seen). Lines before it (sshd's own warnings) are kept.
+async fn read_stderr(
+    r: Option<impl AsyncRead + Unpin>,
+    limit: usize,
+    pgid: tokio::sync::watch::Sender<Option<u32>>,
+) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let Some(r) = r else { return String::new() };
+    let mut r = tokio::io::BufReader::new(r);
+    let mut before = String::new();
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line).await {
+            Ok(0) | Err(_) => return before,
+            Ok(_) => {}
+        }
+        if let Some(pid) = line.trim_end().strip_prefix(PGID_MARK) {
+            let _ = pgid.send(pid.parse().ok());
+            break;
+        }
+        before.push_str(&line);
+        if before.len() >= limit {
+            break;
+        }
+    }
+    let rest = read_capped(Some(r), limit.saturating_sub(before.len())).await;
+    before + rest.as_str()
 }
 
 async fn read_capped(r: Option<impl AsyncRead + Unpin>, limit: usize) -> String {
@@ -288,6 +373,10 @@ pub struct SshRunExecutor(pub Arc<SshExecutor>);
 
 #[async_trait::async_trait]
 impl Executor for SshRunExecutor {
+    fn stops_on_cancel(&self) -> bool {
+        true
+    }
+
     fn validate(&self, ctx: &StepContext) -> Result<(), ExecError> {
         let args: SshRunArgs = ctx.args()?;
         self.0.resolve(&args.host).map(drop)
@@ -295,7 +384,9 @@ impl Executor for SshRunExecutor {
 
     async fn execute(&self, ctx: &StepContext) -> Result<Value, ExecError> {
         let args: SshRunArgs = ctx.args()?;
-        let out = self.0.run(&args.host, &args.command, ctx.timeout).await?;
+        let out = (self.0)
+            .run(&args.host, &args.command, ctx.timeout, Some(&ctx.cancel))
+            .await?;
         let value = serde_json::to_value(&out).unwrap_or_default();
         if out.timed_out {
             return Err(ExecError::FailedWith(
@@ -412,7 +503,7 @@ impl DiskCleanupExecutor {
             "df -P -B1 -- {}",
             shell_quote(path).map_err(ExecError::InvalidArgs)?
         );
-        let out = self.0.run(host, &cmd, timeout).await?;
+        let out = self.0.run(host, &cmd, timeout, None).await?;
         if out.exit_code != Some(0) {
             return Err(ExecError::Failed(format!(
                 "df {path:?} on {host}: {}",
@@ -425,6 +516,10 @@ impl DiskCleanupExecutor {
 
 #[async_trait::async_trait]
 impl Executor for DiskCleanupExecutor {
+    fn stops_on_cancel(&self) -> bool {
+        true
+    }
+
     fn validate(&self, ctx: &StepContext) -> Result<(), ExecError> {
         let args: DiskCleanupArgs = ctx.args()?;
         self.0.resolve(&args.host).map(drop)
@@ -444,7 +539,11 @@ impl Executor for DiskCleanupExecutor {
                 break;
             }
             // A failing cleanup command does not stop the others: each frees what it can.
-            ran.push(self.0.run(&args.host, cmd, left()).await?);
+            ran.push(
+                self.0
+                    .run(&args.host, cmd, left(), Some(&ctx.cancel))
+                    .await?,
+            );
         }
         let (after, _) = self
             .df(&args.host, &args.path, left().max(Duration::from_secs(5)))

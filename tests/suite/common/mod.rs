@@ -532,6 +532,7 @@ pub fn step_context(args: Value, timeout: Duration) -> reflex::executors::StepCo
         alert: test_alert(&[("alertname", "Test")]),
         params: serde_json::json!({}),
         timeout,
+        cancel: Default::default(),
     }
 }
 
