@@ -75,6 +75,7 @@ fn bench(c: &mut Criterion) {
             let mut a = alert.clone();
             a.starts_at = format!("2026-01-01T00:00:00.{n:09}Z");
             let item = IntakeItem {
+                deferred: None,
                 alert: a,
                 received_us: 0,
                 candidates: vec![Candidate {
@@ -111,6 +112,7 @@ fn bench(c: &mut Criterion) {
             let mut p = plan.clone();
             p.target = target.to_string();
             IntakeItem {
+                deferred: None,
                 alert: a,
                 received_us: 0,
                 candidates: vec![Candidate {

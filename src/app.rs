@@ -66,6 +66,7 @@ pub async fn run(
     let dispatcher = tasks.spawn(engine.clone().dispatch());
     let sweeper = tasks.spawn(engine.clone().sweep());
     let lease = tasks.spawn(engine.clone().keep_lease());
+    let deferred = tasks.spawn(engine.clone().plan_deferred());
     tasks.spawn(watch_playbooks(
         engine.clone(),
         cfg.playbooks_dir.clone(),
@@ -118,6 +119,7 @@ pub async fn run(
     dispatcher.await.context("engine dispatcher")?;
     sweeper.await.context("approval sweeper")?;
     lease.await.context("lease keeper")?;
+    deferred.await.context("planner of deferred alerts")?;
     // The engine (and so the notifier's queues) is gone with the router: the chat sinks send
     // what they still hold, then end.
     tasks.close();

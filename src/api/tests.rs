@@ -1646,3 +1646,71 @@ async fn a_cancel_stops_the_step_under_way_and_the_run_shows_cancelling_until_th
         "{run}"
     );
 }
+
+#[tokio::test]
+async fn a_webhook_slow_to_plan_is_answered_in_time_and_every_alert_planned_once() {
+    let api = TestApi::with("intake:\n  plan_request_budget: 50ms\n", "").await;
+    let dir = api.db.parent().unwrap().parent().unwrap().join("playbooks");
+    // Milliseconds of work per alert: 20 alerts take far longer than 50 ms.
+    std::fs::write(
+        dir.join("costly.yaml"),
+        "name: costly\nmatchers: ['alertname=\"Costly\"']\nwhen: |\n  let n = 0; for i in 0..5000 { n += labels.i.len(); } n > 0\nsteps:\n  - action: log\n    with: { message: \"costly {{ labels.i }}\" }\n",
+    )
+    .unwrap();
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/api/v1/playbooks/reload",
+            Some("admin-token"),
+            Some("{}"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Vec<Value> = (0..20)
+        .map(|i| json!({"labels": {"alertname": "Costly", "i": i.to_string()}}))
+        .collect();
+    let out = api.post_alert(&Value::from(body).to_string()).await;
+    let planned = out["outcomes"].as_array().unwrap().len();
+    let deferred = out["deferred"].as_u64().unwrap() as usize;
+    assert_eq!(planned + deferred, 20, "{out}");
+    assert!(deferred > 0, "the budget cut the webhook short: {out}");
+    let waiting: i64 = (api.store)
+        .read(|c| c.one("SELECT count(*) FROM deferred_alerts", &[], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(waiting as usize, deferred, "kept before the answer");
+    // After the answer, the planner records each once.
+    tokio::spawn(api.engine.clone().plan_deferred());
+    let runs = || async {
+        let page = api.view("/api/v1/runs?playbook=costly&limit=500").await;
+        page["runs"].as_array().unwrap().len()
+    };
+    for _ in 0..500 {
+        if runs().await >= 20 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(runs().await, 20, "every alert planned, none twice");
+    let left: i64 = (api.store)
+        .read(|c| c.one("SELECT count(*) FROM deferred_alerts", &[], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    // A retry of the same webhook adds nothing: each alert is a duplicate now.
+    let body: Vec<Value> = (0..20)
+        .map(|i| json!({"labels": {"alertname": "Costly", "i": i.to_string()}}))
+        .collect();
+    let again = api.post_alert(&Value::from(body).to_string()).await;
+    for _ in 0..500 {
+        let left: i64 = (api.store)
+            .read(|c| c.one("SELECT count(*) FROM deferred_alerts", &[], |r| r.get(0)))
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(runs().await, 20, "{again}");
+}

@@ -17,8 +17,12 @@ use serde::Serialize;
 pub struct IntakeResponse {
     /// Alerts recorded.
     pub alerts: usize,
-    /// What each matched playbook did, per alert (same order as the payload).
+    /// What each matched playbook did, per alert planned in time (same order as the payload).
     pub outcomes: Vec<Vec<Outcome>>,
+    /// The alerts after those: their playbooks took longer to evaluate than
+    /// `intake.plan_request_budget`, so they were stored and are planned after this answer
+    /// (their runs show in `GET /api/v1/runs`). Retrying changes nothing.
+    pub deferred: usize,
 }
 
 /// `POST /api/v1/webhooks/alertmanager`
@@ -83,10 +87,11 @@ async fn record(
     received_us: i64,
 ) -> Result<Json<IntakeResponse>, ApiError> {
     let n = alerts.len();
-    let outcomes = state.engine.intake(alerts, received_us).await?;
+    let intake = state.engine.intake(alerts, received_us).await?;
     Ok(Json(IntakeResponse {
         alerts: n,
-        outcomes,
+        outcomes: intake.outcomes,
+        deferred: intake.deferred,
     }))
 }
 

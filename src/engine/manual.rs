@@ -204,6 +204,7 @@ impl Engine {
             ..self.candidate(&pb, &alert, plan, self.windows.hold(&alert, now))
         };
         let item = IntakeItem {
+            deferred: None,
             received_us: crate::time::now_us(),
             candidates: vec![candidate],
             alert,

@@ -42,6 +42,21 @@ const MAX_CLAIM: usize = 64;
 /// in the database but does not execute.
 const ORPHAN_EVERY: u64 = 15;
 
+/// Deferred alerts planned in one round at most.
+const DEFERRED_BATCH: u32 = 64;
+
+/// How often the planner of deferred alerts looks without being woken (a restart's leftovers).
+const DEFERRED_POLL: Duration = Duration::from_secs(5);
+
+/// What intake made of one webhook.
+#[derive(Debug)]
+pub struct Intake {
+    /// Per alert planned in time (in the payload's order): what each matched playbook did.
+    pub outcomes: Vec<Vec<Outcome>>,
+    /// Alerts after those: stored, and planned after the answer.
+    pub deferred: usize,
+}
+
 /// How often pending approvals are checked for expiry.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -63,6 +78,10 @@ pub struct Engine {
     /// Removes configured secrets from step results before they are recorded.
     redactor: crate::redact::Redactor,
     wake: Notify,
+    /// Wakes the planner of deferred alerts.
+    deferred_wake: Notify,
+    /// How long a webhook's alerts may be planned before the rest are deferred.
+    request_budget: Duration,
     /// Worker slots (`max_concurrent_runs`), taken by the dispatcher's claims and by intake
     /// when it starts a run in its own transaction.
     slots: Arc<Semaphore>,
@@ -138,6 +157,8 @@ impl Engine {
                 .map(|u| u.trim_end_matches('/').to_string()),
             redactor: crate::redact::Redactor::from_config(cfg),
             wake: Notify::new(),
+            deferred_wake: Notify::new(),
+            request_budget: cfg.intake.plan_request_budget,
             slots: Arc::new(Semaphore::new(cfg.engine.max_concurrent_runs)),
             running: Mutex::new(HashMap::new()),
             reload_failure: Mutex::new(None),
@@ -216,24 +237,101 @@ impl Engine {
         self: &Arc<Self>,
         alerts: Vec<Alert>,
         received_us: i64,
-    ) -> Result<Vec<Vec<Outcome>>, StoreError> {
+    ) -> Result<Intake, StoreError> {
+        let started = std::time::Instant::now();
         let set = self.playbooks();
         let budget = self.config.plan_budget;
         let (mut evaluated, rest) = evaluate_in_place(&set, alerts, budget);
+        let mut unplanned = Vec::new();
         if !rest.is_empty() {
-            let more = tokio::task::spawn_blocking(move || {
-                (rest.into_iter())
-                    .map(|alert| {
-                        let _budget = Budget::start(budget);
-                        let matched = set.evaluate(&alert);
-                        (alert, matched)
-                    })
-                    .collect::<Vec<_>>()
+            let until = started + self.request_budget;
+            let (more, left) = tokio::task::spawn_blocking(move || {
+                let mut more = Vec::new();
+                let mut rest = rest.into_iter();
+                for alert in rest.by_ref() {
+                    if std::time::Instant::now() >= until {
+                        return (more, std::iter::once(alert).chain(rest).collect());
+                    }
+                    let _budget = Budget::start(budget);
+                    let matched = set.evaluate(&alert);
+                    more.push((alert, matched));
+                }
+                (more, Vec::new())
             })
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
             evaluated.extend(more);
+            unplanned = left;
         }
+        let deferred = unplanned.len();
+        if deferred > 0 {
+            // Kept before the answer, planned after it.
+            self.store.defer(unplanned, received_us).await?;
+            self.deferred_wake.notify_one();
+            tracing::info!(
+                deferred,
+                "a webhook's alerts outlasted its planning budget; planning the rest after the answer"
+            );
+        }
+        let outcomes = self.intake_planned(evaluated, received_us, None).await?;
+        Ok(Intake { outcomes, deferred })
+    }
+
+    /// Plans the alerts that webhooks left (see [`Engine::intake`]), until shutdown: woken by
+    /// each deferral, and looking every few seconds (for what a restart left).
+    pub async fn plan_deferred(self: Arc<Self>) {
+        loop {
+            let batch = match self.store.deferred(DEFERRED_BATCH).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the deferred alerts; trying again");
+                    Vec::new()
+                }
+            };
+            let full = batch.len() == DEFERRED_BATCH as usize;
+            if !batch.is_empty() {
+                let set = self.playbooks();
+                let budget = self.config.plan_budget;
+                let planned = tokio::task::spawn_blocking(move || {
+                    (batch.into_iter())
+                        .map(|d| {
+                            let _budget = Budget::start(budget);
+                            let matched = set.evaluate(&d.alert);
+                            (d, matched)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                for (d, matched) in planned {
+                    let evaluated = vec![(d.alert, matched)];
+                    if let Err(e) = self
+                        .intake_planned(evaluated, d.received_us, Some(d.id))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot record a deferred alert yet; it stays for the next round");
+                    }
+                }
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                () = self.deferred_wake.notified() => {}
+                () = tokio::time::sleep(DEFERRED_POLL) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Records alerts already matched and planned (`deferred`: the row of one planned after
+    /// its webhook's answer).
+    async fn intake_planned(
+        self: &Arc<Self>,
+        evaluated: Vec<(Alert, Vec<Matched>)>,
+        received_us: i64,
+        deferred: Option<i64>,
+    ) -> Result<Vec<Vec<Outcome>>, StoreError> {
         let now = self.store.now_ms();
         let items: Vec<IntakeItem> = evaluated
             .into_iter()
@@ -244,6 +342,7 @@ impl Engine {
                     .map(|m| self.candidate(&m.playbook, &alert, m.plan, suppress.clone()))
                     .collect();
                 IntakeItem {
+                    deferred,
                     alert,
                     received_us,
                     candidates,

@@ -83,6 +83,8 @@ pub struct IntakeItem {
     pub received_us: i64,
     /// Matched playbooks.
     pub candidates: Vec<Candidate>,
+    /// Its row in `deferred_alerts`, for an alert planned after its webhook was answered.
+    pub deferred: Option<i64>,
 }
 
 /// What became of one (alert, playbook) pair at intake.
@@ -571,6 +573,13 @@ impl Store {
                 };
                 let mut all = Vec::with_capacity(prepared.len());
                 for (item, json) in prepared {
+                    if let Some(id) = item.deferred
+                        && !super::deferred::take(c, id)?
+                    {
+                        // Recorded already (by another replica): not twice.
+                        all.push(Vec::new());
+                        continue;
+                    }
                     starter.received_us = item.received_us;
                     let alert_id = insert_alert(c, &item.alert, &json, now, item.received_us)?;
                     let mut outcomes = (item.candidates.into_iter().zip(json.plans))

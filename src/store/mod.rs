@@ -13,6 +13,7 @@ mod breaker;
 mod coalesce;
 mod cooldown;
 pub mod db;
+mod deferred;
 mod intake;
 mod lease;
 mod lifecycle;
@@ -557,6 +558,15 @@ CREATE TABLE chat_threads (
   thread TEXT NOT NULL,
   PRIMARY KEY (sink, run_id)
 ) WITHOUT ROWID;
+"#,
+    // 12: alerts accepted but not planned within their webhook's budget (see `deferred`).
+    r#"
+CREATE TABLE deferred_alerts (
+  id INTEGER PRIMARY KEY,
+  alert TEXT NOT NULL,
+  received_us INTEGER NOT NULL,
+  created_at INTEGER NOT NULL
+);
 "#,
 ];
 

@@ -631,4 +631,13 @@ CREATE TABLE chat_threads (
   PRIMARY KEY (sink, run_id)
 );
 "#,
+    // 4: alerts accepted but not planned within their webhook's budget (see `deferred`).
+    r#"
+CREATE TABLE deferred_alerts (
+  id BIGSERIAL PRIMARY KEY,
+  alert TEXT NOT NULL,
+  received_us BIGINT NOT NULL,
+  created_at BIGINT NOT NULL
+);
+"#,
 ];

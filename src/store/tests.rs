@@ -129,6 +129,7 @@ fn candidate(playbook: &str, target: &str, cooldown_ms: i64, key: &str) -> Candi
 
 async fn intake(store: &Store, instance: &str, cand: Candidate, limits: BreakerLimits) -> Outcome {
     let item = IntakeItem {
+        deferred: None,
         alert: alert(instance),
         received_us: 0,
         candidates: vec![cand],
@@ -343,6 +344,7 @@ async fn a_new_occurrence_joins_a_queued_run_and_takes_its_data(db: TestDb) {
         let store = store.clone();
         async move {
             let item = IntakeItem {
+                deferred: None,
                 alert,
                 received_us: 0,
                 candidates: vec![cand],
@@ -626,6 +628,7 @@ async fn the_writers_statements_are_compiled_once_and_the_hot_path_builds_no_tem
         max_per_target: 1,
     };
     let item = |alert, candidate| IntakeItem {
+        deferred: None,
         alert,
         received_us: 0,
         candidates: vec![candidate],
