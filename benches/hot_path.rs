@@ -156,6 +156,7 @@ fn bench(c: &mut Criterion) {
                                 None,
                                 None,
                                 BreakerLimits::default(),
+                                false,
                             )
                             .await
                             .unwrap();

@@ -406,7 +406,7 @@ impl Engine {
             _ => None,
         });
         if let Some(reason) = tripped {
-            self.announce_breaker(reason);
+            self.announce_breaker(crate::store::GLOBAL.into(), reason);
         }
         for o in outcomes.iter().flatten() {
             match o {
@@ -571,10 +571,10 @@ impl Engine {
     }
 
     /// Tells the log and chat that the circuit breaker engaged the global kill switch.
-    fn announce_breaker(&self, reason: String) {
-        tracing::error!(%reason, "kill switch engaged by the circuit breaker");
+    fn announce_breaker(&self, scope: String, reason: String) {
+        tracing::error!(%scope, %reason, "kill switch engaged by the circuit breaker");
         self.notifier.send(Event::KillSwitch {
-            scope: crate::store::GLOBAL.into(),
+            scope,
             engaged: true,
             actor: "circuit-breaker".into(),
             reason,

@@ -81,6 +81,8 @@ struct Progress {
     /// anything else is done; the message about it (a failure the run went on after) is sent
     /// after that write.
     unwritten: Option<(StepResult, Option<Event>)>,
+    /// The step that ended the run was refused before acting (nothing was sent).
+    refused: bool,
 }
 
 /// What a finished run says.
@@ -130,6 +132,7 @@ impl Engine {
                     .filter_map(|s| Some((s.name.clone(), s.output.clone()?)))
                     .collect(),
                 unwritten: None,
+                refused: false,
             };
             let (state, error) = match self.steps(&run, &token, &mut progress).await {
                 Ok(()) if run.dry_run => (RunState::DryRun, None),
@@ -149,7 +152,14 @@ impl Engine {
             // acted must reach the record.
             let write = || {
                 self.store
-                    .run_finished(run.id, state, error.clone(), last.clone(), self.limits)
+                    .run_finished(
+                        run.id,
+                        state,
+                        error.clone(),
+                        last.clone(),
+                        self.limits,
+                        state == RunState::Failed && progress.refused,
+                    )
             };
             let backoff = backon::ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
@@ -188,7 +198,7 @@ impl Engine {
                 error,
             });
             if let Some(trip) = tripped {
-                self.announce_breaker(trip.to_string());
+                self.announce_breaker(trip.scope(), trip.to_string());
             }
         }
         .instrument(span)
@@ -552,11 +562,16 @@ impl Engine {
                 Some(self.redactor.redact_json(out)),
                 Some(self.redactor.redact(&e)),
             ),
-            Err(e) => (
-                StepState::Failed,
-                None,
-                Some(self.redactor.redact(&e.to_string())),
-            ),
+            Err(e) => {
+                if step.on_failure == OnFailure::Stop && step.phase == Phase::Main {
+                    progress.refused = matches!(e, ExecError::Refused(_));
+                }
+                (
+                    StepState::Failed,
+                    None,
+                    Some(self.redactor.redact(&e.to_string())),
+                )
+            }
         };
         tracing::info!(step = %step.name, action = %step.action, state = state.as_str(), error = error.as_deref(), "step finished");
         let result = StepResult {

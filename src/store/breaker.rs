@@ -31,6 +31,10 @@ pub enum Limit {
     Targets,
     /// `breaker.max_failures`: runs that failed in the window.
     Failures,
+    /// `breaker.max_failures`, counted per playbook: its runs refused before acting (a host
+    /// outside the inventory, a namespace not allowed). It engages that playbook's switch
+    /// only: the fault is in its steps, not in the world.
+    Refusals,
 }
 
 impl Limit {
@@ -40,7 +44,7 @@ impl Limit {
             Limit::Runs => "max_runs",
             Limit::RunsPerPlaybook => "max_runs_per_playbook",
             Limit::Targets => "max_targets",
-            Limit::Failures => "max_failures",
+            Limit::Failures | Limit::Refusals => "max_failures",
         }
     }
 }
@@ -60,6 +64,16 @@ pub struct Trip {
     pub playbook: Option<String>,
 }
 
+impl Trip {
+    /// The switch it engaged: a playbook's for refusals, else the global one.
+    pub fn scope(&self) -> String {
+        match (self.limit, &self.playbook) {
+            (Limit::Refusals, Some(p)) => super::switches::playbook_scope(p),
+            _ => super::switches::GLOBAL.to_string(),
+        }
+    }
+}
+
 impl std::fmt::Display for Trip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = self.count;
@@ -70,6 +84,10 @@ impl std::fmt::Display for Trip {
             }
             (Limit::Targets, _) => format!("runs against {n} distinct targets"),
             (Limit::Failures, _) => format!("{n} runs failed"),
+            (Limit::Refusals, p) => format!(
+                "{n} runs of playbook {} were refused before acting",
+                p.as_deref().unwrap_or("?")
+            ),
         };
         let window = humantime::format_duration(std::time::Duration::from_millis(
             self.window_ms.max(0) as u64,
@@ -126,7 +144,7 @@ pub(super) fn breaker_trip(
                 let sql = format!("SELECT count(DISTINCT target) FROM runs WHERE {live}");
                 count(&sql, &[&since])?
             }
-            Limit::Failures => continue,
+            Limit::Failures | Limit::Refusals => continue,
         };
         if n >= max {
             let trip = Trip {
@@ -174,7 +192,7 @@ pub(super) fn failures_trip(
         return Ok(None);
     }
     let n: i64 = c.one(
-        "SELECT count(*) FROM runs WHERE state = 'failed' AND finished_at > ?1",
+        "SELECT count(*) FROM runs WHERE state = 'failed' AND NOT refused AND finished_at > ?1",
         &[&window_start(c, l, now)?],
         |r| r.get(0),
     )?;
@@ -190,5 +208,47 @@ pub(super) fn failures_trip(
         playbook: None,
     };
     engage(c, &trip, now)?;
+    Ok(Some(trip))
+}
+
+/// After a run of `run_id`'s playbook failed because a step was refused before acting, in its
+/// transaction: engages that playbook's switch when such failures reach `max_failures` in the
+/// window (and it is not engaged already).
+pub(super) fn refusals_trip(
+    c: &Db,
+    run_id: i64,
+    l: BreakerLimits,
+    now: i64,
+) -> Result<Option<Trip>, StoreError> {
+    if l.max_failures == 0 {
+        return Ok(None);
+    }
+    let playbook: String = c.one("SELECT playbook FROM runs WHERE id = ?1", &[&run_id], |r| {
+        r.get(0)
+    })?;
+    let n: i64 = c.one(
+        "SELECT count(*) FROM runs
+         WHERE state = 'failed' AND refused AND playbook = ?1 AND finished_at > ?2",
+        &[&playbook, &window_start(c, l, now)?],
+        |r| r.get(0),
+    )?;
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    let scope = super::switches::playbook_scope(&playbook);
+    let engaged: i64 = c.one(
+        "SELECT count(*) FROM switches WHERE scope = ?1 AND engaged AND (until IS NULL OR until > ?2)",
+        &[&scope, &now],
+        |r| r.get(0),
+    )?;
+    if n < l.max_failures || engaged > 0 {
+        return Ok(None);
+    }
+    let trip = Trip {
+        limit: Limit::Refusals,
+        count: n,
+        max: l.max_failures,
+        window_ms: l.window_ms,
+        playbook: Some(playbook),
+    };
+    super::switches::engage_in(c, &scope, &trip.to_string(), "circuit-breaker", None, now)?;
     Ok(Some(trip))
 }

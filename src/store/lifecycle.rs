@@ -29,6 +29,8 @@ impl Store {
     /// Ends a run, in one write: the last step's result and its audit row when given, the
     /// run's state (steps not started are marked `skipped`) and, for a failed run, the
     /// breaker's failure limit, which may engage the global kill switch (returned).
+    /// `refused`: it failed because a step was refused before acting (nothing was sent), which
+    /// the breaker counts against its playbook alone.
     pub async fn run_finished(
         &self,
         run_id: i64,
@@ -36,6 +38,7 @@ impl Store {
         error: Option<String>,
         last_step: Option<StepResult>,
         limits: BreakerLimits,
+        refused: bool,
     ) -> Result<Option<Trip>, StoreError> {
         let now = self.now_ms();
         let tripped = self
@@ -44,10 +47,17 @@ impl Store {
                     super::queue::record_step(c, step, now)?;
                 }
                 finish_run(c, run_id, state, error.as_deref(), now)?;
-                if state == RunState::Failed {
-                    return super::breaker::failures_trip(c, limits, now);
+                if state != RunState::Failed {
+                    return Ok(None);
                 }
-                Ok(None)
+                if refused {
+                    c.exec(
+                        "UPDATE runs SET refused = ?2 WHERE id = ?1",
+                        &[&run_id, &true],
+                    )?;
+                    return super::breaker::refusals_trip(c, run_id, limits, now);
+                }
+                super::breaker::failures_trip(c, limits, now)
             })
             .await?;
         if tripped.is_some() {

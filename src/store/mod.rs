@@ -568,6 +568,11 @@ CREATE TABLE deferred_alerts (
   created_at INTEGER NOT NULL
 );
 "#,
+    // 13: a run that failed because a step was refused before acting (a host outside the
+    // inventory, a namespace not allowed): the breaker counts those per playbook.
+    r#"
+ALTER TABLE runs ADD COLUMN refused INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 impl Store {

@@ -640,4 +640,8 @@ CREATE TABLE deferred_alerts (
   created_at BIGINT NOT NULL
 );
 "#,
+    // 5: a run that failed because a step was refused before acting (see SQLite's 13).
+    r#"
+ALTER TABLE runs ADD COLUMN refused BOOLEAN NOT NULL DEFAULT false;
+"#,
 ];

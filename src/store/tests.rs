@@ -265,7 +265,7 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip(db: TestDb) {
             panic!("not created")
         };
         let trip = store
-            .run_finished(run_id, RunState::Failed, Some("x".into()), None, limits)
+            .run_finished(run_id, RunState::Failed, Some("x".into()), None, limits, false)
             .await
             .unwrap();
         assert_eq!(trip.is_some(), i == 1, "failure {}: {trip:?}", i + 1);
@@ -282,7 +282,7 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip(db: TestDb) {
     };
     assert_eq!(cause, Hold::KillSwitch);
     let third = store
-        .run_finished(2, RunState::Failed, Some("x".into()), None, limits)
+        .run_finished(2, RunState::Failed, Some("x".into()), None, limits, false)
         .await
         .unwrap();
     assert!(third.is_none(), "not tripped again while engaged");
@@ -449,7 +449,7 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one(db: TestDb) {
     // Nothing more while both targets are busy; the next busy run once its slot frees.
     assert!(store.claim(1, 10).await.unwrap().is_empty());
     store
-        .run_finished(1, RunState::Succeeded, None, None, BreakerLimits::default())
+        .run_finished(1, RunState::Succeeded, None, None, BreakerLimits::default(), false)
         .await
         .unwrap();
     store
@@ -458,7 +458,7 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one(db: TestDb) {
             RunState::Succeeded,
             None,
             None,
-            BreakerLimits::default(),
+            BreakerLimits::default(), false,
         )
         .await
         .unwrap();
@@ -645,9 +645,16 @@ async fn the_writers_statements_are_compiled_once_and_the_hot_path_builds_no_tem
                 .started;
         assert_eq!(started.len(), 1);
         let run = &started[0];
-        (store.run_finished(run.id, RunState::Succeeded, None, Some(done(run)), none))
-            .await
-            .unwrap();
+        (store.run_finished(
+            run.id,
+            RunState::Succeeded,
+            None,
+            Some(done(run)),
+            none,
+            false,
+        ))
+        .await
+        .unwrap();
     }
     let hot = statements_ran(&store).await;
     assert!(hot.len() > 5, "the workload ran: {hot:#?}");
@@ -666,9 +673,16 @@ async fn the_writers_statements_are_compiled_once_and_the_hot_path_builds_no_tem
             .unwrap();
         for run in store.claim(1, 10).await.unwrap() {
             store.step_started_after(run.id, 0, None).await.unwrap();
-            (store.run_finished(run.id, RunState::Succeeded, None, Some(done(&run)), none))
-                .await
-                .unwrap();
+            (store.run_finished(
+                run.id,
+                RunState::Succeeded,
+                None,
+                Some(done(&run)),
+                none,
+                false,
+            ))
+            .await
+            .unwrap();
         }
     }
     let queued = statements_ran(&store).await;
@@ -741,7 +755,7 @@ mod replicas {
                         assert!(now <= 1, "target {} runs {now} at once", run.target);
                         claimed.lock().unwrap().push(run.id);
                         store
-                            .run_finished(run.id, RunState::Succeeded, None, None, none)
+                            .run_finished(run.id, RunState::Succeeded, None, None, none, false)
                             .await
                             .unwrap();
                     }
@@ -945,7 +959,7 @@ mod replicas {
             matches!(refused, Err(StoreError::LostRun(id)) if id == started),
             "{refused:?}"
         );
-        lost.run_finished(started, RunState::Succeeded, None, None, none)
+        lost.run_finished(started, RunState::Succeeded, None, None, none, false)
             .await
             .unwrap();
         assert_eq!(
@@ -1133,5 +1147,42 @@ on_both_backends! {
             2,
             "the held write's batch, then one batch for both"
         );
+    }
+}
+
+on_both_backends! {
+    async fn refused_runs_trip_their_own_playbooks_switch_not_all_automation(db: TestDb) {
+        let store = db.open().await;
+        let limits = BreakerLimits {
+            window_ms: 600_000,
+            max_failures: 2,
+            ..Default::default()
+        };
+        let failed = |name: &'static str, playbook: &'static str, refused: bool| {
+            let store = store.clone();
+            async move {
+                let Outcome::Created { run_id, .. } =
+                    intake(&store, name, candidate(playbook, name, 0, ""), limits).await
+                else {
+                    panic!("not created")
+                };
+                store
+                    .run_finished(run_id, RunState::Failed, Some("x".into()), None, limits, refused)
+                    .await
+                    .unwrap()
+            }
+        };
+        // One failure for real, then refusals in another playbook: no global trip.
+        assert!(failed("a", "ok", false).await.is_none());
+        assert!(failed("b", "bad", true).await.is_none());
+        let trip = failed("c", "bad", true).await.expect("the second refusal trips");
+        assert_eq!(trip.limit, Limit::Refusals);
+        assert_eq!(trip.scope(), "playbook:bad");
+        assert!(store.kill_reason("bad").await.unwrap().is_some(), "its switch is engaged");
+        assert!(store.kill_reason("ok").await.unwrap().is_none(), "automation goes on");
+        // The refusals did not count towards the global failure limit.
+        assert!(failed("d", "ok", true).await.is_none());
+        let trip = failed("e", "ok2", false).await.expect("the second real failure trips");
+        assert_eq!(trip.scope(), "global");
     }
 }
