@@ -111,23 +111,77 @@ impl Client {
     }
 }
 
-/// One line per run: id, state, playbook, target, created.
-pub fn format_runs(page: &Value) -> String {
-    let mut out = format!(
-        "{:>6}  {:<18} {:<24} {:<28} {}\n",
-        "ID", "STATE", "PLAYBOOK", "TARGET", "CREATED"
-    );
-    for r in page["runs"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:>6}  {:<18} {:<24} {:<28} {}\n",
-            r["id"].as_i64().unwrap_or(0),
-            r["state"].as_str().unwrap_or(""),
-            r["playbook"].as_str().unwrap_or(""),
-            r["target"].as_str().unwrap_or(""),
-            r["created_at"].as_str().unwrap_or("")
-        ));
+/// A table: a header and rows, each column as wide as its widest cell; unless `wide`,
+/// cells past a column's limit are cut with an ellipsis (the last column is never padded).
+fn table(columns: &[(&str, usize)], rows: Vec<Vec<String>>, wide: bool) -> String {
+    let cells: Vec<Vec<String>> =
+        std::iter::once(columns.iter().map(|c| c.0.to_string()).collect())
+            .chain(rows.into_iter().map(|row| {
+                row.into_iter()
+                    .zip(columns)
+                    .map(|(cell, (_, max))| {
+                        // One line per row, whatever the value holds.
+                        let cell = cell.replace(['\n', '\r', '\t'], " ");
+                        if wide {
+                            cell
+                        } else {
+                            crate::text::truncate(&cell, *max)
+                        }
+                    })
+                    .collect()
+            }))
+            .collect();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in cells {
+        let last = row.len() - 1;
+        for (i, cell) in row.iter().enumerate() {
+            if i == last {
+                out.push_str(cell);
+            } else {
+                let pad = widths[i] - cell.chars().count();
+                out.push_str(cell);
+                out.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        out.push('\n');
     }
     out
+}
+
+/// One line per run: id, state, playbook, target, created, and why it was held back or failed.
+pub fn format_runs(page: &Value, wide: bool) -> String {
+    let text = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let rows = (page["runs"].as_array().into_iter().flatten())
+        .map(|r| {
+            let why = r["reason"].as_str().or(r["error"].as_str()).unwrap_or("");
+            vec![
+                r["id"].as_i64().unwrap_or(0).to_string(),
+                text(r, "state"),
+                text(r, "playbook"),
+                text(r, "target"),
+                text(r, "created_at"),
+                why.to_string(),
+            ]
+        })
+        .collect();
+    let columns = [
+        ("ID", 10),
+        ("STATE", 18),
+        ("PLAYBOOK", 24),
+        ("TARGET", 28),
+        ("CREATED", 24),
+        ("WHY", 60),
+    ];
+    table(&columns, rows, wide)
 }
 
 /// One block per approval: id, run, what it covers, how many approvals, expiry.
@@ -222,23 +276,31 @@ pub fn format_playbooks(list: &Value) -> String {
     out
 }
 
-/// One line per audit entry: time, actor, action, target, outcome.
-pub fn format_audit(list: &Value) -> String {
-    let mut out = format!(
-        "{:<25} {:<16} {:<22} {:<34} {}\n",
-        "AT", "ACTOR", "ACTION", "TARGET", "OUTCOME"
-    );
-    for a in list.as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "{:<25} {:<16} {:<22} {:<34} {}\n",
-            a["at"].as_str().unwrap_or(""),
-            a["actor"].as_str().unwrap_or(""),
-            a["action"].as_str().unwrap_or(""),
-            a["target"].as_str().unwrap_or(""),
-            a["outcome"].as_str().unwrap_or("")
-        ));
-    }
-    out
+/// One line per audit entry: time, actor, action, target, outcome, and its detail (a kill
+/// switch's reason, a comment, why a request was refused).
+pub fn format_audit(list: &Value, wide: bool) -> String {
+    let text = |a: &Value, k: &str| a[k].as_str().unwrap_or("").to_string();
+    let rows = (list.as_array().into_iter().flatten())
+        .map(|a| {
+            vec![
+                text(a, "at"),
+                text(a, "actor"),
+                text(a, "action"),
+                text(a, "target"),
+                text(a, "outcome"),
+                text(a, "detail"),
+            ]
+        })
+        .collect();
+    let columns = [
+        ("AT", 24),
+        ("ACTOR", 20),
+        ("ACTION", 24),
+        ("TARGET", 30),
+        ("OUTCOME", 8),
+        ("DETAIL", 80),
+    ];
+    table(&columns, rows, wide)
 }
 
 /// What a trigger or a retry recorded: `run 12 created`, with the reason when held back.
@@ -287,4 +349,55 @@ pub fn is_final(state: &str) -> bool {
         state,
         "pending" | "running" | "cancelling" | "awaiting_approval"
     )
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn runs_say_why_and_long_values_are_cut_unless_wide() {
+        let target = format!("prod/{}", "x".repeat(60));
+        let page = json!({"runs": [
+            {"id": 7, "state": "suppressed", "playbook": "disk-cleanup", "target": "db-1",
+             "created_at": "2026-12-04T23:00:00.000Z", "reason": "kill switch (global) engaged by alice: INC-4711"},
+            {"id": 8, "state": "failed", "playbook": "rollback", "target": target,
+             "created_at": "2026-12-04T23:01:00.000Z", "error": "step \"undo\" failed: refused: namespace\nkube-system"},
+        ]});
+        let t = format_runs(&page, false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(
+            lines[0].starts_with("ID") && lines[0].ends_with("WHY"),
+            "{t}"
+        );
+        assert!(
+            lines[1].ends_with("kill switch (global) engaged by alice: INC-4711"),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains("refused: namespace kube-system"),
+            "one line: {t}"
+        );
+        assert!(!t.contains(&target) && t.contains('…'), "cut: {t}");
+        // Columns line up: the state starts at the same place on every line.
+        let at = |l: &str, word: &str| l.find(word).unwrap();
+        assert_eq!(at(lines[0], "STATE"), at(lines[1], "suppressed"));
+        assert_eq!(at(lines[1], "suppressed"), at(lines[2], "failed"));
+        assert!(
+            format_runs(&page, true).contains(&target),
+            "whole with -o wide"
+        );
+    }
+
+    #[test]
+    fn audit_rows_keep_their_detail() {
+        let rows = json!([{"at": "2026-12-04T23:00:00.000Z", "actor": "alice",
+            "action": "killswitch.engage", "target": "global", "outcome": "ok",
+            "detail": "INC-4711: bad deploy, hands off"}]);
+        let t = format_audit(&rows, false);
+        assert!(t.lines().next().unwrap().ends_with("DETAIL"), "{t}");
+        assert!(t.contains("INC-4711: bad deploy, hands off"), "{t}");
+    }
 }

@@ -41,7 +41,10 @@ enum Shell {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
+    /// Aligned columns, long values cut with an ellipsis.
     Table,
+    /// Aligned columns, every value whole.
+    Wide,
     Json,
 }
 
@@ -62,6 +65,11 @@ impl Api {
         } else {
             print!("{}", table(v));
         }
+    }
+
+    /// Whether tables show every value whole (`-o wide`).
+    fn wide(&self) -> bool {
+        self.output == Some(Output::Wide)
     }
 }
 
@@ -121,6 +129,12 @@ enum Command {
         /// Only this state.
         #[arg(long)]
         state: Option<String>,
+        /// Only this target (a host, or namespace/name).
+        #[arg(long)]
+        target: Option<String>,
+        /// Only runs older than this id (the next page).
+        #[arg(long)]
+        before: Option<i64>,
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -242,6 +256,15 @@ enum Command {
     Audit {
         #[command(flatten)]
         api: Api,
+        /// Only this actor (a token name, `circuit-breaker`, `reflex`).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only actions starting with this (`killswitch`, `approval`, `step.`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only rows since this: a duration back (`2h`) or a time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
         /// How many rows.
         #[arg(long, default_value_t = 50)]
         limit: u32,
@@ -316,6 +339,17 @@ fn outcome_exit(v: &serde_json::Value) -> ExitCode {
     }
 }
 
+/// `path?k=v&…` with each given value URL-encoded (a target may hold `/`, `&` or spaces).
+fn query(path: &str, pairs: &[(&str, Option<String>)]) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            q.append_pair(k, v);
+        }
+    }
+    format!("{path}?{}", q.finish())
+}
+
 /// `key=value`, for `-l` and `-a`.
 fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -386,18 +420,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api,
             playbook,
             state,
+            target,
+            before,
             limit,
         } => {
-            let mut q = format!("/api/v1/runs?limit={limit}");
-            for (k, v) in [("playbook", playbook), ("state", state)] {
-                if let Some(v) = v {
-                    q.push_str(&format!("&{k}={v}"));
-                }
-            }
-            api.print(
-                &client_call(&api, Method::GET, &q, None)?,
-                client::format_runs,
+            let q = query(
+                "/api/v1/runs",
+                &[
+                    ("limit", Some(limit.to_string())),
+                    ("playbook", playbook),
+                    ("state", state),
+                    ("target", target),
+                    ("before", before.map(|b| b.to_string())),
+                ],
             );
+            let wide = api.wide();
+            api.print(&client_call(&api, Method::GET, &q, None)?, |v| {
+                client::format_runs(v, wide)
+            });
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { api, id, follow } => {
@@ -500,12 +540,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             clap_complete::generate(shell, &mut Cli::command(), "reflex", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { api, limit } => {
-            let path = format!("/api/v1/audit?limit={limit}");
-            api.print(
-                &client_call(&api, Method::GET, &path, None)?,
-                client::format_audit,
+        Command::Audit {
+            api,
+            actor,
+            action,
+            since,
+            limit,
+        } => {
+            let path = query(
+                "/api/v1/audit",
+                &[
+                    ("limit", Some(limit.to_string())),
+                    ("actor", actor),
+                    ("action", action),
+                    ("since", since),
+                ],
             );
+            let wide = api.wide();
+            api.print(&client_call(&api, Method::GET, &path, None)?, |v| {
+                client::format_audit(v, wide)
+            });
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {

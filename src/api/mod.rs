@@ -280,6 +280,9 @@ async fn same_origin_json(
 struct AuditQuery {
     before: Option<i64>,
     limit: Option<u32>,
+    actor: Option<String>,
+    action: Option<String>,
+    since: Option<String>,
 }
 
 /// `GET /api/v1/audit`: newest first.
@@ -288,7 +291,7 @@ struct AuditQuery {
     path = "/api/v1/audit",
     tag = "viewer",
     description = "The audit log, newest first. Role: viewer.",
-    params(("before" = Option<i64>, Query, description = "Rows with a smaller id"), ("limit" = Option<u32>, Query, description = "1-1000, default 100")),
+    params(("before" = Option<i64>, Query, description = "Rows with a smaller id"), ("limit" = Option<u32>, Query, description = "1-1000, default 100"), ("actor" = Option<String>, Query, description = "Exactly this actor"), ("action" = Option<String>, Query, description = "Actions starting with this"), ("since" = Option<String>, Query, description = "A duration back from now (2h) or a time (RFC 3339)")),
     responses((status = 200, description = "Audit rows", body = Vec<crate::store::AuditEntry>), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
     security(("bearer" = ["viewer"]))
 )]
@@ -303,7 +306,31 @@ async fn audit(
             "limit must be between 1 and 1000".into(),
         ));
     }
-    Ok(axum::Json(state.store.audit_log(q.before, limit).await?))
+    let since_ms = match q.since.as_deref() {
+        None => None,
+        Some(s) => Some(since_ms(s, state.store.now_ms()).map_err(ApiError::BadRequest)?),
+    };
+    let filter = crate::store::AuditFilter {
+        before: q.before,
+        limit,
+        actor: q.actor,
+        action: q.action,
+        since_ms,
+    };
+    Ok(axum::Json(state.store.audit_search(filter).await?))
+}
+
+/// `since`: a duration back from now (`2h`) or a time (RFC 3339).
+fn since_ms(text: &str, now_ms: i64) -> Result<i64, String> {
+    if let Ok(d) = crate::time::parse_duration(text) {
+        return Ok(now_ms - d.as_millis() as i64);
+    }
+    humantime::parse_rfc3339_weak(text)
+        .map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        })
+        .map_err(|_| format!("since must be a duration (2h) or a time (RFC 3339), not {text:?}"))
 }
 
 /// `GET /metrics`: gauges that live in the store are read at scrape time.

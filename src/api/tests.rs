@@ -1714,3 +1714,70 @@ async fn a_webhook_slow_to_plan_is_answered_in_time_and_every_alert_planned_once
     }
     assert_eq!(runs().await, 20, "{again}");
 }
+
+#[tokio::test]
+async fn the_audit_log_filters_by_actor_action_and_time() {
+    let api = TestApi::new().await;
+    for (engaged, reason) in [(true, "INC-1"), (false, "done")] {
+        let (status, _) = api
+            .call(
+                Method::PUT,
+                "/api/v1/killswitch",
+                Some("admin-token"),
+                Some(&json!({"engaged": engaged, "reason": reason}).to_string()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    api.call(
+        Method::POST,
+        "/api/v1/playbooks/reload",
+        Some("admin-token"),
+        Some("{}"),
+    )
+    .await;
+    let rows = api
+        .view("/api/v1/audit?actor=admin&action=killswitch")
+        .await;
+    let actions: Vec<&str> = (rows.as_array().unwrap().iter())
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["killswitch.release", "killswitch.engage"],
+        "{rows}"
+    );
+    assert_eq!(rows[1]["detail"], "INC-1");
+    assert!(
+        api.view("/api/v1/audit?actor=nobody")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    api.clock.advance(std::time::Duration::from_secs(7200));
+    assert!(
+        api.view("/api/v1/audit?since=1h")
+            .await
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        api.view("/api/v1/audit?since=3h")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    let (status, out) = api
+        .call(
+            Method::GET,
+            "/api/v1/audit?since=yesterday-ish",
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
+}

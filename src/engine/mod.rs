@@ -158,7 +158,8 @@ impl Engine {
             redactor: crate::redact::Redactor::from_config(cfg),
             wake: Notify::new(),
             deferred_wake: Notify::new(),
-            request_budget: cfg.intake.plan_request_budget,
+            // Half the request's time at most: the rest is for storing what is left.
+            request_budget: (cfg.intake.plan_request_budget).min(cfg.server.request_timeout / 2),
             slots: Arc::new(Semaphore::new(cfg.engine.max_concurrent_runs)),
             running: Mutex::new(HashMap::new()),
             reload_failure: Mutex::new(None),

@@ -39,6 +39,21 @@ pub(super) fn audit_in(
     Ok(())
 }
 
+/// Which audit rows: all filters hold.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Rows with a smaller id (paging).
+    pub before: Option<i64>,
+    /// At most this many.
+    pub limit: u32,
+    /// Exactly this actor.
+    pub actor: Option<String>,
+    /// Actions starting with this (`killswitch` finds engage and release).
+    pub action: Option<String>,
+    /// At or after this time (ms since the epoch).
+    pub since_ms: Option<i64>,
+}
+
 impl Store {
     /// Appends an audit row.
     pub async fn audit(
@@ -69,11 +84,30 @@ impl Store {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.audit_search(AuditFilter {
+            before,
+            limit,
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Audit rows, newest first, as the filter says.
+    pub async fn audit_search(&self, f: AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(move |c| {
             c.rows(
                 "SELECT id, at, actor, action, target, outcome, detail FROM audit
-                 WHERE (id < ?1 OR ?1 IS NULL) ORDER BY id DESC LIMIT ?2",
-                &[&before, &i64::from(limit)],
+                 WHERE (id < ?1 OR ?1 IS NULL) AND (actor = ?3 OR ?3 IS NULL)
+                   AND (substr(action, 1, length(?4)) = ?4 OR ?4 IS NULL)
+                   AND (at >= ?5 OR ?5 IS NULL)
+                 ORDER BY id DESC LIMIT ?2",
+                &[
+                    &f.before,
+                    &i64::from(f.limit),
+                    &f.actor,
+                    &f.action,
+                    &f.since_ms,
+                ],
                 |r| {
                     Ok(AuditEntry {
                         id: r.get(0)?,

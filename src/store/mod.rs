@@ -28,7 +28,7 @@ mod threads;
 mod views;
 
 pub use approvals::*;
-pub use audit::AuditEntry;
+pub use audit::{AuditEntry, AuditFilter};
 pub use breaker::{BreakerLimits, Limit, Trip};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
 pub use lease::{LEASE_EXPIRY, LEASE_RENEW, Takeover};

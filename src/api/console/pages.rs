@@ -107,11 +107,18 @@ pub struct RunRow {
     created_at: String,
     finished_at: Option<String>,
     by: String,
+    /// Why it was held back or failed, cut to a line (the run's page has all of it).
+    why: String,
 }
+
+/// Characters of a run's reason or error shown in a list.
+const WHY_CHARS: usize = 120;
 
 impl From<RunView> for RunRow {
     fn from(r: RunView) -> RunRow {
+        let why = (r.reason.as_deref().or(r.error.as_deref())).unwrap_or_default();
         RunRow {
+            why: crate::text::truncate(why, WHY_CHARS),
             id: r.id,
             by: r
                 .triggered_by
