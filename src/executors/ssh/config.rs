@@ -109,3 +109,30 @@ pub struct SshHost {
     /// Other names alerts use for this host (e.g. the FQDN in an `instance` label).
     pub aliases: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    /// The defaults are shell a remote `sh -c` takes as written (checked by the local `sh -n`,
+    /// which parses without running), and each skips itself where its tool is absent, so
+    /// that none fails a host that lacks it. They are not run here: they act on the machine.
+    #[test]
+    fn default_cleanup_commands_are_valid_shell_and_guarded() {
+        let commands = super::default_cleanup_commands();
+        assert_eq!(commands.len(), 4);
+        for c in &commands {
+            let parsed = std::process::Command::new("sh")
+                .args(["-n", "-c", c])
+                .status()
+                .unwrap();
+            assert!(parsed.success(), "not valid sh: {c}");
+            assert!(
+                c.contains("command -v") || c.ends_with("; true"),
+                "a host without the tool must not fail: {c}"
+            );
+            assert!(
+                !c.contains("sudo"),
+                "privilege is the operator's choice: {c}"
+            );
+        }
+    }
+}
