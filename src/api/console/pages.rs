@@ -366,6 +366,8 @@ struct RunLive {
     can_approve: bool,
     can_cancel: bool,
     can_retry: bool,
+    /// Why a retry would be held now (a kill switch): the button is disabled with it.
+    retry_held: Option<String>,
 }
 
 #[derive(Template)]
@@ -408,6 +410,11 @@ async fn live_part(state: &AppState, viewer: &Viewer, run: &RunView) -> Result<S
         can_approve: viewer.may(Role::Approver),
         can_cancel: viewer.may(Role::Operator) && is_live(&run.state),
         can_retry: viewer.may(Role::Operator) && retryable,
+        retry_held: if retryable {
+            state.store.kill_reason(&run.playbook).await?
+        } else {
+            None
+        },
     }
     .render()
     .map(|html| crate::notify::neutralize_bidi(&html).into_owned())

@@ -852,3 +852,50 @@ async fn live_streams_are_capped_per_session_and_end_at_logout() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn retry_is_not_offered_where_it_would_be_held() {
+    let api = TestApi::new().await;
+    tokio::spawn(api.engine.clone().dispatch());
+    let out = api
+        .post_alert(&json!({"labels": {"alertname": "Flaky", "instance": "h1"}}).to_string())
+        .await;
+    let failed = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    wait_state(&api, failed, "failed").await;
+    api.store
+        .set_switch("global".into(), true, "INC-9".into(), "op".into(), None)
+        .await
+        .unwrap();
+    let out = api
+        .post_alert(&json!({"labels": {"alertname": "Note", "instance": "h2"}}).to_string())
+        .await;
+    let suppressed = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let mut b = Browser::new(&api);
+    b.login("operator").await;
+    let page = b.get(&format!("/ui/runs/{suppressed}")).await;
+    assert!(page.body.contains("suppressed"), "{}", page.body);
+    assert!(
+        !page.body.contains("id=\"retry\""),
+        "a suppressed run offers no retry"
+    );
+    let page = b.get(&format!("/ui/runs/{failed}")).await;
+    assert!(
+        page.body.contains("id=\"retry\" disabled")
+            && page
+                .body
+                .contains("A retry would be held: kill switch (global) engaged by op: INC-9"),
+        "{}",
+        page.body
+    );
+    api.store
+        .set_switch("global".into(), false, "over".into(), "op".into(), None)
+        .await
+        .unwrap();
+    let page = b.get(&format!("/ui/runs/{failed}")).await;
+    assert!(
+        page.body
+            .contains("<button type=\"submit\" id=\"retry\">Retry</button>"),
+        "{}",
+        page.body
+    );
+}
