@@ -642,8 +642,7 @@ impl Config {
         let cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
-            serde_yaml::from_str(text)
-                .map_err(|e| vec![(e.location().map_or(1, |l| l.line()), e.to_string())])?
+            serde_yaml::from_str(text).map_err(|e| Self::every_shape_error(text, &e))?
         };
         let problems = cfg.problems();
         if problems.is_empty() {
@@ -653,6 +652,54 @@ impl Config {
             .into_iter()
             .map(|(path, message)| (Key::line(text, &path), message))
             .collect())
+    }
+
+    /// Every error of shape (unknown keys, wrong types), not only the first one serde meets:
+    /// the first with its exact line, then each other top-level section read on its own. A
+    /// YAML syntax error stops everything and is the only one.
+    fn every_shape_error(text: &str, first: &serde_yaml::Error) -> Vec<(usize, String)> {
+        use crate::playbook::locate::{Seg, line_of};
+        let first_line = first.location().map_or(1, |l| l.line());
+        let mut out = vec![(first_line, first.to_string())];
+        let Ok(serde_yaml::Value::Mapping(sections)) = serde_yaml::from_str(text) else {
+            return out;
+        };
+        let keys: Vec<(usize, String)> = (sections.keys())
+            .filter_map(|k| k.as_str())
+            .map(|k| (line_of(text, &[Seg::Key(k)]), k.to_string()))
+            .collect();
+        // The section the first error is in: the last one that starts at or before it.
+        let first_section = (keys.iter())
+            .filter(|(line, _)| *line <= first_line)
+            .max_by_key(|(line, _)| *line)
+            .map(|(_, k)| k.clone());
+        for (key, value) in sections {
+            let Some(name) = key.as_str() else { continue };
+            if Some(name) == first_section.as_deref() {
+                continue;
+            }
+            let mut one = serde_yaml::Mapping::new();
+            one.insert(key.clone(), value);
+            if let Err(e) =
+                serde_path_to_error::deserialize::<_, Config>(serde_yaml::Value::Mapping(one))
+            {
+                let path: Vec<String> = (e.path().iter())
+                    .map(|seg| match seg {
+                        serde_path_to_error::Segment::Seq { index } => format!("#{index}"),
+                        other => other.to_string(),
+                    })
+                    .collect();
+                let segs: Vec<Seg<'_>> = (path.iter())
+                    .map(|p| match p.strip_prefix('#').and_then(|i| i.parse().ok()) {
+                        Some(i) => Seg::Index(i),
+                        None => Seg::Key(p),
+                    })
+                    .collect();
+                let dotted = e.path().to_string();
+                out.push((line_of(text, &segs), format!("{dotted}: {}", e.inner())));
+            }
+        }
+        out
     }
 
     /// Checks what serde cannot; the first problem, if any (see [`Config::parse`] for all).
@@ -1032,6 +1079,30 @@ mod tests {
         let errors = Config::parse("store:\n  url: postgres://r@db.internal/x?sslmode=prefer\n")
             .unwrap_err();
         assert_eq!(errors[0].0, 2, "{errors:?}");
+    }
+
+    #[test]
+    fn every_shape_error_is_reported_not_only_the_first() {
+        let text = "listen: 127.0.0.1:1\nengine:\n  workers: 3\nserver:\n  max_connections: many\nbreaker:\n  window: soon\nnotify:\n  sinks:\n    - { name: s, type: pager }\n";
+        let errors = Config::parse(text).unwrap_err();
+        let found: Vec<(usize, &str)> = errors.iter().map(|(l, m)| (*l, m.as_str())).collect();
+        for (line, needle) in [
+            (3, "workers"),
+            (5, "max_connections"),
+            (7, "soon"),
+            (10, "pager"),
+        ] {
+            assert!(
+                found.iter().any(|(l, m)| *l == line && m.contains(needle)),
+                "no {needle:?} at line {line} in {found:#?}"
+            );
+        }
+        assert_eq!(errors.len(), 4, "{found:#?}");
+        // A syntax error is the one error.
+        assert_eq!(
+            Config::parse("listen: [\nengine: x\n").unwrap_err().len(),
+            1
+        );
     }
 
     #[test]
