@@ -238,15 +238,17 @@ pub(super) async fn throttled(
 
 async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Response {
     let source = super::peer(req.extensions());
-    // In open mode every caller is identified: there is nothing to guess.
-    let keys = if state.auth.enabled() {
+    // In open mode every caller is identified: there is nothing to guess. Keys are made only
+    // once a failure was ever counted, or for a request that fails now.
+    let keys = |req: &Request| -> Vec<String> {
         let user = super::throttle::basic_user(req.headers());
         super::throttle::keys(source, user.as_deref())
-    } else {
-        Vec::new()
     };
     let now = state.store.now_ms();
-    if let Some(wait) = state.throttle.blocked(&keys, now) {
+    if state.auth.enabled()
+        && state.throttle.active()
+        && let Some(wait) = state.throttle.blocked(&keys(&req), now)
+    {
         let action = format!("{} {}", req.method(), req.uri().path());
         return throttled(&state, source, &action, wait).await;
     }
@@ -255,7 +257,7 @@ async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Res
         identified,
         Err(AuthFailure::Invalid | AuthFailure::Malformed)
     ) {
-        state.throttle.failed(&keys, now);
+        state.throttle.failed(&keys(&req), now);
     }
     let (status, why, who, reason) = match identified {
         Ok(id) if allows(id.role, need) => {

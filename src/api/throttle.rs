@@ -31,6 +31,9 @@ struct Count {
 #[derive(Debug, Default)]
 pub struct Throttle {
     counts: Mutex<HashMap<String, Count>>,
+    /// Whether any failure was counted since start: until then a request costs no lock and no
+    /// key (the webhook path stays as it was).
+    any: std::sync::atomic::AtomicBool,
 }
 
 /// The keys an attempt is counted under.
@@ -46,8 +49,16 @@ pub fn keys(source: Option<IpAddr>, name: Option<&str>) -> Vec<String> {
 }
 
 impl Throttle {
+    /// Whether a failed attempt was ever counted (else nothing can be blocked).
+    pub fn active(&self) -> bool {
+        self.any.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Seconds to wait when any key is over its limit now.
     pub fn blocked(&self, keys: &[String], now_ms: i64) -> Option<u64> {
+        if !self.active() {
+            return None;
+        }
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         keys.iter()
             .filter_map(|k| counts.get(k))
@@ -62,6 +73,10 @@ impl Throttle {
 
     /// Counts a failed attempt under each key.
     pub fn failed(&self, keys: &[String], now_ms: i64) {
+        if keys.is_empty() {
+            return;
+        }
+        self.any.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         if counts.len() >= MAX_KEYS {
             counts.retain(|_, c| now_ms - c.started_ms < WINDOW_MS);
