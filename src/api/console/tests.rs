@@ -267,6 +267,20 @@ async fn a_form_without_the_session_csrf_token_changes_nothing() {
     let resp = api.router.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(approval_of(&api, run_id).await.state.as_str(), "pending");
+    // Each refusal is counted: the three forms without their token, the engage, the foreign
+    // page (the one source's first is on the audit log, the rest counted there later).
+    assert_eq!(api.refused_count(&["cross_origin"]), 5);
+    let audited: i64 = (api.store)
+        .read(|c| {
+            c.one(
+                "SELECT count(*) FROM audit WHERE outcome = 'refused'",
+                &[],
+                |r| r.get(0),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(audited, 1);
 }
 
 #[tokio::test]
@@ -872,6 +886,16 @@ async fn retry_is_not_offered_where_it_would_be_held() {
     let suppressed = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
     let mut b = Browser::new(&api);
     b.login("operator").await;
+    let list = b.get("/ui/runs").await;
+    assert!(
+        list.body
+            .contains("<td class=\"why\">kill switch (global) engaged by op: INC-9</td>")
+            && list
+                .body
+                .contains("<td class=\"why\">step &#34;probe&#34; failed"),
+        "the list says why: {}",
+        list.body
+    );
     let page = b.get(&format!("/ui/runs/{suppressed}")).await;
     assert!(page.body.contains("suppressed"), "{}", page.body);
     assert!(
