@@ -278,8 +278,8 @@ async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Res
         ),
     };
     if req.method() != Method::GET {
-        let action = format!("{} {}", req.method(), req.uri().path());
         let detail = format!("{}: {why}", status.as_u16());
+        let (action, source) = super::refusals::about(&req);
         super::refusals::record(&state, source, &who, &action, reason, &detail).await;
     }
     let mut resp = super::ApiError::Status(status, why).into_response();

@@ -183,18 +183,10 @@ async fn allowed_host(
                 "Host {shown:?} is not one Reflex answers to; add it to server.allowed_hosts \
                  if clients reach Reflex by that name"
             );
-            let action = format!("{} {}", req.method(), req.uri().path());
             if req.method() != axum::http::Method::GET {
-                let source = peer(req.extensions());
-                refusals::record(
-                    &state,
-                    source,
-                    "unauthenticated",
-                    &action,
-                    refusals::Reason::Host,
-                    &why,
-                )
-                .await;
+                let (action, source) = refusals::about(&req);
+                let reason = refusals::Reason::Host;
+                refusals::record(&state, source, "unauthenticated", &action, reason, &why).await;
             }
             ApiError::Status(StatusCode::MISDIRECTED_REQUEST, why).into_response()
         }
@@ -239,17 +231,9 @@ async fn same_origin_json(
     if cross_site || foreign_origin {
         let why = "cross-origin request refused: Reflex's API takes mutating calls from its own \
                    origin or from non-browser clients only";
-        let action = format!("{} {}", req.method(), req.uri().path());
-        let source = peer(req.extensions());
-        refusals::record(
-            &state,
-            source,
-            "unauthenticated",
-            &action,
-            refusals::Reason::CrossOrigin,
-            why,
-        )
-        .await;
+        let (action, source) = refusals::about(&req);
+        let reason = refusals::Reason::CrossOrigin;
+        refusals::record(&state, source, "unauthenticated", &action, reason, why).await;
         return ApiError::Status(StatusCode::FORBIDDEN, why.into()).into_response();
     }
     // The console's forms are form-encoded: each carries its session's CSRF token, checked

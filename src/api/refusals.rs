@@ -187,6 +187,13 @@ pub async fn record(
     }
 }
 
+/// What a refused request asked (its method and path) and where it came from, for [`record`]
+/// (taken before the `await`: a request is not `Sync`).
+pub fn about(req: &axum::extract::Request) -> (String, Option<IpAddr>) {
+    let action = format!("{} {}", req.method(), req.uri().path());
+    (action, super::peer(req.extensions()))
+}
+
 /// Writes the summaries of the windows closed by now (called periodically, so that a source
 /// that stopped is still counted), or of every window (`all`, at shutdown).
 pub async fn flush(state: &AppState, all: bool) {

@@ -151,6 +151,35 @@ impl TestApi {
         }
     }
 
+    /// Adds a playbook file and reloads (as an admin would).
+    pub(super) async fn add_playbook(&self, file: &str, yaml: &str) {
+        let dir = self
+            .db
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("playbooks");
+        std::fs::write(dir.join(file), yaml).unwrap();
+        let (status, out) = self
+            .call(
+                Method::POST,
+                "/api/v1/playbooks/reload",
+                Some("admin-token"),
+                Some("{}"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{out}");
+    }
+
+    /// Alerts waiting in `deferred_alerts`.
+    async fn deferred_count(&self) -> i64 {
+        (self.store)
+            .read(|c| c.one("SELECT count(*) FROM deferred_alerts", &[], |r| r.get(0)))
+            .await
+            .unwrap()
+    }
+
     /// Refused requests counted in `reflex_http_refused_total` under these reasons.
     pub(super) fn refused_count(&self, reasons: &[&str]) -> u64 {
         let refused = &self.engine.metrics().http_refused;
@@ -1599,21 +1628,7 @@ async fn failed_token_attempts_are_throttled_per_source_with_retry_after() {
 #[tokio::test]
 async fn a_cancel_stops_the_step_under_way_and_the_run_shows_cancelling_until_then() {
     let api = TestApi::new().await;
-    let dir = api.db.parent().unwrap().parent().unwrap().join("playbooks");
-    std::fs::write(
-        dir.join("slow.yaml"),
-        "name: slow\nmatchers: ['alertname=\"Slow\"']\nsteps:\n  - name: pause\n    action: wait\n    with: { duration: 40s }\n  - name: after\n    action: log\n    with: { message: never }\n",
-    )
-    .unwrap();
-    let (status, out) = api
-        .call(
-            Method::POST,
-            "/api/v1/playbooks/reload",
-            Some("admin-token"),
-            Some("{}"),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{out}");
+    api.add_playbook("slow.yaml", "name: slow\nmatchers: ['alertname=\"Slow\"']\nsteps:\n  - name: pause\n    action: wait\n    with: { duration: 40s }\n  - name: after\n    action: log\n    with: { message: never }\n").await;
     tokio::spawn(api.engine.clone().dispatch());
     let out = api
         .post_alert(&json!({"labels": {"alertname": "Slow", "instance": "h1"}}).to_string())
@@ -1650,22 +1665,8 @@ async fn a_cancel_stops_the_step_under_way_and_the_run_shows_cancelling_until_th
 #[tokio::test]
 async fn a_webhook_slow_to_plan_is_answered_in_time_and_every_alert_planned_once() {
     let api = TestApi::with("intake:\n  plan_request_budget: 50ms\n", "").await;
-    let dir = api.db.parent().unwrap().parent().unwrap().join("playbooks");
     // Milliseconds of work per alert: 20 alerts take far longer than 50 ms.
-    std::fs::write(
-        dir.join("costly.yaml"),
-        "name: costly\nmatchers: ['alertname=\"Costly\"']\nwhen: |\n  let n = 0; for i in 0..5000 { n += labels.i.len(); } n > 0\nsteps:\n  - action: log\n    with: { message: \"costly {{ labels.i }}\" }\n",
-    )
-    .unwrap();
-    let (status, _) = api
-        .call(
-            Method::POST,
-            "/api/v1/playbooks/reload",
-            Some("admin-token"),
-            Some("{}"),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    api.add_playbook("costly.yaml", "name: costly\nmatchers: ['alertname=\"Costly\"']\nwhen: |\n  let n = 0; for i in 0..5000 { n += labels.i.len(); } n > 0\nsteps:\n  - action: log\n    with: { message: \"costly {{ labels.i }}\" }\n").await;
     let body: Vec<Value> = (0..20)
         .map(|i| json!({"labels": {"alertname": "Costly", "i": i.to_string()}}))
         .collect();
@@ -1674,11 +1675,11 @@ async fn a_webhook_slow_to_plan_is_answered_in_time_and_every_alert_planned_once
     let deferred = out["deferred"].as_u64().unwrap() as usize;
     assert_eq!(planned + deferred, 20, "{out}");
     assert!(deferred > 0, "the budget cut the webhook short: {out}");
-    let waiting: i64 = (api.store)
-        .read(|c| c.one("SELECT count(*) FROM deferred_alerts", &[], |r| r.get(0)))
-        .await
-        .unwrap();
-    assert_eq!(waiting as usize, deferred, "kept before the answer");
+    assert_eq!(
+        api.deferred_count().await as usize,
+        deferred,
+        "kept before the answer"
+    );
     // After the answer, the planner records each once.
     tokio::spawn(api.engine.clone().plan_deferred());
     let runs = || async {
@@ -1692,22 +1693,14 @@ async fn a_webhook_slow_to_plan_is_answered_in_time_and_every_alert_planned_once
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(runs().await, 20, "every alert planned, none twice");
-    let left: i64 = (api.store)
-        .read(|c| c.one("SELECT count(*) FROM deferred_alerts", &[], |r| r.get(0)))
-        .await
-        .unwrap();
-    assert_eq!(left, 0);
+    assert_eq!(api.deferred_count().await, 0);
     // A retry of the same webhook adds nothing: each alert is a duplicate now.
     let body: Vec<Value> = (0..20)
         .map(|i| json!({"labels": {"alertname": "Costly", "i": i.to_string()}}))
         .collect();
     let again = api.post_alert(&Value::from(body).to_string()).await;
     for _ in 0..500 {
-        let left: i64 = (api.store)
-            .read(|c| c.one("SELECT count(*) FROM deferred_alerts", &[], |r| r.get(0)))
-            .await
-            .unwrap();
-        if left == 0 {
+        if api.deferred_count().await == 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
