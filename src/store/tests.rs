@@ -1186,3 +1186,72 @@ on_both_backends! {
         assert_eq!(trip.scope(), "global");
     }
 }
+
+/// The tables, their columns and their indexes, as the live database has them.
+async fn live_schema(
+    store: &Store,
+    sqlite: bool,
+) -> (
+    std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    std::collections::BTreeSet<String>,
+) {
+    let (columns_sql, indexes_sql) = if sqlite {
+        (
+            "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
+             WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%'",
+        )
+    } else {
+        (
+            "SELECT table_name::text, column_name::text FROM information_schema.columns
+             WHERE table_schema = current_schema()",
+            // Primary keys and UNIQUE constraints: SQLite's automatic indexes, not listed there.
+            "SELECT indexname::text FROM pg_indexes
+             WHERE schemaname = current_schema()
+               AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key'",
+        )
+    };
+    let rows: Vec<(String, String)> = store
+        .read(move |c| c.rows(columns_sql, &[], |r| Ok((r.get(0)?, r.get(1)?))))
+        .await
+        .unwrap();
+    let mut tables: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for (table, column) in rows {
+        tables.entry(table).or_default().insert(column);
+    }
+    let indexes: Vec<String> = store
+        .read(move |c| c.rows(indexes_sql, &[], |r| r.get(0)))
+        .await
+        .unwrap();
+    (tables, indexes.into_iter().collect())
+}
+
+/// The two backends' migrations are two lists: this keeps them from drifting apart.
+#[tokio::test]
+async fn both_backends_have_the_same_tables_columns_and_indexes() {
+    let (lite_db, pg_db) = (TestDb::sqlite(), TestDb::postgres());
+    let (sqlite, pg) = (lite_db.open().await, pg_db.open().await);
+    let (lite_tables, lite_indexes) = live_schema(&sqlite, true).await;
+    let (mut pg_tables, pg_indexes) = live_schema(&pg, false).await;
+    // PostgreSQL's own: which replicas hold leases (SQLite has one writer, no leases), and
+    // the migration version (SQLite keeps it in `PRAGMA user_version`).
+    for only_pg in ["replicas", "reflex_schema"] {
+        assert!(
+            pg_tables.remove(only_pg).is_some(),
+            "{only_pg} is gone from PostgreSQL"
+        );
+    }
+    assert_eq!(
+        lite_tables.keys().collect::<Vec<_>>(),
+        pg_tables.keys().collect::<Vec<_>>(),
+        "the same tables"
+    );
+    for (table, columns) in &lite_tables {
+        assert_eq!(columns, &pg_tables[table], "the columns of {table}");
+    }
+    // PostgreSQL's own: the runs each replica holds (a lease's takeover looks them up).
+    let mut pg_indexes = pg_indexes;
+    assert!(pg_indexes.remove("runs_owner"));
+    assert_eq!(lite_indexes, pg_indexes, "the same indexes");
+}
