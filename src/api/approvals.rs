@@ -1,8 +1,9 @@
 //! Approval requests: list, show, approve, deny.
 
-use super::auth::Identity;
+use super::auth::{Identity, allows};
 use super::error::ErrorBody;
 use super::{ApiError, AppState, json_body};
+use crate::config::Role;
 use crate::store::{ApprovalState, ApprovalView, Decision};
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
@@ -136,20 +137,72 @@ async fn decide(
     } else {
         json_body(&body)?
     };
-    check_comment(body.comment.as_deref())?;
-    let decision = state
-        .engine
-        .decide(id, who.name.clone(), approve, body.comment)
-        .await?;
-    if let Some(e) = refusal(id, &who.name, decision) {
-        return Err(e);
-    }
+    decide_one(
+        &state,
+        DecisionRequest {
+            id,
+            who: &who,
+            approve,
+            comment: body.comment,
+            shown_hash: None,
+        },
+    )
+    .await?;
     state
         .store
         .get_approval(id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))
+}
+
+/// An approver's decision, from wherever it comes (the API, the console, a chat button).
+pub(super) struct DecisionRequest<'a> {
+    /// The approval.
+    pub id: i64,
+    /// Who decides, with their role now.
+    pub who: &'a Identity,
+    /// Approve, or deny.
+    pub approve: bool,
+    /// Recorded with it.
+    pub comment: Option<String>,
+    /// The action hash the decider was shown (chat buttons carry it): another action than
+    /// that is not decided.
+    pub shown_hash: Option<&'a str>,
+}
+
+/// The one path of every approval decision: the comment's length, the role, the action
+/// shown, then the store's rules (approvers, distinct approvals, expiry, the kill switch).
+/// `Ok` when recorded (a vote, or the decision); else why not, as the API answers it, for
+/// each edge to render.
+pub(super) async fn decide_one(state: &AppState, r: DecisionRequest<'_>) -> Result<(), ApiError> {
+    let (id, who) = (r.id, &r.who.name);
+    check_comment(r.comment.as_deref())?;
+    if !allows(r.who.role, Role::Approver) {
+        return Err(ApiError::Status(
+            axum::http::StatusCode::FORBIDDEN,
+            format!(
+                "{who} has the {} role; deciding needs the approver role",
+                super::console::role_name(r.who.role)
+            ),
+        ));
+    }
+    if let Some(hash) = r.shown_hash {
+        let approval = (state.store.get_approval(id).await?)
+            .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))?;
+        if approval.action_hash != hash {
+            return Err(ApiError::Conflict(format!(
+                "approval {id} covers another action than the one shown; nothing was decided"
+            )));
+        }
+    }
+    let decision = (state.engine)
+        .decide(id, who.clone(), r.approve, r.comment)
+        .await?;
+    match refusal(id, who, decision) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// A comment longer than [`super::MAX_TEXT_BYTES`] is refused (nothing is decided).
@@ -165,7 +218,7 @@ pub(super) fn check_comment(comment: Option<&str>) -> Result<(), ApiError> {
 }
 
 /// Why a decision was not recorded, as the API answers it; `None` when it was.
-pub(super) fn refusal(id: i64, who: &str, decision: Decision) -> Option<ApiError> {
+fn refusal(id: i64, who: &str, decision: Decision) -> Option<ApiError> {
     Some(match decision {
         Decision::NotFound => ApiError::NotFound(format!("no approval {id}")),
         Decision::NotPending(s) => ApiError::Conflict(format!("approval {id} is already {s}")),

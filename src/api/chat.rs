@@ -12,9 +12,8 @@
 //! is then updated in place through Slack's `response_url`, saying who decided; a refusal is
 //! answered to the one who clicked only, counted and audited (bounded, as every refusal).
 
-use super::auth::allows;
+use super::auth::Identity;
 use super::{ApiError, AppState};
-use crate::config::Role;
 use crate::notify::config::SlackApp;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -190,8 +189,9 @@ async fn refused(state: &AppState, chat_user: &str, who: &str, id: i64, e: &ApiE
     .await;
 }
 
-/// A decision from a chat button: on the action the message showed (`hash`), as `who`,
-/// exactly as the API decides. Returns "Approved" or "Denied".
+/// A decision from a chat button: on the action the message showed (`hash`), as the token
+/// named `who` would decide, under the config in force at the click. Returns "Approved" or
+/// "Denied".
 async fn decide(
     state: &AppState,
     id: i64,
@@ -200,39 +200,24 @@ async fn decide(
     approve: bool,
     from: &str,
 ) -> Result<&'static str, ApiError> {
-    // The name decides exactly as `reflex approve` with its token would, under the config in
-    // force at the click: a viewer, a webhook token or a name no token has decides nothing.
-    match state.auth.role_by_name(who) {
-        Some(role) if allows(role, Role::Approver) => {}
-        Some(role) => {
-            return Err(ApiError::Status(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "{who} has the {} role; deciding needs the approver role",
-                    super::console::role_name(role)
-                ),
-            ));
-        }
-        None => {
-            return Err(ApiError::Status(
-                StatusCode::FORBIDDEN,
-                format!("{who} is not the name of a token in auth.tokens; nothing was decided"),
-            ));
-        }
-    }
-    let approval = (state.store.get_approval(id).await?)
-        .ok_or_else(|| ApiError::NotFound(format!("no approval {id}")))?;
-    if approval.action_hash != hash {
-        return Err(ApiError::Conflict(format!(
-            "approval {id} covers another action than the message showed; nothing was decided"
-        )));
-    }
-    let decision = (state.engine)
-        .decide(id, who.to_string(), approve, Some(from.to_string()))
-        .await?;
-    if let Some(e) = super::approvals::refusal(id, who, decision) {
-        return Err(e);
-    }
+    let role = state.auth.role_by_name(who).ok_or_else(|| {
+        ApiError::Status(
+            StatusCode::FORBIDDEN,
+            format!("{who} is not the name of a token in auth.tokens; nothing was decided"),
+        )
+    })?;
+    let who = Identity {
+        name: who.to_string(),
+        role,
+    };
+    let request = super::approvals::DecisionRequest {
+        id,
+        who: &who,
+        approve,
+        comment: Some(from.to_string()),
+        shown_hash: Some(hash),
+    };
+    super::approvals::decide_one(state, request).await?;
     Ok(if approve { "Approved" } else { "Denied" })
 }
 

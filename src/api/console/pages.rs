@@ -655,15 +655,14 @@ pub async fn decide(
             comment.as_deref(),
         )
     };
-    crate::api::approvals::check_comment(comment.as_deref()).map_err(refused)?;
-    let who = viewer.identity.name.clone();
-    let decision = state
-        .engine
-        .decide(id, who.clone(), approve, comment.clone())
-        .await?;
-    if let Some(e) = crate::api::approvals::refusal(id, &who, decision) {
-        return Err(refused(e));
-    }
+    let request = crate::api::approvals::DecisionRequest {
+        id,
+        who: &viewer.identity,
+        approve,
+        comment: comment.clone(),
+        shown_hash: None,
+    };
+    (crate::api::approvals::decide_one(&state, request).await).map_err(refused)?;
     Ok(Redirect::to(&format!("/ui/runs/{}", run_id.unwrap_or(0))).into_response())
 }
 
