@@ -226,64 +226,7 @@ pub struct FlagProvider {
     pub method: Option<String>,
 }
 
-/// Where a secret comes from: written in the config, an environment variable, or a file. A
-/// file is read each time it is needed, so a rotated file is picked up; surrounding white
-/// space is trimmed. Config sections name it with the fields `x`, `x_env` and `x_file`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretRef {
-    /// Written in the config (discouraged for anything secret).
-    Value(String),
-    /// An environment variable.
-    Env(String),
-    /// A file.
-    File(PathBuf),
-}
-
-impl SecretRef {
-    /// From a section's `what`, `what_env` and `what_file` fields: at most one may be given.
-    pub fn from_fields(
-        what: &str,
-        value: &Option<String>,
-        env: &Option<String>,
-        file: &Option<PathBuf>,
-    ) -> Result<Option<SecretRef>, String> {
-        match (value, env, file) {
-            (None, None, None) => Ok(None),
-            (Some(v), None, None) => Ok(Some(SecretRef::Value(v.clone()))),
-            (None, Some(var), None) => Ok(Some(SecretRef::Env(var.clone()))),
-            (None, None, Some(path)) => Ok(Some(SecretRef::File(path.clone()))),
-            _ => Err(format!("give only one of {what}, {what}_env, {what}_file")),
-        }
-    }
-
-    /// The secret, read now. An empty (or white-space only) secret is an error: an empty
-    /// token would let anyone in with an empty password, an empty signing key would let
-    /// anyone sign.
-    pub fn read(&self) -> Result<String, String> {
-        let (secret, source) = match self {
-            SecretRef::Value(v) => (
-                v.trim().to_string(),
-                "the value written in the config".into(),
-            ),
-            SecretRef::Env(var) => (
-                std::env::var(var)
-                    .map(|s| s.trim().to_string())
-                    .map_err(|_| format!("environment variable {var} is not set"))?,
-                format!("environment variable {var}"),
-            ),
-            SecretRef::File(path) => (
-                std::fs::read_to_string(path)
-                    .map(|s| s.trim().to_string())
-                    .map_err(|e| format!("{}: {e}", path.display()))?,
-                format!("file {}", path.display()),
-            ),
-        };
-        if secret.is_empty() {
-            return Err(format!("{source} is empty: a secret must not be empty"));
-        }
-        Ok(secret)
-    }
-}
+pub use crate::secret::SecretRef;
 
 impl FlagProvider {
     /// Where the token comes from, if the provider has one.
@@ -892,16 +835,7 @@ impl Key {
     }
 }
 
-/// Serde adapter for durations written as `30s`, `10m`, `1h`.
-pub(crate) mod duration_str {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        crate::time::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
+pub(crate) use crate::time::duration_str;
 
 #[cfg(test)]
 mod tests {

@@ -21,6 +21,7 @@
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`notify`]: chat and webhook messages about runs; never blocks a run.
 //! - [`redact`]: keeps configured secrets out of records, logs and chat.
+//! - [`secret`]: where a configured secret comes from (value, environment, file).
 //! - [`text`]: text from outside, bounded before it is kept or shown.
 //! - [`api`]: the HTTP API (axum).
 //! - [`app`]: wiring and ordered shutdown for `reflex serve`.
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod notify;
 pub mod playbook;
 pub mod redact;
+pub mod secret;
 pub mod store;
 pub mod telemetry;
 #[doc(hidden)]

@@ -96,7 +96,7 @@ impl Auth {
                         .map_err(|_| err("sha256 must be 32 bytes".into()))?
                 }
                 (None, Some(file)) => {
-                    let token = crate::config::SecretRef::File(file.clone())
+                    let token = crate::secret::SecretRef::File(file.clone())
                         .read()
                         .map_err(err)?;
                     digest(token.as_bytes())

@@ -28,16 +28,16 @@ use tower::ServiceExt;
 pub struct ServerConfig {
     /// Longest a client may take to send a request's headers; also how long an idle
     /// keep-alive connection stays open.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::time::duration_str")]
     pub header_timeout: Duration,
     /// Longest a request may take from its headers to its answer, body upload included.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::time::duration_str")]
     pub request_timeout: Duration,
     /// Open connections at most; more are answered 503 and closed. Keep it well below the
     /// process's file descriptor limit (`LimitNOFILE` in the systemd unit).
     pub max_connections: usize,
     /// On shutdown, how long requests in progress may take to finish.
-    #[serde(with = "crate::config::duration_str")]
+    #[serde(with = "crate::time::duration_str")]
     pub shutdown_timeout: Duration,
     /// Host names (or addresses) clients may reach Reflex by, besides the ones always allowed:
     /// the listen address, `localhost`, `127.0.0.1`, `[::1]` and the host of `public_url`.

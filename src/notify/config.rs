@@ -1,6 +1,7 @@
 //! `notify:` in reflex.yaml: the chat and webhook sinks and how they deliver.
 
-use crate::config::{SecretRef, duration_str};
+use crate::secret::SecretRef;
+use crate::time::duration_str;
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;

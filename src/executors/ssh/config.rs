@@ -1,7 +1,7 @@
 //! `ssh:` in reflex.yaml: client defaults and the host inventory (the only hosts SSH steps
 //! may reach).
 
-use crate::config::duration_str;
+use crate::time::duration_str;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
