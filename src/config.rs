@@ -516,9 +516,14 @@ impl Config {
             .and_then(|u| u.split_once("://"))
             .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
         {
-            hosts.push(host_of(host));
+            hosts.push(crate::text::host_of(host));
         }
-        hosts.extend(self.server.allowed_hosts.iter().map(|h| host_of(h)));
+        hosts.extend(
+            self.server
+                .allowed_hosts
+                .iter()
+                .map(|h| crate::text::host_of(h)),
+        );
         hosts.sort();
         hosts.dedup();
         hosts
@@ -530,7 +535,8 @@ impl Config {
             checked: self.source.is_some(),
             approvers: (!self.auth.tokens.is_empty()).then(|| {
                 (self.auth.tokens.iter())
-                    .filter(|t| crate::api::auth::allows(t.role, Role::Approver))
+                    // Roles nest from approver up (webhook is below viewer).
+                    .filter(|t| t.role >= Role::Approver)
                     .map(|t| t.name.clone())
                     .collect()
             }),
@@ -790,17 +796,6 @@ impl Config {
         }
         out
     }
-}
-
-/// The host of a `Host` header value (or an authority): lowercase, without the port.
-pub fn host_of(authority: &str) -> String {
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let host = if authority.starts_with('[') {
-        authority.split_inclusive(']').next().unwrap_or(authority)
-    } else {
-        authority.split(':').next().unwrap_or(authority)
-    };
-    host.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// One step of a YAML path into the config, for error lines.

@@ -1,4 +1,4 @@
-//! Text from outside, bounded before it is kept or shown.
+//! Text from outside, bounded before it is kept or shown, and read where it names a host.
 
 /// `text` cut to `max` characters, with an ellipsis when cut.
 pub fn truncate(text: &str, max: usize) -> String {
@@ -6,6 +6,17 @@ pub fn truncate(text: &str, max: usize) -> String {
         Some((at, _)) => format!("{}…", &text[..at]),
         None => text.to_string(),
     }
+}
+
+/// The host of a `Host` header value (or an authority): lowercase, without the port.
+pub fn host_of(authority: &str) -> String {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let host = if authority.starts_with('[') {
+        authority.split_inclusive(']').next().unwrap_or(authority)
+    } else {
+        authority.split(':').next().unwrap_or(authority)
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! Approval requests: list, show, approve, deny.
 
 use super::auth::{Identity, allows};
+use super::auth_config::Role;
 use super::error::ErrorBody;
 use super::{ApiError, AppState, json_body};
-use crate::config::Role;
 use crate::store::{ApprovalState, ApprovalView, Decision};
 use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};

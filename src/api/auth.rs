@@ -5,8 +5,8 @@
 //! role: convenient on a laptop, and logged as a warning at start.
 
 use super::AppState;
+use super::auth_config::{AuthConfig, Role};
 use super::refusals::Reason;
-use crate::config::{AuthConfig, Role};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;

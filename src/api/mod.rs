@@ -172,7 +172,7 @@ async fn allowed_host(
     let host = req
         .headers()
         .get(axum::http::header::HOST)
-        .map(|h| h.to_str().map(crate::config::host_of));
+        .map(|h| h.to_str().map(crate::text::host_of));
     match host {
         // No Host header (HTTP/1.0, a client on the socket): no browser is involved.
         None => next.run(req).await,

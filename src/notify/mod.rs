@@ -9,9 +9,9 @@ mod sinks;
 
 pub use sinks::{SinkError, build_sink};
 
-use crate::config::{NotifyConfig, SinkConfig};
 use crate::metrics::Metrics;
 use backon::{ExponentialBuilder, Retryable};
+use config::{NotifyConfig, SinkConfig};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;

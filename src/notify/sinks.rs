@@ -3,8 +3,8 @@
 //! webhook. Secrets (webhook URLs, tokens) come from the environment or files and never
 //! appear in logs or errors.
 
+use super::config::{SinkConfig, SinkKind};
 use super::{DeliveryError, Event, Markup, Sink};
-use crate::config::{SinkConfig, SinkKind};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -13,9 +13,9 @@
 pub mod config;
 
 use super::{ExecError, Executor, StepContext};
-use crate::config::{HostKeyChecking, SshConfig, SshHost};
 use crate::playbook::actions::{DiskCleanupArgs, SshRunArgs};
 use crate::playbook::template::shell_quote;
+use config::{HostKeyChecking, SshConfig, SshHost};
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
 use serde::Serialize;
 use serde_json::{Value, json};
