@@ -43,6 +43,7 @@ pub mod redact;
 pub mod secret;
 pub mod store;
 pub mod telemetry;
+#[cfg(any(test, feature = "testkit"))]
 #[doc(hidden)]
 pub mod testkit;
 pub mod text;

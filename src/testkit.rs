@@ -69,11 +69,33 @@ fn output(cmd: &mut Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// A loopback port for a server a test starts (sshd, PostgreSQL, Alertmanager, …) that no
+/// one else is handed meanwhile: taken below the kernel's ephemeral range, from which `bind`
+/// to port 0 and outgoing connections draw theirs, in a sequence that starts at a place of
+/// this process's own, and checked free. (A port from `bind(0)`, released for the server to
+/// take, could be handed to another test's `bind(0)` first.)
+pub fn unused_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const BASE: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .max(BASE + 1_000);
+    let span = ephemeral_low - BASE;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (BASE + (start + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(54329)
+    unused_port()
 }
 
 impl PgServer {

@@ -34,13 +34,10 @@ pub fn reflex_bin() -> &'static str {
     env!("CARGO_BIN_EXE_reflex")
 }
 
-/// A free loopback port (bound, then released for the daemon to take).
+/// A loopback port for a server a test starts, that no other test is handed meanwhile (see
+/// `reflex::testkit::unused_port`).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    reflex::testkit::unused_port()
 }
 
 /// The addresses in a daemon log's `listening` lines, oldest first (text or JSON lines).
