@@ -112,7 +112,10 @@ fn dry_run_summary(outputs: &[(String, Value)]) -> String {
 }
 
 impl Engine {
-    pub(super) async fn execute(&self, run: ClaimedRun) {
+    /// Drives a claimed run through its steps to its end (or its park at an approval gate),
+    /// recording each transition before the next action. (The executors `execute` a step;
+    /// the engine drives a run.)
+    pub(super) async fn drive(&self, run: ClaimedRun) {
         let span = tracing::info_span!("run", run_id = run.id, playbook = %run.playbook);
         let token = {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
