@@ -1,6 +1,6 @@
-//! Executes one claimed run, step by step. Every transition is written to the store before the
-//! next action; cancellation, the kill switch, the run deadline and shutdown are honoured
-//! between steps, never inside one. A step behind an approval gate parks the run
+//! Drives one claimed run, step by step. Every transition is written to the store before the
+//! next action; the kill switch, the run deadline and shutdown are honoured between steps,
+//! never inside one; an operator's cancel also stops the step under way. A step behind an approval gate parks the run
 //! (`awaiting_approval`) and frees its worker; an approval puts it back in the queue.
 
 use super::Engine;
