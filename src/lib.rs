@@ -39,6 +39,7 @@ pub mod executors;
 pub mod metrics;
 pub mod notify;
 pub mod playbook;
+pub mod policy;
 pub mod redact;
 pub mod secret;
 pub mod store;

@@ -1635,6 +1635,14 @@ async fn a_cancel_stops_the_step_under_way_and_the_run_shows_cancelling_until_th
         .await;
     let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
     wait_state(&api, run_id, "running").await;
+    // The wait is under way (not merely the run claimed).
+    for _ in 0..500 {
+        let run = api.view(&format!("/api/v1/runs/{run_id}")).await;
+        if run["steps"][0]["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let asked = std::time::Instant::now();
     let (status, out) = api
         .call(

@@ -9,21 +9,10 @@ use super::resolution::end_for_resolved;
 use super::*;
 use crate::alert::{Alert, AlertStatus};
 use crate::playbook::Plan;
+use crate::policy::{Facts, Verdict};
 use serde::Serialize;
 
-/// What held a run back at intake, checked in this order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Hold {
-    /// A maintenance window matched the alert.
-    Maintenance,
-    /// A kill switch (global or the playbook's) is engaged.
-    KillSwitch,
-    /// The playbook ran for the same key within its cooldown.
-    Cooldown,
-    /// One more run would cross a breaker limit; the breaker engaged the kill switch.
-    Breaker,
-}
+pub use crate::policy::Hold;
 
 /// A playbook that matched an alert, as the engine hands it to intake.
 pub struct Candidate {
@@ -212,27 +201,93 @@ fn insert_alert(
     .ok_or(StoreError::NoRow)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn intake_one(
-    c: &Db,
-    a: &Alert,
+/// The alert at hand in an intake write, and what every decision about it needs.
+struct At<'a> {
+    alert: &'a Alert,
     alert_id: i64,
-    cand: Candidate,
-    json: Option<PlanJson>,
     limits: BreakerLimits,
     now: i64,
+}
+
+/// The facts the intake rules ask for, answered inside the intake transaction.
+struct StoreFacts<'a, 'c, 'b> {
+    c: &'a Db<'c>,
+    at: &'a At<'a>,
+    cand: &'a Candidate,
+    target: &'a str,
+    start: &'b mut Starter,
+}
+
+impl Facts for StoreFacts<'_, '_, '_> {
+    type Error = StoreError;
+
+    fn recorded(&mut self) -> Result<Option<i64>, StoreError> {
+        existing_run(self.c, &self.cand.playbook, self.at.alert)
+    }
+
+    fn queued(&mut self) -> Result<Option<i64>, StoreError> {
+        super::coalesce::pending_run(self.c, &self.cand.playbook, &self.at.alert.fingerprint)
+    }
+
+    fn kill_switch(&mut self) -> Result<Option<String>, StoreError> {
+        super::switches::engaged_reason(self.c, &self.cand.playbook, self.at.now)
+    }
+
+    fn cooldown(&mut self) -> Result<Option<String>, StoreError> {
+        let cand = self.cand;
+        cooldown_reason(
+            self.c,
+            &cand.playbook,
+            &cand.cooldown_key,
+            cand.cooldown_ms,
+            self.at.now,
+        )
+    }
+
+    fn breaker(&mut self) -> Result<Option<String>, StoreError> {
+        let trip = breaker_trip(
+            self.c,
+            &self.cand.playbook,
+            self.target,
+            self.at.limits,
+            self.at.now,
+        )?;
+        Ok(trip.map(|t| t.to_string()))
+    }
+
+    fn may_start(&mut self) -> Result<bool, StoreError> {
+        match &self.cand.plan {
+            Ok(plan) => self.start.can_start(
+                self.c,
+                &self.cand.playbook,
+                &self.at.alert.fingerprint,
+                plan,
+            ),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+/// One playbook matched by one alert: decided by the intake rules ([`crate::policy`]) on
+/// facts read in this transaction, then recorded.
+fn intake_one(
+    c: &Db,
+    at: &At<'_>,
+    cand: Candidate,
+    json: Option<PlanJson>,
     start: &mut Starter,
 ) -> Result<Outcome, StoreError> {
-    let playbook = cand.playbook;
+    let a = at.alert;
+    let now = at.now;
     if c.is_pg() {
         // Replicas decide about one playbook one at a time (until this batch commits), so
         // that coalescing, the cooldown and the breaker see each other's runs. The breaker's
         // limits on all runs and on distinct targets span playbooks: while one is set, all
         // intake decisions take turns.
-        let scope = if limits.max_runs > 0 || limits.max_targets > 0 {
+        let scope = if at.limits.max_runs > 0 || at.limits.max_targets > 0 {
             String::from("reflex.intake")
         } else {
-            format!("reflex.playbook:{playbook}")
+            format!("reflex.playbook:{}", cand.playbook)
         };
         c.one(
             "SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))::text",
@@ -240,60 +295,43 @@ fn intake_one(
             |_| Ok(()),
         )?;
     }
-    let existing = existing_run(c, &playbook, a)?;
-    if let Some(run_id) = existing {
-        return Ok(Outcome::Deduplicated { run_id, playbook });
-    }
     let target = cand
         .plan
         .as_ref()
         .map_or_else(|_| String::new(), |p| p.target.clone());
-    let joined = match (&cand.plan, &json) {
-        (Ok(plan), Some(j)) if cand.coalesce => {
-            let pending = super::coalesce::pending_run(c, &playbook, &a.fingerprint)?;
-            if let Some(run_id) = pending {
-                super::coalesce::refresh(c, run_id, alert_id, plan, &j.params, j.steps.clone())?;
+    let asked = crate::policy::Candidate {
+        maintenance: cand.suppress.as_deref(),
+        coalesce: cand.coalesce && json.is_some(),
+        plan: cand.plan.as_ref().map(|_| ()).map_err(String::as_str),
+    };
+    let verdict = crate::policy::decide(
+        asked,
+        &mut StoreFacts {
+            c,
+            at,
+            cand: &cand,
+            target: &target,
+            start: &mut *start,
+        },
+    )?;
+    let playbook = cand.playbook.clone();
+    let (state, reason, error, cause, joined) = match verdict {
+        Verdict::Duplicate(run_id) => return Ok(Outcome::Deduplicated { run_id, playbook }),
+        Verdict::Join(run_id) => {
+            if let (Ok(plan), Some(j)) = (&cand.plan, &json) {
+                super::coalesce::refresh(c, run_id, at.alert_id, plan, &j.params, j.steps.clone())?;
             }
-            pending
+            let reason = format!("coalesced into run {run_id}");
+            (RunState::Coalesced, Some(reason), None, None, Some(run_id))
         }
-        _ => None,
+        Verdict::Hold(hold, why) => (RunState::Suppressed, Some(why), None, Some(hold), None),
+        Verdict::Fail(e) => (RunState::Failed, None, Some(e), None, None),
+        Verdict::Start => (RunState::Running, None, None, None, None),
+        Verdict::Queue => (RunState::Pending, None, None, None, None),
     };
-    // The holds, in order; the first that holds the run back names the cause and reason.
-    let mut suppressed = cand.suppress.map(|r| (Hold::Maintenance, r));
-    if joined.is_some() {
-        suppressed = None;
-    }
-    if suppressed.is_none() && joined.is_none() {
-        suppressed =
-            super::switches::engaged_reason(c, &playbook, now)?.map(|r| (Hold::KillSwitch, r));
-    }
-    if suppressed.is_none() && joined.is_none() {
-        suppressed = cooldown_reason(c, &playbook, &cand.cooldown_key, cand.cooldown_ms, now)?
-            .map(|r| (Hold::Cooldown, r));
-    }
-    if suppressed.is_none() && joined.is_none() && cand.plan.is_ok() {
-        suppressed = breaker_trip(c, &playbook, &target, limits, now)?
-            .map(|t| (Hold::Breaker, t.to_string()));
-    }
-    let cause = suppressed.as_ref().map(|(h, _)| *h);
-    let (state, reason, error, plan) = match (suppressed, &cand.plan) {
-        _ if joined.is_some() => (
-            RunState::Coalesced,
-            joined.map(|id| format!("coalesced into run {id}")),
-            None,
-            None,
-        ),
-        (Some((_, reason)), _) => (RunState::Suppressed, Some(reason), None, None),
-        (None, Err(e)) => (RunState::Failed, None, Some(e.clone()), None),
-        (None, Ok(plan)) => (RunState::Pending, None, None, Some(plan)),
-    };
-    // A run that can start now is recorded running, its first step with it: the same commit,
-    // and no second write of either row.
-    let start_now = match plan {
-        Some(plan) => start.can_start(c, &playbook, &a.fingerprint, plan)?,
-        None => false,
-    };
-    let state = if start_now { RunState::Running } else { state };
+    let start_now = state == RunState::Running;
+    let plan = (cand.plan.as_ref().ok())
+        .filter(|_| matches!(state, RunState::Running | RunState::Pending));
     // The unique index decides dedup: on PostgreSQL another replica may have recorded the
     // same occurrence since the check above.
     let inserted = c.insert(
@@ -304,7 +342,7 @@ fn intake_one(
          ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING",
         &[
             &playbook,
-            &alert_id,
+            &at.alert_id,
             &a.fingerprint,
             &a.starts_at,
             &a.status.as_str(),
@@ -582,19 +620,14 @@ impl Store {
                     }
                     starter.received_us = item.received_us;
                     let alert_id = insert_alert(c, &item.alert, &json, now, item.received_us)?;
+                    let at = At {
+                        alert: &item.alert,
+                        alert_id,
+                        limits,
+                        now,
+                    };
                     let mut outcomes = (item.candidates.into_iter().zip(json.plans))
-                        .map(|(cand, plan)| {
-                            intake_one(
-                                c,
-                                &item.alert,
-                                alert_id,
-                                cand,
-                                plan,
-                                limits,
-                                now,
-                                &mut starter,
-                            )
-                        })
+                        .map(|(cand, plan)| intake_one(c, &at, cand, plan, &mut starter))
                         .collect::<Result<Vec<_>, _>>()?;
                     if item.alert.status == AlertStatus::Resolved {
                         outcomes.extend(end_for_resolved(
