@@ -374,15 +374,7 @@ fn intake_one(
         let first = start_now.then(|| (now, crate::time::now_us()));
         insert_steps(c, run_id, plan, steps, first)?;
         if start_now {
-            start.started(
-                run_id,
-                &playbook,
-                a,
-                plan,
-                cand.dry_run,
-                cand.deadline_ms,
-                now,
-            );
+            start.started(run_id, at, &cand, plan);
         }
     }
     if let Some(joined) = joined {
@@ -464,17 +456,8 @@ impl Starter {
 
     /// Takes a slot for a run recorded running with its first step, and keeps what its task
     /// needs.
-    #[allow(clippy::too_many_arguments)]
-    fn started(
-        &mut self,
-        run_id: i64,
-        playbook: &str,
-        alert: &Alert,
-        plan: &Plan,
-        dry_run: bool,
-        deadline_ms: i64,
-        now: i64,
-    ) {
+    fn started(&mut self, run_id: i64, at: &At<'_>, cand: &Candidate, plan: &Plan) {
+        let now = at.now;
         self.left -= 1;
         let steps = plan
             .steps
@@ -502,12 +485,12 @@ impl Starter {
             .collect();
         self.started.push(ClaimedRun {
             id: run_id,
-            playbook: playbook.to_string(),
-            dry_run,
+            playbook: cand.playbook.clone(),
+            dry_run: cand.dry_run,
             params: serde_json::Value::Object(plan.params.clone()),
-            alert: alert.clone(),
+            alert: at.alert.clone(),
             target: plan.target.clone(),
-            deadline_ms: Some(deadline_ms),
+            deadline_ms: Some(cand.deadline_ms),
             started_ms: now,
             resumed: false,
             first_step_started: true,
