@@ -1,0 +1,77 @@
+//! The playbooks in force, and the reload form.
+
+use super::*;
+
+/// A playbook in force.
+pub struct PlaybookRow {
+    name: String,
+    description: String,
+    file: String,
+    matchers: String,
+    steps: Vec<String>,
+    cooldown: String,
+    dry_run: bool,
+    gated: bool,
+}
+
+#[derive(Template)]
+#[template(path = "playbooks.html")]
+struct PlaybooksPage {
+    chrome: Chrome,
+    playbooks: Vec<PlaybookRow>,
+    failure: Option<crate::engine::ReloadFailure>,
+    failed_at: String,
+    can_reload: bool,
+}
+
+/// `GET /ui/playbooks`
+pub async fn playbooks(State(state): State<AppState>, viewer: Viewer) -> Result<Page, Page> {
+    let set = state.engine.playbooks();
+    let playbooks = set
+        .playbooks
+        .iter()
+        .map(|p| PlaybookRow {
+            name: p.name.clone(),
+            description: p.description.clone(),
+            file: p.file.display().to_string(),
+            matchers: p
+                .matchers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            steps: p
+                .steps
+                .iter()
+                .map(|s| format!("{} ({})", s.name, s.action.name()))
+                .collect(),
+            cooldown: humantime::format_duration(p.cooldown).to_string(),
+            dry_run: p.dry_run,
+            gated: p.approval.is_some() || p.steps.iter().any(|s| s.approval.is_some()),
+        })
+        .collect();
+    let failure = state.engine.reload_failure();
+    Ok(Page::render(&PlaybooksPage {
+        chrome: chrome(&state, &viewer, "playbooks").await?,
+        playbooks,
+        failed_at: failure
+            .as_ref()
+            .map(|f| crate::time::rfc3339(f.at_ms))
+            .unwrap_or_default(),
+        failure,
+        can_reload: viewer.may(Role::Admin),
+    }))
+}
+
+/// `POST /ui/playbooks/reload`: back to the playbooks, which show a refused reload's errors.
+pub async fn reload(
+    State(state): State<AppState>,
+    viewer: Viewer,
+    Form(form): Form<CsrfForm>,
+) -> Result<Response, Page> {
+    viewer.check_csrf(&state, &form.csrf, "reload").await?;
+    viewer.require(&state, Role::Admin, "reload").await?;
+    // A refused set is recorded by the engine and shown on the page.
+    let _ = state.engine.reload_by(&viewer.identity.name).await?;
+    Ok(Redirect::to("/ui/playbooks").into_response())
+}
