@@ -26,7 +26,8 @@
 //! - [`api`]: the HTTP API (axum).
 //! - [`app`]: wiring and ordered shutdown for `reflex serve`.
 //! - [`cli`]: the offline commands `check` and `simulate`.
-//! - [`client`]: the operator commands, clients of the API.
+//! - [`client`]: the HTTP client of the API, and the tables the operator commands print.
+//! - [`operator`]: the operator commands (`reflex runs`, `approve`, `kill`, …).
 
 pub mod alert;
 pub mod api;
@@ -38,6 +39,7 @@ pub mod engine;
 pub mod executors;
 pub mod metrics;
 pub mod notify;
+pub mod operator;
 pub mod playbook;
 pub mod policy;
 pub mod redact;

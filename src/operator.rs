@@ -1,0 +1,476 @@
+//! The operator commands (`reflex runs`, `approve`, `kill`, …): their arguments, and each run
+//! as a call of the API through [`crate::client`], printed as a table or JSON. `main.rs` only
+//! parses and dispatches.
+
+use crate::client::{self, ClientError};
+use clap::{Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Where the operator commands find the API.
+#[derive(clap::Args)]
+pub struct Api {
+    /// API address.
+    #[arg(long, env = "REFLEX_SERVER", default_value = "http://127.0.0.1:9095")]
+    server: String,
+    /// A file holding the API token (else REFLEX_TOKEN).
+    #[arg(long, env = "REFLEX_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Output: a table (default on a terminal) or JSON (default otherwise).
+    #[arg(short = 'o', long, value_enum)]
+    output: Option<Output>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns, long values cut with an ellipsis.
+    Table,
+    /// Aligned columns, every value whole.
+    Wide,
+    Json,
+}
+
+impl Api {
+    /// JSON unless asked for a table or writing to a terminal.
+    fn json(&self) -> bool {
+        use std::io::IsTerminal;
+        match self.output {
+            Some(o) => o == Output::Json,
+            None => !std::io::stdout().is_terminal(),
+        }
+    }
+
+    /// Prints `v` as JSON, or as `table` renders it.
+    fn print(&self, v: &serde_json::Value, table: impl Fn(&serde_json::Value) -> String) {
+        if self.json() {
+            println!("{}", pretty(v));
+        } else {
+            print!("{}", table(v));
+        }
+    }
+
+    /// Whether tables show every value whole (`-o wide`).
+    fn wide(&self) -> bool {
+        self.output == Some(Output::Wide)
+    }
+}
+
+fn client_call(
+    api: &Api,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, ClientError> {
+    let token = match &api.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| {
+                    ClientError::Other(format!("reading the token file {}: {e}", f.display()))
+                })?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("REFLEX_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty());
+    let client = client::Client::new(&api.server, token)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ClientError::Other(format!("starting the runtime: {e}")))?;
+    rt.block_on(client.call(method, path, body))
+}
+
+/// `reflex approve` / `reflex deny`.
+fn decide(
+    api: &Api,
+    id: i64,
+    verb: &str,
+    comment: Option<String>,
+) -> Result<ExitCode, ClientError> {
+    let path = format!("/api/v1/approvals/{id}/{verb}");
+    let body = serde_json::json!({ "comment": comment });
+    let v = client_call(api, reqwest::Method::POST, &path, Some(body))?;
+    api.print(&v, |v| {
+        format!("approval {id}: {}\n", v["state"].as_str().unwrap_or("?"))
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The exit code of `trigger` and `retry`: 0 when a run was created (or joined a queued
+/// one), 6 when something held it back (a kill switch, a cooldown: the state refused it), 1
+/// when it could not be planned.
+fn outcome_exit(v: &serde_json::Value) -> ExitCode {
+    match v["outcome"].as_str() {
+        Some("suppressed") => ExitCode::from(6),
+        Some("failed") => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+/// `path?k=v&…` with each given value URL-encoded (a target may hold `/`, `&` or spaces).
+fn query(path: &str, pairs: &[(&str, Option<String>)]) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        if let Some(v) = v {
+            q.append_pair(k, v);
+        }
+    }
+    format!("{path}?{}", q.finish())
+}
+
+/// `key=value`, for `-l` and `-a`.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+/// `reflex run ID --follow`: prints the run, then each step as it changes, until the run
+/// ends (polling every half second). Exits 0 when it succeeded, 1 otherwise.
+fn follow_run(api: &Api, path: &str, mut run: serde_json::Value) -> Result<ExitCode, ClientError> {
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let mut state = String::new();
+    loop {
+        let steps = run["steps"].as_array().cloned().unwrap_or_default();
+        for (i, s) in steps.iter().enumerate() {
+            let key = serde_json::json!([s["state"], s["error"]]);
+            if seen.get(i) != Some(&key) {
+                if api.json() {
+                    println!("{s}");
+                } else {
+                    print!("{}", client::format_step(s));
+                }
+                seen.resize(steps.len().max(seen.len()), serde_json::Value::Null);
+                seen[i] = key;
+            }
+        }
+        let now = run["state"].as_str().unwrap_or("").to_string();
+        if now != state && !api.json() {
+            println!("run {} {now}", run["id"]);
+        }
+        state = now;
+        if client::is_final(&state) {
+            return Ok(if state == "succeeded" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        run = client_call(api, reqwest::Method::GET, path, None)?;
+    }
+}
+
+/// `reflex kill` / `reflex unkill`: PUT the switch (global, or one playbook's), print the result.
+fn set_switch(
+    api: &Api,
+    playbook: Option<&str>,
+    body: serde_json::Value,
+) -> Result<ExitCode, ClientError> {
+    let path = playbook.map_or("/api/v1/killswitch".to_string(), |p| {
+        format!("/api/v1/playbooks/{p}/killswitch")
+    });
+    let v = client_call(api, reqwest::Method::PUT, &path, Some(body))?;
+    api.print(&v, client::format_switches);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The operator commands.
+#[derive(Subcommand)]
+pub enum OperatorCommand {
+    /// List runs, newest first (token from REFLEX_TOKEN).
+    Runs {
+        #[command(flatten)]
+        api: Api,
+        /// Only this playbook.
+        #[arg(long)]
+        playbook: Option<String>,
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this target (a host, or namespace/name).
+        #[arg(long)]
+        target: Option<String>,
+        /// Only runs older than this id (the next page).
+        #[arg(long)]
+        before: Option<i64>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one run with its steps.
+    Run {
+        #[command(flatten)]
+        api: Api,
+        /// Run id.
+        id: i64,
+        /// Print steps as they change until the run ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// List approval requests (pending by default).
+    Approvals {
+        #[command(flatten)]
+        api: Api,
+        /// pending, approved, denied, expired, cancelled, or all.
+        #[arg(long, default_value = "pending")]
+        state: String,
+    },
+    /// Approve a request.
+    Approve {
+        #[command(flatten)]
+        api: Api,
+        /// Approval id.
+        id: i64,
+        /// Recorded with the decision.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Deny a request; its run ends without acting.
+    Deny {
+        #[command(flatten)]
+        api: Api,
+        /// Approval id.
+        id: i64,
+        /// Recorded with the decision.
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Engage the kill switch: no new run starts, running runs stop before their next step.
+    Kill {
+        #[command(flatten)]
+        api: Api,
+        /// Why (required).
+        #[arg(long)]
+        reason: String,
+        /// Only this playbook.
+        #[arg(long)]
+        playbook: Option<String>,
+        /// Release automatically after this long (e.g. 2h).
+        #[arg(long = "for")]
+        for_: Option<String>,
+        /// Replace the reason (and end) of a switch that is engaged already; without it,
+        /// engaging an engaged switch changes nothing and exits 6.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Release the kill switch.
+    Unkill {
+        #[command(flatten)]
+        api: Api,
+        /// Only this playbook's switch.
+        #[arg(long)]
+        playbook: Option<String>,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Run a playbook now, without an alert (operator role); gates and the kill switch apply.
+    Trigger {
+        #[command(flatten)]
+        api: Api,
+        /// Playbook name.
+        playbook: String,
+        /// A label its templates see, `key=value` (repeatable).
+        #[arg(short = 'l', long = "label", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+        /// An annotation, `key=value` (repeatable).
+        #[arg(short = 'a', long = "annotation", value_parser = key_value)]
+        annotations: Vec<(String, String)>,
+    },
+    /// Run again a failed, interrupted, expired or killed run, from the step that did not
+    /// succeed (operator role); rendered against the playbook in force and gated again.
+    Retry {
+        #[command(flatten)]
+        api: Api,
+        /// Run id.
+        id: i64,
+        /// Repeat every step.
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// Cancel a run: at once if it has not started, else its step under way is stopped.
+    Cancel {
+        #[command(flatten)]
+        api: Api,
+        /// Run id.
+        id: i64,
+    },
+    /// List the playbooks in force.
+    Playbooks {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Reload the playbooks from disk (an invalid set is refused whole).
+    Reload {
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Show the audit log, newest first.
+    Audit {
+        #[command(flatten)]
+        api: Api,
+        /// Only this actor (a token name, `circuit-breaker`, `reflex`).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only actions starting with this (`killswitch`, `approval`, `step.`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only rows since this: a duration back (`2h`) or a time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// How many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+/// Runs one operator command; its exit code, or why it failed (with its own exit code).
+pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
+    use reqwest::Method;
+    use serde_json::json;
+    match cmd {
+        OperatorCommand::Runs {
+            api,
+            playbook,
+            state,
+            target,
+            before,
+            limit,
+        } => {
+            let q = query(
+                "/api/v1/runs",
+                &[
+                    ("limit", Some(limit.to_string())),
+                    ("playbook", playbook),
+                    ("state", state),
+                    ("target", target),
+                    ("before", before.map(|b| b.to_string())),
+                ],
+            );
+            let wide = api.wide();
+            api.print(&client_call(&api, Method::GET, &q, None)?, |v| {
+                client::format_runs(v, wide)
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        OperatorCommand::Run { api, id, follow } => {
+            let path = format!("/api/v1/runs/{id}");
+            let run = client_call(&api, Method::GET, &path, None)?;
+            if !follow {
+                api.print(&run, client::format_run);
+                return Ok(ExitCode::SUCCESS);
+            }
+            follow_run(&api, &path, run)
+        }
+        OperatorCommand::Approvals { api, state } => {
+            let q = if state == "all" {
+                "/api/v1/approvals".to_string()
+            } else {
+                format!("/api/v1/approvals?state={state}")
+            };
+            api.print(
+                &client_call(&api, Method::GET, &q, None)?,
+                client::format_approvals,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        OperatorCommand::Approve { api, id, comment } => decide(&api, id, "approve", comment),
+        OperatorCommand::Deny { api, id, comment } => decide(&api, id, "deny", comment),
+        OperatorCommand::Kill {
+            api,
+            reason,
+            playbook,
+            for_,
+            replace,
+        } => {
+            let body =
+                json!({ "engaged": true, "reason": reason, "for": for_, "replace": replace });
+            set_switch(&api, playbook.as_deref(), body)
+        }
+        OperatorCommand::Unkill {
+            api,
+            playbook,
+            reason,
+        } => {
+            let body = json!({ "engaged": false, "reason": reason });
+            set_switch(&api, playbook.as_deref(), body)
+        }
+        OperatorCommand::Trigger {
+            api,
+            playbook,
+            labels,
+            annotations,
+        } => {
+            let map = |kv: Vec<(String, String)>| {
+                kv.into_iter()
+                    .collect::<std::collections::BTreeMap<String, String>>()
+            };
+            let body = json!({ "labels": map(labels), "annotations": map(annotations) });
+            let path = format!("/api/v1/playbooks/{playbook}/runs");
+            let v = client_call(&api, Method::POST, &path, Some(body))?;
+            api.print(&v, client::format_outcome);
+            Ok(outcome_exit(&v))
+        }
+        OperatorCommand::Retry {
+            api,
+            id,
+            from_start,
+        } => {
+            let path = format!("/api/v1/runs/{id}/retry");
+            let body = json!({ "from_start": from_start });
+            let v = client_call(&api, Method::POST, &path, Some(body))?;
+            api.print(&v, client::format_outcome);
+            Ok(outcome_exit(&v))
+        }
+        OperatorCommand::Cancel { api, id } => {
+            let path = format!("/api/v1/runs/{id}/cancel");
+            let v = client_call(&api, Method::POST, &path, None)?;
+            api.print(&v, |v| {
+                let note = v["message"]
+                    .as_str()
+                    .map_or(String::new(), |m| format!(" ({m})"));
+                format!("run {id}: {}{note}\n", v["state"].as_str().unwrap_or("?"))
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        OperatorCommand::Playbooks { api } => {
+            let v = client_call(&api, Method::GET, "/api/v1/playbooks", None)?;
+            api.print(&v, client::format_playbooks);
+            Ok(ExitCode::SUCCESS)
+        }
+        OperatorCommand::Reload { api } => {
+            let v = client_call(&api, Method::POST, "/api/v1/playbooks/reload", None)?;
+            println!("{}", pretty(&v));
+            Ok(ExitCode::SUCCESS)
+        }
+        OperatorCommand::Audit {
+            api,
+            actor,
+            action,
+            since,
+            limit,
+        } => {
+            let path = query(
+                "/api/v1/audit",
+                &[
+                    ("limit", Some(limit.to_string())),
+                    ("actor", actor),
+                    ("action", action),
+                    ("since", since),
+                ],
+            );
+            let wide = api.wide();
+            api.print(&client_call(&api, Method::GET, &path, None)?, |v| {
+                client::format_audit(v, wide)
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
