@@ -204,7 +204,14 @@ pub(crate) async fn apply(
     };
     let replace = body.replace.unwrap_or(false);
     if let Some(held) = (state.engine)
-        .set_switch(scope, body.engaged, reason, who.to_string(), until, replace)
+        .set_switch(crate::store::SwitchChange {
+            scope,
+            engaged: body.engaged,
+            reason,
+            actor: who.to_string(),
+            until,
+            replace,
+        })
         .await?
     {
         return Err(ApiError::Conflict(format!(

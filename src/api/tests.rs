@@ -151,6 +151,18 @@ impl TestApi {
         }
     }
 
+    /// `PUT /api/v1/killswitch` as the admin.
+    pub(super) async fn put_switch(&self, body: Value) -> (StatusCode, Value) {
+        let body = body.to_string();
+        (self.call(
+            Method::PUT,
+            "/api/v1/killswitch",
+            Some("admin-token"),
+            Some(&body),
+        ))
+        .await
+    }
+
     /// Adds a playbook file and reloads (as an admin would).
     pub(super) async fn add_playbook(&self, file: &str, yaml: &str) {
         let dir = self
@@ -1483,18 +1495,7 @@ fn get_with_host(path: &str, host: &str) -> Request<Body> {
 #[tokio::test]
 async fn engaging_an_engaged_switch_keeps_its_reason_unless_replace_is_said() {
     let api = TestApi::new().await;
-    let put = |body: Value| {
-        let api = &api;
-        async move {
-            api.call(
-                Method::PUT,
-                "/api/v1/killswitch",
-                Some("admin-token"),
-                Some(&body.to_string()),
-            )
-            .await
-        }
-    };
+    let put = |body: Value| api.put_switch(body);
     let (status, _) =
         put(json!({"engaged": true, "reason": "INC-4711: bad deploy, hands off", "for": "2h"}))
             .await;
@@ -1522,12 +1523,7 @@ async fn long_reasons_and_comments_and_duplicate_trigger_labels_are_400_and_chan
     let api = TestApi::new().await;
     let long = "x".repeat(crate::api::MAX_TEXT_BYTES + 1);
     let (status, out) = api
-        .call(
-            Method::PUT,
-            "/api/v1/killswitch",
-            Some("admin-token"),
-            Some(&json!({"engaged": true, "reason": long}).to_string()),
-        )
+        .put_switch(json!({"engaged": true, "reason": long}))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
     assert!(
@@ -1721,12 +1717,7 @@ async fn the_audit_log_filters_by_actor_action_and_time() {
     let api = TestApi::new().await;
     for (engaged, reason) in [(true, "INC-1"), (false, "done")] {
         let (status, _) = api
-            .call(
-                Method::PUT,
-                "/api/v1/killswitch",
-                Some("admin-token"),
-                Some(&json!({"engaged": engaged, "reason": reason}).to_string()),
-            )
+            .put_switch(json!({"engaged": engaged, "reason": reason}))
             .await;
         assert_eq!(status, StatusCode::OK);
     }

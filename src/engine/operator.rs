@@ -2,6 +2,7 @@
 //! each audited.
 
 use super::*;
+use crate::store::SwitchChange;
 
 /// The result of a cancel request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,25 +22,16 @@ impl Engine {
     /// (with its audit row, in one transaction), logged and told in chat.
     /// An engagement of a switch engaged already changes nothing unless `replace`: the
     /// answer is then `Some` of who holds it and why.
-    pub async fn set_switch(
-        &self,
-        scope: String,
-        engaged: bool,
-        reason: String,
-        actor: String,
-        until: Option<i64>,
-        replace: bool,
-    ) -> Result<Option<String>, StoreError> {
-        let held = (self.store)
-            .change_switch(
-                scope.clone(),
-                engaged,
-                reason.clone(),
-                actor.clone(),
-                until,
-                replace,
-            )
-            .await?;
+    pub async fn set_switch(&self, change: SwitchChange) -> Result<Option<String>, StoreError> {
+        let held = self.store.change_switch(change.clone()).await?;
+        let SwitchChange {
+            scope,
+            engaged,
+            reason,
+            actor,
+            until,
+            ..
+        } = change;
         if held.is_some() {
             return Ok(held);
         }

@@ -19,6 +19,23 @@ pub fn playbook_scope(playbook: &str) -> String {
     format!("playbook:{playbook}")
 }
 
+/// A change of a kill switch that an operator asks for.
+#[derive(Debug, Clone)]
+pub struct SwitchChange {
+    /// `global` or `playbook:<name>`.
+    pub scope: String,
+    /// Engage, or release.
+    pub engaged: bool,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub actor: String,
+    /// When an engagement ends by itself (ms since the epoch).
+    pub until: Option<i64>,
+    /// Replace an engagement in force (else one in force is kept, and named).
+    pub replace: bool,
+}
+
 /// A kill switch as the API shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Switch {
@@ -139,24 +156,30 @@ impl Store {
         actor: String,
         until: Option<i64>,
     ) -> Result<(), StoreError> {
-        self.change_switch(scope, engaged, reason, actor, until, true)
-            .await
-            .map(|_| ())
+        let change = SwitchChange {
+            scope,
+            engaged,
+            reason,
+            actor,
+            until,
+            replace: true,
+        };
+        self.change_switch(change).await.map(|_| ())
     }
 
     /// Engages or releases a switch; an engagement of a switch that is engaged already changes
     /// nothing unless `replace`, and answers who engaged it and why (`Some`), in the same
     /// transaction as the change, so that two operators cannot silently overwrite each
     /// other's reason.
-    pub async fn change_switch(
-        &self,
-        scope: String,
-        engaged: bool,
-        reason: String,
-        actor: String,
-        until: Option<i64>,
-        replace: bool,
-    ) -> Result<Option<String>, StoreError> {
+    pub async fn change_switch(&self, change: SwitchChange) -> Result<Option<String>, StoreError> {
+        let SwitchChange {
+            scope,
+            engaged,
+            reason,
+            actor,
+            until,
+            replace,
+        } = change;
         let now = self.now_ms();
         let result = self
             .write(move |c| {
