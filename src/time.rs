@@ -66,7 +66,10 @@ pub fn now_us() -> i64 {
 
 /// RFC 3339 (UTC, milliseconds) for a unix-milliseconds timestamp.
 pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    // RFC 3339 ends with year 9999; a later time (an engagement "for" a century of weeks) is
+    // shown as that, where formatting it would fail.
+    const LAST_MS: i64 = 253_402_300_799_999;
+    let t = UNIX_EPOCH + Duration::from_millis(ms.clamp(0, LAST_MS) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 

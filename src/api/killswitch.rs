@@ -184,12 +184,12 @@ pub(crate) async fn apply(
                     .map_or(0, |d| d.as_millis() as i64),
             )
         }
-        (None, Some(d)) => Some(
-            state.store.now_ms()
-                + crate::time::parse_duration(d)
-                    .map_err(ApiError::BadRequest)?
-                    .as_millis() as i64,
-        ),
+        (None, Some(d)) => {
+            let d = crate::time::parse_duration(d).map_err(ApiError::BadRequest)?;
+            // An absurd duration ends never, rather than overflowing.
+            let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            Some(state.store.now_ms().saturating_add(ms))
+        }
         (None, None) => None,
     };
     if !body.engaged && until.is_some() {

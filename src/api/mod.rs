@@ -307,7 +307,8 @@ async fn audit(
 /// `since`: a duration back from now (`2h`) or a time (RFC 3339).
 fn since_ms(text: &str, now_ms: i64) -> Result<i64, String> {
     if let Ok(d) = crate::time::parse_duration(text) {
-        return Ok(now_ms - d.as_millis() as i64);
+        // A duration past the epoch (`99999999w`) reaches back to the start, not a panic.
+        return Ok(now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
     }
     humantime::parse_rfc3339_weak(text)
         .map(|t| {

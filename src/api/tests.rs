@@ -1772,4 +1772,14 @@ async fn the_audit_log_filters_by_actor_action_and_time() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
+    // A duration reaching before the epoch is all of it, not an overflow.
+    let all = api.view("/api/v1/audit?since=99999999999w").await;
+    assert_eq!(all.as_array().unwrap().len(), 3, "{all}");
+    // Nor does a switch engaged for an absurd time overflow its end.
+    let (status, out) = api
+        .put_switch(
+            json!({"engaged": true, "reason": "long", "for": "99999999999w", "replace": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
 }
