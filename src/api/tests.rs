@@ -151,6 +151,16 @@ impl TestApi {
         }
     }
 
+    /// Whether every kill switch is released.
+    pub(super) async fn no_switch_engaged(&self) -> bool {
+        self.store
+            .switches()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| !s.engaged)
+    }
+
     /// `PUT /api/v1/killswitch` as the admin.
     pub(super) async fn put_switch(&self, body: Value) -> (StatusCode, Value) {
         let body = body.to_string();
@@ -1442,14 +1452,7 @@ async fn in_open_mode_a_foreign_host_cannot_act_dns_rebinding() {
             "{out}"
         );
     }
-    assert!(
-        api.store
-            .switches()
-            .await
-            .unwrap()
-            .iter()
-            .all(|s| !s.engaged)
-    );
+    assert!(api.no_switch_engaged().await);
     let (status, out) = send(&api, get_with_host("/api/v1/runs", "evil.example")).await;
     assert_eq!(status, StatusCode::MISDIRECTED_REQUEST, "reads too: {out}");
     // The names Reflex is reached by act as before.
@@ -1526,14 +1529,7 @@ async fn long_reasons_and_comments_and_duplicate_trigger_labels_are_400_and_chan
         .put_switch(json!({"engaged": true, "reason": long}))
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
-    assert!(
-        api.store
-            .switches()
-            .await
-            .unwrap()
-            .iter()
-            .all(|s| !s.engaged)
-    );
+    assert!(api.no_switch_engaged().await);
     let run_id = api.start_gated().await;
     let approval = api.view("/api/v1/approvals?state=pending").await[0]["id"].clone();
     let (status, out) = api

@@ -111,6 +111,9 @@ pub(super) fn breaker_trip(
     l: BreakerLimits,
     now: i64,
 ) -> Result<Option<Trip>, StoreError> {
+    if l.max_runs == 0 && l.max_runs_per_playbook == 0 && l.max_targets == 0 {
+        return Ok(None);
+    }
     let since = window_start(c, l, now)?;
     let count = |sql: &str, p: &[&dyn Param]| -> Result<u32, StoreError> {
         let n: i64 = c.one(sql, p, |r| r.get(0))?;
