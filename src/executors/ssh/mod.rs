@@ -214,6 +214,9 @@ impl SshExecutor {
         // control socket refused a connection under load, or the master just died): nothing
         // ran, so it is safe to try again, through a fresh master if the old one is gone.
         let mut session = self.session(name, host, &slot).await?;
+        if cancel.is_some_and(|c| c.is_cancelled()) {
+            return Err(ExecError::Cancelled);
+        }
         let mut attempt = 0;
         let mut child = loop {
             let started = session
@@ -240,7 +243,7 @@ impl SshExecutor {
         };
         let limit = self.cfg.output_limit_bytes;
         let (stdout, stderr) = (child.stdout().take(), child.stderr().take());
-        let (pgid_tx, pgid_rx) = tokio::sync::watch::channel(None::<u32>);
+        let (pgid_tx, mut pgid_rx) = tokio::sync::watch::channel(None::<u32>);
         let work = async move {
             let (out, err) = tokio::join!(
                 read_capped(stdout, limit),
@@ -252,10 +255,19 @@ impl SshExecutor {
         let local_bound = Duration::from_secs(secs + KILL_AFTER_SECS + 5);
         let never = tokio_util::sync::CancellationToken::new();
         let cancel = cancel.unwrap_or(&never);
+        let work = tokio::time::timeout(local_bound, work);
+        tokio::pin!(work);
         let finished = tokio::select! {
-            r = tokio::time::timeout(local_bound, work) => r,
+            r = &mut work => r,
             () = cancel.cancelled() => {
-                let pgid = *pgid_rx.borrow();
+                // The remote command may be running before its pid marker has reached us:
+                // keep reading (so the marker can arrive) for a moment before deciding that
+                // nothing started.
+                let pgid = tokio::select! {
+                    seen = pgid_rx.wait_for(Option::is_some) => seen.ok().and_then(|p| *p),
+                    _ = &mut work => None,
+                    () = tokio::time::sleep(MARKER_WAIT) => None,
+                };
                 self.kill_group(name, &session, pgid).await;
                 return Err(ExecError::Cancelled);
             }
@@ -314,6 +326,9 @@ impl SshExecutor {
 
 /// The line the remote shell writes first to stderr: this text, then its pid.
 const PGID_MARK: &str = "reflex-pgid:";
+
+/// How long a cancel waits for the pid marker of a command that has not sent it yet.
+const MARKER_WAIT: Duration = Duration::from_secs(5);
 
 /// Reads stderr as [`read_capped`] does, taking out the pid marker line (and sending the pid
 /// as soon as it is seen). Lines before it (sshd's own warnings) are kept.
