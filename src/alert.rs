@@ -45,6 +45,12 @@ impl AlertStatus {
     }
 }
 
+impl std::fmt::Display for AlertStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One alert, whatever format it arrived in.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Alert {
@@ -72,6 +78,22 @@ impl Alert {
     /// The alert's name (`alertname` label), or "" when absent.
     pub fn name(&self) -> &str {
         self.labels.get("alertname").map_or("", String::as_str)
+    }
+
+    /// What messages call it: see [`title`].
+    pub fn title(&self, target: &str) -> String {
+        title(&self.labels, &self.annotations, target)
+    }
+}
+
+/// What messages call an alert: its `summary` annotation, else "<alertname> on <target>".
+pub fn title(labels: &Labels, annotations: &Labels, target: &str) -> String {
+    match annotations.get("summary") {
+        Some(summary) => summary.clone(),
+        None => {
+            let name = labels.get("alertname").map_or("", String::as_str);
+            format!("{name} on {target}")
+        }
     }
 }
 
@@ -225,8 +247,7 @@ impl GenericAlert {
         }
         for (field, value) in [("startsAt", &self.starts_at), ("endsAt", &self.ends_at)] {
             if let Some(v) = value {
-                humantime::parse_rfc3339_weak(v)
-                    .map_err(|e| format!("{field}: {v:?} is not an RFC 3339 UTC time: {e}"))?;
+                crate::time::Timestamp::parse(v).map_err(|e| format!("{field}: {e}"))?;
             }
         }
         Ok(Alert {

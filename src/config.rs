@@ -730,11 +730,8 @@ impl Config {
         for (i, w) in self.maintenance_windows.iter().enumerate() {
             let here = |key: &str| vec![k("maintenance_windows"), Key::Index(i), k(key)];
             for (key, t) in [("start", &w.start), ("end", &w.end)] {
-                if let Err(e) = humantime::parse_rfc3339_weak(t) {
-                    at(
-                        &here(key),
-                        format!("maintenance window {:?}: {t:?}: {e}", w.name),
-                    );
+                if let Err(e) = crate::time::Timestamp::parse(t) {
+                    at(&here(key), format!("maintenance window {:?}: {e}", w.name));
                 }
             }
             for m in &w.matchers {

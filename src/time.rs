@@ -64,6 +64,63 @@ pub fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
+/// A moment as the store keeps it (milliseconds since the Unix epoch), shown as RFC 3339
+/// (UTC, milliseconds) in JSON and text: records carry this, and only the edges format it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The moment `ms` milliseconds after the Unix epoch.
+    pub const fn from_ms(ms: i64) -> Timestamp {
+        Timestamp(ms)
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub const fn ms(self) -> i64 {
+        self.0
+    }
+
+    /// How long after `earlier` this is (zero if it is not after it).
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(self.0.saturating_sub(earlier.0).max(0) as u64)
+    }
+
+    /// Reads RFC 3339: `2026-12-05T10:00:00Z`, any fraction of a second, any offset
+    /// (`+01:00` is applied); without an offset the time is taken as UTC.
+    pub fn parse(text: &str) -> Result<Timestamp, String> {
+        let text = text.trim();
+        let at = match text.parse::<jiff::Timestamp>() {
+            Ok(t) => Ok(t),
+            Err(e) => match text.parse::<jiff::civil::DateTime>() {
+                Ok(civil) => jiff::tz::Offset::UTC.to_timestamp(civil),
+                Err(_) => Err(e),
+            },
+        };
+        at.map(|t| Timestamp(t.as_millisecond())).map_err(|e| {
+            format!("{text:?} is not an RFC 3339 time such as 2026-12-05T10:00:00Z: {e}")
+        })
+    }
+}
+
+impl std::fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&rfc3339(self.0))
+    }
+}
+
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Timestamp::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// RFC 3339 (UTC, milliseconds) for a unix-milliseconds timestamp.
 pub fn rfc3339(ms: i64) -> String {
     // RFC 3339 ends with year 9999; a later time (an engagement "for" a century of weeks) is
@@ -115,6 +172,32 @@ pub mod duration_str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timestamp_is_shown_and_read_back_as_rfc3339() {
+        let t = Timestamp::from_ms(1_764_892_800_123);
+        assert_eq!(t.to_string(), "2025-12-05T00:00:00.123Z");
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2025-12-05T00:00:00.123Z\"");
+        assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), t);
+        for (text, why) in [
+            ("2025-12-05T01:00:00.123+01:00", "an offset is applied"),
+            ("2025-12-04T19:00:00.123-05:00", "a negative offset too"),
+            ("2025-12-05T00:00:00.123", "no offset is UTC"),
+            ("2025-12-05 00:00:00.123Z", "a space for the T"),
+            (
+                " 2025-12-05T00:00:00.123000Z ",
+                "more digits, around white space",
+            ),
+        ] {
+            assert_eq!(Timestamp::parse(text), Ok(t), "{why}: {text}");
+        }
+        assert!(Timestamp::parse("2025-13-05T00:00:00Z").is_err());
+        assert!(serde_json::from_str::<Timestamp>("\"yesterday\"").is_err());
+        let later = Timestamp::from_ms(t.ms() + 1500);
+        assert_eq!(later.since(t), Duration::from_millis(1500));
+        assert_eq!(t.since(later), Duration::ZERO, "never negative");
+    }
 
     #[test]
     fn durations_take_the_documented_units_only() {

@@ -177,12 +177,9 @@ pub(crate) async fn apply(
             ));
         }
         (Some(t), None) => {
-            let t = humantime::parse_rfc3339_weak(t)
+            let t = crate::time::Timestamp::parse(t)
                 .map_err(|e| ApiError::BadRequest(format!("until: {e}")))?;
-            Some(
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as i64),
-            )
+            Some(t.ms())
         }
         (None, Some(d)) => {
             let d = crate::time::parse_duration(d).map_err(ApiError::BadRequest)?;

@@ -310,11 +310,8 @@ fn since_ms(text: &str, now_ms: i64) -> Result<i64, String> {
         // A duration past the epoch (`99999999w`) reaches back to the start, not a panic.
         return Ok(now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
     }
-    humantime::parse_rfc3339_weak(text)
-        .map(|t| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64)
-        })
+    crate::time::Timestamp::parse(text)
+        .map(crate::time::Timestamp::ms)
         .map_err(|_| format!("since must be a duration (2h) or a time (RFC 3339), not {text:?}"))
 }
 

@@ -1522,6 +1522,37 @@ async fn engaging_an_engaged_switch_keeps_its_reason_unless_replace_is_said() {
 }
 
 #[tokio::test]
+async fn a_time_with_an_offset_means_that_moment_and_a_malformed_time_changes_nothing() {
+    let api = TestApi::new().await;
+    // 10:00:00.5 at +01:00 is 09:00:00.5 UTC (a parser that dropped the offset read 10:00 UTC).
+    let (status, out) = api
+        .put_switch(
+            json!({"engaged": true, "reason": "INC-1", "until": "2099-01-01T10:00:00.5+01:00"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["global"]["until"], "2099-01-01T09:00:00.500Z", "{out}");
+    let (status, out) = api
+        .put_switch(json!({"engaged": true, "reason": "INC-2", "replace": true,
+                            "until": "2099-01-01T25:00:00Z"}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{out}");
+    assert!(
+        out["error"]["message"].as_str().unwrap().contains("until"),
+        "{out}"
+    );
+    let global = api.view("/api/v1/killswitch").await["global"].clone();
+    assert_eq!(global["reason"], "INC-1", "{global}");
+    // The audit's `since` takes an offset too.
+    let since = percent_encoding::utf8_percent_encode(
+        "2000-01-01T01:00:00+01:00",
+        percent_encoding::NON_ALPHANUMERIC,
+    );
+    let rows = api.view(&format!("/api/v1/audit?since={since}")).await;
+    assert!(rows.as_array().is_some_and(|r| !r.is_empty()), "{rows}");
+}
+
+#[tokio::test]
 async fn long_reasons_and_comments_and_duplicate_trigger_labels_are_400_and_change_nothing() {
     let api = TestApi::new().await;
     let long = "x".repeat(crate::api::MAX_TEXT_BYTES + 1);

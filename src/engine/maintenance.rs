@@ -19,12 +19,7 @@ pub struct Windows(Vec<Window>);
 impl Windows {
     /// Compiles the config's windows (validated with the config).
     pub fn new(config: &[MaintenanceWindow]) -> Windows {
-        let ms = |t: &str| {
-            humantime::parse_rfc3339_weak(t)
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_millis() as i64)
-        };
+        let ms = |t: &str| crate::time::Timestamp::parse(t).map_or(0, |t| t.ms());
         Windows(
             config
                 .iter()

@@ -27,7 +27,7 @@ pub enum ManualError {
         /// The run.
         id: i64,
         /// Its state.
-        state: String,
+        state: RunState,
     },
     /// The step to resume from is not in the playbook in force.
     #[error(
@@ -95,7 +95,7 @@ impl Engine {
     /// force for the same alert data, and gated again.
     pub async fn retry(self: &Arc<Self>, r: Retry, who: &str) -> Result<Outcome, ManualError> {
         let run = (self.store.get_run(r.run_id).await?).ok_or(ManualError::NoRun(r.run_id))?;
-        if !RETRYABLE.iter().any(|s| s.as_str() == run.state) {
+        if !RETRYABLE.contains(&run.state) {
             return Err(ManualError::NotRetryable {
                 id: run.id,
                 state: run.state,

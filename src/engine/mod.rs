@@ -79,8 +79,8 @@ pub struct Engine {
 /// A reload that was refused: when, and every error (`file:line: message`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadFailure {
-    /// When (ms since the epoch).
-    pub at_ms: i64,
+    /// When.
+    pub at: crate::time::Timestamp,
     /// What triggered it (`SIGHUP`, `api`, …).
     pub trigger: String,
     /// The errors.
@@ -192,7 +192,7 @@ impl Engine {
                     .reload_failure
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(ReloadFailure {
-                    at_ms: self.store.now_ms(),
+                    at: crate::time::Timestamp::from_ms(self.store.now_ms()),
                     trigger: why.to_string(),
                     errors: diags.iter().map(ToString::to_string).collect(),
                 });
@@ -207,7 +207,7 @@ impl Engine {
         id: i64,
         playbook: &str,
         target: &str,
-        alert: &Alert,
+        title: String,
         dry_run: bool,
     ) -> RunInfo {
         RunInfo {
@@ -215,11 +215,7 @@ impl Engine {
             dry_run,
             playbook: playbook.to_string(),
             target: target.to_string(),
-            title: alert
-                .annotations
-                .get("summary")
-                .cloned()
-                .unwrap_or_else(|| format!("{} on {target}", alert.name())),
+            title,
             url: self
                 .public_url
                 .as_ref()

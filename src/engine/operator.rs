@@ -45,7 +45,9 @@ impl Engine {
             engaged,
             actor,
             reason,
-            until: until.filter(|_| engaged).map(crate::time::rfc3339),
+            until: until
+                .filter(|_| engaged)
+                .map(crate::time::Timestamp::from_ms),
         });
         Ok(None)
     }
@@ -87,13 +89,13 @@ impl Engine {
     /// A running run whose cancel was asked on this replica shows as `cancelling` until its
     /// step under way has stopped.
     pub fn show_cancelling(&self, run: &mut crate::store::RunView) {
-        if run.state == RunState::Running.as_str() {
+        if run.state == RunState::Running {
             let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             if running
                 .get(&run.id)
                 .is_some_and(CancellationToken::is_cancelled)
             {
-                run.state = "cancelling".into();
+                run.state = RunState::Cancelling;
             }
         }
     }

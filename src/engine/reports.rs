@@ -56,31 +56,14 @@ impl Engine {
             .runs
             .with_label_values(&[&run.playbook, state.as_str()])
             .inc();
-        let ms = |t: &Option<String>| {
-            t.as_deref()
-                .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        };
-        let created = ms(&Some(run.created_at.clone()));
-        let duration = match (created, ms(&run.finished_at)) {
-            (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64(),
-            _ => 0.0,
-        };
-        let alert = Alert {
-            source: "generic",
-            status: crate::alert::AlertStatus::Firing,
-            labels: run.alert.labels.clone(),
-            annotations: run.alert.annotations.clone(),
-            starts_at: run.alert.starts_at.clone(),
-            ends_at: None,
-            fingerprint: run.alert.fingerprint.clone(),
-            generator_url: None,
-            group_key: None,
-        };
+        let duration = run
+            .finished_at
+            .map_or(Duration::ZERO, |end| end.since(run.created_at));
+        let title = crate::alert::title(&run.alert.labels, &run.alert.annotations, &run.target);
         self.notifier.send(Event::RunFinished {
-            run: self.run_info(run.id, &run.playbook, &run.target, &alert, run.dry_run),
-            state: state.as_str().to_string(),
-            duration_seconds: duration,
+            run: self.run_info(run.id, &run.playbook, &run.target, title, run.dry_run),
+            state,
+            duration_seconds: duration.as_secs_f64(),
             summary: String::new(),
             report: None,
             error: run.error.clone(),

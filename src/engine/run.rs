@@ -123,7 +123,7 @@ impl Engine {
         };
         async {
             tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, target = %run.target, "run started");
-            let info = self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run);
+            let info = self.run_info(run.id, &run.playbook, &run.target, run.alert.title(&run.target), run.dry_run);
             let fresh = run.first_step_started
                 || run.steps.iter().all(|s| s.state == StepState::Pending);
             if fresh && !run.resumed {
@@ -194,7 +194,7 @@ impl Engine {
             };
             self.notifier.send(Event::RunFinished {
                 run: info,
-                state: state.as_str().to_string(),
+                state,
                 duration_seconds: elapsed,
                 summary,
                 report,
@@ -345,13 +345,21 @@ impl Engine {
                     .map_err(record_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
                 self.notifier.send(Event::ApprovalNeeded {
-                    run: self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run),
+                    run: self.run_info(
+                        run.id,
+                        &run.playbook,
+                        &run.target,
+                        run.alert.title(&run.target),
+                        run.dry_run,
+                    ),
                     approval_id: id,
                     action: gated_action(&run.target, covered).0,
                     action_hash: hash,
                     required: gate.count,
                     approvers: gate.approvers.clone(),
-                    expires_at: crate::time::rfc3339(self.store.now_ms() + gate.expires_ms as i64),
+                    expires_at: crate::time::Timestamp::from_ms(
+                        self.store.now_ms() + gate.expires_ms as i64,
+                    ),
                 });
                 Err(Stop::Parked)
             }
@@ -588,7 +596,13 @@ impl Engine {
         let ends_run = step.phase == Phase::Main && step.on_failure == OnFailure::Stop;
         let event = match &error {
             Some(e) if !ends_run && state != StepState::Cancelled => Some(Event::StepFailed {
-                run: self.run_info(run.id, &run.playbook, &run.target, &run.alert, run.dry_run),
+                run: self.run_info(
+                    run.id,
+                    &run.playbook,
+                    &run.target,
+                    run.alert.title(&run.target),
+                    run.dry_run,
+                ),
                 step: step.name.clone(),
                 error: e.clone(),
             }),

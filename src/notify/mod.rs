@@ -10,6 +10,8 @@ mod sinks;
 pub use sinks::{SinkError, build_sink};
 
 use crate::metrics::Metrics;
+use crate::store::RunState;
+use crate::time::Timestamp;
 use backon::{ExponentialBuilder, Retryable};
 use config::{NotifyConfig, SinkConfig};
 use serde::Serialize;
@@ -44,8 +46,8 @@ pub enum Event {
         required: u32,
         /// Who may approve (empty: any approver).
         approvers: Vec<String>,
-        /// When the request expires (RFC 3339).
-        expires_at: String,
+        /// When the request expires.
+        expires_at: Timestamp,
     },
     /// A step failed.
     StepFailed {
@@ -61,7 +63,7 @@ pub enum Event {
         /// The run.
         run: RunInfo,
         /// Final state.
-        state: String,
+        state: RunState,
         /// Seconds from start to end.
         duration_seconds: f64,
         /// Figures from the steps ("Cleanup ran. Space reclaimed: 5.1 GB").
@@ -83,8 +85,8 @@ pub enum Event {
         actor: String,
         /// Why.
         reason: String,
-        /// When an engagement ends by itself (RFC 3339); none: until released.
-        until: Option<String>,
+        /// When an engagement ends by itself; none: until released.
+        until: Option<Timestamp>,
     },
 }
 
@@ -231,19 +233,19 @@ impl Event {
                     .unwrap_or_default();
                 // Runs that can be retried say how; a killed run's retry would be held by
                 // the same switch until it is released.
-                let retry = match state.as_str() {
-                    "failed" | "interrupted" | "expired" => {
+                let retry = match state {
+                    RunState::Failed | RunState::Interrupted | RunState::Expired => {
                         format!(" To run it again: reflex retry {}.", run.id)
                     }
-                    "killed" => format!(
+                    RunState::Killed => format!(
                         " To run it again once the kill switch is released: reflex retry {}.",
                         run.id
                     ),
                     _ => String::new(),
                 };
-                let state = match state.as_str() {
-                    "dry_run" => "finished as a dry run",
-                    other => other,
+                let state = match state {
+                    RunState::DryRun => "finished as a dry run",
+                    other => other.as_str(),
                 };
                 format!(
                     "{}.{summary} Run {} ({}) {state} in {}.{why}{retry}{}",
@@ -269,7 +271,7 @@ impl Event {
                 let (scope, actor, reason) = (e(scope), e(actor), e(reason.trim_end_matches('.')));
                 if *engaged {
                     let end = match until {
-                        Some(t) => format!("until {} (or until it is released)", e(t)),
+                        Some(t) => format!("until {t} (or until it is released)"),
                         None => "until it is released".to_string(),
                     };
                     format!("Kill switch ({scope}) engaged by {actor}: {reason}. {held} {end}.")
@@ -516,7 +518,7 @@ mod tests {
     fn finished_runs_read_like_a_status_update() {
         let e = Event::RunFinished {
             run: run(),
-            state: "succeeded".into(),
+            state: RunState::Succeeded,
             duration_seconds: 4.2,
             summary: "Cleanup ran. Space reclaimed: 5.1 GB".into(),
             report: None,
@@ -573,7 +575,7 @@ mod tests {
             engaged: true,
             actor: "alice".into(),
             reason: "INC-4711: bad deploy, hands off".into(),
-            until: Some("2026-12-05T01:00:00.000Z".into()),
+            until: Some(crate::time::Timestamp::parse("2026-12-05T01:00:00.000Z").unwrap()),
         };
         assert_eq!(
             e.text(),
@@ -602,7 +604,7 @@ mod tests {
             action_hash: "ab12".into(),
             required: 1,
             approvers: vec![],
-            expires_at: "2026-11-22T12:30:00.000Z".into(),
+            expires_at: crate::time::Timestamp::parse("2026-11-22T12:30:00.000Z").unwrap(),
         };
         let t = e.text();
         assert!(t.contains("kube.rollback {\"name\":\"api\"}"), "{t}");

@@ -359,7 +359,7 @@ mod tests {
             action_hash: "ab12".into(),
             required: 1,
             approvers: vec![],
-            expires_at: "2026-11-23T12:00:00.000Z".into(),
+            expires_at: crate::time::Timestamp::parse("2026-11-23T12:00:00.000Z").unwrap(),
         }
     }
 

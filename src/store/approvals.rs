@@ -5,7 +5,7 @@ use super::db::Row;
 use super::lifecycle::finish_run;
 use super::{ApprovalState, Db, RunState, Store, StoreError};
 use crate::playbook::Gate;
-use crate::time::rfc3339;
+use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -14,8 +14,9 @@ use serde_json::Value;
 pub struct Vote {
     /// Token name.
     pub who: String,
-    /// When (RFC 3339).
-    pub at: String,
+    /// When.
+    #[schema(value_type = String, format = DateTime)]
+    pub at: Timestamp,
     /// Their comment.
     pub comment: Option<String>,
 }
@@ -50,12 +51,15 @@ pub struct ApprovalView {
     pub approvers_allowed: Vec<String>,
     /// Approvals so far.
     pub approvals: Vec<Vote>,
-    /// Requested (RFC 3339).
-    pub created_at: String,
-    /// Expires (RFC 3339).
-    pub expires_at: String,
+    /// Requested.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    /// Expires.
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: Timestamp,
     /// Decided.
-    pub decided_at: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub decided_at: Option<Timestamp>,
     /// By whom (the approver completing the count, or the denier).
     pub decided_by: Option<String>,
     /// The decider's comment.
@@ -123,9 +127,9 @@ fn view(r: &Row) -> Result<ApprovalView, StoreError> {
         required: u32::try_from(r.get::<i64>(9)?).unwrap_or(u32::MAX),
         approvers_allowed: serde_json::from_str(&text(10)?).unwrap_or_default(),
         approvals: serde_json::from_str(&text(11)?).unwrap_or_default(),
-        created_at: rfc3339(r.get(12)?),
-        expires_at: rfc3339(r.get(13)?),
-        decided_at: r.get::<Option<i64>>(14)?.map(rfc3339),
+        created_at: r.get(12)?,
+        expires_at: r.get(13)?,
+        decided_at: r.get(14)?,
         decided_by: r.get(15)?,
         comment: r.get(16)?,
     })
@@ -270,7 +274,7 @@ impl Store {
                 refuse(c, "already approved by this identity")?;
                 return Ok(Decision::AlreadyApproved);
             }
-            votes.push(Vote { who: who.clone(), at: rfc3339(now), comment: comment.clone() });
+            votes.push(Vote { who: who.clone(), at: Timestamp::from_ms(now), comment: comment.clone() });
             let have = votes.len() as u32;
             let text = serde_json::to_string(&votes).unwrap_or_else(|_| "[]".into());
             let decision = if have >= required {

@@ -9,8 +9,9 @@ use serde::Serialize;
 pub struct AuditEntry {
     /// Row id.
     pub id: i64,
-    /// When (RFC 3339).
-    pub at: String,
+    /// When.
+    #[schema(value_type = String, format = DateTime)]
+    pub at: crate::time::Timestamp,
     /// Who: a token name, `alertmanager`, `reflex` for the daemon itself.
     pub actor: String,
     /// What, e.g. `run.cancel`.
@@ -111,7 +112,7 @@ impl Store {
                 |r| {
                     Ok(AuditEntry {
                         id: r.get(0)?,
-                        at: crate::time::rfc3339(r.get(1)?),
+                        at: r.get(1)?,
                         actor: r.get(2)?,
                         action: r.get(3)?,
                         target: r.get(4)?,

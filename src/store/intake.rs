@@ -475,7 +475,7 @@ impl Starter {
                 } else {
                     StepState::Pending
                 },
-                started_at: (idx == 0).then(|| crate::time::rfc3339(now)),
+                started_at: (idx == 0).then_some(crate::time::Timestamp::from_ms(now)),
                 finished_at: None,
                 output: None,
                 error: None,

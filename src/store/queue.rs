@@ -3,8 +3,8 @@
 
 use super::lifecycle::finish_run;
 use super::*;
-use crate::alert::{Alert, AlertStatus};
-use crate::time::rfc3339;
+use crate::alert::Alert;
+use crate::time::Timestamp;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -111,10 +111,12 @@ pub struct StepRecord {
     /// State.
     #[schema(value_type = String)]
     pub state: StepState,
-    /// Started (RFC 3339).
-    pub started_at: Option<String>,
-    /// Finished (RFC 3339).
-    pub finished_at: Option<String>,
+    /// Started.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub started_at: Option<Timestamp>,
+    /// Finished.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub finished_at: Option<Timestamp>,
     /// Output (action-specific JSON).
     #[schema(value_type = Option<Object>)]
     pub output: Option<Value>,
@@ -242,12 +244,11 @@ pub(super) fn load_alert(c: &Db, id: i64) -> Result<(Alert, i64), StoreError> {
         &[&id],
         |r| {
         let source: String = r.get(0)?;
-        let status: String = r.get(1)?;
         let labels: String = r.get(2)?;
         let annotations: String = r.get(3)?;
         let alert = Alert {
             source: if source == "alertmanager" { "alertmanager" } else { "generic" },
-            status: if status == "resolved" { AlertStatus::Resolved } else { AlertStatus::Firing },
+            status: r.get(1)?,
             labels: serde_json::from_str(&labels).unwrap_or_default(),
             annotations: serde_json::from_str(&annotations).unwrap_or_default(),
             starts_at: r.get(4)?,
@@ -275,8 +276,8 @@ pub(super) fn load_steps(c: &Db, run_id: i64) -> Result<Vec<StepRecord>, StoreEr
             timeout_ms: r.get(4)?,
             on_failure: r.get(5)?,
             state: r.get(6)?,
-            started_at: r.get::<Option<i64>>(7)?.map(rfc3339),
-            finished_at: r.get::<Option<i64>>(8)?.map(rfc3339),
+            started_at: r.get(7)?,
+            finished_at: r.get(8)?,
             output: r.get::<Option<String>>(9)?.map(|s| parse_json(Some(s))),
             error: r.get(10)?,
             approval: r

@@ -8,11 +8,13 @@ use super::*;
 
 /// Whether a run of the occurrence that started at `run_starts` belongs to the resolution of
 /// the occurrence that started at `resolved_starts`: the same occurrence or an earlier one.
-/// Times that do not parse (an offset other than `Z`, say) are taken to match, as before.
+/// Times are compared to the millisecond, offsets applied; times that do not parse are taken
+/// to match.
 fn covered(run_starts: &str, resolved_starts: &str) -> bool {
+    use crate::time::Timestamp;
     match (
-        humantime::parse_rfc3339_weak(run_starts),
-        humantime::parse_rfc3339_weak(resolved_starts),
+        Timestamp::parse(run_starts),
+        Timestamp::parse(resolved_starts),
     ) {
         (Ok(run), Ok(resolved)) => run <= resolved,
         _ => true,
@@ -27,7 +29,7 @@ pub(super) fn end_for_resolved(
     resolved_starts: &str,
     now: i64,
 ) -> Result<Vec<Outcome>, StoreError> {
-    let live: Vec<(i64, String, String, String)> = c.rows(
+    let live: Vec<(i64, String, RunState, String)> = c.rows(
             // The occurrence a run acts for is its alert's (a coalesced run takes the newest).
             "SELECT r.id, r.playbook, r.state, a.starts_at FROM runs r JOIN alerts a ON a.id = r.alert_id
                WHERE r.fingerprint = ?1 AND r.state = 'awaiting_approval'
@@ -43,9 +45,9 @@ pub(super) fn end_for_resolved(
     let (running, waiting): (Vec<_>, Vec<_>) = (live.into_iter())
         .filter(|(_, _, _, starts)| covered(starts, resolved_starts))
         .map(|(id, playbook, state, _)| (id, playbook, state))
-        .partition(|(_, _, state)| state == "running");
+        .partition(|(_, _, state)| *state == RunState::Running);
     for (id, _, state) in &waiting {
-        let why = if state == "pending" {
+        let why = if *state == RunState::Pending {
             "the alert resolved before the run started; nothing was done"
         } else {
             "the alert resolved before approval; nothing was done"

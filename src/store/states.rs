@@ -41,10 +41,13 @@ pub enum RunState {
     /// A new occurrence that joined a queued run of the same playbook and alert (`reason`
     /// names it); it never runs itself.
     Coalesced,
+    /// Shown, never stored: running, and an operator asked this replica to cancel it; it
+    /// ends `cancelled` once its step under way has stopped.
+    Cancelling,
 }
 
 impl RunState {
-    /// Every state, for parsing.
+    /// Every stored state, for parsing.
     pub const ALL: &'static [RunState] = &[
         RunState::Pending,
         RunState::Running,
@@ -79,12 +82,31 @@ impl RunState {
             RunState::Resolved => "resolved",
             RunState::DryRun => "dry_run",
             RunState::Coalesced => "coalesced",
+            RunState::Cancelling => "cancelling",
         }
+    }
+
+    /// Not over yet: waiting to start, executing (or being cancelled), or waiting for an
+    /// approval.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            RunState::Pending
+                | RunState::Running
+                | RunState::Cancelling
+                | RunState::AwaitingApproval
+        )
     }
 
     /// Parses a stored name.
     pub fn parse(s: &str) -> Option<RunState> {
         Self::ALL.iter().copied().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -123,6 +145,12 @@ impl StepState {
             StepState::DryRun => "dry_run",
             StepState::Cancelled => "cancelled",
         }
+    }
+}
+
+impl std::fmt::Display for StepState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -267,4 +295,47 @@ stored_as_names! {
     Phase => [Main, OnFailure],
     GateScope => [Run, Step],
     ApprovalState => [Pending, Approved, Denied, Expired, Cancelled],
+    crate::alert::AlertStatus => [Firing, Resolved],
+}
+
+/// A moment is stored as milliseconds since the Unix epoch (`INTEGER` / `BIGINT`).
+impl ToSql for crate::time::Timestamp {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::from(self.ms()))
+    }
+}
+
+impl FromSql for crate::time::Timestamp {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        value.as_i64().map(crate::time::Timestamp::from_ms)
+    }
+}
+
+impl postgres::types::ToSql for crate::time::Timestamp {
+    fn to_sql(
+        &self,
+        ty: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        postgres::types::ToSql::to_sql(&self.ms(), ty, out)
+    }
+
+    fn accepts(ty: &postgres::types::Type) -> bool {
+        <i64 as postgres::types::ToSql>::accepts(ty)
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+impl<'a> postgres::types::FromSql<'a> for crate::time::Timestamp {
+    fn from_sql(
+        ty: &postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        <i64 as postgres::types::FromSql>::from_sql(ty, raw).map(crate::time::Timestamp::from_ms)
+    }
+
+    fn accepts(ty: &postgres::types::Type) -> bool {
+        <i64 as postgres::types::FromSql>::accepts(ty)
+    }
 }

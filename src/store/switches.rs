@@ -1,7 +1,7 @@
 //! Kill switches, global and per playbook, persisted so that a restart keeps them engaged.
 
 use super::{Db, Store, StoreError};
-use crate::time::rfc3339;
+use crate::time::{Timestamp, rfc3339};
 use serde::Serialize;
 
 /// An engaged switch: scope, actor, reason, until.
@@ -47,10 +47,12 @@ pub struct Switch {
     pub reason: Option<String>,
     /// Who last changed it (token name, or `circuit-breaker`); none if it never changed.
     pub actor: Option<String>,
-    /// When (RFC 3339); none if it never changed.
-    pub changed_at: Option<String>,
-    /// End of a time-boxed engagement (RFC 3339).
-    pub until: Option<String>,
+    /// When; none if it never changed.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub changed_at: Option<Timestamp>,
+    /// End of a time-boxed engagement.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub until: Option<Timestamp>,
 }
 
 /// Why new work in `playbook` is held back by a switch, if it is; the global switch names
@@ -131,15 +133,15 @@ impl Store {
                 "SELECT scope, engaged, reason, actor, changed_at, until FROM switches ORDER BY scope != 'global', scope",
                 &[],
                 |r| {
-                let until: Option<i64> = r.get(5)?;
+                let until: Option<Timestamp> = r.get(5)?;
                 let engaged: bool = r.get(1)?;
                 Ok(Switch {
                     scope: r.get(0)?,
-                    engaged: engaged && until.is_none_or(|u| u > now),
+                    engaged: engaged && until.is_none_or(|u| u.ms() > now),
                     reason: r.get(2)?,
                     actor: r.get(3)?,
-                    changed_at: Some(rfc3339(r.get(4)?)),
-                    until: until.map(rfc3339),
+                    changed_at: Some(r.get(4)?),
+                    until,
                 })
                 },
             )

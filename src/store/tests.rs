@@ -943,7 +943,7 @@ mod replicas {
             }]
         );
         let run = alive.get_run(started).await.unwrap().unwrap();
-        assert_eq!(run.state, "interrupted");
+        assert_eq!(run.state, RunState::Interrupted);
         let steps = run.steps.unwrap();
         assert_eq!(steps[0].state, StepState::Interrupted);
         // The requeued run is executed by the replica that is alive, once.
@@ -964,7 +964,7 @@ mod replicas {
             .unwrap();
         assert_eq!(
             alive.get_run(started).await.unwrap().unwrap().state,
-            "interrupted"
+            RunState::Interrupted
         );
         // Nor the run the other replica now executes.
         let refused = lost.step_started_after(unstarted, 0, None).await;
@@ -1088,7 +1088,7 @@ on_both_backends! {
         assert_eq!(store.owned_running().await.unwrap(), vec![ids[2]]);
         assert_eq!(
             store.get_run(ids[0]).await.unwrap().unwrap().state,
-            "interrupted"
+            RunState::Interrupted
         );
         // The requeued one is claimed again, once.
         let again = store.claim(1, 3).await.unwrap();

@@ -4,7 +4,7 @@ use super::db::Row;
 use super::queue::load_steps;
 use super::*;
 use crate::alert::Labels;
-use crate::time::rfc3339;
+use crate::time::Timestamp;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -15,8 +15,9 @@ pub struct RunView {
     pub id: i64,
     /// Playbook name.
     pub playbook: String,
-    /// State.
-    pub state: String,
+    /// State (`cancelling`: running, its cancel asked).
+    #[schema(value_type = String)]
+    pub state: RunState,
     /// Why it was suppressed, if it was.
     pub reason: Option<String>,
     /// Why it failed, if it did.
@@ -30,12 +31,15 @@ pub struct RunView {
     /// Rendered parameters.
     #[schema(value_type = Object)]
     pub params: Value,
-    /// Created (RFC 3339).
-    pub created_at: String,
+    /// Created.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
     /// Started.
-    pub started_at: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub started_at: Option<Timestamp>,
     /// Finished.
-    pub finished_at: Option<String>,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub finished_at: Option<Timestamp>,
     /// The operator who asked for it (a manual trigger or a retry); none for an alert's run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub triggered_by: Option<String>,
@@ -55,7 +59,8 @@ pub struct AlertView {
     /// Fingerprint.
     pub fingerprint: String,
     /// Status when received.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: crate::alert::AlertStatus,
     /// Start time as sent.
     pub starts_at: String,
     /// Labels.
@@ -96,9 +101,9 @@ fn run_view(r: &Row) -> Result<RunView, StoreError> {
         dry_run: r.get(5)?,
         target: r.get(16)?,
         params: parse_json(r.get(6)?),
-        created_at: rfc3339(r.get(7)?),
-        started_at: r.get::<Option<i64>>(8)?.map(rfc3339),
-        finished_at: r.get::<Option<i64>>(9)?.map(rfc3339),
+        created_at: r.get(7)?,
+        started_at: r.get(8)?,
+        finished_at: r.get(9)?,
         alert: AlertView {
             id: r.get(10)?,
             fingerprint: r.get(11)?,

@@ -9,8 +9,9 @@ use crate::config::Role;
 use crate::engine::CancelResult;
 use crate::store::{
     ApprovalState, ApprovalView, AuditEntry, GLOBAL, RunFilter, RunState, RunView, StepRecord,
-    Switch, playbook_scope,
+    StepState, Switch, playbook_scope,
 };
+use crate::time::Timestamp;
 use askama::Template;
 use axum::Form;
 use axum::extract::rejection::QueryRejection;
@@ -72,18 +73,9 @@ async fn chrome(state: &AppState, viewer: &Viewer, tab: &'static str) -> Result<
     })
 }
 
-/// Whether a run can still change.
-fn is_live(state: &str) -> bool {
-    matches!(
-        state,
-        "pending" | "running" | "cancelling" | "awaiting_approval"
-    )
-}
-
-/// How long from `start` to `end` (RFC 3339), e.g. `850 ms`, `4.2 s`, `3m 5s`.
-fn span(start: Option<&str>, end: Option<&str>) -> Option<String> {
-    let at = |t: &str| humantime::parse_rfc3339_weak(t).ok();
-    let took = at(end?)?.duration_since(at(start?)?).ok()?;
+/// How long from `start` to `end`, e.g. `850 ms`, `4.2 s`, `3m 5s`.
+fn span(start: Option<Timestamp>, end: Option<Timestamp>) -> Option<String> {
+    let took = end?.since(start?);
     Some(match took.as_millis() {
         ms @ 0..1000 => format!("{ms} ms"),
         ms @ 1000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
@@ -102,26 +94,31 @@ pub struct ApprovalCard {
     playbook: String,
     step_name: String,
     scope: String,
-    state: String,
+    state: ApprovalState,
     target: String,
     steps: Vec<(String, String, String)>,
     action_hash: String,
     required: u32,
     votes: Vec<crate::store::Vote>,
     approvers: String,
-    created_at: String,
-    expires_at: String,
+    created_at: Timestamp,
+    expires_at: Timestamp,
     decided_by: Option<String>,
-    decided_at: Option<String>,
+    decided_at: Option<Timestamp>,
     comment: Option<String>,
     /// Why it cannot be approved now (a kill switch), for a pending one.
     held: Option<String>,
 }
 
 impl ApprovalCard {
+    /// Still waiting for a decision.
+    fn pending(&self) -> bool {
+        self.state == ApprovalState::Pending
+    }
+
     /// Fills in why a pending request cannot be approved now.
     async fn with_hold(mut self, state: &AppState) -> Result<ApprovalCard, Page> {
-        if self.state == "pending" {
+        if self.pending() {
             self.held = state.store.kill_reason(&self.playbook).await?;
         }
         Ok(self)
@@ -148,7 +145,7 @@ impl From<ApprovalView> for ApprovalCard {
             playbook: a.playbook,
             step_name: a.step_name,
             scope: a.scope.as_str().to_string(),
-            state: a.state.as_str().to_string(),
+            state: a.state,
             target: a.action["target"].as_str().unwrap_or_default().to_string(),
             steps,
             action_hash: a.action_hash,

@@ -20,7 +20,6 @@ struct PlaybooksPage {
     chrome: Chrome,
     playbooks: Vec<PlaybookRow>,
     failure: Option<crate::engine::ReloadFailure>,
-    failed_at: String,
     can_reload: bool,
 }
 
@@ -54,10 +53,6 @@ pub async fn playbooks(State(state): State<AppState>, viewer: Viewer) -> Result<
     Ok(Page::render(&PlaybooksPage {
         chrome: chrome(&state, &viewer, "playbooks").await?,
         playbooks,
-        failed_at: failure
-            .as_ref()
-            .map(|f| crate::time::rfc3339(f.at_ms))
-            .unwrap_or_default(),
         failure,
         can_reload: viewer.may(Role::Admin),
     }))

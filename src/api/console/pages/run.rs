@@ -13,8 +13,8 @@ pub struct StepRow {
     idx: i64,
     name: String,
     action: String,
-    state: String,
-    started_at: Option<String>,
+    state: StepState,
+    started_at: Option<Timestamp>,
     took: Option<String>,
     args: String,
     output: Vec<OutputField>,
@@ -41,9 +41,9 @@ impl From<&StepRecord> for StepRow {
             idx: s.idx + 1,
             name: s.name.clone(),
             action: s.action.to_string(),
-            state: s.state.as_str().to_string(),
-            started_at: s.started_at.clone(),
-            took: span(s.started_at.as_deref(), s.finished_at.as_deref()),
+            state: s.state,
+            started_at: s.started_at,
+            took: span(s.started_at, s.finished_at),
             args: pretty(&s.args),
             output,
             error: s.error.clone(),
@@ -55,11 +55,11 @@ impl From<&StepRecord> for StepRow {
 #[template(path = "run_live.html")]
 struct RunLive {
     id: i64,
-    state: String,
+    state: RunState,
     reason: Option<String>,
     error: Option<String>,
-    started_at: Option<String>,
-    finished_at: Option<String>,
+    started_at: Option<Timestamp>,
+    finished_at: Option<Timestamp>,
     took: Option<String>,
     steps: Vec<StepRow>,
     approval: Option<ApprovalCard>,
@@ -85,7 +85,7 @@ struct RunPage {
     alert: crate::store::AlertView,
     by: String,
     retry_of: Option<i64>,
-    created_at: String,
+    created_at: Timestamp,
     body: String,
 }
 
@@ -94,23 +94,22 @@ async fn live_part(state: &AppState, viewer: &Viewer, run: &RunView) -> Result<S
     for a in state.store.run_approvals(run.id).await? {
         cards.push(ApprovalCard::from(a).with_hold(state).await?);
     }
-    let (pending, decided): (Vec<_>, Vec<_>) =
-        cards.into_iter().partition(|a| a.state == "pending");
-    let retryable = (crate::engine::manual::RETRYABLE.iter()).any(|s| s.as_str() == run.state);
+    let (pending, decided): (Vec<_>, Vec<_>) = cards.into_iter().partition(ApprovalCard::pending);
+    let retryable = crate::engine::manual::RETRYABLE.contains(&run.state);
     RunLive {
         id: run.id,
-        state: run.state.clone(),
+        state: run.state,
         reason: run.reason.clone(),
         error: run.error.clone(),
-        started_at: run.started_at.clone(),
-        finished_at: run.finished_at.clone(),
-        took: span(run.started_at.as_deref(), run.finished_at.as_deref()),
+        started_at: run.started_at,
+        finished_at: run.finished_at,
+        took: span(run.started_at, run.finished_at),
         steps: run.steps.iter().flatten().map(StepRow::from).collect(),
         approval: pending.into_iter().next(),
         decided,
         csrf: viewer.csrf.clone(),
         can_approve: viewer.may(Role::Approver),
-        can_cancel: viewer.may(Role::Operator) && is_live(&run.state),
+        can_cancel: viewer.may(Role::Operator) && run.state.is_live(),
         can_retry: viewer.may(Role::Operator) && retryable,
         retry_held: if retryable {
             state.store.kill_reason(&run.playbook).await?
@@ -141,7 +140,7 @@ pub async fn run(
     Ok(Page::render(&RunPage {
         chrome: chrome(&state, &viewer, "runs").await?,
         id,
-        live: is_live(&run.state),
+        live: run.state.is_live(),
         alert_name: run
             .alert
             .labels
@@ -216,7 +215,7 @@ pub async fn run_events(
             let Ok(html) = live_part(&w.state, &w.viewer, &run).await else {
                 return None;
             };
-            let ended = !is_live(&run.state);
+            let ended = !run.state.is_live();
             if html != w.last || ended {
                 w.last.clone_from(&html);
                 w.done = ended;

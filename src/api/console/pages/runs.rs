@@ -5,12 +5,12 @@ use super::*;
 /// A run in the list.
 pub struct RunRow {
     id: i64,
-    state: String,
+    state: RunState,
     playbook: String,
     target: String,
     alert: String,
-    created_at: String,
-    finished_at: Option<String>,
+    created_at: Timestamp,
+    finished_at: Option<Timestamp>,
     by: String,
     /// Why it was held back or failed, cut to a line (the run's page has all of it).
     why: String,

@@ -8,8 +8,8 @@ pub struct SwitchRow {
     engaged: bool,
     reason: Option<String>,
     actor: Option<String>,
-    changed_at: Option<String>,
-    until: Option<String>,
+    changed_at: Option<Timestamp>,
+    until: Option<Timestamp>,
 }
 
 impl SwitchRow {
