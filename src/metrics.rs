@@ -54,166 +54,131 @@ impl Default for Metrics {
     }
 }
 
+/// Registers a new metric and hands it back.
+fn registered<M>(registry: &Registry, metric: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.expect("valid metric");
+    (registry.register(Box::new(metric.clone()))).expect("unique metric");
+    metric
+}
+
+/// `reflex_<name>`.
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("reflex")
+}
+
+/// Buckets of the run duration (seconds).
+const RUN_BUCKETS: &[f64] = &[0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0];
+/// Buckets of the step duration (seconds).
+const STEP_BUCKETS: &[f64] = &[0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0];
+/// Buckets of the time from a webhook to the first step (seconds).
+const FIRST_STEP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0,
+];
+
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(m.clone()))
-                .expect("unique metric");
-            m
+        let r = Registry::new();
+        let counter = |name, help| registered(&r, IntCounter::with_opts(opts(name, help)));
+        let counters = |name, help, labels: &[&str]| {
+            registered(&r, IntCounterVec::new(opts(name, help), labels))
         };
-        let histogram = |name: &str, help: &str, label: &str, buckets: Vec<f64>| {
-            let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
-                .expect("valid metric");
-            registry
-                .register(Box::new(m.clone()))
-                .expect("unique metric");
-            m
+        let gauge = |name, help| registered(&r, IntGauge::with_opts(opts(name, help)));
+        let gauges = |name, help, labels: &[&str]| {
+            registered(&r, IntGaugeVec::new(opts(name, help), labels))
         };
-        let alerts_received = counter_vec(
-            "reflex_alerts_received_total",
-            "Alerts received.",
-            &["source", "status"],
-        );
-        let runs = counter_vec(
-            "reflex_runs_total",
-            "Runs by playbook and outcome.",
-            &["playbook", "outcome"],
-        );
-        let plan_failures = counter_vec(
-            "reflex_plan_failures_total",
-            "Matched alerts that could not be planned, by playbook and reason.",
-            &["playbook", "reason"],
-        );
-        let http_refused = counter_vec(
-            "reflex_http_refused_total",
-            "HTTP requests refused, by reason.",
-            &["reason"],
-        );
-        let notify_failures = counter_vec(
-            "reflex_notify_failures_total",
-            "Notifications given up on.",
-            &["sink"],
-        );
-        let run_duration = histogram(
-            "reflex_run_duration_seconds",
-            "Run duration from start to end.",
-            "playbook",
-            vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0],
-        );
-        let step_duration = histogram(
-            "reflex_step_duration_seconds",
-            "Step duration.",
-            "action",
-            vec![0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0],
-        );
-        let approvals_pending =
-            IntGauge::new("reflex_approvals_pending", "Approval requests waiting.").expect("valid");
-        let killswitch_engaged = IntGaugeVec::new(
-            Opts::new(
-                "reflex_killswitch_engaged",
-                "1 while the kill switch is engaged.",
-            ),
-            &["scope"],
-        )
-        .expect("valid");
-        let playbooks_loaded =
-            IntGauge::new("reflex_playbooks_loaded", "Playbooks in force.").expect("valid");
-        let reload_errors = IntCounter::new(
-            "reflex_playbook_reload_errors_total",
-            "Rejected playbook reloads.",
-        )
-        .expect("valid");
-        let alerts_truncated = IntCounter::new(
-            "reflex_alerts_truncated_total",
-            "Alerts Alertmanager left out of groups.",
-        )
-        .expect("valid");
-        let alert_to_first_step = prometheus::Histogram::with_opts(
-            HistogramOpts::new(
-                "reflex_alert_to_first_step_seconds",
-                "From a webhook's arrival to the first step of the run it created starting.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0,
-            ]),
-        )
-        .expect("valid");
-        let store_writes = IntCounter::new(
-            "reflex_store_writes_total",
-            "Writes committed to the store.",
-        )
-        .expect("valid");
-        let store_write_queue = IntGauge::new(
-            "reflex_store_write_queue",
-            "Writes waiting for the store's writer.",
-        )
-        .expect("valid");
-        let store_commits = IntCounter::new(
-            "reflex_store_commits_total",
-            "Store transactions committed; each holds a batch of writes.",
-        )
-        .expect("valid");
-        let lease_held = IntGauge::new(
-            "reflex_lease_held",
-            "1 while this replica holds its lease on the shared store (always 1 on SQLite).",
-        )
-        .expect("valid");
-        lease_held.set(1);
-        let takeovers = IntCounter::new(
-            "reflex_replica_takeovers_total",
-            "Replicas whose work this one took over after their lease expired.",
-        )
-        .expect("valid");
-        let build_info = IntGaugeVec::new(
-            Opts::new("reflex_build_info", "Build information."),
-            &["version"],
-        )
-        .expect("valid");
+        let histogram = |name, help, buckets: &[f64]| {
+            let opts = HistogramOpts::from(opts(name, help)).buckets(buckets.to_vec());
+            registered(&r, prometheus::Histogram::with_opts(opts))
+        };
+        let histograms = |name, help, label, buckets: &[f64]| {
+            let opts = HistogramOpts::from(opts(name, help)).buckets(buckets.to_vec());
+            registered(&r, HistogramVec::new(opts, &[label]))
+        };
+        let build_info = gauges("build_info", "Build information.", &["version"]);
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        for m in [
-            Box::new(approvals_pending.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(killswitch_engaged.clone()),
-            Box::new(playbooks_loaded.clone()),
-            Box::new(reload_errors.clone()),
-            Box::new(alerts_truncated.clone()),
-            Box::new(alert_to_first_step.clone()),
-            Box::new(store_writes.clone()),
-            Box::new(store_commits.clone()),
-            Box::new(store_write_queue.clone()),
-            Box::new(lease_held.clone()),
-            Box::new(takeovers.clone()),
-            Box::new(build_info),
-        ] {
-            registry.register(m).expect("unique metric");
-        }
-        killswitch_engaged.with_label_values(&["global"]).set(0);
-        Metrics {
-            registry,
-            alerts_received,
-            runs,
-            run_duration,
-            step_duration,
-            approvals_pending,
-            killswitch_engaged,
-            playbooks_loaded,
-            reload_errors,
-            notify_failures,
-            plan_failures,
-            alerts_truncated,
-            alert_to_first_step,
-            store_writes,
-            store_write_queue,
-            store_commits,
-            lease_held,
-            takeovers,
-            http_refused,
-        }
+        let metrics = Metrics {
+            alerts_received: counters(
+                "alerts_received_total",
+                "Alerts received.",
+                &["source", "status"],
+            ),
+            runs: counters(
+                "runs_total",
+                "Runs by playbook and outcome.",
+                &["playbook", "outcome"],
+            ),
+            plan_failures: counters(
+                "plan_failures_total",
+                "Matched alerts that could not be planned, by playbook and reason.",
+                &["playbook", "reason"],
+            ),
+            http_refused: counters(
+                "http_refused_total",
+                "HTTP requests refused, by reason.",
+                &["reason"],
+            ),
+            notify_failures: counters(
+                "notify_failures_total",
+                "Notifications given up on.",
+                &["sink"],
+            ),
+            run_duration: histograms(
+                "run_duration_seconds",
+                "Run duration from start to end.",
+                "playbook",
+                RUN_BUCKETS,
+            ),
+            step_duration: histograms(
+                "step_duration_seconds",
+                "Step duration.",
+                "action",
+                STEP_BUCKETS,
+            ),
+            approvals_pending: gauge("approvals_pending", "Approval requests waiting."),
+            killswitch_engaged: gauges(
+                "killswitch_engaged",
+                "1 while the kill switch is engaged.",
+                &["scope"],
+            ),
+            playbooks_loaded: gauge("playbooks_loaded", "Playbooks in force."),
+            reload_errors: counter("playbook_reload_errors_total", "Rejected playbook reloads."),
+            alerts_truncated: counter(
+                "alerts_truncated_total",
+                "Alerts Alertmanager left out of groups.",
+            ),
+            alert_to_first_step: histogram(
+                "alert_to_first_step_seconds",
+                "From a webhook's arrival to the first step of the run it created starting.",
+                FIRST_STEP_BUCKETS,
+            ),
+            store_writes: counter("store_writes_total", "Writes committed to the store."),
+            store_write_queue: gauge(
+                "store_write_queue",
+                "Writes waiting for the store's writer.",
+            ),
+            store_commits: counter(
+                "store_commits_total",
+                "Store transactions committed; each holds a batch of writes.",
+            ),
+            lease_held: gauge(
+                "lease_held",
+                "1 while this replica holds its lease on the shared store (always 1 on SQLite).",
+            ),
+            takeovers: counter(
+                "replica_takeovers_total",
+                "Replicas whose work this one took over after their lease expired.",
+            ),
+            registry: r.clone(),
+        };
+        metrics.lease_held.set(1);
+        (metrics.killswitch_engaged.with_label_values(&["global"])).set(0);
+        metrics
     }
 
     /// The text exposition format.

@@ -4,7 +4,7 @@
 //! (`awaiting_approval`) and frees its worker; an approval puts it back in the queue.
 
 use super::Engine;
-use crate::executors::{ExecError, StepContext};
+use crate::executors::{ExecError, Executor, StepContext};
 use crate::notify::Event;
 use crate::playbook::spec::{GateScope, OnFailure, Phase};
 use crate::store::{
@@ -461,34 +461,9 @@ impl Engine {
             }
             self.gate(run, i).await?;
         }
-        let timeout = step
-            .timeout_ms
-            .map_or(self.config.default_step_timeout, |ms| {
-                Duration::from_millis(ms as u64)
-            });
-        let ctx = StepContext {
-            timeout,
-            run_id: run.id,
-            playbook: run.playbook.clone(),
-            step: step.name.clone(),
-            args: step.args.clone(),
-            alert: run.alert.clone(),
-            params: run.params.clone(),
-            cancel: token.clone(),
-        };
+        let ctx = self.context(run, step, token);
         let Some(executor) = self.executors.get(step.action) else {
-            let error = format!("no executor for action {:?} is configured", step.action);
-            self.flush(progress).await?;
-            self.store
-                .step_finished(StepResult {
-                    step: step_ref(run, step),
-                    state: StepState::Failed,
-                    output: None,
-                    error: Some(error.clone()),
-                })
-                .await
-                .map_err(record_err)?;
-            return Err(end(RunState::Failed, error));
+            return Err(self.no_executor(run, step, progress).await);
         };
         if !started {
             // The previous step's result and this step's start: one write.
@@ -507,83 +482,15 @@ impl Engine {
             let since = (crate::time::now_us() - run.received_us).max(0) as f64 / 1e6;
             self.metrics.alert_to_first_step.observe(since);
         }
-        // Every step is validated (inventory, cluster, namespace scope, names) before any
-        // request is made; a dry run stops there.
-        let result = if let Err(e) = executor.validate(&ctx) {
-            Err(e)
-        } else if run.dry_run {
-            let mut would = json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } });
-            if let Some(gate) = &step.approval {
-                would["would_wait_for"] = json!({
-                    "approvals": gate.count,
-                    "approvers": gate.approvers,
-                    "scope": gate.scope,
-                    "expires_in": humantime::format_duration(Duration::from_millis(gate.expires_ms)).to_string(),
-                });
-            }
-            Ok(would)
-        } else {
-            // Executors enforce the step timeout themselves (remote ones on the remote side,
-            // to kill what they started); this outer bound is only the backstop.
-            let bounded = async {
-                match tokio::time::timeout(timeout + EXECUTOR_GRACE, executor.execute(&ctx)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(ExecError::Failed(format!(
-                        "timed out after {}; the executor did not stop by itself",
-                        humantime::format_duration(timeout)
-                    ))),
-                }
-            };
-            tokio::pin!(bounded);
-            // A cancel stops the step under way: an executor that stops what it started
-            // remotely gets a moment to do so; any other is dropped at once.
-            tokio::select! {
-                r = &mut bounded => r,
-                () = token.cancelled() => {
-                    if executor.stops_on_cancel() {
-                        tokio::time::timeout(CANCEL_GRACE, &mut bounded)
-                            .await
-                            .unwrap_or(Err(ExecError::Cancelled))
-                    } else {
-                        Err(ExecError::Cancelled)
-                    }
-                }
-            }
-        };
+        let result = act(executor.as_ref(), &ctx, run, step).await;
         self.metrics
             .step_duration
             .with_label_values(&[step.action.name()])
             .observe(step_timer.elapsed().as_secs_f64());
-        // Nothing recorded, logged or sent carries a configured secret (an upstream may echo
-        // one back in its answer).
-        let (state, output, error) = match result {
-            Ok(out) if run.dry_run => (StepState::DryRun, Some(out), None),
-            Ok(out) => (
-                StepState::Succeeded,
-                Some(self.redactor.redact_json(out)),
-                None,
-            ),
-            Err(ExecError::Cancelled) => (
-                StepState::Cancelled,
-                None,
-                Some(ExecError::Cancelled.to_string()),
-            ),
-            Err(ExecError::FailedWith(e, out)) => (
-                StepState::Failed,
-                Some(self.redactor.redact_json(out)),
-                Some(self.redactor.redact(&e)),
-            ),
-            Err(e) => {
-                if step.on_failure == OnFailure::Stop && step.phase == Phase::Main {
-                    progress.refused = matches!(e, ExecError::Refused(_));
-                }
-                (
-                    StepState::Failed,
-                    None,
-                    Some(self.redactor.redact(&e.to_string())),
-                )
-            }
-        };
+        if step.on_failure == OnFailure::Stop && step.phase == Phase::Main {
+            progress.refused = matches!(result, Err(ExecError::Refused(_)));
+        }
+        let (state, output, error) = self.settle(result, run.dry_run);
         tracing::info!(step = %step.name, action = %step.action, state = state.as_str(), error = error.as_deref(), "step finished");
         let result = StepResult {
             step: step_ref(run, step),
@@ -623,6 +530,87 @@ impl Engine {
         Ok(error.filter(|_| step.on_failure == OnFailure::Stop))
     }
 
+    /// What an executor is given for a step.
+    fn context(
+        &self,
+        run: &ClaimedRun,
+        step: &StepRecord,
+        token: &tokio_util::sync::CancellationToken,
+    ) -> StepContext {
+        StepContext {
+            timeout: step
+                .timeout_ms
+                .map_or(self.config.default_step_timeout, |ms| {
+                    Duration::from_millis(ms as u64)
+                }),
+            run_id: run.id,
+            playbook: run.playbook.clone(),
+            step: step.name.clone(),
+            args: step.args.clone(),
+            alert: run.alert.clone(),
+            params: run.params.clone(),
+            cancel: token.clone(),
+        }
+    }
+
+    /// Records a step whose action no executor is configured for, and ends the run.
+    async fn no_executor(
+        &self,
+        run: &ClaimedRun,
+        step: &StepRecord,
+        progress: &mut Progress,
+    ) -> Stop {
+        let error = format!("no executor for action {:?} is configured", step.action);
+        if let Err(stop) = self.flush(progress).await {
+            return stop;
+        }
+        let recorded = self
+            .store
+            .step_finished(StepResult {
+                step: step_ref(run, step),
+                state: StepState::Failed,
+                output: None,
+                error: Some(error.clone()),
+            })
+            .await;
+        match recorded {
+            Ok(()) => end(RunState::Failed, error),
+            Err(e) => record_err(e),
+        }
+    }
+
+    /// What a step's result is recorded as: its state, output and error. Nothing recorded,
+    /// logged or sent carries a configured secret (an upstream may echo one back).
+    fn settle(
+        &self,
+        result: Result<Value, ExecError>,
+        dry_run: bool,
+    ) -> (StepState, Option<Value>, Option<String>) {
+        match result {
+            Ok(out) if dry_run => (StepState::DryRun, Some(out), None),
+            Ok(out) => (
+                StepState::Succeeded,
+                Some(self.redactor.redact_json(out)),
+                None,
+            ),
+            Err(ExecError::Cancelled) => (
+                StepState::Cancelled,
+                None,
+                Some(ExecError::Cancelled.to_string()),
+            ),
+            Err(ExecError::FailedWith(e, out)) => (
+                StepState::Failed,
+                Some(self.redactor.redact_json(out)),
+                Some(self.redactor.redact(&e)),
+            ),
+            Err(e) => (
+                StepState::Failed,
+                None,
+                Some(self.redactor.redact(&e.to_string())),
+            ),
+        }
+    }
+
     /// Writes the previous step's result now (before a park, a skip or a refusal), then
     /// sends its message.
     async fn flush(&self, progress: &mut Progress) -> Result<(), Stop> {
@@ -633,5 +621,55 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// Does what a step says. Every step is validated (inventory, cluster, namespace scope, names)
+/// before any request is made; a dry run stops there and tells what it would have done.
+/// Otherwise the step executes within its timeout, and a cancel stops it.
+async fn act(
+    executor: &dyn Executor,
+    ctx: &StepContext,
+    run: &ClaimedRun,
+    step: &StepRecord,
+) -> Result<Value, ExecError> {
+    executor.validate(ctx)?;
+    if run.dry_run {
+        let mut would = json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } });
+        if let Some(gate) = &step.approval {
+            would["would_wait_for"] = json!({
+                "approvals": gate.count,
+                "approvers": gate.approvers,
+                "scope": gate.scope,
+                "expires_in": humantime::format_duration(Duration::from_millis(gate.expires_ms)).to_string(),
+            });
+        }
+        return Ok(would);
+    }
+    // Executors enforce the step timeout themselves (remote ones on the remote side, to kill
+    // what they started); this outer bound is only the backstop.
+    let bounded = async {
+        match tokio::time::timeout(ctx.timeout + EXECUTOR_GRACE, executor.execute(ctx)).await {
+            Ok(r) => r,
+            Err(_) => Err(ExecError::Failed(format!(
+                "timed out after {}; the executor did not stop by itself",
+                humantime::format_duration(ctx.timeout)
+            ))),
+        }
+    };
+    tokio::pin!(bounded);
+    // A cancel stops the step under way: an executor that stops what it started remotely gets
+    // a moment to do so; any other is dropped at once.
+    tokio::select! {
+        r = &mut bounded => r,
+        () = ctx.cancel.cancelled() => {
+            if executor.stops_on_cancel() {
+                tokio::time::timeout(CANCEL_GRACE, &mut bounded)
+                    .await
+                    .unwrap_or(Err(ExecError::Cancelled))
+            } else {
+                Err(ExecError::Cancelled)
+            }
+        }
     }
 }
