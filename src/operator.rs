@@ -4,6 +4,8 @@
 
 use crate::client::{self, ClientError};
 use clap::{Subcommand, ValueEnum};
+use reqwest::Method;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -90,7 +92,7 @@ fn decide(
 ) -> Result<ExitCode, ClientError> {
     let path = format!("/api/v1/approvals/{id}/{verb}");
     let body = serde_json::json!({ "comment": comment });
-    let v = client_call(api, reqwest::Method::POST, &path, Some(body))?;
+    let v = client_call(api, Method::POST, &path, Some(body))?;
     api.print(&v, |v| {
         format!("approval {id}: {}\n", v["state"].as_str().unwrap_or("?"))
     });
@@ -117,6 +119,54 @@ fn query(path: &str, pairs: &[(&str, Option<String>)]) -> String {
         }
     }
     format!("{path}?{}", q.finish())
+}
+
+/// A name as one path segment (URL-encoded: a name with `/` or `?` stays one segment).
+fn segment(name: &str) -> String {
+    percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// `reflex run ID [--follow]`: the run, or (following) each change until it ends.
+fn show_run(api: &Api, id: i64, follow: bool) -> Result<ExitCode, ClientError> {
+    let path = format!("/api/v1/runs/{id}");
+    let run = client_call(api, Method::GET, &path, None)?;
+    if !follow {
+        api.print(&run, client::format_run);
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow_run(api, &path, run)
+}
+
+/// `reflex cancel`: what the run does now (`cancelled`, or `cancelling` while its step stops).
+fn cancel(api: &Api, id: i64) -> Result<ExitCode, ClientError> {
+    let path = format!("/api/v1/runs/{id}/cancel");
+    let v = client_call(api, Method::POST, &path, None)?;
+    api.print(&v, |v| {
+        let note = v["message"]
+            .as_str()
+            .map_or(String::new(), |m| format!(" ({m})"));
+        format!("run {id}: {}{note}\n", v["state"].as_str().unwrap_or("?"))
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// GETs `path` and prints it as a table (`-o wide`: every column) or as JSON.
+fn list(
+    api: &Api,
+    path: &str,
+    table: impl Fn(&serde_json::Value, bool) -> String,
+) -> Result<ExitCode, ClientError> {
+    let wide = api.wide();
+    let v = client_call(api, Method::GET, path, None)?;
+    api.print(&v, |v| table(v, wide));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// POSTs a trigger or a retry and prints what was planned; the exit code tells it.
+fn plan(api: &Api, path: &str, body: Option<serde_json::Value>) -> Result<ExitCode, ClientError> {
+    let v = client_call(api, Method::POST, path, body)?;
+    api.print(&v, client::format_outcome);
+    Ok(outcome_exit(&v))
 }
 
 /// `key=value`, for `-l` and `-a`.
@@ -163,20 +213,20 @@ fn follow_run(api: &Api, path: &str, mut run: serde_json::Value) -> Result<ExitC
             });
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
-        run = client_call(api, reqwest::Method::GET, path, None)?;
+        run = client_call(api, Method::GET, path, None)?;
     }
 }
 
 /// `reflex kill` / `reflex unkill`: PUT the switch (global, or one playbook's), print the result.
 fn set_switch(
     api: &Api,
-    playbook: Option<&str>,
+    playbook: Option<String>,
     body: serde_json::Value,
 ) -> Result<ExitCode, ClientError> {
     let path = playbook.map_or("/api/v1/killswitch".to_string(), |p| {
-        format!("/api/v1/playbooks/{p}/killswitch")
+        format!("/api/v1/playbooks/{}/killswitch", segment(&p))
     });
-    let v = client_call(api, reqwest::Method::PUT, &path, Some(body))?;
+    let v = client_call(api, Method::PUT, &path, Some(body))?;
     api.print(&v, client::format_switches);
     Ok(ExitCode::SUCCESS)
 }
@@ -333,7 +383,6 @@ pub enum OperatorCommand {
 
 /// Runs one operator command; its exit code, or why it failed (with its own exit code).
 pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
-    use reqwest::Method;
     use serde_json::json;
     match cmd {
         OperatorCommand::Runs {
@@ -354,32 +403,13 @@ pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
                     ("before", before.map(|b| b.to_string())),
                 ],
             );
-            let wide = api.wide();
-            api.print(&client_call(&api, Method::GET, &q, None)?, |v| {
-                client::format_runs(v, wide)
-            });
-            Ok(ExitCode::SUCCESS)
+            list(&api, &q, client::format_runs)
         }
-        OperatorCommand::Run { api, id, follow } => {
-            let path = format!("/api/v1/runs/{id}");
-            let run = client_call(&api, Method::GET, &path, None)?;
-            if !follow {
-                api.print(&run, client::format_run);
-                return Ok(ExitCode::SUCCESS);
-            }
-            follow_run(&api, &path, run)
-        }
+        OperatorCommand::Run { api, id, follow } => show_run(&api, id, follow),
         OperatorCommand::Approvals { api, state } => {
-            let q = if state == "all" {
-                "/api/v1/approvals".to_string()
-            } else {
-                format!("/api/v1/approvals?state={state}")
-            };
-            api.print(
-                &client_call(&api, Method::GET, &q, None)?,
-                client::format_approvals,
-            );
-            Ok(ExitCode::SUCCESS)
+            let state = Some(state).filter(|s| s != "all");
+            let q = query("/api/v1/approvals", &[("state", state)]);
+            list(&api, &q, |v, _| client::format_approvals(v))
         }
         OperatorCommand::Approve { api, id, comment } => decide(&api, id, "approve", comment),
         OperatorCommand::Deny { api, id, comment } => decide(&api, id, "deny", comment),
@@ -389,34 +419,30 @@ pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
             playbook,
             for_,
             replace,
-        } => {
-            let body =
-                json!({ "engaged": true, "reason": reason, "for": for_, "replace": replace });
-            set_switch(&api, playbook.as_deref(), body)
-        }
+        } => set_switch(
+            &api,
+            playbook,
+            json!({ "engaged": true, "reason": reason, "for": for_, "replace": replace }),
+        ),
         OperatorCommand::Unkill {
             api,
             playbook,
             reason,
-        } => {
-            let body = json!({ "engaged": false, "reason": reason });
-            set_switch(&api, playbook.as_deref(), body)
-        }
+        } => set_switch(
+            &api,
+            playbook,
+            json!({ "engaged": false, "reason": reason }),
+        ),
         OperatorCommand::Trigger {
             api,
             playbook,
             labels,
             annotations,
         } => {
-            let map = |kv: Vec<(String, String)>| {
-                kv.into_iter()
-                    .collect::<std::collections::BTreeMap<String, String>>()
-            };
+            let map = |kv: Vec<(String, String)>| kv.into_iter().collect::<BTreeMap<_, _>>();
             let body = json!({ "labels": map(labels), "annotations": map(annotations) });
-            let path = format!("/api/v1/playbooks/{playbook}/runs");
-            let v = client_call(&api, Method::POST, &path, Some(body))?;
-            api.print(&v, client::format_outcome);
-            Ok(outcome_exit(&v))
+            let path = format!("/api/v1/playbooks/{}/runs", segment(&playbook));
+            plan(&api, &path, Some(body))
         }
         OperatorCommand::Retry {
             api,
@@ -424,27 +450,12 @@ pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
             from_start,
         } => {
             let path = format!("/api/v1/runs/{id}/retry");
-            let body = json!({ "from_start": from_start });
-            let v = client_call(&api, Method::POST, &path, Some(body))?;
-            api.print(&v, client::format_outcome);
-            Ok(outcome_exit(&v))
+            plan(&api, &path, Some(json!({ "from_start": from_start })))
         }
-        OperatorCommand::Cancel { api, id } => {
-            let path = format!("/api/v1/runs/{id}/cancel");
-            let v = client_call(&api, Method::POST, &path, None)?;
-            api.print(&v, |v| {
-                let note = v["message"]
-                    .as_str()
-                    .map_or(String::new(), |m| format!(" ({m})"));
-                format!("run {id}: {}{note}\n", v["state"].as_str().unwrap_or("?"))
-            });
-            Ok(ExitCode::SUCCESS)
-        }
-        OperatorCommand::Playbooks { api } => {
-            let v = client_call(&api, Method::GET, "/api/v1/playbooks", None)?;
-            api.print(&v, client::format_playbooks);
-            Ok(ExitCode::SUCCESS)
-        }
+        OperatorCommand::Cancel { api, id } => cancel(&api, id),
+        OperatorCommand::Playbooks { api } => list(&api, "/api/v1/playbooks", |v, _| {
+            client::format_playbooks(v)
+        }),
         OperatorCommand::Reload { api } => {
             let v = client_call(&api, Method::POST, "/api/v1/playbooks/reload", None)?;
             println!("{}", pretty(&v));
@@ -466,11 +477,7 @@ pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
                     ("since", since),
                 ],
             );
-            let wide = api.wide();
-            api.print(&client_call(&api, Method::GET, &path, None)?, |v| {
-                client::format_audit(v, wide)
-            });
-            Ok(ExitCode::SUCCESS)
+            list(&api, &path, client::format_audit)
         }
     }
 }

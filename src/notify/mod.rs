@@ -148,12 +148,6 @@ impl Event {
 
     fn text_inner(&self, markup: Markup) -> String {
         let e = |s: &str| markup.escape(s);
-        let link = |run: &RunInfo| {
-            run.url
-                .as_ref()
-                .map(|u| format!(" {u}"))
-                .unwrap_or_default()
-        };
         match self {
             Event::RunStarted { run } => format!(
                 "{}. Running playbook {} on {} (run {}).{}",
@@ -172,15 +166,7 @@ impl Event {
                 expires_at,
                 ..
             } => {
-                let steps: Vec<String> = action["steps"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|s| {
-                        let what = format!("{} {}", s["action"].as_str().unwrap_or(""), s["args"]);
-                        e(&what)
-                    })
-                    .collect();
+                let steps = steps_text(markup, action);
                 let who = if approvers.is_empty() {
                     String::new()
                 } else {
@@ -194,7 +180,7 @@ impl Event {
                     run.id,
                     e(&run.playbook),
                     e(&run.target),
-                    steps.join("; "),
+                    steps,
                     link(run)
                 )
             }
@@ -231,28 +217,17 @@ impl Event {
                     .as_ref()
                     .map(|x| format!(" {}.", e(x.trim_end_matches('.'))))
                     .unwrap_or_default();
-                // Runs that can be retried say how; a killed run's retry would be held by
-                // the same switch until it is released.
-                let retry = match state {
-                    RunState::Failed | RunState::Interrupted | RunState::Expired => {
-                        format!(" To run it again: reflex retry {}.", run.id)
-                    }
-                    RunState::Killed => format!(
-                        " To run it again once the kill switch is released: reflex retry {}.",
-                        run.id
-                    ),
-                    _ => String::new(),
-                };
-                let state = match state {
+                let ended = match state {
                     RunState::DryRun => "finished as a dry run",
                     other => other.as_str(),
                 };
                 format!(
-                    "{}.{summary} Run {} ({}) {state} in {}.{why}{retry}{}",
+                    "{}.{summary} Run {} ({}) {ended} in {}.{why}{}{}",
                     e(run.title.trim_end_matches('.')),
                     run.id,
                     e(&run.playbook),
                     human_duration(*duration_seconds),
+                    how_to_retry(*state, run.id),
                     link(run)
                 )
             }
@@ -262,24 +237,71 @@ impl Event {
                 actor,
                 reason,
                 until,
-            } => {
-                // What it holds: all automation, or one playbook's.
-                let held = match scope.strip_prefix("playbook:") {
-                    Some(name) => format!("Playbook {} does not act", e(name)),
-                    None => "No automation acts".to_string(),
-                };
-                let (scope, actor, reason) = (e(scope), e(actor), e(reason.trim_end_matches('.')));
-                if *engaged {
-                    let end = match until {
-                        Some(t) => format!("until {t} (or until it is released)"),
-                        None => "until it is released".to_string(),
-                    };
-                    format!("Kill switch ({scope}) engaged by {actor}: {reason}. {held} {end}.")
-                } else {
-                    format!("Kill switch ({scope}) released by {actor}: {reason}.")
-                }
-            }
+            } => switch_text(markup, scope, *engaged, actor, reason, *until),
         }
+    }
+}
+
+/// Each step of an approval's action (`ssh.run {"command": …}`), `; `-separated.
+fn steps_text(markup: Markup, action: &Value) -> String {
+    let steps: Vec<String> = (action["steps"].as_array().into_iter().flatten())
+        .map(|s| {
+            markup.escape(&format!(
+                "{} {}",
+                s["action"].as_str().unwrap_or(""),
+                s["args"]
+            ))
+        })
+        .collect();
+    steps.join("; ")
+}
+
+/// ` <url>` of a run's page, when `public_url` is configured.
+fn link(run: &RunInfo) -> String {
+    run.url
+        .as_ref()
+        .map(|u| format!(" {u}"))
+        .unwrap_or_default()
+}
+
+/// How to run it again, for runs that can be retried; a killed run's retry would be held by
+/// the same switch until it is released.
+fn how_to_retry(state: RunState, id: i64) -> String {
+    match state {
+        RunState::Failed | RunState::Interrupted | RunState::Expired => {
+            format!(" To run it again: reflex retry {id}.")
+        }
+        RunState::Killed => {
+            format!(" To run it again once the kill switch is released: reflex retry {id}.")
+        }
+        _ => String::new(),
+    }
+}
+
+/// A kill switch engaged (what it holds, until when) or released.
+fn switch_text(
+    markup: Markup,
+    scope: &str,
+    engaged: bool,
+    actor: &str,
+    reason: &str,
+    until: Option<Timestamp>,
+) -> String {
+    let e = |s: &str| markup.escape(s);
+    // What it holds: all automation, or one playbook's.
+    let held = match scope.strip_prefix("playbook:") {
+        Some(name) => format!("Playbook {} does not act", e(name)),
+        None => "No automation acts".to_string(),
+    };
+    let (scope, actor, reason) = (e(scope), e(actor), e(reason.trim_end_matches('.')));
+    if engaged {
+        let end = match until {
+            Some(t) => format!("until {t} (or until it is released)"),
+            None => "until it is released".to_string(),
+        };
+        format!("Kill switch ({scope}) engaged by {actor}: {reason}. {held} {end}.")
+    } else {
+        format!("Kill switch ({scope}) released by {actor}: {reason}.")
     }
 }
 
