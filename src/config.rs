@@ -661,9 +661,52 @@ impl Config {
 
     /// Every problem serde cannot see, each with the YAML path it is at.
     fn problems(&self) -> Vec<(Vec<Key>, String)> {
-        let mut out: Vec<(Vec<Key>, String)> = Vec::new();
-        let mut at = |path: &[Key], message: String| out.push((path.to_vec(), message));
-        let k = |s: &str| Key::Name(s.to_string());
+        let mut out = Problems::default();
+        self.limit_problems(&mut out);
+        if self.auth.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.auth.open {
+            out.at(
+                &[k("listen")],
+                format!(
+                    "{} is reachable from other machines, and with no auth.tokens every caller \
+                     would be an admin: add tokens (auth.tokens), listen on 127.0.0.1, or set \
+                     `auth.open: true` to serve an open API on purpose",
+                    self.listen
+                ),
+            );
+        }
+        self.store_problems(&mut out);
+        self.maintenance_problems(&mut out);
+        self.token_problems(&mut out);
+        for (i, s) in self.notify.sinks.iter().enumerate() {
+            if let Some(bad) = s.events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
+                out.at(
+                    &[k("notify"), k("sinks"), Key::Index(i), k("events")],
+                    format!(
+                        "sink {:?}: unknown event {bad:?} (known: {})",
+                        s.name,
+                        EVENTS.join(", ")
+                    ),
+                );
+            }
+        }
+        let mut names = std::collections::HashMap::new();
+        for (name, host) in &self.ssh.hosts {
+            for alias in std::iter::once(name).chain(&host.aliases) {
+                if let Some(other) = names.insert(alias.as_str(), name.as_str())
+                    && other != name
+                {
+                    out.at(
+                        &[k("ssh"), k("hosts"), k(name)],
+                        format!("{alias:?} names both {other:?} and {name:?}"),
+                    );
+                }
+            }
+        }
+        out.0
+    }
+
+    /// Sizes and counts below their least useful value.
+    fn limit_problems(&self, out: &mut Problems) {
         for (path, value, min) in [
             (
                 ["engine", "max_concurrent_runs"],
@@ -692,61 +735,62 @@ impl Config {
             ),
         ] {
             if value < min {
-                at(&[k(path[0]), k(path[1])], format!("must be at least {min}"));
+                out.at(&[k(path[0]), k(path[1])], format!("must be at least {min}"));
             }
         }
-        if self.auth.tokens.is_empty() && !self.listen.ip().is_loopback() && !self.auth.open {
-            at(
-                &[k("listen")],
-                format!(
-                    "{} is reachable from other machines, and with no auth.tokens every caller \
-                     would be an admin: add tokens (auth.tokens), listen on 127.0.0.1, or set \
-                     `auth.open: true` to serve an open API on purpose",
-                    self.listen
-                ),
-            );
-        }
+    }
+
+    /// The PostgreSQL URL (no password in it), its pool and its password's source.
+    fn store_problems(&self, out: &mut Problems) {
         if let Some(url) = &self.store.url {
             match crate::store::pg::parse_url(url) {
-                Ok(pg) if pg.get_password().is_some() => at(
+                Ok(pg) if pg.get_password().is_some() => out.at(
                     &[k("store"), k("url")],
                     "keep the password out of the URL: use store.password_env or \
                      store.password_file"
                         .into(),
                 ),
                 Ok(_) => {}
-                Err(e) => at(
+                Err(e) => out.at(
                     &[k("store"), k("url")],
                     format!("not a PostgreSQL URL: {e}"),
                 ),
             }
             if self.store.pool_size < 1 {
-                at(&[k("store"), k("pool_size")], "must be at least 1".into());
+                out.at(&[k("store"), k("pool_size")], "must be at least 1".into());
             }
         }
         if let Err(e) = self.store.password_ref() {
-            at(&[k("store")], e);
+            out.at(&[k("store")], e);
         }
+    }
+
+    /// Each maintenance window's times and matchers.
+    fn maintenance_problems(&self, out: &mut Problems) {
         for (i, w) in self.maintenance_windows.iter().enumerate() {
             let here = |key: &str| vec![k("maintenance_windows"), Key::Index(i), k(key)];
             for (key, t) in [("start", &w.start), ("end", &w.end)] {
                 if let Err(e) = crate::time::Timestamp::parse(t) {
-                    at(&here(key), format!("maintenance window {:?}: {e}", w.name));
+                    out.at(&here(key), format!("maintenance window {:?}: {e}", w.name));
                 }
             }
             for m in &w.matchers {
                 if let Err(e) = crate::playbook::matcher::Matcher::parse(m) {
-                    at(
+                    out.at(
                         &here("matchers"),
                         format!("maintenance window {:?}: {e}", w.name),
                     );
                 }
             }
         }
+    }
+
+    /// Each token: exactly one of a digest (64 hex digits, not the empty token's) or a file.
+    fn token_problems(&self, out: &mut Problems) {
         for (i, t) in self.auth.tokens.iter().enumerate() {
             let here = [k("auth"), k("tokens"), Key::Index(i)];
             match (&t.sha256, &t.file) {
-                (Some(h), None) if h.eq_ignore_ascii_case(EMPTY_SHA256) => at(
+                (Some(h), None) if h.eq_ignore_ascii_case(EMPTY_SHA256) => out.at(
                     &here,
                     format!(
                         "token {:?}: sha256 is the digest of an empty token; a token must not \
@@ -755,44 +799,33 @@ impl Config {
                     ),
                 ),
                 (Some(h), None) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {}
-                (Some(_), None) => at(
+                (Some(_), None) => out.at(
                     &here,
                     format!("token {:?}: sha256 must be 64 hex digits", t.name),
                 ),
                 (None, Some(_)) => {}
-                _ => at(
+                _ => out.at(
                     &here,
                     format!("token {:?}: give exactly one of sha256 or file", t.name),
                 ),
             }
         }
-        for (i, s) in self.notify.sinks.iter().enumerate() {
-            if let Some(bad) = s.events.iter().find(|e| !EVENTS.contains(&e.as_str())) {
-                at(
-                    &[k("notify"), k("sinks"), Key::Index(i), k("events")],
-                    format!(
-                        "sink {:?}: unknown event {bad:?} (known: {})",
-                        s.name,
-                        EVENTS.join(", ")
-                    ),
-                );
-            }
-        }
-        let mut names = std::collections::HashMap::new();
-        for (name, host) in &self.ssh.hosts {
-            for alias in std::iter::once(name).chain(&host.aliases) {
-                if let Some(other) = names.insert(alias.as_str(), name.as_str())
-                    && other != name
-                {
-                    at(
-                        &[k("ssh"), k("hosts"), k(name)],
-                        format!("{alias:?} names both {other:?} and {name:?}"),
-                    );
-                }
-            }
-        }
-        out
     }
+}
+
+/// Problems found in a config, each at its YAML path.
+#[derive(Default)]
+struct Problems(Vec<(Vec<Key>, String)>);
+
+impl Problems {
+    fn at(&mut self, path: &[Key], message: String) {
+        self.0.push((path.to_vec(), message));
+    }
+}
+
+/// A key of a YAML path.
+fn k(name: &str) -> Key {
+    Key::Name(name.to_string())
 }
 
 /// One step of a YAML path into the config, for error lines.

@@ -279,22 +279,7 @@ fn intake_one(
 ) -> Result<Outcome, StoreError> {
     let a = at.alert;
     let now = at.now;
-    if c.is_pg() {
-        // Replicas decide about one playbook one at a time (until this batch commits), so
-        // that coalescing, the cooldown and the breaker see each other's runs. The breaker's
-        // limits on all runs and on distinct targets span playbooks: while one is set, all
-        // intake decisions take turns.
-        let scope = if at.limits.max_runs > 0 || at.limits.max_targets > 0 {
-            String::from("reflex.intake")
-        } else {
-            format!("reflex.playbook:{}", cand.playbook)
-        };
-        c.one(
-            "SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))::text",
-            &[&scope],
-            |_| Ok(()),
-        )?;
-    }
+    take_turns(c, at, &cand.playbook)?;
     let target = cand
         .plan
         .as_ref()
@@ -332,35 +317,19 @@ fn intake_one(
     let start_now = state == RunState::Running;
     let plan = (cand.plan.as_ref().ok())
         .filter(|_| matches!(state, RunState::Running | RunState::Pending));
-    // The unique index decides dedup: on PostgreSQL another replica may have recorded the
-    // same occurrence since the check above.
-    let inserted = c.insert(
-        "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
-           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at,
-           owner)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
-         ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING",
-        &[
-            &playbook,
-            &at.alert_id,
-            &a.fingerprint,
-            &a.starts_at,
-            &a.status.as_str(),
-            &if cand.cooldown_ms > 0 { cand.cooldown_key.as_str() } else { "" },
-            &state.as_str(),
-            &reason,
-            &cand.dry_run,
-            &json.as_ref().filter(|_| plan.is_some()).map_or("{}", |j| j.params.as_str()),
-            &now,
-            &(!matches!(state, RunState::Pending | RunState::Running)).then_some(now),
-            &error,
-            &target,
-            &cand.deadline_ms,
-            &cand.manual.as_ref().map(|m| m.by.as_str()),
-            &cand.manual.as_ref().and_then(|m| m.retry_of),
-            &start_now.then_some(now),
-            &start_now.then_some(start.owner.as_str()),
-        ],
+    let params = json.as_ref().filter(|_| plan.is_some());
+    let inserted = insert_run(
+        c,
+        at,
+        &cand,
+        &RunRow {
+            state,
+            reason: reason.as_deref(),
+            error: error.as_deref(),
+            target: &target,
+            params: params.map_or("{}", |j| j.params.as_str()),
+            owner: start_now.then_some(start.owner.as_str()),
+        },
     )?;
     if state == RunState::Pending {
         c.wake();
@@ -397,6 +366,79 @@ fn intake_one(
         },
         _ => Outcome::Created { run_id, playbook },
     })
+}
+
+/// On PostgreSQL, replicas decide about one playbook one at a time (until this batch commits),
+/// so that coalescing, the cooldown and the breaker see each other's runs. The breaker's limits
+/// on all runs and on distinct targets span playbooks: while one is set, all intake decisions
+/// take turns.
+fn take_turns(c: &Db, at: &At<'_>, playbook: &str) -> Result<(), StoreError> {
+    if !c.is_pg() {
+        return Ok(());
+    }
+    let scope = if at.limits.max_runs > 0 || at.limits.max_targets > 0 {
+        String::from("reflex.intake")
+    } else {
+        format!("reflex.playbook:{playbook}")
+    };
+    c.one(
+        "SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))::text",
+        &[&scope],
+        |_| Ok(()),
+    )
+}
+
+/// What intake decided to record for a candidate.
+struct RunRow<'a> {
+    state: RunState,
+    reason: Option<&'a str>,
+    error: Option<&'a str>,
+    target: &'a str,
+    /// The rendered parameters (JSON), `{}` for a run that will not execute.
+    params: &'a str,
+    /// This replica, for a run that starts in this transaction.
+    owner: Option<&'a str>,
+}
+
+/// Inserts the run; none when this occurrence already has one. The unique index decides
+/// dedup: on PostgreSQL another replica may have recorded the same occurrence since the
+/// policy looked.
+fn insert_run(
+    c: &Db,
+    at: &At<'_>,
+    cand: &Candidate,
+    row: &RunRow<'_>,
+) -> Result<Option<i64>, StoreError> {
+    let (a, now) = (at.alert, at.now);
+    let ended = !matches!(row.state, RunState::Pending | RunState::Running);
+    c.insert(
+        "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
+           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at,
+           owner)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+         ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING",
+        &[
+            &cand.playbook,
+            &at.alert_id,
+            &a.fingerprint,
+            &a.starts_at,
+            &a.status,
+            &if cand.cooldown_ms > 0 { cand.cooldown_key.as_str() } else { "" },
+            &row.state,
+            &row.reason,
+            &cand.dry_run,
+            &row.params,
+            &now,
+            &ended.then_some(now),
+            &row.error,
+            &row.target,
+            &cand.deadline_ms,
+            &cand.manual.as_ref().map(|m| m.by.as_str()),
+            &cand.manual.as_ref().and_then(|m| m.retry_of),
+            &row.owner.map(|_| now),
+            &row.owner,
+        ],
+    )
 }
 
 /// The run recorded for this occurrence of the alert by this playbook, if any.
