@@ -75,36 +75,7 @@ pub async fn run(
     #[cfg(unix)]
     tasks.spawn(reload_on_sighup(engine.clone(), token.clone()));
 
-    let auth = api::auth::Auth::from_config(&cfg.auth).map_err(anyhow::Error::msg)?;
-    if !auth.enabled() {
-        tracing::warn!(
-            "no API tokens configured (auth.tokens): the API is open to anyone who can reach it"
-        );
-    }
-    let slack = (cfg.notify.slack_app.as_ref())
-        .map(api::chat::Slack::from_config)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("notify.slack_app: {e}"))?
-        .map(std::sync::Arc::new);
-    let mattermost = (cfg.notify.mattermost_app.as_ref())
-        .map(api::chat::Mattermost::from_config)
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("notify.mattermost_app: {e}"))?
-        .map(std::sync::Arc::new);
-    let state = AppState {
-        engine,
-        store: store.clone(),
-        max_body_bytes: cfg.intake.max_body_bytes,
-        auth: std::sync::Arc::new(auth),
-        slack,
-        mattermost,
-        refusals: Default::default(),
-        allowed_hosts: cfg.allowed_hosts().into(),
-        throttle: Default::default(),
-        streams: Arc::new(api::console::streams::Streams::new(
-            cfg.server.max_connections,
-        )),
-    };
+    let state = app_state(&cfg, engine, store.clone())?;
     tasks.spawn(flush_refusals(state.clone(), token.clone()));
     let app = api::router(state);
     tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
@@ -134,6 +105,40 @@ pub async fn run(
     }
     tracing::info!(store = %store.describe(), "stopped");
     Ok(())
+}
+
+/// What the API serves from: the engine and store, the tokens, the chat apps.
+fn app_state(cfg: &Config, engine: Arc<Engine>, store: Store) -> anyhow::Result<AppState> {
+    let auth = api::auth::Auth::from_config(&cfg.auth).map_err(anyhow::Error::msg)?;
+    if !auth.enabled() {
+        tracing::warn!(
+            "no API tokens configured (auth.tokens): the API is open to anyone who can reach it"
+        );
+    }
+    let slack = (cfg.notify.slack_app.as_ref())
+        .map(api::chat::Slack::from_config)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("notify.slack_app: {e}"))?
+        .map(Arc::new);
+    let mattermost = (cfg.notify.mattermost_app.as_ref())
+        .map(api::chat::Mattermost::from_config)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("notify.mattermost_app: {e}"))?
+        .map(Arc::new);
+    Ok(AppState {
+        engine,
+        store,
+        max_body_bytes: cfg.intake.max_body_bytes,
+        auth: Arc::new(auth),
+        slack,
+        mattermost,
+        refusals: Default::default(),
+        allowed_hosts: cfg.allowed_hosts().into(),
+        throttle: Default::default(),
+        streams: Arc::new(api::console::streams::Streams::new(
+            cfg.server.max_connections,
+        )),
+    })
 }
 
 /// How long shutdown waits for the remaining tasks (chat messages still queued) once the

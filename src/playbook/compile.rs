@@ -175,17 +175,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         diags: Vec::new(),
     };
 
-    let valid_name = !spec.name.is_empty()
-        && spec
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !valid_name {
-        cx.err(
-            &[Seg::Key("name")],
-            format!("name {:?}: use letters, digits, '-', '_' or '.'", spec.name),
-        );
-    }
+    check_name(&mut cx, &spec.name);
     if spec.matchers.is_empty() {
         cx.err(
             &[Seg::Key("matchers")],
@@ -211,31 +201,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         check_when_is_a_condition(&mut cx, ast, &matchers);
     }
 
-    let mut params = Vec::new();
-    for (k, v) in &spec.params {
-        let Some(key) = k.as_str().filter(|k| crate::alert::is_label_name(k)) else {
-            cx.err(&[Seg::Key("params")], format!("params: invalid name {k:?}"));
-            continue;
-        };
-        let path = [Seg::Key("params"), Seg::Key(key)];
-        let arg = match v {
-            serde_yaml::Value::String(s) => {
-                cx.template(&path, s, Quoting::Plain).map(Arg::Template)
-            }
-            v @ (serde_yaml::Value::Number(_) | serde_yaml::Value::Bool(_)) => {
-                Some(Arg::Literal(serde_json::to_value(v).unwrap_or_default()))
-            }
-            _ => {
-                cx.err(
-                    &path,
-                    format!("params.{key}: expected a string, number or bool"),
-                );
-                None
-            }
-        };
-        params.extend(arg.map(|a| (key.to_string(), a)));
-    }
-
+    let params = compile_params(&mut cx, &spec.params);
     let cooldown = (spec.cooldown.as_deref())
         .and_then(|c| cx.duration(&[Seg::Key("cooldown")], c))
         .unwrap_or_default();
@@ -283,6 +249,47 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         steps,
         on_failure,
     })
+}
+
+/// A playbook's name: letters, digits, `-`, `_` or `.` (it is a path segment and a label).
+fn check_name(cx: &mut Ctx<'_>, name: &str) {
+    let valid = !name.is_empty()
+        && (name.chars()).all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !valid {
+        cx.err(
+            &[Seg::Key("name")],
+            format!("name {name:?}: use letters, digits, '-', '_' or '.'"),
+        );
+    }
+}
+
+/// `params`: each a template (a string) or a literal number or bool, under a label-like name.
+fn compile_params(cx: &mut Ctx<'_>, spec: &serde_yaml::Mapping) -> Vec<(String, Arg)> {
+    let mut params = Vec::new();
+    for (k, v) in spec {
+        let Some(key) = k.as_str().filter(|k| crate::alert::is_label_name(k)) else {
+            cx.err(&[Seg::Key("params")], format!("params: invalid name {k:?}"));
+            continue;
+        };
+        let path = [Seg::Key("params"), Seg::Key(key)];
+        let arg = match v {
+            serde_yaml::Value::String(s) => {
+                cx.template(&path, s, Quoting::Plain).map(Arg::Template)
+            }
+            v @ (serde_yaml::Value::Number(_) | serde_yaml::Value::Bool(_)) => {
+                Some(Arg::Literal(serde_json::to_value(v).unwrap_or_default()))
+            }
+            _ => {
+                cx.err(
+                    &path,
+                    format!("params.{key}: expected a string, number or bool"),
+                );
+                None
+            }
+        };
+        params.extend(arg.map(|a| (key.to_string(), a)));
+    }
+    params
 }
 
 /// `when` must give true or false. Evaluated once against an alert with the labels the

@@ -86,6 +86,22 @@ struct Normal {
 }
 
 impl Normal {
+    /// `<` or `>`: the next word is a redirection's target, or (`<<`) a here-document's
+    /// delimiter, or (`<<<`) a here-string's data.
+    fn redirection(&mut self, c: char, prev: Option<char>) {
+        self.end_word();
+        if c == '<' && self.heredoc_delim_next.is_some() {
+            // `<<<`: a here-string; its word is data on stdin.
+            self.heredoc_delim_next = None;
+            self.redirect_target = true;
+        } else if c == '<' && prev == Some('<') {
+            self.redirect_target = false;
+            self.heredoc_delim_next = Some(false);
+        } else {
+            self.redirect_target = true;
+        }
+    }
+
     fn new(subst: bool) -> Self {
         Normal {
             quote: InQuote::None,
@@ -289,47 +305,46 @@ impl Lexer {
         }
     }
 
-    fn normal_char(&mut self, c: char, prev: Option<char>) {
+    /// A character of a comment or inside quotes; false when it is neither.
+    fn quoted_char(&mut self, c: char, prev: Option<char>) -> bool {
         let Frame::Normal(n) = self.top() else {
-            return;
+            return false;
         };
         if n.comment {
             if c == '\n' {
                 n.comment = false;
                 self.newline();
             }
-            return;
+            return true;
         }
         match n.quote {
-            InQuote::Single => {
-                if c == '\'' {
-                    n.quote = InQuote::None;
-                } else {
-                    n.push_char(c);
-                }
-                return;
-            }
-            InQuote::Ansi => {
-                match c {
-                    '\\' => self.escaped = true,
-                    '\'' => n.quote = InQuote::None,
-                    _ => n.push_char(c),
-                }
-                return;
-            }
-            InQuote::Double => {
-                match c {
-                    '"' => n.quote = InQuote::None,
-                    '\\' => self.escaped = true,
-                    '`' => self.frames.push(Frame::Backtick),
-                    '(' if prev == Some('$') => self.frames.push(Frame::Normal(Normal::new(true))),
-                    '{' if prev == Some('$') => self.frames.push(Frame::Brace(1)),
-                    _ => n.push_char(c),
-                }
-                return;
-            }
-            InQuote::None => {}
+            InQuote::Single if c == '\'' => n.quote = InQuote::None,
+            InQuote::Single => n.push_char(c),
+            InQuote::Ansi => match c {
+                '\\' => self.escaped = true,
+                '\'' => n.quote = InQuote::None,
+                _ => n.push_char(c),
+            },
+            InQuote::Double => match c {
+                '"' => n.quote = InQuote::None,
+                '\\' => self.escaped = true,
+                '`' => self.frames.push(Frame::Backtick),
+                '(' if prev == Some('$') => self.frames.push(Frame::Normal(Normal::new(true))),
+                '{' if prev == Some('$') => self.frames.push(Frame::Brace(1)),
+                _ => n.push_char(c),
+            },
+            InQuote::None => return false,
         }
+        true
+    }
+
+    fn normal_char(&mut self, c: char, prev: Option<char>) {
+        if self.quoted_char(c, prev) {
+            return;
+        }
+        let Frame::Normal(n) = self.top() else {
+            return;
+        };
         match c {
             '\'' if prev == Some('$') && n.word.as_deref().is_some_and(|w| w.ends_with('$')) => {
                 n.quote = InQuote::Ansi;
@@ -372,19 +387,7 @@ impl Lexer {
                 n.end_command();
                 self.newline();
             }
-            '<' | '>' => {
-                n.end_word();
-                if c == '<' && n.heredoc_delim_next.is_some() {
-                    // `<<<`: a here-string; its word is data on stdin.
-                    n.heredoc_delim_next = None;
-                    n.redirect_target = true;
-                } else if c == '<' && prev == Some('<') {
-                    n.redirect_target = false;
-                    n.heredoc_delim_next = Some(false);
-                } else {
-                    n.redirect_target = true;
-                }
-            }
+            '<' | '>' => n.redirection(c, prev),
             '-' if prev == Some('<') && n.heredoc_delim_next.is_some() && n.word.is_none() => {
                 n.heredoc_delim_next = Some(true);
             }
