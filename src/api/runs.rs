@@ -125,14 +125,13 @@ pub async fn cancel(
     let Path(id) = id?;
     match state.engine.cancel_by(id, &who.name).await? {
         CancelResult::NotFound => Err(ApiError::NotFound(format!("no run {id}"))),
-        CancelResult::Cancelled => Ok(Json(json!({ "id": id, "state": "cancelled" }))),
+        CancelResult::Cancelled => Ok(Json(json!({ "id": id, "state": RunState::Cancelled }))),
         CancelResult::Requested => Ok(Json(
-            json!({ "id": id, "state": "cancelling", "message": "the step under way is being stopped; the run ends cancelled" }),
+            json!({ "id": id, "state": RunState::Cancelling, "message": "the step under way is being stopped; the run ends cancelled" }),
         )),
-        CancelResult::AlreadyFinished(s) => Err(ApiError::Conflict(format!(
-            "run {id} already ended: {}",
-            s.as_str()
-        ))),
+        CancelResult::AlreadyFinished(s) => {
+            Err(ApiError::Conflict(format!("run {id} already ended: {s}")))
+        }
     }
 }
 

@@ -231,23 +231,18 @@ impl Engine {
         if let Some(reason) = tripped {
             self.announce_breaker(crate::store::GLOBAL.into(), reason);
         }
+        let count = |playbook: &str, state: RunState| {
+            (self
+                .metrics
+                .runs
+                .with_label_values(&[playbook, state.as_str()]))
+            .inc();
+        };
         for o in outcomes.iter().flatten() {
             match o {
-                Outcome::Suppressed { playbook, .. } => self
-                    .metrics
-                    .runs
-                    .with_label_values(&[playbook, "suppressed"])
-                    .inc(),
-                Outcome::Failed { playbook, .. } => self
-                    .metrics
-                    .runs
-                    .with_label_values(&[playbook, "failed"])
-                    .inc(),
-                Outcome::Coalesced { playbook, .. } => self
-                    .metrics
-                    .runs
-                    .with_label_values(&[playbook, "coalesced"])
-                    .inc(),
+                Outcome::Suppressed { playbook, .. } => count(playbook, RunState::Suppressed),
+                Outcome::Failed { playbook, .. } => count(playbook, RunState::Failed),
+                Outcome::Coalesced { playbook, .. } => count(playbook, RunState::Coalesced),
                 Outcome::Ended { run_id, state, .. } => self.announce_end(*run_id, *state).await,
                 Outcome::Created { .. } | Outcome::Deduplicated { .. } => {}
             }
