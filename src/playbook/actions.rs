@@ -38,6 +38,16 @@ pub enum Action {
     KubeUncordon,
     /// Merge-patch any object.
     KubePatch,
+    /// Point a Service's selector at another set of pods (a standby), once enough are Ready.
+    KubeFailover,
+    /// Set ingress-nginx rate limits on an Ingress.
+    KubeRateLimit,
+    /// Merge outlier detection (and connection limits) into an Istio DestinationRule.
+    KubeCircuitBreak,
+    /// Cordon a node and evict its pods through the Eviction API (PodDisruptionBudgets hold).
+    KubeDrain,
+    /// Grow a PersistentVolumeClaim's storage request, within a bound.
+    KubeExpandPvc,
     /// Turn a feature flag off.
     FlagDisable,
     /// Turn a feature flag on.
@@ -82,6 +92,11 @@ impl Action {
         Action::KubeCordon,
         Action::KubeUncordon,
         Action::KubePatch,
+        Action::KubeFailover,
+        Action::KubeRateLimit,
+        Action::KubeCircuitBreak,
+        Action::KubeDrain,
+        Action::KubeExpandPvc,
         Action::FlagDisable,
         Action::FlagEnable,
     ];
@@ -108,6 +123,11 @@ impl Action {
             Action::KubeCordon => "kube.cordon",
             Action::KubeUncordon => "kube.uncordon",
             Action::KubePatch => "kube.patch",
+            Action::KubeFailover => "kube.failover",
+            Action::KubeRateLimit => "kube.rate_limit",
+            Action::KubeCircuitBreak => "kube.circuit_break",
+            Action::KubeDrain => "kube.drain",
+            Action::KubeExpandPvc => "kube.expand_pvc",
             Action::FlagDisable => "feature_flag.disable",
             Action::FlagEnable => "feature_flag.enable",
         }
@@ -162,6 +182,11 @@ impl Action {
             Action::KubeDeletePod => parse::<KubePodArgs>(args).map(drop),
             Action::KubeCordon | Action::KubeUncordon => parse::<KubeNodeArgs>(args).map(drop),
             Action::KubePatch => parse::<KubePatchArgs>(args).map(drop),
+            Action::KubeFailover
+            | Action::KubeRateLimit
+            | Action::KubeCircuitBreak
+            | Action::KubeDrain
+            | Action::KubeExpandPvc => self.check_catalogue(args),
             Action::FlagDisable | Action::FlagEnable => parse::<FlagArgs>(args).map(drop),
             Action::Http => {
                 let a = parse::<HttpArgs>(args)?;
@@ -200,6 +225,60 @@ impl Action {
                         .map_err(|e| format!("`duration`: {e}"))
                 }
             }
+        }
+    }
+
+    /// Structural check of the mitigation catalogue's Kubernetes actions.
+    fn check_catalogue(self, args: &serde_json::Value) -> Result<(), String> {
+        match self {
+            Action::KubeFailover => {
+                let a = parse::<KubeFailoverArgs>(args)?;
+                if a.selector.is_empty() {
+                    return Err("`selector`: name at least one label to set".into());
+                }
+                Ok(())
+            }
+            Action::KubeRateLimit => {
+                let a = parse::<KubeRateLimitArgs>(args)?;
+                if a.rps == 0 || a.burst_multiplier == Some(0) || a.connections == Some(0) {
+                    return Err("`rps`, `burst_multiplier`, `connections`: at least 1".into());
+                }
+                Ok(())
+            }
+            Action::KubeCircuitBreak => {
+                let a = parse::<KubeCircuitBreakArgs>(args)?;
+                for (name, d) in [
+                    ("interval", &a.interval),
+                    ("base_ejection_time", &a.base_ejection_time),
+                ] {
+                    if !Self::is_template(d) {
+                        crate::time::parse_duration(d).map_err(|e| format!("`{name}`: {e}"))?;
+                    }
+                }
+                if a.max_ejection_percent > 100 {
+                    return Err("`max_ejection_percent`: at most 100".into());
+                }
+                Ok(())
+            }
+            Action::KubeDrain => {
+                let a = parse::<KubeDrainArgs>(args)?;
+                match &a.timeout {
+                    Some(t) if !Self::is_template(t) => crate::time::parse_duration(t)
+                        .map(drop)
+                        .map_err(|e| format!("`timeout`: {e}")),
+                    _ => Ok(()),
+                }
+            }
+            Action::KubeExpandPvc => {
+                let a = parse::<KubeExpandPvcArgs>(args)?;
+                for (name, q) in [("size", &a.size), ("max", &a.max)] {
+                    if !Self::is_template(q) {
+                        quantity_bytes(q).map_err(|e| format!("`{name}`: {e}"))?;
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -451,6 +530,154 @@ pub struct KubePatchArgs {
     pub patch: serde_json::Value,
 }
 
+/// `kube.failover`: set keys of a Service's selector.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeFailoverArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// The Service.
+    pub service: String,
+    /// The selector keys to set (e.g. `track: standby`); the others are kept.
+    pub selector: std::collections::BTreeMap<String, String>,
+    /// Ready pods the new selector must match, or the step is refused.
+    #[serde(default = "one")]
+    pub min_ready: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `kube.rate_limit`: ingress-nginx's rate-limit annotations on an Ingress.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeRateLimitArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// The Ingress.
+    pub ingress: String,
+    /// Requests per second per client address (`limit-rps`).
+    pub rps: u32,
+    /// Burst as a multiple of `rps` (`limit-burst-multiplier`).
+    pub burst_multiplier: Option<u32>,
+    /// Concurrent connections per client address (`limit-connections`).
+    pub connections: Option<u32>,
+}
+
+/// `kube.circuit_break`: an Istio DestinationRule's outlier detection and connection pool.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeCircuitBreakArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// The DestinationRule.
+    pub destination_rule: String,
+    /// 5xx answers in a row that eject a host (`consecutive5xxErrors`).
+    pub consecutive_errors: u32,
+    /// How often hosts are analysed, e.g. `10s`.
+    pub interval: String,
+    /// How long an ejected host stays out (times the ejections), e.g. `30s`.
+    pub base_ejection_time: String,
+    /// At most this percentage of hosts ejected.
+    pub max_ejection_percent: u32,
+    /// TCP connections to a host at most (`connectionPool.tcp.maxConnections`).
+    pub max_connections: Option<u32>,
+    /// Requests queued for a host at most (`connectionPool.http.http1MaxPendingRequests`).
+    pub max_pending_requests: Option<u32>,
+}
+
+/// `kube.drain`: cordon, then evict every pod but DaemonSet-owned and mirror pods.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeDrainArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Node name.
+    pub node: String,
+    /// How long evictions a PodDisruptionBudget refuses are retried (default: the step's
+    /// timeout, less a moment to report).
+    pub timeout: Option<String>,
+    /// Seconds each pod gets to stop (default: its own terminationGracePeriodSeconds).
+    pub grace_period: Option<i64>,
+}
+
+/// `kube.expand_pvc`: grow a PersistentVolumeClaim's storage request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeExpandPvcArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// The PersistentVolumeClaim.
+    pub pvc: String,
+    /// The new request, e.g. `20Gi`, or `+5Gi` to add to the current one.
+    pub size: String,
+    /// Never above this, e.g. `100Gi`.
+    pub max: String,
+}
+
+/// Bytes of a Kubernetes quantity of storage: a number with an optional binary (`Ki`, `Mi`,
+/// `Gi`, `Ti`, `Pi`, `Ei`) or decimal (`k`, `M`, `G`, `T`, `P`, `E`) suffix; a leading `+`
+/// is kept for the caller (a relative size). Fractions are rounded up to a whole byte.
+pub fn quantity_bytes(q: &str) -> Result<u128, String> {
+    let s = q.trim().trim_start_matches('+');
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(split);
+    let unit: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "E" => 1_000_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        other => {
+            return Err(format!(
+                "{q:?}: unknown unit {other:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"
+            ));
+        }
+    };
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && frac.is_empty() || frac.contains('.') {
+        return Err(format!("{q:?} is not a quantity such as 10Gi"));
+    }
+    let digits = |d: &str| -> Result<u128, String> {
+        if d.is_empty() {
+            Ok(0)
+        } else {
+            d.parse::<u128>()
+                .map_err(|_| format!("{q:?} is not a quantity such as 10Gi"))
+        }
+    };
+    let scale = 10u128
+        .checked_pow(frac.len() as u32)
+        .filter(|_| frac.len() <= 18);
+    let scale = scale.ok_or_else(|| format!("{q:?}: too many decimals"))?;
+    let too_big = || format!("{q:?} is too large");
+    let whole = digits(whole)?.checked_mul(unit).ok_or_else(too_big)?;
+    let frac = digits(frac)?
+        .checked_mul(unit)
+        .ok_or_else(too_big)?
+        .div_ceil(scale);
+    whole.checked_add(frac).ok_or_else(too_big)
+}
+
 /// `feature_flag.disable`, `feature_flag.enable`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -465,6 +692,92 @@ pub struct FlagArgs {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_catalogues_arguments_are_checked_at_load() {
+        let check = |action: Action, args: serde_json::Value| action.check(&args);
+        let ns = json!("shop");
+        assert!(
+            check(
+                Action::KubeFailover,
+                json!({"namespace": ns, "service": "s", "selector": {"track": "b"}})
+            )
+            .is_ok()
+        );
+        let e = check(
+            Action::KubeFailover,
+            json!({"namespace": ns, "service": "s", "selector": {}}),
+        )
+        .unwrap_err();
+        assert!(e.contains("selector"), "{e}");
+        let e = check(
+            Action::KubeRateLimit,
+            json!({"namespace": ns, "ingress": "i", "rps": 0}),
+        )
+        .unwrap_err();
+        assert!(e.contains("at least 1"), "{e}");
+        let breaker = |percent: u32, interval: &str| {
+            json!({"namespace": ns, "destination_rule": "d", "consecutive_errors": 5, "interval": interval,
+                   "base_ejection_time": "30s", "max_ejection_percent": percent})
+        };
+        assert!(check(Action::KubeCircuitBreak, breaker(50, "10s")).is_ok());
+        assert!(
+            check(Action::KubeCircuitBreak, breaker(50, "{{ params.every }}")).is_ok(),
+            "a template is checked when rendered"
+        );
+        assert!(
+            check(Action::KubeCircuitBreak, breaker(101, "10s"))
+                .unwrap_err()
+                .contains("at most 100")
+        );
+        assert!(
+            check(Action::KubeCircuitBreak, breaker(50, "10 fortnights"))
+                .unwrap_err()
+                .contains("interval")
+        );
+        assert!(
+            check(Action::KubeDrain, json!({"node": "n1", "timeout": "2M"}))
+                .unwrap_err()
+                .contains("timeout")
+        );
+        let pvc = |size: &str| json!({"namespace": ns, "pvc": "p", "size": size, "max": "100Gi"});
+        assert!(check(Action::KubeExpandPvc, pvc("+5Gi")).is_ok());
+        assert!(
+            check(Action::KubeExpandPvc, pvc("5GB"))
+                .unwrap_err()
+                .contains("size")
+        );
+        let e = check(
+            Action::KubeExpandPvc,
+            json!({"namespace": ns, "pvc": "p", "size": "1Gi", "max": "1Gi", "extra": 1}),
+        )
+        .unwrap_err();
+        assert!(e.contains("extra"), "unknown arguments are refused: {e}");
+    }
+
+    #[test]
+    fn storage_quantities_are_read_as_kubernetes_reads_them() {
+        for (q, bytes) in [
+            ("10Gi", 10 << 30),
+            ("1.5Gi", 3 << 29),
+            ("500M", 500_000_000),
+            ("+5Gi", 5 << 30),
+            ("1024", 1024),
+            ("0.5Ki", 512),
+        ] {
+            assert_eq!(quantity_bytes(q), Ok(bytes), "{q}");
+        }
+        for bad in [
+            "",
+            "Gi",
+            "10GB",
+            "1..2Gi",
+            "ten",
+            "99999999999999999999999999999999999999Ei",
+        ] {
+            assert!(quantity_bytes(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn replicas_forms_and_clamping() {

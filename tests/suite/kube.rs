@@ -18,14 +18,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-struct Cluster {
-    fake: Option<FakeKube>,
+pub(crate) struct Cluster {
+    pub(crate) fake: Option<FakeKube>,
     _dir: tempfile::TempDir,
     /// What the executor uses (on the fake: Reflex's service account, held to RBAC).
-    kubeconfig: PathBuf,
+    pub(crate) kubeconfig: PathBuf,
     /// What test setup uses (on the fake: the cluster admin).
     admin: PathBuf,
-    ns: String,
+    pub(crate) ns: String,
 }
 
 fn rbac_manifest() -> PathBuf {
@@ -56,7 +56,7 @@ async fn cluster_with(rbac: Option<&Path>) -> Cluster {
     }
 }
 
-async fn cluster() -> Cluster {
+pub(crate) async fn cluster() -> Cluster {
     cluster_with(Some(&rbac_manifest())).await
 }
 
@@ -70,7 +70,7 @@ impl Cluster {
         reflex::config::Config::parse(&yaml).unwrap()
     }
 
-    fn executors(&self) -> Executors {
+    pub(crate) fn executors(&self) -> Executors {
         Executors::from_config(
             &self.config(),
             Arc::new(reflex::playbook::script::Sandbox::new()),
@@ -78,7 +78,7 @@ impl Cluster {
     }
 
     /// A client for test setup (all setup goes through the API, so it works on a real cluster).
-    async fn client(&self) -> kube::Client {
+    pub(crate) async fn client(&self) -> kube::Client {
         let kc = kube::config::Kubeconfig::read_from(&self.admin).unwrap();
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
             .await
@@ -86,7 +86,7 @@ impl Cluster {
         kube::Client::try_from(cfg).unwrap()
     }
 
-    async fn deployment(&self, name: &str, image: &str, replicas: i32) {
+    pub(crate) async fn deployment(&self, name: &str, image: &str, replicas: i32) {
         let d: Deployment = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {"app": name}},
             "spec": {
@@ -156,7 +156,7 @@ fn ctx(args: Value) -> StepContext {
     crate::common::step_context(args, Duration::from_secs(20))
 }
 
-async fn run(ex: &Executors, action: &str, args: Value) -> Result<Value, ExecError> {
+pub(crate) async fn run(ex: &Executors, action: &str, args: Value) -> Result<Value, ExecError> {
     let action = reflex::playbook::actions::Action::parse(action).expect("a known action");
     ex.get(action)
         .unwrap_or_else(|| panic!("no executor {action}"))
@@ -528,6 +528,55 @@ async fn the_rbac_role_grants_exactly_what_the_executor_uses() {
         .create(&PostParams::default(), &cm)
         .await
         .unwrap();
+    // What the catalogue's actions act on: a Service with a Ready standby, an Ingress, an Istio
+    // DestinationRule, a claim, and a node with a pod to evict.
+    let ns = c.ns.clone();
+    c.create(
+        "v1",
+        "Service",
+        Some(&ns),
+        json!({"metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}}}),
+    )
+    .await;
+    c.create(
+        "v1",
+        "Pod",
+        Some(&ns),
+        json!({"metadata": {"name": "web-standby", "labels": {"app": "web", "track": "standby"}},
+               "spec": {"nodeName": "n2", "containers": [{"name": "a", "image": "a:1"}]},
+               "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    )
+    .await;
+    c.create(
+        "v1",
+        "Pod",
+        Some(&ns),
+        json!({"metadata": {"name": "on-n2"}, "spec": {"nodeName": "n2", "containers": [{"name": "a", "image": "a:1"}]}}),
+    )
+    .await;
+    c.create("v1", "Node", None, json!({"metadata": {"name": "n2"}}))
+        .await;
+    c.create(
+        "networking.k8s.io/v1",
+        "Ingress",
+        Some(&ns),
+        json!({"metadata": {"name": "web"}, "spec": {}}),
+    )
+    .await;
+    c.create(
+        "networking.istio.io/v1",
+        "DestinationRule",
+        Some(&ns),
+        json!({"metadata": {"name": "web"}, "spec": {"host": "web"}}),
+    )
+    .await;
+    c.create(
+        "v1",
+        "PersistentVolumeClaim",
+        Some(&ns),
+        json!({"metadata": {"name": "data"}, "spec": {"resources": {"requests": {"storage": "1Gi"}}}}),
+    )
+    .await;
     fake.reset_used();
 
     let ns = c.ns.as_str();
@@ -562,6 +611,24 @@ async fn the_rbac_role_grants_exactly_what_the_executor_uses() {
         (
             "kube.patch",
             json!({"api_version": "apps/v1", "kind": "Deployment", "namespace": ns, "name": "api", "patch": {"metadata": {"labels": {"x": "y"}}}}),
+        ),
+        (
+            "kube.failover",
+            json!({"namespace": ns, "service": "web", "selector": {"track": "standby"}}),
+        ),
+        (
+            "kube.rate_limit",
+            json!({"namespace": ns, "ingress": "web", "rps": 5}),
+        ),
+        (
+            "kube.circuit_break",
+            json!({"namespace": ns, "destination_rule": "web", "consecutive_errors": 5, "interval": "10s",
+                   "base_ejection_time": "30s", "max_ejection_percent": 50}),
+        ),
+        ("kube.drain", json!({"node": "n2", "timeout": "5s"})),
+        (
+            "kube.expand_pvc",
+            json!({"namespace": ns, "pvc": "data", "size": "2Gi", "max": "4Gi"}),
         ),
     ] {
         run(&ex, action, args)

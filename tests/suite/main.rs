@@ -17,6 +17,7 @@ mod http_server;
 mod injection;
 mod intake;
 mod kube;
+mod kube_catalogue;
 mod notify;
 mod observability;
 mod recovery;

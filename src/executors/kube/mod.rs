@@ -6,10 +6,16 @@
 //! read a bounded number of times. Forbidden (403) is reported as such: the fix is the RBAC
 //! role in `deploy/kubernetes/`, not a retry.
 
+mod capacity;
+mod traffic;
+
+pub use traffic::{LIMIT_BURST, LIMIT_CONNECTIONS, LIMIT_RPS};
+
 use super::{ExecError, Executor, StepContext};
 use crate::config::KubeConfig;
 use crate::playbook::actions::{
-    Action, KubeNodeArgs, KubePatchArgs, KubePodArgs, KubeRollbackArgs, KubeScaleArgs,
+    Action, KubeCircuitBreakArgs, KubeDrainArgs, KubeExpandPvcArgs, KubeFailoverArgs, KubeNodeArgs,
+    KubePatchArgs, KubePodArgs, KubeRateLimitArgs, KubeRollbackArgs, KubeScaleArgs,
     KubeWorkloadArgs, Replicas,
 };
 use crate::playbook::namespace_matches;
@@ -90,7 +96,8 @@ fn is_conflict(e: &kube::Error) -> bool {
 /// The kube executor: one client per cluster, made on first use.
 pub struct KubeExecutor {
     cfg: KubeConfig,
-    clients: tokio::sync::Mutex<HashMap<String, Client>>,
+    /// By cluster, and whether kube-rs retries 429, 503 and 504 answers by itself.
+    clients: tokio::sync::Mutex<HashMap<(String, bool), Client>>,
     /// The API server URL of each cluster a client was made for, for error messages.
     urls: std::sync::Mutex<HashMap<String, String>>,
 }
@@ -123,11 +130,22 @@ impl KubeExecutor {
         Ok(name)
     }
 
-    /// The client of a cluster.
+    /// The client of a cluster. It retries the answers that say "later" (429, 503, 504) a
+    /// bounded number of times, as kube-rs does by default.
     pub async fn client(&self, cluster: Option<&str>) -> Result<Client, ExecError> {
+        self.client_with(cluster, true).await
+    }
+
+    /// A client of a cluster that hands a 429 back at once: for evictions, where a 429 is a
+    /// disruption budget's answer, waited on by the step within its own timeout.
+    async fn client_without_retries(&self, cluster: Option<&str>) -> Result<Client, ExecError> {
+        self.client_with(cluster, false).await
+    }
+
+    async fn client_with(&self, cluster: Option<&str>, retry: bool) -> Result<Client, ExecError> {
         let name = self.cluster_name(cluster)?;
         let mut clients = self.clients.lock().await;
-        if let Some(c) = clients.get(&name) {
+        if let Some(c) = clients.get(&(name.clone(), retry)) {
             return Ok(c.clone());
         }
         let config = match self.cfg.clusters.get(&name) {
@@ -155,9 +173,11 @@ impl KubeExecutor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.clone(), config.cluster_url.to_string());
+        let mut config = config;
+        config.default_retry = retry;
         let client = Client::try_from(config)
             .map_err(|e| ExecError::Failed(format!("cluster {name}: {e}")))?;
-        clients.insert(name, client.clone());
+        clients.insert((name, retry), client.clone());
         Ok(client)
     }
 
@@ -653,6 +673,23 @@ impl Executor for KubeAction {
             Action::KubePatch => ctx
                 .args::<KubePatchArgs>()
                 .map(|a| (a.cluster, a.namespace, a.name))?,
+            Action::KubeFailover => ctx
+                .args::<KubeFailoverArgs>()
+                .map(|a| (a.cluster, Some(a.namespace), a.service))?,
+            Action::KubeRateLimit => ctx
+                .args::<KubeRateLimitArgs>()
+                .map(|a| (a.cluster, Some(a.namespace), a.ingress))?,
+            Action::KubeCircuitBreak => ctx
+                .args::<KubeCircuitBreakArgs>()
+                .map(|a| (a.cluster, Some(a.namespace), a.destination_rule))?,
+            // A drain is the node's: it moves every pod off it (as `kubectl drain` does), and
+            // disruption budgets, not namespaces, say what may go.
+            Action::KubeDrain => ctx
+                .args::<KubeDrainArgs>()
+                .map(|a| (a.cluster, None, a.node))?,
+            Action::KubeExpandPvc => ctx
+                .args::<KubeExpandPvcArgs>()
+                .map(|a| (a.cluster, Some(a.namespace), a.pvc))?,
             _ => return Err(ExecError::InvalidArgs("not a kube action".into())),
         };
         check_name("name", &name)?;
@@ -697,6 +734,11 @@ impl KubeAction {
             Action::KubeCordon => self.0.cordon(ctx.args()?, true).await,
             Action::KubeUncordon => self.0.cordon(ctx.args()?, false).await,
             Action::KubePatch => self.0.patch(ctx.args()?).await,
+            Action::KubeFailover => self.0.failover(ctx.args()?).await,
+            Action::KubeRateLimit => self.0.rate_limit(ctx.args()?).await,
+            Action::KubeCircuitBreak => self.0.circuit_break(ctx.args()?).await,
+            Action::KubeDrain => self.0.drain(ctx.args()?, ctx.timeout).await,
+            Action::KubeExpandPvc => self.0.expand_pvc(ctx.args()?).await,
             _ => Err(ExecError::InvalidArgs("not a kube action".into())),
         }
     }

@@ -3,10 +3,14 @@
 //! kube-rs talks to it through a real kubeconfig. It serves the REST paths and verbs the
 //! executor uses — GET, LIST with label selectors, POST, PUT, PATCH (JSON merge; strategic
 //! merge is treated as merge, which is what it is for the maps Reflex patches), DELETE, and the
-//! `scale` subresource — keeps `resourceVersion` (409 on a stale one), answers 404, 403 for a
-//! verb the loaded RBAC rules lack, and does what the deployment controller does with
-//! ReplicaSets: one per pod template, owned by the Deployment, numbered by the
-//! `deployment.kubernetes.io/revision` annotation.
+//! `scale` subresource — keeps `resourceVersion` (409 on a stale one, in a PUT or in a merge
+//! patch that names one), answers 404, 403 for a verb the loaded RBAC rules lack, and does what
+//! the deployment controller does with ReplicaSets: one per pod template, owned by the
+//! Deployment, numbered by the `deployment.kubernetes.io/revision` annotation. It also serves
+//! the `eviction` subresource of pods as the API server does (429 while a PodDisruptionBudget
+//! would be violated), list field selectors on `spec.nodeName`, any custom resource (an Istio
+//! DestinationRule), and a PersistentVolumeClaim's rules (its spec immutable but for the
+//! storage request, which may not shrink).
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -29,6 +33,8 @@ struct Inner {
     used: BTreeSet<(String, String, String)>,
     requests: usize,
     conflicts: u32,
+    /// Each eviction granted: the pod (`ns/name`) and the grace period it asked for.
+    evictions: Vec<(String, Option<i64>)>,
 }
 
 /// A running fake API server.
@@ -159,6 +165,11 @@ fn kind_of(plural: &str) -> &'static str {
         "pods" => "Pod",
         "nodes" => "Node",
         "configmaps" => "ConfigMap",
+        "services" => "Service",
+        "ingresses" => "Ingress",
+        "destinationrules" => "DestinationRule",
+        "persistentvolumeclaims" => "PersistentVolumeClaim",
+        "poddisruptionbudgets" => "PodDisruptionBudget",
         _ => "Object",
     }
 }
@@ -186,7 +197,129 @@ fn revision(v: &Value) -> i64 {
         .unwrap_or(0)
 }
 
+/// Bytes of a storage quantity with a binary suffix (`10Gi`, `512Mi`), as the fake needs.
+fn storage_bytes(q: &Value) -> u64 {
+    let s = q.as_str().unwrap_or("0");
+    let (n, shift) = match s {
+        _ if s.ends_with("Ti") => (&s[..s.len() - 2], 40),
+        _ if s.ends_with("Gi") => (&s[..s.len() - 2], 30),
+        _ if s.ends_with("Mi") => (&s[..s.len() - 2], 20),
+        _ if s.ends_with("Ki") => (&s[..s.len() - 2], 10),
+        _ => (s, 0),
+    };
+    n.parse::<u64>().unwrap_or(0) << shift
+}
+
+/// Whether a pod is Ready.
+fn pod_ready(pod: &Value) -> bool {
+    pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+/// Whether `labels` match a `matchLabels` selector.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|m| m.iter().all(|(k, v)| labels[k] == *v))
+}
+
 impl Inner {
+    /// The eviction API: the pod goes unless a PodDisruptionBudget selecting it would be
+    /// violated (its healthy pods would fall below `minAvailable`, or more than
+    /// `maxUnavailable` would be down), which is a 429, as the API server answers.
+    fn evict(&mut self, ns: &str, name: &str, body: &Value) -> Response {
+        let pod_key = key("", "pods", ns, name);
+        let Some(pod) = self.objects.get(&pod_key).cloned() else {
+            return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+        };
+        let labels = &pod["metadata"]["labels"];
+        let pods_in_ns: Vec<&Value> = self
+            .objects
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("/pods/{ns}/")))
+            .map(|(_, v)| v)
+            .collect();
+        for (k, pdb) in &self.objects {
+            if !k.starts_with(&format!("policy/poddisruptionbudgets/{ns}/")) {
+                continue;
+            }
+            let selector = &pdb["spec"]["selector"]["matchLabels"];
+            if !selects(selector, labels) {
+                continue;
+            }
+            let covered: Vec<&&Value> = pods_in_ns
+                .iter()
+                .filter(|p| selects(selector, &p["metadata"]["labels"]))
+                .collect();
+            let healthy = covered.iter().filter(|p| pod_ready(p)).count() as i64;
+            let allowed = match (
+                pdb["spec"]["minAvailable"].as_i64(),
+                pdb["spec"]["maxUnavailable"].as_i64(),
+            ) {
+                (Some(min), _) => healthy - min,
+                (None, Some(max)) => max - (covered.len() as i64 - healthy),
+                (None, None) => 1,
+            };
+            // A Ready pod goes only while the budget allows a disruption; one that is not Ready
+            // only while the budget is met (the default `IfHealthyBudget` policy).
+            let refused = if pod_ready(&pod) {
+                allowed <= 0
+            } else {
+                allowed < 0
+            };
+            if refused {
+                return status(
+                    429,
+                    "TooManyRequests",
+                    "Cannot evict pod as it would violate the pod's disruption budget.",
+                );
+            }
+        }
+        self.objects.remove(&pod_key);
+        self.bump();
+        let grace = body["deleteOptions"]["gracePeriodSeconds"].as_i64();
+        self.evictions.push((format!("{ns}/{name}"), grace));
+        (
+            StatusCode::CREATED,
+            axum::Json(
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+            ),
+        )
+            .into_response()
+    }
+
+    /// A PersistentVolumeClaim's update rules: only the storage request may change, and it
+    /// may only grow.
+    fn pvc_refusal(old: &Value, new: &Value) -> Option<Response> {
+        let (mut o, mut n) = (old["spec"].clone(), new["spec"].clone());
+        for spec in [&mut o, &mut n] {
+            if let Some(r) = spec
+                .pointer_mut("/resources/requests")
+                .and_then(Value::as_object_mut)
+            {
+                r.remove("storage");
+            }
+        }
+        if o != n {
+            return Some(status(
+                422,
+                "Invalid",
+                "spec: Forbidden: spec is immutable after creation except resources.requests and volumeAttributesClassName for bound claims",
+            ));
+        }
+        let size = |v: &Value| storage_bytes(&v["spec"]["resources"]["requests"]["storage"]);
+        (size(new) < size(old)).then(|| {
+            status(
+                422,
+                "Invalid",
+                "spec.resources.requests.storage: Forbidden: field can not be less than previous value",
+            )
+        })
+    }
+
     /// Whether an injected conflict applies to this write: as if another writer got there
     /// first, the object's resourceVersion moves on and the write gets 409.
     fn injected_conflict(&mut self, key: &str) -> bool {
@@ -339,6 +472,10 @@ async fn handle(
         format!("{}/{}", t.group, t.version)
     };
 
+    if t.sub.as_deref() == Some("eviction") && method == Method::POST {
+        return s.evict(&ns, t.name.as_deref().unwrap_or(""), &body);
+    }
+
     // The scale subresource reads and writes the parent's spec.replicas.
     if t.sub.as_deref() == Some("scale") {
         let k = key(&t.group, &t.plural, &ns, t.name.as_deref().unwrap_or(""));
@@ -380,15 +517,14 @@ async fn handle(
 
     match (&method, &t.name) {
         (&Method::GET, None) => {
-            let selector: Vec<(String, String)> = query
-                .get("labelSelector")
-                .map(|s| {
-                    s.split(',')
-                        .filter_map(|kv| kv.split_once('='))
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            // `k=v,k=v` selectors (equality only, which is all the executor sends).
+            let pairs = |name: &str| -> Vec<(String, String)> {
+                let text = query.get(name).map_or("", String::as_str);
+                (text.split(',').filter_map(|kv| kv.split_once('=')))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            };
+            let (selector, fields) = (pairs("labelSelector"), pairs("fieldSelector"));
             let prefix = format!("{}/{}/{}/", t.group, t.plural, ns);
             let items: Vec<Value> = s
                 .objects
@@ -402,6 +538,12 @@ async fn handle(
                     selector
                         .iter()
                         .all(|(k, want)| v["metadata"]["labels"][k] == want.as_str())
+                })
+                .filter(|v| {
+                    fields.iter().all(|(k, want)| {
+                        let pointer = format!("/{}", k.replace('.', "/"));
+                        v.pointer(&pointer).and_then(Value::as_str) == Some(want.as_str())
+                    })
                 })
                 .collect();
             let rv = s.rv.to_string();
@@ -478,12 +620,23 @@ async fn handle(
             let sent_rv = new["metadata"]["resourceVersion"]
                 .as_str()
                 .map(str::to_string);
-            if method == Method::PUT
-                && sent_rv.is_some_and(|rv| {
-                    Some(rv.as_str()) != old["metadata"]["resourceVersion"].as_str()
-                })
+            // A PUT carries the version it read; a merge patch may name one as a precondition.
+            let named_rv = if method == Method::PUT {
+                sent_rv
+            } else {
+                body["metadata"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_string)
+            };
+            if named_rv
+                .is_some_and(|rv| Some(rv.as_str()) != old["metadata"]["resourceVersion"].as_str())
             {
                 return conflict();
+            }
+            if t.plural == "persistentvolumeclaims"
+                && let Some(refused) = Inner::pvc_refusal(&old, &new)
+            {
+                return refused;
             }
             let spec_changed = new["spec"] != old["spec"];
             let generation =
@@ -569,6 +722,11 @@ impl FakeKube {
     /// Every (verb, group, resource) requested so far.
     pub fn used(&self) -> BTreeSet<(String, String, String)> {
         self.inner.lock().unwrap().used.clone()
+    }
+
+    /// Each eviction granted so far: the pod (`ns/name`) and the grace period it asked for.
+    pub fn evictions(&self) -> Vec<(String, Option<i64>)> {
+        self.inner.lock().unwrap().evictions.clone()
     }
 
     /// Requests served so far.

@@ -1,0 +1,434 @@
+//! The mitigation catalogue's Kubernetes actions (failover, rate limit, circuit break, drain,
+//! volume growth) against the fake API server, held to `deploy/`'s RBAC role: the exact object
+//! after each step, what the step recorded before and after, and each refusal. Tests that set
+//! a pod's readiness or need an Istio CRD run on the fake only (see `kube.rs` for a real
+//! cluster).
+
+use crate::kube::{Cluster, cluster, run};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use reflex::executors::ExecError;
+use serde_json::{Value, json};
+
+impl Cluster {
+    /// Creates any object through the API as the cluster admin; its namespace is the test's
+    /// unless it is cluster-scoped (`ns: None`).
+    pub(crate) async fn create(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        body: Value,
+    ) {
+        let api = self.dynamic(api_version, kind, ns).await;
+        let mut obj: DynamicObject = serde_json::from_value(body).unwrap();
+        obj.types = Some(kube::api::TypeMeta {
+            api_version: api_version.into(),
+            kind: kind.into(),
+        });
+        api.create(&PostParams::default(), &obj).await.unwrap();
+    }
+
+    /// An object as the API serves it now.
+    pub(crate) async fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Value {
+        let obj = self
+            .dynamic(api_version, kind, ns)
+            .await
+            .get(name)
+            .await
+            .unwrap();
+        serde_json::to_value(obj).unwrap()
+    }
+
+    /// Merge-patches an object as the cluster admin.
+    async fn patch_as_admin(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+        patch: Value,
+    ) -> Result<(), kube::Error> {
+        let api = self.dynamic(api_version, kind, ns).await;
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    }
+
+    async fn dynamic(&self, api_version: &str, kind: &str, ns: Option<&str>) -> Api<DynamicObject> {
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+        match ns {
+            Some(ns) => Api::namespaced_with(self.client().await, ns, &resource),
+            None => Api::all_with(self.client().await, &resource),
+        }
+    }
+
+    /// A pod with these labels, Ready or not, on a node (the fake keeps the status it is
+    /// given; a real API server would not).
+    async fn pod(&self, name: &str, labels: Value, ready: bool, node: &str, extra: Value) {
+        let mut body = json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app:1"}]},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        });
+        crate::common::fake_kube::merge(&mut body, &extra);
+        self.create("v1", "Pod", Some(&self.ns.clone()), body).await;
+    }
+}
+
+/// The fake cluster; none on a real one, where a test that sets pod readiness or needs a CRD
+/// the fake serves is skipped.
+async fn fake_cluster() -> Option<Cluster> {
+    let c = cluster().await;
+    if c.fake.is_none() {
+        eprintln!("skipped: needs the fake API server");
+        return None;
+    }
+    Some(c)
+}
+
+#[tokio::test]
+async fn failover_moves_the_selector_only_once_enough_standby_pods_are_ready() {
+    let Some(c) = fake_cluster().await else {
+        return;
+    };
+    let ns = c.ns.clone();
+    c.create(
+        "v1",
+        "Service",
+        Some(&ns),
+        json!({"metadata": {"name": "checkout"}, "spec": {"selector": {"app": "checkout", "track": "primary"}, "ports": [{"port": 80}]}}),
+    )
+    .await;
+    for (name, track, ready) in [
+        ("primary-1", "primary", true),
+        ("standby-1", "standby", true),
+        ("standby-2", "standby", false),
+    ] {
+        let labels = json!({"app": "checkout", "track": track});
+        c.pod(name, labels, ready, "n1", json!({})).await;
+    }
+    // Ready pods of another app with the same track do not count.
+    let other = json!({"app": "other", "track": "standby"});
+    c.pod("other-1", other, true, "n1", json!({})).await;
+    let ex = c.executors();
+    let args = |min_ready: u32| json!({"namespace": ns, "service": "checkout", "selector": {"track": "standby"}, "min_ready": min_ready});
+    let err = run(&ex, "kube.failover", args(2)).await.unwrap_err();
+    assert!(
+        matches!(&err, ExecError::Refused(m) if m.contains("only 1 Ready pod(s)") && m.contains("app=checkout,track=standby")),
+        "{err}"
+    );
+    let svc = c.get("v1", "Service", Some(&ns), "checkout").await;
+    assert_eq!(
+        svc["spec"]["selector"],
+        json!({"app": "checkout", "track": "primary"}),
+        "unchanged"
+    );
+
+    let out = run(&ex, "kube.failover", args(1)).await.unwrap();
+    let svc = c.get("v1", "Service", Some(&ns), "checkout").await;
+    assert_eq!(
+        svc["spec"]["selector"],
+        json!({"app": "checkout", "track": "standby"})
+    );
+    assert_eq!(
+        svc["spec"]["ports"][0]["port"], 80,
+        "the rest of the Service is kept"
+    );
+    assert_eq!(
+        out["before"]["selector"],
+        json!({"app": "checkout", "track": "primary"})
+    );
+    assert_eq!(
+        out["after"]["selector"],
+        json!({"app": "checkout", "track": "standby"})
+    );
+    assert_eq!(
+        (out["ready"].clone(), out["changed"].clone()),
+        (json!(1), json!(true))
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_sets_the_ingress_nginx_annotations_and_records_what_was_there() {
+    let c = cluster().await;
+    let ns = c.ns.clone();
+    c.create(
+        "networking.k8s.io/v1",
+        "Ingress",
+        Some(&ns),
+        json!({"metadata": {"name": "shop", "annotations": {
+            "nginx.ingress.kubernetes.io/limit-rps": "50",
+            "nginx.ingress.kubernetes.io/rewrite-target": "/"}},
+            "spec": {"rules": [{"host": "shop.example", "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "shop", "port": {"number": 80}}}}]}}]}}),
+    )
+    .await;
+    let out = run(
+        &c.executors(),
+        "kube.rate_limit",
+        json!({"namespace": ns, "ingress": "shop", "rps": 10, "burst_multiplier": 3}),
+    )
+    .await
+    .unwrap();
+    let ing = c
+        .get("networking.k8s.io/v1", "Ingress", Some(&ns), "shop")
+        .await;
+    let annotations = &ing["metadata"]["annotations"];
+    assert_eq!(annotations["nginx.ingress.kubernetes.io/limit-rps"], "10");
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/limit-burst-multiplier"],
+        "3"
+    );
+    assert!(
+        annotations
+            .get("nginx.ingress.kubernetes.io/limit-connections")
+            .is_none(),
+        "not asked for"
+    );
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/rewrite-target"], "/",
+        "others kept"
+    );
+    assert_eq!(
+        out["before"]["annotations"],
+        json!({"nginx.ingress.kubernetes.io/limit-rps": "50", "nginx.ingress.kubernetes.io/limit-burst-multiplier": null}),
+        "the previous values, absent ones as null"
+    );
+    assert_eq!(
+        out["after"]["annotations"],
+        json!({"nginx.ingress.kubernetes.io/limit-rps": "10", "nginx.ingress.kubernetes.io/limit-burst-multiplier": "3"})
+    );
+    let err = run(
+        &c.executors(),
+        "kube.rate_limit",
+        json!({"namespace": ns, "ingress": "nope", "rps": 10}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("ingress") && err.to_string().contains("not found"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn circuit_break_merges_outlier_detection_into_the_destination_rule() {
+    let Some(c) = fake_cluster().await else {
+        return;
+    };
+    let ns = c.ns.clone();
+    let istio = "networking.istio.io/v1";
+    c.create(
+        istio,
+        "DestinationRule",
+        Some(&ns),
+        json!({"metadata": {"name": "payments"}, "spec": {"host": "payments.shop.svc.cluster.local",
+            "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}}}),
+    )
+    .await;
+    let out = run(
+        &c.executors(),
+        "kube.circuit_break",
+        json!({"namespace": ns, "destination_rule": "payments", "consecutive_errors": 5, "interval": "10s",
+               "base_ejection_time": "30s", "max_ejection_percent": 50, "max_connections": 100,
+               "max_pending_requests": 10}),
+    )
+    .await
+    .unwrap();
+    let rule = c.get(istio, "DestinationRule", Some(&ns), "payments").await;
+    let policy = &rule["spec"]["trafficPolicy"];
+    assert_eq!(
+        policy,
+        &json!({
+            "loadBalancer": {"simple": "ROUND_ROBIN"},
+            "outlierDetection": {"consecutive5xxErrors": 5, "interval": "10s", "baseEjectionTime": "30s", "maxEjectionPercent": 50},
+            "connectionPool": {"tcp": {"maxConnections": 100}, "http": {"http1MaxPendingRequests": 10}},
+        })
+    );
+    assert_eq!(rule["spec"]["host"], "payments.shop.svc.cluster.local");
+    assert_eq!(
+        out["before"]["trafficPolicy"],
+        json!({"loadBalancer": {"simple": "ROUND_ROBIN"}})
+    );
+    assert_eq!(&out["after"]["trafficPolicy"], policy);
+}
+
+#[tokio::test]
+async fn drain_cordons_evicts_and_waits_on_a_disruption_budget_until_its_timeout() {
+    let Some(c) = fake_cluster().await else {
+        return;
+    };
+    let ns = c.ns.clone();
+    c.create("v1", "Node", None, json!({"metadata": {"name": "n1"}}))
+        .await;
+    for name in ["web-1", "web-2"] {
+        c.pod(name, json!({"app": "web"}), true, "n1", json!({}))
+            .await;
+    }
+    c.pod("batch-1", json!({"app": "batch"}), true, "n1", json!({}))
+        .await;
+    c.pod(
+        "agent-x",
+        json!({"app": "agent"}),
+        true,
+        "n1",
+        json!({"metadata": {"ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": "u1", "controller": true}]}}),
+    )
+    .await;
+    c.pod(
+        "etcd-n1",
+        json!({"component": "etcd"}),
+        true,
+        "n1",
+        json!({"metadata": {"annotations": {"kubernetes.io/config.mirror": "abc"}}}),
+    )
+    .await;
+    c.pod("web-3", json!({"app": "web"}), true, "n2", json!({}))
+        .await;
+    // Two of the three web pods must stay up: web-1 may go, then nothing more.
+    c.create(
+        "policy/v1",
+        "PodDisruptionBudget",
+        Some(&ns),
+        json!({"metadata": {"name": "web"}, "spec": {"minAvailable": 2, "selector": {"matchLabels": {"app": "web"}}}}),
+    )
+    .await;
+    let ex = c.executors();
+    let started = std::time::Instant::now();
+    let err = run(
+        &ex,
+        "kube.drain",
+        json!({"node": "n1", "timeout": "2s", "grace_period": 30}),
+    )
+    .await
+    .unwrap_err();
+    let ExecError::FailedWith(message, out) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "retried until the timeout"
+    );
+    assert!(
+        message.contains("PodDisruptionBudget") && message.contains(&format!("{ns}/web-2")),
+        "{message}"
+    );
+    assert_eq!(
+        out["evicted"],
+        json!([format!("{ns}/batch-1"), format!("{ns}/web-1")])
+    );
+    assert_eq!(out["left"], json!([format!("{ns}/web-2")]));
+    assert_eq!(
+        out["skipped"],
+        json!([{"pod": format!("{ns}/agent-x"), "why": "DaemonSet"}, {"pod": format!("{ns}/etcd-n1"), "why": "mirror pod"}])
+    );
+    assert_eq!(out["before"]["unschedulable"], false);
+    assert_eq!(out["after"]["unschedulable"], true);
+    let node = c.get("v1", "Node", None, "n1").await;
+    assert_eq!(node["spec"]["unschedulable"], true, "cordoned");
+    let fake = c.fake.as_ref().unwrap();
+    assert_eq!(
+        fake.evictions(),
+        vec![
+            (format!("{ns}/batch-1"), Some(30)),
+            (format!("{ns}/web-1"), Some(30))
+        ],
+        "evicted through the Eviction API with the grace period asked for"
+    );
+    assert!(
+        fake.object("", "pods", &ns, "web-3").is_some(),
+        "a pod on another node stays"
+    );
+    assert!(fake.object("", "pods", &ns, "agent-x").is_some());
+
+    // The budget relaxed, a second drain finishes the job.
+    c.patch_as_admin(
+        "policy/v1",
+        "PodDisruptionBudget",
+        Some(&ns),
+        "web",
+        json!({"spec": {"minAvailable": 1}}),
+    )
+    .await
+    .unwrap();
+    let out = run(&ex, "kube.drain", json!({"node": "n1", "timeout": "2s"}))
+        .await
+        .unwrap();
+    assert_eq!(out["evicted"], json!([format!("{ns}/web-2")]));
+    assert_eq!(out["left"], json!([]));
+    assert_eq!(out["before"]["unschedulable"], true, "already cordoned");
+}
+
+#[tokio::test]
+async fn expand_pvc_grows_within_max_and_never_shrinks() {
+    let Some(c) = fake_cluster().await else {
+        return;
+    };
+    let ns = c.ns.clone();
+    c.create(
+        "v1",
+        "PersistentVolumeClaim",
+        Some(&ns),
+        json!({"metadata": {"name": "data-db-0"}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "ssd",
+            "resources": {"requests": {"storage": "10Gi"}}}, "status": {"capacity": {"storage": "10Gi"}}}),
+    )
+    .await;
+    let ex = c.executors();
+    let grow = |size: &str, max: &str| json!({"namespace": ns, "pvc": "data-db-0", "size": size, "max": max});
+    let storage = || async {
+        c.get("v1", "PersistentVolumeClaim", Some(&ns), "data-db-0")
+            .await["spec"]["resources"]["requests"]["storage"]
+            .clone()
+    };
+    let out = run(&ex, "kube.expand_pvc", grow("+5Gi", "20Gi"))
+        .await
+        .unwrap();
+    assert_eq!(storage().await, "15Gi");
+    assert_eq!(out["before"]["storage"], "10Gi");
+    assert_eq!(out["after"]["storage"], "15Gi");
+    assert_eq!(
+        out["capacity"], "10Gi",
+        "what the volume has until the resize is done"
+    );
+
+    let err = run(&ex, "kube.expand_pvc", grow("30Gi", "20Gi"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ExecError::Refused(m) if m.contains("above max 20Gi")),
+        "{err}"
+    );
+    let err = run(&ex, "kube.expand_pvc", grow("5Gi", "20Gi"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ExecError::Refused(m) if m.contains("only grow")),
+        "{err}"
+    );
+    assert_eq!(storage().await, "15Gi", "nothing changed");
+    // The API server's own rule, which the refusal above keeps Reflex from ever meeting.
+    let shrink = c
+        .patch_as_admin(
+            "v1",
+            "PersistentVolumeClaim",
+            Some(&ns),
+            "data-db-0",
+            json!({"spec": {"resources": {"requests": {"storage": "1Gi"}}}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        shrink
+            .to_string()
+            .contains("can not be less than previous value"),
+        "{shrink}"
+    );
+}
