@@ -239,6 +239,7 @@ fn simulate_one(
             params: Value::Object(plan.params.clone()),
             timeout: std::time::Duration::from_secs(60),
             cancel: Default::default(),
+            watch: None,
         };
         let refused = match executors.get(s.action) {
             None => Some(format!("no executor for action {:?}", s.action)),

@@ -245,10 +245,17 @@ pub fn format_run(r: &Value) -> String {
 
 /// One step: index, state, name, action, and its error or summary.
 pub fn format_step(s: &Value) -> String {
+    let verifying = &s["output"]["verifying"];
+    let left = verifying["left_seconds"].as_u64().map(|left| {
+        let left = humantime::format_duration(std::time::Duration::from_secs(left));
+        let window = verifying["for"].as_str().unwrap_or("?");
+        format!(": verifying, {left} left of {window}")
+    });
     let detail = s["error"]
         .as_str()
         .map(|e| format!(": {e}"))
         .or_else(|| s["output"]["summary"].as_str().map(|m| format!(": {m}")))
+        .or(left)
         .unwrap_or_default();
     format!(
         "  {:>2}. {:<12} {} ({}){detail}\n",
@@ -355,6 +362,16 @@ pub fn is_final(state: &str) -> bool {
 mod table_tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_step_in_its_verification_window_says_how_long_it_has_left() {
+        let step = json!({"idx": 0, "state": "running", "name": "check", "action": "verify",
+            "output": {"verifying": {"for": "10m", "until": "2026-12-05T10:10:00.000Z", "left_seconds": 250}}});
+        assert_eq!(
+            format_step(&step),
+            "   1. running      check (verify): verifying, 4m 10s left of 10m\n"
+        );
+    }
 
     #[test]
     fn runs_say_why_and_long_values_are_cut_unless_wide() {

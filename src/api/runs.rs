@@ -78,7 +78,7 @@ pub async fn list(
         })
         .await?;
     for run in &mut runs {
-        state.engine.show_cancelling(run);
+        state.engine.show_live(run);
     }
     let next_before = (runs.len() == limit as usize)
         .then(|| runs.last().map(|r| r.id))
@@ -103,7 +103,7 @@ pub async fn get(
     let Path(id) = id?;
     let mut run = (state.store.get_run(id).await?)
         .ok_or_else(|| ApiError::NotFound(format!("no run {id}")))?;
-    state.engine.show_cancelling(&mut run);
+    state.engine.show_live(&mut run);
     Ok(Json(run))
 }
 

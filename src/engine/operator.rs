@@ -86,9 +86,11 @@ impl Engine {
         Ok(result)
     }
 
-    /// A running run whose cancel was asked on this replica shows as `cancelling` until its
-    /// step under way has stopped.
-    pub fn show_cancelling(&self, run: &mut crate::store::RunView) {
+    /// A run as it stands now: a running run whose cancel was asked on this replica shows as
+    /// `cancelling` until its step under way has stopped, and a verification window under way
+    /// says how long it has left.
+    pub fn show_live(&self, run: &mut crate::store::RunView) {
+        run.note_time_left(crate::time::Timestamp::from_ms(self.store.now_ms()));
         if run.state == RunState::Running {
             let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             if running

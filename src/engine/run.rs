@@ -12,6 +12,7 @@ use crate::store::{
 };
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -550,6 +551,14 @@ impl Engine {
             alert: run.alert.clone(),
             params: run.params.clone(),
             cancel: token.clone(),
+            watch: Some(Arc::new(StepWatch {
+                store: self.store.clone(),
+                run_id: run.id,
+                idx: step.idx,
+                playbook: run.playbook.clone(),
+                fingerprint: run.alert.fingerprint.clone(),
+                starts_at: run.alert.starts_at.clone(),
+            })),
         }
     }
 
@@ -670,6 +679,44 @@ async fn act(
             } else {
                 Err(ExecError::Cancelled)
             }
+        }
+    }
+}
+
+/// A running step's view of its run, through the store (so a new occurrence received by
+/// another replica counts too).
+struct StepWatch {
+    store: crate::store::Store,
+    run_id: i64,
+    idx: i64,
+    playbook: String,
+    fingerprint: String,
+    starts_at: String,
+}
+
+impl std::fmt::Debug for StepWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StepWatch(run {} step {})", self.run_id, self.idx)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::executors::RunWatch for StepWatch {
+    async fn refired_since(&self, since: crate::time::Timestamp) -> Result<bool, String> {
+        let (playbook, fingerprint) = (self.playbook.clone(), self.fingerprint.clone());
+        (self.store)
+            .refired(playbook, fingerprint, self.starts_at.clone(), since.ms())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn progress(&self, progress: Value) {
+        if let Err(e) = self
+            .store
+            .step_progress(self.run_id, self.idx, progress)
+            .await
+        {
+            tracing::warn!(run_id = self.run_id, error = %e, "cannot record a step's progress");
         }
     }
 }

@@ -82,6 +82,18 @@ pub struct StepContext {
     pub timeout: std::time::Duration,
     /// Fires when an operator cancels the run (see [`Executor::stops_on_cancel`]).
     pub cancel: tokio_util::sync::CancellationToken,
+    /// What the step may ask about, or tell of, its run while it is under way (none outside
+    /// the engine: a simulation, a test).
+    pub watch: Option<std::sync::Arc<dyn RunWatch>>,
+}
+
+/// The run, as a long step sees it while it is under way.
+#[async_trait::async_trait]
+pub trait RunWatch: Send + Sync + std::fmt::Debug {
+    /// Whether the run's alert fired again (a new occurrence) at or after `since`.
+    async fn refired_since(&self, since: crate::time::Timestamp) -> Result<bool, String>;
+    /// Records how the step is getting on: its output until it ends.
+    async fn progress(&self, progress: Value);
 }
 
 impl StepContext {

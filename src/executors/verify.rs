@@ -109,54 +109,162 @@ impl Executor for VerifyExecutor {
             .sandbox
             .compile_expr(&args.condition, crate::playbook::script::names::CONDITION)
             .map_err(|e| ExecError::InvalidArgs(e.message))?;
-        let interval = match &args.interval {
-            Some(i) => crate::time::parse_duration(i).map_err(ExecError::InvalidArgs)?,
-            None => DEFAULT_INTERVAL,
+        let duration = |d: &Option<String>| {
+            d.as_deref()
+                .map(crate::time::parse_duration)
+                .transpose()
+                .map_err(ExecError::InvalidArgs)
         };
+        let interval = duration(&args.interval)?.unwrap_or(DEFAULT_INTERVAL);
+        let mut window = duration(&args.window)?.map(Window::new);
         let deadline = tokio::time::Instant::now() + ctx.timeout;
         let mut polls = 0;
         loop {
             polls += 1;
-            let mut failed = false;
-            let last = match self.query(&args.query).await {
-                Ok(values) => {
-                    if self
-                        .holds(&condition, &values)
-                        .map_err(ExecError::InvalidArgs)?
-                    {
-                        return Ok(
-                            json!({ "query": args.query, "values": values, "polls": polls, "holds": true }),
-                        );
-                    }
-                    if values.is_empty() {
-                        "no samples".to_string()
-                    } else {
-                        format!("value {}", values[0])
-                    }
-                }
-                Err(e) => {
-                    failed = true;
-                    e
-                }
+            let sample = self.query(&args.query).await;
+            let held = match &sample {
+                Ok(values) => self
+                    .holds(&condition, values)
+                    .map_err(ExecError::InvalidArgs)?,
+                Err(_) => false,
             };
+            let last = match &sample {
+                Ok(values) if values.is_empty() => "no samples".to_string(),
+                Ok(values) => format!("value {}", values[0]),
+                Err(e) => e.clone(),
+            };
+            let values = sample.as_ref().ok();
+            let done =
+                json!({ "query": args.query, "values": values, "polls": polls, "holds": true });
+            match window.as_mut() {
+                None if held => return Ok(done),
+                Some(w) if held => {
+                    let over = w.check(ctx, args.fail_if_refires, &args.condition).await?;
+                    if over {
+                        return Ok(w.passed(done));
+                    }
+                }
+                Some(w) if w.started.is_some() => {
+                    return Err(ExecError::Failed(w.broke(&args.condition, &last)));
+                }
+                _ => {}
+            }
             let now = tokio::time::Instant::now();
-            if now >= deadline && failed {
-                // The condition was never evaluated: say why, not that it did not hold.
-                return Err(ExecError::Failed(format!(
-                    "the query `{}` failed ({polls} polls within {}): {last}",
-                    args.query,
-                    humantime::format_duration(ctx.timeout),
-                )));
-            }
             if now >= deadline {
+                return Err(ExecError::Failed(match (&sample, &window) {
+                    // The condition was never evaluated: say why, not that it did not hold.
+                    (Err(_), _) => format!(
+                        "the query `{}` failed ({polls} polls within {}): {last}",
+                        args.query,
+                        humantime::format_duration(ctx.timeout),
+                    ),
+                    (Ok(_), Some(w)) if w.started.is_some() => w.cut_short(&args.condition),
+                    (Ok(_), _) => format!(
+                        "`{}` did not hold within {} for `{}` (last: {last}, {polls} polls)",
+                        args.condition.trim(),
+                        humantime::format_duration(ctx.timeout),
+                        args.query
+                    ),
+                }));
+            }
+            let mut pause = interval.min(deadline - now);
+            if let Some(end) = window.as_ref().and_then(Window::end) {
+                pause = pause.min(end.saturating_duration_since(now));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// A verification window: from the first poll where the condition holds, it must hold at
+/// every poll for `length`.
+struct Window {
+    length: Duration,
+    /// When the condition first held (monotonic, and as a time for the record).
+    started: Option<(tokio::time::Instant, crate::time::Timestamp)>,
+}
+
+impl Window {
+    fn new(length: Duration) -> Window {
+        Window {
+            length,
+            started: None,
+        }
+    }
+
+    fn end(&self) -> Option<tokio::time::Instant> {
+        self.started.map(|(at, _)| at + self.length)
+    }
+
+    fn text(&self) -> String {
+        humantime::format_duration(self.length).to_string()
+    }
+
+    /// How long the condition has held.
+    fn held(&self) -> String {
+        let since = self.started.map_or(Duration::ZERO, |(at, _)| at.elapsed());
+        humantime::format_duration(Duration::from_secs(since.as_secs())).to_string()
+    }
+
+    /// The condition holds at this poll: starts the window (and says so in the step's
+    /// output), fails when the alert fired again, and tells whether the window is over.
+    async fn check(
+        &mut self,
+        ctx: &StepContext,
+        fail_if_refires: bool,
+        condition: &str,
+    ) -> Result<bool, ExecError> {
+        let now = tokio::time::Instant::now();
+        let Some((_, since)) = self.started else {
+            let at = crate::time::Timestamp::from_ms(crate::time::now_ms());
+            self.started = Some((now, at));
+            if let Some(watch) = &ctx.watch {
+                let until =
+                    crate::time::Timestamp::from_ms(at.ms() + self.length.as_millis() as i64);
+                let progress = json!({ "verifying": { "for": self.text(), "holding_since": at, "until": until } });
+                watch.progress(progress).await;
+            }
+            return Ok(self.length.is_zero());
+        };
+        if fail_if_refires && let Some(watch) = &ctx.watch {
+            let refired = watch
+                .refired_since(since)
+                .await
+                .map_err(ExecError::Failed)?;
+            if refired {
                 return Err(ExecError::Failed(format!(
-                    "`{}` did not hold within {} for `{}` (last: {last}, {polls} polls)",
-                    args.condition.trim(),
-                    humantime::format_duration(ctx.timeout),
-                    args.query
+                    "the alert fired again {} into the {} verification window (`{}` held until then)",
+                    self.held(),
+                    self.text(),
+                    condition.trim()
                 )));
             }
-            tokio::time::sleep(interval.min(deadline - now)).await;
         }
+        Ok(self.end().is_some_and(|end| now >= end))
+    }
+
+    /// The step's output once the window is over.
+    fn passed(&self, mut done: Value) -> Value {
+        done["held_for"] = json!(self.text());
+        done["summary"] = json!(format!("Verified for {}.", self.text()));
+        done
+    }
+
+    fn broke(&self, condition: &str, last: &str) -> String {
+        format!(
+            "`{}` held for {} of the {} verification window, then broke (last: {last})",
+            condition.trim(),
+            self.held(),
+            self.text()
+        )
+    }
+
+    fn cut_short(&self, condition: &str) -> String {
+        format!(
+            "`{}` held for {} of the {} verification window when the step's timeout came",
+            condition.trim(),
+            self.held(),
+            self.text()
+        )
     }
 }

@@ -198,12 +198,12 @@ impl Action {
             }
             Action::Verify => {
                 let a = parse::<VerifyArgs>(args)?;
-                match a.interval.as_deref() {
-                    Some(i) if !Self::is_template(i) => crate::time::parse_duration(i)
-                        .map(drop)
-                        .map_err(|e| format!("`interval`: {e}")),
-                    _ => Ok(()),
+                for (name, d) in [("interval", &a.interval), ("for", &a.window)] {
+                    if let Some(d) = d.as_deref().filter(|d| !Self::is_template(d)) {
+                        crate::time::parse_duration(d).map_err(|e| format!("`{name}`: {e}"))?;
+                    }
                 }
+                Ok(())
             }
             Action::DiskCleanup => {
                 let a = parse::<DiskCleanupArgs>(args)?;
@@ -383,6 +383,18 @@ pub struct VerifyArgs {
     pub condition: String,
     /// Time between polls (default 10s).
     pub interval: Option<String>,
+    /// A verification window: once the condition holds, it must go on holding at every poll
+    /// for this long (`10m`), or the step fails.
+    #[serde(rename = "for")]
+    pub window: Option<String>,
+    /// Whether a new occurrence of the run's own alert during the window fails the step
+    /// (default: it does).
+    #[serde(default = "yes")]
+    pub fail_if_refires: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A replica count: absolute (`5`), relative (`+2`, `-1`) or a factor (`x2`, `x1.5`).

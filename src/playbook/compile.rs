@@ -368,6 +368,9 @@ fn compile_step(cx: &mut Ctx<'_>, section: &str, i: usize, spec: &StepSpec) -> O
         cx.err(&path, format!("{} arguments: {e}", action.name()));
         return None;
     }
+    if action == Action::Verify {
+        check_window(cx, &at("timeout"), &raw, timeout);
+    }
     let mut args = Vec::new();
     let mut script = None;
     for (key, value) in raw.as_object().into_iter().flatten() {
@@ -405,6 +408,31 @@ fn compile_step(cx: &mut Ctx<'_>, section: &str, i: usize, spec: &StepSpec) -> O
         script,
         approval: cx.gate(&at("approval"), spec.approval.as_ref(), GateScope::Step),
     })
+}
+
+/// A verification window must fit in its step: the step's timeout has to be longer than the
+/// window, or the window could never complete.
+fn check_window(
+    cx: &mut Ctx<'_>,
+    at: &[Seg<'_>],
+    raw: &serde_json::Value,
+    timeout: Option<std::time::Duration>,
+) {
+    let window = raw["for"].as_str().filter(|w| !Template::has_holes(w));
+    let Some(window) = window.and_then(|w| crate::time::parse_duration(w).ok()) else {
+        return;
+    };
+    if timeout.is_none_or(|t| t <= window) {
+        let w = humantime::format_duration(window);
+        cx.err(
+            at,
+            format!(
+                "verify `for: {w}` needs a step timeout longer than its window (the condition \
+                 must first hold, then hold for {w}): add e.g. `timeout: {}`",
+                humantime::format_duration(window + window / 2)
+            ),
+        );
+    }
 }
 
 fn arg_tree(cx: &mut Ctx<'_>, path: &[Seg<'_>], v: &serde_json::Value, q: Quoting) -> Option<Arg> {
@@ -449,6 +477,28 @@ steps:
     with:
       message: "low on {{ params.host }}"
 "#;
+
+    #[test]
+    fn a_verification_window_needs_a_longer_step_timeout() {
+        let verify = |timeout: &str| {
+            format!(
+                "name: v\nmatchers: ['alertname=\"X\"']\nsteps:\n  - action: verify\n    with: {{ query: up, condition: \"value > 0\", for: 10m }}\n{timeout}"
+            )
+        };
+        for timeout in ["", "    timeout: 10m\n", "    timeout: 5m\n"] {
+            let e = errors(&verify(timeout));
+            assert!(
+                e.len() == 1
+                    && e[0].contains("p.yaml:")
+                    && e[0].contains("needs a step timeout longer than its window")
+                    && e[0].contains("timeout: 15m"),
+                "{timeout:?}: {e:?}"
+            );
+        }
+        assert!(errors(&verify("    timeout: 15m\n")).is_empty());
+        let e = errors(&verify("").replace("10m }", "10 lifetimes }"));
+        assert!(e.iter().any(|e| e.contains("`for`")), "{e:?}");
+    }
 
     #[test]
     fn a_good_playbook_compiles() {

@@ -379,6 +379,47 @@ impl Store {
         self.write(move |c| record_step(c, &result, now)).await
     }
 
+    /// Records how a running step is getting on (a verification window under way) as its
+    /// output; its result replaces it when it ends.
+    pub async fn step_progress(
+        &self,
+        run_id: i64,
+        idx: i64,
+        progress: Value,
+    ) -> Result<(), StoreError> {
+        let text = json_text(&progress);
+        self.write(move |c| {
+            c.exec(
+                "UPDATE steps SET output = ?3 WHERE run_id = ?1 AND idx = ?2 AND state = 'running'",
+                &[&run_id, &idx, &text],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether another occurrence of an alert (firing, with another start time) came to a
+    /// playbook at or after `since_ms`: the alert fired again.
+    pub async fn refired(
+        &self,
+        playbook: String,
+        fingerprint: String,
+        starts_at: String,
+        since_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.read(move |c| {
+            // The dedup index leads with (playbook, fingerprint).
+            let found: Option<i64> = c.row(
+                "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND alert_status = 'firing'
+                   AND starts_at != ?3 AND created_at >= ?4 LIMIT 1",
+                &[&playbook, &fingerprint, &starts_at, &since_ms],
+                |r| r.get(0),
+            )?;
+            Ok(found.is_some())
+        })
+        .await
+    }
+
     /// Marks the main steps not yet started as `skipped` (a failure stopped the run; its
     /// `on_failure` steps run next).
     pub async fn skip_pending_main(&self, run_id: i64) -> Result<(), StoreError> {

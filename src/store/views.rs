@@ -51,6 +51,28 @@ pub struct RunView {
     pub steps: Option<Vec<StepRecord>>,
 }
 
+impl RunView {
+    /// Adds `left_seconds` to each verification window under way (a running step whose output
+    /// says `verifying … until`).
+    pub fn note_time_left(&mut self, now: Timestamp) {
+        for step in self.steps.iter_mut().flatten() {
+            if step.state != StepState::Running {
+                continue;
+            }
+            let verifying = step.output.as_mut().map(|o| &mut o["verifying"]);
+            let Some(verifying) = verifying.filter(|v| v.is_object()) else {
+                continue;
+            };
+            let until = verifying["until"]
+                .as_str()
+                .and_then(|t| Timestamp::parse(t).ok());
+            if let Some(until) = until {
+                verifying["left_seconds"] = until.since(now).as_secs().into();
+            }
+        }
+    }
+}
+
 /// The alert of a run.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AlertView {

@@ -2,7 +2,7 @@
 //! playbook's `on_failure` steps.
 
 use crate::common::TestApp;
-use crate::common::prometheus::{Prometheus, serve_metrics};
+use crate::common::prometheus::{Prometheus, serve_changing_metrics, serve_metrics};
 use crate::common::receiver::Receiver;
 use serde_json::json;
 
@@ -158,4 +158,94 @@ async fn an_unreachable_prometheus_is_reported_as_a_failed_query_not_a_false_con
         "{error}"
     );
     assert!(!error.contains("did not hold"), "{error}");
+}
+
+const WINDOW_PLAYBOOK: &str = r#"
+name: verify-window
+matchers: ['alertname="HighErrorRate"']
+steps:
+  - name: check
+    action: verify
+    with:
+      query: 'test_error_ratio{service="{{ labels.service }}"}'
+      condition: "value < 0.01"
+      interval: 500ms
+      for: 4s
+    timeout: 20s
+"#;
+
+fn ratio(checkout: f64, search: f64, shipping: f64) -> String {
+    format!(
+        "# TYPE test_error_ratio gauge\ntest_error_ratio{{service=\"checkout\"}} {checkout}\n\
+         test_error_ratio{{service=\"search\"}} {search}\ntest_error_ratio{{service=\"shipping\"}} {shipping}\n"
+    )
+}
+
+/// Waits until the run's first step shows its verification window under way.
+async fn verifying(app: &TestApp, id: i64) -> serde_json::Value {
+    for _ in 0..200 {
+        let run = app.run(id).await;
+        let step = &run["steps"][0];
+        if step["state"] == "running" && step["output"]["verifying"]["until"].is_string() {
+            return run;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("run {id} never started its verification window");
+}
+
+#[tokio::test]
+async fn a_verification_window_passes_only_after_it_and_fails_when_the_condition_breaks_or_the_alert_fires_again()
+ {
+    let metrics = std::sync::Arc::new(std::sync::Mutex::new(ratio(0.002, 0.002, 0.002)));
+    let target = serve_changing_metrics(metrics.clone()).await;
+    let prom = Prometheus::start(&target).await;
+    let app = TestApp::builder()
+        .playbook("verify.yaml", WINDOW_PLAYBOOK)
+        .config(&format!("prometheus_url: {}\n", prom.base))
+        .start()
+        .await;
+    let post = |service: &str, starts: &str| {
+        let body = json!({"labels": {"alertname": "HighErrorRate", "service": service}, "startsAt": starts});
+        app.post_raw("/api/v1/webhooks/generic", body.to_string())
+    };
+    let run_of = |out: serde_json::Value| out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let held = run_of(post("checkout", "2026-11-22T10:00:00Z").await.1);
+    let broken = run_of(post("search", "2026-11-22T10:00:00Z").await.1);
+    let refired = run_of(post("shipping", "2026-11-22T10:00:00Z").await.1);
+
+    // While the windows run, each step says until when.
+    let run = verifying(&app, held).await;
+    let verifying_now = &run["steps"][0]["output"]["verifying"];
+    assert_eq!(verifying_now["for"], "4s", "{run}");
+    let left = verifying_now["left_seconds"].as_u64().unwrap();
+    assert!(left <= 4, "the time left, as the API shows it: {run}");
+    verifying(&app, broken).await;
+    verifying(&app, refired).await;
+    // search breaks inside its window; shipping's alert fires again (a new occurrence).
+    *metrics.lock().unwrap() = ratio(0.002, 0.2, 0.002);
+    post("shipping", "2026-11-22T10:05:00Z").await;
+
+    let run = app.wait_run_state(broken, "failed").await;
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("held for")
+            && error.contains("of the 4s verification window, then broke")
+            && error.contains("value 0.2"),
+        "{error}"
+    );
+    let run = app.wait_run_state(refired, "failed").await;
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(error.contains("the alert fired again"), "{error}");
+
+    let run = app.wait_run_state(held, "succeeded").await;
+    let step = &run["steps"][0];
+    assert_eq!(step["output"]["held_for"], "4s");
+    assert_eq!(step["output"]["summary"], "Verified for 4s.");
+    let at = |k: &str| humantime::parse_rfc3339(step[k].as_str().unwrap()).unwrap();
+    let took = at("finished_at").duration_since(at("started_at")).unwrap();
+    assert!(
+        took >= std::time::Duration::from_secs(4),
+        "passed after the window, not before: {took:?}"
+    );
 }

@@ -530,6 +530,7 @@ pub fn step_context(args: Value, timeout: Duration) -> reflex::executors::StepCo
         params: serde_json::json!({}),
         timeout,
         cancel: Default::default(),
+        watch: None,
     }
 }
 

@@ -23,6 +23,18 @@ pub async fn serve_metrics(text: &'static str) -> String {
     addr
 }
 
+/// Serves whatever `text` holds at the moment of each scrape; returns `host:port`.
+pub async fn serve_changing_metrics(text: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || async move { text.lock().unwrap().clone() }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
 impl Prometheus {
     /// Starts Prometheus scraping `target` every second; returns once it has scraped it.
     pub async fn start(target: &str) -> Prometheus {

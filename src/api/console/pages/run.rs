@@ -16,6 +16,8 @@ pub struct StepRow {
     state: StepState,
     started_at: Option<Timestamp>,
     took: Option<String>,
+    /// A verification window under way: how long it has left.
+    verifying: Option<String>,
     args: String,
     output: Vec<OutputField>,
     error: Option<String>,
@@ -44,6 +46,14 @@ impl From<&StepRecord> for StepRow {
             state: s.state,
             started_at: s.started_at,
             took: span(s.started_at, s.finished_at),
+            verifying: s.output.as_ref().and_then(|o| {
+                let left = o["verifying"]["left_seconds"].as_u64()?;
+                let left = humantime::format_duration(Duration::from_secs(left));
+                Some(format!(
+                    "{left} left of {}",
+                    o["verifying"]["for"].as_str()?
+                ))
+            }),
             args: pretty(&s.args),
             output,
             error: s.error.clone(),
@@ -125,7 +135,7 @@ async fn live_part(state: &AppState, viewer: &Viewer, run: &RunView) -> Result<S
 async fn load_run(state: &AppState, id: i64) -> Result<RunView, Page> {
     let mut run = (state.store.get_run(id).await?)
         .ok_or_else(|| Page::error(StatusCode::NOT_FOUND, format!("There is no run {id}.")))?;
-    state.engine.show_cancelling(&mut run);
+    state.engine.show_live(&mut run);
     Ok(run)
 }
 
@@ -207,7 +217,7 @@ pub async fn run_events(
             }
             let run = match w.state.store.get_run(id).await {
                 Ok(Some(mut run)) => {
-                    w.state.engine.show_cancelling(&mut run);
+                    w.state.engine.show_live(&mut run);
                     run
                 }
                 _ => return None,
