@@ -202,6 +202,12 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
     }
 
     let params = compile_params(&mut cx, &spec.params);
+    if spec.concurrency == Some(0) {
+        cx.err(
+            &[Seg::Key("concurrency")],
+            "concurrency: at least 1 (leave it out for no limit of the playbook's own)",
+        );
+    }
     let cooldown = (spec.cooldown.as_deref())
         .and_then(|c| cx.duration(&[Seg::Key("cooldown")], c))
         .unwrap_or_default();
@@ -240,6 +246,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         cooldown_by: spec.cooldown_by,
         coalesce: spec.coalesce,
         dry_run: spec.dry_run,
+        concurrency: spec.concurrency.unwrap_or(0),
         approval,
         namespaces: spec.namespaces,
         target,
@@ -477,6 +484,22 @@ steps:
     with:
       message: "low on {{ params.host }}"
 "#;
+
+    #[test]
+    fn a_concurrency_of_zero_is_refused() {
+        let e = errors(&GOOD.replace("steps:", "concurrency: 0\nsteps:"));
+        assert!(
+            e.len() == 1 && e[0].contains("concurrency: at least 1"),
+            "{e:?}"
+        );
+        let pb = compile(
+            Path::new("p.yaml"),
+            &GOOD.replace("steps:", "concurrency: 3\nsteps:"),
+            &Sandbox::new(),
+        )
+        .unwrap();
+        assert_eq!(pb.concurrency, 3);
+    }
 
     #[test]
     fn a_verification_window_needs_a_longer_step_timeout() {

@@ -69,6 +69,8 @@ pub struct Playbook {
     pub coalesce: bool,
     /// Record, do not act.
     pub dry_run: bool,
+    /// Runs of it executing at once, at most (0: no limit of its own).
+    pub concurrency: u32,
     /// Approval covering the whole run, before its first step.
     pub approval: Option<Gate>,
     /// Kubernetes namespaces the steps may act in; empty: what the cluster allows.
@@ -163,6 +165,8 @@ impl Arg {
 pub struct Plan {
     /// What the run acts on.
     pub target: String,
+    /// Runs of the playbook executing at once, at most (0: no limit of its own).
+    pub concurrency: u32,
     /// Computed parameters.
     pub params: serde_json::Map<String, serde_json::Value>,
     /// Steps with rendered arguments.
@@ -288,6 +292,7 @@ impl Playbook {
         };
         Ok(Plan {
             target,
+            concurrency: self.concurrency,
             params,
             steps,
         })

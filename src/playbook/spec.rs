@@ -35,6 +35,9 @@ pub struct PlaybookSpec {
     /// Render and record the steps without acting.
     #[serde(default)]
     pub dry_run: bool,
+    /// At most this many runs of the playbook execute at once (across replicas); the others
+    /// wait in the queue, in order. None: no limit beyond the engine's.
+    pub concurrency: Option<u32>,
     /// Approval before the first step, covering the whole run: `required`, or a map with
     /// `count`, `expires`, `approvers`.
     pub approval: Option<serde_yaml::Value>,

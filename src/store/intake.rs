@@ -414,8 +414,8 @@ fn insert_run(
     c.insert(
         "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
            dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at,
-           owner)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+           owner, concurrency)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
          ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING",
         &[
             &cand.playbook,
@@ -437,6 +437,7 @@ fn insert_run(
             &cand.manual.as_ref().and_then(|m| m.retry_of),
             &row.owner.map(|_| now),
             &row.owner,
+            &i64::from(cand.plan.as_ref().map_or(0, |p| p.concurrency)),
         ],
     )
 }
@@ -479,6 +480,10 @@ impl Starter {
         // On PostgreSQL, decided under the target's lock; a target another replica is
         // deciding on gets a pending run, claimed later.
         if c.is_pg() && !super::queue::try_lock_target(c, &plan.target)? {
+            return Ok(false);
+        }
+        if plan.concurrency > 0 && !super::queue::playbook_has_room(c, playbook, plan.concurrency)?
+        {
             return Ok(false);
         }
         c.one(

@@ -573,6 +573,12 @@ CREATE TABLE deferred_alerts (
     r#"
 ALTER TABLE runs ADD COLUMN refused INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 14: a playbook's limit on its runs executing at once, copied to each run (0: none),
+    // and the count it is checked against.
+    r#"
+ALTER TABLE runs ADD COLUMN concurrency INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running';
+"#,
 ];
 
 impl Store {

@@ -644,4 +644,9 @@ CREATE TABLE deferred_alerts (
     r#"
 ALTER TABLE runs ADD COLUMN refused BOOLEAN NOT NULL DEFAULT false;
 "#,
+    // 6: a playbook's limit on its runs executing at once (see SQLite's 14).
+    r#"
+ALTER TABLE runs ADD COLUMN concurrency BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running';
+"#,
 ];

@@ -169,19 +169,45 @@ pub(super) fn try_lock_target(c: &Db, target: &str) -> Result<bool, StoreError> 
     )
 }
 
+/// Whether a playbook with a concurrency limit has room for one more run executing. On
+/// PostgreSQL it is decided under the playbook's lock (the one intake takes turns on), tried,
+/// not waited for: a playbook another replica is starting a run of has no room now.
+pub(super) fn playbook_has_room(c: &Db, playbook: &str, limit: u32) -> Result<bool, StoreError> {
+    if c.is_pg() {
+        let locked: bool = c.one(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.playbook:' || ?1, 0))",
+            &[&playbook],
+            |r| r.get(0),
+        )?;
+        if !locked {
+            return Ok(false);
+        }
+    }
+    let running: i64 = c.one(
+        "SELECT count(*) FROM runs WHERE playbook = ?1 AND state = 'running'",
+        &[&playbook],
+        |r| r.get(0),
+    )?;
+    Ok(running < i64::from(limit))
+}
+
 /// The runs that may start, oldest first, one per target: the head of each target with
 /// pending runs and room (`target_load`, kept by triggers; per claim, one index probe per
 /// such target, whatever their backlogs). A head whose playbook already runs for the same
-/// alert waits (and so its target). `?1` is the per-target limit.
-const HEADS: &str = "SELECT h.head, h.target FROM (
-    SELECT l.target, (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = l.target
-                      ORDER BY p.id LIMIT 1) AS head
-    FROM target_load l WHERE l.pending > 0 AND l.running < ?1
+/// alert waits (and so its target), as does one whose playbook is at its concurrency limit.
+/// `?1` is the per-target limit.
+const HEADS: &str = "SELECT h.head, h.target, h.playbook, h.concurrency FROM (
+    SELECT l.target, p.id AS head, p.playbook, p.fingerprint, p.concurrency
+    FROM target_load l
+    JOIN runs p ON p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending' AND q.target = l.target
+                           ORDER BY q.id LIMIT 1)
+    WHERE l.pending > 0 AND l.running < ?1
   ) h
-  WHERE h.head IS NOT NULL AND NOT EXISTS (
-    SELECT 1 FROM runs r JOIN runs o ON o.playbook = r.playbook
-      AND o.fingerprint = r.fingerprint AND o.state = 'running'
-    WHERE r.id = h.head)
+  WHERE NOT EXISTS (
+    SELECT 1 FROM runs o WHERE o.playbook = h.playbook AND o.fingerprint = h.fingerprint
+      AND o.state = 'running')
+    AND (h.concurrency = 0 OR (SELECT count(*) FROM runs o
+                                WHERE o.playbook = h.playbook AND o.state = 'running') < h.concurrency)
   ORDER BY h.head";
 
 /// Claims the oldest claimable pending run (see [`Store::claim`]).
@@ -211,21 +237,29 @@ fn claim_one(
 fn claim_one_pg(c: &Db, max: i64, now: i64, owner: &str) -> Result<Option<ClaimRow>, StoreError> {
     static CANDIDATES: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| format!("{HEADS} LIMIT 16"));
-    let heads: Vec<String> = c.rows(&CANDIDATES, &[&max], |r| r.get(1))?;
-    for target in heads {
+    let heads: Vec<(String, String, i64)> = c.rows(&CANDIDATES, &[&max], |r| {
+        Ok((r.get(1)?, r.get(2)?, r.get(3)?))
+    })?;
+    for (target, playbook, concurrency) in heads {
         if !try_lock_target(c, &target)? {
+            continue;
+        }
+        let limit = u32::try_from(concurrency).unwrap_or(0);
+        if limit > 0 && !playbook_has_room(c, &playbook, limit)? {
             continue;
         }
         let claimed = c.row(
             "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1), owner = ?4
              WHERE id = (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = ?3
                          ORDER BY p.id LIMIT 1)
-               AND state = 'pending'
+               AND state = 'pending' AND playbook = ?5
                AND coalesce((SELECT l.running FROM target_load l WHERE l.target = ?3), 0) < ?2
                AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = runs.playbook
                                AND o.fingerprint = runs.fingerprint AND o.state = 'running')
+               AND (runs.concurrency = 0 OR (SELECT count(*) FROM runs o WHERE o.playbook = runs.playbook
+                                             AND o.state = 'running') < runs.concurrency)
              RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
-            &[&now, &max, &target, &owner],
+            &[&now, &max, &target, &owner, &playbook],
             claim_row,
         )?;
         if claimed.is_some() {

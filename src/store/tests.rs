@@ -108,6 +108,7 @@ fn candidate(playbook: &str, target: &str, cooldown_ms: i64, key: &str) -> Candi
         cooldown_key: key.into(),
         dry_run: false,
         plan: Ok(Plan {
+            concurrency: 0,
             target: target.into(),
             params: Default::default(),
             steps: vec![PlannedStep {
@@ -477,6 +478,46 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one(db: TestDb) {
     assert_eq!(kept, counted);
 }
 
+}
+
+on_both_backends! {
+async fn a_playbooks_concurrency_limit_holds_at_intake_and_at_claim(db: TestDb) {
+    let store = db.open().await;
+    let none = BreakerLimits::default();
+    let limited = |target: &str| {
+        let mut c = candidate("limited", target, 0, "");
+        if let Ok(plan) = c.plan.as_mut() {
+            plan.concurrency = 2;
+        }
+        c
+    };
+    // Intake starts runs on free targets while the playbook has room: two, then none.
+    let start = StartNow { slots: 10, max_per_target: 1 };
+    let mut started = Vec::new();
+    for i in 0..4 {
+        let item = IntakeItem {
+            deferred: None,
+            alert: alert(&format!("h{i}")),
+            received_us: 0,
+            candidates: vec![limited(&format!("t{i}")), candidate("free", &format!("u{i}"), 0, "")],
+        };
+        let recorded = store.record_and_start(vec![item], none, start).await.unwrap();
+        started.extend(recorded.started.into_iter().map(|r| (r.playbook, r.target)));
+    }
+    let of = |name: &str| started.iter().filter(|(p, _)| p == name).count();
+    assert_eq!((of("limited"), of("free")), (2, 4), "{started:?}");
+    // The dispatcher does not claim past the limit either, and claims the next once a run ends.
+    assert!(store.claim(1, 10).await.unwrap().is_empty());
+    let running: Vec<i64> = store
+        .read(|c| c.rows("SELECT id FROM runs WHERE playbook = 'limited' AND state = 'running' ORDER BY id", &[], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 2);
+    store.run_finished(running[0], RunState::Succeeded, None, None, none, false).await.unwrap();
+    let next = store.claim(1, 10).await.unwrap();
+    assert_eq!(next.iter().map(|r| r.playbook.as_str()).collect::<Vec<_>>(), vec!["limited"]);
+    assert!(store.claim(1, 10).await.unwrap().is_empty(), "at the limit again");
+}
 }
 
 /// Writes `n` rows of 8 KiB, each in its own commit, into a scratch table.
