@@ -540,6 +540,9 @@ pub struct KubePatchArgs {
     pub name: String,
     /// The merge patch.
     pub patch: serde_json::Value,
+    /// Refused unless the fields named here have these values now (e.g.
+    /// `{spec: {replicas: 5}}`): a change made by someone else since is not clobbered.
+    pub expect: Option<serde_json::Value>,
 }
 
 /// `kube.failover`: set keys of a Service's selector.

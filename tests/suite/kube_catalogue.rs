@@ -432,3 +432,28 @@ async fn expand_pvc_grows_within_max_and_never_shrinks() {
         "{shrink}"
     );
 }
+
+#[tokio::test]
+async fn a_patch_that_expects_a_value_changes_nothing_when_the_field_changed_since() {
+    let c = cluster().await;
+    let ns = c.ns.clone();
+    c.deployment("api", "api:1", 3).await;
+    let ex = c.executors();
+    let patch = |expect: u32, to: u32| {
+        json!({"api_version": "apps/v1", "kind": "Deployment", "namespace": ns, "name": "api",
+               "patch": {"spec": {"replicas": to}}, "expect": {"spec": {"replicas": expect}}})
+    };
+    let err = run(&ex, "kube.patch", patch(5, 2)).await.unwrap_err();
+    assert!(
+        matches!(&err, ExecError::Refused(m) if m.contains("spec.replicas is 3 now, not 5")),
+        "{err}"
+    );
+    let replicas = || async {
+        c.get("apps/v1", "Deployment", Some(&ns), "api").await["spec"]["replicas"].clone()
+    };
+    assert_eq!(replicas().await, 3, "nothing was patched");
+    let out = run(&ex, "kube.patch", patch(3, 2)).await.unwrap();
+    assert_eq!(replicas().await, 2);
+    assert_eq!(out["before"], json!({"spec": {"replicas": 3}}));
+    assert_eq!(out["after"], json!({"spec": {"replicas": 2}}));
+}

@@ -426,9 +426,10 @@ impl KubeExecutor {
         if let Some(ns) = &a.namespace {
             check_namespace(ns)?;
         }
-        if !a.patch.is_object() {
+        if !a.patch.is_object() || a.expect.as_ref().is_some_and(|e| !e.is_object()) {
             return Err(ExecError::InvalidArgs(
-                "`patch` must be a map (a JSON merge patch)".into(),
+                "`patch` and `expect` must be maps (a JSON merge patch, the fields it expects)"
+                    .into(),
             ));
         }
         let (group, version) = match a.api_version.split_once('/') {
@@ -451,21 +452,47 @@ impl KubeExecutor {
             a.name
         );
         let before = api.get(&a.name).await.map_err(|e| api_err(&what, e))?;
+        let rv = before.metadata.resource_version.clone();
+        let before = serde_json::to_value(&before).unwrap_or_default();
+        let mut patch = a.patch.clone();
+        if let Some(expect) = &a.expect {
+            if let Some((field, now, want)) = difference(expect, &before, "") {
+                return Err(ExecError::Refused(format!(
+                    "{what}: {field} is {now} now, not {want}: it changed since; nothing was patched"
+                )));
+            }
+            // What was checked is what is patched: a change in between is a 409.
+            patch["metadata"]["resourceVersion"] = json!(rv);
+        }
         let after = api
             .patch(
                 &a.name,
                 &PatchParams::apply(FIELD_MANAGER),
-                &Patch::Merge(&a.patch),
+                &Patch::Merge(&patch),
             )
             .await
             .map_err(|e| api_err(&what, e))?;
-        let (before, after) = (
-            serde_json::to_value(&before).unwrap_or_default(),
-            serde_json::to_value(&after).unwrap_or_default(),
-        );
+        let after = serde_json::to_value(&after).unwrap_or_default();
         Ok(
             json!({ "object": what, "before": pick(&before, &a.patch), "after": pick(&after, &a.patch) }),
         )
+    }
+}
+
+/// The first field where `obj` differs from `expect` (each of whose leaves names a field and the
+/// value it should have; `null`: absent): its dotted path, its value now, the value expected.
+fn difference(expect: &Value, obj: &Value, path: &str) -> Option<(String, Value, Value)> {
+    match expect {
+        Value::Object(fields) => fields.iter().find_map(|(k, want)| {
+            let here = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            difference(want, obj.get(k).unwrap_or(&Value::Null), &here)
+        }),
+        want if want != obj => Some((path.to_string(), obj.clone(), want.clone())),
+        _ => None,
     }
 }
 
