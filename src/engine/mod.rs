@@ -17,6 +17,7 @@ mod operator;
 mod reports;
 mod run;
 mod sweeper;
+pub mod undo;
 
 pub use intake::Intake;
 pub use operator::CancelResult;
