@@ -137,6 +137,35 @@ fn show_run(api: &Api, id: i64, follow: bool) -> Result<ExitCode, ClientError> {
     follow_run(api, &path, run)
 }
 
+/// `reflex undo`: the undo run, then each step it takes back and each it leaves alone.
+fn undo(api: &Api, id: i64, force: bool) -> Result<ExitCode, ClientError> {
+    let path = format!("/api/v1/runs/{id}/undo");
+    let v = client_call(
+        api,
+        Method::POST,
+        &path,
+        Some(serde_json::json!({ "force": force })),
+    )?;
+    api.print(&v, |v| {
+        let mut text = client::format_outcome(&v["outcome"]);
+        for s in v["undo"]["steps"].as_array().into_iter().flatten() {
+            text.push_str(&format!(
+                "  takes back: {}\n",
+                s["name"].as_str().unwrap_or("?")
+            ));
+        }
+        for s in v["undo"]["skipped"].as_array().into_iter().flatten() {
+            let (step, why) = (
+                s["step"].as_str().unwrap_or("?"),
+                s["why"].as_str().unwrap_or(""),
+            );
+            text.push_str(&format!("  left alone: {step}: {why}\n"));
+        }
+        text
+    });
+    Ok(outcome_exit(&v["outcome"]))
+}
+
 /// `reflex cancel`: what the run does now (`cancelled`, or `cancelling` while its step stops).
 fn cancel(api: &Api, id: i64) -> Result<ExitCode, ClientError> {
     let path = format!("/api/v1/runs/{id}/cancel");
@@ -345,6 +374,17 @@ pub enum OperatorCommand {
         #[arg(long)]
         from_start: bool,
     },
+    /// Take back what an ended run changed (operator role): a new run restores each change,
+    /// last first, unless the object changed since; what cannot be undone is listed.
+    Undo {
+        #[command(flatten)]
+        api: Api,
+        /// Run id.
+        id: i64,
+        /// Overwrite fields changed since the run (admin role).
+        #[arg(long)]
+        force: bool,
+    },
     /// Cancel a run: at once if it has not started, else its step under way is stopped.
     Cancel {
         #[command(flatten)]
@@ -453,6 +493,7 @@ pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
             plan(&api, &path, Some(json!({ "from_start": from_start })))
         }
         OperatorCommand::Cancel { api, id } => cancel(&api, id),
+        OperatorCommand::Undo { api, id, force } => undo(&api, id, force),
         OperatorCommand::Playbooks { api } => list(&api, "/api/v1/playbooks", |v, _| {
             client::format_playbooks(v)
         }),

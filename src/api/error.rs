@@ -106,7 +106,10 @@ impl From<crate::engine::manual::ManualError> for ApiError {
         use crate::engine::manual::ManualError as M;
         match e {
             M::NoPlaybook(_) | M::NoRun(_) => ApiError::NotFound(e.to_string()),
-            M::NotRetryable { .. } | M::StepGone(_) => ApiError::Conflict(e.to_string()),
+            M::NotRetryable { .. }
+            | M::StepGone(_)
+            | M::StillLive { .. }
+            | M::NothingToUndo { .. } => ApiError::Conflict(e.to_string()),
             M::Store(e) => e.into(),
         }
     }

@@ -71,6 +71,15 @@ pub(crate) fn peer(extensions: &axum::http::Extensions) -> Option<std::net::IpAd
 pub(crate) const MAX_TEXT_BYTES: usize = 4096;
 
 /// Parses a small JSON control body.
+/// An optional control body: none (or white space) is the default.
+pub(crate) fn optional_body<T: DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        json_body(body)
+    }
+}
+
 pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     // Every control body is an object (serde would also fill a struct from an array).
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -114,6 +123,7 @@ pub fn router(state: AppState) -> Router {
     let operate = Router::new()
         .route("/api/v1/runs/{id}/cancel", post(runs::cancel))
         .route("/api/v1/runs/{id}/retry", post(runs::retry))
+        .route("/api/v1/runs/{id}/undo", post(runs::undo))
         .route("/api/v1/playbooks/{name}/runs", post(playbooks::trigger))
         .route_layer(from_fn_with_state(state.clone(), auth::operator));
     let admin = Router::new()

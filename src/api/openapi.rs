@@ -21,6 +21,7 @@ use utoipa::{Modify, OpenApi};
         runs::get,
         runs::cancel,
         runs::retry,
+        runs::undo,
         approvals::list,
         approvals::get,
         approvals::approve,

@@ -162,14 +162,57 @@ pub async fn retry(
     body: axum::body::Bytes,
 ) -> Result<Json<crate::store::Outcome>, ApiError> {
     let Path(id) = id?;
-    let body: RetryBody = if body.iter().all(u8::is_ascii_whitespace) {
-        RetryBody::default()
-    } else {
-        super::json_body(&body)?
-    };
+    let body: RetryBody = super::optional_body(&body)?;
     let retry = crate::engine::manual::Retry {
         run_id: id,
         from_start: body.from_start,
     };
     Ok(Json(state.engine.retry(retry, &who.name).await?))
+}
+
+/// The body of an undo (optional).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UndoBody {
+    /// Overwrite fields changed since the run (admin only); otherwise such a step is refused.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What an undo recorded, and what it does and leaves alone.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct UndoAnswer {
+    /// The undo run, as intake recorded it.
+    pub outcome: crate::store::Outcome,
+    /// Its steps and the run's steps it leaves alone.
+    pub undo: crate::engine::undo::UndoPlan,
+}
+
+/// `POST /api/v1/runs/{id}/undo`: a new run that takes back what a run changed.
+#[utoipa::path(
+    post,
+    path = "/api/v1/runs/{id}/undo",
+    tag = "operator",
+    description = "A new run (\"undo of #ID\") that restores what each step of an ended run changed, last change first, each only if the object still holds the value the run left (`force`, admin only, overwrites). Actions that cannot be undone are listed in `undo.skipped`. It passes the kill switch, the breaker and the gates of the steps it reverses. Role: operator (admin with `force`).",
+    params(("id" = i64, Path, description = "Run id")),
+    request_body = Option<UndoBody>,
+    responses((status = 200, description = "What intake recorded, and the undo's plan", body = UndoAnswer), (status = 404, description = "Not found", body = ErrorBody), (status = 409, description = "Still live, or nothing to undo", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["operator"]))
+)]
+pub async fn undo(
+    State(state): State<AppState>,
+    axum::Extension(who): axum::Extension<super::auth::Identity>,
+    id: Result<Path<i64>, PathRejection>,
+    body: axum::body::Bytes,
+) -> Result<Json<UndoAnswer>, ApiError> {
+    let Path(id) = id?;
+    let body: UndoBody = super::optional_body(&body)?;
+    if body.force && !super::auth::allows(who.role, crate::config::Role::Admin) {
+        return Err(ApiError::Status(
+            axum::http::StatusCode::FORBIDDEN,
+            "force overwrites changes made since the run: it needs the admin role".into(),
+        ));
+    }
+    let (outcome, undo) = state.engine.undo(id, body.force, &who.name).await?;
+    Ok(Json(UndoAnswer { outcome, undo }))
 }

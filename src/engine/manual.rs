@@ -29,6 +29,22 @@ pub enum ManualError {
         /// Its state.
         state: RunState,
     },
+    /// The run is still live: it can be undone once it ended.
+    #[error("run {id} is {state}; cancel it, or wait for it to end, before undoing it")]
+    StillLive {
+        /// The run.
+        id: i64,
+        /// Its state.
+        state: RunState,
+    },
+    /// Nothing the run did can be taken back.
+    #[error("run {id} changed nothing that can be undone{}", skipped_text(.skipped))]
+    NothingToUndo {
+        /// The run.
+        id: i64,
+        /// Its steps left alone, with why.
+        skipped: Vec<super::undo::Skipped>,
+    },
     /// The step to resume from is not in the playbook in force.
     #[error(
         "step {0:?} is no longer in the playbook; retry from the start (`--from-start`, or \
@@ -38,6 +54,17 @@ pub enum ManualError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn skipped_text(skipped: &[super::undo::Skipped]) -> String {
+    let parts: Vec<String> = (skipped.iter())
+        .map(|s| format!("{} ({}): {}", s.step, s.action, s.why))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(": {}", parts.join("; "))
+    }
 }
 
 /// A retry: which run, and from where.
@@ -76,6 +103,7 @@ impl Engine {
         let manual = Manual {
             by: who.to_string(),
             retry_of: None,
+            undo_of: None,
         };
         let outcome = self.record_manual(pb, alert, manual, None).await?;
         self.store
@@ -124,6 +152,7 @@ impl Engine {
         let manual = Manual {
             by: who.to_string(),
             retry_of: Some(run.id),
+            undo_of: None,
         };
         let outcome = self.record_manual(pb, alert, manual, resume).await?;
         let detail = if r.from_start {
@@ -141,6 +170,64 @@ impl Engine {
             )
             .await?;
         Ok(outcome)
+    }
+
+    /// Makes a new run that takes back what run `run_id` changed (see [`super::undo`]): its
+    /// restoring steps, last change first, through intake like any run (the kill switch, the
+    /// breaker and the gates apply). With `force`, fields changed since are overwritten.
+    pub async fn undo(
+        self: &Arc<Self>,
+        run_id: i64,
+        force: bool,
+        who: &str,
+    ) -> Result<(Outcome, super::undo::UndoPlan), ManualError> {
+        let run = (self.store.get_run(run_id).await?).ok_or(ManualError::NoRun(run_id))?;
+        if run.state.is_live() {
+            return Err(ManualError::StillLive {
+                id: run.id,
+                state: run.state,
+            });
+        }
+        let undo = super::undo::plan(run.steps.as_deref().unwrap_or_default(), force);
+        if undo.steps.is_empty() || run.dry_run {
+            return Err(ManualError::NothingToUndo {
+                id: run.id,
+                skipped: undo.skipped,
+            });
+        }
+        let set = self.playbooks();
+        let pb = set
+            .get(&run.playbook)
+            .ok_or_else(|| ManualError::NoPlaybook(run.playbook.clone()))?
+            .clone();
+        let alert = self.manual_alert(
+            run.alert.labels.clone(),
+            run.alert.annotations.clone(),
+            run.alert.fingerprint.clone(),
+        );
+        let plan = crate::playbook::Plan {
+            target: run.target.clone(),
+            concurrency: pb.concurrency,
+            params: run.params.as_object().cloned().unwrap_or_default(),
+            steps: undo.steps.clone(),
+        };
+        let manual = Manual {
+            by: who.to_string(),
+            retry_of: None,
+            undo_of: Some(run.id),
+        };
+        let outcome = self.record_planned(&pb, alert, manual, Ok(plan)).await?;
+        let detail = format!(
+            "{} step(s) to take back, {} left alone{}",
+            undo.steps.len(),
+            undo.skipped.len(),
+            if force { ", forced" } else { "" }
+        );
+        let target = Some(format!("run/{}", run.id));
+        (self.store)
+            .audit(who, "run.undo", target, "ok", Some(detail))
+            .await?;
+        Ok((outcome, undo))
     }
 
     /// An alert standing for an operator's request: the labels given, received now (so that
@@ -196,12 +283,24 @@ impl Engine {
             }
             (plan, _) => plan,
         };
+        self.record_planned(&pb, alert, manual, plan).await
+    }
+
+    /// Records an operator's run of `pb` with this plan through intake, without cooldown or
+    /// coalescing.
+    async fn record_planned(
+        self: &Arc<Self>,
+        pb: &Playbook,
+        alert: Alert,
+        manual: Manual,
+        plan: Result<crate::playbook::Plan, crate::playbook::error::PlanError>,
+    ) -> Result<Outcome, ManualError> {
         let now = self.store.now_ms();
         let candidate = Candidate {
             cooldown_ms: 0,
             coalesce: false,
             manual: Some(manual),
-            ..self.candidate(&pb, &alert, plan, self.windows.hold(&alert, now))
+            ..self.candidate(pb, &alert, plan, self.windows.hold(&alert, now))
         };
         let item = IntakeItem {
             deferred: None,

@@ -44,6 +44,8 @@ pub struct Manual {
     pub by: String,
     /// The run a retry repeats.
     pub retry_of: Option<i64>,
+    /// The run an undo takes back.
+    pub undo_of: Option<i64>,
 }
 
 /// How many new runs intake may start in its own transaction (the one-commit path): runs
@@ -414,8 +416,8 @@ fn insert_run(
     c.insert(
         "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
            dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at,
-           owner, concurrency)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
+           owner, concurrency, undo_of)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)
          ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING",
         &[
             &cand.playbook,
@@ -438,6 +440,7 @@ fn insert_run(
             &row.owner.map(|_| now),
             &row.owner,
             &i64::from(cand.plan.as_ref().map_or(0, |p| p.concurrency)),
+            &cand.manual.as_ref().and_then(|m| m.undo_of),
         ],
     )
 }

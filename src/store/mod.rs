@@ -579,6 +579,10 @@ ALTER TABLE runs ADD COLUMN refused INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN concurrency INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running';
 "#,
+    // 15: the run an undo takes back.
+    r#"
+ALTER TABLE runs ADD COLUMN undo_of INTEGER;
+"#,
 ];
 
 impl Store {

@@ -649,4 +649,8 @@ ALTER TABLE runs ADD COLUMN refused BOOLEAN NOT NULL DEFAULT false;
 ALTER TABLE runs ADD COLUMN concurrency BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running';
 "#,
+    // 7: the run an undo takes back (see SQLite's 15).
+    r#"
+ALTER TABLE runs ADD COLUMN undo_of BIGINT;
+"#,
 ];

@@ -46,6 +46,9 @@ pub struct RunView {
     /// The run it retries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_of: Option<i64>,
+    /// The run it takes back (an undo).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undo_of: Option<i64>,
     /// Steps (run detail only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub steps: Option<Vec<StepRecord>>,
@@ -108,7 +111,7 @@ pub struct RunFilter {
 
 const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r.dry_run, r.params,
     r.created_at, r.started_at, r.finished_at, a.id, a.fingerprint, a.status, a.starts_at, a.labels, a.annotations,
-    r.target, r.triggered_by, r.retry_of
+    r.target, r.triggered_by, r.retry_of, r.undo_of
   FROM runs r JOIN alerts a ON a.id = r.alert_id";
 
 fn run_view(r: &Row) -> Result<RunView, StoreError> {
@@ -136,6 +139,7 @@ fn run_view(r: &Row) -> Result<RunView, StoreError> {
         },
         triggered_by: r.get(17)?,
         retry_of: r.get(18)?,
+        undo_of: r.get(19)?,
         steps: None,
     })
 }

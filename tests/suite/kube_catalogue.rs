@@ -457,3 +457,128 @@ async fn a_patch_that_expects_a_value_changes_nothing_when_the_field_changed_sin
     assert_eq!(out["before"], json!({"spec": {"replicas": 3}}));
     assert_eq!(out["after"], json!({"spec": {"replicas": 2}}));
 }
+
+/// A playbook that scales `api` to 5 replicas.
+const SCALE: &str = r#"
+name: scale
+matchers: ['alertname="Busy"']
+steps:
+  - name: scale
+    action: kube.scale
+    with: { kind: Deployment, namespace: "{{ labels.namespace }}", name: api, replicas: 5 }
+  - name: note
+    action: log
+    with: { message: "scaled" }
+"#;
+
+/// Waits until run `id` is in `state`, reading as a viewer would with `token`.
+async fn wait_state(app: &crate::common::TestApp, id: i64, state: &str, token: &str) -> Value {
+    app.wait_for(20, &format!("run {id} to be {state}"), || async {
+        let (_, run) = app
+            .call("GET", &format!("/api/v1/runs/{id}"), Some(token), None)
+            .await;
+        (run["state"] == state).then_some(run)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn undo_restores_what_a_run_changed_and_refuses_a_field_changed_since_unless_forced() {
+    let c = cluster().await;
+    let ns = c.ns.clone();
+    c.deployment("api", "api:1", 3).await;
+    let daemon = crate::common::TestApp::builder()
+        .playbook("scale.yaml", SCALE)
+        .config(&format!(
+            "kubernetes:\n  clusters:\n    test: {{ kubeconfig: {} }}\n{}",
+            c.kubeconfig.display(),
+            crate::common::auth_config(&[
+                ("op", "operator"),
+                ("boss", "admin"),
+                ("hook", "webhook")
+            ])
+        ))
+        .start()
+        .await;
+    let app = &daemon;
+    let replicas = || async {
+        c.get("apps/v1", "Deployment", Some(&ns), "api").await["spec"]["replicas"].clone()
+    };
+    let scale = || async {
+        let alert = json!({"labels": {"alertname": "Busy", "namespace": ns}});
+        let id = app.start_run_as(Some("hook-token"), &alert).await;
+        wait_state(app, id, "succeeded", "op-token").await;
+        id
+    };
+    let undo = |id: i64, token: &'static str, force: bool| async move {
+        let path = format!("/api/v1/runs/{id}/undo");
+        app.call("POST", &path, Some(token), Some(json!({"force": force})))
+            .await
+    };
+
+    let first = scale().await;
+    assert_eq!(replicas().await, 5);
+    let (status, out) = undo(first, "op-token", false).await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["undo"]["steps"][0]["name"], "undo scale");
+    assert_eq!(
+        out["undo"]["skipped"],
+        json!([]),
+        "a log line is not a change"
+    );
+    let id = out["outcome"]["run_id"].as_i64().unwrap();
+    let run = wait_state(app, id, "succeeded", "op-token").await;
+    assert_eq!(run["undo_of"], first, "{run}");
+    assert_eq!(run["triggered_by"], "op");
+    assert_eq!(replicas().await, 3, "back to what the run found");
+
+    // Someone scales by hand after the run: the undo does not clobber it.
+    let second = scale().await;
+    c.patch_as_admin(
+        "apps/v1",
+        "Deployment",
+        Some(&ns),
+        "api",
+        json!({"spec": {"replicas": 7}}),
+    )
+    .await
+    .unwrap();
+    let (_, out) = undo(second, "op-token", false).await;
+    let id = out["outcome"]["run_id"].as_i64().unwrap();
+    let run = wait_state(app, id, "failed", "op-token").await;
+    let error = run["steps"][0]["error"].as_str().unwrap();
+    assert!(error.contains("spec.replicas is 7 now, not 5"), "{error}");
+    assert_eq!(replicas().await, 7, "left as the person set it");
+    // Forcing it is an admin's call.
+    let (status, _) = undo(second, "op-token", true).await;
+    assert_eq!(status, 403);
+    let (status, out) = undo(second, "boss-token", true).await;
+    assert_eq!(status, 200, "{out}");
+    wait_state(
+        app,
+        out["outcome"]["run_id"].as_i64().unwrap(),
+        "succeeded",
+        "op-token",
+    )
+    .await;
+    assert_eq!(replicas().await, 3);
+    // A live run, or one that changed nothing undoable, is refused with why.
+    let (status, out) = undo(id, "op-token", false).await;
+    assert_eq!(status, 409, "{out}");
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("changed nothing that can be undone"),
+        "{out}"
+    );
+    let (_, audit) = app
+        .call(
+            "GET",
+            "/api/v1/audit?action=run.undo",
+            Some("op-token"),
+            None,
+        )
+        .await;
+    assert_eq!(audit.as_array().map(Vec::len), Some(3), "{audit}");
+}

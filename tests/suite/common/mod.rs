@@ -372,9 +372,13 @@ impl TestApp {
 
     /// POSTs one generic alert that starts a run; the run's id.
     pub async fn start_run_for(&self, alert: &Value) -> i64 {
-        let (status, out) = self
-            .post_raw("/api/v1/webhooks/generic", alert.to_string())
-            .await;
+        self.start_run_as(None, alert).await
+    }
+
+    /// As [`TestApp::start_run_for`], with this webhook token.
+    pub async fn start_run_as(&self, token: Option<&str>, alert: &Value) -> i64 {
+        let path = "/api/v1/webhooks/generic";
+        let (status, out) = self.call("POST", path, token, Some(alert.clone())).await;
         assert_eq!(status, 200, "{out}");
         out["outcomes"][0][0]["run_id"]
             .as_i64()
