@@ -28,6 +28,25 @@ fn ready(pod: &Pod) -> bool {
             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
+/// A label name or value: at most 63 of letters, digits, `-`, `_` and `.`, starting and
+/// ending with a letter or digit.
+fn label_part(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    s.len() <= 63
+        && edge(s.chars().next())
+        && edge(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A label key: a name, with an optional DNS subdomain prefix (`app.kubernetes.io/name`).
+fn label_key(k: &str) -> bool {
+    match k.split_once('/') {
+        Some((prefix, name)) => super::valid_name(prefix) && label_part(name),
+        None => label_part(k),
+    }
+}
+
 /// `k=v,k=v`, the label selector of a map.
 fn selector_text(selector: &BTreeMap<String, String>) -> String {
     let parts: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -55,9 +74,9 @@ impl KubeExecutor {
         check_namespace(&a.namespace)?;
         check_name("service", &a.service)?;
         for (k, v) in &a.selector {
-            if !crate::alert::is_label_name(k.rsplit('/').next().unwrap_or(k)) || v.len() > 63 {
+            if !label_key(k) || !(v.is_empty() || label_part(v)) {
                 return Err(ExecError::InvalidArgs(format!(
-                    "selector {k:?}: {v:?} is not a valid label"
+                    "selector {k:?}: {v:?} is not a valid Kubernetes label"
                 )));
             }
         }
@@ -232,6 +251,25 @@ impl KubeExecutor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selector_labels_are_checked_as_kubernetes_checks_them() {
+        for ok in ["track", "app.kubernetes.io/name", "track-type", "a_b.c"] {
+            assert!(label_key(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-x",
+            "x/",
+            "Bad Prefix/x",
+            "a/b/c",
+            &"x".repeat(64),
+            "x,y=z",
+        ] {
+            assert!(!label_key(bad), "{bad}");
+        }
+        assert!(label_part("standby") && !label_part("stand by") && !label_part("x=y"));
+    }
 
     #[test]
     fn istio_durations_are_seconds_with_a_suffix() {
