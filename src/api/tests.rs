@@ -64,6 +64,30 @@ pub(super) struct TestApi {
     _db: crate::store::tests::TestDb,
 }
 
+/// Stands in for the kube executor (which the suite tests against a fake API server): a
+/// cordon that answers with the change it records, so that a run has something to undo.
+struct RecordedCordon;
+
+#[async_trait::async_trait]
+impl crate::executors::Executor for RecordedCordon {
+    fn validate(
+        &self,
+        _: &crate::executors::StepContext,
+    ) -> Result<(), crate::executors::ExecError> {
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        ctx: &crate::executors::StepContext,
+    ) -> Result<Value, crate::executors::ExecError> {
+        Ok(
+            json!({"node": ctx.args["node"], "before": {"unschedulable": false},
+                  "after": {"unschedulable": true}, "changed": true}),
+        )
+    }
+}
+
 impl TestApi {
     pub(super) async fn new() -> TestApi {
         Self::with("", "").await
@@ -113,7 +137,9 @@ impl TestApi {
         };
         let store = test_db.open_with_clock(clock.clone()).await;
         let playbooks = PlaybookSet::load(&[pb], &Default::default()).unwrap();
-        let executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
+        let mut executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
+        let cordon = crate::playbook::actions::Action::KubeCordon;
+        executors.insert(cordon, Arc::new(RecordedCordon));
         let engine = Engine::new(
             store.clone(),
             playbooks,

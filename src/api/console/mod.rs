@@ -41,6 +41,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/runs/{id}/events", get(pages::run_events))
         .route("/ui/runs/{id}/cancel", post(pages::cancel))
         .route("/ui/runs/{id}/retry", post(pages::retry))
+        .route("/ui/runs/{id}/undo", post(pages::undo))
         .route("/ui/approvals", get(pages::approvals))
         .route("/ui/approvals/{id}/decide", post(pages::decide))
         .route(

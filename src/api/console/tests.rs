@@ -916,3 +916,81 @@ async fn retry_is_not_offered_where_it_would_be_held() {
         page.body
     );
 }
+
+#[tokio::test]
+async fn an_operator_undoes_a_run_from_its_page_and_lands_on_the_undo() {
+    let api = TestApi::new().await;
+    api.add_playbook(
+        "cordon.yaml",
+        "name: cordon\nmatchers: ['alertname=\"NodeBad\"']\nsteps:\n  - action: kube.cordon\n    with: { node: \"{{ labels.node }}\" }\n  - action: log\n    with: { message: cordoned }\n",
+    )
+    .await;
+    tokio::spawn(api.engine.clone().dispatch());
+    let body = json!({"labels": {"alertname": "NodeBad", "node": "n1"}});
+    let out = api.post_alert(&body.to_string()).await;
+    let cordoned = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    wait_state(&api, cordoned, "succeeded").await;
+    let path = format!("/ui/runs/{cordoned}/undo");
+    // An approver sees no Undo and cannot post one.
+    let mut approver = Browser::new(&api);
+    approver.login("approver").await;
+    let page = approver.get(&format!("/ui/runs/{cordoned}")).await;
+    assert!(!page.body.contains("id=\"undo\""), "{}", page.body);
+    let csrf = page.csrf();
+    assert_eq!(
+        approver.post(&path, &[("csrf", &csrf)]).await.status,
+        StatusCode::FORBIDDEN
+    );
+    // An operator undoes it and lands on the undo run, which names the run it takes back.
+    let mut op = Browser::new(&api);
+    op.login("operator").await;
+    let page = op.get(&format!("/ui/runs/{cordoned}")).await;
+    assert!(page.body.contains("id=\"undo\""), "{}", page.body);
+    let csrf = page.csrf();
+    let answer = op.post(&path, &[("csrf", &csrf)]).await;
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
+    let undo_id: i64 = answer
+        .location()
+        .strip_prefix("/ui/runs/")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (_, run) = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/runs/{undo_id}"),
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    assert_eq!(run["undo_of"], cordoned, "{run}");
+    assert_eq!(run["steps"][0]["name"], "undo kube.cordon");
+    assert_eq!(
+        run["steps"][0]["args"]["patch"],
+        json!({"spec": {"unschedulable": false}})
+    );
+    let page = op.get(&format!("/ui/runs/{undo_id}")).await;
+    assert!(
+        page.body
+            .contains(&format!("Undo of</dt><dd><a href=\"/ui/runs/{cordoned}\"")),
+        "{}",
+        page.body
+    );
+    // A run with nothing to undo offers no Undo, and a post says why.
+    let log_only = api
+        .post_alert(&json!({"labels": {"alertname": "Note", "instance": "h1"}}).to_string())
+        .await;
+    let note = log_only["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    wait_state(&api, note, "succeeded").await;
+    let page = op.get(&format!("/ui/runs/{note}")).await;
+    assert!(!page.body.contains("id=\"undo\""));
+    let refused = op
+        .post(&format!("/ui/runs/{note}/undo"), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.body);
+    assert!(
+        refused.body.contains("changed nothing that can be undone"),
+        "{}",
+        refused.body
+    );
+}

@@ -78,6 +78,8 @@ struct RunLive {
     can_approve: bool,
     can_cancel: bool,
     can_retry: bool,
+    /// It ended, and changed something that can be taken back.
+    can_undo: bool,
     /// Why a retry would be held now (a kill switch): the button is disabled with it.
     retry_held: Option<String>,
 }
@@ -95,6 +97,7 @@ struct RunPage {
     alert: crate::store::AlertView,
     by: String,
     retry_of: Option<i64>,
+    undo_of: Option<i64>,
     created_at: Timestamp,
     body: String,
 }
@@ -121,6 +124,12 @@ async fn live_part(state: &AppState, viewer: &Viewer, run: &RunView) -> Result<S
         can_approve: viewer.may(Role::Approver),
         can_cancel: viewer.may(Role::Operator) && run.state.is_live(),
         can_retry: viewer.may(Role::Operator) && retryable,
+        can_undo: viewer.may(Role::Operator)
+            && !run.state.is_live()
+            && !run.dry_run
+            && !crate::engine::undo::plan(run.steps.as_deref().unwrap_or_default(), false)
+                .steps
+                .is_empty(),
         retry_held: if retryable {
             state.store.kill_reason(&run.playbook).await?
         } else {
@@ -165,6 +174,7 @@ pub async fn run(
         dry_run: run.dry_run,
         alert: run.alert,
         retry_of: run.retry_of,
+        undo_of: run.undo_of,
         created_at: run.created_at,
         body,
     }))
@@ -286,6 +296,29 @@ pub async fn retry(
     };
     let outcome = (state.engine)
         .retry(retry, &viewer.identity.name)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(Redirect::to(&format!("/ui/runs/{}", outcome.run_id())).into_response())
+}
+
+/// The undo form.
+#[derive(Debug, Deserialize)]
+pub struct UndoForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /ui/runs/{id}/undo`: to the undo run's page.
+pub async fn undo(
+    State(state): State<AppState>,
+    viewer: Viewer,
+    Path(id): Path<i64>,
+    Form(form): Form<UndoForm>,
+) -> Result<Response, Page> {
+    viewer.check_csrf(&state, &form.csrf, "undo").await?;
+    viewer.require(&state, Role::Operator, "undo").await?;
+    let (outcome, _) = (state.engine)
+        .undo(id, false, &viewer.identity.name)
         .await
         .map_err(ApiError::from)?;
     Ok(Redirect::to(&format!("/ui/runs/{}", outcome.run_id())).into_response())
