@@ -188,6 +188,55 @@ impl Engine {
                 state: run.state,
             });
         }
+        let (outcome, undo) = self.record_undo(&run, force, who).await?;
+        let detail = format!(
+            "{} step(s) to take back, {} left alone{}",
+            undo.steps.len(),
+            undo.skipped.len(),
+            if force { ", forced" } else { "" }
+        );
+        let target = Some(format!("run/{}", run.id));
+        (self.store)
+            .audit(who, "run.undo", target, "ok", Some(detail))
+            .await?;
+        Ok((outcome, undo))
+    }
+
+    /// A run's verification failed and its playbook says `on_verify_failure: undo`: records
+    /// the undo of what it changed (it starts once this run has ended, after the escalation)
+    /// and says so, for the run's error and so its message.
+    pub(super) async fn undo_after_verification(self: &Arc<Self>, run_id: i64) -> String {
+        let run = match self.store.get_run(run_id).await {
+            Ok(Some(run)) => run,
+            Ok(None) => return String::new(),
+            Err(e) => return format!(" Its changes could not be undone: {e}."),
+        };
+        match self.record_undo(&run, false, "reflex").await {
+            Ok((outcome, undo)) => {
+                let names: Vec<&str> = undo.steps.iter().map(|s| s.name.as_str()).collect();
+                let detail = format!("verification failed: {}", names.join(", "));
+                let target = Some(format!("run/{run_id}"));
+                let _ = (self.store)
+                    .audit("reflex", "run.undo", target, "ok", Some(detail))
+                    .await;
+                format!(
+                    " Its changes are undone by run {} ({}).",
+                    outcome.run_id(),
+                    names.join(", ")
+                )
+            }
+            Err(ManualError::NothingToUndo { .. }) => " Nothing it changed can be undone.".into(),
+            Err(e) => format!(" Its changes could not be undone: {e}."),
+        }
+    }
+
+    /// Plans the undo of `run` and records it (see [`Engine::undo`]).
+    async fn record_undo(
+        self: &Arc<Self>,
+        run: &crate::store::RunView,
+        force: bool,
+        who: &str,
+    ) -> Result<(Outcome, super::undo::UndoPlan), ManualError> {
         let undo = super::undo::plan(run.steps.as_deref().unwrap_or_default(), force);
         if undo.steps.is_empty() || run.dry_run {
             return Err(ManualError::NothingToUndo {
@@ -217,16 +266,6 @@ impl Engine {
             undo_of: Some(run.id),
         };
         let outcome = self.record_planned(&pb, alert, manual, Ok(plan)).await?;
-        let detail = format!(
-            "{} step(s) to take back, {} left alone{}",
-            undo.steps.len(),
-            undo.skipped.len(),
-            if force { ", forced" } else { "" }
-        );
-        let target = Some(format!("run/{}", run.id));
-        (self.store)
-            .audit(who, "run.undo", target, "ok", Some(detail))
-            .await?;
         Ok((outcome, undo))
     }
 

@@ -6,6 +6,7 @@
 use super::Engine;
 use crate::executors::{ExecError, Executor, StepContext};
 use crate::notify::Event;
+use crate::playbook::actions::Action;
 use crate::playbook::spec::{GateScope, OnFailure, Phase};
 use crate::store::{
     ApprovalState, ClaimedRun, RunState, StepRecord, StepResult, StepState, StoreError,
@@ -116,7 +117,7 @@ impl Engine {
     /// Drives a claimed run through its steps to its end (or its park at an approval gate),
     /// recording each transition before the next action. (The executors `execute` a step;
     /// the engine drives a run.)
-    pub(super) async fn drive(&self, run: ClaimedRun) {
+    pub(super) async fn drive(self: &Arc<Self>, run: ClaimedRun) {
         let span = tracing::info_span!("run", run_id = run.id, playbook = %run.playbook);
         let token = {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -378,7 +379,7 @@ impl Engine {
 
     /// Runs the main steps, then, if one failed and stopped the run, its `on_failure` steps.
     async fn steps(
-        &self,
+        self: &Arc<Self>,
         run: &ClaimedRun,
         token: &tokio_util::sync::CancellationToken,
         progress: &mut Progress,
@@ -410,7 +411,13 @@ impl Engine {
                     continue;
                 }
                 if let Some(error) = self.step(run, i, token, progress).await? {
-                    failure = Some(format!("step {:?} failed: {error}", step.name));
+                    let mut why = format!("step {:?} failed: {error}", step.name);
+                    if step.action == Action::Verify && self.undoes_failed_verification(run) {
+                        // The verification's result first: the undo reads the run's record.
+                        self.flush(progress).await?;
+                        why.push_str(&self.undo_after_verification(run.id).await);
+                    }
+                    failure = Some(why);
                     let main_left = (run.steps[i + 1..].iter())
                         .any(|s| s.phase == Phase::Main && s.state == StepState::Pending);
                     if main_left {
@@ -618,6 +625,13 @@ impl Engine {
                 Some(self.redactor.redact(&e.to_string())),
             ),
         }
+    }
+
+    /// Whether the run's playbook undoes its changes when a verification fails.
+    fn undoes_failed_verification(&self, run: &ClaimedRun) -> bool {
+        use crate::playbook::spec::OnVerifyFailure;
+        let set = self.playbooks();
+        (set.get(&run.playbook)).is_some_and(|p| p.on_verify_failure == OnVerifyFailure::Undo)
     }
 
     /// Writes the previous step's result now (before a park, a skip or a refusal), then

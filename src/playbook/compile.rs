@@ -252,6 +252,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         target,
         deadline,
         on_resolve: spec.on_resolve,
+        on_verify_failure: spec.on_verify_failure,
         report,
         steps,
         on_failure,

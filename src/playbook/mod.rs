@@ -81,6 +81,8 @@ pub struct Playbook {
     pub deadline: Option<Duration>,
     /// What a run does when its alert resolves while it executes.
     pub on_resolve: spec::OnResolve,
+    /// What a run does when a verification fails.
+    pub on_verify_failure: spec::OnVerifyFailure,
     /// The run's message template, rendered when it ends with `steps` (outputs by step
     /// name) and `run` (`id`, `state`, `duration_seconds`, `target`) in scope.
     pub report: Option<Template>,

@@ -55,6 +55,9 @@ pub struct PlaybookSpec {
     /// (default), or `continue` to the end. Runs not yet started always end.
     #[serde(default)]
     pub on_resolve: OnResolve,
+    /// What a run does when a `verify` step fails: `escalate` (default) or `undo` first.
+    #[serde(default)]
+    pub on_verify_failure: OnVerifyFailure,
     /// Message sent when a run ends (template; `steps` and `run` in scope too).
     pub report: Option<String>,
     /// The steps, run in order.
@@ -154,6 +157,17 @@ pub enum OnResolve {
     Stop,
     /// Finish the remaining steps (a cleanup that must not be left half done).
     Continue,
+}
+
+/// What a run does when a verification fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnVerifyFailure {
+    /// Escalate: the `on_failure` steps run.
+    #[default]
+    Escalate,
+    /// Take back what the run changed (an undo run, see `reflex undo`), then escalate.
+    Undo,
 }
 
 /// What a failed step does to its run.

@@ -582,3 +582,85 @@ async fn undo_restores_what_a_run_changed_and_refuses_a_field_changed_since_unle
         .await;
     assert_eq!(audit.as_array().map(Vec::len), Some(3), "{audit}");
 }
+
+const SCALE_AND_VERIFY: &str = r#"
+name: scale-verified
+matchers: ['alertname="Slow"']
+on_verify_failure: undo
+steps:
+  - name: scale
+    action: kube.scale
+    with: { kind: Deployment, namespace: "{{ labels.namespace }}", name: api, replicas: 5 }
+  - name: verify
+    action: verify
+    with: { query: test_latency_seconds, condition: "value < 0.5", interval: 200ms, for: 1s }
+    timeout: 2s
+on_failure:
+  - name: escalate
+    action: log
+    with: { message: "still slow: paging" }
+"#;
+
+#[tokio::test]
+async fn a_failed_verification_undoes_the_runs_changes_then_escalates_and_chat_says_so() {
+    let c = cluster().await;
+    let ns = c.ns.clone();
+    c.deployment("api", "api:1", 3).await;
+    let target = crate::common::prometheus::serve_metrics(
+        "# TYPE test_latency_seconds gauge\ntest_latency_seconds 0.9\n",
+    )
+    .await;
+    let prom = crate::common::prometheus::Prometheus::start(&target).await;
+    let chat = crate::common::receiver::Receiver::start().await;
+    let app = crate::common::TestApp::builder()
+        .playbook("scale.yaml", SCALE_AND_VERIFY)
+        .config(&format!(
+            "kubernetes:\n  clusters:\n    test: {{ kubeconfig: {} }}\nprometheus_url: {}\nnotify:\n  sinks:\n    - {{ name: chat, type: webhook, url: \"{}/chat\" }}\n",
+            c.kubeconfig.display(),
+            prom.base,
+            chat.base
+        ))
+        .start()
+        .await;
+    let id = app
+        .start_run_for(&json!({"labels": {"alertname": "Slow", "namespace": ns}}))
+        .await;
+    let run = app.wait_run_state(id, "failed").await;
+    let error = run["error"].as_str().unwrap();
+    assert!(
+        error.contains("did not hold within 2s") && error.contains("undone by run"),
+        "{error}"
+    );
+    assert_eq!(
+        run["steps"][2]["state"], "succeeded",
+        "then it escalates: {run}"
+    );
+    let undo_id = app
+        .wait_for(20, "the undo run", || async {
+            let runs = app.runs().await;
+            runs.iter()
+                .find(|r| r["undo_of"] == id)
+                .map(|r| r["id"].as_i64().unwrap())
+        })
+        .await;
+    let undo = app.wait_run_state(undo_id, "succeeded").await;
+    assert_eq!(undo["triggered_by"], "reflex", "{undo}");
+    let replicas =
+        c.get("apps/v1", "Deployment", Some(&ns), "api").await["spec"]["replicas"].clone();
+    assert_eq!(replicas, 3, "back at its previous replicas");
+    let said = app
+        .wait_for(20, "chat to hear of it", || async {
+            let texts: Vec<String> = (chat.at("/chat").iter())
+                .filter_map(|m| m.body["text"].as_str().map(str::to_string))
+                .collect();
+            texts
+                .iter()
+                .any(|t| t.contains(&format!("undone by run {undo_id}")))
+                .then_some(texts)
+        })
+        .await;
+    assert!(
+        said.iter().any(|t| t.contains(&format!("Run {undo_id}"))),
+        "{said:?}"
+    );
+}
