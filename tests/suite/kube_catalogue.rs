@@ -83,6 +83,33 @@ impl Cluster {
     }
 }
 
+/// Takes back what a step did (`action` with `args` answered `output`) as `reflex undo` would:
+/// the undo planner's restoring steps, run through the executors.
+async fn undo_step(ex: &reflex::executors::Executors, action: &str, args: Value, output: Value) {
+    use reflex::playbook::spec::{OnFailure, Phase};
+    let step = reflex::store::StepRecord {
+        idx: 0,
+        name: "step".into(),
+        action: reflex::playbook::actions::Action::parse(action).unwrap(),
+        args,
+        timeout_ms: None,
+        on_failure: OnFailure::Stop,
+        state: reflex::store::StepState::Succeeded,
+        started_at: None,
+        finished_at: None,
+        output: Some(output),
+        error: None,
+        approval: None,
+        phase: Phase::Main,
+    };
+    let undo = reflex::engine::undo::plan(&[step], false);
+    assert_eq!(undo.steps.len(), 1, "{undo:?}");
+    let restore = &undo.steps[0];
+    run(ex, restore.action.name(), restore.args.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", restore.name));
+}
+
 /// The fake cluster; none on a real one, where a test that sets pod readiness or needs a CRD
 /// the fake serves is skipped.
 async fn fake_cluster() -> Option<Cluster> {
@@ -154,6 +181,11 @@ async fn failover_moves_the_selector_only_once_enough_standby_pods_are_ready() {
         (out["ready"].clone(), out["changed"].clone()),
         (json!(1), json!(true))
     );
+    // Undone: the selector as it was.
+    undo_step(&ex, "kube.failover", args(1), out).await;
+    let svc = c.get("v1", "Service", Some(&ns), "checkout").await;
+    let primary = json!({"app": "checkout", "track": "primary"});
+    assert_eq!(svc["spec"]["selector"], primary);
 }
 
 #[tokio::test]
@@ -205,6 +237,16 @@ async fn rate_limit_sets_the_ingress_nginx_annotations_and_records_what_was_ther
     assert_eq!(
         out["after"]["annotations"],
         json!({"nginx.ingress.kubernetes.io/limit-rps": "10", "nginx.ingress.kubernetes.io/limit-burst-multiplier": "3"})
+    );
+    // Undone: the previous rate back, the added burst gone, the rest untouched.
+    let args = json!({"namespace": ns, "ingress": "shop", "rps": 10, "burst_multiplier": 3});
+    undo_step(&c.executors(), "kube.rate_limit", args, out).await;
+    let ing = c
+        .get("networking.k8s.io/v1", "Ingress", Some(&ns), "shop")
+        .await;
+    assert_eq!(
+        ing["metadata"]["annotations"],
+        json!({"nginx.ingress.kubernetes.io/limit-rps": "50", "nginx.ingress.kubernetes.io/rewrite-target": "/"})
     );
     let err = run(
         &c.executors(),
@@ -259,6 +301,12 @@ async fn circuit_break_merges_outlier_detection_into_the_destination_rule() {
         json!({"loadBalancer": {"simple": "ROUND_ROBIN"}})
     );
     assert_eq!(&out["after"]["trafficPolicy"], policy);
+    // Undone: the traffic policy as it was.
+    let args = json!({"namespace": ns, "destination_rule": "payments"});
+    undo_step(&c.executors(), "kube.circuit_break", args, out).await;
+    let rule = c.get(istio, "DestinationRule", Some(&ns), "payments").await;
+    let before = json!({"loadBalancer": {"simple": "ROUND_ROBIN"}});
+    assert_eq!(rule["spec"]["trafficPolicy"], before);
 }
 
 #[tokio::test]
@@ -365,6 +413,14 @@ async fn drain_cordons_evicts_and_waits_on_a_disruption_budget_until_its_timeout
     assert_eq!(out["evicted"], json!([format!("{ns}/web-2")]));
     assert_eq!(out["left"], json!([]));
     assert_eq!(out["before"]["unschedulable"], true, "already cordoned");
+    // Undoing the first drain (which failed, with its change on record) uncordons the node.
+    let first = match &err {
+        ExecError::FailedWith(_, out) => out.clone(),
+        other => panic!("{other:?}"),
+    };
+    undo_step(&ex, "kube.drain", json!({"node": "n1"}), first).await;
+    let node = c.get("v1", "Node", None, "n1").await;
+    assert_eq!(node["spec"]["unschedulable"], false, "uncordoned");
 }
 
 #[tokio::test]
