@@ -496,6 +496,10 @@ async fn trigger_and_retry_from_the_cli_start_runs_that_say_who_asked() {
     app.wait_run_state(done, "failed").await;
     let (code, out) = cli(&["cancel", &done.to_string()]);
     assert_eq!(code, 6, "conflict: {out}");
+    // Its log line and script changed nothing: `reflex undo` says so, and why.
+    let (code, out) = cli(&["undo", &done.to_string()]);
+    assert_eq!(code, 6, "conflict: {out}");
+    assert!(out.contains("changed nothing that can be undone"), "{out}");
     let (code, out) = cli(&["trigger", "flaky", "-l", "novalue"]);
     assert_ne!(code, 0);
     assert!(out.contains("not key=value"), "{out}");
