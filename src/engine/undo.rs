@@ -92,9 +92,23 @@ fn inverse(step: &StepRecord, force: bool) -> Result<Option<PlannedStep>, String
             };
             return Ok(Some(restoring(step, action, a)));
         }
-        // Forward again, to the revision the rollback replaced.
-        Action::KubeRollback => json!({"namespace": args["namespace"], "name": args["name"],
-                                       "to_revision": out["from_revision"]}),
+        // Forward again, to the revision the rollback replaced, if nothing was deployed since.
+        Action::KubeRollback => {
+            let mut a = json!({"namespace": args["namespace"], "name": args["name"],
+                               "to_revision": out["from_revision"]});
+            match (&out["revision_after"], force) {
+                (_, true) => {}
+                (Value::Number(left), false) => a["expect_revision"] = json!(left),
+                _ => {
+                    return Err(
+                        "the revision it left was not recorded (it did not `wait` for \
+                                its rollout): undo it with force"
+                            .into(),
+                    );
+                }
+            }
+            a
+        }
         _ => {
             let c = changed(step.action, args, &out["before"], &out["after"])?;
             let mut a = json!({"api_version": c.api_version, "kind": c.kind, "name": c.name, "patch": c.back});
@@ -358,6 +372,40 @@ mod tests {
         assert!(
             forced.steps[0].args.get("expect").is_none(),
             "force overwrites"
+        );
+    }
+
+    #[test]
+    fn a_rollback_is_undone_only_when_the_revision_it_left_was_recorded() {
+        let args = json!({"namespace": "shop", "name": "web"});
+        let waited = step(
+            0,
+            Action::KubeRollback,
+            args.clone(),
+            json!({"from_revision": 2, "to_revision": 1, "revision_after": 3}),
+        );
+        let p = plan(&[waited], false);
+        assert_eq!(p.steps[0].action, Action::KubeRollback);
+        assert_eq!(
+            p.steps[0].args,
+            json!({"namespace": "shop", "name": "web", "to_revision": 2, "expect_revision": 3})
+        );
+        let unwaited = step(
+            0,
+            Action::KubeRollback,
+            args,
+            json!({"from_revision": 2, "to_revision": 1}),
+        );
+        let p = plan(std::slice::from_ref(&unwaited), false);
+        assert!(
+            p.steps.is_empty() && p.skipped[0].why.contains("undo it with force"),
+            "{p:?}"
+        );
+        assert!(
+            plan(&[unwaited], true).steps[0]
+                .args
+                .get("expect_revision")
+                .is_none()
         );
     }
 

@@ -486,6 +486,9 @@ pub struct KubeRollbackArgs {
     /// Wait until the rollout is complete (within the step timeout).
     #[serde(default)]
     pub wait: bool,
+    /// Refused unless the Deployment is at this revision now (an undo's guard against a
+    /// deploy made since).
+    pub expect_revision: Option<i64>,
 }
 
 /// `kube.restart`.

@@ -104,7 +104,7 @@ impl Cluster {
     }
 
     /// A deploy: a new image, so a new ReplicaSet revision.
-    async fn set_image(&self, name: &str, image: &str, revision: i64) {
+    pub(crate) async fn set_image(&self, name: &str, image: &str, revision: i64) {
         let patch = json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": image}]}}}});
         Api::<Deployment>::namespaced(self.client().await, &self.ns)
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -113,7 +113,7 @@ impl Cluster {
         self.wait_revision(name, revision).await;
     }
 
-    async fn get_deployment(&self, name: &str) -> Deployment {
+    pub(crate) async fn get_deployment(&self, name: &str) -> Deployment {
         Api::<Deployment>::namespaced(self.client().await, &self.ns)
             .get(name)
             .await
@@ -138,7 +138,7 @@ impl Cluster {
     }
 }
 
-fn image(d: &Deployment) -> String {
+pub(crate) fn image(d: &Deployment) -> String {
     d.spec
         .as_ref()
         .unwrap()

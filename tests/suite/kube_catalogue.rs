@@ -86,6 +86,18 @@ impl Cluster {
 /// Takes back what a step did (`action` with `args` answered `output`) as `reflex undo` would:
 /// the undo planner's restoring steps, run through the executors.
 async fn undo_step(ex: &reflex::executors::Executors, action: &str, args: Value, output: Value) {
+    undo_result(ex, action, args, output)
+        .await
+        .unwrap_or_else(|e| panic!("undo {action}: {e}"));
+}
+
+/// As [`undo_step`], with the restoring step's answer.
+async fn undo_result(
+    ex: &reflex::executors::Executors,
+    action: &str,
+    args: Value,
+    output: Value,
+) -> Result<Value, ExecError> {
     use reflex::playbook::spec::{OnFailure, Phase};
     let step = reflex::store::StepRecord {
         idx: 0,
@@ -105,9 +117,7 @@ async fn undo_step(ex: &reflex::executors::Executors, action: &str, args: Value,
     let undo = reflex::engine::undo::plan(&[step], false);
     assert_eq!(undo.steps.len(), 1, "{undo:?}");
     let restore = &undo.steps[0];
-    run(ex, restore.action.name(), restore.args.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{}: {e}", restore.name));
+    run(ex, restore.action.name(), restore.args.clone()).await
 }
 
 /// The fake cluster; none on a real one, where a test that sets pod readiness or needs a CRD
@@ -719,4 +729,43 @@ async fn a_failed_verification_undoes_the_runs_changes_then_escalates_and_chat_s
         said.iter().any(|t| t.contains(&format!("Run {undo_id}"))),
         "{said:?}"
     );
+}
+
+#[tokio::test]
+async fn a_rollbacks_undo_rolls_forward_unless_something_was_deployed_since() {
+    let Some(c) = fake_cluster().await else {
+        return;
+    };
+    let ns = c.ns.clone();
+    c.deployment("web", "web:1", 1).await;
+    c.set_image("web", "web:2", 2).await;
+    let ex = c.executors();
+    let args = json!({"namespace": ns, "name": "web", "wait": true});
+    let image = || async { crate::kube::image(&c.get_deployment("web").await) };
+    let out = run(&ex, "kube.rollback", args.clone()).await.unwrap();
+    assert_eq!(
+        (out["from_revision"].clone(), out["revision_after"].clone()),
+        (json!(2), json!(3))
+    );
+    assert_eq!(image().await, "web:1");
+    undo_step(&ex, "kube.rollback", args.clone(), out).await;
+    assert_eq!(
+        image().await,
+        "web:2",
+        "rolled forward to what the rollback replaced"
+    );
+
+    // Rolled back again, then someone deploys: the undo would roll over that deploy.
+    let out = run(&ex, "kube.rollback", args.clone()).await.unwrap();
+    assert_eq!(image().await, "web:1");
+    let left = out["revision_after"].as_i64().unwrap();
+    c.set_image("web", "web:3", left + 1).await;
+    let err = undo_result(&ex, "kube.rollback", args, out)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ExecError::Refused(m) if m.contains(&format!("revision {} now, not {left}", left + 1))),
+        "{err}"
+    );
+    assert_eq!(image().await, "web:3", "the new deploy stays");
 }

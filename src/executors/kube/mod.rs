@@ -290,6 +290,12 @@ impl KubeExecutor {
                     Ok(msg) => ExecError::Failed(format!("{what}: {msg}")),
                     Err(e) => api_err(&format!("replicasets of {what}"), e),
                 })?;
+            if let Some(want) = a.expect_revision.filter(|want| *want != from) {
+                return Err(ExecError::Refused(format!(
+                    "{what}: it is at revision {from} now, not {want}: deployed since; nothing \
+                     was rolled"
+                )));
+            }
             let spec = d
                 .spec
                 .as_mut()
@@ -316,6 +322,8 @@ impl KubeExecutor {
                     .map_err(|e| api_err(&what, e))?;
                 if rollout_complete(&d, generation) {
                     out["rollout"] = json!("complete");
+                    // The revision the rollback left, which an undo checks is still there.
+                    out["revision_after"] = json!(revision(&d.metadata));
                     break;
                 }
                 if tokio::time::Instant::now() >= deadline {
