@@ -125,7 +125,7 @@ impl Engine {
         };
         async {
             tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, target = %run.target, "run started");
-            let info = self.run_info(run.id, &run.playbook, &run.target, run.alert.title(&run.target), run.dry_run);
+            let info = self.claimed_info(&run);
             let fresh = run.first_step_started
                 || run.steps.iter().all(|s| s.state == StepState::Pending);
             if fresh && !run.resumed {
@@ -347,13 +347,7 @@ impl Engine {
                     .map_err(record_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
                 self.notifier.send(Event::ApprovalNeeded {
-                    run: self.run_info(
-                        run.id,
-                        &run.playbook,
-                        &run.target,
-                        run.alert.title(&run.target),
-                        run.dry_run,
-                    ),
+                    run: self.claimed_info(run),
                     approval_id: id,
                     action: gated_action(&run.target, covered).0,
                     action_hash: hash,
@@ -511,13 +505,7 @@ impl Engine {
         let ends_run = step.phase == Phase::Main && step.on_failure == OnFailure::Stop;
         let event = match &error {
             Some(e) if !ends_run && state != StepState::Cancelled => Some(Event::StepFailed {
-                run: self.run_info(
-                    run.id,
-                    &run.playbook,
-                    &run.target,
-                    run.alert.title(&run.target),
-                    run.dry_run,
-                ),
+                run: self.claimed_info(run),
                 step: step.name.clone(),
                 error: e.clone(),
             }),
@@ -625,6 +613,12 @@ impl Engine {
                 Some(self.redactor.redact(&e.to_string())),
             ),
         }
+    }
+
+    /// What a message says about a claimed run.
+    fn claimed_info(&self, run: &ClaimedRun) -> crate::notify::RunInfo {
+        let title = run.alert.title(&run.target);
+        self.run_info(run.id, &run.playbook, &run.target, title, run.dry_run)
     }
 
     /// Whether the run's playbook undoes its changes when a verification fails.
