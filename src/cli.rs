@@ -240,6 +240,7 @@ fn simulate_one(
             timeout: std::time::Duration::from_secs(60),
             cancel: Default::default(),
             watch: None,
+            artifacts: Default::default(),
         };
         let refused = match executors.get(s.action) {
             None => Some(format!("no executor for action {:?}", s.action)),

@@ -395,6 +395,8 @@ pub struct EngineConfig {
     /// parameters and templates); past it the alert is recorded as failed to plan.
     #[serde(with = "duration_str")]
     pub plan_budget: Duration,
+    /// Caps on what steps keep besides their output (graphs, logs), per artifact and per run.
+    pub artifacts: crate::store::ArtifactCaps,
 }
 
 impl Default for EngineConfig {
@@ -406,6 +408,7 @@ impl Default for EngineConfig {
             max_runs_per_target: 1,
             run_deadline: Duration::from_secs(3600),
             plan_budget: Duration::from_millis(250),
+            artifacts: crate::store::ArtifactCaps::default(),
         }
     }
 }

@@ -106,6 +106,7 @@ pub fn router(state: AppState) -> Router {
     let read = Router::new()
         .route("/api/v1/runs", get(runs::list))
         .route("/api/v1/runs/{id}", get(runs::get))
+        .route("/api/v1/runs/{id}/artifacts/{name}", get(runs::artifact))
         .route("/api/v1/approvals", get(approvals::list))
         .route("/api/v1/approvals/{id}", get(approvals::get))
         .route("/api/v1/killswitch", get(killswitch::get))

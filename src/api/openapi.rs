@@ -19,6 +19,7 @@ use utoipa::{Modify, OpenApi};
         webhooks::generic,
         runs::list,
         runs::get,
+        runs::artifact,
         runs::cancel,
         runs::retry,
         runs::undo,

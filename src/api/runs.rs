@@ -7,6 +7,7 @@ use crate::store::{RunFilter, RunState, RunView};
 use axum::Json;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
+use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -105,6 +106,48 @@ pub async fn get(
         .ok_or_else(|| ApiError::NotFound(format!("no run {id}")))?;
     state.engine.show_live(&mut run);
     Ok(Json(run))
+}
+
+/// `GET /api/v1/runs/{id}/artifacts/{name}`
+#[utoipa::path(
+    get,
+    path = "/api/v1/runs/{id}/artifacts/{name}",
+    tag = "viewer",
+    description = "One artifact of a run (a graph, a log), as its steps' `artifacts` list it, with its own content type. Role: viewer.",
+    params(("id" = i64, Path, description = "Run id"), ("name" = String, Path, description = "Artifact name")),
+    responses((status = 200, description = "The artifact's bytes"), (status = 404, description = "No such run, or no artifact of that name in it", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["viewer"]))
+)]
+pub async fn artifact(
+    State(state): State<AppState>,
+    path: Result<Path<(i64, String)>, PathRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    let Path((id, name)) = path?;
+    serve_artifact(&state.store, id, &name).await
+}
+
+/// An artifact's bytes with its content type. What a step produced is shown, never run: the
+/// browser may not guess another type, and a document served here has no script.
+pub(super) async fn serve_artifact(
+    store: &crate::store::Store,
+    id: i64,
+    name: &str,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::http::header;
+    let (content_type, data) = store
+        .artifact(id, name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("run {id} has no artifact {name:?}")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+            (header::CONTENT_SECURITY_POLICY, "sandbox".to_string()),
+            (header::CACHE_CONTROL, "private, max-age=3600".to_string()),
+        ],
+        data,
+    )
+        .into_response())
 }
 
 /// `POST /api/v1/runs/{id}/cancel`

@@ -88,6 +88,32 @@ impl crate::executors::Executor for RecordedCordon {
     }
 }
 
+/// Stands in for `kube.logs` (tested against a fake API server in the suite): attaches a log
+/// of `lines` lines of 100 bytes, one of them holding the configured credential.
+struct RecordedLogs;
+
+#[async_trait::async_trait]
+impl crate::executors::Executor for RecordedLogs {
+    fn validate(
+        &self,
+        _: &crate::executors::StepContext,
+    ) -> Result<(), crate::executors::ExecError> {
+        Ok(())
+    }
+
+    async fn execute(
+        &self,
+        ctx: &crate::executors::StepContext,
+    ) -> Result<Value, crate::executors::ExecError> {
+        let lines = ctx.args["lines"].as_u64().unwrap_or(1);
+        let mut text: String = (0..lines).map(|i| format!("{i:>99}\n")).collect();
+        text.replace_range(0..22, "token=s3cr3t-t0ken-abc");
+        ctx.artifacts
+            .attach("logs.txt", "text/plain; charset=utf-8", text.into_bytes());
+        Ok(json!({"summary": "read"}))
+    }
+}
+
 impl TestApi {
     pub(super) async fn new() -> TestApi {
         Self::with("", "").await
@@ -140,6 +166,8 @@ impl TestApi {
         let mut executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
         let cordon = crate::playbook::actions::Action::KubeCordon;
         executors.insert(cordon, Arc::new(RecordedCordon));
+        let logs = crate::playbook::actions::Action::KubeLogs;
+        executors.insert(logs, Arc::new(RecordedLogs));
         let engine = Engine::new(
             store.clone(),
             playbooks,
@@ -326,6 +354,12 @@ async fn every_route_answers_each_role_as_the_role_table_says() {
             "webhook",
         ),
         (Method::GET, "/api/v1/runs", None, "viewer"),
+        (
+            Method::GET,
+            "/api/v1/runs/999/artifacts/x.png",
+            None,
+            "viewer",
+        ),
         (Method::GET, "/api/v1/approvals", None, "viewer"),
         (Method::GET, "/api/v1/killswitch", None, "viewer"),
         (Method::GET, "/api/v1/playbooks", None, "viewer"),
@@ -1835,4 +1869,143 @@ async fn the_audit_log_filters_by_actor_action_and_time() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{out}");
+}
+
+/// A GET of `path` with `token`: the status, the content type and the body's bytes.
+async fn fetch_raw(
+    api: &TestApi,
+    path: &str,
+    token: Option<&str>,
+) -> (StatusCode, String, Vec<u8>) {
+    let mut req = Request::builder().method(Method::GET).uri(path);
+    if let Some(t) = token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let resp = (api.router.clone())
+        .oneshot(req.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let kind = (resp.headers().get(header::CONTENT_TYPE))
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, kind, bytes.to_vec())
+}
+
+#[tokio::test]
+async fn artifacts_are_served_to_viewers_with_their_type_capped_and_gone_with_their_run() {
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("token");
+    std::fs::write(&secret, "s3cr3t-t0ken-abc").unwrap();
+    let api = TestApi::with(
+        &format!(
+            "engine:\n  artifacts: {{ max_bytes: 1000, max_run_bytes: 1500 }}\ncredentials:\n  logs: {{ header: X-Token, file: {} }}\n",
+            secret.display()
+        ),
+        "",
+    )
+    .await;
+    api.add_playbook(
+        "evidence.yaml",
+        r#"
+name: evidence
+matchers: ['alertname="Evidence"']
+steps:
+  - { name: first, action: kube.logs, with: { namespace: shop, pod: p, lines: 8 } }
+  - { name: second, action: kube.logs, with: { namespace: shop, pod: p, lines: 9 } }
+  - { name: third, action: kube.logs, with: { namespace: shop, pod: p, lines: 11 } }
+"#,
+    )
+    .await;
+    tokio::spawn(api.engine.clone().dispatch());
+    let mut runs = Vec::new();
+    for host in ["h1", "h2"] {
+        let body = json!({"labels": {"alertname": "Evidence", "instance": host}}).to_string();
+        let out = api.post_alert(&body).await;
+        let id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+        runs.push(wait_state(&api, id, "succeeded").await);
+    }
+    let (run, other) = (&runs[0], &runs[1]);
+    let id = run["id"].as_i64().unwrap();
+    let steps = run["steps"].as_array().unwrap();
+    let url = format!("/api/v1/runs/{id}/artifacts/first-logs.txt");
+    assert_eq!(
+        steps[0]["artifacts"],
+        json!([{"name": "first-logs.txt", "content_type": "text/plain; charset=utf-8", "size": 794, "url": url}])
+    );
+    // Over the run's cap, and over the artifact's: not kept, and the step says why.
+    assert!(steps[1].get("artifacts").is_none());
+    let refused = steps[1]["output"]["artifacts_refused"][0].as_str().unwrap();
+    assert!(
+        refused.contains("1688 bytes, over engine.artifacts.max_run_bytes (1500)"),
+        "{refused}"
+    );
+    let refused = steps[2]["output"]["artifacts_refused"][0].as_str().unwrap();
+    assert_eq!(
+        refused,
+        "artifact third-logs.txt refused: 1094 bytes is over engine.artifacts.max_bytes (1000)"
+    );
+
+    let (status, kind, body) = fetch_raw(&api, &url, Some("viewer-token")).await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (StatusCode::OK, "text/plain; charset=utf-8")
+    );
+    // A log is redacted as outputs are: the configured credential is not in it.
+    assert_eq!(body.len(), 794);
+    assert!(body.starts_with(b"token=[redacted]"), "{:?}", &body[..30]);
+    assert_eq!(
+        fetch_raw(&api, &url, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        fetch_raw(&api, &url, Some("webhook-token")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    // Another run's name, an unknown run: 404 with a message.
+    let other_id = other["id"].as_i64().unwrap();
+    let (status, answer) = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/runs/{other_id}/artifacts/second-logs.txt"),
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has no artifact")
+    );
+    let (status, _) = api
+        .call(
+            Method::GET,
+            "/api/v1/runs/424242/artifacts/first-logs.txt",
+            Some("viewer-token"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // A run pruned takes its artifacts with it.
+    api.store
+        .write(move |c| {
+            c.exec("DELETE FROM steps WHERE run_id = ?1", &[&id])?;
+            c.exec("DELETE FROM runs WHERE id = ?1", &[&id])?;
+            c.one(
+                "SELECT count(*) FROM artifacts WHERE run_id = ?1",
+                &[&id],
+                |r| r.get::<i64>(0),
+            )
+        })
+        .await
+        .map(|left| assert_eq!(left, 0))
+        .unwrap();
+    assert_eq!(
+        fetch_raw(&api, &url, Some("viewer-token")).await.0,
+        StatusCode::NOT_FOUND
+    );
 }

@@ -484,7 +484,8 @@ impl Engine {
             let since = (crate::time::now_us() - run.received_us).max(0) as f64 / 1e6;
             self.metrics.alert_to_first_step.observe(since);
         }
-        let result = act(executor.as_ref(), &ctx, run, step).await;
+        let mut result = act(executor.as_ref(), &ctx, run, step).await;
+        self.keep_artifacts(run, step, &ctx, &mut result).await?;
         self.metrics
             .step_duration
             .with_label_values(&[step.action.name()])
@@ -526,6 +527,53 @@ impl Engine {
         Ok(error.filter(|_| step.on_failure == OnFailure::Stop))
     }
 
+    /// Stores what the step attached (a graph, a log) with the run. An artifact over its caps
+    /// is not kept, and the step's output says why.
+    async fn keep_artifacts(
+        &self,
+        run: &ClaimedRun,
+        step: &StepRecord,
+        ctx: &StepContext,
+        result: &mut Result<Value, ExecError>,
+    ) -> Result<(), Stop> {
+        let mut artifacts = ctx.artifacts.take();
+        if artifacts.is_empty() {
+            return Ok(());
+        }
+        // A log can hold a secret as well as any output: text is redacted like outputs are.
+        for a in artifacts
+            .iter_mut()
+            .filter(|a| a.content_type.starts_with("text/"))
+        {
+            let text = String::from_utf8_lossy(&a.data);
+            a.data = self.redactor.redact(&text).into_bytes();
+        }
+        let kept = self
+            .store
+            .save_artifacts(
+                run.id,
+                step.idx,
+                &step.name,
+                artifacts,
+                self.config.artifacts,
+            )
+            .await
+            .map_err(record_err)?;
+        let refused: Vec<String> = kept.into_iter().filter_map(Result::err).collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        for why in &refused {
+            tracing::warn!(step = %step.name, "{why}");
+        }
+        if let Ok(out) | Err(ExecError::FailedWith(_, out)) = result
+            && out.is_object()
+        {
+            out["artifacts_refused"] = json!(refused);
+        }
+        Ok(())
+    }
+
     /// What an executor is given for a step.
     fn context(
         &self,
@@ -554,6 +602,7 @@ impl Engine {
                 fingerprint: run.alert.fingerprint.clone(),
                 starts_at: run.alert.starts_at.clone(),
             })),
+            artifacts: Default::default(),
         }
     }
 
@@ -651,7 +700,8 @@ async fn act(
     step: &StepRecord,
 ) -> Result<Value, ExecError> {
     executor.validate(ctx)?;
-    if run.dry_run {
+    // Evidence changes nothing: a dry run gathers it as a real run would.
+    if run.dry_run && !step.action.reads_only() {
         let mut would = json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } });
         if let Some(gate) = &step.approval {
             would["would_wait_for"] = json!({

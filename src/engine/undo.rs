@@ -74,6 +74,7 @@ fn inverse(step: &StepRecord, force: bool) -> Result<Option<PlannedStep>, String
     let args = &step.args;
     let mut restore = match step.action {
         Action::Log | Action::Wait | Action::Verify | Action::Script => return Ok(None),
+        a if a.reads_only() => return Ok(None),
         Action::SshRun
         | Action::DiskCleanup
         | Action::Http
@@ -307,6 +308,7 @@ mod tests {
             error: None,
             approval: None,
             phase: Phase::Main,
+            artifacts: Vec::new(),
         }
     }
 

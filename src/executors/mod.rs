@@ -3,6 +3,7 @@
 //! bounds it with the step timeout.
 
 mod flags;
+mod graph;
 mod http;
 pub mod kube;
 mod log;
@@ -11,6 +12,7 @@ pub mod ssh;
 mod verify;
 mod wait;
 
+pub use graph::GraphExecutor;
 pub use http::HttpExecutor;
 pub use log::LogExecutor;
 pub use script::ScriptExecutor;
@@ -85,6 +87,33 @@ pub struct StepContext {
     /// What the step may ask about, or tell of, its run while it is under way (none outside
     /// the engine: a simulation, a test).
     pub watch: Option<std::sync::Arc<dyn RunWatch>>,
+    /// What the step produced besides its output (a graph, a log): kept with the run.
+    pub artifacts: Attachments,
+}
+
+/// The artifacts a step attaches as it goes; the engine stores them with the run when the step
+/// ends (within `engine.artifacts` caps).
+#[derive(Debug, Clone, Default)]
+pub struct Attachments(Arc<std::sync::Mutex<Vec<crate::store::Artifact>>>);
+
+impl Attachments {
+    /// Attaches one artifact.
+    pub fn attach(&self, name: &str, content_type: &str, data: Vec<u8>) {
+        self.lock().push(crate::store::Artifact {
+            name: name.to_string(),
+            content_type: content_type.to_string(),
+            data,
+        });
+    }
+
+    /// Everything attached so far, taken out.
+    pub fn take(&self) -> Vec<crate::store::Artifact> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<crate::store::Artifact>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The run, as a long step sees it while it is under way.
@@ -153,6 +182,10 @@ impl Executors {
         e.insert(
             Action::Verify,
             Arc::new(VerifyExecutor::new(&cfg.prometheus_url, sandbox.clone())),
+        );
+        e.insert(
+            Action::PrometheusGraph,
+            Arc::new(GraphExecutor::new(&cfg.prometheus_url)),
         );
         let kube = Arc::new(kube::KubeExecutor::new(cfg.kubernetes.clone()));
         for &action in Action::ALL.iter().filter(|a| a.is_kube()) {

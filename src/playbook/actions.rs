@@ -48,6 +48,16 @@ pub enum Action {
     KubeDrain,
     /// Grow a PersistentVolumeClaim's storage request, within a bound.
     KubeExpandPvc,
+    /// Evidence: a pod's (or a selector's pods') recent log lines.
+    KubeLogs,
+    /// Evidence: an object's recent events, newest first.
+    KubeEvents,
+    /// Evidence: a workload's, pod's or node's state in brief (replicas, conditions, restarts).
+    KubeDescribe,
+    /// Evidence: a Deployment's recent rollouts (revision, images, time, change-cause).
+    KubeHistory,
+    /// Evidence: a Prometheus query over a range, drawn as a PNG chart.
+    PrometheusGraph,
     /// Turn a feature flag off.
     FlagDisable,
     /// Turn a feature flag on.
@@ -97,6 +107,11 @@ impl Action {
         Action::KubeCircuitBreak,
         Action::KubeDrain,
         Action::KubeExpandPvc,
+        Action::KubeLogs,
+        Action::KubeEvents,
+        Action::KubeDescribe,
+        Action::KubeHistory,
+        Action::PrometheusGraph,
         Action::FlagDisable,
         Action::FlagEnable,
     ];
@@ -128,6 +143,11 @@ impl Action {
             Action::KubeCircuitBreak => "kube.circuit_break",
             Action::KubeDrain => "kube.drain",
             Action::KubeExpandPvc => "kube.expand_pvc",
+            Action::KubeLogs => "kube.logs",
+            Action::KubeEvents => "kube.events",
+            Action::KubeDescribe => "kube.describe",
+            Action::KubeHistory => "kube.history",
+            Action::PrometheusGraph => "prometheus.graph",
             Action::FlagDisable => "feature_flag.disable",
             Action::FlagEnable => "feature_flag.enable",
         }
@@ -136,6 +156,19 @@ impl Action {
     /// Whether it acts on a Kubernetes cluster.
     pub fn is_kube(self) -> bool {
         self.name().starts_with("kube.")
+    }
+
+    /// Whether it only reads (evidence): it changes nothing, so it runs in dry runs and shadow
+    /// runs too, and an undo has nothing to take back.
+    pub fn reads_only(self) -> bool {
+        matches!(
+            self,
+            Action::KubeLogs
+                | Action::KubeEvents
+                | Action::KubeDescribe
+                | Action::KubeHistory
+                | Action::PrometheusGraph
+        )
     }
 
     /// How argument `arg` is treated.
@@ -149,7 +182,9 @@ impl Action {
             // Alert values in a URL are percent-encoded: they cannot change host, path or query.
             (Action::Http, "url") => ArgKind::Template(Quoting::Url),
             // Alert values in a PromQL string literal are escaped: they cannot end it.
-            (Action::Verify, "query") => ArgKind::Template(Quoting::PromQl),
+            (Action::Verify | Action::PrometheusGraph, "query") => {
+                ArgKind::Template(Quoting::PromQl)
+            }
             // Compiled at load and evaluated with `value` in scope.
             (Action::Verify, "condition") => ArgKind::Verbatim,
             _ => ArgKind::Template(Quoting::Plain),
@@ -188,6 +223,11 @@ impl Action {
             | Action::KubeDrain
             | Action::KubeExpandPvc => self.check_catalogue(args),
             Action::FlagDisable | Action::FlagEnable => parse::<FlagArgs>(args).map(drop),
+            Action::KubeLogs
+            | Action::KubeEvents
+            | Action::KubeDescribe
+            | Action::KubeHistory
+            | Action::PrometheusGraph => self.check_evidence(args),
             Action::Http => {
                 let a = parse::<HttpArgs>(args)?;
                 let literal = !Self::is_template(&a.url);
@@ -282,6 +322,59 @@ impl Action {
         }
     }
 
+    /// Structural check of the evidence actions.
+    fn check_evidence(self, args: &serde_json::Value) -> Result<(), String> {
+        match self {
+            Action::KubeLogs => {
+                let a = parse::<KubeLogsArgs>(args)?;
+                if a.pod.is_some() == a.selector.is_some() {
+                    return Err("name either `pod` or `selector` (a label selector)".into());
+                }
+                if !(1..=MAX_LOG_LINES).contains(&a.lines) {
+                    return Err(format!("`lines`: between 1 and {MAX_LOG_LINES}"));
+                }
+                Ok(())
+            }
+            Action::KubeEvents => {
+                let a = parse::<KubeEventsArgs>(args)?;
+                if !(1..=MAX_EVENTS).contains(&a.limit) {
+                    return Err(format!("`limit`: between 1 and {MAX_EVENTS}"));
+                }
+                Ok(())
+            }
+            Action::KubeDescribe => {
+                let a = parse::<KubeDescribeArgs>(args)?;
+                match a.kind.as_str() {
+                    "Deployment" | "StatefulSet" | "Pod" if a.namespace.is_none() => {
+                        Err(format!("`namespace`: required for a {}", a.kind))
+                    }
+                    "Deployment" | "StatefulSet" | "Pod" | "Node" => Ok(()),
+                    other if Self::is_template(other) => Ok(()),
+                    other => Err(format!(
+                        "`kind`: {other:?}; kube.describe takes Deployment, StatefulSet, Pod or Node"
+                    )),
+                }
+            }
+            Action::KubeHistory => {
+                let a = parse::<KubeHistoryArgs>(args)?;
+                if !(1..=MAX_HISTORY).contains(&a.limit) {
+                    return Err(format!("`limit`: between 1 and {MAX_HISTORY}"));
+                }
+                Ok(())
+            }
+            Action::PrometheusGraph => {
+                let a = parse::<PrometheusGraphArgs>(args)?;
+                for (name, d) in [("range", Some(&a.range)), ("step", a.step.as_ref())] {
+                    if let Some(d) = d.filter(|d| !Self::is_template(d)) {
+                        crate::time::parse_duration(d).map_err(|e| format!("`{name}`: {e}"))?;
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn is_template(s: &str) -> bool {
         super::template::Template::has_holes(s)
     }
@@ -290,6 +383,114 @@ impl Action {
 /// Deserializes action arguments from JSON, with serde's message on failure.
 pub fn parse<T: DeserializeOwned>(args: &serde_json::Value) -> Result<T, String> {
     serde_json::from_value(args.clone()).map_err(|e| e.to_string())
+}
+
+/// Most log lines `kube.logs` reads.
+pub const MAX_LOG_LINES: u32 = 5000;
+/// Most events `kube.events` lists.
+pub const MAX_EVENTS: u32 = 200;
+/// Most rollouts `kube.history` lists.
+pub const MAX_HISTORY: u32 = 50;
+
+/// `kube.logs`: the last lines of a pod's log, or of each pod a selector matches.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeLogsArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// The pod.
+    pub pod: Option<String>,
+    /// Or a label selector (`app=api`): its pods' logs, at most five pods.
+    pub selector: Option<String>,
+    /// The container (default: the pod's first).
+    pub container: Option<String>,
+    /// Lines from the end.
+    #[serde(default = "hundred")]
+    pub lines: u32,
+    /// The previous container's log (the one that crashed).
+    #[serde(default)]
+    pub previous: bool,
+}
+
+fn hundred() -> u32 {
+    100
+}
+
+/// `kube.events`: an object's events, newest first.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeEventsArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// The object's kind (`Pod`, `Deployment`, …).
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Events listed at most.
+    #[serde(default = "twenty")]
+    pub limit: u32,
+}
+
+fn twenty() -> u32 {
+    20
+}
+
+/// `kube.describe`: a Deployment's, StatefulSet's, Pod's or Node's state in brief.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeDescribeArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace (none for a Node).
+    pub namespace: Option<String>,
+    /// `Deployment`, `StatefulSet`, `Pod` or `Node`.
+    pub kind: String,
+    /// Name.
+    pub name: String,
+}
+
+/// `kube.history`: a Deployment's recent rollouts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeHistoryArgs {
+    /// Cluster name.
+    pub cluster: Option<String>,
+    /// Namespace.
+    pub namespace: String,
+    /// The Deployment.
+    pub deployment: String,
+    /// Rollouts listed at most, newest first.
+    #[serde(default = "five")]
+    pub limit: u32,
+}
+
+fn five() -> u32 {
+    5
+}
+
+/// `prometheus.graph`: a query over a range, drawn.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusGraphArgs {
+    /// PromQL (alert values in string literals are escaped).
+    pub query: String,
+    /// How far back from now (`1h`).
+    #[serde(default = "one_hour")]
+    pub range: String,
+    /// Resolution (default: the range over 240 points).
+    pub step: Option<String>,
+    /// The chart's title (default: the query).
+    pub title: Option<String>,
+    /// The unit of the values, shown on the axis (`%`, `s`, `req/s`).
+    pub unit: Option<String>,
+}
+
+fn one_hour() -> String {
+    "1h".into()
 }
 
 /// `log`: record a message.

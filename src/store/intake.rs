@@ -531,6 +531,7 @@ impl Starter {
                 error: None,
                 approval: s.approval.clone(),
                 phase: s.phase,
+                artifacts: Vec::new(),
             })
             .collect();
         self.started.push(ClaimedRun {

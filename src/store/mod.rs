@@ -8,6 +8,7 @@
 //! answered with 200 is on disk.
 
 mod approvals;
+mod artifacts;
 mod audit;
 mod breaker;
 mod coalesce;
@@ -28,6 +29,7 @@ mod threads;
 mod views;
 
 pub use approvals::*;
+pub use artifacts::{Artifact, ArtifactCaps, ArtifactInfo};
 pub use audit::{AuditEntry, AuditFilter};
 pub use breaker::{BreakerLimits, Limit, Trip};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
@@ -582,6 +584,18 @@ CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running';
     // 15: the run an undo takes back.
     r#"
 ALTER TABLE runs ADD COLUMN undo_of INTEGER;
+"#,
+    // 16: what steps produced besides their output (a graph, a log): deleted with their run.
+    r#"
+CREATE TABLE artifacts (
+  run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+  name TEXT NOT NULL,
+  step_idx INTEGER NOT NULL,
+  content_type TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  data BLOB NOT NULL,
+  PRIMARY KEY (run_id, name)
+) WITHOUT ROWID;
 "#,
 ];
 

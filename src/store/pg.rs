@@ -653,4 +653,16 @@ CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running';
     r#"
 ALTER TABLE runs ADD COLUMN undo_of BIGINT;
 "#,
+    // 8: what steps produced besides their output (see SQLite's 16).
+    r#"
+CREATE TABLE artifacts (
+  run_id BIGINT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+  name TEXT NOT NULL,
+  step_idx BIGINT NOT NULL,
+  content_type TEXT NOT NULL,
+  size BIGINT NOT NULL,
+  data BYTEA NOT NULL,
+  PRIMARY KEY (run_id, name)
+);
+"#,
 ];

@@ -129,6 +129,9 @@ pub struct StepRecord {
     /// `main`, or `on_failure` (run only when the run fails).
     #[schema(value_type = String)]
     pub phase: crate::playbook::spec::Phase,
+    /// What it produced besides its output (a graph, a log), each with its URL.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<super::ArtifactInfo>,
 }
 
 /// The claimed row of a run; the rest is loaded off the writer.
@@ -318,6 +321,7 @@ pub(super) fn load_steps(c: &Db, run_id: i64) -> Result<Vec<StepRecord>, StoreEr
                 .get::<Option<String>>(11)?
                 .and_then(|s| serde_json::from_str(&s).ok()),
             phase: r.get(12)?,
+            artifacts: Vec::new(),
         })
         },
     )

@@ -172,7 +172,13 @@ impl Store {
         self.read(move |c| {
             let run = c.row(&format!("{RUN_SELECT} WHERE r.id = ?1"), &[&id], run_view)?;
             let Some(mut run) = run else { return Ok(None) };
-            run.steps = Some(load_steps(c, id)?);
+            let mut steps = load_steps(c, id)?;
+            for (idx, artifact) in super::artifacts::step_artifacts(c, id)? {
+                if let Some(step) = steps.iter_mut().find(|s| s.idx == idx) {
+                    step.artifacts.push(artifact);
+                }
+            }
+            run.steps = Some(steps);
             Ok(Some(run))
         })
         .await

@@ -581,6 +581,20 @@ async fn the_rbac_role_grants_exactly_what_the_executor_uses() {
 
     let ns = c.ns.as_str();
     for (action, args) in [
+        // Evidence first, while the pod is there.
+        ("kube.logs", json!({"namespace": ns, "pod": "p"})),
+        (
+            "kube.events",
+            json!({"namespace": ns, "kind": "Pod", "name": "p"}),
+        ),
+        (
+            "kube.describe",
+            json!({"namespace": ns, "kind": "Deployment", "name": "api"}),
+        ),
+        (
+            "kube.history",
+            json!({"namespace": ns, "deployment": "api"}),
+        ),
         (
             "kube.scale",
             json!({"kind": "Deployment", "namespace": ns, "name": "api", "replicas": 2}),

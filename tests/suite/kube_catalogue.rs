@@ -113,6 +113,7 @@ async fn undo_result(
         error: None,
         approval: None,
         phase: Phase::Main,
+        artifacts: Vec::new(),
     };
     let undo = reflex::engine::undo::plan(&[step], false);
     assert_eq!(undo.steps.len(), 1, "{undo:?}");

@@ -11,6 +11,7 @@ mod console;
 mod deploy;
 mod disk_cleanup_playbook;
 mod e2e_alertmanager;
+mod evidence;
 mod flags;
 mod ha;
 mod http_server;

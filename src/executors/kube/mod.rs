@@ -7,6 +7,7 @@
 //! role in `deploy/kubernetes/`, not a retry.
 
 mod capacity;
+mod evidence;
 mod traffic;
 
 pub use traffic::{LIMIT_BURST, LIMIT_CONNECTIONS, LIMIT_RPS};
@@ -14,7 +15,8 @@ pub use traffic::{LIMIT_BURST, LIMIT_CONNECTIONS, LIMIT_RPS};
 use super::{ExecError, Executor, StepContext};
 use crate::config::KubeConfig;
 use crate::playbook::actions::{
-    Action, KubeCircuitBreakArgs, KubeDrainArgs, KubeExpandPvcArgs, KubeFailoverArgs, KubeNodeArgs,
+    Action, KubeCircuitBreakArgs, KubeDescribeArgs, KubeDrainArgs, KubeEventsArgs,
+    KubeExpandPvcArgs, KubeFailoverArgs, KubeHistoryArgs, KubeLogsArgs, KubeNodeArgs,
     KubePatchArgs, KubePodArgs, KubeRateLimitArgs, KubeRollbackArgs, KubeScaleArgs,
     KubeWorkloadArgs, Replicas,
 };
@@ -450,15 +452,7 @@ impl KubeExecutor {
             Some(ns) => Api::namespaced_with(client, ns, &resource),
             None => Api::all_with(client, &resource),
         };
-        let what = format!(
-            "{} {}{}",
-            a.kind,
-            a.namespace
-                .as_deref()
-                .map(|n| format!("{n}/"))
-                .unwrap_or_default(),
-            a.name
-        );
+        let what = evidence::object_name(&a.kind, a.namespace.as_deref(), &a.name);
         let before = api.get(&a.name).await.map_err(|e| api_err(&what, e))?;
         let rv = before.metadata.resource_version.clone();
         let before = serde_json::to_value(&before).unwrap_or_default();
@@ -725,6 +719,19 @@ impl Executor for KubeAction {
             Action::KubeExpandPvc => ctx
                 .args::<KubeExpandPvcArgs>()
                 .map(|a| (a.cluster, Some(a.namespace), a.pvc))?,
+            Action::KubeLogs => ctx.args::<KubeLogsArgs>().map(|a| {
+                let name = a.pod.unwrap_or_else(|| "selector".into());
+                (a.cluster, Some(a.namespace), name)
+            })?,
+            Action::KubeEvents => ctx
+                .args::<KubeEventsArgs>()
+                .map(|a| (a.cluster, Some(a.namespace), a.name))?,
+            Action::KubeDescribe => ctx
+                .args::<KubeDescribeArgs>()
+                .map(|a| (a.cluster, a.namespace, a.name))?,
+            Action::KubeHistory => ctx
+                .args::<KubeHistoryArgs>()
+                .map(|a| (a.cluster, Some(a.namespace), a.deployment))?,
             _ => return Err(ExecError::InvalidArgs("not a kube action".into())),
         };
         check_name("name", &name)?;
@@ -774,6 +781,10 @@ impl KubeAction {
             Action::KubeCircuitBreak => self.0.circuit_break(ctx.args()?).await,
             Action::KubeDrain => self.0.drain(ctx.args()?, ctx.timeout).await,
             Action::KubeExpandPvc => self.0.expand_pvc(ctx.args()?).await,
+            Action::KubeLogs => self.0.logs(ctx).await,
+            Action::KubeEvents => self.0.events(ctx.args()?).await,
+            Action::KubeDescribe => self.0.describe(ctx.args()?).await,
+            Action::KubeHistory => self.0.history(ctx.args()?).await,
             _ => Err(ExecError::InvalidArgs("not a kube action".into())),
         }
     }

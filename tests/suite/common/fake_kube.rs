@@ -10,7 +10,10 @@
 //! the `eviction` subresource of pods as the API server does (429 while a PodDisruptionBudget
 //! would be violated), list field selectors on `spec.nodeName`, any custom resource (an Istio
 //! DestinationRule), and a PersistentVolumeClaim's rules (its spec immutable but for the
-//! storage request, which may not shrink).
+//! storage request, which may not shrink). For evidence it serves a pod's `log` subresource as
+//! the kubelet answers through the API server (`tailLines`, `container` required when a pod has
+//! several, `previous` only where a container terminated before), and Events listed by
+//! `involvedObject` field selectors.
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -35,6 +38,8 @@ struct Inner {
     conflicts: u32,
     /// Each eviction granted: the pod (`ns/name`) and the grace period it asked for.
     evictions: Vec<(String, Option<i64>)>,
+    /// Container logs: (namespace, pod, container, previous) to text.
+    logs: HashMap<(String, String, String, bool), String>,
 }
 
 /// A running fake API server.
@@ -170,6 +175,7 @@ fn kind_of(plural: &str) -> &'static str {
         "destinationrules" => "DestinationRule",
         "persistentvolumeclaims" => "PersistentVolumeClaim",
         "poddisruptionbudgets" => "PodDisruptionBudget",
+        "events" => "Event",
         _ => "Object",
     }
 }
@@ -227,6 +233,52 @@ fn selects(selector: &Value, labels: &Value) -> bool {
 }
 
 impl Inner {
+    /// A container's log, as `GET pods/{name}/log` answers: the container must be named when
+    /// the pod has several, `previous` is there only for a container that terminated before,
+    /// `tailLines` keeps the last lines.
+    fn log(&self, ns: &str, pod: &str, query: &HashMap<String, String>) -> Response {
+        let Some(p) = self.objects.get(&key("", "pods", ns, pod)) else {
+            return status(404, "NotFound", &format!("pods \"{pod}\" not found"));
+        };
+        let names: Vec<String> = (p["spec"]["containers"].as_array().into_iter().flatten())
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect();
+        let container = match query.get("container") {
+            Some(c) if names.contains(c) => c.clone(),
+            Some(c) => {
+                let msg = format!("container {c} is not valid for pod {pod}");
+                return status(400, "BadRequest", &msg);
+            }
+            None if names.len() == 1 => names[0].clone(),
+            None => {
+                let msg = format!(
+                    "a container name must be specified for pod {pod}, choose one of: [{}]",
+                    names.join(" ")
+                );
+                return status(400, "BadRequest", &msg);
+            }
+        };
+        let previous = query.get("previous").is_some_and(|v| v == "true");
+        let wanted = (ns.to_string(), pod.to_string(), container.clone(), previous);
+        let Some(text) = self.logs.get(&wanted) else {
+            if previous {
+                let msg = format!(
+                    "previous terminated container \"{container}\" in pod \"{pod}\" not found"
+                );
+                return status(400, "BadRequest", &msg);
+            }
+            return (StatusCode::OK, String::new()).into_response();
+        };
+        let tail = query.get("tailLines").and_then(|n| n.parse::<usize>().ok());
+        let lines: Vec<&str> = text.lines().collect();
+        let from = tail.map_or(0, |n| lines.len().saturating_sub(n));
+        let mut out = lines[from..].join("\n");
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        (StatusCode::OK, [("content-type", "text/plain")], out).into_response()
+    }
+
     /// The eviction API: the pod goes unless a PodDisruptionBudget selecting it would be
     /// violated (its healthy pods would fall below `minAvailable`, or more than
     /// `maxUnavailable` would be down), which is a 429, as the API server answers.
@@ -471,6 +523,10 @@ async fn handle(
     } else {
         format!("{}/{}", t.group, t.version)
     };
+
+    if t.sub.as_deref() == Some("log") && method == Method::GET {
+        return s.log(&ns, t.name.as_deref().unwrap_or(""), &query);
+    }
 
     if t.sub.as_deref() == Some("eviction") && method == Method::POST {
         return s.evict(&ns, t.name.as_deref().unwrap_or(""), &body);
@@ -727,6 +783,17 @@ impl FakeKube {
     /// Each eviction granted so far: the pod (`ns/name`) and the grace period it asked for.
     pub fn evictions(&self) -> Vec<(String, Option<i64>)> {
         self.inner.lock().unwrap().evictions.clone()
+    }
+
+    /// Sets what a container's log holds (`previous`: the one that terminated before).
+    pub fn set_log(&self, ns: &str, pod: &str, container: &str, previous: bool, text: &str) {
+        let k = (
+            ns.to_string(),
+            pod.to_string(),
+            container.to_string(),
+            previous,
+        );
+        self.inner.lock().unwrap().logs.insert(k, text.to_string());
     }
 
     /// Requests served so far.

@@ -535,6 +535,7 @@ pub fn step_context(args: Value, timeout: Duration) -> reflex::executors::StepCo
         timeout,
         cancel: Default::default(),
         watch: None,
+        artifacts: Default::default(),
     }
 }
 
