@@ -567,7 +567,7 @@ impl Config {
         for (i, s) in self.notify.sinks.iter().enumerate() {
             let at = vec![k("notify"), k("sinks"), Key::Index(i)];
             out.push(match s.kind {
-                SinkKind::SlackBot => (
+                SinkKind::SlackBot | SinkKind::MattermostBot => (
                     at,
                     s.secret_ref("token", &None, &s.token_env, &s.token_file),
                 ),

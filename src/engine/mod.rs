@@ -208,7 +208,7 @@ impl Engine {
         id: i64,
         playbook: &str,
         target: &str,
-        title: String,
+        alert: crate::notify::AlertLinks,
         dry_run: bool,
     ) -> RunInfo {
         RunInfo {
@@ -216,11 +216,13 @@ impl Engine {
             dry_run,
             playbook: playbook.to_string(),
             target: target.to_string(),
-            title,
+            title: alert.title,
             url: self
                 .public_url
                 .as_ref()
                 .map(|u| format!("{u}/ui/runs/{id}")),
+            runbook_url: alert.runbook_url,
+            source_url: alert.source_url,
         }
     }
 }

@@ -60,8 +60,21 @@ impl Engine {
             .finished_at
             .map_or(Duration::ZERO, |end| end.since(run.created_at));
         let title = crate::alert::title(&run.alert.labels, &run.alert.annotations, &run.target);
+        let links = crate::notify::AlertLinks::new(
+            title,
+            &run.alert.annotations,
+            run.alert.generator_url.as_deref(),
+        );
+        let evidence = match self.store.evidence(run.id, i64::MAX).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, run_id, "cannot load the run's evidence for its report");
+                Vec::new()
+            }
+        };
         self.notifier.send(Event::RunFinished {
-            run: self.run_info(run.id, &run.playbook, &run.target, title, run.dry_run),
+            run: self.run_info(run.id, &run.playbook, &run.target, links, run.dry_run),
+            evidence,
             state,
             duration_seconds: duration.as_secs_f64(),
             summary: String::new(),

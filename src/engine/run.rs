@@ -194,8 +194,10 @@ impl Engine {
                 Report::Figures(s) => (s, None),
                 Report::Playbook(r) => (String::new(), Some(r)),
             };
+            let evidence = self.evidence_of(&run, i64::MAX).await;
             self.notifier.send(Event::RunFinished {
                 run: info,
+                evidence,
                 state,
                 duration_seconds: elapsed,
                 summary,
@@ -346,8 +348,10 @@ impl Engine {
                     .await
                     .map_err(record_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
+                let evidence = self.evidence_of(run, step.idx).await;
                 self.notifier.send(Event::ApprovalNeeded {
                     run: self.claimed_info(run),
+                    evidence,
                     approval_id: id,
                     action: gated_action(&run.target, covered).0,
                     action_hash: hash,
@@ -664,10 +668,30 @@ impl Engine {
         }
     }
 
+    /// What the run's evidence steps before step `before_idx` found (none without such a step,
+    /// and without a read).
+    async fn evidence_of(&self, run: &ClaimedRun, before_idx: i64) -> Vec<crate::store::Evidence> {
+        let gathers = (run.steps.iter()).any(|s| s.idx < before_idx && s.action.reads_only());
+        if !gathers {
+            return Vec::new();
+        }
+        self.store
+            .evidence(run.id, before_idx)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot load the run's evidence for its message");
+                Vec::new()
+            })
+    }
+
     /// What a message says about a claimed run.
     fn claimed_info(&self, run: &ClaimedRun) -> crate::notify::RunInfo {
-        let title = run.alert.title(&run.target);
-        self.run_info(run.id, &run.playbook, &run.target, title, run.dry_run)
+        let links = crate::notify::AlertLinks::new(
+            run.alert.title(&run.target),
+            &run.alert.annotations,
+            run.alert.generator_url.as_deref(),
+        );
+        self.run_info(run.id, &run.playbook, &run.target, links, run.dry_run)
     }
 
     /// Whether the run's playbook undoes its changes when a verification fails.

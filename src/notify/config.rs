@@ -17,6 +17,10 @@ pub struct NotifyConfig {
     /// Timeout of one attempt.
     #[serde(with = "duration_str")]
     pub timeout: Duration,
+    /// A run that ends within this long of its start, needing no one, is told once, at its
+    /// end; a longer run, or one that waits for a person, is told as it starts (`0s`: always).
+    #[serde(with = "duration_str")]
+    pub quiet_for: Duration,
     /// Approve and Deny buttons in Slack approval messages, answered at
     /// `/api/v1/chat/slack/interactions`.
     pub slack_app: Option<SlackApp>,
@@ -106,6 +110,7 @@ impl Default for NotifyConfig {
             sinks: Vec::new(),
             max_attempts: 5,
             timeout: Duration::from_secs(10),
+            quiet_for: Duration::from_secs(10),
         }
     }
 }
@@ -116,10 +121,12 @@ impl Default for NotifyConfig {
 pub enum SinkKind {
     /// Slack incoming webhook.
     Slack,
-    /// Slack bot token (`chat.postMessage`): one thread per run.
+    /// Slack bot token (Web API): one message per run, edited in place, with a thread.
     SlackBot,
     /// Mattermost incoming webhook (Slack-compatible).
     Mattermost,
+    /// Mattermost bot token (API v4): one post per run, edited, with a thread.
+    MattermostBot,
     /// Microsoft Teams workflow webhook (Adaptive Card).
     Teams,
     /// Any HTTP endpoint: the event as JSON, with `text`.
@@ -150,13 +157,13 @@ pub struct SinkConfig {
     pub url_env: Option<String>,
     /// File holding the webhook URL.
     pub url_file: Option<PathBuf>,
-    /// Environment variable holding the Slack bot token.
+    /// Environment variable holding the bot's token (Slack, Mattermost).
     pub token_env: Option<String>,
-    /// File holding the Slack bot token.
+    /// File holding the bot's token.
     pub token_file: Option<PathBuf>,
-    /// Slack channel (bot mode).
+    /// The channel (bot mode): Slack's name or id, Mattermost's id.
     pub channel: Option<String>,
-    /// Slack API base (bot mode; default `https://slack.com/api`).
+    /// The API (bot mode): Slack's (default `https://slack.com/api`), or the Mattermost server.
     pub api_url: Option<String>,
     /// Only these playbooks (default: all).
     #[serde(default)]

@@ -6,11 +6,12 @@
 
 pub mod config;
 mod sinks;
+mod threaded;
 
 pub use sinks::{SinkError, build_sink};
 
 use crate::metrics::Metrics;
-use crate::store::RunState;
+use crate::store::{Evidence, RunState};
 use crate::time::Timestamp;
 use backon::{ExponentialBuilder, Retryable};
 use config::{NotifyConfig, SinkConfig};
@@ -36,6 +37,9 @@ pub enum Event {
     ApprovalNeeded {
         /// The run.
         run: RunInfo,
+        /// What the run's evidence steps before the gate found.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        evidence: Vec<Evidence>,
         /// The approval request.
         approval_id: i64,
         /// Exactly what will be done.
@@ -62,6 +66,9 @@ pub enum Event {
     RunFinished {
         /// The run.
         run: RunInfo,
+        /// What its evidence steps found.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        evidence: Vec<Evidence>,
         /// Final state.
         state: RunState,
         /// Seconds from start to end.
@@ -105,6 +112,66 @@ pub struct RunInfo {
     pub title: String,
     /// Link to the run, when `public_url` is configured.
     pub url: Option<String>,
+    /// The alert's `runbook_url` annotation (http or https only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runbook_url: Option<String>,
+    /// Where the alert came from (its `generatorURL`: the rule's graph).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_url: Option<String>,
+}
+
+/// What a message tells of the alert besides its run: its title and its links.
+#[derive(Debug, Clone, Default)]
+pub struct AlertLinks {
+    /// The alert's `summary` annotation, else "<alertname> on <target>".
+    pub title: String,
+    /// Its `runbook_url` annotation, if a web link.
+    pub runbook_url: Option<String>,
+    /// Its `generatorURL`, if a web link.
+    pub source_url: Option<String>,
+}
+
+impl AlertLinks {
+    /// From an alert's title, annotations and generator URL. Links come from the alert, so
+    /// only http(s) URLs are kept, with every character that could end a link in any chat's
+    /// markup percent-encoded.
+    pub fn new(
+        title: String,
+        annotations: &crate::alert::Labels,
+        generator_url: Option<&str>,
+    ) -> AlertLinks {
+        AlertLinks {
+            title,
+            runbook_url: annotations.get("runbook_url").and_then(|u| safe_link(u)),
+            source_url: generator_url.and_then(safe_link),
+        }
+    }
+}
+
+/// An http(s) URL from untrusted text, fit to stand in any markup's link: parsed (so it is one
+/// URL), and with `<>|()[]"'` ` `\`, spaces and controls percent-encoded.
+pub fn safe_link(raw: &str) -> Option<String> {
+    let url = reqwest::Url::parse(raw.trim()).ok()?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return None;
+    }
+    let mut out = String::with_capacity(url.as_str().len());
+    for c in url.as_str().chars() {
+        match c {
+            '<' | '>' | '|' | '(' | ')' | '[' | ']' | '"' | '\'' | '`' | '\\' | '*' | '_' | '~' => {
+                out.push_str(&format!("%{:02X}", c as u32))
+            }
+            c if c.is_whitespace() || c.is_control() || is_bidi_control(c) => out.push_str(
+                &percent_encoding::utf8_percent_encode(
+                    &c.to_string(),
+                    percent_encoding::NON_ALPHANUMERIC,
+                )
+                .to_string(),
+            ),
+            c => out.push(c),
+        }
+    }
+    Some(out)
 }
 
 impl Event {
@@ -128,6 +195,29 @@ impl Event {
             Event::RunFinished { run, .. } => Some(run),
             Event::KillSwitch { .. } => None,
         }
+    }
+
+    /// What the run's evidence steps found (approvals and ends of runs).
+    pub fn evidence(&self) -> &[Evidence] {
+        match self {
+            Event::ApprovalNeeded { evidence, .. } | Event::RunFinished { evidence, .. } => {
+                evidence
+            }
+            _ => &[],
+        }
+    }
+
+    /// The message with its evidence after it, each code block cut at `limit` characters: for
+    /// sinks that post one message per event.
+    pub fn message_for(&self, markup: Markup, limit: usize) -> String {
+        let mut text = self.text_for(markup);
+        if let Some(run) = self.run() {
+            for ev in self.evidence() {
+                text.push_str("\n\n");
+                text.push_str(&evidence_text(markup, run, ev, limit));
+            }
+        }
+        text
     }
 
     /// The message as plain text (logs, the generic webhook's `text`).
@@ -155,7 +245,7 @@ impl Event {
                 e(&run.playbook),
                 e(&run.target),
                 run.id,
-                link(run)
+                links(markup, run)
             ),
             Event::ApprovalNeeded {
                 run,
@@ -181,7 +271,7 @@ impl Event {
                     e(&run.playbook),
                     e(&run.target),
                     steps,
-                    link(run)
+                    links(markup, run)
                 )
             }
             Event::StepFailed { run, step, error } => {
@@ -192,14 +282,14 @@ impl Event {
                     run.id,
                     e(&run.playbook),
                     e(error.trim_end_matches('.')),
-                    link(run)
+                    links(markup, run)
                 )
             }
             Event::RunFinished {
                 report: Some(report),
                 run,
                 ..
-            } => format!("{}{}", e(report.trim_end()), link(run)),
+            } => format!("{}{}", e(report.trim_end()), links(markup, run)),
             Event::RunFinished {
                 run,
                 state,
@@ -207,6 +297,7 @@ impl Event {
                 summary,
                 error,
                 report: None,
+                ..
             } => {
                 let summary = if summary.is_empty() {
                     String::new()
@@ -228,7 +319,7 @@ impl Event {
                     e(&run.playbook),
                     human_duration(*duration_seconds),
                     how_to_retry(*state, run.id),
-                    link(run)
+                    links(markup, run)
                 )
             }
             Event::KillSwitch {
@@ -256,12 +347,51 @@ fn steps_text(markup: Markup, action: &Value) -> String {
     steps.join("; ")
 }
 
-/// ` <url>` of a run's page, when `public_url` is configured.
-fn link(run: &RunInfo) -> String {
-    run.url
+/// ` <url>` of a run's page, when `public_url` is configured, then the alert's runbook and
+/// source links, each as a link of `markup`.
+fn links(markup: Markup, run: &RunInfo) -> String {
+    let mut out = run
+        .url
         .as_ref()
         .map(|u| format!(" {u}"))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    for (label, url) in [("Runbook", &run.runbook_url), ("Source", &run.source_url)] {
+        if let Some(url) = url {
+            out.push(' ');
+            out.push_str(&markup.link(url, label));
+        }
+    }
+    out
+}
+
+/// A link to one of a run's artifacts: the console's, when `public_url` is configured.
+fn artifact_link(markup: Markup, run: &RunInfo, artifact: &crate::store::ArtifactInfo) -> String {
+    match &run.url {
+        Some(page) => markup.link(
+            &format!("{page}/artifacts/{}", artifact.name),
+            &artifact.name,
+        ),
+        None => format!("{} (with run {})", markup.escape(&artifact.name), run.id),
+    }
+}
+
+/// One evidence step's findings: its name, its summary as a code block cut at `limit`
+/// characters, and links to its artifacts.
+pub fn evidence_text(markup: Markup, run: &RunInfo, ev: &Evidence, limit: usize) -> String {
+    let mut out = format!(
+        "{} ({}):",
+        markup.escape(&ev.step),
+        markup.escape(&ev.action)
+    );
+    if !ev.summary.is_empty() {
+        out.push('\n');
+        out.push_str(&markup.code_block(&ev.summary, limit));
+    }
+    for a in &ev.artifacts {
+        out.push('\n');
+        out.push_str(&artifact_link(markup, run, a));
+    }
+    out
 }
 
 /// How to run it again, for runs that can be retried; a killed run's retry would be held by
@@ -353,6 +483,46 @@ impl Markup {
                 _ => out.push(c),
             }
         }
+        out
+    }
+}
+
+impl Markup {
+    /// A link with a label. `url` must be safe (see [`safe_link`], or Reflex's own).
+    pub fn link(self, url: &str, label: &str) -> String {
+        match self {
+            Markup::Plain => format!("{label}: {url}"),
+            Markup::Slack => format!("<{url}|{}>", self.escape(label)),
+            Markup::Markdown => format!("[{}]({url})", self.escape(label)),
+        }
+    }
+
+    /// Text shown as is, lines kept, in a code block of this markup: nothing in it can end the
+    /// block, mention anyone or reorder text. Cut at `limit` characters, saying so.
+    pub fn code_block(self, text: &str, limit: usize) -> String {
+        let total = text.chars().count();
+        let mut shown: String = text.chars().take(limit).collect();
+        if total > limit {
+            shown.push_str(&format!("\n... ({} more characters)", total - limit));
+        }
+        if self == Markup::Plain {
+            return shown;
+        }
+        let mut out = String::with_capacity(shown.len() + 16);
+        out.push_str("```\n");
+        for c in shown.chars() {
+            match (self, c) {
+                // A backtick could close the fence: a look-alike stands for it.
+                (_, '`') => out.push('\u{02CB}'),
+                (_, c) if is_bidi_control(c) => out.push_str(&bidi_visible(c)),
+                (_, '\r') => {}
+                (Markup::Slack, '&') => out.push_str("&amp;"),
+                (Markup::Slack, '<') => out.push_str("&lt;"),
+                (Markup::Slack, '>') => out.push_str("&gt;"),
+                _ => out.push(c),
+            }
+        }
+        out.push_str("\n```");
         out
     }
 }
@@ -456,7 +626,11 @@ impl Notifier {
                 sc.name.clone(),
                 sink,
                 rx,
-                cfg.max_attempts,
+                Delivery {
+                    attempts: cfg.max_attempts,
+                    quiet_for: cfg.quiet_for,
+                    events: sc.events.clone(),
+                },
                 metrics.clone(),
             ));
             sinks.push(SinkHandle {
@@ -477,9 +651,7 @@ impl Notifier {
                 Some(run) => s.cfg.playbooks.is_empty() || s.cfg.playbooks.contains(&run.playbook),
                 None => true,
             };
-            let event_ok =
-                s.cfg.events.is_empty() || s.cfg.events.iter().any(|e| e == event.kind());
-            if !(playbook_ok && event_ok) {
+            if !playbook_ok {
                 continue;
             }
             if s.queue.try_send(event.clone()).is_err() {
@@ -492,31 +664,109 @@ impl Notifier {
     }
 }
 
+/// How a sink's queue is delivered.
+#[derive(Debug, Clone)]
+struct Delivery {
+    /// Attempts per message.
+    attempts: usize,
+    /// How long a run's start is held back (see `NotifyConfig::quiet_for`).
+    quiet_for: Duration,
+    /// The events the sink shows (empty: all). Every event of a run is queued, shown or not:
+    /// an approval asked for releases a held start even where approvals are not shown.
+    events: Vec<String>,
+}
+
+/// Starts held back until their run ends quietly (then dropped), asks for someone, says more,
+/// or its time is up (then sent, in order, before anything else about the run).
+#[derive(Default)]
+struct Held {
+    starts: Vec<(i64, tokio::time::Instant, Event)>,
+}
+
+impl Held {
+    /// What to send for `event`, in order: a held start of its run first, if one is released.
+    fn admit(
+        &mut self,
+        event: Event,
+        now: tokio::time::Instant,
+        quiet_for: Duration,
+    ) -> Vec<Event> {
+        let Some(run) = event.run().map(|r| r.id) else {
+            return vec![event];
+        };
+        let held =
+            (self.starts.iter().position(|(id, ..)| *id == run)).map(|i| self.starts.remove(i).2);
+        match (&event, held) {
+            (Event::RunStarted { .. }, None) if !quiet_for.is_zero() => {
+                let until = now + quiet_for;
+                self.starts.push((run, until, event));
+                Vec::new()
+            }
+            // Ended within its quiet time: the end is the one message.
+            (Event::RunFinished { .. }, Some(_)) => vec![event],
+            (_, Some(start)) => vec![start, event],
+            (_, None) => vec![event],
+        }
+    }
+
+    /// The starts whose time is up.
+    fn due(&mut self, now: tokio::time::Instant) -> Vec<Event> {
+        let (due, kept) = std::mem::take(&mut self.starts)
+            .into_iter()
+            .partition(|(_, until, _)| *until <= now);
+        self.starts = kept;
+        due.into_iter().map(|(.., e)| e).collect()
+    }
+
+    fn next(&self) -> Option<tokio::time::Instant> {
+        self.starts.iter().map(|(_, until, _)| *until).min()
+    }
+}
+
 async fn deliver_loop(
     name: String,
     sink: Arc<dyn Sink>,
     mut rx: mpsc::Receiver<Event>,
-    attempts: usize,
+    delivery: Delivery,
     metrics: Arc<Metrics>,
 ) {
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
         .with_max_delay(Duration::from_secs(30))
-        .with_max_times(attempts.saturating_sub(1))
+        .with_max_times(delivery.attempts.saturating_sub(1))
         .with_jitter();
-    while let Some(event) = rx.recv().await {
-        let result = (|| async { sink.deliver(&event).await })
-            .retry(backoff)
-            .when(|e: &DeliveryError| e.retry)
-            // The receiver's Retry-After wins over our own backoff.
-            .adjust(|e: &DeliveryError, d| e.retry_after.or(d))
-            .notify(|e: &DeliveryError, d| {
-                tracing::info!(sink = %name, error = %e.message, retry_in = ?d, "notification failed; retrying");
-            })
-            .await;
-        if let Err(e) = result {
-            metrics.notify_failures.with_label_values(&[&name]).inc();
-            tracing::warn!(sink = %name, event = event.kind(), error = %e.message, "notification given up");
+    let mut held = Held::default();
+    loop {
+        let next = held.next();
+        let (ready, done) = tokio::select! {
+            event = rx.recv() => match event {
+                Some(event) => (held.admit(event, tokio::time::Instant::now(), delivery.quiet_for), false),
+                // Shutting down: what was held back is said now.
+                None => (held.due(tokio::time::Instant::now() + delivery.quiet_for), true),
+            },
+            () = async { tokio::time::sleep_until(next.unwrap_or_else(tokio::time::Instant::now)).await }, if next.is_some() => {
+                (held.due(tokio::time::Instant::now()), false)
+            }
+        };
+        let shown =
+            |e: &Event| delivery.events.is_empty() || delivery.events.iter().any(|k| k == e.kind());
+        for event in ready.into_iter().filter(shown) {
+            let result = (|| async { sink.deliver(&event).await })
+                .retry(backoff)
+                .when(|e: &DeliveryError| e.retry)
+                // The receiver's Retry-After wins over our own backoff.
+                .adjust(|e: &DeliveryError, d| e.retry_after.or(d))
+                .notify(|e: &DeliveryError, d| {
+                    tracing::info!(sink = %name, error = %e.message, retry_in = ?d, "notification failed; retrying");
+                })
+                .await;
+            if let Err(e) = result {
+                metrics.notify_failures.with_label_values(&[&name]).inc();
+                tracing::warn!(sink = %name, event = event.kind(), error = %e.message, "notification given up");
+            }
+        }
+        if done {
+            return;
         }
     }
 }
@@ -533,6 +783,8 @@ mod tests {
             target: "db-1".into(),
             title: "Disk space low on db-1".into(),
             url: Some("https://reflex.example/ui/runs/7".into()),
+            runbook_url: None,
+            source_url: None,
         }
     }
 
@@ -540,6 +792,7 @@ mod tests {
     fn finished_runs_read_like_a_status_update() {
         let e = Event::RunFinished {
             run: run(),
+            evidence: Vec::new(),
             state: RunState::Succeeded,
             duration_seconds: 4.2,
             summary: "Cleanup ran. Space reclaimed: 5.1 GB".into(),
@@ -621,6 +874,7 @@ mod tests {
     fn approval_messages_say_how_to_answer() {
         let e = Event::ApprovalNeeded {
             run: run(),
+            evidence: Vec::new(),
             approval_id: 3,
             action: serde_json::json!({"target": "db-1", "steps": [{"action": "kube.rollback", "args": {"name": "api"}}]}),
             action_hash: "ab12".into(),
@@ -635,6 +889,124 @@ mod tests {
                 && t.contains("/api/v1/approvals/3/approve")
                 && t.contains("reflex deny 3"),
             "{t}"
+        );
+    }
+
+    fn finished(run: RunInfo) -> Event {
+        Event::RunFinished {
+            run,
+            evidence: Vec::new(),
+            state: RunState::Succeeded,
+            duration_seconds: 0.002,
+            summary: String::new(),
+            report: None,
+            error: None,
+        }
+    }
+
+    fn kinds(events: &[Event]) -> Vec<&'static str> {
+        events.iter().map(Event::kind).collect()
+    }
+
+    #[test]
+    fn a_quick_run_is_one_message_and_a_slow_or_waiting_one_says_it_started() {
+        let quiet = Duration::from_secs(10);
+        let t0 = tokio::time::Instant::now();
+        let mut held = Held::default();
+        let (a, mut b, c) = (run(), run(), run());
+        b.id = 8;
+        let c = RunInfo { id: 9, ..c };
+        // Ends within its quiet time: only the end.
+        assert!(
+            held.admit(Event::RunStarted { run: a.clone() }, t0, quiet)
+                .is_empty()
+        );
+        assert_eq!(kinds(&held.admit(finished(a), t0, quiet)), ["run_finished"]);
+        // Asks for someone: its start, then the ask.
+        held.admit(Event::RunStarted { run: b.clone() }, t0, quiet);
+        let ask = Event::StepFailed {
+            run: b.clone(),
+            step: "x".into(),
+            error: "e".into(),
+        };
+        assert_eq!(
+            kinds(&held.admit(ask, t0, quiet)),
+            ["run_started", "step_failed"]
+        );
+        assert_eq!(kinds(&held.admit(finished(b), t0, quiet)), ["run_finished"]);
+        // Runs past its quiet time: the start is due then, not before.
+        held.admit(Event::RunStarted { run: c.clone() }, t0, quiet);
+        assert!(held.due(t0 + Duration::from_secs(9)).is_empty());
+        assert_eq!(held.next(), Some(t0 + quiet));
+        assert_eq!(kinds(&held.due(t0 + quiet)), ["run_started"]);
+        assert_eq!(kinds(&held.admit(finished(c), t0, quiet)), ["run_finished"]);
+        // Other news is never held, and `0s` holds nothing.
+        let switch = Event::KillSwitch {
+            scope: "global".into(),
+            engaged: true,
+            actor: "a".into(),
+            reason: "r".into(),
+            until: None,
+        };
+        assert_eq!(held.admit(switch, t0, quiet).len(), 1);
+        assert_eq!(
+            held.admit(Event::RunStarted { run: run() }, t0, Duration::ZERO)
+                .len(),
+            1
+        );
+        assert_eq!(held.next(), None);
+    }
+
+    #[test]
+    fn evidence_is_a_code_block_nothing_in_it_can_end_cut_at_the_limit() {
+        let ev = Evidence {
+            step: "logs".into(),
+            action: "kube.logs".into(),
+            summary: "ok\n```\n<!channel> @here\u{202E} done".into(),
+            artifacts: vec![crate::store::ArtifactInfo {
+                name: "logs-logs.txt".into(),
+                content_type: "text/plain".into(),
+                size: 9,
+                url: "/api/v1/runs/7/artifacts/logs-logs.txt".into(),
+            }],
+        };
+        let slack = evidence_text(Markup::Slack, &run(), &ev, 1000);
+        assert_eq!(
+            slack,
+            "logs (kube.logs):\n```\nok\n\u{2CB}\u{2CB}\u{2CB}\n&lt;!channel&gt; @here<U+202E> done\n```\n<https://reflex.example/ui/runs/7/artifacts/logs-logs.txt|logs-logs.txt>"
+        );
+        let md = evidence_text(Markup::Markdown, &run(), &ev, 5);
+        assert!(md.starts_with("logs (kube.logs):\n```\nok\n\u{2CB}\u{2CB}\n... (24 more characters)\n```\n[logs-logs.txt](https://"), "{md}");
+    }
+
+    #[test]
+    fn alert_links_are_web_links_that_cannot_break_out_of_markup() {
+        assert_eq!(
+            safe_link("https://wiki.example/runbooks/disk_full#(fix)").as_deref(),
+            Some("https://wiki.example/runbooks/disk%5Ffull#%28fix%29")
+        );
+        assert_eq!(
+            safe_link("https://x.example/a|b>c").as_deref(),
+            Some("https://x.example/a%7Cb%3Ec")
+        );
+        for bad in [
+            "javascript:alert(1)",
+            "file:///etc/passwd",
+            "not a url",
+            "//x.example",
+        ] {
+            assert_eq!(safe_link(bad), None, "{bad}");
+        }
+        let mut r = run();
+        r.runbook_url = safe_link("https://wiki.example/disk");
+        let e = Event::RunStarted { run: r };
+        assert!(
+            e.text_for(Markup::Slack)
+                .ends_with(" <https://wiki.example/disk|Runbook>")
+        );
+        assert!(
+            e.text_for(Markup::Markdown)
+                .ends_with(" [Runbook](https://wiki.example/disk)")
         );
     }
 }

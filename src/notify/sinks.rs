@@ -1,18 +1,19 @@
-//! The sinks: Slack (incoming webhook, or bot token with threads), Mattermost (Slack-style
-//! webhook), Microsoft Teams (workflow webhook with an Adaptive Card), and a generic JSON
-//! webhook. Secrets (webhook URLs, tokens) come from the environment or files and never
-//! appear in logs or errors.
+//! The sinks: Slack (incoming webhook, or a bot token: see `threaded`), Mattermost (Slack-style
+//! webhook, or a bot token), Microsoft Teams (workflow webhook with an Adaptive Card), and a
+//! generic JSON webhook. Secrets (webhook URLs, tokens) come from the environment or files and
+//! never appear in logs or errors.
 
 use super::config::{SinkConfig, SinkKind};
+use super::threaded::{MattermostApi, SlackApi, Threaded};
 use super::{DeliveryError, Event, Markup, Sink};
 use serde_json::{Value, json};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Threads remembered per Slack bot sink; beyond this the oldest are forgotten (a later
-/// message of such a run starts a new thread).
-const MAX_THREADS: usize = 10_000;
+/// Characters of evidence text in a message of a webhook sink.
+const WEBHOOK_LIMIT: usize = 4_000;
+/// Slack's section blocks hold 3,000 characters.
+const SLACK_LIMIT: usize = 2_800;
 
 /// A sink that cannot be built from its config.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,25 +49,43 @@ pub fn build_sink(
     store: Option<&crate::store::Store>,
 ) -> Result<Arc<dyn Sink>, SinkError> {
     let http = crate::executors::upstream_client(Some(timeout));
-    Ok(match cfg.kind {
-        SinkKind::SlackBot => Arc::new(SlackBot {
-            http,
-            api_url: cfg
-                .api_url
-                .clone()
-                .unwrap_or_else(|| "https://slack.com/api".into())
-                .trim_end_matches('/')
-                .to_string(),
-            token: secret(cfg, "token", &None, &cfg.token_env, &cfg.token_file)?,
-            channel: cfg.channel.clone().ok_or_else(|| SinkError {
+    let token = || secret(cfg, "token", &None, &cfg.token_env, &cfg.token_file);
+    let channel = || {
+        cfg.channel.clone().ok_or_else(|| SinkError {
+            sink: cfg.name.clone(),
+            why: "a bot sink needs a channel".into(),
+        })
+    };
+    let api_url = |default: Option<&str>| {
+        (cfg.api_url.clone().or(default.map(str::to_string)))
+            .map(|u| u.trim_end_matches('/').to_string())
+            .ok_or_else(|| SinkError {
                 sink: cfg.name.clone(),
-                why: "slack_bot needs a channel".into(),
-            })?,
-            threads: Mutex::new(HashMap::new()),
-            shared: store.cloned(),
-            name: cfg.name.clone(),
-            buttons,
-        }),
+                why: "mattermost_bot needs api_url (the server, https://mattermost.example.com)"
+                    .into(),
+            })
+    };
+    Ok(match cfg.kind {
+        SinkKind::SlackBot => {
+            let api = SlackApi {
+                http,
+                api_url: api_url(Some("https://slack.com/api"))?,
+                token: token()?,
+                channel: channel()?,
+                buttons,
+            };
+            Arc::new(Threaded::new(api, &cfg.name, store))
+        }
+        SinkKind::MattermostBot => {
+            let api = MattermostApi {
+                http,
+                base: api_url(None)?,
+                token: token()?,
+                channel: channel()?,
+                buttons: mattermost.cloned(),
+            };
+            Arc::new(Threaded::new(api, &cfg.name, store))
+        }
         kind => Arc::new(Webhook {
             http,
             kind,
@@ -87,6 +106,12 @@ async fn post(
     if let Some(t) = bearer {
         req = req.bearer_auth(t);
     }
+    send(req).await
+}
+
+/// Sends a request; its JSON answer (null when not JSON), or what went wrong, with whether it
+/// is worth trying again (429, 5xx, no connection) and after how long the receiver asked.
+pub(super) async fn send(req: reqwest::RequestBuilder) -> Result<Value, DeliveryError> {
     // reqwest's error text can include the URL, which holds the secret of a webhook: say less.
     let resp = req.send().await.map_err(|e| DeliveryError {
         retry: true,
@@ -148,7 +173,7 @@ fn teams_card(event: &Event) -> Value {
                 "version": "1.4",
                 "body": [
                     { "type": "TextBlock", "text": title, "weight": "Bolder", "size": "Medium", "wrap": true },
-                    { "type": "TextBlock", "text": event.text_for(Markup::Markdown), "wrap": true }
+                    { "type": "TextBlock", "text": event.message_for(Markup::Markdown, WEBHOOK_LIMIT), "wrap": true }
                 ]
             }
         }]
@@ -160,78 +185,23 @@ impl Sink for Webhook {
     async fn deliver(&self, event: &Event) -> Result<(), DeliveryError> {
         let body = match self.kind {
             SinkKind::Slack => with_buttons(
-                json!({ "text": event.text_for(Markup::Slack) }),
-                event,
+                json!({ "text": event.message_for(Markup::Slack, SLACK_LIMIT) }),
+                Some(event),
                 self.buttons,
             ),
             SinkKind::Mattermost => mattermost_buttons(
-                json!({ "text": event.text_for(Markup::Markdown), "username": "reflex" }),
+                json!({ "text": event.message_for(Markup::Markdown, WEBHOOK_LIMIT), "username": "reflex" }),
                 event,
                 self.mattermost.as_ref(),
             ),
             SinkKind::Teams => teams_card(event),
-            SinkKind::Webhook | SinkKind::SlackBot => {
+            SinkKind::Webhook | SinkKind::SlackBot | SinkKind::MattermostBot => {
                 let mut v = serde_json::to_value(event).unwrap_or(Value::Null);
-                v["text"] = json!(event.text());
+                v["text"] = json!(event.message_for(Markup::Plain, WEBHOOK_LIMIT));
                 v
             }
         };
         post(&self.http, &self.url, None, &body).await.map(drop)
-    }
-}
-
-/// Slack with a bot token: `chat.postMessage`, all messages of a run in one thread.
-struct SlackBot {
-    http: reqwest::Client,
-    api_url: String,
-    token: String,
-    channel: String,
-    threads: Mutex<HashMap<i64, String>>,
-    /// Where threads are recorded for every replica (and the next start); `None` in tests
-    /// without a store.
-    shared: Option<crate::store::Store>,
-    /// The sink's name (threads are kept per sink).
-    name: String,
-    buttons: bool,
-}
-
-impl SlackBot {
-    /// The thread of a run's messages: known here, or recorded by another replica.
-    async fn thread(&self, run_id: i64) -> Option<String> {
-        let known = (self.threads.lock().unwrap_or_else(|p| p.into_inner()))
-            .get(&run_id)
-            .cloned();
-        if known.is_some() {
-            return known;
-        }
-        let shared = self.shared.as_ref()?;
-        match shared.chat_thread(&self.name, run_id).await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(error = %e, run_id, "cannot read the run's chat thread; posting outside it");
-                None
-            }
-        }
-    }
-
-    /// Keeps the thread a run's first message started (the one recorded first, when another
-    /// replica started one too).
-    async fn keep_thread(&self, run_id: i64, ts: &str) {
-        let ts = match &self.shared {
-            Some(store) => match store.set_chat_thread(&self.name, run_id, ts).await {
-                Ok(in_force) => in_force,
-                Err(e) => {
-                    tracing::warn!(error = %e, run_id, "cannot record the run's chat thread");
-                    ts.to_string()
-                }
-            },
-            None => ts.to_string(),
-        };
-        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        if threads.len() >= MAX_THREADS {
-            threads.clear();
-        }
-        threads.insert(run_id, ts);
     }
 }
 
@@ -247,6 +217,21 @@ pub struct MattermostButtons {
 /// A Mattermost approval message with Approve and Deny buttons (interactive message
 /// actions): each carries the approval, the hash of the action shown, and the shared secret.
 fn mattermost_buttons(mut body: Value, event: &Event, app: Option<&MattermostButtons>) -> Value {
+    let text = body["text"].as_str().unwrap_or_default().to_string();
+    if let Some(attachments) = mattermost_attachments(&text, event, app) {
+        body["attachments"] = attachments;
+        body["text"] = json!("");
+    }
+    body
+}
+
+/// The attachment of a Mattermost approval message: its text and the two buttons; none for
+/// any other event, or without `notify.mattermost_app`.
+pub(super) fn mattermost_attachments(
+    text: &str,
+    event: &Event,
+    app: Option<&MattermostButtons>,
+) -> Option<Value> {
     let (
         Event::ApprovalNeeded {
             approval_id,
@@ -256,30 +241,28 @@ fn mattermost_buttons(mut body: Value, event: &Event, app: Option<&MattermostBut
         Some(app),
     ) = (event, app)
     else {
-        return body;
+        return None;
     };
     let button = |id: &str, name: &str| {
         json!({ "id": id, "name": name, "integration": { "url": app.url, "context": {
             "action": id, "approval": approval_id, "hash": action_hash, "secret": app.secret,
         }}})
     };
-    body["attachments"] = json!([{
-        "text": body["text"],
+    Some(json!([{
+        "text": text,
         "actions": [button("approve", "Approve"), button("deny", "Deny")],
-    }]);
-    body["text"] = json!("");
-    body
+    }]))
 }
 
 /// An approval message with Approve and Deny buttons (Block Kit). Each button's value names
 /// the approval and the hash of the action the message shows, so that a click decides on
 /// exactly that.
-fn with_buttons(mut body: Value, event: &Event, buttons: bool) -> Value {
-    let Event::ApprovalNeeded {
+pub(super) fn with_buttons(mut body: Value, event: Option<&Event>, buttons: bool) -> Value {
+    let Some(Event::ApprovalNeeded {
         approval_id,
         action_hash,
         ..
-    } = event
+    }) = event
     else {
         return body;
     };
@@ -299,47 +282,6 @@ fn with_buttons(mut body: Value, event: &Event, buttons: bool) -> Value {
     body
 }
 
-#[async_trait::async_trait]
-impl Sink for SlackBot {
-    async fn deliver(&self, event: &Event) -> Result<(), DeliveryError> {
-        let run_id = event.run().map(|r| r.id);
-        let thread = match run_id {
-            Some(id) => self.thread(id).await,
-            None => None,
-        };
-        let mut body = with_buttons(
-            json!({ "channel": self.channel, "text": event.text_for(Markup::Slack) }),
-            event,
-            self.buttons,
-        );
-        if let Some(ts) = &thread {
-            body["thread_ts"] = json!(ts);
-        }
-        let answer = post(
-            &self.http,
-            &format!("{}/chat.postMessage", self.api_url),
-            Some(&self.token),
-            &body,
-        )
-        .await?;
-        if answer["ok"] != true {
-            let error = answer["error"]
-                .as_str()
-                .unwrap_or("unknown error")
-                .to_string();
-            return Err(DeliveryError {
-                retry: error == "ratelimited",
-                retry_after: None,
-                message: format!("slack: {error}"),
-            });
-        }
-        if let (Some(id), None, Some(ts)) = (run_id, thread, answer["ts"].as_str()) {
-            self.keep_thread(id, ts).await;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,7 +295,10 @@ mod tests {
                 target: "api".into(),
                 title: "Errors on api".into(),
                 url: None,
+                runbook_url: None,
+                source_url: None,
             },
+            evidence: Vec::new(),
             approval_id: 3,
             action: json!({"target": "api", "steps": []}),
             action_hash: "ab12".into(),
@@ -365,13 +310,13 @@ mod tests {
 
     #[test]
     fn approval_messages_carry_buttons_for_exactly_the_action_shown_only_when_configured() {
-        let body = with_buttons(json!({"text": "Approve?"}), &approval(), true);
+        let body = with_buttons(json!({"text": "Approve?"}), Some(&approval()), true);
         let buttons = &body["blocks"][1]["elements"];
         assert_eq!(buttons[0]["action_id"], "approve");
         assert_eq!(buttons[1]["action_id"], "deny");
         assert_eq!(buttons[0]["value"], "3:ab12");
         assert_eq!(body["blocks"][0]["text"]["text"], "Approve?");
-        let plain = with_buttons(json!({"text": "Approve?"}), &approval(), false);
+        let plain = with_buttons(json!({"text": "Approve?"}), Some(&approval()), false);
         assert_eq!(plain, json!({"text": "Approve?"}));
     }
 

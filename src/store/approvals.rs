@@ -64,6 +64,9 @@ pub struct ApprovalView {
     pub decided_by: Option<String>,
     /// The decider's comment.
     pub comment: Option<String>,
+    /// What the run's evidence steps before the gate found (logs, events, a graph).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<super::Evidence>,
 }
 
 /// What a decision did.
@@ -132,7 +135,16 @@ fn view(r: &Row) -> Result<ApprovalView, StoreError> {
         decided_at: r.get(14)?,
         decided_by: r.get(15)?,
         comment: r.get(16)?,
+        evidence: Vec::new(),
     })
+}
+
+/// Approvals with the evidence gathered before each.
+fn with_evidence(c: &Db, mut views: Vec<ApprovalView>) -> Result<Vec<ApprovalView>, StoreError> {
+    for v in &mut views {
+        v.evidence = super::artifacts::run_evidence(c, v.run_id, v.step_idx)?;
+    }
+    Ok(views)
 }
 
 fn expire(c: &Db, id: i64, run_id: i64, now: i64) -> Result<(), StoreError> {
@@ -328,11 +340,12 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<ApprovalView>, StoreError> {
         self.read(move |c| {
-            c.rows(
+            let views = c.rows(
                 &format!("{SELECT} WHERE (a.state = ?1 OR ?1 IS NULL) ORDER BY a.id DESC LIMIT ?2"),
                 &[&state, &i64::from(limit)],
                 view,
-            )
+            )?;
+            with_evidence(c, views)
         })
         .await
     }
@@ -363,7 +376,10 @@ impl Store {
 
     /// One approval.
     pub async fn get_approval(&self, id: i64) -> Result<Option<ApprovalView>, StoreError> {
-        self.read(move |c| c.row(&format!("{SELECT} WHERE a.id = ?1"), &[&id], view))
-            .await
+        self.read(move |c| {
+            let found = c.row(&format!("{SELECT} WHERE a.id = ?1"), &[&id], view)?;
+            Ok(with_evidence(c, found.into_iter().collect())?.pop())
+        })
+        .await
     }
 }

@@ -160,3 +160,72 @@ pub(super) fn step_artifacts(
         |r| Ok((r.get(0)?, ArtifactInfo::new(run_id, r.get(1)?, r.get(2)?, r.get(3)?))),
     )
 }
+
+/// What an evidence step (a step that only reads: logs, events, a graph) found: shown where a
+/// decision is made (an approval, the run page, chat).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Evidence {
+    /// The step's name.
+    pub step: String,
+    /// Its action (`kube.logs`, `prometheus.graph`, …).
+    pub action: String,
+    /// What it found, in a few lines.
+    pub summary: String,
+    /// Its artifacts (a graph, the whole log).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactInfo>,
+}
+
+/// The evidence a run's steps before `before_idx` gathered, in step order.
+pub(super) fn run_evidence(
+    c: &super::Db,
+    run_id: i64,
+    before_idx: i64,
+) -> Result<Vec<Evidence>, StoreError> {
+    let steps: Vec<(
+        i64,
+        String,
+        crate::playbook::actions::Action,
+        Option<String>,
+    )> = c.rows(
+        "SELECT idx, name, action, output FROM steps
+         WHERE run_id = ?1 AND idx < ?2 AND state IN ('succeeded', 'dry_run') ORDER BY idx",
+        &[&run_id, &before_idx],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
+    if !steps.iter().any(|s| s.2.reads_only()) {
+        return Ok(Vec::new());
+    }
+    let mut artifacts = step_artifacts(c, run_id)?;
+    Ok(steps
+        .into_iter()
+        .filter(|s| s.2.reads_only())
+        .map(|(idx, step, action, output)| {
+            let output: serde_json::Value = output
+                .and_then(|o| serde_json::from_str(&o).ok())
+                .unwrap_or_default();
+            let (own, rest) = std::mem::take(&mut artifacts)
+                .into_iter()
+                .partition(|(i, _)| *i == idx);
+            artifacts = rest;
+            Evidence {
+                step,
+                action: action.name().to_string(),
+                summary: output["summary"].as_str().unwrap_or_default().to_string(),
+                artifacts: own.into_iter().map(|(_, a)| a).collect(),
+            }
+        })
+        .collect())
+}
+
+impl Store {
+    /// The evidence run `run_id`'s steps before step `before_idx` gathered.
+    pub async fn evidence(
+        &self,
+        run_id: i64,
+        before_idx: i64,
+    ) -> Result<Vec<Evidence>, StoreError> {
+        self.read(move |c| run_evidence(c, run_id, before_idx))
+            .await
+    }
+}

@@ -29,7 +29,7 @@ mod threads;
 mod views;
 
 pub use approvals::*;
-pub use artifacts::{Artifact, ArtifactCaps, ArtifactInfo};
+pub use artifacts::{Artifact, ArtifactCaps, ArtifactInfo, Evidence};
 pub use audit::{AuditEntry, AuditFilter};
 pub use breaker::{BreakerLimits, Limit, Trip};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};

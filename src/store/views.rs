@@ -92,6 +92,9 @@ pub struct AlertView {
     pub labels: Labels,
     /// Annotations.
     pub annotations: Labels,
+    /// Where the alert came from (Alertmanager's `generatorURL`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generator_url: Option<String>,
 }
 
 /// Filter and page for listing runs (newest first).
@@ -111,7 +114,7 @@ pub struct RunFilter {
 
 const RUN_SELECT: &str = "SELECT r.id, r.playbook, r.state, r.reason, r.error, r.dry_run, r.params,
     r.created_at, r.started_at, r.finished_at, a.id, a.fingerprint, a.status, a.starts_at, a.labels, a.annotations,
-    r.target, r.triggered_by, r.retry_of, r.undo_of
+    r.target, r.triggered_by, r.retry_of, r.undo_of, a.generator_url
   FROM runs r JOIN alerts a ON a.id = r.alert_id";
 
 fn run_view(r: &Row) -> Result<RunView, StoreError> {
@@ -136,6 +139,7 @@ fn run_view(r: &Row) -> Result<RunView, StoreError> {
             starts_at: r.get(13)?,
             labels: serde_json::from_str(&labels).unwrap_or_default(),
             annotations: serde_json::from_str(&annotations).unwrap_or_default(),
+            generator_url: r.get(20)?,
         },
         triggered_by: r.get(17)?,
         retry_of: r.get(18)?,

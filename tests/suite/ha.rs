@@ -393,8 +393,8 @@ async fn an_approval_on_one_replica_and_a_kill_switch_on_another_hold_for_the_on
         "the step after the switch never ran: {run}"
     );
     assert_eq!(cluster.receiver.at("/first/g1").len(), 1);
-    // The run's messages, from both replicas, are one thread: the first opens it.
-    let messages: Vec<Value> = (cluster.receiver.at("/api/chat.postMessage").into_iter())
+    // The run's messages, from both replicas, are one message: posted once, then edited.
+    let posted: Vec<Value> = (cluster.receiver.at("/api/chat.postMessage").into_iter())
         .map(|m| m.body)
         .filter(|b| {
             b["text"]
@@ -402,24 +402,19 @@ async fn an_approval_on_one_replica_and_a_kill_switch_on_another_hold_for_the_on
                 .is_some_and(|t| t.contains("run 1") || t.contains("Run 1"))
         })
         .collect();
+    assert_eq!(posted.len(), 1, "{posted:?}");
+    assert!(posted[0].get("thread_ts").is_none(), "{posted:?}");
+    let edits: Vec<Value> = (cluster.receiver.at("/api/chat.update").into_iter())
+        .map(|m| m.body)
+        .collect();
+    assert!(edits.len() >= 2, "approval, killed: {edits:?}");
+    let ts = &edits[0]["ts"];
     assert!(
-        messages.len() >= 3,
-        "started, approval, killed: {messages:?}"
+        ts.is_string() && edits.iter().all(|e| &e["ts"] == ts),
+        "{edits:?}"
     );
-    assert!(messages[0].get("thread_ts").is_none(), "{messages:?}");
-    let thread = &messages[1]["thread_ts"];
-    assert!(thread.is_string(), "{messages:?}");
-    assert!(
-        messages[1..].iter().all(|m| &m["thread_ts"] == thread),
-        "{messages:?}"
-    );
-    assert!(
-        messages.last().unwrap()["text"]
-            .as_str()
-            .unwrap()
-            .contains("killed"),
-        "{messages:?}"
-    );
+    let last = edits.last().unwrap()["text"].as_str().unwrap();
+    assert!(last.contains("killed"), "{edits:?}");
 }
 
 #[tokio::test]

@@ -199,16 +199,57 @@ async fn rx_wait(rx: &Receiver, path: &str, n: usize) {
     );
 }
 
+/// A playbook that draws a graph from real Prometheus before its gate.
+const EVIDENCE: &str = r#"
+name: evidence
+matchers: ['alertname="Risky"']
+steps:
+  - name: errors
+    action: prometheus.graph
+    with: { query: 'up{job="app"}', range: 5m, title: "Targets up" }
+  - name: act
+    action: log
+    with: { message: "acting on {{ labels.instance }}" }
+    approval: required
+"#;
+
+/// The requests under `prefix`, in order, as (method, path after the prefix, request).
+fn api_calls(
+    rx: &Receiver,
+    prefix: &str,
+) -> Vec<(String, String, crate::common::receiver::Recorded)> {
+    (rx.requests().into_iter())
+        .filter_map(|r| {
+            let rest = r.path.strip_prefix(prefix)?.to_string();
+            Some((r.method.clone(), rest, r))
+        })
+        .collect()
+}
+
+/// The `ts` the receiver answered request `r` with (its place among all requests).
+fn answered_ts(rx: &Receiver, r: &crate::common::receiver::Recorded) -> String {
+    let i = (rx.requests().iter())
+        .position(|x| x.at == r.at && x.path == r.path)
+        .unwrap();
+    format!("1000.{}", i + 1)
+}
+
 #[tokio::test]
-async fn slack_bot_mode_keeps_a_run_in_one_thread() {
+async fn slack_and_mattermost_bots_keep_one_message_per_run_edited_with_the_evidence_in_its_thread()
+{
     let rx = Receiver::start().await;
+    let target = crate::common::prometheus::serve_metrics("# TYPE x gauge\nx 1\n").await;
+    let prom = crate::common::prometheus::Prometheus::start(&target).await;
     let cfg = format!(
-        "notify:\n  sinks:\n    - {{ name: bot, type: slack_bot, token_env: REFLEX_TEST_TOKEN, channel: \"#ops\", api_url: \"{}/api\" }}\n",
-        rx.base
+        "prometheus_url: {}\npublic_url: https://reflex.example.internal\nnotify:\n  sinks:\n\
+         \x20   - {{ name: bot, type: slack_bot, token_env: REFLEX_TEST_TOKEN, channel: \"#ops\", api_url: \"{b}/slack\" }}\n\
+         \x20   - {{ name: mmbot, type: mattermost_bot, token_env: REFLEX_TEST_TOKEN, channel: ch1, api_url: \"{b}/mm\" }}\n",
+        prom.base,
+        b = rx.base
     );
     bot_token_is_in_the_environment();
     let app = TestApp::builder()
-        .playbook("gated.yaml", PLAYBOOK)
+        .playbook("evidence.yaml", EVIDENCE)
         .config(&cfg)
         .start()
         .await;
@@ -216,24 +257,185 @@ async fn slack_bot_mode_keeps_a_run_in_one_thread() {
         .await;
     approve_first(&app).await;
     app.wait_run_state(1, "succeeded").await;
-    rx_wait(&rx, "/api/chat.postMessage", 4).await;
-    let msgs = rx.at("/api/chat.postMessage");
+    let done = |prefix: &'static str, n: usize| {
+        let rx = rx.clone();
+        move || {
+            let rx = rx.clone();
+            async move { (api_calls(&rx, prefix).len() >= n).then_some(()) }
+        }
+    };
+    app.wait_for(10, "slack's calls", done("/slack/", 6)).await;
+    app.wait_for(10, "mattermost's calls", done("/mm/", 6))
+        .await;
+
+    // Slack: one message, edited; the evidence in its thread, the graph uploaded there.
+    let slack = api_calls(&rx, "/slack/");
+    let paths: Vec<&str> = slack.iter().map(|(_, p, _)| p.as_str()).collect();
     assert_eq!(
-        msgs[0].header("authorization"),
+        paths,
+        [
+            "chat.postMessage",
+            "chat.update",
+            "chat.postMessage",
+            "files.getUploadURLExternal",
+            "files.completeUploadExternal",
+            "chat.update",
+        ],
+        "then nothing else"
+    );
+    let first = &slack[0].2;
+    assert_eq!(
+        first.header("authorization"),
         Some("Bearer xoxb-test-token")
     );
-    assert_eq!(msgs[0].body["channel"], "#ops");
+    assert_eq!(first.body["channel"], "#ops");
+    assert!(first.body.get("thread_ts").is_none(), "the run's message");
     assert!(
-        msgs[0].body.get("thread_ts").is_none(),
-        "the first message opens the thread"
+        first.body["text"]
+            .as_str()
+            .unwrap()
+            .contains("Running playbook evidence")
     );
-    for m in &msgs[1..] {
-        assert_eq!(
-            m.body["thread_ts"], "1000.1",
-            "later messages reply in the thread: {}",
-            m.raw
-        );
+    let ts = answered_ts(&rx, first);
+    // Asking for approval edits it (with the buttons' place), at the channel's id.
+    let ask = &slack[1].2.body;
+    assert_eq!(
+        (ask["channel"].as_str(), ask["ts"].as_str()),
+        (Some("C0REFLEX"), Some(ts.as_str()))
+    );
+    assert!(
+        ask["text"].as_str().unwrap().contains("Approval needed"),
+        "{ask}"
+    );
+    let reply = &slack[2].2.body;
+    assert_eq!(reply["thread_ts"], ts.as_str());
+    let evidence = reply["text"].as_str().unwrap();
+    assert!(
+        evidence.starts_with("errors (prometheus.graph):\n```\nTargets up: min 1, max 1, last 1 over the last 5m\n```\n<https://reflex.example.internal/ui/runs/1/artifacts/errors-graph.png|errors-graph.png>"),
+        "{evidence}"
+    );
+    let slot = &slack[3].2;
+    assert_eq!(
+        slot.header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    let form: Vec<(String, String)> = form_urlencoded::parse(slot.raw.as_bytes())
+        .into_owned()
+        .collect();
+    let upload = rx.at(&format!(
+        "/upload/F{}",
+        rx.requests()
+            .iter()
+            .position(|r| r.path == slot.path)
+            .unwrap()
+            + 1
+    ));
+    assert_eq!(upload.len(), 1, "the bytes go to the upload URL Slack gave");
+    assert!(upload[0].bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
+    assert_eq!(
+        form,
+        [
+            ("filename".to_string(), "errors-graph.png".to_string()),
+            ("length".into(), upload[0].bytes.len().to_string())
+        ]
+    );
+    let complete = &slack[4].2.body;
+    assert_eq!(complete["channel_id"], "C0REFLEX");
+    assert_eq!(complete["thread_ts"], ts.as_str());
+    assert_eq!(complete["files"][0]["title"], "errors-graph.png");
+    let end = &slack[5].2.body;
+    assert_eq!(end["ts"], ts.as_str());
+    assert!(
+        end["text"]
+            .as_str()
+            .unwrap()
+            .contains("Run 1 (evidence) succeeded"),
+        "{end}"
+    );
+
+    // Mattermost: the same through its API: a post, patched, replies with `root_id`, a file.
+    let mm = api_calls(&rx, "/mm/");
+    let calls: Vec<(&str, &str)> = mm
+        .iter()
+        .map(|(m, p, _)| (m.as_str(), p.as_str()))
+        .collect();
+    let root = answered_ts(&rx, &mm[0].2).replace("1000.", "post");
+    let patch = format!("api/v4/posts/{root}/patch");
+    assert_eq!(
+        calls,
+        [
+            ("POST", "api/v4/posts"),
+            ("PUT", patch.as_str()),
+            ("POST", "api/v4/posts"),
+            ("POST", "api/v4/files"),
+            ("POST", "api/v4/posts"),
+            ("PUT", patch.as_str()),
+        ]
+    );
+    assert_eq!(mm[0].2.body["channel_id"], "ch1");
+    assert!(mm[0].2.body.get("root_id").is_none());
+    assert_eq!(mm[2].2.body["root_id"], root.as_str());
+    assert!(mm[2].2.body["message"].as_str().unwrap().contains(
+        "[errors-graph.png](https://reflex.example.internal/ui/runs/1/artifacts/errors-graph.png)"
+    ));
+    assert!(
+        mm[3]
+            .2
+            .header("content-type")
+            .unwrap()
+            .starts_with("multipart/form-data")
+    );
+    assert!(
+        mm[3].2.raw.contains("name=\"channel_id\"")
+            && mm[3].2.raw.contains("filename=\"errors-graph.png\"")
+    );
+    let file = answered_ts(&rx, &mm[3].2).replace("1000.", "file");
+    assert_eq!(mm[4].2.body["root_id"], root.as_str());
+    assert_eq!(mm[4].2.body["file_ids"], json!([file]));
+    assert!(
+        mm[5].2.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("succeeded")
+    );
+}
+
+const QUICK: &str = r#"
+name: quick
+matchers: ['alertname="Quick"']
+steps:
+  - action: log
+    with: { message: "noted {{ labels.instance }}" }
+"#;
+
+#[tokio::test]
+async fn a_burst_of_quick_runs_into_a_webhook_sink_is_one_message_a_run() {
+    let rx = Receiver::start().await;
+    let cfg = format!(
+        "notify:\n  sinks:\n    - {{ name: hook, type: webhook, url: \"{}/hook\" }}\n",
+        rx.base
+    );
+    let app = TestApp::builder()
+        .playbook("quick.yaml", QUICK)
+        .config(&cfg)
+        .start()
+        .await;
+    let alerts: Vec<serde_json::Value> = (0..13)
+        .map(|i| json!({"labels": {"alertname": "Quick", "instance": format!("h{i}")}}))
+        .collect();
+    let (status, body) = app
+        .post_raw("/api/v1/webhooks/generic", json!(alerts).to_string())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for id in 1..=13 {
+        app.wait_run_state(id, "succeeded").await;
     }
+    rx_wait(&rx, "/hook", 13).await;
+    let events: Vec<String> = (rx.at("/hook").iter())
+        .map(|r| r.body["event"].as_str().unwrap().to_string())
+        .collect();
+    // Each ended within the quiet time: its end is its one message, and no start is pending.
+    assert_eq!(events, vec!["run_finished".to_string(); 13]);
 }
 
 /// The daemon reads the bot token from its environment, inherited from this test process
@@ -392,7 +594,8 @@ steps:
         .playbook("reported.yaml", reported)
         .playbook("broken.yaml", broken)
         .config(&format!(
-            "notify:\n  sinks:\n    - {{ name: hook, type: webhook, url: \"{}/hook\" }}\n",
+            // Every start is told (by default a run this quick would be one message).
+            "notify:\n  quiet_for: 0s\n  sinks:\n    - {{ name: hook, type: webhook, url: \"{}/hook\" }}\n",
             rx.base
         ))
         .start()

@@ -1,6 +1,7 @@
 //! A local HTTP receiver standing in for Slack, Mattermost, Teams, flag services or any
 //! webhook: it records every request exactly (method, path, headers, body) and answers from a
-//! script (default 200 with a Slack-style `{"ok": true, "ts": …}`).
+//! script (default 200 with an answer that serves Slack's and Mattermost's APIs alike: `ok`,
+//! a message `ts` and `channel`, an upload slot on this receiver, a post `id`, file ids).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -24,6 +25,8 @@ pub struct Recorded {
     pub body: Value,
     /// Raw body.
     pub raw: String,
+    /// The body's bytes.
+    pub bytes: Vec<u8>,
     /// When it arrived.
     pub at: Instant,
 }
@@ -54,6 +57,7 @@ struct Inner {
     requests: Vec<Recorded>,
     script: VecDeque<Answer>,
     counter: u64,
+    base: String,
 }
 
 /// A running receiver.
@@ -83,12 +87,22 @@ async fn handle(
             .collect(),
         body: serde_json::from_str(&raw).unwrap_or(Value::Null),
         raw,
+        bytes: body.to_vec(),
         at: Instant::now(),
     });
     let answer = g.script.pop_front().unwrap_or(Answer {
         status: 200,
         headers: vec![("content-type".into(), "application/json".into())],
-        body: format!(r#"{{"ok": true, "ts": "1000.{}"}}"#, g.counter),
+        body: serde_json::json!({
+            "ok": true,
+            "ts": format!("1000.{}", g.counter),
+            "channel": "C0REFLEX",
+            "upload_url": format!("{}/upload/F{}", g.base, g.counter),
+            "file_id": format!("F{}", g.counter),
+            "id": format!("post{}", g.counter),
+            "file_infos": [{"id": format!("file{}", g.counter)}],
+        })
+        .to_string(),
     });
     let mut resp = (StatusCode::from_u16(answer.status).unwrap(), answer.body).into_response();
     for (k, v) in answer.headers {
@@ -109,6 +123,7 @@ impl Receiver {
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        inner.lock().unwrap().base = base.clone();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Receiver { base, inner }
     }
