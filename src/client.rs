@@ -200,11 +200,54 @@ pub fn format_approvals(list: &Value) -> String {
             a["expires_at"].as_str().unwrap_or(""),
             a["action"]
         ));
+        for e in a["evidence"].as_array().into_iter().flatten() {
+            out.push_str(&evidence_lines(e));
+        }
     }
     if out.is_empty() {
         out.push_str("no approvals\n");
     }
     out
+}
+
+/// Lines of an evidence summary shown under an approval; the rest is in the run.
+const EVIDENCE_LINES: usize = 5;
+
+/// What an evidence step found, indented under its approval: its first lines and its
+/// artifacts' URLs. Control characters (a terminal escape in a log line) are shown, not sent.
+fn evidence_lines(e: &Value) -> String {
+    let text = |v: &Value| terminal_safe(v.as_str().unwrap_or(""));
+    let mut out = format!(
+        "  evidence: {} ({})\n",
+        text(&e["step"]),
+        text(&e["action"])
+    );
+    let summary = e["summary"].as_str().unwrap_or("");
+    for line in summary.lines().take(EVIDENCE_LINES) {
+        out.push_str(&format!("    | {}\n", terminal_safe(line)));
+    }
+    let more = summary.lines().count().saturating_sub(EVIDENCE_LINES);
+    if more > 0 {
+        out.push_str(&format!("    | ({more} more lines)\n"));
+    }
+    for f in e["artifacts"].as_array().into_iter().flatten() {
+        out.push_str(&format!("    artifact: {}\n", text(&f["url"])));
+    }
+    out
+}
+
+/// Text with its control characters written out (`\u{1b}`), so that what came from an alert
+/// or a log cannot move the cursor, recolour or retitle the operator's terminal.
+pub fn terminal_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() || crate::notify::is_bidi_control(c) {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A run and its steps, one line each.
@@ -416,5 +459,32 @@ mod table_tests {
         let t = format_audit(&rows, false);
         assert!(t.lines().next().unwrap().ends_with("DETAIL"), "{t}");
         assert!(t.contains("INC-4711: bad deploy, hands off"), "{t}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn approvals_show_their_evidence_briefly_and_no_terminal_escape_gets_through() {
+        let summary: String = (1..=8).map(|i| format!("line {i}\n")).collect();
+        let list = json!([{
+            "id": 3, "state": "pending", "run_id": 7, "playbook": "rollback", "step_name": "roll",
+            "approvals": [], "required": 1, "expires_at": "2026-12-05T10:00:00.000Z", "action": {},
+            "evidence": [{
+                "step": "logs", "action": "kube.logs",
+                "summary": format!("\u{1b}]0;pwned\u{7}{summary}"),
+                "artifacts": [{"url": "/api/v1/runs/7/artifacts/logs-logs.txt"}],
+            }],
+        }]);
+        let out = format_approvals(&list);
+        assert!(
+            out.contains("  evidence: logs (kube.logs)\n    | \\u{1b}]0;pwned\\u{7}line 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("    | line 5\n    | (3 more lines)\n    artifact: /api/v1/runs/7/artifacts/logs-logs.txt\n"), "{out}");
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'));
     }
 }

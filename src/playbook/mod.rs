@@ -244,6 +244,11 @@ impl Playbook {
             .iter()
             .enumerate()
             .map(|(i, s)| (spec::Phase::OnFailure, "on_failure", i, s));
+        // The playbook's gate stands before its first step that acts: evidence steps before it
+        // (logs, a graph) run first, so the person asked sees what they found.
+        let gate_at = (self.steps.iter())
+            .position(|s| !s.action.reads_only())
+            .unwrap_or(0);
         let steps: Vec<PlannedStep> = main
             .chain(escalation)
             .map(|(phase, section, i, s)| {
@@ -251,7 +256,7 @@ impl Playbook {
                     .args
                     .render(sandbox, scope)
                     .map_err(|e| e.at(format!("{section}[{i}] ({})", s.name)))?;
-                let run_gate = if (phase, i) == (spec::Phase::Main, 0) {
+                let run_gate = if (phase, i) == (spec::Phase::Main, gate_at) {
                     self.approval.clone()
                 } else {
                     None

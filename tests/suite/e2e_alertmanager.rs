@@ -217,7 +217,7 @@ async fn high_latency_scales_up_within_the_cap() {
     e.am.alert(json!({"alertname": "HighLatency", "namespace": "shop", "deployment": "checkout", "severity": "warning"}), json!({}), false).await;
     let id = e.run_of("scale-up").await;
     let run = e.state(id, "succeeded").await;
-    let out = &run["steps"][0]["output"];
+    let out = &crate::common::step(&run, "scale")["output"];
     assert_eq!(
         (
             out["before"]["replicas"].as_i64(),
@@ -295,6 +295,7 @@ async fn error_rate_after_a_deploy_rolls_back_when_approved_and_not_when_denied(
             .unwrap()
             .contains(&format!("reflex approve {approval}"))
     );
+    // The gate stands before the first step that acts: the evidence ran before it.
     assert_eq!(asked["action"]["steps"][0]["action"], "kube.rollback");
 
     let (status, body) = e
@@ -308,7 +309,10 @@ async fn error_rate_after_a_deploy_rolls_back_when_approved_and_not_when_denied(
         .await;
     assert_eq!(status, 200, "{body}");
     let run = e.state(api, "succeeded").await;
-    assert_eq!(run["steps"][0]["output"]["to_revision"], 1);
+    assert_eq!(
+        crate::common::step(&run, "rollback")["output"]["to_revision"],
+        1
+    );
     assert_eq!(e.image("api").await, "api:1");
 
     let denied = e.pending_approval(web).await;
@@ -370,7 +374,7 @@ async fn redelivery_never_starts_a_second_run_and_resolution_ends_a_waiting_one(
 
     e.am.alert(labels, json!({}), true).await;
     let run = e.state(id, "resolved").await;
-    assert_eq!(run["steps"][0]["state"], "skipped");
+    assert_eq!(crate::common::step(&run, "rollback")["state"], "skipped");
     assert_eq!(e.image("api").await, "api:2", "nothing was done");
 }
 

@@ -91,7 +91,7 @@ async fn an_approved_rollback_restores_the_previous_pod_template() {
     assert_eq!(status, 200, "{body}");
 
     let run = app.wait_run_state(run_id, "succeeded").await;
-    let out = &run["steps"][0]["output"];
+    let out = &crate::common::step(&run, "rollback")["output"];
     assert_eq!(
         (out["from_revision"].as_i64(), out["to_revision"].as_i64()),
         (Some(2), Some(1)),

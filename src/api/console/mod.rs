@@ -39,6 +39,7 @@ pub fn router() -> Router<AppState> {
         .route("/ui/runs", get(pages::runs))
         .route("/ui/runs/{id}", get(pages::run))
         .route("/ui/runs/{id}/events", get(pages::run_events))
+        .route("/ui/runs/{id}/artifacts/{name}", get(pages::artifact))
         .route("/ui/runs/{id}/cancel", post(pages::cancel))
         .route("/ui/runs/{id}/retry", post(pages::retry))
         .route("/ui/runs/{id}/undo", post(pages::undo))

@@ -556,3 +556,10 @@ pub fn unreachable_kubeconfig() -> PathBuf {
     })
     .clone()
 }
+
+/// The step of a run's JSON with this name.
+pub fn step<'a>(run: &'a Value, name: &str) -> &'a Value {
+    (run["steps"].as_array().into_iter().flatten())
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {run:#}"))
+}

@@ -108,6 +108,39 @@ pub struct ApprovalCard {
     comment: Option<String>,
     /// Why it cannot be approved now (a kill switch), for a pending one.
     held: Option<String>,
+    /// What the run's evidence steps before the gate found.
+    evidence: Vec<EvidenceCard>,
+}
+
+/// One evidence step's findings on an approval card.
+pub struct EvidenceCard {
+    step: String,
+    action: String,
+    summary: String,
+    artifacts: Vec<ArtifactLink>,
+}
+
+/// An artifact as the console links it (behind the console's own session).
+pub struct ArtifactLink {
+    name: String,
+    url: String,
+    image: bool,
+    size: String,
+}
+
+impl From<&crate::store::ArtifactInfo> for ArtifactLink {
+    fn from(a: &crate::store::ArtifactInfo) -> ArtifactLink {
+        ArtifactLink {
+            name: a.name.clone(),
+            url: a.url.replacen("/api/v1/runs/", "/ui/runs/", 1),
+            image: a.content_type.starts_with("image/"),
+            size: if a.size >= 1024 {
+                format!("{:.1} KiB", a.size as f64 / 1024.0)
+            } else {
+                format!("{} bytes", a.size)
+            },
+        }
+    }
 }
 
 impl ApprovalCard {
@@ -162,6 +195,14 @@ impl From<ApprovalView> for ApprovalCard {
             decided_at: a.decided_at,
             comment: a.comment,
             held: None,
+            evidence: (a.evidence.iter())
+                .map(|e| EvidenceCard {
+                    step: e.step.clone(),
+                    action: e.action.clone(),
+                    summary: e.summary.clone(),
+                    artifacts: e.artifacts.iter().map(ArtifactLink::from).collect(),
+                })
+                .collect(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub struct StepRow {
     args: String,
     output: Vec<OutputField>,
     error: Option<String>,
+    artifacts: Vec<ArtifactLink>,
 }
 
 impl From<&StepRecord> for StepRow {
@@ -57,6 +58,7 @@ impl From<&StepRecord> for StepRow {
             args: pretty(&s.args),
             output,
             error: s.error.clone(),
+            artifacts: s.artifacts.iter().map(ArtifactLink::from).collect(),
         }
     }
 }
@@ -322,4 +324,19 @@ pub async fn undo(
         .await
         .map_err(ApiError::from)?;
     Ok(Redirect::to(&format!("/ui/runs/{}", outcome.run_id())).into_response())
+}
+
+/// `GET /ui/runs/{id}/artifacts/{name}`: an artifact, for a console session (the API's route
+/// takes a token).
+pub async fn artifact(
+    State(state): State<AppState>,
+    _viewer: Viewer,
+    Path((id, name)): Path<(i64, String)>,
+) -> Result<Response, Page> {
+    crate::api::runs::serve_artifact(&state.store, id, &name)
+        .await
+        .map_err(|e| match e {
+            crate::api::ApiError::NotFound(why) => Page::error(StatusCode::NOT_FOUND, why),
+            other => Page::error(StatusCode::SERVICE_UNAVAILABLE, other.to_string()),
+        })
 }
