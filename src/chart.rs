@@ -303,7 +303,7 @@ fn draw(canvas: &mut Canvas, chart: &Chart) {
                 stroke(colour, 3),
             );
         }
-        if i < 3 {
+        if i < 3 && !s.label.is_empty() {
             let y = h - 26 + 10 * i as i32;
             line(
                 canvas,

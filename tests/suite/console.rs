@@ -401,3 +401,144 @@ async fn sessions_survive_a_restart_and_end_with_their_token_or_its_secret() {
     let vera = http_login(&app, "vera-new-token").await;
     assert_eq!(page_status(&app, &vera).await, 200);
 }
+
+#[tokio::test]
+async fn an_approver_sees_the_error_rate_graph_and_the_deploy_history_before_approving_a_rollback()
+{
+    // A Deployment with a deploy on top, in the fake API server held to the RBAC role.
+    let rbac =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/base/rbac.yaml");
+    let fake = crate::common::fake_kube::FakeKube::start(Some(&rbac)).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (i, image) in ["api:1.4.2", "api:1.5.0"].iter().enumerate() {
+        let kind = if i == 0 { "create" } else { "patch" };
+        let body = json!({
+            "metadata": {"name": "api", "labels": {"app": "api"}},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
+                     "template": {"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [{"name": "app", "image": image}]}}}
+        });
+        crate::common::fake_kube::admin_write(&fake, dir.path(), kind, "shop", body).await;
+    }
+    // Real Prometheus scraping request counters that grow, 1 in 10 an error.
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let target = crate::common::prometheus::serve_changing_metrics(text.clone()).await;
+    let feeder = tokio::spawn(async move {
+        for n in 0u64.. {
+            *text.lock().unwrap() = format!(
+                "http_requests_total{{namespace=\"shop\",deployment=\"api\",code=\"500\"}} {}\n\
+                 http_requests_total{{namespace=\"shop\",deployment=\"api\",code=\"200\"}} {}\n",
+                n * 10,
+                n * 90
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    });
+    let prom = crate::common::prometheus::Prometheus::start(&target).await;
+    // Enough samples for a rate, waited for on the condition.
+    let http = reqwest::Client::new();
+    for attempt in 0.. {
+        let body: Value = (http.get(format!("{}/api/v1/query", prom.base)))
+            .query(&[("query", "count_over_time(http_requests_total[1m])")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let n = body["data"]["result"][0]["value"][1]
+            .as_str()
+            .unwrap_or("0");
+        if n.parse::<f64>().unwrap_or(0.0) >= 3.0 {
+            break;
+        }
+        assert!(attempt < 150, "Prometheus never scraped 3 samples: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let config = format!(
+        "prometheus_url: {}\nkubernetes:\n  clusters:\n    prod: {{ kubeconfig: {} }}\n{}",
+        prom.base,
+        fake.kubeconfig(dir.path()).display(),
+        auth_config(&[("alice", "approver"), ("hook", "webhook")])
+    );
+    let app = TestApp::builder()
+        .example_playbooks()
+        .config(&config)
+        .start()
+        .await;
+    let alert: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/alerts/error-rate-after-deploy.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let path = "/api/v1/webhooks/alertmanager";
+    let (status, out) = app
+        .call("POST", path, Some("hook-token"), Some(alert))
+        .await;
+    assert_eq!(status, 200, "{out}");
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+
+    let b = Browser::start().await;
+    login(&b, &app.base, "alice-token", None).await;
+    b.client
+        .goto(&format!("{}/ui/approvals", app.base))
+        .await
+        .unwrap();
+    let card = b.wait_for("article.approval").await;
+    let id = card.attr("id").await.unwrap().unwrap();
+    // The graph is shown, loaded, before anyone approves; the history says what was deployed.
+    let graph = format!("#{id} img.evidence-graph");
+    b.wait_for(&graph).await;
+    let width_js = format!("return document.querySelector('{graph}').naturalWidth;");
+    let mut width = 0;
+    for _ in 0..100 {
+        width = b
+            .client
+            .execute(&width_js, vec![])
+            .await
+            .unwrap()
+            .as_u64()
+            .unwrap_or(0);
+        if width > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(width, u64::from(reflex::chart::WIDTH), "the graph loaded");
+    let evidence = b.text(&format!("#{id} section.evidence")).await;
+    assert!(evidence.contains("revision 2 (current)"), "{evidence}");
+    assert!(
+        evidence.contains("api:1.5.0") && evidence.contains("api:1.4.2"),
+        "{evidence}"
+    );
+    assert!(
+        evidence.contains("Share of 5xx answers, shop/api: min "),
+        "{evidence}"
+    );
+    b.screenshot("20-approval-with-evidence").await;
+    let approve = b
+        .client
+        .find(Locator::Css(&format!("#{id} button.approve")))
+        .await;
+    approve.unwrap().click().await.unwrap();
+    b.wait_text("#run-state", "succeeded").await;
+    // The run page shows the graph with its step.
+    assert_eq!(b.count("li.step img.evidence-graph").await, 1);
+    b.screenshot("21-run-with-evidence").await;
+    let run = app
+        .call(
+            "GET",
+            &format!("/api/v1/runs/{run_id}"),
+            Some("alice-token"),
+            None,
+        )
+        .await
+        .1;
+    assert_eq!(
+        crate::common::step(&run, "rollback")["output"]["to_revision"],
+        1
+    );
+    feeder.abort();
+}

@@ -119,6 +119,12 @@ fn parse_path(path: &str) -> Option<Target> {
     })
 }
 
+/// The time as the API server stamps objects with it (RFC 3339, seconds, UTC).
+fn now() -> String {
+    let t = reflex::time::Timestamp::from_ms(reflex::time::now_ms() / 1000 * 1000).to_string();
+    t.replace(".000Z", "Z")
+}
+
 fn key(group: &str, plural: &str, ns: &str, name: &str) -> String {
     format!("{group}/{plural}/{ns}/{name}")
 }
@@ -438,6 +444,7 @@ impl Inner {
                 "apiVersion": "apps/v1", "kind": "ReplicaSet",
                 "metadata": {
                     "name": format!("{name}-{hash}"), "namespace": ns, "uid": format!("uid-{rs_uid}"),
+                    "creationTimestamp": now(),
                     "labels": rs_template["metadata"]["labels"].clone(),
                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid, "controller": true}],
                 },
@@ -633,7 +640,7 @@ async fn handle(
             let mut obj = body.clone();
             merge(
                 &mut obj,
-                &json!({"apiVersion": api_version, "kind": kind_of(&t.plural), "metadata": {"uid": format!("uid-{}", s.uid), "resourceVersion": rv, "generation": 1}}),
+                &json!({"apiVersion": api_version, "kind": kind_of(&t.plural), "metadata": {"uid": format!("uid-{}", s.uid), "resourceVersion": rv, "generation": 1, "creationTimestamp": now()}}),
             );
             if t.ns.is_some() {
                 merge(&mut obj, &json!({"metadata": {"namespace": ns}}));
@@ -809,5 +816,26 @@ impl FakeKube {
             .objects
             .get(&key(group, plural, ns, name))
             .cloned()
+    }
+}
+
+/// Creates (`create`) or merge-patches (`patch`) a Deployment as the cluster admin, through the
+/// API as a real cluster would take it.
+pub async fn admin_write(fake: &FakeKube, dir: &Path, how: &str, ns: &str, body: Value) {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    let kc = kube::config::Kubeconfig::read_from(fake.admin_kubeconfig(dir)).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let api: Api<Deployment> = Api::namespaced(kube::Client::try_from(cfg).unwrap(), ns);
+    if how == "create" {
+        let d: Deployment = serde_json::from_value(body).unwrap();
+        api.create(&PostParams::default(), &d).await.unwrap();
+    } else {
+        let name = body["metadata"]["name"].as_str().unwrap().to_string();
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+            .await
+            .unwrap();
     }
 }
