@@ -644,7 +644,12 @@ impl Engine {
         dry_run: bool,
     ) -> (StepState, Option<Value>, Option<String>) {
         match result {
-            Ok(out) if dry_run => (StepState::DryRun, Some(out), None),
+            // Evidence gathered in a dry run is real output: redacted like any.
+            Ok(out) if dry_run => (
+                StepState::DryRun,
+                Some(self.redactor.redact_json(out)),
+                None,
+            ),
             Ok(out) => (
                 StepState::Succeeded,
                 Some(self.redactor.redact_json(out)),

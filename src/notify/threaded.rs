@@ -113,9 +113,8 @@ impl<C: ChatApi> Threaded<C> {
             return Ok(());
         };
         for ev in event.evidence() {
-            let new = (self.shown.lock().unwrap_or_else(|p| p.into_inner()))
-                .insert((run.id, ev.step.clone()));
-            if !new {
+            let key = (run.id, ev.step.clone());
+            if (self.shown.lock().unwrap_or_else(|p| p.into_inner())).contains(&key) {
                 continue;
             }
             let text = evidence_text(self.api.markup(), run, ev, self.api.limit());
@@ -141,6 +140,12 @@ impl<C: ChatApi> Threaded<C> {
                     .upload(thread, &a.name, &a.content_type, data)
                     .await?;
             }
+            // Shown once all of it went: a delivery tried again shows what did not.
+            let mut shown = self.shown.lock().unwrap_or_else(|p| p.into_inner());
+            if shown.len() >= MAX_THREADS {
+                shown.clear();
+            }
+            shown.insert(key);
         }
         Ok(())
     }
