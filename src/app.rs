@@ -65,6 +65,7 @@ pub async fn run(
     engine.recover().await.context("recovering runs")?;
     let dispatcher = tasks.spawn(engine.clone().dispatch());
     let sweeper = tasks.spawn(engine.clone().sweep());
+    tasks.spawn(engine.clone().keep_retention());
     let lease = tasks.spawn(engine.clone().keep_lease());
     let deferred = tasks.spawn(engine.clone().plan_deferred());
     tasks.spawn(watch_playbooks(

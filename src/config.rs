@@ -57,6 +57,8 @@ pub struct Config {
     pub feature_flags: BTreeMap<String, FlagProvider>,
     /// The SQLite store.
     pub store: StoreConfig,
+    /// How long ended runs and audit rows are kept.
+    pub retention: RetentionConfig,
     /// The file this was loaded from; `None` on the embedded defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -343,6 +345,7 @@ impl Default for Config {
             kubernetes: KubeConfig::default(),
             feature_flags: BTreeMap::new(),
             store: StoreConfig::default(),
+            retention: RetentionConfig::default(),
             source: None,
         }
     }
@@ -368,6 +371,37 @@ impl Default for IntakeConfig {
         IntakeConfig {
             max_body_bytes: 1024 * 1024,
             plan_request_budget: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How long the record is kept (`retention:`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Ended runs, with their steps, approvals, artifacts and alerts, are deleted this long
+    /// after they ended (never sooner than the breaker's window or a playbook's cooldown, which
+    /// count runs).
+    #[serde(with = "duration_str")]
+    pub runs: Duration,
+    /// Audit rows are deleted this long after they were written (`reflex audit export` first,
+    /// to keep them elsewhere).
+    #[serde(with = "duration_str")]
+    pub audit: Duration,
+    /// How often retention runs (and once at start).
+    #[serde(with = "duration_str")]
+    pub every: Duration,
+    /// Rows per table deleted in one transaction.
+    pub batch: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            runs: Duration::from_secs(90 * 86_400),
+            audit: Duration::from_secs(400 * 86_400),
+            every: Duration::from_secs(3600),
+            batch: 500,
         }
     }
 }

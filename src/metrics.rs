@@ -46,6 +46,12 @@ pub struct Metrics {
     /// HTTP requests refused, by reason (`unauthenticated`, `forbidden`, `cross_origin`,
     /// `chat`, `throttled`, `host`).
     pub http_refused: IntCounterVec,
+    /// Rows in the store's tables retention keeps in bounds, by table.
+    pub store_rows: IntGaugeVec,
+    /// Rows retention deleted, by table.
+    pub store_pruned: IntCounterVec,
+    /// The database's size in bytes (SQLite: the file and its WAL).
+    pub store_bytes: IntGauge,
 }
 
 impl Default for Metrics {
@@ -174,6 +180,13 @@ impl Metrics {
                 "replica_takeovers_total",
                 "Replicas whose work this one took over after their lease expired.",
             ),
+            store_rows: gauges("store_rows", "Rows in the store, by table.", &["table"]),
+            store_pruned: counters(
+                "store_pruned_total",
+                "Rows deleted by retention, by table.",
+                &["table"],
+            ),
+            store_bytes: gauge("store_bytes", "The database's size in bytes."),
             registry: r.clone(),
         };
         metrics.lease_held.set(1);

@@ -1894,13 +1894,13 @@ async fn fetch_raw(
 }
 
 #[tokio::test]
-async fn artifacts_are_served_to_viewers_with_their_type_capped_and_gone_with_their_run() {
+async fn artifacts_are_served_to_viewers_with_their_type_capped_and_pruned_with_their_run() {
     let secrets = tempfile::tempdir().unwrap();
     let secret = secrets.path().join("token");
     std::fs::write(&secret, "s3cr3t-t0ken-abc").unwrap();
     let api = TestApi::with(
         &format!(
-            "engine:\n  artifacts: {{ max_bytes: 1000, max_run_bytes: 1500 }}\ncredentials:\n  logs: {{ header: X-Token, file: {} }}\n",
+            "engine:\n  artifacts: {{ max_bytes: 1000, max_run_bytes: 1500 }}\ncredentials:\n  logs: {{ header: X-Token, file: {} }}\nretention: {{ runs: 1h }}\nbreaker: {{ window: 1m }}\n",
             secret.display()
         ),
         "",
@@ -1990,20 +1990,18 @@ steps:
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    // A run pruned takes its artifacts with it.
-    api.store
-        .write(move |c| {
-            c.exec("DELETE FROM steps WHERE run_id = ?1", &[&id])?;
-            c.exec("DELETE FROM runs WHERE id = ?1", &[&id])?;
-            c.one(
-                "SELECT count(*) FROM artifacts WHERE run_id = ?1",
-                &[&id],
-                |r| r.get::<i64>(0),
-            )
-        })
-        .await
-        .map(|left| assert_eq!(left, 0))
-        .unwrap();
+    // Retention keeps a run an hour here: not yet, then gone with its artifacts.
+    assert_eq!(api.engine.prune().await.unwrap(), 0);
+    api.clock.advance(std::time::Duration::from_secs(3601));
+    assert!(api.engine.prune().await.unwrap() > 0);
+    let metrics = api.engine.metrics();
+    assert_eq!(metrics.store_pruned.with_label_values(&["runs"]).get(), 2);
+    // Each run kept its first step's log.
+    assert_eq!(
+        metrics.store_pruned.with_label_values(&["artifacts"]).get(),
+        2
+    );
+    assert_eq!(metrics.store_rows.with_label_values(&["runs"]).get(), 0);
     assert_eq!(
         fetch_raw(&api, &url, Some("viewer-token")).await.0,
         StatusCode::NOT_FOUND

@@ -15,6 +15,7 @@ pub mod maintenance;
 pub mod manual;
 mod operator;
 mod reports;
+mod retention;
 mod run;
 mod sweeper;
 pub mod undo;
@@ -51,6 +52,8 @@ pub struct Engine {
     executors: Executors,
     config: EngineConfig,
     limits: BreakerLimits,
+    /// How long the record is kept.
+    retention: crate::config::RetentionConfig,
     windows: maintenance::Windows,
     dry_run: bool,
     playbook_paths: Vec<PathBuf>,
@@ -117,6 +120,7 @@ impl Engine {
                 max_targets: b.max_targets,
             },
             windows,
+            retention: cfg.retention.clone(),
             dry_run: cfg.dry_run,
             playbook_paths: vec![cfg.playbooks_dir.clone()],
             references: cfg.references(),

@@ -21,6 +21,7 @@ mod lifecycle;
 pub mod pg;
 mod queue;
 mod resolution;
+mod retention;
 mod sessions;
 mod snapshot;
 mod states;
@@ -35,6 +36,7 @@ pub use breaker::{BreakerLimits, Limit, Trip};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
 pub use lease::{LEASE_EXPIRY, LEASE_RENEW, Takeover};
 pub use queue::{ClaimedRun, StepRecord, StepRef, StepResult};
+pub use retention::{PRUNED_TABLES, Pruned};
 pub use sessions::Session;
 pub use snapshot::Snapshot;
 pub use states::{ApprovalState, RunState, StepState};
@@ -597,6 +599,11 @@ CREATE TABLE artifacts (
   PRIMARY KEY (run_id, name)
 ) WITHOUT ROWID;
 "#,
+    // 17: retention finds an ended run's approvals, and the alerts no run refers to, by index.
+    r#"
+CREATE INDEX runs_alert ON runs(alert_id);
+CREATE INDEX approvals_run ON approvals(run_id);
+"#,
 ];
 
 impl Store {
@@ -625,6 +632,13 @@ impl Store {
         )?;
         if sync == crate::config::Synchronous::Normal {
             write.execute_batch("PRAGMA synchronous=NORMAL;")?;
+        }
+        // Pages retention frees go back to the file system (see `retention`): incremental
+        // auto-vacuum, which a store made before it needs one VACUUM to take up.
+        let auto_vacuum: i64 = write.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+        if auto_vacuum != 2 {
+            tracing::info!(store = %path.display(), "setting up incremental auto-vacuum (once)");
+            write.execute_batch("PRAGMA auto_vacuum=INCREMENTAL; VACUUM;")?;
         }
         migrate(&mut write)?;
         keep_plans(&write)?;

@@ -665,4 +665,9 @@ CREATE TABLE artifacts (
   PRIMARY KEY (run_id, name)
 );
 "#,
+    // 9: retention's lookups by index (see SQLite's 17).
+    r#"
+CREATE INDEX runs_alert ON runs(alert_id);
+CREATE INDEX approvals_run ON approvals(run_id);
+"#,
 ];

@@ -1296,3 +1296,167 @@ async fn both_backends_have_the_same_tables_columns_and_indexes() {
     assert!(pg_indexes.remove("runs_owner"));
     assert_eq!(lite_indexes, pg_indexes, "the same indexes");
 }
+
+/// Records runs for `instances` (one alert each, on targets of their own) and ends each one
+/// that can start with a step result; returns their ids.
+async fn ended_runs(store: &Store, instances: &[String]) -> Vec<i64> {
+    let items = (instances.iter())
+        .map(|i| IntakeItem {
+            deferred: None,
+            alert: alert(i),
+            received_us: 0,
+            candidates: vec![candidate("p", i, 0, "")],
+        })
+        .collect();
+    let outcomes = store
+        .record_intake(items, BreakerLimits::default())
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for o in outcomes.into_iter().flatten() {
+        let Outcome::Created { run_id, .. } = o else {
+            panic!("{o:?}")
+        };
+        ids.push(run_id);
+    }
+    loop {
+        let claimed = store.claim(1, 500).await.unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        for run in &claimed {
+            store
+                .run_finished(
+                    run.id,
+                    RunState::Succeeded,
+                    None,
+                    Some(done(run)),
+                    BreakerLimits::default(),
+                    false,
+                )
+                .await
+                .unwrap();
+        }
+    }
+    ids
+}
+
+on_both_backends! {
+async fn retention_deletes_ended_runs_with_their_rows_and_never_a_live_one(db: TestDb) {
+    let clock = std::sync::Arc::new(crate::time::ManualClock::new());
+    let store = db.open_with_clock(clock.clone()).await;
+    let old = ended_runs(&store, &["a".into(), "b".into(), "c".into()]).await;
+    store
+        .save_artifacts(old[0], 0, "log", vec![Artifact { name: "x.txt".into(), content_type: "text/plain".into(), data: b"x".to_vec() }], ArtifactCaps::default())
+        .await
+        .unwrap();
+    store.audit("alice", "killswitch", None, "ok", None).await.unwrap();
+    // A run still under way, as old as the others: it stays.
+    let waiting = intake(&store, "w", candidate("p", "w", 0, ""), BreakerLimits::default()).await;
+    let waiting = match waiting {
+        Outcome::Created { run_id, .. } => run_id,
+        o => panic!("{o:?}"),
+    };
+    clock.advance(std::time::Duration::from_secs(7200));
+    let recent = ended_runs(&store, &["d".into()]).await;
+    store.audit("bob", "approve", None, "ok", None).await.unwrap();
+    let count = |table: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .read(move |c| c.one(&format!("SELECT count(*) FROM {table}"), &[], |r| r.get::<i64>(0)))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!((count("runs").await, count("alerts").await), (5, 5));
+    // An hour's limit, two rows a batch: round after round until nothing is left to delete.
+    let hour_ago = store.now_ms() - 3_600_000;
+    let audit_old: i64 = store
+        .read(move |c| c.one("SELECT count(*) FROM audit WHERE at < ?1", &[&hour_ago], |r| r.get(0)))
+        .await
+        .unwrap();
+    let audit_new = count("audit").await - audit_old;
+    let mut deleted = [0u64; 6];
+    loop {
+        let pruned = store.prune_batch(hour_ago, hour_ago, 2).await.unwrap();
+        if pruned.total() == 0 {
+            break;
+        }
+        assert!(pruned.rows[0] <= 2 && pruned.rows[4] <= 2 && pruned.rows[5] <= 2, "{pruned:?}");
+        for (d, n) in deleted.iter_mut().zip(pruned.rows) {
+            *d += n;
+        }
+    }
+    // runs, steps, approvals, artifacts, alerts, audit
+    assert_eq!(deleted, [3, 3, 0, 1, 3, audit_old as u64]);
+    let left: Vec<i64> = store
+        .read(|c| c.rows("SELECT id FROM runs ORDER BY id", &[], |r| r.get(0)))
+        .await
+        .unwrap();
+    assert_eq!(left, vec![waiting, recent[0]], "the live run and the recent one stay");
+    assert_eq!((count("alerts").await, count("steps").await), (2, 2));
+    assert_eq!(count("audit").await, audit_new, "the recent audit rows stay");
+    assert_eq!(store.artifact(old[0], "log-x.txt").await.unwrap(), None);
+    let (rows, bytes) = store.size().await.unwrap();
+    assert_eq!(rows[0], ("runs", 2));
+    assert!(bytes > 0);
+}
+}
+
+/// Pruned as it goes, a store that has taken 20,000 runs is no larger than after its first
+/// 2,000: the pages of deleted rows are reused, and given back.
+#[tokio::test]
+async fn with_retention_the_sqlite_file_stops_growing() {
+    let clock = std::sync::Arc::new(crate::time::ManualClock::new());
+    let db = TestDb::sqlite();
+    let store = db.open_with_clock(clock.clone()).await;
+    let mut first = 0;
+    for round in 0..10 {
+        for batch in 0..4 {
+            let names: Vec<String> = (0..500).map(|i| format!("r{round}-{batch}-{i}")).collect();
+            ended_runs(&store, &names).await;
+        }
+        // The database as its pages stand (the file once the WAL is copied back), at its
+        // largest: 2,000 runs in.
+        let size: i64 = store
+            .read(|c| {
+                c.one(
+                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                    &[],
+                    |r| r.get(0),
+                )
+            })
+            .await
+            .unwrap();
+        // Retention of a second: everything ended before now goes.
+        clock.advance(std::time::Duration::from_secs(2));
+        let before = store.now_ms() - 1000;
+        while store
+            .prune_batch(before, before, 500)
+            .await
+            .unwrap()
+            .total()
+            > 0
+        {}
+        if round == 0 {
+            first = size;
+        }
+        assert!(
+            size <= first + first / 5,
+            "round {round}: {size} bytes, after the first 2,000 runs {first}"
+        );
+    }
+    // Everything pruned, the pages went back: smaller than it ever was (incremental vacuum).
+    let emptied: i64 = store
+        .read(|c| {
+            c.one(
+                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                &[],
+                |r| r.get(0),
+            )
+        })
+        .await
+        .unwrap();
+    assert!(emptied < first / 2, "{emptied} bytes left of {first}");
+}
