@@ -70,6 +70,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy the SQLite store while the daemon runs (a consistent snapshot); restore by
+    /// putting the copy at `<data_dir>/reflex.db` with the daemon stopped.
+    Backup {
+        /// Where the copy goes (must not exist).
+        path: PathBuf,
+        /// Config file (for `data_dir`, and to refuse PostgreSQL: use pg_dump there).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// The operator commands, clients of the API.
     #[command(flatten)]
     Operator(reflex::operator::OperatorCommand),
@@ -136,6 +145,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("binding {}", cfg.listen))?;
                 reflex::app::run(cfg, listener, reflex::app::shutdown_signal()).await
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup { path, config } => {
+            let cfg = load_config(config.as_ref())?;
+            if cfg.store.url.is_some() {
+                anyhow::bail!(
+                    "the store is PostgreSQL (store.url): back it up with pg_dump (see docs/operations.md)"
+                );
+            }
+            let version = reflex::store::backup(&cfg.data_dir, &path)?;
+            println!(
+                "backed up {} to {} (schema version {version})",
+                cfg.data_dir.join("reflex.db").display(),
+                path.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config, paths } => {

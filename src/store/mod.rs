@@ -866,6 +866,13 @@ const STATEMENT_CACHE: usize = 128;
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let applied: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if applied > MIGRATIONS.len() as i64 {
+        return Err(StoreError::Config(format!(
+            "the store's schema is version {applied}, newer than this build of reflex knows \
+             (version {}): run the newer reflex, or restore a backup made by this version",
+            MIGRATIONS.len()
+        )));
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
@@ -873,6 +880,59 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.commit()?;
     }
     Ok(())
+}
+
+/// Copies the SQLite store in `dir` to `to` while a daemon may be using it: SQLite's online
+/// backup, in one step, so the copy is the database as of one moment (every transaction
+/// committed before it began, none after). `to` must not exist. Returns the schema version
+/// copied.
+pub fn backup(dir: &Path, to: &Path) -> Result<i64, StoreError> {
+    let from = dir.join("reflex.db");
+    if !from.exists() {
+        return Err(StoreError::Config(format!(
+            "there is no store at {}",
+            from.display()
+        )));
+    }
+    if to.exists() {
+        return Err(StoreError::Config(format!(
+            "{} exists: a backup never overwrites a file",
+            to.display()
+        )));
+    }
+    let src = Connection::open_with_flags(&from, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    src.busy_timeout(std::time::Duration::from_secs(5))?;
+    let mut dst = Connection::open(to)?;
+    {
+        use rusqlite::backup::{Backup, StepResult};
+        let copy = Backup::new(&src, &mut dst)?;
+        // Every page in one step: one read transaction, so one moment's database. A writer
+        // holding the lock just then is waited for, a bounded number of times.
+        let mut busy = 0;
+        loop {
+            match copy.step(-1)? {
+                StepResult::Done => break,
+                StepResult::More => {}
+                _ if busy < 100 => {
+                    busy += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                _ => {
+                    return Err(StoreError::Config(
+                        "the store stayed locked for 5 s; try the backup again".into(),
+                    ));
+                }
+            }
+        }
+    }
+    let version: i64 = dst.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let check: String = dst.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        return Err(StoreError::Config(format!(
+            "the copy does not check out: {check}"
+        )));
+    }
+    Ok(version)
 }
 
 /// JSON text of a value, for a column.

@@ -701,3 +701,45 @@ fn check_and_serve_refuse_the_same_config_with_the_same_words() {
     let (code, checked) = reflex_exits(&["check", pb.to_str().unwrap()], dir.path(), 20);
     assert_eq!(code, 0, "{checked}");
 }
+
+#[tokio::test]
+async fn reflex_backup_copies_the_running_daemons_store_and_the_copy_serves() {
+    let app = crate::common::TestApp::builder()
+        .playbook(
+            "note.yaml",
+            "name: note\nmatchers: ['alertname=\"Note\"']\nsteps:\n  - action: log\n    with: { message: \"noted {{ labels.instance }}\" }\n",
+        )
+        .start()
+        .await;
+    for i in 0..3 {
+        let alert =
+            serde_json::json!({"labels": {"alertname": "Note", "instance": format!("h{i}")}});
+        let (status, out) = app
+            .post_raw("/api/v1/webhooks/generic", alert.to_string())
+            .await;
+        assert_eq!(status, 200, "{out}");
+    }
+    app.wait_run_state(3, "succeeded").await;
+    let out = tempfile::tempdir().unwrap();
+    let copy = out.path().join("reflex.db");
+    let config = app.config_path().to_str().unwrap().to_string();
+    let (code, text) = reflex_cli(
+        &["backup", copy.to_str().unwrap(), "--config", &config],
+        out.path(),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with("backed up ") && text.contains("(schema version "),
+        "{text}"
+    );
+    // The copy is a store: opened as one, the daemon's runs are in it.
+    let store = reflex::store::Store::open(out.path()).unwrap();
+    assert_eq!(store.counts().await.unwrap(), (3, 3));
+    // Never over a file.
+    let (code, text) = reflex_cli(
+        &["backup", copy.to_str().unwrap(), "--config", &config],
+        out.path(),
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("never overwrites"), "{text}");
+}
