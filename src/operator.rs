@@ -402,8 +402,11 @@ pub enum OperatorCommand {
         #[command(flatten)]
         api: Api,
     },
-    /// Show the audit log, newest first.
+    /// Show the audit log, newest first (`reflex audit export`: all of it, to keep elsewhere).
+    #[command(args_conflicts_with_subcommands = true)]
     Audit {
+        #[command(subcommand)]
+        export: Option<AuditCommand>,
         #[command(flatten)]
         api: Api,
         /// Only this actor (a token name, `circuit-breaker`, `reflex`).
@@ -419,6 +422,74 @@ pub enum OperatorCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+}
+
+/// `reflex audit` subcommands.
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Write the audit rows as NDJSON to stdout, oldest first, one row a line: to keep them
+    /// elsewhere before retention deletes them.
+    Export {
+        #[command(flatten)]
+        api: Api,
+        /// Only rows since this: a duration back (`30d`) or a time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// `json` (the API's rows) or `cloudevents` (CloudEvents 1.0, structured JSON).
+        #[arg(long, value_enum, default_value = "json")]
+        format: ExportFormat,
+    },
+}
+
+/// How `reflex audit export` writes a row.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// The row as the API gives it.
+    Json,
+    /// A CloudEvents 1.0 event in structured mode.
+    Cloudevents,
+}
+
+/// Rows per page when exporting (the API's largest).
+const EXPORT_PAGE: usize = 1000;
+
+/// `reflex audit export`: every row (since `since`), paged from the newest back, then written
+/// oldest first.
+fn audit_export(
+    api: &Api,
+    since: Option<String>,
+    format: ExportFormat,
+) -> Result<ExitCode, ClientError> {
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let mut before: Option<i64> = None;
+    loop {
+        let path = query(
+            "/api/v1/audit",
+            &[
+                ("limit", Some(EXPORT_PAGE.to_string())),
+                ("since", since.clone()),
+                ("before", before.map(|b| b.to_string())),
+            ],
+        );
+        let page = client_call(api, Method::GET, &path, None)?;
+        let page = page.as_array().cloned().unwrap_or_default();
+        before = page.last().and_then(|r| r["id"].as_i64());
+        let last = page.len() < EXPORT_PAGE;
+        rows.extend(page);
+        if last || before.is_none() {
+            break;
+        }
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for row in rows.iter().rev() {
+        let line = match format {
+            ExportFormat::Json => row.clone(),
+            ExportFormat::Cloudevents => client::audit_cloudevent(row, &api.server),
+        };
+        use std::io::Write;
+        writeln!(out, "{line}").map_err(|e| ClientError::Other(format!("writing: {e}")))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs one operator command; its exit code, or why it failed (with its own exit code).
@@ -503,6 +574,11 @@ pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
             Ok(ExitCode::SUCCESS)
         }
         OperatorCommand::Audit {
+            export: Some(AuditCommand::Export { api, since, format }),
+            ..
+        } => audit_export(&api, since, format),
+        OperatorCommand::Audit {
+            export: None,
             api,
             actor,
             action,

@@ -743,3 +743,61 @@ async fn reflex_backup_copies_the_running_daemons_store_and_the_copy_serves() {
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("never overwrites"), "{text}");
 }
+
+#[tokio::test]
+async fn reflex_audit_export_writes_every_row_oldest_first_as_cloudevents() {
+    let app = crate::common::TestApp::builder().start().await;
+    // More rows than one page of the API holds: engage and release, over and over.
+    for i in 0..501 {
+        for engaged in [true, false] {
+            let body = serde_json::json!({"engaged": engaged, "reason": format!("drill {i}")});
+            let (status, out) = app
+                .call("PUT", "/api/v1/killswitch", None, Some(body))
+                .await;
+            assert_eq!(status, 200, "{out}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let export = |format: &str| {
+        reflex_cli(
+            &["audit", "export", "--server", &app.base, "--format", format],
+            dir.path(),
+        )
+    };
+    let (code, text) = export("cloudevents");
+    assert_eq!(code, 0, "{text}");
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(events.len() >= 1002, "{} rows", events.len());
+    let ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["data"]["id"].as_i64().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "oldest first, each once"
+    );
+    let first = &events[0];
+    assert_eq!(first["specversion"], "1.0");
+    assert_eq!(first["source"], app.base.as_str());
+    assert_eq!(first["id"], ids[0].to_string());
+    assert!(
+        first["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("io.reflex.audit.killswitch"),
+        "{first}"
+    );
+    assert_eq!(first["time"], first["data"]["at"]);
+    assert!(events.iter().any(|e| {
+        e["data"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("drill 500"))
+    }));
+    // Plain rows, the same ones.
+    let (code, text) = export("json");
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(text.lines().count(), events.len());
+}
