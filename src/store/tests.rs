@@ -1324,7 +1324,8 @@ async fn ended_runs(store: &Store, instances: &[String]) -> Vec<i64> {
         if claimed.is_empty() {
             break;
         }
-        for run in &claimed {
+        // Only these: a run of the test's own stays as it is (claimed: running).
+        for run in claimed.iter().filter(|r| ids.contains(&r.id)) {
             store
                 .run_finished(
                     run.id,
@@ -1439,8 +1440,10 @@ async fn with_retention_the_sqlite_file_stops_growing() {
             .total()
             > 0
         {}
-        if round == 0 {
-            first = size;
+        // The first 2,000 runs, and the next (the file's own layout settling in), set the
+        // size; from then on it holds within 20 %.
+        if round <= 1 {
+            first = first.max(size);
         }
         assert!(
             size <= first + first / 5,
