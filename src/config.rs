@@ -726,6 +726,11 @@ impl Config {
                 );
             }
         }
+        for (i, file) in self.ssh.inventory_files.iter().enumerate() {
+            if let Err(e) = crate::executors::ssh::inventory::load(file) {
+                out.at(&[k("ssh"), k("inventory_files"), Key::Index(i)], e);
+            }
+        }
         let mut names = std::collections::HashMap::new();
         for (name, host) in &self.ssh.hosts {
             for alias in std::iter::once(name).chain(&host.aliases) {

@@ -484,3 +484,58 @@ async fn a_cancel_kills_the_remote_process_group_within_seconds() {
     assert!(asked.elapsed() < Duration::from_secs(15));
     assert!(!marker.exists(), "the rest of the command never ran");
 }
+
+#[tokio::test]
+async fn hosts_come_from_an_ansible_inventory_and_file_sd_read_again_when_they_change() {
+    let sshd = Sshd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ansible = dir.path().join("hosts.yaml");
+    let sd = dir.path().join("node-exporters.json");
+    std::fs::write(
+        &ansible,
+        format!(
+            "all:\n  children:\n    db:\n      hosts:\n        db-1:\n          ansible_host: 127.0.0.1\n          ansible_port: {}\n          ansible_user: {}\n",
+            sshd.port, sshd.user
+        ),
+    )
+    .unwrap();
+    std::fs::write(&sd, "[]").unwrap();
+    let yaml = format!(
+        "ssh:\n  config_file: /dev/null\n  identity_file: {key}\n  known_hosts_file: {kh}\n  control_dir: {cd}\n  port: {port}\n  user: {user}\n  inventory_files: [{a}, {s}]\n",
+        key = sshd.path("client_key").display(),
+        kh = sshd.path("known_hosts").display(),
+        cd = sshd.path("ctl").display(),
+        port = sshd.port,
+        user = sshd.user,
+        a = ansible.display(),
+        s = sd.display(),
+    );
+    let cfg = reflex::config::Config::parse(&yaml).unwrap();
+    let ex = SshExecutor::new(cfg.ssh, sshd.path("ctl"));
+    let t = Duration::from_secs(20);
+    // A host of the Ansible inventory, with its address, port and user from there.
+    let out = ex.run("db-1", "echo from-ansible", t, None).await.unwrap();
+    assert_eq!(out.stdout.trim(), "from-ansible");
+    // A scrape target is not a host until Prometheus' file names it; then it is, at once.
+    let err = ex.run("127.0.0.1:9100", "true", t, None).await.unwrap_err();
+    assert!(err.to_string().contains("ssh.inventory_files"), "{err}");
+    std::fs::write(
+        &sd,
+        r#"[{"targets": ["127.0.0.1:9100"], "labels": {"job": "node"}}]"#,
+    )
+    .unwrap();
+    let out = ex
+        .run("127.0.0.1:9100", "echo from-file-sd", t, None)
+        .await
+        .unwrap();
+    assert_eq!(out.stdout.trim(), "from-file-sd");
+    // A file gone bad leaves the hosts read before; a name in none is refused.
+    std::fs::write(&ansible, "all: [\n").unwrap();
+    assert!(ex.run("db-1", "true", t, None).await.is_ok());
+    let err = ex.run("db-9", "true", t, None).await.unwrap_err();
+    assert!(matches!(err, ExecError::Refused(_)), "{err}");
+    // `reflex check --config` names the file and the line.
+    let errors = reflex::config::Config::parse(&yaml).unwrap_err();
+    let text = format!("{errors:?}");
+    assert!(text.contains("hosts.yaml: line "), "{text}");
+}

@@ -51,8 +51,11 @@ pub struct SshConfig {
     /// Cleanup commands of `disk_cleanup` steps that give none.
     pub cleanup_commands: Vec<String>,
     /// The inventory: host name -> settings. A step's target must be one of these names or
-    /// one of their aliases.
+    /// one of their aliases (or a host of `inventory_files`).
     pub hosts: BTreeMap<String, SshHost>,
+    /// More hosts, from Ansible YAML inventories and Prometheus `file_sd` JSON files (`.json`),
+    /// read again when they change.
+    pub inventory_files: Vec<PathBuf>,
 }
 
 impl Default for SshConfig {
@@ -71,6 +74,7 @@ impl Default for SshConfig {
             output_limit_bytes: 64 * 1024,
             cleanup_commands: default_cleanup_commands(),
             hosts: BTreeMap::new(),
+            inventory_files: Vec::new(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! up (closing an SSH channel alone does not stop a remote process that has no terminal).
 
 pub mod config;
+pub mod inventory;
 
 use super::{ExecError, Executor, StepContext};
 use crate::playbook::actions::{DiskCleanupArgs, SshRunArgs};
@@ -59,6 +60,8 @@ struct HostSlot {
 /// The SSH executor; one per daemon, holding the connection pool.
 pub struct SshExecutor {
     cfg: SshConfig,
+    /// Hosts of `ssh.inventory_files`, as the files are now.
+    inventory: inventory::Inventory,
     control_dir: PathBuf,
     slots: Mutex<HashMap<String, Arc<HostSlot>>>,
     connects: AtomicU64,
@@ -68,6 +71,7 @@ impl SshExecutor {
     /// `control_dir` holds the masters' sockets; it is created if missing.
     pub fn new(cfg: SshConfig, control_dir: PathBuf) -> Self {
         SshExecutor {
+            inventory: inventory::Inventory::new(cfg.inventory_files.clone()),
             cfg,
             control_dir,
             slots: Mutex::new(HashMap::new()),
@@ -80,19 +84,23 @@ impl SshExecutor {
         self.connects.load(Ordering::Relaxed)
     }
 
-    /// Resolves a step's target to an inventory host, by name or alias. Anything else is
-    /// refused: an alert cannot point Reflex at an address of its choosing.
-    pub fn resolve(&self, target: &str) -> Result<(&str, &SshHost), ExecError> {
-        self.cfg
-            .hosts
-            .iter()
-            .find(|(name, h)| *name == target || h.aliases.iter().any(|a| a == target))
-            .map(|(n, h)| (n.as_str(), h))
-            .ok_or_else(|| {
-                ExecError::Refused(format!(
-                    "host {target:?} is not in the SSH inventory (ssh.hosts)"
-                ))
-            })
+    /// Resolves a step's target to an inventory host, by name or alias: `ssh.hosts` first,
+    /// then the hosts of `ssh.inventory_files` as they are now. Anything else is refused: an
+    /// alert cannot point Reflex at an address of its choosing.
+    pub fn resolve(&self, target: &str) -> Result<(String, SshHost), ExecError> {
+        let named = |(name, h): (&String, &SshHost)| {
+            (name == target || h.aliases.iter().any(|a| a == target))
+                .then(|| (name.clone(), h.clone()))
+        };
+        if let Some(found) = self.cfg.hosts.iter().find_map(named) {
+            return Ok(found);
+        }
+        let files = self.inventory.current();
+        files.iter().find_map(named).ok_or_else(|| {
+            ExecError::Refused(format!(
+                "host {target:?} is not in the SSH inventory (ssh.hosts, ssh.inventory_files)"
+            ))
+        })
     }
 
     fn slot(&self, name: &str) -> Arc<HostSlot> {
@@ -197,6 +205,7 @@ impl SshExecutor {
         cancel: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<CommandOutput, ExecError> {
         let (name, host) = self.resolve(target)?;
+        let (name, host) = (name.as_str(), &host);
         let slot = self.slot(name);
         let _permit = slot
             .sessions
