@@ -155,11 +155,14 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Each file's size and modification time when it was last read (none: unreadable).
+type Stamps = Vec<Option<(u64, SystemTime)>>;
+
 /// The inventory files, read again when one changes; the last good read stands when a file
 /// goes bad (and the error is logged).
 pub struct Inventory {
     files: Vec<PathBuf>,
-    state: Mutex<(Vec<Option<(u64, SystemTime)>>, std::sync::Arc<Hosts>)>,
+    state: Mutex<(Stamps, std::sync::Arc<Hosts>)>,
 }
 
 impl Inventory {
@@ -173,7 +176,7 @@ impl Inventory {
         inv
     }
 
-    fn stamps(&self) -> Vec<Option<(u64, SystemTime)>> {
+    fn stamps(&self) -> Stamps {
         (self.files.iter())
             .map(|f| {
                 let m = std::fs::metadata(f).ok()?;
