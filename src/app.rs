@@ -73,10 +73,14 @@ pub async fn run(
         cfg.playbooks_dir.clone(),
         token.clone(),
     ));
+    let reloader = Arc::new(crate::reload::Reloader::new(
+        &cfg,
+        tasks.clone(),
+        engine.metrics_arc(),
+    ));
+    let state = app_state(&cfg, engine, store.clone(), reloader)?;
     #[cfg(unix)]
-    tasks.spawn(reload_on_sighup(engine.clone(), token.clone()));
-
-    let state = app_state(&cfg, engine, store.clone())?;
+    tasks.spawn(reload_on_sighup(state.clone(), token.clone()));
     tasks.spawn(flush_refusals(state.clone(), token.clone()));
     let app = api::router(state);
     tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
@@ -109,7 +113,12 @@ pub async fn run(
 }
 
 /// What the API serves from: the engine and store, the tokens, the chat apps.
-fn app_state(cfg: &Config, engine: Arc<Engine>, store: Store) -> anyhow::Result<AppState> {
+fn app_state(
+    cfg: &Config,
+    engine: Arc<Engine>,
+    store: Store,
+    reloader: Arc<crate::reload::Reloader>,
+) -> anyhow::Result<AppState> {
     let auth = api::auth::Auth::from_config(&cfg.auth).map_err(anyhow::Error::msg)?;
     if !auth.enabled() {
         tracing::warn!(
@@ -130,7 +139,8 @@ fn app_state(cfg: &Config, engine: Arc<Engine>, store: Store) -> anyhow::Result<
         engine,
         store,
         max_body_bytes: cfg.intake.max_body_bytes,
-        auth: Arc::new(auth),
+        auth: Arc::new(arc_swap::ArcSwap::from_pointee(auth)),
+        reloader,
         slack,
         mattermost,
         refusals: Default::default(),
@@ -224,13 +234,13 @@ async fn watch_playbooks(engine: Arc<Engine>, dir: std::path::PathBuf, stop: Can
 }
 
 #[cfg(unix)]
-async fn reload_on_sighup(engine: Arc<Engine>, stop: CancellationToken) {
+async fn reload_on_sighup(state: AppState, stop: CancellationToken) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         return;
     };
     loop {
         tokio::select! {
-            _ = hup.recv() => { let _ = engine.reload("SIGHUP"); }
+            _ = hup.recv() => { let _ = state.reloader.reload(&state, "SIGHUP", "SIGHUP").await; }
             _ = stop.cancelled() => return,
         }
     }

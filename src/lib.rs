@@ -44,6 +44,7 @@ pub mod operator;
 pub mod playbook;
 pub mod policy;
 pub mod redact;
+pub mod reload;
 pub mod secret;
 pub mod store;
 pub mod telemetry;

@@ -245,14 +245,14 @@ async fn check(state: AppState, need: Role, mut req: Request, next: Next) -> Res
         super::throttle::keys(source, user.as_deref())
     };
     let now = state.store.now_ms();
-    if state.auth.enabled()
+    if state.auth.load().enabled()
         && state.throttle.active()
         && let Some(wait) = state.throttle.blocked(&keys(&req), now)
     {
         let action = format!("{} {}", req.method(), req.uri().path());
         return throttled(&state, source, &action, wait).await;
     }
-    let identified = state.auth.identify(req.headers());
+    let identified = state.auth.load().identify(req.headers());
     if matches!(
         identified,
         Err(AuthFailure::Invalid | AuthFailure::Malformed)
@@ -319,7 +319,7 @@ pub async fn admin(State(s): State<AppState>, req: Request, next: Next) -> Respo
 
 /// Middleware for health and metrics: open unless `auth.protect_health`.
 pub async fn health(State(s): State<AppState>, req: Request, next: Next) -> Response {
-    if !s.auth.protect_health {
+    if !s.auth.load().protect_health {
         return next.run(req).await;
     }
     check(s, Role::Viewer, req, next).await

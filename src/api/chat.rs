@@ -200,7 +200,7 @@ async fn decide(
     approve: bool,
     from: &str,
 ) -> Result<&'static str, ApiError> {
-    let role = state.auth.role_by_name(who).ok_or_else(|| {
+    let role = state.auth.load().role_by_name(who).ok_or_else(|| {
         ApiError::Status(
             StatusCode::FORBIDDEN,
             format!("{who} is not the name of a token in auth.tokens; nothing was decided"),

@@ -42,8 +42,10 @@ pub struct AppState {
     pub store: Store,
     /// Largest webhook body accepted (`intake.max_body_bytes`).
     pub max_body_bytes: usize,
-    /// Tokens and roles.
-    pub auth: Arc<auth::Auth>,
+    /// Tokens and roles (replaced whole by a reload).
+    pub auth: Arc<arc_swap::ArcSwap<auth::Auth>>,
+    /// Reloads `reflex.yaml` and the playbooks (SIGHUP, the API, the console).
+    pub reloader: Arc<crate::reload::Reloader>,
     /// Slack's signed approval callbacks, when `notify.slack_app` is configured.
     pub slack: Option<Arc<chat::Slack>>,
     /// Mattermost's approval actions, when `notify.mattermost_app` is configured.
@@ -177,7 +179,7 @@ async fn allowed_host(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let console = req.uri().path() == "/" || req.uri().path().starts_with("/ui");
-    if !console && state.auth.enabled() {
+    if !console && state.auth.load().enabled() {
         return next.run(req).await;
     }
     let host = req

@@ -69,7 +69,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<PlaybookView>> {
     post,
     path = "/api/v1/playbooks/reload",
     tag = "admin",
-    description = "Reloads the playbook directory; an invalid set is refused whole. Role: admin.",
+    description = "Reloads reflex.yaml (tokens, sinks, inventory, clusters, windows, limits, retention) and the playbook directory, all or nothing: any error, or a change that takes a restart, changes nothing and is answered 422 with each error. Role: admin.",
     responses((status = 200, description = "How many were loaded", body = Object), (status = 422, description = "The new set is invalid; the previous one stays", body = ErrorBody), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
     security(("bearer" = ["admin"]))
 )]
@@ -77,11 +77,13 @@ pub async fn reload(
     State(state): State<AppState>,
     axum::Extension(who): axum::Extension<super::auth::Identity>,
 ) -> Result<Json<serde_json::Value>, super::ApiError> {
-    match state.engine.reload_by(&who.name).await? {
-        Ok(n) => Ok(Json(serde_json::json!({ "loaded": n }))),
-        Err(diags) => Err(super::ApiError::Invalid(
-            "the new playbook set is invalid; the previous set stays in force".into(),
-            diags.iter().map(ToString::to_string).collect(),
+    match state.reloader.reload(&state, "api", &who.name).await {
+        Ok(r) => Ok(Json(
+            serde_json::json!({ "loaded": r.playbooks, "config": r.config }),
+        )),
+        Err(errors) => Err(super::ApiError::Invalid(
+            "the new configuration is invalid; nothing changed".into(),
+            errors,
         )),
     }
 }

@@ -181,7 +181,14 @@ impl TestApi {
             engine: engine.clone(),
             store: store.clone(),
             max_body_bytes: cfg.intake.max_body_bytes,
-            auth: Arc::new(super::auth::Auth::from_config(&cfg.auth).unwrap()),
+            auth: Arc::new(arc_swap::ArcSwap::from_pointee(
+                super::auth::Auth::from_config(&cfg.auth).unwrap(),
+            )),
+            reloader: Arc::new(crate::reload::Reloader::new(
+                &cfg,
+                tokio_util::task::TaskTracker::new(),
+                engine.metrics_arc(),
+            )),
             slack: (cfg.notify.slack_app.as_ref())
                 .map(|a| Arc::new(super::chat::Slack::from_config(a).unwrap())),
             mattermost: (cfg.notify.mattermost_app.as_ref())

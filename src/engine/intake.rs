@@ -159,7 +159,7 @@ impl Engine {
         let items: Vec<IntakeItem> = evaluated
             .into_iter()
             .map(|(alert, matched)| {
-                let suppress = self.windows.hold(&alert, now);
+                let suppress = self.live().windows.hold(&alert, now);
                 let candidates = matched
                     .into_iter()
                     .map(|m| self.candidate(&m.playbook, &alert, m.plan, suppress.clone()))
@@ -210,7 +210,7 @@ impl Engine {
         };
         let Recorded { outcomes, started } = self
             .store
-            .record_and_start(items, self.limits, start)
+            .record_and_start(items, self.live().limits, start)
             .await?;
         let started_n = started.len();
         for (run, permit) in started.into_iter().zip(permits) {

@@ -339,7 +339,7 @@ impl Engine {
             cooldown_ms: 0,
             coalesce: false,
             manual: Some(manual),
-            ..self.candidate(pb, &alert, plan, self.windows.hold(&alert, now))
+            ..self.candidate(pb, &alert, plan, self.live().windows.hold(&alert, now))
         };
         let item = IntakeItem {
             deferred: None,

@@ -49,21 +49,12 @@ use tokio_util::task::TaskTracker;
 pub struct Engine {
     store: Store,
     playbooks: ArcSwap<PlaybookSet>,
-    executors: Executors,
+    /// What the config in force says, replaced whole by a reload.
+    live: ArcSwap<Live>,
     config: EngineConfig,
-    limits: BreakerLimits,
-    /// How long the record is kept.
-    retention: crate::config::RetentionConfig,
-    windows: maintenance::Windows,
     dry_run: bool,
     playbook_paths: Vec<PathBuf>,
-    /// What the config defines that playbooks may name (checked at every reload).
-    references: crate::playbook::references::References,
     metrics: Arc<Metrics>,
-    notifier: Notifier,
-    public_url: Option<String>,
-    /// Removes configured secrets from step results before they are recorded.
-    redactor: crate::redact::Redactor,
     wake: Notify,
     /// Wakes the planner of deferred alerts.
     deferred_wake: Notify,
@@ -78,6 +69,50 @@ pub struct Engine {
     reload_failure: Mutex<Option<ReloadFailure>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// The parts of the config a reload replaces (all at once: a run sees one config).
+pub struct Live {
+    /// Executors by action (SSH inventory, clusters, flag providers, credentials).
+    pub executors: Executors,
+    /// Chat and webhook sinks.
+    pub notifier: Notifier,
+    /// Circuit breaker limits.
+    pub limits: BreakerLimits,
+    /// Maintenance windows.
+    pub windows: maintenance::Windows,
+    /// What the config defines that playbooks may name (checked at every reload).
+    pub references: crate::playbook::references::References,
+    /// How long the record is kept.
+    pub retention: crate::config::RetentionConfig,
+    /// Removes configured secrets from step results before they are recorded.
+    pub redactor: crate::redact::Redactor,
+    /// Where operators reach this daemon, without a trailing slash.
+    pub public_url: Option<String>,
+}
+
+impl Live {
+    /// From a config, with these executors and sinks (built by the caller: they read
+    /// secrets and start tasks).
+    pub fn new(cfg: &Config, executors: Executors, notifier: Notifier) -> Live {
+        let b = &cfg.breaker;
+        Live {
+            executors,
+            notifier,
+            limits: BreakerLimits {
+                window_ms: b.window.as_millis() as i64,
+                max_runs: b.max_runs,
+                max_runs_per_playbook: b.max_runs_per_playbook,
+                max_failures: b.max_failures,
+                max_targets: b.max_targets,
+            },
+            windows: maintenance::Windows::new(&cfg.maintenance_windows),
+            references: cfg.references(),
+            retention: cfg.retention.clone(),
+            redactor: crate::redact::Redactor::from_config(cfg),
+            public_url: (cfg.public_url.clone()).map(|u| u.trim_end_matches('/').to_string()),
+        }
+    }
 }
 
 /// A reload that was refused: when, and every error (`file:line: message`).
@@ -105,32 +140,14 @@ impl Engine {
         metrics
             .playbooks_loaded
             .set(playbooks.playbooks.len() as i64);
-        let windows = maintenance::Windows::new(&cfg.maintenance_windows);
-        let b = &cfg.breaker;
         Arc::new(Engine {
             store,
             playbooks: ArcSwap::from_pointee(playbooks),
-            executors,
+            live: ArcSwap::from_pointee(Live::new(cfg, executors, notifier)),
             config: cfg.engine.clone(),
-            limits: BreakerLimits {
-                window_ms: b.window.as_millis() as i64,
-                max_runs: b.max_runs,
-                max_runs_per_playbook: b.max_runs_per_playbook,
-                max_failures: b.max_failures,
-                max_targets: b.max_targets,
-            },
-            windows,
-            retention: cfg.retention.clone(),
             dry_run: cfg.dry_run,
             playbook_paths: vec![cfg.playbooks_dir.clone()],
-            references: cfg.references(),
             metrics,
-            notifier,
-            public_url: cfg
-                .public_url
-                .clone()
-                .map(|u| u.trim_end_matches('/').to_string()),
-            redactor: crate::redact::Redactor::from_config(cfg),
             wake: Notify::new(),
             deferred_wake: Notify::new(),
             // Half the request's time at most: the rest is for storing what is left.
@@ -144,8 +161,36 @@ impl Engine {
     }
 
     /// Where operators reach this daemon (`public_url`), without a trailing slash.
-    pub fn public_url(&self) -> Option<&str> {
-        self.public_url.as_deref()
+    pub fn public_url(&self) -> Option<String> {
+        self.live().public_url.clone()
+    }
+
+    /// The config in force.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
+    }
+
+    /// Records a refused reload (shown by the console until one succeeds).
+    pub fn note_reload_failure(&self, trigger: &str, errors: Vec<String>) {
+        *self
+            .reload_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(ReloadFailure {
+            at: crate::time::Timestamp::from_ms(self.store.now_ms()),
+            trigger: trigger.to_string(),
+            errors,
+        });
+    }
+
+    /// Puts a reloaded config in force (with its playbooks, checked against it); runs in
+    /// flight finish their step with what they started it with.
+    pub fn set_live(&self, live: Live, playbooks: PlaybookSet) {
+        self.live.store(Arc::new(live));
+        self.set_playbooks(playbooks);
+        *self
+            .reload_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The last refused reload, unless a reload succeeded since.
@@ -159,6 +204,11 @@ impl Engine {
     /// The metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The metrics, shared.
+    pub fn metrics_arc(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The playbooks in force.
@@ -177,7 +227,7 @@ impl Engine {
     /// Reloads the playbook directory. A set with any invalid playbook is rejected whole: the
     /// set in force stays, and the errors are logged, counted and returned.
     pub fn reload(&self, why: &str) -> Result<usize, Vec<Diagnostic>> {
-        match PlaybookSet::load(&self.playbook_paths, &self.references) {
+        match PlaybookSet::load(&self.playbook_paths, &self.live().references) {
             Ok(set) => {
                 let n = set.playbooks.len();
                 self.set_playbooks(set);
@@ -221,10 +271,7 @@ impl Engine {
             playbook: playbook.to_string(),
             target: target.to_string(),
             title: alert.title,
-            url: self
-                .public_url
-                .as_ref()
-                .map(|u| format!("{u}/ui/runs/{id}")),
+            url: (self.live().public_url.as_ref()).map(|u| format!("{u}/ui/runs/{id}")),
             runbook_url: alert.runbook_url,
             source_url: alert.source_url,
         }

@@ -40,7 +40,7 @@ impl Engine {
         } else {
             tracing::warn!(%scope, %actor, "kill switch released");
         }
-        self.notifier.send(Event::KillSwitch {
+        self.live().notifier.send(Event::KillSwitch {
             scope,
             engaged,
             actor,
@@ -69,19 +69,6 @@ impl Engine {
                 outcome,
                 None,
             )
-            .await?;
-        Ok(result)
-    }
-
-    /// An operator reloads the playbooks: as [`Engine::reload`], audited.
-    pub async fn reload_by(&self, who: &str) -> Result<Result<usize, Vec<Diagnostic>>, StoreError> {
-        let result = self.reload("api");
-        let (outcome, detail) = match &result {
-            Ok(n) => ("ok", format!("{n} playbooks")),
-            Err(d) => ("failed", format!("{} errors", d.len())),
-        };
-        self.store
-            .audit(who, "playbooks.reload", None, outcome, Some(detail))
             .await?;
         Ok(result)
     }

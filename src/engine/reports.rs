@@ -33,7 +33,7 @@ impl Engine {
     /// Tells the log and chat that the circuit breaker engaged the global kill switch.
     pub(super) fn announce_breaker(&self, scope: String, reason: String) {
         tracing::error!(%scope, %reason, "kill switch engaged by the circuit breaker");
-        self.notifier.send(Event::KillSwitch {
+        self.live().notifier.send(Event::KillSwitch {
             scope,
             engaged: true,
             actor: "circuit-breaker".into(),
@@ -72,7 +72,7 @@ impl Engine {
                 Vec::new()
             }
         };
-        self.notifier.send(Event::RunFinished {
+        self.live().notifier.send(Event::RunFinished {
             run: self.run_info(run.id, &run.playbook, &run.target, links, run.dry_run),
             evidence,
             state,

@@ -11,7 +11,8 @@ const BETWEEN_BATCHES: Duration = Duration::from_millis(5);
 impl Engine {
     /// Prunes on schedule until shutdown.
     pub async fn keep_retention(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.retention.every.max(Duration::from_secs(1)));
+        let mut tick =
+            tokio::time::interval(self.live().retention.every.max(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -30,11 +31,11 @@ impl Engine {
         let set = self.playbooks();
         (set.playbooks.iter().map(|p| p.cooldown))
             .chain([
-                self.retention.runs,
-                Duration::from_millis(self.limits.window_ms.max(0) as u64),
+                self.live().retention.runs,
+                Duration::from_millis(self.live().limits.window_ms.max(0) as u64),
             ])
             .max()
-            .unwrap_or(self.retention.runs)
+            .unwrap_or(self.live().retention.runs)
     }
 
     /// One round: deletes what is past its time, batch after batch; returns the rows deleted.
@@ -42,11 +43,11 @@ impl Engine {
         let now = self.store.now_ms();
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         let runs_before = now.saturating_sub(ms(self.runs_kept_for()));
-        let audit_before = now.saturating_sub(ms(self.retention.audit));
+        let audit_before = now.saturating_sub(ms(self.live().retention.audit));
         let mut total = 0;
         loop {
             let pruned = (self.store)
-                .prune_batch(runs_before, audit_before, self.retention.batch)
+                .prune_batch(runs_before, audit_before, self.live().retention.batch)
                 .await?;
             for (table, n) in PRUNED_TABLES.iter().zip(pruned.rows) {
                 self.metrics

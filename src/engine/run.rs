@@ -129,7 +129,7 @@ impl Engine {
             let fresh = run.first_step_started
                 || run.steps.iter().all(|s| s.state == StepState::Pending);
             if fresh && !run.resumed {
-                self.notifier.send(Event::RunStarted { run: info.clone() });
+                self.live().notifier.send(Event::RunStarted { run: info.clone() });
             }
             // Outputs of the steps done so far (a resumed run has some already).
             let mut progress = Progress {
@@ -162,7 +162,7 @@ impl Engine {
                         state,
                         error.clone(),
                         last.clone(),
-                        self.limits,
+                        self.live().limits,
                         state == RunState::Failed && progress.refused,
                     )
             };
@@ -188,14 +188,14 @@ impl Engine {
                 }
             };
             if let Some(event) = last_event.flatten() {
-                self.notifier.send(event);
+                self.live().notifier.send(event);
             }
             let (summary, report) = match self.report(&run, state, elapsed, &progress.outputs) {
                 Report::Figures(s) => (s, None),
                 Report::Playbook(r) => (String::new(), Some(r)),
             };
             let evidence = self.evidence_of(&run, i64::MAX).await;
-            self.notifier.send(Event::RunFinished {
+            self.live().notifier.send(Event::RunFinished {
                 run: info,
                 evidence,
                 state,
@@ -349,7 +349,7 @@ impl Engine {
                     .map_err(record_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
                 let evidence = self.evidence_of(run, step.idx).await;
-                self.notifier.send(Event::ApprovalNeeded {
+                self.live().notifier.send(Event::ApprovalNeeded {
                     run: self.claimed_info(run),
                     evidence,
                     approval_id: id,
@@ -468,7 +468,7 @@ impl Engine {
             self.gate(run, i).await?;
         }
         let ctx = self.context(run, step, token);
-        let Some(executor) = self.executors.get(step.action) else {
+        let Some(executor) = self.live().executors.get(step.action).cloned() else {
             return Err(self.no_executor(run, step, progress).await);
         };
         if !started {
@@ -479,7 +479,7 @@ impl Engine {
                 .await
                 .map_err(record_err)?;
             if let Some(event) = event.flatten() {
-                self.notifier.send(event);
+                self.live().notifier.send(event);
             }
         }
         let step_timer = std::time::Instant::now();
@@ -550,7 +550,7 @@ impl Engine {
             .filter(|a| a.content_type.starts_with("text/"))
         {
             let text = String::from_utf8_lossy(&a.data);
-            a.data = self.redactor.redact(&text).into_bytes();
+            a.data = self.live().redactor.redact(&text).into_bytes();
         }
         let kept = self
             .store
@@ -647,12 +647,12 @@ impl Engine {
             // Evidence gathered in a dry run is real output: redacted like any.
             Ok(out) if dry_run => (
                 StepState::DryRun,
-                Some(self.redactor.redact_json(out)),
+                Some(self.live().redactor.redact_json(out)),
                 None,
             ),
             Ok(out) => (
                 StepState::Succeeded,
-                Some(self.redactor.redact_json(out)),
+                Some(self.live().redactor.redact_json(out)),
                 None,
             ),
             Err(ExecError::Cancelled) => (
@@ -662,13 +662,13 @@ impl Engine {
             ),
             Err(ExecError::FailedWith(e, out)) => (
                 StepState::Failed,
-                Some(self.redactor.redact_json(out)),
-                Some(self.redactor.redact(&e)),
+                Some(self.live().redactor.redact_json(out)),
+                Some(self.live().redactor.redact(&e)),
             ),
             Err(e) => (
                 StepState::Failed,
                 None,
-                Some(self.redactor.redact(&e.to_string())),
+                Some(self.live().redactor.redact(&e.to_string())),
             ),
         }
     }
@@ -712,7 +712,7 @@ impl Engine {
         if let Some((result, event)) = progress.unwritten.take() {
             self.store.step_finished(result).await.map_err(record_err)?;
             if let Some(event) = event {
-                self.notifier.send(event);
+                self.live().notifier.send(event);
             }
         }
         Ok(())

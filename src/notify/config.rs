@@ -140,6 +140,7 @@ pub const EVENTS: &[&str] = &[
     "step_failed",
     "run_finished",
     "killswitch",
+    "reload",
 ];
 
 /// One sink.

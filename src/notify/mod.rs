@@ -81,6 +81,16 @@ pub enum Event {
         /// Why it failed or stopped, if it did.
         error: Option<String>,
     },
+    /// `reflex.yaml` and the playbooks were reloaded, or a reload was refused.
+    #[serde(rename = "reload")]
+    Reloaded {
+        /// Who (or `SIGHUP`).
+        actor: String,
+        /// Whether it took effect (a refused one changed nothing).
+        ok: bool,
+        /// What was loaded, or the errors.
+        detail: String,
+    },
     /// A kill switch changed.
     #[serde(rename = "killswitch")]
     KillSwitch {
@@ -183,6 +193,7 @@ impl Event {
             Event::StepFailed { .. } => "step_failed",
             Event::RunFinished { .. } => "run_finished",
             Event::KillSwitch { .. } => "killswitch",
+            Event::Reloaded { .. } => "reload",
         }
     }
 
@@ -193,7 +204,7 @@ impl Event {
             | Event::ApprovalNeeded { run, .. }
             | Event::StepFailed { run, .. } => Some(run),
             Event::RunFinished { run, .. } => Some(run),
-            Event::KillSwitch { .. } => None,
+            Event::KillSwitch { .. } | Event::Reloaded { .. } => None,
         }
     }
 
@@ -329,6 +340,16 @@ impl Event {
                 reason,
                 until,
             } => switch_text(markup, scope, *engaged, actor, reason, *until),
+            Event::Reloaded {
+                actor,
+                ok: true,
+                detail,
+            } => format!("Configuration reloaded by {}: {}.", e(actor), e(detail)),
+            Event::Reloaded { actor, detail, .. } => format!(
+                "Reload by {} refused; nothing changed: {}.",
+                e(actor),
+                e(detail)
+            ),
         }
     }
 }

@@ -22,6 +22,7 @@ mod kube_catalogue;
 mod notify;
 mod observability;
 mod recovery;
+mod reload;
 mod rollback_playbook;
 mod safety;
 mod secrets;

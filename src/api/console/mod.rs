@@ -203,7 +203,7 @@ impl FromRequestParts<AppState> for Viewer {
         };
         // The role in force now: a token removed from the config, or given another secret,
         // ends its sessions; a webhook token never had one.
-        match state.auth.role_of(&found.name, &found.token) {
+        match state.auth.load().role_of(&found.name, &found.token) {
             Some(role) if role != Role::Webhook => Ok(Viewer {
                 identity: Identity {
                     name: found.name,

@@ -121,7 +121,7 @@ fn login_form(
     let mut page = Page::render(&LoginPage {
         csrf: &csrf,
         next: safe_next(Some(next)),
-        auth_enabled: state.auth.enabled(),
+        auth_enabled: state.auth.load().enabled(),
         error,
     });
     page.status = status;
@@ -181,7 +181,7 @@ pub async fn login(
             Some("The login form expired or did not come from this page. Try again."),
         );
     }
-    let identity = match state.auth.identify_token(&form.token) {
+    let identity = match state.auth.load().identify_token(&form.token) {
         Ok(id) if id.role != Role::Webhook => id,
         Ok(id) => {
             super::refuse(

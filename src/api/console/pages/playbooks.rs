@@ -66,7 +66,10 @@ pub async fn reload(
 ) -> Result<Response, Page> {
     viewer.check_csrf(&state, &form.csrf, "reload").await?;
     viewer.require(&state, Role::Admin, "reload").await?;
-    // A refused set is recorded by the engine and shown on the page.
-    let _ = state.engine.reload_by(&viewer.identity.name).await?;
+    // A refused reload is recorded and shown on the page.
+    let _ = state
+        .reloader
+        .reload(&state, "console", &viewer.identity.name)
+        .await;
     Ok(Redirect::to("/ui/playbooks").into_response())
 }
