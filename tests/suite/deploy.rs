@@ -357,3 +357,222 @@ fn the_ha_overlay_runs_three_spread_replicas_on_postgresql_with_a_disruption_bud
         assert!(rendered.contains("kind: PodDisruptionBudget"), "{rendered}");
     }
 }
+
+/// The `helm` binary: `REFLEX_HELM` (scripts/test fetches Helm 3.17 into target/tools), else
+/// one on the PATH.
+fn helm() -> String {
+    std::env::var("REFLEX_HELM").unwrap_or_else(|_| {
+        let found = Command::new("helm").arg("version").output();
+        assert!(
+            found.is_ok_and(|o| o.status.success()),
+            "helm 3 is needed: scripts/test fetches it (REFLEX_HELM), or put helm on the PATH"
+        );
+        "helm".into()
+    })
+}
+
+/// `helm template` of the chart with these `--set`s: every rendered document, or helm's error.
+fn render(sets: &[&str]) -> Result<Vec<Value>, String> {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "r", "--namespace", "reflex"])
+        .arg(repo("deploy/helm/reflex"));
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).to_string());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect())
+}
+
+/// Every rendered object parsed as the Kubernetes type of its kind; the kinds in order.
+fn typed_all(docs: &[Value]) -> Vec<String> {
+    use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    let file = repo("deploy/helm/reflex");
+    let mut kinds: Vec<String> = docs
+        .iter()
+        .map(|doc| {
+            let kind = doc["kind"].as_str().unwrap().to_string();
+            match kind.as_str() {
+                "ServiceAccount" => drop(typed::<ServiceAccount>(doc, &file)),
+                "ClusterRole" => drop(typed::<ClusterRole>(doc, &file)),
+                "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(doc, &file)),
+                "RoleBinding" => drop(typed::<RoleBinding>(doc, &file)),
+                "ConfigMap" => drop(typed::<ConfigMap>(doc, &file)),
+                "Deployment" => drop(typed::<Deployment>(doc, &file)),
+                "PersistentVolumeClaim" => drop(typed::<PersistentVolumeClaim>(doc, &file)),
+                "Service" => drop(typed::<Service>(doc, &file)),
+                "PodDisruptionBudget" => drop(typed::<PodDisruptionBudget>(doc, &file)),
+                "Ingress" => drop(typed::<Ingress>(doc, &file)),
+                "NetworkPolicy" => drop(typed::<NetworkPolicy>(doc, &file)),
+                // The Prometheus Operator's kinds have no k8s-openapi type.
+                "ServiceMonitor" | "PrometheusRule" => {
+                    assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1")
+                }
+                other => panic!("unexpected kind {other}"),
+            }
+            kind
+        })
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// The reflex.yaml the chart renders, loaded as the daemon loads it.
+fn rendered_config(docs: &[Value]) -> reflex::config::Config {
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["data"]["reflex.yaml"].is_string())
+        .unwrap();
+    let text = cm["data"]["reflex.yaml"].as_str().unwrap();
+    reflex::config::Config::parse(text).unwrap_or_else(|e| panic!("{e:?}\n{text}"))
+}
+
+#[test]
+fn the_helm_chart_lints_and_renders_single_and_ha_modes_into_valid_objects() {
+    let chart = repo("deploy/helm/reflex");
+    let ha_sets = [
+        "store.url=postgres://reflex@db.reflex.svc:5432/reflex",
+        "replicaCount=3",
+        "ingress.enabled=true",
+        "serviceMonitor.enabled=true",
+        "prometheusRule.enabled=true",
+        "networkPolicy.enabled=true",
+        "rbac.scope=namespaced",
+        "rbac.namespaces={shop,web}",
+        "ssh.existingSecret=reflex-ssh",
+    ];
+    for sets in [&[][..], &ha_sets[..]] {
+        let mut lint = Command::new(helm());
+        lint.args(["lint", "--strict"]).arg(&chart);
+        for s in sets {
+            lint.args(["--set", s]);
+        }
+        let out = lint.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // Single mode: one replica on SQLite on its own claim, never two writers.
+    let single = render(&[]).unwrap();
+    assert_eq!(
+        typed_all(&single),
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "PersistentVolumeClaim",
+            "Service",
+            "ServiceAccount"
+        ]
+    );
+    let d: Deployment = typed(find(&single, "Deployment"), &chart);
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+    let image = &spec.template.spec.unwrap().containers[0].image;
+    assert_eq!(
+        image.as_deref(),
+        Some("reflex:0.1.0"),
+        "no placeholder registry"
+    );
+    let cfg = rendered_config(&single);
+    assert!(cfg.store.url.is_none());
+    assert_eq!(cfg.auth.tokens.len(), 3);
+    // The chart's role is deploy/kubernetes/base/rbac.yaml's, one source.
+    let base = docs(&repo("deploy/kubernetes/base/rbac.yaml"));
+    assert_eq!(find(&single, "ClusterRole")["rules"], base[0]["rules"]);
+
+    // HA mode: replicas on PostgreSQL, spread, a disruption budget, no claim; the options on.
+    let ha = render(&ha_sets).unwrap();
+    assert_eq!(
+        typed_all(&ha),
+        [
+            "ClusterRole",
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "Ingress",
+            "NetworkPolicy",
+            "PodDisruptionBudget",
+            "PrometheusRule",
+            "RoleBinding",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor"
+        ]
+    );
+    let d: Deployment = typed(find(&ha, "Deployment"), &chart);
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(
+        spec.strategy.unwrap().type_.as_deref(),
+        Some("RollingUpdate")
+    );
+    let pod = spec.template.spec.unwrap();
+    assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+    let mounts: Vec<String> = (pod.containers[0].volume_mounts.clone().unwrap().into_iter())
+        .map(|m| m.mount_path)
+        .collect();
+    let cfg = rendered_config(&ha);
+    assert!(cfg.store.url.as_deref().unwrap().starts_with("postgres://"));
+    let password = cfg.store.password_file.unwrap();
+    assert!(
+        mounts.iter().any(|m| password.starts_with(m)),
+        "{password:?} not in {mounts:?}"
+    );
+    let key = cfg.ssh.identity_file.unwrap();
+    assert!(
+        mounts.iter().any(|m| key.starts_with(m)),
+        "{key:?} not in {mounts:?}"
+    );
+    let namespaces: Vec<&str> = (ha.iter())
+        .filter(|d| d["kind"] == "RoleBinding")
+        .map(|d| d["metadata"]["namespace"].as_str().unwrap())
+        .collect();
+    assert_eq!(namespaces, ["shop", "web"]);
+    // The PrometheusRule's groups are deploy/prometheus/reflex-rules.yaml's, one source.
+    let rules = docs(&repo("deploy/prometheus/reflex-rules.yaml"));
+    assert_eq!(
+        find(&ha, "PrometheusRule")["spec"]["groups"],
+        rules[0]["groups"]
+    );
+    let paths: Vec<&str> = (find(&ha, "Ingress")["spec"]["rules"][0]["http"]["paths"]
+        .as_array()
+        .unwrap()
+        .iter())
+    .map(|p| p["path"].as_str().unwrap())
+    .collect();
+    assert_eq!(
+        paths,
+        ["/ui", "/api/v1"],
+        "the console and the chat callbacks"
+    );
+
+    // Several replicas on one SQLite file cannot work: the render says so.
+    let e = render(&["replicaCount=2"]).unwrap_err();
+    assert!(e.contains("replicaCount > 1 needs store.url"), "{e}");
+    let e = render(&["tokens.list[0].role=root"]).unwrap_err();
+    assert!(
+        e.contains("values don't meet the specifications of the schema"),
+        "{e}"
+    );
+}
