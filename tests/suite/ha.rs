@@ -404,9 +404,21 @@ async fn an_approval_on_one_replica_and_a_kill_switch_on_another_hold_for_the_on
         .collect();
     assert_eq!(posted.len(), 1, "{posted:?}");
     assert!(posted[0].get("thread_ts").is_none(), "{posted:?}");
-    let edits: Vec<Value> = (cluster.receiver.at("/api/chat.update").into_iter())
-        .map(|m| m.body)
-        .collect();
+    // The end is told once the run has ended: wait for that edit.
+    let edits: Vec<Value> = a
+        .wait_for(
+            20,
+            "the run's message edited to say it was killed",
+            || async {
+                let edits: Vec<Value> = (cluster.receiver.at("/api/chat.update").into_iter())
+                    .map(|m| m.body)
+                    .collect();
+                (edits.iter())
+                    .any(|e| e["text"].as_str().is_some_and(|t| t.contains("killed")))
+                    .then_some(edits)
+            },
+        )
+        .await;
     assert!(edits.len() >= 2, "approval, killed: {edits:?}");
     let ts = &edits[0]["ts"];
     assert!(
