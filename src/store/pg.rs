@@ -450,12 +450,25 @@ fn migrate(conn: &mut PgConn) -> Result<(), StoreError> {
     let applied: i64 = tx
         .query_one("SELECT coalesce(max(version), 0) FROM reflex_schema", &[])?
         .get(0);
-    if applied > MIGRATIONS.len() as i64 {
+    let known = MIGRATIONS.len() as i64;
+    // A rolling upgrade: the first new replica migrates, the old ones run on until replaced.
+    // Migrations are additive, so a replica lives with a schema one version ahead; two ahead
+    // is an upgrade it was never meant to straddle.
+    if applied > known + 1 {
         return Err(StoreError::Config(format!(
-            "the database's schema is version {applied}, newer than this reflex knows ({}): \
-             run the newer reflex, or a database of this version",
-            MIGRATIONS.len()
+            "the database's schema is version {applied}, newer than this reflex knows \
+             (version {known}, which runs on version {} during a rolling upgrade): run the \
+             newer reflex, or a database of this version",
+            known + 1
         )));
+    }
+    if applied == known + 1 {
+        tracing::warn!(
+            schema = applied,
+            known,
+            "the database's schema is one version newer than this reflex: running on it \
+             during a rolling upgrade; replace this replica"
+        );
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
         tx.batch_execute(sql)?;
@@ -467,6 +480,9 @@ fn migrate(conn: &mut PgConn) -> Result<(), StoreError> {
     tx.commit()?;
     Ok(())
 }
+
+/// How many migrations this build applies (its schema version).
+pub const MIGRATIONS_APPLIED: usize = MIGRATIONS.len();
 
 /// The schema, as SQLite's migrations leave it (`super::MIGRATIONS`), in PostgreSQL's types:
 /// `BIGINT` for every integer, `BOOLEAN` for flags, `BYTEA` for digests.

@@ -1591,3 +1591,49 @@ async fn a_backup_under_load_holds_everything_committed_before_it_and_opens() {
     let again = backup(dir.path(), &copy).unwrap_err().to_string();
     assert!(again.contains("never overwrites"), "{again}");
 }
+
+/// A rolling upgrade on PostgreSQL: a replica of this version starts on a database one
+/// (additive) migration ahead, and refuses one two ahead, naming both versions.
+#[tokio::test]
+async fn an_older_replica_runs_on_a_schema_one_version_ahead_and_refuses_two() {
+    let db = TestDb::postgres();
+    let store = db.open().await;
+    let known = pg::MIGRATIONS_APPLIED as i64;
+    let ahead = |v: i64, column: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .write(move |c| {
+                    c.exec(&format!("ALTER TABLE runs ADD COLUMN {column} TEXT"), &[])?;
+                    c.exec("INSERT INTO reflex_schema (version) VALUES (?1)", &[&v])
+                })
+                .await
+                .unwrap();
+        }
+    };
+    ahead(known + 1, "next_version_note").await;
+    let older = db.open().await;
+    let created = intake(
+        &older,
+        "u1",
+        candidate("p", "u1", 0, ""),
+        BreakerLimits::default(),
+    )
+    .await;
+    assert!(matches!(created, Outcome::Created { .. }), "{created:?}");
+    ahead(known + 2, "later_version_note").await;
+    let TestDb::Postgres(name) = &db else {
+        unreachable!()
+    };
+    let settings = crate::testkit::PgServer::shared().settings(name);
+    let refused = Store::open_pg(settings, std::sync::Arc::new(crate::time::SystemClock))
+        .await
+        .err()
+        .expect("two versions ahead is refused")
+        .to_string();
+    assert!(
+        refused.contains(&format!("version {}", known + 2))
+            && refused.contains(&format!("(version {known},")),
+        "{refused}"
+    );
+}
