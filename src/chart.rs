@@ -287,19 +287,13 @@ fn draw(canvas: &mut Canvas, chart: &Chart) {
                 );
             }
         }
-        if let [(t, v)] = s
-            .points
-            .as_slice()
-            .iter()
-            .filter(|p| p.1.is_finite())
-            .copied()
-            .collect::<Vec<_>>()
-            .as_slice()
-        {
+        // A lone sample has no line to it: a short dash shows it.
+        let mut finite = s.points.iter().filter(|p| p.1.is_finite());
+        if let (Some(&(t, v)), None) = (finite.next(), finite.next()) {
             line(
                 canvas,
-                Point::new(px_x(*t) - 2, px_y(*v)),
-                Point::new(px_x(*t) + 2, px_y(*v)),
+                Point::new(px_x(t) - 2, px_y(v)),
+                Point::new(px_x(t) + 2, px_y(v)),
                 stroke(colour, 3),
             );
         }

@@ -130,7 +130,8 @@ impl Executor for GraphExecutor {
             Some(s) => duration("step", s)?.as_secs().max(1),
             None => (range / POINTS).max(1),
         };
-        let end = crate::time::now_ms() / 1000;
+        // Rounded up: a sample taken within the last second is in the range.
+        let end = (crate::time::now_ms() + 999) / 1000;
         let start = end - range as i64;
         let mut series = self.query_range(&a.query, start, end, step).await?;
         let total = series.len();

@@ -10,10 +10,10 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Characters of evidence text in a message of a webhook sink.
-const WEBHOOK_LIMIT: usize = 4_000;
+/// Characters of evidence text in a message (Mattermost, Teams, webhooks).
+pub(super) const WEBHOOK_LIMIT: usize = 4_000;
 /// Slack's section blocks hold 3,000 characters.
-const SLACK_LIMIT: usize = 2_800;
+pub(super) const SLACK_LIMIT: usize = 2_800;
 
 /// A sink that cannot be built from its config.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -232,8 +232,7 @@ impl ChatApi for SlackApi {
     }
 
     fn limit(&self) -> usize {
-        // A section block holds 3,000 characters.
-        2_800
+        super::sinks::SLACK_LIMIT
     }
 
     async fn post(
@@ -325,7 +324,7 @@ impl ChatApi for MattermostApi {
     }
 
     fn limit(&self) -> usize {
-        4_000
+        super::sinks::WEBHOOK_LIMIT
     }
 
     async fn post(

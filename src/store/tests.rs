@@ -1405,6 +1405,20 @@ async fn retention_deletes_ended_runs_with_their_rows_and_never_a_live_one(db: T
 }
 }
 
+/// The database as its pages stand (the file once the WAL is copied back), in bytes.
+async fn logical_size(store: &Store) -> i64 {
+    store
+        .read(|c| {
+            c.one(
+                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                &[],
+                |r| r.get(0),
+            )
+        })
+        .await
+        .unwrap()
+}
+
 /// Pruned as it goes, a store that has taken 20,000 runs is no larger than after its first
 /// 2,000: the pages of deleted rows are reused, and given back.
 #[tokio::test]
@@ -1420,16 +1434,7 @@ async fn with_retention_the_sqlite_file_stops_growing() {
         }
         // The database as its pages stand (the file once the WAL is copied back), at its
         // largest: 2,000 runs in.
-        let size: i64 = store
-            .read(|c| {
-                c.one(
-                    "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
-                    &[],
-                    |r| r.get(0),
-                )
-            })
-            .await
-            .unwrap();
+        let size: i64 = logical_size(&store).await;
         // Retention of a second: everything ended before now goes.
         clock.advance(std::time::Duration::from_secs(2));
         let before = store.now_ms() - 1000;
@@ -1451,16 +1456,7 @@ async fn with_retention_the_sqlite_file_stops_growing() {
         );
     }
     // Everything pruned, the pages went back: smaller than it ever was (incremental vacuum).
-    let emptied: i64 = store
-        .read(|c| {
-            c.one(
-                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
-                &[],
-                |r| r.get(0),
-            )
-        })
-        .await
-        .unwrap();
+    let emptied: i64 = logical_size(&store).await;
     assert!(emptied < first / 2, "{emptied} bytes left of {first}");
 }
 

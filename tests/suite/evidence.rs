@@ -165,11 +165,17 @@ async fn events_are_the_objects_own_newest_first_within_the_limit() {
         .map(|e| e["reason"].as_str().unwrap())
         .collect();
     assert_eq!(reasons, ["BackOff", "Killing"]);
-    let summary = out["summary"].as_str().unwrap();
+    // One line an event, newest first: its time, type, reason, message, and a repeat count.
+    let lines: Vec<&str> = out["summary"].as_str().unwrap().lines().collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].starts_with("2026-12-05"), "{lines:?}");
     assert!(
-        summary.starts_with("2026-12-05 10:05:00 UTC Warning BackOff: BackOff happened (x7)")
-            || summary.contains("Warning BackOff: BackOff happened (x7)\n"),
-        "{summary}"
+        lines[0].ends_with(" Warning BackOff: BackOff happened (x7)"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].ends_with(" Warning Killing: Killing happened"),
+        "{lines:?}"
     );
 }
 

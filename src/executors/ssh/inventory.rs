@@ -35,9 +35,9 @@ fn file_sd(text: &str) -> Result<Hosts, String> {
     #[serde(deny_unknown_fields)]
     struct Group {
         targets: Vec<String>,
-        #[serde(default)]
-        #[allow(dead_code)]
-        labels: BTreeMap<String, String>,
+        /// Read (so a misspelt key is an error) and not used: hosts are named by targets.
+        #[serde(default, rename = "labels")]
+        _labels: BTreeMap<String, String>,
     }
     let groups: Vec<Group> = serde_json::from_str(text)
         .map_err(|e| format!("line {}: not a Prometheus file_sd list ({e})", e.line()))?;
