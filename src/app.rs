@@ -66,6 +66,7 @@ pub async fn run(
     let dispatcher = tasks.spawn(engine.clone().dispatch());
     let sweeper = tasks.spawn(engine.clone().sweep());
     tasks.spawn(engine.clone().keep_retention());
+    tasks.spawn(engine.clone().keep_audit_sink());
     let lease = tasks.spawn(engine.clone().keep_lease());
     let deferred = tasks.spawn(engine.clone().plan_deferred());
     tasks.spawn(watch_playbooks(

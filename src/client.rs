@@ -213,16 +213,20 @@ pub fn format_approvals(list: &Value) -> String {
 /// An audit row as a CloudEvents 1.0 event (structured JSON): `id` the row's, `source` the
 /// Reflex that recorded it, `type` `io.reflex.audit.<action>`, `time` when; the row is `data`.
 pub fn audit_cloudevent(row: &Value, server: &str) -> Value {
-    serde_json::json!({
+    let mut event = serde_json::json!({
         "specversion": "1.0",
         "id": row["id"].to_string(),
         "source": server,
         "type": format!("io.reflex.audit.{}", row["action"].as_str().unwrap_or("unknown")),
         "time": row["at"],
-        "subject": row["target"],
         "datacontenttype": "application/json",
         "data": row,
-    })
+    });
+    // An optional attribute is left out, never null.
+    if let Some(target) = row["target"].as_str() {
+        event["subject"] = target.into();
+    }
+    event
 }
 
 /// Lines of an evidence summary shown under an approval; the rest is in the run.

@@ -59,6 +59,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// How long ended runs and audit rows are kept.
     pub retention: RetentionConfig,
+    /// Where the audit log is copied as it is written.
+    pub audit: AuditConfig,
     /// The file this was loaded from; `None` on the embedded defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -346,6 +348,7 @@ impl Default for Config {
             feature_flags: BTreeMap::new(),
             store: StoreConfig::default(),
             retention: RetentionConfig::default(),
+            audit: AuditConfig::default(),
             source: None,
         }
     }
@@ -404,6 +407,42 @@ impl Default for RetentionConfig {
             batch: 500,
         }
     }
+}
+
+/// The audit log (`audit:`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// An HTTP endpoint every audit row is sent to as a CloudEvent, as it is written.
+    pub sink: Option<AuditSinkConfig>,
+}
+
+/// `audit.sink`: rows are POSTed oldest first as a CloudEvents 1.0 JSON batch
+/// (`application/cloudevents-batch+json`); the last row the sink answered 2xx for is kept in
+/// the store, so a restart or an outage of the sink loses nothing (a row may be sent twice:
+/// its event `id` tells the copies apart). Rows not yet sent are not pruned.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSinkConfig {
+    /// The endpoint (http or https).
+    pub url: String,
+    /// A credential of `credentials:` sent with every request.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// How long one request may take.
+    #[serde(default = "five_seconds", with = "duration_str")]
+    pub timeout: Duration,
+    /// Rows per request at most.
+    #[serde(default = "hundred")]
+    pub batch: u32,
+}
+
+fn five_seconds() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn hundred() -> u32 {
+    100
 }
 
 /// Run execution limits.
@@ -712,6 +751,31 @@ impl Config {
             );
         }
         self.store_problems(&mut out);
+        if let Some(sink) = &self.audit.sink {
+            let at = |key: &str| vec![k("audit"), k("sink"), k(key)];
+            if !(sink.url.starts_with("http://") || sink.url.starts_with("https://"))
+                || reqwest::Url::parse(&sink.url).is_err()
+            {
+                out.at(
+                    &at("url"),
+                    "audit.sink.url must be an http(s) URL".to_string(),
+                );
+            }
+            if let Some(name) = &sink.credential
+                && !self.credentials.contains_key(name)
+            {
+                out.at(
+                    &at("credential"),
+                    format!("audit.sink.credential {name:?} is not in credentials:"),
+                );
+            }
+            if sink.batch == 0 || sink.timeout.is_zero() {
+                out.at(
+                    &at("batch"),
+                    "audit.sink.batch and timeout must be above 0".to_string(),
+                );
+            }
+        }
         self.maintenance_problems(&mut out);
         self.token_problems(&mut out);
         for (i, s) in self.notify.sinks.iter().enumerate() {

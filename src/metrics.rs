@@ -52,6 +52,10 @@ pub struct Metrics {
     pub store_pruned: IntCounterVec,
     /// The database's size in bytes (SQLite: the file and its WAL).
     pub store_bytes: IntGauge,
+    /// Audit rows the audit sink accepted.
+    pub audit_sent: IntCounter,
+    /// Requests to the audit sink that failed (retried).
+    pub audit_sink_errors: IntCounter,
 }
 
 impl Default for Metrics {
@@ -187,6 +191,14 @@ impl Metrics {
                 &["table"],
             ),
             store_bytes: gauge("store_bytes", "The database's size in bytes."),
+            audit_sent: counter(
+                "audit_sent_total",
+                "Audit rows the audit sink (audit.sink) accepted.",
+            ),
+            audit_sink_errors: counter(
+                "audit_sink_errors_total",
+                "Requests to the audit sink that failed; the rows are sent again.",
+            ),
             registry: r.clone(),
         };
         metrics.lease_held.set(1);

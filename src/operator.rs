@@ -439,6 +439,13 @@ pub enum AuditCommand {
         #[arg(long, value_enum, default_value = "json")]
         format: ExportFormat,
     },
+    /// Check the audit log's hash chain in the store (read only, beside a running daemon):
+    /// exit 0 when intact, 1 naming the first row that was edited or follows a deleted one.
+    Verify {
+        /// The daemon's config (its store: `data_dir` or `store.url`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// How `reflex audit export` writes a row.
@@ -448,6 +455,41 @@ pub enum ExportFormat {
     Json,
     /// A CloudEvents 1.0 event in structured mode.
     Cloudevents,
+}
+
+/// `reflex audit verify`: the chain checked in the store itself (the API could only say what
+/// the daemon believes).
+fn audit_verify(config: Option<&std::path::Path>) -> Result<ExitCode, ClientError> {
+    let cfg = match config {
+        Some(path) => crate::config::Config::load(path).map_err(|errors| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            ClientError::Other(format!("invalid config:\n{}", lines.join("\n")))
+        })?,
+        None => crate::config::Config::default(),
+    };
+    let failed = |e: crate::store::StoreError| ClientError::Other(e.to_string());
+    let store = crate::store::Snapshot::open_config(&cfg)
+        .map_err(failed)?
+        .ok_or_else(|| ClientError::Other(format!("no store in {}", cfg.data_dir.display())))?;
+    let report = store.verify_audit().map_err(failed)?;
+    let range = match (report.first, report.last) {
+        (Some(first), Some(last)) => format!("rows {first} to {last}"),
+        _ => "no rows".into(),
+    };
+    let anchor = match report.anchor {
+        0 => String::new(),
+        id => format!(", following row {id}, the last one retention deleted"),
+    };
+    match report.broken {
+        None => {
+            println!("audit chain intact: {} rows ({range}){anchor}", report.rows);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(b) => {
+            println!("audit chain broken at row {}: {}", b.id, b.why);
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// Rows per page when exporting (the API's largest).
@@ -577,6 +619,10 @@ pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
             export: Some(AuditCommand::Export { api, since, format }),
             ..
         } => audit_export(&api, since, format),
+        OperatorCommand::Audit {
+            export: Some(AuditCommand::Verify { config }),
+            ..
+        } => audit_verify(config.as_deref()),
         OperatorCommand::Audit {
             export: None,
             api,

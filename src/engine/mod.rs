@@ -8,6 +8,7 @@
 //! The store is the run queue: the dispatcher claims pending runs in order, at most
 //! `max_concurrent_runs` at once, so a crash or a restart loses nothing.
 
+mod audit_sink;
 mod dispatch;
 mod intake;
 mod lease;
@@ -89,6 +90,11 @@ pub struct Live {
     pub redactor: crate::redact::Redactor,
     /// Where operators reach this daemon, without a trailing slash.
     pub public_url: Option<String>,
+    /// Where the audit log is copied, with the credential it sends.
+    pub audit_sink: Option<(
+        crate::config::AuditSinkConfig,
+        Option<crate::config::Credential>,
+    )>,
 }
 
 impl Live {
@@ -111,6 +117,11 @@ impl Live {
             retention: cfg.retention.clone(),
             redactor: crate::redact::Redactor::from_config(cfg),
             public_url: (cfg.public_url.clone()).map(|u| u.trim_end_matches('/').to_string()),
+            audit_sink: cfg.audit.sink.clone().map(|sink| {
+                let credential =
+                    (sink.credential.as_ref()).and_then(|name| cfg.credentials.get(name).cloned());
+                (sink, credential)
+            }),
         }
     }
 }

@@ -47,7 +47,12 @@ impl Engine {
         let mut total = 0;
         loop {
             let pruned = (self.store)
-                .prune_batch(runs_before, audit_before, self.live().retention.batch)
+                .prune_batch(
+                    runs_before,
+                    audit_before,
+                    self.live().retention.batch,
+                    self.live().audit_sink.is_some(),
+                )
                 .await?;
             for (table, n) in PRUNED_TABLES.iter().zip(pruned.rows) {
                 self.metrics

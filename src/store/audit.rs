@@ -1,8 +1,24 @@
-//! The append-only audit log: who did what, when, with what outcome.
+//! The append-only audit log: who did what, when, with what outcome; a hash chain makes it
+//! tamper-evident.
+//!
+//! Each row carries `hash`, the SHA-256 of its content and of `prev`, the hash of the row
+//! before it. `audit_chain`, one row, holds the chain's head (the newest row's id and hash,
+//! locked by every append, so on PostgreSQL the replicas append one after another and ids
+//! follow the chain) and its anchor: the last row retention deleted, whose hash the oldest
+//! row kept names as its `prev`. [`verify_chain`] walks the rows and names the first one that
+//! does not check out: edited (its hash does not match its content), or not following the row
+//! before it (a row between them was deleted, or the one before was rewritten with a new
+//! hash). Rows deleted from the end show as a head no row matches. Someone who can rewrite the
+//! whole table and the head can forge a chain: the audit sink (see `engine::audit_sink`)
+//! keeps a copy outside the database.
 
 use super::Db;
 use super::{Store, StoreError};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// The `prev` of the first row ever written.
+pub const GENESIS: [u8; 32] = [0; 32];
 
 /// One audit row.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -22,6 +38,100 @@ pub struct AuditEntry {
     pub outcome: String,
     /// Free text.
     pub detail: Option<String>,
+    /// SHA-256 (hex) of this row's content and of the row before it (see `reflex audit
+    /// verify`); absent on a row written without one.
+    pub hash: Option<String>,
+}
+
+/// The content a row's hash covers, besides the hash before it.
+struct Content<'a> {
+    id: i64,
+    at: i64,
+    actor: &'a str,
+    action: &'a str,
+    target: Option<&'a str>,
+    outcome: &'a str,
+    detail: Option<&'a str>,
+}
+
+impl Content<'_> {
+    /// SHA-256 over a version tag, `prev`, the id and time, then each text field with its
+    /// length in front (an absent one as a length no text has), so no two rows share an input.
+    fn hash(&self, prev: &[u8]) -> Vec<u8> {
+        let mut h = Sha256::new();
+        h.update(b"reflex-audit-v1\0");
+        h.update(prev);
+        h.update(self.id.to_be_bytes());
+        h.update(self.at.to_be_bytes());
+        for field in [
+            Some(self.actor),
+            Some(self.action),
+            self.target,
+            Some(self.outcome),
+            self.detail,
+        ] {
+            match field {
+                Some(text) => {
+                    h.update((text.len() as u64).to_be_bytes());
+                    h.update(text.as_bytes());
+                }
+                None => h.update(u64::MAX.to_be_bytes()),
+            }
+        }
+        h.finalize().to_vec()
+    }
+}
+
+/// An audit row as read for checking: its content, the `prev` and `hash` it carries.
+struct Stored {
+    id: i64,
+    at: i64,
+    actor: String,
+    action: String,
+    target: Option<String>,
+    outcome: String,
+    detail: Option<String>,
+    prev: Option<Vec<u8>>,
+    hash: Option<Vec<u8>>,
+}
+
+impl Stored {
+    const COLUMNS: &str = "id, at, actor, action, target, outcome, detail, prev, hash";
+
+    fn read(r: &super::db::Row) -> Result<Stored, StoreError> {
+        Ok(Stored {
+            id: r.get(0)?,
+            at: r.get(1)?,
+            actor: r.get(2)?,
+            action: r.get(3)?,
+            target: r.get(4)?,
+            outcome: r.get(5)?,
+            detail: r.get(6)?,
+            prev: r.get(7)?,
+            hash: r.get(8)?,
+        })
+    }
+
+    /// The next rows after `id`, oldest first, a page at a time.
+    fn page_after(c: &Db, id: i64) -> Result<Vec<Stored>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM audit WHERE id > ?1 ORDER BY id LIMIT 1000",
+            Self::COLUMNS
+        );
+        c.rows(&sql, &[&id], Self::read)
+    }
+
+    fn content(&self) -> Content<'_> {
+        Content {
+            id: self.id,
+            at: self.at,
+            actor: &self.actor,
+            action: &self.action,
+            target: self.target.as_deref(),
+            outcome: &self.outcome,
+            detail: self.detail.as_deref(),
+        }
+    }
 }
 
 /// Appends an audit row inside a caller's transaction.
@@ -33,11 +143,266 @@ pub(super) fn audit_in(
     outcome: &str,
     detail: Option<&str>,
 ) -> Result<(), StoreError> {
+    let at = crate::time::now_ms();
+    if let Db::Pg(conn) = c {
+        // Appended at commit, with the batch's others (see `append_pending`).
+        conn.borrow_mut().audit.push(Pending {
+            at,
+            actor: actor.to_string(),
+            action: action.to_string(),
+            target: target.map(str::to_string),
+            outcome: outcome.to_string(),
+            detail: detail.map(str::to_string),
+        });
+        return Ok(());
+    }
+    // SQLite: one writer, so the head is read and moved within this write.
+    let (prev, id): (Vec<u8>, i64) = c.one(
+        "SELECT last_hash, last_id + 1 FROM audit_chain WHERE one = 1",
+        &[],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let hash = Content {
+        id,
+        at,
+        actor,
+        action,
+        target,
+        outcome,
+        detail,
+    }
+    .hash(&prev);
     c.exec(
-        "INSERT INTO audit (at, actor, action, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        &[&crate::time::now_ms(), &actor, &action, &target, &outcome, &detail],
+        "INSERT INTO audit (id, at, actor, action, target, outcome, detail, prev, hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        &[
+            &id, &at, &actor, &action, &target, &outcome, &detail, &prev, &hash,
+        ],
+    )?;
+    c.exec(
+        "UPDATE audit_chain SET last_id = ?1, last_hash = ?2 WHERE one = 1",
+        &[&id, &hash],
     )?;
     Ok(())
+}
+
+/// An audit row waiting for its transaction's commit (PostgreSQL).
+#[derive(Debug)]
+pub(super) struct Pending {
+    at: i64,
+    actor: String,
+    action: String,
+    target: Option<String>,
+    outcome: String,
+    detail: Option<String>,
+}
+
+/// Appends a PostgreSQL transaction's audit rows, just before it commits: the chain's head
+/// locked (replicas append one after another), ids taken under that lock (so ids follow the
+/// chain), every row in one statement, the head moved. Three round trips a batch, none when
+/// the batch wrote no audit row.
+pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
+    let Db::Pg(conn) = c else { return Ok(()) };
+    let rows = std::mem::take(&mut conn.borrow_mut().audit);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let n = rows.len() as i64;
+    let head = conn.borrow_mut().client().query_one(
+        "SELECT last_hash, (SELECT array_agg(v ORDER BY v) FROM
+           (SELECT nextval(pg_get_serial_sequence('audit', 'id')) AS v
+            FROM generate_series(1, $1::bigint)) s)
+         FROM audit_chain WHERE one = 1 FOR UPDATE",
+        &[&n],
+    )?;
+    let (mut prev, ids): (Vec<u8>, Vec<i64>) = (head.try_get(0)?, head.try_get(1)?);
+    let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut prevs, mut hashes) = (Vec::new(), Vec::new());
+    for (row, id) in rows.iter().zip(&ids) {
+        let hash = Content {
+            id: *id,
+            at: row.at,
+            actor: &row.actor,
+            action: &row.action,
+            target: row.target.as_deref(),
+            outcome: &row.outcome,
+            detail: row.detail.as_deref(),
+        }
+        .hash(&prev);
+        prevs.push(std::mem::replace(&mut prev, hash.clone()));
+        hashes.push(hash);
+        cols.0.push(row.at);
+        cols.1.push(row.actor.as_str());
+        cols.2.push(row.action.as_str());
+        cols.3.push((row.target.as_deref(), row.outcome.as_str()));
+        cols.4.push(row.detail.as_deref());
+    }
+    let (targets, outcomes): (Vec<Option<&str>>, Vec<&str>) = cols.3.into_iter().unzip();
+    let mut pg = conn.borrow_mut();
+    pg.client().execute(
+        "INSERT INTO audit (id, at, actor, action, target, outcome, detail, prev, hash)
+         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                              $6::text[], $7::text[], $8::bytea[], $9::bytea[])",
+        &[
+            &ids, &cols.0, &cols.1, &cols.2, &targets, &outcomes, &cols.4, &prevs, &hashes,
+        ],
+    )?;
+    drop(pg);
+    let last = *ids.last().expect("one id a row");
+    c.exec(
+        "UPDATE audit_chain SET last_id = ?1, last_hash = ?2 WHERE one = 1",
+        &[&last, &prev],
+    )?;
+    Ok(())
+}
+
+/// Chains the rows of a store made before the chain (once, when it opens): each row's hash in
+/// id order from [`GENESIS`], then the head. Deterministic, so two replicas doing it at once
+/// write the same values; a store already chained is left alone.
+pub(super) fn seal_existing(c: &Db) -> Result<u64, StoreError> {
+    if c.row("SELECT 1 FROM audit_chain WHERE one = 1", &[], |_| Ok(()))?
+        .is_some()
+    {
+        return Ok(0);
+    }
+    let (mut prev, mut last, mut sealed) = (GENESIS.to_vec(), 0_i64, 0);
+    loop {
+        let rows = Stored::page_after(c, last)?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            let hash = row.content().hash(&prev);
+            c.exec(
+                "UPDATE audit SET prev = ?2, hash = ?3 WHERE id = ?1",
+                &[&row.id, &prev, &hash],
+            )?;
+            (prev, last, sealed) = (hash, row.id, sealed + 1);
+        }
+    }
+    c.exec(
+        "INSERT INTO audit_chain (one, last_id, last_hash, anchor_id, anchor_hash)
+         VALUES (1, ?1, ?2, 0, ?3) ON CONFLICT (one) DO NOTHING",
+        &[&last, &prev, &GENESIS.as_slice()],
+    )?;
+    Ok(sealed)
+}
+
+/// What `reflex audit verify` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    /// Rows checked.
+    pub rows: u64,
+    /// The oldest and newest row checked.
+    pub first: Option<i64>,
+    /// The newest row checked.
+    pub last: Option<i64>,
+    /// The last row retention deleted (0: none), whose hash the oldest row kept follows.
+    pub anchor: i64,
+    /// The first row that does not check out, and why; `None`: the chain is intact.
+    pub broken: Option<Broken>,
+}
+
+/// Where the chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Broken {
+    /// The row (for a deletion at the end: the chain's head).
+    pub id: i64,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+/// Walks the chain from its anchor to its head, in one read transaction (one moment's rows,
+/// while the daemon goes on writing).
+pub(super) fn verify_chain(c: &Db) -> Result<ChainReport, StoreError> {
+    c.batch(match c.is_pg() {
+        true => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+        false => "BEGIN",
+    })?;
+    let report = walk_chain(c);
+    c.batch("ROLLBACK")?;
+    report
+}
+
+fn walk_chain(c: &Db) -> Result<ChainReport, StoreError> {
+    let head = c.row(
+        "SELECT last_id, last_hash, anchor_id, anchor_hash FROM audit_chain WHERE one = 1",
+        &[],
+        |r| {
+            Ok((
+                r.get::<i64>(0)?,
+                r.get::<Vec<u8>>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<Vec<u8>>(3)?,
+            ))
+        },
+    )?;
+    let Some((head_id, head_hash, anchor, anchor_hash)) = head else {
+        return Err(StoreError::Config(
+            "this store has no audit chain yet: start reflex on it once".into(),
+        ));
+    };
+    let mut report = ChainReport {
+        rows: 0,
+        first: None,
+        last: None,
+        anchor,
+        broken: None,
+    };
+    let (mut prev, mut prev_id) = (anchor_hash, anchor);
+    let behind = |id: i64| match id {
+        id if id == anchor && anchor == 0 => "the start of the chain".to_string(),
+        id if id == anchor => format!("row {id}, the last one retention deleted"),
+        id => format!("row {id}"),
+    };
+    loop {
+        let rows = Stored::page_after(c, prev_id)?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in rows {
+            report.rows += 1;
+            report.first.get_or_insert(row.id);
+            report.last = Some(row.id);
+            let (Some(stored_prev), Some(hash)) = (&row.prev, &row.hash) else {
+                report.broken = Some(Broken {
+                    id: row.id,
+                    why: "it has no hash: written by hand, or by a replica older than the chain"
+                        .into(),
+                });
+                return Ok(report);
+            };
+            if row.content().hash(stored_prev) != *hash {
+                report.broken = Some(Broken {
+                    id: row.id,
+                    why: "it was changed after it was written: its content does not match its hash"
+                        .into(),
+                });
+                return Ok(report);
+            }
+            if *stored_prev != prev {
+                report.broken = Some(Broken {
+                    id: row.id,
+                    why: format!(
+                        "it does not follow {}: a row between them was deleted, or that one was rewritten",
+                        behind(prev_id)
+                    ),
+                });
+                return Ok(report);
+            }
+            (prev, prev_id) = (hash.clone(), row.id);
+        }
+    }
+    if (prev_id, &prev) != (head_id, &head_hash) {
+        report.broken = Some(Broken {
+            id: head_id,
+            why: format!(
+                "the chain's head is row {head_id}, but it ends at {}: the newest rows were deleted",
+                behind(prev_id)
+            ),
+        });
+    }
+    Ok(report)
 }
 
 /// Which audit rows: all filters hold.
@@ -93,15 +458,88 @@ impl Store {
         .await
     }
 
+    /// Checks the audit chain (see [`verify_chain`]).
+    pub async fn verify_audit(&self) -> Result<ChainReport, StoreError> {
+        self.read(verify_chain).await
+    }
+
+    /// Takes (or keeps) the right to send the audit to its sink for `ttl_ms`, so one replica
+    /// sends at a time; returns the id of the last row sent, or `None` while another replica
+    /// holds it.
+    pub async fn audit_sink_claim(&self, ttl_ms: i64) -> Result<Option<i64>, StoreError> {
+        let (me, now) = (self.replica().to_string(), self.now_ms());
+        self.write(move |c| {
+            c.exec(
+                "INSERT INTO audit_sink (one, sent_id, holder, until_ms) VALUES (1, 0, NULL, 0)
+                 ON CONFLICT (one) DO NOTHING",
+                &[],
+            )?;
+            // On SQLite this process is the only one (it holds the data dir's lock): a hold
+            // left by its previous life is its own.
+            let claimed = c.exec(
+                "UPDATE audit_sink SET holder = ?1, until_ms = ?2 + ?3
+                 WHERE one = 1 AND (holder = ?1 OR holder IS NULL OR until_ms < ?2 OR ?4)",
+                &[&me, &now, &ttl_ms, &!c.is_pg()],
+            )?;
+            if claimed == 0 {
+                return Ok(None);
+            }
+            c.one("SELECT sent_id FROM audit_sink WHERE one = 1", &[], |r| {
+                r.get(0).map(Some)
+            })
+        })
+        .await
+    }
+
+    /// Lets another replica send at once (at shutdown).
+    pub async fn audit_sink_release(&self) -> Result<(), StoreError> {
+        let me = self.replica().to_string();
+        self.write(move |c| {
+            c.exec(
+                "UPDATE audit_sink SET holder = NULL WHERE one = 1 AND holder = ?1",
+                &[&me],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records that the sink has every row up to `id` (if this replica still holds it).
+    pub async fn audit_sink_sent(&self, id: i64) -> Result<bool, StoreError> {
+        let me = self.replica().to_string();
+        self.write(move |c| {
+            let n = c.exec(
+                "UPDATE audit_sink SET sent_id = ?2 WHERE one = 1 AND holder = ?1 AND sent_id < ?2",
+                &[&me, &id],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Up to `limit` audit rows after `id`, oldest first.
+    pub async fn audit_after(&self, id: i64, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
+        self.read(move |c| {
+            c.rows(
+                &format!("{SELECT_ENTRY} WHERE id > ?1 ORDER BY id LIMIT ?2"),
+                &[&id, &i64::from(limit)],
+                entry,
+            )
+        })
+        .await
+    }
+
     /// Audit rows, newest first, as the filter says.
     pub async fn audit_search(&self, f: AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(move |c| {
             c.rows(
-                "SELECT id, at, actor, action, target, outcome, detail FROM audit
-                 WHERE (id < ?1 OR ?1 IS NULL) AND (actor = ?3 OR ?3 IS NULL)
-                   AND (substr(action, 1, length(?4)) = ?4 OR ?4 IS NULL)
-                   AND (at >= ?5 OR ?5 IS NULL)
-                 ORDER BY id DESC LIMIT ?2",
+                &format!(
+                    "{SELECT_ENTRY}
+                     WHERE (id < ?1 OR ?1 IS NULL) AND (actor = ?3 OR ?3 IS NULL)
+                       AND (substr(action, 1, length(?4)) = ?4 OR ?4 IS NULL)
+                       AND (at >= ?5 OR ?5 IS NULL)
+                     ORDER BY id DESC LIMIT ?2"
+                ),
                 &[
                     &f.before,
                     &i64::from(f.limit),
@@ -109,19 +547,24 @@ impl Store {
                     &f.action,
                     &f.since_ms,
                 ],
-                |r| {
-                    Ok(AuditEntry {
-                        id: r.get(0)?,
-                        at: r.get(1)?,
-                        actor: r.get(2)?,
-                        action: r.get(3)?,
-                        target: r.get(4)?,
-                        outcome: r.get(5)?,
-                        detail: r.get(6)?,
-                    })
-                },
+                entry,
             )
         })
         .await
     }
+}
+
+const SELECT_ENTRY: &str = "SELECT id, at, actor, action, target, outcome, detail, hash FROM audit";
+
+fn entry(r: &super::db::Row) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        id: r.get(0)?,
+        at: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        target: r.get(4)?,
+        outcome: r.get(5)?,
+        detail: r.get(6)?,
+        hash: r.get::<Option<Vec<u8>>>(7)?.map(hex::encode),
+    })
 }

@@ -41,6 +41,9 @@ pub struct PgConn {
     statements: HashMap<String, postgres::Statement>,
     /// A write in this transaction made work for other replicas (see [`Db::wake`]).
     pub(super) wake: bool,
+    /// Audit rows this transaction appends, written just before it commits (see
+    /// `audit::append_pending`).
+    pub(super) audit: Vec<super::audit::Pending>,
 }
 
 impl PgConn {
@@ -49,6 +52,7 @@ impl PgConn {
             client: Some(client),
             statements: HashMap::new(),
             wake: false,
+            audit: Vec::new(),
         }
     }
 
@@ -122,6 +126,22 @@ impl Db<'_> {
     pub fn wake(&self) {
         if let Db::Pg(c) = self {
             c.borrow_mut().wake = true;
+        }
+    }
+
+    /// How many audit rows wait to be appended at commit (PostgreSQL; 0 on SQLite, which
+    /// appends at once): a failed write drops those it added with [`Db::drop_audit_after`].
+    pub fn audit_mark(&self) -> usize {
+        match self {
+            Db::Lite(_) => 0,
+            Db::Pg(c) => c.borrow().audit.len(),
+        }
+    }
+
+    /// Drops the waiting audit rows after the first `mark`.
+    pub fn drop_audit_after(&self, mark: usize) {
+        if let Db::Pg(c) = self {
+            c.borrow_mut().audit.truncate(mark);
         }
     }
 

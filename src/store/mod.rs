@@ -31,7 +31,7 @@ mod views;
 
 pub use approvals::*;
 pub use artifacts::{Artifact, ArtifactCaps, ArtifactInfo, Evidence};
-pub use audit::{AuditEntry, AuditFilter};
+pub use audit::{AuditEntry, AuditFilter, Broken, ChainReport};
 pub use breaker::{BreakerLimits, Limit, Trip};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
 pub use lease::{LEASE_EXPIRY, LEASE_RENEW, Takeover};
@@ -252,9 +252,11 @@ fn run_jobs(db: &Db, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Resul
         if i == 0 || !db.is_pg() {
             db.exec("SAVEPOINT job", &[])?;
         }
+        let mark = db.audit_mark();
         let (ok, deliver) = job(db);
         if !ok {
             db.exec("ROLLBACK TO SAVEPOINT job", &[])?;
+            db.drop_audit_after(mark);
         }
         if db.is_pg() && i + 1 < n {
             db.batch("RELEASE SAVEPOINT job; SAVEPOINT job")?;
@@ -604,6 +606,24 @@ CREATE TABLE artifacts (
 CREATE INDEX runs_alert ON runs(alert_id);
 CREATE INDEX approvals_run ON approvals(run_id);
 "#,
+    // 18: the audit log's hash chain (see `audit`), and how far the audit sink has sent it.
+    r#"
+ALTER TABLE audit ADD COLUMN prev BLOB;
+ALTER TABLE audit ADD COLUMN hash BLOB;
+CREATE TABLE audit_chain (
+  one INTEGER PRIMARY KEY CHECK (one = 1),
+  last_id INTEGER NOT NULL,
+  last_hash BLOB NOT NULL,
+  anchor_id INTEGER NOT NULL,
+  anchor_hash BLOB NOT NULL
+);
+CREATE TABLE audit_sink (
+  one INTEGER PRIMARY KEY CHECK (one = 1),
+  sent_id INTEGER NOT NULL,
+  holder TEXT,
+  until_ms INTEGER NOT NULL
+);
+"#,
 ];
 
 impl Store {
@@ -641,6 +661,11 @@ impl Store {
             write.execute_batch("PRAGMA auto_vacuum=INCREMENTAL; VACUUM;")?;
         }
         migrate(&mut write)?;
+        {
+            let tx = write.transaction()?;
+            audit::seal_existing(&Db::Lite(&tx))?;
+            tx.commit()?;
+        }
         keep_plans(&write)?;
         // Checkpoints happen on their own thread (see `checkpointer`).
         write.execute_batch("PRAGMA wal_autocheckpoint=0;")?;

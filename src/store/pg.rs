@@ -311,6 +311,13 @@ pub(super) fn connect(settings: &Settings) -> Result<Pool, StoreError> {
     // start at once, with the server's own words.
     let mut first = PgConn::new(settings.connector.connect(c)?);
     migrate(&mut first)?;
+    // A store made before the audit chain is chained once, in one transaction.
+    first.client().batch_execute("BEGIN")?;
+    let sealed = super::audit::seal_existing(&Db::Pg(RefCell::new(&mut first)));
+    first
+        .client()
+        .batch_execute(if sealed.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    sealed?;
     Ok(Pool { pool, describe })
 }
 
@@ -353,11 +360,16 @@ impl Committer for PgCommitter {
         let conn = self.conn.as_mut().expect("connected above");
         let db = Db::Pg(RefCell::new(conn));
         if let Db::Pg(c) = &db {
-            c.borrow_mut().wake = false;
+            let mut c = c.borrow_mut();
+            c.wake = false;
+            c.audit.clear();
         }
         let done = (|| {
             db.exec("BEGIN", &[])?;
             run_jobs(&db, batch, delivers)?;
+            // Last, so the chain's head is the last lock this transaction takes (no cycle
+            // with another replica's) and is held only for the commit.
+            super::audit::append_pending(&db)?;
             if let Db::Pg(c) = &db
                 && std::mem::take(&mut c.borrow_mut().wake)
             {
@@ -685,5 +697,23 @@ CREATE TABLE artifacts (
     r#"
 CREATE INDEX runs_alert ON runs(alert_id);
 CREATE INDEX approvals_run ON approvals(run_id);
+"#,
+    // 10: the audit log's hash chain and the audit sink's progress (see SQLite's 18).
+    r#"
+ALTER TABLE audit ADD COLUMN prev BYTEA;
+ALTER TABLE audit ADD COLUMN hash BYTEA;
+CREATE TABLE audit_chain (
+  one BIGINT PRIMARY KEY CHECK (one = 1),
+  last_id BIGINT NOT NULL,
+  last_hash BYTEA NOT NULL,
+  anchor_id BIGINT NOT NULL,
+  anchor_hash BYTEA NOT NULL
+);
+CREATE TABLE audit_sink (
+  one BIGINT PRIMARY KEY CHECK (one = 1),
+  sent_id BIGINT NOT NULL,
+  holder TEXT,
+  until_ms BIGINT NOT NULL
+);
 "#,
 ];

@@ -29,13 +29,14 @@ const ENDED: &str = "state NOT IN ('pending', 'running', 'awaiting_approval')";
 impl Store {
     /// Deletes at most `batch` ended runs that ended before `runs_before` (ms), with their
     /// rows; at most `batch` alerts received before it that no run refers to; at most `batch`
-    /// audit rows written before `audit_before`. One short transaction. Call again while it
-    /// deletes anything.
+    /// audit rows written before `audit_before` (and, with `keep_unsent`, already sent to the
+    /// audit sink). One short transaction. Call again while it deletes anything.
     pub async fn prune_batch(
         &self,
         runs_before: i64,
         audit_before: i64,
         batch: u32,
+        keep_unsent: bool,
     ) -> Result<Pruned, StoreError> {
         let batch = i64::from(batch.max(1));
         let sqlite = self.path().is_some();
@@ -73,10 +74,7 @@ impl Store {
                    AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.alert_id = a.id) ORDER BY a.id LIMIT ?2)",
                 &[&runs_before, &batch],
             )?;
-            out.rows[5] = c.exec(
-                "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at < ?1 ORDER BY id LIMIT ?2)",
-                &[&audit_before, &batch],
-            )?;
+            out.rows[5] = prune_audit(c, audit_before, batch, keep_unsent)?;
             if sqlite && out.total() > 0 {
                 // The pages freed go back to the file system.
                 c.rows("PRAGMA incremental_vacuum", &[], |_| Ok(()))?;
@@ -111,4 +109,53 @@ impl Store {
         })
         .await
     }
+}
+
+/// Deletes the oldest audit rows, a prefix of the chain: those in the first `batch` written
+/// before `before` (and sent, with `keep_unsent`). The last one deleted becomes the chain's
+/// anchor, which the oldest row kept follows.
+fn prune_audit(
+    c: &super::Db,
+    before: i64,
+    batch: i64,
+    keep_unsent: bool,
+) -> Result<u64, StoreError> {
+    let sent: i64 = match keep_unsent {
+        true => c
+            .row("SELECT sent_id FROM audit_sink WHERE one = 1", &[], |r| {
+                r.get(0)
+            })?
+            .unwrap_or(0),
+        false => i64::MAX,
+    };
+    let oldest = c.rows(
+        "SELECT id, at, hash FROM audit ORDER BY id LIMIT ?1",
+        &[&batch],
+        |r| {
+            Ok((
+                r.get::<i64>(0)?,
+                r.get::<i64>(1)?,
+                r.get::<Option<Vec<u8>>>(2)?,
+            ))
+        },
+    )?;
+    let prefix: Vec<_> = (oldest.into_iter())
+        .take_while(|(id, at, _)| *at < before && *id <= sent)
+        .collect();
+    let Some((last, _, _)) = prefix.last() else {
+        return Ok(0);
+    };
+    // A row without a hash (written by a replica older than the chain) moves the anchor's id
+    // but not its hash: the next chained row follows the last chained one.
+    if let Some(hash) = prefix.iter().rev().find_map(|(_, _, h)| h.as_ref()) {
+        c.exec(
+            "UPDATE audit_chain SET anchor_hash = ?1 WHERE one = 1",
+            &[hash],
+        )?;
+    }
+    c.exec(
+        "UPDATE audit_chain SET anchor_id = ?1 WHERE one = 1",
+        &[last],
+    )?;
+    c.exec("DELETE FROM audit WHERE id <= ?1", &[last])
 }

@@ -73,4 +73,9 @@ impl Snapshot {
     ) -> Result<Option<String>, StoreError> {
         self.with(|c| cooldown_reason(c, playbook, key, cooldown_ms, now_ms()))
     }
+
+    /// Checks the audit log's hash chain (see `audit::verify_chain`).
+    pub fn verify_audit(&self) -> Result<super::ChainReport, StoreError> {
+        self.with(super::audit::verify_chain)
+    }
 }

@@ -1380,7 +1380,7 @@ async fn retention_deletes_ended_runs_with_their_rows_and_never_a_live_one(db: T
     let audit_new = count("audit").await - audit_old;
     let mut deleted = [0u64; 6];
     loop {
-        let pruned = store.prune_batch(hour_ago, hour_ago, 2).await.unwrap();
+        let pruned = store.prune_batch(hour_ago, hour_ago, 2, false).await.unwrap();
         if pruned.total() == 0 {
             break;
         }
@@ -1439,7 +1439,7 @@ async fn with_retention_the_sqlite_file_stops_growing() {
         clock.advance(std::time::Duration::from_secs(2));
         let before = store.now_ms() - 1000;
         while store
-            .prune_batch(before, before, 500)
+            .prune_batch(before, before, 500, false)
             .await
             .unwrap()
             .total()
@@ -1512,6 +1512,14 @@ async fn a_store_from_every_earlier_schema_opens_with_its_record_intact() {
             .await
             .unwrap();
         assert_eq!(audit.len(), 1, "version {version}");
+        // The rows written before the chain are chained when it opens, and new ones follow.
+        assert!(audit[0].hash.is_some(), "version {version}");
+        store
+            .audit("bob", "killswitch.engage", None, "ok", None)
+            .await
+            .unwrap();
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!((report.rows, report.broken), (2, None), "version {version}");
         if version >= 2 {
             let approvals = store.list_approvals(None, 10).await.unwrap();
             assert_eq!(
@@ -1521,6 +1529,135 @@ async fn a_store_from_every_earlier_schema_opens_with_its_record_intact() {
             );
         }
     }
+}
+
+/// A store with six audit rows, chained; their ids, oldest first.
+async fn audited(db: &TestDb) -> (Store, Vec<i64>) {
+    let store = db.open().await;
+    for i in 0..6 {
+        let detail = (i % 2 == 0).then(|| format!("because {i}"));
+        (store.audit(
+            "alice",
+            "run.cancel",
+            Some(format!("run/{i}")),
+            "ok",
+            detail,
+        ))
+        .await
+        .unwrap();
+    }
+    let ids = store
+        .read(|c| c.rows("SELECT id FROM audit ORDER BY id", &[], |r| r.get(0)))
+        .await
+        .unwrap();
+    (store, ids)
+}
+
+async fn tamper(store: &Store, sql: &'static str, id: i64) {
+    store.write(move |c| c.exec(sql, &[&id])).await.unwrap();
+}
+
+on_both_backends! {
+async fn an_intact_audit_chain_verifies(db: TestDb) {
+    let (store, ids) = audited(&db).await;
+    let report = store.verify_audit().await.unwrap();
+    assert_eq!(
+        report,
+        ChainReport { rows: 6, first: ids.first().copied(), last: ids.last().copied(), anchor: 0, broken: None }
+    );
+    // Each row's hash is in the API's rows, distinct.
+    let rows = store.audit_log(None, 10).await.unwrap();
+    let hashes: std::collections::HashSet<_> = rows.iter().filter_map(|r| r.hash.clone()).collect();
+    assert_eq!(hashes.len(), 6);
+}
+
+async fn an_edited_audit_row_is_named(db: TestDb) {
+    let (store, ids) = audited(&db).await;
+    tamper(&store, "UPDATE audit SET detail = 'nothing to see' WHERE id = ?1", ids[2]).await;
+    let broken = store.verify_audit().await.unwrap().broken.expect("broken");
+    assert_eq!(broken.id, ids[2]);
+    assert!(broken.why.contains("changed after it was written"), "{}", broken.why);
+    // Who did it is covered as well as what was said.
+    let (store, ids) = audited(&db.fresh()).await;
+    tamper(&store, "UPDATE audit SET actor = 'mallory' WHERE id = ?1", ids[4]).await;
+    assert_eq!(store.verify_audit().await.unwrap().broken.unwrap().id, ids[4]);
+}
+
+async fn a_deleted_audit_row_names_the_row_after_it(db: TestDb) {
+    let (store, ids) = audited(&db).await;
+    tamper(&store, "DELETE FROM audit WHERE id = ?1", ids[3]).await;
+    let broken = store.verify_audit().await.unwrap().broken.expect("broken");
+    assert_eq!(broken.id, ids[4]);
+    assert!(broken.why.contains(&format!("does not follow row {}", ids[2])), "{}", broken.why);
+    // The newest row deleted: no row matches the head.
+    let (store, ids) = audited(&db.fresh()).await;
+    tamper(&store, "DELETE FROM audit WHERE id = ?1", ids[5]).await;
+    let broken = store.verify_audit().await.unwrap().broken.expect("broken");
+    assert_eq!(broken.id, ids[5]);
+    assert!(broken.why.contains("newest rows were deleted"), "{}", broken.why);
+}
+
+async fn retention_anchors_the_audit_chain(db: TestDb) {
+    let (store, ids) = audited(&db).await;
+    let later = store.now_ms() + 1;
+    // Two rows a batch, the runs left alone: the oldest rows go, a prefix at a time.
+    let pruned = store.prune_batch(0, later, 2, false).await.unwrap();
+    assert_eq!(pruned.rows[5], 2);
+    store.audit("bob", "killswitch.engage", None, "ok", None).await.unwrap();
+    let report = store.verify_audit().await.unwrap();
+    assert_eq!((report.rows, report.anchor, report.broken), (5, ids[1], None));
+    // With a sink that has not had them yet, rows are kept.
+    assert_eq!(store.audit_sink_claim(60_000).await.unwrap(), Some(0));
+    assert_eq!(store.prune_batch(0, later, 10, true).await.unwrap().rows[5], 0);
+    assert!(store.audit_sink_sent(ids[3]).await.unwrap());
+    assert_eq!(store.prune_batch(0, later, 10, true).await.unwrap().rows[5], 2);
+    assert_eq!(store.verify_audit().await.unwrap().broken, None);
+    // Deleting the oldest row kept is not retention: the next one does not follow the anchor.
+    tamper(&store, "DELETE FROM audit WHERE id = ?1", ids[4]).await;
+    let broken = store.verify_audit().await.unwrap().broken.expect("broken");
+    assert_eq!(broken.id, ids[5]);
+    assert!(broken.why.contains("the last one retention deleted"), "{}", broken.why);
+}
+
+async fn replicas_appending_at_once_keep_one_chain(db: TestDb) {
+    let a = db.open().await;
+    let b = match db {
+        TestDb::Postgres(_) => db.open().await,
+        TestDb::Sqlite(_) => a.clone(),
+    };
+    let append = |store: Store, who: &'static str| {
+        tokio::spawn(async move {
+            let writes = (0..100).map(|i| store.audit(who, "run.cancel", Some(format!("run/{i}")), "ok", None));
+            for w in futures_util::future::join_all(writes).await {
+                w.unwrap();
+            }
+        })
+    };
+    let (x, y) = tokio::join!(append(a.clone(), "alice"), append(b, "bob"));
+    x.unwrap();
+    y.unwrap();
+    let report = a.verify_audit().await.unwrap();
+    assert_eq!((report.rows, report.broken), (200, None));
+}
+
+async fn one_replica_at_a_time_sends_the_audit(db: TestDb) {
+    let (a, ids) = audited(&db).await;
+    assert_eq!(a.audit_sink_claim(60_000).await.unwrap(), Some(0));
+    assert_eq!(
+        a.audit_after(0, 4).await.unwrap().iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids[..4]
+    );
+    assert!(a.audit_sink_sent(ids[3]).await.unwrap());
+    assert_eq!(a.audit_sink_claim(60_000).await.unwrap(), Some(ids[3]), "renewed, where it was");
+    if let TestDb::Postgres(_) = db {
+        let b = db.open().await;
+        assert_eq!(b.audit_sink_claim(60_000).await.unwrap(), None, "held by the other");
+        assert!(!b.audit_sink_sent(ids[5]).await.unwrap(), "only the holder moves it");
+        // A hold that has run out is taken over, from where the last holder got to.
+        a.audit_sink_claim(-1).await.unwrap();
+        assert_eq!(b.audit_sink_claim(60_000).await.unwrap(), Some(ids[3]));
+    }
+}
 }
 
 #[tokio::test]

@@ -140,6 +140,11 @@ impl Receiver {
         });
     }
 
+    /// Drops the answers still queued: from now on, the default answer.
+    pub fn clear_answers(&self) {
+        self.inner.lock().unwrap().script.clear();
+    }
+
     /// Requests so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.lock().unwrap().requests.clone()
