@@ -84,7 +84,7 @@ pub async fn run(
     tasks.spawn(reload_on_sighup(state.clone(), token.clone()));
     tasks.spawn(flush_refusals(state.clone(), token.clone()));
     let app = api::router(state);
-    tracing::info!(addr = %listener.local_addr()?, dry_run = cfg.dry_run, "listening");
+    tracing::info!(addr = %listener.local_addr()?, shadow = cfg.shadow(), "listening");
     let stop = token.clone();
     api::server::serve(listener, app, &cfg.server, async move {
         shutdown.await;

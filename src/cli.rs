@@ -214,7 +214,7 @@ fn simulate_one(
     }
     let mut sim = Simulated {
         playbook: pb.name.clone(),
-        dry_run: pb.dry_run || cfg.dry_run,
+        dry_run: pb.dry_run || cfg.shadow(),
         cooldown,
         holds,
         error: None,
@@ -299,7 +299,7 @@ fn print_alert(
             )?;
             continue;
         }
-        let dry = if sim.dry_run { ", as a dry run" } else { "" };
+        let dry = if sim.dry_run { ", in shadow mode" } else { "" };
         let cooldown = sim
             .cooldown
             .as_ref()

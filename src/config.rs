@@ -470,6 +470,21 @@ pub struct EngineConfig {
     pub plan_budget: Duration,
     /// Caps on what steps keep besides their output (graphs, logs), per artifact and per run.
     pub artifacts: crate::store::ArtifactCaps,
+    /// `shadow`: every playbook runs in shadow mode (see [`Mode`]).
+    pub mode: Mode,
+}
+
+/// Whether runs act (`engine.mode`, a playbook's `mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Steps act.
+    #[default]
+    Act,
+    /// Runs are planned and recorded exactly as they would act (holds, gates, the breaker
+    /// evaluated; evidence gathered) and no step that changes anything is executed: each says
+    /// what it would have done. The older spelling is `dry_run: true`.
+    Shadow,
 }
 
 impl Default for EngineConfig {
@@ -482,6 +497,7 @@ impl Default for EngineConfig {
             run_deadline: Duration::from_secs(3600),
             plan_budget: Duration::from_millis(250),
             artifacts: crate::store::ArtifactCaps::default(),
+            mode: Mode::Act,
         }
     }
 }
@@ -603,6 +619,12 @@ impl Config {
         hosts.sort();
         hosts.dedup();
         hosts
+    }
+
+    /// Every run in shadow mode (`engine.mode: shadow`, or the older `dry_run: true`, or
+    /// `reflex serve --dry-run`).
+    pub fn shadow(&self) -> bool {
+        self.dry_run || self.engine.mode == Mode::Shadow
     }
 
     /// The names playbooks may refer to; checked only when a config file defines them.

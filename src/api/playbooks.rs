@@ -24,7 +24,8 @@ pub struct PlaybookView {
     pub has_when: bool,
     /// Cooldown in seconds.
     pub cooldown_seconds: u64,
-    /// Records without acting.
+    /// Shadow mode: records without acting.
+    #[serde(rename = "shadow")]
     pub dry_run: bool,
     /// Steps as `name (action)`.
     pub steps: Vec<String>,

@@ -139,7 +139,7 @@ impl Engine {
             .then(|| {
                 run.steps.iter().flatten().find(|s| {
                     s.phase == Phase::Main
-                        && !matches!(s.state, StepState::Succeeded | StepState::DryRun)
+                        && !matches!(s.state, StepState::Succeeded | StepState::Shadow)
                 })
             })
             .flatten()

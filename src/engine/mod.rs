@@ -156,7 +156,7 @@ impl Engine {
             playbooks: ArcSwap::from_pointee(playbooks),
             live: ArcSwap::from_pointee(Live::new(cfg, executors, notifier)),
             config: cfg.engine.clone(),
-            dry_run: cfg.dry_run,
+            dry_run: cfg.shadow(),
             playbook_paths: vec![cfg.playbooks_dir.clone()],
             metrics,
             wake: Notify::new(),

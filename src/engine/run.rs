@@ -95,7 +95,7 @@ enum Report {
     Playbook(String),
 }
 
-/// What a dry run would have done, step by step, with the gates it would have waited at.
+/// What a shadow run would have done, step by step, with the gates it would have waited at.
 fn dry_run_summary(outputs: &[(String, Value)]) -> String {
     let steps: Vec<String> = outputs
         .iter()
@@ -140,7 +140,7 @@ impl Engine {
                 refused: false,
             };
             let (state, error) = match self.steps(&run, &token, &mut progress).await {
-                Ok(()) if run.dry_run => (RunState::DryRun, None),
+                Ok(()) if run.dry_run => (RunState::Shadow, None),
                 Ok(()) => (RunState::Succeeded, None),
                 Err(Stop::Parked) => {
                     tracing::info!("run waits for approval");
@@ -339,7 +339,7 @@ impl Engine {
             .await
             .map_err(record_err)?
         {
-            // A dry run waits for nobody; the step's record says what it would have waited for.
+            // A shadow run waits for nobody; the step's record says what it would have waited for.
             None if run.dry_run => Ok(()),
             None => {
                 let id = self
@@ -644,9 +644,9 @@ impl Engine {
         dry_run: bool,
     ) -> (StepState, Option<Value>, Option<String>) {
         match result {
-            // Evidence gathered in a dry run is real output: redacted like any.
+            // Evidence gathered in a shadow run is real output: redacted like any.
             Ok(out) if dry_run => (
-                StepState::DryRun,
+                StepState::Shadow,
                 Some(self.live().redactor.redact_json(out)),
                 None,
             ),
@@ -720,7 +720,7 @@ impl Engine {
 }
 
 /// Does what a step says. Every step is validated (inventory, cluster, namespace scope, names)
-/// before any request is made; a dry run stops there and tells what it would have done.
+/// before any request is made; a shadow run stops there and tells what it would have done.
 /// Otherwise the step executes within its timeout, and a cancel stops it.
 async fn act(
     executor: &dyn Executor,
@@ -729,7 +729,7 @@ async fn act(
     step: &StepRecord,
 ) -> Result<Value, ExecError> {
     executor.validate(ctx)?;
-    // Evidence changes nothing: a dry run gathers it as a real run would.
+    // Evidence changes nothing: a shadow run gathers it as a real run would.
     if run.dry_run && !step.action.reads_only() {
         let mut would = json!({ "would_run": { "action": step.action, "target": run.target, "args": step.args } });
         if let Some(gate) = &step.approval {

@@ -112,7 +112,8 @@ pub enum Event {
 pub struct RunInfo {
     /// Run id.
     pub id: i64,
-    /// A dry run: every message about it says so.
+    /// A shadow run: every message about it says so.
+    #[serde(rename = "shadow")]
     pub dry_run: bool,
     /// Playbook.
     pub playbook: String,
@@ -242,7 +243,7 @@ impl Event {
     pub fn text_for(&self, markup: Markup) -> String {
         let text = self.text_inner(markup);
         match self.run() {
-            Some(run) if run.dry_run => format!("Dry run: {text}"),
+            Some(run) if run.dry_run => format!("Shadow run: {text}"),
             _ => text,
         }
     }
@@ -320,7 +321,7 @@ impl Event {
                     .map(|x| format!(" {}.", e(x.trim_end_matches('.'))))
                     .unwrap_or_default();
                 let ended = match state {
-                    RunState::DryRun => "finished as a dry run",
+                    RunState::Shadow => "finished in shadow mode",
                     other => other.as_str(),
                 };
                 format!(

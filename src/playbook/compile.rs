@@ -245,7 +245,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         cooldown,
         cooldown_by: spec.cooldown_by,
         coalesce: spec.coalesce,
-        dry_run: spec.dry_run,
+        dry_run: spec.dry_run || spec.mode == crate::config::Mode::Shadow,
         concurrency: spec.concurrency.unwrap_or(0),
         approval,
         namespaces: spec.namespaces,

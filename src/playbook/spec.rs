@@ -32,7 +32,10 @@ pub struct PlaybookSpec {
     /// queuing a second one (default true).
     #[serde(default = "yes")]
     pub coalesce: bool,
-    /// Render and record the steps without acting.
+    /// `shadow`: record what the steps would do, act on nothing (see `config::Mode`).
+    #[serde(default)]
+    pub mode: crate::config::Mode,
+    /// The older spelling of `mode: shadow`.
     #[serde(default)]
     pub dry_run: bool,
     /// At most this many runs of the playbook execute at once (across replicas); the others

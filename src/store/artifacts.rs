@@ -189,7 +189,7 @@ pub(super) fn run_evidence(
         Option<String>,
     )> = c.rows(
         "SELECT idx, name, action, output FROM steps
-         WHERE run_id = ?1 AND idx < ?2 AND state IN ('succeeded', 'dry_run') ORDER BY idx",
+         WHERE run_id = ?1 AND idx < ?2 AND state IN ('succeeded', 'shadow') ORDER BY idx",
         &[&run_id, &before_idx],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
     )?;

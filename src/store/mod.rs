@@ -624,6 +624,11 @@ CREATE TABLE audit_sink (
   until_ms INTEGER NOT NULL
 );
 "#,
+    // 19: dry runs are shadow runs (one concept, one name).
+    r#"
+UPDATE runs SET state = 'shadow' WHERE state = 'dry_run';
+UPDATE steps SET state = 'shadow' WHERE state = 'dry_run';
+"#,
 ];
 
 impl Store {

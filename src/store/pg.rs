@@ -716,4 +716,9 @@ CREATE TABLE audit_sink (
   until_ms BIGINT NOT NULL
 );
 "#,
+    // 11: dry runs are shadow runs (see SQLite's 19).
+    r#"
+UPDATE runs SET state = 'shadow' WHERE state = 'dry_run';
+UPDATE steps SET state = 'shadow' WHERE state = 'dry_run';
+"#,
 ];

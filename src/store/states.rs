@@ -35,9 +35,9 @@ pub enum RunState {
     /// Its alert resolved before it finished (waiting in the queue, for approval, or between
     /// steps); nothing more ran.
     Resolved,
-    /// A dry run that went through every step: each was rendered, validated and recorded,
+    /// A shadow run that went through every step: each was rendered, validated and recorded,
     /// and nothing was done.
-    DryRun,
+    Shadow,
     /// A new occurrence that joined a queued run of the same playbook and alert (`reason`
     /// names it); it never runs itself.
     Coalesced,
@@ -61,7 +61,7 @@ impl RunState {
         RunState::Expired,
         RunState::Killed,
         RunState::Resolved,
-        RunState::DryRun,
+        RunState::Shadow,
         RunState::Coalesced,
     ];
 
@@ -80,7 +80,7 @@ impl RunState {
             RunState::Expired => "expired",
             RunState::Killed => "killed",
             RunState::Resolved => "resolved",
-            RunState::DryRun => "dry_run",
+            RunState::Shadow => "shadow",
             RunState::Coalesced => "coalesced",
             RunState::Cancelling => "cancelling",
         }
@@ -126,8 +126,8 @@ pub enum StepState {
     Skipped,
     /// Was running when the daemon stopped; not re-run.
     Interrupted,
-    /// Rendered and recorded, not executed (dry run).
-    DryRun,
+    /// Rendered and recorded, not executed (shadow mode).
+    Shadow,
     /// Stopped while under way: an operator cancelled the run.
     Cancelled,
 }
@@ -142,7 +142,7 @@ impl StepState {
             StepState::Failed => "failed",
             StepState::Skipped => "skipped",
             StepState::Interrupted => "interrupted",
-            StepState::DryRun => "dry_run",
+            StepState::Shadow => "shadow",
             StepState::Cancelled => "cancelled",
         }
     }
@@ -289,8 +289,8 @@ macro_rules! stored_as_names {
 
 stored_as_names! {
     RunState => [Pending, Running, Succeeded, Failed, Cancelled, Interrupted, Suppressed,
-                 AwaitingApproval, Denied, Expired, Killed, Resolved, DryRun, Coalesced],
-    StepState => [Pending, Running, Succeeded, Failed, Skipped, Interrupted, DryRun, Cancelled],
+                 AwaitingApproval, Denied, Expired, Killed, Resolved, Shadow, Coalesced],
+    StepState => [Pending, Running, Succeeded, Failed, Skipped, Interrupted, Shadow, Cancelled],
     OnFailure => [Stop, Continue],
     Phase => [Main, OnFailure],
     GateScope => [Run, Step],

@@ -22,7 +22,8 @@ pub struct RunView {
     pub reason: Option<String>,
     /// Why it failed, if it did.
     pub error: Option<String>,
-    /// Recorded without acting.
+    /// Shadow mode: recorded without acting.
+    #[serde(rename = "shadow")]
     pub dry_run: bool,
     /// What it acts on.
     pub target: String,

@@ -27,5 +27,6 @@ mod reload;
 mod rollback_playbook;
 mod safety;
 mod secrets;
+mod shadow;
 mod ssh;
 mod verify;

@@ -169,7 +169,7 @@ async fn every_sink_gets_the_exact_payload_for_every_event() {
             "killswitch"
         ]
     );
-    let run = json!({"id": 1, "dry_run": false, "playbook": "gated", "target": "web-1", "title": "Error rate high on web-1", "url": link});
+    let run = json!({"id": 1, "shadow": false, "playbook": "gated", "target": "web-1", "title": "Error rate high on web-1", "url": link});
     assert_eq!(
         hook[0].body,
         json!({ "event": "run_started", "run": run, "text": started })

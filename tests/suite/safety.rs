@@ -1,5 +1,5 @@
 //! The safety semantics through the real binary: approval gates, the kill switch, the circuit
-//! breaker, persistence across restarts, auth and roles, the audit log, and dry runs.
+//! breaker, persistence across restarts, auth and roles, the audit log, and shadow mode.
 
 use crate::common::{TestApp, auth_config, generic_alert};
 use serde_json::{Value, json};
@@ -566,7 +566,7 @@ async fn endpoints_refuse_missing_bad_and_underprivileged_tokens() {
 }
 
 #[tokio::test]
-async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touches_nothing() {
+async fn shadow_mode_records_the_rendered_actions_of_every_example_playbook_and_touches_nothing() {
     let sshd = crate::common::sshd::Sshd::start();
     let chat = crate::common::receiver::Receiver::start().await;
     let app = TestApp::builder()
@@ -633,13 +633,13 @@ async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touc
     for run in &runs {
         let id = run["id"].as_i64().unwrap();
         let run = app
-            .wait_for(20, "dry run to finish", || async {
+            .wait_for(20, "shadow run to finish", || async {
                 let r = app.run(id).await;
                 (r["state"] != "pending" && r["state"] != "running").then_some(r)
             })
             .await;
-        assert_eq!(run["dry_run"], true);
-        assert_eq!(run["state"], "dry_run", "never `succeeded`: {run:#}");
+        assert_eq!(run["shadow"], true);
+        assert_eq!(run["state"], "shadow", "never `succeeded`: {run:#}");
         for step in run["steps"].as_array().unwrap() {
             if step["phase"] == "on_failure" {
                 // Nothing failed, so nothing escalates (`reflex simulate` shows escalations).
@@ -648,16 +648,16 @@ async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touc
             }
             let action = reflex::playbook::actions::Action::parse(step["action"].as_str().unwrap());
             if action.unwrap().reads_only() {
-                // Evidence is gathered for real in a dry run (it changes nothing); here there is
+                // Evidence is gathered for real in a shadow run (it changes nothing); here there is
                 // no cluster or Prometheus to read, and the playbooks go on without it.
                 assert!(step["output"].get("would_run").is_none(), "{run:#}");
                 assert!(
-                    step["state"] == "dry_run" || step["state"] == "failed",
+                    step["state"] == "shadow" || step["state"] == "failed",
                     "{run:#}"
                 );
                 continue;
             }
-            assert_eq!(step["state"], "dry_run", "{run:#}");
+            assert_eq!(step["state"], "shadow", "{run:#}");
             assert_eq!(step["output"]["would_run"]["args"], step["args"]);
         }
         if run["playbook"] == "rollback" {
@@ -679,21 +679,21 @@ async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touc
     assert_eq!(
         sshd.accepted_connections(),
         0,
-        "a dry run connects to nothing"
+        "a shadow run connects to nothing"
     );
-    // Every message says dry run, and none claims success.
+    // Every message says shadow run, and none claims success.
     let messages = app
         .wait_for(20, "each run's end", || async {
             let m = chat.at("/chat");
             let ends = (m.iter())
-                .filter(|m| m.raw.contains("finished as a dry run"))
+                .filter(|m| m.raw.contains("finished in shadow mode"))
                 .count();
             (ends == runs.len()).then_some(m)
         })
         .await;
     for m in &messages {
         let text = m.body["text"].as_str().unwrap();
-        assert!(text.starts_with("Dry run: "), "{text}");
+        assert!(text.starts_with("Shadow run: "), "{text}");
         assert!(!text.contains("succeeded"), "{text}");
     }
     assert!(
@@ -711,7 +711,7 @@ async fn dry_run_records_the_rendered_actions_of_every_example_playbook_and_touc
         .unwrap();
     let dry: f64 = metrics
         .lines()
-        .filter(|l| l.starts_with("reflex_runs_total{") && l.contains("outcome=\"dry_run\""))
+        .filter(|l| l.starts_with("reflex_runs_total{") && l.contains("outcome=\"shadow\""))
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(dry as usize, runs.len(), "{metrics}");
@@ -1097,9 +1097,9 @@ steps:
 "#;
 
 #[tokio::test]
-async fn playbook_settings_dry_run_cooldown_by_group_and_named_approvers_hold() {
+async fn playbook_settings_shadow_cooldown_by_group_and_named_approvers_hold() {
     let rehearsal = NOTE
-        .replace("name: note", "name: rehearsal\ndry_run: true")
+        .replace("name: note", "name: rehearsal\nmode: shadow")
         .replace("Note", "Rehearse");
     let grouped = "name: grouped\nmatchers: ['alertname=\"DiskSpaceLow\"']\ncooldown: 1h\ncooldown_by: group\nsteps:\n  - action: log\n    with: { message: x }\n";
     let named = GATED
@@ -1116,12 +1116,12 @@ async fn playbook_settings_dry_run_cooldown_by_group_and_named_approvers_hold() 
         "",
     )
     .await;
-    // Per-playbook dry run: only that playbook's runs act on nothing.
+    // Per-playbook shadow mode: only that playbook's runs act on nothing.
     let real = start_run(&app, "Note", "h1").await;
     let dry = start_run(&app, "Rehearse", "h1").await;
     wait_state(&app, real, "succeeded").await;
-    let run = wait_state(&app, dry, "dry_run").await;
-    assert_eq!(run["dry_run"], true);
+    let run = wait_state(&app, dry, "shadow").await;
+    assert_eq!(run["shadow"], true);
 
     // Cooldown per Alertmanager group: the group's second alert is held back.
     let (status, out) = app
