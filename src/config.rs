@@ -61,6 +61,8 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// Where the audit log is copied as it is written.
     pub audit: AuditConfig,
+    /// Blast-radius budgets: how many times an action may act per period, across replicas.
+    pub budgets: Vec<Budget>,
     /// The file this was loaded from; `None` on the embedded defaults.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -349,6 +351,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             retention: RetentionConfig::default(),
             audit: AuditConfig::default(),
+            budgets: Vec::new(),
             source: None,
         }
     }
@@ -406,6 +409,43 @@ impl Default for RetentionConfig {
             every: Duration::from_secs(3600),
             batch: 500,
         }
+    }
+}
+
+/// A blast-radius budget (`budgets:`): at most `max` steps of `action` (or of every action
+/// that changes something, for `*`) start acting in any `per`, counted across replicas when a
+/// step is about to act. A step over budget is not executed: its run fails (`on_exceed:
+/// fail`) or waits until the budget has room (`wait`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// An action name (`kube.delete_pod`), or `*`.
+    pub action: String,
+    /// Steps at most in any `per`.
+    pub max: u32,
+    /// The sliding window.
+    #[serde(with = "duration_str")]
+    pub per: Duration,
+    /// `fail` (default) or `wait`.
+    #[serde(default)]
+    pub on_exceed: OnExceed,
+}
+
+/// What a step over budget does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExceed {
+    /// The step is refused; its run fails.
+    #[default]
+    Fail,
+    /// The step waits until the budget has room (or the run is cancelled or ends).
+    Wait,
+}
+
+impl Budget {
+    /// Whether it counts a step of `action` (only actions that change something count).
+    pub fn covers(&self, action: crate::playbook::actions::Action) -> bool {
+        action.changes_something() && (self.action == "*" || self.action == action.name())
     }
 }
 
@@ -773,6 +813,38 @@ impl Config {
             );
         }
         self.store_problems(&mut out);
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, b) in self.budgets.iter().enumerate() {
+            let at = |key: &str| vec![k("budgets"), Key::Index(i), k(key)];
+            if b.action != "*" && crate::playbook::actions::Action::parse(&b.action).is_none() {
+                out.at(
+                    &at("action"),
+                    format!(
+                        "budgets: unknown action {:?} (an action name, or \"*\")",
+                        b.action
+                    ),
+                );
+            } else if crate::playbook::actions::Action::parse(&b.action)
+                .is_some_and(|a| !a.changes_something())
+            {
+                out.at(
+                    &at("action"),
+                    format!(
+                        "budgets: {} changes nothing; budgets count actions that change something",
+                        b.action
+                    ),
+                );
+            }
+            if !seen.insert(b.action.clone()) {
+                out.at(
+                    &at("action"),
+                    format!("budgets: a second budget for {:?}", b.action),
+                );
+            }
+            if b.per.is_zero() {
+                out.at(&at("per"), "budgets: per must be above 0".to_string());
+            }
+        }
         if let Some(sink) = &self.audit.sink {
             let at = |key: &str| vec![k("audit"), k("sink"), k(key)];
             if !(sink.url.starts_with("http://") || sink.url.starts_with("https://"))
@@ -1008,6 +1080,31 @@ mod tests {
         let (line, msg) = &errors[0];
         assert_eq!(*line, 3);
         assert!(msg.contains("workers"), "{msg}");
+    }
+
+    #[test]
+    fn budgets_and_the_audit_sink_are_checked_each_at_its_line() {
+        let text = "budgets:\n  - { action: kube.delete_pod, max: 10, per: 1h }\n  - { action: kube.zap, max: 1, per: 1h }\n  - { action: kube.logs, max: 1, per: 1h }\n  - { action: kube.delete_pod, max: 3, per: 0s }\naudit:\n  sink: { url: \"ftp://x\", credential: nope }\n";
+        let errors = Config::parse(text).unwrap_err();
+        let found: Vec<(usize, &str)> = errors.iter().map(|(l, m)| (*l, m.as_str())).collect();
+        for (line, needle) in [
+            (3, "unknown action \"kube.zap\""),
+            (4, "kube.logs changes nothing"),
+            (5, "a second budget for \"kube.delete_pod\""),
+            (5, "per must be above 0"),
+            (7, "http(s) URL"),
+            (7, "\"nope\" is not in credentials"),
+        ] {
+            assert!(
+                found.iter().any(|(l, m)| *l == line && m.contains(needle)),
+                "no {needle:?} at line {line} in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), 6, "{found:#?}");
+        let ok =
+            Config::parse("budgets:\n  - { action: \"*\", max: 200, per: 1h, on_exceed: wait }\n")
+                .unwrap();
+        assert_eq!(ok.budgets[0].on_exceed, OnExceed::Wait);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! `max_concurrent_runs` at once, so a crash or a restart loses nothing.
 
 mod audit_sink;
+mod budgets;
 mod dispatch;
 mod intake;
 mod lease;
@@ -90,6 +91,8 @@ pub struct Live {
     pub redactor: crate::redact::Redactor,
     /// Where operators reach this daemon, without a trailing slash.
     pub public_url: Option<String>,
+    /// Blast-radius budgets.
+    pub budgets: Vec<crate::config::Budget>,
     /// Where the audit log is copied, with the credential it sends.
     pub audit_sink: Option<(
         crate::config::AuditSinkConfig,
@@ -117,6 +120,7 @@ impl Live {
             retention: cfg.retention.clone(),
             redactor: crate::redact::Redactor::from_config(cfg),
             public_url: (cfg.public_url.clone()).map(|u| u.trim_end_matches('/').to_string()),
+            budgets: cfg.budgets.clone(),
             audit_sink: cfg.audit.sink.clone().map(|sink| {
                 let credential =
                     (sink.credential.as_ref()).and_then(|name| cfg.credentials.get(name).cloned());

@@ -4,6 +4,7 @@
 //! (`awaiting_approval`) and frees its worker; an approval puts it back in the queue.
 
 use super::Engine;
+use super::budgets::Budget;
 use crate::executors::{ExecError, Executor, StepContext};
 use crate::notify::Event;
 use crate::playbook::actions::Action;
@@ -25,7 +26,7 @@ const EXECUTOR_GRACE: Duration = Duration::from_secs(15);
 const CANCEL_GRACE: Duration = Duration::from_secs(8);
 
 /// Why a run stopped before its last step.
-enum Stop {
+pub(super) enum Stop {
     /// It ended in this state.
     End { state: RunState, error: String },
     /// It waits for approval; its state is already `awaiting_approval`.
@@ -48,7 +49,7 @@ fn end(state: RunState, error: impl Into<String>) -> Stop {
     }
 }
 
-fn record_err(e: StoreError) -> Stop {
+pub(super) fn record_err(e: StoreError) -> Stop {
     end(
         RunState::Failed,
         format!("cannot record step state, stopped before acting: {e}"),
@@ -488,7 +489,16 @@ impl Engine {
             let since = (crate::time::now_us() - run.received_us).max(0) as f64 / 1e6;
             self.metrics.alert_to_first_step.observe(since);
         }
-        let mut result = act(executor.as_ref(), &ctx, run, step).await;
+        let mut result = match self.budget(run, step, token).await? {
+            Budget::Room => act(executor.as_ref(), &ctx, run, step).await,
+            Budget::Spent(why) if run.dry_run => (act(executor.as_ref(), &ctx, run, step).await)
+                .map(|mut would| {
+                    would["would_be_refused"] = json!(why);
+                    would
+                }),
+            Budget::Spent(why) => Err(ExecError::Failed(why)),
+            Budget::Cancelled => Err(ExecError::Cancelled),
+        };
         self.keep_artifacts(run, step, &ctx, &mut result).await?;
         self.metrics
             .step_duration

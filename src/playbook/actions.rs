@@ -171,6 +171,16 @@ impl Action {
         )
     }
 
+    /// Whether it changes something outside Reflex (a host, a cluster, a flag, an endpoint):
+    /// what blast-radius budgets count. Evidence, `log`, `script`, `wait` and `verify` do not.
+    pub fn changes_something(self) -> bool {
+        !self.reads_only()
+            && !matches!(
+                self,
+                Action::Log | Action::Script | Action::Wait | Action::Verify
+            )
+    }
+
     /// How argument `arg` is treated.
     pub fn arg_kind(self, arg: &str) -> ArgKind {
         match (self, arg) {

@@ -11,6 +11,7 @@ mod approvals;
 mod artifacts;
 mod audit;
 mod breaker;
+mod budgets;
 mod coalesce;
 mod cooldown;
 pub mod db;
@@ -33,6 +34,7 @@ pub use approvals::*;
 pub use artifacts::{Artifact, ArtifactCaps, ArtifactInfo, Evidence};
 pub use audit::{AuditEntry, AuditFilter, Broken, ChainReport};
 pub use breaker::{BreakerLimits, Limit, Trip};
+pub use budgets::{BudgetLimit, Exceeded};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
 pub use lease::{LEASE_EXPIRY, LEASE_RENEW, Takeover};
 pub use queue::{ClaimedRun, StepRecord, StepRef, StepResult};
@@ -628,6 +630,16 @@ CREATE TABLE audit_sink (
     r#"
 UPDATE runs SET state = 'shadow' WHERE state = 'dry_run';
 UPDATE steps SET state = 'shadow' WHERE state = 'dry_run';
+"#,
+    // 20: blast-radius budgets: one row a use, within its budget's window (see `budgets`).
+    r#"
+CREATE TABLE budget_use (
+  budget TEXT NOT NULL,
+  at INTEGER NOT NULL,
+  run_id INTEGER NOT NULL,
+  step_idx INTEGER NOT NULL
+);
+CREATE INDEX budget_use_at ON budget_use(budget, at);
 "#,
 ];
 

@@ -721,4 +721,14 @@ CREATE TABLE audit_sink (
 UPDATE runs SET state = 'shadow' WHERE state = 'dry_run';
 UPDATE steps SET state = 'shadow' WHERE state = 'dry_run';
 "#,
+    // 12: blast-radius budgets (see SQLite's 20).
+    r#"
+CREATE TABLE budget_use (
+  budget TEXT NOT NULL,
+  at BIGINT NOT NULL,
+  run_id BIGINT NOT NULL,
+  step_idx BIGINT NOT NULL
+);
+CREATE INDEX budget_use_at ON budget_use(budget, at);
+"#,
 ];

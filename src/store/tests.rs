@@ -1640,6 +1640,45 @@ async fn replicas_appending_at_once_keep_one_chain(db: TestDb) {
     assert_eq!((report.rows, report.broken), (200, None));
 }
 
+async fn replicas_racing_for_the_last_unit_of_a_budget_one_wins(db: TestDb) {
+    let clock = std::sync::Arc::new(crate::time::ManualClock::new());
+    let a = db.open_with_clock(clock.clone()).await;
+    let b = match db {
+        TestDb::Postgres(_) => db.open_with_clock(clock.clone()).await,
+        TestDb::Sqlite(_) => a.clone(),
+    };
+    let limits = || {
+        vec![
+            BudgetLimit { name: "kube.delete_pod".into(), max: 3, per_ms: 3_600_000 },
+            BudgetLimit { name: "*".into(), max: 100, per_ms: 3_600_000 },
+        ]
+    };
+    for step in 0..2 {
+        assert_eq!(a.spend_budgets(limits(), 1, step, true).await.unwrap(), None);
+    }
+    // Twenty tries at once from two replicas for the one unit left.
+    let tries = (0..20).map(|i| {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let limits = limits();
+        tokio::spawn(async move { store.spend_budgets(limits, 2, i, true).await.unwrap() })
+    });
+    let won = futures_util::future::join_all(tries)
+        .await
+        .into_iter()
+        .filter(|r| r.as_ref().unwrap().is_none())
+        .count();
+    assert_eq!(won, 1, "exactly one replica has the last unit");
+    let spent = a.spend_budgets(limits(), 3, 0, true).await.unwrap().expect("spent");
+    assert_eq!((spent.name.as_str(), spent.used), ("kube.delete_pod", 3));
+    // A refused step took nothing from the wider budget: three units of `*` in all.
+    let star = vec![BudgetLimit { name: "*".into(), max: 3, per_ms: 3_600_000 }];
+    assert_eq!(a.spend_budgets(star.clone(), 3, 1, false).await.unwrap().map(|x| x.used), Some(3));
+    // Looking takes nothing; the window slides: an hour on, there is room again.
+    assert_eq!(spent.frees_at, a.now_ms() + 3_600_000);
+    clock.advance(std::time::Duration::from_secs(3601));
+    assert_eq!(a.spend_budgets(limits(), 4, 0, true).await.unwrap(), None);
+}
+
 async fn one_replica_at_a_time_sends_the_audit(db: TestDb) {
     let (a, ids) = audited(&db).await;
     assert_eq!(a.audit_sink_claim(60_000).await.unwrap(), Some(0));

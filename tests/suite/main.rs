@@ -7,6 +7,7 @@
 mod common;
 
 mod audit;
+mod budgets;
 mod cli;
 mod console;
 mod deploy;
