@@ -330,15 +330,25 @@ pub fn format_step(s: &Value) -> String {
 
 /// One line per playbook: name, file, matchers.
 pub fn format_playbooks(list: &Value) -> String {
-    let mut out = format!("{:<28} {:<36} {}\n", "NAME", "FILE", "MATCHERS");
+    let mut out = format!(
+        "{:<28} {:<36} {:<22} {}\n",
+        "NAME", "FILE", "AUTONOMY", "MATCHERS"
+    );
     for p in list.as_array().into_iter().flatten() {
         let matchers: Vec<&str> = (p["matchers"].as_array().into_iter().flatten())
             .filter_map(Value::as_str)
             .collect();
+        let a = &p["autonomy"];
+        let autonomy = match a["level"].as_str() {
+            Some("approve") => format!("approve {}/{}", a["streak"], a["rules"]["approve_until"]),
+            Some("auto") => format!("auto ({} failed)", a["failures"]),
+            _ => "-".into(),
+        };
         out.push_str(&format!(
-            "{:<28} {:<36} {}\n",
+            "{:<28} {:<36} {:<22} {}\n",
             p["name"].as_str().unwrap_or(""),
             p["file"].as_str().unwrap_or(""),
+            autonomy,
             matchers.join(", ")
         ));
     }

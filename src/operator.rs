@@ -397,6 +397,13 @@ pub enum OperatorCommand {
         #[command(flatten)]
         api: Api,
     },
+    /// Put a playbook that earns autonomy back behind approval, counting from zero (admin).
+    ResetAutonomy {
+        #[command(flatten)]
+        api: Api,
+        /// Playbook name.
+        playbook: String,
+    },
     /// Reload the playbooks from disk (an invalid set is refused whole).
     Reload {
         #[command(flatten)]
@@ -610,6 +617,12 @@ pub fn run(cmd: OperatorCommand) -> Result<ExitCode, ClientError> {
         OperatorCommand::Playbooks { api } => list(&api, "/api/v1/playbooks", |v, _| {
             client::format_playbooks(v)
         }),
+        OperatorCommand::ResetAutonomy { api, playbook } => {
+            let path = format!("/api/v1/playbooks/{}/autonomy/reset", segment(&playbook));
+            let v = client_call(&api, Method::POST, &path, None)?;
+            println!("{}", pretty(&v));
+            Ok(ExitCode::SUCCESS)
+        }
         OperatorCommand::Reload { api } => {
             let v = client_call(&api, Method::POST, "/api/v1/playbooks/reload", None)?;
             println!("{}", pretty(&v));

@@ -113,9 +113,151 @@ pub fn decide<F: Facts>(c: Candidate<'_>, facts: &mut F) -> Result<Verdict, F::E
     })
 }
 
+/// A playbook's autonomy (`autonomy:`): earned by verified runs, lost by failed ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AutonomyRules {
+    /// Verified runs in a row after which acting steps run without an approval.
+    pub approve_until: u32,
+    /// Failed verifications (or undos) in a row that put the playbook back behind approval.
+    pub demote_after: u32,
+}
+
+/// Whether a playbook's acting steps wait for a person.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    /// Its acting steps need an approval.
+    Approve,
+    /// Earned: they run without one.
+    Auto,
+}
+
+impl Level {
+    /// Stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Approve => "approve",
+            Level::Auto => "auto",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Level> {
+        [Level::Approve, Level::Auto]
+            .into_iter()
+            .find(|l| l.as_str() == s)
+    }
+}
+
+/// Where a playbook stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Standing {
+    /// Its level.
+    pub level: Level,
+    /// Verified runs in a row.
+    pub streak: u32,
+    /// Failed verifications (or undos) in a row.
+    pub failures: u32,
+}
+
+impl Default for Standing {
+    /// Where every playbook starts: behind approval.
+    fn default() -> Self {
+        Standing {
+            level: Level::Approve,
+            streak: 0,
+            failures: 0,
+        }
+    }
+}
+
+/// What a run of the playbook came to, as autonomy counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It succeeded, and its verification held.
+    Verified,
+    /// A verification step failed.
+    VerificationFailed,
+    /// An operator undid it.
+    Undone,
+    /// Anything else (failed before verifying, cancelled, denied): the streak is broken, the
+    /// failures are not counted.
+    Other,
+}
+
+/// The standing after one outcome: a verified run extends the streak (and clears the
+/// failures), `approve_until` of them in a row promote; a failed verification or an undo
+/// counts a failure (and breaks the streak), `demote_after` of them in a row demote; anything
+/// else breaks the streak.
+pub fn next_standing(s: Standing, outcome: Outcome, rules: AutonomyRules) -> Standing {
+    let mut next = match outcome {
+        Outcome::Verified => Standing {
+            streak: s.streak.saturating_add(1),
+            failures: 0,
+            ..s
+        },
+        Outcome::VerificationFailed | Outcome::Undone => Standing {
+            streak: 0,
+            failures: s.failures.saturating_add(1),
+            ..s
+        },
+        Outcome::Other => Standing { streak: 0, ..s },
+    };
+    match next.level {
+        Level::Approve if next.streak >= rules.approve_until => next.level = Level::Auto,
+        Level::Auto if next.failures >= rules.demote_after => {
+            next = Standing {
+                level: Level::Approve,
+                streak: 0,
+                failures: next.failures,
+            };
+        }
+        _ => {}
+    }
+    next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn autonomy_is_earned_by_verified_runs_in_a_row_and_lost_by_failed_ones() {
+        let rules = AutonomyRules {
+            approve_until: 3,
+            demote_after: 2,
+        };
+        let walk = |outcomes: &[Outcome]| {
+            (outcomes.iter()).fold(Standing::default(), |s, o| next_standing(s, *o, rules))
+        };
+        use Outcome::*;
+        let level = |outcomes: &[Outcome]| walk(outcomes).level;
+        assert_eq!(level(&[Verified, Verified]), Level::Approve);
+        assert_eq!(level(&[Verified, Verified, Verified]), Level::Auto);
+        // In a row: anything else starts the count again.
+        assert_eq!(
+            level(&[Verified, Verified, Other, Verified]),
+            Level::Approve
+        );
+        assert_eq!(walk(&[Verified, Verified, Other, Verified]).streak, 1);
+        // Earned, one failure is forgiven, two in a row demote; an undo counts as one.
+        let earned = [Verified, Verified, Verified];
+        assert_eq!(
+            level(&[&earned[..], &[VerificationFailed]].concat()),
+            Level::Auto
+        );
+        assert_eq!(
+            level(&[&earned[..], &[VerificationFailed, Verified, Undone]].concat()),
+            Level::Auto
+        );
+        let lost = walk(&[&earned[..], &[VerificationFailed, Undone]].concat());
+        assert_eq!((lost.level, lost.streak), (Level::Approve, 0));
+        // Demoted, it earns its way back from zero.
+        let back = [&earned[..], &[Undone, Undone], &earned[..]].concat();
+        assert_eq!(level(&back), Level::Auto);
+        assert_eq!(level(&back[..back.len() - 1]), Level::Approve);
+    }
 
     /// Facts from a table; records which were asked.
     #[derive(Default)]

@@ -131,6 +131,10 @@ pub fn router(state: AppState) -> Router {
         .route_layer(from_fn_with_state(state.clone(), auth::operator));
     let admin = Router::new()
         .route("/api/v1/playbooks/reload", post(playbooks::reload))
+        .route(
+            "/api/v1/playbooks/{name}/autonomy/reset",
+            post(playbooks::reset_autonomy),
+        )
         .route("/api/v1/killswitch", axum::routing::put(killswitch::put))
         .route(
             "/api/v1/playbooks/{name}/killswitch",

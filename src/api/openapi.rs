@@ -33,6 +33,7 @@ use utoipa::{Modify, OpenApi};
         killswitch::put_playbook,
         playbooks::list,
         playbooks::reload,
+        playbooks::reset_autonomy,
         playbooks::trigger,
         super::audit,
         super::metrics,

@@ -29,6 +29,44 @@ pub struct PlaybookView {
     pub dry_run: bool,
     /// Steps as `name (action)`.
     pub steps: Vec<String>,
+    /// Autonomy earned by verified runs, and where the playbook stands (absent: the playbook
+    /// does not earn it; its gates are what it says).
+    pub autonomy: Option<AutonomyView>,
+}
+
+/// A playbook's autonomy.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AutonomyView {
+    /// Its rules.
+    pub rules: crate::policy::AutonomyRules,
+    /// Its level, and its verified and failed runs in a row.
+    #[serde(flatten)]
+    pub standing: crate::policy::Standing,
+    /// When its level last changed (absent: never).
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub changed_at: Option<crate::time::Timestamp>,
+}
+
+/// Where each playbook that earns autonomy stands (those without a row stand at the start).
+pub(crate) async fn autonomy_views(
+    state: &AppState,
+) -> Result<std::collections::HashMap<String, AutonomyView>, ApiError> {
+    let stored = state.store.standings().await?;
+    let set = state.engine.playbooks();
+    Ok((set.playbooks.iter())
+        .filter_map(|p| {
+            let rules = p.autonomy?;
+            let row = stored.iter().find(|s| s.playbook == p.name);
+            Some((
+                p.name.clone(),
+                AutonomyView {
+                    rules,
+                    standing: row.map(|r| r.standing).unwrap_or_default(),
+                    changed_at: row.and_then(|r| r.changed_at),
+                },
+            ))
+        })
+        .collect())
 }
 
 /// `GET /api/v1/playbooks`
@@ -40,9 +78,10 @@ pub struct PlaybookView {
     responses((status = 200, description = "Playbooks", body = Vec<PlaybookView>), (status = 400, description = "Bad request", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
     security(("bearer" = ["viewer"]))
 )]
-pub async fn list(State(state): State<AppState>) -> Json<Vec<PlaybookView>> {
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<PlaybookView>>, ApiError> {
+    let mut autonomy = autonomy_views(&state).await?;
     let set = state.engine.playbooks();
-    Json(
+    Ok(Json(
         set.playbooks
             .iter()
             .map(|p| PlaybookView {
@@ -59,9 +98,38 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<PlaybookView>> {
                     .iter()
                     .map(|s| format!("{} ({})", s.name, s.action.name()))
                     .collect(),
+                autonomy: autonomy.remove(&p.name),
             })
             .collect(),
-    )
+    ))
+}
+
+/// `POST /api/v1/playbooks/{name}/autonomy/reset`: back behind approval, counting from zero.
+#[utoipa::path(
+    post,
+    path = "/api/v1/playbooks/{name}/autonomy/reset",
+    tag = "admin",
+    description = "Puts a playbook that earns autonomy back behind approval with a fresh count; audited and told in chat. Role: admin.",
+    params(("name" = String, Path, description = "Playbook name")),
+    responses((status = 200, description = "Where it stands now", body = crate::policy::Standing), (status = 404, description = "No such playbook", body = ErrorBody), (status = 409, description = "The playbook does not earn autonomy", body = ErrorBody), (status = 401, description = "No or unknown token", body = ErrorBody), (status = 403, description = "The token lacks the role", body = ErrorBody), (status = 503, description = "The store is unavailable; retry", body = ErrorBody)),
+    security(("bearer" = ["admin"]))
+)]
+pub async fn reset_autonomy(
+    State(state): State<AppState>,
+    axum::Extension(who): axum::Extension<super::auth::Identity>,
+    name: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<crate::policy::Standing>, ApiError> {
+    let axum::extract::Path(name) = name?;
+    match state.engine.playbooks().get(&name) {
+        None => return Err(ApiError::NotFound(format!("no playbook {name:?}"))),
+        Some(p) if p.autonomy.is_none() => {
+            return Err(ApiError::Conflict(format!(
+                "playbook {name:?} does not earn autonomy (it has no autonomy:)"
+            )));
+        }
+        Some(_) => {}
+    }
+    Ok(Json(state.engine.reset_autonomy(&name, &who.name).await?))
 }
 
 /// `POST /api/v1/playbooks/reload`: 200 with the count, or 422 with every error (the set in

@@ -259,6 +259,8 @@ impl Engine {
             concurrency: pb.concurrency,
             params: run.params.as_object().cloned().unwrap_or_default(),
             steps: undo.steps.clone(),
+            // An operator's undo is not gated by what the playbook has earned.
+            autonomy: false,
         };
         let manual = Manual {
             by: who.to_string(),

@@ -9,6 +9,7 @@
 //! `max_concurrent_runs` at once, so a crash or a restart loses nothing.
 
 mod audit_sink;
+mod autonomy;
 mod budgets;
 mod dispatch;
 mod intake;

@@ -208,6 +208,7 @@ impl Engine {
             if let Some(trip) = tripped {
                 self.announce_breaker(trip.scope(), trip.to_string());
             }
+            self.count_toward_autonomy(&run, state).await;
         }
         .instrument(span)
         .await;
@@ -323,9 +324,14 @@ impl Engine {
     }
 
     /// An approval gate: passes only with an approval of exactly this action.
-    async fn gate(&self, run: &ClaimedRun, i: usize) -> Result<(), Stop> {
+    async fn gate(
+        &self,
+        run: &ClaimedRun,
+        i: usize,
+        gate: Option<&crate::playbook::Gate>,
+    ) -> Result<(), Stop> {
         let step = &run.steps[i];
-        let Some(gate) = &step.approval else {
+        let Some(gate) = gate else {
             return Ok(());
         };
         let covered = if gate.scope == GateScope::Run {
@@ -462,11 +468,13 @@ impl Engine {
         let started = started_at_intake(run, i);
         if !started {
             self.may_continue(run, step, token).await?;
-            if step.approval.is_some() {
+            let earned = self.earned_gate(run, i).await?;
+            let gate = step.approval.as_ref().or(earned.as_ref());
+            if gate.is_some() {
                 // A gate may park the run: what came before is written first.
                 self.flush(progress).await?;
             }
-            self.gate(run, i).await?;
+            self.gate(run, i, gate).await?;
         }
         let ctx = self.context(run, step, token);
         let Some(executor) = self.live().executors.get(step.action).cloned() else {

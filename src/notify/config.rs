@@ -141,6 +141,7 @@ pub const EVENTS: &[&str] = &[
     "run_finished",
     "killswitch",
     "reload",
+    "autonomy",
 ];
 
 /// One sink.

@@ -91,6 +91,16 @@ pub enum Event {
         /// What was loaded, or the errors.
         detail: String,
     },
+    /// A playbook earned its autonomy, lost it, or was reset by an admin.
+    #[serde(rename = "autonomy")]
+    Autonomy {
+        /// The playbook.
+        playbook: String,
+        /// `approve` or `auto`, after.
+        level: crate::policy::Level,
+        /// Why: the runs that earned or lost it, or who reset it.
+        why: String,
+    },
     /// A kill switch changed.
     #[serde(rename = "killswitch")]
     KillSwitch {
@@ -195,6 +205,7 @@ impl Event {
             Event::RunFinished { .. } => "run_finished",
             Event::KillSwitch { .. } => "killswitch",
             Event::Reloaded { .. } => "reload",
+            Event::Autonomy { .. } => "autonomy",
         }
     }
 
@@ -205,7 +216,7 @@ impl Event {
             | Event::ApprovalNeeded { run, .. }
             | Event::StepFailed { run, .. } => Some(run),
             Event::RunFinished { run, .. } => Some(run),
-            Event::KillSwitch { .. } | Event::Reloaded { .. } => None,
+            Event::KillSwitch { .. } | Event::Reloaded { .. } | Event::Autonomy { .. } => None,
         }
     }
 
@@ -351,6 +362,18 @@ impl Event {
                 e(actor),
                 e(detail)
             ),
+            Event::Autonomy {
+                playbook,
+                level: crate::policy::Level::Auto,
+                why,
+            } => format!(
+                "Playbook {} now acts without approval: {}.",
+                e(playbook),
+                e(why)
+            ),
+            Event::Autonomy { playbook, why, .. } => {
+                format!("Playbook {} needs approval again: {}.", e(playbook), e(why))
+            }
         }
     }
 }

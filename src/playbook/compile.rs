@@ -230,6 +230,22 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
     let on_failure = (spec.on_failure.iter().enumerate())
         .filter_map(|(i, s)| compile_step(&mut cx, "on_failure", i, s))
         .collect();
+    if let Some(rules) = spec.autonomy {
+        let at = [Seg::Key("autonomy")];
+        if rules.approve_until == 0 || rules.demote_after == 0 {
+            cx.err(
+                &at,
+                "autonomy: approve_until and demote_after must be at least 1",
+            );
+        }
+        if !(spec.steps.iter()).any(|s| s.action == crate::playbook::actions::Action::Verify.name())
+        {
+            cx.err(
+                &at,
+                "autonomy is earned by verified runs: add a verify step (a run without one never counts)",
+            );
+        }
+    }
 
     let (Some(target), true) = (target, cx.diags.is_empty()) else {
         return Err(cx.diags);
@@ -248,6 +264,7 @@ pub fn compile(file: &Path, src: &str, sandbox: &Sandbox) -> Result<Playbook, Ve
         dry_run: spec.dry_run || spec.mode == crate::config::Mode::Shadow,
         concurrency: spec.concurrency.unwrap_or(0),
         approval,
+        autonomy: spec.autonomy,
         namespaces: spec.namespaces,
         target,
         deadline,
@@ -485,6 +502,32 @@ steps:
     with:
       message: "low on {{ params.host }}"
 "#;
+
+    #[test]
+    fn autonomy_needs_a_verify_step_and_counts_of_at_least_one() {
+        let with =
+            |autonomy: &str| GOOD.replace("steps:", &format!("autonomy: {autonomy}\nsteps:"));
+        let e = errors(&with("{ approve_until: 5, demote_after: 2 }"));
+        assert!(
+            e.len() == 1
+                && e[0]
+                    .contains("p.yaml:5: autonomy is earned by verified runs: add a verify step"),
+            "{e:?}"
+        );
+        let e = errors(&with("{ approve_until: 0, demote_after: 2 }"));
+        assert!(e.iter().any(|e| e.contains("must be at least 1")), "{e:?}");
+        let e = errors(&with("{ approve_until: 5 }"));
+        assert!(e.iter().any(|e| e.contains("demote_after")), "{e:?}");
+        let verified = with("{ approve_until: 5, demote_after: 2 }").replace(
+            "      message: \"low on {{ params.host }}\"\n",
+            "      message: \"low on {{ params.host }}\"\n  - action: verify\n    with: { query: \"up\", condition: \"value == 1\" }\n",
+        );
+        let pb = compile(Path::new("p.yaml"), &verified, &Sandbox::new()).unwrap();
+        assert_eq!(
+            pb.autonomy.map(|a| (a.approve_until, a.demote_after)),
+            Some((5, 2))
+        );
+    }
 
     #[test]
     fn a_concurrency_of_zero_is_refused() {

@@ -73,6 +73,8 @@ pub struct Playbook {
     pub concurrency: u32,
     /// Approval covering the whole run, before its first step.
     pub approval: Option<Gate>,
+    /// Autonomy earned by verified runs (see [`crate::policy::AutonomyRules`]).
+    pub autonomy: Option<crate::policy::AutonomyRules>,
     /// Kubernetes namespaces the steps may act in; empty: what the cluster allows.
     pub namespaces: Vec<String>,
     /// What a run acts on (rendered per alert).
@@ -173,12 +175,17 @@ pub struct Plan {
     pub params: serde_json::Map<String, serde_json::Value>,
     /// Steps with rendered arguments.
     pub steps: Vec<PlannedStep>,
+    /// The playbook earns its autonomy: whether its acting steps wait for an approval is
+    /// decided when the run reaches them (from the level in the store).
+    pub autonomy: bool,
 }
 
 impl Plan {
     /// Whether its first step can start without an approval (intake may start it at once).
     pub fn starts_ungated(&self) -> bool {
-        (self.steps.first()).is_some_and(|s| s.approval.is_none() && s.phase == spec::Phase::Main)
+        !self.autonomy
+            && (self.steps.first())
+                .is_some_and(|s| s.approval.is_none() && s.phase == spec::Phase::Main)
     }
 }
 
@@ -302,6 +309,7 @@ impl Playbook {
             concurrency: self.concurrency,
             params,
             steps,
+            autonomy: self.autonomy.is_some(),
         })
     }
 }

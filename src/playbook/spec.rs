@@ -38,6 +38,10 @@ pub struct PlaybookSpec {
     /// The older spelling of `mode: shadow`.
     #[serde(default)]
     pub dry_run: bool,
+    /// Autonomy earned by verified runs: acting steps need an approval until the playbook has
+    /// `approve_until` verified runs in a row; `demote_after` failed verifications (or undos)
+    /// in a row put it back behind approval.
+    pub autonomy: Option<crate::policy::AutonomyRules>,
     /// At most this many runs of the playbook execute at once (across replicas); the others
     /// wait in the queue, in order. None: no limit beyond the engine's.
     pub concurrency: Option<u32>,

@@ -93,35 +93,7 @@ impl Store {
             return Ok(None);
         }
         let now = self.now_ms();
-        if self.path().is_some() {
-            return self
-                .write(move |c| spend(c, &limits, run, step, now, take))
-                .await;
-        }
         self.exclusive(move |c| spend(c, &limits, run, step, now, take))
             .await
-    }
-
-    /// Runs `f` in a transaction of its own on a pooled PostgreSQL connection (beside the
-    /// writer's batches), committed when it returns `Ok`.
-    async fn exclusive<R, F>(&self, f: F) -> Result<R, StoreError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
-    {
-        self.read(move |c| {
-            c.batch("BEGIN")?;
-            match f(c) {
-                Ok(r) => {
-                    c.batch("COMMIT")?;
-                    Ok(r)
-                }
-                Err(e) => {
-                    let _ = c.batch("ROLLBACK");
-                    Err(e)
-                }
-            }
-        })
-        .await
     }
 }

@@ -547,6 +547,7 @@ impl Starter {
             first_step_started: true,
             steps,
             received_us: self.received_us,
+            undo_of: cand.manual.as_ref().and_then(|m| m.undo_of),
         });
     }
 }

@@ -10,6 +10,7 @@
 mod approvals;
 mod artifacts;
 mod audit;
+mod autonomy;
 mod breaker;
 mod budgets;
 mod coalesce;
@@ -33,6 +34,7 @@ mod views;
 pub use approvals::*;
 pub use artifacts::{Artifact, ArtifactCaps, ArtifactInfo, Evidence};
 pub use audit::{AuditEntry, AuditFilter, Broken, ChainReport};
+pub use autonomy::{LevelChange, StoredStanding};
 pub use breaker::{BreakerLimits, Limit, Trip};
 pub use budgets::{BudgetLimit, Exceeded};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
@@ -641,6 +643,16 @@ CREATE TABLE budget_use (
 );
 CREATE INDEX budget_use_at ON budget_use(budget, at);
 "#,
+    // 21: where each playbook stands on its way to autonomy (see `autonomy`).
+    r#"
+CREATE TABLE autonomy (
+  playbook TEXT PRIMARY KEY,
+  level TEXT NOT NULL,
+  streak INTEGER NOT NULL,
+  failures INTEGER NOT NULL,
+  changed_at INTEGER
+);
+"#,
 ];
 
 impl Store {
@@ -809,6 +821,34 @@ impl Store {
     /// Writes waiting for the writer (not yet taken into a batch).
     pub fn queued_writes(&self) -> usize {
         self.inner.jobs.max_capacity() - self.inner.jobs.capacity()
+    }
+
+    /// Runs `f` in a transaction of its own: on PostgreSQL on a pooled connection, beside the
+    /// writer's batches (for a decision that takes a lock of its own, so the writer's batches
+    /// never wait on it); on SQLite in the one writer. Committed when `f` returns `Ok`.
+    pub(super) async fn exclusive<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
+    {
+        if self.path().is_some() {
+            return self.write(f).await;
+        }
+        self.read(move |c| {
+            c.drop_audit_after(0);
+            c.batch("BEGIN")?;
+            let done = f(c).and_then(|r| {
+                audit::append_pending(c)?;
+                c.batch("COMMIT")?;
+                Ok(r)
+            });
+            if done.is_err() {
+                c.drop_audit_after(0);
+                let _ = c.batch("ROLLBACK");
+            }
+            done
+        })
+        .await
     }
 
     /// Writes and commits since the store opened.

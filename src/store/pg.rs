@@ -731,4 +731,14 @@ CREATE TABLE budget_use (
 );
 CREATE INDEX budget_use_at ON budget_use(budget, at);
 "#,
+    // 13: autonomy standings (see SQLite's 21).
+    r#"
+CREATE TABLE autonomy (
+  playbook TEXT PRIMARY KEY,
+  level TEXT NOT NULL,
+  streak BIGINT NOT NULL,
+  failures BIGINT NOT NULL,
+  changed_at BIGINT
+);
+"#,
 ];

@@ -88,6 +88,8 @@ pub struct ClaimedRun {
     pub steps: Vec<StepRecord>,
     /// When its alert's webhook arrived (µs since the epoch; 0 when not known).
     pub received_us: i64,
+    /// The run it takes back, for an operator's undo.
+    pub undo_of: Option<i64>,
 }
 
 /// A stored step.
@@ -556,10 +558,11 @@ pub(super) fn interrupt_running(
 fn load_claimed(c: &Db, rows: Vec<ClaimRow>) -> Result<Vec<ClaimedRun>, StoreError> {
     rows.into_iter()
         .map(|row| {
-            let resumed: bool = c.one(
-                "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1)",
+            let (resumed, undo_of): (bool, Option<i64>) = c.one(
+                "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1),
+                        (SELECT undo_of FROM runs WHERE id = ?1)",
                 &[&row.id],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )?;
             let (alert, received_us) = load_alert(c, row.alert_id)?;
             Ok(ClaimedRun {
@@ -575,6 +578,7 @@ fn load_claimed(c: &Db, rows: Vec<ClaimRow>) -> Result<Vec<ClaimedRun>, StoreErr
                 first_step_started: false,
                 steps: load_steps(c, row.id)?,
                 received_us,
+                undo_of,
             })
         })
         .collect()

@@ -108,6 +108,7 @@ fn candidate(playbook: &str, target: &str, cooldown_ms: i64, key: &str) -> Candi
         cooldown_key: key.into(),
         dry_run: false,
         plan: Ok(Plan {
+            autonomy: false,
             concurrency: 0,
             target: target.into(),
             params: Default::default(),

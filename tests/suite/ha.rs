@@ -459,3 +459,141 @@ async fn simulate_reads_the_kill_switch_from_the_shared_database() {
         "{code}: {out}"
     );
 }
+
+/// Earns autonomy: an acting step, then a verification that holds when the alert says so
+/// (`vector(1)` or `vector(0)` on a real Prometheus).
+const EARNING: &str = r#"
+name: act
+matchers: ['alertname="Act"']
+cooldown: 0s
+autonomy: { approve_until: 2, demote_after: 1 }
+steps:
+  - name: act
+    action: http
+    with: { method: POST, url: "RECEIVER/act/{{ labels.instance }}" }
+  - name: check
+    action: verify
+    with: { query: "vector({{ parse_float(labels.ok) }})", condition: "value == 1", interval: 100ms }
+    timeout: 2s
+"#;
+
+impl Cluster {
+    /// The playbook's autonomy as each replica's API shows it: (level, streak).
+    async fn levels(&self) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        for r in &self.replicas {
+            let (_, list) = r.get("/api/v1/playbooks").await;
+            let a = &list[0]["autonomy"];
+            out.push((
+                a["level"].as_str().unwrap().to_string(),
+                a["streak"].as_i64().unwrap(),
+            ));
+        }
+        out
+    }
+
+    /// Posts an alert to one replica; returns its run.
+    async fn act(&self, replica: usize, instance: &str, ok: u8) -> i64 {
+        let alert =
+            json!({"labels": {"alertname": "Act", "instance": instance, "ok": ok.to_string()}});
+        self.replicas[replica].start_run_for(&alert).await
+    }
+
+    /// Approves the run's pending approval on one replica.
+    async fn approve(&self, replica: usize, run: i64) {
+        let app = &self.replicas[replica];
+        let approval = app.wait_run_state(run, "awaiting_approval").await;
+        let (_, list) = app.get("/api/v1/approvals?state=pending").await;
+        let id = (list.as_array().unwrap().iter())
+            .find(|a| a["run_id"] == run)
+            .unwrap_or_else(|| panic!("no approval for run {run}: {approval:#}"))["id"]
+            .as_i64()
+            .unwrap();
+        let (status, out) = app
+            .call(
+                "POST",
+                &format!("/api/v1/approvals/{id}/approve"),
+                None,
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, 200, "{out}");
+    }
+}
+
+#[tokio::test]
+async fn autonomy_is_earned_and_lost_with_two_replicas_agreeing_at_each_point() {
+    let target = crate::common::prometheus::serve_metrics("earning 1\n").await;
+    let prom = crate::common::prometheus::Prometheus::start(&target).await;
+    let c = Cluster::start_with(
+        2,
+        EARNING,
+        &format!("prometheus_url: {}\nnotify:\n  quiet_for: 0s\n  sinks:\n    - {{ name: chat, type: webhook, url: \"RECEIVER/chat\" }}\n", prom.base),
+    )
+    .await;
+    let approve = |n: i64| ("approve".to_string(), n);
+    assert_eq!(c.levels().await, vec![approve(0), approve(0)]);
+    // Behind approval: each run waits for a person, then acts and verifies.
+    let first = c.act(0, "a", 1).await;
+    c.approve(1, first).await;
+    c.replicas[0].wait_run_state(first, "succeeded").await;
+    assert_eq!(c.levels().await, vec![approve(1), approve(1)]);
+    let second = c.act(1, "b", 1).await;
+    c.approve(0, second).await;
+    c.replicas[1].wait_run_state(second, "succeeded").await;
+    // Two verified runs in a row: earned, on both replicas.
+    let auto = |n: i64| ("auto".to_string(), n);
+    assert_eq!(c.levels().await, vec![auto(2), auto(2)]);
+    let third = c.act(0, "c", 1).await;
+    let run = c.replicas[1].wait_run_state(third, "succeeded").await;
+    let asked = c
+        .query(&format!(
+            "SELECT count(*), '' FROM approvals WHERE run_id = {third}"
+        ))
+        .await;
+    assert_eq!(asked[0].0, 0, "no approval was asked: {run:#}");
+    assert_eq!(c.levels().await, vec![auto(3), auto(3)]);
+    // One failed verification (demote_after: 1): behind approval again, everywhere.
+    let fourth = c.act(1, "d", 0).await;
+    c.replicas[0].wait_run_state(fourth, "failed").await;
+    assert_eq!(c.levels().await, vec![approve(0), approve(0)]);
+    let fifth = c.act(0, "e", 1).await;
+    c.replicas[1]
+        .wait_run_state(fifth, "awaiting_approval")
+        .await;
+    assert_eq!(c.receiver.at("/act/e").len(), 0, "it waits before acting");
+    // Every change audited and told in chat.
+    let (_, audit) = c.replicas[1].get("/api/v1/audit?action=autonomy.").await;
+    let actions: Vec<&str> = (audit.as_array().unwrap().iter())
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["autonomy.demote", "autonomy.promote"],
+        "{audit:#}"
+    );
+    let told: Vec<String> = (c.receiver.at("/chat").iter())
+        .filter(|r| r.body["event"] == "autonomy")
+        .map(|r| r.body["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert!(
+        told[0].starts_with("Playbook act now acts without approval: 2 verified runs in a row"),
+        "{told:?}"
+    );
+    assert!(
+        told[1].starts_with(
+            "Playbook act needs approval again: 1 failed verifications or undos in a row"
+        ),
+        "{told:?}"
+    );
+    // An admin's reset: audited, and both replicas see it.
+    let (status, out) = c.replicas[0]
+        .call("POST", "/api/v1/playbooks/act/autonomy/reset", None, None)
+        .await;
+    assert_eq!(
+        (status, out["level"].as_str()),
+        (200, Some("approve")),
+        "{out}"
+    );
+}

@@ -12,6 +12,10 @@ pub struct PlaybookRow {
     cooldown: String,
     dry_run: bool,
     gated: bool,
+    /// Where it stands on its way to autonomy, if it earns it ("approve: 2 of 5 verified").
+    autonomy: Option<String>,
+    /// The last changes of its autonomy: when, what, why.
+    autonomy_history: Vec<(crate::time::Timestamp, String, String)>,
 }
 
 #[derive(Template)]
@@ -25,6 +29,14 @@ struct PlaybooksPage {
 
 /// `GET /ui/playbooks`
 pub async fn playbooks(State(state): State<AppState>, viewer: Viewer) -> Result<Page, Page> {
+    let mut autonomy = crate::api::playbooks::autonomy_views(&state).await?;
+    let history = (state.store)
+        .audit_search(crate::store::AuditFilter {
+            limit: 200,
+            action: Some("autonomy.".into()),
+            ..Default::default()
+        })
+        .await?;
     let set = state.engine.playbooks();
     let playbooks = set
         .playbooks
@@ -47,6 +59,27 @@ pub async fn playbooks(State(state): State<AppState>, viewer: Viewer) -> Result<
             cooldown: humantime::format_duration(p.cooldown).to_string(),
             dry_run: p.dry_run,
             gated: p.approval.is_some() || p.steps.iter().any(|s| s.approval.is_some()),
+            autonomy: autonomy.remove(&p.name).map(|a| match a.standing.level {
+                crate::policy::Level::Approve => format!(
+                    "needs approval: {} of {} verified runs in a row",
+                    a.standing.streak, a.rules.approve_until
+                ),
+                crate::policy::Level::Auto => format!(
+                    "acts without approval: {} verified in a row, {} of {} failed",
+                    a.standing.streak, a.standing.failures, a.rules.demote_after
+                ),
+            }),
+            autonomy_history: (history.iter())
+                .filter(|r| r.target.as_deref() == Some(&format!("playbook/{}", p.name)))
+                .take(5)
+                .map(|r| {
+                    (
+                        r.at,
+                        r.action.clone(),
+                        format!("{} ({})", r.detail.clone().unwrap_or_default(), r.actor),
+                    )
+                })
+                .collect(),
         })
         .collect();
     let failure = state.engine.reload_failure();
