@@ -726,6 +726,9 @@ pub struct KubePodArgs {
     pub namespace: String,
     /// Pod name.
     pub name: String,
+    /// Conditions over `ready_fraction` (ready replicas of the pod's workload after the
+    /// delete, over desired), `ready_after`, `desired` that must hold to delete.
+    pub guard: Option<String>,
 }
 
 /// `kube.cordon`, `kube.uncordon`.
@@ -736,6 +739,10 @@ pub struct KubeNodeArgs {
     pub cluster: Option<String>,
     /// Node name.
     pub node: String,
+    /// Conditions over `schedulable_nodes_after` (a fraction of all nodes) and `nodes` that
+    /// must hold to cordon, besides the floor every cordon keeps.
+    #[serde(default)]
+    pub guard: Option<String>,
 }
 
 /// `kube.patch`: a JSON merge patch.
@@ -835,6 +842,8 @@ pub struct KubeDrainArgs {
     pub timeout: Option<String>,
     /// Seconds each pod gets to stop (default: its own terminationGracePeriodSeconds).
     pub grace_period: Option<i64>,
+    /// As `kube.cordon`'s.
+    pub guard: Option<String>,
 }
 
 /// `kube.expand_pvc`: grow a PersistentVolumeClaim's storage request.

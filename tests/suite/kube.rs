@@ -330,8 +330,11 @@ async fn restart_delete_pod_cordon_and_patch() {
     // On a real cluster, a node is cordoned (and uncordoned) only when REFLEX_TEST_NODE names
     // one set aside for it: cordoning takes a node out of scheduling.
     let node = if c.fake.is_some() {
-        let n: Node = serde_json::from_value(json!({"metadata": {"name": "node-1"}})).unwrap();
-        nodes.create(&PostParams::default(), &n).await.unwrap();
+        // Two more, so one cordoned leaves two of three schedulable (the floor is half).
+        for name in ["node-1", "node-2", "node-3"] {
+            let n: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+            nodes.create(&PostParams::default(), &n).await.unwrap();
+        }
         Some("node-1".to_string())
     } else {
         std::env::var("REFLEX_TEST_NODE").ok()
@@ -412,9 +415,13 @@ async fn forbidden_is_reported_as_an_rbac_problem() {
         .unwrap()
         .replace("verbs: [\"get\", \"patch\"]\n---", "verbs: [\"get\"]\n---");
     let reduced = reduced.replacen(
-        "resources: [\"nodes\"]\n    verbs: [\"get\", \"patch\"]",
-        "resources: [\"nodes\"]\n    verbs: [\"get\"]",
+        "resources: [\"nodes\"]\n    verbs: [\"get\", \"list\", \"patch\"]",
+        "resources: [\"nodes\"]\n    verbs: [\"get\", \"list\"]",
         1,
+    );
+    assert!(
+        reduced.contains("verbs: [\"get\", \"list\"]"),
+        "the nodes rule was found"
     );
     let path = dir.path().join("rbac.yaml");
     std::fs::write(&path, reduced).unwrap();
@@ -422,11 +429,13 @@ async fn forbidden_is_reported_as_an_rbac_problem() {
     let Some(fake) = &c.fake else {
         return eprintln!("skipped: needs the fake API server");
     };
-    let n: Node = serde_json::from_value(json!({"metadata": {"name": "node-1"}})).unwrap();
-    Api::<Node>::all(c.client().await)
-        .create(&PostParams::default(), &n)
-        .await
-        .unwrap();
+    for name in ["node-1", "node-2"] {
+        let n: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        Api::<Node>::all(c.client().await)
+            .create(&PostParams::default(), &n)
+            .await
+            .unwrap();
+    }
     fake.enforce(&path);
     let err = run(&c.executors(), "kube.cordon", json!({"node": "node-1"}))
         .await
@@ -514,11 +523,14 @@ async fn the_rbac_role_grants_exactly_what_the_executor_uses() {
         .create(&PostParams::default(), &pod)
         .await
         .unwrap();
-    let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap();
-    Api::<Node>::all(client.clone())
-        .create(&PostParams::default(), &node)
-        .await
-        .unwrap();
+    // n1 cordoned, then n2 drained: four nodes keep half schedulable (the guards' floor).
+    for name in ["n1", "n3", "n4"] {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap();
+    }
     let flags = json!({"flags": {"checkout-v2": {"state": "ENABLED", "variants": {"on": true, "off": false}, "defaultVariant": "on"}}});
     let cm: ConfigMap = serde_json::from_value(
         json!({"metadata": {"name": "flags"}, "data": {"flags.json": flags.to_string()}}),

@@ -326,8 +326,11 @@ async fn drain_cordons_evicts_and_waits_on_a_disruption_budget_until_its_timeout
         return;
     };
     let ns = c.ns.clone();
-    c.create("v1", "Node", None, json!({"metadata": {"name": "n1"}}))
-        .await;
+    // Three nodes: draining one leaves two of three schedulable, above the floor (half).
+    for node in ["n1", "n2", "n3"] {
+        c.create("v1", "Node", None, json!({"metadata": {"name": node}}))
+            .await;
+    }
     for name in ["web-1", "web-2"] {
         c.pod(name, json!({"app": "web"}), true, "n1", json!({}))
             .await;
@@ -769,4 +772,150 @@ async fn a_rollbacks_undo_rolls_forward_unless_something_was_deployed_since() {
         "{err}"
     );
     assert_eq!(image().await, "web:3", "the new deploy stays");
+}
+
+/// A pod of a Deployment's current ReplicaSet, Ready.
+async fn pod_of(c: &Cluster, deployment: &str, pod: &str) {
+    let sets = (Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(c.client().await, &c.ns))
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let rs = (sets.items.iter())
+        .find(|r| {
+            r.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.name == deployment)
+        })
+        .expect("the deployment's ReplicaSet");
+    let owner = json!({"metadata": {"ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "name": rs.metadata.name, "uid": rs.metadata.uid, "controller": true}]}});
+    c.pod(pod, json!({"app": deployment}), true, "n1", owner)
+        .await;
+}
+
+#[tokio::test]
+async fn a_guard_refuses_a_delete_that_would_drop_a_deployment_below_half() {
+    let Some(c) = fake_cluster().await else {
+        return;
+    };
+    let ns = c.ns.clone();
+    c.deployment("solo", "solo:1", 1).await;
+    c.deployment("wide", "wide:1", 4).await;
+    pod_of(&c, "solo", "solo-a").await;
+    pod_of(&c, "wide", "wide-a").await;
+    let ex = c.executors();
+    let guard = "ready_fraction >= 0.5";
+    // The only ready replica: none would be left.
+    let err = run(
+        &ex,
+        "kube.delete_pod",
+        json!({"namespace": ns, "name": "solo-a", "guard": guard}),
+    )
+    .await
+    .unwrap_err();
+    let ExecError::FailedWith(message, out) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(
+        message,
+        "refused by its guard: ready_fraction >= 0.5 does not hold (ready_fraction is 0.00)"
+    );
+    assert_eq!(
+        out["guard"],
+        json!({"condition": guard, "holds": false, "facts": {"desired": 1, "ready_after": 0, "ready_fraction": 0.0}})
+    );
+    assert!(
+        c.get("v1", "Pod", Some(&ns), "solo-a").await.is_object(),
+        "not deleted"
+    );
+    // One of four: three stay ready.
+    let out = run(
+        &ex,
+        "kube.delete_pod",
+        json!({"namespace": ns, "name": "wide-a", "guard": guard}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out["guard"],
+        json!({"condition": guard, "holds": true, "facts": {"desired": 4, "ready_after": 3, "ready_fraction": 0.75}})
+    );
+    // A guard naming what a delete cannot know is refused before anything is read.
+    let err = run(
+        &ex,
+        "kube.delete_pod",
+        json!({"namespace": ns, "name": "solo-a", "guard": "schedulable_nodes_after >= 1"}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown fact \"schedulable_nodes_after\""),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn cordon_never_leaves_fewer_than_half_the_nodes_schedulable_and_a_guard_can_only_tighten() {
+    let Some(c) = fake_cluster().await else {
+        return;
+    };
+    for node in ["n1", "n2", "n3", "n4"] {
+        c.create("v1", "Node", None, json!({"metadata": {"name": node}}))
+            .await;
+    }
+    let ex = c.executors();
+    // A playbook's guard tightens the floor: 3 of 4 left is 0.75, under 0.8.
+    let err = run(
+        &ex,
+        "kube.cordon",
+        json!({"node": "n1", "guard": "schedulable_nodes_after >= 0.8"}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().starts_with("refused by its guard: schedulable_nodes_after >= 0.8 does not hold (schedulable_nodes_after is 0.75)"),
+        "{err}"
+    );
+    assert_eq!(
+        c.get("v1", "Node", None, "n1").await["spec"]["unschedulable"],
+        Value::Null
+    );
+    // A looser guard does not loosen the floor: two cordoned leave half, a third is refused.
+    for node in ["n1", "n2"] {
+        let out = run(
+            &ex,
+            "kube.cordon",
+            json!({"node": node, "guard": "schedulable_nodes_after >= 0.1"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out["guard"]["holds"], true, "{out}");
+    }
+    let err = run(
+        &ex,
+        "kube.cordon",
+        json!({"node": "n3", "guard": "schedulable_nodes_after >= 0.1"}),
+    )
+    .await
+    .unwrap_err();
+    let ExecError::FailedWith(message, out) = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        message.contains(
+            "schedulable_nodes_after >= 0.5 does not hold (schedulable_nodes_after is 0.25)"
+        ),
+        "{message}"
+    );
+    assert_eq!(
+        out["guard"]["facts"],
+        json!({"nodes": 4, "schedulable_nodes_after": 0.25})
+    );
+    assert_eq!(
+        c.get("v1", "Node", None, "n3").await["spec"]["unschedulable"],
+        Value::Null
+    );
 }

@@ -79,6 +79,7 @@ impl KubeExecutor {
         let node = KubeNodeArgs {
             cluster: a.cluster.clone(),
             node: a.node.clone(),
+            guard: a.guard.clone(),
         };
         let cordoned = self.cordon(node, true).await?;
         let client = self.client_without_retries(a.cluster.as_deref()).await?;

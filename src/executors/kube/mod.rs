@@ -8,6 +8,12 @@
 
 mod capacity;
 mod evidence;
+pub mod guard;
+
+/// The facts a `kube.delete_pod` guard may name.
+const POD_FACTS: &[&str] = &["ready_fraction", "ready_after", "desired"];
+/// The facts a `kube.cordon` / `kube.drain` guard may name.
+const NODE_FACTS: &[&str] = &["schedulable_nodes_after", "nodes"];
 mod traffic;
 
 pub use traffic::{LIMIT_BURST, LIMIT_CONNECTIONS, LIMIT_RPS};
@@ -383,10 +389,26 @@ impl KubeExecutor {
             Api::namespaced(self.client(a.cluster.as_deref()).await?, &a.namespace);
         let what = format!("pod {}/{}", a.namespace, a.name);
         let before = pods.get(&a.name).await.map_err(|e| api_err(&what, e))?;
+        let guarded = match &a.guard {
+            Some(text) => {
+                let conditions = guard::parse(text, POD_FACTS).map_err(ExecError::InvalidArgs)?;
+                let facts = self.pod_facts(&a, &before).await?;
+                let (record, verdict) = guard::check(text, &conditions, &facts);
+                if let Err(why) = verdict {
+                    return Err(ExecError::FailedWith(
+                        why,
+                        json!({ "pod": what, "guard": record }),
+                    ));
+                }
+                Some(record)
+            }
+            None => None,
+        };
         pods.delete(&a.name, &DeleteParams::default())
             .await
             .map_err(|e| api_err(&what, e))?;
         Ok(json!({
+            "guard": guarded,
             "pod": what,
             "before": {
                 "phase": before.status.as_ref().and_then(|s| s.phase.clone()),
@@ -395,6 +417,78 @@ impl KubeExecutor {
             },
             "after": "deleted",
         }))
+    }
+
+    /// What a delete would leave of the pod's workload (its Deployment, through the
+    /// ReplicaSet that owns it, or its StatefulSet): `desired` replicas, `ready_after` (the
+    /// ready ones, less this pod if it is ready) and `ready_fraction` (the one over the other).
+    async fn pod_facts(
+        &self,
+        a: &KubePodArgs,
+        pod: &Pod,
+    ) -> Result<serde_json::Map<String, Value>, ExecError> {
+        let client = self.client(a.cluster.as_deref()).await?;
+        let owner =
+            (pod.metadata.owner_references.iter().flatten()).find(|o| o.controller == Some(true));
+        let no_owner = || {
+            ExecError::Refused(format!(
+                "pod {}/{} has no Deployment or StatefulSet owning it: its guard cannot be read",
+                a.namespace, a.name
+            ))
+        };
+        let (desired, ready) = match owner.map(|o| (o.kind.as_str(), o.name.clone())) {
+            Some(("ReplicaSet", rs)) => {
+                let sets = Api::<ReplicaSet>::namespaced(client.clone(), &a.namespace);
+                let list = (sets.list(&ListParams::default()).await)
+                    .map_err(|e| api_err("replicasets", e))?;
+                let deployment = (list.items.iter())
+                    .find(|r| r.metadata.name.as_deref() == Some(rs.as_str()))
+                    .and_then(|r| {
+                        r.metadata
+                            .owner_references
+                            .iter()
+                            .flatten()
+                            .find(|o| o.kind == "Deployment")
+                    })
+                    .map(|o| o.name.clone())
+                    .ok_or_else(no_owner)?;
+                let d = Api::<Deployment>::namespaced(client, &a.namespace);
+                let d = (d.get(&deployment).await)
+                    .map_err(|e| api_err(&format!("deployment {deployment}"), e))?;
+                (
+                    d.spec.and_then(|s| s.replicas).unwrap_or(1),
+                    d.status.and_then(|s| s.ready_replicas).unwrap_or(0),
+                )
+            }
+            Some(("StatefulSet", name)) => {
+                let s = Api::<StatefulSet>::namespaced(client, &a.namespace);
+                let s =
+                    (s.get(&name).await).map_err(|e| api_err(&format!("statefulset {name}"), e))?;
+                (
+                    s.spec.and_then(|s| s.replicas).unwrap_or(1),
+                    s.status.and_then(|s| s.ready_replicas).unwrap_or(0),
+                )
+            }
+            _ => return Err(no_owner()),
+        };
+        let this_ready = (pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten())
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+        let ready_after = (ready - i32::from(this_ready)).max(0);
+        let mut facts = serde_json::Map::new();
+        facts.insert("desired".into(), json!(desired));
+        facts.insert("ready_after".into(), json!(ready_after));
+        let fraction = if desired > 0 {
+            f64::from(ready_after) / f64::from(desired)
+        } else {
+            0.0
+        };
+        facts.insert("ready_fraction".into(), json!(fraction));
+        Ok(facts)
     }
 
     async fn cordon(&self, a: KubeNodeArgs, unschedulable: bool) -> Result<Value, ExecError> {
@@ -412,6 +506,43 @@ impl KubeExecutor {
                 json!({ "node": a.node, "before": { "unschedulable": was }, "after": { "unschedulable": was }, "changed": false }),
             );
         }
+        let mut guarded = None;
+        if unschedulable {
+            // The floor always; the playbook's guard besides.
+            let text = match &a.guard {
+                Some(g) => format!("{} && {g}", guard::NODE_FLOOR),
+                None => guard::NODE_FLOOR.to_string(),
+            };
+            let conditions = guard::parse(&text, NODE_FACTS).map_err(ExecError::InvalidArgs)?;
+            let all =
+                (nodes.list(&ListParams::default()).await).map_err(|e| api_err("nodes", e))?;
+            let cordoned = |n: &Node| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.unschedulable)
+                    .unwrap_or(false)
+            };
+            let total = all.items.len().max(1) as f64;
+            let after = all
+                .items
+                .iter()
+                .filter(|n| !cordoned(n) && n.metadata.name.as_deref() != Some(&a.node))
+                .count();
+            let mut facts = serde_json::Map::new();
+            facts.insert("nodes".into(), json!(all.items.len()));
+            facts.insert(
+                "schedulable_nodes_after".into(),
+                json!(after as f64 / total),
+            );
+            let (record, verdict) = guard::check(&text, &conditions, &facts);
+            if let Err(why) = verdict {
+                return Err(ExecError::FailedWith(
+                    why,
+                    json!({ "node": a.node, "guard": record }),
+                ));
+            }
+            guarded = Some(record);
+        }
         let patch = json!({ "spec": { "unschedulable": unschedulable } });
         let after = nodes
             .patch(
@@ -427,7 +558,7 @@ impl KubeExecutor {
             .and_then(|s| s.unschedulable)
             .unwrap_or(false);
         Ok(
-            json!({ "node": a.node, "before": { "unschedulable": was }, "after": { "unschedulable": now }, "changed": true }),
+            json!({ "node": a.node, "before": { "unschedulable": was }, "after": { "unschedulable": now }, "changed": true, "guard": guarded }),
         )
     }
 
@@ -693,12 +824,20 @@ impl Executor for KubeAction {
             Action::KubeRestart => ctx
                 .args::<KubeWorkloadArgs>()
                 .map(|a| (a.cluster, Some(a.namespace), a.name))?,
-            Action::KubeDeletePod => ctx
-                .args::<KubePodArgs>()
-                .map(|a| (a.cluster, Some(a.namespace), a.name))?,
-            Action::KubeCordon | Action::KubeUncordon => ctx
-                .args::<KubeNodeArgs>()
-                .map(|a| (a.cluster, None, a.node))?,
+            Action::KubeDeletePod => {
+                let a = ctx.args::<KubePodArgs>()?;
+                if let Some(g) = &a.guard {
+                    guard::parse(g, POD_FACTS).map_err(ExecError::InvalidArgs)?;
+                }
+                (a.cluster, Some(a.namespace), a.name)
+            }
+            Action::KubeCordon | Action::KubeUncordon => {
+                let a = ctx.args::<KubeNodeArgs>()?;
+                if let Some(g) = &a.guard {
+                    guard::parse(g, NODE_FACTS).map_err(ExecError::InvalidArgs)?;
+                }
+                (a.cluster, None, a.node)
+            }
             Action::KubePatch => ctx
                 .args::<KubePatchArgs>()
                 .map(|a| (a.cluster, a.namespace, a.name))?,
@@ -713,9 +852,13 @@ impl Executor for KubeAction {
                 .map(|a| (a.cluster, Some(a.namespace), a.destination_rule))?,
             // A drain is the node's: it moves every pod off it (as `kubectl drain` does), and
             // disruption budgets, not namespaces, say what may go.
-            Action::KubeDrain => ctx
-                .args::<KubeDrainArgs>()
-                .map(|a| (a.cluster, None, a.node))?,
+            Action::KubeDrain => {
+                let a = ctx.args::<KubeDrainArgs>()?;
+                if let Some(g) = &a.guard {
+                    guard::parse(g, NODE_FACTS).map_err(ExecError::InvalidArgs)?;
+                }
+                (a.cluster, None, a.node)
+            }
             Action::KubeExpandPvc => ctx
                 .args::<KubeExpandPvcArgs>()
                 .map(|a| (a.cluster, Some(a.namespace), a.pvc))?,
