@@ -176,6 +176,70 @@ pub(crate) fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<Labels, D::E
 /// The zero time Alertmanager writes as `endsAt` of a firing alert.
 const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
+/// An [`Alert`] as stored and exported (its `source` a name, not a static one): the deferred
+/// alerts' rows, `reflex export alerts`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertRecord {
+    /// `alertmanager` or `generic`.
+    pub source: String,
+    /// `firing` or `resolved`.
+    pub status: AlertStatus,
+    /// Labels.
+    pub labels: Labels,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: Labels,
+    /// `startsAt`.
+    pub starts_at: String,
+    /// `endsAt`.
+    #[serde(default)]
+    pub ends_at: Option<String>,
+    /// Fingerprint.
+    pub fingerprint: String,
+    /// `generatorURL`.
+    #[serde(default)]
+    pub generator_url: Option<String>,
+    /// Alertmanager's group key.
+    #[serde(default)]
+    pub group_key: Option<String>,
+}
+
+impl AlertRecord {
+    /// An alert's record.
+    pub fn of(a: &Alert) -> AlertRecord {
+        AlertRecord {
+            source: a.source.to_string(),
+            status: a.status,
+            labels: a.labels.clone(),
+            annotations: a.annotations.clone(),
+            starts_at: a.starts_at.clone(),
+            ends_at: a.ends_at.clone(),
+            fingerprint: a.fingerprint.clone(),
+            generator_url: a.generator_url.clone(),
+            group_key: a.group_key.clone(),
+        }
+    }
+
+    /// The alert again.
+    pub fn alert(self) -> Alert {
+        Alert {
+            source: if self.source == "alertmanager" {
+                "alertmanager"
+            } else {
+                "generic"
+            },
+            status: self.status,
+            labels: self.labels,
+            annotations: self.annotations,
+            starts_at: self.starts_at,
+            ends_at: self.ends_at,
+            fingerprint: self.fingerprint,
+            generator_url: self.generator_url,
+            group_key: self.group_key,
+        }
+    }
+}
+
 impl AlertmanagerPayload {
     /// Checks the version and splits the group into alerts.
     pub fn into_alerts(self) -> Result<Vec<Alert>, String> {

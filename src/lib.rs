@@ -45,6 +45,7 @@ pub mod playbook;
 pub mod policy;
 pub mod redact;
 pub mod reload;
+pub mod replay;
 pub mod secret;
 pub mod store;
 pub mod telemetry;

@@ -25,6 +25,24 @@ enum Shell {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ExportWhat {
+    Alerts,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ReplayOutput {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum FailOn {
+    Breaker,
+    Refusal,
+    Budget,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -78,6 +96,39 @@ enum Command {
         /// Config file (for `data_dir`, and to refuse PostgreSQL: use pg_dump there).
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Write what the store holds as NDJSON to stdout (`export alerts`: the received alerts,
+    /// with when each arrived, for `reflex replay`).
+    Export {
+        /// What to export: `alerts`.
+        what: ExportWhat,
+        /// Only since this: a duration back (`7d`) or a time (RFC 3339).
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Config file (its store).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Replay recorded alerts against playbooks with a virtual clock, acting on nothing:
+    /// runs, holds, breaker trips, approvals and budget refusals per playbook.
+    Replay {
+        /// A recording (`reflex export alerts`), or a directory of Alertmanager payloads.
+        recording: PathBuf,
+        /// Playbook directory (default: the config's playbooks_dir).
+        playbooks: Option<PathBuf>,
+        /// Config file (breaker, windows, budgets, engine limits).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// `text` or `json`.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: ReplayOutput,
+        /// Another playbook directory: what it would have done differently.
+        #[arg(long)]
+        compare: Option<PathBuf>,
+        /// Exit 1 when any playbook would have: `breaker` (tripped it), `refusal` (failed to
+        /// plan), `budget` (been stopped by a budget); comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        fail_on: Vec<FailOn>,
     },
     /// The operator commands, clients of the API.
     #[command(flatten)]
@@ -168,6 +219,80 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Command::Export {
+            what: ExportWhat::Alerts,
+            since,
+            config,
+        } => {
+            let cfg = load_config(config.as_ref())?;
+            let since_ms = reflex::time::since_ms(&since, reflex::time::now_ms())
+                .map_err(anyhow::Error::msg)?;
+            let Some(store) = reflex::store::Snapshot::open_config(&cfg)? else {
+                anyhow::bail!("no store in {}", cfg.data_dir.display());
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for alert in store.alerts_since(since_ms)? {
+                use std::io::Write;
+                writeln!(out, "{}", serde_json::to_string(&alert)?)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            recording,
+            playbooks,
+            config,
+            output,
+            compare,
+            fail_on,
+        } => {
+            let cfg = load_config(config.as_ref())?;
+            let load = |dir: PathBuf| {
+                reflex::playbook::PlaybookSet::load(&[dir], &cfg.references()).map_err(|d| {
+                    let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
+                    anyhow::anyhow!("invalid playbooks:\n{}", lines.join("\n"))
+                })
+            };
+            let set = load(playbooks.unwrap_or_else(|| cfg.playbooks_dir.clone()))?;
+            let other = compare.map(load).transpose()?;
+            let alerts = reflex::replay::read_recording(&recording).map_err(anyhow::Error::msg)?;
+            let received = alerts.len();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(reflex::replay::replay(&cfg, &set, alerts.clone()))?;
+            let other = match &other {
+                Some(set) => Some(rt.block_on(reflex::replay::replay(&cfg, set, alerts))?),
+                None => None,
+            };
+            match output {
+                ReplayOutput::Json => {
+                    let mut doc = serde_json::json!({ "alerts": received, "playbooks": report });
+                    if let Some(other) = &other {
+                        doc["compare"] = serde_json::json!({ "playbooks": other, "difference": reflex::replay::compare(&report, other) });
+                    }
+                    println!("{}", serde_json::to_string_pretty(&doc)?);
+                }
+                ReplayOutput::Text => {
+                    print!("{}", reflex::replay::text(&report));
+                    if let Some(other) = &other {
+                        print!(
+                            "\ncompared with the other playbooks:\n{}",
+                            reflex::replay::compare(&report, other)
+                        );
+                    }
+                }
+            }
+            let failed = report.values().any(|c| {
+                (fail_on.contains(&FailOn::Breaker) && c.breaker_trips > 0)
+                    || (fail_on.contains(&FailOn::Refusal) && c.refusals > 0)
+                    || (fail_on.contains(&FailOn::Budget) && c.budget_refusals > 0)
+            });
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             })
         }
         Command::Simulate {

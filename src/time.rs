@@ -29,6 +29,16 @@ impl ManualClock {
         ManualClock(std::sync::atomic::AtomicI64::new(now_ms()))
     }
 
+    /// Stands at `ms` (since the epoch).
+    pub fn at(ms: i64) -> Self {
+        ManualClock(std::sync::atomic::AtomicI64::new(ms))
+    }
+
+    /// Moves it to `ms`, if that is later.
+    pub fn move_to(&self, ms: i64) {
+        self.0.fetch_max(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Moves it forward.
     pub fn advance(&self, by: Duration) {
         self.0
@@ -167,6 +177,18 @@ pub mod duration_str {
         let s = String::deserialize(d)?;
         crate::time::parse_duration(&s).map_err(serde::de::Error::custom)
     }
+}
+
+/// A `since` as people write it: a duration back from `now_ms` (`2h`, `7d`) or a time (RFC
+/// 3339); ms since the epoch.
+pub fn since_ms(text: &str, now_ms: i64) -> Result<i64, String> {
+    if let Ok(d) = parse_duration(text) {
+        // A duration past the epoch (`99999999w`) reaches back to the start, not a panic.
+        return Ok(now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+    }
+    Timestamp::parse(text)
+        .map(Timestamp::ms)
+        .map_err(|_| format!("since must be a duration (2h) or a time (RFC 3339), not {text:?}"))
 }
 
 #[cfg(test)]

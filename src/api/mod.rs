@@ -309,7 +309,9 @@ async fn audit(
     }
     let since_ms = match q.since.as_deref() {
         None => None,
-        Some(s) => Some(since_ms(s, state.store.now_ms()).map_err(ApiError::BadRequest)?),
+        Some(s) => {
+            Some(crate::time::since_ms(s, state.store.now_ms()).map_err(ApiError::BadRequest)?)
+        }
     };
     let filter = crate::store::AuditFilter {
         before: q.before,
@@ -322,16 +324,6 @@ async fn audit(
 }
 
 /// `since`: a duration back from now (`2h`) or a time (RFC 3339).
-fn since_ms(text: &str, now_ms: i64) -> Result<i64, String> {
-    if let Ok(d) = crate::time::parse_duration(text) {
-        // A duration past the epoch (`99999999w`) reaches back to the start, not a panic.
-        return Ok(now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
-    }
-    crate::time::Timestamp::parse(text)
-        .map(crate::time::Timestamp::ms)
-        .map_err(|_| format!("since must be a duration (2h) or a time (RFC 3339), not {text:?}"))
-}
-
 /// `GET /metrics`: gauges that live in the store are read at scrape time.
 #[utoipa::path(
     get,

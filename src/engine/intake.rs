@@ -267,25 +267,45 @@ impl Engine {
         plan: Result<Plan, PlanError>,
         suppress: Option<String>,
     ) -> Candidate {
-        Candidate {
-            playbook: pb.name.clone(),
-            cooldown_ms: pb.cooldown.as_millis() as i64,
-            cooldown_key: match (pb.cooldown_by, &alert.group_key) {
-                (CooldownBy::Group, Some(g)) => g.clone(),
-                _ => alert.fingerprint.clone(),
-            },
-            dry_run: self.dry_run || pb.dry_run,
-            plan: plan.map_err(|e| {
-                (self.metrics.plan_failures)
-                    .with_label_values(&[&pb.name, e.metric_label()])
-                    .inc();
-                e.to_string()
-            }),
-            deadline_ms: pb.deadline.unwrap_or(self.config.run_deadline).as_millis() as i64,
+        let plan = plan.inspect_err(|e| {
+            (self.metrics.plan_failures)
+                .with_label_values(&[&pb.name, e.metric_label()])
+                .inc();
+        });
+        candidate(
+            pb,
+            alert,
+            plan,
             suppress,
-            coalesce: pb.coalesce,
-            manual: None,
-        }
+            self.dry_run,
+            self.config.run_deadline,
+        )
+    }
+}
+
+/// What intake is handed for `pb` matched by `alert` (the engine's, and `reflex replay`'s):
+/// every run in shadow mode with `shadow`.
+pub fn candidate(
+    pb: &Playbook,
+    alert: &Alert,
+    plan: Result<Plan, PlanError>,
+    suppress: Option<String>,
+    shadow: bool,
+    run_deadline: Duration,
+) -> Candidate {
+    Candidate {
+        playbook: pb.name.clone(),
+        cooldown_ms: pb.cooldown.as_millis() as i64,
+        cooldown_key: match (pb.cooldown_by, &alert.group_key) {
+            (CooldownBy::Group, Some(g)) => g.clone(),
+            _ => alert.fingerprint.clone(),
+        },
+        dry_run: shadow || pb.dry_run,
+        plan: plan.map_err(|e| e.to_string()),
+        deadline_ms: pb.deadline.unwrap_or(run_deadline).as_millis() as i64,
+        suppress,
+        coalesce: pb.coalesce,
+        manual: None,
     }
 }
 

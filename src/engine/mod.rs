@@ -12,7 +12,7 @@ mod audit_sink;
 mod autonomy;
 mod budgets;
 mod dispatch;
-mod intake;
+pub mod intake;
 mod lease;
 pub mod maintenance;
 pub mod manual;

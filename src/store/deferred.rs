@@ -4,8 +4,7 @@
 //! replica plans it (and dedup would hold even if two did).
 
 use super::{Store, StoreError};
-use crate::alert::{Alert, AlertStatus, Labels};
-use serde::{Deserialize, Serialize};
+use crate::alert::{Alert, AlertRecord};
 
 /// An alert kept for planning.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,60 +17,12 @@ pub struct DeferredAlert {
     pub received_us: i64,
 }
 
-/// The stored form of an [`Alert`] (whose `source` is a static name).
-#[derive(Serialize, Deserialize)]
-struct Stored {
-    source: String,
-    status: AlertStatus,
-    labels: Labels,
-    annotations: Labels,
-    starts_at: String,
-    ends_at: Option<String>,
-    fingerprint: String,
-    generator_url: Option<String>,
-    group_key: Option<String>,
-}
-
-impl Stored {
-    fn of(a: &Alert) -> Stored {
-        Stored {
-            source: a.source.to_string(),
-            status: a.status,
-            labels: a.labels.clone(),
-            annotations: a.annotations.clone(),
-            starts_at: a.starts_at.clone(),
-            ends_at: a.ends_at.clone(),
-            fingerprint: a.fingerprint.clone(),
-            generator_url: a.generator_url.clone(),
-            group_key: a.group_key.clone(),
-        }
-    }
-
-    fn alert(self) -> Alert {
-        Alert {
-            source: if self.source == "alertmanager" {
-                "alertmanager"
-            } else {
-                "generic"
-            },
-            status: self.status,
-            labels: self.labels,
-            annotations: self.annotations,
-            starts_at: self.starts_at,
-            ends_at: self.ends_at,
-            fingerprint: self.fingerprint,
-            generator_url: self.generator_url,
-            group_key: self.group_key,
-        }
-    }
-}
-
 impl Store {
     /// Keeps alerts for planning later, in one write.
     pub async fn defer(&self, alerts: Vec<Alert>, received_us: i64) -> Result<(), StoreError> {
         let now = self.now_ms();
         let rows: Vec<String> = (alerts.iter())
-            .map(|a| serde_json::to_string(&Stored::of(a)).unwrap_or_default())
+            .map(|a| serde_json::to_string(&AlertRecord::of(a)).unwrap_or_default())
             .collect();
         self.write(move |c| {
             for alert in &rows {
@@ -100,7 +51,7 @@ impl Store {
         Ok(rows
             .into_iter()
             .filter_map(|(id, text, received_us)| {
-                let stored: Stored = serde_json::from_str(&text).ok()?;
+                let stored: AlertRecord = serde_json::from_str(&text).ok()?;
                 Some(DeferredAlert {
                     id,
                     alert: stored.alert(),

@@ -78,4 +78,25 @@ impl Snapshot {
     pub fn verify_audit(&self) -> Result<super::ChainReport, StoreError> {
         self.with(super::audit::verify_chain)
     }
+
+    /// The alerts received since `since_ms`, oldest first (for `reflex export alerts`).
+    pub fn alerts_since(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<crate::replay::RecordedAlert>, StoreError> {
+        self.with(|c| {
+            c.rows(
+                "SELECT id, received_at FROM alerts
+                 WHERE received_at >= ?1 AND source IN ('alertmanager', 'generic') ORDER BY id",
+                &[&since_ms],
+                |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
+            )?
+            .into_iter()
+            .map(|(id, at)| {
+                let (alert, _) = super::queue::load_alert(c, id)?;
+                Ok(crate::replay::RecordedAlert::of(&alert, at))
+            })
+            .collect()
+        })
+    }
 }

@@ -25,6 +25,7 @@ mod notify;
 mod observability;
 mod recovery;
 mod reload;
+mod replay;
 mod rollback_playbook;
 mod safety;
 mod secrets;
