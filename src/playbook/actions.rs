@@ -714,6 +714,9 @@ pub struct KubeWorkloadArgs {
     pub namespace: String,
     /// Name.
     pub name: String,
+    /// Conditions over `ready_fraction` (ready over desired, now), `ready`, `desired` that
+    /// must hold to restart.
+    pub guard: Option<String>,
 }
 
 /// `kube.delete_pod`.

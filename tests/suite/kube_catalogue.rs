@@ -842,6 +842,29 @@ async fn a_guard_refuses_a_delete_that_would_drop_a_deployment_below_half() {
         out["guard"],
         json!({"condition": guard, "holds": true, "facts": {"desired": 4, "ready_after": 3, "ready_fraction": 0.75}})
     );
+    // A restart reads its workload's readiness now.
+    let out = run(
+        &ex,
+        "kube.restart",
+        json!({"kind": "Deployment", "namespace": ns, "name": "wide", "guard": guard}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        out["guard"]["facts"],
+        json!({"desired": 4, "ready": 4, "ready_fraction": 1.0})
+    );
+    let err = run(
+        &ex,
+        "kube.restart",
+        json!({"kind": "Deployment", "namespace": ns, "name": "wide", "guard": "ready > 4"}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "refused by its guard: ready > 4 does not hold (ready is 4.00)"
+    );
     // A guard naming what a delete cannot know is refused before anything is read.
     let err = run(
         &ex,

@@ -14,6 +14,8 @@ pub mod guard;
 const POD_FACTS: &[&str] = &["ready_fraction", "ready_after", "desired"];
 /// The facts a `kube.cordon` / `kube.drain` guard may name.
 const NODE_FACTS: &[&str] = &["schedulable_nodes_after", "nodes"];
+/// The facts a `kube.restart` guard may name.
+const RESTART_FACTS: &[&str] = &["ready_fraction", "ready", "desired"];
 mod traffic;
 
 pub use traffic::{LIMIT_BURST, LIMIT_CONNECTIONS, LIMIT_RPS};
@@ -698,6 +700,39 @@ where
         v["spec"]["template"]["metadata"]["annotations"][RESTARTED_AT_ANNOTATION].clone()
     };
     let before = api.get(&a.name).await.map_err(|e| api_err(&what, e))?;
+    let guarded = match &a.guard {
+        Some(text) => {
+            let conditions = guard::parse(text, RESTART_FACTS).map_err(ExecError::InvalidArgs)?;
+            // Ready over desired now: a rolling restart takes pods away one after another.
+            let v = serde_json::to_value(&before).unwrap_or_default();
+            let (desired, ready) = match a.kind.as_str() {
+                "DaemonSet" => (
+                    &v["status"]["desiredNumberScheduled"],
+                    &v["status"]["numberReady"],
+                ),
+                _ => (&v["spec"]["replicas"], &v["status"]["readyReplicas"]),
+            };
+            let (desired, ready) = (desired.as_i64().unwrap_or(1), ready.as_i64().unwrap_or(0));
+            let mut facts = serde_json::Map::new();
+            facts.insert("desired".into(), json!(desired));
+            facts.insert("ready".into(), json!(ready));
+            let fraction = if desired > 0 {
+                ready as f64 / desired as f64
+            } else {
+                0.0
+            };
+            facts.insert("ready_fraction".into(), json!(fraction));
+            let (record, verdict) = guard::check(text, &conditions, &facts);
+            if let Err(why) = verdict {
+                return Err(ExecError::FailedWith(
+                    why,
+                    json!({ "object": what, "guard": record }),
+                ));
+            }
+            Some(record)
+        }
+        None => None,
+    };
     let after = api
         .patch(
             &a.name,
@@ -708,6 +743,7 @@ where
         .map_err(|e| api_err(&what, e))?;
     Ok(json!({
         "object": what,
+        "guard": guarded,
         "before": { "restartedAt": annotation(&before), "generation": before.meta().generation },
         "after": { "restartedAt": annotation(&after), "generation": after.meta().generation },
     }))
@@ -821,9 +857,13 @@ impl Executor for KubeAction {
             Action::KubeRollback => ctx
                 .args::<KubeRollbackArgs>()
                 .map(|a| (a.cluster, Some(a.namespace), a.name))?,
-            Action::KubeRestart => ctx
-                .args::<KubeWorkloadArgs>()
-                .map(|a| (a.cluster, Some(a.namespace), a.name))?,
+            Action::KubeRestart => {
+                let a = ctx.args::<KubeWorkloadArgs>()?;
+                if let Some(g) = &a.guard {
+                    guard::parse(g, RESTART_FACTS).map_err(ExecError::InvalidArgs)?;
+                }
+                (a.cluster, Some(a.namespace), a.name)
+            }
             Action::KubeDeletePod => {
                 let a = ctx.args::<KubePodArgs>()?;
                 if let Some(g) = &a.guard {
