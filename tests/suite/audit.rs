@@ -172,9 +172,10 @@ async fn the_audit_sink_gets_every_row_once_in_order_across_an_outage_and_a_rest
         assert_eq!(event["data"], *row);
         assert!(row["hash"].as_str().is_some_and(|h| h.len() == 64));
     }
-    let metrics = app.get_text("/metrics").await;
-    assert!(
-        metrics.contains(&format!("reflex_audit_sent_total {}", want.len())),
-        "{metrics}"
-    );
+    // Counted once the sink's answer is on record, just after the sink has the rows.
+    let sent = format!("reflex_audit_sent_total {}", want.len());
+    app.wait_for(10, &sent, || async {
+        app.get_text("/metrics").await.contains(&sent).then_some(())
+    })
+    .await;
 }

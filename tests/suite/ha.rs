@@ -492,6 +492,24 @@ impl Cluster {
         out
     }
 
+    /// Waits until every replica shows the playbook at `want` (a run's outcome is counted just
+    /// after its end is written), then checks they agree.
+    async fn wait_levels(&self, want: (&str, i64)) {
+        let want = (want.0.to_string(), want.1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let levels = self.levels().await;
+            if levels.iter().all(|l| *l == want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "levels {levels:?}, waiting for {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Posts an alert to one replica; returns its run.
     async fn act(&self, replica: usize, instance: &str, ok: u8) -> i64 {
         let alert =
@@ -531,19 +549,20 @@ async fn autonomy_is_earned_and_lost_with_two_replicas_agreeing_at_each_point() 
         &format!("prometheus_url: {}\nnotify:\n  quiet_for: 0s\n  sinks:\n    - {{ name: chat, type: webhook, url: \"RECEIVER/chat\" }}\n", prom.base),
     )
     .await;
-    let approve = |n: i64| ("approve".to_string(), n);
-    assert_eq!(c.levels().await, vec![approve(0), approve(0)]);
+    assert_eq!(
+        c.levels().await,
+        vec![("approve".to_string(), 0), ("approve".to_string(), 0)]
+    );
     // Behind approval: each run waits for a person, then acts and verifies.
     let first = c.act(0, "a", 1).await;
     c.approve(1, first).await;
     c.replicas[0].wait_run_state(first, "succeeded").await;
-    assert_eq!(c.levels().await, vec![approve(1), approve(1)]);
+    c.wait_levels(("approve", 1)).await;
     let second = c.act(1, "b", 1).await;
     c.approve(0, second).await;
     c.replicas[1].wait_run_state(second, "succeeded").await;
     // Two verified runs in a row: earned, on both replicas.
-    let auto = |n: i64| ("auto".to_string(), n);
-    assert_eq!(c.levels().await, vec![auto(2), auto(2)]);
+    c.wait_levels(("auto", 2)).await;
     let third = c.act(0, "c", 1).await;
     let run = c.replicas[1].wait_run_state(third, "succeeded").await;
     let asked = c
@@ -552,11 +571,11 @@ async fn autonomy_is_earned_and_lost_with_two_replicas_agreeing_at_each_point() 
         ))
         .await;
     assert_eq!(asked[0].0, 0, "no approval was asked: {run:#}");
-    assert_eq!(c.levels().await, vec![auto(3), auto(3)]);
+    c.wait_levels(("auto", 3)).await;
     // One failed verification (demote_after: 1): behind approval again, everywhere.
     let fourth = c.act(1, "d", 0).await;
     c.replicas[0].wait_run_state(fourth, "failed").await;
-    assert_eq!(c.levels().await, vec![approve(0), approve(0)]);
+    c.wait_levels(("approve", 0)).await;
     let fifth = c.act(0, "e", 1).await;
     c.replicas[1]
         .wait_run_state(fifth, "awaiting_approval")
@@ -572,10 +591,18 @@ async fn autonomy_is_earned_and_lost_with_two_replicas_agreeing_at_each_point() 
         ["autonomy.demote", "autonomy.promote"],
         "{audit:#}"
     );
-    let told: Vec<String> = (c.receiver.at("/chat").iter())
-        .filter(|r| r.body["event"] == "autonomy")
-        .map(|r| r.body["text"].as_str().unwrap_or("").to_string())
-        .collect();
+    let told_now = || -> Vec<String> {
+        (c.receiver.at("/chat").iter())
+            .filter(|r| r.body["event"] == "autonomy")
+            .map(|r| r.body["text"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    // Chat is told after the change is recorded: waited for, not read at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while told_now().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let told = told_now();
     assert_eq!(told.len(), 2, "{told:?}");
     assert!(
         told[0].starts_with("Playbook act now acts without approval: 2 verified runs in a row"),
