@@ -218,6 +218,34 @@ pub fn next_standing(s: Standing, outcome: Outcome, rules: AutonomyRules) -> Sta
     next
 }
 
+/// How a run's end counts: `succeeded`, and the states of its `verify` steps (`Some(true)`
+/// held, `Some(false)` failed, `None` never ran). A failed verification counts against the
+/// playbook; a run that succeeded with at least one verification, all held, counts for it.
+pub fn run_outcome(succeeded: bool, verifies: &[Option<bool>]) -> Outcome {
+    if verifies.contains(&Some(false)) {
+        Outcome::VerificationFailed
+    } else if succeeded && !verifies.is_empty() && verifies.iter().all(|v| *v == Some(true)) {
+        Outcome::Verified
+    } else {
+        Outcome::Other
+    }
+}
+
+/// Why a playbook's level changed to `to`, the last run counted being `run_id` (audited and
+/// told in chat).
+pub fn change_reason(to: Standing, run_id: i64) -> String {
+    match to.level {
+        Level::Auto => format!(
+            "{} verified runs in a row, the last run {run_id}",
+            to.streak
+        ),
+        Level::Approve => format!(
+            "{} failed verifications or undos in a row, the last run {run_id}",
+            to.failures
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,7 +284,18 @@ mod tests {
         // Demoted, it earns its way back from zero.
         let back = [&earned[..], &[Undone, Undone], &earned[..]].concat();
         assert_eq!(level(&back), Level::Auto);
-        assert_eq!(level(&back[..back.len() - 1]), Level::Approve);
+        assert_eq!(level(&back[..back.len() - 1]), Level::Approve); // What counts: verifications that held, all of them, in a run that succeeded.
+        assert_eq!(run_outcome(true, &[Some(true)]), Verified);
+        assert_eq!(
+            run_outcome(true, &[]),
+            Other,
+            "nothing verified, nothing earned"
+        );
+        assert_eq!(run_outcome(true, &[Some(true), None]), Other);
+        assert_eq!(
+            run_outcome(false, &[Some(true), Some(false)]),
+            VerificationFailed
+        );
     }
 
     /// Facts from a table; records which were asked.

@@ -56,54 +56,21 @@ impl Engine {
             Some(_) => return,
             None => match self.store.get_run(run.id).await {
                 Ok(Some(view)) => {
-                    let verifies: Vec<StepState> = (view.steps.unwrap_or_default().iter())
+                    let verifies: Vec<Option<bool>> = (view.steps.unwrap_or_default().iter())
                         .filter(|s| s.action == crate::playbook::actions::Action::Verify)
-                        .map(|s| s.state)
+                        .map(|s| match s.state {
+                            StepState::Succeeded => Some(true),
+                            StepState::Failed => Some(false),
+                            _ => None,
+                        })
                         .collect();
-                    if verifies.contains(&StepState::Failed) {
-                        Outcome::VerificationFailed
-                    } else if state == RunState::Succeeded
-                        && !verifies.is_empty()
-                        && verifies.iter().all(|s| *s == StepState::Succeeded)
-                    {
-                        Outcome::Verified
-                    } else {
-                        Outcome::Other
-                    }
+                    crate::policy::run_outcome(state == RunState::Succeeded, &verifies)
                 }
                 _ => Outcome::Other,
             },
         };
-        let why = |to: Standing| match to.level {
-            Level::Auto => format!(
-                "{} verified runs in a row, the last run {}",
-                to.streak, run.id
-            ),
-            Level::Approve => format!(
-                "{} failed verifications or undos in a row, the last run {}",
-                to.failures, run.id
-            ),
-        };
-        // The reason is known only once the new standing is: computed for both levels.
-        let promoted = why(Standing {
-            level: Level::Auto,
-            streak: rules.approve_until,
-            failures: 0,
-        });
-        let demoted = why(Standing {
-            level: Level::Approve,
-            streak: 0,
-            failures: rules.demote_after,
-        });
-        let change = self
-            .store
-            .record_outcome(
-                &run.playbook,
-                outcome,
-                rules,
-                promoted.clone(),
-                demoted.clone(),
-            )
+        let change = (self.store)
+            .record_outcome(&run.playbook, outcome, rules, run.id)
             .await;
         match change {
             Ok(Some(change)) => {
@@ -111,10 +78,7 @@ impl Engine {
                 self.live().notifier.send(Event::Autonomy {
                     playbook: run.playbook.clone(),
                     level: change.to.level,
-                    why: match change.to.level {
-                        Level::Auto => promoted,
-                        Level::Approve => demoted,
-                    },
+                    why: crate::policy::change_reason(change.to, run.id),
                 });
             }
             Ok(None) => {}

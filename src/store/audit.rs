@@ -121,6 +121,20 @@ impl Stored {
         c.rows(&sql, &[&id], Self::read)
     }
 
+    /// As the API shows it: the hash in hex, `prev` left out.
+    fn entry(self) -> AuditEntry {
+        AuditEntry {
+            id: self.id,
+            at: crate::time::Timestamp::from_ms(self.at),
+            actor: self.actor,
+            action: self.action,
+            target: self.target,
+            outcome: self.outcome,
+            detail: self.detail,
+            hash: self.hash.map(hex::encode),
+        }
+    }
+
     fn content(&self) -> Content<'_> {
         Content {
             id: self.id,
@@ -521,7 +535,10 @@ impl Store {
     pub async fn audit_after(&self, id: i64, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(move |c| {
             c.rows(
-                &format!("{SELECT_ENTRY} WHERE id > ?1 ORDER BY id LIMIT ?2"),
+                &format!(
+                    "SELECT {} FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2",
+                    Stored::COLUMNS
+                ),
                 &[&id, &i64::from(limit)],
                 entry,
             )
@@ -534,11 +551,12 @@ impl Store {
         self.read(move |c| {
             c.rows(
                 &format!(
-                    "{SELECT_ENTRY}
+                    "SELECT {} FROM audit
                      WHERE (id < ?1 OR ?1 IS NULL) AND (actor = ?3 OR ?3 IS NULL)
                        AND (substr(action, 1, length(?4)) = ?4 OR ?4 IS NULL)
                        AND (at >= ?5 OR ?5 IS NULL)
-                     ORDER BY id DESC LIMIT ?2"
+                     ORDER BY id DESC LIMIT ?2",
+                    Stored::COLUMNS
                 ),
                 &[
                     &f.before,
@@ -554,17 +572,6 @@ impl Store {
     }
 }
 
-const SELECT_ENTRY: &str = "SELECT id, at, actor, action, target, outcome, detail, hash FROM audit";
-
 fn entry(r: &super::db::Row) -> Result<AuditEntry, StoreError> {
-    Ok(AuditEntry {
-        id: r.get(0)?,
-        at: r.get(1)?,
-        actor: r.get(2)?,
-        action: r.get(3)?,
-        target: r.get(4)?,
-        outcome: r.get(5)?,
-        detail: r.get(6)?,
-        hash: r.get::<Option<Vec<u8>>>(7)?.map(hex::encode),
-    })
+    Stored::read(r).map(Stored::entry)
 }

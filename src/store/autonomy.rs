@@ -121,14 +121,13 @@ impl Store {
     }
 
     /// Counts a run's outcome toward `playbook`'s autonomy; returns the change of level it
-    /// made, if any (audited with `promoted` or `demoted` as the reason).
+    /// made, if any (audited with [`crate::policy::change_reason`], `run_id` the run counted).
     pub async fn record_outcome(
         &self,
         playbook: &str,
         outcome: Outcome,
         rules: AutonomyRules,
-        promoted: String,
-        demoted: String,
+        run_id: i64,
     ) -> Result<Option<LevelChange>, StoreError> {
         let (playbook, now) = (playbook.to_string(), self.now_ms());
         self.exclusive(move |c| {
@@ -140,12 +139,13 @@ impl Store {
             if !changed {
                 return Ok(None);
             }
-            let (action, why) = match to.level {
-                Level::Auto => ("autonomy.promote", &promoted),
-                Level::Approve => ("autonomy.demote", &demoted),
+            let action = match to.level {
+                Level::Auto => "autonomy.promote",
+                Level::Approve => "autonomy.demote",
             };
+            let why = crate::policy::change_reason(to, run_id);
             let target = format!("playbook/{playbook}");
-            super::audit::audit_in(c, "reflex", action, Some(&target), "ok", Some(why))?;
+            super::audit::audit_in(c, "reflex", action, Some(&target), "ok", Some(&why))?;
             Ok(Some(LevelChange { from, to }))
         })
         .await

@@ -275,29 +275,38 @@ fn claim_one_pg(c: &Db, max: i64, now: i64, owner: &str) -> Result<Option<ClaimR
 }
 
 /// An alert, and when its webhook arrived (µs).
+/// The columns [`alert_row`] reads, in its order.
+pub(super) const ALERT_COLUMNS: &str = "source, status, labels, annotations, starts_at, ends_at, \
+     fingerprint, generator_url, group_key, coalesce(received_us, 0)";
+
+/// An alert from a row of [`ALERT_COLUMNS`], with when its webhook arrived (µs).
+pub(super) fn alert_row(r: &super::db::Row) -> Result<(Alert, i64), StoreError> {
+    let source: String = r.get(0)?;
+    let labels: String = r.get(2)?;
+    let annotations: String = r.get(3)?;
+    let alert = Alert {
+        source: if source == "alertmanager" {
+            "alertmanager"
+        } else {
+            "generic"
+        },
+        status: r.get(1)?,
+        labels: serde_json::from_str(&labels).unwrap_or_default(),
+        annotations: serde_json::from_str(&annotations).unwrap_or_default(),
+        starts_at: r.get(4)?,
+        ends_at: r.get(5)?,
+        fingerprint: r.get(6)?,
+        generator_url: r.get(7)?,
+        group_key: r.get(8)?,
+    };
+    Ok((alert, r.get(9)?))
+}
+
 pub(super) fn load_alert(c: &Db, id: i64) -> Result<(Alert, i64), StoreError> {
     c.one(
-        "SELECT source, status, labels, annotations, starts_at, ends_at, fingerprint, generator_url, group_key,
-           coalesce(received_us, 0)
-         FROM alerts WHERE id = ?1",
+        &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"),
         &[&id],
-        |r| {
-        let source: String = r.get(0)?;
-        let labels: String = r.get(2)?;
-        let annotations: String = r.get(3)?;
-        let alert = Alert {
-            source: if source == "alertmanager" { "alertmanager" } else { "generic" },
-            status: r.get(1)?,
-            labels: serde_json::from_str(&labels).unwrap_or_default(),
-            annotations: serde_json::from_str(&annotations).unwrap_or_default(),
-            starts_at: r.get(4)?,
-            ends_at: r.get(5)?,
-            fingerprint: r.get(6)?,
-            generator_url: r.get(7)?,
-            group_key: r.get(8)?,
-        };
-        Ok((alert, r.get(9)?))
-        },
+        alert_row,
     )
 }
 

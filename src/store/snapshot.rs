@@ -86,17 +86,17 @@ impl Snapshot {
     ) -> Result<Vec<crate::replay::RecordedAlert>, StoreError> {
         self.with(|c| {
             c.rows(
-                "SELECT id, received_at FROM alerts
-                 WHERE received_at >= ?1 AND source IN ('alertmanager', 'generic') ORDER BY id",
+                &format!(
+                    "SELECT {}, received_at FROM alerts
+                     WHERE received_at >= ?1 AND source IN ('alertmanager', 'generic') ORDER BY id",
+                    super::queue::ALERT_COLUMNS
+                ),
                 &[&since_ms],
-                |r| Ok((r.get::<i64>(0)?, r.get::<i64>(1)?)),
-            )?
-            .into_iter()
-            .map(|(id, at)| {
-                let (alert, _) = super::queue::load_alert(c, id)?;
-                Ok(crate::replay::RecordedAlert::of(&alert, at))
-            })
-            .collect()
+                |r| {
+                    let (alert, _) = super::queue::alert_row(r)?;
+                    Ok(crate::replay::RecordedAlert::of(&alert, r.get(10)?))
+                },
+            )
         })
     }
 }
