@@ -156,14 +156,7 @@ pub async fn replay(
                         }
                     }
                     // Ended at once, as a run that acted: cooldowns and the breaker count it.
-                    store
-                        .write(move |c| {
-                            c.exec(
-                                "UPDATE runs SET state = 'succeeded', started_at = ?2, finished_at = ?2 WHERE id = ?1",
-                                &[&run_id, &now],
-                            )
-                        })
-                        .await?;
+                    store.end_at_once(run_id).await?;
                 }
                 Outcome::Suppressed {
                     playbook, cause, ..

@@ -26,6 +26,20 @@ pub(super) fn finish_run(
 }
 
 impl Store {
+    /// Ends a run that is never executed as if it had acted at once (`reflex replay`): started
+    /// and succeeded now, so cooldowns and the breaker count it as they count a real one.
+    pub async fn end_at_once(&self, run_id: i64) -> Result<(), StoreError> {
+        let now = self.now_ms();
+        self.write(move |c| {
+            c.exec(
+                "UPDATE runs SET started_at = coalesce(started_at, ?2) WHERE id = ?1",
+                &[&run_id, &now],
+            )?;
+            finish_run(c, run_id, RunState::Succeeded, None, now)
+        })
+        .await
+    }
+
     /// Ends a run, in one write: the last step's result and its audit row when given, the
     /// run's state (steps not started are marked `skipped`) and, for a failed run, the
     /// breaker's failure limit, which may engage the global kill switch (returned).
