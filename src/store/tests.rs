@@ -60,6 +60,14 @@ impl TestDb {
     }
 }
 
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestDb::Postgres(name) = self {
+            crate::testkit::PgServer::shared().drop_database(name);
+        }
+    }
+}
+
 static NEXT_REPLICA: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Each test, once per backend: `name::sqlite` and `name::postgres`.
@@ -221,7 +229,8 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip(db: TestDb) {
             },
         ),
     ] {
-        let store = db.fresh().open().await;
+        let db = db.fresh();
+        let store = db.open().await;
         let mut outcomes = Vec::new();
         for i in 0..4 {
             let target = if limit == Limit::Targets {
@@ -1580,7 +1589,8 @@ async fn an_edited_audit_row_is_named(db: TestDb) {
     assert_eq!(broken.id, ids[2]);
     assert!(broken.why.contains("changed after it was written"), "{}", broken.why);
     // Who did it is covered as well as what was said.
-    let (store, ids) = audited(&db.fresh()).await;
+    let db = db.fresh();
+    let (store, ids) = audited(&db).await;
     tamper(&store, "UPDATE audit SET actor = 'mallory' WHERE id = ?1", ids[4]).await;
     assert_eq!(store.verify_audit().await.unwrap().broken.unwrap().id, ids[4]);
 }
@@ -1592,7 +1602,8 @@ async fn a_deleted_audit_row_names_the_row_after_it(db: TestDb) {
     assert_eq!(broken.id, ids[4]);
     assert!(broken.why.contains(&format!("does not follow row {}", ids[2])), "{}", broken.why);
     // The newest row deleted: no row matches the head.
-    let (store, ids) = audited(&db.fresh()).await;
+    let db = db.fresh();
+    let (store, ids) = audited(&db).await;
     tamper(&store, "DELETE FROM audit WHERE id = ?1", ids[5]).await;
     let broken = store.verify_audit().await.unwrap().broken.expect("broken");
     assert_eq!(broken.id, ids[5]);
