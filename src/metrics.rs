@@ -39,6 +39,10 @@ pub struct Metrics {
     pub store_write_queue: IntGauge,
     /// Store transactions committed (a commit holds a batch of writes; one fsync each).
     pub store_commits: IntCounter,
+    /// Round trips to PostgreSQL the store's writer waited for (0 on SQLite).
+    pub store_round_trips: IntCounter,
+    /// Statements the store's writer sent to PostgreSQL (0 on SQLite).
+    pub store_statements: IntCounter,
     /// 1 while this replica holds a good lease (PostgreSQL; always 1 on SQLite).
     pub lease_held: IntGauge,
     /// Replicas whose work this one took over after their lease expired.
@@ -175,6 +179,14 @@ impl Metrics {
             store_commits: counter(
                 "store_commits_total",
                 "Store transactions committed; each holds a batch of writes.",
+            ),
+            store_round_trips: counter(
+                "store_round_trips_total",
+                "Round trips to PostgreSQL the store's writer waited for (0 on SQLite).",
+            ),
+            store_statements: counter(
+                "store_statements_total",
+                "Statements the store's writer sent to PostgreSQL, pipelined (0 on SQLite).",
             ),
             lease_held: gauge(
                 "lease_held",

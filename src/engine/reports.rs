@@ -18,6 +18,8 @@ impl Engine {
         for (counter, n) in [
             (&self.metrics.store_writes, counts.writes),
             (&self.metrics.store_commits, counts.commits),
+            (&self.metrics.store_round_trips, counts.round_trips),
+            (&self.metrics.store_statements, counts.statements),
         ] {
             counter.inc_by(n.saturating_sub(counter.get()));
         }

@@ -213,7 +213,8 @@ pub(super) struct Pending {
 
 /// Appends a PostgreSQL transaction's audit rows, just before it commits: the chain's head
 /// locked (replicas append one after another), ids taken under that lock (so ids follow the
-/// chain), every row in one statement, the head moved. Three round trips a batch, none when
+/// chain), every row in one statement, the head moved. One round trip a batch (the rows and the
+/// head go with the `COMMIT`), none when
 /// the batch wrote no audit row.
 pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
     let Db::Pg(conn) = c else { return Ok(()) };
@@ -222,13 +223,14 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
         return Ok(());
     }
     let n = rows.len() as i64;
-    let head = conn.borrow_mut().client().query_one(
+    let head = conn.borrow_mut().query(
         "SELECT last_hash, (SELECT array_agg(v ORDER BY v) FROM
            (SELECT nextval(pg_get_serial_sequence('audit', 'id')) AS v
             FROM generate_series(1, $1::bigint)) s)
          FROM audit_chain WHERE one = 1 FOR UPDATE",
         &[&n],
     )?;
+    let head = head.first().ok_or(StoreError::NoRow)?;
     let (mut prev, ids): (Vec<u8>, Vec<i64>) = (head.try_get(0)?, head.try_get(1)?);
     let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut prevs, mut hashes) = (Vec::new(), Vec::new());
@@ -252,8 +254,9 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
         cols.4.push(row.detail.as_deref());
     }
     let (targets, outcomes): (Vec<Option<&str>>, Vec<&str>) = cols.3.into_iter().unzip();
+    // The rows and the head go with the COMMIT, in its round trip.
     let mut pg = conn.borrow_mut();
-    pg.client().execute(
+    pg.queue(
         "INSERT INTO audit (id, at, actor, action, target, outcome, detail, prev, hash)
          SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
                               $6::text[], $7::text[], $8::bytea[], $9::bytea[])",
@@ -263,7 +266,7 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
     )?;
     drop(pg);
     let last = *ids.last().expect("one id a row");
-    c.exec(
+    c.later(
         "UPDATE audit_chain SET last_id = ?1, last_hash = ?2 WHERE one = 1",
         &[&last, &prev],
     )?;

@@ -101,6 +101,62 @@ impl std::fmt::Display for Trip {
     }
 }
 
+/// The limits on starting one more run that are set, in the order they are checked.
+fn table(l: BreakerLimits) -> impl Iterator<Item = (Limit, u32)> {
+    [
+        (Limit::Runs, l.max_runs),
+        (Limit::RunsPerPlaybook, l.max_runs_per_playbook),
+        (Limit::Targets, l.max_targets),
+    ]
+    .into_iter()
+    .filter(|(_, max)| *max > 0)
+}
+
+/// The runs that count, started in the window (`?1`: its start by the clock) and after a
+/// person last released the global switch, which starts a new window (the runs that tripped
+/// the breaker do not trip it again at the next one).
+macro_rules! live {
+    () => {
+        "created_at > ?1 AND state != 'suppressed'
+         AND created_at > coalesce((SELECT changed_at FROM switches WHERE scope = 'global' AND NOT engaged), 0)"
+    };
+}
+const RUNS: &str = concat!("SELECT count(*) FROM runs WHERE ", live!());
+const RUNS_OF_PLAYBOOK: &str = concat!(
+    "SELECT count(*) FROM runs WHERE ",
+    live!(),
+    " AND playbook = ?2"
+);
+const RUNS_ON_TARGET: &str = concat!(
+    "SELECT count(*) FROM runs WHERE ",
+    live!(),
+    " AND target = ?2"
+);
+const TARGETS: &str = concat!("SELECT count(DISTINCT target) FROM runs WHERE ", live!());
+
+/// Sends [`breaker_trip`]'s reads ahead (see [`Db::prefetch`]).
+pub(super) fn prefetch(
+    c: &Db,
+    playbook: &str,
+    target: &str,
+    l: BreakerLimits,
+    now: i64,
+) -> Result<(), StoreError> {
+    let since = now - l.window_ms;
+    for (limit, _) in table(l) {
+        match limit {
+            Limit::Runs => c.prefetch(RUNS, &[&since])?,
+            Limit::RunsPerPlaybook => c.prefetch(RUNS_OF_PLAYBOOK, &[&since, &playbook])?,
+            Limit::Targets => {
+                c.prefetch(RUNS_ON_TARGET, &[&since, &target])?;
+                c.prefetch(TARGETS, &[&since])?;
+            }
+            Limit::Failures | Limit::Refusals => {}
+        }
+    }
+    Ok(())
+}
+
 /// Checks the limits on starting one more run (runs, runs per playbook, targets), in that
 /// order; when one would be crossed, engages the global kill switch in this same transaction
 /// and returns the trip.
@@ -114,38 +170,21 @@ pub(super) fn breaker_trip(
     if l.max_runs == 0 && l.max_runs_per_playbook == 0 && l.max_targets == 0 {
         return Ok(None);
     }
-    let since = window_start(c, l, now)?;
+    let since = now - l.window_ms;
     let count = |sql: &str, p: &[&dyn Param]| -> Result<u32, StoreError> {
         let n: i64 = c.one(sql, p, |r| r.get(0))?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     };
-    let live = "created_at > ?1 AND state != 'suppressed'";
-    let table = [
-        (Limit::Runs, l.max_runs),
-        (Limit::RunsPerPlaybook, l.max_runs_per_playbook),
-        (Limit::Targets, l.max_targets),
-    ];
-    for (limit, max) in table {
-        if max == 0 {
-            continue;
-        }
+    for (limit, max) in table(l) {
         let n = match limit {
-            Limit::Runs => count(
-                &format!("SELECT count(*) FROM runs WHERE {live}"),
-                &[&since],
-            )?,
-            Limit::RunsPerPlaybook => count(
-                &format!("SELECT count(*) FROM runs WHERE {live} AND playbook = ?2"),
-                &[&since, &playbook],
-            )?,
+            Limit::Runs => count(RUNS, &[&since])?,
+            Limit::RunsPerPlaybook => count(RUNS_OF_PLAYBOOK, &[&since, &playbook])?,
             Limit::Targets => {
                 // A target already acted on in the window adds none.
-                let sql = format!("SELECT count(*) FROM runs WHERE {live} AND target = ?2");
-                if count(&sql, &[&since, &target])? > 0 {
+                if count(RUNS_ON_TARGET, &[&since, &target])? > 0 {
                     continue;
                 }
-                let sql = format!("SELECT count(DISTINCT target) FROM runs WHERE {live}");
-                count(&sql, &[&since])?
+                count(TARGETS, &[&since])?
             }
             Limit::Failures | Limit::Refusals => continue,
         };

@@ -10,19 +10,23 @@ use super::intake::insert_steps;
 use super::{Db, StoreError};
 use crate::playbook::Plan;
 
+/// A run put back in the queue after an approval has started: it is not joined.
+const QUEUED: &str =
+    "SELECT id FROM runs WHERE fingerprint = ?1 AND state = 'pending' AND playbook = ?2
+           AND started_at IS NULL ORDER BY id LIMIT 1";
+
+/// Sends [`pending_run`]'s read ahead (see [`Db::prefetch`]).
+pub(super) fn prefetch(c: &Db, playbook: &str, fingerprint: &str) -> Result<(), StoreError> {
+    c.prefetch(QUEUED, &[&fingerprint, &playbook])
+}
+
 /// The queued, never-started run a new occurrence would join, if there is one.
 pub(super) fn pending_run(
     c: &Db,
     playbook: &str,
     fingerprint: &str,
 ) -> Result<Option<i64>, StoreError> {
-    // A run put back in the queue after an approval has started: it is not joined.
-    c.row(
-        "SELECT id FROM runs WHERE fingerprint = ?1 AND state = 'pending' AND playbook = ?2
-           AND started_at IS NULL ORDER BY id LIMIT 1",
-        &[&fingerprint, &playbook],
-        |r| r.get(0),
-    )
+    c.row(QUEUED, &[&fingerprint, &playbook], |r| r.get(0))
 }
 
 /// Gives the pending run the newest alert's data: its alert, parameters, target and steps.
@@ -34,10 +38,10 @@ pub(super) fn refresh(
     params_json: &str,
     steps_json: Vec<(String, Option<String>)>,
 ) -> Result<(), StoreError> {
-    c.exec(
+    c.later(
         "UPDATE runs SET alert_id = ?2, params = ?3, target = ?4 WHERE id = ?1",
         &[&run_id, &alert_id, &params_json, &plan.target],
     )?;
-    c.exec("DELETE FROM steps WHERE run_id = ?1", &[&run_id])?;
+    c.later("DELETE FROM steps WHERE run_id = ?1", &[&run_id])?;
     insert_steps(c, run_id, plan, steps_json, None)
 }

@@ -35,10 +35,26 @@ impl Row<'_> {
 }
 
 /// A PostgreSQL connection and the statements prepared on it (each once per connection).
+///
+/// The client is tokio-postgres on a runtime of the connection's own (as the blocking
+/// `postgres` crate does it), so that statements can be pipelined: those whose answer nothing
+/// waits for ([`Db::later`]) are sent with the next statement that is waited for, and their
+/// answers read in the same round trip.
 pub struct PgConn {
     /// `None` only while it is dropped.
-    client: Option<postgres::Client>,
-    statements: HashMap<String, postgres::Statement>,
+    client: Option<(tokio_postgres::Client, tokio::runtime::Runtime)>,
+    statements: HashMap<String, tokio_postgres::Statement>,
+    /// Sent with the next statement waited for (see [`Db::later`]); with its text and
+    /// parameters when it is a read sent ahead ([`Db::prefetch`]).
+    queued: Vec<(tokio_postgres::Statement, Vec<Encoded>, Option<String>)>,
+    /// Answers of reads sent ahead, until a statement that may write.
+    prefetched: Vec<(String, Vec<Encoded>, Vec<postgres::Row>)>,
+    /// A queued statement failed: the transaction is lost, whatever the statement that
+    /// flushed it (the writer fails the whole batch).
+    pub(super) later_failed: bool,
+    /// Round trips and statements on this connection (see [`PgConn::traffic`]).
+    trips: u64,
+    sent: u64,
     /// A write in this transaction made work for other replicas (see [`Db::wake`]).
     pub(super) wake: bool,
     /// Audit rows this transaction appends, written just before it commits (see
@@ -46,42 +62,271 @@ pub struct PgConn {
     pub(super) audit: Vec<super::audit::Pending>,
 }
 
-impl PgConn {
-    pub(super) fn new(client: postgres::Client) -> PgConn {
-        PgConn {
-            client: Some(client),
-            statements: HashMap::new(),
-            wake: false,
-            audit: Vec::new(),
-        }
+/// A parameter already encoded for its statement: a queued statement owns its parameters.
+#[derive(Debug, PartialEq)]
+struct Encoded(Option<Vec<u8>>);
+
+impl postgres::types::ToSql for Encoded {
+    fn to_sql(
+        &self,
+        _: &postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(match &self.0 {
+            Some(b) => {
+                out.extend_from_slice(b);
+                postgres::types::IsNull::No
+            }
+            None => postgres::types::IsNull::Yes,
+        })
     }
 
-    pub(super) fn client(&mut self) -> &mut postgres::Client {
+    fn accepts(_: &postgres::types::Type) -> bool {
+        // Checked when it was encoded, against the statement's own type.
+        true
+    }
+
+    postgres::types::to_sql_checked!();
+}
+
+impl PgConn {
+    /// Connects: the client and the connection's task, on a runtime of its own.
+    pub(super) fn connect<T>(config: &tokio_postgres::Config, tls: T) -> Result<PgConn, StoreError>
+    where
+        T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Send + 'static,
+        T::Stream: Send + 'static,
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (client, connection) = runtime.block_on(config.connect(tls))?;
+        // Driven whenever the runtime runs: while a statement is waited for.
+        runtime.spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(PgConn {
+            client: Some((client, runtime)),
+            statements: HashMap::new(),
+            queued: Vec::new(),
+            prefetched: Vec::new(),
+            later_failed: false,
+            trips: 0,
+            sent: 0,
+            wake: false,
+            audit: Vec::new(),
+        })
+    }
+
+    fn parts(&mut self) -> &mut (tokio_postgres::Client, tokio::runtime::Runtime) {
         self.client
             .as_mut()
             .expect("a connection has its client until dropped")
     }
 
-    fn prepare(&mut self, sql: &str) -> Result<postgres::Statement, StoreError> {
+    /// Whether the server closed the connection (or it broke).
+    pub(super) fn is_closed(&mut self) -> bool {
+        self.parts().0.is_closed()
+    }
+
+    /// Round trips and statements so far.
+    pub(super) fn traffic(&self) -> (u64, u64) {
+        (self.trips, self.sent)
+    }
+
+    /// Statements without parameters, in one round trip (with whatever is queued before).
+    pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), StoreError> {
+        self.prefetched.clear();
+        self.flush_with(|c| Box::pin(async move { c.batch_execute(sql).await.map(drop) }))
+    }
+
+    fn prepare(&mut self, sql: &str) -> Result<tokio_postgres::Statement, StoreError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
         }
-        let statement = self.client().prepare(&dollar_params(sql))?;
+        // On its own: what is queued stays queued (a statement is prepared once a connection).
+        let text = dollar_params(sql);
+        self.trips += 1;
+        let (client, runtime) = self.parts();
+        let statement = runtime.block_on(client.prepare(&text))?;
         self.statements.insert(sql.to_string(), statement.clone());
         Ok(statement)
+    }
+
+    /// Queues a statement, its parameters encoded now (see [`Db::later`]).
+    pub(super) fn queue(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<(), StoreError> {
+        self.prefetched.clear();
+        let (statement, encoded) = self.encode(sql, params)?;
+        self.queued.push((statement, encoded, None));
+        Ok(())
+    }
+
+    /// Queues a read whose answer a later [`PgConn::query`] of the same text and parameters
+    /// takes without a round trip (see [`Db::prefetch`]).
+    fn prefetch(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<(), StoreError> {
+        let (statement, encoded) = self.encode(sql, params)?;
+        self.queued
+            .push((statement, encoded, Some(sql.to_string())));
+        Ok(())
+    }
+
+    /// The prepared statement and its parameters, encoded for it.
+    fn encode(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<(tokio_postgres::Statement, Vec<Encoded>), StoreError> {
+        let statement = self.prepare(sql)?;
+        let mut encoded = Vec::with_capacity(params.len());
+        for (p, ty) in params.iter().zip(statement.params()) {
+            let mut buf = bytes::BytesMut::new();
+            let null = p
+                .to_sql_checked(ty, &mut buf)
+                .map_err(|e| StoreError::Config(format!("encoding a parameter of `{sql}`: {e}")))?;
+            encoded.push(Encoded(match null {
+                postgres::types::IsNull::Yes => None,
+                postgres::types::IsNull::No => Some(buf.to_vec()),
+            }));
+        }
+        Ok((statement, encoded))
+    }
+
+    /// Runs a statement and returns its rows, in one round trip with the queued ones.
+    pub(super) fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<postgres::Row>, StoreError> {
+        let ahead = |q: &(_, _, Option<String>)| q.2.as_deref() == Some(sql);
+        if !self.prefetched.is_empty() || self.queued.iter().any(ahead) {
+            let (_, encoded) = self.encode(sql, params)?;
+            let queued = (self.queued.iter()).any(|q| ahead(q) && q.1 == encoded);
+            if queued {
+                // Sent ahead and not yet answered: sent now, with everything queued.
+                self.flush_with(|_| Box::pin(async { Ok(()) }))?;
+            }
+            if let Some(i) =
+                (self.prefetched.iter()).position(|(text, p, _)| text == sql && *p == encoded)
+            {
+                return Ok(self.prefetched.swap_remove(i).2);
+            }
+            if queued {
+                // It ran, and a write queued after it made its answer stale: never run twice.
+                return Err(StoreError::Config(format!(
+                    "the answer of `{sql}`, sent ahead, was overtaken by a write"
+                )));
+            }
+        }
+        let statement = self.prepare(sql)?;
+        self.flush_with(|c| Box::pin(async move { c.query(&statement, params).await }))
+    }
+
+    /// Sends the queued statements, then `last`, without waiting between them (one round
+    /// trip), and waits for every answer. The first error is returned; one from a queued
+    /// statement marks the transaction lost ([`PgConn::later_failed`]).
+    fn flush_with<'a, T: 'a>(
+        &'a mut self,
+        last: impl FnOnce(
+            &'a tokio_postgres::Client,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, postgres::Error>> + 'a>,
+        >,
+    ) -> Result<T, StoreError> {
+        let queued = std::mem::take(&mut self.queued);
+        self.trips += 1;
+        self.sent += queued.len() as u64 + 1;
+        let (client, runtime) = self
+            .client
+            .as_ref()
+            .expect("a connection has its client until dropped");
+        type Answer<'f> = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Vec<postgres::Row>, postgres::Error>> + 'f>,
+        >;
+        let mut earlier: Vec<Option<Answer<'_>>> = queued
+            .iter()
+            .map(|(s, p, read)| {
+                Some(if read.is_some() {
+                    let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p
+                        .iter()
+                        .map(|e| e as &(dyn postgres::types::ToSql + Sync))
+                        .collect();
+                    Box::pin(async move { client.query(s, &refs).await }) as Answer<'_>
+                } else {
+                    Box::pin(
+                        async move { client.execute_raw(s, p.iter()).await.map(|_| Vec::new()) },
+                    )
+                })
+            })
+            .collect();
+        let mut answers: Vec<Option<Vec<postgres::Row>>> = Vec::new();
+        answers.resize_with(queued.len(), || None);
+        let mut last = Some(last(client));
+        let mut first_error = None;
+        let mut result = None;
+        // Each future sends its request when first polled: polled in order, they go out in
+        // order, before any answer is awaited.
+        runtime.block_on(std::future::poll_fn(|cx| {
+            use std::task::Poll;
+            for (i, slot) in earlier.iter_mut().enumerate() {
+                if let Some(f) = slot
+                    && let Poll::Ready(r) = f.as_mut().poll(cx)
+                {
+                    *slot = None;
+                    match r {
+                        Ok(rows) => answers[i] = Some(rows),
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            if let Some(f) = &mut last
+                && let Poll::Ready(r) = f.as_mut().poll(cx)
+            {
+                last = None;
+                result = Some(r);
+            }
+            if last.is_none() && earlier.iter().all(Option::is_none) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }));
+        drop(earlier);
+        if let Some(e) = first_error {
+            self.later_failed = true;
+            return Err(e.into());
+        }
+        // A read's answer is kept only when nothing that may write was queued after it.
+        let mut written = false;
+        for ((_, params, read), rows) in queued.into_iter().zip(answers).rev() {
+            match (read, rows) {
+                (Some(sql), Some(rows)) if !written => self.prefetched.push((sql, params, rows)),
+                (None, _) => written = true,
+                _ => {}
+            }
+        }
+        Ok(result.expect("the last statement was answered")?)
     }
 }
 
 impl Drop for PgConn {
-    /// The blocking client says goodbye to the server on drop, which must not happen on an
-    /// async runtime's thread: there it goes to a thread of its own.
+    /// The runtime must not be dropped on an async runtime's thread (nor the client say
+    /// goodbye there): there they go to a thread of their own.
     fn drop(&mut self) {
-        if let Some(client) = self.client.take()
+        if let Some(parts) = self.client.take()
             && tokio::runtime::Handle::try_current().is_ok()
         {
             let _ = std::thread::Builder::new()
                 .name("reflex-pg-close".into())
-                .spawn(move || drop(client));
+                .spawn(move || drop(parts));
         }
     }
 }
@@ -145,11 +390,40 @@ impl Db<'_> {
         }
     }
 
+    /// Whether a statement sent with [`Db::later`] failed (the transaction is lost).
+    pub fn later_failed(&self) -> bool {
+        match self {
+            Db::Lite(_) => false,
+            Db::Pg(c) => c.borrow().later_failed,
+        }
+    }
+
     /// Runs statements without parameters, separated by `;`, in one round trip.
     pub fn batch(&self, sql: &str) -> Result<(), StoreError> {
         match self {
             Db::Lite(c) => Ok(c.execute_batch(sql)?),
-            Db::Pg(c) => Ok(c.borrow_mut().client().batch_execute(sql)?),
+            Db::Pg(c) => c.borrow_mut().batch_execute(sql),
+        }
+    }
+
+    /// Runs a statement whose answer nothing waits for: on PostgreSQL it is sent with the next
+    /// statement that is waited for (at the latest the `COMMIT`), in the same round trip; an
+    /// error then fails the whole transaction. On SQLite it runs now.
+    pub fn later(&self, sql: &str, params: &[&dyn Param]) -> Result<(), StoreError> {
+        match self {
+            Db::Lite(_) => self.exec(sql, params).map(drop),
+            Db::Pg(c) => c.borrow_mut().queue(sql, &pg_params(params)),
+        }
+    }
+
+    /// Sends a read ahead (PostgreSQL): queued like [`Db::later`], its answer kept for the
+    /// first [`Db::row`] or [`Db::rows`] of the same text and parameters, as long as no
+    /// statement that may write comes between. The reads a decision may need go out together,
+    /// in one round trip. Nothing on SQLite (the read runs when it is asked).
+    pub fn prefetch(&self, sql: &str, params: &[&dyn Param]) -> Result<(), StoreError> {
+        match self {
+            Db::Lite(_) => Ok(()),
+            Db::Pg(c) => c.borrow_mut().prefetch(sql, &pg_params(params)),
         }
     }
 
@@ -161,8 +435,12 @@ impl Db<'_> {
             }
             Db::Pg(c) => {
                 let mut c = c.borrow_mut();
+                c.prefetched.clear();
                 let statement = c.prepare(sql)?;
-                Ok(c.client().execute(&statement, &pg_params(params))?)
+                let params = pg_params(params);
+                c.flush_with(|client| {
+                    Box::pin(async move { client.execute(&statement, &params).await })
+                })
             }
         }
     }
@@ -177,7 +455,10 @@ impl Db<'_> {
                     lite_statement(c, sql)?.execute(rusqlite::params_from_iter(params))?;
                 Ok((inserted > 0).then(|| c.last_insert_rowid()))
             }
-            Db::Pg(_) => self.row(&format!("{sql} RETURNING id"), params, |r| r.get(0)),
+            Db::Pg(c) => {
+                c.borrow_mut().prefetched.clear();
+                self.row(&format!("{sql} RETURNING id"), params, |r| r.get(0))
+            }
         }
     }
 
@@ -198,10 +479,9 @@ impl Db<'_> {
                 }
             }
             Db::Pg(c) => {
-                let mut c = c.borrow_mut();
-                let statement = c.prepare(sql)?;
-                match c.client().query_opt(&statement, &pg_params(params))? {
-                    Some(r) => Ok(Some(f(&Row::Pg(&r))?)),
+                let rows = c.borrow_mut().query(sql, &pg_params(params))?;
+                match rows.first() {
+                    Some(r) => Ok(Some(f(&Row::Pg(r))?)),
                     None => Ok(None),
                 }
             }
@@ -235,9 +515,7 @@ impl Db<'_> {
                 }
             }
             Db::Pg(c) => {
-                let mut c = c.borrow_mut();
-                let statement = c.prepare(sql)?;
-                for r in c.client().query(&statement, &pg_params(params))? {
+                for r in c.borrow_mut().query(sql, &pg_params(params))? {
                     out.push(f(&Row::Pg(&r))?);
                 }
             }

@@ -176,31 +176,40 @@ impl PlanJson {
     }
 }
 
+const INSERT_ALERT: &str = "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key, received_us)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
+/// Records the alert; its id. With `ahead` (PostgreSQL), the insert is sent together with
+/// those reads ([`prefetch_facts`] of its first candidate): one round trip for both.
 fn insert_alert(
     c: &Db,
     a: &Alert,
     json: &Json,
     now: i64,
     received_us: i64,
+    ahead: impl FnOnce() -> Result<(), StoreError>,
 ) -> Result<i64, StoreError> {
-    c.insert(
-        "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key, received_us)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        &[
-            &now,
-            &a.source,
-            &a.fingerprint,
-            &a.status.as_str(),
-            &a.starts_at,
-            &a.ends_at,
-            &json.labels,
-            &json.annotations,
-            &a.generator_url,
-            &a.group_key,
-            &received_us,
-        ],
-    )?
-    .ok_or(StoreError::NoRow)
+    let params: [&dyn super::db::Param; 11] = [
+        &now,
+        &a.source,
+        &a.fingerprint,
+        &a.status.as_str(),
+        &a.starts_at,
+        &a.ends_at,
+        &json.labels,
+        &json.annotations,
+        &a.generator_url,
+        &a.group_key,
+        &received_us,
+    ];
+    if c.is_pg() {
+        let returning = format!("{INSERT_ALERT} RETURNING id");
+        c.prefetch(&returning, &params)?;
+        ahead()?;
+        // Answered from the round trip that sent it with the reads (nothing flushed it before).
+        return c.one(&returning, &params, |r| r.get(0));
+    }
+    c.insert(INSERT_ALERT, &params)?.ok_or(StoreError::NoRow)
 }
 
 /// The alert at hand in an intake write, and what every decision about it needs.
@@ -278,14 +287,17 @@ fn intake_one(
     cand: Candidate,
     json: Option<PlanJson>,
     start: &mut Starter,
+    sent_ahead: bool,
 ) -> Result<Outcome, StoreError> {
     let a = at.alert;
     let now = at.now;
-    take_turns(c, at, &cand.playbook)?;
     let target = cand
         .plan
         .as_ref()
         .map_or_else(|_| String::new(), |p| p.target.clone());
+    if !sent_ahead {
+        prefetch_facts(c, at.alert, at.limits, at.now, &cand, start)?;
+    }
     let asked = crate::policy::Candidate {
         maintenance: cand.suppress.as_deref(),
         coalesce: cand.coalesce && json.is_some(),
@@ -370,24 +382,32 @@ fn intake_one(
     })
 }
 
-/// On PostgreSQL, replicas decide about one playbook one at a time (until this batch commits),
-/// so that coalescing, the cooldown and the breaker see each other's runs. The breaker's limits
-/// on all runs and on distinct targets span playbooks: while one is set, all intake decisions
-/// take turns.
-fn take_turns(c: &Db, at: &At<'_>, playbook: &str) -> Result<(), StoreError> {
-    if !c.is_pg() {
-        return Ok(());
+/// The locks an intake write holds (on PostgreSQL, shared by the replicas; see
+/// [`Store::write_locked`]): the narrowest each rule needs, so that replicas deciding about
+/// different alerts of one playbook do not wait for each other:
+/// - the alert's identity for the playbook (dedup, coalescing, one run at a time per alert);
+/// - the cooldown's key, when the playbook has a cooldown;
+/// - the playbook, when the breaker limits its runs;
+/// - all intake, when a breaker limit spans playbooks (runs, distinct targets).
+fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<String> {
+    if limits.max_runs > 0 || limits.max_targets > 0 {
+        return vec![String::from("reflex.intake")];
     }
-    let scope = if at.limits.max_runs > 0 || at.limits.max_targets > 0 {
-        String::from("reflex.intake")
-    } else {
-        format!("reflex.playbook:{playbook}")
-    };
-    c.one(
-        "SELECT pg_advisory_xact_lock(hashtextextended(?1, 0))::text",
-        &[&scope],
-        |_| Ok(()),
-    )
+    let mut locks = Vec::new();
+    for item in items {
+        for cand in &item.candidates {
+            let pb = &cand.playbook;
+            // A unit separator: neither a playbook name nor a fingerprint holds one.
+            locks.push(format!("reflex.alert:{pb}\u{1f}{}", item.alert.fingerprint));
+            if cand.cooldown_ms > 0 {
+                locks.push(format!("reflex.cooldown:{pb}\u{1f}{}", cand.cooldown_key));
+            }
+            if limits.max_runs_per_playbook > 0 {
+                locks.push(format!("reflex.playbook:{pb}"));
+            }
+        }
+    }
+    locks
 }
 
 /// What intake decided to record for a candidate.
@@ -445,14 +465,75 @@ fn insert_run(
     )
 }
 
+const RECORDED: &str = "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4";
+
 /// The run recorded for this occurrence of the alert by this playbook, if any.
 fn existing_run(c: &Db, playbook: &str, a: &Alert) -> Result<Option<i64>, StoreError> {
     c.row(
-        "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4",
+        RECORDED,
         &[&playbook, &a.fingerprint, &a.starts_at, &a.status.as_str()],
         |r| r.get(0),
     )
 }
+
+/// Sends every read the intake rules may ask for about this candidate ahead, together (one
+/// round trip on PostgreSQL, where each would be one; see [`Db::prefetch`]). The rules then
+/// ask as before and take the answers read here; a write between them drops the rest.
+fn prefetch_facts(
+    c: &Db,
+    a: &Alert,
+    limits: BreakerLimits,
+    now: i64,
+    cand: &Candidate,
+    start: &Starter,
+) -> Result<(), StoreError> {
+    if !c.is_pg() {
+        return Ok(());
+    }
+    let target = cand.plan.as_ref().map_or("", |p| p.target.as_str());
+    c.prefetch(
+        RECORDED,
+        &[
+            &cand.playbook,
+            &a.fingerprint,
+            &a.starts_at,
+            &a.status.as_str(),
+        ],
+    )?;
+    if cand.coalesce {
+        super::coalesce::prefetch(c, &cand.playbook, &a.fingerprint)?;
+    }
+    super::switches::prefetch(c, &cand.playbook, now)?;
+    super::cooldown::prefetch(c, &cand.playbook, &cand.cooldown_key, cand.cooldown_ms, now)?;
+    super::breaker::prefetch(c, &cand.playbook, target, limits, now)?;
+    if let Ok(plan) = &cand.plan
+        && start.left > 0
+        && plan.starts_ungated()
+        && plan.concurrency == 0
+    {
+        // The target's try-lock is taken here even when the rules stop before asking: a
+        // lock held a little longer than needed, never one missing.
+        c.prefetch(super::queue::TRY_LOCK_TARGET, &[&plan.target])?;
+        c.prefetch(
+            MAY_START,
+            &[
+                &plan.target,
+                &i64::from(start.max_per_target),
+                &cand.playbook,
+                &a.fingerprint,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether a run may start now on its target: room on it, no older run waiting for it, and
+/// none of the playbook executing for the same alert.
+const MAY_START: &str =
+    "SELECT coalesce((SELECT running FROM target_load WHERE target = ?1), 0) < ?2
+                   AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.state = 'pending' AND p.target = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?3 AND o.fingerprint = ?4
+                                   AND o.state = 'running')";
 
 /// Starts new runs inside the intake transaction while it has slots.
 pub(super) struct Starter {
@@ -490,10 +571,7 @@ impl Starter {
             return Ok(false);
         }
         c.one(
-            "SELECT coalesce((SELECT running FROM target_load WHERE target = ?1), 0) < ?2
-                   AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.state = 'pending' AND p.target = ?1)
-                   AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?3 AND o.fingerprint = ?4
-                                   AND o.state = 'running')",
+            MAY_START,
             &[
                 &plan.target,
                 &i64::from(self.max_per_target),
@@ -563,7 +641,7 @@ pub(super) fn insert_steps(
 ) -> Result<(), StoreError> {
     for (idx, (s, (args, approval))) in plan.steps.iter().zip(steps_json).enumerate() {
         let running = first.filter(|_| idx == 0);
-        c.exec(
+        c.later(
             "INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state, approval, phase,
                started_at, started_us)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
@@ -635,8 +713,13 @@ impl Store {
                 (item, json)
             })
             .collect();
+        let locks = if self.path().is_none() {
+            intake_locks(&prepared.iter().map(|(i, _)| i).collect::<Vec<_>>(), limits)
+        } else {
+            Vec::new()
+        };
         let (outcomes, started) = self
-            .write(move |c| {
+            .write_locked(locks, move |c| {
                 let mut starter = Starter {
                     left: start.slots,
                     owner,
@@ -654,7 +737,13 @@ impl Store {
                         continue;
                     }
                     starter.received_us = item.received_us;
-                    let alert_id = insert_alert(c, &item.alert, &json, now, item.received_us)?;
+                    let first = item.candidates.first();
+                    let alert_id =
+                        insert_alert(c, &item.alert, &json, now, item.received_us, || {
+                            first.map_or(Ok(()), |cand| {
+                                prefetch_facts(c, &item.alert, limits, now, cand, &starter)
+                            })
+                        })?;
                     let at = At {
                         alert: &item.alert,
                         alert_id,
@@ -662,7 +751,10 @@ impl Store {
                         now,
                     };
                     let mut outcomes = (item.candidates.into_iter().zip(json.plans))
-                        .map(|(cand, plan)| intake_one(c, &at, cand, plan, &mut starter))
+                        .enumerate()
+                        .map(|(i, (cand, plan))| {
+                            intake_one(c, &at, cand, plan, &mut starter, i == 0)
+                        })
                         .collect::<Result<Vec<_>, _>>()?;
                     if item.alert.status == AlertStatus::Resolved {
                         outcomes.extend(end_for_resolved(

@@ -9,7 +9,7 @@ pub(super) fn finish_run(
     error: Option<&str>,
     now: i64,
 ) -> Result<(), StoreError> {
-    c.exec(
+    c.later(
         // A final state is never overwritten (a replica that lost its lease, say, cannot end
         // a run another one already marked interrupted). An end frees room on the target.
         // (Three values after `IN` would cost SQLite a temporary table on every end.)
@@ -17,7 +17,7 @@ pub(super) fn finish_run(
          WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')",
         &[&run_id, &state.as_str(), &now, &error],
     )?;
-    c.exec(
+    c.later(
         "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'",
         &[&run_id],
     )?;
@@ -55,8 +55,16 @@ impl Store {
         refused: bool,
     ) -> Result<Option<Trip>, StoreError> {
         let now = self.now_ms();
+        // A failure is counted against the limit under a lock every replica's failures take,
+        // so that two failing at once are counted one after the other (exactly at the limit).
+        let locks = match (state, refused) {
+            (RunState::Failed, _) if limits.max_failures == 0 => Vec::new(),
+            (RunState::Failed, false) => vec![String::from("reflex.failures")],
+            (RunState::Failed, true) => vec![String::from("reflex.refusals")],
+            _ => Vec::new(),
+        };
         let tripped = self
-            .write(move |c| {
+            .write_locked(locks, move |c| {
                 if let Some(step) = &last_step {
                     super::queue::record_step(c, step, now)?;
                 }

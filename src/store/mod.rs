@@ -149,6 +149,8 @@ pub struct Store {
 struct Counts {
     writes: std::sync::atomic::AtomicU64,
     commits: std::sync::atomic::AtomicU64,
+    round_trips: std::sync::atomic::AtomicU64,
+    statements: std::sync::atomic::AtomicU64,
 }
 
 /// Writes and commits since the store opened.
@@ -158,6 +160,10 @@ pub struct WriteCounts {
     pub writes: u64,
     /// Transactions committed (each one fsync with `synchronous: full`).
     pub commits: u64,
+    /// Round trips to PostgreSQL the writer waited for, committed or not (0 on SQLite).
+    pub round_trips: u64,
+    /// Statements the writer sent to PostgreSQL (0 on SQLite).
+    pub statements: u64,
 }
 
 struct Inner {
@@ -230,7 +236,14 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
 /// A write: runs inside its own savepoint of a batch transaction, and returns whether it
 /// succeeded (else its savepoint is rolled back) and how to deliver its result once the batch
 /// has committed (or failed to).
-type Job = Box<dyn FnOnce(&Db) -> (bool, Deliver) + Send>;
+/// A write for the writer: what it runs, and the locks it needs (see [`Store::write_locked`]).
+struct Job {
+    locks: Vec<String>,
+    run: RunJob,
+}
+
+/// A job's body: whether it succeeded, and how to tell its caller once the batch commits.
+type RunJob = Box<dyn FnOnce(&Db) -> (bool, Deliver) + Send>;
 type Deliver = Box<dyn FnOnce(Option<String>) + Send>;
 
 /// Writes queued for the writer before callers wait (backpressure).
@@ -244,29 +257,30 @@ trait Committer {
     fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String>;
     /// Housekeeping once a batch's callers have their answers.
     fn after(&mut self) {}
+    /// Round trips and statements so far (PostgreSQL).
+    fn traffic(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
-/// Runs each job of a batch in its own savepoint of the transaction `db` is in.
+/// Runs each job of a batch in its own savepoint of the transaction `db` is in. On PostgreSQL
+/// the savepoints are pipelined ([`Db::later`]): a job's `RELEASE` and the next one's
+/// `SAVEPOINT` go with the next statement waited for. An error in a statement not waited for
+/// (never expected: those are plain inserts and updates) fails the whole batch.
 fn run_jobs(db: &Db, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), StoreError> {
-    let n = batch.len();
-    for (i, job) in batch.drain(..).enumerate() {
-        // Prepared once and cached: a savepoint per write costs two cheap statements. On
-        // PostgreSQL each is a round trip, so one write's release and the next one's
-        // savepoint go together.
-        if i == 0 || !db.is_pg() {
-            db.exec("SAVEPOINT job", &[])?;
-        }
+    for job in batch.drain(..) {
+        db.later("SAVEPOINT job", &[])?;
         let mark = db.audit_mark();
-        let (ok, deliver) = job(db);
+        let (ok, deliver) = (job.run)(db);
+        if db.later_failed() {
+            // A statement of this job failed unseen until now: the transaction is lost.
+            return Err(StoreError::Commit("a write of this batch failed".into()));
+        }
         if !ok {
             db.exec("ROLLBACK TO SAVEPOINT job", &[])?;
             db.drop_audit_after(mark);
         }
-        if db.is_pg() && i + 1 < n {
-            db.batch("RELEASE SAVEPOINT job; SAVEPOINT job")?;
-        } else {
-            db.exec("RELEASE SAVEPOINT job", &[])?;
-        }
+        db.later("RELEASE SAVEPOINT job", &[])?;
         delivers.push(deliver);
     }
     Ok(())
@@ -287,6 +301,12 @@ fn writer(mut jobs: mpsc::Receiver<Job>, counts: Arc<Counts>, mut backend: impl 
         }
         let mut delivers = Vec::with_capacity(batch.len());
         let err = backend.commit(&mut batch, &mut delivers).err();
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let (trips, statements) = backend.traffic();
+            counts.round_trips.fetch_max(trips, Relaxed);
+            counts.statements.fetch_max(statements, Relaxed);
+        }
         if err.is_none() {
             use std::sync::atomic::Ordering::Relaxed;
             counts.writes.fetch_add(delivers.len() as u64, Relaxed);
@@ -857,6 +877,8 @@ impl Store {
         WriteCounts {
             writes: self.inner.counts.writes.load(Relaxed),
             commits: self.inner.counts.commits.load(Relaxed),
+            round_trips: self.inner.counts.round_trips.load(Relaxed),
+            statements: self.inner.counts.statements.load(Relaxed),
         }
     }
 
@@ -876,8 +898,20 @@ impl Store {
         R: Send + 'static,
         F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
     {
+        self.write_locked(Vec::new(), f).await
+    }
+
+    /// As [`Store::write`], holding the named locks (on PostgreSQL, advisory locks shared by
+    /// the replicas; nothing on SQLite, whose one writer holds everything) from before `f`
+    /// runs until its batch commits. Every lock a batch needs is taken at its start, once, in
+    /// one order (by key), so that replicas' batches never wait for each other in a cycle.
+    pub async fn write_locked<R, F>(&self, locks: Vec<String>, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |c| {
+        let run = Box::new(move |c: &Db| {
             let result = f(c);
             let ok = result.is_ok();
             let deliver: Deliver = Box::new(move |commit_err| {
@@ -890,7 +924,7 @@ impl Store {
         });
         self.inner
             .jobs
-            .send(job)
+            .send(Job { locks, run })
             .await
             .map_err(|_| StoreError::Closed)?;
         // No answer: the writer is gone (shutdown), or its batch failed before this write ran

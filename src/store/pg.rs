@@ -62,11 +62,23 @@ impl Connector {
         ))
     }
 
-    /// A new connection.
-    pub fn connect(&self, config: &postgres::Config) -> Result<postgres::Client, postgres::Error> {
+    /// A new blocking client (the listener's).
+    pub fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<postgres::Client, postgres::Error> {
+        let config = postgres::Config::from(config.clone());
         match self {
             Connector::Plain => config.connect(postgres::NoTls),
             Connector::Tls(tls) => config.connect(tls.clone()),
+        }
+    }
+
+    /// A new connection for the store's statements (pipelined; see [`PgConn`]).
+    pub fn open(&self, config: &tokio_postgres::Config) -> Result<PgConn, StoreError> {
+        match self {
+            Connector::Plain => PgConn::connect(config, tokio_postgres::NoTls),
+            Connector::Tls(tls) => PgConn::connect(config, tls.clone()),
         }
     }
 }
@@ -79,7 +91,7 @@ impl Connector {
 /// - `prefer` to a host that is not on loopback is refused: whoever answers could decline TLS
 ///   and read the password;
 /// - `disable`: no TLS.
-pub fn parse_url(url: &str) -> Result<postgres::Config, String> {
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     use postgres::config::SslMode;
     let mut mode = None;
     let rest = if let Some((base, query)) = url.split_once('?') {
@@ -111,7 +123,7 @@ pub fn parse_url(url: &str) -> Result<postgres::Config, String> {
             .collect();
         kept.join(" ")
     };
-    let mut config: postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
+    let mut config: tokio_postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
     let loopback = config.get_hosts().iter().all(|h| match h {
         postgres::config::Host::Tcp(name) => {
             name == "localhost"
@@ -151,7 +163,7 @@ pub fn parse_url(url: &str) -> Result<postgres::Config, String> {
 #[derive(Clone)]
 pub struct Settings {
     /// The connection settings (URL plus password).
-    pub config: postgres::Config,
+    pub config: tokio_postgres::Config,
     /// Plain or TLS.
     pub connector: Connector,
     /// Connections at most.
@@ -180,7 +192,7 @@ impl Settings {
             .keepalives_idle(Duration::from_secs(10))
             .tcp_user_timeout(store.statement_timeout + Duration::from_secs(5))
             .application_name("reflex")
-            .options(&format!(
+            .options(format!(
                 "-c statement_timeout={} -c lock_timeout={}",
                 store.statement_timeout.as_millis(),
                 store.statement_timeout.as_millis()
@@ -197,7 +209,7 @@ impl Settings {
 
     /// Settings for a server on loopback (tests).
     pub fn local(host: &str, port: u16, user: &str, dbname: &str) -> Settings {
-        let mut config = postgres::Config::new();
+        let mut config = tokio_postgres::Config::new();
         config
             .host(host)
             .port(port)
@@ -240,24 +252,24 @@ pub fn describe(e: &postgres::Error) -> String {
 
 /// Opens connections for the pool.
 pub(super) struct Manager {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     connector: Connector,
 }
 
 impl r2d2::ManageConnection for Manager {
     type Connection = PgConn;
-    type Error = postgres::Error;
+    type Error = StoreError;
 
-    fn connect(&self) -> Result<PgConn, postgres::Error> {
-        Ok(PgConn::new(self.connector.connect(&self.config)?))
+    fn connect(&self) -> Result<PgConn, StoreError> {
+        self.connector.open(&self.config)
     }
 
-    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
-        conn.client().simple_query("").map(|_| ())
+    fn is_valid(&self, conn: &mut PgConn) -> Result<(), StoreError> {
+        conn.batch_execute("")
     }
 
     fn has_broken(&self, conn: &mut PgConn) -> bool {
-        conn.client().is_closed()
+        conn.is_closed()
     }
 }
 
@@ -309,14 +321,12 @@ pub(super) fn connect(settings: &Settings) -> Result<Pool, StoreError> {
         });
     // The first connection directly: a wrong address, password or certificate fails the
     // start at once, with the server's own words.
-    let mut first = PgConn::new(settings.connector.connect(c)?);
+    let mut first = settings.connector.open(c)?;
     migrate(&mut first)?;
     // A store made before the audit chain is chained once, in one transaction.
-    first.client().batch_execute("BEGIN")?;
+    first.batch_execute("BEGIN")?;
     let sealed = super::audit::seal_existing(&Db::Pg(RefCell::new(&mut first)));
-    first
-        .client()
-        .batch_execute(if sealed.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    first.batch_execute(if sealed.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
     sealed?;
     Ok(Pool { pool, describe })
 }
@@ -325,9 +335,9 @@ pub(super) fn connect(settings: &Settings) -> Result<Pool, StoreError> {
 #[derive(Debug)]
 struct LogErrors;
 
-impl r2d2::HandleError<postgres::Error> for LogErrors {
-    fn handle_error(&self, error: postgres::Error) {
-        tracing::warn!(error = %describe(&error), "postgres connection failed");
+impl r2d2::HandleError<StoreError> for LogErrors {
+    fn handle_error(&self, error: StoreError) {
+        tracing::warn!(error = %error, "postgres connection failed");
     }
 }
 
@@ -335,9 +345,11 @@ impl r2d2::HandleError<postgres::Error> for LogErrors {
 /// connection, made again when it is lost. While the server is down each batch fails at once
 /// (a refused connection), so that webhooks answer 503 without waiting.
 pub(super) struct PgCommitter {
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     connector: Connector,
     conn: Option<PgConn>,
+    /// Round trips and statements of every connection it had.
+    traffic: (u64, u64),
 }
 
 impl PgCommitter {
@@ -346,26 +358,33 @@ impl PgCommitter {
             config: settings.config.clone(),
             connector: settings.connector.clone(),
             conn: None,
+            traffic: (0, 0),
         }
     }
 }
 
 impl Committer for PgCommitter {
     fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String> {
-        if self.conn.as_mut().is_none_or(|c| c.client().is_closed()) {
+        if self.conn.as_mut().is_none_or(PgConn::is_closed) {
             self.conn = None;
-            let client = (self.connector.connect(&self.config)).map_err(|e| e.to_string())?;
-            self.conn = Some(PgConn::new(client));
+            self.conn = Some(
+                self.connector
+                    .open(&self.config)
+                    .map_err(|e| e.to_string())?,
+            );
         }
         let conn = self.conn.as_mut().expect("connected above");
+        let before = conn.traffic();
         let db = Db::Pg(RefCell::new(conn));
         if let Db::Pg(c) = &db {
             let mut c = c.borrow_mut();
             c.wake = false;
+            c.later_failed = false;
             c.audit.clear();
         }
         let done = (|| {
-            db.exec("BEGIN", &[])?;
+            db.later("BEGIN", &[])?;
+            take_locks(&db, batch)?;
             run_jobs(&db, batch, delivers)?;
             // Last, so the chain's head is the last lock this transaction takes (no cycle
             // with another replica's) and is held only for the commit.
@@ -374,18 +393,54 @@ impl Committer for PgCommitter {
                 && std::mem::take(&mut c.borrow_mut().wake)
             {
                 // Delivered to every replica's listener when (and only if) this commits.
-                db.exec("SELECT pg_notify('reflex_wake', '')", &[])?;
+                db.later("SELECT pg_notify('reflex_wake', '')", &[])?;
             }
             db.exec("COMMIT", &[])?;
             Ok::<_, StoreError>(())
         })();
-        if let Err(e) = done {
-            // A broken connection is dropped by the pool; a live one is left clean.
-            let _ = db.exec("ROLLBACK", &[]);
-            return Err(e.to_string());
+        if done.is_err() {
+            // A broken connection is made again; a live one is left clean.
+            let _ = db.batch("ROLLBACK");
         }
-        Ok(())
+        let after = self.conn.as_ref().map_or(before, PgConn::traffic);
+        self.traffic.0 += after.0 - before.0;
+        self.traffic.1 += after.1 - before.1;
+        done.map_err(|e| e.to_string())
     }
+
+    fn traffic(&self) -> (u64, u64) {
+        self.traffic
+    }
+}
+
+/// Takes every lock the batch's writes named ([`super::Store::write_locked`]), once each, in
+/// the order of their keys: the first thing a batch waits for, and the only advisory locks a
+/// writer waits for. The whole lock order of a transaction on PostgreSQL is:
+///
+/// 1. these advisory locks, by key (`hashtextextended` of the name), taken together;
+/// 2. row locks, as the writes go (a target's queue row, a switch, a run);
+/// 3. the audit chain's head (`audit::append_pending`), last, held only for the commit.
+///
+/// Try-locks (a target, a playbook's concurrency) never wait, so they add no edge. Budgets and
+/// autonomy standings are decided in transactions of their own ([`super::Store::exclusive`])
+/// that take their locks first and the audit head last, and no lock of a writer's batch.
+fn take_locks(db: &Db, batch: &[super::Job]) -> Result<(), StoreError> {
+    let mut names: Vec<&str> = (batch.iter())
+        .flat_map(|j| j.locks.iter().map(String::as_str))
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort_unstable();
+    names.dedup();
+    let Db::Pg(conn) = db else { return Ok(()) };
+    // Sorted by key in the subquery, taken in that order by the aggregate. Not waited for
+    // here: the answer comes with the batch's first statement that is.
+    conn.borrow_mut().queue(
+        "SELECT count(pg_advisory_xact_lock(k)) FROM
+           (SELECT DISTINCT hashtextextended(n, 0) AS k FROM unnest($1::text[]) n ORDER BY k) s",
+        &[&names],
+    )
 }
 
 /// Listens for other replicas' wake-ups (`NOTIFY reflex_wake`, sent by a commit that made
@@ -393,7 +448,7 @@ impl Committer for PgCommitter {
 /// each burst of them and once after every (re)connection, for what may have been missed;
 /// `on_wake(false)` every second otherwise. Ends when `on_wake` returns `false`.
 pub(super) fn listen(
-    config: postgres::Config,
+    config: tokio_postgres::Config,
     connector: Connector,
     mut on_wake: impl FnMut(bool) -> bool + Send + 'static,
 ) -> std::io::Result<()> {
@@ -451,17 +506,24 @@ pub(super) fn listen(
 /// The advisory lock key replicas take to migrate one at a time.
 const MIGRATION_LOCK: i64 = 0x7265_666c_6578; // "reflex"
 
-/// Applies the migrations not yet applied, each in its own transaction, under a lock.
+/// Applies the migrations not yet applied, in one transaction, under a lock.
 fn migrate(conn: &mut PgConn) -> Result<(), StoreError> {
-    let client = conn.client();
-    let mut tx = client.transaction()?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
-    tx.batch_execute(
+    conn.batch_execute("BEGIN")?;
+    let done = migrate_in(&Db::Pg(RefCell::new(conn)));
+    conn.batch_execute(if done.is_ok() { "COMMIT" } else { "ROLLBACK" })?;
+    done
+}
+
+fn migrate_in(db: &Db) -> Result<(), StoreError> {
+    db.exec("SELECT pg_advisory_xact_lock(?1)", &[&MIGRATION_LOCK])?;
+    db.batch(
         "CREATE TABLE IF NOT EXISTS reflex_schema (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
     )?;
-    let applied: i64 = tx
-        .query_one("SELECT coalesce(max(version), 0) FROM reflex_schema", &[])?
-        .get(0);
+    let applied: i64 = db.one(
+        "SELECT coalesce(max(version), 0) FROM reflex_schema",
+        &[],
+        |r| r.get(0),
+    )?;
     let known = MIGRATIONS.len() as i64;
     // A rolling upgrade: the first new replica migrates, the old ones run on until replaced.
     // Migrations are additive, so a replica lives with a schema one version ahead; two ahead
@@ -483,13 +545,12 @@ fn migrate(conn: &mut PgConn) -> Result<(), StoreError> {
         );
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
-        tx.batch_execute(sql)?;
-        tx.execute(
-            "INSERT INTO reflex_schema (version) VALUES ($1)",
+        db.batch(sql)?;
+        db.exec(
+            "INSERT INTO reflex_schema (version) VALUES (?1)",
             &[&(i as i64 + 1)],
         )?;
     }
-    tx.commit()?;
     Ok(())
 }
 

@@ -39,7 +39,7 @@ pub struct StepResult {
 pub(super) fn record_step(c: &Db, r: &StepResult, now: i64) -> Result<(), StoreError> {
     let output = r.output.as_ref().map(json_text);
     let s = &r.step;
-    c.exec(
+    c.later(
         "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
         &[&s.run_id, &s.idx, &r.state.as_str(), &now, &output, &r.error],
     )?;
@@ -167,12 +167,11 @@ fn claim_row(r: &super::db::Row) -> Result<ClaimRow, StoreError> {
 /// it (PostgreSQL): the per-target limit holds across replicas. Never waited for: a target
 /// another replica is deciding on is skipped, so no two batches wait on each other.
 pub(super) fn try_lock_target(c: &Db, target: &str) -> Result<bool, StoreError> {
-    c.one(
-        "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))",
-        &[&target],
-        |r| r.get(0),
-    )
+    c.one(TRY_LOCK_TARGET, &[&target], |r| r.get(0))
 }
+
+pub(super) const TRY_LOCK_TARGET: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))";
 
 /// Whether a playbook with a concurrency limit has room for one more run executing. On
 /// PostgreSQL it is decided under the playbook's lock (the one intake takes turns on), tried,

@@ -40,12 +40,10 @@ impl Snapshot {
             return Self::open(&cfg.data_dir);
         }
         let settings = super::pg::Settings::from_config(&cfg.store)?;
-        let mut client = settings.connector.connect(&settings.config)?;
-        client.batch_execute("SET default_transaction_read_only = on")?;
+        let mut conn = settings.connector.open(&settings.config)?;
+        conn.batch_execute("SET default_transaction_read_only = on")?;
         Ok(Some(Snapshot {
-            conn: Conn::Pg(Box::new(std::cell::RefCell::new(super::db::PgConn::new(
-                client,
-            )))),
+            conn: Conn::Pg(Box::new(std::cell::RefCell::new(conn))),
         }))
     }
 

@@ -57,25 +57,29 @@ pub struct Switch {
 
 /// Why new work in `playbook` is held back by a switch, if it is; the global switch names
 /// the cause when both are engaged.
+/// The engaged switches that hold a playbook's runs: the global one and the playbook's. Two
+/// lookups by key: `scope IN (...)` or an `ORDER BY` would cost SQLite a temporary table on
+/// every alert.
+const ENGAGED: &str = "SELECT scope, actor, reason FROM switches
+         WHERE scope = 'global' AND engaged AND (until IS NULL OR until > ?2)
+         UNION ALL
+         SELECT scope, actor, reason FROM switches
+         WHERE scope = 'playbook:' || ?1 AND engaged AND (until IS NULL OR until > ?2)";
+
+/// Sends [`engaged_reason`]'s read ahead (see [`Db::prefetch`]).
+pub(super) fn prefetch(c: &Db, playbook: &str, now: i64) -> Result<(), StoreError> {
+    c.prefetch(ENGAGED, &[&playbook, &now])
+}
+
 pub(super) fn engaged_reason(
     c: &Db,
     playbook: &str,
     now: i64,
 ) -> Result<Option<String>, StoreError> {
-    // Two lookups by key: `scope IN (...)` or an `ORDER BY` would cost SQLite a temporary
-    // table on every alert.
-    let engaged = c.rows(
-        "SELECT scope, actor, reason FROM switches
-         WHERE scope = 'global' AND engaged AND (until IS NULL OR until > ?2)
-         UNION ALL
-         SELECT scope, actor, reason FROM switches
-         WHERE scope = 'playbook:' || ?1 AND engaged AND (until IS NULL OR until > ?2)",
-        &[&playbook, &now],
-        |r| {
-            let row: (String, String, Option<String>) = (r.get(0)?, r.get(1)?, r.get(2)?);
-            Ok(row)
-        },
-    )?;
+    let engaged = c.rows(ENGAGED, &[&playbook, &now], |r| {
+        let row: (String, String, Option<String>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        Ok(row)
+    })?;
     Ok(engaged
         .into_iter()
         .min_by_key(|(scope, ..)| scope != "global")

@@ -891,6 +891,69 @@ mod replicas {
         assert_eq!(created, 4, "{outcomes:?}");
     }
 
+    /// Two replicas end failed runs in the same instant, each the failure that reaches the
+    /// limit if the other's is counted: the failure limit trips exactly at its count, once
+    /// (each replica's count waits for the other's, under one lock), never one failure late.
+    #[tokio::test]
+    async fn two_replicas_failing_at_once_trip_the_failure_limit_exactly_at_it() {
+        for round in 0..8 {
+            let (_db, stores) = replicas(2).await;
+            let limits = BreakerLimits {
+                window_ms: 600_000,
+                max_failures: 2,
+                ..Default::default()
+            };
+            let start = StartNow {
+                slots: 10,
+                max_per_target: 1,
+            };
+            let mut runs = Vec::new();
+            for (i, store) in stores.iter().enumerate() {
+                let item = IntakeItem {
+                    deferred: None,
+                    alert: alert(&format!("f{i}")),
+                    received_us: 0,
+                    candidates: vec![candidate("p", &format!("t{i}"), 0, "")],
+                };
+                let started = store
+                    .record_and_start(vec![item], limits, start)
+                    .await
+                    .unwrap()
+                    .started;
+                runs.push(started[0].id);
+            }
+            let fail = |i: usize| {
+                let store = stores[i].clone();
+                let run = runs[i];
+                async move {
+                    store
+                        .run_finished(
+                            run,
+                            RunState::Failed,
+                            Some("boom".into()),
+                            None,
+                            limits,
+                            false,
+                        )
+                        .await
+                        .unwrap()
+                }
+            };
+            let (a, b) = tokio::join!(fail(0), fail(1));
+            let trips: Vec<Trip> = [a, b].into_iter().flatten().collect();
+            assert_eq!(trips.len(), 1, "round {round}: {trips:?}");
+            assert_eq!(
+                (trips[0].limit, trips[0].count),
+                (Limit::Failures, 2),
+                "round {round}"
+            );
+            assert!(
+                stores[1].kill_reason("p").await.unwrap().is_some(),
+                "round {round}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_kill_switch_engaged_on_one_replica_holds_on_the_others() {
         let (_db, stores) = replicas(3).await;
@@ -1820,5 +1883,79 @@ async fn an_older_replica_runs_on_a_schema_one_version_ahead_and_refuses_two() {
         refused.contains(&format!("version {}", known + 2))
             && refused.contains(&format!("(version {known},")),
         "{refused}"
+    );
+}
+
+/// The round trips the writer waits for, for one alert alone from the webhook to its first
+/// step running (PostgreSQL; SQLite has none), and for that run's end: statements not waited
+/// for go with the next that is, and the batch's locks with its first.
+#[tokio::test]
+async fn one_alert_alone_costs_few_round_trips_on_postgres() {
+    let db = TestDb::postgres();
+    let store = db.open().await;
+    let limits = BreakerLimits {
+        window_ms: 600_000,
+        max_runs: 100,
+        max_runs_per_playbook: 50,
+        max_failures: 10,
+        max_targets: 50,
+    };
+    let start = StartNow {
+        slots: 10,
+        max_per_target: 1,
+    };
+    // Every statement prepared once on the writer's connection first.
+    for i in 0..2 {
+        let item = IntakeItem {
+            deferred: None,
+            alert: alert(&format!("warm{i}")),
+            received_us: 0,
+            candidates: vec![candidate("pb", &format!("w{i}"), 60_000, &format!("w{i}"))],
+        };
+        let run = store
+            .record_and_start(vec![item], limits, start)
+            .await
+            .unwrap()
+            .started;
+        store
+            .run_finished(run[0].id, RunState::Succeeded, None, None, limits, false)
+            .await
+            .unwrap();
+    }
+    let before = store.write_counts();
+    let item = IntakeItem {
+        deferred: None,
+        alert: alert("h1"),
+        received_us: 0,
+        candidates: vec![candidate("pb", "t1", 60_000, "h1")],
+    };
+    let run = store
+        .record_and_start(vec![item], limits, start)
+        .await
+        .unwrap()
+        .started;
+    assert_eq!(run.len(), 1, "started at intake");
+    let intake = store.write_counts();
+    store
+        .run_finished(run[0].id, RunState::Succeeded, None, None, limits, false)
+        .await
+        .unwrap();
+    let end = store.write_counts();
+    let trips = (
+        intake.round_trips - before.round_trips,
+        end.round_trips - intake.round_trips,
+    );
+    let statements = (
+        intake.statements - before.statements,
+        end.statements - intake.statements,
+    );
+    eprintln!("round trips {trips:?}, statements {statements:?}");
+    assert!(
+        trips.0 <= 3,
+        "intake: {trips:?} round trips, {statements:?} statements"
+    );
+    assert!(
+        trips.1 <= 1,
+        "run end: {trips:?} round trips, {statements:?} statements"
     );
 }

@@ -54,9 +54,14 @@ impl Cluster {
                     .playbook("act.yaml", &playbook.replace("RECEIVER", &receiver.base))
                     .config(&format!(
                         "store:\n  url: {}\n  replica: replica-{i}\n\
-                         engine:\n  max_concurrent_runs: 64\n  max_runs_per_target: 1\n\
-                         breaker:\n  max_runs: 0\n  max_runs_per_playbook: 0\n  max_failures: 0\n  max_targets: 0\n{}",
+                         engine:\n  max_concurrent_runs: 64\n  max_runs_per_target: 1\n{}{}",
                         pg.url(&db),
+                        // No breaker unless the test sets one.
+                        if extra.contains("breaker:") {
+                            ""
+                        } else {
+                            "breaker:\n  max_runs: 0\n  max_runs_per_playbook: 0\n  max_failures: 0\n  max_targets: 0\n"
+                        },
                         extra.replace("RECEIVER", &receiver.base)
                     ))
                     .start()
@@ -74,7 +79,7 @@ impl Cluster {
 
     /// Rows of a query on the shared database (first column as i64, second as text).
     async fn query(&self, sql: &str) -> Vec<(i64, String)> {
-        let config = self.pg.settings(&self.db).config;
+        let config = postgres::Config::from(self.pg.settings(&self.db).config);
         let sql = sql.to_string();
         tokio::task::spawn_blocking(move || {
             let mut c = config.connect(postgres::NoTls).unwrap();
@@ -622,5 +627,80 @@ async fn autonomy_is_earned_and_lost_with_two_replicas_agreeing_at_each_point() 
         (status, out["level"].as_str()),
         (200, Some("approve")),
         "{out}"
+    );
+}
+
+/// Every replica at once on one playbook, with the breaker's limits set (they span runs), a
+/// few shared targets (their queue rows are shared) and re-deliveries among the alerts: each
+/// webhook is answered 2xx the first time, none waits out a deadlock (PostgreSQL would break
+/// one after a second, the webhook would answer 503 and Alertmanager would retry).
+#[tokio::test]
+async fn three_replicas_hammering_one_playbook_answer_every_webhook_2xx() {
+    let playbook = r#"
+name: act
+matchers: ['alertname="Act"']
+cooldown: 0s
+steps:
+  - name: act
+    action: http
+    with: { method: POST, url: "RECEIVER/act/{{ labels.instance }}" }
+"#;
+    let cluster = Cluster::start_with(
+        3,
+        playbook,
+        "breaker:\n  max_runs: 1000000\n  max_runs_per_playbook: 1000000\n  max_targets: 1000000\n  max_failures: 1000000\n",
+    )
+    .await;
+    let n = 3000;
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(48) {
+        let posts = chunk.iter().map(|&i| {
+            let cluster = &cluster;
+            async move {
+                // Four targets shared by all, and every fifth alert a re-delivery of another.
+                let alert = if i % 5 == 4 { i - 1 } else { i };
+                let body =
+                    json!({"labels": {"alertname": "Act", "instance": format!("h{}", alert % 4),
+                                  "n": alert.to_string()}, "startsAt": "2026-12-05T00:00:00Z"})
+                    .to_string();
+                let app = &cluster.replicas[i % 3];
+                match try_post(&cluster.http, app, &body).await {
+                    Ok((status, _)) => status,
+                    Err(_) => 0,
+                }
+            }
+        });
+        for status in futures_util::future::join_all(posts).await {
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+    }
+    let refused: Vec<String> = (cluster.replicas.iter())
+        .flat_map(|r| r.log().lines().map(String::from).collect::<Vec<_>>())
+        .filter(|l| l.contains("ERROR"))
+        .take(10)
+        .collect();
+    assert_eq!(
+        statuses.get(&200),
+        Some(&n),
+        "{statuses:?}\n{}",
+        refused.join("\n")
+    );
+    let states = cluster.settle(120).await;
+    let distinct = n - n / 5;
+    let ended: i64 = states.values().sum();
+    let errors = cluster
+        .query(
+            "SELECT count(*), coalesce(error, '') FROM runs WHERE state != 'succeeded' GROUP BY 2",
+        )
+        .await;
+    assert_eq!(
+        ended, distinct as i64,
+        "one run an alert: {states:?} {errors:?}"
+    );
+    assert_eq!(
+        states.get("succeeded"),
+        Some(&(distinct as i64)),
+        "{states:?} {errors:?}"
     );
 }
