@@ -350,6 +350,8 @@ pub(super) struct PgCommitter {
     conn: Option<PgConn>,
     /// Round trips and statements of every connection it had.
     traffic: (u64, u64),
+    /// When it last folded the queue's deltas.
+    compacted: std::time::Instant,
 }
 
 impl PgCommitter {
@@ -359,6 +361,7 @@ impl PgCommitter {
             connector: settings.connector.clone(),
             conn: None,
             traffic: (0, 0),
+            compacted: std::time::Instant::now(),
         }
     }
 }
@@ -386,6 +389,10 @@ impl Committer for PgCommitter {
             db.later("BEGIN", &[])?;
             take_locks(&db, batch)?;
             run_jobs(&db, batch, delivers)?;
+            if self.compacted.elapsed() >= COMPACT_EVERY {
+                self.compacted = std::time::Instant::now();
+                db.later(COMPACT_TARGET_LOAD, &[])?;
+            }
             // Last, so the chain's head is the last lock this transaction takes (no cycle
             // with another replica's) and is held only for the commit.
             super::audit::append_pending(&db)?;
@@ -412,6 +419,18 @@ impl Committer for PgCommitter {
         self.traffic
     }
 }
+
+/// Folds the queue's deltas (migration 14) into one row per target with work: by one writer at
+/// a time (tried, never waited for), in its batch, sent with its `COMMIT`. Only a folding
+/// deletes those rows, and nothing updates them, so it waits for no one.
+const COMPACT_TARGET_LOAD: &str = "WITH go AS (SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.compact', 0)) AS ok),
+  gone AS (DELETE FROM target_load_delta WHERE (SELECT ok FROM go) RETURNING target, pending, running)
+  INSERT INTO target_load_delta (target, pending, running)
+  SELECT target, sum(pending), sum(running) FROM gone GROUP BY target
+  HAVING sum(pending) <> 0 OR sum(running) <> 0";
+
+/// How often a writer folds the queue's deltas.
+const COMPACT_EVERY: Duration = Duration::from_millis(500);
 
 /// Takes every lock the batch's writes named ([`super::Store::write_locked`]), once each, in
 /// the order of their keys: the first thing a batch waits for, and the only advisory locks a
@@ -801,5 +820,39 @@ CREATE TABLE autonomy (
   failures BIGINT NOT NULL,
   changed_at BIGINT
 );
+"#,
+    // 14: the queue by target without a row every replica updates. A run's change of state
+    // appends its deltas (inserts never wait for each other), `target_load` is their sum
+    // (the same columns as SQLite's table, which its one writer keeps), and the writers fold
+    // the deltas now and then (`COMPACT_TARGET_LOAD`). Updating one row per target made
+    // replicas' batches wait for each other's rows in any order: deadlocks.
+    r#"
+DROP TRIGGER target_load_insert ON runs;
+DROP TRIGGER target_load_update ON runs;
+ALTER TABLE target_load RENAME TO target_load_delta;
+ALTER TABLE target_load_delta DROP CONSTRAINT target_load_pkey;
+CREATE INDEX target_load_delta_target ON target_load_delta(target);
+CREATE VIEW target_load AS
+  SELECT target, sum(pending)::bigint AS pending, sum(running)::bigint AS running
+  FROM target_load_delta GROUP BY target
+  HAVING sum(pending) <> 0 OR sum(running) <> 0;
+CREATE OR REPLACE FUNCTION target_load_track() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'UPDATE' AND OLD.state IN ('pending', 'running') THEN
+    INSERT INTO target_load_delta (target, pending, running)
+      VALUES (OLD.target, -(OLD.state = 'pending')::int, -(OLD.state = 'running')::int);
+  END IF;
+  IF NEW.state IN ('pending', 'running') THEN
+    INSERT INTO target_load_delta (target, pending, running)
+      VALUES (NEW.target, (NEW.state = 'pending')::int, (NEW.state = 'running')::int);
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER target_load_insert AFTER INSERT ON runs FOR EACH ROW
+  WHEN (NEW.state IN ('pending', 'running')) EXECUTE FUNCTION target_load_track();
+CREATE TRIGGER target_load_update AFTER UPDATE OF state, target ON runs FOR EACH ROW
+  WHEN ((OLD.state != NEW.state OR OLD.target != NEW.target)
+        AND (OLD.state IN ('pending', 'running') OR NEW.state IN ('pending', 'running')))
+  EXECUTE FUNCTION target_load_track();
 "#,
 ];

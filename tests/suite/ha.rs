@@ -686,6 +686,12 @@ steps:
         "{statuses:?}\n{}",
         refused.join("\n")
     );
+    // Nor did a claim or a run's end meet one (they would retry, unseen by the sender).
+    let deadlocks: Vec<String> = (cluster.replicas.iter())
+        .flat_map(|r| r.log().lines().map(String::from).collect::<Vec<_>>())
+        .filter(|l| l.contains("deadlock"))
+        .collect();
+    assert!(deadlocks.is_empty(), "{}", deadlocks.join("\n"));
     let states = cluster.settle(120).await;
     let distinct = n - n / 5;
     let ended: i64 = states.values().sum();
