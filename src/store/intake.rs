@@ -422,9 +422,22 @@ struct RunRow<'a> {
     owner: Option<&'a str>,
 }
 
-/// Inserts the run; none when this occurrence already has one. The unique index decides
-/// dedup: on PostgreSQL another replica may have recorded the same occurrence since the
-/// policy looked.
+const INSERT_RUN: &str = "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
+           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at,
+           owner, concurrency, undo_of, id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)";
+
+/// The next run's id, taken ahead on PostgreSQL (see [`insert_run`]).
+const NEXT_RUN_ID: &str = "SELECT nextval(pg_get_serial_sequence('runs', 'id'))";
+
+/// Inserts the run; none when this occurrence already has one.
+///
+/// On SQLite the unique index decides dedup (its one writer saw no other since the policy
+/// looked). On PostgreSQL the id was taken with the reads the rules asked for, so the insert
+/// is sent with the next statement waited for, not waited for itself: it cannot meet a row
+/// for the same occurrence, because every replica records an occurrence under the alert's
+/// lock (or all intake's), which this batch has held since before the rules looked. If it ever
+/// did, the unique index would fail the batch, and the sender would retry into a dedup.
 fn insert_run(
     c: &Db,
     at: &At<'_>,
@@ -433,36 +446,50 @@ fn insert_run(
 ) -> Result<Option<i64>, StoreError> {
     let (a, now) = (at.alert, at.now);
     let ended = !matches!(row.state, RunState::Pending | RunState::Running);
-    c.insert(
-        "INSERT INTO runs (playbook, alert_id, fingerprint, starts_at, alert_status, cooldown_key, state, reason,
-           dry_run, params, created_at, finished_at, error, target, deadline_ms, triggered_by, retry_of, started_at,
-           owner, concurrency, undo_of)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)
-         ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING",
-        &[
-            &cand.playbook,
-            &at.alert_id,
-            &a.fingerprint,
-            &a.starts_at,
-            &a.status,
-            &if cand.cooldown_ms > 0 { cand.cooldown_key.as_str() } else { "" },
-            &row.state,
-            &row.reason,
-            &cand.dry_run,
-            &row.params,
-            &now,
-            &ended.then_some(now),
-            &row.error,
-            &row.target,
-            &cand.deadline_ms,
-            &cand.manual.as_ref().map(|m| m.by.as_str()),
-            &cand.manual.as_ref().and_then(|m| m.retry_of),
-            &row.owner.map(|_| now),
-            &row.owner,
-            &i64::from(cand.plan.as_ref().map_or(0, |p| p.concurrency)),
-            &cand.manual.as_ref().and_then(|m| m.undo_of),
-        ],
-    )
+    let id: Option<i64> = if c.is_pg() {
+        Some(c.one(NEXT_RUN_ID, &[], |r| r.get(0))?)
+    } else {
+        None
+    };
+    let params: [&dyn super::db::Param; 22] = [
+        &cand.playbook,
+        &at.alert_id,
+        &a.fingerprint,
+        &a.starts_at,
+        &a.status,
+        &if cand.cooldown_ms > 0 {
+            cand.cooldown_key.as_str()
+        } else {
+            ""
+        },
+        &row.state,
+        &row.reason,
+        &cand.dry_run,
+        &row.params,
+        &now,
+        &ended.then_some(now),
+        &row.error,
+        &row.target,
+        &cand.deadline_ms,
+        &cand.manual.as_ref().map(|m| m.by.as_str()),
+        &cand.manual.as_ref().and_then(|m| m.retry_of),
+        &row.owner.map(|_| now),
+        &row.owner,
+        &i64::from(cand.plan.as_ref().map_or(0, |p| p.concurrency)),
+        &cand.manual.as_ref().and_then(|m| m.undo_of),
+        &id,
+    ];
+    if c.is_pg() {
+        c.later(INSERT_RUN, &params)?;
+        return Ok(id);
+    }
+    // A null id is SQLite's next rowid.
+    static OR_NOT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "{INSERT_RUN} ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING"
+        )
+    });
+    c.insert(&OR_NOT, &params)
 }
 
 const RECORDED: &str = "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4";
@@ -506,6 +533,7 @@ fn prefetch_facts(
     super::switches::prefetch(c, &cand.playbook, now)?;
     super::cooldown::prefetch(c, &cand.playbook, &cand.cooldown_key, cand.cooldown_ms, now)?;
     super::breaker::prefetch(c, &cand.playbook, target, limits, now)?;
+    c.prefetch(NEXT_RUN_ID, &[])?;
     if let Ok(plan) = &cand.plan
         && start.left > 0
         && plan.starts_ungated()

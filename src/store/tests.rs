@@ -1953,7 +1953,7 @@ async fn one_alert_alone_costs_few_round_trips_on_postgres() {
     );
     eprintln!("round trips {trips:?}, statements {statements:?}");
     assert!(
-        trips.0 <= 3,
+        trips.0 <= 2,
         "intake: {trips:?} round trips, {statements:?} statements"
     );
     assert!(
