@@ -174,8 +174,9 @@ pub(super) const TRY_LOCK_TARGET: &str =
     "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))";
 
 /// Whether a playbook with a concurrency limit has room for one more run executing. On
-/// PostgreSQL it is decided under the playbook's lock (the one intake takes turns on), tried,
-/// not waited for: a playbook another replica is starting a run of has no room now.
+/// PostgreSQL it is decided under the playbook's lock (the one intake takes for a playbook's
+/// breaker limit), tried, not waited for: a playbook another replica is starting a run of has
+/// no room now.
 pub(super) fn playbook_has_room(c: &Db, playbook: &str, limit: u32) -> Result<bool, StoreError> {
     if c.is_pg() {
         let locked: bool = c.one(
