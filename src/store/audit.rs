@@ -213,9 +213,13 @@ pub(super) struct Pending {
 
 /// Appends a PostgreSQL transaction's audit rows, just before it commits: the chain's head
 /// locked (replicas append one after another), ids taken under that lock (so ids follow the
-/// chain), every row in one statement, the head moved. One round trip a batch (the rows and the
-/// head go with the `COMMIT`), none when
-/// the batch wrote no audit row.
+/// chain), every row in one statement, the head moved. One round trip a batch (the lock and the
+/// ids, two statements pipelined; the rows and the head go with the `COMMIT`), none when the
+/// batch wrote no audit row.
+///
+/// The ids are a statement of their own, after the lock's: a subquery of the locking
+/// statement would run before the row is locked (PostgreSQL projects below its `LockRows`),
+/// so a replica waiting for the head would hold ids older than those of the one ahead of it.
 pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
     let Db::Pg(conn) = c else { return Ok(()) };
     let rows = std::mem::take(&mut conn.borrow_mut().audit);
@@ -223,15 +227,20 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
         return Ok(());
     }
     let n = rows.len() as i64;
-    let head = conn.borrow_mut().query(
-        "SELECT last_hash, (SELECT array_agg(v ORDER BY v) FROM
+    const HEAD: &str = "SELECT last_hash FROM audit_chain WHERE one = 1 FOR UPDATE";
+    const IDS: &str = "SELECT array_agg(v ORDER BY v) FROM
            (SELECT nextval(pg_get_serial_sequence('audit', 'id')) AS v
-            FROM generate_series(1, $1::bigint)) s)
-         FROM audit_chain WHERE one = 1 FOR UPDATE",
-        &[&n],
-    )?;
-    let head = head.first().ok_or(StoreError::NoRow)?;
-    let (mut prev, ids): (Vec<u8>, Vec<i64>) = (head.try_get(0)?, head.try_get(1)?);
+            FROM generate_series(1, $1::bigint)) s";
+    let (mut prev, ids): (Vec<u8>, Vec<i64>) = {
+        let mut pg = conn.borrow_mut();
+        pg.prefetch(HEAD, &[])?;
+        pg.prefetch(IDS, &[&n])?;
+        let head = pg.query(HEAD, &[])?;
+        let ids = pg.query(IDS, &[&n])?;
+        let (head, ids) = (head.first(), ids.first());
+        let (head, ids) = head.zip(ids).ok_or(StoreError::NoRow)?;
+        (head.try_get(0)?, ids.try_get(0)?)
+    };
     let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut prevs, mut hashes) = (Vec::new(), Vec::new());
     for (row, id) in rows.iter().zip(&ids) {

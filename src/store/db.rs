@@ -166,7 +166,7 @@ impl PgConn {
 
     /// Queues a read whose answer a later [`PgConn::query`] of the same text and parameters
     /// takes without a round trip (see [`Db::prefetch`]).
-    fn prefetch(
+    pub(super) fn prefetch(
         &mut self,
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
