@@ -247,8 +247,13 @@ async fn hostile_values_through_eight_command_shapes_run_nothing_the_author_did_
                 })
             })
             .collect();
+        // 400 runs a webhook, against real sshd, with the suite's other tests beside it.
         let (status, body) = app
-            .post_raw("/api/v1/webhooks/generic", Value::from(alerts).to_string())
+            .post_raw_within(
+                "/api/v1/webhooks/generic",
+                Value::from(alerts).to_string(),
+                std::time::Duration::from_secs(60),
+            )
             .await;
         assert_eq!(status, 200, "{body}");
         for (i, outcomes) in body["outcomes"].as_array().unwrap().iter().enumerate() {

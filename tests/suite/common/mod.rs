@@ -315,7 +315,18 @@ impl TestApp {
 
     /// POSTs a raw body.
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        self.post_with(&self.http, path, body).await
+        self.post_with(&self.http, path, body, None).await
+    }
+
+    /// POSTs a raw body whose answer may take longer than the client's 10 s on a loaded
+    /// machine (a webhook of hundreds of runs, the suite's other tests running beside it).
+    pub async fn post_raw_within(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        timeout: Duration,
+    ) -> (u16, Value) {
+        self.post_with(&self.http, path, body, Some(timeout)).await
     }
 
     async fn post_with(
@@ -323,9 +334,13 @@ impl TestApp {
         client: &reqwest::Client,
         path: &str,
         body: impl Into<reqwest::Body>,
+        timeout: Option<Duration>,
     ) -> (u16, Value) {
-        let r = client
-            .post(format!("{}{path}", self.base))
+        let mut request = client.post(format!("{}{path}", self.base));
+        if let Some(t) = timeout {
+            request = request.timeout(t);
+        }
+        let r = request
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -342,7 +357,7 @@ impl TestApp {
             .pool_max_idle_per_host(0)
             .build()
             .unwrap();
-        self.post_with(&client, path, body).await
+        self.post_with(&client, path, body, None).await
     }
 
     /// Any request, with an optional bearer token and JSON body.
