@@ -112,13 +112,22 @@ fn table(l: BreakerLimits) -> impl Iterator<Item = (Limit, u32)> {
     .filter(|(_, max)| *max > 0)
 }
 
-/// The runs that count, started in the window (`?1`: its start by the clock) and after a
-/// person last released the global switch, which starts a new window (the runs that tripped
-/// the breaker do not trip it again at the next one).
+/// When a person last released the global switch (0: never). A release starts a new window,
+/// so the runs and failures that tripped the breaker do not trip it again at the next one:
+/// every limit counts from the later of this and the window's start by the clock (`?1`).
+macro_rules! released {
+    () => {
+        "coalesce((SELECT changed_at FROM switches WHERE scope = 'global' AND NOT engaged), 0)"
+    };
+}
+
+/// The runs that count: started in the window, not suppressed.
 macro_rules! live {
     () => {
-        "created_at > ?1 AND state != 'suppressed'
-         AND created_at > coalesce((SELECT changed_at FROM switches WHERE scope = 'global' AND NOT engaged), 0)"
+        concat!(
+            "created_at > ?1 AND state != 'suppressed' AND created_at > ",
+            released!()
+        )
     };
 }
 const RUNS: &str = concat!("SELECT count(*) FROM runs WHERE ", live!());
@@ -203,21 +212,6 @@ pub(super) fn breaker_trip(
     Ok(None)
 }
 
-/// Where the breaker's window starts: `window` ago, or when a person last released the global
-/// switch if that was later. A release starts a new window, so the runs and failures that
-/// tripped the breaker do not trip it again at the next failure.
-fn window_start(c: &Db, l: BreakerLimits, now: i64) -> Result<i64, StoreError> {
-    let released: Option<i64> = c
-        .rows(
-            "SELECT changed_at FROM switches WHERE scope = 'global' AND NOT engaged",
-            &[],
-            |r| r.get(0),
-        )?
-        .into_iter()
-        .next();
-    Ok(released.map_or(now - l.window_ms, |t| t.max(now - l.window_ms)))
-}
-
 /// Engages the global kill switch for a trip, in the caller's transaction.
 fn engage(c: &Db, trip: &Trip, now: i64) -> Result<(), StoreError> {
     super::switches::engage_in(c, "global", &trip.to_string(), "circuit-breaker", None, now)
@@ -234,8 +228,12 @@ pub(super) fn failures_trip(
         return Ok(None);
     }
     let n: i64 = c.one(
-        "SELECT count(*) FROM runs WHERE state = 'failed' AND NOT refused AND finished_at > ?1",
-        &[&window_start(c, l, now)?],
+        concat!(
+            "SELECT count(*) FROM runs WHERE state = 'failed' AND NOT refused
+             AND finished_at > ?1 AND finished_at > ",
+            released!()
+        ),
+        &[&(now - l.window_ms)],
         |r| r.get(0),
     )?;
     let n = u32::try_from(n).unwrap_or(u32::MAX);
@@ -269,9 +267,12 @@ pub(super) fn refusals_trip(
         r.get(0)
     })?;
     let n: i64 = c.one(
-        "SELECT count(*) FROM runs
-         WHERE state = 'failed' AND refused AND playbook = ?1 AND finished_at > ?2",
-        &[&playbook, &window_start(c, l, now)?],
+        concat!(
+            "SELECT count(*) FROM runs WHERE state = 'failed' AND refused AND playbook = ?2
+             AND finished_at > ?1 AND finished_at > ",
+            released!()
+        ),
+        &[&(now - l.window_ms), &playbook],
         |r| r.get(0),
     )?;
     let n = u32::try_from(n).unwrap_or(u32::MAX);
