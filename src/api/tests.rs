@@ -853,19 +853,7 @@ async fn a_new_run_queued_behind_an_older_one_on_its_target_is_not_started_at_in
 async fn a_run_started_at_intake_is_executed_even_if_the_sender_hangs_up() {
     let api = TestApi::new().await;
     // The writer is held inside an earlier write, so the webhook's write waits in the queue.
-    let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    let store = api.store.clone();
-    let blocker = tokio::spawn(async move {
-        store
-            .write(move |_| {
-                let _ = entered_tx.send(());
-                let _ = held.recv();
-                Ok(())
-            })
-            .await
-    });
-    entered.await.unwrap();
+    let (blocker, release) = crate::store::tests::hold_writer(&api.store).await;
     let req = Request::builder()
         .method(Method::POST)
         .uri("/api/v1/webhooks/generic")

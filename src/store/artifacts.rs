@@ -86,7 +86,7 @@ impl Store {
         let step = step.to_string();
         self.write(move |c| {
             let mut out = Vec::with_capacity(artifacts.len());
-            for a in artifacts {
+            for a in &artifacts {
                 let name = format!("{step}-{}", a.name);
                 let size = a.data.len();
                 if !valid_name(&name) {
@@ -123,7 +123,7 @@ impl Store {
                        content_type = excluded.content_type, size = excluded.size, data = excluded.data",
                     &[&run_id, &name, &step_idx, &a.content_type, &(size as i64), &a.data],
                 )?;
-                out.push(Ok(ArtifactInfo::new(run_id, name, a.content_type, size as i64)));
+                out.push(Ok(ArtifactInfo::new(run_id, name, a.content_type.clone(), size as i64)));
             }
             Ok(out)
         })

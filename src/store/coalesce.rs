@@ -36,7 +36,7 @@ pub(super) fn refresh(
     alert_id: i64,
     plan: &Plan,
     params_json: &str,
-    steps_json: Vec<(String, Option<String>)>,
+    steps_json: &[(String, Option<String>)],
 ) -> Result<(), StoreError> {
     c.later(
         "UPDATE runs SET alert_id = ?2, params = ?3, target = ?4 WHERE id = ?1",

@@ -284,8 +284,8 @@ impl Facts for StoreFacts<'_, '_, '_> {
 fn intake_one(
     c: &Db,
     at: &At<'_>,
-    cand: Candidate,
-    json: Option<PlanJson>,
+    cand: &Candidate,
+    json: Option<&PlanJson>,
     start: &mut Starter,
     sent_ahead: bool,
 ) -> Result<Outcome, StoreError> {
@@ -296,7 +296,7 @@ fn intake_one(
         .as_ref()
         .map_or_else(|_| String::new(), |p| p.target.clone());
     if !sent_ahead {
-        prefetch_facts(c, at.alert, at.limits, at.now, &cand, start)?;
+        prefetch_facts(c, at.alert, at.limits, at.now, cand, start)?;
     }
     let asked = crate::policy::Candidate {
         maintenance: cand.suppress.as_deref(),
@@ -308,7 +308,7 @@ fn intake_one(
         &mut StoreFacts {
             c,
             at,
-            cand: &cand,
+            cand,
             target: &target,
             start: &mut *start,
         },
@@ -317,8 +317,8 @@ fn intake_one(
     let (state, reason, error, cause, joined) = match verdict {
         Verdict::Duplicate(run_id) => return Ok(Outcome::Deduplicated { run_id, playbook }),
         Verdict::Join(run_id) => {
-            if let (Ok(plan), Some(j)) = (&cand.plan, &json) {
-                super::coalesce::refresh(c, run_id, at.alert_id, plan, &j.params, j.steps.clone())?;
+            if let (Ok(plan), Some(j)) = (&cand.plan, json) {
+                super::coalesce::refresh(c, run_id, at.alert_id, plan, &j.params, &j.steps)?;
             }
             let reason = format!("coalesced into run {run_id}");
             (RunState::Coalesced, Some(reason), None, None, Some(run_id))
@@ -331,11 +331,11 @@ fn intake_one(
     let start_now = state == RunState::Running;
     let plan = (cand.plan.as_ref().ok())
         .filter(|_| matches!(state, RunState::Running | RunState::Pending));
-    let params = json.as_ref().filter(|_| plan.is_some());
+    let params = json.filter(|_| plan.is_some());
     let inserted = insert_run(
         c,
         at,
-        &cand,
+        cand,
         &RunRow {
             state,
             reason: reason.as_deref(),
@@ -353,11 +353,11 @@ fn intake_one(
         return Ok(Outcome::Deduplicated { run_id, playbook });
     };
     if let Some(plan) = plan {
-        let steps = json.map(|j| j.steps).unwrap_or_default();
+        let steps = json.map_or(&[][..], |j| &j.steps);
         let first = start_now.then(|| (now, crate::time::now_us()));
         insert_steps(c, run_id, plan, steps, first)?;
         if start_now {
-            start.started(run_id, at, &cand, plan);
+            start.started(run_id, at, cand, plan);
         }
     }
     if let Some(joined) = joined {
@@ -664,7 +664,7 @@ pub(super) fn insert_steps(
     c: &Db,
     run_id: i64,
     plan: &Plan,
-    steps_json: Vec<(String, Option<String>)>,
+    steps_json: &[(String, Option<String>)],
     first: Option<(i64, i64)>,
 ) -> Result<(), StoreError> {
     for (idx, (s, (args, approval))) in plan.steps.iter().zip(steps_json).enumerate() {
@@ -750,13 +750,13 @@ impl Store {
             .write_locked(locks, move |c| {
                 let mut starter = Starter {
                     left: start.slots,
-                    owner,
+                    owner: owner.clone(),
                     received_us: 0,
                     max_per_target: start.max_per_target,
                     started: Vec::new(),
                 };
                 let mut all = Vec::with_capacity(prepared.len());
-                for (item, json) in prepared {
+                for (item, json) in &prepared {
                     if let Some(id) = item.deferred
                         && !super::deferred::take(c, id)?
                     {
@@ -767,7 +767,7 @@ impl Store {
                     starter.received_us = item.received_us;
                     let first = item.candidates.first();
                     let alert_id =
-                        insert_alert(c, &item.alert, &json, now, item.received_us, || {
+                        insert_alert(c, &item.alert, json, now, item.received_us, || {
                             first.map_or(Ok(()), |cand| {
                                 prefetch_facts(c, &item.alert, limits, now, cand, &starter)
                             })
@@ -778,10 +778,10 @@ impl Store {
                         limits,
                         now,
                     };
-                    let mut outcomes = (item.candidates.into_iter().zip(json.plans))
+                    let mut outcomes = (item.candidates.iter().zip(&json.plans))
                         .enumerate()
                         .map(|(i, (cand, plan))| {
-                            intake_one(c, &at, cand, plan, &mut starter, i == 0)
+                            intake_one(c, &at, cand, plan.as_ref(), &mut starter, i == 0)
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     if item.alert.status == AlertStatus::Resolved {

@@ -176,7 +176,7 @@ impl Store {
                 interrupted: Vec::new(),
                 requeued: Vec::new(),
             };
-            for id in ids {
+            for &id in &ids {
                 let requeued = c.exec(
                     "UPDATE runs SET state = 'pending', owner = NULL
                      WHERE id = ?1 AND state = 'running' AND owner = ?2

@@ -239,12 +239,51 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
 /// A write for the writer: what it runs, and the locks it needs (see [`Store::write_locked`]).
 struct Job {
     locks: Vec<String>,
-    run: RunJob,
+    body: Box<dyn Body>,
 }
 
-/// A job's body: whether it succeeded, and how to tell its caller once the batch commits.
-type RunJob = Box<dyn FnOnce(&Db) -> (bool, Deliver) + Send>;
-type Deliver = Box<dyn FnOnce(Option<String>) + Send>;
+/// A write queued for the writer: run in a batch (perhaps twice, see [`PgCommitter`]), then
+/// answered once the batch has committed or failed.
+///
+/// [`PgCommitter`]: pg::PgCommitter
+trait Body: Send {
+    /// Runs the write; whether it succeeded. A run after the first starts from a batch rolled
+    /// back and replaces the answer of the one before.
+    fn run(&mut self, db: &Db) -> bool;
+    /// Tells the caller: the last run's answer, or the batch's error.
+    fn deliver(self: Box<Self>, commit_err: Option<String>);
+}
+
+/// A caller's write and where its answer goes.
+struct Write<R, F> {
+    f: F,
+    answer: Option<Result<R, StoreError>>,
+    tx: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<R, F> Body for Write<R, F>
+where
+    R: Send,
+    F: FnMut(&Db) -> Result<R, StoreError> + Send,
+{
+    fn run(&mut self, db: &Db) -> bool {
+        let answer = (self.f)(db);
+        let ok = answer.is_ok();
+        self.answer = Some(answer);
+        ok
+    }
+
+    fn deliver(self: Box<Self>, commit_err: Option<String>) {
+        let answer = match (commit_err, self.answer) {
+            (None, Some(answer)) => answer,
+            (Some(e), _) => Err(StoreError::Commit(e)),
+            (None, None) => Err(StoreError::Commit(
+                "the batch ended before this write ran".into(),
+            )),
+        };
+        let _ = self.tx.send(answer);
+    }
+}
 
 /// Writes queued for the writer before callers wait (backpressure).
 const WRITE_QUEUE: usize = 4096;
@@ -254,7 +293,7 @@ const MAX_BATCH: usize = 512;
 /// A backend's side of the writer: commits a batch of writes in one transaction.
 trait Committer {
     /// Runs every job (see [`run_jobs`]) in one transaction and commits it.
-    fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String>;
+    fn commit(&mut self, batch: &mut [Job]) -> Result<(), String>;
     /// Housekeeping once a batch's callers have their answers.
     fn after(&mut self) {}
     /// Round trips and statements so far (PostgreSQL).
@@ -263,27 +302,35 @@ trait Committer {
     }
 }
 
-/// Runs each job of a batch in its own savepoint of the transaction `db` is in. On PostgreSQL
-/// the savepoints are pipelined ([`Db::later`]): a job's `RELEASE` and the next one's
-/// `SAVEPOINT` go with the next statement waited for. An error in a statement not waited for
-/// (never expected: those are plain inserts and updates) fails the whole batch.
-fn run_jobs(db: &Db, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), StoreError> {
-    for job in batch.drain(..) {
-        db.later("SAVEPOINT job", &[])?;
+/// Runs each job of a batch in the transaction `db` is in. `isolated`: each in its own
+/// savepoint, so that a failed job undoes its own writes and nothing else; otherwise the
+/// first failed job stops the batch (`Ok(false)`), whose transaction is then only good for a
+/// rollback. On PostgreSQL the savepoints are pipelined ([`Db::later`]): a job's `RELEASE` and
+/// the next one's `SAVEPOINT` go with the next statement waited for. An error in a statement
+/// not waited for (never expected: those are plain inserts and updates) fails the whole batch.
+fn run_jobs(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreError> {
+    for job in batch.iter_mut() {
+        if isolated {
+            db.later("SAVEPOINT job", &[])?;
+        }
         let mark = db.audit_mark();
-        let (ok, deliver) = (job.run)(db);
+        let ok = job.body.run(db);
         if db.later_failed() {
             // A statement of this job failed unseen until now: the transaction is lost.
             return Err(StoreError::Commit("a write of this batch failed".into()));
+        }
+        if !ok && !isolated {
+            return Ok(false);
         }
         if !ok {
             db.exec("ROLLBACK TO SAVEPOINT job", &[])?;
             db.drop_audit_after(mark);
         }
-        db.later("RELEASE SAVEPOINT job", &[])?;
-        delivers.push(deliver);
+        if isolated {
+            db.later("RELEASE SAVEPOINT job", &[])?;
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The one writer: group commit. It takes every write that is waiting, runs each in a
@@ -299,27 +346,22 @@ fn writer(mut jobs: mpsc::Receiver<Job>, counts: Arc<Counts>, mut backend: impl 
                 Err(_) => break,
             }
         }
-        let mut delivers = Vec::with_capacity(batch.len());
-        let err = backend.commit(&mut batch, &mut delivers).err();
+        let err = backend.commit(&mut batch).err();
         {
             use std::sync::atomic::Ordering::Relaxed;
             let (trips, statements) = backend.traffic();
             counts.round_trips.fetch_max(trips, Relaxed);
             counts.statements.fetch_max(statements, Relaxed);
-        }
-        if err.is_none() {
-            use std::sync::atomic::Ordering::Relaxed;
-            counts.writes.fetch_add(delivers.len() as u64, Relaxed);
-            counts.commits.fetch_add(1, Relaxed);
+            if err.is_none() {
+                counts.writes.fetch_add(batch.len() as u64, Relaxed);
+                counts.commits.fetch_add(1, Relaxed);
+            }
         }
         if let Some(e) = &err {
-            tracing::error!(error = %e, writes = delivers.len(), "store batch failed; its writes are reported failed");
+            tracing::error!(error = %e, writes = batch.len(), "store batch failed; its writes are reported failed");
         }
-        // Jobs never reached (an error before them) are dropped: their callers see the batch
-        // failed.
-        drop(batch);
-        for deliver in delivers {
-            deliver(err.clone());
+        for job in batch {
+            job.body.deliver(err.clone());
         }
         backend.after();
     }
@@ -335,11 +377,12 @@ struct LiteCommitter {
 }
 
 impl Committer for LiteCommitter {
-    fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String> {
+    fn commit(&mut self, batch: &mut [Job]) -> Result<(), String> {
         let tx = (self.conn)
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| e.to_string())?;
-        run_jobs(&Db::Lite(&tx), batch, delivers).map_err(|e| e.to_string())?;
+        // Savepoints cost SQLite next to nothing: every job in its own.
+        run_jobs(&Db::Lite(&tx), batch, true).map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())
     }
 
@@ -846,10 +889,10 @@ impl Store {
     /// Runs `f` in a transaction of its own: on PostgreSQL on a pooled connection, beside the
     /// writer's batches (for a decision that takes a lock of its own, so the writer's batches
     /// never wait on it); on SQLite in the one writer. Committed when `f` returns `Ok`.
-    pub(super) async fn exclusive<R, F>(&self, f: F) -> Result<R, StoreError>
+    pub(super) async fn exclusive<R, F>(&self, mut f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
+        F: FnMut(&Db) -> Result<R, StoreError> + Send + 'static,
     {
         if self.path().is_some() {
             return self.write(f).await;
@@ -896,7 +939,7 @@ impl Store {
     pub async fn write<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
+        F: FnMut(&Db) -> Result<R, StoreError> + Send + 'static,
     {
         self.write_locked(Vec::new(), f).await
     }
@@ -908,27 +951,20 @@ impl Store {
     pub async fn write_locked<R, F>(&self, locks: Vec<String>, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Db) -> Result<R, StoreError> + Send + 'static,
+        F: FnMut(&Db) -> Result<R, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let run = Box::new(move |c: &Db| {
-            let result = f(c);
-            let ok = result.is_ok();
-            let deliver: Deliver = Box::new(move |commit_err| {
-                let _ = tx.send(match commit_err {
-                    None => result,
-                    Some(e) => Err(StoreError::Commit(e)),
-                });
-            });
-            (ok, deliver)
+        let body = Box::new(Write {
+            f,
+            answer: None,
+            tx,
         });
         self.inner
             .jobs
-            .send(Job { locks, run })
+            .send(Job { locks, body })
             .await
             .map_err(|_| StoreError::Closed)?;
-        // No answer: the writer is gone (shutdown), or its batch failed before this write ran
-        // (the database went away at `BEGIN`, say).
+        // No answer: the writer is gone (shutdown) with the write still queued.
         rx.await.map_err(|_| match self.inner.jobs.is_closed() {
             true => StoreError::Closed,
             false => StoreError::Commit("the batch failed before this write ran".into()),

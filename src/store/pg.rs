@@ -4,7 +4,7 @@
 //! migrations applied under an advisory lock so that replicas starting together migrate once.
 
 use super::db::{Db, PgConn};
-use super::{Committer, Deliver, Job, StoreError, run_jobs};
+use super::{Committer, Job, StoreError, run_jobs};
 use std::cell::RefCell;
 use std::time::Duration;
 
@@ -367,7 +367,12 @@ impl PgCommitter {
 }
 
 impl Committer for PgCommitter {
-    fn commit(&mut self, batch: &mut Vec<Job>, delivers: &mut Vec<Deliver>) -> Result<(), String> {
+    /// Runs the batch without a savepoint per job (each would be two more statements and a
+    /// subtransaction), which is right for all but a batch with a failed job: that one is rolled
+    /// back before its `COMMIT` is sent and run again with every job in its own savepoint, so
+    /// that the failed job undoes its own writes and nothing else. A job may therefore run
+    /// twice, each time from the same state; its caller hears only of the last time.
+    fn commit(&mut self, batch: &mut [Job]) -> Result<(), String> {
         if self.conn.as_mut().is_none_or(PgConn::is_closed) {
             self.conn = None;
             self.conn = Some(
@@ -379,32 +384,15 @@ impl Committer for PgCommitter {
         let conn = self.conn.as_mut().expect("connected above");
         let before = conn.traffic();
         let db = Db::Pg(RefCell::new(conn));
-        if let Db::Pg(c) = &db {
-            let mut c = c.borrow_mut();
-            c.wake = false;
-            c.later_failed = false;
-            c.audit.clear();
+        let compact = self.compacted.elapsed() >= COMPACT_EVERY;
+        let mut done = attempt(&db, batch, false, compact);
+        if matches!(done, Ok(false)) {
+            let _ = db.batch("ROLLBACK");
+            done = attempt(&db, batch, true, compact);
         }
-        let done = (|| {
-            db.later("BEGIN", &[])?;
-            take_locks(&db, batch)?;
-            run_jobs(&db, batch, delivers)?;
-            if self.compacted.elapsed() >= COMPACT_EVERY {
-                self.compacted = std::time::Instant::now();
-                db.later(COMPACT_TARGET_LOAD, &[])?;
-            }
-            // Last, so the chain's head is the last lock this transaction takes (no cycle
-            // with another replica's) and is held only for the commit.
-            super::audit::append_pending(&db)?;
-            if let Db::Pg(c) = &db
-                && std::mem::take(&mut c.borrow_mut().wake)
-            {
-                // Delivered to every replica's listener when (and only if) this commits.
-                db.later("SELECT pg_notify('reflex_wake', '')", &[])?;
-            }
-            db.exec("COMMIT", &[])?;
-            Ok::<_, StoreError>(())
-        })();
+        if compact && matches!(done, Ok(true)) {
+            self.compacted = std::time::Instant::now();
+        }
         if done.is_err() {
             // A broken connection is made again; a live one is left clean.
             let _ = db.batch("ROLLBACK");
@@ -412,12 +400,42 @@ impl Committer for PgCommitter {
         let after = self.conn.as_ref().map_or(before, PgConn::traffic);
         self.traffic.0 += after.0 - before.0;
         self.traffic.1 += after.1 - before.1;
-        done.map_err(|e| e.to_string())
+        done.map(drop).map_err(|e| e.to_string())
     }
 
     fn traffic(&self) -> (u64, u64) {
         self.traffic
     }
+}
+
+/// One try at a batch's transaction (see [`PgCommitter`]'s `commit`): `Ok(false)` when a job
+/// failed without savepoints, before anything was committed.
+fn attempt(db: &Db, batch: &mut [Job], isolated: bool, compact: bool) -> Result<bool, StoreError> {
+    if let Db::Pg(c) = db {
+        let mut c = c.borrow_mut();
+        c.wake = false;
+        c.later_failed = false;
+        c.audit.clear();
+    }
+    db.later("BEGIN", &[])?;
+    take_locks(db, batch)?;
+    if !run_jobs(db, batch, isolated)? {
+        return Ok(false);
+    }
+    if compact {
+        db.later(COMPACT_TARGET_LOAD, &[])?;
+    }
+    // Last, so the chain's head is the last lock this transaction takes (no cycle with
+    // another replica's) and is held only for the commit.
+    super::audit::append_pending(db)?;
+    if let Db::Pg(c) = db
+        && std::mem::take(&mut c.borrow_mut().wake)
+    {
+        // Delivered to every replica's listener when (and only if) this commits.
+        db.later("SELECT pg_notify('reflex_wake', '')", &[])?;
+    }
+    db.exec("COMMIT", &[])?;
+    Ok(true)
 }
 
 /// Folds the queue's deltas (migration 14) into one row per target with work: by one writer at
