@@ -428,7 +428,7 @@ const INSERT_RUN: &str = "INSERT INTO runs (playbook, alert_id, fingerprint, sta
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)";
 
 /// The next run's id, taken ahead on PostgreSQL (see [`insert_run`]).
-const NEXT_RUN_ID: &str = "SELECT nextval(pg_get_serial_sequence('runs', 'id'))";
+const NEXT_RUN_ID: &str = "SELECT nextval('runs_id_seq')";
 
 /// Inserts the run; none when this occurrence already has one.
 ///

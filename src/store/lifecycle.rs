@@ -9,18 +9,22 @@ pub(super) fn finish_run(
     error: Option<&str>,
     now: i64,
 ) -> Result<(), StoreError> {
-    c.later(
-        // A final state is never overwritten (a replica that lost its lease, say, cannot end
-        // a run another one already marked interrupted). An end frees room on the target.
-        // (Three values after `IN` would cost SQLite a temporary table on every end.)
-        "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error)
-         WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')",
-        &[&run_id, &state.as_str(), &now, &error],
-    )?;
-    c.later(
-        "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'",
-        &[&run_id],
-    )?;
+    // A final state is never overwritten (a replica that lost its lease, say, cannot end a
+    // run another one already marked interrupted). An end frees room on the target, and the
+    // steps not started are skipped. (Three values after `IN` would cost SQLite a temporary
+    // table on every end.)
+    const END: &str = "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error)
+         WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')";
+    const SKIP: &str = "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'";
+    if c.is_pg() {
+        // One statement: the skip as a data-modifying CTE (other rows than the run's).
+        static BOTH: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| format!("WITH skip AS ({SKIP}) {END}"));
+        c.later(&BOTH, &[&run_id, &state.as_str(), &now, &error])?;
+    } else {
+        c.later(END, &[&run_id, &state.as_str(), &now, &error])?;
+        c.later(SKIP, &[&run_id])?;
+    }
     c.wake();
     Ok(())
 }
