@@ -233,9 +233,6 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
     Ok(file)
 }
 
-/// A write: runs inside its own savepoint of a batch transaction, and returns whether it
-/// succeeded (else its savepoint is rolled back) and how to deliver its result once the batch
-/// has committed (or failed to).
 /// A write for the writer: what it runs, and the locks it needs (see [`Store::write_locked`]).
 struct Job {
     locks: Vec<String>,
@@ -333,8 +330,8 @@ fn run_jobs(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreErr
     Ok(true)
 }
 
-/// The one writer: group commit. It takes every write that is waiting, runs each in a
-/// savepoint of one transaction, commits once (one fsync), then answers them all. Under load
+/// The one writer: group commit. It takes every write that is waiting, runs them in one
+/// transaction (see [`run_jobs`]), commits once (one fsync), then answers them all. Under load
 /// this turns thousands of small transactions into a few large ones; idle, a write commits
 /// alone at once.
 fn writer(mut jobs: mpsc::Receiver<Job>, counts: Arc<Counts>, mut backend: impl Committer) {
