@@ -98,6 +98,10 @@ pub struct StoreConfig {
     /// PostgreSQL connections for reads at most (the writer and the listener have one each
     /// besides).
     pub pool_size: u32,
+    /// PostgreSQL: writer connections, each committing its own batches at the same time as the
+    /// others (the locks that keep replicas apart keep them apart too). One writer's batches
+    /// go one round trip per alert, back to back; more writers overlap them.
+    pub writers: u32,
     /// Connecting to PostgreSQL gives up after this.
     #[serde(deserialize_with = "duration_str::deserialize")]
     pub connect_timeout: Duration,
@@ -125,6 +129,7 @@ impl Default for StoreConfig {
             password_env: None,
             password_file: None,
             pool_size: 8,
+            writers: 2,
             connect_timeout: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(30),
             replica: None,
@@ -959,6 +964,9 @@ impl Config {
             if self.store.pool_size < 1 {
                 out.at(&[k("store"), k("pool_size")], "must be at least 1".into());
             }
+            if !(1..=16).contains(&self.store.writers) {
+                out.at(&[k("store"), k("writers")], "must be 1 to 16".into());
+            }
         }
         if let Err(e) = self.store.password_ref() {
             out.at(&[k("store")], e);
@@ -1105,6 +1113,20 @@ mod tests {
             Config::parse("budgets:\n  - { action: \"*\", max: 200, per: 1h, on_exceed: wait }\n")
                 .unwrap();
         assert_eq!(ok.budgets[0].on_exceed, OnExceed::Wait);
+    }
+
+    #[test]
+    fn store_writers_are_one_to_sixteen_at_their_line() {
+        let text = "store:\n  url: postgres://reflex@127.0.0.1/reflex\n  writers: 0\n";
+        let errors = Config::parse(text).unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|(l, m)| *l == 3 && m.contains("must be 1 to 16")),
+            "{errors:#?}"
+        );
+        let ok = Config::parse("store:\n  url: postgres://reflex@127.0.0.1/reflex\n").unwrap();
+        assert_eq!(ok.store.writers, 2, "two writers by default");
     }
 
     #[test]

@@ -334,21 +334,32 @@ fn run_jobs(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreErr
 /// transaction (see [`run_jobs`]), commits once (one fsync), then answers them all. Under load
 /// this turns thousands of small transactions into a few large ones; idle, a write commits
 /// alone at once.
-fn writer(mut jobs: mpsc::Receiver<Job>, counts: Arc<Counts>, mut backend: impl Committer) {
-    while let Some(first) = jobs.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+fn writer(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, counts: Arc<Counts>, mut backend: impl Committer) {
+    // What this writer's connection had sent when last counted.
+    let mut counted = (0, 0);
+    loop {
+        let mut batch = {
+            // One writer at a time takes what is waiting; the others commit meanwhile.
+            let mut jobs = jobs.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(first) = jobs.blocking_recv() else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
             }
-        }
+            batch
+        };
         let err = backend.commit(&mut batch).err();
         {
             use std::sync::atomic::Ordering::Relaxed;
             let (trips, statements) = backend.traffic();
-            counts.round_trips.fetch_max(trips, Relaxed);
-            counts.statements.fetch_max(statements, Relaxed);
+            counts.round_trips.fetch_add(trips - counted.0, Relaxed);
+            counts.statements.fetch_add(statements - counted.1, Relaxed);
+            counted = (trips, statements);
             if err.is_none() {
                 counts.writes.fetch_add(batch.len() as u64, Relaxed);
                 counts.commits.fetch_add(1, Relaxed);
@@ -779,22 +790,25 @@ impl Store {
             path,
             _lock: lock,
         };
-        Self::start(committer, backend, pg::default_replica(), clock)
+        Self::start(vec![committer], backend, pg::default_replica(), clock)
     }
 
     /// Starts the writer thread on a backend.
-    fn start(
-        committer: impl Committer + Send + 'static,
+    fn start<C: Committer + Send + 'static>(
+        committers: Vec<C>,
         backend: Backend,
         replica: String,
         clock: Arc<dyn crate::time::Clock>,
     ) -> Result<Store, StoreError> {
         let (jobs, rx) = mpsc::channel(WRITE_QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
         let counts = Arc::new(Counts::default());
-        let writer_counts = counts.clone();
-        std::thread::Builder::new()
-            .name("reflex-store-writer".into())
-            .spawn(move || writer(rx, writer_counts, committer))?;
+        for committer in committers {
+            let (rx, writer_counts) = (rx.clone(), counts.clone());
+            std::thread::Builder::new()
+                .name("reflex-store-writer".into())
+                .spawn(move || writer(rx, writer_counts, committer))?;
+        }
         Ok(Store {
             inner: Arc::new(Inner {
                 jobs,
@@ -830,8 +844,10 @@ impl Store {
         // The blocking client connects off the async runtime.
         tokio::task::spawn_blocking(move || {
             let pool = pg::connect(&settings)?;
-            let committer = pg::PgCommitter::new(&settings);
-            let store = Self::start(committer, Backend::Postgres(pool), settings.replica, clock)?;
+            let committers = (0..settings.writers.max(1))
+                .map(|_| pg::PgCommitter::new(&settings))
+                .collect();
+            let store = Self::start(committers, Backend::Postgres(pool), settings.replica, clock)?;
             let inner = Arc::downgrade(&store.inner);
             pg::listen(settings.config, settings.connector, move |woke| {
                 let Some(inner) = inner.upgrade() else {

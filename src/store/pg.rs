@@ -168,6 +168,8 @@ pub struct Settings {
     pub connector: Connector,
     /// Connections at most.
     pub pool_size: u32,
+    /// Writer connections (see `store.writers`).
+    pub writers: u32,
     /// Giving up on a connection after this.
     pub connect_timeout: Duration,
     /// This replica's name.
@@ -202,6 +204,7 @@ impl Settings {
             config,
             connector,
             pool_size: store.pool_size,
+            writers: store.writers,
             connect_timeout: store.connect_timeout,
             replica: store.replica.clone().unwrap_or_else(default_replica),
         })
@@ -221,6 +224,7 @@ impl Settings {
             config,
             connector: Connector::Plain,
             pool_size: 4,
+            writers: 1,
             connect_timeout: Duration::from_secs(5),
             replica: default_replica(),
         }

@@ -42,12 +42,23 @@ impl TestDb {
         &self,
         clock: std::sync::Arc<dyn crate::time::Clock>,
     ) -> Store {
+        self.open_with(clock, 1).await
+    }
+
+    /// On PostgreSQL with `writers` writer connections (one by default in tests, so that
+    /// writes queued behind a held one are committed in one batch).
+    pub(crate) async fn open_with(
+        &self,
+        clock: std::sync::Arc<dyn crate::time::Clock>,
+        writers: u32,
+    ) -> Store {
         match self {
             TestDb::Sqlite(dir) => {
                 Store::open_with_clock(dir.path(), crate::config::Synchronous::Full, clock).unwrap()
             }
             TestDb::Postgres(name) => {
                 let mut settings = crate::testkit::PgServer::shared().settings(name);
+                settings.writers = writers;
                 settings.replica = format!(
                     "replica-{}",
                     NEXT_REPLICA.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -782,6 +793,15 @@ mod replicas {
         (db, stores)
     }
 
+    /// One replica with `n` writer connections, as `n` handles: what they write at once goes
+    /// through different writers.
+    async fn writers(n: u32) -> (TestDb, Vec<Store>) {
+        let db = TestDb::postgres();
+        let clock = std::sync::Arc::new(crate::time::SystemClock);
+        let store = db.open_with(clock, n).await;
+        (db, (0..n).map(|_| store.clone()).collect())
+    }
+
     /// Runs executing on `target` now.
     async fn running_on(store: &Store, target: &str) -> i64 {
         let target = target.to_string();
@@ -800,6 +820,16 @@ mod replicas {
     #[tokio::test]
     async fn two_replicas_claim_each_run_once_and_keep_the_per_target_limit() {
         let (_db, stores) = replicas(2).await;
+        claim_each_run_once_and_keep_the_per_target_limit(stores).await;
+    }
+
+    #[tokio::test]
+    async fn two_writers_of_one_replica_claim_each_run_once_and_keep_the_per_target_limit() {
+        let (_db, stores) = writers(2).await;
+        claim_each_run_once_and_keep_the_per_target_limit(stores).await;
+    }
+
+    async fn claim_each_run_once_and_keep_the_per_target_limit(stores: Vec<Store>) {
         let none = BreakerLimits::default();
         let total = 120;
         for i in 0..total {
@@ -854,6 +884,16 @@ mod replicas {
     #[tokio::test]
     async fn the_same_occurrence_on_two_replicas_at_once_is_one_run() {
         let (_db, stores) = replicas(2).await;
+        the_same_occurrence_twice_at_once_is_one_run(stores).await;
+    }
+
+    #[tokio::test]
+    async fn the_same_occurrence_through_two_writers_at_once_is_one_run() {
+        let (_db, stores) = writers(2).await;
+        the_same_occurrence_twice_at_once_is_one_run(stores).await;
+    }
+
+    async fn the_same_occurrence_twice_at_once_is_one_run(stores: Vec<Store>) {
         for round in 0..20 {
             let instance = format!("same-{round}");
             let none = BreakerLimits::default();
