@@ -179,8 +179,10 @@ impl PlanJson {
 const INSERT_ALERT: &str = "INSERT INTO alerts (received_at, source, fingerprint, status, starts_at, ends_at, labels, annotations, generator_url, group_key, received_us)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
-/// Records the alert; its id. With `ahead` (PostgreSQL), the insert is sent together with
-/// those reads ([`prefetch_facts`] of its first candidate): one round trip for both.
+/// Records the alert; its id, and on PostgreSQL an id for the first run it may make (taken
+/// from the runs' sequence by the same statement). With `ahead` (PostgreSQL), the insert is
+/// sent together with those reads ([`prefetch_facts`] of its first candidate): one round trip
+/// for both.
 fn insert_alert(
     c: &Db,
     a: &Alert,
@@ -188,7 +190,7 @@ fn insert_alert(
     now: i64,
     received_us: i64,
     ahead: impl FnOnce() -> Result<(), StoreError>,
-) -> Result<i64, StoreError> {
+) -> Result<(i64, Option<i64>), StoreError> {
     let params: [&dyn super::db::Param; 11] = [
         &now,
         &a.source,
@@ -203,13 +205,16 @@ fn insert_alert(
         &received_us,
     ];
     if c.is_pg() {
-        let returning = format!("{INSERT_ALERT} RETURNING id");
-        c.prefetch(&returning, &params)?;
+        static RETURNING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!("{INSERT_ALERT} RETURNING id, nextval('runs_id_seq')")
+        });
+        c.prefetch(&RETURNING, &params)?;
         ahead()?;
         // Answered from the round trip that sent it with the reads (nothing flushed it before).
-        return c.one(&returning, &params, |r| r.get(0));
+        return c.one(&RETURNING, &params, |r| Ok((r.get(0)?, Some(r.get(1)?))));
     }
-    c.insert(INSERT_ALERT, &params)?.ok_or(StoreError::NoRow)
+    let id = c.insert(INSERT_ALERT, &params)?.ok_or(StoreError::NoRow)?;
+    Ok((id, None))
 }
 
 /// The alert at hand in an intake write, and what every decision about it needs.
@@ -218,6 +223,8 @@ struct At<'a> {
     alert_id: i64,
     limits: BreakerLimits,
     now: i64,
+    /// A run id taken with the alert's insert (PostgreSQL), for the first run inserted.
+    run_id: std::cell::Cell<Option<i64>>,
 }
 
 /// The facts the intake rules ask for, answered inside the intake transaction.
@@ -296,7 +303,15 @@ fn intake_one(
         .as_ref()
         .map_or_else(|_| String::new(), |p| p.target.clone());
     if !sent_ahead {
-        prefetch_facts(c, at.alert, at.limits, at.now, cand, start)?;
+        prefetch_facts(
+            c,
+            at.alert,
+            at.limits,
+            at.now,
+            cand,
+            start,
+            at.run_id.get().is_none(),
+        )?;
     }
     let asked = crate::policy::Candidate {
         maintenance: cand.suppress.as_deref(),
@@ -446,10 +461,10 @@ fn insert_run(
 ) -> Result<Option<i64>, StoreError> {
     let (a, now) = (at.alert, at.now);
     let ended = !matches!(row.state, RunState::Pending | RunState::Running);
-    let id: Option<i64> = if c.is_pg() {
-        Some(c.one(NEXT_RUN_ID, &[], |r| r.get(0))?)
-    } else {
-        None
+    let id: Option<i64> = match (c.is_pg(), at.run_id.take()) {
+        (true, Some(id)) => Some(id),
+        (true, None) => Some(c.one(NEXT_RUN_ID, &[], |r| r.get(0))?),
+        (false, _) => None,
     };
     let params: [&dyn super::db::Param; 22] = [
         &cand.playbook,
@@ -506,6 +521,7 @@ fn existing_run(c: &Db, playbook: &str, a: &Alert) -> Result<Option<i64>, StoreE
 /// Sends every read the intake rules may ask for about this candidate ahead, together (one
 /// round trip on PostgreSQL, where each would be one; see [`Db::prefetch`]). The rules then
 /// ask as before and take the answers read here; a write between them drops the rest.
+/// `run_id`: also the id of the run it may insert (none was taken with the alert's insert).
 fn prefetch_facts(
     c: &Db,
     a: &Alert,
@@ -513,6 +529,7 @@ fn prefetch_facts(
     now: i64,
     cand: &Candidate,
     start: &Starter,
+    run_id: bool,
 ) -> Result<(), StoreError> {
     if !c.is_pg() {
         return Ok(());
@@ -533,7 +550,9 @@ fn prefetch_facts(
     super::switches::prefetch(c, &cand.playbook, now)?;
     super::cooldown::prefetch(c, &cand.playbook, &cand.cooldown_key, cand.cooldown_ms, now)?;
     super::breaker::prefetch(c, &cand.playbook, target, limits, now)?;
-    c.prefetch(NEXT_RUN_ID, &[])?;
+    if run_id {
+        c.prefetch(NEXT_RUN_ID, &[])?;
+    }
     if let Ok(plan) = &cand.plan
         && start.left > 0
         && plan.starts_ungated()
@@ -766,10 +785,10 @@ impl Store {
                     }
                     starter.received_us = item.received_us;
                     let first = item.candidates.first();
-                    let alert_id =
+                    let (alert_id, run_id) =
                         insert_alert(c, &item.alert, json, now, item.received_us, || {
                             first.map_or(Ok(()), |cand| {
-                                prefetch_facts(c, &item.alert, limits, now, cand, &starter)
+                                prefetch_facts(c, &item.alert, limits, now, cand, &starter, false)
                             })
                         })?;
                     let at = At {
@@ -777,6 +796,7 @@ impl Store {
                         alert_id,
                         limits,
                         now,
+                        run_id: std::cell::Cell::new(run_id),
                     };
                     let mut outcomes = (item.candidates.iter().zip(&json.plans))
                         .enumerate()

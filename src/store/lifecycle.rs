@@ -9,6 +9,19 @@ pub(super) fn finish_run(
     error: Option<&str>,
     now: i64,
 ) -> Result<(), StoreError> {
+    end_run(c, run_id, state, error, now, None)
+}
+
+/// Ends a run as [`finish_run`] does, after writing its last step's result when given (see
+/// [`super::queue::record_step`]).
+fn end_run(
+    c: &Db,
+    run_id: i64,
+    state: RunState,
+    error: Option<&str>,
+    now: i64,
+    last_step: Option<&super::queue::StepResult>,
+) -> Result<(), StoreError> {
     // A final state is never overwritten (a replica that lost its lease, say, cannot end a
     // run another one already marked interrupted). An end frees room on the target, and the
     // steps not started are skipped. (Three values after `IN` would cost SQLite a temporary
@@ -16,14 +29,52 @@ pub(super) fn finish_run(
     const END: &str = "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error)
          WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')";
     const SKIP: &str = "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'";
-    if c.is_pg() {
-        // One statement: the skip as a data-modifying CTE (other rows than the run's).
-        static BOTH: std::sync::LazyLock<String> =
-            std::sync::LazyLock::new(|| format!("WITH skip AS ({SKIP}) {END}"));
-        c.later(&BOTH, &[&run_id, &state.as_str(), &now, &error])?;
-    } else {
+    let (last_step, other) = match last_step {
+        Some(s) if s.step.run_id == run_id => (Some(s), None),
+        s => (None, s),
+    };
+    if let Some(step) = other {
+        super::queue::record_step(c, step, now)?;
+    }
+    if !c.is_pg() {
+        if let Some(step) = last_step {
+            super::queue::record_step(c, step, now)?;
+        }
         c.later(END, &[&run_id, &state.as_str(), &now, &error])?;
         c.later(SKIP, &[&run_id])?;
+        c.wake();
+        return Ok(());
+    }
+    // On PostgreSQL one statement: the step's result and the skip as data-modifying CTEs of
+    // the run's update (each on other rows).
+    static BOTH: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("WITH skip AS ({SKIP}) {END}"));
+    static ALL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH step AS (UPDATE steps SET state = ?6, finished_at = ?3, output = ?7, error = ?8
+                           WHERE run_id = ?1 AND idx = ?5),
+                  skip AS ({SKIP}) {END}"
+        )
+    });
+    match last_step {
+        None => c.later(&BOTH, &[&run_id, &state.as_str(), &now, &error])?,
+        Some(step) => {
+            let output = step.output.as_ref().map(crate::store::json_text);
+            c.later(
+                &ALL,
+                &[
+                    &run_id,
+                    &state.as_str(),
+                    &now,
+                    &error,
+                    &step.step.idx,
+                    &step.state.as_str(),
+                    &output,
+                    &step.error,
+                ],
+            )?;
+            super::queue::audit_step(c, step)?;
+        }
     }
     c.wake();
     Ok(())
@@ -69,10 +120,7 @@ impl Store {
         };
         let tripped = self
             .write_locked(locks, move |c| {
-                if let Some(step) = &last_step {
-                    super::queue::record_step(c, step, now)?;
-                }
-                finish_run(c, run_id, state, error.as_deref(), now)?;
+                end_run(c, run_id, state, error.as_deref(), now, last_step.as_ref())?;
                 if state != RunState::Failed {
                     return Ok(None);
                 }
