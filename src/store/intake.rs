@@ -347,10 +347,16 @@ fn intake_one(
     let plan = (cand.plan.as_ref().ok())
         .filter(|_| matches!(state, RunState::Running | RunState::Pending));
     let params = json.filter(|_| plan.is_some());
+    let steps = plan.map(|plan| NewSteps {
+        plan,
+        json: json.map_or(&[][..], |j| &j.steps),
+        first: start_now.then(|| (now, crate::time::now_us())),
+    });
     let inserted = insert_run(
         c,
         at,
         cand,
+        steps.as_ref(),
         &RunRow {
             state,
             reason: reason.as_deref(),
@@ -367,13 +373,10 @@ fn intake_one(
         let run_id = existing_run(c, &playbook, a)?.ok_or(StoreError::NoRow)?;
         return Ok(Outcome::Deduplicated { run_id, playbook });
     };
-    if let Some(plan) = plan {
-        let steps = json.map_or(&[][..], |j| &j.steps);
-        let first = start_now.then(|| (now, crate::time::now_us()));
-        insert_steps(c, run_id, plan, steps, first)?;
-        if start_now {
-            start.started(run_id, at, cand, plan);
-        }
+    if let Some(plan) = plan
+        && start_now
+    {
+        start.started(run_id, at, cand, plan);
     }
     if let Some(joined) = joined {
         return Ok(Outcome::Coalesced {
@@ -457,6 +460,7 @@ fn insert_run(
     c: &Db,
     at: &At<'_>,
     cand: &Candidate,
+    steps: Option<&NewSteps<'_>>,
     row: &RunRow<'_>,
 ) -> Result<Option<i64>, StoreError> {
     let (a, now) = (at.alert, at.now);
@@ -494,8 +498,11 @@ fn insert_run(
         &cand.manual.as_ref().and_then(|m| m.undo_of),
         &id,
     ];
-    if c.is_pg() {
-        c.later(INSERT_RUN, &params)?;
+    if let Db::Pg(conn) = c {
+        match steps {
+            None => c.later(INSERT_RUN, &params)?,
+            Some(steps) => insert_run_and_steps(conn, &params, steps)?,
+        }
         return Ok(id);
     }
     // A null id is SQLite's next rowid.
@@ -504,7 +511,82 @@ fn insert_run(
             "{INSERT_RUN} ON CONFLICT (playbook, fingerprint, starts_at, alert_status) DO NOTHING"
         )
     });
-    c.insert(&OR_NOT, &params)
+    let id = c.insert(&OR_NOT, &params)?;
+    if let (Some(id), Some(s)) = (id, steps) {
+        insert_steps(c, id, s.plan, s.json, s.first)?;
+    }
+    Ok(id)
+}
+
+/// A new run's steps: the plan's, their arguments and gates as JSON, and when the first one
+/// started (a run started at intake).
+struct NewSteps<'a> {
+    plan: &'a Plan,
+    json: &'a [(String, Option<String>)],
+    first: Option<(i64, i64)>,
+}
+
+/// PostgreSQL: the run (`params` of [`INSERT_RUN`], its id the last) and all its steps in
+/// one statement, the run's insert a data-modifying CTE.
+fn insert_run_and_steps(
+    conn: &std::cell::RefCell<&mut super::db::PgConn>,
+    params: &[&dyn super::db::Param; 22],
+    new: &NewSteps<'_>,
+) -> Result<(), StoreError> {
+    static BOTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH run AS ({INSERT_RUN})
+             INSERT INTO steps (run_id, idx, name, action, args, timeout_ms, on_failure, state,
+                                approval, phase, started_at, started_us)
+             SELECT ?22, * FROM unnest(?23::bigint[], ?24::text[], ?25::text[], ?26::text[],
+                                       ?27::bigint[], ?28::text[], ?29::text[], ?30::text[],
+                                       ?31::text[], ?32::bigint[], ?33::bigint[])"
+        )
+    });
+    // As many as have their JSON (as `insert_steps` zips them).
+    let n = new.plan.steps.len().min(new.json.len());
+    let steps = &new.plan.steps[..n];
+    let idx: Vec<i64> = (0..n as i64).collect();
+    let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+    let actions: Vec<&str> = steps.iter().map(|s| s.action.name()).collect();
+    let args: Vec<&str> = new.json.iter().map(|(a, _)| a.as_str()).collect();
+    let timeouts: Vec<Option<i64>> = steps
+        .iter()
+        .map(|s| s.timeout_ms.map(|t| t as i64))
+        .collect();
+    let on_failure: Vec<&str> = steps.iter().map(|s| s.on_failure.as_str()).collect();
+    let running = |i: usize| new.first.filter(|_| i == 0);
+    let states: Vec<&str> = (0..n)
+        .map(|i| {
+            if running(i).is_some() {
+                "running"
+            } else {
+                "pending"
+            }
+        })
+        .collect();
+    let approvals: Vec<Option<&str>> = new.json.iter().map(|(_, a)| a.as_deref()).collect();
+    let phases: Vec<&str> = steps.iter().map(|s| s.phase.as_str()).collect();
+    let started_at: Vec<Option<i64>> = (0..n).map(|i| running(i).map(|(ms, _)| ms)).collect();
+    let started_us: Vec<Option<i64>> = (0..n).map(|i| running(i).map(|(_, us)| us)).collect();
+    let mut all: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+        .iter()
+        .map(|p| *p as &(dyn postgres::types::ToSql + Sync))
+        .collect();
+    all.extend([
+        &idx as &(dyn postgres::types::ToSql + Sync),
+        &names,
+        &actions,
+        &args,
+        &timeouts,
+        &on_failure,
+        &states,
+        &approvals,
+        &phases,
+        &started_at,
+        &started_us,
+    ]);
+    conn.borrow_mut().queue(&BOTH, &all)
 }
 
 const RECORDED: &str = "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4";

@@ -1320,6 +1320,78 @@ on_both_backends! {
 }
 
 on_both_backends! {
+    async fn a_run_started_at_intake_is_stored_with_every_step_of_its_plan(db: TestDb) {
+        let store = db.open().await;
+        let mut cand = candidate("pb", "t1", 0, "");
+        if let Ok(plan) = &mut cand.plan {
+            let first = plan.steps[0].clone();
+            plan.steps.push(PlannedStep {
+                name: "second".into(),
+                args: serde_json::json!({"message": "two"}),
+                timeout_ms: Some(5_000),
+                on_failure: OnFailure::Continue,
+                ..first.clone()
+            });
+            plan.steps.push(PlannedStep {
+                name: "third".into(),
+                phase: Phase::OnFailure,
+                ..first
+            });
+        }
+        let item = IntakeItem {
+            deferred: None,
+            alert: alert("steps"),
+            received_us: 0,
+            candidates: vec![cand],
+        };
+        let start = StartNow {
+            slots: 1,
+            max_per_target: 1,
+        };
+        let started = (store.record_and_start(vec![item], BreakerLimits::default(), start))
+            .await
+            .unwrap()
+            .started;
+        assert_eq!(started.len(), 1);
+        let run = started[0].id;
+        type Row = (i64, String, String, String, Option<i64>, String, String, String, bool);
+        let rows: Vec<Row> = store
+            .read(move |c| {
+                c.rows(
+                    "SELECT idx, name, action, args, timeout_ms, on_failure, state, phase,
+                            started_at IS NOT NULL FROM steps WHERE run_id = ?1 ORDER BY idx",
+                    &[&run],
+                    |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get(2)?,
+                            r.get(3)?,
+                            r.get(4)?,
+                            r.get(5)?,
+                            r.get(6)?,
+                            r.get(7)?,
+                            r.get(8)?,
+                        ))
+                    },
+                )
+            })
+            .await
+            .unwrap();
+        let row = |i: i64, name: &str, args: &str, timeout, on_failure: &str, state: &str, phase: &str, started| {
+            (i, name.to_string(), "log".to_string(), args.to_string(), timeout, on_failure.to_string(),
+             state.to_string(), phase.to_string(), started)
+        };
+        assert_eq!(
+            rows,
+            vec![
+                row(0, "log", r#"{"message":"m"}"#, None, "stop", "running", "main", true),
+                row(1, "second", r#"{"message":"two"}"#, Some(5_000), "continue", "pending", "main", false),
+                row(2, "third", r#"{"message":"m"}"#, None, "stop", "pending", "on_failure", false),
+            ]
+        );
+    }
+
     async fn a_batch_with_a_failed_write_is_redone_and_records_each_other_write_once(db: TestDb) {
         use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let store = db.open().await;
