@@ -229,7 +229,7 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
     let n = rows.len() as i64;
     const HEAD: &str = "SELECT last_hash FROM audit_chain WHERE one = 1 FOR UPDATE";
     const IDS: &str = "SELECT array_agg(v ORDER BY v) FROM
-           (SELECT nextval(pg_get_serial_sequence('audit', 'id')) AS v
+           (SELECT nextval('audit_id_seq') AS v
             FROM generate_series(1, $1::bigint)) s";
     let (mut prev, ids): (Vec<u8>, Vec<i64>) = {
         let mut pg = conn.borrow_mut();

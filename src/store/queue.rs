@@ -215,13 +215,16 @@ pub(super) fn playbook_has_room(c: &Db, playbook: &str, limit: u32) -> Result<bo
 /// pending runs and room (`target_load`, kept by triggers; per claim, one index probe per
 /// such target, whatever their backlogs). A head whose playbook already runs for the same
 /// alert waits (and so its target), as does one whose playbook is at its concurrency limit.
-/// `?1` is the per-target limit.
+/// `?1` is the per-target limit. With no run pending at all (most wake-ups under a load whose
+/// runs start at intake) it reads nothing else: on PostgreSQL `target_load` is a sum over
+/// the deltas since the last fold, and summing them for every wake-up cost more than a run.
 const HEADS: &str = "SELECT h.head, h.target, h.playbook, h.concurrency FROM (
     SELECT l.target, p.id AS head, p.playbook, p.fingerprint, p.concurrency
     FROM target_load l
     JOIN runs p ON p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending' AND q.target = l.target
                            ORDER BY q.id LIMIT 1)
-    WHERE l.pending > 0 AND l.running < ?1
+    WHERE EXISTS (SELECT 1 FROM runs e WHERE e.state = 'pending')
+      AND l.pending > 0 AND l.running < ?1
   ) h
   WHERE NOT EXISTS (
     SELECT 1 FROM runs o WHERE o.playbook = h.playbook AND o.fingerprint = h.fingerprint
