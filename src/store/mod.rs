@@ -330,10 +330,10 @@ fn run_jobs(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreErr
     Ok(true)
 }
 
-/// The one writer: group commit. It takes every write that is waiting, runs them in one
-/// transaction (see [`run_jobs`]), commits once (one fsync), then answers them all. Under load
-/// this turns thousands of small transactions into a few large ones; idle, a write commits
-/// alone at once.
+/// A writer: group commit. It takes every write that is waiting, runs them in one transaction
+/// (see [`run_jobs`]), commits once (one fsync), then answers them all. Under load this turns
+/// thousands of small transactions into a few large ones; idle, a write commits alone at once.
+/// SQLite has one writer; PostgreSQL `store.writers`, which take what is waiting in turn.
 fn writer(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, counts: Arc<Counts>, mut backend: impl Committer) {
     // What this writer's connection had sent when last counted.
     let mut counted = (0, 0);
