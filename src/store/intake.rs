@@ -545,11 +545,11 @@ fn insert_run_and_steps(
     });
     // As many as have their JSON (as `insert_steps` zips them).
     let n = new.plan.steps.len().min(new.json.len());
-    let steps = &new.plan.steps[..n];
+    let (steps, json) = (&new.plan.steps[..n], &new.json[..n]);
     let idx: Vec<i64> = (0..n as i64).collect();
     let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
     let actions: Vec<&str> = steps.iter().map(|s| s.action.name()).collect();
-    let args: Vec<&str> = new.json.iter().map(|(a, _)| a.as_str()).collect();
+    let args: Vec<&str> = json.iter().map(|(a, _)| a.as_str()).collect();
     let timeouts: Vec<Option<i64>> = steps
         .iter()
         .map(|s| s.timeout_ms.map(|t| t as i64))
@@ -565,7 +565,7 @@ fn insert_run_and_steps(
             }
         })
         .collect();
-    let approvals: Vec<Option<&str>> = new.json.iter().map(|(_, a)| a.as_deref()).collect();
+    let approvals: Vec<Option<&str>> = json.iter().map(|(_, a)| a.as_deref()).collect();
     let phases: Vec<&str> = steps.iter().map(|s| s.phase.as_str()).collect();
     let started_at: Vec<Option<i64>> = (0..n).map(|i| running(i).map(|(ms, _)| ms)).collect();
     let started_us: Vec<Option<i64>> = (0..n).map(|i| running(i).map(|(_, us)| us)).collect();

@@ -29,13 +29,6 @@ fn end_run(
     const END: &str = "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error)
          WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')";
     const SKIP: &str = "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'";
-    let (last_step, other) = match last_step {
-        Some(s) if s.step.run_id == run_id => (Some(s), None),
-        s => (None, s),
-    };
-    if let Some(step) = other {
-        super::queue::record_step(c, step, now)?;
-    }
     if !c.is_pg() {
         if let Some(step) = last_step {
             super::queue::record_step(c, step, now)?;
@@ -45,14 +38,14 @@ fn end_run(
         c.wake();
         return Ok(());
     }
-    // On PostgreSQL one statement: the step's result and the skip as data-modifying CTEs of
-    // the run's update (each on other rows).
+    // On PostgreSQL one statement: the step's result (as `record_step` writes it) and the
+    // skip as data-modifying CTEs of the run's update (each on other rows).
     static BOTH: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| format!("WITH skip AS ({SKIP}) {END}"));
     static ALL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "WITH step AS (UPDATE steps SET state = ?6, finished_at = ?3, output = ?7, error = ?8
-                           WHERE run_id = ?1 AND idx = ?5),
+                           WHERE run_id = ?9 AND idx = ?5),
                   skip AS ({SKIP}) {END}"
         )
     });
@@ -71,6 +64,7 @@ fn end_run(
                     &step.state.as_str(),
                     &output,
                     &step.error,
+                    &step.step.run_id,
                 ],
             )?;
             super::queue::audit_step(c, step)?;
