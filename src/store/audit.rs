@@ -12,7 +12,7 @@
 //! whole table and the head can forge a chain: the audit sink (see `engine::audit_sink`)
 //! keeps a copy outside the database.
 
-use super::Db;
+use super::{Db, Keys};
 use super::{Store, StoreError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -233,8 +233,8 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
             FROM generate_series(1, $1::bigint)) s";
     let (mut prev, ids): (Vec<u8>, Vec<i64>) = {
         let mut pg = conn.borrow_mut();
-        pg.prefetch(HEAD, &[])?;
-        pg.prefetch(IDS, &[&n])?;
+        pg.prefetch(HEAD, &[], Keys::Any)?;
+        pg.prefetch(IDS, &[&n], Keys::Any)?;
         let head = pg.query(HEAD, &[])?;
         let ids = pg.query(IDS, &[&n])?;
         let (head, ids) = (head.first(), ids.first());
@@ -272,6 +272,7 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
         &[
             &ids, &cols.0, &cols.1, &cols.2, &targets, &outcomes, &cols.4, &prevs, &hashes,
         ],
+        Keys::Any,
     )?;
     drop(pg);
     let last = *ids.last().expect("one id a row");

@@ -152,13 +152,17 @@ pub(super) fn prefetch(
     now: i64,
 ) -> Result<(), StoreError> {
     let since = now - l.window_ms;
+    // Every count changes with every run recorded.
+    let runs = || Keys::Only(vec![super::intake::part::RUNS.into()]);
     for (limit, _) in table(l) {
         match limit {
-            Limit::Runs => c.prefetch(RUNS, &[&since])?,
-            Limit::RunsPerPlaybook => c.prefetch(RUNS_OF_PLAYBOOK, &[&since, &playbook])?,
+            Limit::Runs => c.prefetch_on(RUNS, &[&since], runs())?,
+            Limit::RunsPerPlaybook => {
+                c.prefetch_on(RUNS_OF_PLAYBOOK, &[&since, &playbook], runs())?
+            }
             Limit::Targets => {
-                c.prefetch(RUNS_ON_TARGET, &[&since, &target])?;
-                c.prefetch(TARGETS, &[&since])?;
+                c.prefetch_on(RUNS_ON_TARGET, &[&since, &target], runs())?;
+                c.prefetch_on(TARGETS, &[&since], runs())?;
             }
             Limit::Failures | Limit::Refusals => {}
         }

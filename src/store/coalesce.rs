@@ -17,7 +17,8 @@ const QUEUED: &str =
 
 /// Sends [`pending_run`]'s read ahead (see [`Db::prefetch`]).
 pub(super) fn prefetch(c: &Db, playbook: &str, fingerprint: &str) -> Result<(), StoreError> {
-    c.prefetch(QUEUED, &[&fingerprint, &playbook])
+    let depends = super::intake::part::occurrence(playbook, fingerprint);
+    c.prefetch_on(QUEUED, &[&fingerprint, &playbook], depends)
 }
 
 /// The queued, never-started run a new occurrence would join, if there is one.

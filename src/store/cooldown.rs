@@ -20,7 +20,8 @@ pub(super) fn prefetch(
     if cooldown_ms <= 0 {
         return Ok(());
     }
-    c.prefetch(LAST, &[&playbook, &key, &(now - cooldown_ms)])
+    let depends = super::intake::part::cooldown(playbook, key);
+    c.prefetch_on(LAST, &[&playbook, &key, &(now - cooldown_ms)], depends)
 }
 
 pub(super) fn cooldown_reason(

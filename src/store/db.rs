@@ -7,6 +7,7 @@
 use super::StoreError;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A value bound to a statement: anything both drivers can send.
 pub trait Param: rusqlite::ToSql + postgres::types::ToSql + Sync {}
@@ -34,6 +35,30 @@ impl Row<'_> {
     }
 }
 
+/// What a read sent ahead ([`Db::prefetch_on`]) depends on, or what a write ([`Db::later_on`])
+/// may change: named parts of the data, or anything. A read's answer stands after a write
+/// unless they name a part in common or either is [`Keys::Any`]; a read that names no part
+/// (an insert's own `RETURNING`, a sequence, a lock) stands after every write.
+#[derive(Clone, Debug, Default)]
+pub enum Keys {
+    /// Anything: what [`Db::prefetch`] and [`Db::later`] assume.
+    #[default]
+    Any,
+    /// These parts only (none: nothing).
+    Only(Vec<String>),
+}
+
+/// A read sent ahead, by its text and parameters.
+type ReadKey = (Arc<str>, Vec<Encoded>);
+
+/// The answer of a read sent ahead, and where it stands among the writes.
+struct Answer {
+    rows: Vec<postgres::Row>,
+    depends: Keys,
+    /// Writes queued before the read was ([`PgConn::writes`] then).
+    after: u64,
+}
+
 /// A PostgreSQL connection and the statements prepared on it (each once per connection).
 ///
 /// The client is tokio-postgres on a runtime of the connection's own (as the blocking
@@ -44,11 +69,17 @@ pub struct PgConn {
     /// `None` only while it is dropped.
     client: Option<(tokio_postgres::Client, tokio::runtime::Runtime)>,
     statements: HashMap<String, tokio_postgres::Statement>,
-    /// Sent with the next statement waited for (see [`Db::later`]); with its text and
-    /// parameters when it is a read sent ahead ([`Db::prefetch`]).
-    queued: Vec<(tokio_postgres::Statement, Vec<Encoded>, Option<String>)>,
-    /// Answers of reads sent ahead, until a statement that may write.
-    prefetched: Vec<(String, Vec<Encoded>, Vec<postgres::Row>)>,
+    /// Sent with the next statement waited for (see [`Db::later`]): with its text when it is
+    /// a read sent ahead ([`Db::prefetch`]), and what it depends on (a read) or may change (a
+    /// write), numbered by the writes queued before it.
+    queued: Vec<Queued>,
+    /// Answers of reads sent ahead, each taken once, as long as no write since changed what
+    /// it depends on; cleared with the transaction.
+    prefetched: HashMap<ReadKey, Vec<Answer>>,
+    /// The writes of this transaction so far, for telling whether an answer still stands.
+    writes: Writes,
+    /// The writes before the batch's reads were sent ahead ([`PgConn::sent_ahead`]).
+    ahead_at: u64,
     /// A queued statement failed: the transaction is lost, whatever the statement that
     /// flushed it (the writer fails the whole batch).
     pub(super) later_failed: bool,
@@ -62,8 +93,64 @@ pub struct PgConn {
     pub(super) audit: Vec<super::audit::Pending>,
 }
 
+/// The writes of a transaction, numbered in the order they were sent: how many, when each
+/// part ([`Keys`]) was last written, when the last write of anything was, and the last write
+/// at all.
+#[derive(Default)]
+struct Writes {
+    count: u64,
+    written: HashMap<String, u64>,
+    anything: u64,
+    last: u64,
+}
+
+impl Writes {
+    /// Counts a write that may change `keys`.
+    fn wrote(&mut self, keys: &Keys) {
+        match keys {
+            Keys::Only(parts) if parts.is_empty() => {}
+            Keys::Only(parts) => {
+                self.count += 1;
+                self.last = self.count;
+                for part in parts {
+                    self.written.insert(part.clone(), self.count);
+                }
+            }
+            Keys::Any => {
+                self.count += 1;
+                self.last = self.count;
+                self.anything = self.count;
+            }
+        }
+    }
+
+    /// Whether an answer read after the first `after` writes, depending on `depends`, still
+    /// stands.
+    fn stand(&self, depends: &Keys, after: u64) -> bool {
+        match depends {
+            Keys::Any => self.last <= after,
+            Keys::Only(parts) => {
+                parts.is_empty()
+                    || (self.anything <= after
+                        && (parts.iter()).all(|p| self.written.get(p).is_none_or(|&w| w <= after)))
+            }
+        }
+    }
+}
+
+/// A statement queued to be sent with the next one waited for.
+struct Queued {
+    statement: tokio_postgres::Statement,
+    params: Vec<Encoded>,
+    /// The read's text, when it is one sent ahead.
+    read: Option<Arc<str>>,
+    keys: Keys,
+    /// Writes queued before it.
+    after: u64,
+}
+
 /// A parameter already encoded for its statement: a queued statement owns its parameters.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Encoded(Option<Vec<u8>>);
 
 impl postgres::types::ToSql for Encoded {
@@ -108,7 +195,9 @@ impl PgConn {
             client: Some((client, runtime)),
             statements: HashMap::new(),
             queued: Vec::new(),
-            prefetched: Vec::new(),
+            prefetched: HashMap::new(),
+            writes: Writes::default(),
+            ahead_at: 0,
             later_failed: false,
             trips: 0,
             sent: 0,
@@ -133,9 +222,10 @@ impl PgConn {
         (self.trips, self.sent)
     }
 
-    /// Statements without parameters, in one round trip (with whatever is queued before).
+    /// Statements without parameters, in one round trip (with whatever is queued before): a
+    /// transaction's start or end, so every answer sent ahead is forgotten.
     pub(super) fn batch_execute(&mut self, sql: &str) -> Result<(), StoreError> {
-        self.prefetched.clear();
+        self.forget();
         self.flush_with(|c| Box::pin(async move { c.batch_execute(sql).await.map(drop) }))
     }
 
@@ -152,29 +242,89 @@ impl PgConn {
         Ok(statement)
     }
 
-    /// Queues a statement, its parameters encoded now (see [`Db::later`]).
+    /// Forgets every answer sent ahead and the writes counted: a transaction begins or ends,
+    /// or a savepoint was rolled back.
+    pub(super) fn forget(&mut self) {
+        self.prefetched.clear();
+        self.writes = Writes::default();
+        self.ahead_at = 0;
+    }
+
+    /// Marks the batch's reads sent ahead ([`Db::overtaken`] tells whether a write of
+    /// anything came since).
+    pub(super) fn sent_ahead(&mut self) {
+        self.ahead_at = self.writes.count;
+    }
+
+    /// Queues a write that may change `keys`, its parameters encoded now (see [`Db::later`]).
     pub(super) fn queue(
         &mut self,
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
+        keys: Keys,
     ) -> Result<(), StoreError> {
-        self.prefetched.clear();
-        let (statement, encoded) = self.encode(sql, params)?;
-        self.queued.push((statement, encoded, None));
+        let (statement, params) = self.encode(sql, params)?;
+        let after = self.writes.count;
+        self.writes.wrote(&keys);
+        self.queued.push(Queued {
+            statement,
+            params,
+            read: None,
+            keys,
+            after,
+        });
         Ok(())
     }
 
-    /// Queues a read whose answer a later [`PgConn::query`] of the same text and parameters
-    /// takes without a round trip (see [`Db::prefetch`]).
+    /// Queues a read that depends on `depends`, whose answer a later [`PgConn::query`] of the
+    /// same text and parameters takes without a round trip (see [`Db::prefetch`]).
     pub(super) fn prefetch(
         &mut self,
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
+        depends: Keys,
     ) -> Result<(), StoreError> {
-        let (statement, encoded) = self.encode(sql, params)?;
-        self.queued
-            .push((statement, encoded, Some(sql.to_string())));
+        let (statement, params) = self.encode(sql, params)?;
+        self.queued.push(Queued {
+            statement,
+            params,
+            read: Some(Arc::from(sql)),
+            keys: depends,
+            after: self.writes.count,
+        });
         Ok(())
+    }
+
+    /// Whether a read of this text and parameters was sent ahead and its answer stands (or is
+    /// still to come).
+    pub(super) fn holds(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+    ) -> Result<bool, StoreError> {
+        let (_, encoded) = self.encode(sql, params)?;
+        let queued =
+            (self.queued.iter()).any(|q| q.read.as_deref() == Some(sql) && q.params == encoded);
+        let writes = &self.writes;
+        Ok(queued
+            || (self.prefetched.get(&(Arc::from(sql), encoded)))
+                .is_some_and(|a| a.iter().any(|a| writes.stand(&a.depends, a.after))))
+    }
+
+    /// Takes a standing answer of a read sent ahead, dropping those that no longer stand.
+    fn take_answer(&mut self, key: ReadKey) -> Option<Vec<postgres::Row>> {
+        let answers = self.prefetched.get_mut(&key)?;
+        let mut found = None;
+        while let Some(a) = answers.pop() {
+            if self.writes.stand(&a.depends, a.after) {
+                found = Some(a.rows);
+                break;
+            }
+        }
+        if answers.is_empty() {
+            self.prefetched.remove(&key);
+        }
+        found
     }
 
     /// The prepared statement and its parameters, encoded for it.
@@ -204,18 +354,16 @@ impl PgConn {
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
     ) -> Result<Vec<postgres::Row>, StoreError> {
-        let ahead = |q: &(_, _, Option<String>)| q.2.as_deref() == Some(sql);
+        let ahead = |q: &Queued| q.read.as_deref() == Some(sql);
         if !self.prefetched.is_empty() || self.queued.iter().any(ahead) {
             let (_, encoded) = self.encode(sql, params)?;
-            let queued = (self.queued.iter()).any(|q| ahead(q) && q.1 == encoded);
+            let queued = (self.queued.iter()).any(|q| ahead(q) && q.params == encoded);
             if queued {
                 // Sent ahead and not yet answered: sent now, with everything queued.
                 self.flush_with(|_| Box::pin(async { Ok(()) }))?;
             }
-            if let Some(i) =
-                (self.prefetched.iter()).position(|(text, p, _)| text == sql && *p == encoded)
-            {
-                return Ok(self.prefetched.swap_remove(i).2);
+            if let Some(rows) = self.take_answer((Arc::from(sql), encoded)) {
+                return Ok(rows);
             }
             if queued {
                 // It ran, and a write queued after it made its answer stale: never run twice.
@@ -246,18 +394,19 @@ impl PgConn {
             .client
             .as_ref()
             .expect("a connection has its client until dropped");
-        type Answer<'f> = std::pin::Pin<
+        type Reply<'f> = std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<Vec<postgres::Row>, postgres::Error>> + 'f>,
         >;
-        let mut earlier: Vec<Option<Answer<'_>>> = queued
+        let mut earlier: Vec<Option<Reply<'_>>> = queued
             .iter()
-            .map(|(s, p, read)| {
-                Some(if read.is_some() {
+            .map(|q| {
+                let (s, p) = (&q.statement, &q.params);
+                Some(if q.read.is_some() {
                     let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p
                         .iter()
                         .map(|e| e as &(dyn postgres::types::ToSql + Sync))
                         .collect();
-                    Box::pin(async move { client.query(s, &refs).await }) as Answer<'_>
+                    Box::pin(async move { client.query(s, &refs).await }) as Reply<'_>
                 } else {
                     Box::pin(
                         async move { client.execute_raw(s, p.iter()).await.map(|_| Vec::new()) },
@@ -304,13 +453,14 @@ impl PgConn {
             self.later_failed = true;
             return Err(e.into());
         }
-        // A read's answer is kept only when nothing that may write was queued after it.
-        let mut written = false;
-        for ((_, params, read), rows) in queued.into_iter().zip(answers).rev() {
-            match (read, rows) {
-                (Some(sql), Some(rows)) if !written => self.prefetched.push((sql, params, rows)),
-                (None, _) => written = true,
-                _ => {}
+        // Every read's answer is kept; whether it still stands is asked when it is taken.
+        for (q, rows) in queued.into_iter().zip(answers) {
+            if let (Some(sql), Some(rows)) = (q.read, rows) {
+                (self.prefetched.entry((sql, q.params)).or_default()).push(Answer {
+                    rows,
+                    depends: q.keys,
+                    after: q.after,
+                });
             }
         }
         Ok(result.expect("the last statement was answered")?)
@@ -410,9 +560,15 @@ impl Db<'_> {
     /// statement that is waited for (at the latest the `COMMIT`), in the same round trip; an
     /// error then fails the whole transaction. On SQLite it runs now.
     pub fn later(&self, sql: &str, params: &[&dyn Param]) -> Result<(), StoreError> {
+        self.later_on(sql, params, Keys::Any)
+    }
+
+    /// As [`Db::later`], for a write that changes only `keys`: answers sent ahead that
+    /// depend on nothing of it stand after it.
+    pub fn later_on(&self, sql: &str, params: &[&dyn Param], keys: Keys) -> Result<(), StoreError> {
         match self {
             Db::Lite(_) => self.exec(sql, params).map(drop),
-            Db::Pg(c) => c.borrow_mut().queue(sql, &pg_params(params)),
+            Db::Pg(c) => c.borrow_mut().queue(sql, &pg_params(params), keys),
         }
     }
 
@@ -421,9 +577,47 @@ impl Db<'_> {
     /// statement that may write comes between. The reads a decision may need go out together,
     /// in one round trip. Nothing on SQLite (the read runs when it is asked).
     pub fn prefetch(&self, sql: &str, params: &[&dyn Param]) -> Result<(), StoreError> {
+        self.prefetch_on(sql, params, Keys::Any)
+    }
+
+    /// As [`Db::prefetch`], for a read that depends on `depends` only: its answer stands
+    /// after writes of other parts ([`Db::later_on`]).
+    pub fn prefetch_on(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        depends: Keys,
+    ) -> Result<(), StoreError> {
         match self {
             Db::Lite(_) => Ok(()),
-            Db::Pg(c) => c.borrow_mut().prefetch(sql, &pg_params(params)),
+            Db::Pg(c) => c.borrow_mut().prefetch(sql, &pg_params(params), depends),
+        }
+    }
+
+    /// Whether this read was sent ahead and its answer stands (PostgreSQL; never on SQLite).
+    pub fn sent_ahead(&self, sql: &str, params: &[&dyn Param]) -> Result<bool, StoreError> {
+        match self {
+            Db::Lite(_) => Ok(false),
+            Db::Pg(c) => c.borrow_mut().holds(sql, &pg_params(params)),
+        }
+    }
+
+    /// Whether a write of anything ([`Keys::Any`]) came after the batch's reads were sent
+    /// ahead: then none of them stands but those that depend on nothing.
+    pub fn overtaken(&self) -> bool {
+        match self {
+            Db::Lite(_) => false,
+            Db::Pg(c) => {
+                let c = c.borrow();
+                c.writes.anything > c.ahead_at
+            }
+        }
+    }
+
+    /// Forgets the answers sent ahead (a savepoint rolled back: what they saw may be undone).
+    pub fn forget_answers(&self) {
+        if let Db::Pg(c) = self {
+            c.borrow_mut().forget();
         }
     }
 
@@ -435,7 +629,7 @@ impl Db<'_> {
             }
             Db::Pg(c) => {
                 let mut c = c.borrow_mut();
-                c.prefetched.clear();
+                c.writes.wrote(&Keys::Any);
                 let statement = c.prepare(sql)?;
                 let params = pg_params(params);
                 c.flush_with(|client| {
@@ -456,7 +650,7 @@ impl Db<'_> {
                 Ok((inserted > 0).then(|| c.last_insert_rowid()))
             }
             Db::Pg(c) => {
-                c.borrow_mut().prefetched.clear();
+                c.borrow_mut().writes.wrote(&Keys::Any);
                 self.row(&format!("{sql} RETURNING id"), params, |r| r.get(0))
             }
         }

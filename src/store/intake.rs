@@ -191,30 +191,135 @@ fn insert_alert(
     received_us: i64,
     ahead: impl FnOnce() -> Result<(), StoreError>,
 ) -> Result<(i64, Option<i64>), StoreError> {
-    let params: [&dyn super::db::Param; 11] = [
-        &now,
+    let params = alert_params(a, json, &now, &received_us);
+    if c.is_pg() {
+        // Sent already with the batch's first round trip ([`send_ahead`]), or now with the
+        // reads. Reads sent ahead that a write of anything overtook go again, together.
+        if !c.sent_ahead(&ALERT_RETURNING, &params)? {
+            c.prefetch_on(&ALERT_RETURNING, &params, Keys::Only(Vec::new()))?;
+            ahead()?;
+        } else if c.overtaken() {
+            ahead()?;
+        }
+        // An insert's own answer stands whatever is written after it: taken, never run twice.
+        return c.one(&ALERT_RETURNING, &params, |r| {
+            Ok((r.get(0)?, Some(r.get(1)?)))
+        });
+    }
+    let id = c.insert(INSERT_ALERT, &params)?.ok_or(StoreError::NoRow)?;
+    Ok((id, None))
+}
+
+/// The alert's insert on PostgreSQL, with the id of its first run.
+static ALERT_RETURNING: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{INSERT_ALERT} RETURNING id, nextval('runs_id_seq')"));
+
+/// [`INSERT_ALERT`]'s parameters.
+fn alert_params<'a>(
+    a: &'a Alert,
+    json: &'a Json,
+    now: &'a i64,
+    received_us: &'a i64,
+) -> [&'a dyn super::db::Param; 11] {
+    [
+        now,
         &a.source,
         &a.fingerprint,
-        &a.status.as_str(),
+        &a.status,
         &a.starts_at,
         &a.ends_at,
         &json.labels,
         &json.annotations,
         &a.generator_url,
         &a.group_key,
-        &received_us,
-    ];
-    if c.is_pg() {
-        static RETURNING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            format!("{INSERT_ALERT} RETURNING id, nextval('runs_id_seq')")
-        });
-        c.prefetch(&RETURNING, &params)?;
-        ahead()?;
-        // Answered from the round trip that sent it with the reads (nothing flushed it before).
-        return c.one(&RETURNING, &params, |r| Ok((r.get(0)?, Some(r.get(1)?))));
+        received_us,
+    ]
+}
+
+/// Sends an alert's insert and the reads its first playbook's rules will ask ahead of every
+/// write of the batch (PostgreSQL): a batch's alerts then go out in one round trip, and each
+/// alert's answers stand unless an alert before it in the batch wrote what they depend on
+/// ([`part`]), when that read is asked again. A deferred alert is not sent ahead: it is taken
+/// first, and perhaps not recorded at all.
+fn send_ahead(
+    c: &Db,
+    item: &IntakeItem,
+    json: &Json,
+    now: i64,
+    limits: BreakerLimits,
+    start: &Starter,
+) -> Result<(), StoreError> {
+    if item.deferred.is_some() {
+        return Ok(());
     }
-    let id = c.insert(INSERT_ALERT, &params)?.ok_or(StoreError::NoRow)?;
-    Ok((id, None))
+    let params = alert_params(&item.alert, json, &now, &item.received_us);
+    c.prefetch_on(&ALERT_RETURNING, &params, Keys::Only(Vec::new()))?;
+    match item.candidates.first() {
+        Some(cand) => prefetch_facts(c, &item.alert, limits, now, cand, start, false),
+        None => Ok(()),
+    }
+}
+
+/// The parts of the data that intake's reads depend on and its writes change ([`Keys`]): a
+/// read sent ahead for one alert of a batch stands after another alert's writes unless they
+/// share one. A run recorded changes its occurrence, its target, its cooldown key and the
+/// count of runs; anything else intake writes (a coalesced run refreshed, runs ended for a
+/// resolved alert, a deferred alert taken, the breaker tripping) changes anything.
+pub(super) mod part {
+    use super::Keys;
+
+    fn occurrence_part(playbook: &str, fingerprint: &str) -> String {
+        format!("occurrence\0{playbook}\0{fingerprint}")
+    }
+
+    fn target_part(target: &str) -> String {
+        format!("target\0{target}")
+    }
+
+    fn cooldown_part(playbook: &str, key: &str) -> String {
+        format!("cooldown\0{playbook}\0{key}")
+    }
+
+    /// Runs of a playbook for an alert: recorded, queued, executing.
+    pub(in crate::store) fn occurrence(playbook: &str, fingerprint: &str) -> Keys {
+        Keys::Only(vec![occurrence_part(playbook, fingerprint)])
+    }
+
+    /// Those, and a target's room (its runs executing and queued).
+    pub(in crate::store) fn occurrence_on(playbook: &str, fingerprint: &str, target: &str) -> Keys {
+        Keys::Only(vec![
+            occurrence_part(playbook, fingerprint),
+            target_part(target),
+        ])
+    }
+
+    /// A playbook's last run for a cooldown key.
+    pub(in crate::store) fn cooldown(playbook: &str, key: &str) -> Keys {
+        Keys::Only(vec![cooldown_part(playbook, key)])
+    }
+
+    /// The count of runs (every limit of the breaker).
+    pub(in crate::store) const RUNS: &str = "runs";
+    /// The kill switches.
+    pub(in crate::store) const SWITCHES: &str = "switches";
+
+    /// What recording a run changes (`key`: its cooldown key, empty for none).
+    pub(in crate::store) fn run(
+        playbook: &str,
+        fingerprint: &str,
+        target: &str,
+        key: &str,
+    ) -> Keys {
+        let mut parts = vec![
+            occurrence_part(playbook, fingerprint),
+            target_part(target),
+            RUNS.to_string(),
+        ];
+        if !key.is_empty() {
+            parts.push(cooldown_part(playbook, key));
+        }
+        Keys::Only(parts)
+    }
 }
 
 /// The alert at hand in an intake write, and what every decision about it needs.
@@ -470,17 +575,18 @@ fn insert_run(
         (true, None) => Some(c.one(NEXT_RUN_ID, &[], |r| r.get(0))?),
         (false, _) => None,
     };
+    let cooldown_key = if cand.cooldown_ms > 0 {
+        cand.cooldown_key.as_str()
+    } else {
+        ""
+    };
     let params: [&dyn super::db::Param; 22] = [
         &cand.playbook,
         &at.alert_id,
         &a.fingerprint,
         &a.starts_at,
         &a.status,
-        &if cand.cooldown_ms > 0 {
-            cand.cooldown_key.as_str()
-        } else {
-            ""
-        },
+        &cooldown_key,
         &row.state,
         &row.reason,
         &cand.dry_run,
@@ -499,9 +605,10 @@ fn insert_run(
         &id,
     ];
     if let Db::Pg(conn) = c {
+        let keys = part::run(&cand.playbook, &a.fingerprint, row.target, cooldown_key);
         match steps {
-            None => c.later(INSERT_RUN, &params)?,
-            Some(steps) => insert_run_and_steps(conn, &params, steps)?,
+            None => c.later_on(INSERT_RUN, &params, keys)?,
+            Some(steps) => insert_run_and_steps(conn, &params, steps, keys)?,
         }
         return Ok(id);
     }
@@ -532,6 +639,7 @@ fn insert_run_and_steps(
     conn: &std::cell::RefCell<&mut super::db::PgConn>,
     params: &[&dyn super::db::Param; 22],
     new: &NewSteps<'_>,
+    keys: Keys,
 ) -> Result<(), StoreError> {
     static BOTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
@@ -586,7 +694,7 @@ fn insert_run_and_steps(
         &started_at,
         &started_us,
     ]);
-    conn.borrow_mut().queue(&BOTH, &all)
+    conn.borrow_mut().queue(&BOTH, &all, keys)
 }
 
 const RECORDED: &str = "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4";
@@ -617,7 +725,7 @@ fn prefetch_facts(
         return Ok(());
     }
     let target = cand.plan.as_ref().map_or("", |p| p.target.as_str());
-    c.prefetch(
+    c.prefetch_on(
         RECORDED,
         &[
             &cand.playbook,
@@ -625,6 +733,7 @@ fn prefetch_facts(
             &a.starts_at,
             &a.status.as_str(),
         ],
+        part::occurrence(&cand.playbook, &a.fingerprint),
     )?;
     if cand.coalesce {
         super::coalesce::prefetch(c, &cand.playbook, &a.fingerprint)?;
@@ -633,7 +742,7 @@ fn prefetch_facts(
     super::cooldown::prefetch(c, &cand.playbook, &cand.cooldown_key, cand.cooldown_ms, now)?;
     super::breaker::prefetch(c, &cand.playbook, target, limits, now)?;
     if run_id {
-        c.prefetch(NEXT_RUN_ID, &[])?;
+        c.prefetch_on(NEXT_RUN_ID, &[], Keys::Only(Vec::new()))?;
     }
     if let Ok(plan) = &cand.plan
         && start.left > 0
@@ -641,9 +750,14 @@ fn prefetch_facts(
         && plan.concurrency == 0
     {
         // The target's try-lock is taken here even when the rules stop before asking: a
-        // lock held a little longer than needed, never one missing.
-        c.prefetch(super::queue::TRY_LOCK_TARGET, &[&plan.target])?;
-        c.prefetch(
+        // lock held a little longer than needed, never one missing. Its answer stands: a lock
+        // taken is not undone by a write.
+        c.prefetch_on(
+            super::queue::TRY_LOCK_TARGET,
+            &[&plan.target],
+            Keys::Only(Vec::new()),
+        )?;
+        c.prefetch_on(
             MAY_START,
             &[
                 &plan.target,
@@ -651,6 +765,7 @@ fn prefetch_facts(
                 &cand.playbook,
                 &a.fingerprint,
             ],
+            part::occurrence_on(&cand.playbook, &a.fingerprint, &plan.target),
         )?;
     }
     Ok(())
@@ -847,17 +962,25 @@ impl Store {
         } else {
             Vec::new()
         };
+        let starter = move || Starter {
+            left: start.slots,
+            owner: owner.clone(),
+            received_us: 0,
+            max_per_target: start.max_per_target,
+            started: Vec::new(),
+        };
+        let prepared = std::sync::Arc::new(prepared);
+        let (sent, first) = (prepared.clone(), starter.clone());
+        let ahead = move |c: &Db| {
+            let start = first();
+            (sent.iter())
+                .try_for_each(|(item, json)| send_ahead(c, item, json, now, limits, &start))
+        };
         let (outcomes, started) = self
-            .write_locked(locks, move |c| {
-                let mut starter = Starter {
-                    left: start.slots,
-                    owner: owner.clone(),
-                    received_us: 0,
-                    max_per_target: start.max_per_target,
-                    started: Vec::new(),
-                };
+            .write_ahead(locks, ahead, move |c| {
+                let mut starter = starter();
                 let mut all = Vec::with_capacity(prepared.len());
-                for (item, json) in &prepared {
+                for (item, json) in prepared.iter() {
                     if let Some(id) = item.deferred
                         && !super::deferred::take(c, id)?
                     {

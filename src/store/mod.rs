@@ -47,7 +47,7 @@ pub use states::{ApprovalState, RunState, StepState};
 pub use switches::*;
 pub use views::{AlertView, RunFilter, RunView};
 
-pub use db::Db;
+pub use db::{Db, Keys};
 use rusqlite::{Connection, TransactionBehavior};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -236,8 +236,13 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
 /// A write for the writer: what it runs, and the locks it needs (see [`Store::write_locked`]).
 struct Job {
     locks: Vec<String>,
+    /// Sends reads ahead of the batch's writes (see [`Store::write_ahead`]).
+    ahead: Option<Box<Ahead>>,
     body: Box<dyn Body>,
 }
+
+/// What a write sends ahead: statements queued, none waited for.
+type Ahead = dyn FnMut(&Db) -> Result<(), StoreError> + Send;
 
 /// A write queued for the writer: run in a batch (perhaps twice, see [`PgCommitter`]), then
 /// answered once the batch has committed or failed.
@@ -322,6 +327,7 @@ fn run_jobs(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreErr
         if !ok {
             db.exec("ROLLBACK TO SAVEPOINT job", &[])?;
             db.drop_audit_after(mark);
+            db.forget_answers();
         }
         if isolated {
             db.later("RELEASE SAVEPOINT job", &[])?;
@@ -389,7 +395,9 @@ impl Committer for LiteCommitter {
         let tx = (self.conn)
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| e.to_string())?;
-        // Savepoints cost SQLite next to nothing: every job in its own.
+        // Savepoints cost SQLite next to nothing: every job in its own. In the order of
+        // PostgreSQL's batches: the jobs that send reads ahead last (see `pg::attempt`).
+        batch.sort_by_key(|j| j.ahead.is_some());
         run_jobs(&Db::Lite(&tx), batch, true).map_err(|e| e.to_string())?;
         tx.commit().map_err(|e| e.to_string())
     }
@@ -966,6 +974,38 @@ impl Store {
         R: Send + 'static,
         F: FnMut(&Db) -> Result<R, StoreError> + Send + 'static,
     {
+        self.send_job(locks, None, f).await
+    }
+
+    /// As [`Store::write_locked`], with `ahead` run first on PostgreSQL: before any write of
+    /// the batch, every job's `ahead` queues the reads (and inserts whose answer stands) that
+    /// its write will ask, so that the batch's first round trip carries them all. `f` must
+    /// come to the same answers whether `ahead` ran or not (it does not when the batch is run
+    /// again job by job, see [`pg::PgCommitter`]).
+    pub(super) async fn write_ahead<R, A, F>(
+        &self,
+        locks: Vec<String>,
+        ahead: A,
+        f: F,
+    ) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        A: FnMut(&Db) -> Result<(), StoreError> + Send + 'static,
+        F: FnMut(&Db) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.send_job(locks, Some(Box::new(ahead)), f).await
+    }
+
+    async fn send_job<R, F>(
+        &self,
+        locks: Vec<String>,
+        ahead: Option<Box<Ahead>>,
+        f: F,
+    ) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnMut(&Db) -> Result<R, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let body = Box::new(Write {
             f,
@@ -974,7 +1014,7 @@ impl Store {
         });
         self.inner
             .jobs
-            .send(Job { locks, body })
+            .send(Job { locks, ahead, body })
             .await
             .map_err(|_| StoreError::Closed)?;
         // No answer: the writer is gone (shutdown) with the write still queued.

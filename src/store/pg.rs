@@ -388,6 +388,7 @@ impl Committer for PgCommitter {
         let conn = self.conn.as_mut().expect("connected above");
         let before = conn.traffic();
         let db = Db::Pg(RefCell::new(conn));
+        batch.sort_by_key(|j| j.ahead.is_some());
         let compact = self.compacted.elapsed() >= COMPACT_EVERY;
         let mut done = attempt(&db, batch, false, compact);
         if matches!(done, Ok(false)) {
@@ -420,10 +421,36 @@ fn attempt(db: &Db, batch: &mut [Job], isolated: bool, compact: bool) -> Result<
         c.wake = false;
         c.later_failed = false;
         c.audit.clear();
+        c.forget();
     }
     db.later("BEGIN", &[])?;
     take_locks(db, batch)?;
-    if !run_jobs(db, batch, isolated)? {
+    // The jobs that send reads ahead come last (`commit` put them there): the others' writes
+    // first, then every read sent ahead, after those writes and before any of their own, so
+    // that the batch's first round trip carries them all. The batch is run again job by job
+    // without sending ahead. (Jobs of one batch were sent at once: any order is theirs.)
+    let split = match isolated {
+        true => batch.len(),
+        false => (batch.iter())
+            .position(|j| j.ahead.is_some())
+            .unwrap_or(batch.len()),
+    };
+    let (plain, ahead) = batch.split_at_mut(split);
+    if !run_jobs(db, plain, isolated)? {
+        return Ok(false);
+    }
+    for job in ahead.iter_mut() {
+        // One that cannot be sent fails its job when it runs: the batch goes job by job.
+        if let Some(send) = &mut job.ahead
+            && send(db).is_err()
+        {
+            return Ok(false);
+        }
+    }
+    if let Db::Pg(c) = db {
+        c.borrow_mut().sent_ahead();
+    }
+    if !run_jobs(db, ahead, isolated)? {
         return Ok(false);
     }
     if compact {
@@ -481,6 +508,7 @@ fn take_locks(db: &Db, batch: &[super::Job]) -> Result<(), StoreError> {
         "SELECT count(pg_advisory_xact_lock(k)) FROM
            (SELECT DISTINCT hashtextextended(n, 0) AS k FROM unnest($1::text[]) n ORDER BY k) s",
         &[&names],
+        super::Keys::Any,
     )
 }
 

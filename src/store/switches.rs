@@ -68,7 +68,8 @@ const ENGAGED: &str = "SELECT scope, actor, reason FROM switches
 
 /// Sends [`engaged_reason`]'s read ahead (see [`Db::prefetch`]).
 pub(super) fn prefetch(c: &Db, playbook: &str, now: i64) -> Result<(), StoreError> {
-    c.prefetch(ENGAGED, &[&playbook, &now])
+    let depends = super::Keys::Only(vec![super::intake::part::SWITCHES.into()]);
+    c.prefetch_on(ENGAGED, &[&playbook, &now], depends)
 }
 
 pub(super) fn engaged_reason(

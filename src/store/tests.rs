@@ -2151,3 +2151,132 @@ async fn one_alert_alone_costs_few_round_trips_on_postgres() {
         "run end: {trips:?} round trips, {statements:?} statements"
     );
 }
+
+// A batch's alerts are decided as if one after the other, though on PostgreSQL their reads
+// go out together ahead of every write (one round trip for the batch): an alert's answers
+// are read again where an alert before it in the batch recorded a run for the same
+// occurrence, target or cooldown key.
+on_both_backends! {
+async fn alerts_of_one_batch_see_the_runs_recorded_before_them_in_it(db: TestDb) {
+    let store = db.open().await;
+    let none = BreakerLimits::default();
+    let start = StartNow {
+        slots: 1,
+        max_per_target: 1,
+    };
+    let hour = 3_600_000;
+    let jobs = [
+        ("a", "p", "t1", 0, ""),
+        ("a", "p", "t1", 0, ""),     // the same occurrence: a duplicate
+        ("b", "p", "t1", 0, ""),     // the same target, full: queued
+        ("c", "p", "t2", hour, "k"), // started, its cooldown begins
+        ("d", "p", "t3", hour, "k"), // the same cooldown key: held
+        ("e", "q", "t4", 0, ""),
+        ("f", "q", "t5", 0, ""),
+        ("g", "q", "t6", 0, ""),
+    ];
+    let intake = |(instance, playbook, target, cooldown_ms, key): (&str, &str, &str, i64, &str)| {
+        let store = store.clone();
+        let item = IntakeItem {
+            deferred: None,
+            alert: alert(instance),
+            received_us: 0,
+            candidates: vec![candidate(playbook, target, cooldown_ms, key)],
+        };
+        tokio::spawn(async move { store.record_and_start(vec![item], none, start).await })
+    };
+    // Warm: every statement prepared, so that the batch's round trips are its own.
+    for i in 0..2 {
+        intake((&format!("warm{i}"), "w", &format!("w{i}"), hour, "w"))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // What holding the writer costs alone.
+    let before = store.write_counts();
+    let (blocker, release) = hold_writer(&store).await;
+    drop(release);
+    blocker.await.unwrap().unwrap();
+    let hold = store.write_counts().round_trips - before.round_trips;
+    // The jobs in one batch: their results, and its round trips.
+    let batch = async |jobs: &[(&str, &str, &str, i64, &str)]| {
+        let before = store.write_counts();
+        let (blocker, release) = hold_writer(&store).await;
+        let pending: Vec<_> = jobs.iter().copied().map(intake).collect();
+        while store.queued_writes() < jobs.len() {
+            tokio::task::yield_now().await;
+        }
+        drop(release);
+        blocker.await.unwrap().unwrap();
+        let mut recorded = Vec::new();
+        for p in pending {
+            recorded.push(p.await.unwrap().unwrap());
+        }
+        let after = store.write_counts();
+        assert_eq!(after.commits - before.commits, 2, "the held write, then one batch");
+        (recorded, after.round_trips - before.round_trips - hold)
+    };
+
+    let (recorded, trips) = batch(&jobs).await;
+    let outcome = |i: usize| &recorded[i].outcomes[0][0];
+    let started = |i: usize| recorded[i].started.len();
+    assert!(matches!(outcome(0), Outcome::Created { .. }) && started(0) == 1, "{:?}", outcome(0));
+    assert!(
+        matches!(outcome(1), Outcome::Deduplicated { run_id, .. } if *run_id == outcome(0).run_id()),
+        "{:?}",
+        outcome(1)
+    );
+    assert!(matches!(outcome(2), Outcome::Created { .. }), "{:?}", outcome(2));
+    assert_eq!(started(2), 0, "t1 has a run executing: the second waits");
+    assert!(matches!(outcome(3), Outcome::Created { .. }) && started(3) == 1, "{:?}", outcome(3));
+    assert_eq!(cause(outcome(4)), Some(Hold::Cooldown), "{:?}", outcome(4));
+    for i in 5..8 {
+        assert!(matches!(outcome(i), Outcome::Created { .. }) && started(i) == 1, "{:?}", outcome(i));
+    }
+    let distinct: Vec<_> = (0..8)
+        .map(|i| (format!("x{i}"), format!("x{i}")))
+        .collect();
+    let distinct: Vec<_> = (distinct.iter())
+        .map(|(instance, target)| (instance.as_str(), "r", target.as_str(), hour, instance.as_str()))
+        .collect();
+    let (recorded, distinct_trips) = batch(&distinct).await;
+    assert!(recorded.iter().all(|r| r.started.len() == 1));
+
+    // A run's end in the batch (a write of anything), though sent after the alerts, goes
+    // before their reads: the alert for its target finds the room it left.
+    let ended = recorded[0].started[0].id;
+    let before = store.write_counts();
+    let (blocker, release) = hold_writer(&store).await;
+    let again = intake(("y0", "r", "x0", 0, ""));
+    let other = intake(("y1", "r", "y1", 0, ""));
+    while store.queued_writes() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let s = store.clone();
+    let end = tokio::spawn(async move {
+        s.run_finished(ended, RunState::Succeeded, None, None, none, false)
+            .await
+    });
+    while store.queued_writes() < 3 {
+        tokio::task::yield_now().await;
+    }
+    drop(release);
+    blocker.await.unwrap().unwrap();
+    end.await.unwrap().unwrap();
+    let (again, other) = (again.await.unwrap().unwrap(), other.await.unwrap().unwrap());
+    let after = store.write_counts();
+    assert_eq!(after.commits - before.commits, 2, "the held write, then one batch");
+    assert_eq!(again.started.len(), 1, "x0's run ended in the same batch");
+    assert_eq!(other.started.len(), 1);
+    let ended_trips = after.round_trips - before.round_trips - hold;
+
+    if store.path().is_none() {
+        // Job by job it was a round trip an alert, then the commit's. Now: the batch's (every
+        // alert's insert and reads), one for each of the three alerts whose answers an earlier
+        // one changed, the audit head's, the commit's.
+        assert!(trips <= 6, "{trips} round trips for the batch of {} alerts", jobs.len());
+        assert!(distinct_trips <= 3, "{distinct_trips} round trips for 8 distinct alerts");
+        assert!(ended_trips <= 3, "{ended_trips} round trips for an end and 2 alerts");
+    }
+}
+}
