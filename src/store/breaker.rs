@@ -112,6 +112,11 @@ fn table(l: BreakerLimits) -> impl Iterator<Item = (Limit, u32)> {
     .filter(|(_, max)| *max > 0)
 }
 
+/// Whether intake counts runs for these limits (and so reads what every run recorded changes).
+pub(super) fn counts_runs(l: BreakerLimits) -> bool {
+    table(l).next().is_some()
+}
+
 /// When a person last released the global switch (0: never). A release starts a new window,
 /// so the runs and failures that tripped the breaker do not trip it again at the next one:
 /// every limit counts from the later of this and the window's start by the clock (`?1`).

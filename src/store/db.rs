@@ -250,8 +250,7 @@ impl PgConn {
         self.ahead_at = 0;
     }
 
-    /// Marks the batch's reads sent ahead ([`Db::overtaken`] tells whether a write of
-    /// anything came since).
+    /// Marks the batch's reads sent ahead ([`Db::overtaken`] tells what was written since).
     pub(super) fn sent_ahead(&mut self) {
         self.ahead_at = self.writes.count;
     }
@@ -602,14 +601,14 @@ impl Db<'_> {
         }
     }
 
-    /// Whether a write of anything ([`Keys::Any`]) came after the batch's reads were sent
-    /// ahead: then none of them stands but those that depend on nothing.
-    pub fn overtaken(&self) -> bool {
+    /// Whether a write since the batch's reads were sent ahead changed what `depends` names
+    /// (PostgreSQL; never on SQLite).
+    pub fn overtaken(&self, depends: &Keys) -> bool {
         match self {
             Db::Lite(_) => false,
             Db::Pg(c) => {
                 let c = c.borrow();
-                c.writes.anything > c.ahead_at
+                !c.writes.stand(depends, c.ahead_at)
             }
         }
     }

@@ -190,15 +190,17 @@ fn insert_alert(
     now: i64,
     received_us: i64,
     ahead: impl FnOnce() -> Result<(), StoreError>,
+    depends: impl FnOnce() -> Keys,
 ) -> Result<(i64, Option<i64>), StoreError> {
     let params = alert_params(a, json, &now, &received_us);
     if c.is_pg() {
         // Sent already with the batch's first round trip ([`send_ahead`]), or now with the
-        // reads. Reads sent ahead that a write of anything overtook go again, together.
+        // reads. When an earlier alert of the batch wrote what those reads depend on, they go
+        // again, together (one round trip, not one a read).
         if !c.sent_ahead(&ALERT_RETURNING, &params)? {
             c.prefetch_on(&ALERT_RETURNING, &params, Keys::Only(Vec::new()))?;
             ahead()?;
-        } else if c.overtaken() {
+        } else if c.overtaken(&depends()) {
             ahead()?;
         }
         // An insert's own answer stands whatever is written after it: taken, never run twice.
@@ -239,8 +241,10 @@ fn alert_params<'a>(
 /// Sends an alert's insert and the reads its first playbook's rules will ask ahead of every
 /// write of the batch (PostgreSQL): a batch's alerts then go out in one round trip, and each
 /// alert's answers stand unless an alert before it in the batch wrote what they depend on
-/// ([`part`]), when that read is asked again. A deferred alert is not sent ahead: it is taken
-/// first, and perhaps not recorded at all.
+/// ([`part`]), when its reads go again. A deferred alert is not sent ahead: it is taken
+/// first, and perhaps not recorded at all. Nothing is sent ahead while the breaker counts
+/// runs: every run recorded changes every later alert's counts, the costliest reads, which
+/// would go twice.
 fn send_ahead(
     c: &Db,
     item: &IntakeItem,
@@ -249,7 +253,7 @@ fn send_ahead(
     limits: BreakerLimits,
     start: &Starter,
 ) -> Result<(), StoreError> {
-    if item.deferred.is_some() {
+    if item.deferred.is_some() || super::breaker::counts_runs(limits) {
         return Ok(());
     }
     let params = alert_params(&item.alert, json, &now, &item.received_us);
@@ -317,6 +321,29 @@ pub(super) mod part {
         ];
         if !key.is_empty() {
             parts.push(cooldown_part(playbook, key));
+        }
+        Keys::Only(parts)
+    }
+
+    /// What an alert's reads for a playbook's rules depend on, together (each read names its
+    /// own): `counted`, whether the breaker counts runs.
+    pub(in crate::store) fn facts(
+        playbook: &str,
+        fingerprint: &str,
+        target: &str,
+        key: &str,
+        counted: bool,
+    ) -> Keys {
+        let mut parts = vec![
+            occurrence_part(playbook, fingerprint),
+            target_part(target),
+            SWITCHES.to_string(),
+        ];
+        if !key.is_empty() {
+            parts.push(cooldown_part(playbook, key));
+        }
+        if counted {
+            parts.push(RUNS.to_string());
         }
         Keys::Only(parts)
     }
@@ -771,6 +798,18 @@ fn prefetch_facts(
     Ok(())
 }
 
+/// What [`prefetch_facts`]' reads depend on, together.
+fn facts_depend(a: &Alert, cand: &Candidate, limits: BreakerLimits) -> Keys {
+    let target = cand.plan.as_ref().map_or("", |p| p.target.as_str());
+    let key = if cand.cooldown_ms > 0 {
+        cand.cooldown_key.as_str()
+    } else {
+        ""
+    };
+    let counted = super::breaker::counts_runs(limits);
+    part::facts(&cand.playbook, &a.fingerprint, target, key, counted)
+}
+
 /// Whether a run may start now on its target: room on it, no older run waiting for it, and
 /// none of the playbook executing for the same alert.
 const MAY_START: &str =
@@ -990,12 +1029,18 @@ impl Store {
                     }
                     starter.received_us = item.received_us;
                     let first = item.candidates.first();
+                    let facts = || {
+                        first.map_or(Ok(()), |cand| {
+                            prefetch_facts(c, &item.alert, limits, now, cand, &starter, false)
+                        })
+                    };
+                    let depends = || {
+                        first.map_or(Keys::Only(Vec::new()), |cand| {
+                            facts_depend(&item.alert, cand, limits)
+                        })
+                    };
                     let (alert_id, run_id) =
-                        insert_alert(c, &item.alert, json, now, item.received_us, || {
-                            first.map_or(Ok(()), |cand| {
-                                prefetch_facts(c, &item.alert, limits, now, cand, &starter, false)
-                            })
-                        })?;
+                        insert_alert(c, &item.alert, json, now, item.received_us, facts, depends)?;
                     let at = At {
                         alert: &item.alert,
                         alert_id,

@@ -2270,6 +2270,49 @@ async fn alerts_of_one_batch_see_the_runs_recorded_before_them_in_it(db: TestDb)
     assert_eq!(other.started.len(), 1);
     let ended_trips = after.round_trips - before.round_trips - hold;
 
+    // With the breaker counting runs, every run recorded changes every later alert's counts:
+    // nothing is sent ahead, each alert's reads go after the runs recorded before it (one
+    // round trip each, as before), and the limit holds exactly.
+    let limits = BreakerLimits {
+        window_ms: hour,
+        max_runs: 1000,
+        max_runs_per_playbook: 3,
+        max_targets: 1000,
+        ..Default::default()
+    };
+    let counted = |i: usize, playbook: &str| {
+        let store = store.clone();
+        let item = IntakeItem {
+            deferred: None,
+            alert: alert(&format!("z{i}")),
+            received_us: 0,
+            candidates: vec![candidate(playbook, &format!("z{i}"), 0, "")],
+        };
+        tokio::spawn(async move { store.record_and_start(vec![item], limits, start).await })
+    };
+    // Warm: the count's statement prepared.
+    counted(9, "b0").await.unwrap().unwrap();
+    let before = store.write_counts();
+    let (blocker, release) = hold_writer(&store).await;
+    let counted: Vec<_> = (0..5).map(|i| counted(i, "b")).collect();
+    while store.queued_writes() < 5 {
+        tokio::task::yield_now().await;
+    }
+    drop(release);
+    blocker.await.unwrap().unwrap();
+    let mut outcomes = Vec::new();
+    for c in counted {
+        outcomes.push(c.await.unwrap().unwrap().outcomes.remove(0).remove(0));
+    }
+    let after = store.write_counts();
+    assert_eq!(after.commits - before.commits, 2, "the held write, then one batch");
+    let created = (outcomes.iter())
+        .filter(|o| matches!(o, Outcome::Created { .. }))
+        .count();
+    assert_eq!(created, 3, "{outcomes:?}");
+    assert_eq!(cause(&outcomes[3]), Some(Hold::Breaker), "{outcomes:?}");
+    let counted_trips = after.round_trips - before.round_trips - hold;
+
     if store.path().is_none() {
         // Job by job it was a round trip an alert, then the commit's. Now: the batch's (every
         // alert's insert and reads), one for each of the three alerts whose answers an earlier
@@ -2277,6 +2320,9 @@ async fn alerts_of_one_batch_see_the_runs_recorded_before_them_in_it(db: TestDb)
         assert!(trips <= 6, "{trips} round trips for the batch of {} alerts", jobs.len());
         assert!(distinct_trips <= 3, "{distinct_trips} round trips for 8 distinct alerts");
         assert!(ended_trips <= 3, "{ended_trips} round trips for an end and 2 alerts");
+        // Eight: one for each alert, the audit head's, the commit's, the trip's; and five
+        // preparing the trip's statements on their first use. Not one for each read.
+        assert!(counted_trips <= 13, "{counted_trips} round trips for 5 counted alerts");
     }
 }
 }
