@@ -307,6 +307,17 @@ pub(super) mod part {
     /// The kill switches.
     pub(in crate::store) const SWITCHES: &str = "switches";
 
+    /// A run's occurrence, its target and its cooldown key (`key`, empty for none), with the
+    /// parts named in `more`.
+    fn of_run(playbook: &str, fingerprint: &str, target: &str, key: &str, more: &[&str]) -> Keys {
+        let mut parts = vec![occurrence_part(playbook, fingerprint), target_part(target)];
+        if !key.is_empty() {
+            parts.push(cooldown_part(playbook, key));
+        }
+        parts.extend(more.iter().map(|p| p.to_string()));
+        Keys::Only(parts)
+    }
+
     /// What recording a run changes (`key`: its cooldown key, empty for none).
     pub(in crate::store) fn run(
         playbook: &str,
@@ -314,15 +325,7 @@ pub(super) mod part {
         target: &str,
         key: &str,
     ) -> Keys {
-        let mut parts = vec![
-            occurrence_part(playbook, fingerprint),
-            target_part(target),
-            RUNS.to_string(),
-        ];
-        if !key.is_empty() {
-            parts.push(cooldown_part(playbook, key));
-        }
-        Keys::Only(parts)
+        of_run(playbook, fingerprint, target, key, &[RUNS])
     }
 
     /// What an alert's reads for a playbook's rules depend on, together (each read names its
@@ -334,18 +337,12 @@ pub(super) mod part {
         key: &str,
         counted: bool,
     ) -> Keys {
-        let mut parts = vec![
-            occurrence_part(playbook, fingerprint),
-            target_part(target),
-            SWITCHES.to_string(),
-        ];
-        if !key.is_empty() {
-            parts.push(cooldown_part(playbook, key));
-        }
-        if counted {
-            parts.push(RUNS.to_string());
-        }
-        Keys::Only(parts)
+        let more: &[&str] = if counted {
+            &[SWITCHES, RUNS]
+        } else {
+            &[SWITCHES]
+        };
+        of_run(playbook, fingerprint, target, key, more)
     }
 }
 
