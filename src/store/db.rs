@@ -78,8 +78,10 @@ pub struct PgConn {
     prefetched: HashMap<ReadKey, Vec<Answer>>,
     /// The writes of this transaction so far, for telling whether an answer still stands.
     writes: Writes,
-    /// The writes before the batch's reads were sent ahead ([`PgConn::sent_ahead`]).
+    /// The writes before the batch's reads were sent ahead ([`PgConn::sent_ahead`]), and
+    /// whether any were.
     ahead_at: u64,
+    ahead_sent: bool,
     /// A queued statement failed: the transaction is lost, whatever the statement that
     /// flushed it (the writer fails the whole batch).
     pub(super) later_failed: bool,
@@ -198,6 +200,7 @@ impl PgConn {
             prefetched: HashMap::new(),
             writes: Writes::default(),
             ahead_at: 0,
+            ahead_sent: false,
             later_failed: false,
             trips: 0,
             sent: 0,
@@ -248,11 +251,14 @@ impl PgConn {
         self.prefetched.clear();
         self.writes = Writes::default();
         self.ahead_at = 0;
+        self.ahead_sent = false;
     }
 
     /// Marks the batch's reads sent ahead ([`Db::overtaken`] tells what was written since).
     pub(super) fn sent_ahead(&mut self) {
         self.ahead_at = self.writes.count;
+        // Nothing is answered yet: what was sent ahead is still queued.
+        self.ahead_sent = self.queued.iter().any(|q| q.read.is_some());
     }
 
     /// Queues a write that may change `keys`, its parameters encoded now (see [`Db::later`]).
@@ -301,6 +307,10 @@ impl PgConn {
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
     ) -> Result<bool, StoreError> {
+        if !self.ahead_sent {
+            // Nothing sent ahead in this transaction: no need to encode the parameters to say so.
+            return Ok(false);
+        }
         let (_, encoded) = self.encode(sql, params)?;
         let queued =
             (self.queued.iter()).any(|q| q.read.as_deref() == Some(sql) && q.params == encoded);

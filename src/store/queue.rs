@@ -34,16 +34,13 @@ pub struct StepResult {
     pub error: Option<String>,
 }
 
-/// A step's result: its run, index, state, end time, output and error (`?1` to `?6`).
-pub(super) const STEP_RESULT: &str = "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2";
-
 /// Writes a step's result and puts the executor action on the audit log: `step.<action>` by
 /// `reflex`, on `run/<id> step/<idx> target/<target>`.
 pub(super) fn record_step(c: &Db, r: &StepResult, now: i64) -> Result<(), StoreError> {
     let output = r.output.as_ref().map(json_text);
     let s = &r.step;
     c.later(
-        STEP_RESULT,
+        "UPDATE steps SET state = ?3, finished_at = ?4, output = ?5, error = ?6 WHERE run_id = ?1 AND idx = ?2",
         &[
             &s.run_id,
             &s.idx,
