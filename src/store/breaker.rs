@@ -148,7 +148,8 @@ const RUNS_ON_TARGET: &str = concat!(
 );
 const TARGETS: &str = concat!("SELECT count(DISTINCT target) FROM runs WHERE ", live!());
 
-/// Sends [`breaker_trip`]'s reads ahead (see [`Db::prefetch`]).
+/// Sends [`breaker_trip`]'s counts ahead (see [`Db::prefetch_count`]): each once a batch,
+/// answered for every alert of it, with the runs recorded since folded in ([`count`]).
 pub(super) fn prefetch(
     c: &Db,
     playbook: &str,
@@ -157,22 +158,93 @@ pub(super) fn prefetch(
     now: i64,
 ) -> Result<(), StoreError> {
     let since = now - l.window_ms;
-    // Every count changes with every run recorded.
-    let runs = || Keys::Only(vec![super::intake::part::RUNS.into()]);
     for (limit, _) in table(l) {
         match limit {
-            Limit::Runs => c.prefetch_on(RUNS, &[&since], runs())?,
+            Limit::Runs => c.prefetch_count(RUNS, &[&since], depends())?,
             Limit::RunsPerPlaybook => {
-                c.prefetch_on(RUNS_OF_PLAYBOOK, &[&since, &playbook], runs())?
+                c.prefetch_count(RUNS_OF_PLAYBOOK, &[&since, &playbook], depends())?
             }
             Limit::Targets => {
-                c.prefetch_on(RUNS_ON_TARGET, &[&since, &target], runs())?;
-                c.prefetch_on(TARGETS, &[&since], runs())?;
+                c.prefetch_count(RUNS_ON_TARGET, &[&since, &target], depends())?;
+                c.prefetch_count(TARGETS, &[&since], depends())?;
             }
             Limit::Failures | Limit::Refusals => {}
         }
     }
     Ok(())
+}
+
+/// What a count depends on besides the runs (which [`count`] folds in): a release of the
+/// global switch starts a new window.
+fn depends() -> Keys {
+    Keys::Only(vec![super::intake::part::SWITCHES.into()])
+}
+
+/// A run that counts ([`live!`]) recorded in this transaction (PostgreSQL): what the counts
+/// sent ahead of it did not see.
+pub(super) struct Counted {
+    /// Writes of the transaction up to and including its insert.
+    at: u64,
+    playbook: String,
+    target: String,
+    /// No run counted on its target before it in the window: the distinct targets grew.
+    new_target: bool,
+}
+
+/// A count of the window as of now in this transaction: the database's, perhaps read ahead
+/// of some runs this transaction recorded since, with those that `matches` folded in.
+fn count(
+    c: &Db,
+    sql: &str,
+    p: &[&dyn Param],
+    matches: impl Fn(&Counted) -> bool,
+) -> Result<u32, StoreError> {
+    let (n, seen) = c.count(sql, p, depends())?;
+    let since = match c {
+        Db::Pg(conn) => (conn.borrow().counted.iter())
+            .filter(|r| r.at > seen && matches(r))
+            .count(),
+        Db::Lite(_) => 0,
+    };
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    Ok(n.saturating_add(u32::try_from(since).unwrap_or(u32::MAX)))
+}
+
+/// Runs that count on `target` in the window.
+fn on_target(c: &Db, since: i64, target: &str) -> Result<u32, StoreError> {
+    count(c, RUNS_ON_TARGET, &[&since, &target], |r| {
+        r.target == target
+    })
+}
+
+/// Before a run that counts is recorded (PostgreSQL, while the breaker counts runs): what
+/// [`recorded`] notes once it is.
+pub(super) fn counting(
+    c: &Db,
+    playbook: &str,
+    target: &str,
+    l: BreakerLimits,
+    now: i64,
+) -> Result<Option<Counted>, StoreError> {
+    if !c.is_pg() || !counts_runs(l) {
+        return Ok(None);
+    }
+    let new_target = l.max_targets > 0 && on_target(c, now - l.window_ms, target)? == 0;
+    Ok(Some(Counted {
+        at: 0,
+        playbook: playbook.to_string(),
+        target: target.to_string(),
+        new_target,
+    }))
+}
+
+/// Notes a run that counts, just recorded (its insert the last write queued).
+pub(super) fn recorded(c: &Db, mut run: Counted) {
+    if let Db::Pg(conn) = c {
+        let mut conn = conn.borrow_mut();
+        run.at = conn.written();
+        conn.counted.push(run);
+    }
 }
 
 /// Checks the limits on starting one more run (runs, runs per playbook, targets), in that
@@ -189,20 +261,18 @@ pub(super) fn breaker_trip(
         return Ok(None);
     }
     let since = now - l.window_ms;
-    let count = |sql: &str, p: &[&dyn Param]| -> Result<u32, StoreError> {
-        let n: i64 = c.one(sql, p, |r| r.get(0))?;
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
-    };
     for (limit, max) in table(l) {
         let n = match limit {
-            Limit::Runs => count(RUNS, &[&since])?,
-            Limit::RunsPerPlaybook => count(RUNS_OF_PLAYBOOK, &[&since, &playbook])?,
+            Limit::Runs => count(c, RUNS, &[&since], |_| true)?,
+            Limit::RunsPerPlaybook => count(c, RUNS_OF_PLAYBOOK, &[&since, &playbook], |r| {
+                r.playbook == playbook
+            })?,
             Limit::Targets => {
                 // A target already acted on in the window adds none.
-                if count(RUNS_ON_TARGET, &[&since, &target])? > 0 {
+                if on_target(c, since, target)? > 0 {
                     continue;
                 }
-                count(TARGETS, &[&since])?
+                count(c, TARGETS, &[&since], |r| r.new_target)?
             }
             Limit::Failures | Limit::Refusals => continue,
         };

@@ -59,6 +59,13 @@ struct Answer {
     after: u64,
 }
 
+/// A count sent ahead ([`Db::prefetch_count`]): unlike other answers, taken by every asker.
+struct Count {
+    value: i64,
+    depends: Keys,
+    after: u64,
+}
+
 /// A PostgreSQL connection and the statements prepared on it (each once per connection).
 ///
 /// The client is tokio-postgres on a runtime of the connection's own (as the blocking
@@ -76,6 +83,14 @@ pub struct PgConn {
     /// Answers of reads sent ahead, each taken once, as long as no write since changed what
     /// it depends on; cleared with the transaction.
     prefetched: HashMap<ReadKey, Vec<Answer>>,
+    /// Counts sent ahead ([`Db::prefetch_count`]), each standing for every asker while nothing
+    /// it depends on is written; cleared with the transaction.
+    counts: HashMap<ReadKey, Count>,
+    /// Runs this transaction recorded that the breaker counts, in order (see
+    /// `breaker::count`); cleared with the answers.
+    pub(super) counted: Vec<super::breaker::Counted>,
+    /// The time of the batch this connection runs, by the store's clock (set by the writer).
+    pub(super) batch_ms: Option<i64>,
     /// The writes of this transaction so far, for telling whether an answer still stands.
     writes: Writes,
     /// The writes before the batch's reads were sent ahead ([`PgConn::sent_ahead`]), and
@@ -146,6 +161,8 @@ struct Queued {
     params: Vec<Encoded>,
     /// The read's text, when it is one sent ahead.
     read: Option<Arc<str>>,
+    /// The read is a count ([`Db::prefetch_count`]).
+    count: bool,
     keys: Keys,
     /// Writes queued before it.
     after: u64,
@@ -198,6 +215,9 @@ impl PgConn {
             statements: HashMap::new(),
             queued: Vec::new(),
             prefetched: HashMap::new(),
+            counts: HashMap::new(),
+            counted: Vec::new(),
+            batch_ms: None,
             writes: Writes::default(),
             ahead_at: 0,
             ahead_sent: false,
@@ -249,6 +269,8 @@ impl PgConn {
     /// or a savepoint was rolled back.
     pub(super) fn forget(&mut self) {
         self.prefetched.clear();
+        self.counts.clear();
+        self.counted.clear();
         self.writes = Writes::default();
         self.ahead_at = 0;
         self.ahead_sent = false;
@@ -275,10 +297,16 @@ impl PgConn {
             statement,
             params,
             read: None,
+            count: false,
             keys,
             after,
         });
         Ok(())
+    }
+
+    /// Writes queued in this transaction so far.
+    pub(super) fn written(&self) -> u64 {
+        self.writes.count
     }
 
     /// Queues a read that depends on `depends`, whose answer a later [`PgConn::query`] of the
@@ -294,10 +322,78 @@ impl PgConn {
             statement,
             params,
             read: Some(Arc::from(sql)),
+            count: false,
             keys: depends,
             after: self.writes.count,
         });
         Ok(())
+    }
+
+    /// Queues a count that depends on `depends` unless one of the same text and parameters
+    /// is queued or stands already (see [`Db::prefetch_count`]).
+    fn prefetch_count(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+        depends: Keys,
+    ) -> Result<(), StoreError> {
+        let (statement, params) = self.encode(sql, params)?;
+        let key = (Arc::from(sql), params);
+        if self.count_queued(&key) || self.standing_count(&key).is_some() {
+            return Ok(());
+        }
+        self.queued.push(Queued {
+            statement,
+            params: key.1,
+            read: Some(key.0),
+            count: true,
+            keys: depends,
+            after: self.writes.count,
+        });
+        Ok(())
+    }
+
+    fn count_queued(&self, key: &ReadKey) -> bool {
+        (self.queued.iter())
+            .any(|q| q.count && q.read.as_ref() == Some(&key.0) && q.params == key.1)
+    }
+
+    /// A count sent ahead that stands, and the writes it saw.
+    fn standing_count(&self, key: &ReadKey) -> Option<(i64, u64)> {
+        let c = self.counts.get(key)?;
+        self.writes
+            .stand(&c.depends, c.after)
+            .then_some((c.value, c.after))
+    }
+
+    /// A count, and how many of this transaction's writes it saw (see [`Db::count`]).
+    fn count(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn postgres::types::ToSql + Sync)],
+        depends: Keys,
+    ) -> Result<(i64, u64), StoreError> {
+        let (_, encoded) = self.encode(sql, params)?;
+        let key = (Arc::from(sql), encoded);
+        if self.count_queued(&key) {
+            self.flush_with(|_| Box::pin(async { Ok(()) }))?;
+        }
+        if let Some(standing) = self.standing_count(&key) {
+            return Ok(standing);
+        }
+        // Asked now, it sees every write queued before it; kept, like one sent ahead.
+        let rows = self.query(sql, params)?;
+        let value = rows.first().ok_or(StoreError::NoRow)?.try_get(0)?;
+        let after = self.writes.count;
+        self.counts.insert(
+            key,
+            Count {
+                value,
+                depends,
+                after,
+            },
+        );
+        Ok((value, after))
     }
 
     /// Whether a read of this text and parameters was sent ahead and its answer stands (or is
@@ -312,8 +408,8 @@ impl PgConn {
             return Ok(false);
         }
         let (_, encoded) = self.encode(sql, params)?;
-        let queued =
-            (self.queued.iter()).any(|q| q.read.as_deref() == Some(sql) && q.params == encoded);
+        let queued = (self.queued.iter())
+            .any(|q| !q.count && q.read.as_deref() == Some(sql) && q.params == encoded);
         let writes = &self.writes;
         Ok(queued
             || (self.prefetched.get(&(Arc::from(sql), encoded)))
@@ -363,7 +459,7 @@ impl PgConn {
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
     ) -> Result<Vec<postgres::Row>, StoreError> {
-        let ahead = |q: &Queued| q.read.as_deref() == Some(sql);
+        let ahead = |q: &Queued| !q.count && q.read.as_deref() == Some(sql);
         if !self.prefetched.is_empty() || self.queued.iter().any(ahead) {
             let (_, encoded) = self.encode(sql, params)?;
             let queued = (self.queued.iter()).any(|q| ahead(q) && q.params == encoded);
@@ -464,7 +560,23 @@ impl PgConn {
         }
         // Every read's answer is kept; whether it still stands is asked when it is taken.
         for (q, rows) in queued.into_iter().zip(answers) {
-            if let (Some(sql), Some(rows)) = (q.read, rows) {
+            let (Some(sql), Some(rows)) = (q.read, rows) else {
+                continue;
+            };
+            if q.count {
+                // One that cannot be read as a count is asked again, and fails then.
+                if let Some(Ok(value)) = rows.first().map(|r| r.try_get(0)) {
+                    let (depends, after) = (q.keys, q.after);
+                    (self.counts).insert(
+                        (sql, q.params),
+                        Count {
+                            value,
+                            depends,
+                            after,
+                        },
+                    );
+                }
+            } else {
                 (self.prefetched.entry((sql, q.params)).or_default()).push(Answer {
                     rows,
                     depends: q.keys,
@@ -597,9 +709,55 @@ impl Db<'_> {
         params: &[&dyn Param],
         depends: Keys,
     ) -> Result<(), StoreError> {
+        self.on_pg(|c| c.prefetch(sql, &pg_params(params), depends))
+    }
+
+    /// Sends a count ahead (PostgreSQL), once a transaction: unlike [`Db::prefetch_on`]'s,
+    /// its answer is kept for every [`Db::count`] of the same text and parameters while
+    /// nothing it depends on is written. Nothing on SQLite.
+    pub fn prefetch_count(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        depends: Keys,
+    ) -> Result<(), StoreError> {
+        self.on_pg(|c| c.prefetch_count(sql, &pg_params(params), depends))
+    }
+
+    /// Runs `f` on PostgreSQL's connection; nothing on SQLite.
+    fn on_pg(
+        &self,
+        f: impl FnOnce(&mut PgConn) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         match self {
             Db::Lite(_) => Ok(()),
-            Db::Pg(c) => c.borrow_mut().prefetch(sql, &pg_params(params), depends),
+            Db::Pg(c) => f(&mut c.borrow_mut()),
+        }
+    }
+
+    /// A count (one row, one `bigint`) and how many of this transaction's writes it saw
+    /// ([`PgConn::written`] then). On PostgreSQL a count is read once a transaction (sent
+    /// ahead, or now) and kept while nothing in `depends` is written: it may have been read
+    /// before some writes, which the caller folds in (those that change the count without
+    /// being what it depends on). On SQLite it is asked every time: it saw every write.
+    pub fn count(
+        &self,
+        sql: &str,
+        params: &[&dyn Param],
+        depends: Keys,
+    ) -> Result<(i64, u64), StoreError> {
+        match self {
+            Db::Lite(_) => Ok((self.one(sql, params, |r| r.get(0))?, 0)),
+            Db::Pg(c) => c.borrow_mut().count(sql, &pg_params(params), depends),
+        }
+    }
+
+    /// The time of the batch this runs in (PostgreSQL, where the writer sets it; `None` on
+    /// SQLite).
+    pub fn batch_ms(&self) -> Option<i64> {
+        match self {
+            Db::Lite(_) => None,
+            Db::Pg(c) => c.borrow().batch_ms,
         }
     }
 

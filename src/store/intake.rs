@@ -242,33 +242,33 @@ fn alert_params<'a>(
 /// write of the batch (PostgreSQL): a batch's alerts then go out in one round trip, and each
 /// alert's answers stand unless an alert before it in the batch wrote what they depend on
 /// ([`part`]), when its reads go again. A deferred alert is not sent ahead: it is taken
-/// first, and perhaps not recorded at all. Nothing is sent ahead while the breaker counts
-/// runs: every run recorded changes every later alert's counts, the costliest reads, which
-/// would go twice.
+/// first, and perhaps not recorded at all. The breaker's counts go once for the batch: the
+/// runs recorded after them are folded in (see `breaker::count`).
 fn send_ahead(
     c: &Db,
     item: &IntakeItem,
     json: &Json,
     now: i64,
-    limits: BreakerLimits,
+    counted: BreakerLimits,
     start: &Starter,
 ) -> Result<(), StoreError> {
-    if item.deferred.is_some() || super::breaker::counts_runs(limits) {
+    if item.deferred.is_some() {
         return Ok(());
     }
     let params = alert_params(&item.alert, json, &now, &item.received_us);
     c.prefetch_on(&ALERT_RETURNING, &params, Keys::Only(Vec::new()))?;
     match item.candidates.first() {
-        Some(cand) => prefetch_facts(c, &item.alert, limits, now, cand, start, false),
+        Some(cand) => prefetch_facts(c, &item.alert, counted, now, cand, start, false),
         None => Ok(()),
     }
 }
 
 /// The parts of the data that intake's reads depend on and its writes change ([`Keys`]): a
 /// read sent ahead for one alert of a batch stands after another alert's writes unless they
-/// share one. A run recorded changes its occurrence, its target, its cooldown key and the
-/// count of runs; anything else intake writes (a coalesced run refreshed, runs ended for a
-/// resolved alert, a deferred alert taken, the breaker tripping) changes anything.
+/// share one. A run recorded changes its occurrence, its target and its cooldown key (and the
+/// breaker's counts, which fold it in: see `breaker::count`); anything else intake writes (a
+/// coalesced run refreshed, runs ended for a resolved alert, a deferred alert taken, the
+/// breaker tripping) changes anything.
 pub(super) mod part {
     use super::Keys;
 
@@ -302,8 +302,6 @@ pub(super) mod part {
         Keys::Only(vec![cooldown_part(playbook, key)])
     }
 
-    /// The count of runs (every limit of the breaker).
-    pub(in crate::store) const RUNS: &str = "runs";
     /// The kill switches.
     pub(in crate::store) const SWITCHES: &str = "switches";
 
@@ -325,24 +323,18 @@ pub(super) mod part {
         target: &str,
         key: &str,
     ) -> Keys {
-        of_run(playbook, fingerprint, target, key, &[RUNS])
+        of_run(playbook, fingerprint, target, key, &[])
     }
 
     /// What an alert's reads for a playbook's rules depend on, together (each read names its
-    /// own): `counted`, whether the breaker counts runs.
+    /// own).
     pub(in crate::store) fn facts(
         playbook: &str,
         fingerprint: &str,
         target: &str,
         key: &str,
-        counted: bool,
     ) -> Keys {
-        let more: &[&str] = if counted {
-            &[SWITCHES, RUNS]
-        } else {
-            &[SWITCHES]
-        };
-        of_run(playbook, fingerprint, target, key, more)
+        of_run(playbook, fingerprint, target, key, &[SWITCHES])
     }
 }
 
@@ -351,6 +343,8 @@ struct At<'a> {
     alert: &'a Alert,
     alert_id: i64,
     limits: BreakerLimits,
+    /// The limits whose counts are sent ahead (see [`Store::record_and_start`]).
+    ahead: BreakerLimits,
     now: i64,
     /// A run id taken with the alert's insert (PostgreSQL), for the first run inserted.
     run_id: std::cell::Cell<Option<i64>>,
@@ -435,7 +429,7 @@ fn intake_one(
         prefetch_facts(
             c,
             at.alert,
-            at.limits,
+            at.ahead,
             at.now,
             cand,
             start,
@@ -629,10 +623,17 @@ fn insert_run(
         &id,
     ];
     if let Db::Pg(conn) = c {
+        let counted = match row.state {
+            RunState::Suppressed => None,
+            _ => super::breaker::counting(c, &cand.playbook, row.target, at.limits, now)?,
+        };
         let keys = part::run(&cand.playbook, &a.fingerprint, row.target, cooldown_key);
         match steps {
             None => c.later_on(INSERT_RUN, &params, keys)?,
             Some(steps) => insert_run_and_steps(conn, &params, steps, keys)?,
+        }
+        if let Some(run) = counted {
+            super::breaker::recorded(c, run);
         }
         return Ok(id);
     }
@@ -735,11 +736,12 @@ fn existing_run(c: &Db, playbook: &str, a: &Alert) -> Result<Option<i64>, StoreE
 /// Sends every read the intake rules may ask for about this candidate ahead, together (one
 /// round trip on PostgreSQL, where each would be one; see [`Db::prefetch`]). The rules then
 /// ask as before and take the answers read here; a write between them drops the rest.
-/// `run_id`: also the id of the run it may insert (none was taken with the alert's insert).
+/// `counted`: the breaker limits whose counts go too. `run_id`: also the id of the run it
+/// may insert (none was taken with the alert's insert).
 fn prefetch_facts(
     c: &Db,
     a: &Alert,
-    limits: BreakerLimits,
+    counted: BreakerLimits,
     now: i64,
     cand: &Candidate,
     start: &Starter,
@@ -764,7 +766,7 @@ fn prefetch_facts(
     }
     super::switches::prefetch(c, &cand.playbook, now)?;
     super::cooldown::prefetch(c, &cand.playbook, &cand.cooldown_key, cand.cooldown_ms, now)?;
-    super::breaker::prefetch(c, &cand.playbook, target, limits, now)?;
+    super::breaker::prefetch(c, &cand.playbook, target, counted, now)?;
     if run_id {
         c.prefetch_on(NEXT_RUN_ID, &[], Keys::Only(Vec::new()))?;
     }
@@ -796,15 +798,14 @@ fn prefetch_facts(
 }
 
 /// What [`prefetch_facts`]' reads depend on, together.
-fn facts_depend(a: &Alert, cand: &Candidate, limits: BreakerLimits) -> Keys {
+fn facts_depend(a: &Alert, cand: &Candidate) -> Keys {
     let target = cand.plan.as_ref().map_or("", |p| p.target.as_str());
     let key = if cand.cooldown_ms > 0 {
         cand.cooldown_key.as_str()
     } else {
         ""
     };
-    let counted = super::breaker::counts_runs(limits);
-    part::facts(&cand.playbook, &a.fingerprint, target, key, counted)
+    part::facts(&cand.playbook, &a.fingerprint, target, key)
 }
 
 /// Whether a run may start now on its target: room on it, no older run waiting for it, and
@@ -969,7 +970,10 @@ impl Store {
         limits: BreakerLimits,
         start: StartNow,
     ) -> Result<Recorded, StoreError> {
-        let now = self.now_ms();
+        // On PostgreSQL, the batch's time (the writer's): every alert of a batch sees one
+        // window, so that each of the breaker's counts is read once for all of them.
+        let called = self.now_ms();
+        let counted = limits;
         let owner = self.inner.replica.clone();
         // A replica without a good lease starts nothing: it may have been taken over.
         let start = if self.may_claim() {
@@ -1008,12 +1012,14 @@ impl Store {
         let prepared = std::sync::Arc::new(prepared);
         let (sent, first) = (prepared.clone(), starter.clone());
         let ahead = move |c: &Db| {
+            let now = c.batch_ms().unwrap_or(called);
             let start = first();
             (sent.iter())
-                .try_for_each(|(item, json)| send_ahead(c, item, json, now, limits, &start))
+                .try_for_each(|(item, json)| send_ahead(c, item, json, now, counted, &start))
         };
         let (outcomes, started) = self
             .write_ahead(locks, ahead, move |c| {
+                let now = c.batch_ms().unwrap_or(called);
                 let mut starter = starter();
                 let mut all = Vec::with_capacity(prepared.len());
                 for (item, json) in prepared.iter() {
@@ -1028,12 +1034,12 @@ impl Store {
                     let first = item.candidates.first();
                     let facts = || {
                         first.map_or(Ok(()), |cand| {
-                            prefetch_facts(c, &item.alert, limits, now, cand, &starter, false)
+                            prefetch_facts(c, &item.alert, counted, now, cand, &starter, false)
                         })
                     };
                     let depends = || {
                         first.map_or(Keys::Only(Vec::new()), |cand| {
-                            facts_depend(&item.alert, cand, limits)
+                            facts_depend(&item.alert, cand)
                         })
                     };
                     let (alert_id, run_id) =
@@ -1042,6 +1048,7 @@ impl Store {
                         alert: &item.alert,
                         alert_id,
                         limits,
+                        ahead: counted,
                         now,
                         run_id: std::cell::Cell::new(run_id),
                     };

@@ -853,7 +853,7 @@ impl Store {
         tokio::task::spawn_blocking(move || {
             let pool = pg::connect(&settings)?;
             let committers = (0..settings.writers.max(1))
-                .map(|_| pg::PgCommitter::new(&settings))
+                .map(|_| pg::PgCommitter::new(&settings, clock.clone()))
                 .collect();
             let store = Self::start(committers, Backend::Postgres(pool), settings.replica, clock)?;
             let inner = Arc::downgrade(&store.inner);

@@ -356,16 +356,22 @@ pub(super) struct PgCommitter {
     traffic: (u64, u64),
     /// When it last folded the queue's deltas.
     compacted: std::time::Instant,
+    /// The store's clock, for each batch's time ([`Db::batch_ms`]).
+    clock: std::sync::Arc<dyn crate::time::Clock>,
 }
 
 impl PgCommitter {
-    pub(super) fn new(settings: &Settings) -> PgCommitter {
+    pub(super) fn new(
+        settings: &Settings,
+        clock: std::sync::Arc<dyn crate::time::Clock>,
+    ) -> PgCommitter {
         PgCommitter {
             config: settings.config.clone(),
             connector: settings.connector.clone(),
             conn: None,
             traffic: (0, 0),
             compacted: std::time::Instant::now(),
+            clock,
         }
     }
 }
@@ -386,6 +392,8 @@ impl Committer for PgCommitter {
             );
         }
         let conn = self.conn.as_mut().expect("connected above");
+        // One time for the batch, run once or twice: its intake sees one window.
+        conn.batch_ms = Some(self.clock.now_ms());
         let before = conn.traffic();
         let db = Db::Pg(RefCell::new(conn));
         batch.sort_by_key(|j| j.ahead.is_some());
