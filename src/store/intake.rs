@@ -973,7 +973,18 @@ impl Store {
         // On PostgreSQL, the batch's time (the writer's): every alert of a batch sees one
         // window, so that each of the breaker's counts is read once for all of them.
         let called = self.now_ms();
-        let counted = limits;
+        // A storm behind an engaged switch is held before the breaker is asked: while the last
+        // intake's alerts all were, the breaker's counts are not sent ahead (asked, they are
+        // read then).
+        let held = self
+            .inner
+            .intake_held
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let counted = if held {
+            BreakerLimits::default()
+        } else {
+            limits
+        };
         let owner = self.inner.replica.clone();
         // A replica without a good lease starts nothing: it may have been taken over.
         let start = if self.may_claim() {
@@ -1071,15 +1082,16 @@ impl Store {
                 Ok((all, starter.started))
             })
             .await?;
-        let tripped = outcomes.iter().flatten().any(|o| {
-            matches!(
-                o,
-                Outcome::Suppressed {
-                    cause: Hold::Breaker,
-                    ..
-                }
-            )
-        });
+        let holds: Vec<Option<Hold>> = (outcomes.iter().flatten())
+            .map(|o| match o {
+                Outcome::Suppressed { cause, .. } => Some(*cause),
+                _ => None,
+            })
+            .collect();
+        let switched = |h: &Option<Hold>| matches!(h, Some(Hold::KillSwitch | Hold::Breaker));
+        let held = !holds.is_empty() && holds.iter().all(switched);
+        (self.inner.intake_held).store(held, std::sync::atomic::Ordering::Relaxed);
+        let tripped = holds.contains(&Some(Hold::Breaker));
         if tripped {
             self.switches_changed();
         }

@@ -171,6 +171,8 @@ struct Inner {
     counts: Arc<Counts>,
     /// Bumped after every write that may change a kill switch.
     switch_epoch: std::sync::atomic::AtomicU64,
+    /// The last intake's outcomes were all held by a kill switch or the breaker.
+    intake_held: std::sync::atomic::AtomicBool,
     /// The engaged switches as of an epoch, and when they were read.
     #[allow(clippy::type_complexity)]
     switch_cache: Mutex<
@@ -822,6 +824,7 @@ impl Store {
                 jobs,
                 counts,
                 switch_epoch: std::sync::atomic::AtomicU64::new(0),
+                intake_held: std::sync::atomic::AtomicBool::new(false),
                 switch_cache: Mutex::new(None),
                 backend,
                 lease: lease::LeaseClock::default(),

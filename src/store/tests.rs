@@ -2427,5 +2427,38 @@ async fn the_breakers_counts_in_one_batch_fold_in_the_runs_recorded_before_each_
     let (o, _) = in_one_batch(&store, &batch, targets, hold).await;
     assert_eq!(created(&o), [true, true, true, true, false], "{o:?}");
     assert!(breaker(&o[4]).contains("breaker.max_targets = 3"), "{o:?}");
+
+    // Behind an engaged switch the counts are not sent ahead (the alerts are held before the
+    // breaker is asked); once it is released, the first batch reads them when it asks, once,
+    // and the limit holds exactly from the release on.
+    let db = db.fresh();
+    let clock = std::sync::Arc::new(crate::time::ManualClock::new());
+    let store = db.open_with_clock(clock.clone()).await;
+    let switch = |engaged: bool| {
+        let store = store.clone();
+        async move {
+            let reason = String::from("storm");
+            (store.set_switch("global".into(), engaged, reason, "op".into(), None))
+                .await
+                .unwrap()
+        }
+    };
+    intake(&store, "w", candidate("p", "w", 0, ""), runs).await;
+    switch(true).await;
+    clock.advance(std::time::Duration::from_millis(1));
+    let (o, _) = in_one_batch(&store, &[("h1", "h1"), ("h2", "h2")], runs, hold).await;
+    assert!(o.iter().all(|o| cause(o) == Some(Hold::KillSwitch)), "{o:?}");
+    switch(false).await;
+    clock.advance(std::time::Duration::from_millis(1));
+    let batch: Vec<_> = (0..6).map(|i| format!("r{i}")).collect();
+    let batch: Vec<_> = batch.iter().map(|i| (i.as_str(), i.as_str())).collect();
+    let (o, trips) = in_one_batch(&store, &batch, runs, hold).await;
+    assert_eq!(created(&o), [true, true, true, true, true, false], "{o:?}");
+    assert!(breaker(&o[5]).contains("breaker.max_runs = 5"), "{o:?}");
+    if store.path().is_none() {
+        // The batch's, the count's (read when the first alert asks, kept for the others), the
+        // trip's, the audit head's, the commit's: not one more for each alert.
+        assert!(trips <= 6, "{trips} round trips for 6 counted alerts");
+    }
 }
 }
