@@ -59,7 +59,8 @@ struct Answer {
     after: u64,
 }
 
-/// A count sent ahead ([`Db::prefetch_count`]): unlike other answers, taken by every asker.
+/// A count read in this transaction ([`Db::count`]): unlike other answers, taken by every
+/// asker.
 struct Count {
     value: i64,
     depends: Keys,
@@ -83,8 +84,9 @@ pub struct PgConn {
     /// Answers of reads sent ahead, each taken once, as long as no write since changed what
     /// it depends on; cleared with the transaction.
     prefetched: HashMap<ReadKey, Vec<Answer>>,
-    /// Counts sent ahead ([`Db::prefetch_count`]), each standing for every asker while nothing
-    /// it depends on is written; cleared with the transaction.
+    /// Counts read in this transaction, sent ahead ([`Db::prefetch_count`]) or not, each
+    /// standing for every asker while nothing it depends on is written; cleared with the
+    /// transaction.
     counts: HashMap<ReadKey, Count>,
     /// Runs this transaction recorded that the breaker counts, in order (see
     /// `breaker::count`); cleared with the answers.
