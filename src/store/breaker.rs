@@ -200,14 +200,14 @@ fn count(
     matches: impl Fn(&Counted) -> bool,
 ) -> Result<u32, StoreError> {
     let (n, seen) = c.count(sql, p, depends())?;
-    let since = match c {
+    let later = match c {
         Db::Pg(conn) => (conn.borrow().counted.iter())
             .filter(|r| r.at > seen && matches(r))
             .count(),
         Db::Lite(_) => 0,
     };
     let n = u32::try_from(n).unwrap_or(u32::MAX);
-    Ok(n.saturating_add(u32::try_from(since).unwrap_or(u32::MAX)))
+    Ok(n.saturating_add(u32::try_from(later).unwrap_or(u32::MAX)))
 }
 
 /// Runs that count on `target` in the window.
