@@ -957,6 +957,44 @@ mod replicas {
         assert_eq!(created, 4, "{outcomes:?}");
     }
 
+    /// Two replicas of two writers each take 32 alerts at once on 8 targets (four each, in order): whatever batches
+    /// they fall into, the runs the breaker lets through are on exactly its limit of distinct
+    /// targets, and one alert trips it (a batch counts once under intake's one lock and folds
+    /// in its own runs, a target it acted on already adding none).
+    #[tokio::test]
+    async fn the_breakers_distinct_targets_hold_exactly_across_replicas_and_their_batches() {
+        for _ in 0..3 {
+            let db = TestDb::postgres();
+            let clock = std::sync::Arc::new(crate::time::SystemClock);
+            let stores = [
+                db.open_with(clock.clone(), 2).await,
+                db.open_with(clock, 2).await,
+            ];
+            let limits = BreakerLimits {
+                window_ms: 600_000,
+                max_runs: 1000,
+                max_targets: 5,
+                ..Default::default()
+            };
+            let target = |i: usize| format!("t{}", i / 4);
+            let intakes = (0..32).map(|i| {
+                let store = stores[i % 2].clone();
+                let cand = candidate("p", &target(i), 0, "");
+                async move { intake(&store, &format!("d{i}"), cand, limits).await }
+            });
+            let outcomes = futures_util::future::join_all(intakes).await;
+            let acted: std::collections::HashSet<String> = (outcomes.iter().enumerate())
+                .filter(|(_, o)| matches!(o, Outcome::Created { .. }))
+                .map(|(i, _)| target(i))
+                .collect();
+            assert_eq!(acted.len(), 5, "{acted:?} {outcomes:?}");
+            let tripped = (outcomes.iter())
+                .filter(|o| cause(o) == Some(Hold::Breaker))
+                .count();
+            assert_eq!(tripped, 1, "{outcomes:?}");
+        }
+    }
+
     /// Two replicas end failed runs in the same instant, each the failure that reaches the
     /// limit if the other's is counted: the failure limit trips exactly at its count, once
     /// (each replica's count waits for the other's, under one lock), never one failure late.
