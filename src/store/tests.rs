@@ -957,10 +957,11 @@ mod replicas {
         assert_eq!(created, 4, "{outcomes:?}");
     }
 
-    /// Two replicas of two writers each take 32 alerts at once on 8 targets (four each, in order): whatever batches
-    /// they fall into, the runs the breaker lets through are on exactly its limit of distinct
-    /// targets, and one alert trips it (a batch counts once under intake's one lock and folds
-    /// in its own runs, a target it acted on already adding none).
+    /// Two replicas of two writers each take 32 alerts at once on 8 targets (four each, in
+    /// order): whatever batches they fall into, the runs the breaker lets through are on
+    /// exactly its limit of distinct targets, and one alert trips it (a batch counts once
+    /// under intake's one lock and folds in its own runs, a target it acted on already adding
+    /// none).
     #[tokio::test]
     async fn the_breakers_distinct_targets_hold_exactly_across_replicas_and_their_batches() {
         for _ in 0..3 {
@@ -2357,9 +2358,9 @@ async fn alerts_of_one_batch_see_the_runs_recorded_before_them_in_it(db: TestDb)
         assert!(trips <= 6, "{trips} round trips for the batch of {} alerts", jobs.len());
         assert!(distinct_trips <= 3, "{distinct_trips} round trips for 8 distinct alerts");
         assert!(ended_trips <= 3, "{ended_trips} round trips for an end and 2 alerts");
-        // The batch's, the trip's two, the fifth alert's reads again after the trip (a write
-        // of the switches), the audit head's, the commit's; and four preparing the trip's
-        // statements on their first use. Not one for each alert (13 when it was).
+        // The batch's, the trip's, the fifth alert's reads again after the trip (a write of
+        // the switches), the audit head's, the commit's, and those preparing the trip's
+        // statements on their first use: not one for each alert (13 when it was).
         assert!(counted_trips <= 10, "{counted_trips} round trips for 5 counted alerts");
     }
 }
