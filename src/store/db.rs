@@ -161,13 +161,31 @@ impl Writes {
 struct Queued {
     statement: tokio_postgres::Statement,
     params: Vec<Encoded>,
-    /// The read's text, when it is one sent ahead.
-    read: Option<Arc<str>>,
-    /// The read is a count ([`Db::prefetch_count`]).
-    count: bool,
+    kind: Kind,
     keys: Keys,
     /// Writes queued before it.
     after: u64,
+}
+
+/// What a queued statement is: a write, or a read sent ahead, by its text.
+enum Kind {
+    Write,
+    /// Its answer taken once ([`Db::prefetch_on`]).
+    Read(Arc<str>),
+    /// A count, its answer kept for every asker ([`Db::prefetch_count`]).
+    Count(Arc<str>),
+}
+
+impl Queued {
+    /// Whether it is a read (not a count) of this text sent ahead.
+    fn reads(&self, sql: &str) -> bool {
+        matches!(&self.kind, Kind::Read(text) if &**text == sql)
+    }
+
+    /// Whether it is this count sent ahead.
+    fn counts(&self, key: &ReadKey) -> bool {
+        matches!(&self.kind, Kind::Count(text) if *text == key.0) && self.params == key.1
+    }
 }
 
 /// A parameter already encoded for its statement: a queued statement owns its parameters.
@@ -282,7 +300,7 @@ impl PgConn {
     pub(super) fn sent_ahead(&mut self) {
         self.ahead_at = self.writes.count;
         // Nothing is answered yet: what was sent ahead is still queued.
-        self.ahead_sent = self.queued.iter().any(|q| q.read.is_some());
+        self.ahead_sent = self.queued.iter().any(|q| !matches!(q.kind, Kind::Write));
     }
 
     /// Queues a write that may change `keys`, its parameters encoded now (see [`Db::later`]).
@@ -298,8 +316,7 @@ impl PgConn {
         self.queued.push(Queued {
             statement,
             params,
-            read: None,
-            count: false,
+            kind: Kind::Write,
             keys,
             after,
         });
@@ -323,8 +340,7 @@ impl PgConn {
         self.queued.push(Queued {
             statement,
             params,
-            read: Some(Arc::from(sql)),
-            count: false,
+            kind: Kind::Read(Arc::from(sql)),
             keys: depends,
             after: self.writes.count,
         });
@@ -347,8 +363,7 @@ impl PgConn {
         self.queued.push(Queued {
             statement,
             params: key.1,
-            read: Some(key.0),
-            count: true,
+            kind: Kind::Count(key.0),
             keys: depends,
             after: self.writes.count,
         });
@@ -356,8 +371,7 @@ impl PgConn {
     }
 
     fn count_queued(&self, key: &ReadKey) -> bool {
-        (self.queued.iter())
-            .any(|q| q.count && q.read.as_ref() == Some(&key.0) && q.params == key.1)
+        self.queued.iter().any(|q| q.counts(key))
     }
 
     /// A count sent ahead that stands, and the writes it saw.
@@ -387,14 +401,12 @@ impl PgConn {
         let rows = self.query(sql, params)?;
         let value = rows.first().ok_or(StoreError::NoRow)?.try_get(0)?;
         let after = self.writes.count;
-        self.counts.insert(
-            key,
-            Count {
-                value,
-                depends,
-                after,
-            },
-        );
+        let count = Count {
+            value,
+            depends,
+            after,
+        };
+        self.counts.insert(key, count);
         Ok((value, after))
     }
 
@@ -410,8 +422,7 @@ impl PgConn {
             return Ok(false);
         }
         let (_, encoded) = self.encode(sql, params)?;
-        let queued = (self.queued.iter())
-            .any(|q| !q.count && q.read.as_deref() == Some(sql) && q.params == encoded);
+        let queued = (self.queued.iter()).any(|q| q.reads(sql) && q.params == encoded);
         let writes = &self.writes;
         Ok(queued
             || (self.prefetched.get(&(Arc::from(sql), encoded)))
@@ -461,7 +472,7 @@ impl PgConn {
         sql: &str,
         params: &[&(dyn postgres::types::ToSql + Sync)],
     ) -> Result<Vec<postgres::Row>, StoreError> {
-        let ahead = |q: &Queued| !q.count && q.read.as_deref() == Some(sql);
+        let ahead = |q: &Queued| q.reads(sql);
         if !self.prefetched.is_empty() || self.queued.iter().any(ahead) {
             let (_, encoded) = self.encode(sql, params)?;
             let queued = (self.queued.iter()).any(|q| ahead(q) && q.params == encoded);
@@ -508,7 +519,7 @@ impl PgConn {
             .iter()
             .map(|q| {
                 let (s, p) = (&q.statement, &q.params);
-                Some(if q.read.is_some() {
+                Some(if !matches!(q.kind, Kind::Write) {
                     let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p
                         .iter()
                         .map(|e| e as &(dyn postgres::types::ToSql + Sync))
@@ -562,28 +573,28 @@ impl PgConn {
         }
         // Every read's answer is kept; whether it still stands is asked when it is taken.
         for (q, rows) in queued.into_iter().zip(answers) {
-            let (Some(sql), Some(rows)) = (q.read, rows) else {
-                continue;
-            };
-            if q.count {
+            let Some(rows) = rows else { continue };
+            match q.kind {
+                Kind::Write => {}
+                Kind::Read(sql) => {
+                    (self.prefetched.entry((sql, q.params)).or_default()).push(Answer {
+                        rows,
+                        depends: q.keys,
+                        after: q.after,
+                    })
+                }
                 // One that cannot be read as a count is asked again, and fails then.
-                if let Some(Ok(value)) = rows.first().map(|r| r.try_get(0)) {
-                    let (depends, after) = (q.keys, q.after);
-                    (self.counts).insert(
-                        (sql, q.params),
-                        Count {
+                Kind::Count(sql) => {
+                    if let Some(Ok(value)) = rows.first().map(|r| r.try_get(0)) {
+                        let (depends, after) = (q.keys, q.after);
+                        let count = Count {
                             value,
                             depends,
                             after,
-                        },
-                    );
+                        };
+                        self.counts.insert((sql, q.params), count);
+                    }
                 }
-            } else {
-                (self.prefetched.entry((sql, q.params)).or_default()).push(Answer {
-                    rows,
-                    depends: q.keys,
-                    after: q.after,
-                });
             }
         }
         Ok(result.expect("the last statement was answered")?)

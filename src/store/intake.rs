@@ -37,6 +37,17 @@ pub struct Candidate {
     pub manual: Option<Manual>,
 }
 
+impl Candidate {
+    /// The cooldown key its runs record: none (empty) without a cooldown.
+    fn recorded_cooldown_key(&self) -> &str {
+        if self.cooldown_ms > 0 {
+            &self.cooldown_key
+        } else {
+            ""
+        }
+    }
+}
+
 /// Who asked for a run without an alert, and what it repeats.
 #[derive(Debug, Clone)]
 pub struct Manual {
@@ -593,11 +604,7 @@ fn insert_run(
         (true, None) => Some(c.one(NEXT_RUN_ID, &[], |r| r.get(0))?),
         (false, _) => None,
     };
-    let cooldown_key = if cand.cooldown_ms > 0 {
-        cand.cooldown_key.as_str()
-    } else {
-        ""
-    };
+    let cooldown_key = cand.recorded_cooldown_key();
     let params: [&dyn super::db::Param; 22] = [
         &cand.playbook,
         &at.alert_id,
@@ -800,12 +807,12 @@ fn prefetch_facts(
 /// What [`prefetch_facts`]' reads depend on, together.
 fn facts_depend(a: &Alert, cand: &Candidate) -> Keys {
     let target = cand.plan.as_ref().map_or("", |p| p.target.as_str());
-    let key = if cand.cooldown_ms > 0 {
-        cand.cooldown_key.as_str()
-    } else {
-        ""
-    };
-    part::facts(&cand.playbook, &a.fingerprint, target, key)
+    part::facts(
+        &cand.playbook,
+        &a.fingerprint,
+        target,
+        cand.recorded_cooldown_key(),
+    )
 }
 
 /// Whether a run may start now on its target: room on it, no older run waiting for it, and
