@@ -100,34 +100,34 @@ fn bench(c: &mut Criterion) {
     // The queue: one claim (and the end of the claimed run) with a backlog of 100 or 20,000
     // runs waiting behind a busy target (`max_runs_per_target: 1`). The claim takes a free
     // target's run each time; its cost must not grow with the backlog.
+    let record = |target: &str, n: usize| {
+        // One alert per target: a playbook runs one at a time per alert.
+        let mut a = alert.clone();
+        a.labels.insert("instance".into(), target.to_string());
+        a.fingerprint = reflex::alert::fingerprint(&a.labels);
+        a.starts_at = format!("2026-01-01T00:00:00.{n:09}Z");
+        let mut p = plan.clone();
+        p.target = target.to_string();
+        IntakeItem {
+            deferred: None,
+            alert: a,
+            received_us: 0,
+            candidates: vec![Candidate {
+                playbook: "pb-500".into(),
+                cooldown_ms: 0,
+                cooldown_key: String::new(),
+                dry_run: false,
+                plan: Ok(p),
+                deadline_ms: 3_600_000,
+                suppress: None,
+                coalesce: false,
+                manual: None,
+            }],
+        }
+    };
     for backlog in [100usize, 20_000] {
         let data = tempfile::tempdir().unwrap();
         let store = Store::open_with(data.path(), reflex::config::Synchronous::Normal).unwrap();
-        let record = |target: &str, n: usize| {
-            // One alert per target: a playbook runs one at a time per alert.
-            let mut a = alert.clone();
-            a.labels.insert("instance".into(), target.to_string());
-            a.fingerprint = reflex::alert::fingerprint(&a.labels);
-            a.starts_at = format!("2026-01-01T00:00:00.{n:09}Z");
-            let mut p = plan.clone();
-            p.target = target.to_string();
-            IntakeItem {
-                deferred: None,
-                alert: a,
-                received_us: 0,
-                candidates: vec![Candidate {
-                    playbook: "pb-500".into(),
-                    cooldown_ms: 0,
-                    cooldown_key: String::new(),
-                    dry_run: false,
-                    plan: Ok(p),
-                    deadline_ms: 3_600_000,
-                    suppress: None,
-                    coalesce: false,
-                    manual: None,
-                }],
-            }
-        };
         let items: Vec<IntakeItem> = (0..backlog).map(|i| record("busy", i)).collect();
         rt.block_on(store.record_intake(items, BreakerLimits::default()))
             .unwrap();
@@ -149,22 +149,64 @@ fn bench(c: &mut Criterion) {
                             .unwrap();
                         let claimed = store.claim(1, 1).await.unwrap();
                         assert_eq!(claimed.len(), 1, "the free target's run");
-                        store
-                            .run_finished(
-                                claimed[0].id,
-                                reflex::store::RunState::Succeeded,
-                                None,
-                                None,
-                                BreakerLimits::default(),
-                                false,
-                            )
-                            .await
-                            .unwrap();
+                        succeed(&store, claimed[0].id).await;
                     })
                 })
             },
         );
     }
+
+    // A backlog spread over as many targets (a storm on many hosts, more alerts than worker
+    // slots): each iteration queues 64 runs on new targets and claims 64, the oldest, then
+    // ends them, so the queue stays at its size. The claim's cost must not grow with it.
+    for backlog in [100usize, 20_000] {
+        let data = tempfile::tempdir().unwrap();
+        let store = Store::open_with(data.path(), reflex::config::Synchronous::Normal).unwrap();
+        let items = |from: usize, n: usize| -> Vec<IntakeItem> {
+            (from..from + n)
+                .map(|i| record(&format!("spread-{i}"), i))
+                .collect()
+        };
+        rt.block_on(store.record_intake(items(0, backlog), BreakerLimits::default()))
+            .unwrap();
+        let mut n = backlog;
+        let mut group = c.benchmark_group("queue");
+        group.sample_size(20);
+        group.bench_function(
+            format!("claim_64_with_{backlog}_queued_on_as_many_targets"),
+            |b| {
+                b.iter(|| {
+                    rt.block_on(async {
+                        store
+                            .record_intake(items(n, 64), BreakerLimits::default())
+                            .await
+                            .unwrap();
+                        n += 64;
+                        let claimed = store.claim(1, 64).await.unwrap();
+                        assert_eq!(claimed.len(), 64, "the 64 oldest");
+                        for run in claimed {
+                            succeed(&store, run.id).await;
+                        }
+                    })
+                })
+            },
+        );
+        group.finish();
+    }
+}
+
+/// Ends a claimed run, succeeded.
+async fn succeed(store: &Store, id: i64) {
+    (store.run_finished(
+        id,
+        reflex::store::RunState::Succeeded,
+        None,
+        None,
+        BreakerLimits::default(),
+        false,
+    ))
+    .await
+    .unwrap();
 }
 
 criterion_group!(benches, bench);

@@ -208,85 +208,159 @@ pub(super) fn playbook_has_room(c: &Db, playbook: &str, limit: u32) -> Result<bo
     Ok(running < i64::from(limit))
 }
 
-/// The runs that may start, oldest first, one per target: the head of each target with
-/// pending runs and room (`target_load`, kept by triggers; per claim, one index probe per
-/// such target, whatever their backlogs). A head whose playbook already runs for the same
-/// alert waits (and so its target), as does one whose playbook is at its concurrency limit.
-/// `?1` is the per-target limit. With no run pending at all (most wake-ups under a load whose
-/// runs start at intake) it reads nothing else: on PostgreSQL `target_load` is a sum over
-/// the deltas since the last fold, and summing them for every wake-up cost more than a run.
-const HEADS: &str = "SELECT h.head, h.target, h.playbook, h.concurrency FROM (
-    SELECT l.target, p.id AS head, p.playbook, p.fingerprint, p.concurrency
-    FROM target_load l
-    JOIN runs p ON p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending' AND q.target = l.target
-                           ORDER BY q.id LIMIT 1)
-    WHERE EXISTS (SELECT 1 FROM runs e WHERE e.state = 'pending')
-      AND l.pending > 0 AND l.running < ?1
-  ) h
-  WHERE NOT EXISTS (
-    SELECT 1 FROM runs o WHERE o.playbook = h.playbook AND o.fingerprint = h.fingerprint
-      AND o.state = 'running')
-    AND (h.concurrency = 0 OR (SELECT count(*) FROM runs o
-                                WHERE o.playbook = h.playbook AND o.state = 'running') < h.concurrency)
-  ORDER BY h.head";
+/// The rules a run may start on, each listing ([`WALK`], [`HEADS`]) and each claim
+/// ([`claim_head`], deciding again) applies to a pending run `p`; `?1` is the per-target
+/// limit. It is its target's head (the target's oldest pending run)...
+const HEAD_OF_TARGET: &str = "p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending'
+                                     AND q.target = p.target ORDER BY q.id LIMIT 1)";
+/// ...on a target with fewer than `?1` runs executing...
+const TARGET_HAS_ROOM: &str =
+    "coalesce((SELECT l.running FROM target_load l WHERE l.target = p.target), 0) < ?1";
+/// ...and its playbook does not already run for the same alert, and has room under its
+/// concurrency limit.
+const PLAYBOOK_ALLOWS: &str = "NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = p.playbook
+                    AND o.fingerprint = p.fingerprint AND o.state = 'running')
+    AND (p.concurrency = 0 OR (SELECT count(*) FROM runs o WHERE o.playbook = p.playbook
+                                AND o.state = 'running') < p.concurrency)";
 
-/// Claims the oldest claimable pending run (see [`Store::claim`]).
-fn claim_one(
+/// The heads that may start among the oldest `?2` pending runs, oldest first, at most `?3`,
+/// each with how many pending runs were looked at (one row with no head when none may
+/// start). Its cost is those `?2` runs', whatever the queue's length and however many
+/// targets it spans; the prefix is taken first (`MATERIALIZED`), so that no plan walks further.
+static WALK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH w AS MATERIALIZED (SELECT id FROM runs WHERE state = 'pending' ORDER BY id LIMIT ?2),
+           h AS (SELECT p.id, p.target, p.playbook, p.concurrency FROM w JOIN runs p ON p.id = w.id
+                 WHERE {HEAD_OF_TARGET} AND {TARGET_HAS_ROOM} AND {PLAYBOOK_ALLOWS}
+                 ORDER BY p.id LIMIT ?3)
+         SELECT (SELECT count(*) FROM w), h.target, h.playbook, h.concurrency
+         FROM (SELECT 1) one LEFT JOIN h ON true ORDER BY h.id"
+    )
+});
+
+/// The heads that may start, oldest first, at most `?2`, from the targets with pending runs
+/// (`target_load`: one index probe per such target, whatever their backlogs): for a queue
+/// whose oldest runs wait behind full targets, where [`WALK`] finds too few. With no run
+/// pending at all it reads nothing else: on PostgreSQL `target_load` is a sum over the
+/// deltas since the last fold.
+static HEADS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT p.id, p.target, p.playbook, p.concurrency FROM target_load l
+         JOIN runs p ON p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending'
+                                AND q.target = l.target ORDER BY q.id LIMIT 1)
+         WHERE EXISTS (SELECT 1 FROM runs e WHERE e.state = 'pending')
+           AND l.pending > 0 AND l.running < ?1 AND {PLAYBOOK_ALLOWS}
+         ORDER BY p.id LIMIT ?2"
+    )
+});
+
+/// How many pending runs past what is asked for [`WALK`] looks at before it leaves the
+/// search to [`HEADS`].
+const WALK_SLACK: usize = 32;
+
+/// A run at the head of its target's queue that may start.
+struct Head {
+    target: String,
+    playbook: String,
+    concurrency: i64,
+}
+
+/// The oldest heads that may start, at most `want`: those among the oldest pending runs
+/// ([`WALK`]) when they hold enough or are all there is, else [`HEADS`].
+fn heads(c: &Db, max: i64, want: usize) -> Result<Vec<Head>, StoreError> {
+    let (walk, want) = ((want + WALK_SLACK) as i64, want as i64);
+    let mut walked = 0;
+    let mut found = Vec::new();
+    for (n, target, playbook, concurrency) in c.rows(&WALK, &[&max, &walk, &want], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })? {
+        walked = n;
+        if let (Some(target), Some(playbook), Some(concurrency)) = (target, playbook, concurrency) {
+            found.push(Head {
+                target,
+                playbook,
+                concurrency,
+            });
+        }
+    }
+    if found.len() as i64 == want || walked < walk {
+        return Ok(found);
+    }
+    c.rows(&HEADS, &[&max, &want], |r| {
+        Ok(Head {
+            target: r.get(1)?,
+            playbook: r.get(2)?,
+            concurrency: r.get(3)?,
+        })
+    })
+}
+
+/// Claims the oldest pending runs that may start, at most `limit`, one per target at a time
+/// (see [`Store::claim`]).
+fn claim_some(
     c: &Db,
     max_per_target: u32,
+    limit: usize,
+    now: i64,
+    owner: &str,
+) -> Result<Vec<ClaimRow>, StoreError> {
+    let max = i64::from(max_per_target);
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let want = limit - out.len();
+        let found = heads(c, max, want)?;
+        let before = out.len();
+        for head in &found {
+            if let Some(row) = claim_head(c, head, max, now, owner)? {
+                out.push(row);
+            }
+        }
+        // Another round only where a claim can have made room for a head not yet listed:
+        // the next run of a target that takes several, or heads past a full list.
+        let more = max_per_target > 1 || found.len() == want;
+        if out.len() == before || !more {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Claims a head, deciding again on what is committed (and on the row itself, should it
+/// have changed meanwhile). On PostgreSQL, where several replicas claim at once, under its
+/// target's lock (and its playbook's, with a concurrency limit), tried, not waited for:
+/// `SKIP LOCKED` in effect.
+fn claim_head(
+    c: &Db,
+    head: &Head,
+    max: i64,
     now: i64,
     owner: &str,
 ) -> Result<Option<ClaimRow>, StoreError> {
+    let Head {
+        target,
+        playbook,
+        concurrency,
+    } = head;
+    if c.is_pg() {
+        if !try_lock_target(c, target)? {
+            return Ok(None);
+        }
+        let limit = u32::try_from(*concurrency).unwrap_or(0);
+        if limit > 0 && !playbook_has_room(c, playbook, limit)? {
+            return Ok(None);
+        }
+    }
     static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
-            "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?2), owner = ?3
-             WHERE id = (SELECT head FROM ({HEADS} LIMIT 1))
+            "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?2), owner = ?4
+             WHERE id = (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = ?3
+                         AND p.playbook = ?5 AND {HEAD_OF_TARGET} AND {TARGET_HAS_ROOM}
+                         AND {PLAYBOOK_ALLOWS})
+               AND state = 'pending'
              RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at"
         )
     });
-    let max = i64::from(max_per_target);
-    if c.is_pg() {
-        return claim_one_pg(c, max, now, owner);
-    }
-    c.row(&CLAIM, &[&max, &now, &owner], claim_row)
-}
-
-/// On PostgreSQL several replicas claim at once: the candidate heads are found as on SQLite,
-/// then each is taken only under its target's lock, deciding again on what is committed.
-/// `SKIP LOCKED` is in effect by the lock being tried, not waited for.
-fn claim_one_pg(c: &Db, max: i64, now: i64, owner: &str) -> Result<Option<ClaimRow>, StoreError> {
-    static CANDIDATES: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| format!("{HEADS} LIMIT 16"));
-    let heads: Vec<(String, String, i64)> = c.rows(&CANDIDATES, &[&max], |r| {
-        Ok((r.get(1)?, r.get(2)?, r.get(3)?))
-    })?;
-    for (target, playbook, concurrency) in heads {
-        if !try_lock_target(c, &target)? {
-            continue;
-        }
-        let limit = u32::try_from(concurrency).unwrap_or(0);
-        if limit > 0 && !playbook_has_room(c, &playbook, limit)? {
-            continue;
-        }
-        let claimed = c.row(
-            "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?1), owner = ?4
-             WHERE id = (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = ?3
-                         ORDER BY p.id LIMIT 1)
-               AND state = 'pending' AND playbook = ?5
-               AND coalesce((SELECT l.running FROM target_load l WHERE l.target = ?3), 0) < ?2
-               AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = runs.playbook
-                               AND o.fingerprint = runs.fingerprint AND o.state = 'running')
-               AND (runs.concurrency = 0 OR (SELECT count(*) FROM runs o WHERE o.playbook = runs.playbook
-                                             AND o.state = 'running') < runs.concurrency)
-             RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at",
-            &[&now, &max, &target, &owner, &playbook],
-            claim_row,
-        )?;
-        if claimed.is_some() {
-            return Ok(claimed);
-        }
-    }
-    Ok(None)
+    c.row(&CLAIM, &[&max, &now, &target, &owner, &playbook], claim_row)
 }
 
 /// An alert, and when its webhook arrived (µs).
@@ -373,16 +447,7 @@ impl Store {
         let now = self.now_ms();
         let owner = self.inner.replica.clone();
         let rows = self
-            .write(move |c| {
-                let mut out = Vec::new();
-                while out.len() < limit {
-                    match claim_one(c, max_per_target, now, &owner)? {
-                        Some(row) => out.push(row),
-                        None => break,
-                    }
-                }
-                Ok(out)
-            })
+            .write(move |c| claim_some(c, max_per_target, limit, now, &owner))
             .await?;
         if rows.is_empty() {
             return Ok(Vec::new());

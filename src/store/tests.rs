@@ -527,6 +527,88 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one(db: TestDb) {
 
 }
 
+/// What `claim(max, limit)` takes from a queue (run id to target) with `running` runs executing
+/// per target: rounds of the oldest head of each target with room, one per target a round,
+/// another round only where one can find more.
+fn expected_claim(
+    pending: &mut std::collections::BTreeMap<i64, String>,
+    running: &mut std::collections::HashMap<String, u32>,
+    max: u32,
+    limit: usize,
+) -> Vec<i64> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let want = limit - out.len();
+        let mut seen = std::collections::HashSet::new();
+        let heads: Vec<(i64, String)> = (pending.iter())
+            .filter(|(_, t)| seen.insert(t.to_string()))
+            .filter(|(_, t)| running.get(*t).copied().unwrap_or(0) < max)
+            .take(want)
+            .map(|(id, t)| (*id, t.clone()))
+            .collect();
+        for (id, target) in &heads {
+            pending.remove(id);
+            *running.entry(target.clone()).or_default() += 1;
+            out.push(*id);
+        }
+        if heads.is_empty() || !(max > 1 || heads.len() == want) {
+            break;
+        }
+    }
+    out
+}
+
+on_both_backends! {
+async fn claims_take_the_oldest_heads_that_may_start_whatever_the_queue_spans(db: TestDb) {
+    let store = db.open().await;
+    let none = BreakerLimits::default();
+    // 400 runs over 60 targets in a scattered order, with a backlog of one busy target in the
+    // middle and every ninth run on it: claims whose oldest runs hold enough heads, and
+    // claims whose oldest runs wait behind the busy target.
+    let target = |i: usize| match (100..160).contains(&i) || i.is_multiple_of(9) {
+        true => "busy".to_string(),
+        false => format!("t{}", (i * 37) % 60),
+    };
+    let items = (0..400)
+        .map(|i| IntakeItem {
+            deferred: None,
+            alert: alert(&format!("h{i}")),
+            received_us: 0,
+            candidates: vec![candidate("p", &target(i), 0, "")],
+        })
+        .collect();
+    store.record_intake(items, none).await.unwrap();
+    let mut pending: std::collections::BTreeMap<i64, String> = store
+        .read(|c| c.rows("SELECT id, target FROM runs WHERE state = 'pending'", &[], |r| Ok((r.get(0)?, r.get(1)?))))
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(pending.len(), 400);
+    let mut running = std::collections::HashMap::new();
+    let mut executing: Vec<(i64, String)> = Vec::new();
+    let mut round = 0;
+    while !pending.is_empty() {
+        round += 1;
+        assert!(round < 500, "the queue does not drain");
+        let max = 1 + (round % 2) as u32;
+        let limit = [1, 3, 17, 64, 2][round % 5];
+        let expected = expected_claim(&mut pending, &mut running, max, limit);
+        let claimed = store.claim(max, limit).await.unwrap();
+        let got: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+        assert_eq!(got, expected, "round {round}: claim({max}, {limit})");
+        executing.extend(claimed.into_iter().map(|r| (r.id, r.target)));
+        // The older half of what executes ends.
+        for (id, target) in executing.drain(..executing.len().div_ceil(2)).collect::<Vec<_>>() {
+            store.run_finished(id, RunState::Succeeded, None, None, none, false).await.unwrap();
+            *running.get_mut(&target).unwrap() -= 1;
+        }
+    }
+    let (kept, counted) = target_load(&store).await;
+    assert_eq!(kept, counted);
+}
+}
+
 on_both_backends! {
 async fn a_playbooks_concurrency_limit_holds_at_intake_and_at_claim(db: TestDb) {
     let store = db.open().await;
