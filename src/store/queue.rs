@@ -191,11 +191,7 @@ pub(super) const TRY_LOCK_TARGET: &str =
 /// no room now.
 pub(super) fn playbook_has_room(c: &Db, playbook: &str, limit: u32) -> Result<bool, StoreError> {
     if c.is_pg() {
-        let locked: bool = c.one(
-            "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.playbook:' || ?1, 0))",
-            &[&playbook],
-            |r| r.get(0),
-        )?;
+        let locked: bool = c.one(TRY_LOCK_PLAYBOOK, &[&playbook], |r| r.get(0))?;
         if !locked {
             return Ok(false);
         }
@@ -310,11 +306,7 @@ fn claim_some(
         let want = limit - out.len();
         let found = heads(c, max, want)?;
         let before = out.len();
-        for head in &found {
-            if let Some(row) = claim_head(c, head, max, now, owner)? {
-                out.push(row);
-            }
-        }
+        out.extend(claim_heads(c, &found, &max, &now, &owner)?);
         // Another round only where a claim can have made room for a head not yet listed:
         // the next run of a target that takes several, or heads past a full list.
         let more = max_per_target > 1 || found.len() == want;
@@ -325,31 +317,24 @@ fn claim_some(
     Ok(out)
 }
 
-/// Claims a head, deciding again on what is committed (and on the row itself, should it
-/// have changed meanwhile). On PostgreSQL, where several replicas claim at once, under its
+/// Tries the lock of a playbook with a concurrency limit (PostgreSQL), the one intake takes
+/// for a playbook's breaker limit.
+const TRY_LOCK_PLAYBOOK: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.playbook:' || ?1, 0))";
+
+/// Claims heads, oldest first, each deciding again on what is committed (and on the row
+/// itself, should it have changed meanwhile), so that an earlier claim of the same alert or
+/// playbook counts. On PostgreSQL, where several replicas claim at once, each under its
 /// target's lock (and its playbook's, with a concurrency limit), tried, not waited for:
-/// `SKIP LOCKED` in effect.
-fn claim_head(
+/// `SKIP LOCKED` in effect. There every head's locks go in one round trip and the claims in
+/// a second; each claim is still its own statement, which sees the ones before it.
+fn claim_heads<'a>(
     c: &Db,
-    head: &Head,
-    max: i64,
-    now: i64,
-    owner: &str,
-) -> Result<Option<ClaimRow>, StoreError> {
-    let Head {
-        target,
-        playbook,
-        concurrency,
-    } = head;
-    if c.is_pg() {
-        if !try_lock_target(c, target)? {
-            return Ok(None);
-        }
-        let limit = u32::try_from(*concurrency).unwrap_or(0);
-        if limit > 0 && !playbook_has_room(c, playbook, limit)? {
-            return Ok(None);
-        }
-    }
+    heads: &'a [Head],
+    max: &'a i64,
+    now: &'a i64,
+    owner: &'a &str,
+) -> Result<Vec<ClaimRow>, StoreError> {
     static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?2), owner = ?4
@@ -360,7 +345,38 @@ fn claim_head(
              RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at"
         )
     });
-    c.row(&CLAIM, &[&max, &now, &target, &owner, &playbook], claim_row)
+    // A lock's answer, like a claim's, depends on nothing the batch writes.
+    let alone = || Keys::Only(Vec::new());
+    let limited = |h: &Head| h.concurrency > 0;
+    let mut locked: Vec<&Head> = heads.iter().collect();
+    if c.is_pg() {
+        for h in heads {
+            c.prefetch_on(TRY_LOCK_TARGET, &[&h.target], alone())?;
+            if limited(h) {
+                c.prefetch_on(TRY_LOCK_PLAYBOOK, &[&h.playbook], alone())?;
+            }
+        }
+        let mut all = Vec::new();
+        for h in heads {
+            let target: bool = c.one(TRY_LOCK_TARGET, &[&h.target], |r| r.get(0))?;
+            let playbook = !limited(h) || c.one(TRY_LOCK_PLAYBOOK, &[&h.playbook], |r| r.get(0))?;
+            if target && playbook {
+                all.push(h);
+            }
+        }
+        locked = all;
+    }
+    let params = |h: &'a Head| -> [&'a dyn super::db::Param; 5] {
+        [max, now, &h.target, owner, &h.playbook]
+    };
+    for h in &locked {
+        c.prefetch_on(&CLAIM, &params(h), alone())?;
+    }
+    let mut out = Vec::new();
+    for h in locked {
+        out.extend(c.row(&CLAIM, &params(h), claim_row)?);
+    }
+    Ok(out)
 }
 
 /// An alert, and when its webhook arrived (µs).
@@ -392,19 +408,17 @@ pub(super) fn alert_row(r: &super::db::Row) -> Result<(Alert, i64), StoreError> 
 }
 
 pub(super) fn load_alert(c: &Db, id: i64) -> Result<(Alert, i64), StoreError> {
-    c.one(
-        &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"),
-        &[&id],
-        alert_row,
-    )
+    c.one(&ALERT_BY_ID, &[&id], alert_row)
 }
 
+static ALERT_BY_ID: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"));
+
+const STEPS_OF_RUN: &str = "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error, approval, phase
+         FROM steps WHERE run_id = ?1 ORDER BY idx";
+
 pub(super) fn load_steps(c: &Db, run_id: i64) -> Result<Vec<StepRecord>, StoreError> {
-    c.rows(
-        "SELECT idx, name, action, args, timeout_ms, on_failure, state, started_at, finished_at, output, error, approval, phase
-         FROM steps WHERE run_id = ?1 ORDER BY idx",
-        &[&run_id],
-        |r| {
+    c.rows(STEPS_OF_RUN, &[&run_id], |r| {
         Ok(StepRecord {
             idx: r.get(0)?,
             name: r.get(1)?,
@@ -423,8 +437,7 @@ pub(super) fn load_steps(c: &Db, run_id: i64) -> Result<Vec<StepRecord>, StoreEr
             phase: r.get(12)?,
             artifacts: Vec::new(),
         })
-        },
-    )
+    })
 }
 
 impl Store {
@@ -645,14 +658,25 @@ pub(super) fn interrupt_running(
 
 /// Everything a claimed run needs to execute.
 fn load_claimed(c: &Db, rows: Vec<ClaimRow>) -> Result<Vec<ClaimedRun>, StoreError> {
+    const RESUMED: &str = "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1),
+                                  (SELECT undo_of FROM runs WHERE id = ?1)";
+    // On PostgreSQL every run's reads go out together: one round trip, not three a run.
+    for row in &rows {
+        c.prefetch(RESUMED, &[&row.id])?;
+        c.prefetch(&ALERT_BY_ID, &[&row.alert_id])?;
+        c.prefetch(STEPS_OF_RUN, &[&row.id])?;
+    }
+    let loaded = load_each(c, rows, RESUMED);
+    // None is left for a later read on this connection, whatever failed.
+    c.forget_answers();
+    loaded
+}
+
+fn load_each(c: &Db, rows: Vec<ClaimRow>, resumed: &str) -> Result<Vec<ClaimedRun>, StoreError> {
     rows.into_iter()
         .map(|row| {
-            let (resumed, undo_of): (bool, Option<i64>) = c.one(
-                "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1),
-                        (SELECT undo_of FROM runs WHERE id = ?1)",
-                &[&row.id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+            let (resumed, undo_of): (bool, Option<i64>) =
+                c.one(resumed, &[&row.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
             let (alert, received_us) = load_alert(c, row.alert_id)?;
             Ok(ClaimedRun {
                 id: row.id,

@@ -2273,6 +2273,47 @@ async fn one_alert_alone_costs_few_round_trips_on_postgres() {
     );
 }
 
+/// A claim of many runs on PostgreSQL: the heads listed, every head's try-lock, and every
+/// claim each go out in one round trip (with the transaction's start and end), not two round
+/// trips a run.
+#[tokio::test]
+async fn a_claim_of_many_runs_costs_a_few_round_trips_on_postgres() {
+    let db = TestDb::postgres();
+    let store = db.open().await;
+    let none = BreakerLimits::default();
+    let queue = |from: usize| {
+        (from..from + 17)
+            .map(|i| IntakeItem {
+                deferred: None,
+                alert: alert(&format!("h{i}")),
+                received_us: 0,
+                candidates: vec![candidate("p", &format!("t{i}"), 0, "")],
+            })
+            .collect()
+    };
+    // Every statement prepared once on the writer's connection first.
+    store.record_intake(queue(0), none).await.unwrap();
+    assert_eq!(store.claim(1, 17).await.unwrap().len(), 17);
+    store.record_intake(queue(100), none).await.unwrap();
+    let oldest: Vec<i64> = store
+        .read(|c| {
+            c.rows(
+                "SELECT id FROM runs WHERE state = 'pending' ORDER BY id LIMIT 16",
+                &[],
+                |r| r.get(0),
+            )
+        })
+        .await
+        .unwrap();
+    let before = store.write_counts();
+    let claimed = store.claim(1, 16).await.unwrap();
+    let trips = store.write_counts().round_trips - before.round_trips;
+    let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+    assert_eq!(ids, oldest, "the 16 oldest");
+    eprintln!("{trips} round trips to claim 16 runs");
+    assert!(trips <= 4, "{trips} round trips to claim 16 runs");
+}
+
 // A batch's alerts are decided as if one after the other, though on PostgreSQL their reads
 // go out together ahead of every write (one round trip for the batch): an alert's answers
 // are read again where an alert before it in the batch recorded a run for the same
