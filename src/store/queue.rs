@@ -213,9 +213,13 @@ const HEAD_OF_TARGET: &str = "p.id = (SELECT q.id FROM runs q WHERE q.state = 'p
 const TARGET_HAS_ROOM: &str =
     "coalesce((SELECT l.running FROM target_load l WHERE l.target = p.target), 0) < ?1";
 /// ...and its playbook does not already run for the same alert, and has room under its
-/// concurrency limit.
-const PLAYBOOK_ALLOWS: &str = "NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = p.playbook
-                    AND o.fingerprint = p.fingerprint AND o.state = 'running')
+/// concurrency limit. The first is written so that only `runs_running_alert` (by
+/// fingerprint) can serve it: `IS NOT DISTINCT FROM` (the same as `=` on a column that is
+/// never null) is no index condition on PostgreSQL. With statistics that lag a storm, its
+/// planner took the playbook's index instead, whose entries grow with every run of the
+/// playbook until a vacuum: 0.1 ms a head, against 2 µs.
+const PLAYBOOK_ALLOWS: &str = "NOT EXISTS (SELECT 1 FROM runs o WHERE o.fingerprint = p.fingerprint
+                    AND o.playbook IS NOT DISTINCT FROM p.playbook AND o.state = 'running')
     AND (p.concurrency = 0 OR (SELECT count(*) FROM runs o WHERE o.playbook = p.playbook
                                 AND o.state = 'running') < p.concurrency)";
 
