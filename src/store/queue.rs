@@ -205,7 +205,7 @@ pub(super) fn playbook_has_room(c: &Db, playbook: &str, limit: u32) -> Result<bo
 }
 
 /// The rules a run may start on, each listing ([`WALK`], [`HEADS`]) and each claim
-/// ([`claim_head`], deciding again) applies to a pending run `p`; `?1` is the per-target
+/// ([`claim_heads`], deciding again) applies to a pending run `p`; `?1` is the per-target
 /// limit. It is its target's head (the target's oldest pending run)...
 const HEAD_OF_TARGET: &str = "p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending'
                                      AND q.target = p.target ORDER BY q.id LIMIT 1)";
