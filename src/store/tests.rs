@@ -2310,6 +2310,17 @@ async fn a_claim_of_many_runs_costs_a_few_round_trips_on_postgres() {
     let trips = store.write_counts().round_trips - before.round_trips;
     let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
     assert_eq!(ids, oldest, "the 16 oldest");
+    // Each run loaded with its own alert and steps (their reads went out together).
+    for run in &claimed {
+        let instance = run.alert.labels.get("instance").map(String::as_str);
+        assert_eq!(
+            instance,
+            Some(&*format!("h{}", &run.target[1..])),
+            "run {}",
+            run.id
+        );
+        assert_eq!(run.steps.len(), 1, "run {}", run.id);
+    }
     eprintln!("{trips} round trips to claim 16 runs");
     assert!(trips <= 4, "{trips} round trips to claim 16 runs");
 }
