@@ -696,6 +696,19 @@ async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
 }
 
 /// Waits (bounded) until the run is in `state`.
+/// The writes committed since `before`, waited for until there are `expected`: the count is
+/// taken just after a write commits, so it can trail a state read through the API.
+async fn writes_since(api: &TestApi, before: u64, expected: u64) -> u64 {
+    for _ in 0..500 {
+        let writes = api.store.write_counts().writes - before;
+        if writes >= expected {
+            return writes;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    api.store.write_counts().writes - before
+}
+
 pub(super) async fn wait_state(api: &TestApi, run_id: i64, state: &str) -> Value {
     let path = format!("/api/v1/runs/{run_id}");
     for _ in 0..500 {
@@ -810,16 +823,11 @@ async fn a_new_run_on_a_free_target_starts_in_the_intake_commit() {
     assert_eq!(run["steps"][0]["state"], "succeeded", "{run}");
     // One write from the webhook to the first step running, one for its result and the
     // run's end (it was five: intake, claim, step start, step result, run end).
-    // The count is taken just after a write commits, so it can trail the state read above.
-    let mut writes = api.store.write_counts().writes - before;
-    for _ in 0..500 {
-        if writes >= 2 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        writes = api.store.write_counts().writes - before;
-    }
-    assert_eq!(writes, 2, "writes for a one-step run");
+    assert_eq!(
+        writes_since(&api, before, 2).await,
+        2,
+        "writes for a one-step run"
+    );
     let audit = api.view("/api/v1/audit").await;
     let steps: Vec<&Value> = (audit.as_array().unwrap().iter())
         .filter(|e| e["action"] == "step.log")
@@ -1438,7 +1446,7 @@ async fn each_step_boundary_is_one_write() {
     let run = wait_state(&api, run_id, "failed").await;
     assert_eq!(run["steps"][0]["state"], "succeeded", "{run}");
     assert_eq!(run["steps"][1]["state"], "failed", "{run}");
-    assert_eq!(api.store.write_counts().writes - before, 3);
+    assert_eq!(writes_since(&api, before, 3).await, 3);
     let audit = api.view("/api/v1/audit").await;
     let steps = (audit.as_array().unwrap().iter())
         .filter(|e| e["action"].as_str().unwrap().starts_with("step."))
