@@ -352,24 +352,25 @@ fn claim_heads<'a>(
     // A lock's answer, like a claim's, depends on nothing the batch writes.
     let alone = || Keys::Only(Vec::new());
     let limited = |h: &Head| h.concurrency > 0;
-    let mut locked: Vec<&Head> = heads.iter().collect();
-    if c.is_pg() {
+    let locked: Vec<&Head> = if c.is_pg() {
         for h in heads {
             c.prefetch_on(TRY_LOCK_TARGET, &[&h.target], alone())?;
             if limited(h) {
                 c.prefetch_on(TRY_LOCK_PLAYBOOK, &[&h.playbook], alone())?;
             }
         }
-        let mut all = Vec::new();
+        let mut locked = Vec::new();
         for h in heads {
             let target: bool = c.one(TRY_LOCK_TARGET, &[&h.target], |r| r.get(0))?;
             let playbook = !limited(h) || c.one(TRY_LOCK_PLAYBOOK, &[&h.playbook], |r| r.get(0))?;
             if target && playbook {
-                all.push(h);
+                locked.push(h);
             }
         }
-        locked = all;
-    }
+        locked
+    } else {
+        heads.iter().collect()
+    };
     let params = |h: &'a Head| -> [&'a dyn super::db::Param; 5] {
         [max, now, &h.target, owner, &h.playbook]
     };
@@ -660,27 +661,29 @@ pub(super) fn interrupt_running(
     Ok(ids)
 }
 
+/// Whether a claimed run was approved before (it resumes), and the run it undoes.
+const RESUMED: &str = "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1),
+                              (SELECT undo_of FROM runs WHERE id = ?1)";
+
 /// Everything a claimed run needs to execute.
 fn load_claimed(c: &Db, rows: Vec<ClaimRow>) -> Result<Vec<ClaimedRun>, StoreError> {
-    const RESUMED: &str = "SELECT EXISTS (SELECT 1 FROM approvals WHERE run_id = ?1),
-                                  (SELECT undo_of FROM runs WHERE id = ?1)";
     // On PostgreSQL every run's reads go out together: one round trip, not three a run.
     for row in &rows {
         c.prefetch(RESUMED, &[&row.id])?;
         c.prefetch(&ALERT_BY_ID, &[&row.alert_id])?;
         c.prefetch(STEPS_OF_RUN, &[&row.id])?;
     }
-    let loaded = load_each(c, rows, RESUMED);
+    let loaded = load_each(c, rows);
     // None is left for a later read on this connection, whatever failed.
     c.forget_answers();
     loaded
 }
 
-fn load_each(c: &Db, rows: Vec<ClaimRow>, resumed: &str) -> Result<Vec<ClaimedRun>, StoreError> {
+fn load_each(c: &Db, rows: Vec<ClaimRow>) -> Result<Vec<ClaimedRun>, StoreError> {
     rows.into_iter()
         .map(|row| {
             let (resumed, undo_of): (bool, Option<i64>) =
-                c.one(resumed, &[&row.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                c.one(RESUMED, &[&row.id], |r| Ok((r.get(0)?, r.get(1)?)))?;
             let (alert, received_us) = load_alert(c, row.alert_id)?;
             Ok(ClaimedRun {
                 id: row.id,
