@@ -791,10 +791,10 @@ fn prefetch_facts(
             Keys::Only(Vec::new()),
         )?;
         c.prefetch_on(
-            MAY_START,
+            &MAY_START,
             &[
-                &plan.target,
                 &i64::from(start.max_per_target),
+                &plan.target,
                 &cand.playbook,
                 &a.fingerprint,
             ],
@@ -816,12 +816,18 @@ fn facts_depend(a: &Alert, cand: &Candidate) -> Keys {
 }
 
 /// Whether a run may start now on its target: room on it, no older run waiting for it, and
-/// none of the playbook executing for the same alert.
-const MAY_START: &str =
-    "SELECT coalesce((SELECT running FROM target_load WHERE target = ?1), 0) < ?2
-                   AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.state = 'pending' AND p.target = ?1)
-                   AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?3 AND o.fingerprint = ?4
-                                   AND o.state = 'running')";
+/// none of the playbook executing for the same alert; the queue's rules, applied to the run
+/// about to be recorded (`?1` the per-target limit, then its target, playbook, fingerprint).
+pub(super) static MAY_START: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use super::queue::{ALERT_IDLE, TARGET_HAS_ROOM};
+    format!(
+        "SELECT {TARGET_HAS_ROOM}
+           AND NOT EXISTS (SELECT 1 FROM runs q WHERE q.state = 'pending' AND q.target = p.target)
+           AND {ALERT_IDLE}
+         FROM (SELECT CAST(?2 AS TEXT) AS target, CAST(?3 AS TEXT) AS playbook,
+                      CAST(?4 AS TEXT) AS fingerprint) p"
+    )
+});
 
 /// Starts new runs inside the intake transaction while it has slots.
 pub(super) struct Starter {
@@ -859,10 +865,10 @@ impl Starter {
             return Ok(false);
         }
         c.one(
-            MAY_START,
+            &MAY_START,
             &[
-                &plan.target,
                 &i64::from(self.max_per_target),
+                &plan.target,
                 &playbook,
                 &fingerprint,
             ],

@@ -734,6 +734,25 @@ CREATE TABLE autonomy (
   changed_at INTEGER
 );
 "#,
+    // 22: no counts kept by target. The queue's rules count a target's runs executing in
+    // `runs_running` and find the targets with pending runs by skipping through
+    // `runs_pending_target`, so a run's change of state costs no trigger. Each index of the
+    // runs executing serves only lookups by its key (`key IS NOT NULL` in its predicate, which
+    // a condition on the key implies): while all of them are small, as in a new database's
+    // first storm, PostgreSQL's planner found a scan of any one as cheap as a lookup, and
+    // kept the plan that walked every running run of the playbook for each alert.
+    r#"
+DROP TRIGGER target_load_insert;
+DROP TRIGGER target_load_update;
+DROP TABLE target_load;
+DROP INDEX runs_running;
+CREATE INDEX runs_running ON runs(target) WHERE state = 'running' AND target IS NOT NULL;
+DROP INDEX runs_running_alert;
+CREATE INDEX runs_running_alert ON runs(fingerprint, playbook)
+  WHERE state = 'running' AND fingerprint IS NOT NULL;
+DROP INDEX runs_running_playbook;
+CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running' AND playbook IS NOT NULL;
+"#,
 ];
 
 impl Store {

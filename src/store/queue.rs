@@ -209,18 +209,24 @@ pub(super) fn playbook_has_room(c: &Db, playbook: &str, limit: u32) -> Result<bo
 /// limit. It is its target's head (the target's oldest pending run)...
 const HEAD_OF_TARGET: &str = "p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending'
                                      AND q.target = p.target ORDER BY q.id LIMIT 1)";
-/// ...on a target with fewer than `?1` runs executing...
-const TARGET_HAS_ROOM: &str =
-    "coalesce((SELECT l.running FROM target_load l WHERE l.target = p.target), 0) < ?1";
-/// ...and its playbook does not already run for the same alert, and has room under its
-/// concurrency limit. The first is written so that only `runs_running_alert` (by
-/// fingerprint) can serve it: `IS NOT DISTINCT FROM` (the same as `=` on a column that is
-/// never null) is no index condition on PostgreSQL. With statistics that lag a storm, its
-/// planner took the playbook's index instead, whose entries grow with every run of the
-/// playbook until a vacuum: 0.1 ms a head, against 2 µs.
-const PLAYBOOK_ALLOWS: &str = "NOT EXISTS (SELECT 1 FROM runs o WHERE o.fingerprint = p.fingerprint
-                    AND o.playbook IS NOT DISTINCT FROM p.playbook AND o.state = 'running')
-    AND (p.concurrency = 0 OR (SELECT count(*) FROM runs o WHERE o.playbook = p.playbook
+/// ...on a target with fewer than `?1` runs executing (counted in `runs_running`: a few
+/// entries a target, however long its queue or its history; the indexes of the runs
+/// executing serve lookups by their keys only, migration 22)...
+pub(super) const TARGET_HAS_ROOM: &str =
+    "(SELECT count(*) FROM runs r WHERE r.target = p.target AND r.state = 'running') < ?1";
+/// ...its playbook does not already run for the same alert...  Written so that only
+/// `runs_running_alert` (by fingerprint) can serve it: `IS NOT DISTINCT FROM` (the same as
+/// `=` on a column that is never null) is no condition on the playbook, so it neither makes
+/// `runs_running_playbook` usable (its predicate wants `playbook IS NOT NULL`) nor is an
+/// index condition. With statistics that lag a storm, PostgreSQL's planner took the
+/// playbook's index, whose entries grow with every run of the playbook until a vacuum:
+/// 0.1 ms a head, against 2 µs.
+pub(super) const ALERT_IDLE: &str =
+    "NOT EXISTS (SELECT 1 FROM runs o WHERE o.fingerprint = p.fingerprint
+                    AND o.playbook IS NOT DISTINCT FROM p.playbook AND o.state = 'running')";
+/// ...and has room under its concurrency limit.
+const PLAYBOOK_HAS_ROOM: &str =
+    "(p.concurrency = 0 OR (SELECT count(*) FROM runs o WHERE o.playbook = p.playbook
                                 AND o.state = 'running') < p.concurrency)";
 
 /// The heads that may start among the oldest `?2` pending runs, oldest first, at most `?3`,
@@ -231,25 +237,29 @@ static WALK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH w AS MATERIALIZED (SELECT id FROM runs WHERE state = 'pending' ORDER BY id LIMIT ?2),
            h AS (SELECT p.id, p.target, p.playbook, p.concurrency FROM w JOIN runs p ON p.id = w.id
-                 WHERE {HEAD_OF_TARGET} AND {TARGET_HAS_ROOM} AND {PLAYBOOK_ALLOWS}
+                 WHERE {HEAD_OF_TARGET} AND {TARGET_HAS_ROOM} AND {ALERT_IDLE} AND {PLAYBOOK_HAS_ROOM}
                  ORDER BY p.id LIMIT ?3)
          SELECT (SELECT count(*) FROM w), h.target, h.playbook, h.concurrency
          FROM (SELECT 1) one LEFT JOIN h ON true ORDER BY h.id"
     )
 });
 
-/// The heads that may start, oldest first, at most `?2`, from the targets with pending runs
-/// (`target_load`: one index probe per such target, whatever their backlogs): for a queue
-/// whose oldest runs wait behind full targets, where [`WALK`] finds too few. With no run
-/// pending at all it reads nothing else: on PostgreSQL `target_load` is a sum over the
-/// deltas since the last fold.
+/// The heads that may start, oldest first, at most `?2`, from the targets with pending runs:
+/// for a queue whose oldest runs wait behind full targets, where [`WALK`] finds too few. The
+/// targets are found by skipping through `runs_pending_target` (each step the next target
+/// after the last, one index probe), so a target's backlog costs one probe, not its length.
 static HEADS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "SELECT p.id, p.target, p.playbook, p.concurrency FROM target_load l
+        "WITH RECURSIVE t(target) AS (
+           SELECT (SELECT q.target FROM runs q WHERE q.state = 'pending' ORDER BY q.target LIMIT 1)
+           UNION ALL
+           SELECT (SELECT q.target FROM runs q WHERE q.state = 'pending' AND q.target > t.target
+                   ORDER BY q.target LIMIT 1)
+           FROM t WHERE t.target IS NOT NULL)
+         SELECT p.id, p.target, p.playbook, p.concurrency FROM t
          JOIN runs p ON p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending'
-                                AND q.target = l.target ORDER BY q.id LIMIT 1)
-         WHERE EXISTS (SELECT 1 FROM runs e WHERE e.state = 'pending')
-           AND l.pending > 0 AND l.running < ?1 AND {PLAYBOOK_ALLOWS}
+                                AND q.target = t.target ORDER BY q.id LIMIT 1)
+         WHERE {TARGET_HAS_ROOM} AND {ALERT_IDLE} AND {PLAYBOOK_HAS_ROOM}
          ORDER BY p.id LIMIT ?2"
     )
 });
@@ -344,7 +354,7 @@ fn claim_heads<'a>(
             "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?2), owner = ?4
              WHERE id = (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = ?3
                          AND p.playbook = ?5 AND {HEAD_OF_TARGET} AND {TARGET_HAS_ROOM}
-                         AND {PLAYBOOK_ALLOWS})
+                         AND {ALERT_IDLE} AND {PLAYBOOK_HAS_ROOM})
                AND state = 'pending'
              RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at"
         )
@@ -646,7 +656,9 @@ pub(super) fn interrupt_running(
     run_error: &str,
 ) -> Result<Vec<i64>, StoreError> {
     let ids: Vec<i64> = c.rows(
-        "SELECT id FROM runs WHERE state = 'running' AND (owner = ?1 OR ?1 IS NULL) ORDER BY id",
+        // (`target` is never null: so said, `runs_running` serves it.)
+        "SELECT id FROM runs WHERE state = 'running' AND target IS NOT NULL
+           AND (owner = ?1 OR ?1 IS NULL) ORDER BY id",
         &[&owner],
         |r| r.get(0),
     )?;
