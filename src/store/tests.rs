@@ -1722,9 +1722,15 @@ async fn both_backends_have_the_same_tables_columns_and_indexes() {
     let (sqlite, pg) = (lite_db.open().await, pg_db.open().await);
     let (lite_tables, lite_indexes) = live_schema(&sqlite, true).await;
     let (mut pg_tables, pg_indexes) = live_schema(&pg, false).await;
-    // PostgreSQL's own: which replicas hold leases (SQLite has one writer, no leases), and the
-    // migration version (SQLite keeps it in `PRAGMA user_version`).
-    for only_pg in ["replicas", "reflex_schema"] {
+    // PostgreSQL's own: which replicas hold leases (SQLite has one writer, no leases), the
+    // migration version (SQLite keeps it in `PRAGMA user_version`), and what a replica one
+    // version behind reads through a rolling upgrade (SQLite has no rolling upgrade).
+    for only_pg in [
+        "replicas",
+        "reflex_schema",
+        "target_load",
+        "target_load_delta",
+    ] {
         assert!(
             pg_tables.remove(only_pg).is_some(),
             "{only_pg} is gone from PostgreSQL"
@@ -1741,6 +1747,7 @@ async fn both_backends_have_the_same_tables_columns_and_indexes() {
     // PostgreSQL's own: the runs each replica holds (a lease's takeover looks them up).
     let mut pg_indexes = pg_indexes;
     assert!(pg_indexes.remove("runs_owner"));
+    assert!(pg_indexes.remove("target_load_delta_target"));
     assert_eq!(lite_indexes, pg_indexes, "the same indexes");
 }
 
