@@ -695,7 +695,6 @@ async fn an_approval_expires_by_the_clock_and_its_run_ends_without_acting() {
     assert_eq!(run["steps"][0]["state"], "skipped", "{run}");
 }
 
-/// Waits (bounded) until the run is in `state`.
 /// The writes committed since `before`, waited for until there are `expected`: the count is
 /// taken just after a write commits, so it can trail a state read through the API.
 async fn writes_since(api: &TestApi, before: u64, expected: u64) -> u64 {
@@ -709,6 +708,7 @@ async fn writes_since(api: &TestApi, before: u64, expected: u64) -> u64 {
     api.store.write_counts().writes - before
 }
 
+/// Waits (bounded) until the run is in `state`.
 pub(super) async fn wait_state(api: &TestApi, run_id: i64, state: &str) -> Value {
     let path = format!("/api/v1/runs/{run_id}");
     for _ in 0..500 {

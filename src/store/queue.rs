@@ -656,7 +656,8 @@ pub(super) fn interrupt_running(
     run_error: &str,
 ) -> Result<Vec<i64>, StoreError> {
     let ids: Vec<i64> = c.rows(
-        // (`target` is never null: so said, `runs_running` serves it.)
+        // `target` is never null; said here, the condition lets `runs_running` (whose
+        // predicate wants it) serve the query.
         "SELECT id FROM runs WHERE state = 'running' AND target IS NOT NULL
            AND (owner = ?1 OR ?1 IS NULL) ORDER BY id",
         &[&owner],
