@@ -136,7 +136,7 @@ fn app_state(
         .transpose()
         .map_err(|e| anyhow::anyhow!("notify.mattermost_app: {e}"))?
         .map(Arc::new);
-    Ok(AppState {
+    Ok(AppState::new(api::Shared {
         engine,
         store,
         max_body_bytes: cfg.intake.max_body_bytes,
@@ -150,7 +150,7 @@ fn app_state(
         streams: Arc::new(api::console::streams::Streams::new(
             cfg.server.max_connections,
         )),
-    })
+    }))
 }
 
 /// How long shutdown waits for the remaining tasks (chat messages still queued) once the

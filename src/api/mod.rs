@@ -33,9 +33,28 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
 
-/// State shared by all handlers.
+/// State shared by all handlers: one pointer, so that the clone each extractor and middleware
+/// takes of it costs one reference count, not one for each of its parts.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// The handlers' state made of its parts.
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What the handlers share (see [`AppState`]).
+pub struct Shared {
     /// The engine.
     pub engine: Arc<Engine>,
     /// The store.

@@ -177,7 +177,7 @@ impl TestApi {
             Notifier::default(),
             tokio_util::sync::CancellationToken::new(),
         );
-        let state = AppState {
+        let state = AppState::new(super::Shared {
             engine: engine.clone(),
             store: store.clone(),
             max_body_bytes: cfg.intake.max_body_bytes,
@@ -199,7 +199,7 @@ impl TestApi {
             streams: Arc::new(super::console::streams::Streams::new(
                 cfg.server.max_connections,
             )),
-        };
+        });
         TestApi {
             router: router(state.clone()),
             state,
