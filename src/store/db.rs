@@ -190,7 +190,7 @@ impl Queued {
 
 /// A parameter already encoded for its statement: a queued statement owns its parameters.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Encoded(Option<Vec<u8>>);
+struct Encoded(Option<bytes::Bytes>);
 
 impl postgres::types::ToSql for Encoded {
     fn to_sql(
@@ -453,14 +453,16 @@ impl PgConn {
     ) -> Result<(tokio_postgres::Statement, Vec<Encoded>), StoreError> {
         let statement = self.prepare(sql)?;
         let mut encoded = Vec::with_capacity(params.len());
+        // One buffer for all of them: each parameter is a slice of it.
+        let mut buf = bytes::BytesMut::with_capacity(32 * params.len());
         for (p, ty) in params.iter().zip(statement.params()) {
-            let mut buf = bytes::BytesMut::new();
             let null = p
                 .to_sql_checked(ty, &mut buf)
                 .map_err(|e| StoreError::Config(format!("encoding a parameter of `{sql}`: {e}")))?;
+            let value = buf.split().freeze();
             encoded.push(Encoded(match null {
                 postgres::types::IsNull::Yes => None,
-                postgres::types::IsNull::No => Some(buf.to_vec()),
+                postgres::types::IsNull::No => Some(value),
             }));
         }
         Ok((statement, encoded))
