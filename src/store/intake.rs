@@ -782,12 +782,15 @@ fn prefetch_facts(
         && plan.starts_ungated()
         && plan.concurrency == 0
     {
-        // The target's try-lock is taken here even when the rules stop before asking: a
-        // lock held a little longer than needed, never one missing. Its answer stands: a lock
-        // taken is not undone by a write.
+        // The target's and the alert's try-locks are taken here even when the rules stop
+        // before asking: a lock held a little longer than needed, never one missing. Its
+        // answer stands: a lock taken is not undone by a write.
         c.prefetch_on(
-            super::queue::TRY_LOCK_TARGET,
-            &[&plan.target],
+            super::queue::TRY_LOCK_START,
+            &[
+                &plan.target,
+                &super::queue::start_lock(&cand.playbook, &a.fingerprint),
+            ],
             Keys::Only(Vec::new()),
         )?;
         c.prefetch_on(
@@ -855,9 +858,10 @@ impl Starter {
         if self.left == 0 || !plan.starts_ungated() {
             return Ok(false);
         }
-        // On PostgreSQL, decided under the target's lock; a target another replica is
-        // deciding on gets a pending run, claimed later.
-        if c.is_pg() && !super::queue::try_lock_target(c, &plan.target)? {
+        // On PostgreSQL, decided under the target's and the alert's locks; a target or an
+        // alert another replica is deciding on gets a pending run, claimed later.
+        let key = || super::queue::start_lock(playbook, fingerprint);
+        if c.is_pg() && !super::queue::try_lock_start(c, &plan.target, &key())? {
             return Ok(false);
         }
         if plan.concurrency > 0 && !super::queue::playbook_has_room(c, playbook, plan.concurrency)?

@@ -148,10 +148,9 @@ pub struct StepRecord {
     pub artifacts: Vec<super::ArtifactInfo>,
 }
 
-/// The claimed row of a run; the rest is loaded off the writer.
 /// What the claiming statement returns of a run; the rest is read off the writer.
 #[derive(Clone)]
-struct ClaimRow {
+pub(super) struct ClaimRow {
     id: i64,
     playbook: String,
     dry_run: bool,
@@ -175,15 +174,27 @@ fn claim_row(r: &super::db::Row) -> Result<ClaimRow, StoreError> {
     })
 }
 
-/// The advisory lock a replica holds on a target while it decides whether a run may start on
-/// it (PostgreSQL): the per-target limit holds across replicas. Never waited for: a target
-/// another replica is deciding on is skipped, so no two batches wait on each other.
-pub(super) fn try_lock_target(c: &Db, target: &str) -> Result<bool, StoreError> {
-    c.one(TRY_LOCK_TARGET, &[&target], |r| r.get(0))
+/// The advisory locks a replica holds while it decides whether a run may start (PostgreSQL),
+/// tried, never waited for, so that no two batches wait on each other: its target's, so
+/// that the per-target limit holds across replicas, and its alert's for its playbook, so that
+/// one run of a playbook for an alert executes at a time across replicas even when two of its
+/// runs have different targets (neither replica would see the other's run `running` before
+/// it commits). A run whose locks another replica holds is not started now: it waits,
+/// pending, for a later claim.
+pub(super) fn try_lock_start(c: &Db, target: &str, key: &str) -> Result<bool, StoreError> {
+    c.one(TRY_LOCK_START, &[&target, &key], |r| r.get(0))
 }
 
-pub(super) const TRY_LOCK_TARGET: &str =
-    "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))";
+/// [`try_lock_start`]'s statement: `?1` the target, `?2` [`start_lock`]'s key.
+pub(super) const TRY_LOCK_START: &str =
+    "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))
+        AND pg_try_advisory_xact_lock(hashtextextended(?2, 0))";
+
+/// The key of the lock on starting a playbook's runs for an alert (see [`try_lock_start`]).
+pub(super) fn start_lock(playbook: &str, fingerprint: &str) -> String {
+    // A unit separator: neither a playbook name nor a fingerprint holds one.
+    format!("reflex.start:{playbook}\u{1f}{fingerprint}")
+}
 
 /// Whether a playbook with a concurrency limit has room for one more run executing. On
 /// PostgreSQL it is decided under the playbook's lock (the one intake takes for a playbook's
@@ -236,10 +247,11 @@ const PLAYBOOK_HAS_ROOM: &str =
 static WALK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH w AS MATERIALIZED (SELECT id FROM runs WHERE state = 'pending' ORDER BY id LIMIT ?2),
-           h AS (SELECT p.id, p.target, p.playbook, p.concurrency FROM w JOIN runs p ON p.id = w.id
+           h AS (SELECT p.id, p.target, p.playbook, p.concurrency, p.fingerprint
+                 FROM w JOIN runs p ON p.id = w.id
                  WHERE {HEAD_OF_TARGET} AND {TARGET_HAS_ROOM} AND {ALERT_IDLE} AND {PLAYBOOK_HAS_ROOM}
                  ORDER BY p.id LIMIT ?3)
-         SELECT (SELECT count(*) FROM w), h.target, h.playbook, h.concurrency
+         SELECT (SELECT count(*) FROM w), h.target, h.playbook, h.concurrency, h.fingerprint
          FROM (SELECT 1) one LEFT JOIN h ON true ORDER BY h.id"
     )
 });
@@ -256,7 +268,7 @@ static HEADS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
            SELECT (SELECT q.target FROM runs q WHERE q.state = 'pending' AND q.target > t.target
                    ORDER BY q.target LIMIT 1)
            FROM t WHERE t.target IS NOT NULL)
-         SELECT p.id, p.target, p.playbook, p.concurrency FROM t
+         SELECT p.id, p.target, p.playbook, p.concurrency, p.fingerprint FROM t
          JOIN runs p ON p.id = (SELECT q.id FROM runs q WHERE q.state = 'pending'
                                 AND q.target = t.target ORDER BY q.id LIMIT 1)
          WHERE {TARGET_HAS_ROOM} AND {ALERT_IDLE} AND {PLAYBOOK_HAS_ROOM}
@@ -273,6 +285,7 @@ struct Head {
     target: String,
     playbook: String,
     concurrency: i64,
+    fingerprint: String,
 }
 
 /// The oldest heads that may start, at most `want`: those among the oldest pending runs
@@ -281,15 +294,20 @@ fn heads(c: &Db, max: i64, want: usize) -> Result<Vec<Head>, StoreError> {
     let (walk, want) = ((want + WALK_SLACK) as i64, want as i64);
     let mut walked = 0;
     let mut found = Vec::new();
-    for (n, target, playbook, concurrency) in c.rows(&WALK, &[&max, &walk, &want], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-    })? {
+    for (n, target, playbook, concurrency, fingerprint) in
+        c.rows(&WALK, &[&max, &walk, &want], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+    {
         walked = n;
-        if let (Some(target), Some(playbook), Some(concurrency)) = (target, playbook, concurrency) {
+        if let (Some(target), Some(playbook), Some(concurrency), Some(fingerprint)) =
+            (target, playbook, concurrency, fingerprint)
+        {
             found.push(Head {
                 target,
                 playbook,
                 concurrency,
+                fingerprint,
             });
         }
     }
@@ -301,13 +319,14 @@ fn heads(c: &Db, max: i64, want: usize) -> Result<Vec<Head>, StoreError> {
             target: r.get(1)?,
             playbook: r.get(2)?,
             concurrency: r.get(3)?,
+            fingerprint: r.get(4)?,
         })
     })
 }
 
 /// Claims the oldest pending runs that may start, at most `limit`, one per target at a time
 /// (see [`Store::claim`]).
-fn claim_some(
+pub(super) fn claim_some(
     c: &Db,
     max_per_target: u32,
     limit: usize,
@@ -338,10 +357,11 @@ const TRY_LOCK_PLAYBOOK: &str =
 
 /// Claims heads, oldest first, each deciding again on what is committed (and on the row
 /// itself, should it have changed meanwhile), so that an earlier claim of the same alert or
-/// playbook counts. On PostgreSQL, where several replicas claim at once, each under its
-/// target's lock (and its playbook's, with a concurrency limit), tried, not waited for:
-/// `SKIP LOCKED` in effect. There every head's locks go in one round trip and the claims in
-/// a second; each claim is still its own statement, which sees the ones before it.
+/// playbook counts. On PostgreSQL, where several replicas claim at once, each under the locks
+/// a run starts under ([`try_lock_start`]) and its playbook's with a concurrency limit, tried,
+/// not waited for: `SKIP LOCKED` in effect. There every head's locks go in one round trip and
+/// the claims in a second; each claim is still its own statement, which sees the ones before
+/// it.
 fn claim_heads<'a>(
     c: &Db,
     heads: &'a [Head],
@@ -363,17 +383,20 @@ fn claim_heads<'a>(
     let alone = || Keys::Only(Vec::new());
     let limited = |h: &Head| h.concurrency > 0;
     let locked: Vec<&Head> = if c.is_pg() {
-        for h in heads {
-            c.prefetch_on(TRY_LOCK_TARGET, &[&h.target], alone())?;
+        let keys: Vec<String> = (heads.iter())
+            .map(|h| start_lock(&h.playbook, &h.fingerprint))
+            .collect();
+        for (h, key) in heads.iter().zip(&keys) {
+            c.prefetch_on(TRY_LOCK_START, &[&h.target, key], alone())?;
             if limited(h) {
                 c.prefetch_on(TRY_LOCK_PLAYBOOK, &[&h.playbook], alone())?;
             }
         }
         let mut locked = Vec::new();
-        for h in heads {
-            let target: bool = c.one(TRY_LOCK_TARGET, &[&h.target], |r| r.get(0))?;
+        for (h, key) in heads.iter().zip(&keys) {
+            let start = try_lock_start(c, &h.target, key)?;
             let playbook = !limited(h) || c.one(TRY_LOCK_PLAYBOOK, &[&h.playbook], |r| r.get(0))?;
-            if target && playbook {
+            if start && playbook {
                 locked.push(h);
             }
         }

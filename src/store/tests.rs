@@ -1118,6 +1118,113 @@ mod replicas {
         }
     }
 
+    /// Three runs of one playbook for one alert (three occurrences), each on a target of its
+    /// own. While one replica is claiming the first, its transaction not yet committed, the
+    /// other neither claims the second nor starts the third at intake: its run would not be
+    /// `running` for them to see, so the rule of one run of a playbook for an alert at a time
+    /// holds by the lock a run starts under. Once the first runs, the others wait for it
+    /// to end, then start one at a time.
+    #[tokio::test]
+    async fn a_run_being_claimed_keeps_the_others_of_its_playbook_and_alert_from_starting() {
+        let (_db, stores) = replicas(2).await;
+        let none = BreakerLimits::default();
+        let occurrence = |n: u32, target: &str| IntakeItem {
+            deferred: None,
+            alert: Alert {
+                starts_at: format!("2026-12-06T00:00:0{n}Z"),
+                ..alert("x")
+            },
+            received_us: 0,
+            candidates: vec![candidate("p", target, 0, "")],
+        };
+        let queued = (stores[0])
+            .record_intake(vec![occurrence(1, "t1"), occurrence(2, "t2")], none)
+            .await
+            .unwrap();
+        assert!(
+            queued
+                .iter()
+                .flatten()
+                .all(|o| matches!(o, Outcome::Created { .. })),
+            "{queued:?}"
+        );
+        // The first replica claims the oldest run and holds its transaction open until told.
+        let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
+        let mut claimed_tx = Some(claimed_tx);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let store = stores[0].clone();
+            let now = store.now_ms();
+            tokio::spawn(async move {
+                (store.write(move |c| {
+                    let rows = crate::store::queue::claim_some(c, 1, 1, now, "holder")?;
+                    if let Some(tx) = claimed_tx.take() {
+                        let _ = tx.send(rows.len());
+                    }
+                    let _ = go_rx.recv_timeout(std::time::Duration::from_secs(30));
+                    Ok(rows.len())
+                }))
+                .await
+                .unwrap()
+            })
+        };
+        assert_eq!(
+            claimed_rx.await.unwrap(),
+            1,
+            "the holder claims the first run"
+        );
+        let other = &stores[1];
+        let claimed = other.claim(1, 4).await.unwrap();
+        assert!(claimed.is_empty(), "claimed alongside: {claimed:?}");
+        let start = StartNow {
+            slots: 4,
+            max_per_target: 1,
+        };
+        // The default breaker's limits span playbooks: intake then holds one lock for all
+        // intake, none for the alert, and still may not start this run.
+        let spanning = BreakerLimits {
+            window_ms: 600_000,
+            max_runs: 1_000,
+            ..Default::default()
+        };
+        let third = (other.record_and_start(vec![occurrence(3, "t3")], spanning, start))
+            .await
+            .unwrap();
+        assert!(
+            third.started.is_empty(),
+            "started alongside: {:?}",
+            third.outcomes
+        );
+        go_tx.send(()).unwrap();
+        assert_eq!(holder.await.unwrap(), 1);
+        let running = |store: &Store| {
+            let store = store.clone();
+            async move {
+                (store.read(|c| {
+                    c.rows(
+                        "SELECT id FROM runs WHERE state = 'running' ORDER BY id",
+                        &[],
+                        |r| r.get::<i64>(0),
+                    )
+                }))
+                .await
+                .unwrap()
+            }
+        };
+        let first = running(other).await;
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert!(
+            other.claim(1, 4).await.unwrap().is_empty(),
+            "the first runs"
+        );
+        (stores[0].run_finished(first[0], RunState::Succeeded, None, None, none, false))
+            .await
+            .unwrap();
+        let next = other.claim(1, 4).await.unwrap();
+        assert_eq!(next.len(), 1, "one at a time: {next:?}");
+        assert_eq!(running(other).await, vec![next[0].id]);
+    }
+
     #[tokio::test]
     async fn a_cooldown_holds_across_replicas() {
         let (_db, stores) = replicas(2).await;
