@@ -15,18 +15,36 @@ const QUEUED: &str =
     "SELECT id FROM runs WHERE fingerprint = ?1 AND state = 'pending' AND playbook = ?2
            AND started_at IS NULL ORDER BY id LIMIT 1";
 
-/// Sends [`pending_run`]'s read ahead (see [`Db::prefetch`]).
+/// PostgreSQL: whether there is a run to join and, if so, whether the lock a run of the
+/// playbook for the alert starts under ([`super::queue::try_lock_start`]) is now this
+/// transaction's, tried, not waited for. A statement before [`QUEUED`]'s, so that its read
+/// comes after the lock: a claim on another replica that started the run first is seen, and
+/// none can start it after, while this intake gives it the newest alert's data. A run being
+/// claimed is not joined (a new one is queued behind it).
+static LOCK_QUEUED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT CASE WHEN EXISTS ({QUEUED}) THEN pg_try_advisory_xact_lock({}) ELSE false END",
+        super::queue::start_key("?2", "?1")
+    )
+});
+
+/// Sends [`pending_run`]'s reads ahead (see [`Db::prefetch`]).
 pub(super) fn prefetch(c: &Db, playbook: &str, fingerprint: &str) -> Result<(), StoreError> {
-    let depends = super::intake::part::occurrence(playbook, fingerprint);
-    c.prefetch_on(QUEUED, &[&fingerprint, &playbook], depends)
+    let depends = || super::intake::part::occurrence(playbook, fingerprint);
+    c.prefetch_on(&LOCK_QUEUED, &[&fingerprint, &playbook], depends())?;
+    c.prefetch_on(QUEUED, &[&fingerprint, &playbook], depends())
 }
 
-/// The queued, never-started run a new occurrence would join, if there is one.
+/// The queued, never-started run a new occurrence would join, if there is one (on
+/// PostgreSQL, one no other replica is claiming; see [`LOCK_QUEUED`]).
 pub(super) fn pending_run(
     c: &Db,
     playbook: &str,
     fingerprint: &str,
 ) -> Result<Option<i64>, StoreError> {
+    if c.is_pg() && !c.one(&LOCK_QUEUED, &[&fingerprint, &playbook], |r| r.get(0))? {
+        return Ok(None);
+    }
     c.row(QUEUED, &[&fingerprint, &playbook], |r| r.get(0))
 }
 

@@ -786,11 +786,8 @@ fn prefetch_facts(
         // before asking: a lock held a little longer than needed, never one missing. Its
         // answer stands: a lock taken is not undone by a write.
         c.prefetch_on(
-            super::queue::TRY_LOCK_START,
-            &[
-                &plan.target,
-                &super::queue::start_lock(&cand.playbook, &a.fingerprint),
-            ],
+            &super::queue::TRY_LOCK_START,
+            &[&plan.target, &cand.playbook, &a.fingerprint],
             Keys::Only(Vec::new()),
         )?;
         c.prefetch_on(
@@ -860,8 +857,7 @@ impl Starter {
         }
         // On PostgreSQL, decided under the target's and the alert's locks; a target or an
         // alert another replica is deciding on gets a pending run, claimed later.
-        let key = || super::queue::start_lock(playbook, fingerprint);
-        if c.is_pg() && !super::queue::try_lock_start(c, &plan.target, &key())? {
+        if c.is_pg() && !super::queue::try_lock_start(c, &plan.target, playbook, fingerprint)? {
             return Ok(false);
         }
         if plan.concurrency > 0 && !super::queue::playbook_has_room(c, playbook, plan.concurrency)?

@@ -181,19 +181,31 @@ fn claim_row(r: &super::db::Row) -> Result<ClaimRow, StoreError> {
 /// runs have different targets (neither replica would see the other's run `running` before
 /// it commits). A run whose locks another replica holds is not started now: it waits,
 /// pending, for a later claim.
-pub(super) fn try_lock_start(c: &Db, target: &str, key: &str) -> Result<bool, StoreError> {
-    c.one(TRY_LOCK_START, &[&target, &key], |r| r.get(0))
+pub(super) fn try_lock_start(
+    c: &Db,
+    target: &str,
+    playbook: &str,
+    fingerprint: &str,
+) -> Result<bool, StoreError> {
+    c.one(&TRY_LOCK_START, &[&target, &playbook, &fingerprint], |r| {
+        r.get(0)
+    })
 }
 
-/// [`try_lock_start`]'s statement: `?1` the target, `?2` [`start_lock`]'s key.
-pub(super) const TRY_LOCK_START: &str =
-    "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))
-        AND pg_try_advisory_xact_lock(hashtextextended(?2, 0))";
+/// [`try_lock_start`]'s statement: `?1` the target, `?2` the playbook, `?3` the fingerprint.
+pub(super) static TRY_LOCK_START: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))
+            AND pg_try_advisory_xact_lock({})",
+        start_key("?2", "?3")
+    )
+});
 
-/// The key of the lock on starting a playbook's runs for an alert (see [`try_lock_start`]).
-pub(super) fn start_lock(playbook: &str, fingerprint: &str) -> String {
+/// The key of the lock on starting runs of playbook `playbook` for alert `fingerprint` (see
+/// [`try_lock_start`]), an SQL expression of the two (placeholders or columns).
+pub(super) fn start_key(playbook: &str, fingerprint: &str) -> String {
     // A unit separator: neither a playbook name nor a fingerprint holds one.
-    format!("reflex.start:{playbook}\u{1f}{fingerprint}")
+    format!("hashtextextended('reflex.start:' || {playbook} || chr(31) || {fingerprint}, 0)")
 }
 
 /// Whether a playbook with a concurrency limit has room for one more run executing. On
@@ -383,18 +395,16 @@ fn claim_heads<'a>(
     let alone = || Keys::Only(Vec::new());
     let limited = |h: &Head| h.concurrency > 0;
     let locked: Vec<&Head> = if c.is_pg() {
-        let keys: Vec<String> = (heads.iter())
-            .map(|h| start_lock(&h.playbook, &h.fingerprint))
-            .collect();
-        for (h, key) in heads.iter().zip(&keys) {
-            c.prefetch_on(TRY_LOCK_START, &[&h.target, key], alone())?;
+        for h in heads {
+            let start: [&dyn super::db::Param; 3] = [&h.target, &h.playbook, &h.fingerprint];
+            c.prefetch_on(&TRY_LOCK_START, &start, alone())?;
             if limited(h) {
                 c.prefetch_on(TRY_LOCK_PLAYBOOK, &[&h.playbook], alone())?;
             }
         }
         let mut locked = Vec::new();
-        for (h, key) in heads.iter().zip(&keys) {
-            let start = try_lock_start(c, &h.target, key)?;
+        for h in heads {
+            let start = try_lock_start(c, &h.target, &h.playbook, &h.fingerprint)?;
             let playbook = !limited(h) || c.one(TRY_LOCK_PLAYBOOK, &[&h.playbook], |r| r.get(0))?;
             if start && playbook {
                 locked.push(h);

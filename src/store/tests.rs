@@ -1118,6 +1118,99 @@ mod replicas {
         }
     }
 
+    /// A claim of the oldest run on `store`, its transaction held open until the sender is
+    /// sent to (or dropped, or 10 s have passed: a write that waits for it fails its test
+    /// then): as a replica mid-claim. Returns once the run is claimed.
+    async fn hold_claim(
+        store: &Store,
+    ) -> (tokio::task::JoinHandle<usize>, std::sync::mpsc::Sender<()>) {
+        let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
+        let mut claimed_tx = Some(claimed_tx);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let store = store.clone();
+        let now = store.now_ms();
+        let holder = tokio::spawn(async move {
+            (store.write(move |c| {
+                let rows = crate::store::queue::claim_some(c, 1, 1, now, "holder")?;
+                if let Some(tx) = claimed_tx.take() {
+                    let _ = tx.send(rows.len());
+                }
+                let _ = go_rx.recv_timeout(std::time::Duration::from_secs(10));
+                Ok(rows.len())
+            }))
+            .await
+            .unwrap()
+        });
+        assert_eq!(claimed_rx.await.unwrap(), 1, "the holder claims a run");
+        (holder, go_tx)
+    }
+
+    /// An occurrence of alert `x` (the `n`th), for playbook `p` on `target`.
+    fn occurrence(n: u32, target: &str, coalesce: bool) -> IntakeItem {
+        IntakeItem {
+            deferred: None,
+            alert: Alert {
+                starts_at: format!("2026-12-06T00:00:0{n}Z"),
+                ..alert("x")
+            },
+            received_us: 0,
+            candidates: vec![Candidate {
+                coalesce,
+                ..candidate("p", target, 0, "")
+            }],
+        }
+    }
+
+    /// A run queued for an alert is being claimed by one replica when a new occurrence of the
+    /// alert comes to another. It does not join the run (whose alert, target and steps it
+    /// would rewrite under the executing replica): a run of its own is queued behind it.
+    #[tokio::test]
+    async fn a_new_occurrence_does_not_join_a_run_another_replica_is_claiming() {
+        let (_db, stores) = replicas(2).await;
+        let none = BreakerLimits::default();
+        let first = (stores[0].record_intake(vec![occurrence(1, "t1", true)], none))
+            .await
+            .unwrap();
+        let Outcome::Created { run_id: queued, .. } = first[0][0] else {
+            panic!("{first:?}")
+        };
+        let (holder, go) = hold_claim(&stores[0]).await;
+        let second = (stores[1].record_intake(vec![occurrence(2, "t2", true)], none))
+            .await
+            .unwrap();
+        let _ = go.send(());
+        assert_eq!(holder.await.unwrap(), 1);
+        let Outcome::Created { run_id: own, .. } = second[0][0] else {
+            panic!("joined the run being claimed: {second:?}")
+        };
+        let runs: Vec<(i64, RunState, String, String)> = (stores[1].read(|c| {
+            c.rows(
+                "SELECT r.id, r.state, r.target, a.starts_at FROM runs r
+                 JOIN alerts a ON a.id = r.alert_id ORDER BY r.id",
+                &[],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+        }))
+        .await
+        .unwrap();
+        let at = |n: u32| format!("2026-12-06T00:00:0{n}Z");
+        assert_eq!(
+            runs,
+            vec![
+                (queued, RunState::Running, "t1".into(), at(1)),
+                (own, RunState::Pending, "t2".into(), at(2)),
+            ]
+        );
+        // With no claim under way, the next occurrence joins the run that waits.
+        let third = (stores[1].record_intake(vec![occurrence(3, "t3", true)], none))
+            .await
+            .unwrap();
+        assert!(
+            matches!(third[0][0], Outcome::Coalesced { run_id, .. } if run_id == own),
+            "{third:?}"
+        );
+    }
+
     /// Three runs of one playbook for one alert (three occurrences), each on a target of its
     /// own. While one replica is claiming the first, its transaction not yet committed, the
     /// other neither claims the second nor starts the third at intake: its run would not be
@@ -1128,17 +1221,11 @@ mod replicas {
     async fn a_run_being_claimed_keeps_the_others_of_its_playbook_and_alert_from_starting() {
         let (_db, stores) = replicas(2).await;
         let none = BreakerLimits::default();
-        let occurrence = |n: u32, target: &str| IntakeItem {
-            deferred: None,
-            alert: Alert {
-                starts_at: format!("2026-12-06T00:00:0{n}Z"),
-                ..alert("x")
-            },
-            received_us: 0,
-            candidates: vec![candidate("p", target, 0, "")],
-        };
         let queued = (stores[0])
-            .record_intake(vec![occurrence(1, "t1"), occurrence(2, "t2")], none)
+            .record_intake(
+                vec![occurrence(1, "t1", false), occurrence(2, "t2", false)],
+                none,
+            )
             .await
             .unwrap();
         assert!(
@@ -1148,31 +1235,7 @@ mod replicas {
                 .all(|o| matches!(o, Outcome::Created { .. })),
             "{queued:?}"
         );
-        // The first replica claims the oldest run and holds its transaction open until told.
-        let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
-        let mut claimed_tx = Some(claimed_tx);
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let holder = {
-            let store = stores[0].clone();
-            let now = store.now_ms();
-            tokio::spawn(async move {
-                (store.write(move |c| {
-                    let rows = crate::store::queue::claim_some(c, 1, 1, now, "holder")?;
-                    if let Some(tx) = claimed_tx.take() {
-                        let _ = tx.send(rows.len());
-                    }
-                    let _ = go_rx.recv_timeout(std::time::Duration::from_secs(30));
-                    Ok(rows.len())
-                }))
-                .await
-                .unwrap()
-            })
-        };
-        assert_eq!(
-            claimed_rx.await.unwrap(),
-            1,
-            "the holder claims the first run"
-        );
+        let (holder, go) = hold_claim(&stores[0]).await;
         let other = &stores[1];
         let claimed = other.claim(1, 4).await.unwrap();
         assert!(claimed.is_empty(), "claimed alongside: {claimed:?}");
@@ -1187,7 +1250,7 @@ mod replicas {
             max_runs: 1_000,
             ..Default::default()
         };
-        let third = (other.record_and_start(vec![occurrence(3, "t3")], spanning, start))
+        let third = (other.record_and_start(vec![occurrence(3, "t3", false)], spanning, start))
             .await
             .unwrap();
         assert!(
@@ -1195,7 +1258,7 @@ mod replicas {
             "started alongside: {:?}",
             third.outcomes
         );
-        go_tx.send(()).unwrap();
+        let _ = go.send(());
         assert_eq!(holder.await.unwrap(), 1);
         let running = |store: &Store| {
             let store = store.clone();
