@@ -437,8 +437,14 @@ pub fn strip_port(s: &str) -> &str {
 pub fn alert_scope(alert: &Alert) -> Scope<'static> {
     let mut scope = Scope::new();
     let dynamic = rhai::serde::to_dynamic(alert).unwrap_or(Dynamic::UNIT);
-    let labels = rhai::serde::to_dynamic(&alert.labels).unwrap_or(Dynamic::UNIT);
-    let annotations = rhai::serde::to_dynamic(&alert.annotations).unwrap_or(Dynamic::UNIT);
+    // The shortcuts are copies of the alert's own maps, whose strings they share: the alert
+    // is converted once, not three times.
+    let field = |name: &str| {
+        (dynamic.read_lock::<rhai::Map>())
+            .and_then(|m| m.get(name).cloned())
+            .unwrap_or(Dynamic::UNIT)
+    };
+    let (labels, annotations) = (field("labels"), field("annotations"));
     scope.push_constant("alert", dynamic);
     scope.push_constant("labels", labels);
     scope.push_constant("annotations", annotations);
@@ -458,6 +464,35 @@ mod tests {
         let sb = Sandbox::new();
         let ast = sb.compile_script(src, &[]).map_err(|e| e.message)?;
         sb.eval(&mut Scope::new(), &ast)
+    }
+
+    #[test]
+    fn the_alert_scope_holds_the_alert_and_its_labels_and_annotations_as_shortcuts() {
+        let alert = Alert {
+            source: "alertmanager",
+            status: crate::alert::AlertStatus::Firing,
+            labels: [("instance".to_string(), "host-1".to_string())].into(),
+            annotations: [("summary".to_string(), "disk".to_string())].into(),
+            starts_at: "2026-12-06T00:00:00Z".into(),
+            ends_at: None,
+            fingerprint: "fp".into(),
+            generator_url: None,
+            group_key: None,
+        };
+        let sb = Sandbox::new();
+        for (src, want) in [
+            ("labels.instance", "host-1"),
+            ("alert.labels.instance", "host-1"),
+            ("annotations.summary", "disk"),
+            ("alert.annotations.summary", "disk"),
+            ("alert.fingerprint", "fp"),
+            ("alert.status", "firing"),
+            ("labels.len() + annotations.len()", "2"),
+        ] {
+            let ast = sb.compile_script(src, &["alert", "labels", "annotations"]);
+            let got = sb.eval(&mut alert_scope(&alert), &ast.unwrap()).unwrap();
+            assert_eq!(got.to_string(), want, "{src}");
+        }
     }
 
     #[test]
