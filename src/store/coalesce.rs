@@ -10,42 +10,52 @@ use super::intake::insert_steps;
 use super::{Db, StoreError};
 use crate::playbook::Plan;
 
-/// A run put back in the queue after an approval has started: it is not joined.
-const QUEUED: &str =
-    "SELECT id FROM runs WHERE fingerprint = ?1 AND state = 'pending' AND playbook = ?2
-           AND started_at IS NULL ORDER BY id LIMIT 1";
-
-/// PostgreSQL: whether there is a run to join and, if so, whether the lock a run of the
-/// playbook for the alert starts under ([`super::queue::try_lock_start`]) is now this
-/// transaction's, tried, not waited for. A statement before [`QUEUED`]'s, so that its read
-/// comes after the lock: a claim on another replica that started the run first is seen, and
-/// none can start it after, while this intake gives it the newest alert's data. A run being
-/// claimed is not joined (a new one is queued behind it).
-static LOCK_QUEUED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// The queued, never-started run of playbook `playbook` for alert `fingerprint` (SQL
+/// expressions: placeholders or columns) a new occurrence would join. A run put back in the
+/// queue after an approval has started is not joined.
+fn queued(fingerprint: &str, playbook: &str) -> String {
     format!(
-        "SELECT CASE WHEN EXISTS ({QUEUED}) THEN pg_try_advisory_xact_lock({}) ELSE false END",
-        super::queue::start_key("?2", "?1")
+        "SELECT id FROM runs WHERE fingerprint = {fingerprint} AND state = 'pending'
+           AND playbook = {playbook} AND started_at IS NULL ORDER BY id LIMIT 1"
     )
-});
-
-/// Sends [`pending_run`]'s reads ahead (see [`Db::prefetch`]).
-pub(super) fn prefetch(c: &Db, playbook: &str, fingerprint: &str) -> Result<(), StoreError> {
-    let depends = || super::intake::part::occurrence(playbook, fingerprint);
-    c.prefetch_on(&LOCK_QUEUED, &[&fingerprint, &playbook], depends())?;
-    c.prefetch_on(QUEUED, &[&fingerprint, &playbook], depends())
 }
 
-/// The queued, never-started run a new occurrence would join, if there is one (on
-/// PostgreSQL, one no other replica is claiming; see [`LOCK_QUEUED`]).
+/// [`queued`]'s read: `?1` the fingerprint, `?2` the playbook.
+static QUEUED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| queued("?1", "?2"));
+
+/// PostgreSQL, an SQL expression: whether there is a run to join and, if so, whether the lock
+/// a run of the playbook for the alert starts under ([`super::queue::try_lock_start`]) is now
+/// this transaction's, tried, not waited for. It must be in a statement before [`QUEUED`]'s
+/// (intake puts it in its read of the occurrence, [`super::intake`]'s `RECORDED_PG`), so
+/// that the read comes after the lock: a claim on another replica that started the run first
+/// is seen, and none can start it after, while this intake gives it the newest alert's data.
+/// A run being claimed is not joined (a new one is queued behind it).
+pub(super) fn lock_queued(playbook: &str, fingerprint: &str) -> String {
+    format!(
+        "CASE WHEN EXISTS ({}) THEN pg_try_advisory_xact_lock({}) ELSE false END",
+        queued(fingerprint, playbook),
+        super::queue::start_key(playbook, fingerprint)
+    )
+}
+
+/// Sends [`pending_run`]'s read ahead (see [`Db::prefetch`]), after the lock's.
+pub(super) fn prefetch(c: &Db, playbook: &str, fingerprint: &str) -> Result<(), StoreError> {
+    let depends = super::intake::part::occurrence(playbook, fingerprint);
+    c.prefetch_on(&QUEUED, &[&fingerprint, &playbook], depends)
+}
+
+/// The queued, never-started run a new occurrence would join, if there is one and it
+/// `may_join` (on PostgreSQL, [`lock_queued`]'s answer: no other replica is claiming it).
 pub(super) fn pending_run(
     c: &Db,
     playbook: &str,
     fingerprint: &str,
+    may_join: bool,
 ) -> Result<Option<i64>, StoreError> {
-    if c.is_pg() && !c.one(&LOCK_QUEUED, &[&fingerprint, &playbook], |r| r.get(0))? {
+    if !may_join {
         return Ok(None);
     }
-    c.row(QUEUED, &[&fingerprint, &playbook], |r| r.get(0))
+    c.row(&QUEUED, &[&fingerprint, &playbook], |r| r.get(0))
 }
 
 /// Gives the pending run the newest alert's data: its alert, parameters, target and steps.

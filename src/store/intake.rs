@@ -368,17 +368,24 @@ struct StoreFacts<'a, 'c, 'b> {
     cand: &'a Candidate,
     target: &'a str,
     start: &'b mut Starter,
+    /// Whether a queued run may be joined, read with the occurrence (the rules ask for the
+    /// occurrence first; see [`existing_run`]).
+    may_join: bool,
 }
 
 impl Facts for StoreFacts<'_, '_, '_> {
     type Error = StoreError;
 
     fn recorded(&mut self) -> Result<Option<i64>, StoreError> {
-        existing_run(self.c, &self.cand.playbook, self.at.alert)
+        let cand = self.cand;
+        let (id, may_join) = existing_run(self.c, &cand.playbook, self.at.alert, cand.coalesce)?;
+        self.may_join = may_join;
+        Ok(id)
     }
 
     fn queued(&mut self) -> Result<Option<i64>, StoreError> {
-        super::coalesce::pending_run(self.c, &self.cand.playbook, &self.at.alert.fingerprint)
+        let (playbook, fingerprint) = (&self.cand.playbook, &self.at.alert.fingerprint);
+        super::coalesce::pending_run(self.c, playbook, fingerprint, self.may_join)
     }
 
     fn kill_switch(&mut self) -> Result<Option<String>, StoreError> {
@@ -460,6 +467,7 @@ fn intake_one(
             cand,
             target: &target,
             start: &mut *start,
+            may_join: false,
         },
     )?;
     let playbook = cand.playbook.clone();
@@ -504,7 +512,7 @@ fn intake_one(
         c.wake();
     }
     let Some(run_id) = inserted else {
-        let run_id = existing_run(c, &playbook, a)?.ok_or(StoreError::NoRow)?;
+        let run_id = (existing_run(c, &playbook, a, false)?.0).ok_or(StoreError::NoRow)?;
         return Ok(Outcome::Deduplicated { run_id, playbook });
     };
     if let Some(plan) = plan
@@ -731,13 +739,34 @@ fn insert_run_and_steps(
 
 const RECORDED: &str = "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4";
 
-/// The run recorded for this occurrence of the alert by this playbook, if any.
-fn existing_run(c: &Db, playbook: &str, a: &Alert) -> Result<Option<i64>, StoreError> {
-    c.row(
-        RECORDED,
-        &[&playbook, &a.fingerprint, &a.starts_at, &a.status.as_str()],
-        |r| r.get(0),
+/// PostgreSQL: [`RECORDED`]'s answer as one row (the id null when there is none) and, when
+/// `?5` (the playbook coalesces), [`super::coalesce::lock_queued`]'s. The lock goes with the
+/// read the rules ask first, so that the queued run is read after it without a statement of
+/// its own.
+static RECORDED_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT ({RECORDED}), CASE WHEN ?5 THEN {} ELSE false END",
+        super::coalesce::lock_queued("?1", "?2")
     )
+});
+
+/// The run recorded for this occurrence of the alert by this playbook, if any, and whether
+/// a queued run of it may be joined: always on SQLite (its one writer is the only one that
+/// claims); on PostgreSQL only with `coalesce`, under [`super::coalesce::lock_queued`].
+fn existing_run(
+    c: &Db,
+    playbook: &str,
+    a: &Alert,
+    coalesce: bool,
+) -> Result<(Option<i64>, bool), StoreError> {
+    let status = a.status.as_str();
+    if !c.is_pg() {
+        let params: [&dyn super::db::Param; 4] = [&playbook, &a.fingerprint, &a.starts_at, &status];
+        return Ok((c.row(RECORDED, &params, |r| r.get(0))?, true));
+    }
+    let params: [&dyn super::db::Param; 5] =
+        [&playbook, &a.fingerprint, &a.starts_at, &status, &coalesce];
+    c.one(&RECORDED_PG, &params, |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
 /// Sends every read the intake rules may ask for about this candidate ahead, together (one
@@ -759,12 +788,13 @@ fn prefetch_facts(
     }
     let target = cand.plan.as_ref().map_or("", |p| p.target.as_str());
     c.prefetch_on(
-        RECORDED,
+        &RECORDED_PG,
         &[
             &cand.playbook,
             &a.fingerprint,
             &a.starts_at,
             &a.status.as_str(),
+            &cand.coalesce,
         ],
         part::occurrence(&cand.playbook, &a.fingerprint),
     )?;
