@@ -293,11 +293,11 @@ static HEADS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 const WALK_SLACK: usize = 32;
 
 /// A run at the head of its target's queue that may start.
-struct Head {
-    target: String,
-    playbook: String,
-    concurrency: i64,
-    fingerprint: String,
+pub(super) struct Head {
+    pub(super) target: String,
+    pub(super) playbook: String,
+    pub(super) concurrency: i64,
+    pub(super) fingerprint: String,
 }
 
 /// The oldest heads that may start, at most `want`: those among the oldest pending runs
@@ -374,23 +374,29 @@ const TRY_LOCK_PLAYBOOK: &str =
 /// not waited for: `SKIP LOCKED` in effect. There every head's locks go in one round trip and
 /// the claims in a second; each claim is still its own statement, which sees the ones before
 /// it.
-fn claim_heads<'a>(
+pub(super) fn claim_heads<'a>(
     c: &Db,
     heads: &'a [Head],
     max: &'a i64,
     now: &'a i64,
     owner: &'a &str,
 ) -> Result<Vec<ClaimRow>, StoreError> {
-    static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // On PostgreSQL only a run of the alert whose lock was taken (`?6`): the target's head
+    // may have changed since it was listed. Written as `ALERT_IDLE` is, so that no index
+    // serves it (the plan stays the target's).
+    fn claim(alert: &str) -> String {
         format!(
             "UPDATE runs SET state = 'running', started_at = coalesce(started_at, ?2), owner = ?4
              WHERE id = (SELECT p.id FROM runs p WHERE p.state = 'pending' AND p.target = ?3
-                         AND p.playbook = ?5 AND {HEAD_OF_TARGET} AND {TARGET_HAS_ROOM}
+                         AND p.playbook = ?5 {alert} AND {HEAD_OF_TARGET} AND {TARGET_HAS_ROOM}
                          AND {ALERT_IDLE} AND {PLAYBOOK_HAS_ROOM})
                AND state = 'pending'
              RETURNING id, playbook, dry_run, params, alert_id, target, deadline_ms, started_at"
         )
-    });
+    }
+    static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| claim(""));
+    static CLAIM_PG: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| claim("AND p.fingerprint IS NOT DISTINCT FROM ?6"));
     // A lock's answer, like a claim's, depends on nothing the batch writes.
     let alone = || Keys::Only(Vec::new());
     let limited = |h: &Head| h.concurrency > 0;
@@ -414,15 +420,19 @@ fn claim_heads<'a>(
     } else {
         heads.iter().collect()
     };
-    let params = |h: &'a Head| -> [&'a dyn super::db::Param; 5] {
-        [max, now, &h.target, owner, &h.playbook]
+    let params = |h: &'a Head| -> [&'a dyn super::db::Param; 6] {
+        [max, now, &h.target, owner, &h.playbook, &h.fingerprint]
+    };
+    let (sql, n) = match c.is_pg() {
+        true => (&*CLAIM_PG, 6),
+        false => (&*CLAIM, 5),
     };
     for h in &locked {
-        c.prefetch_on(&CLAIM, &params(h), alone())?;
+        c.prefetch_on(sql, &params(h)[..n], alone())?;
     }
     let mut out = Vec::new();
     for h in locked {
-        out.extend(c.row(&CLAIM, &params(h), claim_row)?);
+        out.extend(c.row(sql, &params(h)[..n], claim_row)?);
     }
     Ok(out)
 }

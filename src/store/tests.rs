@@ -198,15 +198,21 @@ fn cause(o: &Outcome) -> Option<Hold> {
 
 on_both_backends! {
 async fn holds_apply_in_order_maintenance_kill_switch_cooldown_breaker(db: TestDb) {
-    let store = db.open().await;
+    // Each step a second after the last: the release's new window starts at its millisecond,
+    // which a run recorded in the same one would share.
+    let clock = std::sync::Arc::new(crate::time::ManualClock::new());
+    let store = db.open_with_clock(clock.clone()).await;
+    let tick = || clock.advance(std::time::Duration::from_secs(1));
     let none = BreakerLimits::default();
     // A first run starts the cooldown.
     let first = intake(&store, "a", candidate("p", "t", 3_600_000, "k"), none).await;
     assert!(matches!(first, Outcome::Created { .. }), "{first:?}");
+    tick();
     store
         .set_switch("global".into(), true, "why".into(), "op".into(), None)
         .await
         .unwrap();
+    tick();
     let breaker = BreakerLimits {
         window_ms: 3_600_000,
         max_runs: 1,
@@ -222,15 +228,18 @@ async fn holds_apply_in_order_maintenance_kill_switch_cooldown_breaker(db: TestD
     );
     let o = intake(&store, "c", candidate("p", "t", 3_600_000, "k"), breaker).await;
     assert_eq!(cause(&o), Some(Hold::KillSwitch), "{o:?}");
+    tick();
     store
         .set_switch("global".into(), false, "released".into(), "op".into(), None)
         .await
         .unwrap();
+    tick();
     let o = intake(&store, "d", candidate("p", "t", 3_600_000, "k"), breaker).await;
     assert_eq!(cause(&o), Some(Hold::Cooldown), "{o:?}");
     // The release started a new window: the run before it does not count.
     let o = intake(&store, "e", candidate("p", "t", 0, "k"), breaker).await;
     assert!(matches!(o, Outcome::Created { .. }), "{o:?}");
+    tick();
     let o = intake(&store, "f", candidate("p", "t", 0, "k"), breaker).await;
     assert_eq!(cause(&o), Some(Hold::Breaker), "{o:?}");
     assert!(
@@ -580,6 +589,9 @@ async fn claims_take_the_oldest_heads_that_may_start_whatever_the_queue_spans(db
         let max = 1 + (round % 2) as u32;
         let limit = [1, 3, 17, 64, 2][round % 5];
         let expected = expected_claim(&mut pending, &mut running, max, limit);
+        // As the engine does every 2 s: on a loaded machine this test outlasts the 7 s a
+        // replica trusts its lease for, and a replica without one claims nothing.
+        store.renew_lease().await.unwrap();
         let claimed = store.claim(max, limit).await.unwrap();
         let got: Vec<i64> = claimed.iter().map(|r| r.id).collect();
         assert_eq!(got, expected, "round {round}: claim({max}, {limit})");
@@ -1209,6 +1221,55 @@ mod replicas {
             matches!(third[0][0], Outcome::Coalesced { run_id, .. } if run_id == own),
             "{third:?}"
         );
+    }
+
+    /// A claim takes a head under the locks of the alert it listed. Should the target's head
+    /// have changed since (the listed run ended, another alert's run is now first), it claims
+    /// nothing: it does not hold that alert's lock, and another replica may be starting a
+    /// run of it elsewhere.
+    #[tokio::test]
+    async fn a_claim_takes_only_the_alert_it_locked_when_its_target_head_changed() {
+        let (_db, stores) = replicas(1).await;
+        let store = &stores[0];
+        let none = BreakerLimits::default();
+        let first = intake(store, "a", candidate("p", "t", 0, ""), none).await;
+        let second = intake(store, "b", candidate("p", "t", 0, ""), none).await;
+        (store.write(move |c| {
+            c.exec(
+                "UPDATE runs SET state = 'cancelled' WHERE id = ?1",
+                &[&first.run_id()],
+            )
+        }))
+        .await
+        .unwrap();
+        let claim = |fingerprint: String| {
+            let now = store.now_ms();
+            store.write(move |c| {
+                let head = crate::store::queue::Head {
+                    target: "t".into(),
+                    playbook: "p".into(),
+                    concurrency: 0,
+                    fingerprint: fingerprint.clone(),
+                };
+                let claimed = crate::store::queue::claim_heads(c, &[head], &1, &now, &"r")?;
+                Ok(claimed.len())
+            })
+        };
+        let listed = alert("a").fingerprint;
+        assert_eq!(
+            claim(listed).await.unwrap(),
+            0,
+            "the head is another alert's now"
+        );
+        assert_eq!(claim(alert("b").fingerprint).await.unwrap(), 1);
+        let running: Vec<i64> = (store.read(|c| {
+            c.rows("SELECT id FROM runs WHERE state = 'running'", &[], |r| {
+                r.get(0)
+            })
+        }))
+        .await
+        .unwrap();
+        assert_eq!(running, vec![second.run_id()]);
     }
 
     /// Three runs of one playbook for one alert (three occurrences), each on a target of its
