@@ -813,13 +813,8 @@ fn prefetch_facts(
         && plan.concurrency == 0
     {
         // The target's and the alert's try-locks are taken here even when the rules stop
-        // before asking: a lock held a little longer than needed, never one missing. Its
-        // answer stands: a lock taken is not undone by a write.
-        c.prefetch_on(
-            &super::queue::TRY_LOCK_START,
-            &[&plan.target, &cand.playbook, &a.fingerprint],
-            Keys::Only(Vec::new()),
-        )?;
+        // before asking: a lock held a little longer than needed, never one missing.
+        super::queue::prefetch_lock_start(c, &plan.target, &cand.playbook, &a.fingerprint)?;
         c.prefetch_on(
             &MAY_START,
             &[

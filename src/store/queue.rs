@@ -192,8 +192,20 @@ pub(super) fn try_lock_start(
     })
 }
 
+/// Sends [`try_lock_start`] ahead (see [`Db::prefetch`]); its answer stands whatever the
+/// batch writes (a lock taken is not undone by a write).
+pub(super) fn prefetch_lock_start(
+    c: &Db,
+    target: &str,
+    playbook: &str,
+    fingerprint: &str,
+) -> Result<(), StoreError> {
+    let params: [&dyn super::db::Param; 3] = [&target, &playbook, &fingerprint];
+    c.prefetch_on(&TRY_LOCK_START, &params, Keys::Only(Vec::new()))
+}
+
 /// [`try_lock_start`]'s statement: `?1` the target, `?2` the playbook, `?3` the fingerprint.
-pub(super) static TRY_LOCK_START: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+static TRY_LOCK_START: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.target:' || ?1, 0))
             AND pg_try_advisory_xact_lock({})",
@@ -402,8 +414,7 @@ pub(super) fn claim_heads<'a>(
     let limited = |h: &Head| h.concurrency > 0;
     let locked: Vec<&Head> = if c.is_pg() {
         for h in heads {
-            let start: [&dyn super::db::Param; 3] = [&h.target, &h.playbook, &h.fingerprint];
-            c.prefetch_on(&TRY_LOCK_START, &start, alone())?;
+            prefetch_lock_start(c, &h.target, &h.playbook, &h.fingerprint)?;
             if limited(h) {
                 c.prefetch_on(TRY_LOCK_PLAYBOOK, &[&h.playbook], alone())?;
             }

@@ -156,22 +156,38 @@ pub(crate) async fn hold_writer(
     tokio::task::JoinHandle<Result<(), StoreError>>,
     std::sync::mpsc::Sender<()>,
 ) {
-    let (entered_tx, entered) = tokio::sync::oneshot::channel::<()>();
+    let (blocker, release, ()) = hold_writer_in(store, |_| Ok(())).await;
+    (blocker, release)
+}
+
+/// As [`hold_writer`], after `first` has run in the held write's transaction (not yet
+/// committed while held): returns its answer too. Held 30 s at most, so that a test whose
+/// write waits for this one fails instead of hanging.
+pub(crate) async fn hold_writer_in<R: Send + 'static>(
+    store: &Store,
+    mut first: impl FnMut(&Db) -> Result<R, StoreError> + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<Result<(), StoreError>>,
+    std::sync::mpsc::Sender<()>,
+    R,
+) {
+    let (entered_tx, entered) = tokio::sync::oneshot::channel::<R>();
     let mut entered_tx = Some(entered_tx);
     let (release, held) = std::sync::mpsc::channel::<()>();
     let s = store.clone();
     let blocker = tokio::spawn(async move {
-        s.write(move |_| {
+        s.write(move |c| {
+            let answer = first(c)?;
             if let Some(tx) = entered_tx.take() {
-                let _ = tx.send(());
+                let _ = tx.send(answer);
             }
-            let _ = held.recv();
+            let _ = held.recv_timeout(std::time::Duration::from_secs(30));
             Ok(())
         })
         .await
     });
-    entered.await.unwrap();
-    (blocker, release)
+    let answer = entered.await.expect("the held write ran");
+    (blocker, release, answer)
 }
 
 async fn intake(store: &Store, instance: &str, cand: Candidate, limits: BreakerLimits) -> Outcome {
@@ -1131,30 +1147,20 @@ mod replicas {
     }
 
     /// A claim of the oldest run on `store`, its transaction held open until the sender is
-    /// sent to (or dropped, or 10 s have passed: a write that waits for it fails its test
-    /// then): as a replica mid-claim. Returns once the run is claimed.
+    /// sent to (see [`hold_writer_in`]): as a replica mid-claim. Returns once it is claimed.
     async fn hold_claim(
         store: &Store,
-    ) -> (tokio::task::JoinHandle<usize>, std::sync::mpsc::Sender<()>) {
-        let (claimed_tx, claimed_rx) = tokio::sync::oneshot::channel();
-        let mut claimed_tx = Some(claimed_tx);
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let store = store.clone();
+    ) -> (
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
         let now = store.now_ms();
-        let holder = tokio::spawn(async move {
-            (store.write(move |c| {
-                let rows = crate::store::queue::claim_some(c, 1, 1, now, "holder")?;
-                if let Some(tx) = claimed_tx.take() {
-                    let _ = tx.send(rows.len());
-                }
-                let _ = go_rx.recv_timeout(std::time::Duration::from_secs(10));
-                Ok(rows.len())
-            }))
-            .await
-            .unwrap()
-        });
-        assert_eq!(claimed_rx.await.unwrap(), 1, "the holder claims a run");
-        (holder, go_tx)
+        let (holder, go, claimed) = hold_writer_in(store, move |c| {
+            Ok(crate::store::queue::claim_some(c, 1, 1, now, "holder")?.len())
+        })
+        .await;
+        assert_eq!(claimed, 1, "the holder claims a run");
+        (holder, go)
     }
 
     /// An occurrence of alert `x` (the `n`th), for playbook `p` on `target`.
@@ -1191,7 +1197,7 @@ mod replicas {
             .await
             .unwrap();
         let _ = go.send(());
-        assert_eq!(holder.await.unwrap(), 1);
+        holder.await.unwrap().unwrap();
         let Outcome::Created { run_id: own, .. } = second[0][0] else {
             panic!("joined the run being claimed: {second:?}")
         };
@@ -1320,7 +1326,7 @@ mod replicas {
             third.outcomes
         );
         let _ = go.send(());
-        assert_eq!(holder.await.unwrap(), 1);
+        holder.await.unwrap().unwrap();
         let running = |store: &Store| {
             let store = store.clone();
             async move {
