@@ -1495,6 +1495,32 @@ async fn a_late_resolution_of_an_earlier_occurrence_leaves_a_newer_one_alone() {
 }
 
 #[tokio::test]
+async fn a_resolution_ends_a_run_waiting_for_approval_and_cancels_its_request() {
+    let api = TestApi::new().await;
+    let run_id = api.start_gated().await;
+    let resolved =
+        json!({"labels": {"alertname": "Gated", "instance": "h1"}, "status": "resolved"});
+    let out = api.post_alert(&resolved.to_string()).await;
+    assert!(
+        (out["outcomes"][0].as_array().unwrap().iter())
+            .any(|o| o["outcome"] == "ended" && o["run_id"] == run_id),
+        "{out}"
+    );
+    let run = api.view(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(run["state"], "resolved", "{run}");
+    assert_eq!(
+        run["error"], "the alert resolved before approval; nothing was done",
+        "{run}"
+    );
+    assert_eq!(run["steps"][0]["state"], "skipped", "{run}");
+    let approvals = api.view("/api/v1/approvals").await;
+    let request = (approvals.as_array().unwrap().iter())
+        .find(|a| a["run_id"] == run_id)
+        .unwrap_or_else(|| panic!("{approvals}"));
+    assert_eq!(request["state"], "cancelled", "{request}");
+}
+
+#[tokio::test]
 async fn in_open_mode_a_foreign_host_cannot_act_dns_rebinding() {
     let api = TestApi::open("server:\n  allowed_hosts: [reflex.example.internal]\n").await;
     let put = |host: &str| {

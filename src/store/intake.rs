@@ -548,19 +548,33 @@ fn intake_one(
 /// - the alert's identity for the playbook (dedup, coalescing, one run at a time per alert);
 /// - the cooldown's key, when the playbook has a cooldown;
 /// - the playbook, when the breaker limits its runs;
-/// - all intake, when a breaker limit spans playbooks (runs, distinct targets).
+/// - all intake, when a breaker limit spans playbooks (runs, distinct targets), instead of
+///   the three above;
+/// - for a resolved alert, the lock each of its playbooks' runs for it starts under
+///   ([`super::queue::try_lock_start`]), so that the runs it ends are not being claimed
+///   meanwhile by another replica (whose claim it would overwrite). A claim only tries it,
+///   never waits for another lock holding it, so waiting for it here closes no cycle.
 fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<String> {
-    if limits.max_runs > 0 || limits.max_targets > 0 {
-        return vec![String::from("reflex.intake")];
-    }
+    // A unit separator: neither a playbook name nor a fingerprint holds one.
+    let key = |kind: &str, pb: &str, of: &str| format!("reflex.{kind}:{pb}\u{1f}{of}");
+    let global = limits.max_runs > 0 || limits.max_targets > 0;
     let mut locks = Vec::new();
+    if global {
+        locks.push(String::from("reflex.intake"));
+    }
     for item in items {
+        let fingerprint = &item.alert.fingerprint;
         for cand in &item.candidates {
             let pb = &cand.playbook;
-            // A unit separator: neither a playbook name nor a fingerprint holds one.
-            locks.push(format!("reflex.alert:{pb}\u{1f}{}", item.alert.fingerprint));
+            if item.alert.status == AlertStatus::Resolved {
+                locks.push(super::queue::start_lock(pb, fingerprint));
+            }
+            if global {
+                continue;
+            }
+            locks.push(key("alert", pb, fingerprint));
             if cand.cooldown_ms > 0 {
-                locks.push(format!("reflex.cooldown:{pb}\u{1f}{}", cand.cooldown_key));
+                locks.push(key("cooldown", pb, &cand.cooldown_key));
             }
             if limits.max_runs_per_playbook > 0 {
                 locks.push(format!("reflex.playbook:{pb}"));

@@ -214,10 +214,17 @@ static TRY_LOCK_START: std::sync::LazyLock<String> = std::sync::LazyLock::new(||
 });
 
 /// The key of the lock on starting runs of playbook `playbook` for alert `fingerprint` (see
-/// [`try_lock_start`]), an SQL expression of the two (placeholders or columns).
+/// [`try_lock_start`]), an SQL expression of the two (placeholders or columns): the key of
+/// the lock named [`start_lock`] (a batch's locks are keyed by `hashtextextended(name, 0)`).
 pub(super) fn start_key(playbook: &str, fingerprint: &str) -> String {
     // A unit separator: neither a playbook name nor a fingerprint holds one.
     format!("hashtextextended('reflex.start:' || {playbook} || chr(31) || {fingerprint}, 0)")
+}
+
+/// The name of the lock whose key is [`start_key`], for a batch to wait for (see
+/// `intake_locks`).
+pub(super) fn start_lock(playbook: &str, fingerprint: &str) -> String {
+    format!("reflex.start:{playbook}\u{1f}{fingerprint}")
 }
 
 /// Whether a playbook with a concurrency limit has room for one more run executing. On

@@ -46,14 +46,23 @@ pub(super) fn end_for_resolved(
         .filter(|(_, _, _, starts)| covered(starts, resolved_starts))
         .map(|(id, playbook, state, _)| (id, playbook, state))
         .partition(|(_, _, state)| *state == RunState::Running);
-    for (id, _, state) in &waiting {
-        let why = if *state == RunState::Pending {
-            "the alert resolved before the run started; nothing was done"
-        } else {
-            "the alert resolved before approval; nothing was done"
+    let mut ended = Vec::with_capacity(waiting.len());
+    for (id, playbook, state) in waiting {
+        let now_ended = match c.is_pg() {
+            true => end_waiting_pg(c, id, now)?,
+            false => {
+                super::approvals::close_pending(c, id, ApprovalState::Cancelled, now)?;
+                finish_run(c, id, RunState::Resolved, Some(why(state)), now)?;
+                true
+            }
         };
-        super::approvals::close_pending(c, *id, ApprovalState::Cancelled, now)?;
-        finish_run(c, *id, RunState::Resolved, Some(why), now)?;
+        if now_ended {
+            ended.push(Outcome::Ended {
+                run_id: id,
+                playbook,
+                state: RunState::Resolved,
+            });
+        }
     }
     for (id, _, _) in &running {
         c.exec(
@@ -61,14 +70,55 @@ pub(super) fn end_for_resolved(
             &[id, &now],
         )?;
     }
-    Ok(waiting
-        .into_iter()
-        .map(|(run_id, playbook, _)| Outcome::Ended {
-            run_id,
-            playbook,
-            state: RunState::Resolved,
-        })
-        .collect())
+    Ok(ended)
+}
+
+/// Why a run that waited was ended by its alert's resolution.
+fn why(state: RunState) -> &'static str {
+    match state {
+        RunState::AwaitingApproval => "the alert resolved before approval; nothing was done",
+        _ => "the alert resolved before the run started; nothing was done",
+    }
+}
+
+/// On PostgreSQL, ends a run read as waiting (pending, or awaiting approval) as [`finish_run`]
+/// would, with its approval cancelled; true when it ended. Another replica may have claimed
+/// it since it was read: a run executing now is marked instead, to stop before its next step
+/// (its claim is not overwritten, nor its step started under it recorded as never done).
+/// Decided on the row as it is when the update takes it (after a claim holding it commits),
+/// in one statement. Intake holds the locks a run of the alert's playbooks starts under
+/// (`intake_locks`), so a claim of one is not under way meanwhile; this holds for the runs of
+/// any other playbook.
+fn end_waiting_pg(c: &Db, run_id: i64, now: i64) -> Result<bool, StoreError> {
+    const END_WAITING: &str = "WITH ended AS (
+               UPDATE runs SET
+                 state = CASE WHEN state = 'running' THEN state ELSE 'resolved' END,
+                 finished_at = CASE WHEN state = 'running' THEN finished_at ELSE ?2 END,
+                 error = CASE WHEN state = 'running' THEN error
+                              WHEN state = 'awaiting_approval' THEN ?3 ELSE ?4 END,
+                 resolved_at = CASE WHEN state = 'running' THEN ?2 ELSE resolved_at END
+               WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')
+               RETURNING id, state = 'resolved' AS ended),
+             skip AS (UPDATE steps SET state = 'skipped'
+                      WHERE run_id IN (SELECT id FROM ended WHERE ended) AND state = 'pending'),
+             closed AS (UPDATE approvals SET state = ?5, decided_at = ?2
+                        WHERE run_id IN (SELECT id FROM ended WHERE ended) AND state = 'pending')
+             SELECT coalesce(bool_or(ended), false) FROM ended";
+    let ended = c.one(
+        END_WAITING,
+        &[
+            &run_id,
+            &now,
+            &why(RunState::AwaitingApproval),
+            &why(RunState::Pending),
+            &ApprovalState::Cancelled,
+        ],
+        |r| r.get(0),
+    )?;
+    if ended {
+        c.wake();
+    }
+    Ok(ended)
 }
 
 impl Store {

@@ -1229,6 +1229,82 @@ mod replicas {
         );
     }
 
+    /// An alert resolves on one replica while another is claiming its queued run (its claim's
+    /// transaction not yet committed). The resolution waits for the claim, then marks the run
+    /// that now executes, to stop before its next step: it does not record it as resolved
+    /// with nothing done while its first step acts, nor free its target for another run.
+    /// For the alert's own playbook it waits for the lock the run was claimed under, before
+    /// it reads the run; for a playbook that no longer takes the alert, for the run's row.
+    async fn a_resolution_during_a_claim_marks_the_run(playbook: &str, waits_for: &str) {
+        let (_db, stores) = replicas(2).await;
+        let none = BreakerLimits::default();
+        let first = (stores[0].record_intake(vec![occurrence(1, "t1", false)], none))
+            .await
+            .unwrap();
+        let Outcome::Created { run_id, .. } = first[0][0] else {
+            panic!("{first:?}")
+        };
+        let (holder, go) = hold_claim(&stores[0]).await;
+        let mut resolved = occurrence(1, "t1", false);
+        resolved.alert.status = AlertStatus::Resolved;
+        resolved.candidates[0].playbook = playbook.into();
+        let other = stores[1].clone();
+        let resolution =
+            tokio::spawn(async move { other.record_intake(vec![resolved], none).await });
+        let waiting = || {
+            stores[0].read(|c| {
+                c.rows(
+                    "SELECT wait_event FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                    |r| r.get::<String>(0),
+                )
+            })
+        };
+        let mut waits = Vec::new();
+        for _ in 0..3000 {
+            waits = waiting().await.unwrap();
+            if !waits.is_empty() || resolution.is_finished() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let _ = go.send(());
+        holder.await.unwrap().unwrap();
+        let outcomes = resolution.await.unwrap().unwrap();
+        assert_eq!(
+            waits,
+            vec![waits_for.to_string()],
+            "what the resolution waited for"
+        );
+        assert!(
+            !(outcomes.iter().flatten()).any(|o| o.run_id() == run_id),
+            "the run being claimed is not reported ended: {outcomes:?}"
+        );
+        let state: RunState = (stores[1].read(move |c| {
+            c.one("SELECT state FROM runs WHERE id = ?1", &[&run_id], |r| {
+                r.get(0)
+            })
+        }))
+        .await
+        .unwrap();
+        assert_eq!(state, RunState::Running, "the claim stands");
+        assert!(
+            stores[1].resolved_while_running(run_id).await.unwrap(),
+            "the run stops before its next step"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_resolution_waits_for_the_claim_of_its_alerts_run_and_marks_it() {
+        a_resolution_during_a_claim_marks_the_run("p", "advisory").await;
+    }
+
+    #[tokio::test]
+    async fn a_resolution_marks_a_run_claimed_meanwhile_of_a_playbook_it_no_longer_matches() {
+        a_resolution_during_a_claim_marks_the_run("q", "transactionid").await;
+    }
+
     /// A claim takes a head under the locks of the alert it listed. Should the target's head
     /// have changed since (the listed run ended, another alert's run is now first), it claims
     /// nothing: it does not hold that alert's lock, and another replica may be starting a
