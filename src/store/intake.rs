@@ -553,11 +553,19 @@ fn intake_one(
 /// - for a resolved alert, the lock each of its playbooks' runs for it starts under
 ///   ([`super::queue::try_lock_start`]), so that the runs it ends are not being claimed
 ///   meanwhile by another replica (whose claim it would overwrite). A claim only tries it,
-///   never waits for another lock holding it, so waiting for it here closes no cycle.
-fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<String> {
+///   never waits for another lock holding it, so waiting for it here closes no cycle. At
+///   most [`RESOLVED_LOCKS`] of them, or none: PostgreSQL's table of locks is shared and
+///   bounded, and without them the ending is decided on each run's row (`end_waiting_pg`),
+///   to the same effect.
+pub(super) fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<String> {
     // A unit separator: neither a playbook name nor a fingerprint holds one.
     let key = |kind: &str, pb: &str, of: &str| format!("reflex.{kind}:{pb}\u{1f}{of}");
     let global = limits.max_runs > 0 || limits.max_targets > 0;
+    let resolved = (items.iter())
+        .filter(|i| i.alert.status == AlertStatus::Resolved)
+        .map(|i| i.candidates.len())
+        .sum::<usize>();
+    let resolved = resolved <= RESOLVED_LOCKS;
     let mut locks = Vec::new();
     if global {
         locks.push(String::from("reflex.intake"));
@@ -566,7 +574,7 @@ fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<String> {
         let fingerprint = &item.alert.fingerprint;
         for cand in &item.candidates {
             let pb = &cand.playbook;
-            if item.alert.status == AlertStatus::Resolved {
+            if resolved && item.alert.status == AlertStatus::Resolved {
                 locks.push(super::queue::start_lock(pb, fingerprint));
             }
             if global {
@@ -583,6 +591,9 @@ fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<String> {
     }
     locks
 }
+
+/// The most start locks an intake of resolved alerts waits for (see [`intake_locks`]).
+const RESOLVED_LOCKS: usize = 64;
 
 /// What intake decided to record for a candidate.
 struct RunRow<'a> {

@@ -190,6 +190,48 @@ pub(crate) async fn hold_writer_in<R: Send + 'static>(
     (blocker, release, answer)
 }
 
+/// A webhook of resolved alerts waits for the start lock of each alert's playbooks (so that
+/// no claim of the runs it ends is under way), up to a bound: a huge one takes none, and
+/// PostgreSQL's shared table of locks is not filled by one webhook.
+#[test]
+fn a_resolution_waits_for_its_runs_start_locks_up_to_a_bound() {
+    let resolved = |n: usize| -> Vec<IntakeItem> {
+        (0..n)
+            .map(|i| IntakeItem {
+                deferred: None,
+                alert: Alert {
+                    status: AlertStatus::Resolved,
+                    ..alert(&format!("h{i}"))
+                },
+                received_us: 0,
+                candidates: vec![candidate("p", "t", 0, "")],
+            })
+            .collect()
+    };
+    let starts = |items: &[IntakeItem], limits: BreakerLimits| {
+        let items: Vec<&IntakeItem> = items.iter().collect();
+        (super::intake::intake_locks(&items, limits).into_iter())
+            .filter(|l| l.starts_with("reflex.start:"))
+            .count()
+    };
+    let global = BreakerLimits {
+        max_runs: 10,
+        ..BreakerLimits::default()
+    };
+    for limits in [BreakerLimits::default(), global] {
+        assert_eq!(starts(&resolved(1), limits), 1);
+        assert_eq!(starts(&resolved(64), limits), 64);
+        assert_eq!(starts(&resolved(65), limits), 0);
+    }
+    let firing: Vec<IntakeItem> = (resolved(3).into_iter())
+        .map(|mut i| {
+            i.alert.status = AlertStatus::Firing;
+            i
+        })
+        .collect();
+    assert_eq!(starts(&firing, BreakerLimits::default()), 0);
+}
+
 async fn intake(store: &Store, instance: &str, cand: Candidate, limits: BreakerLimits) -> Outcome {
     let item = IntakeItem {
         deferred: None,
