@@ -104,11 +104,10 @@ pub(super) fn close_pending(
     state: ApprovalState,
     now: i64,
 ) -> Result<(), StoreError> {
-    c.exec(
+    c.later(
         "UPDATE approvals SET state = ?2, decided_at = ?3 WHERE run_id = ?1 AND state = 'pending'",
         &[&run_id, &state, &now],
-    )?;
-    Ok(())
+    )
 }
 
 const SELECT: &str = "SELECT a.id, a.run_id, r.playbook, a.step_idx, s.name, a.scope, a.state, a.action, a.action_hash,

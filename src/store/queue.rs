@@ -656,6 +656,14 @@ impl Store {
     pub async fn cancel_if_pending(&self, run_id: i64) -> Result<Option<RunState>, StoreError> {
         let now = self.now_ms();
         self.write(move |c| {
+            if c.is_pg() {
+                // Its pending approval first, then the run: the order a decision on the
+                // approval takes them in (no cycle with an operator approving at once).
+                c.later(
+                    "SELECT 1 FROM approvals WHERE run_id = ?1 AND state = 'pending' FOR UPDATE",
+                    &[&run_id],
+                )?;
+            }
             let state: Option<String> = c.row(
                 if c.is_pg() {
                     "SELECT state FROM runs WHERE id = ?1 FOR UPDATE"

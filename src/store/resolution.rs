@@ -85,10 +85,12 @@ fn why(state: RunState) -> &'static str {
 /// would, with its approval cancelled; true when it ended. Another replica may have claimed
 /// it since it was read: a run executing now is marked instead, to stop before its next step
 /// (its claim is not overwritten, nor its step started under it recorded as never done).
-/// Decided on the row as it is when the update takes it (after a claim holding it commits),
-/// in one statement. Intake holds the locks a run of the alert's playbooks starts under
-/// (`intake_locks`), so a claim of one is not under way meanwhile; this holds for the runs of
-/// any other playbook.
+/// Decided on the row as it is when the update takes it (after a claim holding it commits).
+/// Intake holds the locks a run of the alert's playbooks starts under (`intake_locks`), so a
+/// claim of one is not under way meanwhile; this holds for the runs of any other playbook.
+///
+/// The approval first, then the run, in the order a decision on it takes them: a pending
+/// request means a run that waits for it, which no claim can take before it is decided.
 fn end_waiting_pg(c: &Db, run_id: i64, now: i64) -> Result<bool, StoreError> {
     const END_WAITING: &str = "WITH ended AS (
                UPDATE runs SET
@@ -100,10 +102,9 @@ fn end_waiting_pg(c: &Db, run_id: i64, now: i64) -> Result<bool, StoreError> {
                WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')
                RETURNING id, state = 'resolved' AS ended),
              skip AS (UPDATE steps SET state = 'skipped'
-                      WHERE run_id IN (SELECT id FROM ended WHERE ended) AND state = 'pending'),
-             closed AS (UPDATE approvals SET state = ?5, decided_at = ?2
-                        WHERE run_id IN (SELECT id FROM ended WHERE ended) AND state = 'pending')
+                      WHERE run_id IN (SELECT id FROM ended WHERE ended) AND state = 'pending')
              SELECT coalesce(bool_or(ended), false) FROM ended";
+    super::approvals::close_pending(c, run_id, ApprovalState::Cancelled, now)?;
     let ended = c.one(
         END_WAITING,
         &[
@@ -111,7 +112,6 @@ fn end_waiting_pg(c: &Db, run_id: i64, now: i64) -> Result<bool, StoreError> {
             &now,
             &why(RunState::AwaitingApproval),
             &why(RunState::Pending),
-            &ApprovalState::Cancelled,
         ],
         |r| r.get(0),
     )?;

@@ -1680,6 +1680,104 @@ mod replicas {
         assert!(again[0].resumed);
     }
 
+    /// An operator's cancel, or the alert's resolution, ends a run that awaits approval while
+    /// another replica is deciding on the approval: the request's row is locked, the run's
+    /// not yet. Each takes the request before the run, in the decision's order: while it
+    /// waits for the request it holds no lock on the run, which the decision goes on to
+    /// update (no cycle, so no deadlock for the database to break by failing one).
+    #[tokio::test]
+    async fn ending_a_run_that_awaits_approval_takes_the_request_before_the_run() {
+        for ending in ["cancel", "resolution"] {
+            let (_db, stores) = replicas(3).await;
+            let none = BreakerLimits::default();
+            let run_id = intake(&stores[0], "g", candidate("p", "t", 0, ""), none)
+                .await
+                .run_id();
+            assert_eq!(stores[1].claim(1, 1).await.unwrap()[0].id, run_id);
+            let gate = crate::playbook::Gate {
+                scope: crate::playbook::spec::GateScope::Run,
+                count: 1,
+                expires_ms: 3_600_000,
+                approvers: Vec::new(),
+            };
+            let id =
+                (stores[1].park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into()))
+                    .await
+                    .unwrap();
+            let (holder, go, ()) = hold_writer_in(&stores[0], move |c| {
+                c.one(
+                    "SELECT 1 FROM approvals WHERE id = ?1 FOR UPDATE",
+                    &[&id],
+                    |r| r.get::<i32>(0),
+                )
+                .map(drop)
+            })
+            .await;
+            let ender = stores[1].clone();
+            let ended = tokio::spawn(async move {
+                match ending {
+                    "cancel" => ender.cancel_if_pending(run_id).await.map(|_| ()),
+                    _ => {
+                        let item = IntakeItem {
+                            deferred: None,
+                            alert: Alert {
+                                status: AlertStatus::Resolved,
+                                ..alert("g")
+                            },
+                            received_us: 0,
+                            candidates: vec![candidate("p", "t", 0, "")],
+                        };
+                        ender.record_intake(vec![item], none).await.map(drop)
+                    }
+                }
+            });
+            let waiting = || {
+                stores[2].read(|c| {
+                    c.one(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                        &[],
+                        |r| r.get::<i64>(0),
+                    )
+                })
+            };
+            for _ in 0..3000 {
+                if waiting().await.unwrap() > 0 || ended.is_finished() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(!ended.is_finished(), "{ending}: waits for the request");
+            let run_free = (stores[2].write(move |c| {
+                c.one(
+                    "SELECT 1 FROM runs WHERE id = ?1 FOR UPDATE NOWAIT",
+                    &[&run_id],
+                    |r| r.get::<i32>(0),
+                )
+            }))
+            .await;
+            let _ = go.send(());
+            holder.await.unwrap().unwrap();
+            ended.await.unwrap().unwrap();
+            assert!(
+                run_free.is_ok(),
+                "{ending}: locked the run first: {run_free:?}"
+            );
+            let state: RunState = (stores[2].read(move |c| {
+                c.one("SELECT state FROM runs WHERE id = ?1", &[&run_id], |r| {
+                    r.get(0)
+                })
+            }))
+            .await
+            .unwrap();
+            let want = match ending {
+                "cancel" => RunState::Cancelled,
+                _ => RunState::Resolved,
+            };
+            assert_eq!(state, want, "{ending}");
+        }
+    }
+
     /// Makes `replica`'s lease expire now, as if it had stopped renewing ten seconds ago.
     async fn expire_lease(store: &Store, replica: &str) {
         let replica = replica.to_string();
