@@ -1081,6 +1081,40 @@ mod replicas {
         (db, (0..n).map(|_| store.clone()).collect())
     }
 
+    /// A run's state now.
+    async fn state_of(store: &Store, run_id: i64) -> RunState {
+        let state = store.read(move |c| {
+            c.one("SELECT state FROM runs WHERE id = ?1", &[&run_id], |r| {
+                r.get(0)
+            })
+        });
+        state.await.unwrap()
+    }
+
+    /// What the database's sessions wait for (`wait_event`: `advisory`, `transactionid`...),
+    /// once one waits for a lock or `task` has ended (at most 30 s).
+    async fn lock_waits<T>(store: &Store, task: &tokio::task::JoinHandle<T>) -> Vec<String> {
+        let waiting = || {
+            store.read(|c| {
+                c.rows(
+                    "SELECT wait_event FROM pg_stat_activity
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                    |r| r.get::<String>(0),
+                )
+            })
+        };
+        let mut waits = Vec::new();
+        for _ in 0..3000 {
+            waits = waiting().await.unwrap();
+            if !waits.is_empty() || task.is_finished() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        waits
+    }
+
     /// Runs executing on `target` now.
     async fn running_on(store: &Store, target: &str) -> i64 {
         let target = target.to_string();
@@ -1293,24 +1327,7 @@ mod replicas {
         let other = stores[1].clone();
         let resolution =
             tokio::spawn(async move { other.record_intake(vec![resolved], none).await });
-        let waiting = || {
-            stores[0].read(|c| {
-                c.rows(
-                    "SELECT wait_event FROM pg_stat_activity
-                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                    |r| r.get::<String>(0),
-                )
-            })
-        };
-        let mut waits = Vec::new();
-        for _ in 0..3000 {
-            waits = waiting().await.unwrap();
-            if !waits.is_empty() || resolution.is_finished() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        let waits = lock_waits(&stores[0], &resolution).await;
         let _ = go.send(());
         holder.await.unwrap().unwrap();
         let outcomes = resolution.await.unwrap().unwrap();
@@ -1323,13 +1340,7 @@ mod replicas {
             !(outcomes.iter().flatten()).any(|o| o.run_id() == run_id),
             "the run being claimed is not reported ended: {outcomes:?}"
         );
-        let state: RunState = (stores[1].read(move |c| {
-            c.one("SELECT state FROM runs WHERE id = ?1", &[&run_id], |r| {
-                r.get(0)
-            })
-        }))
-        .await
-        .unwrap();
+        let state = state_of(&stores[1], run_id).await;
         assert_eq!(state, RunState::Running, "the claim stands");
         assert!(
             stores[1].resolved_while_running(run_id).await.unwrap(),
@@ -1731,23 +1742,8 @@ mod replicas {
                     }
                 }
             });
-            let waiting = || {
-                stores[2].read(|c| {
-                    c.one(
-                        "SELECT count(*) FROM pg_stat_activity
-                         WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                        &[],
-                        |r| r.get::<i64>(0),
-                    )
-                })
-            };
-            for _ in 0..3000 {
-                if waiting().await.unwrap() > 0 || ended.is_finished() {
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
-            assert!(!ended.is_finished(), "{ending}: waits for the request");
+            let waits = lock_waits(&stores[2], &ended).await;
+            assert!(!waits.is_empty(), "{ending}: waits for the request");
             let run_free = (stores[2].write(move |c| {
                 c.one(
                     "SELECT 1 FROM runs WHERE id = ?1 FOR UPDATE NOWAIT",
@@ -1763,13 +1759,7 @@ mod replicas {
                 run_free.is_ok(),
                 "{ending}: locked the run first: {run_free:?}"
             );
-            let state: RunState = (stores[2].read(move |c| {
-                c.one("SELECT state FROM runs WHERE id = ?1", &[&run_id], |r| {
-                    r.get(0)
-                })
-            }))
-            .await
-            .unwrap();
+            let state = state_of(&stores[2], run_id).await;
             let want = match ending {
                 "cancel" => RunState::Cancelled,
                 _ => RunState::Resolved,
