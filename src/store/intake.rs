@@ -553,19 +553,13 @@ fn intake_one(
 /// - for a resolved alert, the lock each of its playbooks' runs for it starts under
 ///   ([`super::queue::try_lock_start`]), so that the runs it ends are not being claimed
 ///   meanwhile by another replica (whose claim it would overwrite). A claim only tries it,
-///   never waits for another lock holding it, so waiting for it here closes no cycle. At
-///   most [`RESOLVED_LOCKS`] of them, or none: PostgreSQL's table of locks is shared and
-///   bounded, and without them the ending is decided on each run's row (`end_waiting_pg`),
-///   to the same effect.
+///   never waits for another lock holding it, so waiting for it here closes no cycle.
+///
+/// A webhook needing more than a batch takes is recorded in parts (`record_and_start`).
 pub(super) fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<String> {
     // A unit separator: neither a playbook name nor a fingerprint holds one.
     let key = |kind: &str, pb: &str, of: &str| format!("reflex.{kind}:{pb}\u{1f}{of}");
     let global = limits.max_runs > 0 || limits.max_targets > 0;
-    let resolved = (items.iter())
-        .filter(|i| i.alert.status == AlertStatus::Resolved)
-        .map(|i| i.candidates.len())
-        .sum::<usize>();
-    let resolved = resolved <= RESOLVED_LOCKS;
     let mut locks = Vec::new();
     if global {
         locks.push(String::from("reflex.intake"));
@@ -574,7 +568,7 @@ pub(super) fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<
         let fingerprint = &item.alert.fingerprint;
         for cand in &item.candidates {
             let pb = &cand.playbook;
-            if resolved && item.alert.status == AlertStatus::Resolved {
+            if item.alert.status == AlertStatus::Resolved {
                 locks.push(super::queue::start_lock(pb, fingerprint));
             }
             if global {
@@ -591,9 +585,6 @@ pub(super) fn intake_locks(items: &[&IntakeItem], limits: BreakerLimits) -> Vec<
     }
     locks
 }
-
-/// The most start locks an intake of resolved alerts waits for (see [`intake_locks`]).
-const RESOLVED_LOCKS: usize = 64;
 
 /// What intake decided to record for a candidate.
 struct RunRow<'a> {
@@ -1076,6 +1067,22 @@ impl Store {
         } else {
             Vec::new()
         };
+        if locks.len() > super::MAX_BATCH_LOCKS && prepared.len() > 1 {
+            // Too many locks for one transaction (a huge webhook): recorded in parts, each
+            // committed on its own. Should a later part fail, the sender's retry finds the
+            // earlier ones recorded (dedup), as it would a batch that failed after its commit.
+            let mut first: Vec<IntakeItem> = prepared.into_iter().map(|(i, _)| i).collect();
+            let second = first.split_off(first.len() / 2);
+            let mut one = Box::pin(self.record_and_start(first, limits, start)).await?;
+            let start = StartNow {
+                slots: start.slots.saturating_sub(one.started.len()),
+                ..start
+            };
+            let two = Box::pin(self.record_and_start(second, limits, start)).await?;
+            one.outcomes.extend(two.outcomes);
+            one.started.extend(two.started);
+            return Ok(one);
+        }
         let starter = move || Starter {
             left: start.slots,
             owner: owner.clone(),

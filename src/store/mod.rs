@@ -293,6 +293,12 @@ where
 const WRITE_QUEUE: usize = 4096;
 /// Writes committed together at most: one fsync for all of them.
 const MAX_BATCH: usize = 512;
+/// Advisory locks a batch takes at most (PostgreSQL), counted job by job: a job that would
+/// take the batch past it waits for the next batch, alone if it must. PostgreSQL's table of
+/// locks is shared by every session and bounded (`max_locks_per_transaction` times the
+/// connections, 6,400 by default); a transaction past it fails with "out of shared memory".
+/// Intake keeps each job under it (`record_and_start`).
+const MAX_BATCH_LOCKS: usize = 512;
 
 /// A backend's side of the writer: commits a batch of writes in one transaction.
 trait Committer {
@@ -345,17 +351,27 @@ fn run_jobs(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreErr
 fn writer(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, counts: Arc<Counts>, mut backend: impl Committer) {
     // What this writer's connection had sent when last counted.
     let mut counted = (0, 0);
+    // A job taken that would have taken its batch past the locks' bound: the next batch's.
+    let mut held: Option<Job> = None;
     loop {
         let mut batch = {
             // One writer at a time takes what is waiting; the others commit meanwhile.
             let mut jobs = jobs.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(first) = jobs.blocking_recv() else {
+            let Some(first) = held.take().or_else(|| jobs.blocking_recv()) else {
                 return;
             };
+            let mut locks = first.locks.len();
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match jobs.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(job) if locks + job.locks.len() > MAX_BATCH_LOCKS => {
+                        held = Some(job);
+                        break;
+                    }
+                    Ok(job) => {
+                        locks += job.locks.len();
+                        batch.push(job);
+                    }
                     Err(_) => break,
                 }
             }

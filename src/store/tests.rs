@@ -190,21 +190,20 @@ pub(crate) async fn hold_writer_in<R: Send + 'static>(
     (blocker, release, answer)
 }
 
-/// A webhook of resolved alerts waits for the start lock of each alert's playbooks (so that
-/// no claim of the runs it ends is under way), up to a bound: a huge one takes none, and
-/// PostgreSQL's shared table of locks is not filled by one webhook.
+/// A webhook of resolved alerts waits for the start lock of each alert's playbooks, so that
+/// no claim of the runs it ends is under way; a webhook of firing ones for none.
 #[test]
-fn a_resolution_waits_for_its_runs_start_locks_up_to_a_bound() {
-    let resolved = |n: usize| -> Vec<IntakeItem> {
-        (0..n)
+fn a_resolution_waits_for_its_runs_start_locks() {
+    let items = |status: AlertStatus| -> Vec<IntakeItem> {
+        (0..3)
             .map(|i| IntakeItem {
                 deferred: None,
                 alert: Alert {
-                    status: AlertStatus::Resolved,
+                    status,
                     ..alert(&format!("h{i}"))
                 },
                 received_us: 0,
-                candidates: vec![candidate("p", "t", 0, "")],
+                candidates: vec![candidate("p", "t", 0, ""), candidate("q", "t", 0, "")],
             })
             .collect()
     };
@@ -212,24 +211,23 @@ fn a_resolution_waits_for_its_runs_start_locks_up_to_a_bound() {
         let items: Vec<&IntakeItem> = items.iter().collect();
         (super::intake::intake_locks(&items, limits).into_iter())
             .filter(|l| l.starts_with("reflex.start:"))
-            .count()
+            .collect::<Vec<_>>()
     };
     let global = BreakerLimits {
         max_runs: 10,
         ..BreakerLimits::default()
     };
-    for limits in [BreakerLimits::default(), global] {
-        assert_eq!(starts(&resolved(1), limits), 1);
-        assert_eq!(starts(&resolved(64), limits), 64);
-        assert_eq!(starts(&resolved(65), limits), 0);
-    }
-    let firing: Vec<IntakeItem> = (resolved(3).into_iter())
-        .map(|mut i| {
-            i.alert.status = AlertStatus::Firing;
-            i
-        })
+    let fp = |i: u32| alert(&format!("h{i}")).fingerprint;
+    let want: Vec<String> = (0..3)
+        .flat_map(|i| ["p", "q"].map(|pb| format!("reflex.start:{pb}\u{1f}{}", fp(i))))
         .collect();
-    assert_eq!(starts(&firing, BreakerLimits::default()), 0);
+    for limits in [BreakerLimits::default(), global] {
+        assert_eq!(starts(&items(AlertStatus::Resolved), limits), want);
+        assert_eq!(
+            starts(&items(AlertStatus::Firing), limits),
+            Vec::<String>::new()
+        );
+    }
 }
 
 async fn intake(store: &Store, instance: &str, cand: Candidate, limits: BreakerLimits) -> Outcome {
@@ -1689,6 +1687,81 @@ mod replicas {
         let again = stores[0].claim(1, 1).await.unwrap();
         assert_eq!(again.iter().map(|r| r.id).collect::<Vec<_>>(), vec![run_id]);
         assert!(again[0].resumed);
+    }
+
+    /// The advisory locks this transaction holds now.
+    fn advisory_locks_held(c: &Db) -> Result<i64, StoreError> {
+        c.one(
+            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'",
+            &[],
+            |r| r.get(0),
+        )
+    }
+
+    /// Writes waiting together that name more advisory locks than a batch takes go in more
+    /// than one batch: no transaction holds more than the bound (PostgreSQL's table of locks
+    /// is shared and bounded, and a transaction past it fails every write of its batch).
+    #[tokio::test]
+    async fn a_batch_takes_no_more_advisory_locks_than_its_bound() {
+        let (_db, stores) = replicas(1).await;
+        let store = &stores[0];
+        let (holder, go) = hold_writer(store).await;
+        let writes: Vec<_> = (0..8)
+            .map(|job| {
+                let locks = (0..100).map(|i| format!("test:{job}:{i}")).collect();
+                let store = store.clone();
+                tokio::spawn(async move { store.write_locked(locks, advisory_locks_held).await })
+            })
+            .collect();
+        while store.queued_writes() < writes.len() {
+            tokio::task::yield_now().await;
+        }
+        let _ = go.send(());
+        holder.await.unwrap().unwrap();
+        let mut held = Vec::new();
+        for w in writes {
+            held.push(w.await.unwrap().unwrap());
+        }
+        let most = *held.iter().max().unwrap();
+        assert!(
+            (100..=crate::store::MAX_BATCH_LOCKS as i64).contains(&most),
+            "locks held by a batch: {held:?}"
+        );
+    }
+
+    /// A webhook whose alerts need more locks than a batch takes (with no breaker limit
+    /// spanning playbooks, one an alert) is recorded in parts, each its own write, every
+    /// alert once and in order.
+    #[tokio::test]
+    async fn a_webhook_needing_more_locks_than_a_batch_takes_is_recorded_in_parts() {
+        let (_db, stores) = replicas(1).await;
+        let store = &stores[0];
+        let n = crate::store::MAX_BATCH_LOCKS + 88;
+        let items: Vec<IntakeItem> = (0..n)
+            .map(|i| IntakeItem {
+                deferred: None,
+                alert: alert(&format!("h{i}")),
+                received_us: 0,
+                candidates: vec![candidate("p", &format!("t{i}"), 0, "")],
+            })
+            .collect();
+        let before = store.write_counts().writes;
+        let outcomes = (store.record_intake(items, BreakerLimits::default()))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.write_counts().writes - before,
+            2,
+            "written in two parts"
+        );
+        assert_eq!(outcomes.len(), n);
+        let ids: Vec<i64> = (outcomes.iter())
+            .map(|o| match o[..] {
+                [Outcome::Created { run_id, .. }] => run_id,
+                _ => panic!("{o:?}"),
+            })
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order: {ids:?}");
     }
 
     /// An operator's cancel, or the alert's resolution, ends a run that awaits approval while
