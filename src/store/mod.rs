@@ -354,28 +354,31 @@ fn writer(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, counts: Arc<Counts>, mut backen
     // A job taken that would have taken its batch past the locks' bound: the next batch's.
     let mut held: Option<Job> = None;
     loop {
-        let mut batch = {
-            // One writer at a time takes what is waiting; the others commit meanwhile.
-            let mut jobs = jobs.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(first) = held.take().or_else(|| jobs.blocking_recv()) else {
-                return;
-            };
-            let mut locks = first.locks.len();
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
-                match jobs.try_recv() {
-                    Ok(job) if locks + job.locks.len() > MAX_BATCH_LOCKS => {
-                        held = Some(job);
-                        break;
-                    }
-                    Ok(job) => {
-                        locks += job.locks.len();
-                        batch.push(job);
-                    }
-                    Err(_) => break,
+        let mut batch = match held.take() {
+            // It goes now, with what else waits unless another writer is taking that (which
+            // may wait there for the next write to come: this one must not).
+            Some(first) => {
+                let mut batch = vec![first];
+                let taking = match jobs.try_lock() {
+                    Ok(jobs) => Some(jobs),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                if let Some(mut jobs) = taking {
+                    held = fill(&mut jobs, &mut batch);
                 }
+                batch
             }
-            batch
+            None => {
+                // One writer at a time takes what is waiting; the others commit meanwhile.
+                let mut jobs = jobs.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(first) = jobs.blocking_recv() else {
+                    return;
+                };
+                let mut batch = vec![first];
+                held = fill(&mut jobs, &mut batch);
+                batch
+            }
         };
         let err = backend.commit(&mut batch).err();
         {
@@ -397,6 +400,23 @@ fn writer(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, counts: Arc<Counts>, mut backen
         }
         backend.after();
     }
+}
+
+/// Adds what waits to `batch`, up to [`MAX_BATCH`] writes and [`MAX_BATCH_LOCKS`] locks; the
+/// write that would have taken it past the locks, taken already, is returned.
+fn fill(jobs: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>) -> Option<Job> {
+    let mut locks: usize = batch.iter().map(|j| j.locks.len()).sum();
+    while batch.len() < MAX_BATCH {
+        match jobs.try_recv() {
+            Ok(job) if locks + job.locks.len() > MAX_BATCH_LOCKS => return Some(job),
+            Ok(job) => {
+                locks += job.locks.len();
+                batch.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    None
 }
 
 /// SQLite's side of the writer.

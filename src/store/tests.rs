@@ -1729,6 +1729,60 @@ mod replicas {
         );
     }
 
+    /// With two writers, one holding a write back for its next batch (past the locks'
+    /// bound) while the other waits for writes to come: the write held back is committed
+    /// all the same, not left until another write comes.
+    #[tokio::test]
+    async fn a_write_held_back_for_the_next_batch_is_not_left_waiting() {
+        let (_db, stores) = writers(2).await;
+        let store = &stores[0];
+        let (first_holder, first_go) = hold_writer(store).await;
+        let (second_holder, second_go) = hold_writer(store).await;
+        let names = |job: usize, n: usize| (0..n).map(|i| format!("test:{job}:{i}")).collect();
+        // The first write of the next batch stays open until told, the second is past the
+        // bound with it.
+        let (entered_tx, entered) = tokio::sync::oneshot::channel();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (mut entered_tx, store1) = (Some(entered_tx), store.clone());
+        let open = tokio::spawn(async move {
+            (store1.write_locked(names(0, 100), move |_| {
+                if let Some(tx) = entered_tx.take() {
+                    let _ = tx.send(());
+                }
+                let _ = wait.recv_timeout(std::time::Duration::from_secs(30));
+                Ok(())
+            }))
+            .await
+        });
+        while store.queued_writes() < 1 {
+            tokio::task::yield_now().await;
+        }
+        let store2 = store.clone();
+        let past = tokio::spawn(async move {
+            store2
+                .write_locked(names(1, 500), advisory_locks_held)
+                .await
+        });
+        while store.queued_writes() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // One writer takes both, holds the second back and runs the first, which stays open.
+        let _ = first_go.send(());
+        first_holder.await.unwrap().unwrap();
+        entered.await.unwrap();
+        // The other writer is free, and waits for writes to come.
+        let _ = second_go.send(());
+        second_holder.await.unwrap().unwrap();
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        let _ = go.send(());
+        open.await.unwrap().unwrap();
+        let done = tokio::time::timeout(std::time::Duration::from_secs(20), past).await;
+        let held = done.expect("the write held back was left waiting");
+        assert_eq!(held.unwrap().unwrap(), 500, "alone in its batch");
+    }
+
     /// A webhook whose alerts need more locks than a batch takes (with no breaker limit
     /// spanning playbooks, one an alert) is recorded in parts, each its own write, every
     /// alert once and in order.
