@@ -920,4 +920,10 @@ CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running' AND
 DROP INDEX runs_owner;
 CREATE INDEX runs_owner ON runs(owner) WHERE state = 'running' AND owner IS NOT NULL;
 "#,
+    // 16: what 15 kept for the replicas one version behind it, which no replica of 15 or
+    // later reads (PostgreSQL only).
+    r#"
+DROP VIEW target_load;
+DROP TABLE target_load_delta;
+"#,
 ];

@@ -1001,60 +1001,6 @@ async fn a_new_databases_intake_looks_runs_up_by_their_keys_on_postgres() {
     assert!(!plan.contains("runs_running_playbook"), "{plan}");
 }
 
-/// Through a rolling upgrade a replica of the version before works on schema 15: its room
-/// check reads `target_load` (now a view of the runs) and its writers fold
-/// `target_load_delta` (now empty). Its statements, as it sends them, still run and answer
-/// from the runs.
-#[tokio::test]
-async fn the_version_befores_queue_statements_run_on_this_schema() {
-    let db = TestDb::postgres();
-    let store = db.open().await;
-    let none = BreakerLimits::default();
-    for i in 0..3 {
-        intake(
-            &store,
-            &format!("busy-{i}"),
-            candidate("p", "busy", 0, ""),
-            none,
-        )
-        .await;
-    }
-    intake(&store, "free-0", candidate("p", "free", 0, ""), none).await;
-    assert_eq!(store.claim(1, 10).await.unwrap().len(), 2);
-    const ROOM: &str =
-        "SELECT coalesce((SELECT running FROM target_load WHERE target = ?1), 0) < ?2
-                   AND NOT EXISTS (SELECT 1 FROM runs p WHERE p.state = 'pending' AND p.target = ?1)
-                   AND NOT EXISTS (SELECT 1 FROM runs o WHERE o.playbook = ?3 AND o.fingerprint = ?4
-                                   AND o.state = 'running')";
-    const FOLD: &str = "WITH go AS (SELECT pg_try_advisory_xact_lock(hashtextextended('reflex.compact', 0)) AS ok),
-  gone AS (DELETE FROM target_load_delta WHERE (SELECT ok FROM go) RETURNING target, pending, running)
-  INSERT INTO target_load_delta (target, pending, running)
-  SELECT target, sum(pending), sum(running) FROM gone GROUP BY target
-  HAVING sum(pending) <> 0 OR sum(running) <> 0";
-    let (load, room, deltas) = store
-        .write(|c| {
-            c.exec(FOLD, &[])?;
-            let load: Load = c.rows(
-                "SELECT target, pending, running FROM target_load ORDER BY target",
-                &[],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )?;
-            let mut room = Vec::new();
-            for target in ["busy", "free", "idle"] {
-                let may: bool = c.one(ROOM, &[&target, &1i64, &"p", &"fp-x"], |r| r.get(0))?;
-                room.push(may);
-            }
-            let deltas: i64 = c.one("SELECT count(*) FROM target_load_delta", &[], |r| r.get(0))?;
-            Ok((load, room, deltas))
-        })
-        .await
-        .unwrap();
-    assert_eq!(load, live(&store).await);
-    assert_eq!(load, vec![("busy".into(), 2, 1), ("free".into(), 0, 1)]);
-    assert_eq!(room, vec![false, false, true], "busy, free, idle");
-    assert_eq!(deltas, 0);
-}
-
 /// Two or three replicas on one PostgreSQL database, each its own [`Store`] (its own pool,
 /// writer, listener and lease), as separate processes would be.
 mod replicas {
@@ -2355,15 +2301,9 @@ async fn both_backends_have_the_same_tables_columns_and_indexes() {
     let (sqlite, pg) = (lite_db.open().await, pg_db.open().await);
     let (lite_tables, lite_indexes) = live_schema(&sqlite, true).await;
     let (mut pg_tables, pg_indexes) = live_schema(&pg, false).await;
-    // PostgreSQL's own: which replicas hold leases (SQLite has one writer, no leases), the
-    // migration version (SQLite keeps it in `PRAGMA user_version`), and what a replica one
-    // version behind reads through a rolling upgrade (SQLite has no rolling upgrade).
-    for only_pg in [
-        "replicas",
-        "reflex_schema",
-        "target_load",
-        "target_load_delta",
-    ] {
+    // PostgreSQL's own: which replicas hold leases (SQLite has one writer, no leases) and the
+    // migration version (SQLite keeps it in `PRAGMA user_version`).
+    for only_pg in ["replicas", "reflex_schema"] {
         assert!(
             pg_tables.remove(only_pg).is_some(),
             "{only_pg} is gone from PostgreSQL"
@@ -2380,7 +2320,6 @@ async fn both_backends_have_the_same_tables_columns_and_indexes() {
     // PostgreSQL's own: the runs each replica holds (a lease's takeover looks them up).
     let mut pg_indexes = pg_indexes;
     assert!(pg_indexes.remove("runs_owner"));
-    assert!(pg_indexes.remove("target_load_delta_target"));
     assert_eq!(lite_indexes, pg_indexes, "the same indexes");
 }
 
