@@ -1520,6 +1520,39 @@ async fn a_resolution_ends_a_run_waiting_for_approval_and_cancels_its_request() 
     assert_eq!(request["state"], "cancelled", "{request}");
 }
 
+/// A claim of a run this replica holds twice (once from before it lost its lease, loaded
+/// late, and once since), whose step the other claim started: driving it acts on nothing and
+/// ends nothing. The run stays with the task that started its step.
+#[tokio::test]
+async fn a_run_whose_step_another_claim_started_is_left_to_that_claim() {
+    use crate::store::tests::{alert, candidate};
+    let api = TestApi::new().await;
+    let item = crate::store::IntakeItem {
+        deferred: None,
+        alert: alert("twice"),
+        received_us: 0,
+        candidates: vec![candidate("note", "h1", 0, "")],
+    };
+    let none = crate::store::BreakerLimits::default();
+    let recorded = api.store.record_intake(vec![item], none).await.unwrap();
+    let run_id = recorded[0][0].run_id();
+    let claimed = api.store.claim(1, 1).await.unwrap().remove(0);
+    assert_eq!(claimed.id, run_id);
+    api.store.step_started_after(run_id, 0, None).await.unwrap();
+    api.engine.drive(claimed).await;
+    let run = api.view(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(
+        run["state"], "running",
+        "not ended by the late claim: {run}"
+    );
+    assert_eq!(run["steps"][0]["state"], "running", "{run}");
+    assert_eq!(
+        run["steps"][0]["output"],
+        Value::Null,
+        "nothing acted: {run}"
+    );
+}
+
 #[tokio::test]
 async fn in_open_mode_a_foreign_host_cannot_act_dns_rebinding() {
     let api = TestApi::open("server:\n  allowed_hosts: [reflex.example.internal]\n").await;

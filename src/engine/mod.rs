@@ -48,6 +48,14 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// A run this replica executes: the token that cancels it, and whether a task drives it
+/// (an operator's cancel may come first, for a run claimed but not yet driven).
+#[derive(Default)]
+struct Driving {
+    token: CancellationToken,
+    driven: bool,
+}
+
 /// The engine: shared by the API and the dispatcher.
 pub struct Engine {
     store: Store,
@@ -66,8 +74,8 @@ pub struct Engine {
     /// Worker slots (`max_concurrent_runs`), taken by the dispatcher's claims and by intake
     /// when it starts a run in its own transaction.
     slots: Arc<Semaphore>,
-    /// Cancellation tokens of runs in flight, by run id.
-    running: Mutex<HashMap<i64, CancellationToken>>,
+    /// Runs in flight, by id: their cancellation, and whether a task drives them.
+    running: Mutex<HashMap<i64, Driving>>,
     /// The last rejected reload, until a reload succeeds (shown by the console).
     reload_failure: Mutex<Option<ReloadFailure>>,
     shutdown: CancellationToken,

@@ -80,10 +80,7 @@ impl Engine {
         run.note_time_left(crate::time::Timestamp::from_ms(self.store.now_ms()));
         if run.state == RunState::Running {
             let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            if running
-                .get(&run.id)
-                .is_some_and(CancellationToken::is_cancelled)
-            {
+            if running.get(&run.id).is_some_and(|d| d.token.is_cancelled()) {
                 run.state = RunState::Cancelling;
             }
         }
@@ -101,7 +98,7 @@ impl Engine {
                 // The run may be claimed but not yet registered: leave a cancelled token
                 // that the worker picks up when it registers.
                 let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-                running.entry(run_id).or_default().cancel();
+                running.entry(run_id).or_default().token.cancel();
                 CancelResult::Requested
             }
             Some(state) => CancelResult::AlreadyFinished(state),

@@ -31,6 +31,9 @@ pub(super) enum Stop {
     End { state: RunState, error: String },
     /// It waits for approval; its state is already `awaiting_approval`.
     Parked,
+    /// It is not this task's to drive: taken over by another replica, or started by another
+    /// claim of it (see [`crate::store::Store::step_started_after`]). Its end is not written.
+    Lost,
 }
 
 fn step_ref(run: &ClaimedRun, step: &StepRecord) -> crate::store::StepRef {
@@ -46,6 +49,15 @@ fn end(state: RunState, error: impl Into<String>) -> Stop {
     Stop::End {
         state,
         error: error.into(),
+    }
+}
+
+/// A step's start refused: the run is lost to this task ([`Stop::Lost`]); else as
+/// [`record_err`].
+fn start_err(e: StoreError) -> Stop {
+    match e {
+        StoreError::LostRun(_) => Stop::Lost,
+        e => record_err(e),
     }
 }
 
@@ -118,11 +130,20 @@ impl Engine {
     /// Drives a claimed run through its steps to its end (or its park at an approval gate),
     /// recording each transition before the next action. (The executors `execute` a step;
     /// the engine drives a run.)
-    pub(super) async fn drive(self: &Arc<Self>, run: ClaimedRun) {
+    pub(crate) async fn drive(self: &Arc<Self>, run: ClaimedRun) {
         let span = tracing::info_span!("run", run_id = run.id, playbook = %run.playbook);
         let token = {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-            running.entry(run.id).or_default().clone()
+            let driving = running.entry(run.id).or_default();
+            if driving.driven {
+                // Claimed twice by this replica (once before it lost its lease, loaded late,
+                // and again since): one task drives it.
+                let _span = span.enter();
+                tracing::warn!("the run is driven by this replica already; not twice");
+                return;
+            }
+            driving.driven = true;
+            driving.token.clone()
         };
         async {
             tracing::info!(steps = run.steps.len(), dry_run = run.dry_run, target = %run.target, "run started");
@@ -145,6 +166,12 @@ impl Engine {
                 Ok(()) => (RunState::Succeeded, None),
                 Err(Stop::Parked) => {
                     tracing::info!("run waits for approval");
+                    return;
+                }
+                Err(Stop::Lost) => {
+                    tracing::warn!(
+                        "the run is no longer this task's (taken over, or claimed again); acting no further"
+                    );
                     return;
                 }
                 Err(Stop::End { state, error }) => (state, Some(error)),
@@ -353,7 +380,7 @@ impl Engine {
                     .store
                     .park_for_approval(run.id, step.idx, gate.clone(), action, hash.clone())
                     .await
-                    .map_err(record_err)?;
+                    .map_err(start_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
                 let evidence = self.evidence_of(run, step.idx).await;
                 self.live().notifier.send(Event::ApprovalNeeded {
@@ -486,7 +513,7 @@ impl Engine {
             self.store
                 .step_started_after(run.id, step.idx, previous)
                 .await
-                .map_err(record_err)?;
+                .map_err(start_err)?;
             if let Some(event) = event.flatten() {
                 self.live().notifier.send(event);
             }

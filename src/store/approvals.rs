@@ -170,7 +170,8 @@ fn expire(c: &Db, id: i64, run_id: i64, now: i64) -> Result<(), StoreError> {
 
 impl Store {
     /// Requests approval for a run's step and parks the run in `awaiting_approval`, in one
-    /// transaction. Returns the approval id.
+    /// transaction. Returns the approval id; [`StoreError::LostRun`] when the run is no
+    /// longer executing as this replica's (see [`Store::step_started_after`]).
     pub async fn park_for_approval(
         &self,
         run_id: i64,
@@ -180,7 +181,16 @@ impl Store {
         hash: String,
     ) -> Result<i64, StoreError> {
         let now = self.now_ms();
+        let owner = self.inner.replica.clone();
         self.write(move |c| {
+            let parked = c.exec(
+                "UPDATE runs SET state = 'awaiting_approval'
+                 WHERE id = ?1 AND state = 'running' AND owner = ?2",
+                &[&run_id, &owner],
+            )?;
+            if parked == 0 {
+                return Err(StoreError::LostRun(run_id));
+            }
             let id = c.insert(
                 "INSERT INTO approvals (run_id, step_idx, scope, state, action, action_hash, required, allowed, created_at, expires_at)
                  VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -197,10 +207,6 @@ impl Store {
                 ],
             )?
             .ok_or(StoreError::NoRow)?;
-            c.exec(
-                "UPDATE runs SET state = 'awaiting_approval' WHERE id = ?1",
-                &[&run_id],
-            )?;
             Ok(id)
         })
         .await

@@ -65,8 +65,9 @@ pub enum StoreError {
     /// No PostgreSQL connection could be had in time.
     #[error("postgres connection pool: {0}")]
     Pool(#[from] r2d2::Error),
-    /// The run is no longer this process's to execute (its lease was taken over, or it ended).
-    #[error("run {0} is no longer running on this replica; it acts no further")]
+    /// The run is no longer this task's to execute: its lease was taken over, it ended, or
+    /// another claim of it started the step.
+    #[error("run {0} is no longer this task's to execute; it acts no further")]
     LostRun(i64),
     /// The store's configuration is unusable.
     #[error("{0}")]

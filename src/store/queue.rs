@@ -576,10 +576,12 @@ impl Store {
                 record_step(c, previous, now)?;
             }
             // Only while the run is still this replica's: one whose lease was taken over
-            // finds its run interrupted, and acts no further.
+            // finds its run interrupted, or requeued, and acts no further. And only once: a
+            // replica that claimed the run again after losing it (same name, new lease) may
+            // hold it twice, in its claim from before, loaded late, and in the new one.
             let started = c.exec(
                 "UPDATE steps SET state = 'running', started_at = ?3, started_us = ?4
-                 WHERE run_id = ?1 AND idx = ?2
+                 WHERE run_id = ?1 AND idx = ?2 AND state = 'pending'
                    AND EXISTS (SELECT 1 FROM runs WHERE id = ?1 AND state = 'running' AND owner = ?5)",
                 &[&run_id, &idx, &now, &crate::time::now_us(), &owner],
             )?;

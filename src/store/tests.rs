@@ -102,7 +102,7 @@ macro_rules! on_both_backends {
     )+};
 }
 
-fn alert(instance: &str) -> Alert {
+pub(crate) fn alert(instance: &str) -> Alert {
     let labels: crate::alert::Labels = [("alertname", "X"), ("instance", instance)]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -120,7 +120,7 @@ fn alert(instance: &str) -> Alert {
     }
 }
 
-fn candidate(playbook: &str, target: &str, cooldown_ms: i64, key: &str) -> Candidate {
+pub(crate) fn candidate(playbook: &str, target: &str, cooldown_ms: i64, key: &str) -> Candidate {
     Candidate {
         playbook: playbook.into(),
         cooldown_ms,
@@ -1025,6 +1025,16 @@ mod replicas {
         (db, (0..n).map(|_| store.clone()).collect())
     }
 
+    /// An approval gate on the whole run, by `count` approvers, for an hour.
+    fn run_gate(count: u32) -> crate::playbook::Gate {
+        crate::playbook::Gate {
+            scope: crate::playbook::spec::GateScope::Run,
+            count,
+            expires_ms: 3_600_000,
+            approvers: Vec::new(),
+        }
+    }
+
     /// A run's state now.
     async fn state_of(store: &Store, run_id: i64) -> RunState {
         let state = store.read(move |c| {
@@ -1609,12 +1619,7 @@ mod replicas {
         };
         let claimed = stores[1].claim(1, 1).await.unwrap();
         assert_eq!(claimed[0].id, run_id);
-        let gate = crate::playbook::Gate {
-            scope: crate::playbook::spec::GateScope::Run,
-            count: 2,
-            expires_ms: 3_600_000,
-            approvers: Vec::new(),
-        };
+        let gate = run_gate(2);
         let id = stores[1]
             .park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into())
             .await
@@ -1778,12 +1783,7 @@ mod replicas {
                 .await
                 .run_id();
             assert_eq!(stores[1].claim(1, 1).await.unwrap()[0].id, run_id);
-            let gate = crate::playbook::Gate {
-                scope: crate::playbook::spec::GateScope::Run,
-                count: 1,
-                expires_ms: 3_600_000,
-                approvers: Vec::new(),
-            };
+            let gate = run_gate(1);
             let id =
                 (stores[1].park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into()))
                     .await
@@ -1853,6 +1853,58 @@ mod replicas {
             })
             .await
             .unwrap();
+    }
+
+    /// A replica's claim is loaded late (the database was away), after its lease expired and
+    /// its unstarted run went back to the queue. Back, the replica claims the run again: it
+    /// holds it twice, and its step starts once. Once another replica holds it, the late
+    /// claim can neither start its step nor park it for approval.
+    #[tokio::test]
+    async fn a_run_claimed_twice_by_a_replica_back_from_a_lost_lease_starts_its_step_once() {
+        let (_db, stores) = replicas(2).await;
+        let (back, other) = (&stores[0], &stores[1]);
+        let none = BreakerLimits::default();
+        let run_id = intake(back, "twice", candidate("p", "t", 0, ""), none)
+            .await
+            .run_id();
+        let lose = |requeued: i64| async move {
+            expire_lease(other, back.replica()).await;
+            let taken = other.take_over_expired().await.unwrap();
+            assert_eq!(taken[0].requeued, vec![requeued], "{taken:?}");
+        };
+        // Claimed (the claim loaded late), lost, and claimed again.
+        assert_eq!(back.claim(1, 1).await.unwrap()[0].id, run_id);
+        lose(run_id).await;
+        back.renew_lease().await.unwrap();
+        assert_eq!(back.claim(1, 1).await.unwrap()[0].id, run_id);
+        let (a, b) = tokio::join!(
+            back.step_started_after(run_id, 0, None),
+            back.step_started_after(run_id, 0, None),
+        );
+        assert!(
+            a.is_ok() != b.is_ok(),
+            "one start of step 0 of two: {a:?} {b:?}"
+        );
+        assert!(matches!(a.err().or(b.err()), Some(StoreError::LostRun(id)) if id == run_id));
+        // Lost again before its step started, claimed by the other replica.
+        let run_id = intake(back, "lost", candidate("p", "u", 0, ""), none)
+            .await
+            .run_id();
+        back.renew_lease().await.unwrap();
+        assert_eq!(back.claim(1, 1).await.unwrap()[0].id, run_id);
+        lose(run_id).await;
+        assert_eq!(other.claim(1, 1).await.unwrap()[0].id, run_id);
+        let gate = run_gate(1);
+        let parked =
+            (back.park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into())).await;
+        assert!(matches!(parked, Err(StoreError::LostRun(_))), "{parked:?}");
+        let started = back.step_started_after(run_id, 0, None).await;
+        assert!(
+            matches!(started, Err(StoreError::LostRun(_))),
+            "{started:?}"
+        );
+        assert_eq!(state_of(other, run_id).await, RunState::Running);
+        other.step_started_after(run_id, 0, None).await.unwrap();
     }
 
     #[tokio::test]
