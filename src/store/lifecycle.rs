@@ -9,11 +9,24 @@ pub(super) fn finish_run(
     error: Option<&str>,
     now: i64,
 ) -> Result<(), StoreError> {
-    end_run(c, run_id, state, error, now, None)
+    end_run(c, run_id, state, error, now, None, None)
+}
+
+/// The end of a run: its state, unless it is final already (a replica that lost its lease,
+/// say, cannot end a run another one already marked interrupted), and, with `owner` given
+/// (`param`), only while it is that replica's (one that lost a run it had claimed, since
+/// claimed again by another, cannot end it under that one). (Three values after `IN` would
+/// cost SQLite a temporary table on every end.)
+fn end_sql(param: &str) -> String {
+    format!(
+        "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error)
+         WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')
+           AND (owner = {param} OR {param} IS NULL)"
+    )
 }
 
 /// Ends a run as [`finish_run`] does, after writing its last step's result when given (see
-/// [`super::queue::record_step`]).
+/// [`super::queue::record_step`]); with `owner`, only a run that replica holds.
 fn end_run(
     c: &Db,
     run_id: i64,
@@ -21,36 +34,41 @@ fn end_run(
     error: Option<&str>,
     now: i64,
     last_step: Option<&super::queue::StepResult>,
+    owner: Option<&str>,
 ) -> Result<(), StoreError> {
-    // A final state is never overwritten (a replica that lost its lease, say, cannot end a
-    // run another one already marked interrupted). An end frees room on the target, and the
-    // steps not started are skipped. (Three values after `IN` would cost SQLite a temporary
-    // table on every end.)
-    const END: &str = "UPDATE runs SET state = ?2, finished_at = ?3, error = coalesce(?4, error)
-         WHERE id = ?1 AND (state = 'pending' OR state = 'running' OR state = 'awaiting_approval')";
+    // An end frees room on the target, and the steps not started are skipped.
     const SKIP: &str = "UPDATE steps SET state = 'skipped' WHERE run_id = ?1 AND state = 'pending'";
     if !c.is_pg() {
+        // One writer: nothing else holds the run, and the skip follows the end.
+        static END: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| end_sql("?5"));
         if let Some(step) = last_step {
             super::queue::record_step(c, step, now)?;
         }
-        c.later(END, &[&run_id, &state.as_str(), &now, &error])?;
+        c.later(&END, &[&run_id, &state.as_str(), &now, &error, &owner])?;
         c.later(SKIP, &[&run_id])?;
         c.wake();
         return Ok(());
     }
     // On PostgreSQL one statement: the step's result (as `record_step` writes it) and the
-    // skip as data-modifying CTEs of the run's update (each on other rows).
-    static BOTH: std::sync::LazyLock<String> =
-        std::sync::LazyLock::new(|| format!("WITH skip AS ({SKIP}) {END}"));
-    static ALL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    // run's end as data-modifying CTEs, and the skip of the steps of the run it ended.
+    fn ending(step: &str, owner: &str) -> String {
         format!(
-            "WITH step AS (UPDATE steps SET state = ?6, finished_at = ?3, output = ?7, error = ?8
-                           WHERE run_id = ?9 AND idx = ?5),
-                  skip AS ({SKIP}) {END}"
+            "WITH {step} ended AS ({} RETURNING id)
+             UPDATE steps SET state = 'skipped'
+             WHERE run_id IN (SELECT id FROM ended) AND state = 'pending'",
+            end_sql(owner)
+        )
+    }
+    static BOTH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| ending("", "?5"));
+    static ALL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        ending(
+            "step AS (UPDATE steps SET state = ?6, finished_at = ?3, output = ?7, error = ?8
+                      WHERE run_id = ?9 AND idx = ?5),",
+            "?10",
         )
     });
     match last_step {
-        None => c.later(&BOTH, &[&run_id, &state.as_str(), &now, &error])?,
+        None => c.later(&BOTH, &[&run_id, &state.as_str(), &now, &error, &owner])?,
         Some(step) => {
             let output = step.output.as_ref().map(crate::store::json_text);
             c.later(
@@ -65,6 +83,7 @@ fn end_run(
                     &output,
                     &step.error,
                     &step.step.run_id,
+                    &owner,
                 ],
             )?;
             super::queue::audit_step(c, step)?;
@@ -104,6 +123,7 @@ impl Store {
         refused: bool,
     ) -> Result<Option<Trip>, StoreError> {
         let now = self.now_ms();
+        let owner = self.inner.replica.clone();
         // A failure is counted against the limit under a lock every replica's failures take,
         // so that two failing at once are counted one after the other (exactly at the limit).
         let locks = match (state, refused) {
@@ -114,13 +134,22 @@ impl Store {
         };
         let tripped = self
             .write_locked(locks, move |c| {
-                end_run(c, run_id, state, error.as_deref(), now, last_step.as_ref())?;
+                let owner = Some(owner.as_str());
+                end_run(
+                    c,
+                    run_id,
+                    state,
+                    error.as_deref(),
+                    now,
+                    last_step.as_ref(),
+                    owner,
+                )?;
                 if state != RunState::Failed {
                     return Ok(None);
                 }
                 if refused {
                     c.exec(
-                        "UPDATE runs SET refused = ?2 WHERE id = ?1",
+                        "UPDATE runs SET refused = ?2 WHERE id = ?1 AND state = 'failed'",
                         &[&run_id, &true],
                     )?;
                     return super::breaker::refusals_trip(c, run_id, limits, now);

@@ -230,6 +230,19 @@ fn a_resolution_waits_for_its_runs_start_locks() {
     }
 }
 
+/// Marks a run executing as `store`'s, as its claim would (the engine ends only runs it
+/// holds).
+async fn hold_run(store: &Store, run_id: i64) {
+    let owner = store.replica().to_string();
+    let held = store.write(move |c| {
+        c.exec(
+            "UPDATE runs SET state = 'running', owner = ?2 WHERE id = ?1",
+            &[&run_id, &owner],
+        )
+    });
+    assert_eq!(held.await.unwrap(), 1);
+}
+
 async fn intake(store: &Store, instance: &str, cand: Candidate, limits: BreakerLimits) -> Outcome {
     let item = IntakeItem {
         deferred: None,
@@ -377,6 +390,7 @@ async fn each_breaker_limit_trips_at_its_count_with_a_typed_trip(db: TestDb) {
         else {
             panic!("not created")
         };
+        hold_run(&store, run_id).await;
         let trip = store
             .run_finished(run_id, RunState::Failed, Some("x".into()), None, limits, false)
             .await
@@ -1430,9 +1444,13 @@ mod replicas {
             other.claim(1, 4).await.unwrap().is_empty(),
             "the first runs"
         );
-        (stores[0].run_finished(first[0], RunState::Succeeded, None, None, none, false))
-            .await
-            .unwrap();
+        // The holder's run ends.
+        let (id, now) = (first[0], other.now_ms());
+        (other.write(move |c| {
+            crate::store::lifecycle::finish_run(c, id, RunState::Succeeded, None, now)
+        }))
+        .await
+        .unwrap();
         let next = other.claim(1, 4).await.unwrap();
         assert_eq!(next.len(), 1, "one at a time: {next:?}");
         assert_eq!(running(other).await, vec![next[0].id]);
@@ -1858,7 +1876,7 @@ mod replicas {
     /// A replica's claim is loaded late (the database was away), after its lease expired and
     /// its unstarted run went back to the queue. Back, the replica claims the run again: it
     /// holds it twice, and its step starts once. Once another replica holds it, the late
-    /// claim can neither start its step nor park it for approval.
+    /// claim can neither start its step, park it for approval, nor end it.
     #[tokio::test]
     async fn a_run_claimed_twice_by_a_replica_back_from_a_lost_lease_starts_its_step_once() {
         let (_db, stores) = replicas(2).await;
@@ -1903,6 +1921,11 @@ mod replicas {
             matches!(started, Err(StoreError::LostRun(_))),
             "{started:?}"
         );
+        // Nor end it (as its task would, refused its step), nor skip its steps.
+        let stale = Some("stale".to_string());
+        (back.run_finished(run_id, RunState::Failed, stale, None, none, false))
+            .await
+            .unwrap();
         assert_eq!(state_of(other, run_id).await, RunState::Running);
         other.step_started_after(run_id, 0, None).await.unwrap();
     }
@@ -2285,6 +2308,7 @@ on_both_backends! {
                 else {
                     panic!("not created")
                 };
+                hold_run(&store, run_id).await;
                 store
                     .run_finished(run_id, RunState::Failed, Some("x".into()), None, limits, refused)
                     .await
