@@ -1046,6 +1046,27 @@ impl Store {
         } else {
             StartNow::default()
         };
+        let locks = if self.path().is_none() {
+            intake_locks(&items.iter().collect::<Vec<_>>(), limits)
+        } else {
+            Vec::new()
+        };
+        if locks.len() > super::MAX_BATCH_LOCKS && items.len() > 1 {
+            // Too many locks for one transaction (a huge webhook): recorded in parts, each
+            // committed on its own. Should a later part fail, the sender's retry finds the
+            // earlier ones recorded (dedup), as it would a batch that failed after its commit.
+            let mut first = items;
+            let second = first.split_off(first.len() / 2);
+            let mut one = Box::pin(self.record_and_start(first, limits, start)).await?;
+            let start = StartNow {
+                slots: start.slots.saturating_sub(one.started.len()),
+                ..start
+            };
+            let two = Box::pin(self.record_and_start(second, limits, start)).await?;
+            one.outcomes.extend(two.outcomes);
+            one.started.extend(two.started);
+            return Ok(one);
+        }
         // JSON is written here, on the caller's thread, not in the one writer.
         let prepared: Vec<(IntakeItem, Json)> = items
             .into_iter()
@@ -1062,27 +1083,6 @@ impl Store {
                 (item, json)
             })
             .collect();
-        let locks = if self.path().is_none() {
-            intake_locks(&prepared.iter().map(|(i, _)| i).collect::<Vec<_>>(), limits)
-        } else {
-            Vec::new()
-        };
-        if locks.len() > super::MAX_BATCH_LOCKS && prepared.len() > 1 {
-            // Too many locks for one transaction (a huge webhook): recorded in parts, each
-            // committed on its own. Should a later part fail, the sender's retry finds the
-            // earlier ones recorded (dedup), as it would a batch that failed after its commit.
-            let mut first: Vec<IntakeItem> = prepared.into_iter().map(|(i, _)| i).collect();
-            let second = first.split_off(first.len() / 2);
-            let mut one = Box::pin(self.record_and_start(first, limits, start)).await?;
-            let start = StartNow {
-                slots: start.slots.saturating_sub(one.started.len()),
-                ..start
-            };
-            let two = Box::pin(self.record_and_start(second, limits, start)).await?;
-            one.outcomes.extend(two.outcomes);
-            one.started.extend(two.started);
-            return Ok(one);
-        }
         let starter = move || Starter {
             left: start.slots,
             owner: owner.clone(),

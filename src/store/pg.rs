@@ -478,9 +478,9 @@ fn attempt(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreErro
 /// Try-locks (a target, a playbook's concurrency, a run's start) never wait, so they add no
 /// edge. A batch may wait here for a lock another transaction took by trying it (a resolution
 /// waits for a run's start lock held by a claim): that holder waits, if at all, for row locks
-/// and the audit head, whose holders are past this step. Budgets and
-/// autonomy standings are decided in transactions of their own ([`super::Store::exclusive`])
-/// that take their locks first and the audit head last, and no lock of a writer's batch.
+/// and the audit head, whose holders are past this step. Budgets and autonomy standings are
+/// decided in transactions of their own ([`super::Store::exclusive`]) that take their locks
+/// first and the audit head last, and no lock of a writer's batch.
 fn take_locks(db: &Db, batch: &[super::Job]) -> Result<(), StoreError> {
     let mut names: Vec<&str> = (batch.iter())
         .flat_map(|j| j.locks.iter().map(String::as_str))
