@@ -131,7 +131,26 @@ impl TestApi {
         Self::build(extra, None).await
     }
 
+    /// On PostgreSQL whatever `REFLEX_TEST_STORE` says: for what only replicas do.
+    async fn on_postgres() -> TestApi {
+        let db = crate::store::tests::TestDb::postgres();
+        Self::build_on(db, "", Some("")).await
+    }
+
     async fn build(extra: &str, extra_tokens: Option<&str>) -> TestApi {
+        let test_db = if std::env::var("REFLEX_TEST_STORE").as_deref() == Ok("postgres") {
+            crate::store::tests::TestDb::postgres()
+        } else {
+            crate::store::tests::TestDb::Sqlite(tempfile::tempdir().unwrap())
+        };
+        Self::build_on(test_db, extra, extra_tokens).await
+    }
+
+    async fn build_on(
+        test_db: crate::store::tests::TestDb,
+        extra: &str,
+        extra_tokens: Option<&str>,
+    ) -> TestApi {
         let dir = tempfile::tempdir().unwrap();
         let pb = dir.path().join("playbooks");
         std::fs::create_dir_all(&pb).unwrap();
@@ -156,11 +175,6 @@ impl TestApi {
         ))
         .unwrap();
         let clock = Arc::new(crate::time::ManualClock::new());
-        let test_db = if std::env::var("REFLEX_TEST_STORE").as_deref() == Ok("postgres") {
-            crate::store::tests::TestDb::postgres()
-        } else {
-            crate::store::tests::TestDb::Sqlite(tempfile::tempdir().unwrap())
-        };
         let store = test_db.open_with_clock(clock.clone()).await;
         let playbooks = PlaybookSet::load(&[pb], &Default::default()).unwrap();
         let mut executors = Executors::from_config(&cfg, playbooks.sandbox.clone());
@@ -1551,6 +1565,108 @@ async fn a_run_whose_step_another_claim_started_is_left_to_that_claim() {
         Value::Null,
         "nothing acted: {run}"
     );
+}
+
+/// A replica's renewals stop (the process paused, the database away) after a run's first
+/// step was started at intake, before its task acts. Another replica takes the run over
+/// (`interrupted`, never re-run): the late task does not act, whether it resumes before the
+/// lease is renewed or after. Had nobody taken the run over, the task acts once renewed.
+#[tokio::test]
+async fn a_late_task_acts_on_its_step_only_if_its_replicas_run_was_not_taken_over() {
+    use crate::store::tests::{alert, candidate};
+    let api = TestApi::on_postgres().await;
+    let other = api._db.open().await;
+    let start = |name: &'static str| {
+        let store = api.store.clone();
+        async move {
+            let item = crate::store::IntakeItem {
+                deferred: None,
+                alert: alert(name),
+                received_us: 0,
+                candidates: vec![candidate("note", name, 0, "")],
+            };
+            let none = crate::store::BreakerLimits::default();
+            let now = crate::store::StartNow {
+                slots: 1,
+                max_per_target: 1,
+            };
+            let recorded = store.record_and_start(vec![item], none, now).await;
+            recorded.unwrap().started.remove(0)
+        }
+    };
+    let take_over = |run_id: i64| {
+        let (other, me) = (&other, api.store.replica().to_string());
+        async move {
+            (other.write(move |c| {
+                c.exec(
+                    "UPDATE replicas SET expires_at = expires_at - 60000 WHERE name = ?1",
+                    &[&me],
+                )
+            }))
+            .await
+            .unwrap();
+            let taken = other.take_over_expired().await.unwrap();
+            assert_eq!(taken[0].interrupted, vec![run_id], "{taken:?}");
+        }
+    };
+    // The run's task, late: the lease lapsed first. Returns once it waits for the lease.
+    let late = |run: crate::store::ClaimedRun| {
+        let api = &api;
+        async move {
+            api.store.lapse_lease();
+            let engine = api.engine.clone();
+            let task = tokio::spawn(async move { engine.drive(run).await });
+            for _ in 0..1000 {
+                if api.store.lease_waiters() == 1 {
+                    return task;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            panic!("the run's task never waited for the lease");
+        }
+    };
+    let step_of = |run_id: i64| {
+        let api = &api;
+        async move { api.view(&format!("/api/v1/runs/{run_id}")).await }
+    };
+    // Taken over while the late task waits for the lease.
+    let run = start("waits").await;
+    let run_id = run.id;
+    let task = late(run).await;
+    take_over(run_id).await;
+    assert!(!api.store.renew_lease().await.unwrap(), "taken over");
+    task.await.unwrap();
+    let run = step_of(run_id).await;
+    assert_eq!(run["state"], "interrupted", "{run}");
+    assert_eq!(run["steps"][0]["state"], "interrupted", "{run}");
+    assert_eq!(
+        run["steps"][0]["output"],
+        Value::Null,
+        "nothing acted: {run}"
+    );
+    // Taken over, and the lease renewed, before the late task gets to its step (a paused
+    // process resumed).
+    let run = start("paused").await;
+    let run_id = run.id;
+    take_over(run_id).await;
+    assert!(!api.store.renew_lease().await.unwrap(), "taken over");
+    api.engine.drive(run).await;
+    let run = step_of(run_id).await;
+    assert_eq!(run["state"], "interrupted", "{run}");
+    assert_eq!(
+        run["steps"][0]["output"],
+        Value::Null,
+        "nothing acted: {run}"
+    );
+    // Not taken over: the late task acts once the lease is renewed.
+    let run = start("kept").await;
+    let run_id = run.id;
+    let task = late(run).await;
+    assert!(api.store.renew_lease().await.unwrap(), "kept");
+    task.await.unwrap();
+    let run = step_of(run_id).await;
+    assert_eq!(run["state"], "succeeded", "{run}");
+    assert_ne!(run["steps"][0]["output"], Value::Null, "acted: {run}");
 }
 
 #[tokio::test]

@@ -507,9 +507,11 @@ impl Engine {
         let Some(executor) = self.live().executors.get(step.action).cloned() else {
             return Err(self.no_executor(run, step, progress).await);
         };
+        let mut confirmed = run.leases_lost;
         if !started {
             // The previous step's result and this step's start: one write.
             let (previous, event) = progress.unwritten.take().unzip();
+            confirmed = self.store.leases_lost();
             self.store
                 .step_started_after(run.id, step.idx, previous)
                 .await
@@ -518,6 +520,7 @@ impl Engine {
                 self.live().notifier.send(event);
             }
         }
+        self.still_holds(step, run.id, confirmed).await?;
         let step_timer = std::time::Instant::now();
         let first = i == 0 && !run.resumed && run.received_us > 0;
         if first && step.phase == Phase::Main {
@@ -574,6 +577,29 @@ impl Engine {
             ));
         }
         Ok(error.filter(|_| step.on_failure == OnFailure::Stop))
+    }
+
+    /// Acts only while the run is this replica's ([`crate::store::Store::still_holds_step`]):
+    /// a task that ran late past its lease's trusted time (a paused process, a starved
+    /// runtime), or past a takeover of its runs, confirms the run first, and does nothing
+    /// when another replica took it over.
+    async fn still_holds(&self, step: &StepRecord, run_id: i64, since: u64) -> Result<(), Stop> {
+        let held = tokio::select! {
+            biased;
+            held = self.store.still_holds_step(run_id, step.idx, since) => held,
+            () = self.shutdown.cancelled() => return Err(Stop::Lost),
+        };
+        match held {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!(step = %step.name, "the run was taken over while this replica's lease lapsed; not acting");
+                Err(Stop::Lost)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, step = %step.name, "cannot confirm the run is still this replica's after its lease lapsed; not acting");
+                Err(Stop::Lost)
+            }
+        }
     }
 
     /// Stores what the step attached (a graph, a log) with the run. An artifact over its caps

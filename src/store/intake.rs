@@ -878,6 +878,8 @@ pub(super) struct Starter {
     /// When the webhook of the alert at hand arrived.
     received_us: i64,
     max_per_target: u32,
+    /// [`Store::leases_lost`] before the write.
+    leases_lost: u64,
     started: Vec<ClaimedRun>,
 }
 
@@ -961,6 +963,7 @@ impl Starter {
             steps,
             received_us: self.received_us,
             undo_of: cand.manual.as_ref().and_then(|m| m.undo_of),
+            leases_lost: self.leases_lost,
         });
     }
 }
@@ -1040,6 +1043,7 @@ impl Store {
             limits
         };
         let owner = self.inner.replica.clone();
+        let leases_lost = self.leases_lost();
         // A replica without a good lease starts nothing: it may have been taken over.
         let start = if self.may_claim() {
             start
@@ -1088,6 +1092,7 @@ impl Store {
             owner: owner.clone(),
             received_us: 0,
             max_per_target: start.max_per_target,
+            leases_lost,
             started: Vec::new(),
         };
         let prepared = std::sync::Arc::new(prepared);

@@ -33,27 +33,54 @@ pub struct Takeover {
     pub requeued: Vec<i64>,
 }
 
-/// When this replica's lease was last renewed (process-local).
+/// This replica's lease as it knows it (process-local): when it was last renewed, and how
+/// many times a renewal found it taken over (each time, the runs this replica held were
+/// interrupted or requeued by another).
 #[derive(Debug, Default)]
 pub(super) struct LeaseClock {
-    renewed: std::sync::Mutex<Option<Instant>>,
+    state: tokio::sync::watch::Sender<Lease>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Lease {
+    renewed: Option<Instant>,
+    lost: u64,
+}
+
+impl Lease {
+    fn good(&self) -> bool {
+        self.renewed.is_some_and(|at| at.elapsed() < LEASE_TRUSTED)
+    }
 }
 
 impl LeaseClock {
-    fn renewed_now(&self, at: Instant) {
-        *self.renewed.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    /// Renewed at `at`; `kept`: the lease was this replica's still (not taken over).
+    fn renewed_now(&self, at: Instant, kept: bool) {
+        self.state.send_modify(|l| {
+            if !kept && l.renewed.is_some() {
+                l.lost += 1;
+            }
+            l.renewed = Some(at);
+        });
     }
 
     fn renewed_never(&self) -> bool {
-        self.renewed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
+        self.state.borrow().renewed.is_none()
     }
 
     fn good(&self) -> bool {
-        let renewed = *self.renewed.lock().unwrap_or_else(|p| p.into_inner());
-        renewed.is_some_and(|at| at.elapsed() < LEASE_TRUSTED)
+        self.state.borrow().good()
+    }
+
+    fn lost(&self) -> u64 {
+        self.state.borrow().lost
+    }
+
+    /// Until the lease is good.
+    async fn good_again(&self) {
+        let mut rx = self.state.subscribe();
+        // The sender lives as long as the store, which `self` borrows.
+        let _ = rx.wait_for(Lease::good).await;
     }
 }
 
@@ -62,6 +89,62 @@ impl Store {
     /// its lease is good.
     pub fn may_claim(&self) -> bool {
         !self.is_shared() || self.inner.lease.good()
+    }
+
+    /// How many times a renewal found this replica's lease taken over (PostgreSQL; always 0
+    /// on SQLite). Read before a write that takes or confirms runs ([`Store::claim`],
+    /// [`Store::record_and_start`], a step's start), it dates what that write confirmed: see
+    /// [`Store::still_holds_step`].
+    pub fn leases_lost(&self) -> u64 {
+        self.inner.lease.lost()
+    }
+
+    /// Whether this replica may act on a step whose start was confirmed (recorded under its
+    /// ownership) when [`Store::leases_lost`] read `since`. Always on SQLite. On PostgreSQL,
+    /// at once while the lease is good and was not taken over since. Otherwise the task ran
+    /// late: another replica may have taken the run over (it is then `interrupted`, "never
+    /// re-run"), or may do so while the lease is not renewed. So this waits until the lease is
+    /// good again, then reads whether the run is still this replica's and the step still
+    /// `running`. Once it says yes, no takeover can come for the lease's trusted time.
+    pub async fn still_holds_step(
+        &self,
+        run_id: i64,
+        idx: i64,
+        since: u64,
+    ) -> Result<bool, StoreError> {
+        let lease = &self.inner.lease;
+        if !self.is_shared() || (lease.good() && lease.lost() == since) {
+            return Ok(true);
+        }
+        lease.good_again().await;
+        let me = self.inner.replica.clone();
+        self.read(move |c| {
+            c.one(
+                "SELECT EXISTS (SELECT 1 FROM runs r JOIN steps s ON s.run_id = r.id
+                   WHERE r.id = ?1 AND r.state = 'running' AND r.owner = ?2
+                     AND s.idx = ?3 AND s.state = 'running')",
+                &[&run_id, &me, &idx],
+                |r| r.get(0),
+            )
+        })
+        .await
+    }
+
+    /// Tests: the lease last renewed as long ago as this replica trusts it, as if its
+    /// renewals had stopped (the database away, the process paused).
+    #[cfg(test)]
+    pub(crate) fn lapse_lease(&self) {
+        let long_ago = Instant::now().checked_sub(LEASE_TRUSTED);
+        self.inner
+            .lease
+            .state
+            .send_modify(|l| l.renewed = long_ago.or(l.renewed));
+    }
+
+    /// Tests: how many tasks wait for this replica's lease to be good again.
+    #[cfg(test)]
+    pub(crate) fn lease_waiters(&self) -> usize {
+        self.inner.lease.state.receiver_count()
     }
 
     /// Renews this replica's lease (PostgreSQL; a no-op on SQLite). Returns `false` when the
@@ -73,17 +156,19 @@ impl Store {
         let me = self.inner.replica.clone();
         let expiry = LEASE_EXPIRY.as_millis() as i64;
         let asked = Instant::now();
-        // Not through the writer: a renewal must not wait behind a batch of writes.
+        // Not through the writer: a renewal must not wait behind a batch of writes. Whether
+        // the row was there is read from the row the statement leaves (`xmax` is 0 on a row
+        // it inserted), not from a read before it: a takeover this statement waited for
+        // deleted the row after any such read.
         let kept = self
             .read(move |c| {
                 c.one(
                     &format!(
-                        "WITH old AS (SELECT expires_at FROM replicas WHERE name = ?1)
-                         INSERT INTO replicas (name, started_at, renewed_at, expires_at)
+                        "INSERT INTO replicas (name, started_at, renewed_at, expires_at)
                            VALUES (?1, {DB_NOW}, {DB_NOW}, {DB_NOW} + ?2)
                          ON CONFLICT (name) DO UPDATE SET renewed_at = excluded.renewed_at,
                            expires_at = excluded.expires_at
-                         RETURNING (SELECT count(*) FROM old) > 0"
+                         RETURNING NOT (xmax = 0)"
                     ),
                     &[&me, &expiry],
                     |r| r.get::<bool>(0),
@@ -91,7 +176,7 @@ impl Store {
             })
             .await?;
         let first = self.inner.lease.renewed_never();
-        self.inner.lease.renewed_now(asked);
+        self.inner.lease.renewed_now(asked, kept);
         Ok(kept || first)
     }
 

@@ -102,6 +102,8 @@ pub struct ClaimedRun {
     pub received_us: i64,
     /// The run it takes back, for an operator's undo.
     pub undo_of: Option<i64>,
+    /// [`Store::leases_lost`] before the write that claimed or started it.
+    pub leases_lost: u64,
 }
 
 /// A stored step.
@@ -530,6 +532,7 @@ impl Store {
         max_per_target: u32,
         limit: usize,
     ) -> Result<Vec<ClaimedRun>, StoreError> {
+        let leases_lost = self.leases_lost();
         if !self.may_claim() {
             return Ok(Vec::new());
         }
@@ -559,6 +562,11 @@ impl Store {
                 tracing::warn!(error = %e, retry_in = ?d, "cannot load claimed runs yet; retrying");
             })
             .await
+            .map(|runs| {
+                (runs.into_iter())
+                    .map(|run| ClaimedRun { leases_lost, ..run })
+                    .collect()
+            })
     }
 
     /// Marks a step `running`, written before its action starts, with the previous step's
@@ -783,6 +791,7 @@ fn load_each(c: &Db, rows: Vec<ClaimRow>) -> Result<Vec<ClaimedRun>, StoreError>
                 steps: load_steps(c, row.id)?,
                 received_us,
                 undo_of,
+                leases_lost: 0,
             })
         })
         .collect()

@@ -1930,6 +1930,36 @@ mod replicas {
         other.step_started_after(run_id, 0, None).await.unwrap();
     }
 
+    /// A renewal that waited for a takeover of its replica (which holds the replica's row,
+    /// then deletes it) reports the lease lost, and counts it (`leases_lost`): what a late
+    /// task compares before it acts.
+    #[tokio::test]
+    async fn a_renewal_that_waited_for_a_takeover_of_its_replica_reports_the_lease_lost() {
+        let (_db, stores) = replicas(2).await;
+        let (back, other) = (&stores[0], &stores[1]);
+        assert_eq!(back.leases_lost(), 0);
+        let me = back.replica().to_string();
+        let (holder, go, ()) = hold_writer_in(other, move |c| {
+            c.one(
+                "SELECT 1 FROM replicas WHERE name = ?1 FOR UPDATE",
+                &[&me],
+                |r| r.get::<i32>(0),
+            )?;
+            c.exec("DELETE FROM replicas WHERE name = ?1", &[&me])
+                .map(drop)
+        })
+        .await;
+        let renewer = back.clone();
+        let renewal = tokio::spawn(async move { renewer.renew_lease().await });
+        assert_eq!(lock_waits(back, &renewal).await, ["transactionid"]);
+        go.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        assert!(!renewal.await.unwrap().unwrap(), "the lease was taken over");
+        assert_eq!(back.leases_lost(), 1);
+        assert!(back.renew_lease().await.unwrap(), "renewed since: its own");
+        assert_eq!(back.leases_lost(), 1);
+    }
+
     #[tokio::test]
     async fn a_replica_whose_lease_expires_is_taken_over_and_acts_no_further() {
         let (_db, stores) = replicas(2).await;
