@@ -1,24 +1,35 @@
-//! The append-only audit log: who did what, when, with what outcome; a hash chain makes it
+//! The append-only audit log: who did what, when, with what outcome; hash chains make it
 //! tamper-evident.
 //!
 //! Each row carries `hash`, the SHA-256 of its content and of `prev`, the hash of the row
-//! before it. `audit_chain`, one row, holds the chain's head (the newest row's id and hash,
-//! locked by every append, so on PostgreSQL the replicas append one after another and ids
-//! follow the chain) and its anchor: the last row retention deleted, whose hash the oldest
-//! row kept names as its `prev`. [`verify_chain`] walks the rows and names the first one that
-//! does not check out: edited (its hash does not match its content), or not following the row
-//! before it (a row between them was deleted, or the one before was rewritten with a new
-//! hash). Rows deleted from the end show as a head no row matches. Someone who can rewrite the
-//! whole table and the head can forge a chain: the audit sink (see `engine::audit_sink`)
-//! keeps a copy outside the database.
+//! before it in its chain (`chain`). `audit_heads` holds each chain's head (its newest row's
+//! id and hash, locked by every append to it, so that ids follow each chain) and its anchor:
+//! the last of its rows retention deleted, whose hash its oldest row kept names as its
+//! `prev`. SQLite's one writer appends to chain 0 only. On PostgreSQL a transaction appends
+//! its rows to whichever chain no other transaction holds (there are [`CHAINS`]), so that
+//! replicas' commits do not wait for each other's on one head. [`verify_chain`] walks the rows
+//! and names the first one that does not check out: edited (its hash does not match its
+//! content), or not following the row before it in its chain (a row between them was deleted,
+//! or the one before was rewritten with a new hash). Rows deleted from the end show as a head
+//! no row matches. Someone who can rewrite the whole table and the heads can forge the chains:
+//! the audit sink (see `engine::audit_sink`) keeps a copy outside the database.
+//!
+//! Ids are not in commit order across chains: a transaction holding one chain may commit
+//! after another that took larger ids on another. What reads rows in id order to pick up
+//! where it left off (the audit sink) first waits for every append that took an id it would
+//! read ([`Store::audit_after`]).
 
 use super::{Db, Keys};
 use super::{Store, StoreError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-/// The `prev` of the first row ever written.
+/// The `prev` of the first row of each chain.
 pub const GENESIS: [u8; 32] = [0; 32];
+
+/// The chains on PostgreSQL (schema 17 makes them): more than the writers of the replicas
+/// that append at once, so that an append seldom finds them all held.
+pub const CHAINS: i64 = 16;
 
 /// One audit row.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -44,20 +55,20 @@ pub struct AuditEntry {
 }
 
 /// The content a row's hash covers, besides the hash before it.
-struct Content<'a> {
-    id: i64,
-    at: i64,
-    actor: &'a str,
-    action: &'a str,
-    target: Option<&'a str>,
-    outcome: &'a str,
-    detail: Option<&'a str>,
+pub(super) struct Content<'a> {
+    pub(super) id: i64,
+    pub(super) at: i64,
+    pub(super) actor: &'a str,
+    pub(super) action: &'a str,
+    pub(super) target: Option<&'a str>,
+    pub(super) outcome: &'a str,
+    pub(super) detail: Option<&'a str>,
 }
 
 impl Content<'_> {
     /// SHA-256 over a version tag, `prev`, the id and time, then each text field with its
     /// length in front (an absent one as a length no text has), so no two rows share an input.
-    fn hash(&self, prev: &[u8]) -> Vec<u8> {
+    pub(super) fn hash(&self, prev: &[u8]) -> Vec<u8> {
         let mut h = Sha256::new();
         h.update(b"reflex-audit-v1\0");
         h.update(prev);
@@ -93,10 +104,11 @@ struct Stored {
     detail: Option<String>,
     prev: Option<Vec<u8>>,
     hash: Option<Vec<u8>>,
+    chain: i64,
 }
 
 impl Stored {
-    const COLUMNS: &str = "id, at, actor, action, target, outcome, detail, prev, hash";
+    const COLUMNS: &str = "id, at, actor, action, target, outcome, detail, prev, hash, chain";
 
     fn read(r: &super::db::Row) -> Result<Stored, StoreError> {
         Ok(Stored {
@@ -109,6 +121,7 @@ impl Stored {
             detail: r.get(6)?,
             prev: r.get(7)?,
             hash: r.get(8)?,
+            chain: r.get(9)?,
         })
     }
 
@@ -172,7 +185,7 @@ pub(super) fn audit_in(
     }
     // SQLite: one writer, so the head is read and moved within this write.
     let (prev, id): (Vec<u8>, i64) = c.one(
-        "SELECT last_hash, last_id + 1 FROM audit_chain WHERE one = 1",
+        "SELECT last_hash, last_id + 1 FROM audit_heads WHERE chain = 0",
         &[],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
@@ -194,7 +207,7 @@ pub(super) fn audit_in(
         ],
     )?;
     c.exec(
-        "UPDATE audit_chain SET last_id = ?1, last_hash = ?2 WHERE one = 1",
+        "UPDATE audit_heads SET last_id = ?1, last_hash = ?2 WHERE chain = 0",
         &[&id, &hash],
     )?;
     Ok(())
@@ -211,15 +224,17 @@ pub(super) struct Pending {
     detail: Option<String>,
 }
 
-/// Appends a PostgreSQL transaction's audit rows, just before it commits: the chain's head
-/// locked (replicas append one after another), ids taken under that lock (so ids follow the
-/// chain), every row in one statement, the head moved. One round trip a batch (the lock and the
-/// ids, two statements pipelined; the rows and the head go with the `COMMIT`), none when the
-/// batch wrote no audit row.
+/// Appends a PostgreSQL transaction's audit rows, just before it commits, to one chain: the
+/// first no other transaction holds, from this connection's own on (its head locked with
+/// `SKIP LOCKED`), or, should every chain be held, its own once free. The ids are taken under
+/// that lock (so ids follow the chain), every row goes in one statement, the head is moved.
+/// One round trip a batch (the lock and the ids, two statements pipelined; the rows and the
+/// head go with the `COMMIT`), none when the batch wrote no audit row.
 ///
 /// The ids are a statement of their own, after the lock's: a subquery of the locking
 /// statement would run before the row is locked (PostgreSQL projects below its `LockRows`),
-/// so a replica waiting for the head would hold ids older than those of the one ahead of it.
+/// so a transaction waiting for the head would hold ids older than those of the one ahead of
+/// it.
 pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
     let Db::Pg(conn) = c else { return Ok(()) };
     let rows = std::mem::take(&mut conn.borrow_mut().audit);
@@ -227,19 +242,36 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
         return Ok(());
     }
     let n = rows.len() as i64;
-    const HEAD: &str = "SELECT last_hash FROM audit_chain WHERE one = 1 FOR UPDATE";
+    const FREE: &str = "SELECT chain, last_hash FROM audit_heads
+                        ORDER BY chain < $1, chain LIMIT 1 FOR UPDATE SKIP LOCKED";
+    const OWN: &str = "SELECT chain, last_hash FROM audit_heads WHERE chain = $1 FOR UPDATE";
     const IDS: &str = "SELECT array_agg(v ORDER BY v) FROM
            (SELECT nextval('audit_id_seq') AS v
             FROM generate_series(1, $1::bigint)) s";
-    let (mut prev, ids): (Vec<u8>, Vec<i64>) = {
+    let head = |rows: &[postgres::Row]| -> Result<Option<(i64, Vec<u8>)>, StoreError> {
+        (rows.first())
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .transpose()
+    };
+    let ids_of = |rows: &[postgres::Row]| -> Result<Vec<i64>, StoreError> {
+        Ok(rows.first().ok_or(StoreError::NoRow)?.try_get(0)?)
+    };
+    let (chain, mut prev, ids) = {
         let mut pg = conn.borrow_mut();
-        pg.prefetch(HEAD, &[], Keys::Any)?;
+        let own = pg.audit_chain;
+        pg.prefetch(FREE, &[&own], Keys::Any)?;
         pg.prefetch(IDS, &[&n], Keys::Any)?;
-        let head = pg.query(HEAD, &[])?;
-        let ids = pg.query(IDS, &[&n])?;
-        let (head, ids) = (head.first(), ids.first());
-        let (head, ids) = head.zip(ids).ok_or(StoreError::NoRow)?;
-        (head.try_get(0)?, ids.try_get(0)?)
+        let free = head(&pg.query(FREE, &[&own])?)?;
+        let ids = ids_of(&pg.query(IDS, &[&n])?)?;
+        match free {
+            Some((chain, prev)) => (chain, prev, ids),
+            None => {
+                // Every chain held: those ids were taken under no lock, so they are left
+                // unused (a gap) and taken again under this one.
+                let (chain, prev) = head(&pg.query(OWN, &[&own])?)?.ok_or(StoreError::NoRow)?;
+                (chain, prev, ids_of(&pg.query(IDS, &[&n])?)?)
+            }
+        }
     };
     let mut cols = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut prevs, mut hashes) = (Vec::new(), Vec::new());
@@ -266,19 +298,19 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
     // The rows and the head go with the COMMIT, in its round trip.
     let mut pg = conn.borrow_mut();
     pg.queue(
-        "INSERT INTO audit (id, at, actor, action, target, outcome, detail, prev, hash)
-         SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                              $6::text[], $7::text[], $8::bytea[], $9::bytea[])",
+        "INSERT INTO audit (id, at, actor, action, target, outcome, detail, prev, hash, chain)
+         SELECT *, $10::bigint FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[],
+                                   $5::text[], $6::text[], $7::text[], $8::bytea[], $9::bytea[])",
         &[
-            &ids, &cols.0, &cols.1, &cols.2, &targets, &outcomes, &cols.4, &prevs, &hashes,
+            &ids, &cols.0, &cols.1, &cols.2, &targets, &outcomes, &cols.4, &prevs, &hashes, &chain,
         ],
         Keys::Any,
     )?;
     drop(pg);
     let last = *ids.last().expect("one id a row");
     c.later(
-        "UPDATE audit_chain SET last_id = ?1, last_hash = ?2 WHERE one = 1",
-        &[&last, &prev],
+        "UPDATE audit_heads SET last_id = ?1, last_hash = ?2 WHERE chain = ?3",
+        &[&last, &prev, &chain],
     )?;
     Ok(())
 }
@@ -287,7 +319,7 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
 /// id order from [`GENESIS`], then the head. Deterministic, so two replicas doing it at once
 /// write the same values; a store already chained is left alone.
 pub(super) fn seal_existing(c: &Db) -> Result<u64, StoreError> {
-    if c.row("SELECT 1 FROM audit_chain WHERE one = 1", &[], |_| Ok(()))?
+    if c.row("SELECT 1 FROM audit_heads WHERE chain = 0", &[], |_| Ok(()))?
         .is_some()
     {
         return Ok(0);
@@ -308,8 +340,8 @@ pub(super) fn seal_existing(c: &Db) -> Result<u64, StoreError> {
         }
     }
     c.exec(
-        "INSERT INTO audit_chain (one, last_id, last_hash, anchor_id, anchor_hash)
-         VALUES (1, ?1, ?2, 0, ?3) ON CONFLICT (one) DO NOTHING",
+        "INSERT INTO audit_heads (chain, last_id, last_hash, anchor_id, anchor_hash)
+         VALUES (0, ?1, ?2, 0, ?3) ON CONFLICT (chain) DO NOTHING",
         &[&last, &prev, &GENESIS.as_slice()],
     )?;
     Ok(sealed)
@@ -351,83 +383,110 @@ pub(super) fn verify_chain(c: &Db) -> Result<ChainReport, StoreError> {
     report
 }
 
+/// Where a chain's walk stands: its last row checked (at first, its anchor) and that row's
+/// hash; its head and its anchor, as `audit_heads` has them.
+struct Walk {
+    prev_id: i64,
+    prev: Vec<u8>,
+    head_id: i64,
+    head_hash: Vec<u8>,
+    anchor: i64,
+}
+
+impl Walk {
+    fn behind(&self) -> String {
+        match self.prev_id {
+            id if id == self.anchor && id == 0 => "the start of its chain".to_string(),
+            id if id == self.anchor => format!("row {id}, the last one retention deleted"),
+            id => format!("row {id}"),
+        }
+    }
+}
+
 fn walk_chain(c: &Db) -> Result<ChainReport, StoreError> {
-    let head = c.row(
-        "SELECT last_id, last_hash, anchor_id, anchor_hash FROM audit_chain WHERE one = 1",
+    let heads = c.rows(
+        "SELECT chain, last_id, last_hash, anchor_id, anchor_hash FROM audit_heads ORDER BY chain",
         &[],
         |r| {
             Ok((
                 r.get::<i64>(0)?,
-                r.get::<Vec<u8>>(1)?,
-                r.get::<i64>(2)?,
-                r.get::<Vec<u8>>(3)?,
+                Walk {
+                    head_id: r.get(1)?,
+                    head_hash: r.get(2)?,
+                    prev_id: r.get(3)?,
+                    prev: r.get(4)?,
+                    anchor: r.get(3)?,
+                },
             ))
         },
     )?;
-    let Some((head_id, head_hash, anchor, anchor_hash)) = head else {
+    if !heads.iter().any(|(chain, _)| *chain == 0) {
         return Err(StoreError::Config(
             "this store has no audit chain yet: start reflex on it once".into(),
         ));
-    };
+    }
+    let mut chains: std::collections::BTreeMap<i64, Walk> = heads.into_iter().collect();
     let mut report = ChainReport {
         rows: 0,
         first: None,
         last: None,
-        anchor,
+        anchor: chains.values().map(|w| w.anchor).max().unwrap_or(0),
         broken: None,
     };
-    let (mut prev, mut prev_id) = (anchor_hash, anchor);
-    let behind = |id: i64| match id {
-        id if id == anchor && anchor == 0 => "the start of the chain".to_string(),
-        id if id == anchor => format!("row {id}, the last one retention deleted"),
-        id => format!("row {id}"),
-    };
+    let mut after = 0;
     loop {
-        let rows = Stored::page_after(c, prev_id)?;
+        let rows = Stored::page_after(c, after)?;
         if rows.is_empty() {
             break;
         }
         for row in rows {
+            after = row.id;
             report.rows += 1;
             report.first.get_or_insert(row.id);
             report.last = Some(row.id);
+            let broken = |why: String| Some(Broken { id: row.id, why });
+            let Some(walk) = chains.get_mut(&row.chain) else {
+                report.broken = broken(format!(
+                    "it names chain {}, which has no head: written by hand",
+                    row.chain
+                ));
+                return Ok(report);
+            };
             let (Some(stored_prev), Some(hash)) = (&row.prev, &row.hash) else {
-                report.broken = Some(Broken {
-                    id: row.id,
-                    why: "it has no hash: written by hand, or by a replica older than the chain"
-                        .into(),
-                });
+                report.broken = broken(
+                    "it has no hash: written by hand, or by a replica older than the chain".into(),
+                );
                 return Ok(report);
             };
             if row.content().hash(stored_prev) != *hash {
-                report.broken = Some(Broken {
-                    id: row.id,
-                    why: "it was changed after it was written: its content does not match its hash"
+                report.broken = broken(
+                    "it was changed after it was written: its content does not match its hash"
                         .into(),
-                });
+                );
                 return Ok(report);
             }
-            if *stored_prev != prev {
-                report.broken = Some(Broken {
-                    id: row.id,
-                    why: format!(
-                        "it does not follow {}: a row between them was deleted, or that one was rewritten",
-                        behind(prev_id)
-                    ),
-                });
+            if *stored_prev != walk.prev {
+                report.broken = broken(format!(
+                    "it does not follow {}: a row between them was deleted, or that one was rewritten",
+                    walk.behind()
+                ));
                 return Ok(report);
             }
-            (prev, prev_id) = (hash.clone(), row.id);
+            (walk.prev, walk.prev_id) = (hash.clone(), row.id);
         }
     }
-    if (prev_id, &prev) != (head_id, &head_hash) {
-        report.broken = Some(Broken {
-            id: head_id,
-            why: format!(
-                "the chain's head is row {head_id}, but it ends at {}: the newest rows were deleted",
-                behind(prev_id)
-            ),
-        });
+    for walk in chains.values() {
+        if (walk.prev_id, &walk.prev) != (walk.head_id, &walk.head_hash) {
+            report.broken = Some(Broken {
+                id: walk.head_id,
+                why: format!(
+                    "its chain's head is row {}, but the chain ends at {}: the newest rows were deleted",
+                    walk.head_id,
+                    walk.behind()
+                ),
+            });
+            break;
+        }
     }
     Ok(report)
 }
@@ -544,15 +603,31 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` audit rows after `id`, oldest first.
+    /// Up to `limit` audit rows after `id`, oldest first, none of which a later call could
+    /// find an older row before: a caller that reads on from the last row it got misses none.
+    ///
+    /// On PostgreSQL, a transaction holding one chain may commit after another that took
+    /// larger ids on another chain. So the rows are read up to the last id handed out before
+    /// a wait for every chain's head to be free: ids are taken only under a chain's lock, so
+    /// every transaction that took one of those ids has committed (or rolled back) by then.
     pub async fn audit_after(&self, id: i64, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
         self.read(move |c| {
+            let mut upto = i64::MAX;
+            if c.is_pg() {
+                upto = c.one("SELECT last_value FROM audit_id_seq", &[], |r| r.get(0))?;
+                // In the order retention locks them in.
+                c.rows(
+                    "SELECT 1 FROM audit_heads ORDER BY chain FOR SHARE",
+                    &[],
+                    |_| Ok(()),
+                )?;
+            }
             c.rows(
                 &format!(
-                    "SELECT {} FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2",
+                    "SELECT {} FROM audit WHERE id > ?1 AND id <= ?3 ORDER BY id LIMIT ?2",
                     Stored::COLUMNS
                 ),
-                &[&id, &i64::from(limit)],
+                &[&id, &i64::from(limit), &upto],
                 entry,
             )
         })

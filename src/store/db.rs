@@ -106,10 +106,22 @@ pub struct PgConn {
     trips: u64,
     sent: u64,
     /// A write in this transaction made work for other replicas (see [`Db::wake`]).
-    pub(super) wake: bool,
+    pub(super) wake: Wake,
     /// Audit rows this transaction appends, written just before it commits (see
     /// `audit::append_pending`).
     pub(super) audit: Vec<super::audit::Pending>,
+    /// The audit chain this connection tries first (see `audit::append_pending`).
+    pub(super) audit_chain: i64,
+}
+
+/// Whether a transaction notifies the other replicas when it commits (see [`Db::wake`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Wake {
+    #[default]
+    No,
+    /// If a run is pending then ([`Db::wake_if_queued`]).
+    IfQueued,
+    Yes,
 }
 
 /// The writes of a transaction, numbered in the order they were sent: how many, when each
@@ -244,8 +256,15 @@ impl PgConn {
             later_failed: false,
             trips: 0,
             sent: 0,
-            wake: false,
+            wake: Wake::No,
             audit: Vec::new(),
+            audit_chain: {
+                use std::hash::BuildHasher;
+                // A chain of its own to try first, at random: connections that append at once
+                // seldom try the same one.
+                let random = std::collections::hash_map::RandomState::new().hash_one(0_u8);
+                (random % super::audit::CHAINS as u64) as i64
+            },
         })
     }
 
@@ -656,7 +675,21 @@ impl Db<'_> {
     /// SQLite there are none.
     pub fn wake(&self) {
         if let Db::Pg(c) = self {
-            c.borrow_mut().wake = true;
+            c.borrow_mut().wake = Wake::Yes;
+        }
+    }
+
+    /// Says that this write made room (a run's end frees a slot on its target, the run of its
+    /// alert, its playbook's concurrency): other replicas are notified when it commits if a
+    /// run waits in the queue then. With none waiting nobody has anything to claim, and
+    /// PostgreSQL's `NOTIFY` costs one lock that every notifying commit of the cluster waits
+    /// for in turn.
+    pub fn wake_if_queued(&self) {
+        if let Db::Pg(c) = self {
+            let mut c = c.borrow_mut();
+            if c.wake == Wake::No {
+                c.wake = Wake::IfQueued;
+            }
         }
     }
 

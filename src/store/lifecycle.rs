@@ -89,7 +89,7 @@ fn end_run(
             super::queue::audit_step(c, step)?;
         }
     }
-    c.wake();
+    c.wake_if_queued();
     Ok(())
 }
 

@@ -790,6 +790,21 @@ CREATE INDEX runs_running_alert ON runs(fingerprint, playbook)
 DROP INDEX runs_running_playbook;
 CREATE INDEX runs_running_playbook ON runs(playbook) WHERE state = 'running' AND playbook IS NOT NULL;
 "#,
+    // 23: the audit log in chains (see `audit`): each head a row of `audit_heads`, each row
+    // naming its chain. SQLite's one writer appends to chain 0 only; PostgreSQL's replicas
+    // append to whichever chain no other transaction holds.
+    r#"
+CREATE TABLE audit_heads (
+  chain INTEGER PRIMARY KEY,
+  last_id INTEGER NOT NULL,
+  last_hash BLOB NOT NULL,
+  anchor_id INTEGER NOT NULL,
+  anchor_hash BLOB NOT NULL
+);
+INSERT INTO audit_heads SELECT 0, last_id, last_hash, anchor_id, anchor_hash FROM audit_chain;
+DROP TABLE audit_chain;
+ALTER TABLE audit ADD COLUMN chain INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 impl Store {

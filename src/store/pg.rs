@@ -3,7 +3,7 @@
 //! clients from the `postgres` crate, each with its prepared statements), the schema, and
 //! migrations applied under an advisory lock so that replicas starting together migrate once.
 
-use super::db::{Db, PgConn};
+use super::db::{Db, PgConn, Wake};
 use super::{Committer, Job, StoreError, run_jobs};
 use std::cell::RefCell;
 use std::time::Duration;
@@ -419,7 +419,7 @@ impl Committer for PgCommitter {
 fn attempt(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreError> {
     if let Db::Pg(c) = db {
         let mut c = c.borrow_mut();
-        c.wake = false;
+        c.wake = Wake::No;
         c.later_failed = false;
         c.audit.clear();
         c.forget();
@@ -454,14 +454,21 @@ fn attempt(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreErro
     if !run_jobs(db, ahead, isolated)? {
         return Ok(false);
     }
-    // Last, so the chain's head is the last lock this transaction takes (no cycle with
+    // Last, so an audit chain's head is the last lock this transaction takes (no cycle with
     // another replica's) and is held only for the commit.
     super::audit::append_pending(db)?;
-    if let Db::Pg(c) = db
-        && std::mem::take(&mut c.borrow_mut().wake)
-    {
-        // Delivered to every replica's listener when (and only if) this commits.
-        db.later("SELECT pg_notify('reflex_wake', '')", &[])?;
+    let wake = match db {
+        Db::Pg(c) => std::mem::take(&mut c.borrow_mut().wake),
+        Db::Lite(_) => Wake::No,
+    };
+    // Delivered to every replica's listener when (and only if) this commits.
+    match wake {
+        Wake::No => {}
+        Wake::IfQueued => db.later(
+            "SELECT pg_notify('reflex_wake', '') WHERE EXISTS (SELECT 1 FROM runs WHERE state = 'pending')",
+            &[],
+        )?,
+        Wake::Yes => db.later("SELECT pg_notify('reflex_wake', '')", &[])?,
     }
     db.exec("COMMIT", &[])?;
     Ok(true)
@@ -473,12 +480,14 @@ fn attempt(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreErro
 ///
 /// 1. these advisory locks, by key (`hashtextextended` of the name), taken together;
 /// 2. row locks, as the writes go (a switch, a run);
-/// 3. the audit chain's head (`audit::append_pending`), last, held only for the commit.
+/// 3. an audit chain's head (`audit::append_pending`), last, held only for the commit: one
+///    no other transaction holds, or, with every chain held, this connection's own (the
+///    audit sink's read and retention lock heads too, taking no other lock after them).
 ///
 /// Try-locks (a target, a playbook's concurrency, a run's start) never wait, so they add no
 /// edge. A batch may wait here for a lock another transaction took by trying it (a resolution
 /// waits for a run's start lock held by a claim): that holder waits, if at all, for row locks
-/// and the audit head, whose holders are past this step. Budgets and autonomy standings are
+/// and an audit head, whose holders are past this step. Budgets and autonomy standings are
 /// decided in transactions of their own ([`super::Store::exclusive`]) that take their locks
 /// first and the audit head last, and no lock of a writer's batch.
 fn take_locks(db: &Db, batch: &[super::Job]) -> Result<(), StoreError> {
@@ -925,5 +934,26 @@ CREATE INDEX runs_owner ON runs(owner) WHERE state = 'running' AND owner IS NOT 
     r#"
 DROP VIEW target_load;
 DROP TABLE target_load_delta;
+"#,
+    // 17: the audit log in chains (see SQLite's 23), 16 of them, so that replicas' commits
+    // do not wait for each other's on one head. A replica one version behind locks and moves
+    // `audit_chain` (one = 1): that is now a view of chain 0, which the others skip while it
+    // is held. The version after this one drops it.
+    r#"
+CREATE TABLE audit_heads (
+  chain BIGINT PRIMARY KEY,
+  last_id BIGINT NOT NULL,
+  last_hash BYTEA NOT NULL,
+  anchor_id BIGINT NOT NULL,
+  anchor_hash BYTEA NOT NULL
+);
+INSERT INTO audit_heads SELECT 0, last_id, last_hash, anchor_id, anchor_hash FROM audit_chain;
+INSERT INTO audit_heads
+  SELECT g, 0, decode(repeat('00', 32), 'hex'), 0, decode(repeat('00', 32), 'hex')
+  FROM generate_series(1, 15) g;
+DROP TABLE audit_chain;
+CREATE VIEW audit_chain AS
+  SELECT 1::bigint AS one, last_id, last_hash, anchor_id, anchor_hash FROM audit_heads WHERE chain = 0;
+ALTER TABLE audit ADD COLUMN chain BIGINT NOT NULL DEFAULT 0;
 "#,
 ];

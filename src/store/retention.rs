@@ -111,9 +111,9 @@ impl Store {
     }
 }
 
-/// Deletes the oldest audit rows, a prefix of the chain: those in the first `batch` written
-/// before `before` (and sent, with `keep_unsent`). The last one deleted becomes the chain's
-/// anchor, which the oldest row kept follows.
+/// Deletes the oldest audit rows, a prefix of each chain: those in the first `batch` written
+/// before `before` (and sent, with `keep_unsent`). The last one deleted of each chain becomes
+/// its anchor, which its oldest row kept follows.
 fn prune_audit(
     c: &super::Db,
     before: i64,
@@ -129,33 +129,45 @@ fn prune_audit(
         false => i64::MAX,
     };
     let oldest = c.rows(
-        "SELECT id, at, hash FROM audit ORDER BY id LIMIT ?1",
+        "SELECT id, at, hash, chain FROM audit ORDER BY id LIMIT ?1",
         &[&batch],
         |r| {
             Ok((
                 r.get::<i64>(0)?,
                 r.get::<i64>(1)?,
                 r.get::<Option<Vec<u8>>>(2)?,
+                r.get::<i64>(3)?,
             ))
         },
     )?;
-    let prefix: Vec<_> = (oldest.into_iter())
-        .take_while(|(id, at, _)| *at < before && *id <= sent)
-        .collect();
-    let Some((last, _, _)) = prefix.last() else {
-        return Ok(0);
-    };
-    // A row without a hash (written by a replica older than the chain) moves the anchor's id
-    // but not its hash: the next chained row follows the last chained one.
-    if let Some(hash) = prefix.iter().rev().find_map(|(_, _, h)| h.as_ref()) {
+    // Each chain's last row deleted, and the hash of its last chained one: a row without a
+    // hash (written by a replica older than the chain) moves the anchor's id but not its
+    // hash, so the next chained row follows the last chained one.
+    let mut anchors = std::collections::BTreeMap::<i64, (i64, Option<Vec<u8>>)>::new();
+    for (id, _, hash, chain) in oldest
+        .into_iter()
+        .take_while(|(id, at, _, _)| *at < before && *id <= sent)
+    {
+        let anchor = anchors.entry(chain).or_default();
+        anchor.0 = id;
+        if hash.is_some() {
+            anchor.1 = hash;
+        }
+    }
+    let mut deleted = 0;
+    // In the order of the chains (the audit sink's read locks them in that order too).
+    for (chain, (id, hash)) in anchors {
         c.exec(
-            "UPDATE audit_chain SET anchor_hash = ?1 WHERE one = 1",
-            &[hash],
+            "UPDATE audit_heads SET anchor_id = ?1, anchor_hash = coalesce(?2, anchor_hash)
+             WHERE chain = ?3",
+            &[&id, &hash, &chain],
+        )?;
+        // By chain, up to its anchor: on PostgreSQL a transaction holding a chain may commit
+        // rows with ids below another chain's, after they were read above.
+        deleted += c.exec(
+            "DELETE FROM audit WHERE chain = ?1 AND id <= ?2",
+            &[&chain, &id],
         )?;
     }
-    c.exec(
-        "UPDATE audit_chain SET anchor_id = ?1 WHERE one = 1",
-        &[last],
-    )?;
-    c.exec("DELETE FROM audit WHERE id <= ?1", &[last])
+    Ok(deleted)
 }

@@ -1930,6 +1930,322 @@ mod replicas {
         other.step_started_after(run_id, 0, None).await.unwrap();
     }
 
+    /// Holds `other`'s writer in a transaction that locks every audit chain but `free`
+    /// (every one with `None`), as replicas' appends in flight would.
+    async fn hold_chains(
+        other: &Store,
+        free: Option<i64>,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let free = free.unwrap_or(-1);
+        let (holder, go, ()) = hold_writer_in(other, move |c| {
+            c.rows(
+                "SELECT chain FROM audit_heads WHERE chain <> ?1 FOR UPDATE",
+                &[&free],
+                |r| r.get::<i64>(0),
+            )
+            .map(drop)
+        })
+        .await;
+        (holder, go)
+    }
+
+    /// Appends audit rows `who`, one write each, to chain `chain` (the others held meanwhile).
+    async fn append_on(store: &Store, other: &Store, chain: i64, who: &[&str]) -> Vec<i64> {
+        let (holder, go) = hold_chains(other, Some(chain)).await;
+        for who in who {
+            store
+                .audit(who, "run.cancel", None, "ok", None)
+                .await
+                .unwrap();
+        }
+        go.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        let chained = store.read(move |c| {
+            c.rows(
+                "SELECT id FROM audit WHERE chain = ?1 ORDER BY id",
+                &[&chain],
+                |r| r.get::<i64>(0),
+            )
+        });
+        let ids = chained.await.unwrap();
+        ids[ids.len() - who.len()..].to_vec()
+    }
+
+    /// An append does not wait for another transaction's: it takes a chain no other holds.
+    /// Only with every chain held does it wait, for its own.
+    #[tokio::test]
+    async fn an_audit_append_takes_a_free_chain_and_waits_only_when_all_are_held() {
+        let (_db, stores) = replicas(2).await;
+        let (store, other) = (&stores[0], &stores[1]);
+        let ids = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            append_on(store, other, 7, &["alice"]),
+        );
+        assert_eq!(ids.await.expect("no wait").len(), 1, "on chain 7");
+        let (holder, go) = hold_chains(other, None).await;
+        let appender = store.clone();
+        let append =
+            tokio::spawn(
+                async move { appender.audit("bob", "run.cancel", None, "ok", None).await },
+            );
+        assert!(
+            (lock_waits(store, &append).await.iter()).any(|w| w == "transactionid" || w == "tuple"),
+            "waits for a chain"
+        );
+        go.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        append.await.unwrap().unwrap();
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!((report.rows, report.broken), (2, None));
+    }
+
+    /// Rows on two chains: each verifies on its own, retention anchors each, and a row
+    /// deleted from either is named.
+    #[tokio::test]
+    async fn audit_chains_verify_and_are_anchored_each_on_its_own() {
+        let (db, stores) = replicas(2).await;
+        let (store, other) = (&stores[0], &stores[1]);
+        let mut three = append_on(store, other, 3, &["a", "b"]).await;
+        let mut five = append_on(store, other, 5, &["c", "d"]).await;
+        three.extend(append_on(store, other, 3, &["e"]).await);
+        five.extend(append_on(store, other, 5, &["f"]).await);
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!((report.rows, report.broken), (6, None));
+        // Retention: the oldest three rows, two of chain 3 and one of chain 5.
+        let later = store.now_ms() + 1;
+        assert_eq!(
+            store.prune_batch(0, later, 3, false).await.unwrap().rows[5],
+            3
+        );
+        append_on(store, other, 5, &["g"]).await;
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!(
+            (report.rows, report.anchor, report.broken),
+            (4, five[0], None)
+        );
+        // Chain 5's oldest row kept deleted: its next row does not follow its anchor.
+        tamper(store, "DELETE FROM audit WHERE id = ?1", five[1]).await;
+        let broken = store.verify_audit().await.unwrap().broken.expect("broken");
+        assert_eq!(broken.id, five[2]);
+        assert!(
+            broken.why.contains(&format!(
+                "does not follow row {}, the last one retention deleted",
+                five[0]
+            )),
+            "{}",
+            broken.why
+        );
+        // Chain 3's newest row deleted: its head names it.
+        let db = db.fresh();
+        let (store, other) = (db.open().await, db.open().await);
+        let three = append_on(&store, &other, 3, &["a", "b"]).await;
+        append_on(&store, &other, 5, &["c"]).await;
+        tamper(&store, "DELETE FROM audit WHERE id = ?1", three[1]).await;
+        let broken = store.verify_audit().await.unwrap().broken.expect("broken");
+        assert_eq!(broken.id, three[1]);
+        assert!(
+            broken.why.contains("newest rows were deleted"),
+            "{}",
+            broken.why
+        );
+    }
+
+    /// A replica one version behind, through a rolling upgrade, appends as it did: to
+    /// `audit_chain` (one = 1), now a view of chain 0. The chains verify with its row in.
+    #[tokio::test]
+    async fn the_version_befores_audit_append_runs_on_this_schema() {
+        let (_db, stores) = replicas(2).await;
+        let (store, other) = (&stores[0], &stores[1]);
+        append_on(store, other, 0, &["new"]).await;
+        // 1527bb5's statements, in one transaction.
+        (store.write(|c| {
+            let prev: Vec<u8> = c.one(
+                "SELECT last_hash FROM audit_chain WHERE one = 1 FOR UPDATE",
+                &[],
+                |r| r.get(0),
+            )?;
+            let id: i64 = c.one("SELECT nextval('audit_id_seq')", &[], |r| r.get(0))?;
+            let at = 1_764_900_000_000_i64;
+            let content = super::audit::Content {
+                id,
+                at,
+                actor: "old",
+                action: "run.cancel",
+                target: None,
+                outcome: "ok",
+                detail: None,
+            };
+            let hash = content.hash(&prev);
+            c.exec(
+                "INSERT INTO audit (id, at, actor, action, target, outcome, detail, prev, hash)
+                 VALUES (?1, ?2, 'old', 'run.cancel', NULL, 'ok', NULL, ?3, ?4)",
+                &[&id, &at, &prev, &hash],
+            )?;
+            c.exec(
+                "UPDATE audit_chain SET last_id = ?1, last_hash = ?2 WHERE one = 1",
+                &[&id, &hash],
+            )
+        }))
+        .await
+        .unwrap();
+        append_on(store, other, 0, &["newer"]).await;
+        store
+            .audit("any", "run.cancel", None, "ok", None)
+            .await
+            .unwrap();
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!((report.rows, &report.broken), (4, &None), "{report:?}");
+    }
+
+    /// Holds `other`'s writer in a transaction that appended an audit row and holds its chain
+    /// (its id taken, its commit to come), as a replica's batch about to commit would.
+    async fn append_in_flight(
+        other: &Store,
+    ) -> (
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        let (holder, go, ()) = hold_writer_in(other, |c| {
+            super::audit::audit_in(c, "slow", "run.cancel", None, "ok", None)?;
+            super::audit::append_pending(c)
+        })
+        .await;
+        (holder, go)
+    }
+
+    /// The audit sink reads on from the last row it got. A row another replica's transaction
+    /// is about to commit has an older id than one committed meanwhile on another chain: the
+    /// sink's read waits for it, and gets both in order.
+    #[tokio::test]
+    async fn the_audit_sinks_read_waits_for_an_older_row_in_flight() {
+        let (_db, stores) = replicas(2).await;
+        let (store, other) = (&stores[0], &stores[1]);
+        let (holder, go) = append_in_flight(other).await;
+        store
+            .audit("fast", "run.cancel", None, "ok", None)
+            .await
+            .unwrap();
+        let reader = store.clone();
+        let read = tokio::spawn(async move { reader.audit_after(0, 100).await });
+        assert!(
+            !lock_waits(store, &read).await.is_empty(),
+            "waits for the row in flight"
+        );
+        go.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        let rows = read.await.unwrap().unwrap();
+        let actors: Vec<&str> = rows.iter().map(|r| r.actor.as_str()).collect();
+        assert_eq!(actors, ["slow", "fast"], "both, oldest id first");
+    }
+
+    /// Retention deletes by chain, up to each chain's anchor: a row an append in flight
+    /// commits while retention waits for its chain (its id older than rows retention read)
+    /// is kept, and its chain still verifies.
+    #[tokio::test]
+    async fn retention_keeps_a_row_committed_while_it_waited_for_its_chain() {
+        let (_db, stores) = replicas(2).await;
+        let (store, other) = (&stores[0], &stores[1]);
+        // A chained row first, on the chain the append in flight will hold.
+        let (holder, go) = append_in_flight(other).await;
+        go.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        let (holder, go) = append_in_flight(other).await;
+        store
+            .audit("fast", "run.cancel", None, "ok", None)
+            .await
+            .unwrap();
+        let later = store.now_ms() + 1;
+        let pruner = store.clone();
+        let prune = tokio::spawn(async move { pruner.prune_batch(0, later, 10, false).await });
+        assert!(
+            !lock_waits(store, &prune).await.is_empty(),
+            "waits for the chain"
+        );
+        go.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        assert_eq!(prune.await.unwrap().unwrap().rows[5], 2);
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!((report.rows, &report.broken), (1, &None), "{report:?}");
+    }
+
+    /// The wake-ups other replicas got (`NOTIFY reflex_wake`) since the last look, read up
+    /// to a marker this sends now (notifications arrive in commit order).
+    async fn wakes_since(listener: &mut Option<postgres::Client>) -> usize {
+        let mut client = listener.take().expect("a listener");
+        let (client, wakes) = tokio::task::spawn_blocking(move || {
+            client
+                .batch_execute("NOTIFY reflex_wake, 'marker'")
+                .unwrap();
+            let mut wakes = 0;
+            {
+                use postgres::fallible_iterator::FallibleIterator;
+                let mut notes = client.notifications();
+                let mut it = notes.timeout_iter(std::time::Duration::from_secs(20));
+                while it.next().unwrap().expect("the marker").payload() != "marker" {
+                    wakes += 1;
+                }
+            }
+            (client, wakes)
+        })
+        .await
+        .unwrap();
+        *listener = Some(client);
+        wakes
+    }
+
+    /// A run's end wakes the other replicas only when a run waits in the queue: with none,
+    /// nobody has anything to claim, and a `NOTIFY` is a lock every notifying commit of the
+    /// cluster takes in turn.
+    #[tokio::test]
+    async fn a_runs_end_wakes_the_other_replicas_only_when_a_run_is_queued() {
+        let db = TestDb::postgres();
+        let store = db.open().await;
+        let TestDb::Postgres(name) = &db else {
+            unreachable!()
+        };
+        let settings = crate::testkit::PgServer::shared().settings(name);
+        let mut listener = Some(
+            tokio::task::spawn_blocking(move || {
+                let mut client = settings.connector.connect(&settings.config).unwrap();
+                client.batch_execute("LISTEN reflex_wake").unwrap();
+                client
+            })
+            .await
+            .unwrap(),
+        );
+        let none = BreakerLimits::default();
+        let end =
+            |run_id: i64| store.run_finished(run_id, RunState::Succeeded, None, None, none, false);
+        // Alone in the queue: claimed, ended, nothing waits.
+        let alone = intake(&store, "alone", candidate("p", "t1", 0, ""), none)
+            .await
+            .run_id();
+        assert_eq!(store.claim(1, 1).await.unwrap()[0].id, alone);
+        assert_eq!(wakes_since(&mut listener).await, 1, "the queued run's");
+        end(alone).await.unwrap();
+        assert_eq!(
+            wakes_since(&mut listener).await,
+            0,
+            "none for an end with none queued"
+        );
+        // Another run queued behind one on the same target: its end wakes the others.
+        let first = intake(&store, "first", candidate("p", "t2", 0, ""), none)
+            .await
+            .run_id();
+        intake(&store, "second", candidate("p", "t2", 0, ""), none).await;
+        assert_eq!(store.claim(1, 2).await.unwrap().len(), 1);
+        assert_eq!(wakes_since(&mut listener).await, 2);
+        end(first).await.unwrap();
+        assert_eq!(wakes_since(&mut listener).await, 1, "a run waits");
+        // A blocking client is dropped off the runtime.
+        tokio::task::spawn_blocking(move || drop(listener))
+            .await
+            .unwrap();
+    }
+
     /// A renewal that waited for a takeover of its replica (which holds the replica's row,
     /// then deletes it) reports the lease lost, and counts it (`leases_lost`): what a late
     /// task compares before it acts.
@@ -2407,9 +2723,10 @@ async fn both_backends_have_the_same_tables_columns_and_indexes() {
     let (sqlite, pg) = (lite_db.open().await, pg_db.open().await);
     let (lite_tables, lite_indexes) = live_schema(&sqlite, true).await;
     let (mut pg_tables, pg_indexes) = live_schema(&pg, false).await;
-    // PostgreSQL's own: which replicas hold leases (SQLite has one writer, no leases) and the
-    // migration version (SQLite keeps it in `PRAGMA user_version`).
-    for only_pg in ["replicas", "reflex_schema"] {
+    // PostgreSQL's own: which replicas hold leases (SQLite has one writer, no leases), the
+    // migration version (SQLite keeps it in `PRAGMA user_version`), and the audit chain's
+    // head as a replica one version behind knows it (a view of chain 0, for rolling upgrades).
+    for only_pg in ["replicas", "reflex_schema", "audit_chain"] {
         assert!(
             pg_tables.remove(only_pg).is_some(),
             "{only_pg} is gone from PostgreSQL"
@@ -2754,7 +3071,7 @@ async fn retention_anchors_the_audit_chain(db: TestDb) {
     assert!(broken.why.contains("the last one retention deleted"), "{}", broken.why);
 }
 
-async fn replicas_appending_at_once_keep_one_chain(db: TestDb) {
+async fn replicas_appending_at_once_keep_chains_that_verify(db: TestDb) {
     let a = db.open().await;
     let b = match db {
         TestDb::Postgres(_) => db.open().await,
@@ -3164,6 +3481,11 @@ async fn alerts_of_one_batch_see_the_runs_recorded_before_them_in_it(db: TestDb)
     // A run's end in the batch (a write of anything), though sent after the alerts, goes
     // before their reads: the alert for its target finds the room it left.
     let ended = recorded[0].started[0].id;
+    // Warm: the end's statements prepared.
+    let warm = recorded[1].started[0].id;
+    (store.run_finished(warm, RunState::Succeeded, None, None, none, false))
+        .await
+        .unwrap();
     let before = store.write_counts();
     let (blocker, release) = hold_writer(&store).await;
     let again = intake(("y0", "r", "x0", 0, ""));
