@@ -245,9 +245,11 @@ pub(super) fn append_pending(c: &Db) -> Result<(), StoreError> {
     const FREE: &str = "SELECT chain, last_hash FROM audit_heads
                         ORDER BY chain < $1, chain LIMIT 1 FOR UPDATE SKIP LOCKED";
     const OWN: &str = "SELECT chain, last_hash FROM audit_heads WHERE chain = $1 FOR UPDATE";
-    const IDS: &str = "SELECT array_agg(v ORDER BY v) FROM
-           (SELECT nextval('audit_id_seq') AS v
-            FROM generate_series(1, $1::bigint)) s";
+    // Counted by a recursive query, not `generate_series`: the planner sizes the latter by
+    // its argument, so a plan made for the count at hand was always cheaper than the kept
+    // one, and the statement was planned again at every commit (38 µs of 60).
+    const IDS: &str = "WITH RECURSIVE n(i) AS (SELECT 1::bigint UNION ALL SELECT i + 1 FROM n WHERE i < $1::bigint)
+           SELECT array_agg(v ORDER BY v) FROM (SELECT nextval('audit_id_seq') AS v FROM n) s";
     let head = |rows: &[postgres::Row]| -> Result<Option<(i64, Vec<u8>)>, StoreError> {
         (rows.first())
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))

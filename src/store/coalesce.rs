@@ -26,7 +26,7 @@ static QUEUED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| queued(
 /// PostgreSQL, an SQL expression: whether there is a run to join and, if so, whether the lock
 /// a run of the playbook for the alert starts under ([`super::queue::try_lock_start`]) is now
 /// this transaction's, tried, not waited for. It must be in a statement before [`QUEUED`]'s
-/// (intake puts it in its read of the occurrence, [`super::intake`]'s `RECORDED_PG`), so
+/// (intake puts it in its read of the occurrence, `recorded_pg` in [`super::intake`]), so
 /// that the read comes after the lock: a claim on another replica that started the run first
 /// is seen, and none can start it after, while this intake gives it the newest alert's data.
 /// A run being claimed is not joined (a new one is queued behind it).

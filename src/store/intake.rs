@@ -755,16 +755,24 @@ fn insert_run_and_steps(
 
 const RECORDED: &str = "SELECT id FROM runs WHERE playbook = ?1 AND fingerprint = ?2 AND starts_at = ?3 AND alert_status = ?4";
 
-/// PostgreSQL: [`RECORDED`]'s answer as one row (the id null when there is none) and, when
-/// `?5` (the playbook coalesces), [`super::coalesce::lock_queued`]'s. The lock goes with the
-/// read the rules ask first, so that the queued run is read after it without a statement of
-/// its own.
-static RECORDED_PG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "SELECT ({RECORDED}), CASE WHEN ?5 THEN {} ELSE false END",
-        super::coalesce::lock_queued("?1", "?2")
-    )
-});
+/// PostgreSQL: [`RECORDED`]'s answer as one row (the id null when there is none) and, for a
+/// playbook that coalesces, [`super::coalesce::lock_queued`]'s (else `false`). The lock goes
+/// with the read the rules ask first, so that the queued run is read after it without a
+/// statement of its own. Two statements, not one with a flag: PostgreSQL planned the flagged
+/// one again at every use, the plan for `false` without the lock always looking cheaper
+/// than the one kept.
+fn recorded_pg(coalesce: bool) -> &'static str {
+    static BOTH: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
+        [
+            format!("SELECT ({RECORDED}), false"),
+            format!(
+                "SELECT ({RECORDED}), {}",
+                super::coalesce::lock_queued("?1", "?2")
+            ),
+        ]
+    });
+    &BOTH[usize::from(coalesce)]
+}
 
 /// The run recorded for this occurrence of the alert by this playbook, if any, and whether
 /// a queued run of it may be joined: always on SQLite (its one writer is the only one that
@@ -780,9 +788,10 @@ fn existing_run(
         let params: [&dyn super::db::Param; 4] = [&playbook, &a.fingerprint, &a.starts_at, &status];
         return Ok((c.row(RECORDED, &params, |r| r.get(0))?, true));
     }
-    let params: [&dyn super::db::Param; 5] =
-        [&playbook, &a.fingerprint, &a.starts_at, &status, &coalesce];
-    c.one(&RECORDED_PG, &params, |r| Ok((r.get(0)?, r.get(1)?)))
+    let params: [&dyn super::db::Param; 4] = [&playbook, &a.fingerprint, &a.starts_at, &status];
+    c.one(recorded_pg(coalesce), &params, |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
 }
 
 /// Sends every read the intake rules may ask for about this candidate ahead, together (one
@@ -804,13 +813,12 @@ fn prefetch_facts(
     }
     let target = cand.plan.as_ref().map_or("", |p| p.target.as_str());
     c.prefetch_on(
-        &RECORDED_PG,
+        recorded_pg(cand.coalesce),
         &[
             &cand.playbook,
             &a.fingerprint,
             &a.starts_at,
             &a.status.as_str(),
-            &cand.coalesce,
         ],
         part::occurrence(&cand.playbook, &a.fingerprint),
     )?;

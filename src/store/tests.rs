@@ -2246,6 +2246,54 @@ mod replicas {
             .unwrap();
     }
 
+    /// The writer's statements keep one plan, made once, whatever values they are sent
+    /// with: PostgreSQL plans a statement for its values five times, then keeps a generic
+    /// plan unless every plan made for the values at hand looked cheaper. One that is
+    /// planned again at each use costs its planning on every commit.
+    #[tokio::test]
+    async fn the_writers_statements_on_postgres_are_not_planned_at_every_use() {
+        let (_db, stores) = replicas(1).await;
+        let store = &stores[0];
+        let none = BreakerLimits::default();
+        for i in 0..16 {
+            // One alert a commit, of a playbook that coalesces every other time: each
+            // statement used eight times at least.
+            let (instance, target) = (format!("p{i}"), format!("t{i}"));
+            let cand = Candidate {
+                coalesce: i % 2 == 0,
+                ..candidate("p", &target, 0, "")
+            };
+            let run_id = intake(store, &instance, cand, none).await.run_id();
+            assert_eq!(store.claim(1, 1).await.unwrap()[0].id, run_id);
+            (store.run_finished(run_id, RunState::Succeeded, None, None, none, false))
+                .await
+                .unwrap();
+            // Two audit rows in one commit, then three.
+            for n in [2, 3] {
+                (store.write(move |c| {
+                    for _ in 0..n {
+                        super::audit::audit_in(c, "alice", "run.cancel", None, "ok", None)?;
+                    }
+                    Ok(())
+                }))
+                .await
+                .unwrap();
+            }
+        }
+        let replanned: Vec<(String, i64)> = store
+            .write(|c| {
+                c.rows(
+                    "SELECT statement, custom_plans FROM pg_prepared_statements
+                     WHERE custom_plans > 5",
+                    &[],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .await
+            .unwrap();
+        assert!(replanned.is_empty(), "{replanned:#?}");
+    }
+
     /// A renewal that waited for a takeover of its replica (which holds the replica's row,
     /// then deletes it) reports the lease lost, and counts it (`leases_lost`): what a late
     /// task compares before it acts.
