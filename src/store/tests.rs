@@ -1980,6 +1980,10 @@ mod replicas {
     async fn an_audit_append_takes_a_free_chain_and_waits_only_when_all_are_held() {
         let (_db, stores) = replicas(2).await;
         let (store, other) = (&stores[0], &stores[1]);
+        // The migration made the chains the connections pick from.
+        let heads =
+            store.read(|c| c.one("SELECT count(*) FROM audit_heads", &[], |r| r.get::<i64>(0)));
+        assert_eq!(heads.await.unwrap(), super::audit::CHAINS);
         let ids = tokio::time::timeout(
             std::time::Duration::from_secs(20),
             append_on(store, other, 7, &["alice"]),
