@@ -938,7 +938,11 @@ DROP TABLE target_load_delta;
     // 17: the audit log in chains (see SQLite's 23), 16 of them, so that replicas' commits
     // do not wait for each other's on one head. A replica one version behind locks and moves
     // `audit_chain` (one = 1): that is now a view of chain 0, which the others skip while it
-    // is held. The version after this one drops it.
+    // is held. Its retention anchors that row on the last audit row it deletes, then deletes
+    // every row up to it, whatever the chain: the view's trigger anchors each chain on its own
+    // last row deleted instead, every head held so that no row is in flight below them (an
+    // anchor's hash alone is set just before its id, which sets every chain's). The version
+    // after this one drops the view.
     r#"
 CREATE TABLE audit_heads (
   chain BIGINT PRIMARY KEY,
@@ -954,6 +958,22 @@ INSERT INTO audit_heads
 DROP TABLE audit_chain;
 CREATE VIEW audit_chain AS
   SELECT 1::bigint AS one, last_id, last_hash, anchor_id, anchor_hash FROM audit_heads WHERE chain = 0;
+CREATE FUNCTION audit_chain_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.anchor_id IS DISTINCT FROM OLD.anchor_id THEN
+    PERFORM 1 FROM audit_heads ORDER BY chain FOR UPDATE;
+    UPDATE audit_heads h SET anchor_id = a.id, anchor_hash = coalesce(a.hash, h.anchor_hash)
+      FROM (SELECT chain, max(id) AS id,
+                   (array_agg(hash ORDER BY id DESC) FILTER (WHERE hash IS NOT NULL))[1] AS hash
+            FROM audit WHERE id <= NEW.anchor_id GROUP BY chain) a
+      WHERE h.chain = a.chain AND a.id > h.anchor_id;
+  ELSIF (NEW.last_id, NEW.last_hash) IS DISTINCT FROM (OLD.last_id, OLD.last_hash) THEN
+    UPDATE audit_heads SET last_id = NEW.last_id, last_hash = NEW.last_hash WHERE chain = 0;
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER audit_chain_update INSTEAD OF UPDATE ON audit_chain
+  FOR EACH ROW EXECUTE FUNCTION audit_chain_update();
 ALTER TABLE audit ADD COLUMN chain BIGINT NOT NULL DEFAULT 0;
 "#,
 ];

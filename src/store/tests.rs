@@ -2104,6 +2104,90 @@ mod replicas {
         assert_eq!((report.rows, &report.broken), (4, &None), "{report:?}");
     }
 
+    /// 1527bb5's `prune_audit`, every row old enough and sent: anchors `audit_chain` (chain
+    /// 0) on the last of the `batch` oldest rows by id, then deletes every row up to it,
+    /// whatever the chain.
+    fn prune_audit_as_the_version_before(c: &Db, batch: i64) -> Result<u64, StoreError> {
+        let oldest = c.rows(
+            "SELECT id, hash FROM audit ORDER BY id LIMIT ?1",
+            &[&batch],
+            |r| Ok((r.get::<i64>(0)?, r.get::<Vec<u8>>(1)?)),
+        )?;
+        let Some((last, hash)) = oldest.last() else {
+            return Ok(0);
+        };
+        c.exec(
+            "UPDATE audit_chain SET anchor_hash = ?1 WHERE one = 1",
+            &[hash],
+        )?;
+        c.exec(
+            "UPDATE audit_chain SET anchor_id = ?1 WHERE one = 1",
+            &[last],
+        )?;
+        c.exec("DELETE FROM audit WHERE id <= ?1", &[last])
+    }
+
+    /// The version before's retention, on schema 17 during a rolling upgrade: every chain is
+    /// anchored on its own last row deleted, and verifies.
+    #[tokio::test]
+    async fn the_version_befores_audit_retention_leaves_every_chain_verifiable() {
+        let (_db, stores) = replicas(2).await;
+        let (store, other) = (&stores[0], &stores[1]);
+        for (chain, who) in [(0, "a"), (1, "b"), (0, "c"), (2, "d")] {
+            append_on(store, other, chain, &[who]).await;
+        }
+        let pruned = store.write(|c| prune_audit_as_the_version_before(c, 3));
+        assert_eq!(pruned.await.unwrap(), 3, "a, b and c");
+        append_on(store, other, 1, &["e"]).await;
+        append_on(store, other, 0, &["f"]).await;
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!((report.rows, &report.broken), (3, &None), "{report:?}");
+
+        // A row in flight, its id older than the rows the retention read: the retention waits
+        // for it, and anchors its chain on it too (it deletes it, as every row up to its last).
+        let newest =
+            || store.read(|c| c.one("SELECT max(id) FROM audit", &[], |r| r.get::<i64>(0)));
+        let f = newest().await.unwrap();
+        let (holder, go) = append_in_flight(other).await;
+        store
+            .audit("g", "run.cancel", None, "ok", None)
+            .await
+            .unwrap();
+        let g = newest().await.unwrap();
+        store
+            .audit("h", "run.cancel", None, "ok", None)
+            .await
+            .unwrap();
+        let pruner = store.clone();
+        let pruned = tokio::spawn(async move {
+            pruner
+                .write(|c| prune_audit_as_the_version_before(c, 5))
+                .await
+        });
+        assert!(
+            !lock_waits(store, &pruned).await.is_empty(),
+            "waits for the row in flight"
+        );
+        go.send(()).unwrap();
+        holder.await.unwrap().unwrap();
+        assert_eq!(
+            pruned.await.unwrap().unwrap(),
+            6,
+            "d, e, f, the row in flight, g, h"
+        );
+        let chain = store.read(move |c| {
+            c.one(
+                "SELECT chain FROM audit_heads WHERE last_id > ?1 AND last_id < ?2",
+                &[&f, &g],
+                |r| r.get::<i64>(0),
+            )
+        });
+        let in_flight = chain.await.unwrap();
+        append_on(store, other, in_flight, &["i"]).await;
+        let report = store.verify_audit().await.unwrap();
+        assert_eq!((report.rows, &report.broken), (1, &None), "{report:?}");
+    }
+
     /// Holds `other`'s writer in a transaction that appended an audit row and holds its chain
     /// (its id taken, its commit to come), as a replica's batch about to commit would.
     async fn append_in_flight(
