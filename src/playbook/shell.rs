@@ -7,6 +7,12 @@
 //! backticks, `${…}`, `$((…))`, `$'…'`, the command name itself, or the arguments of a
 //! program that runs its arguments as code) are refused with the fix. The lexer is
 //! conservative: what it does not understand it refuses rather than guesses.
+//!
+//! bash evaluates some words a second time, as arithmetic, and runs a `$(…)` it finds in an
+//! array subscript there, quoted or not (`let 'a[$(cmd)]'` runs cmd): `((…))`, `$[…]`,
+//! `let`, `[[…]]`, `declare -i`, subscripts, `${a[…]}` and `${v:…}`. Holes there are refused;
+//! in a command that has any of them, a value may reach them through a variable, so a value
+//! with `$` or a backquote is refused at render ([`ShellHole::arithmetic`]).
 
 /// How a hole's value is written into the command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,19 +34,63 @@ pub struct ShellHole {
     pub option_position: bool,
     /// The hole follows a `/` in its word: the value is part of a path.
     pub after_slash: bool,
+    /// The command evaluates arithmetic somewhere (see the module's doc): a value with `$` or
+    /// a backquote could run there through a variable set from it.
+    pub arithmetic: bool,
 }
 
 /// Programs that run their arguments as shell or other code: no hole may stand in their
-/// arguments, quoted or not (`bash -c 'x'` runs x).
+/// arguments, quoted or not (`bash -c 'x'` runs x; `trap` runs its first; sed's `e` and
+/// awk's `system()` run commands from their scripts, which are arguments).
 const INTERPRETERS: &[&str] = &[
-    "eval", "source", ".", "sh", "bash", "dash", "zsh", "ksh", "ash", "busybox", "su", "ssh",
+    "eval", "source", ".", "sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox", "fish",
+    "csh", "tcsh", "su", "ssh", "trap", "sed", "awk", "gawk", "mawk", "nawk", "parallel", "watch",
+];
+
+/// Shells: one among another program's arguments (`kubectl exec pod -- sh -c '…'`, `docker
+/// exec c bash -c '…'`) likely runs the arguments after it as code.
+const SHELLS: &[&str] = &[
+    "sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox", "fish", "csh", "tcsh",
+];
+
+/// Options whose argument is a program in the interpreter's language, by interpreter
+/// (`python3 -c 'code'`); their other arguments are the program's own.
+const CODE_OPTIONS: &[(&str, &str)] = &[
+    ("python", "-c"),
+    ("python3", "-c"),
+    ("perl", "-e"),
+    ("perl", "-E"),
+    ("ruby", "-e"),
+    ("node", "-e"),
+    ("node", "-p"),
+    ("php", "-r"),
+    ("lua", "-e"),
 ];
 
 /// Programs that run the command that follows their options (`sudo systemctl …`): the
 /// command position moves past them.
 const PREFIXES: &[&str] = &[
     "sudo", "doas", "env", "nohup", "nice", "ionice", "timeout", "exec", "command", "xargs",
-    "time", "stdbuf", "setsid", "chrt", "taskset",
+    "time", "stdbuf", "setsid", "chrt", "taskset", "builtin", "coproc",
+];
+
+/// Commands that evaluate their arguments as bash arithmetic (`let`) or may (`[[ -gt ]]`).
+const ARITHMETIC: &[&str] = &["let", "[["];
+
+/// Commands whose `-i` option makes the variables they set integers: assignments to them
+/// are evaluated as arithmetic.
+const DECLARERS: &[&str] = &["declare", "typeset", "local", "export", "readonly"];
+
+/// Commands whose arguments name variables (bash evaluates a subscript in a name as
+/// arithmetic, and the value would choose the variable).
+const NAMERS: &[&str] = &["read", "unset", "mapfile", "readarray", "getopts"];
+
+/// Options whose argument names a variable, by command.
+const NAME_OPTIONS: &[(&str, &str)] = &[
+    ("printf", "-v"),
+    ("test", "-v"),
+    ("[", "-v"),
+    ("wait", "-p"),
 ];
 
 /// Words after which the next word is a command again.
@@ -73,6 +123,17 @@ struct Normal {
     end_of_options: bool,
     /// The next word is the target of a redirection (`> file`), not an argument.
     redirect_target: bool,
+    /// That redirection duplicates a descriptor (`>&`, `<&`): its target is a number, and
+    /// bash expands any other word there a second time.
+    dup_target: bool,
+    /// The command is a declaration with `-i`: its arguments are arithmetic.
+    integer_declaration: bool,
+    /// The last argument word of the current simple command (for options that take a name).
+    last_argument: Option<String>,
+    /// A shell among the current simple command's arguments.
+    shell_argument: Option<String>,
+    /// This frame's commands evaluate arithmetic somewhere (see the module's doc).
+    arithmetic: bool,
     /// The next word is a here-document delimiter (`<<EOF`), `true` for `<<-`.
     heredoc_delim_next: Option<bool>,
     /// Here-documents whose bodies start at the next newline: (delimiter, strip tabs).
@@ -111,6 +172,11 @@ impl Normal {
             after_prefix: false,
             end_of_options: false,
             redirect_target: false,
+            dup_target: false,
+            integer_declaration: false,
+            last_argument: None,
+            shell_argument: None,
+            arithmetic: false,
             heredoc_delim_next: None,
             heredocs: Vec::new(),
             comment: false,
@@ -134,7 +200,11 @@ impl Normal {
             return;
         }
         if std::mem::take(&mut self.redirect_target) {
+            self.dup_target = false;
             return;
+        }
+        if is_subscript_assignment(&word) {
+            self.arithmetic = true;
         }
         if self.command.is_none() {
             if is_assignment(&word) || KEYWORDS.contains(&word.as_str()) {
@@ -152,11 +222,29 @@ impl Normal {
                 self.after_prefix = true;
                 return;
             }
+            if ARITHMETIC.contains(&name.as_str()) {
+                self.arithmetic = true;
+            }
             self.command = Some(name);
             return;
         }
         if word == "--" {
             self.end_of_options = true;
+        }
+        if SHELLS.contains(&basename(&word)) {
+            self.shell_argument = Some(basename(&word).to_string());
+        }
+        self.last_argument = Some(word.clone());
+        if word.starts_with('-')
+            && word.contains('i')
+            && !self.end_of_options
+            && self
+                .command
+                .as_deref()
+                .is_some_and(|c| DECLARERS.contains(&c))
+        {
+            self.integer_declaration = true;
+            self.arithmetic = true;
         }
     }
 
@@ -167,12 +255,24 @@ impl Normal {
         self.after_prefix = false;
         self.end_of_options = false;
         self.redirect_target = false;
+        self.dup_target = false;
+        self.integer_declaration = false;
+        self.last_argument = None;
+        self.shell_argument = None;
     }
 }
 
 fn is_assignment(word: &str) -> bool {
     match word.split_once('=') {
         Some((name, _)) => crate::alert::is_label_name(name),
+        None => false,
+    }
+}
+
+/// `name[…]=…`: bash evaluates an indexed array's subscript as arithmetic.
+fn is_subscript_assignment(word: &str) -> bool {
+    match word.split_once('[') {
+        Some((name, rest)) => crate::alert::is_label_name(name) && rest.contains("]="),
         None => false,
     }
 }
@@ -188,8 +288,10 @@ enum Frame {
     Backtick,
     /// `${…}`, with its open braces.
     Brace(usize),
-    /// `$((…))`, with its open parentheses.
+    /// `$((…))` or `((…))`, with its open parentheses.
     Arith(usize),
+    /// `$[…]` (bash's old arithmetic), with its open brackets.
+    Bracket(usize),
 }
 
 /// Here-document body being read.
@@ -209,6 +311,11 @@ pub struct Lexer {
     escaped: bool,
     /// The previous literal character (for two-character operators).
     prev: Option<char>,
+    /// Arithmetic was seen (in a frame since closed, or in `$((`, `$[`, `${…}`).
+    arithmetic: bool,
+    /// A here-document body had `$(`, `${` or a backquote: a shell may read a substitution
+    /// there past the delimiter's line (dash does), so where the command goes on is unsure.
+    body_substitution: bool,
 }
 
 impl Default for Lexer {
@@ -225,7 +332,19 @@ impl Lexer {
             body: None,
             escaped: false,
             prev: None,
+            arithmetic: false,
+            body_substitution: false,
         }
+    }
+
+    /// Whether the command evaluates arithmetic somewhere, as far as read (see the module's
+    /// doc): then a value may reach it through a variable.
+    pub fn arithmetic(&self) -> bool {
+        self.arithmetic
+            || (self.frames.iter()).any(|f| {
+                matches!(f, Frame::Normal(n) if n.arithmetic
+                    || n.word.as_deref().is_some_and(is_subscript_assignment))
+            })
     }
 
     fn top(&mut self) -> &mut Frame {
@@ -258,6 +377,9 @@ impl Lexer {
                     self.next_heredoc();
                 }
             } else {
+                if c == '`' || (matches!(c, '(' | '{') && body.line.ends_with('$')) {
+                    self.body_substitution = true;
+                }
                 body.line.push(c);
             }
             return;
@@ -280,16 +402,21 @@ impl Lexer {
                 }
                 _ => {}
             },
-            Frame::Brace(_) | Frame::Arith(_) => self.counted_char(c),
+            Frame::Brace(_) | Frame::Arith(_) | Frame::Bracket(_) => self.counted_char(c),
             Frame::Normal(_) => self.normal_char(c, prev),
         }
     }
 
-    /// Inside `${…}` or `$((…))`: only the nesting matters (holes are refused there).
+    /// Inside `${…}`, `$((…))` or `$[…]`: only the nesting matters (holes are refused
+    /// there), and whether a `${…}` has a subscript or an offset (arithmetic).
     fn counted_char(&mut self, c: char) {
+        if matches!(self.top(), Frame::Brace(_)) && matches!(c, '[' | ':') {
+            self.arithmetic = true;
+        }
         let (depth, open, close) = match self.top() {
             Frame::Brace(d) => (d, '{', '}'),
             Frame::Arith(d) => (d, '(', ')'),
+            Frame::Bracket(d) => (d, '[', ']'),
             _ => return,
         };
         if c == open {
@@ -331,6 +458,7 @@ impl Lexer {
                 '`' => self.frames.push(Frame::Backtick),
                 '(' if prev == Some('$') => self.frames.push(Frame::Normal(Normal::new(true))),
                 '{' if prev == Some('$') => self.frames.push(Frame::Brace(1)),
+                '[' if prev == Some('$') => self.open_bracket(),
                 _ => n.push_char(c),
             },
             InQuote::None => return false,
@@ -365,6 +493,13 @@ impl Lexer {
             '#' if n.word.is_none() => n.comment = true,
             '(' if prev == Some('$') => self.frames.push(Frame::Normal(Normal::new(true))),
             '{' if prev == Some('$') => self.frames.push(Frame::Brace(1)),
+            '[' if prev == Some('$') => self.open_bracket(),
+            // `((`: bash's arithmetic command (dash's two subshells; refused either way).
+            '(' if prev == Some('(') && n.parens > 0 => {
+                n.parens -= 1;
+                self.arithmetic = true;
+                self.frames.push(Frame::Arith(2));
+            }
             '(' => {
                 n.parens += 1;
                 n.end_command();
@@ -381,7 +516,8 @@ impl Lexer {
                 n.end_command();
             }
             // `2>&1`, `>|`: part of a redirection, not a separator.
-            '&' | '|' if matches!(prev, Some('<' | '>')) => {}
+            '&' if matches!(prev, Some('<' | '>')) => n.dup_target = true,
+            '|' if prev == Some('>') => {}
             ';' | '&' | '|' => n.end_command(),
             '\n' => {
                 n.end_command();
@@ -397,8 +533,14 @@ impl Lexer {
         // `$((`: the `$(` frame the previous character opened is arithmetic.
         if c == '(' && prev == Some('(') && self.opened_arithmetic() {
             self.frames.pop();
+            self.arithmetic = true;
             self.frames.push(Frame::Arith(2));
         }
+    }
+
+    fn open_bracket(&mut self) {
+        self.arithmetic = true;
+        self.frames.push(Frame::Bracket(1));
     }
 
     /// Whether the top frame is a `$(` opened by the character before a `(`: `$((`.
@@ -437,6 +579,16 @@ impl Lexer {
         if self.escaped {
             return Err("a hole right after a backslash: remove the backslash".into());
         }
+        if self.body_substitution {
+            return Err(
+                "a hole after a here-document whose body has `$(`, `${` or a backquote: \
+                 shells differ on where such a body ends (dash reads the substitution past \
+                 the delimiter). Put the hole before the here-document, or take the \
+                 substitution out of its body"
+                    .into(),
+            );
+        }
+        let after_dollar = self.prev == Some('$');
         let frame = self.top();
         let n = match frame {
             Frame::Backtick => {
@@ -451,10 +603,11 @@ impl Lexer {
                         .into(),
                 );
             }
-            Frame::Arith(_) => {
+            Frame::Arith(_) | Frame::Bracket(_) => {
                 return Err(
-                    "a hole inside `$((…))` would be evaluated as arithmetic code: \
-                     compute the number in the template instead (`{{ int(labels.x) + 1 }}`)"
+                    "a hole inside `$((…))`, `((…))` or `$[…]` would be evaluated as \
+                     arithmetic code: compute the number in the template instead \
+                     (`{{ int(labels.x) + 1 }}`)"
                         .into(),
                 );
             }
@@ -470,6 +623,14 @@ impl Lexer {
         if n.heredoc_delim_next.is_some() {
             return Err("a hole as a here-document delimiter: spell the delimiter out".into());
         }
+        if after_dollar {
+            return Err(
+                "a hole right after `$`: the value would be read as a variable's name or a \
+                 substitution (`$(…)`). Write the variable out in full, or put a character \
+                 between them"
+                    .into(),
+            );
+        }
         let quote = match n.quote {
             InQuote::None => Quote::Word,
             InQuote::Single => Quote::Single,
@@ -478,6 +639,14 @@ impl Lexer {
                 return Err("a hole inside `$'…'`: use '…' or \"…\" around it instead".into());
             }
         };
+        if n.redirect_target && n.dup_target {
+            return Err(
+                "a hole after `>&` or `<&`: that target is a descriptor number, and bash \
+                 expands any other word there a second time (`>&'$(…)'` runs the `$(…)`). \
+                 Redirect to the file with `> {{ … }} 2>&1` instead"
+                    .into(),
+            );
+        }
         let word = n.word.clone().unwrap_or_default();
         let starts_word = word.is_empty() && !n.word_has_hole;
         if n.command.is_none()
@@ -491,6 +660,68 @@ impl Lexer {
                     .into(),
             );
         }
+        if let Some(cmd) = n.command.as_deref().filter(|c| ARITHMETIC.contains(c)) {
+            return Err(format!(
+                "a hole in the arguments of `{cmd}`, which bash evaluates as arithmetic: a \
+                 `$(…)` in an array subscript of the value would run. Compare with `test`: \
+                 `[ {{{{ int(labels.x) }}}} -gt 90 ]`"
+            ));
+        }
+        let command = n.command.as_deref().unwrap_or_default();
+        if command != "[" && command != "[[" && command.contains(['$', '`', '*', '?', '[', '{']) {
+            return Err(format!(
+                "a hole in the arguments of `{command}`, a command name the shell expands \
+                 (a variable, a substitution or a pattern): Reflex cannot tell whether that \
+                 command runs its arguments as code. Spell the command's name out"
+            ));
+        }
+        let names = NAMERS.contains(&command)
+            || (DECLARERS.contains(&command) && !word.contains('='))
+            || (NAME_OPTIONS.iter()).any(|&(c, o)| {
+                c == command && n.last_argument.as_deref() == Some(o) && !n.end_of_options
+            });
+        if names && !n.redirect_target {
+            return Err(format!(
+                "a hole where `{command}` takes a variable's name: the value would choose the \
+                 variable, and bash evaluates a subscript in it as arithmetic (a `$(…)` there \
+                 would run). Spell the name out, and pass the value as a value (`v={{{{ … }}}}`)"
+            ));
+        }
+        if let Some((cmd, option)) = (CODE_OPTIONS.iter()).find(|&&(c, o)| {
+            c == command && n.last_argument.as_deref() == Some(o) && !n.end_of_options
+        }) {
+            return Err(format!(
+                "a hole in the program `{cmd} {option}` runs: the value would be code. Pass it \
+                 as an argument after the program (`{cmd} {option} '…' {{{{ … }}}}`) and read it \
+                 there"
+            ));
+        }
+        if n.integer_declaration {
+            return Err(
+                "a hole in a declaration with `-i`, which bash evaluates as arithmetic: a \
+                 `$(…)` in an array subscript of the value would run. Declare without `-i`"
+                    .into(),
+            );
+        }
+        if matches!(
+            n.last_argument.as_deref(),
+            Some("-exec" | "-execdir" | "-ok" | "-okdir")
+        ) && starts_word
+        {
+            return Err(
+                "a hole as the command `find -exec` runs: the alert would choose the command. \
+                 Spell the command out and pass the value as its argument"
+                    .into(),
+            );
+        }
+        if let Some(shell) = &n.shell_argument {
+            return Err(format!(
+                "a hole after `{shell}` in the arguments of `{}`, which likely runs them as shell \
+                 code (`kubectl exec pod -- sh -c '…'`). Pass the value another way (an \
+                 environment variable, a file), or call the command directly",
+                n.command.as_deref().unwrap_or_default()
+            ));
+        }
         if let Some(cmd) = n.command.as_deref().filter(|c| INTERPRETERS.contains(c)) {
             return Err(format!(
                 "a hole in the arguments of `{cmd}`, which runs them as code: a value from the \
@@ -502,6 +733,7 @@ impl Lexer {
             quote,
             option_position: starts_word && !n.end_of_options && !n.redirect_target,
             after_slash: word.ends_with('/'),
+            arithmetic: false,
         };
         n.word.get_or_insert_with(String::new);
         n.word_has_hole = true;
@@ -554,8 +786,9 @@ pub fn quote(value: &str, hole: &ShellHole) -> String {
 mod tests {
     use super::*;
 
-    /// Lexes `src` where `@` stands for a hole; the contexts of its holes, or the first error.
-    fn holes(src: &str) -> Result<Vec<ShellHole>, String> {
+    /// Lexes `src` where `@` stands for a hole, up to its end; the lexer and the contexts of
+    /// its holes, or the first error.
+    fn lex(src: &str) -> Result<(Lexer, Vec<ShellHole>), String> {
         let mut lx = Lexer::new();
         let mut out = Vec::new();
         let mut parts = src.split('@').peekable();
@@ -565,6 +798,12 @@ mod tests {
                 out.push(lx.hole()?);
             }
         }
+        Ok((lx, out))
+    }
+
+    /// The contexts of the holes of `src` (`@` for holes), or the first error.
+    fn holes(src: &str) -> Result<Vec<ShellHole>, String> {
+        let (lx, out) = lex(src)?;
         lx.finish()?;
         Ok(out)
     }
@@ -619,9 +858,103 @@ mod tests {
             ("eval \"echo @\"", "`eval`"),
             ("sudo sh -c @", "`sh`"),
             ("ssh host @", "`ssh`"),
+            // bash expands a `>&` target twice: `>&'$(…)'` runs it (found by the fuzz test).
+            ("cmd >&@", "`>&`"),
+            ("cmd >& '@'", "`>&`"),
+            ("cmd 2>&1@", "`>&`"),
+            ("cmd <&\"@\"", "`>&`"),
+            // bash evaluates these as arithmetic, and runs `$(…)` in a subscript there.
+            ("(( @ > 5 ))", "arithmetic"),
+            ("if ((x + @)); then ls; fi", "arithmetic"),
+            ("echo $[@ + 1]", "arithmetic"),
+            ("echo \"$[@]\"", "arithmetic"),
+            ("let n=@", "`let`"),
+            ("[[ @ -gt 90 ]]", "`[[`"),
+            ("declare -i n=@", "`-i`"),
+            ("local -ri n=@", "`-i`"),
+            // Names of variables: the value would choose one, and its subscript is arithmetic.
+            ("read @", "variable's name"),
+            ("read -r x @", "variable's name"),
+            ("unset @", "variable's name"),
+            ("export @=1", "variable's name"),
+            ("printf -v @ %s x", "variable's name"),
+            ("[ -v @ ]", "variable's name"),
+            // A command name the shell expands could be `sh` (`$1sh -c …`, `/bin/s? -c …`).
+            ("$1sh -c @", "expands"),
+            ("\"$TOOL\" @", "expands"),
+            ("/bin/s? -c @", "expands"),
+            ("sudo $(which sh) -c @", "expands"),
+            // Programs whose arguments are code.
+            ("trap @ EXIT", "`trap`"),
+            ("sed -i \"s/a/@/\" f", "`sed`"),
+            ("awk '/@/' f", "`awk`"),
+            ("builtin eval @", "`eval`"),
+            ("python3 -c \"print('@')\"", "`python3 -c`"),
+            ("perl -e @", "`perl -e`"),
+            ("kubectl exec pod -- sh -c @", "after `sh`"),
+            ("find /var -exec @ {} +", "find -exec"),
+            ("docker exec c /bin/bash -c \"echo @\"", "after `bash`"),
+            // Right after `$`, the value would be a variable's name or a substitution.
+            ("echo \"$@\"", "right after `$`"),
+            ("echo $@", "right after `$`"),
+            ("echo '$@'", "right after `$`"),
+            // dash reads a body's `$(` past the delimiter: where the command goes on is unsure.
+            ("cat <<EOF\n$(\nEOF\n )) > @", "here-document whose body"),
+            ("cat <<EOF\n`\nEOF\necho @", "here-document whose body"),
         ] {
             let e = holes(src).expect_err(src);
             assert!(e.contains(needle), "{src}: {e}");
+        }
+        // Near those, what stays fine: subshells, `test`, declarations without `-i`, a
+        // script's arguments, a literal basename, a file as a redirection's target.
+        for (src, quote) in [
+            ("( (echo @) )", Quote::Word),
+            ("[ @ -gt 90 ]", Quote::Word),
+            ("local n=@", Quote::Word),
+            ("export N=\"@\"", Quote::Double),
+            ("printf -v x %s @", Quote::Word),
+            ("grep -v @ f", Quote::Word),
+            ("python3 /opt/fix.py @", Quote::Word),
+            ("python3 -c 'import sys' @", Quote::Word),
+            ("X=@ awk 'BEGIN { print ENVIRON[\"X\"] }'", Quote::Word),
+            ("\"$HOME\"/bin/clean @", Quote::Word),
+            ("echo $((1 + 2)) @", Quote::Word),
+            ("echo \\$@", Quote::Word),
+            ("cmd > @ 2>&1", Quote::Word),
+            ("cmd 2>&1 > @", Quote::Word),
+        ] {
+            assert_eq!(one(src).quote, quote, "{src}");
+        }
+    }
+
+    /// Whether the lexer saw bash arithmetic anywhere in `src` (`@` for holes).
+    fn arithmetic(src: &str) -> bool {
+        lex(src).unwrap().0.arithmetic()
+    }
+
+    #[test]
+    fn arithmetic_anywhere_in_the_command_is_known() {
+        for src in [
+            "v=@; echo $((v + 1))",
+            "v=@; if ((v > 5)); then ls; fi",
+            "v=@; echo $[v]",
+            "v=@; let w=v",
+            "v=@; [[ $v -gt 5 ]]",
+            "declare -i w; w=@",
+            "v=@; a[v]=1",
+            "v=@; echo ${a[v]}",
+            "v=@; echo ${x:v:1}",
+            "echo \"$(echo $((1)))\" @",
+        ] {
+            assert!(arithmetic(src), "{src}");
+        }
+        for src in [
+            "v=@; echo \"$v\" ${v}",
+            "[ @ -gt 5 ]",
+            "( (echo @) )",
+            "echo '$((1))' @",
+        ] {
+            assert!(!arithmetic(src), "{src}");
         }
     }
 
@@ -654,6 +987,7 @@ mod tests {
             quote,
             option_position: false,
             after_slash: false,
+            arithmetic: false,
         };
         assert_eq!(quote("a'b", &h(Quote::Word)), r"'a'\''b'");
         assert_eq!(quote("a'b", &h(Quote::Single)), r"a'\''b");

@@ -214,6 +214,15 @@ fn write_value(out: &mut String, v: Dynamic, context: Context) -> Result<(), Str
                     truncate(text, 40)
                 ));
             }
+            if hole.arithmetic && text.contains(['$', '`']) {
+                return Err(format!(
+                    "value {:?} has `$` or a backquote, and the command evaluates bash \
+                     arithmetic (`((…))`, `$((…))`, `let`, `[[…]]`, a subscript), where a \
+                     variable set from it would run a `$(…)` in it; leave the arithmetic out \
+                     of this command, or compute it in the template",
+                    truncate(text, 40)
+                ));
+            }
             if hole.after_slash && !u.path && !is_relative_path(text) {
                 return Err(format!(
                     "value {:?} follows a `/` and is absolute or contains `..`: it would leave \
@@ -287,9 +296,15 @@ fn shell_contexts(parts: &[Part]) -> Result<Vec<Context>, ContextError> {
             }
         }
     }
+    let arithmetic = lexer.arithmetic();
     lexer
         .finish()
         .map_err(|e| (None, format!("in the command: {e}")))?;
+    for context in &mut out {
+        if let Context::Shell(hole) = context {
+            hole.arithmetic = arithmetic;
+        }
+    }
     Ok(out)
 }
 
@@ -613,6 +628,30 @@ mod tests {
         assert!(e.message.contains("raw"), "{}", e.message);
     }
 
+    /// A value reaching bash arithmetic through a variable: `$(…)` in a subscript would run.
+    #[test]
+    fn values_with_substitutions_are_refused_where_the_command_does_arithmetic() {
+        let src = "v={{ labels.instance }}; if ((v > 90)); then logger full; fi";
+        for hostile in ["a[$(touch x)]", "a[`touch x`]", "$v"] {
+            let e = render(src, Quoting::Shell, hostile).unwrap_err();
+            assert!(e.contains("arithmetic"), "{hostile}: {e}");
+        }
+        assert_eq!(
+            render(src, Quoting::Shell, "95").unwrap(),
+            "v='95'; if ((v > 90)); then logger full; fi"
+        );
+        // Without arithmetic, the same value is data.
+        assert_eq!(
+            render(
+                "logger {{ labels.instance }}",
+                Quoting::Shell,
+                "a[$(touch x)]"
+            )
+            .unwrap(),
+            "logger 'a[$(touch x)]'"
+        );
+    }
+
     #[test]
     fn missing_values_are_errors_not_empty_strings() {
         let err = render("rm -rf /data/{{ labels.dir }}", Quoting::Shell, "x").unwrap_err();
@@ -626,5 +665,290 @@ mod tests {
         assert_eq!(e.line, Some(2));
         let e = Template::compile(&sb, "x {{ never closed", Quoting::Plain).unwrap_err();
         assert!(e.message.contains("unclosed"));
+    }
+
+    /// Generated commands and hostile values, run by real shells. A hole is `{{
+    /// labels.instance }}`; every value is one the alert could send.
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use std::path::Path;
+        use std::process::{Command, Stdio};
+        use std::time::{Duration, Instant};
+
+        const HOLE: &str = "{{ labels.instance }}";
+
+        /// Runs `command` with `shell -c` in `dir`, two lines on stdin (so that a sed or awk
+        /// script has input to run on), at most 5 s; its stdout.
+        fn run(shell: &str, command: &str, dir: &Path) -> Vec<u8> {
+            use std::io::Write;
+            let mut child = Command::new(shell)
+                .arg("-c")
+                .arg(command)
+                .current_dir(dir)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("{shell}: {e}"));
+            // The command may exit before it reads: a broken pipe is not a failure.
+            let _ = child.stdin.take().unwrap().write_all(b"a\nb\n");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("{shell} -c {command:?} ran past 5 s");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            child.wait_with_output().unwrap().stdout
+        }
+
+        /// The shells a command may meet on a host: POSIX `sh` (dash here) and bash.
+        const SHELLS: &[&str] = &["sh", "bash"];
+
+        /// Pieces of commands as SREs write them, and of ones they get wrong: quotes,
+        /// substitutions, separators, here-documents, redirections, options, paths, keywords
+        /// and programs that run their arguments as code. Nothing here runs anything but
+        /// builtins and harmless programs on the scratch directory.
+        const COMMAND_PIECES: &[&str] = &[
+            "printf '%s\\n' ",
+            "echo ",
+            "cat ",
+            ": ",
+            "true ",
+            "x",
+            "y ",
+            " ",
+            "-- ",
+            "-n ",
+            "'",
+            "\"",
+            "\\",
+            "$(",
+            ")",
+            "`",
+            "$",
+            "${",
+            "}",
+            "{ ",
+            "(",
+            ";",
+            "; ",
+            "|",
+            "&&",
+            "||",
+            "\n",
+            "#",
+            "<<EOF\n",
+            "\nEOF\n",
+            "<<-E\n",
+            "> ",
+            ">",
+            "< ",
+            "2>&1",
+            "=",
+            "v=",
+            "a/",
+            "/",
+            ".",
+            "*",
+            "?",
+            "~",
+            "$((",
+            "))",
+            "$'",
+            "if ",
+            "then ",
+            "fi",
+            "env ",
+            "sh -c ",
+            "eval ",
+            "bash -c ",
+            "$1",
+            "${v}",
+            "$v",
+            "--x=",
+            "[[ ",
+            " ]]",
+            " -eq ",
+            "(( ",
+            " ))",
+            "let ",
+            "declare -i v=",
+            "test ",
+            "[ ",
+            " ]",
+            "export ",
+            "read ",
+            "printf -v ",
+            "local ",
+            "$[",
+            "]",
+            "${a[",
+            "a[",
+            "]=1",
+            "${v:",
+            "v",
+            "${#",
+            "declare -A h; h[",
+            "sed ",
+            "awk ",
+            "python3 -c ",
+            "perl -e ",
+            "trap ",
+            "builtin ",
+            "s/a/",
+            "/g",
+            "'{print}' ",
+            "EXIT",
+            HOLE,
+            HOLE,
+        ];
+
+        /// Pieces of hostile values: each `touch` creates `marker` if it ever runs.
+        fn value_pieces(marker: &str) -> Vec<String> {
+            let t = format!("touch {marker}");
+            let mut pieces: Vec<String> = [
+                "'", "\"", "\\", "`", "$", " ", "\n", "\t", ";", "|", "&", "#", "*", "?", "~", "-",
+                "--", "/", "..", "{", "}", "(", ")", "<", ">", "!", "%s", "${IFS}", "$'", "é",
+                "\u{202e}", "\r",
+            ]
+            .map(String::from)
+            .to_vec();
+            for shape in [
+                "$({t})",
+                "`{t}`",
+                ";{t};",
+                "\n{t}\n",
+                "|{t}",
+                "&&{t}",
+                "||{t};",
+                "'$({t})'",
+                "\"$({t})\"",
+                "'; {t}; '",
+                "\"; {t}; \"",
+                "$'\\n{t}'",
+                "\\\n{t}",
+                "a[$({t})]",
+                "x[`{t}`]",
+                "/;e {t}\n#",
+                "x/;e {t}\n#",
+                "{t}",
+                "1e {t}\n",
+                "{{system(\"{t}\")}}",
+                "__import__('os').system('{t}')",
+                "system(q({t}))",
+                "BEGIN {{ system(\"{t}\") }}",
+            ] {
+                pieces.push(shape.replace("{t}", &t));
+            }
+            pieces
+        }
+
+        fn pieces(from: Vec<String>, len: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+            prop::collection::vec(prop::sample::select(from), len).prop_map(|p| p.concat())
+        }
+
+        /// Commands as written, one hole in each: a program and what it needs after its
+        /// arguments, the hole in a context, then either that ending or another. Where random
+        /// pieces seldom build `sed 's/a/…/'` or `find … -exec sh -c … \;`.
+        #[rustfmt::skip]
+        fn shaped() -> impl Strategy<Value = String> {
+            let programs = &[
+                ("printf '%s\\n' ", ""), ("echo ", ""), ("sed ", ""), ("sed -e ", ""),
+                ("awk ", ""), ("python3 -c ", ""), ("perl -e ", ""), ("trap ", " EXIT"),
+                ("read ", ""), ("let ", ""), ("[[ ", " -gt 1 ]]"), ("(( ", " ))"),
+                ("declare -i v=", ""), ("export ", ""), ("eval ", ""), ("sh -c ", ""),
+                ("bash -c ", ""), ("builtin eval ", ""), ("env ", ""), ("printf -v ", " x"),
+                ("test -v ", ""), ("v=", "; echo $((v))"), ("v=", "; (( v > 1 ))"),
+                ("v=", "; a[v]=1"), ("unset ", ""), ("$1sh -c ", ""), ("cat >&", ""),
+                ("echo >& ", ""), ("xargs ", ""), ("timeout 5 ", ""), ("command ", ""),
+                ("local v=", ""), ("a[", "]=1"), ("echo $[", "]"), ("echo ${a[", "]}"),
+                ("( (echo ", ") )"), ("cat <<EOF\n$(\nEOF\n ", ""),
+                ("find . -maxdepth 0 -exec sh -c ", " \\;"), ("find . -maxdepth 0 -exec ", " \\;"),
+            ];
+            let before = &["", "-n ", "-- ", "x ", "1 "];
+            let contexts = &[
+                ("", ""), ("'", "'"), ("\"", "\""), ("x", ""), ("a/", ""), ("--x=", ""),
+                ("'1e ", "'"), ("\"s/a/", "/\""), ("'{print \"", "\"}'"), ("$", ""),
+            ];
+            let others = &["", " f", " < /dev/null", " 2>&1", " EXIT", "; echo $((v))"];
+            (
+                prop::sample::select(programs.to_vec()),
+                prop::sample::select(before.to_vec()),
+                prop::sample::select(contexts.to_vec()),
+                prop_oneof![Just(None), prop::sample::select(others.to_vec()).prop_map(Some)],
+            )
+                .prop_map(|((p, end), b, (open, close), other)| {
+                    format!("{p}{b}{open}{HOLE}{close}{}", other.unwrap_or(end))
+                })
+        }
+
+        proptest! {
+            /// Whatever the command around a hole, if `reflex check` accepts it, no value
+            /// runs anything: the value is data in the context the lexer found, or the
+            /// render refuses it.
+            #[test]
+            fn no_value_runs_code_in_a_command_the_lexer_accepts(
+                command in prop_oneof![
+                    shaped(),
+                    (
+                        pieces(COMMAND_PIECES.iter().map(|p| p.to_string()).collect(), 1..14),
+                        pieces(COMMAND_PIECES.iter().map(|p| p.to_string()).collect(), 0..4),
+                    )
+                        .prop_map(|(command, rest)| format!("{command}{HOLE}{rest}")),
+                ],
+                picks in prop::collection::vec(0..1000_usize, 4),
+            ) {
+                let sb = Sandbox::new();
+                let Ok(template) = Template::compile(&sb, &command, Quoting::Shell) else {
+                    return Ok(());
+                };
+                let scratch = tempfile::tempdir().unwrap();
+                let markers = tempfile::tempdir().unwrap();
+                let marker = markers.path().join("ran");
+                let pieces = value_pieces(&marker.display().to_string());
+                // Values of one to four pieces, picked by the generated numbers.
+                for n in 1..=picks.len() {
+                    let value: String = picks[..n].iter().map(|i| pieces[i % pieces.len()].as_str()).collect();
+                    let Ok(rendered) = template.render(&sb, &mut alert_scope(&alert(&value))) else {
+                        continue;
+                    };
+                    let rendered = rendered.as_str().unwrap().to_string();
+                    for shell in SHELLS {
+                        run(shell, &rendered, scratch.path());
+                        prop_assert!(
+                            !marker.exists(),
+                            "{shell} ran the value's code: template {command:?}, value {value:?}, \
+                             rendered {rendered:?}"
+                        );
+                    }
+                }
+            }
+
+            /// In each of the three contexts a hole can have, any value arrives as exactly
+            /// itself, in `sh` and in bash.
+            #[test]
+            fn any_value_arrives_as_itself_in_each_quoting(
+                value in "[^\u{0}]{1,24}",
+            ) {
+                let scratch = tempfile::tempdir().unwrap();
+                for (command, expected) in [
+                    (format!("printf '%s' x{HOLE}"), format!("x{value}")),
+                    (format!("printf '%s' 'a{HOLE}b'"), format!("a{value}b")),
+                    (format!("printf '%s' \"a{HOLE}b\""), format!("a{value}b")),
+                ] {
+                    let rendered = render(&command, Quoting::Shell, &value).unwrap();
+                    for shell in SHELLS {
+                        let out = run(shell, rendered.as_str().unwrap(), scratch.path());
+                        prop_assert_eq!(
+                            String::from_utf8_lossy(&out), expected.as_str(),
+                            "{} -c {:?}", shell, rendered
+                        );
+                    }
+                }
+            }
+        }
     }
 }
