@@ -38,6 +38,8 @@ pub mod client;
 pub mod config;
 pub mod engine;
 pub mod executors;
+#[cfg(test)]
+mod fuzz;
 pub mod metrics;
 pub mod notify;
 pub mod operator;

@@ -92,8 +92,24 @@ impl std::fmt::Display for Matcher {
             Op::Re(_) => "=~",
             Op::NotRe(_) => "!~",
         };
-        write!(f, "{}{op}{:?}", self.name, self.value)
+        write!(f, "{}{op}{}", self.name, quote(&self.value))
     }
+}
+
+/// A value quoted as [`unquote`] reads it: `\`, `"` and newline escaped.
+pub fn quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn unquote(raw: &str) -> Result<String, String> {
