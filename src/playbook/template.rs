@@ -318,9 +318,12 @@ fn url_contexts(parts: &[Part]) -> Result<Vec<Context>, ContextError> {
             Part::Lit(s) => before.push_str(s),
             Part::Hole(_) => {
                 let i = out.len();
-                let path_start = before
-                    .find("://")
-                    .and_then(|s| before[s + 3..].find('/').map(|p| s + 3 + p));
+                // The path starts at the first `/` after a host. With no host (`http:///…`)
+                // a URL parser skips the slashes and reads the host from what follows.
+                let path_start = before.find("://").and_then(|s| {
+                    let authority = &before[s + 3..];
+                    authority.find('/').filter(|&p| p > 0).map(|p| s + 3 + p)
+                });
                 if path_start.is_none() {
                     return Err((
                         Some(i),
@@ -590,6 +593,10 @@ mod tests {
             "http://{{ labels.h }}:8080/",
             "{{ labels.url }}",
             "http://a@{{ labels.h }}/",
+            // No host: a URL parser skips the slashes and takes the value for the host (found
+            // by the fuzz test below).
+            "http:///{{ labels.h }}",
+            "https:////{{ labels.h }}/x",
         ] {
             let e = Template::compile(&sb, src, Quoting::Url).unwrap_err();
             assert!(e.message.contains("host"), "{src}: {}", e.message);
@@ -806,6 +813,61 @@ mod tests {
             HOLE,
         ];
 
+        /// Pieces of URLs around holes: schemes, hosts, ports, user info, paths, queries and
+        /// fragments, and what parsers read as separators.
+        const URL_PIECES: &[&str] = &[
+            "http://",
+            "https://",
+            "//",
+            "good.example",
+            ":8080",
+            "user@",
+            "[::1]",
+            "/",
+            "/a",
+            "/a/",
+            "?",
+            "?q=",
+            "&",
+            "#",
+            "\\",
+            "@",
+            ":",
+            ".",
+            "%2F",
+            "=",
+            HOLE,
+            HOLE,
+            HOLE,
+        ];
+
+        /// Pieces of values that would move a request elsewhere if written raw.
+        const URL_VALUE_PIECES: &[&str] = &[
+            "/",
+            "\\",
+            "?",
+            "#",
+            "@",
+            ":",
+            "..",
+            ".",
+            "%2e",
+            "%2F",
+            "evil.example",
+            "//evil.example",
+            "http://evil.example",
+            "&q=x",
+            "=",
+            " ",
+            "\t",
+            "\n",
+            "é",
+            "\u{ff0f}",
+            "%",
+            "+",
+            ";",
+        ];
+
         /// Pieces of hostile values: each `touch` creates `marker` if it ever runs.
         fn value_pieces(marker: &str) -> Vec<String> {
             let t = format!("touch {marker}");
@@ -923,6 +985,50 @@ mod tests {
                             "{shell} ran the value's code: template {command:?}, value {value:?}, \
                              rendered {rendered:?}"
                         );
+                    }
+                }
+            }
+
+            /// Whatever the URL around its holes, if it compiles, no value changes where the
+            /// request goes (scheme, host, port, as the URL is parsed to be sent) or how many
+            /// segments its path has, and each query value reads back as itself.
+            #[test]
+            fn no_value_moves_a_url_to_another_host_or_path(
+                url in pieces(URL_PIECES.iter().map(|p| p.to_string()).collect(), 1..8),
+                values in prop::collection::vec(
+                    pieces(URL_VALUE_PIECES.iter().map(|p| p.to_string()).collect(), 1..5),
+                    1..4,
+                ),
+            ) {
+                let sb = Sandbox::new();
+                let Ok(template) = Template::compile(&sb, &url, Quoting::Url) else {
+                    return Ok(());
+                };
+                let rendered = |value: &str| {
+                    let out = template.render(&sb, &mut alert_scope(&alert(value))).ok()?;
+                    Some(out.as_str().unwrap().to_string())
+                };
+                let Some(Ok(benign)) = rendered("v").map(|u| reqwest::Url::parse(&u)) else {
+                    return Ok(());
+                };
+                let place = |u: &reqwest::Url| {
+                    let segments = u.path_segments().map_or(0, |s| s.count());
+                    (u.scheme().to_string(), u.host_str().map(String::from), u.port(), segments)
+                };
+                for value in values {
+                    let Some(text) = rendered(&value) else { continue };
+                    let parsed = reqwest::Url::parse(&text);
+                    prop_assert!(parsed.is_ok(), "{:?} with {:?}: {:?}", url, value, text);
+                    let parsed = parsed.unwrap();
+                    prop_assert_eq!(
+                        place(&parsed), place(&benign),
+                        "{:?} with {:?}: {}", url, value, text
+                    );
+                    // The one `?`, and the hole its only value.
+                    let query = format!("?q={HOLE}");
+                    if url.ends_with(&query) && url.matches(['?', '#']).count() == 1 && url.matches(HOLE).count() == 1 {
+                        let q = parsed.query_pairs().find(|(k, _)| k == "q").map(|(_, v)| v.into_owned());
+                        prop_assert_eq!(q.as_deref(), Some(value.as_str()), "{}", text);
                     }
                 }
             }
