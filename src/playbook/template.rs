@@ -36,8 +36,9 @@ enum Context {
     UrlPath,
     /// In the query or fragment: percent-encoded.
     UrlQuery,
-    /// Inside a PromQL string literal; `regex` after `=~` or `!~`.
+    /// Inside a PromQL string literal quoted with `quote`; `regex` after `=~` or `!~`.
     PromQlString {
+        quote: char,
         regex: bool,
     },
     /// Outside any literal: the value must be a number.
@@ -241,11 +242,11 @@ fn write_value(out: &mut String, v: Dynamic, context: Context) -> Result<(), Str
             out.extend(percent_encoding::utf8_percent_encode(text, URL_COMPONENT));
         }
         Context::UrlQuery => out.extend(percent_encoding::utf8_percent_encode(text, URL_COMPONENT)),
-        Context::PromQlString { regex } => {
+        Context::PromQlString { quote, regex } => {
             if regex {
-                out.push_str(&promql_escape(&regex_quote(text)));
+                out.push_str(&promql_escape(&regex_quote(text), quote));
             } else {
-                out.push_str(&promql_escape(text));
+                out.push_str(&promql_escape(text, quote));
             }
         }
         Context::PromQlNumber => unreachable!("handled above"),
@@ -407,7 +408,7 @@ fn promql_contexts(parts: &[Part]) -> Result<Vec<Context>, ContextError> {
                                 .into(),
                         ));
                     }
-                    St::Str { regex, .. } => Context::PromQlString { regex },
+                    St::Str { quote, regex } => Context::PromQlString { quote, regex },
                     St::Comment => {
                         return Err((Some(i), "a hole in a PromQL comment: remove it".into()));
                     }
@@ -428,17 +429,21 @@ const URL_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHAN
     .remove(b'_')
     .remove(b'~');
 
-/// Escapes a value for the inside of a quoted PromQL string literal.
-pub fn promql_escape(s: &str) -> String {
+/// Escapes a value for the inside of a PromQL string literal quoted with `quote` (`"` or
+/// `'`). As in Go, only that quote may be escaped: `\'` inside `"…"` is an error.
+pub fn promql_escape(s: &str, quote: char) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\'' => out.push_str("\\'"),
-            '`' => out.push_str("\\`"),
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
+            // Prometheus's lexer takes a literal U+FFFD for invalid UTF-8 and refuses it.
+            '\u{fffd}' => out.push_str("\\uFFFD"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
             c => out.push(c),
         }
     }
@@ -612,6 +617,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, r#"up{instance="x\"} or vector(1) #"}"#);
+        // Only the literal's own quote is escaped: Prometheus refuses `\'` inside "…" and `\"`
+        // inside '…' (found against a real Prometheus, tests/suite/verify.rs).
+        assert_eq!(
+            render(
+                "up{a='{{ labels.instance }}'}",
+                Quoting::PromQl,
+                "it's \"x\""
+            )
+            .unwrap(),
+            r#"up{a='it\'s "x"'}"#
+        );
+        assert_eq!(
+            render(
+                r#"up{a="{{ labels.instance }}"}"#,
+                Quoting::PromQl,
+                "it's `x`"
+            )
+            .unwrap(),
+            r#"up{a="it's `x`"}"#
+        );
         let got = render_v(
             r#"up{instance=~"{{ labels.instance }}"}"#,
             Quoting::PromQl,

@@ -249,3 +249,64 @@ async fn a_verification_window_passes_only_after_it_and_fails_when_the_condition
         "passed after the window, not before: {took:?}"
     );
 }
+
+/// A hole inside a PromQL string literal reaches a real Prometheus as exactly the value,
+/// whatever it holds: `absent(…{v="…"})` answers a series labelled with the literal it was
+/// given. In a regex literal (after `=~`) every value leaves a query Prometheus accepts.
+#[test]
+fn promql_string_holes_reach_a_real_prometheus_as_the_value() {
+    use proptest::prelude::*;
+    use reflex::alert::{Alert, AlertStatus};
+    use reflex::playbook::script::{Sandbox, alert_scope};
+    use reflex::playbook::template::{Quoting, Template};
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let prom = rt.block_on(async { Prometheus::start(&serve_metrics(METRICS).await).await });
+    let client = reqwest::Client::new();
+    let query = |q: String| {
+        rt.block_on(async {
+            let answer = client
+                .get(format!("{}/api/v1/query", prom.base))
+                .query(&[("query", q.as_str())])
+                .timeout(std::time::Duration::from_secs(10))
+                .send()
+                .await
+                .unwrap();
+            answer.json::<serde_json::Value>().await.unwrap()
+        })
+    };
+    let sb = Sandbox::new();
+    let compile = |src: &str| Template::compile(&sb, src, Quoting::PromQl).unwrap();
+    let literals = [
+        compile(r#"absent(reflex_none{v="{{ labels.instance }}"})"#),
+        compile(r#"absent(reflex_none{v='{{ labels.instance }}'})"#),
+    ];
+    let regex = compile(r#"absent(reflex_none{v=~"{{ labels.instance }}"})"#);
+    let render = |t: &Template, value: &str| {
+        let alert = Alert {
+            source: "generic",
+            status: AlertStatus::Firing,
+            labels: [("instance".to_string(), value.to_string())].into(),
+            annotations: Default::default(),
+            starts_at: "t".into(),
+            ends_at: None,
+            fingerprint: "f".into(),
+            generator_url: None,
+            group_key: None,
+        };
+        let out = t.render(&sb, &mut alert_scope(&alert)).unwrap();
+        out.as_str().unwrap().to_string()
+    };
+    proptest!(ProptestConfig::with_cases(200), |(value in "[^\u{0}]{1,24}")| {
+        for t in &literals {
+            let q = render(t, &value);
+            let answer = query(q.clone());
+            prop_assert_eq!(
+                &answer["data"]["result"][0]["metric"]["v"], &json!(value), "{}: {}", q, answer
+            );
+        }
+        let q = render(&regex, &value);
+        let answer = query(q.clone());
+        prop_assert_eq!(&answer["status"], "success", "{}: {}", q, answer);
+    });
+}
