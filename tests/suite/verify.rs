@@ -256,7 +256,7 @@ async fn a_verification_window_passes_only_after_it_and_fails_when_the_condition
 #[test]
 fn promql_string_holes_reach_a_real_prometheus_as_the_value() {
     use proptest::prelude::*;
-    use reflex::alert::{Alert, AlertStatus};
+    use reflex::alert::parse_generic;
     use reflex::playbook::script::{Sandbox, alert_scope};
     use reflex::playbook::template::{Quoting, Template};
 
@@ -283,18 +283,9 @@ fn promql_string_holes_reach_a_real_prometheus_as_the_value() {
     ];
     let regex = compile(r#"absent(reflex_none{v=~"{{ labels.instance }}"})"#);
     let render = |t: &Template, value: &str| {
-        let alert = Alert {
-            source: "generic",
-            status: AlertStatus::Firing,
-            labels: [("instance".to_string(), value.to_string())].into(),
-            annotations: Default::default(),
-            starts_at: "t".into(),
-            ends_at: None,
-            fingerprint: "f".into(),
-            generator_url: None,
-            group_key: None,
-        };
-        let out = t.render(&sb, &mut alert_scope(&alert)).unwrap();
+        let body = json!({"labels": {"instance": value}}).to_string();
+        let alerts = parse_generic(body.as_bytes(), "2026-12-06T00:00:00Z").unwrap();
+        let out = t.render(&sb, &mut alert_scope(&alerts[0])).unwrap();
         out.as_str().unwrap().to_string()
     };
     proptest!(ProptestConfig::with_cases(200), |(value in "[^\u{0}]{1,24}")| {
