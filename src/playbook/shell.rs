@@ -506,6 +506,8 @@ impl Lexer {
             }
             ')' if n.subst && n.parens == 0 => {
                 n.end_word();
+                // Arithmetic inside `$(…)` reads the command's variables as well.
+                self.arithmetic |= n.arithmetic;
                 self.frames.pop();
                 if let Frame::Normal(outer) = self.top() {
                     outer.push_char(')');
@@ -945,6 +947,8 @@ mod tests {
             "v=@; echo ${a[v]}",
             "v=@; echo ${x:v:1}",
             "echo \"$(echo $((1)))\" @",
+            "v=@; echo $(let w=v)",
+            "v=@; echo \"$([[ $v -gt 1 ]] && echo big)\"",
         ] {
             assert!(arithmetic(src), "{src}");
         }
