@@ -10,8 +10,8 @@ use crate::playbook::script::Sandbox;
 use proptest::prelude::*;
 use std::path::Path;
 
-/// The example playbooks, as shipped.
-fn examples() -> Vec<(String, String)> {
+/// The example playbooks, as shipped, read once.
+static EXAMPLES: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLock::new(|| {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("playbooks");
     let mut out: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -23,7 +23,7 @@ fn examples() -> Vec<(String, String)> {
         .collect();
     out.sort();
     out
-}
+});
 
 /// One edit of a text: `(kind, at, piece)` deletes a line, duplicates one, or inserts a piece
 /// of YAML or Rhai syntax, at a place given as a fraction of its length.
@@ -124,8 +124,7 @@ proptest! {
             1..5,
         ),
     ) {
-        let examples = examples();
-        let (file, text) = &examples[which % examples.len()];
+        let (file, text) = &EXAMPLES[which % EXAMPLES.len()];
         let text = edits.into_iter().fold(text.clone(), |t, e| edit(&t, e));
         let lines = text.lines().count().max(1);
         if let Err(diagnostics) = compile(Path::new(file), &text, &Sandbox::new()) {

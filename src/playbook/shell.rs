@@ -39,18 +39,17 @@ pub struct ShellHole {
     pub arithmetic: bool,
 }
 
-/// Programs that run their arguments as shell or other code: no hole may stand in their
-/// arguments, quoted or not (`bash -c 'x'` runs x; `trap` runs its first; sed's `e` and
-/// awk's `system()` run commands from their scripts, which are arguments).
-const INTERPRETERS: &[&str] = &[
-    "eval", "source", ".", "sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox", "fish",
-    "csh", "tcsh", "su", "ssh", "trap", "sed", "awk", "gawk", "mawk", "nawk", "parallel", "watch",
-];
-
-/// Shells: one among another program's arguments (`kubectl exec pod -- sh -c '…'`, `docker
-/// exec c bash -c '…'`) likely runs the arguments after it as code.
+/// Shells. No hole may stand in their arguments (`bash -c 'x'` runs x), and one among another
+/// program's arguments (`kubectl exec pod -- sh -c '…'`) likely runs the words after it.
 const SHELLS: &[&str] = &[
     "sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox", "fish", "csh", "tcsh",
+];
+
+/// Other programs that run their arguments as code, as shells do (`trap` runs its first;
+/// sed's `e` and awk's `system()` run commands from their scripts, which are arguments).
+const INTERPRETERS: &[&str] = &[
+    "eval", "source", ".", "su", "ssh", "trap", "sed", "awk", "gawk", "mawk", "nawk", "parallel",
+    "watch",
 ];
 
 /// Options whose argument is a program in the interpreter's language, by interpreter
@@ -234,7 +233,6 @@ impl Normal {
         if SHELLS.contains(&basename(&word)) {
             self.shell_argument = Some(basename(&word).to_string());
         }
-        self.last_argument = Some(word.clone());
         if word.starts_with('-')
             && word.contains('i')
             && !self.end_of_options
@@ -246,6 +244,7 @@ impl Normal {
             self.integer_declaration = true;
             self.arithmetic = true;
         }
+        self.last_argument = Some(word);
     }
 
     /// A command separator (`;`, `&`, `|`, newline, `(`): a new simple command starts.
@@ -724,7 +723,9 @@ impl Lexer {
                 n.command.as_deref().unwrap_or_default()
             ));
         }
-        if let Some(cmd) = n.command.as_deref().filter(|c| INTERPRETERS.contains(c)) {
+        if let Some(cmd) =
+            (n.command.as_deref()).filter(|c| SHELLS.contains(c) || INTERPRETERS.contains(c))
+        {
             return Err(format!(
                 "a hole in the arguments of `{cmd}`, which runs them as code: a value from the \
                  alert would become a command. Call the commands directly with the value as an \
