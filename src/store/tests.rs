@@ -54,7 +54,23 @@ impl TestDb {
     ) -> Store {
         match self {
             TestDb::Sqlite(dir) => {
-                Store::open_with_clock(dir.path(), crate::config::Synchronous::Full, clock).unwrap()
+                // A test that reopens a directory may find its lock held by this process: a
+                // child another test is spawning (the shell fuzzing) holds the lock's file
+                // from its fork until its exec closes it. Wait for that, not for another
+                // process.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                loop {
+                    let sync = crate::config::Synchronous::Full;
+                    match Store::open_with_clock(dir.path(), sync, clock.clone()) {
+                        Err(StoreError::Locked { holder, .. })
+                            if holder == Some(std::process::id())
+                                && std::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        }
+                        opened => break opened.unwrap(),
+                    }
+                }
             }
             TestDb::Postgres(name) => {
                 let mut settings = crate::testkit::PgServer::shared().settings(name);
