@@ -75,6 +75,35 @@ pub struct Alert {
 }
 
 impl Alert {
+    /// The alert with each NUL in its text written as U+FFFD ([`crate::text::storable`]):
+    /// PostgreSQL cannot store one (SQLite can), and an alert's text reaches its columns (the
+    /// group key, the times, the link) and what is derived from it (a cooldown key, a target).
+    /// A `groupKey` holding NUL failed the whole webhook with 503 on PostgreSQL, which
+    /// Alertmanager retries without end. The fingerprint stays the one of the labels as sent.
+    fn storable(mut self) -> Alert {
+        use crate::text::storable;
+        let nul = |s: &str| s.contains('\0');
+        let texts = [&self.ends_at, &self.generator_url, &self.group_key];
+        if !(self.labels.iter().chain(&self.annotations)).any(|(k, v)| nul(k) || nul(v))
+            && !nul(&self.starts_at)
+            && !texts.iter().any(|t| t.as_deref().is_some_and(nul))
+        {
+            return self;
+        }
+        let map = |m: Labels| -> Labels {
+            m.into_iter()
+                .map(|(k, v)| (storable(k), storable(v)))
+                .collect()
+        };
+        self.labels = map(self.labels);
+        self.annotations = map(self.annotations);
+        self.starts_at = storable(self.starts_at);
+        self.ends_at = self.ends_at.map(storable);
+        self.generator_url = self.generator_url.map(storable);
+        self.group_key = self.group_key.map(storable);
+        self
+    }
+
     /// The alert's name (`alertname` label), or "" when absent.
     pub fn name(&self) -> &str {
         self.labels.get("alertname").map_or("", String::as_str)
@@ -267,7 +296,8 @@ impl AlertmanagerPayload {
                     fingerprint,
                     generator_url: (!a.generator_url.is_empty()).then_some(a.generator_url),
                     group_key: Some(group_key.clone()),
-                })
+                }
+                .storable())
             })
             .collect()
     }
@@ -324,7 +354,8 @@ impl GenericAlert {
             ends_at: self.ends_at,
             generator_url: self.generator_url,
             group_key: self.group_key,
-        })
+        }
+        .storable())
     }
 }
 

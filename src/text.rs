@@ -8,6 +8,17 @@ pub fn truncate(text: &str, max: usize) -> String {
     }
 }
 
+/// `text` with each NUL written as U+FFFD: a step's error comes from the world (a remote
+/// command's stderr, a script's exception) and may hold one, which PostgreSQL cannot store
+/// (SQLite can); the run would stay `running`, its record refused at every try.
+pub fn storable(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{fffd}")
+    } else {
+        text
+    }
+}
+
 /// The host of a `Host` header value (or an authority): lowercase, without the port.
 pub fn host_of(authority: &str) -> String {
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);

@@ -17,6 +17,8 @@ pub mod throttle;
 mod webhooks;
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
 
 pub use error::ApiError;
@@ -108,8 +110,50 @@ pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
             "invalid request body: expected a JSON object".into(),
         ));
     }
-    crate::alert::parse_json(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))
+    let parsed = crate::alert::parse_json(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid request body: {e}")))?;
+    // JSON writes NUL only as `\u0000`: the bytes tell whether to look.
+    if body.windows(5).any(|w| w == b"u0000")
+        && serde_json::from_slice(body).is_ok_and(|v| holds_nul(&v))
+    {
+        return Err(ApiError::BadRequest(NUL_IN_BODY.into()));
+    }
+    Ok(parsed)
+}
+
+/// Why a control body holding a NUL is refused.
+pub(crate) const NUL_IN_BODY: &str = "invalid request body: a string holds a NUL character (\\u0000), which no name, reason or \
+     label may hold";
+
+/// Whether a key or string anywhere in `v` holds a NUL: text that PostgreSQL cannot store or
+/// compare (SQLite can), so a control body or URL with one is refused on either store.
+pub(crate) fn holds_nul(v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(holds_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
+/// A URL holding a NUL (`%00`) is refused before anything reads it: no name, id or filter holds
+/// one, and PostgreSQL cannot compare text with it (SQLite can), so the answer is the same 400
+/// on either store instead of a 503 on one.
+async fn no_nul_in_url(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let url = req.uri().path_and_query().map_or("", |p| p.as_str());
+    if url.contains("%00") {
+        let why = "the URL holds a NUL character (%00), which no name, id or filter holds";
+        if req.uri().path().starts_with("/ui") {
+            return console::Page::error(StatusCode::BAD_REQUEST, why.into()).into_response();
+        }
+        return ApiError::BadRequest(why.into()).into_response();
+    }
+    next.run(req).await
 }
 
 /// The whole API.
@@ -188,6 +232,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(from_fn_with_state(state.clone(), same_origin_json))
+        .layer(axum::middleware::from_fn(no_nul_in_url))
         .layer(from_fn_with_state(state.clone(), allowed_host))
         .with_state(state)
 }

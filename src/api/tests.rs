@@ -294,16 +294,28 @@ impl TestApi {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method.clone()).uri(path);
+        let content_type = (method != Method::GET).then_some("application/json");
+        let body = body.unwrap_or("{}").as_bytes().to_vec();
+        self.call_raw(method, path, token, content_type, body).await
+    }
+
+    /// One request with any content type and body bytes; the status and the JSON answer.
+    pub(super) async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(path);
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        if method != Method::GET {
-            req = req.header(header::CONTENT_TYPE, "application/json");
+        if let Some(c) = content_type {
+            req = req.header(header::CONTENT_TYPE, c);
         }
-        let req = req
-            .body(Body::from(body.unwrap_or("{}").to_string()))
-            .unwrap();
+        let req = req.body(Body::from(body)).unwrap();
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -340,7 +352,7 @@ impl TestApi {
     }
 
     /// Reads a path as a viewer; the answer.
-    async fn view(&self, path: &str) -> Value {
+    pub(super) async fn view(&self, path: &str) -> Value {
         self.call(Method::GET, path, Some("viewer-token"), None)
             .await
             .1
@@ -358,7 +370,7 @@ impl TestApi {
     }
 }
 
-fn alert(instance: &str) -> String {
+pub(super) fn alert(instance: &str) -> String {
     json!({"labels": {"alertname": "Note", "instance": instance}, "startsAt": "2026-11-23T00:00:00Z"})
         .to_string()
 }
@@ -556,6 +568,116 @@ async fn bad_bodies_get_400_with_a_message_and_record_nothing() {
     assert_eq!(api.runs().await, 0);
     let switch = api.view("/api/v1/killswitch").await;
     assert_eq!(switch["global"]["engaged"], false);
+}
+
+/// PostgreSQL cannot store or compare text holding NUL, and SQLite can: a control body or URL
+/// with one was a 503 ("retry later") on PostgreSQL only. Found by `api::fuzz`.
+#[tokio::test]
+async fn a_nul_in_a_url_or_control_body_is_400_on_either_store_and_changes_nothing() {
+    let api = TestApi::new().await;
+    let run_id = api.start_gated().await;
+    let approval = api.view("/api/v1/approvals").await[0]["id"]
+        .as_i64()
+        .unwrap();
+    let runs = api.runs().await;
+    let nul = "a\\u0000b";
+    let refused: Vec<(Method, String, &str, String)> = vec![
+        (
+            Method::PUT,
+            "/api/v1/killswitch".into(),
+            "admin-token",
+            format!(r#"{{"engaged": true, "reason": "{nul}"}}"#),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/playbooks/note%00/killswitch".into(),
+            "admin-token",
+            r#"{"engaged": true, "reason": "r"}"#.into(),
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/approvals/{approval}/approve"),
+            "approver-token",
+            format!(r#"{{"comment": "{nul}"}}"#),
+        ),
+        (
+            Method::POST,
+            "/api/v1/playbooks/note/runs".into(),
+            "operator-token",
+            format!(r#"{{"labels": {{"instance": "{nul}"}}}}"#),
+        ),
+        (
+            Method::POST,
+            "/api/v1/playbooks/note/runs".into(),
+            "operator-token",
+            format!(r#"{{"labels": {{"{nul}": "h"}}}}"#),
+        ),
+        (
+            Method::GET,
+            "/api/v1/audit?actor=a%00b".into(),
+            "viewer-token",
+            String::new(),
+        ),
+        (
+            Method::GET,
+            "/api/v1/runs?playbook=%00".into(),
+            "viewer-token",
+            String::new(),
+        ),
+        (
+            Method::GET,
+            "/api/v1/approvals?state=%00".into(),
+            "viewer-token",
+            String::new(),
+        ),
+    ];
+    for (method, path, token, body) in refused {
+        let body = (method != Method::GET).then_some(body.as_str());
+        let (status, answer) = api.call(method.clone(), &path, Some(token), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("NUL character"), "{message}");
+    }
+    assert!(api.no_switch_engaged().await);
+    assert_eq!(api.runs().await, runs);
+    let pending = api.view(&format!("/api/v1/approvals/{approval}")).await;
+    assert_eq!(pending["state"], "pending", "{pending}");
+    // A backslash before `u0000` is text, not a NUL: it goes through.
+    let (status, answer) = api
+        .put_switch(json!({"engaged": true, "reason": "path C:\\u0000"}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(!api.no_switch_engaged().await);
+    let _ = run_id;
+}
+
+/// An alert's values are data, whatever they hold: a webhook whose group key or labels hold
+/// NUL is taken on either store, each NUL kept as U+FFFD. On PostgreSQL the group key's NUL
+/// failed the whole webhook with 503, which Alertmanager retries without end.
+#[tokio::test]
+async fn an_alert_holding_nul_is_taken_with_each_nul_as_u_fffd() {
+    let api = TestApi::new().await;
+    let mut payload: Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/alertmanager-disk.json")).unwrap();
+    payload["groupKey"] = json!("{}:{alertname=\"Note\u{0}\"}");
+    payload["alerts"][0]["labels"] = json!({"alertname": "Note", "instance": "db\u{0}1"});
+    payload["alerts"][0]["annotations"]["summary"] = json!("full\u{0}");
+    let (status, answer) = api
+        .call(
+            Method::POST,
+            "/api/v1/webhooks/alertmanager",
+            Some("webhook-token"),
+            Some(&payload.to_string()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let run_id = answer["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let run = api.view(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(run["alert"]["labels"]["instance"], "db\u{fffd}1", "{run}");
+    assert_eq!(
+        run["alert"]["annotations"]["summary"], "full\u{fffd}",
+        "{run}"
+    );
 }
 
 #[tokio::test]
@@ -2191,5 +2313,36 @@ steps:
     assert_eq!(
         fetch_raw(&api, &url, Some("viewer-token")).await.0,
         StatusCode::NOT_FOUND
+    );
+}
+
+/// A step's error holding a NUL (a script's exception here; a remote command's stderr alike)
+/// left its run `running` on PostgreSQL, which cannot store NUL: the record of the step was
+/// refused at every try. The error is kept with U+FFFD in its place, on either store.
+#[tokio::test]
+async fn a_step_error_holding_a_nul_is_recorded_and_its_run_ends() {
+    let api = TestApi::new().await;
+    let playbook = r#"
+name: nul
+matchers: ['alertname="Nul"']
+steps:
+  - name: out
+    action: script
+    with: { script: '"out\x00put"' }
+  - name: boom
+    action: script
+    with: { script: 'throw "bad\x00value"' }
+"#;
+    api.add_playbook("nul.yaml", playbook).await;
+    tokio::spawn(api.engine.clone().dispatch());
+    let out = (api.post_alert(r#"{"labels": {"alertname": "Nul", "instance": "x"}}"#)).await;
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let run = wait_state(&api, run_id, "failed").await;
+    assert_eq!(run["steps"][0]["output"], "out\u{0}put", "{run}");
+    let error = run["steps"][1]["error"].as_str().unwrap();
+    assert!(error.contains("bad\u{fffd}value"), "{error}");
+    assert!(
+        run["error"].as_str().unwrap().contains("bad\u{fffd}value"),
+        "{run}"
     );
 }

@@ -24,6 +24,25 @@ impl Engine {
         });
     }
 
+    /// The dispatcher's work done here and now, until no run is left to start or under way:
+    /// for tests that must know when what they set going has settled.
+    #[cfg(test)]
+    pub(crate) async fn run_until_idle(self: &Arc<Self>) {
+        loop {
+            self.tracker.close();
+            self.tracker.wait().await;
+            self.tracker.reopen();
+            let max = self.config.max_runs_per_target;
+            let runs = self.store.claim(max, MAX_CLAIM).await.unwrap();
+            if runs.is_empty() {
+                return;
+            }
+            for run in runs {
+                self.drive(run).await;
+            }
+        }
+    }
+
     /// Marks runs cut off by a crash as interrupted; call once before [`Engine::dispatch`].
     /// On PostgreSQL, takes this replica's lease first.
     pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {

@@ -12,6 +12,7 @@ use crate::playbook::spec::{GateScope, OnFailure, Phase};
 use crate::store::{
     ApprovalState, ClaimedRun, RunState, StepRecord, StepResult, StepState, StoreError,
 };
+use crate::text::storable;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -708,7 +709,8 @@ impl Engine {
     }
 
     /// What a step's result is recorded as: its state, output and error. Nothing recorded,
-    /// logged or sent carries a configured secret (an upstream may echo one back).
+    /// logged or sent carries a configured secret (an upstream may echo one back), and the
+    /// error holds no NUL (its output is JSON, where a NUL is an escape).
     fn settle(
         &self,
         result: Result<Value, ExecError>,
@@ -734,12 +736,12 @@ impl Engine {
             Err(ExecError::FailedWith(e, out)) => (
                 StepState::Failed,
                 Some(self.live().redactor.redact_json(out)),
-                Some(self.live().redactor.redact(&e)),
+                Some(storable(self.live().redactor.redact(&e))),
             ),
             Err(e) => (
                 StepState::Failed,
                 None,
-                Some(self.live().redactor.redact(&e.to_string())),
+                Some(storable(self.live().redactor.redact(&e.to_string()))),
             ),
         }
     }

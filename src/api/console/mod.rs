@@ -217,6 +217,54 @@ impl FromRequestParts<AppState> for Viewer {
     }
 }
 
+/// A form's fields, as `axum::Form` reads them, refused (400) when one holds a NUL (`%00`):
+/// no reason or comment holds one, and PostgreSQL cannot store it (SQLite can).
+pub struct Form<T>(pub T);
+
+impl<T, S> axum::extract::FromRequest<S> for Form<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let (parts, body) = req.into_parts();
+        let bytes =
+            axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+                .await
+                .map_err(IntoResponse::into_response)?;
+        if bytes.contains(&0) || bytes.windows(3).any(|w| w == b"%00") {
+            let why = "a field holds a NUL character (%00), which no reason or comment may hold";
+            return Err(Page::error(StatusCode::BAD_REQUEST, why.into()).into_response());
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
+        let axum::Form(fields) = axum::Form::<T>::from_request(req, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(Form(fields))
+    }
+}
+
+/// A path's parameters, as `axum::extract::Path` reads them, refused with the console's error
+/// page (not axum's plain text) when they do not parse (`/ui/runs/x`).
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Page;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Page> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(p)) => Ok(Path(p)),
+            Err(e) => Err(Page::error(e.status(), e.body_text())),
+        }
+    }
+}
+
 /// A rendered page or an error page.
 #[derive(Debug)]
 pub struct Page {
@@ -246,7 +294,8 @@ impl Page {
         }
     }
 
-    fn error(status: StatusCode, message: String) -> Page {
+    /// An error page: the status and what went wrong.
+    pub(crate) fn error(status: StatusCode, message: String) -> Page {
         Self::refused_form(status, message, None, None)
     }
 

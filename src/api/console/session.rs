@@ -1,12 +1,11 @@
 //! Login, logout and the cookies behind them.
 
-use super::{LOGIN_COOKIE, Page, SESSION_COOKIE, Viewer};
+use super::{Form, LOGIN_COOKIE, Page, SESSION_COOKIE, Viewer};
 use crate::api::AppState;
 use crate::api::refusals::Reason;
 use crate::config::Role;
 use crate::store::Session;
 use askama::Template;
-use axum::Form;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};

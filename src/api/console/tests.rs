@@ -460,6 +460,44 @@ async fn the_kill_switch_is_engaged_and_released_from_the_console() {
 }
 
 #[tokio::test]
+async fn a_nul_in_a_console_form_or_url_is_400_and_changes_nothing() {
+    let api = TestApi::new().await;
+    let mut b = Browser::new(&api);
+    b.login("admin").await;
+    let csrf = b.get("/ui/killswitch").await.csrf();
+    let engage = [
+        ("csrf", csrf.as_str()),
+        ("scope", "global"),
+        ("action", "engage"),
+        ("reason", "db\0failover"),
+    ];
+    let refused = b.post("/ui/killswitch", &engage).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert!(refused.body.contains("NUL character"), "{}", refused.body);
+    assert!(
+        refused.body.contains("<html"),
+        "an HTML page: {}",
+        refused.body
+    );
+    assert!(api.no_switch_engaged().await);
+    for path in ["/ui/audit?actor=a%00b", "/ui/runs?playbook=%00"] {
+        let page = b.get(path).await;
+        assert_eq!(
+            page.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {}",
+            page.body
+        );
+        assert!(page.body.contains("NUL character"), "{path}: {}", page.body);
+    }
+    // The same form without the NUL goes through.
+    let engage = [engage[0], engage[1], engage[2], ("reason", "db failover")];
+    let answer = b.post("/ui/killswitch", &engage).await;
+    assert_eq!(answer.status, StatusCode::SEE_OTHER, "{}", answer.body);
+    assert!(!api.no_switch_engaged().await);
+}
+
+#[tokio::test]
 async fn logout_ends_the_session() {
     let api = TestApi::new().await;
     let mut b = Browser::new(&api);

@@ -2,7 +2,7 @@
 //! approvals, the kill switches, the playbooks, the audit log); here what they share.
 
 use super::session::CsrfForm;
-use super::{Page, Viewer, role_name};
+use super::{Form, Page, Path, Viewer, role_name};
 use crate::api::killswitch::{self, SwitchBody};
 use crate::api::{ApiError, AppState};
 use crate::config::Role;
@@ -13,9 +13,8 @@ use crate::store::{
 };
 use crate::time::Timestamp;
 use askama::Template;
-use axum::Form;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
