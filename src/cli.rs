@@ -201,7 +201,7 @@ fn simulate_one(
         crate::playbook::spec::CooldownBy::Group => "per alert group",
     };
     let cooldown = (!pb.cooldown.is_zero())
-        .then(|| format!("{} {per}", humantime::format_duration(pb.cooldown)));
+        .then(|| format!("{} {per}", crate::time::format_duration(pb.cooldown)));
     let mut holds: Vec<String> = windows.hold(alert, now).into_iter().collect();
     if let Some(snap) = snapshot {
         holds.extend(snap.kill_reason(&pb.name).ok().flatten());
@@ -260,7 +260,7 @@ fn simulate_one(
                     "approvals": g.count,
                     "approvers": g.approvers,
                     "scope": g.scope,
-                    "expires_in": humantime::format_duration(std::time::Duration::from_millis(g.expires_ms)).to_string(),
+                    "expires_in": crate::time::format_duration(std::time::Duration::from_millis(g.expires_ms)),
                 })
             }),
             refused,

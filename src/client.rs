@@ -309,7 +309,7 @@ pub fn format_run(r: &Value) -> String {
 pub fn format_step(s: &Value) -> String {
     let verifying = &s["output"]["verifying"];
     let left = verifying["left_seconds"].as_u64().map(|left| {
-        let left = humantime::format_duration(std::time::Duration::from_secs(left));
+        let left = crate::time::format_duration(std::time::Duration::from_secs(left));
         let window = verifying["for"].as_str().unwrap_or("?");
         format!(": verifying, {left} left of {window}")
     });

@@ -183,6 +183,13 @@ proptest! {
     }
 
     #[test]
+    fn a_shown_duration_reads_back_as_itself(ms in 0..400_000_000_000_u64) {
+        let d = std::time::Duration::from_millis(ms);
+        let shown = crate::time::format_duration(d);
+        prop_assert_eq!(crate::time::parse_duration(&shown), Ok(d), "{}", shown);
+    }
+
+    #[test]
     fn times_parse_or_say_why_and_read_back(text in any::<String>()) {
         if let Ok(t) = crate::time::Timestamp::parse(&text) {
             prop_assert_eq!(crate::time::Timestamp::parse(&t.to_string()), Ok(t));

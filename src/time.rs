@@ -167,6 +167,33 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
+/// A duration in the units [`parse_duration`] reads, largest first: `5w`, `1d 2h`, `1m 30s`,
+/// `250ms`, `0s`; what is shown reads back as itself. (humantime's format writes months and
+/// years, which are no units here and no whole number of days: a 5w cooldown was shown as
+/// "1month 4days 13h 26m 24s".)
+pub fn format_duration(d: Duration) -> String {
+    const PARTS: [(&str, u128); 6] = [
+        ("w", 604_800_000),
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ];
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    let mut out = Vec::new();
+    for (unit, len) in PARTS {
+        if ms >= len {
+            out.push(format!("{}{unit}", ms / len));
+            ms %= len;
+        }
+    }
+    out.join(" ")
+}
+
 /// Serde adapter for durations written as `30s`, `10m`, `1h`.
 pub mod duration_str {
     use serde::{Deserialize, Deserializer};
@@ -194,6 +221,16 @@ pub fn since_ms(text: &str, now_ms: i64) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_shown_in_the_units_playbooks_are_written_in() {
+        let shown = |ms| format_duration(Duration::from_millis(ms));
+        assert_eq!(shown(5 * 604_800_000), "5w");
+        assert_eq!(shown(2 * 86_400_000), "2d");
+        assert_eq!(shown(90_000), "1m 30s");
+        assert_eq!(shown(3_600_250), "1h 250ms");
+        assert_eq!(shown(0), "0s");
+    }
 
     #[test]
     fn a_timestamp_is_shown_and_read_back_as_rfc3339() {

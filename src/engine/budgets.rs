@@ -53,7 +53,7 @@ impl Engine {
             let why = format!(
                 "over budget: the budget for {} allows {max} in {}, and {} were used; room again at {}",
                 x.name,
-                humantime::format_duration(per),
+                crate::time::format_duration(per),
                 x.used,
                 crate::time::Timestamp::from_ms(x.frees_at),
             );

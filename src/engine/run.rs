@@ -342,7 +342,7 @@ impl Engine {
         if let Some(deadline) = run.deadline_ms
             && self.store.now_ms() > run.started_ms + deadline
         {
-            let d = humantime::format_duration(Duration::from_millis(deadline as u64));
+            let d = crate::time::format_duration(Duration::from_millis(deadline as u64));
             return Err(end(
                 RunState::Failed,
                 format!("run deadline of {d} passed before step {:?}", step.name),
@@ -810,7 +810,7 @@ async fn act(
                 "approvals": gate.count,
                 "approvers": gate.approvers,
                 "scope": gate.scope,
-                "expires_in": humantime::format_duration(Duration::from_millis(gate.expires_ms)).to_string(),
+                "expires_in": crate::time::format_duration(Duration::from_millis(gate.expires_ms)),
             });
         }
         return Ok(would);
@@ -822,7 +822,7 @@ async fn act(
             Ok(r) => r,
             Err(_) => Err(ExecError::Failed(format!(
                 "timed out after {}; the executor did not stop by itself",
-                humantime::format_duration(ctx.timeout)
+                crate::time::format_duration(ctx.timeout)
             ))),
         }
     };

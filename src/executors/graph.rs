@@ -164,7 +164,7 @@ impl Executor for GraphExecutor {
         let summary = if values.is_empty() {
             format!(
                 "{title}: no data in the last {}",
-                humantime::format_duration(Duration::from_secs(range))
+                crate::time::format_duration(Duration::from_secs(range))
             )
         } else {
             format!(
@@ -172,7 +172,7 @@ impl Executor for GraphExecutor {
                 f(min),
                 f(max),
                 f(last),
-                humantime::format_duration(Duration::from_secs(range)),
+                crate::time::format_duration(Duration::from_secs(range)),
                 if total > 1 {
                     format!(" ({total} series)")
                 } else {

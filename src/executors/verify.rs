@@ -156,13 +156,13 @@ impl Executor for VerifyExecutor {
                     (Err(_), _) => format!(
                         "the query `{}` failed ({polls} polls within {}): {last}",
                         args.query,
-                        humantime::format_duration(ctx.timeout),
+                        crate::time::format_duration(ctx.timeout),
                     ),
                     (Ok(_), Some(w)) if w.started.is_some() => w.cut_short(&args.condition),
                     (Ok(_), _) => format!(
                         "`{}` did not hold within {} for `{}` (last: {last}, {polls} polls)",
                         args.condition.trim(),
-                        humantime::format_duration(ctx.timeout),
+                        crate::time::format_duration(ctx.timeout),
                         args.query
                     ),
                 }));
@@ -197,13 +197,13 @@ impl Window {
     }
 
     fn text(&self) -> String {
-        humantime::format_duration(self.length).to_string()
+        crate::time::format_duration(self.length)
     }
 
     /// How long the condition has held.
     fn held(&self) -> String {
         let since = self.started.map_or(Duration::ZERO, |(at, _)| at.elapsed());
-        humantime::format_duration(Duration::from_secs(since.as_secs())).to_string()
+        crate::time::format_duration(Duration::from_secs(since.as_secs()))
     }
 
     /// The condition holds at this poll: starts the window (and says so in the step's

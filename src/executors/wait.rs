@@ -24,8 +24,8 @@ impl Executor for WaitExecutor {
             tokio::time::sleep(ctx.timeout).await;
             return Err(ExecError::Failed(format!(
                 "timed out after {} (waiting {})",
-                humantime::format_duration(ctx.timeout),
-                humantime::format_duration(d)
+                crate::time::format_duration(ctx.timeout),
+                crate::time::format_duration(d)
             )));
         }
         tokio::time::sleep(d).await;

@@ -485,7 +485,7 @@ pub fn human_duration(seconds: f64) -> String {
     if seconds < 1.0 {
         format!("{}ms", (seconds * 1000.0).round() as u64)
     } else {
-        humantime::format_duration(Duration::from_secs(seconds.round() as u64)).to_string()
+        crate::time::format_duration(Duration::from_secs(seconds.round() as u64))
     }
 }
 

@@ -448,13 +448,13 @@ fn check_window(
         return;
     };
     if timeout.is_none_or(|t| t <= window) {
-        let w = humantime::format_duration(window);
+        let w = crate::time::format_duration(window);
         cx.err(
             at,
             format!(
                 "verify `for: {w}` needs a step timeout longer than its window (the condition \
                  must first hold, then hold for {w}): add e.g. `timeout: {}`",
-                humantime::format_duration(window + window / 2)
+                crate::time::format_duration(window + window / 2)
             ),
         );
     }

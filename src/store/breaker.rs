@@ -89,7 +89,7 @@ impl std::fmt::Display for Trip {
                 p.as_deref().unwrap_or("?")
             ),
         };
-        let window = humantime::format_duration(std::time::Duration::from_millis(
+        let window = crate::time::format_duration(std::time::Duration::from_millis(
             self.window_ms.max(0) as u64,
         ));
         write!(

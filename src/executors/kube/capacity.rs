@@ -127,7 +127,7 @@ impl KubeExecutor {
                 "node {}: cordoned, but a PodDisruptionBudget still refused evicting {} after {}: {}",
                 a.node,
                 left.len(),
-                humantime::format_duration(patience),
+                crate::time::format_duration(patience),
                 left.join(", ")
             ),
             out,

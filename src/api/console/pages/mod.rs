@@ -78,7 +78,7 @@ fn span(start: Option<Timestamp>, end: Option<Timestamp>) -> Option<String> {
     Some(match took.as_millis() {
         ms @ 0..1000 => format!("{ms} ms"),
         ms @ 1000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
-        _ => humantime::format_duration(Duration::from_secs(took.as_secs())).to_string(),
+        _ => crate::time::format_duration(Duration::from_secs(took.as_secs())),
     })
 }
 

@@ -56,7 +56,7 @@ pub async fn playbooks(State(state): State<AppState>, viewer: Viewer) -> Result<
                 .iter()
                 .map(|s| format!("{} ({})", s.name, s.action.name()))
                 .collect(),
-            cooldown: humantime::format_duration(p.cooldown).to_string(),
+            cooldown: crate::time::format_duration(p.cooldown),
             dry_run: p.dry_run,
             gated: p.approval.is_some() || p.steps.iter().any(|s| s.approval.is_some()),
             autonomy: autonomy.remove(&p.name).map(|a| match a.standing.level {

@@ -49,7 +49,7 @@ impl From<&StepRecord> for StepRow {
             took: span(s.started_at, s.finished_at),
             verifying: s.output.as_ref().and_then(|o| {
                 let left = o["verifying"]["left_seconds"].as_u64()?;
-                let left = humantime::format_duration(Duration::from_secs(left));
+                let left = crate::time::format_duration(Duration::from_secs(left));
                 Some(format!(
                     "{left} left of {}",
                     o["verifying"]["for"].as_str()?
