@@ -25,6 +25,15 @@ static EXAMPLES: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLoc
     out
 });
 
+/// The configuration README.md shows (every key Reflex reads, with comments), as the text an
+/// operator starts from.
+static README_CONFIG: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme.find("## Configuration").unwrap()..];
+    let block = &section[section.find("```yaml\n").unwrap() + 8..];
+    block[..block.find("```").unwrap()].to_string()
+});
+
 /// One edit of a text: `(kind, at, piece)` deletes a line, duplicates one, or inserts a piece
 /// of YAML or Rhai syntax, at a place given as a fraction of its length.
 fn edit(text: &str, (kind, at, piece): (u8, f64, &str)) -> String {
@@ -115,6 +124,60 @@ const PIECES: &[&str] = &[
     "\"\\u{0}\"",
 ];
 
+/// Pieces of YAML and of the values a config holds (durations, addresses, sizes, URLs).
+const CONFIG_PIECES: &[&str] = &[
+    "\n",
+    " ",
+    "  ",
+    ":",
+    ": ",
+    "- ",
+    "'",
+    "\"",
+    "[",
+    "]",
+    "{",
+    "}",
+    "#",
+    "&a ",
+    "*a",
+    "? ",
+    "|",
+    "\t",
+    ",",
+    "\u{feff}",
+    "é",
+    "~",
+    "null",
+    "-1",
+    "0",
+    "1e999",
+    "99999999999999999999",
+    "0s",
+    "1ms",
+    "5w",
+    "1month",
+    "[::1]:",
+    "0.0.0.0:",
+    ":0",
+    "http://",
+    "postgres://",
+    "x: 1\n",
+    "store:",
+    "auth:",
+    "tokens:",
+    "open: true",
+    "engine:",
+    "breaker:",
+    "window: ",
+    "ssh:",
+    "hosts:",
+    "kubernetes:",
+    "notify:",
+    "listen: ",
+    "\"\\u0000\"",
+];
+
 proptest! {
     #[test]
     fn playbooks_edited_at_random_get_errors_with_a_line_of_their_file(
@@ -133,6 +196,26 @@ proptest! {
                 prop_assert!(
                     (1..=lines + 1).contains(&d.line) && !d.message.is_empty(),
                     "{d} for a file of {lines} lines:\n{text}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn configs_edited_at_random_get_errors_with_a_line_of_their_file(
+        edits in prop::collection::vec(
+            (any::<u8>(), 0.0..1.0_f64, prop::sample::select(CONFIG_PIECES)),
+            1..5,
+        ),
+    ) {
+        let text = edits.into_iter().fold(README_CONFIG.clone(), |t, e| edit(&t, e));
+        let lines = text.lines().count().max(1);
+        if let Err(errors) = crate::config::Config::parse(&text) {
+            prop_assert!(!errors.is_empty());
+            for (line, message) in errors {
+                prop_assert!(
+                    (1..=lines + 1).contains(&line) && !message.is_empty(),
+                    "line {line}: {message} for a file of {lines} lines:\n{text}"
                 );
             }
         }
@@ -208,5 +291,12 @@ proptest! {
         let _ = crate::alert::parse_generic(&body, "2026-12-06T00:00:00Z");
         let _ = crate::alert::parse_json::<crate::alert::AlertmanagerPayload>(&body)
             .and_then(|p| p.into_alerts());
+    }
+}
+
+#[test]
+fn the_configuration_readme_shows_parses() {
+    if let Err(errors) = crate::config::Config::parse(&README_CONFIG) {
+        panic!("README.md's configuration: {errors:?}");
     }
 }
