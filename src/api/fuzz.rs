@@ -13,6 +13,8 @@
 
 use super::tests::TestApi;
 use axum::http::{Method, StatusCode};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use serde_json::{Value, json};
@@ -203,7 +205,8 @@ fn urlencoding(s: &str) -> String {
 struct Case {
     method: Method,
     path: String,
-    token: Option<&'static str>,
+    /// The `Authorization` header.
+    authorization: Option<String>,
     content_type: Option<&'static str>,
     body: Vec<u8>,
 }
@@ -281,6 +284,34 @@ fn case(ops: Vec<Operation>, names: Vec<String>, fixture: Value) -> impl Strateg
     })
 }
 
+/// A malformed or foreign `Authorization` header: schemes and their parts missing, basic
+/// credentials that are not UTF-8 or have no colon, a token with more after it, 8 KB.
+fn authorization() -> impl Strategy<Value = Option<String>> {
+    let raw = prop_oneof![
+        prop::sample::select(
+            &[
+                "Bearer",
+                "Bearer ",
+                "bearer admin-token",
+                "Bearer admin-token extra",
+                "Bearer  admin-token",
+                "Basic",
+                "Basic !!!",
+                "Token admin-token",
+                "Digest username=\"admin\"",
+            ][..]
+        )
+        .prop_map(String::from),
+        prop::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|b| format!("Basic {}", BASE64.encode(b))),
+        (prop::sample::select(STRINGS), prop::sample::select(STRINGS))
+            .prop_map(|(u, p)| format!("Basic {}", BASE64.encode(format!("{u}:{p}")))),
+        "[ -~]{0,40}".prop_map(|s| format!("Bearer {s}")),
+        Just(format!("Bearer {}", "a".repeat(8192))),
+    ];
+    raw.prop_map(Some)
+}
+
 /// A request of `op`: its path's holes filled, a query string of its own parameters and
 /// others, a token, a content type, a body.
 fn request(op: Operation, body: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Case> {
@@ -304,10 +335,12 @@ fn request(op: Operation, body: impl Strategy<Value = Vec<u8>>) -> impl Strategy
         prop::collection::vec(path_param(), 2),
         query,
         prop_oneof![
-            6 => Just(Some("admin-token")),
-            1 => Just(Some("webhook-token")),
-            1 => Just(Some("viewer-token")),
-            1 => Just(None),
+            12 => Just(Some("Bearer admin-token".to_string())),
+            2 => prop::sample::select(&["Bearer webhook-token", "Bearer viewer-token"][..])
+                .prop_map(|a| Some(a.to_string())),
+            2 => Just(None),
+            1 => Just(Some(format!("Basic {}", BASE64.encode("admin:admin-token")))),
+            2 => authorization(),
         ],
         prop_oneof![
             6 => Just(Some("application/json")),
@@ -317,7 +350,7 @@ fn request(op: Operation, body: impl Strategy<Value = Vec<u8>>) -> impl Strategy
         ],
         body,
     )
-        .prop_map(|(op, params, query, token, content_type, body)| {
+        .prop_map(|(op, params, query, authorization, content_type, body)| {
             let mut path = op.path.clone();
             for (hole, value) in ["{id}", "{name}"].iter().zip(&params) {
                 path = path.replace(hole, value);
@@ -340,7 +373,7 @@ fn request(op: Operation, body: impl Strategy<Value = Vec<u8>>) -> impl Strategy
             Case {
                 method: op.method,
                 path,
-                token,
+                authorization,
                 content_type: content_type.filter(|_| reads_body),
                 body: if reads_body { body } else { Vec::new() },
             }
@@ -410,7 +443,7 @@ async fn check(api: &TestApi, case: &Case) -> Result<(), TestCaseError> {
         .call_raw(
             case.method.clone(),
             &case.path,
-            case.token,
+            case.authorization.as_deref(),
             case.content_type,
             case.body.clone(),
         )

@@ -296,21 +296,24 @@ impl TestApi {
     ) -> (StatusCode, Value) {
         let content_type = (method != Method::GET).then_some("application/json");
         let body = body.unwrap_or("{}").as_bytes().to_vec();
-        self.call_raw(method, path, token, content_type, body).await
+        let authorization = token.map(|t| format!("Bearer {t}"));
+        let authorization = authorization.as_deref();
+        (self.call_raw(method, path, authorization, content_type, body)).await
     }
 
-    /// One request with any content type and body bytes; the status and the JSON answer.
+    /// One request with any `Authorization` header, content type and body bytes; the status
+    /// and the JSON answer.
     pub(super) async fn call_raw(
         &self,
         method: Method,
         path: &str,
-        token: Option<&str>,
+        authorization: Option<&str>,
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> (StatusCode, Value) {
         let mut req = Request::builder().method(method).uri(path);
-        if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        if let Some(a) = authorization {
+            req = req.header(header::AUTHORIZATION, a);
         }
         if let Some(c) = content_type {
             req = req.header(header::CONTENT_TYPE, c);
