@@ -502,6 +502,8 @@ fn no_request_gets_a_server_error_and_a_refused_one_changes_nothing() {
         // No dispatcher: `settled` does its work between cases, so that what a case set going
         // has settled before the next one is sent.
         let api = TestApi::new().await;
+        // On PostgreSQL a replica claims only while its lease is renewed.
+        tokio::spawn(api.engine.clone().keep_lease());
         let gated = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
         let out = api.post_alert(&gated).await;
         let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
@@ -736,6 +738,8 @@ fn no_console_request_gets_a_server_error_and_a_refused_form_changes_nothing() {
     let rt = runtime();
     let (api, cookie, csrf) = rt.block_on(async {
         let api = TestApi::new().await;
+        // On PostgreSQL a replica claims only while its lease is renewed.
+        tokio::spawn(api.engine.clone().keep_lease());
         let gated = json!({"labels": {"alertname": "Gated", "instance": "h1"}}).to_string();
         api.post_alert(&gated).await;
         api.post_alert(&super::tests::alert("h2")).await;
@@ -746,4 +750,150 @@ fn no_console_request_gets_a_server_error_and_a_refused_form_changes_nothing() {
     run(console_case(csrf), |c| {
         rt.block_on(check_console(&api, &cookie, &c))
     });
+}
+
+/// A chat callback: Slack's signed form (`slack`) or Mattermost's JSON, whose payload is
+/// a click with one value replaced, or any JSON.
+#[derive(Debug, Clone)]
+struct ChatCase {
+    slack: bool,
+    payload: Value,
+}
+
+fn chat_case(
+    slack_click: Value,
+    mattermost_click: Value,
+    names: Vec<String>,
+) -> impl Strategy<Value = ChatCase> {
+    (
+        any::<bool>(),
+        prop_oneof![4 => Just(true), 1 => Just(false)],
+    )
+        .prop_flat_map(move |(slack, seeded)| {
+            let seed = if slack {
+                slack_click.clone()
+            } else {
+                mattermost_click.clone()
+            };
+            let payload = if seeded {
+                (0..leaves(&seed), json_value(names.clone()))
+                    .prop_map(move |(mut n, with)| {
+                        let mut v = seed.clone();
+                        replace_leaf(&mut v, &mut n, &with);
+                        v
+                    })
+                    .boxed()
+            } else {
+                json_value(names.clone()).boxed()
+            };
+            payload.prop_map(move |payload| ChatCase { slack, payload })
+        })
+}
+
+/// Where a click names the approval waiting now: its id (`"APPROVAL"`, a number in the
+/// JSON) and `id:hash` (`VALUE`) or the hash alone (`HASH`).
+fn naming(payload: &Value, id: i64, hash: &str) -> Value {
+    let text = (payload.to_string())
+        .replace("\"APPROVAL\"", &id.to_string())
+        .replace("VALUE", &format!("{id}:{hash}"))
+        .replace("HASH", hash);
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn no_chat_callback_gets_a_server_error_or_decides_unless_it_is_a_mapped_approvers_click() {
+    let rt = runtime();
+    let section = "notify:\n  slack_app:\n    signing_secret_file: SECRET\n    users: { U1: approver, U2: viewer }\n    response_url_prefix: BASE\n  mattermost_app:\n    callback_url: http://reflex.invalid/api/v1/chat/mattermost/actions\n    secret_file: SECRET\n    users: { mm1: approver, mm2: viewer }\nbreaker: { max_runs: 100000, max_runs_per_playbook: 100000, max_targets: 100000 }\n";
+    let (api, id, hash, base, _dir) = rt.block_on(async {
+        let (base, _) = super::tests::response_url_receiver().await;
+        let section = section.replace("BASE", &base);
+        let (api, _, id, hash, dir) = super::tests::chat_api(&section, "s3cret").await;
+        tokio::spawn(api.engine.clone().keep_lease());
+        (api, id, hash, base, dir)
+    });
+    // The approval waiting now: a decided one is followed by a new one (the breaker's limits
+    // are raised for the runs this takes).
+    let waiting = std::sync::Mutex::new((id, hash));
+    let slack = super::tests::click("U1", "approve", "VALUE", &format!("{base}hook"));
+    let mattermost = json!({"user_id": "mm1", "context":
+        {"action": "approve", "approval": "APPROVAL", "hash": "HASH", "secret": "s3cret"}});
+    let names = [
+        "type",
+        "user",
+        "id",
+        "actions",
+        "action_id",
+        "value",
+        "response_url",
+        "message",
+        "text",
+        "user_id",
+        "context",
+        "action",
+        "approval",
+        "hash",
+        "secret",
+    ]
+    .map(String::from)
+    .to_vec();
+    let sent = std::sync::atomic::AtomicI64::new(0);
+    let decided = std::sync::atomic::AtomicUsize::new(0);
+    run(chat_case(slack, mattermost, names), |case| {
+        let (id, hash) = waiting.lock().unwrap().clone();
+        let payload = naming(&case.payload, id, &hash);
+        rt.block_on(async {
+            let approval = format!("/api/v1/approvals/{id}");
+            let before = api.view(&approval).await;
+            let (status, answer) = if case.slack {
+                // Each signed at another second: the same payload again is not a replay.
+                let n = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let ts = api.store.now_ms() / 1000 - n % 250;
+                let req = super::tests::slack_request("s3cret", ts, &payload);
+                super::tests::send(&api, req).await
+            } else {
+                let path = "/api/v1/chat/mattermost/actions";
+                (api.call(Method::POST, path, None, Some(&payload.to_string()))).await
+            };
+            prop_assert!(!status.is_server_error(), "{status} {answer} for {payload}");
+            let after = api.view(&approval).await;
+            if before["state"] != after["state"] {
+                let p = &payload;
+                let value = format!("{id}:{hash}");
+                let action = |a: &Value| ["approve", "deny"].contains(&a.as_str().unwrap_or(""));
+                let clicked = if case.slack {
+                    p["user"]["id"] == "U1"
+                        && p["actions"][0]["value"] == value.as_str()
+                        && action(&p["actions"][0]["action_id"])
+                } else {
+                    p["user_id"] == "mm1"
+                        && p["context"]["secret"] == "s3cret"
+                        && p["context"]["approval"] == id
+                        && p["context"]["hash"] == hash.as_str()
+                        && action(&p["context"]["action"])
+                };
+                prop_assert!(clicked, "{payload} decided: {after}");
+                decided.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let n = decided.load(std::sync::atomic::Ordering::Relaxed);
+                let body = json!({"labels": {"alertname": "Gated", "instance": format!("n{n}")}});
+                let out = api.post_alert(&body.to_string()).await;
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                let next = loop {
+                    let pending = api.view("/api/v1/approvals?state=pending").await;
+                    if let Some(a) = pending.as_array().and_then(|a| a.first()) {
+                        break a.clone();
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no new approval: {out}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                };
+                let next_hash = next["action_hash"].as_str().unwrap().to_string();
+                *waiting.lock().unwrap() = (next["id"].as_i64().unwrap(), next_hash);
+            }
+            Ok(())
+        })
+    });
+    let decided = decided.into_inner();
+    assert!(decided > 0, "no case reached a decision");
 }

@@ -1266,7 +1266,10 @@ async fn the_openapi_document_covers_every_route_with_the_role_it_enforces() {
 
 /// An API configured with `section` (its `SECRET` replaced by a file holding `secret`) and a
 /// gated run waiting: the run, its approval's id and action hash, and the secret's directory.
-async fn chat_api(section: &str, secret: &str) -> (TestApi, i64, i64, String, tempfile::TempDir) {
+pub(super) async fn chat_api(
+    section: &str,
+    secret: &str,
+) -> (TestApi, i64, i64, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("secret");
     std::fs::write(&path, secret).unwrap();
@@ -1280,7 +1283,7 @@ async fn chat_api(section: &str, secret: &str) -> (TestApi, i64, i64, String, te
 }
 
 /// A local stand-in for Slack's `response_url`: the JSON bodies posted to it.
-async fn response_url_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+pub(super) async fn response_url_receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
     let got: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
     let seen = got.clone();
     let app = Router::new().route(
@@ -1320,7 +1323,7 @@ async fn slack_api() -> (
 
 /// A Slack interactivity request as Slack builds it: form-encoded `payload`, signed with
 /// `secret` at `ts`.
-fn slack_request(secret: &str, ts: i64, payload: &Value) -> Request<Body> {
+pub(super) fn slack_request(secret: &str, ts: i64, payload: &Value) -> Request<Body> {
     use hmac::{KeyInit, Mac};
     let body: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("payload", &payload.to_string())
@@ -1338,7 +1341,7 @@ fn slack_request(secret: &str, ts: i64, payload: &Value) -> Request<Body> {
         .unwrap()
 }
 
-fn click(user: &str, action: &str, value: &str, response_url: &str) -> Value {
+pub(super) fn click(user: &str, action: &str, value: &str, response_url: &str) -> Value {
     json!({
         "type": "block_actions",
         "user": {"id": user},
@@ -1348,7 +1351,7 @@ fn click(user: &str, action: &str, value: &str, response_url: &str) -> Value {
     })
 }
 
-async fn send(api: &TestApi, req: Request<Body>) -> (StatusCode, Value) {
+pub(super) async fn send(api: &TestApi, req: Request<Body>) -> (StatusCode, Value) {
     let resp = api.router.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
