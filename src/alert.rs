@@ -92,15 +92,16 @@ impl Alert {
         }
         let map = |m: Labels| -> Labels {
             m.into_iter()
-                .map(|(k, v)| (storable(k), storable(v)))
+                .map(|(k, v)| (storable(&k).into_owned(), storable(&v).into_owned()))
                 .collect()
         };
         self.labels = map(self.labels);
         self.annotations = map(self.annotations);
-        self.starts_at = storable(self.starts_at);
-        self.ends_at = self.ends_at.map(storable);
-        self.generator_url = self.generator_url.map(storable);
-        self.group_key = self.group_key.map(storable);
+        let text = |t: Option<String>| t.map(|t| storable(&t).into_owned());
+        self.starts_at = storable(&self.starts_at).into_owned();
+        self.ends_at = text(self.ends_at);
+        self.generator_url = text(self.generator_url);
+        self.group_key = text(self.group_key);
         self
     }
 

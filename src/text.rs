@@ -8,14 +8,15 @@ pub fn truncate(text: &str, max: usize) -> String {
     }
 }
 
-/// `text` with each NUL written as U+FFFD: a step's error comes from the world (a remote
-/// command's stderr, a script's exception) and may hold one, which PostgreSQL cannot store
-/// (SQLite can); the run would stay `running`, its record refused at every try.
-pub fn storable(text: String) -> String {
+/// `text` with each NUL written as U+FFFD: text from the world (an alert, a remote command's
+/// stderr, a chat user's id) may hold one, and PostgreSQL cannot store it (SQLite can). A
+/// record refused for it was a webhook answered 503 without end, a run left `running`, a
+/// refusal missing from the audit log.
+pub fn storable(text: &str) -> std::borrow::Cow<'_, str> {
     if text.contains('\0') {
-        text.replace('\0', "\u{fffd}")
+        text.replace('\0', "\u{fffd}").into()
     } else {
-        text
+        text.into()
     }
 }
 

@@ -2352,3 +2352,40 @@ steps:
         "{run}"
     );
 }
+
+/// A refusal is on the record whatever the chat user's id holds: one holding a NUL was left
+/// out of the audit log on PostgreSQL, which cannot store it ("cannot audit a refused
+/// request"), and kept raw on SQLite. Every audit row keeps U+FFFD in its place.
+#[tokio::test]
+async fn a_chat_refusal_from_a_user_id_holding_nul_is_on_the_record() {
+    let (api, id, hash, base, _got, _dir) = slack_api().await;
+    let now = api.store.now_ms() / 1000;
+    let payload = click(
+        "U\u{0}1",
+        "approve",
+        &format!("{id}:{hash}"),
+        &format!("{base}hook"),
+    );
+    let (status, out) = send(&api, slack_request("s3cret", now, &payload)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{out}");
+    let refused: Vec<(String, String)> = (api.store)
+        .read(|c| {
+            c.rows(
+                "SELECT actor, coalesce(detail, '') FROM audit WHERE outcome = 'refused'",
+                &[],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, "slack:U\u{fffd}1");
+    assert!(
+        refused[0].1.contains("U\u{fffd}1 is not mapped"),
+        "{refused:?}"
+    );
+    let report = api.store.verify_audit().await.unwrap();
+    assert!(report.broken.is_none(), "{:?}", report.broken);
+    let approvals = api.view("/api/v1/approvals").await;
+    assert_eq!(approvals[0]["state"], "pending", "{approvals}");
+}

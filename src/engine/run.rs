@@ -736,12 +736,12 @@ impl Engine {
             Err(ExecError::FailedWith(e, out)) => (
                 StepState::Failed,
                 Some(self.live().redactor.redact_json(out)),
-                Some(storable(self.live().redactor.redact(&e))),
+                Some(storable(&self.live().redactor.redact(&e)).into_owned()),
             ),
             Err(e) => (
                 StepState::Failed,
                 None,
-                Some(storable(self.live().redactor.redact(&e.to_string()))),
+                Some(storable(&self.live().redactor.redact(&e.to_string())).into_owned()),
             ),
         }
     }

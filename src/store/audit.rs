@@ -170,6 +170,14 @@ pub(super) fn audit_in(
     outcome: &str,
     detail: Option<&str>,
 ) -> Result<(), StoreError> {
+    // Actors and details can be the world's text (a chat user's id, a step's error).
+    use crate::text::storable;
+    let (actor, action, outcome) = (storable(actor), storable(action), storable(outcome));
+    let (actor, action, outcome) = (&*actor, &*action, &*outcome);
+    let target = target.map(storable);
+    let target = target.as_deref();
+    let detail = detail.map(storable);
+    let detail = detail.as_deref();
     let at = crate::time::now_ms();
     if let Db::Pg(conn) = c {
         // Appended at commit, with the batch's others (see `append_pending`).
