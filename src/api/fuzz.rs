@@ -558,6 +558,8 @@ struct ConsoleCase {
     form: Vec<(String, String)>,
     /// Whether the session's cookie goes with it.
     session: bool,
+    /// The form's content type (a form's, mostly).
+    content_type: Option<&'static str>,
 }
 
 /// The console's pages (not the live stream, which does not end) and forms, with the fields
@@ -607,9 +609,22 @@ fn console_case(csrf: String) -> impl Strategy<Value = ConsoleCase> {
         prop::collection::vec(any::<bool>(), 5),
         prop_oneof![5 => Just(true), 1 => Just(false)],
         prop_oneof![7 => Just(true), 1 => Just(false)],
+        prop_oneof![
+            8 => Just(Some("application/x-www-form-urlencoded")),
+            1 => Just(Some("text/plain")),
+            1 => Just(None),
+        ],
     )
         .prop_map(
-            move |((method, path, fields), params, values, given, real_csrf, session)| {
+            move |(
+                (method, path, fields),
+                params,
+                values,
+                given,
+                real_csrf,
+                session,
+                content_type,
+            )| {
                 let mut path = path.to_string();
                 for (hole, value) in ["{id}", "{name}"].iter().zip(&params) {
                     path = path.replace(hole, value);
@@ -642,6 +657,7 @@ fn console_case(csrf: String) -> impl Strategy<Value = ConsoleCase> {
                     path,
                     form,
                     session,
+                    content_type,
                 }
             },
         )
@@ -707,7 +723,9 @@ async fn check_console(
     let body = if case.method == Method::GET {
         String::new()
     } else {
-        req = req.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        if let Some(c) = case.content_type {
+            req = req.header(header::CONTENT_TYPE, c);
+        }
         form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&case.form)
             .finish()

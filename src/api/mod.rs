@@ -122,12 +122,12 @@ pub(crate) fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 }
 
 /// Why a control body holding a NUL is refused.
-pub(crate) const NUL_IN_BODY: &str = "invalid request body: a string holds a NUL character (\\u0000), which no name, reason or \
+const NUL_IN_BODY: &str = "invalid request body: a string holds a NUL character (\\u0000), which no name, reason or \
      label may hold";
 
 /// Whether a key or string anywhere in `v` holds a NUL: text that PostgreSQL cannot store or
 /// compare (SQLite can), so a control body or URL with one is refused on either store.
-pub(crate) fn holds_nul(v: &serde_json::Value) -> bool {
+fn holds_nul(v: &serde_json::Value) -> bool {
     use serde_json::Value;
     match v {
         Value::String(s) => s.contains('\0'),

@@ -230,18 +230,20 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
         let (parts, body) = req.into_parts();
+        // Rejections (a body over the limit, another content type) as the console's page too.
+        let page = |status, text| Page::error(status, text).into_response();
         let bytes =
             axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), state)
                 .await
-                .map_err(IntoResponse::into_response)?;
+                .map_err(|e| page(e.status(), e.body_text()))?;
         if bytes.contains(&0) || bytes.windows(3).any(|w| w == b"%00") {
             let why = "a field holds a NUL character (%00), which no reason or comment may hold";
-            return Err(Page::error(StatusCode::BAD_REQUEST, why.into()).into_response());
+            return Err(page(StatusCode::BAD_REQUEST, why.into()));
         }
         let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         let axum::Form(fields) = axum::Form::<T>::from_request(req, state)
             .await
-            .map_err(IntoResponse::into_response)?;
+            .map_err(|e| page(e.status(), e.body_text()))?;
         Ok(Form(fields))
     }
 }
