@@ -413,8 +413,11 @@ pub(crate) fn validate_labels(labels: &Labels, annotations: &Labels) -> Result<(
             "more than {MAX_LABELS} labels or annotations in one alert"
         ));
     }
-    if let Some(bad) = labels.keys().find(|k| !is_label_name(k)) {
-        return Err(format!("invalid label name {bad:?}"));
+    // Any UTF-8 name but the empty one, as Alertmanager takes since 0.27 (Prometheus 3 sends
+    // `service.name`): refusing one refused the webhook, and Alertmanager does not retry a 4xx,
+    // so its whole group was lost. Names are keys, never code or a command's text.
+    if labels.contains_key("") {
+        return Err("invalid label name \"\": a label needs a name".into());
     }
     for (set, map, max) in [
         ("label", labels, MAX_LABEL_VALUE_BYTES),
@@ -491,9 +494,29 @@ mod tests {
         let v3 = DISK.replace("\"version\": \"4\"", "\"version\": \"3\"");
         let p: AlertmanagerPayload = serde_json::from_str(&v3).unwrap();
         assert!(p.into_alerts().unwrap_err().contains("version"));
-        let err = parse_generic(br#"{"labels": {"bad-name": "x"}}"#, "now").unwrap_err();
-        assert!(err.contains("bad-name"), "{err}");
+        let err = parse_generic(br#"{"labels": {"": "x"}}"#, "now").unwrap_err();
+        assert!(err.contains("label name"), "{err}");
         assert!(parse_generic(br#"{"labels": {}}"#, "now").is_err());
+    }
+
+    /// Prometheus 3 and Alertmanager 0.27 take any UTF-8 label name; refusing one refused the
+    /// webhook, and Alertmanager does not retry a 4xx: the group was lost.
+    #[test]
+    fn utf8_label_names_are_taken_as_alertmanager_sends_them() {
+        let body = DISK.replace(
+            "\"job\": \"node\"",
+            "\"service.name\": \"api\", \"k8s.pod\": \"p-1\"",
+        );
+        assert_ne!(body, DISK);
+        let p: AlertmanagerPayload = serde_json::from_str(&body).unwrap();
+        let alerts = p.into_alerts().unwrap();
+        assert_eq!(alerts[0].labels["service.name"], "api");
+        assert_eq!(fingerprint(&alerts[0].labels), alerts[0].fingerprint);
+        let a = parse_generic(
+            br#"{"labels": {"alertname": "X", "service.name": "api"}}"#,
+            "now",
+        );
+        assert_eq!(a.unwrap()[0].labels["service.name"], "api");
     }
 
     #[test]

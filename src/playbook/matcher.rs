@@ -1,5 +1,7 @@
 //! Alertmanager-syntax label matchers: `name="value"`, `name!="value"`, `name=~"regex"`,
 //! `name!~"regex"`. As in Alertmanager, regexes are anchored and a missing label matches as "".
+//! A name that is not `[a-zA-Z_][a-zA-Z0-9_]*` (Prometheus 3 sends `service.name`) is quoted,
+//! as Alertmanager 0.27 writes it: `"service.name"="api"`.
 
 use crate::alert::{Labels, is_label_name};
 use regex::Regex;
@@ -26,11 +28,14 @@ impl Matcher {
     /// Parses `name op "value"` (the value may also be unquoted).
     pub fn parse(s: &str) -> Result<Matcher, String> {
         let s = s.trim();
-        let name_end = s
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(s.len());
-        let name = &s[..name_end];
-        if !is_label_name(name) {
+        let name_end = if s.starts_with('"') {
+            quoted_len(s).ok_or_else(|| format!("matcher {s:?}: unterminated quoted label name"))?
+        } else {
+            s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(s.len())
+        };
+        let name = unquote(&s[..name_end]).map_err(|e| format!("matcher {s:?}: {e}"))?;
+        if name.is_empty() || (!s.starts_with('"') && !is_label_name(&name)) {
             return Err(format!("matcher {s:?}: expected a label name first"));
         }
         let rest = s[name_end..].trim_start();
@@ -60,11 +65,7 @@ impl Matcher {
             "=~" => Op::Re(regex()?),
             _ => Op::NotRe(regex()?),
         };
-        Ok(Matcher {
-            name: name.to_string(),
-            op,
-            value,
-        })
+        Ok(Matcher { name, op, value })
     }
 
     /// Whether the labels satisfy this matcher.
@@ -92,7 +93,11 @@ impl std::fmt::Display for Matcher {
             Op::Re(_) => "=~",
             Op::NotRe(_) => "!~",
         };
-        write!(f, "{}{op}{}", self.name, quote(&self.value))
+        if is_label_name(&self.name) {
+            write!(f, "{}{op}{}", self.name, quote(&self.value))
+        } else {
+            write!(f, "{}{op}{}", quote(&self.name), quote(&self.value))
+        }
     }
 }
 
@@ -110,6 +115,21 @@ pub fn quote(value: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// The length of the quoted string `s` starts with, its quotes included (`None`: it does not
+/// end).
+fn quoted_len(s: &str) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in s.char_indices().skip(1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
 }
 
 fn unquote(raw: &str) -> Result<String, String> {
@@ -173,6 +193,26 @@ mod tests {
     fn escapes_in_quoted_values() {
         let m = Matcher::parse(r#"msg="say \"hi\"\\n""#).unwrap();
         assert_eq!(m.value, "say \"hi\"\\n");
+    }
+
+    #[test]
+    fn quoted_label_names_match_like_alertmanager() {
+        let m = Matcher::parse(r#""service.name"=~"api|web""#).unwrap();
+        assert!(m.matches(&labels(&[("service.name", "api")])));
+        assert!(!m.matches(&labels(&[("service_name", "api")])));
+        assert_eq!(m.to_string(), r#""service.name"=~"api|web""#);
+        let m = Matcher::parse(r#""k8s \"pod\""!="x""#).unwrap();
+        assert_eq!(m.name, r#"k8s "pod""#);
+        assert_eq!(Matcher::parse(&m.to_string()).unwrap().name, m.name);
+        // A plain name is shown plain, quoted or not when written.
+        assert_eq!(
+            Matcher::parse(r#""alertname"="X""#).unwrap().to_string(),
+            r#"alertname="X""#
+        );
+        for (src, needle) in [(r#"""="x""#, "label name"), (r#""open"#, "unterminated")] {
+            let err = Matcher::parse(src).unwrap_err();
+            assert!(err.contains(needle), "{src}: {err}");
+        }
     }
 
     #[test]
