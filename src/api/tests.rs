@@ -381,7 +381,7 @@ impl TestApi {
 }
 
 /// The Alertmanager fixture, as delivered: two DiskSpaceLow alerts.
-fn disk_payload() -> Value {
+pub(super) fn disk_payload() -> Value {
     serde_json::from_str(include_str!("../../tests/fixtures/alertmanager-disk.json")).unwrap()
 }
 
@@ -590,7 +590,7 @@ async fn bad_bodies_get_400_with_a_message_and_record_nothing() {
 #[tokio::test]
 async fn a_nul_in_a_url_or_control_body_is_400_on_either_store_and_changes_nothing() {
     let api = TestApi::new().await;
-    let run_id = api.start_gated().await;
+    api.start_gated().await;
     let approval = api.view("/api/v1/approvals").await[0]["id"]
         .as_i64()
         .unwrap();
@@ -663,7 +663,6 @@ async fn a_nul_in_a_url_or_control_body_is_400_on_either_store_and_changes_nothi
         .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert!(!api.no_switch_engaged().await);
-    let _ = run_id;
 }
 
 /// An alert's values are data, whatever they hold: a webhook whose group key or labels hold

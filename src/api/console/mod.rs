@@ -361,4 +361,4 @@ impl IntoResponse for Page {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

@@ -10,13 +10,13 @@ use serde_json::json;
 use tower::ServiceExt;
 
 /// A browser's view of the console: its cookies, and the CSRF token of its last page.
-struct Browser<'a> {
+pub(crate) struct Browser<'a> {
     api: &'a TestApi,
     cookies: Vec<(String, String)>,
 }
 
 /// An answer: status, headers, body text.
-struct Answer {
+pub(crate) struct Answer {
     status: StatusCode,
     headers: HeaderMap,
     body: String,
@@ -31,7 +31,7 @@ impl Answer {
     }
 
     /// The value of the first hidden `csrf` field.
-    fn csrf(&self) -> String {
+    pub(crate) fn csrf(&self) -> String {
         let at = self
             .body
             .find("name=\"csrf\" value=\"")
@@ -42,22 +42,25 @@ impl Answer {
 }
 
 impl<'a> Browser<'a> {
-    fn new(api: &'a TestApi) -> Browser<'a> {
+    pub(crate) fn new(api: &'a TestApi) -> Browser<'a> {
         Browser {
             api,
             cookies: Vec::new(),
         }
     }
 
-    async fn send(&mut self, method: Method, path: &str, form: Option<&[(&str, &str)]>) -> Answer {
-        let mut req = Request::builder().method(method).uri(path);
-        let jar: Vec<String> = self
-            .cookies
-            .iter()
+    /// The `Cookie` header it sends.
+    pub(crate) fn cookie_header(&self) -> String {
+        let jar: Vec<String> = (self.cookies.iter())
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        if !jar.is_empty() {
-            req = req.header(header::COOKIE, jar.join("; "));
+        jar.join("; ")
+    }
+
+    async fn send(&mut self, method: Method, path: &str, form: Option<&[(&str, &str)]>) -> Answer {
+        let mut req = Request::builder().method(method).uri(path);
+        if !self.cookies.is_empty() {
+            req = req.header(header::COOKIE, self.cookie_header());
         }
         let body = match form {
             Some(pairs) => {
@@ -91,7 +94,7 @@ impl<'a> Browser<'a> {
         }
     }
 
-    async fn get(&mut self, path: &str) -> Answer {
+    pub(crate) async fn get(&mut self, path: &str) -> Answer {
         self.send(Method::GET, path, None).await
     }
 
@@ -100,7 +103,7 @@ impl<'a> Browser<'a> {
     }
 
     /// Logs in with `<role>-token`.
-    async fn login(&mut self, role: &str) -> Answer {
+    pub(crate) async fn login(&mut self, role: &str) -> Answer {
         let page = self.get("/ui/login?next=/ui/approvals").await;
         let token = format!("{role}-token");
         let csrf = page.csrf();
