@@ -717,6 +717,14 @@ impl Db<'_> {
         }
     }
 
+    /// The transaction is good again after a statement sent with [`Db::later`] failed: rolled
+    /// back to a savepoint from before it.
+    pub fn recovered(&self) {
+        if let Db::Pg(c) = self {
+            c.borrow_mut().later_failed = false;
+        }
+    }
+
     /// Runs statements without parameters, separated by `;`, in one round trip.
     pub fn batch(&self, sql: &str) -> Result<(), StoreError> {
         match self {

@@ -257,6 +257,9 @@ trait Body: Send {
     fn run(&mut self, db: &Db) -> bool;
     /// Tells the caller: the last run's answer, or the batch's error.
     fn deliver(self: Box<Self>, commit_err: Option<String>);
+    /// Replaces the answer of a run that succeeded: a statement it sent without waiting
+    /// failed ([`run_jobs`]).
+    fn refuse(&mut self, e: StoreError);
 }
 
 /// A caller's write and where its answer goes.
@@ -276,6 +279,10 @@ where
         let ok = answer.is_ok();
         self.answer = Some(answer);
         ok
+    }
+
+    fn refuse(&mut self, e: StoreError) {
+        self.answer = Some(Err(e));
     }
 
     fn deliver(self: Box<Self>, commit_err: Option<String>) {
@@ -316,29 +323,41 @@ trait Committer {
 /// Runs each job of a batch in the transaction `db` is in. `isolated`: each in its own
 /// savepoint, so that a failed job undoes its own writes and nothing else; otherwise the
 /// first failed job stops the batch (`Ok(false)`), whose transaction is then only good for a
-/// rollback. On PostgreSQL the savepoints are pipelined ([`Db::later`]): a job's `RELEASE` and
-/// the next one's `SAVEPOINT` go with the next statement waited for. An error in a statement
-/// not waited for (never expected: those are plain inserts and updates) fails the whole batch.
+/// rollback. A statement not waited for ([`Db::later`], PostgreSQL) that failed is seen with
+/// the next statement waited for, perhaps another job's: without savepoints it stops the batch
+/// the same way; with them each job's statements are answered before the next job runs (its
+/// `RELEASE` waited for), so that such a failure is its own job's, and undoes only that job.
 fn run_jobs(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreError> {
     for job in batch.iter_mut() {
-        if isolated {
-            db.later("SAVEPOINT job", &[])?;
+        if !isolated {
+            if !job.body.run(db) || db.later_failed() {
+                return Ok(false);
+            }
+            continue;
         }
+        db.later("SAVEPOINT job", &[])?;
         let mark = db.audit_mark();
-        let ok = job.body.run(db);
-        if db.later_failed() {
-            // A statement of this job failed unseen until now: the transaction is lost.
-            return Err(StoreError::Commit("a write of this batch failed".into()));
-        }
-        if !ok && !isolated {
-            return Ok(false);
+        let mut ok = job.body.run(db);
+        if ok && let Err(e) = db.exec("RELEASE SAVEPOINT job", &[]) {
+            if !db.later_failed() {
+                return Err(e);
+            }
+            job.body.refuse(e);
+            ok = false;
         }
         if !ok {
-            db.exec("ROLLBACK TO SAVEPOINT job", &[])?;
+            if let Err(e) = db.exec("ROLLBACK TO SAVEPOINT job", &[]) {
+                if !db.later_failed() {
+                    return Err(e);
+                }
+                // A statement of the job not waited for failed, answered with this rollback,
+                // which ran all the same (each statement is its own sync); once more, surely.
+                db.recovered();
+                db.exec("ROLLBACK TO SAVEPOINT job", &[])?;
+            }
+            db.recovered();
             db.drop_audit_after(mark);
             db.forget_answers();
-        }
-        if isolated {
             db.later("RELEASE SAVEPOINT job", &[])?;
         }
     }

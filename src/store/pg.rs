@@ -417,6 +417,16 @@ impl Committer for PgCommitter {
 /// One try at a batch's transaction (see [`PgCommitter`]'s `commit`): `Ok(false)` when a job
 /// failed without savepoints, before anything was committed.
 fn attempt(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreError> {
+    match try_batch(db, batch, isolated) {
+        // A job's statement not waited for failed, seen with a later one (perhaps the
+        // `COMMIT`, which then rolled back): job by job, that failure is the job's alone.
+        Err(_) if !isolated && db.later_failed() => Ok(false),
+        done => done,
+    }
+}
+
+/// [`attempt`]'s transaction.
+fn try_batch(db: &Db, batch: &mut [Job], isolated: bool) -> Result<bool, StoreError> {
     if let Db::Pg(c) = db {
         let mut c = c.borrow_mut();
         c.wake = Wake::No;

@@ -2791,6 +2791,56 @@ on_both_backends! {
         assert_eq!((a.load(SeqCst), b.load(SeqCst)), (1, 1));
     }
 
+    // A statement sent without waiting (`Db::later`) that the database refuses fails its own
+    // write with the database's error, and no other write of the batch: on PostgreSQL such a
+    // failure is seen with a later statement (another write's, or the `COMMIT`), and it failed
+    // the whole batch, with an error callers retry as if the database were away.
+    async fn a_write_whose_statement_not_waited_for_fails_fails_alone(db: TestDb) {
+        let store = db.open().await;
+        // The refused write in the middle of its batch, then last (seen with the `COMMIT`).
+        for (round, actions) in [["first", "bad", "third"].as_slice(), &["fourth", "bad"]]
+            .into_iter()
+            .enumerate()
+        {
+            let (blocker, release) = hold_writer(&store).await;
+            let mut writes = Vec::new();
+            for (i, action) in actions.iter().copied().enumerate() {
+                let s = store.clone();
+                writes.push(tokio::spawn(async move {
+                    s.write(move |c| {
+                        // 1 / 0: refused by PostgreSQL; NULL, so NOT NULL, on SQLite.
+                        let zero: i64 = if action == "bad" { 0 } else { 1 };
+                        c.later(
+                            "INSERT INTO audit (at, actor, action, outcome) VALUES (1000 / CAST(?1 AS BIGINT), 'a', ?2, 'ok')",
+                            &[&zero, &action],
+                        )
+                    })
+                    .await
+                }));
+                while store.queued_writes() < i + 1 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            release.send(()).unwrap();
+            blocker.await.unwrap().unwrap();
+            for (action, w) in actions.iter().zip(writes) {
+                let answer = w.await.unwrap();
+                match *action {
+                    "bad" => {
+                        let e = answer.expect_err("refused");
+                        assert!(!e.is_transient(), "round {round}: {e}");
+                    }
+                    _ => answer.unwrap_or_else(|e| panic!("round {round}, {action}: {e}")),
+                }
+            }
+        }
+        let mut actions: Vec<String> = (store.audit_log(None, 10).await.unwrap().into_iter())
+            .map(|a| a.action)
+            .collect();
+        actions.sort();
+        assert_eq!(actions, vec!["first", "fourth", "third"]);
+    }
+
     async fn refused_runs_trip_their_own_playbooks_switch_not_all_automation(db: TestDb) {
         let store = db.open().await;
         let limits = BreakerLimits {
