@@ -2356,6 +2356,78 @@ steps:
     );
 }
 
+/// A step result the database refuses for what it says (here a trigger refuses an output
+/// holding "poison"; a NUL on PostgreSQL was one such text) does not leave its run `running`,
+/// holding its target, until a restart: the run ends in the state it reached, with a note in
+/// place of the texts. Both where the result goes with the next step's start (`mid`) and
+/// with the run's end (`last`).
+#[tokio::test]
+async fn a_run_whose_step_result_the_store_refuses_still_ends_with_a_note() {
+    let api = TestApi::new().await;
+    for (name, first, second) in [("mid", "poison", "fine"), ("last", "fine", "poison")] {
+        let playbook = format!(
+            r#"
+name: {name}
+matchers: ['alertname="{name}"']
+steps:
+  - name: one
+    action: script
+    with: {{ script: '"{first}"' }}
+  - name: two
+    action: script
+    with: {{ script: '"{second}"' }}
+"#
+        );
+        api.add_playbook(&format!("{name}.yaml"), &playbook).await;
+    }
+    (api.store)
+        .write(|c| {
+            c.batch(if c.is_pg() {
+                "CREATE FUNCTION poisoned() RETURNS trigger LANGUAGE plpgsql
+                   AS $$ BEGIN RAISE EXCEPTION 'poisoned output'; END $$;
+                 CREATE TRIGGER poisoned BEFORE UPDATE ON steps FOR EACH ROW
+                   WHEN (NEW.output LIKE '%poison%') EXECUTE FUNCTION poisoned()"
+            } else {
+                "CREATE TRIGGER poisoned BEFORE UPDATE ON steps
+                   WHEN NEW.output LIKE '%poison%'
+                   BEGIN SELECT RAISE(ABORT, 'poisoned output'); END"
+            })
+        })
+        .await
+        .unwrap();
+    tokio::spawn(api.engine.clone().dispatch());
+    let mut ended = Vec::new();
+    for name in ["mid", "last"] {
+        let alert = format!(r#"{{"labels": {{"alertname": "{name}", "instance": "{name}"}}}}"#);
+        let out = api.post_alert(&alert).await;
+        let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+        let state = if name == "mid" { "failed" } else { "succeeded" };
+        ended.push(wait_state(&api, run_id, state).await);
+    }
+    let [mid, last] = &ended[..] else {
+        unreachable!()
+    };
+    // `mid`: the first step's result went with the second's start, which was refused, so the
+    // second never acted; the first is recorded as it ended, without its output.
+    assert_eq!(mid["steps"][0]["state"], "succeeded", "{mid}");
+    assert_eq!(mid["steps"][0]["output"], Value::Null, "{mid}");
+    let noted = |v: &Value| {
+        v.as_str()
+            .is_some_and(|e| e.contains("refused by the store"))
+    };
+    assert!(noted(&mid["steps"][0]["error"]), "{mid}");
+    assert_eq!(mid["steps"][1]["state"], "skipped", "{mid}");
+    assert!(noted(&mid["error"]), "{mid}");
+    // `last`: both steps acted; the first is recorded whole, the last with a note.
+    assert_eq!(last["steps"][0]["output"], "fine", "{last}");
+    assert_eq!(last["steps"][1]["state"], "succeeded", "{last}");
+    assert_eq!(last["steps"][1]["output"], Value::Null, "{last}");
+    assert!(noted(&last["steps"][1]["error"]), "{last}");
+    assert!(noted(&last["error"]), "{last}");
+    let report = api.store.verify_audit().await.unwrap();
+    assert!(report.broken.is_none(), "{:?}", report.broken);
+}
+
 /// A refusal is on the record whatever the chat user's id holds: one holding a NUL was left
 /// out of the audit log on PostgreSQL, which cannot store it ("cannot audit a refused
 /// request"), and kept raw on SQLite. Every audit row keeps U+FFFD in its place.

@@ -62,6 +62,25 @@ fn start_err(e: StoreError) -> Stop {
     }
 }
 
+/// A run's end as it is recorded when the database refused it as it was (`refused`): the same
+/// state, and a note in place of each text the run's steps produced (the last step's output
+/// and error, the run's error), which is where a text the database will not take comes from.
+fn without_texts(
+    had_error: bool,
+    last: Option<StepResult>,
+    refused: &StoreError,
+) -> (Option<String>, Option<StepResult>) {
+    let note = format!("not recorded as it was, refused by the store: {refused}");
+    let note = storable(&note).into_owned();
+    let last = last.map(|step| StepResult {
+        output: None,
+        error: Some(format!("its result was {note}")),
+        ..step
+    });
+    let error = (had_error || last.is_some()).then(|| format!("the run's end was {note}"));
+    (error, last)
+}
+
 pub(super) fn record_err(e: StoreError) -> Stop {
     end(
         RunState::Failed,
@@ -206,6 +225,26 @@ impl Engine {
                     tracing::warn!(error = %e, retry_in = ?d, "cannot record the end of the run yet; retrying");
                 })
                 .await;
+            let written = match written {
+                Err(e) if !e.is_transient() => {
+                    // Refused for what it says (a text the database will not take, say): the
+                    // run ends all the same, without the texts, rather than hold its target
+                    // `running` until a restart.
+                    tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run as it was; recording it without its texts");
+                    let (error, last) = without_texts(error.is_some(), last, &e);
+                    (self.store)
+                        .run_finished(
+                            run.id,
+                            state,
+                            error,
+                            last,
+                            self.live().limits,
+                            state == RunState::Failed && progress.refused,
+                        )
+                        .await
+                }
+                written => written,
+            };
             let tripped = match written {
                 Ok(tripped) => {
                     tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished");
@@ -513,10 +552,15 @@ impl Engine {
             // The previous step's result and this step's start: one write.
             let (previous, event) = progress.unwritten.take().unzip();
             confirmed = self.store.leases_lost();
-            self.store
+            let kept = previous.clone();
+            if let Err(e) = (self.store)
                 .step_started_after(run.id, step.idx, previous)
                 .await
-                .map_err(start_err)?;
+            {
+                // Not written: it goes with the run's end instead.
+                progress.unwritten = kept.zip(event);
+                return Err(start_err(e));
+            }
             if let Some(event) = event.flatten() {
                 self.live().notifier.send(event);
             }
@@ -783,7 +827,11 @@ impl Engine {
     /// sends its message.
     async fn flush(&self, progress: &mut Progress) -> Result<(), Stop> {
         if let Some((result, event)) = progress.unwritten.take() {
-            self.store.step_finished(result).await.map_err(record_err)?;
+            if let Err(e) = self.store.step_finished(result.clone()).await {
+                // Not written: it goes with the run's end instead.
+                progress.unwritten = Some((result, event));
+                return Err(record_err(e));
+            }
             if let Some(event) = event {
                 self.live().notifier.send(event);
             }
