@@ -2428,6 +2428,52 @@ steps:
     assert!(report.broken.is_none(), "{:?}", report.broken);
 }
 
+/// Artifacts the store cannot take do not fail a step that acted: the step's result is
+/// recorded, and its output says why its artifacts were not kept. (The run failed, "cannot
+/// record step state", with the step left `running`.)
+#[tokio::test]
+async fn artifacts_the_store_refuses_are_noted_and_the_step_still_recorded() {
+    let api = TestApi::new().await;
+    api.add_playbook(
+        "evidence.yaml",
+        r#"
+name: evidence
+matchers: ['alertname="Evidence"']
+steps:
+  - { name: logs, action: kube.logs, with: { namespace: shop, pod: p, lines: 3 } }
+  - { name: after, action: script, with: { script: '"went on"' } }
+"#,
+    )
+    .await;
+    (api.store)
+        .write(|c| {
+            c.batch(if c.is_pg() {
+                "CREATE FUNCTION no_artifacts() RETURNS trigger LANGUAGE plpgsql
+                   AS $$ BEGIN RAISE EXCEPTION 'no artifacts today'; END $$;
+                 CREATE TRIGGER no_artifacts BEFORE INSERT ON artifacts FOR EACH ROW
+                   EXECUTE FUNCTION no_artifacts()"
+            } else {
+                "CREATE TRIGGER no_artifacts BEFORE INSERT ON artifacts
+                   BEGIN SELECT RAISE(ABORT, 'no artifacts today'); END"
+            })
+        })
+        .await
+        .unwrap();
+    tokio::spawn(api.engine.clone().dispatch());
+    let out = (api.post_alert(r#"{"labels": {"alertname": "Evidence", "instance": "h"}}"#)).await;
+    let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
+    let run = wait_state(&api, run_id, "succeeded").await;
+    let step = &run["steps"][0];
+    assert_eq!(step["state"], "succeeded", "{run}");
+    assert!(step.get("artifacts").is_none(), "{run}");
+    let refused = step["output"]["artifacts_refused"][0].as_str().unwrap();
+    assert!(
+        refused.contains("could not be stored") && refused.contains("no artifacts today"),
+        "{refused}"
+    );
+    assert_eq!(run["steps"][1]["output"], "went on", "{run}");
+}
+
 /// A refusal is on the record whatever the chat user's id holds: one holding a NUL was left
 /// out of the audit log on PostgreSQL, which cannot store it ("cannot audit a refused
 /// request"), and kept raw on SQLite. Every audit row keeps U+FFFD in its place.

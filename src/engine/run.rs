@@ -582,7 +582,7 @@ impl Engine {
             Budget::Spent(why) => Err(ExecError::Failed(why)),
             Budget::Cancelled => Err(ExecError::Cancelled),
         };
-        self.keep_artifacts(run, step, &ctx, &mut result).await?;
+        self.keep_artifacts(run, step, &ctx, &mut result).await;
         self.metrics
             .step_duration
             .with_label_values(&[step.action.name()])
@@ -648,17 +648,18 @@ impl Engine {
     }
 
     /// Stores what the step attached (a graph, a log) with the run. An artifact over its caps
-    /// is not kept, and the step's output says why.
+    /// is not kept, and the step's output says why; so are artifacts the store could not take:
+    /// the step acted, and its result is recorded all the same.
     async fn keep_artifacts(
         &self,
         run: &ClaimedRun,
         step: &StepRecord,
         ctx: &StepContext,
         result: &mut Result<Value, ExecError>,
-    ) -> Result<(), Stop> {
+    ) {
         let mut artifacts = ctx.artifacts.take();
         if artifacts.is_empty() {
-            return Ok(());
+            return;
         }
         // A log can hold a secret as well as any output: text is redacted like outputs are.
         for a in artifacts
@@ -678,10 +679,14 @@ impl Engine {
                 self.config.artifacts,
             )
             .await
-            .map_err(record_err)?;
+            .unwrap_or_else(|e| {
+                vec![Err(format!(
+                    "the step's artifacts could not be stored: {e}"
+                ))]
+            });
         let refused: Vec<String> = kept.into_iter().filter_map(Result::err).collect();
         if refused.is_empty() {
-            return Ok(());
+            return;
         }
         for why in &refused {
             tracing::warn!(step = %step.name, "{why}");
@@ -691,7 +696,6 @@ impl Engine {
         {
             out["artifacts_refused"] = json!(refused);
         }
-        Ok(())
     }
 
     /// What an executor is given for a step.
