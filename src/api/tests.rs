@@ -2356,6 +2356,25 @@ steps:
     );
 }
 
+/// Makes the store's database refuse each row of `event` (`UPDATE ON steps`) for which
+/// `when` holds, with the error `why`, as a database refuses a value it cannot take.
+async fn refuse_rows(api: &TestApi, event: &str, when: &str, why: &str) {
+    let sql = if api.store.path().is_none() {
+        format!(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql
+               AS $$ BEGIN RAISE EXCEPTION '{why}'; END $$;
+             CREATE TRIGGER refuse BEFORE {event} FOR EACH ROW WHEN ({when})
+               EXECUTE FUNCTION refuse()"
+        )
+    } else {
+        format!(
+            "CREATE TRIGGER refuse BEFORE {event} WHEN {when}
+               BEGIN SELECT RAISE(ABORT, '{why}'); END"
+        )
+    };
+    (api.store).write(move |c| c.batch(&sql)).await.unwrap();
+}
+
 /// A step result the database refuses for what it says (here a trigger refuses an output
 /// holding "poison"; a NUL on PostgreSQL was one such text) does not leave its run `running`,
 /// holding its target, until a restart: the run ends in the state it reached, with a note in
@@ -2380,21 +2399,13 @@ steps:
         );
         api.add_playbook(&format!("{name}.yaml"), &playbook).await;
     }
-    (api.store)
-        .write(|c| {
-            c.batch(if c.is_pg() {
-                "CREATE FUNCTION poisoned() RETURNS trigger LANGUAGE plpgsql
-                   AS $$ BEGIN RAISE EXCEPTION 'poisoned output'; END $$;
-                 CREATE TRIGGER poisoned BEFORE UPDATE ON steps FOR EACH ROW
-                   WHEN (NEW.output LIKE '%poison%') EXECUTE FUNCTION poisoned()"
-            } else {
-                "CREATE TRIGGER poisoned BEFORE UPDATE ON steps
-                   WHEN NEW.output LIKE '%poison%'
-                   BEGIN SELECT RAISE(ABORT, 'poisoned output'); END"
-            })
-        })
-        .await
-        .unwrap();
+    refuse_rows(
+        &api,
+        "UPDATE ON steps",
+        "NEW.output LIKE '%poison%'",
+        "poisoned output",
+    )
+    .await;
     tokio::spawn(api.engine.clone().dispatch());
     let mut ended = Vec::new();
     for name in ["mid", "last"] {
@@ -2445,20 +2456,7 @@ steps:
 "#,
     )
     .await;
-    (api.store)
-        .write(|c| {
-            c.batch(if c.is_pg() {
-                "CREATE FUNCTION no_artifacts() RETURNS trigger LANGUAGE plpgsql
-                   AS $$ BEGIN RAISE EXCEPTION 'no artifacts today'; END $$;
-                 CREATE TRIGGER no_artifacts BEFORE INSERT ON artifacts FOR EACH ROW
-                   EXECUTE FUNCTION no_artifacts()"
-            } else {
-                "CREATE TRIGGER no_artifacts BEFORE INSERT ON artifacts
-                   BEGIN SELECT RAISE(ABORT, 'no artifacts today'); END"
-            })
-        })
-        .await
-        .unwrap();
+    refuse_rows(&api, "INSERT ON artifacts", "true", "no artifacts today").await;
     tokio::spawn(api.engine.clone().dispatch());
     let out = (api.post_alert(r#"{"labels": {"alertname": "Evidence", "instance": "h"}}"#)).await;
     let run_id = out["outcomes"][0][0]["run_id"].as_i64().unwrap();
