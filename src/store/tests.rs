@@ -2791,29 +2791,57 @@ on_both_backends! {
         assert_eq!((a.load(SeqCst), b.load(SeqCst)), (1, 1));
     }
 
-    // A statement sent without waiting (`Db::later`) that the database refuses fails its own
-    // write with the database's error, and no other write of the batch: on PostgreSQL such a
-    // failure is seen with a later statement (another write's, or the `COMMIT`), and it failed
-    // the whole batch, with an error callers retry as if the database were away.
-    async fn a_write_whose_statement_not_waited_for_fails_fails_alone(db: TestDb) {
+    // A write the database refuses fails alone, with the database's error, whatever else its
+    // batch holds: every batch of up to three writes, each of them one of
+    // - `Later`: an insert sent without waiting (`Db::later`);
+    // - `Waited`: an insert waited for;
+    // - `LaterRefused`, `WaitedRefused`: the same, refused by the database (1000 / 0);
+    // - `Gives up`: an insert sent without waiting, then the write returns an error.
+    // On PostgreSQL a refused statement sent without waiting is seen with a later one (another
+    // write's, or the `COMMIT`), and it failed the whole batch, with an error callers retry as
+    // if the database were away.
+    async fn a_write_the_database_refuses_fails_alone_whatever_its_batch_holds(db: TestDb) {
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        enum W {
+            Later,
+            Waited,
+            LaterRefused,
+            WaitedRefused,
+            GivesUp,
+        }
+        const ALL: [W; 5] = [W::Later, W::Waited, W::LaterRefused, W::WaitedRefused, W::GivesUp];
+        const INSERT: &str =
+            "INSERT INTO audit (at, actor, action, outcome) VALUES (1000 / CAST(?1 AS BIGINT), 'a', ?2, 'ok')";
         let store = db.open().await;
-        // The refused write in the middle of its batch, then last (seen with the `COMMIT`).
-        for (round, actions) in [["first", "bad", "third"].as_slice(), &["fourth", "bad"]]
-            .into_iter()
-            .enumerate()
-        {
+        let mut batches: Vec<Vec<W>> = ALL.iter().map(|w| vec![*w]).collect();
+        for _ in 0..2 {
+            let longer: Vec<Vec<W>> = (batches.iter().filter(|b| b.len() == batches.last().unwrap().len()))
+                .flat_map(|b| ALL.iter().map(move |w| [b.clone(), vec![*w]].concat()))
+                .collect();
+            batches.extend(longer);
+        }
+        assert_eq!(batches.len(), 5 + 25 + 125);
+        let mut kept = Vec::new();
+        for (n, batch) in batches.iter().enumerate() {
             let (blocker, release) = hold_writer(&store).await;
             let mut writes = Vec::new();
-            for (i, action) in actions.iter().copied().enumerate() {
-                let s = store.clone();
+            for (i, w) in batch.iter().copied().enumerate() {
+                let (s, action) = (store.clone(), format!("{n}.{i}"));
                 writes.push(tokio::spawn(async move {
                     s.write(move |c| {
-                        // 1 / 0: refused by PostgreSQL; NULL, so NOT NULL, on SQLite.
-                        let zero: i64 = if action == "bad" { 0 } else { 1 };
-                        c.later(
-                            "INSERT INTO audit (at, actor, action, outcome) VALUES (1000 / CAST(?1 AS BIGINT), 'a', ?2, 'ok')",
-                            &[&zero, &action],
-                        )
+                        // 1000 / 0: refused by PostgreSQL; NULL, so NOT NULL, on SQLite.
+                        let refused = matches!(w, W::LaterRefused | W::WaitedRefused);
+                        let divisor: i64 = if refused { 0 } else { 1 };
+                        match w {
+                            W::Later | W::LaterRefused | W::GivesUp => {
+                                c.later(INSERT, &[&divisor, &action])?
+                            }
+                            W::Waited | W::WaitedRefused => c.exec(INSERT, &[&divisor, &action]).map(drop)?,
+                        }
+                        match w {
+                            W::GivesUp => Err(StoreError::Config("given up".into())),
+                            _ => Ok(()),
+                        }
                     })
                     .await
                 }));
@@ -2823,22 +2851,30 @@ on_both_backends! {
             }
             release.send(()).unwrap();
             blocker.await.unwrap().unwrap();
-            for (action, w) in actions.iter().zip(writes) {
-                let answer = w.await.unwrap();
-                match *action {
-                    "bad" => {
-                        let e = answer.expect_err("refused");
-                        assert!(!e.is_transient(), "round {round}: {e}");
+            for (i, (w, write)) in batch.iter().zip(writes).enumerate() {
+                let answer = write.await.unwrap();
+                match w {
+                    W::Later | W::Waited => {
+                        answer.unwrap_or_else(|e| panic!("{batch:?}, write {i}: {e}"));
+                        kept.push(format!("{n}.{i}"));
                     }
-                    _ => answer.unwrap_or_else(|e| panic!("round {round}, {action}: {e}")),
+                    W::GivesUp => assert!(
+                        matches!(answer, Err(StoreError::Config(_))),
+                        "{batch:?}, write {i}: {answer:?}"
+                    ),
+                    W::LaterRefused | W::WaitedRefused => {
+                        let e = answer.expect_err("refused");
+                        assert!(!e.is_transient(), "{batch:?}, write {i}: {e}");
+                    }
                 }
             }
         }
-        let mut actions: Vec<String> = (store.audit_log(None, 10).await.unwrap().into_iter())
+        let mut recorded: Vec<String> = (store.audit_log(None, 10_000).await.unwrap().into_iter())
             .map(|a| a.action)
             .collect();
-        actions.sort();
-        assert_eq!(actions, vec!["first", "fourth", "third"]);
+        recorded.sort();
+        kept.sort();
+        assert_eq!(recorded, kept, "each write that succeeded, once; nothing of the others");
     }
 
     async fn refused_runs_trip_their_own_playbooks_switch_not_all_automation(db: TestDb) {
