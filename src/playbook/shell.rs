@@ -53,7 +53,9 @@ const INTERPRETERS: &[&str] = &[
 ];
 
 /// Options whose argument is a program in the interpreter's language, by interpreter
-/// (`python3 -c 'code'`); their other arguments are the program's own.
+/// (`python3 -c 'code'`); their other arguments are the program's own. A short option counts
+/// at the end of a cluster (`perl -ne '…'`, `psql -Atc '…'`) and with its argument attached
+/// (`python3 -c'…'`), a long one with `=` (`node --eval=…`).
 const CODE_OPTIONS: &[(&str, &str)] = &[
     ("python", "-c"),
     ("python3", "-c"),
@@ -62,9 +64,49 @@ const CODE_OPTIONS: &[(&str, &str)] = &[
     ("ruby", "-e"),
     ("node", "-e"),
     ("node", "-p"),
+    ("node", "--eval"),
+    ("node", "--print"),
     ("php", "-r"),
     ("lua", "-e"),
 ];
+
+/// The same for database clients, whose programs are queries: Reflex quotes for the shell,
+/// not for SQL, so a quote in the value would end the query's string.
+const QUERY_OPTIONS: &[(&str, &str)] = &[
+    ("psql", "-c"),
+    ("psql", "--command"),
+    ("mysql", "-e"),
+    ("mysql", "--execute"),
+    ("mariadb", "-e"),
+    ("mariadb", "--execute"),
+    ("clickhouse-client", "-q"),
+    ("clickhouse-client", "--query"),
+    ("cqlsh", "-e"),
+    ("cqlsh", "--execute"),
+    ("mongosh", "--eval"),
+    ("mongo", "--eval"),
+];
+
+/// Whether a hole in `word` (its text so far), after the argument `last`, is the argument of
+/// `option`: the next word after it, or attached to it. A short option may end a cluster of
+/// others before the next word (`-ne`), or open its argument in its word (`-lne'…'`, which
+/// any word of options holding the letter may be).
+fn option_argument(option: &str, last: Option<&str>, word: &str) -> bool {
+    if option.starts_with("--") {
+        return last == Some(option)
+            || word
+                .strip_prefix(option)
+                .is_some_and(|r| r.starts_with('='));
+    }
+    let letter = &option[1..];
+    let cluster = |w: &str| {
+        w.strip_prefix('-')
+            .filter(|rest| !rest.starts_with('-') && !rest.is_empty())
+            .map(str::to_string)
+    };
+    last.and_then(cluster).is_some_and(|c| c.ends_with(letter))
+        || cluster(word).is_some_and(|c| c.contains(letter))
+}
 
 /// Programs that run the command that follows their options (`sudo systemctl …`): the
 /// command position moves past them.
@@ -679,7 +721,9 @@ impl Lexer {
         let names = NAMERS.contains(&command)
             || (DECLARERS.contains(&command) && !word.contains('='))
             || (NAME_OPTIONS.iter()).any(|&(c, o)| {
-                c == command && n.last_argument.as_deref() == Some(o) && !n.end_of_options
+                c == command
+                    && !n.end_of_options
+                    && option_argument(o, n.last_argument.as_deref(), &word)
             });
         if names && !n.redirect_target {
             return Err(format!(
@@ -688,13 +732,29 @@ impl Lexer {
                  would run). Spell the name out, and pass the value as a value (`v={{{{ … }}}}`)"
             ));
         }
-        if let Some((cmd, option)) = (CODE_OPTIONS.iter()).find(|&&(c, o)| {
-            c == command && n.last_argument.as_deref() == Some(o) && !n.end_of_options
-        }) {
+        let takes = |&&(c, o): &&(&str, &str)| {
+            c == command
+                && !n.end_of_options
+                && option_argument(o, n.last_argument.as_deref(), &word)
+        };
+        if let Some((cmd, option)) = CODE_OPTIONS.iter().find(takes) {
             return Err(format!(
                 "a hole in the program `{cmd} {option}` runs: the value would be code. Pass it \
                  as an argument after the program (`{cmd} {option} '…' {{{{ … }}}}`) and read it \
                  there"
+            ));
+        }
+        if let Some((cmd, option)) = QUERY_OPTIONS.iter().find(takes) {
+            let fix = if *cmd == "psql" {
+                "Pass it as a variable, which psql quotes, with the query on stdin: \
+                 `psql -v v={{ … }} <<'SQL'`, then `… WHERE name = :'v'` and `SQL`"
+            } else {
+                "Reflex cannot quote a value for it: keep holes out of the query, or run a \
+                 script that passes the value to the database as a query parameter"
+            };
+            return Err(format!(
+                "a hole in the query of `{cmd} {option}`: the value would be part of the query (a \
+                 quote in it ends a string there). {fix}"
             ));
         }
         if n.integer_declaration {
@@ -894,6 +954,29 @@ mod tests {
             ("builtin eval @", "`eval`"),
             ("python3 -c \"print('@')\"", "`python3 -c`"),
             ("perl -e @", "`perl -e`"),
+            // The program's option in a cluster, or with its program attached.
+            ("perl -ne 'print if /@/' /var/log/syslog", "`perl -e`"),
+            ("perl -lne'print \"@\"'", "`perl -e`"),
+            ("python3 -Ic \"print('@')\"", "`python3 -c`"),
+            ("python3 -c'print(@)'", "`python3 -c`"),
+            ("node --eval=\"console.log('@')\"", "`node --eval`"),
+            ("node --print @", "`node --print`"),
+            ("sudo python3 -Sc @", "`python3 -c`"),
+            // Queries: a quote in the value would end the query's string.
+            (
+                "psql -c \"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '@'\"",
+                "`psql -c`",
+            ),
+            ("psql -Atc \"SELECT '@'\"", ":'v'"),
+            ("psql --command=\"DROP ROLE @\"", "`psql --command`"),
+            ("mysql -Ne \"KILL @\"", "`mysql -e`"),
+            ("mysql --execute \"SELECT '@'\"", "query parameter"),
+            (
+                "clickhouse-client -q \"SELECT '@'\"",
+                "`clickhouse-client -q`",
+            ),
+            ("mongosh --eval \"db.x.drop('@')\"", "`mongosh --eval`"),
+            ("printf -v@ %s x", "variable's name"),
             ("kubectl exec pod -- sh -c @", "after `sh`"),
             ("find /var -exec @ {} +", "find -exec"),
             ("docker exec c /bin/bash -c \"echo @\"", "after `bash`"),
@@ -919,6 +1002,12 @@ mod tests {
             ("grep -v @ f", Quote::Word),
             ("python3 /opt/fix.py @", Quote::Word),
             ("python3 -c 'import sys' @", Quote::Word),
+            ("perl -ne 'print' @", Quote::Word),
+            ("psql -h @ -U reflex -c 'SELECT 1'", Quote::Word),
+            ("psql -d@ -c 'SELECT 1'", Quote::Word),
+            ("psql -v v=@ <<'SQL'\nSELECT :'v'\nSQL", Quote::Word),
+            ("mysql -u@ -e 'SELECT 1'", Quote::Word),
+            ("psql -c 'SELECT 1' -- @", Quote::Word),
             ("X=@ awk 'BEGIN { print ENVIRON[\"X\"] }'", Quote::Word),
             ("\"$HOME\"/bin/clean @", Quote::Word),
             ("echo $((1 + 2)) @", Quote::Word),
