@@ -848,7 +848,7 @@ impl Store {
         let path = dir.join("reflex.db");
         let mut write = Connection::open(&path)?;
         write.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000; PRAGMA cache_size=-8192; PRAGMA temp_store=MEMORY;",
+            "PRAGMA busy_timeout=5000; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA cache_size=-8192; PRAGMA temp_store=MEMORY;",
         )?;
         if sync == crate::config::Synchronous::Normal {
             write.execute_batch("PRAGMA synchronous=NORMAL;")?;

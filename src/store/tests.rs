@@ -3393,10 +3393,22 @@ async fn one_replica_at_a_time_sends_the_audit(db: TestDb) {
 async fn a_store_newer_than_this_build_is_refused_naming_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     drop(Store::open(dir.path()).unwrap());
+    // The first store's writer may still be closing its connection (a checkpoint): wait.
     let c = rusqlite::Connection::open(dir.path().join("reflex.db")).unwrap();
+    c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
     c.pragma_update(None, "user_version", 999).unwrap();
     drop(c);
-    let e = Store::open(dir.path()).err().expect("refused").to_string();
+    // The first store's lock on the directory goes with its file, which a process another
+    // test forks meanwhile holds until it execs: wait for that too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let e = loop {
+        match Store::open(dir.path()) {
+            Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::yield_now()
+            }
+            opened => break opened.err().expect("refused").to_string(),
+        }
+    };
     assert!(
         e.contains("version 999") && e.contains(&format!("(version {})", MIGRATIONS.len())),
         "{e}"
