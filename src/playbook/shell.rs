@@ -87,6 +87,40 @@ const QUERY_OPTIONS: &[(&str, &str)] = &[
     ("mongo", "--eval"),
 ];
 
+/// The same for options whose argument is a command the program runs, through a shell or
+/// split into words (`rsync -e 'ssh -p 2222'`, `flock /tmp/l -c '…'`, `git -c
+/// core.sshCommand=…`, ssh's `-o ProxyCommand=…`).
+const COMMAND_OPTIONS: &[(&str, &str)] = &[
+    ("flock", "-c"),
+    ("flock", "--command"),
+    ("script", "-c"),
+    ("script", "--command"),
+    ("runuser", "-c"),
+    ("runuser", "--command"),
+    ("rsync", "-e"),
+    ("rsync", "--rsh"),
+    ("rsync", "--rsync-path"),
+    ("scp", "-o"),
+    ("scp", "-S"),
+    ("sftp", "-o"),
+    ("sftp", "-S"),
+    ("tar", "-I"),
+    ("tar", "--use-compress-program"),
+    ("tar", "--to-command"),
+    ("tar", "--checkpoint-action"),
+    ("tar", "-F"),
+    ("tar", "--info-script"),
+    ("tar", "--new-volume-script"),
+    ("git", "-c"),
+    ("git", "--config-env"),
+    ("git", "--upload-pack"),
+    ("git", "--receive-pack"),
+    ("git", "--exec"),
+    ("tcpdump", "-z"),
+    ("zip", "-TT"),
+    ("zip", "--unzip-command"),
+];
+
 /// Whether a hole in `word` (its text so far), after the argument `last`, is the argument of
 /// `option`: the next word after it, or attached to it. A short option may end a cluster of
 /// others before the next word (`-ne`), or open its argument in its word (`-lne'…'`, which
@@ -99,11 +133,10 @@ fn option_argument(option: &str, last: Option<&str>, word: &str) -> bool {
                 .is_some_and(|r| r.starts_with('='));
     }
     let letter = &option[1..];
-    let cluster = |w: &str| {
+    fn cluster(w: &str) -> Option<&str> {
         w.strip_prefix('-')
             .filter(|rest| !rest.starts_with('-') && !rest.is_empty())
-            .map(str::to_string)
-    };
+    }
     last.and_then(cluster).is_some_and(|c| c.ends_with(letter))
         || cluster(word).is_some_and(|c| c.contains(letter))
 }
@@ -113,6 +146,82 @@ fn option_argument(option: &str, last: Option<&str>, word: &str) -> bool {
 const PREFIXES: &[&str] = &[
     "sudo", "doas", "env", "nohup", "nice", "ionice", "timeout", "exec", "command", "xargs",
     "time", "stdbuf", "setsid", "chrt", "taskset", "builtin", "coproc",
+];
+
+/// Programs that run the command after their `--` (`kubectl exec pod -- cmd`,
+/// `nsenter -t 1 -m -- cmd`): the command position moves past it.
+const RUNNERS: &[&str] = &[
+    "kubectl",
+    "oc",
+    "nsenter",
+    "unshare",
+    "runuser",
+    "setpriv",
+    "systemd-run",
+];
+
+/// Options of those prefixes that take an argument of their own (`sudo -u app cmd`): the word
+/// after one is not the command.
+const PREFIX_OPTIONS: &[(&str, &[&str])] = &[
+    (
+        "sudo",
+        &[
+            "-u",
+            "-g",
+            "-C",
+            "-D",
+            "-h",
+            "-p",
+            "-r",
+            "-t",
+            "-T",
+            "-U",
+            "--user",
+            "--group",
+            "--close-from",
+            "--chdir",
+            "--host",
+            "--prompt",
+            "--role",
+            "--type",
+            "--command-timeout",
+            "--other-user",
+        ],
+    ),
+    ("doas", &["-u", "-C"]),
+    ("env", &["-u", "-C", "--unset", "--chdir"]),
+    ("timeout", &["-s", "-k", "--signal", "--kill-after"]),
+    (
+        "stdbuf",
+        &["-i", "-o", "-e", "--input", "--output", "--error"],
+    ),
+    ("exec", &["-a"]),
+    (
+        "xargs",
+        &[
+            "-I",
+            "-d",
+            "-E",
+            "-L",
+            "-n",
+            "-P",
+            "-s",
+            "-a",
+            "--delimiter",
+            "--max-lines",
+            "--max-args",
+            "--max-procs",
+            "--max-chars",
+            "--arg-file",
+            "--eof",
+            "--replace",
+        ],
+    ),
+    (
+        "ionice",
+        &["-c", "-n", "-p", "-P", "-u", "--class", "--classdata"],
+    ),
+    ("nice", &["-n", "--adjustment"]),
 ];
 
 /// Commands that evaluate their arguments as bash arithmetic (`let`) or may (`[[ -gt ]]`).
@@ -160,6 +269,10 @@ struct Normal {
     command: Option<String>,
     /// After a prefix (`sudo`, `env`, …): its options are skipped before the command.
     after_prefix: bool,
+    /// The last prefix read, whose options are being skipped.
+    prefix: Option<String>,
+    /// The next word is the argument of the prefix's option before it (`-u app`).
+    prefix_argument: bool,
     /// A `--` word was seen in this simple command: later words are not options.
     end_of_options: bool,
     /// The next word is the target of a redirection (`> file`), not an argument.
@@ -211,6 +324,8 @@ impl Normal {
             word_has_hole: false,
             command: None,
             after_prefix: false,
+            prefix: None,
+            prefix_argument: false,
             end_of_options: false,
             redirect_target: false,
             dup_target: false,
@@ -251,16 +366,23 @@ impl Normal {
             if is_assignment(&word) || KEYWORDS.contains(&word.as_str()) {
                 return;
             }
+            if std::mem::take(&mut self.prefix_argument) {
+                return;
+            }
             if self.after_prefix
                 && (word.starts_with('-')
                     || word.contains('=')
                     || word.starts_with(|c: char| c.is_ascii_digit()))
             {
+                self.prefix_argument = (PREFIX_OPTIONS.iter()).any(|(p, options)| {
+                    self.prefix.as_deref() == Some(*p) && options.contains(&word.as_str())
+                });
                 return;
             }
             let name = basename(&word).to_string();
             if PREFIXES.contains(&name.as_str()) && !had_hole {
                 self.after_prefix = true;
+                self.prefix = Some(name);
                 return;
             }
             if ARITHMETIC.contains(&name.as_str()) {
@@ -269,7 +391,12 @@ impl Normal {
             self.command = Some(name);
             return;
         }
-        if word == "--" {
+        if word == "--" && !self.end_of_options {
+            if (self.command.as_deref()).is_some_and(|c| RUNNERS.contains(&c)) {
+                // What follows is a command of its own.
+                self.end_command();
+                return;
+            }
             self.end_of_options = true;
         }
         if SHELLS.contains(&basename(&word)) {
@@ -294,6 +421,8 @@ impl Normal {
         self.end_word();
         self.command = None;
         self.after_prefix = false;
+        self.prefix = None;
+        self.prefix_argument = false;
         self.end_of_options = false;
         self.redirect_target = false;
         self.dup_target = false;
@@ -695,7 +824,8 @@ impl Lexer {
         if n.command.is_none()
             && !n.redirect_target
             && !is_assignment(&word)
-            && !(n.after_prefix && (word.starts_with('-') || word.contains('=')))
+            && !(n.after_prefix
+                && (n.prefix_argument || word.starts_with('-') || word.contains('=')))
         {
             return Err(
                 "a hole as the command name: the alert would choose the command to \
@@ -742,6 +872,12 @@ impl Lexer {
                 "a hole in the program `{cmd} {option}` runs: the value would be code. Pass it \
                  as an argument after the program (`{cmd} {option} '…' {{{{ … }}}}`) and read it \
                  there"
+            ));
+        }
+        if let Some((cmd, option)) = COMMAND_OPTIONS.iter().find(takes) {
+            return Err(format!(
+                "a hole in the command `{cmd} {option}` runs: the alert would choose what \
+                 runs. Spell the command out"
             ));
         }
         if let Some((cmd, option)) = QUERY_OPTIONS.iter().find(takes) {
@@ -977,7 +1113,25 @@ mod tests {
             ),
             ("mongosh --eval \"db.x.drop('@')\"", "`mongosh --eval`"),
             ("printf -v@ %s x", "variable's name"),
-            ("kubectl exec pod -- sh -c @", "after `sh`"),
+            // Options whose argument is a command the program runs.
+            ("flock /tmp/l -c @", "`flock -c`"),
+            ("script -qc @ /dev/null", "`script -c`"),
+            ("rsync -avze @ src host:dst", "`rsync -e`"),
+            ("rsync --rsh=\"ssh -p @\" src host:dst", "`rsync --rsh`"),
+            ("tar --to-command=@ -xf f", "`tar --to-command`"),
+            ("git -c core.sshCommand=@ pull", "`git -c`"),
+            ("scp -o @ f host:", "`scp -o`"),
+            // The command after a prefix's options and their arguments, or a runner's `--`.
+            ("sudo -u app @", "command name"),
+            ("sudo --user app -- @", "command name"),
+            ("timeout -s KILL 5 @", "command name"),
+            ("xargs -I {} @ {}", "command name"),
+            ("env -u HOME @", "command name"),
+            ("kubectl exec pod -- @", "command name"),
+            ("nsenter -t 1 -m -- @ x", "command name"),
+            ("runuser -u app -- @", "command name"),
+            ("kubectl exec pod -- sh -c @", "`sh`"),
+            ("kubectl exec pod -c app -- sh -c @", "`sh`"),
             ("find /var -exec @ {} +", "find -exec"),
             ("docker exec c /bin/bash -c \"echo @\"", "after `bash`"),
             // Right after `$`, the value would be a variable's name or a substitution.
@@ -1008,6 +1162,13 @@ mod tests {
             ("psql -v v=@ <<'SQL'\nSELECT :'v'\nSQL", Quote::Word),
             ("mysql -u@ -e 'SELECT 1'", Quote::Word),
             ("psql -c 'SELECT 1' -- @", Quote::Word),
+            ("sudo -u @ systemctl restart app", Quote::Word),
+            ("kubectl exec pod -- rm -rf /data/@", Quote::Word),
+            ("kubectl exec pod -n @ -- ls", Quote::Word),
+            ("rsync -avz @ host:/backup/", Quote::Word),
+            ("tar -xzf @ -C /tmp", Quote::Word),
+            ("git -C /srv/app checkout @", Quote::Word),
+            ("scp -o StrictHostKeyChecking=no @ host:", Quote::Word),
             ("X=@ awk 'BEGIN { print ENVIRON[\"X\"] }'", Quote::Word),
             ("\"$HOME\"/bin/clean @", Quote::Word),
             ("echo $((1 + 2)) @", Quote::Word),
