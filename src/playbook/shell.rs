@@ -284,6 +284,17 @@ struct Normal {
     integer_declaration: bool,
     /// The last argument word of the current simple command (for options that take a name).
     last_argument: Option<String>,
+    /// The current simple command's arguments, as read.
+    arguments: Vec<String>,
+    /// The next word is a file or text for the command's stdin (`<`, `<<<`).
+    input_target: bool,
+    /// A hole stands in the current simple command; `into_stdin`: in what it reads on stdin.
+    command_has_hole: bool,
+    into_stdin: bool,
+    /// An earlier command of this pipeline had a hole: its value may reach this one's stdin.
+    fed: bool,
+    /// A command that runs its stdin as code was fed a value (see [`runs_stdin`]): why.
+    refused: Option<String>,
     /// A shell among the current simple command's arguments.
     shell_argument: Option<String>,
     /// This frame's commands evaluate arithmetic somewhere (see the module's doc).
@@ -305,6 +316,7 @@ impl Normal {
     /// delimiter, or (`<<<`) a here-string's data.
     fn redirection(&mut self, c: char, prev: Option<char>) {
         self.end_word();
+        self.input_target = c == '<';
         if c == '<' && self.heredoc_delim_next.is_some() {
             // `<<<`: a here-string; its word is data on stdin.
             self.heredoc_delim_next = None;
@@ -331,6 +343,12 @@ impl Normal {
             dup_target: false,
             integer_declaration: false,
             last_argument: None,
+            arguments: Vec::new(),
+            input_target: false,
+            command_has_hole: false,
+            into_stdin: false,
+            fed: false,
+            refused: None,
             shell_argument: None,
             arithmetic: false,
             heredoc_delim_next: None,
@@ -357,6 +375,7 @@ impl Normal {
         }
         if std::mem::take(&mut self.redirect_target) {
             self.dup_target = false;
+            self.input_target = false;
             return;
         }
         if is_subscript_assignment(&word) {
@@ -413,12 +432,40 @@ impl Normal {
             self.integer_declaration = true;
             self.arithmetic = true;
         }
+        self.arguments.push(word.clone());
         self.last_argument = Some(word);
     }
 
     /// A command separator (`;`, `&`, `|`, newline, `(`): a new simple command starts.
     fn end_command(&mut self) {
         self.end_word();
+        // `xargs` is a prefix: the command it runs is read as this command's name.
+        let command = match self.prefix.as_deref() {
+            Some(xargs @ "xargs") => Some(xargs),
+            _ => self.command.as_deref(),
+        };
+        if let Some(command) = command
+            && (self.fed || self.into_stdin)
+            && (command == "xargs" || runs_stdin(command, &self.arguments))
+            && self.refused.is_none()
+        {
+            self.refused = Some(format!(
+                "a value reaches the stdin of `{command}` (piped from a command with a hole, \
+                 or redirected from one), and `{command}` runs what it reads as {}: the value \
+                 would become a command. Pass the value as an argument of a command spelled \
+                 out instead",
+                if matches!(command, "xargs" | "parallel") {
+                    "arguments of a command"
+                } else {
+                    "code"
+                }
+            ));
+        }
+        self.arguments.clear();
+        self.command_has_hole = false;
+        self.into_stdin = false;
+        self.input_target = false;
+        self.fed = false;
         self.command = None;
         self.after_prefix = false;
         self.prefix = None;
@@ -430,6 +477,34 @@ impl Normal {
         self.last_argument = None;
         self.shell_argument = None;
     }
+}
+
+/// Whether `command` with these arguments reads a program (or, for `xargs`, commands'
+/// arguments) from its stdin: a shell or an interpreter given no program of its own (`sh`,
+/// `bash -s`, `python3 -`), a database client given no query (`psql -d app`), `xargs`.
+fn runs_stdin(command: &str, arguments: &[String]) -> bool {
+    let operand = |a: &String| !a.starts_with('-');
+    if SHELLS.contains(&command)
+        || ["python", "python3", "perl", "ruby", "node", "php", "lua"].contains(&command)
+    {
+        return arguments.iter().any(|a| a == "-s" || a == "-") || !arguments.iter().any(operand);
+    }
+    if command == "sqlite3" {
+        // `sqlite3 app.db "SQL"` takes its query as its second operand.
+        return arguments.iter().filter(|a| operand(a)).count() < 2;
+    }
+    if QUERY_OPTIONS.iter().any(|(c, _)| *c == command) {
+        let queries = (QUERY_OPTIONS.iter())
+            .filter(|(c, _)| *c == command)
+            .map(|(_, o)| *o)
+            .chain(["-f", "--file"]);
+        let given = |o: &str| {
+            (arguments.iter())
+                .any(|a| option_argument(o, Some(a), "") || option_argument(o, None, a))
+        };
+        return !queries.into_iter().any(given);
+    }
+    matches!(command, "xargs" | "parallel")
 }
 
 fn is_assignment(word: &str) -> bool {
@@ -453,7 +528,7 @@ fn basename(word: &str) -> &str {
 
 #[derive(Debug)]
 enum Frame {
-    Normal(Normal),
+    Normal(Box<Normal>),
     /// `` `…` ``.
     Backtick,
     /// `${…}`, with its open braces.
@@ -498,7 +573,7 @@ impl Lexer {
     /// A lexer at the start of a command.
     pub fn new() -> Self {
         Lexer {
-            frames: vec![Frame::Normal(Normal::new(false))],
+            frames: vec![Frame::Normal(Box::new(Normal::new(false)))],
             body: None,
             escaped: false,
             prev: None,
@@ -626,7 +701,9 @@ impl Lexer {
                 '"' => n.quote = InQuote::None,
                 '\\' => self.escaped = true,
                 '`' => self.frames.push(Frame::Backtick),
-                '(' if prev == Some('$') => self.frames.push(Frame::Normal(Normal::new(true))),
+                '(' if prev == Some('$') => {
+                    self.frames.push(Frame::Normal(Box::new(Normal::new(true))))
+                }
                 '{' if prev == Some('$') => self.frames.push(Frame::Brace(1)),
                 '[' if prev == Some('$') => self.open_bracket(),
                 _ => n.push_char(c),
@@ -661,7 +738,9 @@ impl Lexer {
                 self.frames.push(Frame::Backtick);
             }
             '#' if n.word.is_none() => n.comment = true,
-            '(' if prev == Some('$') => self.frames.push(Frame::Normal(Normal::new(true))),
+            '(' if prev == Some('$') => {
+                self.frames.push(Frame::Normal(Box::new(Normal::new(true))))
+            }
             '{' if prev == Some('$') => self.frames.push(Frame::Brace(1)),
             '[' if prev == Some('$') => self.open_bracket(),
             // `((`: bash's arithmetic command (dash's two subshells; refused either way).
@@ -675,12 +754,14 @@ impl Lexer {
                 n.end_command();
             }
             ')' if n.subst && n.parens == 0 => {
-                n.end_word();
+                n.end_command();
+                let refused = n.refused.take();
                 // Arithmetic inside `$(…)` reads the command's variables as well.
                 self.arithmetic |= n.arithmetic;
                 self.frames.pop();
                 if let Frame::Normal(outer) = self.top() {
                     outer.push_char(')');
+                    outer.refused = outer.refused.take().or(refused);
                 }
             }
             ')' => {
@@ -690,7 +771,17 @@ impl Lexer {
             // `2>&1`, `>|`: part of a redirection, not a separator.
             '&' if matches!(prev, Some('<' | '>')) => n.dup_target = true,
             '|' if prev == Some('>') => {}
-            ';' | '&' | '|' => n.end_command(),
+            // `||`: the first `|` was taken for a pipe.
+            '|' if prev == Some('|') => n.fed = false,
+            // `|&`: a pipe of stdout and stderr.
+            '&' if prev == Some('|') => {}
+            '|' => {
+                // What a command with a hole writes may carry the value on, through filters.
+                let feeds = n.command_has_hole || n.fed;
+                n.end_command();
+                n.fed = feeds;
+            }
+            ';' | '&' => n.end_command(),
             '\n' => {
                 n.end_command();
                 self.newline();
@@ -936,6 +1027,8 @@ impl Lexer {
         };
         n.word.get_or_insert_with(String::new);
         n.word_has_hole = true;
+        n.command_has_hole = true;
+        n.into_stdin |= n.redirect_target && n.input_target;
         self.prev = None;
         Ok(hole)
     }
@@ -949,6 +1042,14 @@ impl Lexer {
                     "here-document is not closed (no line `{}`)",
                     b.delim
                 ));
+            }
+        }
+        if let [Frame::Normal(n)] = self.frames.as_mut_slice()
+            && n.quote == InQuote::None
+        {
+            n.end_command();
+            if let Some(why) = n.refused.take() {
+                return Err(why);
             }
         }
         match self.frames.as_slice() {
@@ -1130,6 +1231,21 @@ mod tests {
             ("kubectl exec pod -- @", "command name"),
             ("nsenter -t 1 -m -- @ x", "command name"),
             ("runuser -u app -- @", "command name"),
+            // A value on the stdin of a command that runs its stdin.
+            ("echo @ | sh", "stdin of `sh`"),
+            (
+                "printf '%s\\n' @ | tr a-z A-Z | sudo bash -s",
+                "stdin of `bash`",
+            ),
+            ("echo @ |& python3", "stdin of `python3`"),
+            ("cat @ | perl", "stdin of `perl`"),
+            ("printf '%s\\n' @ | xargs rm -f", "stdin of `xargs`"),
+            ("printf '%s\\n' @ | xargs", "stdin of `xargs`"),
+            ("echo @ | psql -d app", "stdin of `psql`"),
+            ("echo @ | sqlite3 app.db", "stdin of `sqlite3`"),
+            ("python3 <<< @", "stdin of `python3`"),
+            ("perl -w < @", "stdin of `perl`"),
+            ("echo \"$(echo @ | sh)\"", "stdin of `sh`"),
             ("kubectl exec pod -- sh -c @", "`sh`"),
             ("kubectl exec pod -c app -- sh -c @", "`sh`"),
             ("find /var -exec @ {} +", "find -exec"),
@@ -1163,6 +1279,17 @@ mod tests {
             ("mysql -u@ -e 'SELECT 1'", Quote::Word),
             ("psql -c 'SELECT 1' -- @", Quote::Word),
             ("sudo -u @ systemctl restart app", Quote::Word),
+            // Values piped or redirected into commands that read them as data.
+            ("echo @ | sh -c 'read v; printf %s \"$v\"'", Quote::Word),
+            ("echo @ | python3 /opt/parse.py", Quote::Word),
+            ("df -P @ | awk 'NR == 2 { print $5 }'", Quote::Word),
+            ("echo @ | psql -d app -c 'COPY t FROM STDIN'", Quote::Word),
+            ("echo @ | sqlite3 app.db 'SELECT 1'", Quote::Word),
+            ("echo @ || sh", Quote::Word),
+            ("echo @ && sh", Quote::Word),
+            ("grep -c @ f; sh", Quote::Word),
+            ("python3 > @", Quote::Word),
+            ("python3 /opt/fix.py < @", Quote::Word),
             ("kubectl exec pod -- rm -rf /data/@", Quote::Word),
             ("kubectl exec pod -n @ -- ls", Quote::Word),
             ("rsync -avz @ host:/backup/", Quote::Word),
