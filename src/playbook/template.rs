@@ -319,11 +319,15 @@ fn url_contexts(parts: &[Part]) -> Result<Vec<Context>, ContextError> {
             Part::Lit(s) => before.push_str(s),
             Part::Hole(_) => {
                 let i = out.len();
-                // The path starts at the first `/` after a host. With no host (`http:///…`)
-                // a URL parser skips the slashes and reads the host from what follows.
+                // The path starts at the first `/` after a host (or `\`, which URL parsers
+                // read as `/` in http(s) URLs). With no host (`http:///…`, `http://\/…`) a
+                // URL parser skips the slashes and reads the host from what follows.
                 let path_start = before.find("://").and_then(|s| {
                     let authority = &before[s + 3..];
-                    authority.find('/').filter(|&p| p > 0).map(|p| s + 3 + p)
+                    authority
+                        .find(['/', '\\'])
+                        .filter(|&p| p > 0)
+                        .map(|p| s + 3 + p)
                 });
                 if path_start.is_none() {
                     return Err((
@@ -602,6 +606,9 @@ mod tests {
             // by the fuzz test below).
             "http:///{{ labels.h }}",
             "https:////{{ labels.h }}/x",
+            // A backslash is a slash to a URL parser here (found by the fuzz test below).
+            "http://\\//{{ labels.h }}",
+            "https://\\{{ labels.h }}/x",
         ] {
             let e = Template::compile(&sb, src, Quoting::Url).unwrap_err();
             assert!(e.message.contains("host"), "{src}: {}", e.message);
@@ -828,6 +835,13 @@ mod tests {
             "awk ",
             "python3 -c ",
             "perl -e ",
+            "perl -ne ",
+            "python3 -Ic ",
+            "| sh",
+            "| bash -s",
+            "| xargs ",
+            "<<< ",
+            "sudo -u x ",
             "trap ",
             "builtin ",
             "s/a/",
