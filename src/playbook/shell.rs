@@ -412,8 +412,10 @@ impl Normal {
         }
         if word == "--" && !self.end_of_options {
             if (self.command.as_deref()).is_some_and(|c| RUNNERS.contains(&c)) {
-                // What follows is a command of its own.
+                // What follows is a command of its own, reading the runner's stdin.
+                let fed = self.fed || self.into_stdin;
                 self.end_command();
+                self.fed = fed;
                 return;
             }
             self.end_of_options = true;
@@ -1233,6 +1235,7 @@ mod tests {
             ("runuser -u app -- @", "command name"),
             // A value on the stdin of a command that runs its stdin.
             ("echo @ | sh", "stdin of `sh`"),
+            ("echo @ | kubectl exec -i pod -- sh", "stdin of `sh`"),
             (
                 "printf '%s\\n' @ | tr a-z A-Z | sudo bash -s",
                 "stdin of `bash`",
