@@ -160,6 +160,50 @@ const RUNNERS: &[&str] = &[
     "systemd-run",
 ];
 
+/// Whether `command`'s arguments so far end where the command it runs starts, for programs
+/// that take it after arguments of their own without a `--` (`chroot /host cmd`, `docker exec
+/// -u root app cmd`, `ip netns exec blue cmd`).
+fn runs_after(command: &str, arguments: &[String]) -> bool {
+    // The subcommand, the options that take an argument, then how many operands.
+    let (sub, with_argument): (&[&str], &[&str]) = match command {
+        "chroot" => (&[], &["--userspec", "--groups"]),
+        "docker" | "podman" | "nerdctl" => (
+            &["exec"],
+            &[
+                "-e",
+                "--env",
+                "--env-file",
+                "-u",
+                "--user",
+                "-w",
+                "--workdir",
+                "--detach-keys",
+            ],
+        ),
+        "ip" => (&["netns", "exec"], &[]),
+        _ => return false,
+    };
+    let Some(rest) = (arguments.len() >= sub.len())
+        .then(|| &arguments[sub.len()..])
+        .filter(|_| arguments.iter().zip(sub).all(|(a, s)| a == s))
+    else {
+        return false;
+    };
+    let mut operands = 0;
+    let mut skip = false;
+    for a in rest {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if a.starts_with('-') {
+            skip = with_argument.contains(&a.as_str());
+        } else {
+            operands += 1;
+        }
+    }
+    operands == 1 && !skip && rest.last().is_some_and(|a| !a.starts_with('-'))
+}
+
 /// Options of those prefixes that take an argument of their own (`sudo -u app cmd`): the word
 /// after one is not the command.
 const PREFIX_OPTIONS: &[(&str, &[&str])] = &[
@@ -412,10 +456,7 @@ impl Normal {
         }
         if word == "--" && !self.end_of_options {
             if (self.command.as_deref()).is_some_and(|c| RUNNERS.contains(&c)) {
-                // What follows is a command of its own, reading the runner's stdin.
-                let fed = self.fed || self.into_stdin;
-                self.end_command();
-                self.fed = fed;
+                self.run_next();
                 return;
             }
             self.end_of_options = true;
@@ -436,6 +477,16 @@ impl Normal {
         }
         self.arguments.push(word.clone());
         self.last_argument = Some(word);
+        if (self.command.as_deref()).is_some_and(|c| runs_after(c, &self.arguments)) {
+            self.run_next();
+        }
+    }
+
+    /// The command this one runs starts with the next word, reading this one's stdin.
+    fn run_next(&mut self) {
+        let fed = self.fed || self.into_stdin;
+        self.end_command();
+        self.fed = fed;
     }
 
     /// A command separator (`;`, `&`, `|`, newline, `(`): a new simple command starts.
@@ -1233,6 +1284,13 @@ mod tests {
             ("kubectl exec pod -- @", "command name"),
             ("nsenter -t 1 -m -- @ x", "command name"),
             ("runuser -u app -- @", "command name"),
+            ("chroot /host @", "command name"),
+            ("docker exec app @", "command name"),
+            ("docker exec -u root -e A=1 -it app @ x", "command name"),
+            ("podman exec --workdir /srv app @", "command name"),
+            ("ip netns exec blue @", "command name"),
+            ("echo @ | docker exec -i app sh", "stdin of `sh`"),
+            ("chroot /host sh -c @", "`sh`"),
             // A value on the stdin of a command that runs its stdin.
             ("echo @ | sh", "stdin of `sh`"),
             ("echo @ | kubectl exec -i pod -- sh", "stdin of `sh`"),
@@ -1252,7 +1310,7 @@ mod tests {
             ("kubectl exec pod -- sh -c @", "`sh`"),
             ("kubectl exec pod -c app -- sh -c @", "`sh`"),
             ("find /var -exec @ {} +", "find -exec"),
-            ("docker exec c /bin/bash -c \"echo @\"", "after `bash`"),
+            ("docker exec c /bin/bash -c \"echo @\"", "`bash`"),
             // Right after `$`, the value would be a variable's name or a substitution.
             ("echo \"$@\"", "right after `$`"),
             ("echo $@", "right after `$`"),
@@ -1294,6 +1352,11 @@ mod tests {
             ("python3 > @", Quote::Word),
             ("python3 /opt/fix.py < @", Quote::Word),
             ("kubectl exec pod -- rm -rf /data/@", Quote::Word),
+            ("docker exec app rm -rf /data/@", Quote::Word),
+            ("docker exec -e A=@ app ls", Quote::Word),
+            ("chroot /host systemctl restart @", Quote::Word),
+            ("ip netns exec blue ping -c 1 @", Quote::Word),
+            ("docker logs @", Quote::Word),
             ("kubectl exec pod -n @ -- ls", Quote::Word),
             ("rsync -avz @ host:/backup/", Quote::Word),
             ("tar -xzf @ -C /tmp", Quote::Word),
