@@ -203,17 +203,11 @@ impl Engine {
             // The last step's result, its audit row and the run's end: one write. Retried while
             // the database is away (a PostgreSQL restart, a failover): the end of a run that
             // acted must reach the record.
-            let write = || {
-                self.store
-                    .run_finished(
-                        run.id,
-                        state,
-                        error.clone(),
-                        last.clone(),
-                        self.live().limits,
-                        state == RunState::Failed && progress.refused,
-                    )
+            let refused = state == RunState::Failed && progress.refused;
+            let end = |error, last| {
+                (self.store).run_finished(run.id, state, error, last, self.live().limits, refused)
             };
+            let write = || end(error.clone(), last.clone());
             let backoff = backon::ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
                 .with_max_delay(Duration::from_secs(5))
@@ -232,16 +226,7 @@ impl Engine {
                     // `running` until a restart.
                     tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run as it was; recording it without its texts");
                     let (error, last) = without_texts(error.is_some(), last, &e);
-                    (self.store)
-                        .run_finished(
-                            run.id,
-                            state,
-                            error,
-                            last,
-                            self.live().limits,
-                            state == RunState::Failed && progress.refused,
-                        )
-                        .await
+                    end(error, last).await
                 }
                 written => written,
             };

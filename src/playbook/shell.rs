@@ -183,15 +183,13 @@ fn runs_after(command: &str, arguments: &[String]) -> bool {
         "ip" => (&["netns", "exec"], &[]),
         _ => return false,
     };
-    let Some(rest) = (arguments.len() >= sub.len())
-        .then(|| &arguments[sub.len()..])
-        .filter(|_| arguments.iter().zip(sub).all(|(a, s)| a == s))
-    else {
+    if arguments.len() < sub.len() || arguments.iter().zip(sub).any(|(a, s)| a != s) {
         return false;
-    };
-    let mut operands = 0;
-    let mut skip = false;
-    for a in rest {
+    }
+    // The word just read is the one operand, after options and their arguments.
+    let (mut operands, mut skip, mut last_is_operand) = (0, false, false);
+    for a in &arguments[sub.len()..] {
+        last_is_operand = false;
         if std::mem::take(&mut skip) {
             continue;
         }
@@ -199,9 +197,10 @@ fn runs_after(command: &str, arguments: &[String]) -> bool {
             skip = with_argument.contains(&a.as_str());
         } else {
             operands += 1;
+            last_is_operand = true;
         }
     }
-    operands == 1 && !skip && rest.last().is_some_and(|a| !a.starts_with('-'))
+    operands == 1 && last_is_operand
 }
 
 /// Options of those prefixes that take an argument of their own (`sudo -u app cmd`): the word
@@ -332,8 +331,9 @@ struct Normal {
     arguments: Vec<String>,
     /// The next word is a file or text for the command's stdin (`<`, `<<<`).
     input_target: bool,
-    /// A hole stands in the current simple command; `into_stdin`: in what it reads on stdin.
+    /// A hole stands in the current simple command.
     command_has_hole: bool,
+    /// A hole stands in what the current simple command reads on stdin (`< {{ … }}`).
     into_stdin: bool,
     /// An earlier command of this pipeline had a hole: its value may reach this one's stdin.
     fed: bool,
@@ -546,16 +546,17 @@ fn runs_stdin(command: &str, arguments: &[String]) -> bool {
         // `sqlite3 app.db "SQL"` takes its query as its second operand.
         return arguments.iter().filter(|a| operand(a)).count() < 2;
     }
-    if QUERY_OPTIONS.iter().any(|(c, _)| *c == command) {
-        let queries = (QUERY_OPTIONS.iter())
-            .filter(|(c, _)| *c == command)
-            .map(|(_, o)| *o)
-            .chain(["-f", "--file"]);
-        let given = |o: &str| {
+    let queries: Vec<&str> = (QUERY_OPTIONS.iter())
+        .filter(|(c, _)| *c == command)
+        .map(|(_, o)| *o)
+        .collect();
+    if !queries.is_empty() {
+        // A query given by an option (or a file) is not read from stdin.
+        let given = |o: &&str| {
             (arguments.iter())
                 .any(|a| option_argument(o, Some(a), "") || option_argument(o, None, a))
         };
-        return !queries.into_iter().any(given);
+        return !queries.iter().chain(&["-f", "--file"]).any(given);
     }
     matches!(command, "xargs" | "parallel")
 }
