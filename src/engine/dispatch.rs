@@ -55,6 +55,7 @@ impl Engine {
             );
             self.announce_end(*id, RunState::Interrupted).await;
         }
+        self.tell_untold(self.store.untold().await?).await;
         Ok(ids)
     }
 

@@ -61,6 +61,7 @@ impl Engine {
                 for id in t.interrupted {
                     self.announce_end(id, RunState::Interrupted).await;
                 }
+                self.tell_untold(t.untold).await;
                 if !t.requeued.is_empty() {
                     self.wake.notify_one();
                 }
@@ -103,6 +104,7 @@ impl Engine {
                 for id in t.interrupted {
                     self.announce_end(id, RunState::Interrupted).await;
                 }
+                self.tell_untold(t.untold).await;
                 self.wake.notify_one();
             }
             Err(e) => tracing::warn!(error = %e, "cannot release runs this replica lost track of"),

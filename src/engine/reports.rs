@@ -47,17 +47,60 @@ impl Engine {
     /// Counts and reports a run that ended without a worker (denied, expired, resolved,
     /// cancelled while waiting, interrupted by a restart).
     pub(super) async fn announce_end(&self, run_id: i64, state: RunState) {
+        if let Some((event, playbook)) = self.end_event(run_id, Some(state), None).await {
+            self.metrics
+                .runs
+                .with_label_values(&[&playbook, state.as_str()])
+                .inc();
+            self.live().notifier.send(event);
+        }
+    }
+
+    /// Sends the end messages a crash (or a replica whose work this one took over) left
+    /// undelivered, rebuilt from the runs' records, each kept until told.
+    pub(super) async fn tell_untold(&self, untold: Vec<crate::store::Untold>) {
+        for u in untold {
+            tracing::info!(
+                run_id = u.run_id,
+                "sending a run's end message left undelivered"
+            );
+            // Not found or not read: it stays kept, for the next start.
+            if let Some((event, _)) = self.end_event(u.run_id, None, Some(u.message)).await {
+                let kept = self.told_when_sent(u.run_id);
+                self.live().notifier.send_kept(event, Some(kept));
+            }
+        }
+    }
+
+    /// What deletes run `run_id`'s kept end message once every sink has it.
+    pub(super) fn told_when_sent(&self, run_id: i64) -> crate::notify::Kept {
+        let store = self.store.clone();
+        crate::notify::Kept::new(move || {
+            tokio::spawn(async move {
+                if let Err(e) = store.told(run_id).await {
+                    // Kept: sent again at the next start.
+                    tracing::warn!(error = %e, run_id, "cannot mark a run's end message delivered");
+                }
+            });
+        })
+    }
+
+    /// A run's end message from its record (in `state`, else the one recorded; with
+    /// `message`, what its steps' outputs said), and its playbook.
+    async fn end_event(
+        &self,
+        run_id: i64,
+        state: Option<RunState>,
+        message: Option<crate::store::EndMessage>,
+    ) -> Option<(Event, String)> {
         let run = match self.store.get_run(run_id).await {
             Ok(Some(run)) => run,
-            Ok(None) => return,
+            Ok(None) => return None,
             Err(e) => {
-                return tracing::error!(error = %e, run_id, "cannot load the run to report its end");
+                tracing::error!(error = %e, run_id, "cannot load the run to report its end");
+                return None;
             }
         };
-        self.metrics
-            .runs
-            .with_label_values(&[&run.playbook, state.as_str()])
-            .inc();
         let duration = run
             .finished_at
             .map_or(Duration::ZERO, |end| end.since(run.created_at));
@@ -74,14 +117,16 @@ impl Engine {
                 Vec::new()
             }
         };
-        self.live().notifier.send(Event::RunFinished {
+        let (summary, report) = message.map_or((String::new(), None), |m| (m.summary, m.report));
+        let event = Event::RunFinished {
             run: self.run_info(run.id, &run.playbook, &run.target, links, run.dry_run),
             evidence,
-            state,
+            state: state.unwrap_or(run.state),
             duration_seconds: duration.as_secs_f64(),
-            summary: String::new(),
-            report: None,
+            summary,
+            report,
             error: run.error.clone(),
-        });
+        };
+        Some((event, run.playbook))
     }
 }

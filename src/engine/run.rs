@@ -10,7 +10,7 @@ use crate::notify::Event;
 use crate::playbook::actions::Action;
 use crate::playbook::spec::{GateScope, OnFailure, Phase};
 use crate::store::{
-    ApprovalState, ClaimedRun, RunState, StepRecord, StepResult, StepState, StoreError,
+    ApprovalState, ClaimedRun, EndMessage, RunState, StepRecord, StepResult, StepState, StoreError,
 };
 use crate::text::storable;
 use serde_json::{Value, json};
@@ -204,10 +204,20 @@ impl Engine {
             // the database is away (a PostgreSQL restart, a failover): the end of a run that
             // acted must reach the record.
             let refused = state == RunState::Failed && progress.refused;
-            let end = |error, last| {
-                (self.store).run_finished(run.id, state, error, last, self.live().limits, refused)
+            let (summary, report) = match self.report(&run, state, elapsed, &progress.outputs) {
+                Report::Figures(s) => (s, None),
+                Report::Playbook(r) => (String::new(), Some(r)),
             };
-            let write = || end(error.clone(), last.clone());
+            // The end's message is kept with the end until chat has it (see `store::outbox`).
+            let message = (self.live().notifier.shows_end(&run.playbook)).then(|| EndMessage {
+                summary: summary.clone(),
+                report: report.clone(),
+            });
+            let end = |error, last, message| {
+                let limits = self.live().limits;
+                (self.store).run_finished_telling(run.id, state, error, last, limits, refused, message)
+            };
+            let write = || end(error.clone(), last.clone(), message.clone());
             let backoff = backon::ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
                 .with_max_delay(Duration::from_secs(5))
@@ -226,29 +236,26 @@ impl Engine {
                     // `running` until a restart.
                     tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run as it was; recording it without its texts");
                     let (error, last) = without_texts(error.is_some(), last, &e);
-                    end(error, last).await
+                    // Its message may hold the same texts: sent, not kept.
+                    end(error, last, None).await.map(|tripped| (tripped, false))
                 }
-                written => written,
+                written => written.map(|tripped| (tripped, message.is_some())),
             };
-            let tripped = match written {
-                Ok(tripped) => {
+            let (tripped, kept) = match written {
+                Ok(written) => {
                     tracing::info!(state = state.as_str(), error = error.as_deref(), "run finished");
-                    tripped
+                    written
                 }
                 Err(e) => {
                     tracing::error!(error = %e, state = state.as_str(), "cannot record the end of the run");
-                    None
+                    (None, false)
                 }
             };
             if let Some(event) = last_event.flatten() {
                 self.live().notifier.send(event);
             }
-            let (summary, report) = match self.report(&run, state, elapsed, &progress.outputs) {
-                Report::Figures(s) => (s, None),
-                Report::Playbook(r) => (String::new(), Some(r)),
-            };
             let evidence = self.evidence_of(&run, i64::MAX).await;
-            self.live().notifier.send(Event::RunFinished {
+            let event = Event::RunFinished {
                 run: info,
                 evidence,
                 state,
@@ -256,7 +263,9 @@ impl Engine {
                 summary,
                 report,
                 error,
-            });
+            };
+            let kept = kept.then(|| self.told_when_sent(run.id));
+            self.live().notifier.send_kept(event, kept);
             if let Some(trip) = tripped {
                 self.announce_breaker(trip.scope(), trip.to_string());
             }

@@ -626,7 +626,43 @@ pub trait Sink: Send + Sync {
 
 struct SinkHandle {
     cfg: SinkConfig,
-    queue: mpsc::Sender<Event>,
+    queue: mpsc::Sender<(Event, Option<Kept>)>,
+}
+
+/// A message kept in the store until it is told (the run's end, see `store::outbox`): `told`
+/// runs once every sink it was queued to has delivered it or given up on it. One dropped
+/// undelivered (a crash, a shutdown that could not wait, a full queue) never runs it, and the
+/// message stays kept for the next start.
+#[derive(Clone)]
+pub struct Kept(Arc<KeptInner>);
+
+struct KeptInner {
+    left: std::sync::atomic::AtomicUsize,
+    told: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Kept {
+    /// `told` runs once the message is told everywhere it went.
+    pub fn new(told: impl FnOnce() + Send + 'static) -> Kept {
+        Kept(Arc::new(KeptInner {
+            left: std::sync::atomic::AtomicUsize::new(0),
+            told: std::sync::Mutex::new(Some(Box::new(told))),
+        }))
+    }
+
+    fn done(&self) {
+        if self
+            .0
+            .left
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            let told = self.0.told.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(told) = told {
+                told();
+            }
+        }
+    }
 }
 
 /// Fans events out to the sinks; cheap to clone.
@@ -691,21 +727,47 @@ impl Notifier {
 
     /// Queues an event for every sink whose filters match; never waits.
     pub fn send(&self, event: Event) {
-        for s in self.sinks.iter() {
-            let playbook_ok = match event.run() {
-                Some(run) => s.cfg.playbooks.is_empty() || s.cfg.playbooks.contains(&run.playbook),
-                None => true,
-            };
-            if !playbook_ok {
-                continue;
-            }
-            if s.queue.try_send(event.clone()).is_err() {
+        self.send_kept(event, None);
+    }
+
+    /// Whether some sink shows the end of a run of `playbook` (whose message is then kept
+    /// until told, see [`Notifier::send_kept`]).
+    pub fn shows_end(&self, playbook: &str) -> bool {
+        (self.sinks.iter()).any(|s| {
+            s.takes(playbook)
+                && (s.cfg.events.is_empty() || s.cfg.events.iter().any(|k| k == "run_finished"))
+        })
+    }
+
+    /// As [`Notifier::send`], for a message `kept` in the store until every sink it is queued
+    /// to is done with it.
+    pub fn send_kept(&self, event: Event, kept: Option<Kept>) {
+        let playbook = event.run().map(|r| r.playbook.clone());
+        let to: Vec<&SinkHandle> = (self.sinks.iter())
+            .filter(|s| playbook.as_deref().is_none_or(|p| s.takes(p)))
+            .collect();
+        if let Some(k) = &kept {
+            // One more than the sinks, given back below: none is told before all are queued.
+            (k.0.left).fetch_add(to.len() + 1, std::sync::atomic::Ordering::AcqRel);
+        }
+        for s in to {
+            if s.queue.try_send((event.clone(), kept.clone())).is_err() {
                 tracing::warn!(sink = %s.cfg.name, event = event.kind(), "notification queue full; message dropped");
                 if let Some(m) = &self.metrics {
                     m.notify_failures.with_label_values(&[&s.cfg.name]).inc();
                 }
             }
         }
+        if let Some(k) = kept {
+            k.done();
+        }
+    }
+}
+
+impl SinkHandle {
+    /// Whether the sink takes the events of runs of `playbook`.
+    fn takes(&self, playbook: &str) -> bool {
+        self.cfg.playbooks.is_empty() || self.cfg.playbooks.iter().any(|p| p == playbook)
     }
 }
 
@@ -771,7 +833,7 @@ impl Held {
 async fn deliver_loop(
     name: String,
     sink: Arc<dyn Sink>,
-    mut rx: mpsc::Receiver<Event>,
+    mut rx: mpsc::Receiver<(Event, Option<Kept>)>,
     delivery: Delivery,
     metrics: Arc<Metrics>,
 ) {
@@ -783,14 +845,14 @@ async fn deliver_loop(
     let mut held = Held::default();
     loop {
         let next = held.next();
-        let (ready, done) = tokio::select! {
+        let (ready, kept, done) = tokio::select! {
             event = rx.recv() => match event {
-                Some(event) => (held.admit(event, tokio::time::Instant::now(), delivery.quiet_for), false),
+                Some((event, kept)) => (held.admit(event, tokio::time::Instant::now(), delivery.quiet_for), kept, false),
                 // Shutting down: what was held back is said now.
-                None => (held.due(tokio::time::Instant::now() + delivery.quiet_for), true),
+                None => (held.due(tokio::time::Instant::now() + delivery.quiet_for), None, true),
             },
             () = async { tokio::time::sleep_until(next.unwrap_or_else(tokio::time::Instant::now)).await }, if next.is_some() => {
-                (held.due(tokio::time::Instant::now()), false)
+                (held.due(tokio::time::Instant::now()), None, false)
             }
         };
         let shown =
@@ -809,6 +871,10 @@ async fn deliver_loop(
                 metrics.notify_failures.with_label_values(&[&name]).inc();
                 tracing::warn!(sink = %name, event = event.kind(), error = %e.message, "notification given up");
             }
+        }
+        // Delivered or given up on (or not shown here): this sink is done with it.
+        if let Some(kept) = kept {
+            kept.done();
         }
         if done {
             return;
@@ -1053,5 +1119,165 @@ mod tests {
             e.text_for(Markup::Markdown)
                 .ends_with(" [Runbook](https://wiki.example/disk)")
         );
+    }
+
+    /// A sink that records what it is given; `gate`, when set, holds each delivery until
+    /// released, then fails it for good.
+    struct Fake {
+        got: Arc<std::sync::Mutex<Vec<&'static str>>>,
+        gate: Option<Arc<tokio::sync::Semaphore>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for Fake {
+        async fn deliver(&self, event: &Event) -> Result<(), DeliveryError> {
+            self.got.lock().unwrap().push(event.kind());
+            let Some(gate) = &self.gate else {
+                return Ok(());
+            };
+            gate.acquire().await.unwrap().forget();
+            Err(DeliveryError {
+                retry: false,
+                retry_after: None,
+                message: "refused".into(),
+            })
+        }
+    }
+
+    fn sink(yaml: &str) -> SinkConfig {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    /// A notifier over `sinks`, each delivered by a loop of its own when `fakes` gives it one
+    /// (else its queue is never read).
+    fn notifier(sinks: Vec<(SinkConfig, Option<Fake>)>) -> Notifier {
+        let metrics = Arc::new(Metrics::new());
+        let handles = sinks
+            .into_iter()
+            .map(|(cfg, fake)| {
+                let (tx, rx) = mpsc::channel(SINK_QUEUE);
+                let delivery = Delivery {
+                    attempts: 1,
+                    quiet_for: Duration::ZERO,
+                    events: cfg.events.clone(),
+                };
+                match fake {
+                    Some(fake) => drop(tokio::spawn(deliver_loop(
+                        cfg.name.clone(),
+                        Arc::new(fake),
+                        rx,
+                        delivery,
+                        metrics.clone(),
+                    ))),
+                    // Held, never read: what is queued is never delivered.
+                    None => std::mem::forget(rx),
+                }
+                SinkHandle { cfg, queue: tx }
+            })
+            .collect();
+        Notifier {
+            sinks: Arc::new(handles),
+            metrics: Some(metrics),
+        }
+    }
+
+    fn told_flag() -> (Kept, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Kept::new(move || tx.send(()).unwrap()), rx)
+    }
+
+    #[tokio::test]
+    async fn a_kept_message_is_told_once_every_sink_it_went_to_is_done_with_it() {
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let fake = |gate: Option<&Arc<tokio::sync::Semaphore>>| Fake {
+            got: got.clone(),
+            gate: gate.cloned(),
+        };
+        let n = notifier(vec![
+            (sink("{name: quick, type: webhook}"), Some(fake(None))),
+            (sink("{name: slow, type: webhook}"), Some(fake(Some(&gate)))),
+            // Not shown there: done with it at once.
+            (
+                sink("{name: starts, type: webhook, events: [run_started]}"),
+                Some(fake(None)),
+            ),
+            // Another playbook's: not sent there, not waited for.
+            (
+                sink("{name: other, type: webhook, playbooks: [other]}"),
+                None,
+            ),
+        ]);
+        assert!(n.shows_end("disk-cleanup"));
+        let (kept, mut told) = told_flag();
+        n.send_kept(finished(run()), Some(kept));
+        let both = async {
+            while got.lock().unwrap().len() < 2 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .unwrap();
+        assert!(told.try_recv().is_err(), "the slow sink still holds it");
+        // Given up on there (its answer a failure not worth retrying): done with it too.
+        gate.add_permits(1);
+        tokio::time::timeout(Duration::from_secs(10), told.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*got.lock().unwrap(), ["run_finished", "run_finished"]);
+        assert!(told.try_recv().is_err(), "told once");
+    }
+
+    #[tokio::test]
+    async fn a_kept_message_a_sink_never_delivered_is_never_told() {
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let n = notifier(vec![
+            (
+                sink("{name: quick, type: webhook}"),
+                Some(Fake {
+                    got: got.clone(),
+                    gate: None,
+                }),
+            ),
+            (sink("{name: stuck, type: webhook}"), None),
+        ]);
+        let (kept, mut told) = told_flag();
+        n.send_kept(finished(run()), Some(kept));
+        let one = async {
+            while got.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), one)
+            .await
+            .unwrap();
+        drop(n);
+        // The stuck sink's copy is still queued, never delivered: the message stays kept.
+        tokio::task::yield_now().await;
+        assert!(told.try_recv().is_err());
+        // A notifier no sink of which shows ends tells a kept message at once.
+        let none = notifier(vec![(
+            sink("{name: starts, type: webhook, events: [run_started]}"),
+            None,
+        )]);
+        assert!(!none.shows_end("disk-cleanup"));
+        let (kept, mut told) = told_flag();
+        none.send_kept(
+            Event::KillSwitch {
+                scope: "global".into(),
+                engaged: true,
+                actor: "a".into(),
+                reason: "r".into(),
+                until: None,
+            },
+            Some(kept),
+        );
+        assert!(told.try_recv().is_err(), "queued to the sink: waits for it");
+        let no_sinks = notifier(Vec::new());
+        let (kept, mut told) = told_flag();
+        no_sinks.send_kept(finished(run()), Some(kept));
+        told.try_recv().expect("no sink to wait for");
     }
 }

@@ -31,6 +31,8 @@ pub struct Takeover {
     pub interrupted: Vec<i64>,
     /// Its runs claimed but not started: pending again.
     pub requeued: Vec<i64>,
+    /// The end messages it had not delivered, now this replica's to send.
+    pub untold: Vec<super::Untold>,
 }
 
 /// This replica's lease as it knows it (process-local): when it was last renewed, and how
@@ -187,6 +189,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let now = self.now_ms();
+        let me = self.inner.replica.clone();
         let taken = self
             .write(move |c| {
                 let gone: Vec<String> = c.rows(
@@ -207,6 +210,7 @@ impl Store {
                         "the replica running this step stopped renewing its lease; it was not re-run",
                         "the replica running it was lost; check the target before re-running",
                     )?;
+                    let untold = super::outbox::take(c, Some(&replica), &me)?;
                     c.exec("DELETE FROM replicas WHERE name = ?1", &[&replica])?;
                     super::audit::audit_in(
                         c,
@@ -222,6 +226,7 @@ impl Store {
                         replica,
                         interrupted,
                         requeued,
+                        untold,
                     });
                 }
                 if out.iter().any(|t| !t.requeued.is_empty()) {
@@ -260,6 +265,7 @@ impl Store {
                 replica: me.clone(),
                 interrupted: Vec::new(),
                 requeued: Vec::new(),
+                untold: Vec::new(),
             };
             for &id in &ids {
                 let requeued = c.exec(

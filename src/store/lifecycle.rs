@@ -122,6 +122,22 @@ impl Store {
         limits: BreakerLimits,
         refused: bool,
     ) -> Result<Option<Trip>, StoreError> {
+        (self.run_finished_telling(run_id, state, error, last_step, limits, refused, None)).await
+    }
+
+    /// As [`Store::run_finished`], keeping the run's end `message` in the same write until
+    /// chat has it (see [`super::outbox`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_finished_telling(
+        &self,
+        run_id: i64,
+        state: RunState,
+        error: Option<String>,
+        last_step: Option<StepResult>,
+        limits: BreakerLimits,
+        refused: bool,
+        message: Option<EndMessage>,
+    ) -> Result<Option<Trip>, StoreError> {
         let now = self.now_ms();
         let owner = self.inner.replica.clone();
         // A failure is counted against the limit under a lock every replica's failures take,
@@ -144,6 +160,9 @@ impl Store {
                     last_step.as_ref(),
                     owner,
                 )?;
+                if let (Some(message), Some(owner)) = (&message, owner) {
+                    super::outbox::keep(c, run_id, owner, now, message)?;
+                }
                 if state != RunState::Failed {
                     return Ok(None);
                 }

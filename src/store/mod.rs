@@ -20,6 +20,7 @@ mod deferred;
 mod intake;
 mod lease;
 mod lifecycle;
+mod outbox;
 pub mod pg;
 mod queue;
 mod resolution;
@@ -39,6 +40,7 @@ pub use breaker::{BreakerLimits, Limit, Trip};
 pub use budgets::{BudgetLimit, Exceeded};
 pub use intake::{Candidate, Hold, IntakeItem, Manual, Outcome, Recorded, StartNow};
 pub use lease::{LEASE_EXPIRY, LEASE_RENEW, Takeover};
+pub use outbox::{EndMessage, Untold};
 pub use queue::{ClaimedRun, StepRecord, StepRef, StepResult};
 pub use retention::{PRUNED_TABLES, Pruned};
 pub use sessions::Session;
@@ -823,6 +825,16 @@ CREATE TABLE audit_heads (
 INSERT INTO audit_heads SELECT 0, last_id, last_hash, anchor_id, anchor_hash FROM audit_chain;
 DROP TABLE audit_chain;
 ALTER TABLE audit ADD COLUMN chain INTEGER NOT NULL DEFAULT 0;
+"#,
+    // 24: a run's end message until the chat sinks have it (see `outbox`).
+    r#"
+CREATE TABLE outbox (
+  run_id INTEGER PRIMARY KEY,
+  owner TEXT,
+  created_at INTEGER NOT NULL,
+  summary TEXT NOT NULL,
+  report TEXT
+);
 "#,
 ];
 

@@ -986,4 +986,14 @@ CREATE TRIGGER audit_chain_update INSTEAD OF UPDATE ON audit_chain
   FOR EACH ROW EXECUTE FUNCTION audit_chain_update();
 ALTER TABLE audit ADD COLUMN chain BIGINT NOT NULL DEFAULT 0;
 "#,
+    // 18: a run's end message until the chat sinks have it (see SQLite's 24).
+    r#"
+CREATE TABLE outbox (
+  run_id BIGINT PRIMARY KEY,
+  owner TEXT,
+  created_at BIGINT NOT NULL,
+  summary TEXT NOT NULL,
+  report TEXT
+);
+"#,
 ];

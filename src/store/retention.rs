@@ -61,6 +61,7 @@ impl Store {
                 out.rows[2] = c.exec(&format!("DELETE FROM approvals WHERE {pick}"), &args)?;
                 out.rows[3] = c.exec(&format!("DELETE FROM artifacts WHERE {pick}"), &args)?;
                 c.exec(&format!("DELETE FROM chat_threads WHERE {pick}"), &args)?;
+                c.exec(&format!("DELETE FROM outbox WHERE {pick}"), &args)?;
                 out.rows[0] = c.exec(
                     &format!(
                         "DELETE FROM runs WHERE id BETWEEN ?1 AND ?2 AND {ENDED}

@@ -608,6 +608,57 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one(db: TestDb) {
 
 }
 
+on_both_backends! {
+async fn a_runs_end_message_is_kept_with_its_end_until_told(db: TestDb) {
+    let store = db.open().await;
+    let none = BreakerLimits::default();
+    for i in 0..3 {
+        intake(&store, &format!("m{i}"), candidate("p", &format!("t{i}"), 0, ""), none).await;
+    }
+    let runs = store.claim(1, 3).await.unwrap();
+    assert_eq!(runs.len(), 3);
+    let message = |n: i64| EndMessage {
+        summary: format!("Space reclaimed: {n} GB"),
+        report: (n == 3).then(|| "the playbook's words".to_string()),
+    };
+    for run in &runs {
+        store
+            .run_finished_telling(run.id, RunState::Succeeded, None, None, none, false, Some(message(run.id)))
+            .await
+            .unwrap();
+    }
+    // An end without a message to keep (no sink shows it) keeps nothing.
+    intake(&store, "m3", candidate("p", "t3", 0, ""), none).await;
+    let plain = store.claim(1, 1).await.unwrap()[0].id;
+    store.run_finished(plain, RunState::Succeeded, None, None, none, false).await.unwrap();
+    // The end is recorded whether or not a message is kept.
+    assert_eq!(store.get_run(1).await.unwrap().unwrap().state, RunState::Succeeded);
+    store.told(2).await.unwrap();
+    let left = store.untold().await.unwrap();
+    let want: Vec<Untold> = [1, 3].iter().map(|&id| Untold { run_id: id, message: message(id) }).collect();
+    assert_eq!(left, want, "what was told is gone, the rest is left, in run order");
+    for id in [1, 3] {
+        store.told(id).await.unwrap();
+    }
+    assert!(store.untold().await.unwrap().is_empty());
+    // A NUL from the world (PostgreSQL refuses one) cannot take the run's end with it.
+    let nul = EndMessage { summary: "a\0b".into(), report: Some("c\0".into()) };
+    store
+        .run_finished_telling(plain, RunState::Succeeded, None, None, none, false, Some(nul))
+        .await
+        .unwrap();
+    assert_eq!(store.get_run(plain).await.unwrap().unwrap().state, RunState::Succeeded);
+    let left = store.untold().await.unwrap();
+    assert_eq!(left[0].message.summary, "a\u{fffd}b");
+    assert_eq!(left[0].message.report.as_deref(), Some("c\u{fffd}"));
+    // Retention deletes a kept message with its run.
+    let far = store.now_ms() + 3_600_000;
+    store.prune_batch(far, 0, 100, false).await.unwrap();
+    assert!(store.untold().await.unwrap().is_empty());
+}
+
+}
+
 /// What `claim(max, limit)` takes from a queue (run id to target) with `running` runs executing
 /// per target: rounds of the oldest head of each target with room, one per target a round,
 /// another round only where one can find more.
@@ -1889,6 +1940,67 @@ mod replicas {
             .unwrap();
     }
 
+    #[tokio::test]
+    async fn a_dead_replicas_undelivered_end_messages_are_the_taking_replicas_to_send() {
+        let (_db, stores) = replicas(2).await;
+        let (lost, alive) = (&stores[0], &stores[1]);
+        let none = BreakerLimits::default();
+        for (store, i) in [(lost, 0), (alive, 1)] {
+            intake(
+                store,
+                &format!("d{i}"),
+                candidate("p", &format!("t{i}"), 0, ""),
+                none,
+            )
+            .await;
+            let run = store.claim(1, 1).await.unwrap()[0].id;
+            let message = EndMessage {
+                summary: format!("run {run}"),
+                report: None,
+            };
+            store
+                .run_finished_telling(
+                    run,
+                    RunState::Succeeded,
+                    None,
+                    None,
+                    none,
+                    false,
+                    Some(message),
+                )
+                .await
+                .unwrap();
+        }
+        // Each replica starts with its own only.
+        let own = |s: &Store| {
+            let s = s.clone();
+            async move {
+                s.untold()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|u| u.run_id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(own(alive).await, vec![2]);
+        expire_lease(alive, lost.replica()).await;
+        let taken = alive.take_over_expired().await.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            taken[0].untold,
+            vec![Untold {
+                run_id: 1,
+                message: EndMessage {
+                    summary: "run 1".into(),
+                    report: None
+                }
+            }]
+        );
+        assert_eq!(own(alive).await, vec![1, 2], "now the taking replica's");
+        assert!(own(lost).await.is_empty());
+    }
+
     /// A replica's claim is loaded late (the database was away), after its lease expired and
     /// its unstarted run went back to the queue. Back, the replica claims the run again: it
     /// holds it twice, and its step starts once. Once another replica holds it, the late
@@ -2456,6 +2568,7 @@ mod replicas {
                 replica: lost.replica().to_string(),
                 interrupted: vec![started],
                 requeued: vec![unstarted],
+                untold: Vec::new(),
             }]
         );
         let run = alive.get_run(started).await.unwrap().unwrap();

@@ -676,3 +676,58 @@ steps:
     );
     assert!(!finished.contains("retry"), "{finished}");
 }
+
+#[tokio::test]
+async fn a_runs_end_message_a_crash_left_undelivered_is_sent_after_the_restart() {
+    let rx = Receiver::start().await;
+    // The first attempt is turned away for a minute: the daemon dies in that minute.
+    rx.answer(503, &[("retry-after", "60")], "busy");
+    let reported = r#"
+name: reported
+matchers: ['alertname="Reported"']
+report: "Cleaned {{ labels.instance }}: {{ steps.clean.message }}."
+steps:
+  - name: clean
+    action: log
+    with: { message: "5 GB reclaimed" }
+"#;
+    let mut app = TestApp::builder()
+        .playbook("reported.yaml", reported)
+        .config(&format!(
+            "notify:\n  max_attempts: 3\n  sinks:\n    - {{ name: hook, type: webhook, url: \"{}/hook\", events: [run_finished] }}\n",
+            rx.base
+        ))
+        .start()
+        .await;
+    app.post_raw(
+        "/api/v1/webhooks/generic",
+        crate::common::generic_alert("Reported", "host-123", "2026-11-22T10:00:00Z"),
+    )
+    .await;
+    app.wait_run_state(1, "succeeded").await;
+    rx_wait(&rx, "/hook", 1).await;
+    assert_eq!(app.count("outbox"), 1, "kept while undelivered");
+    app.kill9();
+    app.restart().await;
+    rx_wait(&rx, "/hook", 2).await;
+    let sent: Vec<serde_json::Value> = rx.at("/hook").into_iter().map(|r| r.body).collect();
+    for (i, m) in sent.iter().enumerate() {
+        assert_eq!(m["event"], "run_finished", "{i}: {m}");
+        assert_eq!(m["run"]["id"], 1, "{i}: {m}");
+        assert_eq!(m["state"], "succeeded", "{i}: {m}");
+    }
+    assert_eq!(
+        sent[0]["text"], sent[1]["text"],
+        "the same message, rebuilt from the record"
+    );
+    assert!(
+        (sent[1]["text"].as_str().unwrap()).starts_with("Cleaned host-123: 5 GB reclaimed."),
+        "{}",
+        sent[1]
+    );
+    app.wait_for(10, "the delivered message to be forgotten", || async {
+        (app.count("outbox") == 0).then_some(())
+    })
+    .await;
+    assert_eq!(rx.at("/hook").len(), 2, "sent again once, not more");
+}
