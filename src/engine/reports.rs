@@ -2,6 +2,7 @@
 //! live in the store.
 
 use super::*;
+use crate::store::{ApprovalState, Untold};
 
 impl Engine {
     /// Counts alerts Alertmanager left out of a group (`max_alerts`).
@@ -56,30 +57,81 @@ impl Engine {
         }
     }
 
-    /// Sends the end messages a crash (or a replica whose work this one took over) left
-    /// undelivered, rebuilt from the runs' records, each kept until told.
-    pub(super) async fn tell_untold(&self, untold: Vec<crate::store::Untold>) {
+    /// Sends the messages a crash (or a replica whose work this one took over) left
+    /// undelivered, rebuilt from the record, each kept until told.
+    pub(super) async fn tell_untold(&self, untold: Vec<Untold>) {
         for u in untold {
-            tracing::info!(
-                run_id = u.run_id,
-                "sending a run's end message left undelivered"
-            );
+            let run_id = u.run_id();
+            tracing::info!(run_id, "sending a message left undelivered");
+            let event = match &u {
+                Untold::End { message, .. } => {
+                    (self.end_event(run_id, None, Some(message.clone())))
+                        .await
+                        .map(|(event, _)| event)
+                }
+                Untold::Ask { .. } => match self.ask_event(run_id).await {
+                    Ok(Some(event)) => Some(event),
+                    // Decided, expired or cancelled since: nothing to ask.
+                    Ok(None) => {
+                        if let Err(e) = self.store.told(u).await {
+                            tracing::warn!(error = %e, run_id, "cannot mark a message delivered");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, run_id, "cannot load the run's approval to ask for it");
+                        None
+                    }
+                },
+            };
             // Not found or not read: it stays kept, for the next start.
-            if let Some((event, _)) = self.end_event(u.run_id, None, Some(u.message)).await {
-                let kept = self.told_when_sent(u.run_id);
+            if let Some(event) = event {
+                let kept = self.told_when_sent(u);
                 self.live().notifier.send_kept(event, Some(kept));
             }
         }
     }
 
-    /// What deletes run `run_id`'s kept end message once every sink has it.
-    pub(super) fn told_when_sent(&self, run_id: i64) -> crate::notify::Kept {
+    /// The request for the run's pending approval, from the record; none if none is pending.
+    async fn ask_event(&self, run_id: i64) -> Result<Option<Event>, StoreError> {
+        let Some(run) = self.store.get_run(run_id).await? else {
+            return Ok(None);
+        };
+        let approvals = self.store.run_approvals(run_id).await?;
+        let Some(a) = approvals
+            .into_iter()
+            .find(|a| a.state == ApprovalState::Pending)
+        else {
+            return Ok(None);
+        };
+        let title = crate::alert::title(&run.alert.labels, &run.alert.annotations, &run.target);
+        let links = crate::notify::AlertLinks::new(
+            title,
+            &run.alert.annotations,
+            run.alert.generator_url.as_deref(),
+        );
+        let evidence = self.store.evidence(run_id, a.step_idx).await?;
+        Ok(Some(Event::ApprovalNeeded {
+            run: self.run_info(run.id, &run.playbook, &run.target, links, run.dry_run),
+            evidence,
+            approval_id: a.id,
+            action: a.action,
+            action_hash: a.action_hash,
+            required: a.required,
+            approvers: a.approvers_allowed,
+            expires_at: a.expires_at,
+        }))
+    }
+
+    /// What deletes `message` from the outbox once every sink has it.
+    pub(super) fn told_when_sent(&self, message: Untold) -> crate::notify::Kept {
         let store = self.store.clone();
         crate::notify::Kept::new(move || {
             tokio::spawn(async move {
-                if let Err(e) = store.told(run_id).await {
+                let run_id = message.run_id();
+                if let Err(e) = store.told(message).await {
                     // Kept: sent again at the next start.
-                    tracing::warn!(error = %e, run_id, "cannot mark a run's end message delivered");
+                    tracing::warn!(error = %e, run_id, "cannot mark a message delivered");
                 }
             });
         })

@@ -11,6 +11,7 @@ use crate::playbook::actions::Action;
 use crate::playbook::spec::{GateScope, OnFailure, Phase};
 use crate::store::{
     ApprovalState, ClaimedRun, EndMessage, RunState, StepRecord, StepResult, StepState, StoreError,
+    Untold,
 };
 use crate::text::storable;
 use serde_json::{Value, json};
@@ -209,7 +210,8 @@ impl Engine {
                 Report::Playbook(r) => (String::new(), Some(r)),
             };
             // The end's message is kept with the end until chat has it (see `store::outbox`).
-            let message = (self.live().notifier.shows_end(&run.playbook)).then(|| EndMessage {
+            let shown = self.live().notifier.shows(&run.playbook, "run_finished");
+            let message = shown.then(|| EndMessage {
                 summary: summary.clone(),
                 report: report.clone(),
             });
@@ -264,7 +266,8 @@ impl Engine {
                 report,
                 error,
             };
-            let kept = kept.then(|| self.told_when_sent(run.id));
+            let kept = (message.filter(|_| kept))
+                .map(|message| self.told_when_sent(Untold::End { run_id: run.id, message }));
             self.live().notifier.send_kept(event, kept);
             if let Some(trip) = tripped {
                 self.announce_breaker(trip.scope(), trip.to_string());
@@ -410,25 +413,28 @@ impl Engine {
             // A shadow run waits for nobody; the step's record says what it would have waited for.
             None if run.dry_run => Ok(()),
             None => {
-                let id = self
+                let tell = self.live().notifier.shows(&run.playbook, "approval_needed");
+                let (id, expires_at) = self
                     .store
-                    .park_for_approval(run.id, step.idx, gate.clone(), action, hash.clone())
+                    .park_for_approval(run.id, step.idx, gate.clone(), action, hash.clone(), tell)
                     .await
                     .map_err(start_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
                 let evidence = self.evidence_of(run, step.idx).await;
-                self.live().notifier.send(Event::ApprovalNeeded {
-                    run: self.claimed_info(run),
-                    evidence,
-                    approval_id: id,
-                    action: gated_action(&run.target, covered).0,
-                    action_hash: hash,
-                    required: gate.count,
-                    approvers: gate.approvers.clone(),
-                    expires_at: crate::time::Timestamp::from_ms(
-                        self.store.now_ms() + gate.expires_ms as i64,
-                    ),
-                });
+                let kept = tell.then(|| self.told_when_sent(Untold::Ask { run_id: run.id }));
+                self.live().notifier.send_kept(
+                    Event::ApprovalNeeded {
+                        run: self.claimed_info(run),
+                        evidence,
+                        approval_id: id,
+                        action: gated_action(&run.target, covered).0,
+                        action_hash: hash,
+                        required: gate.count,
+                        approvers: gate.approvers.clone(),
+                        expires_at,
+                    },
+                    kept,
+                );
                 Err(Stop::Parked)
             }
             Some((_, ApprovalState::Approved, approved)) if approved == hash => Ok(()),

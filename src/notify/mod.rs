@@ -730,12 +730,12 @@ impl Notifier {
         self.send_kept(event, None);
     }
 
-    /// Whether some sink shows the end of a run of `playbook` (whose message is then kept
-    /// until told, see [`Notifier::send_kept`]).
-    pub fn shows_end(&self, playbook: &str) -> bool {
+    /// Whether some sink shows `event` (a kind, as [`Event::kind`] names it) of a run of
+    /// `playbook`: such a message is kept until told (see [`Notifier::send_kept`]).
+    pub fn shows(&self, playbook: &str, event: &str) -> bool {
         (self.sinks.iter()).any(|s| {
             s.takes(playbook)
-                && (s.cfg.events.is_empty() || s.cfg.events.iter().any(|k| k == "run_finished"))
+                && (s.cfg.events.is_empty() || s.cfg.events.iter().any(|k| k == event))
         })
     }
 
@@ -1208,7 +1208,7 @@ mod tests {
                 None,
             ),
         ]);
-        assert!(n.shows_end("disk-cleanup"));
+        assert!(n.shows("disk-cleanup", "run_finished"));
         let (kept, mut told) = told_flag();
         n.send_kept(finished(run()), Some(kept));
         let both = async {
@@ -1262,7 +1262,8 @@ mod tests {
             sink("{name: starts, type: webhook, events: [run_started]}"),
             None,
         )]);
-        assert!(!none.shows_end("disk-cleanup"));
+        assert!(!none.shows("disk-cleanup", "run_finished"));
+        assert!(none.shows("disk-cleanup", "run_started"));
         let (kept, mut told) = told_flag();
         none.send_kept(
             Event::KillSwitch {

@@ -170,7 +170,7 @@ fn expire(c: &Db, id: i64, run_id: i64, now: i64) -> Result<(), StoreError> {
 
 impl Store {
     /// Requests approval for a run's step and parks the run in `awaiting_approval`, in one
-    /// transaction. Returns the approval id; [`StoreError::LostRun`] when the run is no
+    /// transaction, keeping the request for chat when `tell` (see [`super::outbox`]). Returns the approval id; [`StoreError::LostRun`] when the run is no
     /// longer executing as this replica's (see [`Store::step_started_after`]).
     pub async fn park_for_approval(
         &self,
@@ -179,7 +179,8 @@ impl Store {
         gate: Gate,
         action: Value,
         hash: String,
-    ) -> Result<i64, StoreError> {
+        tell: bool,
+    ) -> Result<(i64, Timestamp), StoreError> {
         let now = self.now_ms();
         let owner = self.inner.replica.clone();
         self.write(move |c| {
@@ -190,6 +191,10 @@ impl Store {
             )?;
             if parked == 0 {
                 return Err(StoreError::LostRun(run_id));
+            }
+            if tell {
+                // The request goes to chat from the record, even after a crash (`outbox`).
+                super::outbox::keep_ask(c, run_id, &owner, now)?;
             }
             let id = c.insert(
                 "INSERT INTO approvals (run_id, step_idx, scope, state, action, action_hash, required, allowed, created_at, expires_at)
@@ -207,7 +212,7 @@ impl Store {
                 ],
             )?
             .ok_or(StoreError::NoRow)?;
-            Ok(id)
+            Ok((id, Timestamp::from_ms(now + gate.expires_ms as i64)))
         })
         .await
     }

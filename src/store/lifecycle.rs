@@ -161,7 +161,7 @@ impl Store {
                     owner,
                 )?;
                 if let (Some(message), Some(owner)) = (&message, owner) {
-                    super::outbox::keep(c, run_id, owner, now, message)?;
+                    super::outbox::keep_end(c, run_id, owner, now, message)?;
                 }
                 if state != RunState::Failed {
                     return Ok(None);

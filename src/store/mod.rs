@@ -826,14 +826,16 @@ INSERT INTO audit_heads SELECT 0, last_id, last_hash, anchor_id, anchor_hash FRO
 DROP TABLE audit_chain;
 ALTER TABLE audit ADD COLUMN chain INTEGER NOT NULL DEFAULT 0;
 "#,
-    // 24: a run's end message until the chat sinks have it (see `outbox`).
+    // 24: a run's end message and its request for approval until the chat sinks have them (see `outbox`).
     r#"
 CREATE TABLE outbox (
-  run_id INTEGER PRIMARY KEY,
+  run_id INTEGER NOT NULL,
+  event TEXT NOT NULL,
   owner TEXT,
   created_at INTEGER NOT NULL,
-  summary TEXT NOT NULL,
-  report TEXT
+  summary TEXT,
+  report TEXT,
+  PRIMARY KEY (run_id, event)
 );
 "#,
 ];

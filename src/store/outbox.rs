@@ -1,12 +1,14 @@
-//! The outbox: a run's end message, kept from the run's end until every chat sink it goes to
-//! has delivered it (or given up on it). It is written in the same transaction as the end
-//! ([`Store::run_finished_telling`]), so that a crash between the end and its message loses
-//! neither: the next start sends what is left, and on PostgreSQL the replica that takes over a
-//! dead one's work sends that one's. Delivery is at least once: a crash after a message went
-//! out and before its row was deleted sends it again.
+//! The outbox: the messages an operator must not miss, kept from the write that makes them
+//! until every chat sink they go to has delivered them (or given up): a run's end, written
+//! in the end's transaction ([`Store::run_finished_telling`]), and a run's request for
+//! approval, written as the run parks ([`Store::park_for_approval`]). A crash between the
+//! write and its message loses neither: the next start sends what is left, and on PostgreSQL
+//! the replica that takes over a dead one's work sends that one's. Delivery is at least once:
+//! a crash after a message went out and before its row was deleted sends it again.
 //!
-//! What the record of the run holds (its state, error, alert, evidence) is read again when
-//! the message is rebuilt; the row keeps only what was computed from the run's step outputs.
+//! A message is rebuilt from the record (the run, its evidence, its pending approval); the
+//! row keeps only what the record does not: the figures of an end, computed from the run's
+//! step outputs.
 
 use super::{Db, Store, StoreError};
 
@@ -20,17 +22,45 @@ pub struct EndMessage {
     pub report: Option<String>,
 }
 
-/// An end message not yet delivered everywhere.
+/// A message not yet delivered everywhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Untold {
-    /// The run.
-    pub run_id: i64,
-    /// What it says.
-    pub message: EndMessage,
+pub enum Untold {
+    /// A run's end.
+    End {
+        /// The run.
+        run_id: i64,
+        /// What it says.
+        message: EndMessage,
+    },
+    /// A run's request for approval: its pending approval, if it still is.
+    Ask {
+        /// The run.
+        run_id: i64,
+    },
 }
 
-/// Keeps `message` for run `run_id` until [`Store::told`], in the transaction `c` is in.
-pub(super) fn keep(
+/// The event a kept message is, as chat names it.
+const END: &str = "run_finished";
+const ASK: &str = "approval_needed";
+
+impl Untold {
+    /// The run it is about.
+    pub fn run_id(&self) -> i64 {
+        match self {
+            Untold::End { run_id, .. } | Untold::Ask { run_id } => *run_id,
+        }
+    }
+
+    fn event(&self) -> &'static str {
+        match self {
+            Untold::End { .. } => END,
+            Untold::Ask { .. } => ASK,
+        }
+    }
+}
+
+/// Keeps run `run_id`'s end `message` until [`Store::told`], in the transaction `c` is in.
+pub(super) fn keep_end(
     c: &Db,
     run_id: i64,
     owner: &str,
@@ -40,38 +70,68 @@ pub(super) fn keep(
     // A text the database refuses would take the run's end with it.
     use crate::text::storable;
     let report = message.report.as_deref().map(storable);
-    c.later(
-        "INSERT INTO outbox (run_id, owner, created_at, summary, report) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (run_id) DO UPDATE SET owner = excluded.owner,
-           created_at = excluded.created_at, summary = excluded.summary, report = excluded.report",
-        &[&run_id, &owner, &now, &storable(&message.summary), &report],
+    keep(
+        c,
+        run_id,
+        END,
+        owner,
+        now,
+        Some(&storable(&message.summary)),
+        report.as_deref(),
     )
 }
 
-/// Makes the messages `from` left `to`'s, and returns them (`from`: none takes every one).
+/// Keeps run `run_id`'s request for approval until [`Store::told`].
+pub(super) fn keep_ask(c: &Db, run_id: i64, owner: &str, now: i64) -> Result<(), StoreError> {
+    keep(c, run_id, ASK, owner, now, None, None)
+}
+
+fn keep(
+    c: &Db,
+    run_id: i64,
+    event: &str,
+    owner: &str,
+    now: i64,
+    summary: Option<&str>,
+    report: Option<&str>,
+) -> Result<(), StoreError> {
+    c.later(
+        "INSERT INTO outbox (run_id, event, owner, created_at, summary, report)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (run_id, event) DO UPDATE SET owner = excluded.owner,
+           created_at = excluded.created_at, summary = excluded.summary, report = excluded.report",
+        &[&run_id, &event, &owner, &now, &summary, &report],
+    )
+}
+
+/// Makes the messages `from` left `to`'s, and returns them in run order (`from`: none takes
+/// every one).
 pub(super) fn take(c: &Db, from: Option<&str>, to: &str) -> Result<Vec<Untold>, StoreError> {
-    c.rows(
+    let mut left: Vec<Untold> = c.rows(
         "UPDATE outbox SET owner = ?2 WHERE owner = ?1 OR ?1 IS NULL
-         RETURNING run_id, summary, report",
+         RETURNING run_id, event, summary, report",
         &[&from, &to],
         |r| {
-            Ok(Untold {
-                run_id: r.get(0)?,
-                message: EndMessage {
-                    summary: r.get(1)?,
-                    report: r.get(2)?,
+            let (run_id, event): (i64, String) = (r.get(0)?, r.get(1)?);
+            Ok(match event.as_str() {
+                END => Untold::End {
+                    run_id,
+                    message: EndMessage {
+                        summary: r.get::<Option<String>>(2)?.unwrap_or_default(),
+                        report: r.get(3)?,
+                    },
                 },
+                _ => Untold::Ask { run_id },
             })
         },
-    )
-    .map(|mut left| {
-        left.sort_by_key(|u| u.run_id);
-        left
-    })
+    )?;
+    // An approval asked before the run's end.
+    left.sort_by_key(|u| (u.run_id(), u.event() == END));
+    Ok(left)
 }
 
 impl Store {
-    /// The end messages this daemon is to send at its start: on SQLite every one a previous
+    /// The messages this daemon is to send at its start: on SQLite every one a previous
     /// process left; on PostgreSQL this replica's own (a dead replica's are taken over with its
     /// lease, see [`Store::take_over_expired`]).
     pub async fn untold(&self) -> Result<Vec<Untold>, StoreError> {
@@ -81,10 +141,16 @@ impl Store {
             .await
     }
 
-    /// Run `run_id`'s end message has been delivered, or given up on, by every sink.
-    pub async fn told(&self, run_id: i64) -> Result<(), StoreError> {
-        self.write(move |c| c.exec("DELETE FROM outbox WHERE run_id = ?1", &[&run_id]))
-            .await
-            .map(drop)
+    /// `message` has been delivered, or given up on, by every sink it went to.
+    pub async fn told(&self, message: Untold) -> Result<(), StoreError> {
+        let (run_id, event) = (message.run_id(), message.event());
+        self.write(move |c| {
+            c.exec(
+                "DELETE FROM outbox WHERE run_id = ?1 AND event = ?2",
+                &[&run_id, &event],
+            )
+        })
+        .await
+        .map(drop)
     }
 }

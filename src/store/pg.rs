@@ -986,14 +986,16 @@ CREATE TRIGGER audit_chain_update INSTEAD OF UPDATE ON audit_chain
   FOR EACH ROW EXECUTE FUNCTION audit_chain_update();
 ALTER TABLE audit ADD COLUMN chain BIGINT NOT NULL DEFAULT 0;
 "#,
-    // 18: a run's end message until the chat sinks have it (see SQLite's 24).
+    // 18: a run's end message and its request for approval until the chat sinks have them (see SQLite's 24).
     r#"
 CREATE TABLE outbox (
-  run_id BIGINT PRIMARY KEY,
+  run_id BIGINT NOT NULL,
+  event TEXT NOT NULL,
   owner TEXT,
   created_at BIGINT NOT NULL,
-  summary TEXT NOT NULL,
-  report TEXT
+  summary TEXT,
+  report TEXT,
+  PRIMARY KEY (run_id, event)
 );
 "#,
 ];

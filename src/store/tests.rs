@@ -609,48 +609,59 @@ async fn a_backlog_on_a_busy_target_does_not_hold_back_a_free_one(db: TestDb) {
 }
 
 on_both_backends! {
-async fn a_runs_end_message_is_kept_with_its_end_until_told(db: TestDb) {
+async fn a_runs_end_and_its_request_for_approval_are_kept_until_told(db: TestDb) {
     let store = db.open().await;
     let none = BreakerLimits::default();
-    for i in 0..3 {
+    for i in 0..5 {
         intake(&store, &format!("m{i}"), candidate("p", &format!("t{i}"), 0, ""), none).await;
     }
-    let runs = store.claim(1, 3).await.unwrap();
-    assert_eq!(runs.len(), 3);
+    let runs = store.claim(1, 5).await.unwrap();
+    assert_eq!(runs.len(), 5);
     let message = |n: i64| EndMessage {
         summary: format!("Space reclaimed: {n} GB"),
         report: (n == 3).then(|| "the playbook's words".to_string()),
     };
-    for run in &runs {
+    let end = |id: i64| Untold::End { run_id: id, message: message(id) };
+    for id in 1..=3 {
         store
-            .run_finished_telling(run.id, RunState::Succeeded, None, None, none, false, Some(message(run.id)))
+            .run_finished_telling(id, RunState::Succeeded, None, None, none, false, Some(message(id)))
             .await
             .unwrap();
     }
-    // An end without a message to keep (no sink shows it) keeps nothing.
-    intake(&store, "m3", candidate("p", "t3", 0, ""), none).await;
-    let plain = store.claim(1, 1).await.unwrap()[0].id;
-    store.run_finished(plain, RunState::Succeeded, None, None, none, false).await.unwrap();
-    // The end is recorded whether or not a message is kept.
+    // An end without a message to keep (no sink shows it) keeps nothing; the end is recorded
+    // either way.
+    store.run_finished(4, RunState::Succeeded, None, None, none, false).await.unwrap();
     assert_eq!(store.get_run(1).await.unwrap().unwrap().state, RunState::Succeeded);
-    store.told(2).await.unwrap();
+    // A request for approval is kept as the run parks, when asked to.
+    let gate = || crate::playbook::Gate {
+        scope: crate::playbook::spec::GateScope::Step,
+        count: 1,
+        expires_ms: 3_600_000,
+        approvers: Vec::new(),
+    };
+    store.park_for_approval(5, 0, gate(), serde_json::json!({}), "h".into(), true).await.unwrap();
+    store.told(end(2)).await.unwrap();
     let left = store.untold().await.unwrap();
-    let want: Vec<Untold> = [1, 3].iter().map(|&id| Untold { run_id: id, message: message(id) }).collect();
-    assert_eq!(left, want, "what was told is gone, the rest is left, in run order");
-    for id in [1, 3] {
-        store.told(id).await.unwrap();
+    assert_eq!(
+        left,
+        vec![end(1), end(3), Untold::Ask { run_id: 5 }],
+        "what was told is gone, the rest is left, in run order"
+    );
+    for u in left {
+        store.told(u).await.unwrap();
     }
     assert!(store.untold().await.unwrap().is_empty());
     // A NUL from the world (PostgreSQL refuses one) cannot take the run's end with it.
-    let nul = EndMessage { summary: "a\0b".into(), report: Some("c\0".into()) };
+    intake(&store, "m5", candidate("p", "t5", 0, ""), none).await;
+    let nul = store.claim(1, 1).await.unwrap()[0].id;
+    let told = EndMessage { summary: "a\0b".into(), report: Some("c\0".into()) };
     store
-        .run_finished_telling(plain, RunState::Succeeded, None, None, none, false, Some(nul))
+        .run_finished_telling(nul, RunState::Succeeded, None, None, none, false, Some(told))
         .await
         .unwrap();
-    assert_eq!(store.get_run(plain).await.unwrap().unwrap().state, RunState::Succeeded);
-    let left = store.untold().await.unwrap();
-    assert_eq!(left[0].message.summary, "a\u{fffd}b");
-    assert_eq!(left[0].message.report.as_deref(), Some("c\u{fffd}"));
+    assert_eq!(store.get_run(nul).await.unwrap().unwrap().state, RunState::Succeeded);
+    let stored = EndMessage { summary: "a\u{fffd}b".into(), report: Some("c\u{fffd}".into()) };
+    assert_eq!(store.untold().await.unwrap(), vec![Untold::End { run_id: nul, message: stored }]);
     // Retention deletes a kept message with its run.
     let far = store.now_ms() + 3_600_000;
     store.prune_batch(far, 0, 100, false).await.unwrap();
@@ -1705,8 +1716,8 @@ mod replicas {
         let claimed = stores[1].claim(1, 1).await.unwrap();
         assert_eq!(claimed[0].id, run_id);
         let gate = run_gate(2);
-        let id = stores[1]
-            .park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into())
+        let (id, _) = stores[1]
+            .park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into(), false)
             .await
             .unwrap();
         let (a, b) = tokio::join!(
@@ -1869,10 +1880,16 @@ mod replicas {
                 .run_id();
             assert_eq!(stores[1].claim(1, 1).await.unwrap()[0].id, run_id);
             let gate = run_gate(1);
-            let id =
-                (stores[1].park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into()))
-                    .await
-                    .unwrap();
+            let (id, _) = (stores[1].park_for_approval(
+                run_id,
+                0,
+                gate,
+                serde_json::json!({}),
+                "h".into(),
+                false,
+            ))
+            .await
+            .unwrap();
             let (holder, go, ()) = hold_writer_in(&stores[0], move |c| {
                 c.one(
                     "SELECT 1 FROM approvals WHERE id = ?1 FOR UPDATE",
@@ -1979,7 +1996,7 @@ mod replicas {
                     .await
                     .unwrap()
                     .iter()
-                    .map(|u| u.run_id)
+                    .map(Untold::run_id)
                     .collect::<Vec<_>>()
             }
         };
@@ -1989,7 +2006,7 @@ mod replicas {
         assert_eq!(taken.len(), 1);
         assert_eq!(
             taken[0].untold,
-            vec![Untold {
+            vec![Untold::End {
                 run_id: 1,
                 message: EndMessage {
                     summary: "run 1".into(),
@@ -2042,7 +2059,8 @@ mod replicas {
         assert_eq!(other.claim(1, 1).await.unwrap()[0].id, run_id);
         let gate = run_gate(1);
         let parked =
-            (back.park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into())).await;
+            (back.park_for_approval(run_id, 0, gate, serde_json::json!({}), "h".into(), false))
+                .await;
         assert!(matches!(parked, Err(StoreError::LostRun(_))), "{parked:?}");
         let started = back.step_started_after(run_id, 0, None).await;
         assert!(

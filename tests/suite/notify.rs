@@ -731,3 +731,51 @@ steps:
     .await;
     assert_eq!(rx.at("/hook").len(), 2, "sent again once, not more");
 }
+
+#[tokio::test]
+async fn a_request_for_approval_a_crash_left_undelivered_is_asked_after_the_restart() {
+    let rx = Receiver::start().await;
+    rx.answer(503, &[("retry-after", "60")], "busy");
+    let mut app = TestApp::builder()
+        .playbook("gated.yaml", PLAYBOOK)
+        .config(&format!(
+            "notify:\n  max_attempts: 3\n  sinks:\n    - {{ name: hook, type: webhook, url: \"{}/hook\", events: [approval_needed] }}\n",
+            rx.base
+        ))
+        .start()
+        .await;
+    app.post_raw("/api/v1/webhooks/generic", alert("web-9"))
+        .await;
+    app.wait_run_state(1, "awaiting_approval").await;
+    rx_wait(&rx, "/hook", 1).await;
+    assert_eq!(app.count("outbox"), 1, "kept while undelivered");
+    app.kill9();
+    app.restart().await;
+    rx_wait(&rx, "/hook", 2).await;
+    let asked: Vec<serde_json::Value> = rx.at("/hook").into_iter().map(|r| r.body).collect();
+    for m in &asked {
+        assert_eq!(m["event"], "approval_needed", "{m}");
+        assert_eq!(m["run"]["id"], 1, "{m}");
+    }
+    for field in [
+        "approval_id",
+        "action",
+        "action_hash",
+        "required",
+        "expires_at",
+        "text",
+    ] {
+        assert_eq!(
+            asked[0][field], asked[1][field],
+            "{field}: the same request, rebuilt from the record"
+        );
+    }
+    app.wait_for(10, "the delivered request to be forgotten", || async {
+        (app.count("outbox") == 0).then_some(())
+    })
+    .await;
+    // Answered from that message, the run goes on.
+    approve_first(&app).await;
+    app.wait_run_state(1, "succeeded").await;
+    assert_eq!(rx.at("/hook").len(), 2, "asked again once, not more");
+}
