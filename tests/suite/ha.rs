@@ -709,3 +709,74 @@ async fn three_replicas_hammering_one_playbook_answer_every_webhook_2xx() {
         "{states:?} {errors:?}"
     );
 }
+
+/// A replica killed while chat turns its run's end message away: the replica that takes its
+/// work over sends the message, once its lease has expired.
+#[tokio::test]
+async fn a_killed_replicas_undelivered_end_message_is_sent_by_the_replica_taking_over() {
+    const QUIET: &str = "name: act\nmatchers: ['alertname=\"Act\"']\nsteps:\n  - { action: log, with: { message: done } }\n";
+    let mut cluster = Cluster::start_with(
+        2,
+        QUIET,
+        "notify:\n  max_attempts: 3\n  sinks:\n    - { name: chat, type: webhook, url: \"RECEIVER/chat\", events: [run_finished] }\n",
+    )
+    .await;
+    // Turned away for a minute: the replica is killed in that minute.
+    cluster
+        .receiver
+        .answer(503, &[("retry-after", "60")], "busy");
+    let (status, _) = try_post(&cluster.http, &cluster.replicas[0], &alert_body(1))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.receiver.at("/chat").is_empty() {
+        assert!(Instant::now() < deadline, "no message was tried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = cluster
+        .query("SELECT count(*), owner FROM outbox GROUP BY owner")
+        .await;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let sender = kept[0].1.clone();
+    let (dead, alive) = if sender == "replica-0" {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    cluster.replicas[dead].kill9();
+    // The lease expires in 10 s; the survivor then takes the message over and sends it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.receiver.at("/chat").len() < 2 {
+        assert!(Instant::now() < deadline, "the message was not sent again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent: Vec<Value> = cluster
+        .receiver
+        .at("/chat")
+        .into_iter()
+        .map(|r| r.body)
+        .collect();
+    for m in &sent {
+        assert_eq!(
+            (m["event"].as_str(), m["run"]["id"].as_i64()),
+            (Some("run_finished"), Some(1)),
+            "{m}"
+        );
+    }
+    assert_eq!(sent[0]["text"], sent[1]["text"]);
+    assert!(
+        cluster.replicas[alive]
+            .log()
+            .contains("sending a message left undelivered"),
+        "sent by the survivor"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.query("SELECT count(*), '' FROM outbox").await[0].0 != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the delivered message is still kept"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
