@@ -48,6 +48,8 @@ impl Engine {
     pub async fn recover(&self) -> Result<Vec<i64>, StoreError> {
         self.store.renew_lease().await?;
         let ids = self.store.recover().await?;
+        // What the last process left, taken before this one keeps messages of its own.
+        let left = self.store.untold().await?;
         for id in &ids {
             tracing::warn!(
                 run_id = id,
@@ -55,7 +57,7 @@ impl Engine {
             );
             self.announce_end(*id, RunState::Interrupted).await;
         }
-        self.tell_untold(self.store.untold().await?).await;
+        self.tell_untold(left).await;
         Ok(ids)
     }
 

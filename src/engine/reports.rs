@@ -2,7 +2,7 @@
 //! live in the store.
 
 use super::*;
-use crate::store::{ApprovalState, Untold};
+use crate::store::{ApprovalState, EndMessage, Untold};
 
 impl Engine {
     /// Counts alerts Alertmanager left out of a group (`max_alerts`).
@@ -47,14 +47,29 @@ impl Engine {
 
     /// Counts and reports a run that ended without a worker (denied, expired, resolved,
     /// cancelled while waiting, interrupted by a restart).
+    /// Its message is kept until told (see `store::outbox`), from right after the end.
     pub(super) async fn announce_end(&self, run_id: i64, state: RunState) {
-        if let Some((event, playbook)) = self.end_event(run_id, Some(state), None).await {
-            self.metrics
-                .runs
-                .with_label_values(&[&playbook, state.as_str()])
-                .inc();
-            self.live().notifier.send(event);
+        let Some((event, playbook)) = self.end_event(run_id, Some(state), None).await else {
+            return;
+        };
+        self.metrics
+            .runs
+            .with_label_values(&[&playbook, state.as_str()])
+            .inc();
+        let mut kept = None;
+        if self.live().notifier.shows(&playbook, "run_finished") {
+            let message = EndMessage {
+                summary: String::new(),
+                report: None,
+            };
+            match self.store.keep_end(run_id, message.clone()).await {
+                Ok(()) => kept = Some(self.told_when_sent(Untold::End { run_id, message })),
+                Err(e) => {
+                    tracing::warn!(error = %e, run_id, "cannot keep the run's end message until told; sending it all the same")
+                }
+            }
         }
+        self.live().notifier.send_kept(event, kept);
     }
 
     /// Sends the messages a crash (or a replica whose work this one took over) left

@@ -141,6 +141,14 @@ impl Store {
             .await
     }
 
+    /// Keeps run `run_id`'s end `message` on its own (for an end written without one: a run
+    /// denied, expired, cancelled, resolved or interrupted).
+    pub async fn keep_end(&self, run_id: i64, message: EndMessage) -> Result<(), StoreError> {
+        let (me, now) = (self.inner.replica.clone(), self.now_ms());
+        self.write(move |c| keep_end(c, run_id, &me, now, &message))
+            .await
+    }
+
     /// `message` has been delivered, or given up on, by every sink it went to.
     pub async fn told(&self, message: Untold) -> Result<(), StoreError> {
         let (run_id, event) = (message.run_id(), message.event());

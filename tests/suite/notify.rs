@@ -779,3 +779,53 @@ async fn a_request_for_approval_a_crash_left_undelivered_is_asked_after_the_rest
     app.wait_run_state(1, "succeeded").await;
     assert_eq!(rx.at("/hook").len(), 2, "asked again once, not more");
 }
+
+#[tokio::test]
+async fn a_run_a_crash_cut_off_is_told_interrupted_once_after_the_restart() {
+    let rx = Receiver::start().await;
+    let slow = "name: slow\nmatchers: ['alertname=\"Slow\"']\nsteps:\n  - { name: soak, action: wait, with: { duration: 60s } }\n";
+    let quick = "name: quick\nmatchers: ['alertname=\"Quick\"']\nsteps:\n  - { action: log, with: { message: hi } }\n";
+    let mut app = TestApp::builder()
+        .playbook("slow.yaml", slow)
+        .playbook("quick.yaml", quick)
+        .config(&format!(
+            "notify:\n  sinks:\n    - {{ name: hook, type: webhook, url: \"{}/hook\", events: [run_finished] }}\n",
+            rx.base
+        ))
+        .start()
+        .await;
+    let at = "2026-11-22T10:00:00Z";
+    app.post_raw(
+        "/api/v1/webhooks/generic",
+        crate::common::generic_alert("Slow", "h1", at),
+    )
+    .await;
+    app.wait_run_state(1, "running").await;
+    app.kill9();
+    app.restart().await;
+    app.wait_run_state(1, "interrupted").await;
+    // Delivered in order: once the next run's end is in, a second word on run 1 would be too.
+    app.post_raw(
+        "/api/v1/webhooks/generic",
+        crate::common::generic_alert("Quick", "h2", at),
+    )
+    .await;
+    app.wait_run_state(2, "succeeded").await;
+    rx_wait(&rx, "/hook", 2).await;
+    let told: Vec<(i64, String)> = (rx.at("/hook").into_iter())
+        .map(|r| {
+            (
+                r.body["run"]["id"].as_i64().unwrap(),
+                r.body["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        told,
+        [(1, "interrupted".to_string()), (2, "succeeded".to_string())]
+    );
+    app.wait_for(10, "the delivered messages to be forgotten", || async {
+        (app.count("outbox") == 0).then_some(())
+    })
+    .await;
+}
