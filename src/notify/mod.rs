@@ -629,9 +629,9 @@ struct SinkHandle {
     queue: mpsc::Sender<(Event, Option<Kept>)>,
 }
 
-/// A message kept in the store until it is told (the run's end, see `store::outbox`): `told`
-/// runs once every sink it was queued to has delivered it or given up on it. One dropped
-/// undelivered (a crash, a shutdown that could not wait, a full queue) never runs it, and the
+/// A message kept in the store until it is told (see `store::outbox`): `told` runs once every
+/// sink it went to has delivered it or given up on it (a failure for good, or a queue full).
+/// One dropped undelivered (a crash, a shutdown that could not wait) never runs it, and the
 /// message stays kept for the next start.
 #[derive(Clone)]
 pub struct Kept(Arc<KeptInner>);
@@ -751,10 +751,15 @@ impl Notifier {
             (k.0.left).fetch_add(to.len() + 1, std::sync::atomic::Ordering::AcqRel);
         }
         for s in to {
-            if s.queue.try_send((event.clone(), kept.clone())).is_err() {
+            if let Err(e) = s.queue.try_send((event.clone(), kept.clone())) {
                 tracing::warn!(sink = %s.cfg.name, event = event.kind(), "notification queue full; message dropped");
                 if let Some(m) = &self.metrics {
                     m.notify_failures.with_label_values(&[&s.cfg.name]).inc();
+                }
+                // Given up on, as a delivery that failed for good is: not kept for a restart
+                // to flood the sink with what a storm could not get through.
+                if let (_, Some(kept)) = e.into_inner() {
+                    kept.done();
                 }
             }
         }
@@ -1276,6 +1281,14 @@ mod tests {
             Some(kept),
         );
         assert!(told.try_recv().is_err(), "queued to the sink: waits for it");
+        // One whose queue is full gives it up, as a failure for good does: told.
+        let full = notifier(vec![(sink("{name: full, type: webhook}"), None)]);
+        for _ in 0..SINK_QUEUE {
+            full.send(finished(run()));
+        }
+        let (kept, mut told) = told_flag();
+        full.send_kept(finished(run()), Some(kept));
+        told.try_recv().expect("dropped: given up on");
         let no_sinks = notifier(Vec::new());
         let (kept, mut told) = told_flag();
         no_sinks.send_kept(finished(run()), Some(kept));
