@@ -1,10 +1,11 @@
 //! Criterion benchmarks of the intake hot path: parse a webhook, match an alert against 1,000
-//! playbooks, render a step, and one store write of a run. `cargo bench --bench hot_path`.
+//! playbooks, render a step, one store write of a run, the queue, and a run's end with its chat
+//! message kept. `cargo bench --bench hot_path`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use reflex::alert::AlertmanagerPayload;
 use reflex::playbook::PlaybookSet;
-use reflex::store::{BreakerLimits, Candidate, IntakeItem, Store};
+use reflex::store::{BreakerLimits, Candidate, EndMessage, IntakeItem, RunState, Store, Untold};
 use std::hint::black_box;
 
 const PAYLOAD: &str = include_str!("../tests/fixtures/alertmanager-disk.json");
@@ -193,6 +194,67 @@ fn bench(c: &mut Criterion) {
         );
         group.finish();
     }
+
+    // A run's end with its chat message kept in the outbox, then deleted once told, against a
+    // bare end: 64 runs ended at once (the writer batches them, as under load), then told.
+    let data = tempfile::tempdir().unwrap();
+    let store = Store::open_with(data.path(), reflex::config::Synchronous::Normal).unwrap();
+    let mut n = 0;
+    let mut group = c.benchmark_group("outbox");
+    group.sample_size(20);
+    for keep in [false, true] {
+        let name = if keep {
+            "end_64_runs_keeping_their_messages"
+        } else {
+            "end_64_runs"
+        };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let items = (n..n + 64).map(|i| record(&format!("o-{i}"), i)).collect();
+                    n += 64;
+                    store
+                        .record_intake(items, BreakerLimits::default())
+                        .await
+                        .unwrap();
+                    let claimed = store.claim(1, 64).await.unwrap();
+                    let message = |id: i64| {
+                        let summary = format!("Cleanup ran. Space reclaimed: {id} GB");
+                        EndMessage {
+                            summary,
+                            report: None,
+                        }
+                    };
+                    let ends = claimed.iter().map(|r| {
+                        store.run_finished_telling(
+                            r.id,
+                            RunState::Succeeded,
+                            None,
+                            None,
+                            BreakerLimits::default(),
+                            false,
+                            keep.then(|| message(r.id)),
+                        )
+                    });
+                    for end in futures_util::future::join_all(ends).await {
+                        end.unwrap();
+                    }
+                    if keep {
+                        let told = claimed.iter().map(|r| {
+                            store.told(Untold::End {
+                                run_id: r.id,
+                                message: message(r.id),
+                            })
+                        });
+                        for t in futures_util::future::join_all(told).await {
+                            t.unwrap();
+                        }
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
 }
 
 /// Ends a claimed run, succeeded.

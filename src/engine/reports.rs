@@ -46,8 +46,8 @@ impl Engine {
     }
 
     /// Counts and reports a run that ended without a worker (denied, expired, resolved,
-    /// cancelled while waiting, interrupted by a restart).
-    /// Its message is kept until told (see `store::outbox`), from right after the end.
+    /// cancelled while waiting, interrupted by a restart). Its message is kept until told (see
+    /// `store::outbox`), from right after the end.
     pub(super) async fn announce_end(&self, run_id: i64, state: RunState) {
         let Some((event, playbook)) = self.end_event(run_id, Some(state), None).await else {
             return;
@@ -158,7 +158,7 @@ impl Engine {
         &self,
         run_id: i64,
         state: Option<RunState>,
-        message: Option<crate::store::EndMessage>,
+        message: Option<EndMessage>,
     ) -> Option<(Event, String)> {
         let run = match self.store.get_run(run_id).await {
             Ok(Some(run)) => run,
@@ -168,9 +168,14 @@ impl Engine {
                 return None;
             }
         };
+        // A run its worker ended counts from its start, as its first message did.
+        let from = match &message {
+            Some(_) => run.started_at.unwrap_or(run.created_at),
+            None => run.created_at,
+        };
         let duration = run
             .finished_at
-            .map_or(Duration::ZERO, |end| end.since(run.created_at));
+            .map_or(Duration::ZERO, |end| end.since(from));
         let title = crate::alert::title(&run.alert.labels, &run.alert.annotations, &run.target);
         let links = crate::notify::AlertLinks::new(
             title,

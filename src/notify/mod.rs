@@ -18,6 +18,7 @@ use config::{NotifyConfig, SinkConfig};
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -637,7 +638,7 @@ struct SinkHandle {
 pub struct Kept(Arc<KeptInner>);
 
 struct KeptInner {
-    left: std::sync::atomic::AtomicUsize,
+    left: AtomicUsize,
     told: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
@@ -645,18 +646,13 @@ impl Kept {
     /// `told` runs once the message is told everywhere it went.
     pub fn new(told: impl FnOnce() + Send + 'static) -> Kept {
         Kept(Arc::new(KeptInner {
-            left: std::sync::atomic::AtomicUsize::new(0),
+            left: AtomicUsize::new(0),
             told: std::sync::Mutex::new(Some(Box::new(told))),
         }))
     }
 
     fn done(&self) {
-        if self
-            .0
-            .left
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
+        if self.0.left.fetch_sub(1, Ordering::AcqRel) == 1 {
             let told = self.0.told.lock().unwrap_or_else(|p| p.into_inner()).take();
             if let Some(told) = told {
                 told();
@@ -748,7 +744,7 @@ impl Notifier {
             .collect();
         if let Some(k) = &kept {
             // One more than the sinks, given back below: none is told before all are queued.
-            (k.0.left).fetch_add(to.len() + 1, std::sync::atomic::Ordering::AcqRel);
+            k.0.left.fetch_add(to.len() + 1, Ordering::AcqRel);
         }
         for s in to {
             if let Err(e) = s.queue.try_send((event.clone(), kept.clone())) {
