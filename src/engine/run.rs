@@ -421,7 +421,11 @@ impl Engine {
                     .map_err(start_err)?;
                 tracing::info!(approval_id = id, step = %step.name, "approval requested");
                 let evidence = self.evidence_of(run, step.idx).await;
-                let kept = tell.then(|| self.told_when_sent(Untold::Ask { run_id: run.id }));
+                let ask = Untold::Ask {
+                    run_id: run.id,
+                    approval_id: id,
+                };
+                let kept = tell.then(|| self.told_when_sent(ask));
                 self.live().notifier.send_kept(
                     Event::ApprovalNeeded {
                         run: self.claimed_info(run),

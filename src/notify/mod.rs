@@ -1232,7 +1232,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_kept_message_a_sink_never_delivered_is_never_told() {
+    async fn a_kept_message_stays_kept_only_while_a_sink_may_still_deliver_it() {
         let got = Arc::new(std::sync::Mutex::new(Vec::new()));
         let n = notifier(vec![
             (

@@ -192,10 +192,6 @@ impl Store {
             if parked == 0 {
                 return Err(StoreError::LostRun(run_id));
             }
-            if tell {
-                // The request goes to chat from the record, even after a crash (`outbox`).
-                super::outbox::keep_ask(c, run_id, &owner, now)?;
-            }
             let id = c.insert(
                 "INSERT INTO approvals (run_id, step_idx, scope, state, action, action_hash, required, allowed, created_at, expires_at)
                  VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -212,6 +208,10 @@ impl Store {
                 ],
             )?
             .ok_or(StoreError::NoRow)?;
+            if tell {
+                // The request goes to chat from the record, even after a crash (`outbox`).
+                super::outbox::keep_ask(c, run_id, id, &owner, now)?;
+            }
             Ok((id, Timestamp::from_ms(now + gate.expires_ms as i64)))
         })
         .await

@@ -835,6 +835,7 @@ CREATE TABLE outbox (
   created_at INTEGER NOT NULL,
   summary TEXT,
   report TEXT,
+  approval_id INTEGER,
   PRIMARY KEY (run_id, event)
 );
 "#,

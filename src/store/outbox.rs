@@ -36,6 +36,8 @@ pub enum Untold {
     Ask {
         /// The run.
         run_id: i64,
+        /// The approval asked for (a run asks again at each gate).
+        approval_id: i64,
     },
 }
 
@@ -47,7 +49,7 @@ impl Untold {
     /// The run it is about.
     pub fn run_id(&self) -> i64 {
         match self {
-            Untold::End { run_id, .. } | Untold::Ask { run_id } => *run_id,
+            Untold::End { run_id, .. } | Untold::Ask { run_id, .. } => *run_id,
         }
     }
 
@@ -59,6 +61,9 @@ impl Untold {
     }
 }
 
+/// A row's texts and approval.
+type Fields<'a> = (Option<&'a str>, Option<&'a str>, Option<i64>);
+
 /// Keeps run `run_id`'s end `message` until [`Store::told`], in the transaction `c` is in.
 pub(super) fn keep_end(
     c: &Db,
@@ -69,21 +74,23 @@ pub(super) fn keep_end(
 ) -> Result<(), StoreError> {
     // A text the database refuses would take the run's end with it.
     use crate::text::storable;
-    let report = message.report.as_deref().map(storable);
-    keep(
-        c,
-        run_id,
-        END,
-        owner,
-        now,
-        Some(&storable(&message.summary)),
-        report.as_deref(),
-    )
+    let (summary, report) = (
+        storable(&message.summary),
+        message.report.as_deref().map(storable),
+    );
+    let fields = (Some(summary.as_ref()), report.as_deref(), None);
+    keep(c, run_id, END, owner, now, fields)
 }
 
-/// Keeps run `run_id`'s request for approval until [`Store::told`].
-pub(super) fn keep_ask(c: &Db, run_id: i64, owner: &str, now: i64) -> Result<(), StoreError> {
-    keep(c, run_id, ASK, owner, now, None, None)
+/// Keeps run `run_id`'s request for approval `approval_id` until [`Store::told`].
+pub(super) fn keep_ask(
+    c: &Db,
+    run_id: i64,
+    approval_id: i64,
+    owner: &str,
+    now: i64,
+) -> Result<(), StoreError> {
+    keep(c, run_id, ASK, owner, now, (None, None, Some(approval_id)))
 }
 
 fn keep(
@@ -92,15 +99,23 @@ fn keep(
     event: &str,
     owner: &str,
     now: i64,
-    summary: Option<&str>,
-    report: Option<&str>,
+    (summary, report, approval_id): Fields<'_>,
 ) -> Result<(), StoreError> {
     c.later(
-        "INSERT INTO outbox (run_id, event, owner, created_at, summary, report)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO outbox (run_id, event, owner, created_at, summary, report, approval_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (run_id, event) DO UPDATE SET owner = excluded.owner,
-           created_at = excluded.created_at, summary = excluded.summary, report = excluded.report",
-        &[&run_id, &event, &owner, &now, &summary, &report],
+           created_at = excluded.created_at, summary = excluded.summary,
+           report = excluded.report, approval_id = excluded.approval_id",
+        &[
+            &run_id,
+            &event,
+            &owner,
+            &now,
+            &summary,
+            &report,
+            &approval_id,
+        ],
     )
 }
 
@@ -109,7 +124,7 @@ fn keep(
 pub(super) fn take(c: &Db, from: Option<&str>, to: &str) -> Result<Vec<Untold>, StoreError> {
     let mut left: Vec<Untold> = c.rows(
         "UPDATE outbox SET owner = ?2 WHERE owner = ?1 OR ?1 IS NULL
-         RETURNING run_id, event, summary, report",
+         RETURNING run_id, event, summary, report, approval_id",
         &[&from, &to],
         |r| {
             let (run_id, event): (i64, String) = (r.get(0)?, r.get(1)?);
@@ -121,7 +136,10 @@ pub(super) fn take(c: &Db, from: Option<&str>, to: &str) -> Result<Vec<Untold>, 
                         report: r.get(3)?,
                     },
                 },
-                _ => Untold::Ask { run_id },
+                _ => Untold::Ask {
+                    run_id,
+                    approval_id: r.get::<Option<i64>>(4)?.unwrap_or_default(),
+                },
             })
         },
     )?;
@@ -149,13 +167,19 @@ impl Store {
             .await
     }
 
-    /// `message` has been delivered, or given up on, by every sink it went to.
+    /// `message` has been delivered, or given up on, by every sink it went to. A request for
+    /// an approval the run has since replaced with its next one stays: that one is not told.
     pub async fn told(&self, message: Untold) -> Result<(), StoreError> {
         let (run_id, event) = (message.run_id(), message.event());
+        let approval = match message {
+            Untold::Ask { approval_id, .. } => Some(approval_id),
+            Untold::End { .. } => None,
+        };
         self.write(move |c| {
             c.exec(
-                "DELETE FROM outbox WHERE run_id = ?1 AND event = ?2",
-                &[&run_id, &event],
+                "DELETE FROM outbox WHERE run_id = ?1 AND event = ?2
+                   AND (approval_id = ?3 OR ?3 IS NULL)",
+                &[&run_id, &event, &approval],
             )
         })
         .await

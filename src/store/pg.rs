@@ -995,6 +995,7 @@ CREATE TABLE outbox (
   created_at BIGINT NOT NULL,
   summary TEXT,
   report TEXT,
+  approval_id BIGINT,
   PRIMARY KEY (run_id, event)
 );
 "#,

@@ -639,12 +639,16 @@ async fn a_runs_end_and_its_request_for_approval_are_kept_until_told(db: TestDb)
         expires_ms: 3_600_000,
         approvers: Vec::new(),
     };
-    store.park_for_approval(5, 0, gate(), serde_json::json!({}), "h".into(), true).await.unwrap();
+    let (asked, _) = (store.park_for_approval(5, 0, gate(), serde_json::json!({}), "h".into(), true))
+        .await
+        .unwrap();
     store.told(end(2)).await.unwrap();
+    // The told of an earlier request of the run (since replaced by this one) leaves this one.
+    store.told(Untold::Ask { run_id: 5, approval_id: asked + 100 }).await.unwrap();
     let left = store.untold().await.unwrap();
     assert_eq!(
         left,
-        vec![end(1), end(3), Untold::Ask { run_id: 5 }],
+        vec![end(1), end(3), Untold::Ask { run_id: 5, approval_id: asked }],
         "what was told is gone, the rest is left, in run order"
     );
     for u in left {
