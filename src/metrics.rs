@@ -47,6 +47,9 @@ pub struct Metrics {
     pub lease_held: IntGauge,
     /// Replicas whose work this one took over after their lease expired.
     pub takeovers: IntCounter,
+    /// Messages sent again from the outbox: left undelivered by a crash, or by a replica
+    /// taken over.
+    pub notify_resent: IntCounter,
     /// HTTP requests refused, by reason (`unauthenticated`, `forbidden`, `cross_origin`,
     /// `chat`, `throttled`, `host`).
     pub http_refused: IntCounterVec,
@@ -197,6 +200,10 @@ impl Metrics {
             takeovers: counter(
                 "replica_takeovers_total",
                 "Replicas whose work this one took over after their lease expired.",
+            ),
+            notify_resent: counter(
+                "notify_resent_total",
+                "Messages sent again that a crash or a replica taken over left undelivered.",
             ),
             store_rows: gauges("store_rows", "Rows in the store, by table.", &["table"]),
             store_pruned: counters(

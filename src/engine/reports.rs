@@ -101,6 +101,7 @@ impl Engine {
             };
             // Not found or not read: it stays kept, for the next start.
             if let Some(event) = event {
+                self.metrics.notify_resent.inc();
                 let kept = self.told_when_sent(u);
                 self.live().notifier.send_kept(event, Some(kept));
             }

@@ -730,6 +730,11 @@ steps:
     })
     .await;
     assert_eq!(rx.at("/hook").len(), 2, "sent again once, not more");
+    let metrics = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("\nreflex_notify_resent_total 1\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
