@@ -120,15 +120,9 @@ impl Engine {
         else {
             return Ok(None);
         };
-        let title = crate::alert::title(&run.alert.labels, &run.alert.annotations, &run.target);
-        let links = crate::notify::AlertLinks::new(
-            title,
-            &run.alert.annotations,
-            run.alert.generator_url.as_deref(),
-        );
         let evidence = self.store.evidence(run_id, a.step_idx).await?;
         Ok(Some(Event::ApprovalNeeded {
-            run: self.run_info(run.id, &run.playbook, &run.target, links, run.dry_run),
+            run: self.recorded_info(&run),
             evidence,
             approval_id: a.id,
             action: a.action,
@@ -151,6 +145,17 @@ impl Engine {
                 }
             });
         })
+    }
+
+    /// What a message says about a run, from its record.
+    fn recorded_info(&self, run: &crate::store::RunView) -> crate::notify::RunInfo {
+        let title = crate::alert::title(&run.alert.labels, &run.alert.annotations, &run.target);
+        let links = crate::notify::AlertLinks::new(
+            title,
+            &run.alert.annotations,
+            run.alert.generator_url.as_deref(),
+        );
+        self.run_info(run.id, &run.playbook, &run.target, links, run.dry_run)
     }
 
     /// A run's end message from its record (in `state`, else the one recorded; with
@@ -177,12 +182,6 @@ impl Engine {
         let duration = run
             .finished_at
             .map_or(Duration::ZERO, |end| end.since(from));
-        let title = crate::alert::title(&run.alert.labels, &run.alert.annotations, &run.target);
-        let links = crate::notify::AlertLinks::new(
-            title,
-            &run.alert.annotations,
-            run.alert.generator_url.as_deref(),
-        );
         let evidence = match self.store.evidence(run.id, i64::MAX).await {
             Ok(found) => found,
             Err(e) => {
@@ -192,7 +191,7 @@ impl Engine {
         };
         let (summary, report) = message.map_or((String::new(), None), |m| (m.summary, m.report));
         let event = Event::RunFinished {
-            run: self.run_info(run.id, &run.playbook, &run.target, links, run.dry_run),
+            run: self.recorded_info(&run),
             evidence,
             state: state.unwrap_or(run.state),
             duration_seconds: duration.as_secs_f64(),
